@@ -1,0 +1,206 @@
+"""The public error hierarchy; every error procqueue raises is defined here.
+
+    ProcqueueError
+     ├─ TaskFailed                 one task failed; the pool is fine
+     │   ├─ WorkerCrashedError     its worker died (exit code or signal) while running it
+     │   ├─ WorkerExitedError      the task called sys.exit(); the worker survived
+     │   ├─ TaskTimeoutError       it ran longer than its timeout (also a builtin TimeoutError)
+     │   ├─ TaskCancelledError     cancelled, or the pool was terminated before it finished
+     │   ├─ ArgumentSerializationError   its argument could not be pickled
+     │   ├─ ResultSerializationError     its result could not be pickled or unpickled
+     │   └─ RemoteError            it raised an exception that cannot cross a process boundary
+     ├─ PoolBrokenError            the pool cannot run tasks any more
+     │   └─ InitializerError       the worker initializer raised
+     └─ PoolClosedError            a call on a closed/terminated pool (also a ValueError,
+                                   like multiprocessing.Pool's "Pool not running")
+
+A task's own exception keeps its type: procqueue re-raises it with the remote traceback as
+``__cause__`` (a RemoteTraceback) and the task's index/input/pid/attempts as attributes and a
+note.  This module imports nothing from procqueue.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from typing import Any
+
+
+class RemoteTraceback(Exception):
+    """The traceback text of an exception raised in a worker; attached as ``__cause__``."""
+
+    def __init__(self, tb_text: str) -> None:
+        super().__init__(tb_text)
+        self.tb_text = tb_text
+
+    def __str__(self) -> str:
+        return "\n\n" + self.tb_text.rstrip("\n") + "\n"
+
+
+class ProcqueueError(Exception):
+    """Base of every error procqueue raises itself."""
+
+
+class TaskFailed(ProcqueueError):
+    """One task failed.  Carries who/what/where: the task's index in its call, a repr of its
+    input, the worker pid and the attempt number (1-based)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        index: int | None = None,
+        input_repr: str | None = None,
+        pid: int | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.index = index
+        self.input_repr = input_repr
+        self.pid = pid
+        self.attempts = attempts
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep keyword-only state across pickling (errors travel back from workers).
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
+
+    def __str__(self) -> str:
+        where = []
+        if self.index is not None:
+            where.append(f"task {self.index}")
+        if self.input_repr is not None:
+            where.append(f"input {self.input_repr}")
+        if self.pid is not None:
+            where.append(f"worker pid {self.pid}")
+        if self.attempts is not None and self.attempts > 1:
+            where.append(f"after {self.attempts} attempts")
+        suffix = f" ({', '.join(where)})" if where else ""
+        return f"{self.message}{suffix}"
+
+
+def _rebuild(cls: type, message: str, state: dict[str, Any]) -> Any:
+    obj = cls.__new__(cls)
+    Exception.__init__(obj, message)
+    obj.__dict__.update(state)
+    return obj
+
+
+class WorkerCrashedError(TaskFailed):
+    """The worker process died while running the task (os._exit, segfault, SIGKILL/OOM)."""
+
+    def __init__(
+        self,
+        message: str = "worker process died while running the task",
+        *,
+        exitcode: int | None = None,
+        oom_suspected: bool = False,
+        **where: Any,
+    ) -> None:
+        super().__init__(message, **where)
+        self.exitcode = exitcode
+        self.oom_suspected = oom_suspected
+
+    @property
+    def signal(self) -> str | None:
+        """The name of the signal that killed the worker (``"SIGKILL"``), or None."""
+        if self.exitcode is None or self.exitcode >= 0:
+            return None
+        return signal_name(-self.exitcode)
+
+
+class WorkerExitedError(TaskFailed):
+    """The task called ``sys.exit(code)``.  Reported as a task failure, never re-raised as
+    SystemExit in the caller (which would silently end the caller's program)."""
+
+    def __init__(self, message: str = "task called sys.exit()", *, code: Any = None,
+                 **where: Any) -> None:
+        super().__init__(message, **where)
+        self.code = code
+
+
+class TaskTimeoutError(TaskFailed, TimeoutError):
+    """The task ran longer than its timeout; its worker (and process group) was killed."""
+
+    def __init__(self, message: str = "task timed out", *, timeout_s: float | None = None,
+                 **where: Any) -> None:
+        super().__init__(message, **where)
+        self.timeout_s = timeout_s
+
+
+class TaskCancelledError(TaskFailed):
+    """The task was cancelled, or the pool was terminated before it finished."""
+
+
+class ArgumentSerializationError(TaskFailed):
+    """The task's arguments (or its function) could not be pickled."""
+
+
+class ResultSerializationError(TaskFailed):
+    """The task's result could not be pickled in the worker or unpickled in the caller."""
+
+
+class RemoteError(TaskFailed):
+    """A task raised an exception that cannot be pickled or unpickled.  Keeps its type name,
+    message and traceback text; the traceback is also the ``__cause__``."""
+
+    def __init__(self, type_name: str = "Exception", message: str = "",
+                 traceback_text: str = "", **where: Any) -> None:
+        super().__init__(f"{type_name}: {message}" if message else type_name, **where)
+        self.type_name = type_name
+        self.remote_message = message
+        self.traceback_text = traceback_text
+
+
+class PoolBrokenError(ProcqueueError):
+    """The pool can no longer run tasks."""
+
+
+class InitializerError(PoolBrokenError):
+    """The worker initializer raised; the pool does not respawn it in a loop."""
+
+
+class PoolClosedError(ProcqueueError, ValueError):
+    """A call on a pool that is closed or terminated (a ValueError, as in multiprocessing)."""
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return _signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """'exit code 3' or 'killed by SIGKILL (-9)' for a dead process."""
+    if exitcode is None:
+        return "unknown exit status"
+    if exitcode < 0:
+        return f"killed by {signal_name(-exitcode)} ({exitcode})"
+    return f"exit code {exitcode}"
+
+
+def annotate(exc: BaseException, *, index: int | None, input_repr: str | None,
+             pid: int | None, attempts: int | None) -> BaseException:
+    """Attach who/what/where to a task's own exception (type unchanged) as attributes and a
+    note, so `except ValueError as e` still works and the message names the input."""
+    for name, value in (("index", index), ("input_repr", input_repr), ("pid", pid),
+                        ("attempts", attempts)):
+        if not isinstance(exc, TaskFailed) or getattr(exc, name, None) is None:
+            try:
+                setattr(exc, name, value)
+            except (AttributeError, TypeError):  # exceptions with __slots__ or read-only attrs
+                pass
+    if not isinstance(exc, TaskFailed) and hasattr(exc, "add_note"):
+        note = f"[procqueue] raised by task {index} (input {input_repr}) in worker pid {pid}"
+        if attempts and attempts > 1:
+            note += f", attempt {attempts}"
+        exc.add_note(note)
+    return exc
+
+
+__all__ = [
+    "ProcqueueError", "TaskFailed", "WorkerCrashedError", "WorkerExitedError",
+    "TaskTimeoutError", "TaskCancelledError", "ArgumentSerializationError",
+    "ResultSerializationError", "RemoteError", "PoolBrokenError", "InitializerError",
+    "PoolClosedError", "RemoteTraceback", "signal_name", "describe_exit", "annotate",
+]
