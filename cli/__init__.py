@@ -1,0 +1,1 @@
+"""procqueue command line."""

@@ -1,0 +1,38 @@
+"""procqueue: a multiprocessing job runner for CPU-bound batches.
+
+`procqueue.Pool` is a drop-in for `multiprocessing.Pool` with pinned workers, crash
+recovery, timeouts, retries, `submit()` futures and lazy, bounded-memory `imap`.
+"""
+
+from .errors import ArgumentSerializationError as ArgumentSerializationError
+from .errors import InitializerError as InitializerError
+from .errors import PoolBrokenError as PoolBrokenError
+from .errors import PoolClosedError as PoolClosedError
+from .errors import ProcqueueError as ProcqueueError
+from .errors import RemoteError as RemoteError
+from .errors import RemoteTraceback as RemoteTraceback
+from .errors import ResultSerializationError as ResultSerializationError
+from .errors import TaskCancelledError as TaskCancelledError
+from .errors import TaskFailed as TaskFailed
+from .errors import TaskTimeoutError as TaskTimeoutError
+from .errors import WorkerCrashedError as WorkerCrashedError
+from .errors import WorkerExitedError as WorkerExitedError
+from .pool import Pool as Pool
+from .pool import PoolStats as PoolStats
+from .pool import WorkerStats as WorkerStats
+from .results import AsyncResult as AsyncResult
+from .results import IMapIterator as IMapIterator
+from .results import MapResult as MapResult
+from .results import OutcomeIterator as OutcomeIterator
+from .results import TaskOutcome as TaskOutcome
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Pool", "PoolStats", "WorkerStats", "AsyncResult", "MapResult", "IMapIterator",
+    "OutcomeIterator", "TaskOutcome", "ProcqueueError", "TaskFailed", "WorkerCrashedError",
+    "WorkerExitedError", "TaskTimeoutError", "TaskCancelledError",
+    "ArgumentSerializationError", "ResultSerializationError", "RemoteError",
+    "RemoteTraceback", "PoolBrokenError", "InitializerError", "PoolClosedError",
+    "__version__",
+]

@@ -1,0 +1,55 @@
+"""Guided chunk sizes from measured task durations, so users never tune `chunksize`.
+
+A batch (chunk) costs a round trip, a few tens of microseconds; a task may cost a microsecond.
+So tiny tasks travel in batches that take about TARGET_BATCH_S to run, while no batch takes
+more than a 1/(2*workers) share of what is queued: batches shrink as the input runs out, and the
+slow tail is spread over all workers instead of sitting in one big last chunk.  Until a task
+of this call has been measured, batches hold one task.  Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import math
+
+TARGET_BATCH_S = 0.01  # aim for batches of about 10 ms of work
+MAX_BATCH_TASKS = 4096  # caps the memory and result latency of one batch
+EWMA_WEIGHT = 0.3  # weight of the newest observation of mean task time
+
+
+class ChunkSizer:
+    """Chooses the next batch size for one call (one function)."""
+
+    __slots__ = ("processes", "fixed", "mean_task_s", "observed_tasks")
+
+    def __init__(self, processes: int, fixed: int | None = None) -> None:
+        if processes < 1:
+            raise ValueError("processes must be >= 1")
+        if fixed is not None and fixed < 1:
+            raise ValueError("chunksize must be >= 1")
+        self.processes = processes
+        self.fixed = fixed
+        self.mean_task_s: float | None = None
+        self.observed_tasks = 0
+
+    def observe(self, tasks: int, busy_s: float) -> None:
+        """Record that `tasks` tasks took `busy_s` seconds of worker time in total."""
+        if tasks <= 0:
+            return
+        mean = max(busy_s, 0.0) / tasks
+        if self.mean_task_s is None:
+            self.mean_task_s = mean
+        else:
+            self.mean_task_s = EWMA_WEIGHT * mean + (1 - EWMA_WEIGHT) * self.mean_task_s
+        self.observed_tasks += tasks
+
+    def next_size(self, queued: int) -> int:
+        """How many of the `queued` tasks the next batch should take (at least 1)."""
+        if queued <= 0:
+            return 0
+        if self.fixed is not None:
+            return min(self.fixed, queued)
+        if self.mean_task_s is None:
+            return 1
+        by_time = TARGET_BATCH_S / max(self.mean_task_s, 1e-7)
+        guided = math.ceil(queued / (2 * self.processes))
+        return max(1, min(int(by_time), guided, MAX_BATCH_TASKS, queued))

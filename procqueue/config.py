@@ -1,0 +1,111 @@
+"""PoolConfig: every knob of a pool, validated once, frozen."""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.context
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .affinity import plan_cpus, usable_cpu_count
+from .errors import TaskTimeoutError
+
+# forkserver: the supervisor is a thread, and forking a process that has threads can copy a lock
+# some other thread holds (then the child deadlocks on it).  The fork server is a clean,
+# single-threaded process, so workers (and their replacements after a crash) start safely and
+# fast.  spawn is the fallback where forkserver does not exist.
+DEFAULT_START_METHOD = "forkserver" if sys.platform.startswith("linux") else "spawn"
+
+DEFAULT_CRASH_RETRIES = 1  # issue #2: one retry on a fresh worker covers a one-off OOM kill
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    processes: int
+    initializer: Callable[..., object] | None = None
+    initargs: tuple[Any, ...] = ()
+    maxtasksperchild: int | None = None
+    context: Any = None  # a multiprocessing context, resolved in __post_init__
+    pin: bool = True
+    retries: int = DEFAULT_CRASH_RETRIES
+    retry_on: tuple[type[BaseException], ...] = ()
+    timeout_s: float | None = None
+    chunksize: int | None = None
+    worker_env: dict[str, str] = field(default_factory=dict)
+    cpus: tuple[tuple[int, ...], ...] = ()
+    retry_backoff_s: float = 0.05  # first retry delay; doubles per attempt, with jitter
+    retry_backoff_max_s: float = 5.0
+    kill_grace_s: float = 0.5  # SIGTERM -> SIGKILL grace for a timed-out or cancelled task
+
+    @classmethod
+    def build(cls, processes: int | None = None, initializer: Callable[..., object] | None = None,
+              initargs: Any = (), maxtasksperchild: int | None = None, context: Any = None,
+              **options: Any) -> "PoolConfig":
+        if processes is None:
+            processes = usable_cpu_count()
+        _check_int("processes", processes, minimum=1, message="Number of processes must be at least 1")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if maxtasksperchild is not None:
+            _check_int("maxtasksperchild", maxtasksperchild, minimum=1,
+                       message="maxtasksperchild must be a positive int or None")
+        retries = options.pop("retries", DEFAULT_CRASH_RETRIES)
+        _check_int("retries", retries, minimum=0, message="retries must be >= 0")
+        timeout_s = options.pop("timeout", None)
+        _check_timeout(timeout_s)
+        chunksize = options.pop("chunksize", None)
+        if chunksize is not None:
+            _check_int("chunksize", chunksize, minimum=1, message="Chunksize must be 1+")
+        retry_on = _check_retry_on(options.pop("retry_on", ()))
+        pin = bool(options.pop("pin", True))
+        worker_env = dict(options.pop("worker_env", None) or {})
+        if options:
+            raise TypeError(f"unexpected Pool option(s): {', '.join(sorted(options))}")
+        return cls(
+            processes=processes, initializer=initializer, initargs=tuple(initargs),
+            maxtasksperchild=maxtasksperchild, context=resolve_context(context), pin=pin,
+            retries=retries, retry_on=retry_on, timeout_s=timeout_s, chunksize=chunksize,
+            worker_env=worker_env, cpus=tuple(plan_cpus(processes)),
+        )
+
+    def retries_on_timeout(self) -> bool:
+        return any(issubclass(TaskTimeoutError, t) for t in self.retry_on)
+
+
+def resolve_context(context: Any) -> Any:
+    """None -> our default; a start-method name -> that context; a context object as is."""
+    if context is None:
+        return multiprocessing.get_context(DEFAULT_START_METHOD)
+    if isinstance(context, str):
+        return multiprocessing.get_context(context)
+    if isinstance(context, multiprocessing.context.BaseContext) or hasattr(context, "Process"):
+        return context
+    raise TypeError(f"context must be None, a start method name or a multiprocessing context, "
+                    f"not {type(context).__name__}")
+
+
+def _check_int(name: str, value: Any, *, minimum: int, message: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(message)
+
+
+def _check_timeout(timeout_s: Any) -> None:
+    if timeout_s is None:
+        return
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout_s).__name__}")
+    if not timeout_s > 0:
+        raise ValueError("timeout must be > 0 seconds")
+
+
+def _check_retry_on(retry_on: Any) -> tuple[type[BaseException], ...]:
+    if isinstance(retry_on, type):
+        retry_on = (retry_on,)
+    retry_on = tuple(retry_on)
+    for t in retry_on:
+        if not (isinstance(t, type) and issubclass(t, BaseException)):
+            raise TypeError(f"retry_on must hold exception types, got {t!r}")
+    return retry_on

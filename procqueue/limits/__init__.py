@@ -1,0 +1,1 @@
+"""Flow-control primitives (placeholder until the limits module lands)."""

@@ -1,0 +1,353 @@
+"""Pool: the multiprocessing.Pool API (plus submit and imap_outcomes) over a Supervisor.
+
+Each call becomes a Job (function pickled once, how to call it, where outcomes go) and one
+Task per input; tasks are posted to the supervisor thread, which owns them from then on.
+Lists (map, starmap) are submitted at once; iterables (imap*) are fed lazily by a feeder
+thread with a bounded window, so an endless generator runs in bounded memory.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import itertools
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+from .chunking import ChunkSizer
+from .config import PoolConfig
+from .errors import ArgumentSerializationError, PoolClosedError
+from .affinity import worker_thread_env
+from .protocol import CallKind, dumps_argument, dumps_function
+from .results import (ApplyResult, FutureSink, IMapIterator, MapResult, OutcomeIterator,
+                      ResultStream, TaskFuture, Window)
+from .supervisor import (CancelJob, CancelTask, Close, CloseJob, OpenJob, SubmitTasks,
+                         Supervisor, Terminate)
+from .tasks import Job, Task
+
+# Inputs a lazy call may have taken whose results were not consumed yet (bounded memory for
+# imap over an endless generator), per worker, with a floor for small pools.
+WINDOW_TASKS_PER_WORKER = 512
+WINDOW_TASKS_MIN = 2048
+FUNCTION_CACHE_SIZE = 256  # functions whose pickled form a pool keeps (submit/apply_async)
+TERMINATE_WAIT_S = 5.0  # terminate() returns once the workers are gone, or after this
+
+
+class PoolState(enum.Enum):
+    RUN = "run"
+    CLOSE = "close"
+    TERMINATE = "terminate"
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    slot: int
+    pid: int | None
+    cpus: tuple[int, ...]
+    tasks_done: int
+    busy_s: float
+    restarts: int
+    last_exit: str | None
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    processes: int
+    state: str
+    tasks_submitted: int
+    tasks_succeeded: int
+    tasks_failed: int
+    tasks_cancelled: int
+    tasks_queued: int
+    tasks_running: int
+    retries: int
+    worker_restarts: int
+    workers: tuple[WorkerStats, ...]
+
+
+class Pool:
+    """A process pool that is a drop-in for multiprocessing.Pool.
+
+    Extra keyword-only options: pin (pin each worker to a CPU, default True), retries
+    (re-runs of a task whose worker crashed, default 1), retry_on (exception types that are
+    retried too; add TaskTimeoutError to retry timeouts), timeout (per-task seconds, from the
+    task's start), chunksize (None: adaptive), worker_env (extra environment for workers).
+    """
+
+    def __init__(self, processes: int | None = None,
+                 initializer: Callable[..., object] | None = None, initargs: Iterable[Any] = (),
+                 maxtasksperchild: int | None = None, context: Any = None, **options: Any
+                 ) -> None:
+        self._state = PoolState.RUN
+        self._config = PoolConfig.build(processes, initializer, initargs, maxtasksperchild,
+                                        context, **options)
+        init_payload = None
+        if initializer is not None:
+            init_payload = dumps_function((initializer, tuple(initargs)))
+        self._supervisor = Supervisor(self._config, init_payload,
+                                      worker_thread_env(self._config.worker_env))
+        self._processes = self._config.processes
+        self._ids = itertools.count(1)  # task and job ids (next() is atomic under the GIL)
+        self._functions: OrderedDict[int, tuple[Any, int, bytes]] = OrderedDict()
+        self._functions_lock = threading.Lock()
+        self._supervisor.start()
+        # Terminate on garbage collection and at interpreter exit, without keeping self alive.
+        self._finalizer = weakref.finalize(self, _shutdown, self._supervisor)
+
+    # ---- multiprocessing.Pool API ----------------------------------------------------------
+
+    def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),
+              kwds: dict[str, Any] | None = None) -> Any:
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
+                    kwds: dict[str, Any] | None = None,
+                    callback: Callable[[Any], object] | None = None,
+                    error_callback: Callable[[BaseException], object] | None = None
+                    ) -> ApplyResult:
+        self._check_running()
+        result = ApplyResult(self, callback, error_callback)
+        job = self._job(func, CallKind.ARGS_KWARGS, result, chunksize=1, cache=True)
+        self._submit(job, [(tuple(args), dict(kwds or {}))])
+        return result
+
+    def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],
+            chunksize: int | None = None, *, errors: str = "raise") -> list[Any]:
+        return self._map_async(func, iterable, chunksize, CallKind.ONE, errors=errors).get()
+
+    def map_async(self, func: Callable[[Any], Any], iterable: Iterable[Any],
+                  chunksize: int | None = None, callback: Callable[[Any], object] | None = None,
+                  error_callback: Callable[[BaseException], object] | None = None, *,
+                  errors: str = "raise") -> MapResult:
+        return self._map_async(func, iterable, chunksize, CallKind.ONE, callback,
+                               error_callback, errors=errors)
+
+    def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
+                chunksize: int | None = None, *, errors: str = "raise") -> list[Any]:
+        return self._map_async(func, iterable, chunksize, CallKind.STAR, errors=errors).get()
+
+    def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
+                      chunksize: int | None = None,
+                      callback: Callable[[Any], object] | None = None,
+                      error_callback: Callable[[BaseException], object] | None = None, *,
+                      errors: str = "raise") -> MapResult:
+        return self._map_async(func, iterable, chunksize, CallKind.STAR, callback,
+                               error_callback, errors=errors)
+
+    def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any],
+             chunksize: int | None = None, *, errors: str = "raise") -> IMapIterator:
+        return self._imap(func, iterable, chunksize, ordered=True, errors=errors)
+
+    def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any],
+                       chunksize: int | None = None, *, errors: str = "raise") -> IMapIterator:
+        return self._imap(func, iterable, chunksize, ordered=False, errors=errors)
+
+    def close(self) -> None:
+        """No more work may be submitted; workers exit once the submitted work is done."""
+        if self._state is PoolState.RUN:
+            self._state = PoolState.CLOSE
+            self._supervisor.post(Close())
+
+    def terminate(self) -> None:
+        """Stop now: unfinished tasks fail with TaskCancelledError, workers are killed."""
+        self._state = PoolState.TERMINATE
+        self._finalizer()
+
+    def join(self) -> None:
+        """Wait for the workers to exit; call close() or terminate() first."""
+        if self._state is PoolState.RUN:
+            raise ValueError("Pool is still running")
+        self._supervisor.join()
+
+    def __enter__(self) -> "Pool":
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.terminate()  # as multiprocessing.Pool: leaving the block terminates
+
+    def __repr__(self) -> str:
+        return (f"<procqueue.Pool state={self._state.value} "
+                f"processes={self._processes} pid={_pids(self)}>")
+
+    # ---- procqueue extras --------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Run fn(*args, **kwargs) in a worker; returns a concurrent.futures.Future."""
+        self._check_running()
+        future = TaskFuture()
+        job = self._job(fn, CallKind.ARGS_KWARGS, FutureSink(future, self), chunksize=1,
+                        cache=True)
+        task = self._submit(job, [(args, kwargs)])[0]
+        supervisor = self._supervisor
+        future._on_cancel = lambda: supervisor.post(CancelTask(task))
+        return future
+
+    def imap_outcomes(self, func: Callable[..., Any], iterable: Iterable[Any], *,
+                      ordered: bool = True, chunksize: int | None = None, star: bool = False
+                      ) -> OutcomeIterator:
+        """One TaskOutcome per input (result or error, attempts, seconds, worker pid), in
+        input order or, with ordered=False, in completion order.  Never raises for a task."""
+        self._check_running()
+        stream = ResultStream(ordered, self._window())
+        kind = CallKind.STAR if star else CallKind.ONE
+        job = self._job(func, kind, stream, chunksize)
+        post = self._supervisor.post
+        iterator = OutcomeIterator(
+            stream, self, on_abandon=lambda: post(CancelJob(job, False, True)),
+            on_cancel=lambda kill: post(CancelJob(job, kill, False)))
+        self._start_feeder(job, stream, iterable)
+        return iterator
+
+    def stats(self) -> PoolStats:
+        """A snapshot of task counts and per-worker figures."""
+        s = self._supervisor.statistics()
+        workers = tuple(
+            WorkerStats(w.slot, w.pid, w.cpus, w.tasks_done, w.busy_s, w.restarts, w.last_exit)
+            for w in (slot.statistics() for slot in self._supervisor.workers.slots))
+        return PoolStats(s.processes, s.state, s.tasks_submitted, s.tasks_succeeded,
+                         s.tasks_failed, s.tasks_cancelled, s.tasks_queued, s.tasks_running,
+                         s.retries, s.worker_restarts, workers)
+
+    statistics = stats
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _check_running(self) -> None:
+        if self._state is not PoolState.RUN:
+            raise PoolClosedError("Pool not running")
+        broken = self._supervisor.broken_error
+        if broken is not None:
+            raise broken
+
+    def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
+                   chunksize: int | None, kind: CallKind, callback: Any = None,
+                   error_callback: Any = None, *, errors: str) -> MapResult:
+        self._check_running()
+        _check_errors_mode(errors)
+        items = iterable if isinstance(iterable, (list, tuple)) else list(iterable)
+        result = MapResult(self, len(items), callback, error_callback,
+                           return_errors=errors == "return")
+        if items:
+            job = self._job(func, kind, result, chunksize)
+            self._submit(job, items)
+        return result
+
+    def _imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None,
+              *, ordered: bool, errors: str) -> IMapIterator:
+        self._check_running()
+        _check_errors_mode(errors)
+        stream = ResultStream(ordered, self._window())
+        job = self._job(func, CallKind.ONE, stream, chunksize)
+        post = self._supervisor.post
+        iterator = IMapIterator(stream, self, lambda: post(CancelJob(job, False, True)),
+                                return_errors=errors == "return")
+        self._start_feeder(job, stream, iterable)
+        return iterator
+
+    def _window(self) -> Window:
+        return Window(max(WINDOW_TASKS_MIN, WINDOW_TASKS_PER_WORKER * self._processes))
+
+    def _job(self, func: Callable[..., Any], kind: CallKind, sink: Any,
+             chunksize: int | None, *, cache: bool = False) -> Job:
+        if not callable(func):
+            raise TypeError(f"{func!r} is not callable")
+        if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
+                                      or chunksize < 1):
+            raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+        fn_id, payload = self._pickled_function(func, cache)
+        sizer = ChunkSizer(self._processes, chunksize or self._config.chunksize)
+        return Job(next(self._ids), fn_id, payload, kind, sink, chunksize=sizer.fixed,
+                   timeout_s=self._config.timeout_s, sizer=sizer)
+
+    def _pickled_function(self, func: Callable[..., Any], cache: bool) -> tuple[int, bytes]:
+        """cloudpickle the function (lambdas, closures, __main__ functions all work).  Its id
+        is a hash of the bytes, so workers unpickle each distinct function once."""
+        if cache:
+            with self._functions_lock:
+                hit = self._functions.get(id(func))
+                if hit is not None and hit[0] is func:
+                    self._functions.move_to_end(id(func))
+                    return hit[1], hit[2]
+        try:
+            payload = dumps_function(func)
+        except Exception as exc:
+            raise ArgumentSerializationError(
+                f"the function {getattr(func, '__qualname__', func)!r} cannot be pickled: "
+                f"{exc!r}; make sure it and everything it refers to are picklable") from exc
+        fn_id = int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") >> 1
+        if cache:
+            with self._functions_lock:
+                self._functions[id(func)] = (func, fn_id, payload)
+                while len(self._functions) > FUNCTION_CACHE_SIZE:
+                    self._functions.popitem(last=False)
+        return fn_id, payload
+
+    def _make_task(self, job: Job, index: int, item: Any,
+                   errors: dict[int, BaseException]) -> Task:
+        try:
+            payload = dumps_argument(item)
+        except Exception as exc:
+            task = Task(next(self._ids), job, index, b"", item)
+            error = ArgumentSerializationError(
+                f"the task's argument could not be pickled: {exc!r}; "
+                "make sure every argument is picklable")
+            error.__cause__ = exc
+            errors[task.id] = error
+            return task
+        return Task(next(self._ids), job, index, payload, item)
+
+    def _submit(self, job: Job, items: Iterable[Any]) -> list[Task]:
+        errors: dict[int, BaseException] = {}
+        tasks = [self._make_task(job, i, item, errors) for i, item in enumerate(items)]
+        self._supervisor.post(SubmitTasks(tasks, errors))
+        return tasks
+
+    def _start_feeder(self, job: Job, stream: ResultStream, iterable: Iterable[Any]) -> None:
+        self._supervisor.post(OpenJob(job))
+        iterator = iter(iterable)
+        feeder = threading.Thread(target=self._feed, args=(job, stream, iterator),
+                                  name=f"procqueue-feeder-{job.id}", daemon=True)
+        feeder.start()
+
+    def _feed(self, job: Job, stream: ResultStream, iterator: Iterator[Any]) -> None:
+        """Feeder thread: take inputs while the window has room, submit them one by one."""
+        window = stream.window
+        assert window is not None
+        post = self._supervisor.post
+        count = 0
+        input_error: BaseException | None = None
+        try:
+            while window.acquire():
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    window.release()
+                    break
+                errors: dict[int, BaseException] = {}
+                task = self._make_task(job, count, item, errors)
+                post(SubmitTasks([task], errors))
+                count += 1
+        except BaseException as exc:  # the user's iterable raised: surface it in order
+            input_error = exc
+        finally:
+            stream.input_finished(count, input_error)
+            post(CloseJob(job))
+
+
+def _check_errors_mode(errors: str) -> None:
+    if errors not in ("raise", "return"):
+        raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
+
+
+def _pids(pool: Pool) -> list[int | None]:
+    return [slot.pid for slot in pool._supervisor.workers.slots]
+
+
+def _shutdown(supervisor: Supervisor) -> None:
+    """Terminate and wait for the workers to be gone (finalizer: GC, terminate, exit)."""
+    supervisor.post(Terminate())
+    supervisor.join(TERMINATE_WAIT_S)

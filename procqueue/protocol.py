@@ -1,0 +1,165 @@
+"""The wire between the supervisor and one worker: named, typed messages over one duplex pipe.
+
+One pipe per worker (never a queue shared by workers), so a worker killed mid-read or mid-write
+can only break its own channel, and the supervisor always knows which tasks that worker held.
+
+    supervisor                                   worker
+        |  <--------------------- Ready(pid)  ---- |   after pinning and the initializer
+        |  <------------- InitFailed(error)   ---- |   (or this, then the worker exits)
+        |  ---- RunBatch(batch_id, fn, items) ---> |   fn's bytes only the first time a worker sees it
+        |                                          |   for each item: slot_state[CURRENT] = task id
+        |  <---- BatchResults(partial ...)  ------ |   every FLUSH_INTERVAL_S while a batch runs
+        |  <---- BatchResults(final=True) -------- |
+        |  ---- Stop() ----------------------------> |   the worker exits 0
+
+"Which task is running right now" is not a message: the worker writes the task id and its start
+time into a small shared array (see worker_slots.SlotState), which costs nanoseconds per task and
+lets the supervisor attribute a crash, or enforce a timeout, for one task inside a batch.
+
+Arguments and results are pickled per item with protocol 5 (so one unpicklable item fails only
+its own task); functions are pickled with cloudpickle (lambdas, closures, __main__ functions).
+"""
+
+from __future__ import annotations
+
+import enum
+import pickle
+import traceback
+from dataclasses import dataclass
+from typing import Any, Union
+
+from .errors import RemoteError, RemoteTraceback, TaskFailed
+
+PICKLE_PROTOCOL = 5
+
+
+class CallKind(enum.IntEnum):
+    """How a task's payload is applied to its function."""
+
+    ONE = 1  # fn(item)                      map, imap, submit with one positional arg
+    STAR = 2  # fn(*item)                    starmap
+    ARGS_KWARGS = 3  # fn(*args, **kwargs)   apply, submit
+
+
+@dataclass(frozen=True, slots=True)
+class RunBatch:
+    batch_id: int
+    fn_id: int
+    fn_payload: bytes | None  # cloudpickled function; None when this worker already has fn_id
+    kind: CallKind
+    items: tuple[tuple[int, bytes], ...]  # (task id, pickled payload)
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class InitFailed:
+    error: bytes  # pickled ErrorInfo
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    task_id: int
+    ok: bool
+    payload: bytes  # pickled result if ok, else pickled ErrorInfo
+    seconds: float  # run time of this item in the worker
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResults:
+    batch_id: int
+    results: tuple[ItemResult, ...]
+    final: bool  # True: the batch is complete, the worker is idle or on its next batch
+
+
+ToWorker = Union[RunBatch, Stop]
+FromWorker = Union[Ready, InitFailed, BatchResults]
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """An exception on its way back from a worker: the exception itself when it survives a
+    pickle round trip, else a RemoteError, plus the traceback text in both cases."""
+
+    exception: BaseException
+    traceback_text: str
+
+
+def dumps(obj: Any) -> bytes:
+    return pickle.dumps(obj, PICKLE_PROTOCOL)
+
+
+def loads(data: bytes) -> Any:
+    return pickle.loads(data)
+
+
+def dumps_function(fn: Any) -> bytes:
+    import cloudpickle  # imported lazily: workers unpickle cloudpickle output without it loaded first
+
+    return bytes(cloudpickle.dumps(fn, PICKLE_PROTOCOL))
+
+
+def dumps_argument(obj: Any) -> bytes:
+    """Pickle a task argument: plain pickle first (fast), cloudpickle for lambdas and the like.
+    Raises the pickling error if neither can."""
+    try:
+        return pickle.dumps(obj, PICKLE_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        import cloudpickle
+
+        return bytes(cloudpickle.dumps(obj, PICKLE_PROTOCOL))
+
+
+def capture_exception(exc: BaseException) -> bytes:
+    """Pickle an exception raised in a worker so that the parent can always decode it.
+
+    An exception that fails to pickle, or whose pickle fails to load (custom __init__
+    signatures are the usual cause), becomes a RemoteError with its type name and message.
+    """
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    exc_for_wire = _strip_traceback(exc)
+    try:
+        data = dumps(ErrorInfo(exc_for_wire, tb_text))
+        loads(data)  # the loads-check: the parent must never receive undecodable bytes
+        return data
+    except Exception:
+        remote = RemoteError(_qualified_type_name(exc), _safe_str(exc), tb_text)
+        return dumps(ErrorInfo(remote, tb_text))
+
+
+def restore_exception(data: bytes) -> BaseException:
+    """Decode an ErrorInfo into the exception to raise in the caller, remote traceback chained."""
+    info: ErrorInfo = loads(data)
+    exc = info.exception
+    if exc.__cause__ is None:
+        exc.__cause__ = RemoteTraceback(info.traceback_text)
+    if isinstance(exc, TaskFailed) and isinstance(exc, RemoteError) and not exc.traceback_text:
+        exc.traceback_text = info.traceback_text
+    return exc
+
+
+def _strip_traceback(exc: BaseException) -> BaseException:
+    # Tracebacks don't pickle; the text travels next to the exception instead.
+    exc.__traceback__ = None
+    return exc
+
+
+def _qualified_type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    module = cls.__module__
+    return cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__name__} whose str() raised>"

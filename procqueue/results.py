@@ -1,0 +1,346 @@
+"""What callers wait on: multiprocessing-style AsyncResult/MapResult/IMapIterator, a
+concurrent.futures.Future, and the TaskOutcome stream of `imap_outcomes`.
+
+Each is an OutcomeSink: the supervisor thread calls `deliver(task, ok, value)` exactly once
+per task (value: the result, or the exception to raise).  Callbacks run on the supervisor
+thread, as in multiprocessing: keep them short.
+
+Lazy inputs are fed with backpressure: a feeder thread takes a slot of the call's Window per
+item and the consumer gives it back when it takes the item's result, so an endless generator
+runs in bounded memory.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import sys
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+from .tasks import Task
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """The one outcome of one input: its result or its error, and how it ran."""
+
+    index: int
+    input: Any
+    ok: bool
+    value: Any  # the result if ok, else None
+    error: BaseException | None  # the exception if not ok
+    attempts: int  # runs started (0: it never ran)
+    seconds: float  # run time of the last attempt
+    pid: int | None  # worker pid of the last attempt
+
+
+def _report_callback_error(kind: str) -> None:
+    exc = sys.exc_info()[1]
+    print(f"procqueue: exception in {kind} (ignored): {exc!r}", file=sys.stderr)
+
+
+class ApplyResult:
+    """multiprocessing.pool.AsyncResult for one task."""
+
+    def __init__(self, keepalive: Any, callback: Callable[[Any], object] | None = None,
+                 error_callback: Callable[[BaseException], object] | None = None) -> None:
+        self._event = threading.Event()
+        self._callback = callback
+        self._error_callback = error_callback
+        self._success = False
+        self._value: Any = None
+        self._keepalive = keepalive  # the pool must outlive its pending results
+
+    def starting(self, task: Task) -> bool:
+        return True
+
+    def deliver(self, task: Task, ok: bool, value: Any) -> None:
+        self._set(ok, value)
+
+    def _set(self, ok: bool, value: Any) -> None:
+        self._success, self._value = ok, value
+        try:
+            if ok and self._callback is not None:
+                self._callback(value)
+            elif not ok and self._error_callback is not None:
+                self._error_callback(value)
+        except Exception:
+            _report_callback_error("callback")
+        self._event.set()
+        self._keepalive = None
+
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._success
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> Any:
+        self.wait(timeout)
+        if not self.ready():
+            raise multiprocessing.TimeoutError
+        if self._success:
+            return self._value
+        raise self._value
+
+
+AsyncResult = ApplyResult
+
+
+class MapResult(ApplyResult):
+    """The result of map_async/starmap_async.  Fails as soon as the first failure in input
+    order is known (every earlier input succeeded), not after the whole batch; the error
+    carries `partial_results`, {index: result} of the inputs completed by then."""
+
+    def __init__(self, keepalive: Any, length: int, callback: Any = None,
+                 error_callback: Any = None, *, return_errors: bool = False) -> None:
+        super().__init__(keepalive, callback, error_callback)
+        self._values: list[Any] = [None] * length
+        self._done = bytearray(length)
+        self._errors: dict[int, BaseException] = {}
+        self._remaining = length
+        self._first_open = 0  # lowest index not yet known to have succeeded
+        self._return_errors = return_errors
+        if length == 0:
+            self._set(True, [])
+
+    def deliver(self, task: Task, ok: bool, value: Any) -> None:
+        i = task.index
+        if ok or self._return_errors:
+            self._values[i] = value
+        else:
+            self._errors[i] = value
+        self._done[i] = 1
+        self._remaining -= 1
+        if self.ready():
+            return
+        n = len(self._done)
+        while self._first_open < n and self._done[self._first_open] \
+                and self._first_open not in self._errors:
+            self._first_open += 1
+        if self._first_open == n:
+            self._set(True, self._values)
+        elif self._first_open in self._errors:
+            self._fail(self._errors[self._first_open])
+
+    def _fail(self, error: BaseException) -> None:
+        partial = {i: self._values[i] for i in range(len(self._done))
+                   if self._done[i] and i not in self._errors}
+        try:
+            error.partial_results = partial  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):
+            pass
+        self._set(False, error)
+
+
+class Window:
+    """Bounds the inputs a lazy call has taken but whose results nobody has consumed yet."""
+
+    def __init__(self, size: int) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._free = size
+        self._closed = False
+
+    def acquire(self) -> bool:
+        """Wait for room; False once the window is closed (stop feeding)."""
+        with self._cond:
+            while self._free <= 0 and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return False
+            self._free -= 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._free += 1
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class ResultStream:
+    """The sink behind imap, imap_unordered and imap_outcomes (ordered or not)."""
+
+    def __init__(self, ordered: bool, window: Window | None) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self.ordered = ordered
+        self.window = window
+        self._by_index: dict[int, TaskOutcome] = {}
+        self._arrived: deque[TaskOutcome] = deque()
+        self._next_index = 0
+        self._yielded = 0
+        self._length: int | None = None  # known once the input is exhausted
+        self._input_error: BaseException | None = None
+
+    def starting(self, task: Task) -> bool:
+        return True
+
+    def deliver(self, task: Task, ok: bool, value: Any) -> None:
+        outcome = TaskOutcome(task.index, task.input, ok, value if ok else None,
+                              None if ok else value, task.attempts, task.seconds, task.pid)
+        with self._cond:
+            if self.ordered:
+                self._by_index[task.index] = outcome
+                if task.index == self._next_index:
+                    self._cond.notify()
+            else:
+                self._arrived.append(outcome)
+                self._cond.notify()
+
+    def input_finished(self, length: int, error: BaseException | None = None) -> None:
+        """The feeder reached the end of the input (or the input raised `error`)."""
+        with self._cond:
+            self._length = length
+            self._input_error = error
+            self._cond.notify_all()
+
+    def next_outcome(self, timeout: float | None = None) -> TaskOutcome:
+        with self._cond:
+            while True:
+                outcome = self._take()
+                if outcome is not None:
+                    break
+                if self._length is not None and self._yielded >= self._length:
+                    if self._input_error is not None:
+                        error, self._input_error = self._input_error, None
+                        raise error
+                    raise StopIteration
+                if not self._cond.wait(timeout):
+                    raise multiprocessing.TimeoutError
+            self._yielded += 1
+        if self.window is not None:
+            self.window.release()
+        return outcome
+
+    def _take(self) -> TaskOutcome | None:
+        if self.ordered:
+            outcome = self._by_index.pop(self._next_index, None)
+            if outcome is not None:
+                self._next_index += 1
+            return outcome
+        return self._arrived.popleft() if self._arrived else None
+
+
+class _StreamIterator(Generic[T]):
+    """User-facing iterator over a ResultStream; dropping it stops the feeding of its call."""
+
+    def __init__(self, stream: ResultStream, keepalive: Any,
+                 on_abandon: Callable[[], None]) -> None:
+        self._stream = stream
+        self._keepalive = keepalive
+        self._on_abandon = on_abandon
+        self._finished = False
+
+    def __iter__(self) -> "_StreamIterator[T]":
+        return self
+
+    def __next__(self) -> T:
+        return self.next()
+
+    def next(self, timeout: float | None = None) -> T:
+        try:
+            outcome = self._stream.next_outcome(timeout)
+        except StopIteration:
+            self._finished = True
+            self._keepalive = None
+            raise
+        return self._convert(outcome)
+
+    def _convert(self, outcome: TaskOutcome) -> T:
+        raise NotImplementedError
+
+    def __del__(self) -> None:
+        if not self._finished:
+            try:
+                self._on_abandon()
+            except Exception:
+                pass
+
+
+class IMapIterator(_StreamIterator[Any]):
+    """imap/imap_unordered: yields results; a failed item raises its exception at its place,
+    and iteration can go on after it (as in multiprocessing)."""
+
+    def __init__(self, stream: ResultStream, keepalive: Any, on_abandon: Callable[[], None],
+                 *, return_errors: bool = False) -> None:
+        super().__init__(stream, keepalive, on_abandon)
+        self._return_errors = return_errors
+
+    def _convert(self, outcome: TaskOutcome) -> Any:
+        if outcome.ok:
+            return outcome.value
+        if self._return_errors:
+            return outcome.error
+        assert outcome.error is not None
+        raise outcome.error
+
+
+class OutcomeIterator(_StreamIterator[TaskOutcome]):
+    """imap_outcomes: one TaskOutcome per input; never raises for a task's failure."""
+
+    def __init__(self, stream: ResultStream, keepalive: Any, on_abandon: Callable[[], None],
+                 on_cancel: Callable[[bool], None]) -> None:
+        super().__init__(stream, keepalive, on_abandon)
+        self._on_cancel = on_cancel
+
+    def _convert(self, outcome: TaskOutcome) -> TaskOutcome:
+        return outcome
+
+    def cancel(self, kill_running: bool = False) -> None:
+        """Start no more of this call's tasks: each one not started yet comes out as a
+        TaskCancelledError outcome; running ones finish, or with kill_running are killed.
+        Safe to call from a signal handler."""
+        self._on_cancel(kill_running)
+
+
+class FutureSink:
+    """Feeds a concurrent.futures.Future (submit)."""
+
+    def __init__(self, future: "TaskFuture", keepalive: Any) -> None:
+        self.future = future
+        self._keepalive = keepalive
+
+    def starting(self, task: Task) -> bool:
+        # False if the future was cancelled while queued: then the task must not run.
+        return self.future.set_running_or_notify_cancel()
+
+    def deliver(self, task: Task, ok: bool, value: Any) -> None:
+        self._keepalive = None
+        if self.future.done():
+            return
+        try:
+            if ok:
+                self.future.set_result(value)
+            else:
+                self.future.set_exception(value)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+
+class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+    """A Future whose cancel() also takes the queued task out of the pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._on_cancel: Callable[[], None] | None = None
+
+    def cancel(self) -> bool:
+        cancelled = super().cancel()
+        if cancelled and self._on_cancel is not None:
+            self._on_cancel()
+        return cancelled
+

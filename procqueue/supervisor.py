@@ -1,0 +1,707 @@
+"""The supervisor: one thread that owns every task's state and every worker.
+
+    caller threads (Pool API, feeders)            supervisor thread                 workers
+    ----------------------------------            -----------------                 -------
+    post(SubmitTasks | Cancel | Close | ...) ──►  inbox (deque) + wakeup pipe
+                                                  ONE selector.select() over:
+                                                    wakeup pipe          ◄── post()
+                                                    each worker's pipe   ◄── Ready / BatchResults
+                                                    each worker sentinel ◄── the process died
+                                                    timeout = next deadline (task timeout,
+                                                      SIGKILL escalation, retry backoff, respawn)
+                                                  apply events ─► scheduler picks batches
+                                                  ─► RunBatch on the idle worker's pipe ──────────► run
+    AsyncResult / Future / iterator  ◄── deliver(task, ok, value) exactly once per task
+
+It never polls: everything that can happen is a readable file descriptor or a deadline.  A
+worker's death is seen through its sentinel at once; the tasks it held are known (one pipe
+per worker) and the one it was running is read from the slot's shared state, so only that
+task is charged with the crash; the others go back to the front of the queue.
+
+States: RUNNING ─close()─► CLOSING (drain, then stop workers) ─► STOPPED
+        RUNNING/CLOSING ─terminate()─► TERMINATING (fail what is left, kill workers) ─► STOPPED
+        RUNNING ─initializer keeps failing─► BROKEN ─► STOPPED
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import selectors
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .config import PoolConfig
+from .errors import (InitializerError, PoolBrokenError, ResultSerializationError,
+                     TaskCancelledError, TaskTimeoutError, WorkerCrashedError, annotate,
+                     describe_exit)
+from .protocol import (BatchResults, InitFailed, ItemResult, Ready, RunBatch, loads,
+                       restore_exception)
+from .scheduler import FailureKind, RetryPolicy, Scheduler
+from .tasks import Job, Task, TaskState
+from .worker_slots import Batch, Slot, SlotPhase, WorkerSlots
+
+INIT_FAILURE_LIMIT = 3  # consecutive worker start failures before the pool is broken
+RESPAWN_BACKOFF_S = 0.1  # delay before respawning after a failed start; doubles per failure
+STOP_WORKERS_TIMEOUT_S = 1.0  # close(): how long retiring workers get before being killed
+INPUT_REPR_MAX_CHARS = 200
+
+
+class SupervisorState(enum.Enum):
+    RUNNING = "running"
+    CLOSING = "closing"
+    TERMINATING = "terminating"
+    BROKEN = "broken"
+    STOPPED = "stopped"
+
+
+# ---- commands posted by caller threads ---------------------------------------------------
+
+@dataclass(frozen=True)
+class SubmitTasks:
+    tasks: list[Task]
+    errors: dict[int, BaseException]  # task id -> error known before dispatch (bad argument)
+
+
+@dataclass(frozen=True)
+class OpenJob:
+    job: Job  # a lazily fed call: the pool is not drained until CloseJob
+
+
+@dataclass(frozen=True)
+class CloseJob:
+    job: Job
+
+
+@dataclass(frozen=True)
+class CancelJob:
+    job: Job
+    kill_running: bool  # also kill its running tasks' workers
+    stop_input: bool  # stop the feeder too (the caller dropped the iterator)
+
+
+@dataclass(frozen=True)
+class CancelTask:
+    task: Task
+
+
+@dataclass(frozen=True)
+class Close:
+    pass
+
+
+@dataclass(frozen=True)
+class Terminate:
+    pass
+
+
+Command = SubmitTasks | OpenJob | CloseJob | CancelJob | CancelTask | Close | Terminate
+
+
+@dataclass(frozen=True)
+class SupervisorStatistics:
+    state: str
+    processes: int
+    tasks_submitted: int
+    tasks_succeeded: int
+    tasks_failed: int
+    tasks_cancelled: int
+    tasks_queued: int
+    tasks_running: int
+    retries: int
+    worker_restarts: int
+
+
+class Supervisor:
+    def __init__(self, config: PoolConfig, init_payload: bytes | None, env: dict[str, str]
+                 ) -> None:
+        self.config = config
+        self.workers = WorkerSlots(config.context, list(config.cpus), config.pin, env,
+                                   init_payload)
+        self.scheduler = Scheduler()
+        self.policy = RetryPolicy(config.retries, config.retry_on, config.retry_backoff_s,
+                                  config.retry_backoff_max_s, config.retries_on_timeout())
+        self.state = SupervisorState.RUNNING
+        self.broken_error: BaseException | None = None
+        self._tasks: dict[int, Task] = {}  # every task not yet terminal
+        self._open_jobs: dict[int, Job] = {}  # lazily fed calls whose input is not exhausted
+        self._inbox: deque[Command] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        self._wake_pending = False
+        self._selector = selectors.DefaultSelector()
+        self._batch_ids = iter(range(1, sys.maxsize))
+        self._init_failures = 0
+        self._last_init_error: BaseException | None = None
+        self._stop_deadline: float | None = None
+        self.stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="procqueue-supervisor",
+                                        daemon=True)
+        self.submitted = self.succeeded = self.failed = self.cancelled = 0
+        self.retries = self.restarts = 0
+
+    # ---- any thread ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def post(self, command: Command) -> None:
+        self._inbox.append(command)
+        if not self._wake_pending:  # one wake-up byte per batch of commands is enough
+            self._wake_pending = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass  # pipe full (a wake-up is pending anyway) or closed (stopped)
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread.ident is None:
+            return True
+        if threading.current_thread() is self._thread:
+            return self.stopped.is_set()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def statistics(self) -> SupervisorStatistics:
+        running = sum(s.tasks_held() for s in self.workers.slots)
+        return SupervisorStatistics(
+            self.state.value, len(self.workers.slots), self.submitted, self.succeeded,
+            self.failed, self.cancelled, self.scheduler.queued, running, self.retries,
+            self.restarts)
+
+    # ---- the loop (supervisor thread only) ---------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
+            for slot in self.workers.slots:
+                self._spawn(slot)
+            while self.state is not SupervisorState.STOPPED:
+                self._step()
+        except BaseException:  # a procqueue bug: never leave callers waiting forever
+            error = PoolBrokenError("procqueue supervisor failed:\n" + traceback.format_exc())
+            self._break(error)
+            self._finish_stopping()
+        finally:
+            self._release_everything()
+
+    def _step(self) -> None:
+        timeout = self._seconds_until_next_deadline(time.monotonic())
+        for key, _ in self._selector.select(timeout):
+            key.data(key)
+        now = time.monotonic()
+        self._on_deadlines(now)
+        if self.state in (SupervisorState.RUNNING, SupervisorState.CLOSING):
+            self._dispatch()
+        self._check_progress_of_shutdown(now)
+
+    def _on_wakeup(self, key: Any) -> None:
+        # Order matters: drain the pipe, then clear the flag, then drain the inbox.  A post
+        # that lands after the flag is cleared writes a fresh byte that this drain cannot eat;
+        # one that landed before is in the inbox by the time we drain it.
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self._wake_pending = False
+        while self._inbox:
+            self._apply(self._inbox.popleft())
+
+    def _apply(self, command: Command) -> None:
+        match command:
+            case SubmitTasks(tasks, errors):
+                self._accept(tasks, errors)
+            case OpenJob(job):
+                self._open_jobs[job.id] = job
+            case CloseJob(job):
+                self._open_jobs.pop(job.id, None)
+            case CancelJob(job, kill_running, stop_input):
+                self._cancel_job(job, kill_running)
+                if stop_input:
+                    _stop_feeding(job)
+            case CancelTask(task):
+                self._cancel_queued(task, notify=False)
+            case Close():
+                if self.state is SupervisorState.RUNNING:
+                    self.state = SupervisorState.CLOSING
+            case Terminate():
+                self._terminate()
+
+    # ---- tasks in ----------------------------------------------------------------------------
+
+    def _accept(self, tasks: list[Task], errors: dict[int, BaseException]) -> None:
+        if self.state not in (SupervisorState.RUNNING, SupervisorState.CLOSING):
+            error = self.broken_error or TaskCancelledError("the pool was terminated")
+            for task in tasks:
+                self.submitted += 1
+                self._tasks[task.id] = task
+                self._finish(task, TaskState.CANCELLED, False, error)
+            return
+        for task in tasks:
+            self.submitted += 1
+            self._tasks[task.id] = task
+            if task.id in errors:
+                self._fail(task, errors[task.id])
+            elif task.job.cancelled:
+                self._finish(task, TaskState.CANCELLED, False, self._cancelled_error(task))
+            else:
+                self.scheduler.enqueue(task)
+
+    # ---- dispatch ----------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        # Idle workers first, then one prefetched batch each.
+        for want_batches in (0, 1):
+            for slot in self.workers.slots:
+                while len(slot.batches) == want_batches and slot.can_take_batch():
+                    if self.scheduler.queued == 0 or not self._send_next_batch(slot):
+                        break
+
+    def _send_next_batch(self, slot: Slot) -> bool:
+        limit = self._task_budget(slot)
+        if limit <= 0:
+            return False
+        tasks = [t for t in self.scheduler.next_batch(limit) if self._may_start(t)]
+        if not tasks:
+            return self.scheduler.queued > 0
+        job = tasks[0].job
+        batch = Batch(next(self._batch_ids), job, tasks)
+        for task in tasks:
+            task.move(TaskState.DISPATCHED)
+            task.attempts += 1
+            task.pid = slot.pid
+        slot.batches.append(batch)
+        fn_payload = None if job.fn_id in slot.known_functions else job.fn_payload
+        slot.known_functions.add(job.fn_id)
+        message = RunBatch(batch.id, job.fn_id, fn_payload, job.kind,
+                           tuple((t.id, t.payload) for t in tasks))
+        self.workers.send(slot, message)  # a failed send surfaces as the worker's death
+        return True
+
+    def _may_start(self, task: Task) -> bool:
+        if task.job.sink.starting(task):
+            return True
+        self._finish(task, TaskState.CANCELLED, False, None)  # its future was cancelled
+        return False
+
+    def _task_budget(self, slot: Slot) -> int:
+        """How many more tasks this worker may be given (maxtasksperchild)."""
+        limit = self.config.maxtasksperchild
+        if limit is None:
+            return sys.maxsize
+        return limit - slot.tasks_done - slot.tasks_held()
+
+    # ---- worker events -----------------------------------------------------------------------
+
+    def _spawn(self, slot: Slot) -> None:
+        self.workers.spawn(slot)
+        self._selector.register(slot.conn, selectors.EVENT_READ, self._on_readable(slot))
+        self._selector.register(slot.process.sentinel, selectors.EVENT_READ,
+                                self._on_sentinel(slot))
+
+    def _on_readable(self, slot: Slot) -> Callable[[Any], None]:
+        def handler(key: Any) -> None:
+            self._read_message(slot)
+        return handler
+
+    def _on_sentinel(self, slot: Slot) -> Callable[[Any], None]:
+        def handler(key: Any) -> None:
+            self._on_worker_exit(slot)
+        return handler
+
+    def _read_message(self, slot: Slot) -> bool:
+        """Read and apply one message; False when the pipe is at EOF (the worker is gone)."""
+        try:
+            data = slot.conn.recv_bytes()
+        except (EOFError, OSError):
+            self._unregister(slot.conn)
+            return False
+        message = loads(data)
+        match message:
+            case BatchResults():
+                self._on_results(slot, message)
+            case Ready():
+                self._on_ready(slot)
+            case InitFailed(error):
+                self._last_init_error = restore_exception(error)
+            case _:
+                raise TypeError(f"unexpected message from worker {slot.pid}: {message!r}")
+        return True
+
+    def _on_ready(self, slot: Slot) -> None:
+        if slot.phase is SlotPhase.STARTING:
+            slot.move(SlotPhase.READY)
+            self._init_failures = 0
+
+    def _on_results(self, slot: Slot, message: BatchResults) -> None:
+        batch = next((b for b in slot.batches if b.id == message.batch_id), None)
+        if batch is None:
+            return  # results of a batch already written off (its task timed out)
+        busy_s = 0.0
+        for item in message.results:
+            busy_s += item.seconds
+            task = batch.pending.pop(item.task_id, None)
+            if task is not None:
+                self._on_item(slot, task, item)
+        batch.job.sizer.observe(len(message.results), busy_s)
+        if message.final:
+            slot.batches.remove(batch)
+            if self.config.maxtasksperchild is not None and slot.phase is SlotPhase.READY \
+                    and slot.tasks_done >= self.config.maxtasksperchild and not slot.batches:
+                self.workers.retire(slot)
+
+    def _on_item(self, slot: Slot, task: Task, item: ItemResult) -> None:
+        task.seconds = item.seconds
+        slot.tasks_done += 1
+        slot.tasks_done_total += 1
+        slot.busy_s += item.seconds
+        if task.state is not TaskState.DISPATCHED:
+            return  # already given an outcome (cancelled while running)
+        if item.ok:
+            try:
+                value = loads(item.payload)
+            except BaseException as exc:  # noqa: BLE001 - fails only this task
+                error = ResultSerializationError(
+                    f"the task's result could not be unpickled in the caller: {exc!r}")
+                error.__cause__ = exc
+                self._fail(task, error)
+                return
+            self._finish(task, TaskState.DONE, True, value)
+        else:
+            error = restore_exception(item.payload)
+            self._after_failure(task, FailureKind.EXCEPTION, error)
+
+    def _on_worker_exit(self, slot: Slot) -> None:
+        # Results the worker sent before dying are still in the pipe: apply them first.
+        while slot.conn is not None and not slot.conn.closed and self._pipe_has_data(slot):
+            if not self._read_message(slot):
+                break
+        running = slot.current_task()
+        was = slot.phase
+        self._unregister(slot.conn)
+        self._unregister(slot.process.sentinel)
+        exitcode = self.workers.reap(slot)
+        slot.last_exit = describe_exit(exitcode)
+        if was is SlotPhase.STARTING:
+            self._on_start_failure(slot, exitcode)
+        else:
+            self._write_off_batches(slot, running, exitcode, was)
+        self._maybe_respawn(slot, was)
+
+    def _pipe_has_data(self, slot: Slot) -> bool:
+        try:
+            return bool(slot.conn.poll(0))
+        except (EOFError, OSError):
+            return False
+
+    def _write_off_batches(self, slot: Slot, running: tuple[int, float] | None,
+                           exitcode: int | None, phase: SlotPhase) -> None:
+        """Attribute a worker's death: the task it was running is charged with the crash;
+        every other task it held goes back to the front of the queue, uncharged."""
+        held = [t for b in slot.batches for t in b.pending.values()]
+        slot.batches.clear()
+        culprit_id = running[0] if running else None
+        if culprit_id is None and held and phase is not SlotPhase.KILLING:
+            culprit_id = held[0].id  # it died before marking a task: charge the first it held
+        for task in reversed(held):  # reversed + front=True keeps their order
+            if task.state is not TaskState.DISPATCHED:
+                continue
+            if task.id == culprit_id and phase is not SlotPhase.KILLING:
+                self._after_failure(task, FailureKind.CRASH, self._crash_error(task, exitcode))
+            else:
+                task.attempts -= 1  # it never ran (or its run was not its fault)
+                task.move(TaskState.QUEUED)
+                self.scheduler.enqueue(task, front=True)
+
+    def _crash_error(self, task: Task, exitcode: int | None) -> WorkerCrashedError:
+        error = WorkerCrashedError(
+            f"worker process died while running the task: {describe_exit(exitcode)}",
+            exitcode=exitcode, oom_suspected=exitcode == -9)
+        if exitcode == -9:
+            error.message += " (SIGKILL: the OOM killer is a common cause)"
+        return error
+
+    def _on_start_failure(self, slot: Slot, exitcode: int | None) -> None:
+        self._init_failures += 1
+        slot.respawn_at = time.monotonic() + RESPAWN_BACKOFF_S * 2 ** (self._init_failures - 1)
+        if self._init_failures < INIT_FAILURE_LIMIT:
+            return
+        cause = self._last_init_error
+        if cause is not None:
+            error: PoolBrokenError = InitializerError(
+                f"the worker initializer raised {type(cause).__name__}: {cause}")
+            error.__cause__ = cause
+        else:
+            error = InitializerError(
+                f"worker process failed to start: {describe_exit(exitcode)}")
+        self._break(error)
+
+    def _maybe_respawn(self, slot: Slot, was: SlotPhase) -> None:
+        if self.state is SupervisorState.RUNNING or (
+                self.state is SupervisorState.CLOSING and self._work_left()):
+            if was is not SlotPhase.STARTING:
+                slot.respawn_at = 0.0
+            if slot.respawn_at <= time.monotonic():
+                self._respawn(slot)
+
+    def _respawn(self, slot: Slot) -> None:
+        slot.restarts += 1
+        self.restarts += 1
+        self._spawn(slot)
+
+    def _unregister(self, fileobj: Any) -> None:
+        try:
+            self._selector.unregister(fileobj)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    # ---- outcomes ----------------------------------------------------------------------------
+
+    def _after_failure(self, task: Task, kind: FailureKind, error: BaseException) -> None:
+        if self.state in (SupervisorState.RUNNING, SupervisorState.CLOSING) \
+                and not task.job.cancelled and self.policy.should_retry(task, kind, error):
+            self.retries += 1
+            task.move(TaskState.RETRY_WAIT)
+            self.scheduler.wait_for_retry(
+                task, time.monotonic() + self.policy.backoff(task.attempts))
+            return
+        self._fail(task, error)
+
+    def _fail(self, task: Task, error: BaseException) -> None:
+        annotate(error, index=task.index, input_repr=_short_repr(task.input),
+                 pid=task.pid, attempts=task.attempts)
+        self._finish(task, TaskState.FAILED, False, error)
+
+    def _finish(self, task: Task, state: TaskState, ok: bool, value: Any) -> None:
+        """The only place a task reaches a terminal state and its outcome is delivered."""
+        task.move(state)
+        del self._tasks[task.id]
+        if state is TaskState.DONE:
+            self.succeeded += 1
+        elif state is TaskState.FAILED:
+            self.failed += 1
+        else:
+            self.cancelled += 1
+        if value is None and not ok:
+            return  # a cancelled Future: it already knows
+        try:
+            task.job.sink.deliver(task, ok, value)
+        except Exception:
+            traceback.print_exc()
+
+    def _cancelled_error(self, task: Task) -> TaskCancelledError:
+        error = TaskCancelledError("the task was cancelled before it started")
+        annotate(error, index=task.index, input_repr=_short_repr(task.input), pid=None,
+                 attempts=task.attempts)
+        return error
+
+    # ---- cancel / terminate ------------------------------------------------------------------
+
+    def _cancel_queued(self, task: Task, *, notify: bool) -> None:
+        if task.state in (TaskState.QUEUED, TaskState.RETRY_WAIT):
+            self._finish(task, TaskState.CANCELLED, False,
+                         self._cancelled_error(task) if notify else None)
+
+    def _cancel_job(self, job: Job, kill_running: bool) -> None:
+        job.cancelled = True
+        for task in self.scheduler.drop_cancelled(job):
+            self._cancel_queued(task, notify=True)
+        for task in list(self._tasks.values()):
+            if task.job is job and task.state is TaskState.RETRY_WAIT:
+                self._cancel_queued(task, notify=True)
+        if kill_running:
+            now = time.monotonic()
+            for slot in self.workers.slots:
+                doomed = [t for b in slot.batches for t in b.pending.values() if t.job is job]
+                if not doomed:
+                    continue
+                for task in doomed:
+                    error = TaskCancelledError("the task was cancelled while running")
+                    self._fail_running(slot, task, error)
+                self.workers.kill(slot, "cancelled", self.config.kill_grace_s, now)
+
+    def _fail_running(self, slot: Slot, task: Task, error: BaseException) -> None:
+        for batch in slot.batches:
+            batch.pending.pop(task.id, None)
+        self._fail(task, error)
+
+    def _terminate(self) -> None:
+        if self.state in (SupervisorState.TERMINATING, SupervisorState.STOPPED):
+            return
+        self.state = SupervisorState.TERMINATING
+        for job in self._open_jobs.values():
+            _stop_feeding(job)
+        self._fail_everything(TaskCancelledError("the pool was terminated before the task finished"))
+        self.workers.kill_all_now()
+        self._stop_deadline = time.monotonic() + STOP_WORKERS_TIMEOUT_S
+
+    def _break(self, error: BaseException) -> None:
+        self.broken_error = error
+        self.state = SupervisorState.BROKEN
+        for job in self._open_jobs.values():
+            _stop_feeding(job)
+        self._fail_everything(error)
+        self.workers.kill_all_now()
+        self._stop_deadline = time.monotonic() + STOP_WORKERS_TIMEOUT_S
+
+    def _fail_everything(self, error: BaseException) -> None:
+        for task in list(self._tasks.values()):
+            if task.state.terminal:
+                continue
+            for slot in self.workers.slots:
+                for batch in slot.batches:
+                    batch.pending.pop(task.id, None)
+            if task.state is TaskState.QUEUED or task.state is TaskState.RETRY_WAIT:
+                self._finish(task, TaskState.CANCELLED, False, _copy_error(error, task))
+            else:
+                self._fail(task, _copy_error(error, task))
+        self.scheduler.all_queued()
+        self.scheduler.all_retry_waiting()
+
+    # ---- deadlines ---------------------------------------------------------------------------
+
+    def _seconds_until_next_deadline(self, now: float) -> float | None:
+        deadlines = [d for d in self._deadlines() if d is not None]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - now)
+
+    def _deadlines(self) -> list[float | None]:
+        out: list[float | None] = [self.scheduler.next_retry_at(), self._stop_deadline]
+        for slot in self.workers.slots:
+            out.append(slot.kill_deadline)
+            if slot.phase is SlotPhase.DEAD and self._should_have_worker():
+                out.append(slot.respawn_at)
+            out.append(self._task_deadline(slot))
+        return out
+
+    def _task_deadline(self, slot: Slot) -> float | None:
+        if not slot.batches or slot.phase not in (SlotPhase.READY, SlotPhase.RETIRING):
+            return None
+        running = slot.current_task()
+        batch = slot.batches[0]
+        if running is not None:
+            task = batch.pending.get(running[0])
+            started = running[1]
+        else:
+            task = next(iter(batch.pending.values()), None)
+            started = batch.sent_at
+        if task is None or task.timeout_s is None:
+            return None
+        return max(started, batch.sent_at) + task.timeout_s
+
+    def _on_deadlines(self, now: float) -> None:
+        for task in self.scheduler.release_due_retries(now):
+            task.move(TaskState.QUEUED)
+            self.scheduler.enqueue(task, front=True)
+        for slot in self.workers.slots:
+            if slot.kill_deadline is not None and now >= slot.kill_deadline:
+                self.workers.escalate(slot)
+            if slot.phase is SlotPhase.DEAD and self._should_have_worker() \
+                    and now >= slot.respawn_at:
+                self._respawn(slot)
+            deadline = self._task_deadline(slot)
+            if deadline is not None and now >= deadline:
+                self._on_timeout(slot, now)
+
+    def _on_timeout(self, slot: Slot, now: float) -> None:
+        running = slot.current_task()
+        first = slot.batches[0]
+        if running is not None and running[0] in first.pending:
+            task, started = first.pending[running[0]], running[1]
+        else:  # sent a timeout ago and still not marked as started: it is stuck on this one
+            task, started = next(iter(first.pending.values())), first.sent_at
+        for batch in slot.batches:
+            batch.pending.pop(task.id, None)
+        task.seconds = now - started
+        error = TaskTimeoutError(f"task timed out after {task.timeout_s:g} s",
+                                 timeout_s=task.timeout_s)
+        self.workers.kill(slot, "timeout", self.config.kill_grace_s, now)
+        self._after_failure(task, FailureKind.TIMEOUT, error)
+
+    def _should_have_worker(self) -> bool:
+        return self.state is SupervisorState.RUNNING or (
+            self.state is SupervisorState.CLOSING and self._work_left())
+
+    # ---- shutdown ----------------------------------------------------------------------------
+
+    def _work_left(self) -> bool:
+        return bool(self._tasks) or bool(self._open_jobs)
+
+    def _check_progress_of_shutdown(self, now: float) -> None:
+        if self.state is SupervisorState.CLOSING and not self._work_left():
+            self._retire_all()
+        if self.state in (SupervisorState.TERMINATING, SupervisorState.BROKEN, ) \
+                or (self.state is SupervisorState.CLOSING and not self._work_left()):
+            if all(s.phase is SlotPhase.DEAD for s in self.workers.slots):
+                self.state = SupervisorState.STOPPED
+            elif self._stop_deadline is not None and now >= self._stop_deadline:
+                self.workers.kill_all_now()
+                self._stop_deadline = now + STOP_WORKERS_TIMEOUT_S
+
+    def _retire_all(self) -> None:
+        for slot in self.workers.slots:
+            if slot.phase is SlotPhase.READY:
+                self.workers.retire(slot)
+            elif slot.phase is SlotPhase.STARTING:
+                self.workers.kill(slot, "closing", 0, time.monotonic())
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + STOP_WORKERS_TIMEOUT_S
+
+    def _finish_stopping(self) -> None:
+        self.workers.kill_all_now()
+        deadline = time.monotonic() + STOP_WORKERS_TIMEOUT_S
+        for slot in self.workers.slots:
+            if slot.phase is not SlotPhase.DEAD and slot.process is not None:
+                slot.process.join(max(0.0, deadline - time.monotonic()))
+                try:
+                    self.workers.reap(slot)
+                except Exception:
+                    pass
+
+    def _release_everything(self) -> None:
+        self.state = SupervisorState.STOPPED
+        if any(s.phase is not SlotPhase.DEAD for s in self.workers.slots):
+            self._finish_stopping()
+        self.workers.close()
+        self._selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.stopped.set()
+
+
+def _stop_feeding(job: Job) -> None:
+    window = getattr(job.sink, "window", None)
+    if window is not None:
+        window.close()
+
+
+def _short_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__} with a failing repr>"
+    if len(text) > INPUT_REPR_MAX_CHARS:
+        text = text[: INPUT_REPR_MAX_CHARS - 3] + "..."
+    return text
+
+
+def _copy_error(error: BaseException, task: Task) -> BaseException:
+    """One exception object per task (each gets its own index/input attributes)."""
+    if isinstance(error, TaskCancelledError):
+        return TaskCancelledError(error.message)
+    if isinstance(error, PoolBrokenError):
+        copy = type(error)(str(error))
+        copy.__cause__ = error.__cause__
+        return copy
+    return error

@@ -1,0 +1,111 @@
+"""A task's life as an explicit state machine.
+
+    QUEUED ──► DISPATCHED ──► DONE | FAILED
+      ▲   │        │  │
+      │   │        │  └─► RETRY_WAIT ──► QUEUED     (crash / timeout / retry_on, attempts left)
+      │   │        └────► QUEUED                   (its worker died before reaching it)
+      │   └──► FAILED | CANCELLED                   (bad argument, cancel, terminate)
+      └──────── RETRY_WAIT ──► CANCELLED
+
+DONE, FAILED and CANCELLED are terminal: every task reaches exactly one of them, once.  Every
+move goes through `Task.move`, which raises IllegalTransition on anything not in _ALLOWED, so
+"exactly one outcome per task" can be read off this table and checked at run time.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .protocol import CallKind
+
+
+class TaskState(enum.Enum):
+    QUEUED = "queued"  # waiting for a worker
+    DISPATCHED = "dispatched"  # sent to a worker (maybe running, maybe prefetched)
+    RETRY_WAIT = "retry_wait"  # failed an attempt, waiting out its backoff
+    DONE = "done"  # terminal: result delivered
+    FAILED = "failed"  # terminal: error delivered
+    CANCELLED = "cancelled"  # terminal: never ran to an outcome of its own
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED})
+
+_ALLOWED: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.QUEUED: frozenset(
+        {TaskState.DISPATCHED, TaskState.FAILED, TaskState.CANCELLED}),
+    TaskState.DISPATCHED: frozenset(
+        {TaskState.DONE, TaskState.FAILED, TaskState.RETRY_WAIT, TaskState.QUEUED,
+         TaskState.CANCELLED}),
+    TaskState.RETRY_WAIT: frozenset({TaskState.QUEUED, TaskState.CANCELLED, TaskState.FAILED}),
+    TaskState.DONE: frozenset(),
+    TaskState.FAILED: frozenset(),
+    TaskState.CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A bug in procqueue: a task was moved along an edge the state machine does not have."""
+
+
+class OutcomeSink(Protocol):
+    """Whoever waits for a task's outcome (a result object, a future, an iterator)."""
+
+    def deliver(self, task: "Task", ok: bool, value: Any) -> None: ...
+
+
+class Task:
+    """One call of the user's function on one input."""
+
+    __slots__ = ("id", "job", "index", "payload", "kind", "state", "attempts", "pid",
+                 "started_at", "seconds", "input", "not_before", "timeout_s")
+
+    def __init__(self, task_id: int, job: "Job", index: int, payload: bytes,
+                 input: Any) -> None:
+        self.id = task_id
+        self.job = job
+        self.index = index  # position in its call's input
+        self.payload = payload  # pickled argument(s)
+        self.kind = job.kind
+        self.state = TaskState.QUEUED
+        self.attempts = 0  # runs started
+        self.pid: int | None = None  # worker of the latest attempt
+        self.started_at = 0.0  # time.monotonic() of the latest start, 0.0 if unknown
+        self.seconds = 0.0  # run time of the latest attempt
+        self.input = input  # kept for errors and outcomes; its repr is made only on failure
+        self.not_before = 0.0  # RETRY_WAIT: monotonic time it may be queued again
+        self.timeout_s = job.timeout_s
+
+    def move(self, new: TaskState) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise IllegalTransition(f"task {self.id}: {self.state.name} -> {new.name}")
+        self.state = new
+
+    def __repr__(self) -> str:
+        return f"<Task {self.id} job={self.job.id} index={self.index} {self.state.name}>"
+
+
+class Job:
+    """One API call (a map, an imap, one apply_async or submit): its function, how to call
+    it, its per-call options, and the sink its outcomes go to."""
+
+    __slots__ = ("id", "fn_id", "fn_payload", "kind", "sink", "chunksize", "timeout_s",
+                 "sizer", "cancelled")
+
+    def __init__(self, job_id: int, fn_id: int, fn_payload: bytes, kind: "CallKind",
+                 sink: OutcomeSink, *, chunksize: int | None, timeout_s: float | None,
+                 sizer: Any) -> None:
+        self.id = job_id
+        self.fn_id = fn_id
+        self.fn_payload = fn_payload
+        self.kind = kind
+        self.sink = sink
+        self.chunksize = chunksize  # None: adaptive (self.sizer decides)
+        self.timeout_s = timeout_s
+        self.sizer = sizer
+        self.cancelled = False

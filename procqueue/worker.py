@@ -1,0 +1,234 @@
+"""The code that runs inside a worker process.
+
+Start-up, in this order: lead a new process group (so a timeout or terminate can kill the task's
+own subprocesses too), die with the supervisor (PR_SET_PDEATHSIG plus a watchdog thread on a
+pipe only the supervisor holds open), ignore SIGINT (Ctrl-C is the supervisor's to handle: one
+traceback, not one per worker), cap BLAS threads, pin to the slot's CPU, run the initializer,
+then say Ready.  After that: receive RunBatch, run each item, send BatchResults, until Stop or
+EOF.  Kept light to import: the fork server or spawn imports this module for every worker.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from .affinity import pin_current_process
+from .errors import (ArgumentSerializationError, RemoteError, ResultSerializationError,
+                     WorkerExitedError)
+from .protocol import (BatchResults, CallKind, InitFailed, ItemResult, Ready, RunBatch, Stop,
+                       capture_exception, dumps, loads)
+
+# Slot state shared with the supervisor (a 2-slot int64 array): the task now running and when
+# it started.  Written here before each item, read by the supervisor on a crash or a deadline.
+CURRENT_TASK = 0
+STARTED_NS = 1  # time.monotonic_ns() at the start of CURRENT_TASK
+IDLE = -1  # CURRENT_TASK between batches
+
+INIT_FAILED_EXIT = 70  # exit code after a failed initializer (EX_SOFTWARE)
+FLUSH_INTERVAL_S = 0.05  # send the results of a long batch at least this often
+FUNCTION_CACHE_SIZE = 64  # functions a worker keeps unpickled, by fn_id
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def worker_main(conn: Any, slot_state: Any, cpus: tuple[int, ...], env: dict[str, str],
+                init_payload: bytes | None, death_reader: Any, inherited_fds: tuple[int, ...]
+                ) -> None:
+    """Process entry point (multiprocessing Process target)."""
+    for fd in inherited_fds:  # fork start method only: the supervisor's ends of other pipes
+        _close_quietly(fd)
+    _become_process_group_leader()
+    _die_with_parent()
+    _watch_supervisor(death_reader)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.update(env)
+    if cpus:
+        pin_current_process(cpus)
+    if init_payload is not None and not _run_initializer(conn, init_payload):
+        conn.close()
+        os._exit(INIT_FAILED_EXIT)
+    conn.send_bytes(dumps(Ready(os.getpid())))
+    serve(conn, slot_state)
+
+
+def serve(conn: Any, slot_state: Any) -> None:
+    functions: dict[int, Callable[..., Any]] = {}
+    while True:
+        try:
+            message = loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return  # the supervisor went away: nothing left to do
+        match message:
+            case RunBatch():
+                run_batch(conn, slot_state, functions, message)
+            case Stop():
+                return
+            case _:
+                raise TypeError(f"worker got an unknown message {message!r}")
+
+
+def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any]],
+              batch: RunBatch) -> None:
+    if batch.items:  # a crash while unpickling the function is charged to the first task
+        slot_state[STARTED_NS] = time.monotonic_ns()
+        slot_state[CURRENT_TASK] = batch.items[0][0]
+    fn, fn_error = _load_function(functions, batch)
+    results: list[ItemResult] = []
+    last_flush = time.monotonic()
+    for task_id, payload in batch.items:
+        slot_state[STARTED_NS] = time.monotonic_ns()  # time first: see module docstring
+        slot_state[CURRENT_TASK] = task_id
+        results.append(run_item(fn, fn_error, batch.kind, task_id, payload))
+        if time.monotonic() - last_flush >= FLUSH_INTERVAL_S:
+            conn.send_bytes(dumps(BatchResults(batch.batch_id, tuple(results), final=False)))
+            results = []
+            last_flush = time.monotonic()
+    slot_state[CURRENT_TASK] = IDLE
+    conn.send_bytes(dumps(BatchResults(batch.batch_id, tuple(results), final=True)))
+
+
+def run_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKind,
+             task_id: int, payload: bytes) -> ItemResult:
+    started = time.perf_counter()
+    if fn is None:
+        assert fn_error is not None
+        return ItemResult(task_id, False, fn_error, 0.0)
+    try:
+        arg = loads(payload)
+    except BaseException as exc:  # noqa: BLE001 - any unpickling failure is this task's error
+        error = ArgumentSerializationError(f"could not unpickle the task's argument: {exc!r}")
+        error.__cause__ = exc
+        return ItemResult(task_id, False, capture_exception(error), 0.0)
+    try:
+        value = call(fn, kind, arg)
+    except SystemExit as exc:
+        return ItemResult(task_id, False, _exited(exc), time.perf_counter() - started)
+    except Exception as exc:
+        return ItemResult(task_id, False, capture_exception(exc), time.perf_counter() - started)
+    except BaseException as exc:  # KeyboardInterrupt, GeneratorExit ...: never re-raise those
+        return ItemResult(task_id, False, _wrapped(exc), time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    try:
+        return ItemResult(task_id, True, dumps(value), seconds)
+    except BaseException as exc:  # noqa: BLE001 - an unpicklable result fails only this task
+        return ItemResult(task_id, False, _unpicklable_result(value, exc), seconds)
+
+
+def call(fn: Callable[..., Any], kind: CallKind, arg: Any) -> Any:
+    if kind is CallKind.ONE:
+        return fn(arg)
+    if kind is CallKind.STAR:
+        return fn(*arg)
+    args, kwargs = arg
+    return fn(*args, **kwargs)
+
+
+def _load_function(functions: dict[int, Callable[..., Any]], batch: RunBatch
+                   ) -> tuple[Callable[..., Any] | None, bytes | None]:
+    fn = functions.get(batch.fn_id)
+    if fn is not None:
+        return fn, None
+    if batch.fn_payload is None:
+        error = RuntimeError(f"procqueue bug: worker has no function {batch.fn_id}")
+        return None, capture_exception(error)
+    try:
+        fn = loads(batch.fn_payload)
+    except BaseException as exc:  # noqa: BLE001 - e.g. the function's module is not importable here
+        error = ArgumentSerializationError(f"could not unpickle the task's function: {exc!r}")
+        error.__cause__ = exc
+        return None, capture_exception(error)
+    if len(functions) >= FUNCTION_CACHE_SIZE:
+        functions.pop(next(iter(functions)))
+    functions[batch.fn_id] = fn
+    return fn, None
+
+
+def _exited(exc: SystemExit) -> bytes:
+    error = WorkerExitedError(f"task called sys.exit({exc.code!r})", code=exc.code)
+    error.__cause__ = exc
+    return capture_exception(error)
+
+
+def _wrapped(exc: BaseException) -> bytes:
+    import traceback
+
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return capture_exception(RemoteError(type(exc).__name__, str(exc), tb_text))
+
+
+def _unpicklable_result(value: Any, exc: BaseException) -> bytes:
+    error = ResultSerializationError(
+        f"the task's result of type {type(value).__qualname__} could not be pickled ({exc!r}); "
+        "return only picklable values")
+    error.__cause__ = exc
+    return capture_exception(error)
+
+
+def _run_initializer(conn: Any, init_payload: bytes) -> bool:
+    try:
+        initializer, initargs = loads(init_payload)
+        initializer(*initargs)
+    except BaseException as exc:  # noqa: BLE001 - reported once, to the caller
+        conn.send_bytes(dumps(InitFailed(capture_exception(exc))))
+        return False
+    return True
+
+
+def _become_process_group_leader() -> None:
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # already a group leader (or not permitted): keep going
+        pass
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us when our parent dies (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _watch_supervisor(death_reader: Any) -> None:
+    """Kill our whole process group when the supervisor's end of `death_reader` closes, i.e.
+    when the supervisor process is gone (its parent may be the fork server, so PDEATHSIG alone
+    does not cover a SIGKILLed supervisor, nor a task's own subprocesses)."""
+    fd = death_reader.fileno()
+
+    def wait_for_eof() -> None:
+        while True:
+            try:
+                if not os.read(fd, 1):
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        _kill_own_group()
+
+    threading.Thread(target=wait_for_eof, name="procqueue-watchdog", daemon=True).start()
+
+
+def _kill_own_group() -> None:
+    # Never killpg a group we do not lead: that could be the user's shell job.
+    if os.getpgid(0) == os.getpid():
+        os.killpg(0, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

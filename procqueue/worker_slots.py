@@ -1,0 +1,252 @@
+"""The parent side of the workers: N slots, each a CPU set + a process + its own pipe + the
+batches it holds.  Mechanism only (spawn, send, signal, reap); the supervisor decides when.
+
+A slot's life:
+
+    STARTING ──Ready──► READY ──(Stop sent)──► RETIRING ──exit──► DEAD ──respawn──► STARTING
+        │                 │                        │
+        └──InitFailed─────┴──(kill: timeout, cancel, terminate)──► KILLING ──exit──► DEAD
+
+DEAD is observed, never assumed: only the process sentinel (or EOF on the pipe followed by
+the sentinel) moves a slot there, so a crash is attributed to the tasks the slot held at the
+moment it died.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from .protocol import Stop, ToWorker, dumps
+from .tasks import Job, Task
+from .worker import CURRENT_TASK, IDLE, STARTED_NS, worker_main
+
+# A prefetched batch waits in the worker's socket buffer while it finishes the current one,
+# so a worker is never idle waiting for the supervisor.  Only small batches are prefetched:
+# writing a big one into a busy worker's full pipe would block the supervisor.
+PREFETCH_MAX_BYTES = 32 * 1024
+MAX_BATCHES_IN_FLIGHT = 2  # per slot: the running one + one prefetched
+
+
+class SlotPhase(enum.Enum):
+    STARTING = "starting"  # spawned, initializer running, not Ready yet
+    READY = "ready"  # takes batches
+    RETIRING = "retiring"  # asked to Stop (maxtasksperchild, close): finishes what it holds
+    KILLING = "killing"  # signalled; waiting for the sentinel
+    DEAD = "dead"  # reaped
+
+
+_ALLOWED = {
+    SlotPhase.STARTING: {SlotPhase.READY, SlotPhase.KILLING, SlotPhase.DEAD},
+    SlotPhase.READY: {SlotPhase.RETIRING, SlotPhase.KILLING, SlotPhase.DEAD},
+    SlotPhase.RETIRING: {SlotPhase.KILLING, SlotPhase.DEAD},
+    SlotPhase.KILLING: {SlotPhase.KILLING, SlotPhase.DEAD},
+    SlotPhase.DEAD: {SlotPhase.STARTING},
+}
+
+
+class Batch:
+    """Tasks sent to one worker in one RunBatch message."""
+
+    __slots__ = ("id", "job", "tasks", "pending", "sent_at")
+
+    def __init__(self, batch_id: int, job: Job, tasks: list[Task]) -> None:
+        self.id = batch_id
+        self.job = job
+        self.tasks = tasks
+        self.pending: dict[int, Task] = {t.id: t for t in tasks}  # no result yet
+        self.sent_at = time.monotonic()
+
+
+@dataclass(frozen=True)
+class SlotStatistics:
+    slot: int
+    pid: int | None
+    cpus: tuple[int, ...]
+    phase: str
+    tasks_done: int
+    busy_s: float
+    restarts: int
+    last_exit: str | None
+
+
+class Slot:
+    def __init__(self, index: int, cpus: tuple[int, ...], context: Any) -> None:
+        self.index = index
+        self.cpus = cpus
+        self.phase = SlotPhase.DEAD
+        self.process: Any = None
+        self.conn: Any = None
+        self.pid: int | None = None
+        self.state = context.RawArray("q", 2)  # [CURRENT_TASK, STARTED_NS], see worker.py
+        self.batches: deque[Batch] = deque()
+        self.known_functions: set[int] = set()
+        self.tasks_done = 0  # by the current process (maxtasksperchild)
+        self.tasks_done_total = 0
+        self.busy_s = 0.0
+        self.restarts = 0
+        self.started_at = 0.0
+        self.kill_deadline: float | None = None  # KILLING: when to escalate to SIGKILL
+        self.kill_reason: str | None = None
+        self.last_exit: str | None = None
+        self.respawn_at = 0.0  # DEAD: not before this monotonic time (backoff)
+
+    def move(self, new: SlotPhase) -> None:
+        if new not in _ALLOWED[self.phase]:
+            raise RuntimeError(f"slot {self.index}: {self.phase.name} -> {new.name}")
+        self.phase = new
+
+    @property
+    def accepts_work(self) -> bool:
+        return self.phase is SlotPhase.READY
+
+    def tasks_held(self) -> int:
+        return sum(len(b.pending) for b in self.batches)
+
+    def can_take_batch(self) -> bool:
+        if not self.accepts_work or len(self.batches) >= MAX_BATCHES_IN_FLIGHT:
+            return False
+        if not self.batches:
+            return True
+        # Prefetch only small batches (see PREFETCH_MAX_BYTES).
+        running = self.batches[-1]
+        return sum(len(t.payload) for t in running.tasks) <= PREFETCH_MAX_BYTES
+
+    def current_task(self) -> tuple[int, float] | None:
+        """(task id, monotonic start time) of the task running now, or None if idle."""
+        task_id = self.state[CURRENT_TASK]
+        started_ns = self.state[STARTED_NS]
+        if task_id == IDLE:
+            return None
+        return task_id, started_ns / 1e9
+
+    def statistics(self) -> SlotStatistics:
+        return SlotStatistics(self.index, self.pid, self.cpus, self.phase.value,
+                              self.tasks_done_total, self.busy_s, self.restarts, self.last_exit)
+
+
+class WorkerSlots:
+    """Spawns, signals and reaps the worker processes of one pool."""
+
+    def __init__(self, context: Any, cpu_plan: list[tuple[int, ...]], pin: bool,
+                 env: dict[str, str], init_payload: bytes | None) -> None:
+        self.context = context
+        self.pin = pin
+        self.env = env
+        self.init_payload = init_payload
+        self.slots = [Slot(i, cpus, context) for i, cpus in enumerate(cpu_plan)]
+        # Workers block reading this pipe; EOF means the supervisor process is gone.
+        self._death_reader, self._death_writer = context.Pipe(duplex=False)
+
+    def spawn(self, slot: Slot) -> None:
+        parent_end, child_end = self.context.Pipe(duplex=True)
+        slot.state[CURRENT_TASK] = IDLE
+        slot.state[STARTED_NS] = 0
+        process = self.context.Process(
+            target=worker_main,
+            args=(child_end, slot.state, slot.cpus if self.pin else (), self.env,
+                  self.init_payload, self._death_reader, self._fds_to_close_in_child(parent_end)),
+            name=f"procqueue-worker-{slot.index}",
+            daemon=False,  # daemonic processes may not have children; tasks may want some
+        )
+        process.start()
+        child_end.close()
+        slot.move(SlotPhase.STARTING)
+        slot.process, slot.conn, slot.pid = process, parent_end, process.pid
+        slot.batches.clear()
+        slot.known_functions.clear()
+        slot.tasks_done = 0
+        slot.started_at = time.monotonic()
+        slot.kill_deadline = None
+        slot.kill_reason = None
+
+    def _fds_to_close_in_child(self, parent_end: Any) -> tuple[int, ...]:
+        # Only a forked child inherits our fds; under forkserver/spawn these numbers would
+        # name unrelated descriptors in the child, so send none.
+        if self.context.get_start_method() != "fork":
+            return ()
+        fds = [self._death_writer.fileno(), parent_end.fileno()]
+        fds += [s.conn.fileno() for s in self.slots if s.conn is not None and not s.conn.closed]
+        return tuple(fds)
+
+    def send(self, slot: Slot, message: ToWorker) -> bool:
+        """Send a message; False if the worker's pipe is broken (it died: the sentinel will
+        tell the supervisor soon)."""
+        try:
+            slot.conn.send_bytes(dumps(message))
+        except (OSError, EOFError, ValueError):
+            return False
+        return True
+
+    def retire(self, slot: Slot) -> None:
+        """Ask a worker to exit once it has finished what it holds."""
+        slot.move(SlotPhase.RETIRING)
+        self.send(slot, Stop())
+
+    def kill(self, slot: Slot, reason: str, grace_s: float, now: float) -> None:
+        """SIGTERM the worker's process group, SIGKILL after `grace_s` (see escalate)."""
+        if slot.phase in (SlotPhase.DEAD,):
+            return
+        if slot.phase is not SlotPhase.KILLING:
+            slot.move(SlotPhase.KILLING)
+            slot.kill_reason = reason
+        self._signal_group(slot, signal.SIGTERM if grace_s > 0 else signal.SIGKILL)
+        slot.kill_deadline = now + grace_s if grace_s > 0 else None
+
+    def escalate(self, slot: Slot) -> None:
+        self._signal_group(slot, signal.SIGKILL)
+        slot.kill_deadline = None
+
+    def _signal_group(self, slot: Slot, sig: int) -> None:
+        if slot.pid is None:
+            return
+        try:
+            os.killpg(slot.pid, sig)  # the worker leads its own group (worker.py)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:  # covers the instant before the worker called setpgid
+            os.kill(slot.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def reap(self, slot: Slot) -> int | None:
+        """Collect a dead worker; returns its exit code (negative: killed by that signal)."""
+        slot.process.join(timeout=1.0)
+        exitcode = slot.process.exitcode
+        self._kill_leftover_group(slot)
+        try:
+            slot.conn.close()
+        except OSError:
+            pass
+        try:
+            slot.process.close()
+        except ValueError:
+            pass
+        slot.move(SlotPhase.DEAD)
+        return exitcode  # type: ignore[no-any-return]
+
+    def _kill_leftover_group(self, slot: Slot) -> None:
+        # A task's subprocesses outlive the worker unless their group is killed too.
+        if slot.pid is not None:
+            try:
+                os.killpg(slot.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def kill_all_now(self) -> None:
+        for slot in self.slots:
+            if slot.phase is not SlotPhase.DEAD:
+                self._signal_group(slot, signal.SIGKILL)
+
+    def close(self) -> None:
+        """After every worker is reaped: release the death pipe."""
+        for end in (self._death_reader, self._death_writer):
+            try:
+                end.close()
+            except OSError:
+                pass
