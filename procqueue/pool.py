@@ -33,7 +33,8 @@ from .tasks import Job, Task
 WINDOW_TASKS_PER_WORKER = 512
 WINDOW_TASKS_MIN = 2048
 FUNCTION_CACHE_SIZE = 256  # functions whose pickled form a pool keeps (submit/apply_async)
-TERMINATE_WAIT_S = 5.0  # terminate() returns once the workers are gone, or after this
+TERMINATE_WAIT_S = 5.0
+SPAWN_WAIT_S = 10.0  # Pool() waits this long at most for its workers to be spawned  # terminate() returns once the workers are gone, or after this
 
 
 class PoolState(enum.Enum):
@@ -94,6 +95,8 @@ class Pool:
         self._functions: OrderedDict[int, tuple[Any, int, bytes]] = OrderedDict()
         self._functions_lock = threading.Lock()
         self._supervisor.start()
+        # Like multiprocessing.Pool, return with the worker processes started.
+        self._supervisor.spawned.wait(SPAWN_WAIT_S)
         # Terminate on garbage collection and at interpreter exit, without keeping self alive.
         self._finalizer = weakref.finalize(self, _shutdown, self._supervisor)
 

@@ -316,6 +316,9 @@ class FutureSink:
 
     def starting(self, task: Task) -> bool:
         # False if the future was cancelled while queued: then the task must not run.
+        # A retried or re-queued task starts again: its future is already RUNNING.
+        if self.future.running():
+            return True
         return self.future.set_running_or_notify_cancel()
 
     def deliver(self, task: Task, ok: bool, value: Any) -> None:

@@ -140,6 +140,7 @@ class Supervisor:
         self._init_failures = 0
         self._last_init_error: BaseException | None = None
         self._stop_deadline: float | None = None
+        self.spawned = threading.Event()  # the first workers exist (they may still be starting)
         self.stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="procqueue-supervisor",
                                         daemon=True)
@@ -182,6 +183,7 @@ class Supervisor:
             self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
             for slot in self.workers.slots:
                 self._spawn(slot)
+            self.spawned.set()
             while self.state is not SupervisorState.STOPPED:
                 self._step()
         except BaseException:  # a procqueue bug: never leave callers waiting forever
@@ -190,6 +192,7 @@ class Supervisor:
             self._finish_stopping()
         finally:
             self._release_everything()
+            self.spawned.set()
 
     def _step(self) -> None:
         timeout = self._seconds_until_next_deadline(time.monotonic())

@@ -1,1 +1,191 @@
-"""Flow-control primitives (placeholder until the limits module lands)."""
+"""Flow-control primitives: machine-wide named limits, a rate gate, per-key caps.
+
+    Semaphore(name, value)          machine-wide counting semaphore in shared memory;
+                                    a SIGKILLed holder's permits are reclaimed
+    RateGate(limit, period_s, ...)  at most `limit` starts in any `period_s` window
+                                    (local, or shared by name=)
+    KeyedLimit(concurrency_per_key) per-key running counts (pure bookkeeping)
+    FairQueue()                     waiting items per key, round-robin across keys
+    Rate(limit, per)                value object: `limit` starts per `per` seconds
+    Limit(name, concurrency=, rate=) value object for a named machine-wide limit;
+                                    Limit.open() gives its live LimitHandle
+
+Every live object has a ``statistics()`` returning a frozen snapshot.  Non-blocking paths
+for a scheduler with its own event loop: ``Semaphore.acquire_nowait()``,
+``RateGate.try_acquire()`` (returns the seconds to wait) and ``LimitHandle.try_acquire()``.
+
+`Limit` and `LimitHandle` live here because they only combine the modules below.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from types import TracebackType
+
+from ._shm import validate_name
+from .keyed import (
+    FairQueue,
+    FairQueueStatistics,
+    KeyedLimit,
+    KeyedLimitStatistics,
+    QueuedItem,
+)
+from .rate_gate import Rate, RateGate, RateGateStatistics
+from .semaphore import Semaphore, SemaphoreStatistics
+
+__all__ = [
+    "FairQueue",
+    "FairQueueStatistics",
+    "KeyedLimit",
+    "KeyedLimitStatistics",
+    "Limit",
+    "LimitHandle",
+    "LimitStatistics",
+    "QueuedItem",
+    "Rate",
+    "RateGate",
+    "RateGateStatistics",
+    "Semaphore",
+    "SemaphoreStatistics",
+]
+
+
+@dataclass(frozen=True)
+class Limit:
+    """``Limit(name, *, concurrency=None, rate=None)``: a machine-wide limit by name.
+
+    Every program that opens a Limit of the same name shares its `concurrency` permits
+    (a `Semaphore` named `name`) and its `rate` window (a `RateGate` named `name`), so all
+    openers must agree on both values.  At least one of them is required.
+    """
+
+    name: str
+    concurrency: int | None = None
+    rate: Rate | None = None
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if self.concurrency is None and self.rate is None:
+            raise ValueError(f"Limit {self.name!r} needs concurrency= or rate= (or both)")
+        if self.concurrency is not None:
+            _validate_concurrency(self.concurrency)
+        if self.rate is not None and not isinstance(self.rate, Rate):
+            raise TypeError(f"Limit rate must be a Rate, not {type(self.rate).__name__}")
+
+    @classmethod
+    def parse(cls, text: str) -> Limit:
+        """Parse the CLI form ``NAME=K``, ``NAME=RATE`` or ``NAME=K,RATE``, e.g.
+        ``gpu=1``, ``geo-api=2,10/1s`` or ``api=50/30s`` (rates as in `Rate.parse`)."""
+        name, sep, spec = text.partition("=")
+        parts = [part.strip() for part in spec.split(",")] if sep else []
+        if not parts or not all(parts) or len(parts) > 2:
+            raise ValueError(
+                f"a limit must look like NAME=K, NAME=RATE or NAME=K,RATE "
+                f"(e.g. 'gpu=1', 'geo-api=2,10/1s'); got {text!r}"
+            )
+        rates = [Rate.parse(part) for part in parts if "/" in part]
+        counts = [_parse_count(part, text) for part in parts if "/" not in part]
+        if len(rates) > 1 or len(counts) > 1:
+            raise ValueError(f"a limit takes at most one K and one RATE; got {text!r}")
+        return cls(name.strip(), concurrency=counts[0] if counts else None,
+                   rate=rates[0] if rates else None)
+
+    def open(self) -> LimitHandle:
+        """Open (or create) the shared objects; close the handle when done."""
+        semaphore = None if self.concurrency is None else Semaphore(self.name, self.concurrency)
+        try:
+            rate_gate = None if self.rate is None else RateGate.from_rate(self.rate, name=self.name)
+        except BaseException:
+            if semaphore is not None:
+                semaphore.close()
+            raise
+        return LimitHandle(self, semaphore, rate_gate)
+
+
+@dataclass(frozen=True)
+class LimitStatistics:
+    name: str
+    semaphore: SemaphoreStatistics | None
+    rate_gate: RateGateStatistics | None
+
+
+@dataclass(frozen=True)
+class LimitHandle:
+    """The live objects of an open `Limit`.  One task start = `try_acquire()` returning 0.0
+    (a permit, if there is a concurrency, and a recorded start, if there is a rate); the
+    task's end = `release()` (returns the permit; a start once made stays in the window)."""
+
+    limit: Limit
+    semaphore: Semaphore | None
+    rate_gate: RateGate | None
+
+    def try_acquire(self, now: float | None = None) -> float:
+        """Never blocks: 0.0 when the task may start (permit and start taken), else the
+        seconds after which to try again.  The permit is taken first because it can be
+        given back when the rate refuses; a recorded start cannot."""
+        if self.semaphore is not None and not self.semaphore.acquire_nowait():
+            return Semaphore.retry_interval_s
+        wait_s = 0.0 if self.rate_gate is None else self.rate_gate.try_acquire(now)
+        if wait_s > 0.0 and self.semaphore is not None:
+            self.semaphore.release()
+        return wait_s
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        """Block until `try_acquire()` succeeds; False if `timeout` seconds pass first."""
+        if timeout is not None and (math.isnan(timeout) or timeout < 0):
+            raise ValueError(f"timeout must be >= 0 seconds or None; got {timeout}")
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        while (wait_s := self.try_acquire()) > 0.0:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                return False
+            time.sleep(min(wait_s, remaining_s))
+        return True
+
+    def release(self) -> None:
+        if self.semaphore is not None:
+            self.semaphore.release()
+
+    def statistics(self) -> LimitStatistics:
+        return LimitStatistics(
+            self.limit.name,
+            None if self.semaphore is None else self.semaphore.statistics(),
+            None if self.rate_gate is None else self.rate_gate.statistics(),
+        )
+
+    def close(self) -> None:
+        for part in (self.semaphore, self.rate_gate):
+            if part is not None:
+                part.close()
+
+    def unlink(self) -> None:
+        """Remove the limit's shared segments (only when no program uses the name)."""
+        for part in (self.semaphore, self.rate_gate):
+            if part is not None:
+                part.unlink()
+
+    def __enter__(self) -> LimitHandle:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _validate_concurrency(concurrency: object) -> None:
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int):
+        raise TypeError(f"Limit concurrency must be an int, not {type(concurrency).__name__}")
+    if concurrency < 1:
+        raise ValueError(f"Limit concurrency must be >= 1; got {concurrency}")
+
+
+def _parse_count(part: str, text: str) -> int:
+    if not part.isdigit():
+        raise ValueError(f"a limit's K must be a whole number >= 1; got {part!r} in {text!r}")
+    return int(part)

@@ -1,0 +1,161 @@
+"""Per-key concurrency caps and a fair queue across keys: pure bookkeeping, no I/O.
+
+`KeyedLimit` counts running tasks per key (tenant, user, host) against one cap per key.
+`FairQueue` holds waiting items per key, FIFO within a key, and hands them out round-robin
+across keys: after a key is served it goes to the back of the rotation, so a key with
+10,000 queued items and a key with 5 alternate, and the 5 are done within 10 pops.  A key
+that may not start now (``can_start(key)`` is False) is skipped but keeps its place, so it
+is served first once it may start again.
+
+Both are used by one thread (the scheduler's); they take no locks.  ``pop_next`` costs
+O(number of keys skipped), i.e. of keys with queued items that are at their cap.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class KeyedLimitStatistics:
+    concurrency_per_key: int
+    running: int  # over all keys
+    active_keys: int  # keys with at least one running
+    saturated_keys: int  # keys at their cap
+
+
+class KeyedLimit(Generic[K]):
+    """At most `concurrency_per_key` running per key; keys are forgotten when idle."""
+
+    def __init__(self, concurrency_per_key: int) -> None:
+        if isinstance(concurrency_per_key, bool) or not isinstance(concurrency_per_key, int):
+            raise TypeError(
+                f"concurrency_per_key must be an int, not {type(concurrency_per_key).__name__}"
+            )
+        if concurrency_per_key < 1:
+            raise ValueError(f"concurrency_per_key must be >= 1; got {concurrency_per_key}")
+        self._cap = concurrency_per_key
+        self._running: dict[K, int] = {}
+
+    @property
+    def concurrency_per_key(self) -> int:
+        return self._cap
+
+    def can_start(self, key: K) -> bool:
+        return self._running.get(key, 0) < self._cap
+
+    def running(self, key: K) -> int:
+        return self._running.get(key, 0)
+
+    def started(self, key: K) -> None:
+        """Count one more running for `key`; RuntimeError if it is at its cap."""
+        if not self.can_start(key):
+            raise RuntimeError(
+                f"key {key!r} already has {self._cap} running "
+                f"(concurrency_per_key={self._cap}); check can_start() first"
+            )
+        self._running[key] = self._running.get(key, 0) + 1
+
+    def finished(self, key: K) -> None:
+        """Count one fewer running for `key`; RuntimeError if none is running."""
+        count = self._running.get(key, 0)
+        if count == 0:
+            raise RuntimeError(f"finished({key!r}) but no task of that key is running")
+        if count == 1:
+            del self._running[key]  # forget idle keys: memory stays O(active keys)
+        else:
+            self._running[key] = count - 1
+
+    def statistics(self) -> KeyedLimitStatistics:
+        counts = self._running.values()
+        return KeyedLimitStatistics(
+            concurrency_per_key=self._cap,
+            running=sum(counts),
+            active_keys=len(self._running),
+            saturated_keys=sum(1 for count in counts if count >= self._cap),
+        )
+
+
+@dataclass(frozen=True)
+class QueuedItem(Generic[K, T]):
+    """What `FairQueue.pop_next` hands out: the item and the key it was queued under."""
+
+    key: K
+    item: T
+
+
+@dataclass(frozen=True)
+class FairQueueStatistics:
+    queued: int  # items over all keys
+    keys: int  # keys with at least one queued item
+    longest_key_queue: int  # items queued under the busiest key
+
+
+def _always(key: object) -> bool:
+    return True
+
+
+class FairQueue(Generic[K, T]):
+    """Waiting items per key: FIFO within a key, round-robin across keys."""
+
+    def __init__(self) -> None:
+        # Insertion order is the rotation order: the front key is served next.
+        self._queues: OrderedDict[K, deque[T]] = OrderedDict()
+        self._size = 0
+
+    def push(self, key: K, item: T) -> None:
+        """Queue `item` at the back of `key`'s queue; a new key joins the back of the rotation."""
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = deque()
+        queue.append(item)
+        self._size += 1
+
+    def pop_next(self, can_start: Callable[[K], bool] = _always) -> QueuedItem[K, T] | None:
+        """The oldest item of the first key in the rotation for which `can_start(key)`;
+        that key moves to the back.  None if no queued key may start."""
+        for key in self._queues:
+            if can_start(key):
+                return self._pop_from(key)
+        return None
+
+    def remove(self, key: K, item: T) -> bool:
+        """Take out the queued `item` (compared by identity), e.g. on cancellation."""
+        queue = self._queues.get(key)
+        if queue is None:
+            return False
+        for index, queued in enumerate(queue):
+            if queued is item:
+                del queue[index]
+                self._size -= 1
+                if not queue:
+                    del self._queues[key]
+                return True
+        return False
+
+    def queued(self, key: K) -> int:
+        queue = self._queues.get(key)
+        return 0 if queue is None else len(queue)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def statistics(self) -> FairQueueStatistics:
+        longest = max((len(queue) for queue in self._queues.values()), default=0)
+        return FairQueueStatistics(self._size, len(self._queues), longest)
+
+    def _pop_from(self, key: K) -> QueuedItem[K, T]:
+        queue = self._queues[key]
+        item = queue.popleft()
+        self._size -= 1
+        if queue:
+            self._queues.move_to_end(key)
+        else:
+            del self._queues[key]
+        return QueuedItem(key, item)

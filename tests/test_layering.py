@@ -1,0 +1,92 @@
+"""The module layering of DESIGN.md, enforced: a module imports only modules below it.
+
+Parsed with ast (nothing is imported), the way trio guards its _core split.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "procqueue"
+
+# module -> the procqueue modules it may import (top-down order of DESIGN.md)
+ALLOWED: dict[str, set[str]] = {
+    "__init__": {"pool", "errors", "results", "limits"},
+    "pool": {"supervisor", "config", "results", "tasks", "errors", "protocol", "chunking",
+             "affinity", "limits"},
+    "supervisor": {"worker_slots", "scheduler", "results", "tasks", "protocol", "errors",
+                   "config", "limits"},
+    "worker_slots": {"worker", "protocol", "affinity", "errors", "tasks"},
+    "worker": {"protocol", "affinity", "errors"},
+    "scheduler": {"config", "tasks", "limits", "errors", "chunking"},
+    "chunking": set(),
+    "results": {"tasks", "errors"},
+    "config": {"affinity", "limits", "errors"},
+    "tasks": {"errors", "protocol"},
+    "protocol": {"errors"},
+    "affinity": {"errors"},
+    "errors": set(),
+}
+
+
+def procqueue_imports(path: Path) -> set[str]:
+    """The procqueue modules a file imports (first component below the package)."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                found.add(node.module.split(".")[0])
+            elif node.level == 1:
+                found.update(alias.name for alias in node.names)
+            elif node.level == 0 and node.module and node.module.startswith("procqueue."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("procqueue."):
+                    found.add(alias.name.split(".")[1])
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(ALLOWED))
+def test_module_imports_only_modules_below_it(module):
+    path = PACKAGE / f"{module}.py"
+    if not path.exists():
+        pytest.fail(f"{path} is listed in the layering but missing")
+    illegal = procqueue_imports(path) - ALLOWED[module]
+    assert not illegal, f"procqueue/{module}.py imports {sorted(illegal)}, above it in the layering"
+
+
+def test_every_module_is_in_the_layering():
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    assert modules <= set(ALLOWED), f"unlisted modules: {sorted(modules - set(ALLOWED))}"
+
+
+def test_limits_package_imports_only_errors():
+    for path in (PACKAGE / "limits").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        # level 2 ("from ..x import") reaches out of limits/ into procqueue/
+        outside = {n.module.split(".")[0] for n in ast.walk(tree)
+                   if isinstance(n, ast.ImportFrom) and n.level == 2 and n.module}
+        assert outside <= {"errors"}, f"limits/{path.name} imports {sorted(outside)}"
+
+
+def test_cli_uses_only_the_public_api():
+    import procqueue
+
+    public = set(procqueue.__all__)
+    for path in (ROOT / "cli").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and \
+                    node.module.startswith("procqueue") and node.level == 0:
+                assert node.module == "procqueue", f"{path.name} imports {node.module}"
+                names = {a.name for a in node.names}
+                assert names <= public, f"{path.name} imports non-public {names - public}"
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id == "procqueue":
+                assert node.attr in public or node.attr.startswith("__"), \
+                    f"{path.name} uses procqueue.{node.attr}, not exported"

@@ -1,0 +1,271 @@
+"""Pool behaviour beyond the multiprocessing conformance suite: lazy bounded input, pinning,
+thread caps, crash recovery with every task accounted for, and no stray processes after each
+way of shutting down."""
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from procqueue import Pool, TaskCancelledError, WorkerCrashedError
+
+
+def square(x):
+    return x * x
+
+
+def affinity_and_pid(_):
+    return os.getpid(), tuple(sorted(os.sched_getaffinity(0)))
+
+
+def thread_env(_):
+    return os.environ.get("OMP_NUM_THREADS"), os.environ.get("OPENBLAS_NUM_THREADS")
+
+
+def slow_square(x):
+    time.sleep(0.01)
+    return x * x
+
+
+def crash_on(x):
+    kind, value = x
+    if kind == "exit":
+        os._exit(3)
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "segv":
+        import ctypes
+        ctypes.string_at(0)
+    return value
+
+
+def sleep_forever(_):
+    time.sleep(3600)
+
+
+def worker_pid(_):
+    time.sleep(0.05)
+    return os.getpid()
+
+
+class CountingInput:
+    """An endless input that counts how many items were taken from it."""
+
+    def __init__(self):
+        self.taken = 0
+
+    def __iter__(self):
+        for i in itertools.count():
+            self.taken += 1
+            yield i
+
+
+@pytest.mark.timeout(30)
+def test_imap_over_endless_generator_is_lazy_and_bounded():
+    source = CountingInput()
+    with Pool(2) as pool:
+        results = []
+        for r in pool.imap(square, source):
+            results.append(r)
+            if len(results) == 500:
+                break
+        time.sleep(0.3)  # give a runaway feeder time to show itself
+        taken = source.taken
+    assert results == [i * i for i in range(500)]
+    # bounded: the feeder may run ahead by its window only, not consume the endless input
+    assert taken < 500 + 20_000, taken
+
+
+@pytest.mark.timeout(30)
+def test_dropping_an_imap_iterator_stops_its_input_so_join_returns():
+    source = CountingInput()
+    pool = Pool(2)
+    it = pool.imap_unordered(square, source)
+    next(it)
+    del it
+    pool.close()
+    pool.join()  # would hang forever if the endless input were still being fed
+    assert source.taken < 50_000
+
+
+@pytest.mark.timeout(30)
+def test_each_worker_is_pinned_to_one_cpu():
+    allowed = sorted(os.sched_getaffinity(0))
+    with Pool(len(allowed)) as pool:
+        seen = dict(pool.map(affinity_and_pid, range(200), chunksize=1))
+    assert all(len(cpus) == 1 and cpus[0] in allowed for cpus in seen.values())
+    if len(seen) == len(allowed):  # every worker ran something: pinned to distinct CPUs
+        assert sorted(c for (c,) in seen.values()) == allowed
+
+
+@pytest.mark.timeout(30)
+def test_pin_false_leaves_affinity_alone():
+    allowed = tuple(sorted(os.sched_getaffinity(0)))
+    with Pool(2, pin=False) as pool:
+        assert {cpus for _, cpus in pool.map(affinity_and_pid, range(10))} == {allowed}
+
+
+@pytest.mark.timeout(30)
+def test_workers_default_blas_threads_to_one(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    with Pool(1, worker_env={"OPENBLAS_NUM_THREADS": "2"}) as pool:
+        assert pool.apply(thread_env, (0,)) == ("1", "2")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind,exitcode", [("exit", 3), ("kill", -signal.SIGKILL),
+                                           ("segv", -signal.SIGSEGV)])
+def test_crash_fails_only_its_task_and_the_pool_goes_on(kind, exitcode):
+    inputs = [("ok", i) for i in range(20)]
+    inputs[7] = (kind, 7)
+    with Pool(2, retries=0) as pool:
+        before = {w.pid for w in pool.stats().workers}
+        out = pool.map(crash_on, inputs, errors="return")
+        assert [v for i, v in enumerate(out) if i != 7] == [i for i in range(20) if i != 7]
+        error = out[7]
+        assert isinstance(error, WorkerCrashedError)
+        assert error.exitcode == exitcode and error.index == 7 and error.pid in before
+        assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]  # same pool, still usable
+        stats = pool.stats()
+        assert stats.worker_restarts >= 1
+        assert stats.tasks_failed == 1 and stats.tasks_succeeded == 24
+
+
+@pytest.mark.timeout(60)
+def test_crash_with_futures_accounts_for_every_task():
+    with Pool(2, retries=1) as pool:
+        futures = [pool.submit(crash_on, ("exit" if i % 5 == 0 else "ok", i)) for i in range(20)]
+        done, not_done = concurrent.futures.wait(futures, timeout=30)
+        assert not not_done
+        for i, fut in enumerate(futures):
+            if i % 5 == 0:
+                assert isinstance(fut.exception(), WorkerCrashedError)
+                assert fut.exception().attempts == 2  # retried once on a fresh worker
+            else:
+                assert fut.result() == i
+
+
+def _children_of_me():
+    return [p for p in psutil.Process().children(recursive=True)
+            if "forkserver" not in " ".join(p.cmdline())]
+
+
+def _alive(pids):
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["terminate", "close_join", "context_exit", "garbage"])
+def test_no_worker_outlives_the_pool(how):
+    pool = Pool(2)
+    pool.map(square, range(10))
+    pids = [w.pid for w in pool.stats().workers]
+    assert len(_alive(pids)) == 2
+    if how == "terminate":
+        pool.terminate()
+    elif how == "close_join":
+        pool.close()
+        pool.join()
+    elif how == "context_exit":
+        with pool:
+            pass
+    else:
+        del pool
+    deadline = time.monotonic() + 3
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _alive(pids) == []
+
+
+@pytest.mark.timeout(30)
+def test_terminate_kills_running_tasks_promptly_and_fails_them():
+    pool = Pool(2)
+    futures = [pool.submit(sleep_forever, i) for i in range(4)]
+    time.sleep(0.3)
+    started = time.monotonic()
+    pool.terminate()
+    assert time.monotonic() - started < 2.0
+    for fut in futures:
+        assert isinstance(fut.exception(timeout=5), TaskCancelledError)
+
+
+@pytest.mark.timeout(30)
+def test_close_then_join_finishes_submitted_work():
+    pool = Pool(2)
+    result = pool.map_async(slow_square, range(20))
+    pool.close()
+    pool.join()
+    assert result.get(timeout=1) == [x * x for x in range(20)]
+
+
+@pytest.mark.timeout(30)
+def test_maxtasksperchild_recycles_workers():
+    with Pool(2, maxtasksperchild=3) as pool:
+        pids = pool.map(worker_pid, range(12), chunksize=1)
+    counts = {pid: pids.count(pid) for pid in set(pids)}
+    assert max(counts.values()) <= 3
+    assert len(counts) >= 4
+
+
+@pytest.mark.timeout(30)
+def test_lambdas_and_closures_run_in_workers():
+    offset = 10
+    with Pool(2) as pool:
+        assert pool.map(lambda x: x + offset, range(3)) == [10, 11, 12]
+        assert pool.submit(lambda a, b=1: a * b, 3, b=4).result() == 12
+
+
+@pytest.mark.timeout(30)
+def test_submit_futures_work_with_as_completed_and_cancel():
+    with Pool(1) as pool:
+        blocker = pool.submit(time.sleep, 0.5)
+        queued = [pool.submit(square, i) for i in range(5)]
+        assert queued[-1].cancel()
+        done = list(concurrent.futures.as_completed(queued[:-1] + [blocker], timeout=10))
+        assert len(done) == 5
+        assert [f.result() for f in queued[:-1]] == [0, 1, 4, 9]
+        assert queued[-1].cancelled()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("method", ["spawn", "forkserver", "fork"])
+def test_every_start_method_works(method):
+    with Pool(2, context=method) as pool:
+        assert pool.map(square, range(10)) == [x * x for x in range(10)]
+
+
+@pytest.mark.timeout(30)
+def test_results_in_submission_or_completion_order():
+    with Pool(2) as pool:
+        assert list(pool.imap(slow_square, range(30))) == [x * x for x in range(30)]
+        assert sorted(pool.imap_unordered(slow_square, range(30))) == [x * x for x in range(30)]
+
+
+@pytest.mark.timeout(30)
+def test_many_threads_submitting_at_once_get_every_result():
+    with Pool(2) as pool:
+        out: dict[int, list[int]] = {}
+
+        def client(k):
+            out[k] = pool.map(square, range(k * 100, k * 100 + 100))
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert all(out[k] == [x * x for x in range(k * 100, k * 100 + 100)] for k in range(8))

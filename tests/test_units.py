@@ -1,0 +1,252 @@
+"""Pure parts, tested without processes: task state machine, chunk sizing, scheduling and
+retry policy, the wire's exception capture, CPU planning and config validation."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from procqueue import errors
+from procqueue.affinity import parse_cpu_list, plan_cpus, worker_thread_env
+from procqueue.chunking import MAX_BATCH_TASKS, ChunkSizer
+from procqueue.config import PoolConfig
+from procqueue.protocol import CallKind, capture_exception, restore_exception
+from procqueue.scheduler import FailureKind, RetryPolicy, Scheduler
+from procqueue.tasks import IllegalTransition, Job, Task, TaskState
+
+
+class _Sink:
+    def starting(self, task):
+        return True
+
+    def deliver(self, task, ok, value):
+        pass
+
+
+def make_job(job_id=1, chunksize=None, processes=2):
+    sizer = ChunkSizer(processes, chunksize)
+    return Job(job_id, 0, b"", CallKind.ONE, _Sink(), chunksize=chunksize, timeout_s=None,
+               sizer=sizer)
+
+
+def make_tasks(job, n, start_id=0):
+    return [Task(start_id + i, job, i, b"x", i) for i in range(n)]
+
+
+# ---- tasks ------------------------------------------------------------------------------
+
+def test_task_reaches_exactly_one_terminal_state():
+    task = make_tasks(make_job(), 1)[0]
+    task.move(TaskState.DISPATCHED)
+    task.move(TaskState.DONE)
+    for state in TaskState:
+        with pytest.raises(IllegalTransition):
+            task.move(state)
+
+
+def test_task_cannot_skip_dispatch_to_done():
+    task = make_tasks(make_job(), 1)[0]
+    with pytest.raises(IllegalTransition):
+        task.move(TaskState.DONE)
+
+
+# ---- chunking ---------------------------------------------------------------------------
+
+def test_chunker_probes_with_single_tasks_until_measured():
+    sizer = ChunkSizer(2)
+    assert sizer.next_size(1000) == 1
+    sizer.observe(10, 10 * 1e-6)
+    assert sizer.next_size(100_000) > 1
+
+
+def test_chunks_shrink_as_the_input_runs_out():
+    sizer = ChunkSizer(4)
+    sizer.observe(100, 100 * 1e-5)  # 10 us tasks: by time alone, 1000 per batch
+    sizes = [sizer.next_size(q) for q in (100_000, 1000, 100, 8, 1)]
+    assert sizes == sorted(sizes, reverse=True)
+    assert sizes[-1] == 1
+    assert sizer.next_size(100) <= 100 / (2 * 4) + 1  # never more than a 1/(2N) share
+
+
+def test_slow_tasks_travel_alone():
+    sizer = ChunkSizer(2)
+    sizer.observe(1, 0.2)
+    assert sizer.next_size(10_000) == 1
+
+
+def test_chunk_size_is_capped():
+    sizer = ChunkSizer(1)
+    sizer.observe(1000, 1e-9)
+    assert sizer.next_size(10**7) == MAX_BATCH_TASKS
+
+
+def test_fixed_chunksize_is_respected():
+    sizer = ChunkSizer(2, fixed=7)
+    assert sizer.next_size(100) == 7
+    assert sizer.next_size(3) == 3
+
+
+@pytest.mark.parametrize("processes,fixed", [(0, None), (2, 0)])
+def test_chunker_rejects_bad_arguments(processes, fixed):
+    with pytest.raises(ValueError):
+        ChunkSizer(processes, fixed)
+
+
+# ---- scheduler --------------------------------------------------------------------------
+
+def test_calls_are_served_fifo_and_batches_hold_one_call():
+    sched = Scheduler()
+    a, b = make_job(1, chunksize=10), make_job(2, chunksize=10)
+    for t in make_tasks(a, 3, 0) + make_tasks(b, 3, 100):
+        sched.enqueue(t)
+    first = sched.next_batch(100)
+    assert [t.job.id for t in first] == [1, 1, 1]
+    assert [t.index for t in first] == [0, 1, 2]
+    assert [t.job.id for t in sched.next_batch(100)] == [2, 2, 2]
+    assert sched.next_batch(100) == []
+    assert sched.queued == 0
+
+
+def test_retried_task_goes_to_the_front():
+    sched = Scheduler()
+    job = make_job(chunksize=1)
+    tasks = make_tasks(job, 3)
+    for t in tasks:
+        sched.enqueue(t)
+    sched.enqueue(Task(99, job, 9, b"", 9), front=True)
+    assert sched.next_batch(1)[0].id == 99
+
+
+def test_cancelled_tasks_are_skipped():
+    sched = Scheduler()
+    job = make_job(chunksize=5)
+    tasks = make_tasks(job, 3)
+    for t in tasks:
+        sched.enqueue(t)
+    tasks[1].move(TaskState.CANCELLED)
+    assert [t.id for t in sched.next_batch(5)] == [0, 2]
+
+
+def test_retry_waits_for_its_backoff():
+    sched = Scheduler()
+    task = make_tasks(make_job(), 1)[0]
+    task.move(TaskState.DISPATCHED)
+    task.move(TaskState.RETRY_WAIT)
+    sched.wait_for_retry(task, not_before=10.0)
+    assert sched.next_retry_at() == 10.0
+    assert sched.release_due_retries(now=9.9) == []
+    assert sched.release_due_retries(now=10.0) == [task]
+
+
+def _policy(retries=1, retry_on=(), timeouts=False):
+    return RetryPolicy(retries, retry_on, 0.05, 1.0, timeouts)
+
+
+@pytest.mark.parametrize("kind,error,retry_on,timeouts,expected", [
+    (FailureKind.CRASH, None, (), False, True),
+    (FailureKind.EXCEPTION, ValueError(), (), False, False),
+    (FailureKind.EXCEPTION, ValueError(), (ValueError,), False, True),
+    (FailureKind.EXCEPTION, KeyError(), (ValueError,), False, False),
+    (FailureKind.TIMEOUT, None, (), False, False),
+    (FailureKind.TIMEOUT, None, (), True, True),
+])
+def test_retry_policy_table(kind, error, retry_on, timeouts, expected):
+    task = make_tasks(make_job(), 1)[0]
+    task.attempts = 1
+    assert _policy(1, retry_on, timeouts).should_retry(task, kind, error) is expected
+
+
+def test_retries_are_bounded():
+    task = make_tasks(make_job(), 1)[0]
+    task.attempts = 3
+    assert not _policy(retries=2).should_retry(task, FailureKind.CRASH, None)
+
+
+def test_backoff_grows_and_is_capped():
+    policy = RetryPolicy(10, (), 0.1, 1.0, False)
+    for attempts in range(1, 10):
+        delay = policy.backoff(attempts)
+        ceiling = min(1.0, 0.1 * 2 ** (attempts - 1))
+        assert ceiling / 2 <= delay <= ceiling
+
+
+# ---- protocol -----------------------------------------------------------------------------
+
+class NeedsTwoArgs(Exception):
+    def __init__(self, a, b):
+        super().__init__(a)
+
+
+def _raise(exc):
+    try:
+        raise exc
+    except BaseException as caught:
+        return capture_exception(caught)
+
+
+def test_exception_keeps_type_and_gets_remote_traceback():
+    restored = restore_exception(_raise(ValueError("bad 7")))
+    assert type(restored) is ValueError and str(restored) == "bad 7"
+    assert isinstance(restored.__cause__, errors.RemoteTraceback)
+    assert "_raise" in restored.__cause__.tb_text
+
+
+def test_exception_that_cannot_be_unpickled_becomes_remote_error():
+    restored = restore_exception(_raise(NeedsTwoArgs(1, 2)))
+    assert isinstance(restored, errors.RemoteError)
+    assert "NeedsTwoArgs" in restored.type_name and "1" in str(restored)
+    assert "_raise" in restored.traceback_text
+
+
+def test_procqueue_errors_pickle_with_their_details():
+    err = errors.WorkerCrashedError("died", exitcode=-11, index=3, input_repr="'x'", pid=42,
+                                    attempts=2)
+    copy = pickle.loads(pickle.dumps(err))
+    assert (copy.exitcode, copy.index, copy.pid, copy.attempts) == (-11, 3, 42, 2)
+    assert copy.signal == "SIGSEGV"
+    assert "task 3" in str(copy) and "pid 42" in str(copy)
+
+
+def test_annotate_keeps_type_and_names_the_input():
+    exc = errors.annotate(KeyError("k"), index=5, input_repr="'five'", pid=9, attempts=1)
+    assert isinstance(exc, KeyError) and exc.index == 5 and exc.pid == 9
+    assert any("'five'" in note for note in exc.__notes__)
+
+
+# ---- affinity and config ------------------------------------------------------------------
+
+def test_cpu_list_parsing():
+    assert parse_cpu_list("0-3,8,10-11") == [0, 1, 2, 3, 8, 10, 11]
+    with pytest.raises(ValueError):
+        parse_cpu_list("3-1")
+
+
+def test_plan_wraps_round_robin_and_uses_each_cpu_once_first():
+    plan = plan_cpus(5, allowed=[0, 1])
+    assert [cpus[0] for cpus in plan] == [0, 1, 0, 1, 0]
+    assert sorted(c for (c,) in plan_cpus(2, allowed=[4, 6])) == [4, 6]
+
+
+def test_blas_threads_default_to_one_but_user_settings_win(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    env = worker_thread_env({"MKL_NUM_THREADS": "2"})
+    assert "OMP_NUM_THREADS" not in env  # inherited from the user's environment
+    assert env["MKL_NUM_THREADS"] == "2"
+    assert env["OPENBLAS_NUM_THREADS"] == "1"
+
+
+@pytest.mark.parametrize("kwargs,exc", [
+    ({"processes": 0}, ValueError),
+    ({"processes": -1}, ValueError),
+    ({"processes": 1.5}, TypeError),
+    ({"processes": 1, "maxtasksperchild": 0}, ValueError),
+    ({"processes": 1, "initializer": 3}, TypeError),
+    ({"processes": 1, "timeout": 0}, ValueError),
+    ({"processes": 1, "retries": -1}, ValueError),
+    ({"processes": 1, "retry_on": (3,)}, TypeError),
+    ({"processes": 1, "nonsense": 1}, TypeError),
+    ({"processes": 1, "context": 3.0}, TypeError),
+])
+def test_config_validation_names_the_rule(kwargs, exc):
+    with pytest.raises(exc):
+        PoolConfig.build(**kwargs)
