@@ -37,6 +37,7 @@ class PoolConfig:
     retry_backoff_s: float = 0.05  # first retry delay; doubles per attempt, with jitter
     retry_backoff_max_s: float = 5.0
     kill_grace_s: float = 0.5  # SIGTERM -> SIGKILL grace for a timed-out or cancelled task
+    on_event: Callable[[Any], None] | None = None  # gets a stats.TaskEvent per task attempt
 
     @classmethod
     def build(cls, processes: int | None = None, initializer: Callable[..., object] | None = None,
@@ -60,13 +61,16 @@ class PoolConfig:
         retry_on = _check_retry_on(options.pop("retry_on", ()))
         pin = bool(options.pop("pin", True))
         worker_env = dict(options.pop("worker_env", None) or {})
+        on_event = options.pop("on_event", None)
+        if on_event is not None and not callable(on_event):
+            raise TypeError("on_event must be a callable taking a TaskEvent")
         if options:
             raise TypeError(f"unexpected Pool option(s): {', '.join(sorted(options))}")
         return cls(
             processes=processes, initializer=initializer, initargs=tuple(initargs),
             maxtasksperchild=maxtasksperchild, context=resolve_context(context), pin=pin,
             retries=retries, retry_on=retry_on, timeout_s=timeout_s, chunksize=chunksize,
-            worker_env=worker_env, cpus=tuple(plan_cpus(processes)),
+            worker_env=worker_env, cpus=tuple(plan_cpus(processes)), on_event=on_event,
         )
 
     def retries_on_timeout(self) -> bool:

@@ -71,6 +71,7 @@ class ItemResult:
     ok: bool
     payload: bytes  # pickled result if ok, else pickled ErrorInfo
     seconds: float  # run time of this item in the worker
+    started: float  # time.monotonic() in the worker when it started (one clock machine-wide)
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,7 @@ from .errors import (InitializerError, PoolBrokenError, ResultSerializationError
 from .protocol import (BatchResults, InitFailed, ItemResult, Ready, RunBatch, loads,
                        restore_exception)
 from .scheduler import FailureKind, RetryPolicy, Scheduler
+from .stats import TaskEvent
 from .tasks import Job, Task, TaskState
 from .worker_slots import Batch, Slot, SlotPhase, WorkerSlots
 
@@ -362,6 +363,7 @@ class Supervisor:
 
     def _on_item(self, slot: Slot, task: Task, item: ItemResult) -> None:
         task.seconds = item.seconds
+        task.started_at = item.started
         slot.tasks_done += 1
         slot.tasks_done_total += 1
         slot.busy_s += item.seconds
@@ -376,9 +378,11 @@ class Supervisor:
                 error.__cause__ = exc
                 self._fail(task, error)
                 return
+            self._emit(task, slot, item.started, item.started + item.seconds, "ok", None)
             self._finish(task, TaskState.DONE, True, value)
         else:
             error = restore_exception(item.payload)
+            self._emit(task, slot, item.started, item.started + item.seconds, "error", error)
             self._after_failure(task, FailureKind.EXCEPTION, error)
 
     def _on_worker_exit(self, slot: Slot) -> None:
@@ -417,7 +421,10 @@ class Supervisor:
             if task.state is not TaskState.DISPATCHED:
                 continue
             if task.id == culprit_id and phase is not SlotPhase.KILLING:
-                self._after_failure(task, FailureKind.CRASH, self._crash_error(task, exitcode))
+                error = self._crash_error(task, exitcode)
+                started = running[1] if running else time.monotonic()
+                self._emit(task, slot, started, time.monotonic(), "crash", error)
+                self._after_failure(task, FailureKind.CRASH, error)
             else:
                 task.attempts -= 1  # it never ran (or its run was not its fault)
                 task.move(TaskState.QUEUED)
@@ -477,6 +484,20 @@ class Supervisor:
             return
         self._fail(task, error)
 
+    def _emit(self, task: Task, slot: Slot, start_mono: float, end_mono: float, outcome: str,
+              error: BaseException | None) -> None:
+        listener = self.config.on_event
+        if listener is None:
+            return
+        to_wall = time.time() - time.monotonic()
+        event = TaskEvent(task.job.id, task.index, _short_repr(task.input), slot.index,
+                          task.pid, task.attempts, start_mono + to_wall, end_mono + to_wall,
+                          outcome, None if error is None else _error_text(error))
+        try:
+            listener(event)
+        except Exception:
+            traceback.print_exc()
+
     def _fail(self, task: Task, error: BaseException) -> None:
         annotate(error, index=task.index, input_repr=_short_repr(task.input),
                  pid=task.pid, attempts=task.attempts)
@@ -525,8 +546,11 @@ class Supervisor:
                 doomed = [t for b in slot.batches for t in b.pending.values() if t.job is job]
                 if not doomed:
                     continue
+                running = slot.current_task()
                 for task in doomed:
                     error = TaskCancelledError("the task was cancelled while running")
+                    if running is not None and running[0] == task.id:
+                        self._emit(task, slot, running[1], now, "cancelled", error)
                     self._fail_running(slot, task, error)
                 self.workers.kill(slot, "cancelled", self.config.kill_grace_s, now)
 
@@ -627,6 +651,7 @@ class Supervisor:
         error = TaskTimeoutError(f"task timed out after {task.timeout_s:g} s",
                                  timeout_s=task.timeout_s)
         self.workers.kill(slot, "timeout", self.config.kill_grace_s, now)
+        self._emit(task, slot, started, now, "timeout", error)
         self._after_failure(task, FailureKind.TIMEOUT, error)
 
     def _should_have_worker(self) -> bool:
@@ -697,6 +722,11 @@ def _short_repr(value: Any) -> str:
     if len(text) > INPUT_REPR_MAX_CHARS:
         text = text[: INPUT_REPR_MAX_CHARS - 3] + "..."
     return text
+
+
+def _error_text(error: BaseException) -> str:
+    message = error.message if hasattr(error, "message") else str(error)
+    return f"{type(error).__name__}: {message}"
 
 
 def _copy_error(error: BaseException, task: Task) -> BaseException:

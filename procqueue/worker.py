@@ -96,28 +96,32 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
 def run_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKind,
              task_id: int, payload: bytes) -> ItemResult:
     started = time.perf_counter()
+    started_at = time.monotonic()
     if fn is None:
         assert fn_error is not None
-        return ItemResult(task_id, False, fn_error, 0.0)
+        return ItemResult(task_id, False, fn_error, 0.0, started_at)
     try:
         arg = loads(payload)
     except BaseException as exc:  # noqa: BLE001 - any unpickling failure is this task's error
         error = ArgumentSerializationError(f"could not unpickle the task's argument: {exc!r}")
         error.__cause__ = exc
-        return ItemResult(task_id, False, capture_exception(error), 0.0)
+        return ItemResult(task_id, False, capture_exception(error), 0.0, started_at)
     try:
         value = call(fn, kind, arg)
     except SystemExit as exc:
-        return ItemResult(task_id, False, _exited(exc), time.perf_counter() - started)
+        error_payload = _exited(exc)
     except Exception as exc:
-        return ItemResult(task_id, False, capture_exception(exc), time.perf_counter() - started)
+        error_payload = capture_exception(exc)
     except BaseException as exc:  # KeyboardInterrupt, GeneratorExit ...: never re-raise those
-        return ItemResult(task_id, False, _wrapped(exc), time.perf_counter() - started)
-    seconds = time.perf_counter() - started
-    try:
-        return ItemResult(task_id, True, dumps(value), seconds)
-    except BaseException as exc:  # noqa: BLE001 - an unpicklable result fails only this task
-        return ItemResult(task_id, False, _unpicklable_result(value, exc), seconds)
+        error_payload = _wrapped(exc)
+    else:
+        seconds = time.perf_counter() - started
+        try:
+            return ItemResult(task_id, True, dumps(value), seconds, started_at)
+        except BaseException as exc:  # noqa: BLE001 - an unpicklable result fails only this task
+            return ItemResult(task_id, False, _unpicklable_result(value, exc), seconds,
+                              started_at)
+    return ItemResult(task_id, False, error_payload, time.perf_counter() - started, started_at)
 
 
 def call(fn: Callable[..., Any], kind: CallKind, arg: Any) -> Any:
