@@ -12,6 +12,7 @@ import enum
 import hashlib
 import itertools
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ WINDOW_TASKS_PER_WORKER = 512
 WINDOW_TASKS_MIN = 2048
 FUNCTION_CACHE_SIZE = 256  # functions whose pickled form a pool keeps (submit/apply_async)
 TERMINATE_WAIT_S = 5.0
-SPAWN_WAIT_S = 10.0  # Pool() waits this long at most for its workers to be spawned  # terminate() returns once the workers are gone, or after this
+SPAWN_WAIT_S = 10.0
+FEED_GROUP_MAX = 256  # inputs a feeder submits in one go at most
+FEED_GROUP_MAX_WAIT_S = 0.002  # a group stops growing once its first input waited this long  # Pool() waits this long at most for its workers to be spawned  # terminate() returns once the workers are gone, or after this
 
 
 class PoolState(enum.Enum):
@@ -94,6 +97,7 @@ class Pool:
         self._ids = itertools.count(1)  # task and job ids (next() is atomic under the GIL)
         self._functions: OrderedDict[int, tuple[Any, int, bytes]] = OrderedDict()
         self._functions_lock = threading.Lock()
+        self._sizers: OrderedDict[int, ChunkSizer] = OrderedDict()  # by fn_id
         self._supervisor.start()
         # Like multiprocessing.Pool, return with the worker processes started.
         self._supervisor.spawned.wait(SPAWN_WAIT_S)
@@ -113,7 +117,7 @@ class Pool:
                     ) -> ApplyResult:
         self._check_running()
         result = ApplyResult(self, callback, error_callback)
-        job = self._job(func, CallKind.ARGS_KWARGS, result, chunksize=1, cache=True)
+        job = self._job(func, CallKind.ARGS_KWARGS, result, None, cache=True)
         self._submit(job, [(tuple(args), dict(kwds or {}))])
         return result
 
@@ -182,8 +186,7 @@ class Pool:
         """Run fn(*args, **kwargs) in a worker; returns a concurrent.futures.Future."""
         self._check_running()
         future = TaskFuture()
-        job = self._job(fn, CallKind.ARGS_KWARGS, FutureSink(future, self), chunksize=1,
-                        cache=True)
+        job = self._job(fn, CallKind.ARGS_KWARGS, FutureSink(future, self), None, cache=True)
         task = self._submit(job, [(args, kwargs)])[0]
         supervisor = self._supervisor
         future._on_cancel = lambda: supervisor.post(CancelTask(task))
@@ -262,9 +265,22 @@ class Pool:
                                       or chunksize < 1):
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
         fn_id, payload = self._pickled_function(func, cache)
-        sizer = ChunkSizer(self._processes, chunksize or self._config.chunksize)
+        sizer = self._sizer(fn_id, chunksize or self._config.chunksize)
         return Job(next(self._ids), fn_id, payload, kind, sink, chunksize=sizer.fixed,
                    timeout_s=self._config.timeout_s, sizer=sizer)
+
+    def _sizer(self, fn_id: int, fixed: int | None) -> ChunkSizer:
+        """Calls of one function share what was measured of it (adaptive chunking), unless
+        the call fixes its chunksize."""
+        if fixed is not None:
+            return ChunkSizer(self._processes, fixed)
+        with self._functions_lock:
+            sizer = self._sizers.get(fn_id)
+            if sizer is None:
+                sizer = self._sizers[fn_id] = ChunkSizer(self._processes)
+                while len(self._sizers) > FUNCTION_CACHE_SIZE:
+                    self._sizers.popitem(last=False)
+            return sizer
 
     def _pickled_function(self, func: Callable[..., Any], cache: bool) -> tuple[int, bytes]:
         """cloudpickle the function (lambdas, closures, __main__ functions all work).  Its id
@@ -317,23 +333,37 @@ class Pool:
         feeder.start()
 
     def _feed(self, job: Job, stream: ResultStream, iterator: Iterator[Any]) -> None:
-        """Feeder thread: take inputs while the window has room, submit them one by one."""
+        """Feeder thread: take inputs while the window has room and submit them in groups.
+        A group grows only while the input yields quickly, so a slow generator's items are
+        still submitted one by one, as soon as each arrives."""
         window = stream.window
         assert window is not None
         post = self._supervisor.post
         count = 0
         input_error: BaseException | None = None
+        exhausted = False
         try:
-            while window.acquire():
-                try:
-                    item = next(iterator)
-                except StopIteration:
-                    window.release()
-                    break
+            while not exhausted:
+                places = window.acquire(FEED_GROUP_MAX)
+                if not places:
+                    break  # the window closed: terminate, or the iterator was dropped
                 errors: dict[int, BaseException] = {}
-                task = self._make_task(job, count, item, errors)
-                post(SubmitTasks([task], errors))
-                count += 1
+                group: list[Task] = []
+                deadline = time.monotonic() + FEED_GROUP_MAX_WAIT_S
+                while len(group) < places:
+                    try:
+                        item = next(iterator)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    group.append(self._make_task(job, count, item, errors))
+                    count += 1
+                    if time.monotonic() > deadline:
+                        break
+                if places > len(group):
+                    window.release(places - len(group))
+                if group:
+                    post(SubmitTasks(group, errors))
         except BaseException as exc:  # the user's iterable raised: surface it in order
             input_error = exc
         finally:

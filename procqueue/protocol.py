@@ -66,18 +66,16 @@ class InitFailed:
 
 
 @dataclass(frozen=True, slots=True)
-class ItemResult:
-    task_id: int
-    ok: bool
-    payload: bytes  # pickled result if ok, else pickled ErrorInfo
-    seconds: float  # run time of this item in the worker
-    started: float  # time.monotonic() in the worker when it started (one clock machine-wide)
-
-
-@dataclass(frozen=True, slots=True)
 class BatchResults:
+    """Results of some items of one batch, column by column (lists of primitives pickle far
+    faster than one object per item).  Entry i of each list belongs to task_ids[i]."""
+
     batch_id: int
-    results: tuple[ItemResult, ...]
+    task_ids: list[int]
+    ok: list[bool]
+    payloads: list[bytes]  # pickled result if ok, else pickled ErrorInfo
+    seconds: list[float]  # run time of each item in the worker
+    started: list[float]  # time.monotonic() when each item started (one clock machine-wide)
     final: bool  # True: the batch is complete, the worker is idle or on its next batch
 
 

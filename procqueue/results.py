@@ -151,25 +151,33 @@ class Window:
         self._free = size
         self._closed = False
 
-    def acquire(self) -> bool:
-        """Wait for room; False once the window is closed (stop feeding)."""
+    def acquire(self, most: int = 1) -> int:
+        """Wait for room; take up to `most` places.  0 once the window is closed."""
         with self._cond:
             while self._free <= 0 and not self._closed:
                 self._cond.wait()
             if self._closed:
-                return False
-            self._free -= 1
-            return True
+                return 0
+            taken = min(most, self._free)
+            self._free -= taken
+            return taken
 
-    def release(self) -> None:
+    def release(self, n: int = 1) -> None:
         with self._cond:
-            self._free += 1
+            self._free += n
             self._cond.notify()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+# One finished task as a stream keeps it: a plain tuple, cheaper than a TaskOutcome per item.
+# (index, input, ok, value-or-error, attempts, seconds, pid)
+_Done = tuple[int, Any, bool, Any, int, float, "int | None"]
+
+WINDOW_RELEASE_BATCH = 32  # the consumer gives window places back this many at a time
 
 
 class ResultStream:
@@ -179,10 +187,11 @@ class ResultStream:
         self._cond = threading.Condition(threading.Lock())
         self.ordered = ordered
         self.window = window
-        self._by_index: dict[int, TaskOutcome] = {}
-        self._arrived: deque[TaskOutcome] = deque()
+        self._by_index: dict[int, _Done] = {}
+        self._arrived: deque[_Done] = deque()
         self._next_index = 0
         self._yielded = 0
+        self._unreleased = 0  # consumed places not yet given back to the window
         self._length: int | None = None  # known once the input is exhausted
         self._input_error: BaseException | None = None
 
@@ -190,15 +199,14 @@ class ResultStream:
         return True
 
     def deliver(self, task: Task, ok: bool, value: Any) -> None:
-        outcome = TaskOutcome(task.index, task.input, ok, value if ok else None,
-                              None if ok else value, task.attempts, task.seconds, task.pid)
+        done = (task.index, task.input, ok, value, task.attempts, task.seconds, task.pid)
         with self._cond:
             if self.ordered:
-                self._by_index[task.index] = outcome
+                self._by_index[task.index] = done
                 if task.index == self._next_index:
                     self._cond.notify()
             else:
-                self._arrived.append(outcome)
+                self._arrived.append(done)
                 self._cond.notify()
 
     def input_finished(self, length: int, error: BaseException | None = None) -> None:
@@ -208,30 +216,37 @@ class ResultStream:
             self._input_error = error
             self._cond.notify_all()
 
-    def next_outcome(self, timeout: float | None = None) -> TaskOutcome:
+    def next_done(self, timeout: float | None = None) -> _Done:
         with self._cond:
             while True:
-                outcome = self._take()
-                if outcome is not None:
+                done = self._take()
+                if done is not None:
                     break
                 if self._length is not None and self._yielded >= self._length:
                     if self._input_error is not None:
                         error, self._input_error = self._input_error, None
                         raise error
                     raise StopIteration
+                self._give_back_places()  # before sleeping: the feeder may need them
                 if not self._cond.wait(timeout):
                     raise multiprocessing.TimeoutError
             self._yielded += 1
-        if self.window is not None:
-            self.window.release()
-        return outcome
+            self._unreleased += 1
+            if self._unreleased >= WINDOW_RELEASE_BATCH:
+                self._give_back_places()
+        return done
 
-    def _take(self) -> TaskOutcome | None:
+    def _give_back_places(self) -> None:
+        if self.window is not None and self._unreleased:
+            self.window.release(self._unreleased)
+        self._unreleased = 0
+
+    def _take(self) -> _Done | None:
         if self.ordered:
-            outcome = self._by_index.pop(self._next_index, None)
-            if outcome is not None:
+            done = self._by_index.pop(self._next_index, None)
+            if done is not None:
                 self._next_index += 1
-            return outcome
+            return done
         return self._arrived.popleft() if self._arrived else None
 
 
@@ -253,14 +268,14 @@ class _StreamIterator(Generic[T]):
 
     def next(self, timeout: float | None = None) -> T:
         try:
-            outcome = self._stream.next_outcome(timeout)
+            done = self._stream.next_done(timeout)
         except StopIteration:
             self._finished = True
             self._keepalive = None
             raise
-        return self._convert(outcome)
+        return self._convert(done)
 
-    def _convert(self, outcome: TaskOutcome) -> T:
+    def _convert(self, done: _Done) -> T:
         raise NotImplementedError
 
     def __del__(self) -> None:
@@ -280,13 +295,11 @@ class IMapIterator(_StreamIterator[Any]):
         super().__init__(stream, keepalive, on_abandon)
         self._return_errors = return_errors
 
-    def _convert(self, outcome: TaskOutcome) -> Any:
-        if outcome.ok:
-            return outcome.value
-        if self._return_errors:
-            return outcome.error
-        assert outcome.error is not None
-        raise outcome.error
+    def _convert(self, done: _Done) -> Any:
+        ok, value = done[2], done[3]
+        if ok or self._return_errors:
+            return value
+        raise value
 
 
 class OutcomeIterator(_StreamIterator[TaskOutcome]):
@@ -297,8 +310,10 @@ class OutcomeIterator(_StreamIterator[TaskOutcome]):
         super().__init__(stream, keepalive, on_abandon)
         self._on_cancel = on_cancel
 
-    def _convert(self, outcome: TaskOutcome) -> TaskOutcome:
-        return outcome
+    def _convert(self, done: _Done) -> TaskOutcome:
+        index, item, ok, value, attempts, seconds, pid = done
+        return TaskOutcome(index, item, ok, value if ok else None, None if ok else value,
+                           attempts, seconds, pid)
 
     def cancel(self, kill_running: bool = False) -> None:
         """Start no more of this call's tasks: each one not started yet comes out as a

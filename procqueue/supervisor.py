@@ -40,8 +40,7 @@ from .config import PoolConfig
 from .errors import (InitializerError, PoolBrokenError, ResultSerializationError,
                      TaskCancelledError, TaskTimeoutError, WorkerCrashedError, annotate,
                      describe_exit)
-from .protocol import (BatchResults, InitFailed, ItemResult, Ready, RunBatch, loads,
-                       restore_exception)
+from .protocol import BatchResults, InitFailed, Ready, RunBatch, loads, restore_exception
 from .scheduler import FailureKind, RetryPolicy, Scheduler
 from .stats import TaskEvent
 from .tasks import Job, Task, TaskState
@@ -348,41 +347,45 @@ class Supervisor:
         batch = next((b for b in slot.batches if b.id == message.batch_id), None)
         if batch is None:
             return  # results of a batch already written off (its task timed out)
-        busy_s = 0.0
-        for item in message.results:
-            busy_s += item.seconds
-            task = batch.pending.pop(item.task_id, None)
+        pending = batch.pending
+        for i, task_id in enumerate(message.task_ids):
+            task = pending.pop(task_id, None)
             if task is not None:
-                self._on_item(slot, task, item)
-        batch.job.sizer.observe(len(message.results), busy_s)
+                self._on_item(slot, task, message.ok[i], message.payloads[i],
+                              message.seconds[i], message.started[i])
+        n = len(message.task_ids)
+        slot.tasks_done += n
+        slot.tasks_done_total += n
+        busy_s = sum(message.seconds)
+        slot.busy_s += busy_s
+        batch.job.sizer.observe(n, busy_s)
         if message.final:
             slot.batches.remove(batch)
             if self.config.maxtasksperchild is not None and slot.phase is SlotPhase.READY \
                     and slot.tasks_done >= self.config.maxtasksperchild and not slot.batches:
                 self.workers.retire(slot)
 
-    def _on_item(self, slot: Slot, task: Task, item: ItemResult) -> None:
-        task.seconds = item.seconds
-        task.started_at = item.started
-        slot.tasks_done += 1
-        slot.tasks_done_total += 1
-        slot.busy_s += item.seconds
+    def _on_item(self, slot: Slot, task: Task, ok: bool, payload: bytes, seconds: float,
+                 started: float) -> None:
+        task.seconds = seconds
+        task.started_at = started
         if task.state is not TaskState.DISPATCHED:
             return  # already given an outcome (cancelled while running)
-        if item.ok:
+        if ok:
             try:
-                value = loads(item.payload)
+                value = loads(payload)
             except BaseException as exc:  # noqa: BLE001 - fails only this task
                 error = ResultSerializationError(
                     f"the task's result could not be unpickled in the caller: {exc!r}")
                 error.__cause__ = exc
                 self._fail(task, error)
                 return
-            self._emit(task, slot, item.started, item.started + item.seconds, "ok", None)
+            if self.config.on_event is not None:
+                self._emit(task, slot, started, started + seconds, "ok", None)
             self._finish(task, TaskState.DONE, True, value)
         else:
-            error = restore_exception(item.payload)
-            self._emit(task, slot, item.started, item.started + item.seconds, "error", error)
+            error = restore_exception(payload)
+            self._emit(task, slot, started, started + seconds, "error", error)
             self._after_failure(task, FailureKind.EXCEPTION, error)
 
     def _on_worker_exit(self, slot: Slot) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from .affinity import pin_current_process
 from .errors import (ArgumentSerializationError, RemoteError, ResultSerializationError,
                      WorkerExitedError)
-from .protocol import (BatchResults, CallKind, InitFailed, ItemResult, Ready, RunBatch, Stop,
+from .protocol import (BatchResults, CallKind, InitFailed, Ready, RunBatch, Stop,
                        capture_exception, dumps, loads)
 
 # Slot state shared with the supervisor (a 2-slot int64 array): the task now running and when
@@ -79,49 +79,74 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
         slot_state[STARTED_NS] = time.monotonic_ns()
         slot_state[CURRENT_TASK] = batch.items[0][0]
     fn, fn_error = _load_function(functions, batch)
-    results: list[ItemResult] = []
+    results = _Columns(batch.batch_id)
     last_flush = time.monotonic()
     for task_id, payload in batch.items:
-        slot_state[STARTED_NS] = time.monotonic_ns()  # time first: see module docstring
+        started_ns = time.monotonic_ns()
+        slot_state[STARTED_NS] = started_ns  # time first: see module docstring
         slot_state[CURRENT_TASK] = task_id
-        results.append(run_item(fn, fn_error, batch.kind, task_id, payload))
-        if time.monotonic() - last_flush >= FLUSH_INTERVAL_S:
-            conn.send_bytes(dumps(BatchResults(batch.batch_id, tuple(results), final=False)))
-            results = []
-            last_flush = time.monotonic()
+        ok, data = run_item(fn, fn_error, batch.kind, payload)
+        now = time.monotonic()
+        started = started_ns / 1e9
+        results.add(task_id, ok, data, now - started, started)
+        if now - last_flush >= FLUSH_INTERVAL_S:
+            conn.send_bytes(dumps(results.message(final=False)))
+            results = _Columns(batch.batch_id)
+            last_flush = now
     slot_state[CURRENT_TASK] = IDLE
-    conn.send_bytes(dumps(BatchResults(batch.batch_id, tuple(results), final=True)))
+    conn.send_bytes(dumps(results.message(final=True)))
+
+
+class _Columns:
+    """Accumulates a BatchResults message column by column."""
+
+    __slots__ = ("batch_id", "task_ids", "ok", "payloads", "seconds", "started")
+
+    def __init__(self, batch_id: int) -> None:
+        self.batch_id = batch_id
+        self.task_ids: list[int] = []
+        self.ok: list[bool] = []
+        self.payloads: list[bytes] = []
+        self.seconds: list[float] = []
+        self.started: list[float] = []
+
+    def add(self, task_id: int, ok: bool, payload: bytes, seconds: float, started: float
+            ) -> None:
+        self.task_ids.append(task_id)
+        self.ok.append(ok)
+        self.payloads.append(payload)
+        self.seconds.append(seconds)
+        self.started.append(started)
+
+    def message(self, final: bool) -> BatchResults:
+        return BatchResults(self.batch_id, self.task_ids, self.ok, self.payloads, self.seconds,
+                            self.started, final)
 
 
 def run_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKind,
-             task_id: int, payload: bytes) -> ItemResult:
-    started = time.perf_counter()
-    started_at = time.monotonic()
+             payload: bytes) -> tuple[bool, bytes]:
+    """Run one item: (True, pickled result) or (False, pickled ErrorInfo)."""
     if fn is None:
         assert fn_error is not None
-        return ItemResult(task_id, False, fn_error, 0.0, started_at)
+        return False, fn_error
     try:
         arg = loads(payload)
     except BaseException as exc:  # noqa: BLE001 - any unpickling failure is this task's error
         error = ArgumentSerializationError(f"could not unpickle the task's argument: {exc!r}")
         error.__cause__ = exc
-        return ItemResult(task_id, False, capture_exception(error), 0.0, started_at)
+        return False, capture_exception(error)
     try:
         value = call(fn, kind, arg)
     except SystemExit as exc:
-        error_payload = _exited(exc)
+        return False, _exited(exc)
     except Exception as exc:
-        error_payload = capture_exception(exc)
+        return False, capture_exception(exc)
     except BaseException as exc:  # KeyboardInterrupt, GeneratorExit ...: never re-raise those
-        error_payload = _wrapped(exc)
-    else:
-        seconds = time.perf_counter() - started
-        try:
-            return ItemResult(task_id, True, dumps(value), seconds, started_at)
-        except BaseException as exc:  # noqa: BLE001 - an unpicklable result fails only this task
-            return ItemResult(task_id, False, _unpicklable_result(value, exc), seconds,
-                              started_at)
-    return ItemResult(task_id, False, error_payload, time.perf_counter() - started, started_at)
+        return False, _wrapped(exc)
+    try:
+        return True, dumps(value)
+    except BaseException as exc:  # noqa: BLE001 - an unpicklable result fails only this task
+        return False, _unpicklable_result(value, exc)
 
 
 def call(fn: Callable[..., Any], kind: CallKind, arg: Any) -> Any:

@@ -23,6 +23,7 @@ import math
 import time
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TypeVar
 
 from ._shm import validate_name
 from .keyed import (
@@ -34,6 +35,8 @@ from .keyed import (
 )
 from .rate_gate import Rate, RateGate, RateGateStatistics
 from .semaphore import Semaphore, SemaphoreStatistics
+
+_Handle = TypeVar("_Handle", bound="LimitHandle")
 
 __all__ = [
     "FairQueue",
@@ -166,7 +169,7 @@ class LimitHandle:
             if part is not None:
                 part.unlink()
 
-    def __enter__(self) -> LimitHandle:
+    def __enter__(self: _Handle) -> _Handle:
         return self
 
     def __exit__(

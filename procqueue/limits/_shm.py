@@ -153,6 +153,7 @@ class Segment:
         self.path = segment_path(spec.kind, spec.name)
         self._thread_lock = threading.Lock()
         self._fd, self._map = _open_mapped(spec, self.path)
+        self._file_id = _file_id(os.fstat(self._fd))
         self._pid = os.getpid()
         self._state = SegmentState.OPEN
 
@@ -173,12 +174,20 @@ class Segment:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def unlink(self) -> bool:
-        """Remove the file if it is still ours (not already replaced by a newer segment)."""
-        with self.locked():
-            if not _is_linked(self._fd, self.path):
+        """Remove the file if it is still this segment (not already replaced by a newer one
+        of the same name); works before and after close()."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # no opener is half-way through initialising it
+            if _file_id(os.fstat(fd)) != self._file_id or not _is_linked(fd, self.path):
                 return False
             os.unlink(self.path)
             return True
+        finally:
+            os.close(fd)  # drops the lock
 
     def close(self) -> None:
         """Unmap; idempotent.  The segment itself stays for other processes."""
@@ -243,6 +252,10 @@ def _is_linked(fd: int, path: Path) -> bool:
         return os.stat(path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
         return False
+
+
+def _file_id(stat: os.stat_result) -> tuple[int, int]:
+    return (stat.st_dev, stat.st_ino)
 
 
 def _read_magic(fd: int) -> bytes:

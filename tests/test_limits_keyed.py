@@ -1,0 +1,141 @@
+"""KeyedLimit and FairQueue: per-key caps, FIFO within a key, round-robin across keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from procqueue.limits import FairQueue, KeyedLimit, QueuedItem
+
+
+def drain(queue: FairQueue[str, int], pops: int) -> list[tuple[str, int]]:
+    out = []
+    for _ in range(pops):
+        popped = queue.pop_next()
+        assert popped is not None
+        out.append((popped.key, popped.item))
+    return out
+
+
+def test_one_key_with_ten_thousand_items_cannot_starve_a_key_with_five() -> None:
+    queue: FairQueue[str, int] = FairQueue()
+    for i in range(10_000):
+        queue.push("big", i)
+    for i in range(5):
+        queue.push("small", i)
+    first_ten = drain(queue, 10)
+    assert [item for key, item in first_ten if key == "small"] == [0, 1, 2, 3, 4]
+    assert len(queue) == 10_000 - 5
+
+
+def test_keys_take_turns_and_items_keep_fifo_order_within_a_key() -> None:
+    queue: FairQueue[str, int] = FairQueue()
+    for key in "abc":
+        for i in range(3):
+            queue.push(key, i)
+    assert drain(queue, 9) == [(key, i) for i in range(3) for key in "abc"]
+    assert queue.pop_next() is None
+    assert len(queue) == 0
+
+
+def test_a_key_that_may_not_start_keeps_its_turn() -> None:
+    queue: FairQueue[str, int] = FairQueue()
+    for key in "abc":
+        queue.push(key, 0)
+        queue.push(key, 1)
+    blocked = {"a"}
+
+    def can_start(key: str) -> bool:
+        return key not in blocked
+
+    assert queue.pop_next(can_start) == QueuedItem("b", 0)
+    assert queue.pop_next(can_start) == QueuedItem("c", 0)
+    blocked.clear()
+    assert queue.pop_next(can_start) == QueuedItem("a", 0)  # first once it may start
+    assert queue.pop_next(lambda key: False) is None
+
+
+def test_remove_takes_out_that_very_item() -> None:
+    queue: FairQueue[str, list[int]] = FairQueue()
+    twin_a, twin_b = [1], [1]  # equal, not identical
+    queue.push("k", twin_a)
+    queue.push("k", twin_b)
+    assert queue.remove("k", twin_b)
+    assert not queue.remove("k", twin_b)
+    assert not queue.remove("other", twin_a)
+    popped = queue.pop_next()
+    assert popped is not None and popped.item is twin_a
+    assert queue.remove("k", twin_a) is False
+    assert queue.statistics().keys == 0
+
+
+def test_fair_queue_statistics() -> None:
+    queue: FairQueue[str, int] = FairQueue()
+    for i in range(4):
+        queue.push("a", i)
+    queue.push("b", 0)
+    stats = queue.statistics()
+    assert (stats.queued, stats.keys, stats.longest_key_queue) == (5, 2, 4)
+    assert (queue.queued("a"), queue.queued("zzz")) == (4, 0)
+
+
+def test_keyed_limit_caps_running_per_key() -> None:
+    limit: KeyedLimit[str] = KeyedLimit(2)
+    limit.started("u1")
+    limit.started("u1")
+    assert not limit.can_start("u1")
+    assert limit.can_start("u2")
+    with pytest.raises(RuntimeError, match="already has 2 running"):
+        limit.started("u1")
+    limit.started("u2")
+    stats = limit.statistics()
+    assert (stats.concurrency_per_key, stats.running, stats.active_keys,
+            stats.saturated_keys) == (2, 3, 2, 1)
+    limit.finished("u1")
+    assert limit.can_start("u1") and limit.running("u1") == 1
+
+
+def test_idle_keys_are_forgotten_and_unbalanced_finish_raises() -> None:
+    limit: KeyedLimit[int] = KeyedLimit(1)
+    for key in range(1000):
+        limit.started(key)
+        limit.finished(key)
+    assert limit.statistics().active_keys == 0
+    with pytest.raises(RuntimeError, match="no task of that key is running"):
+        limit.finished(7)
+
+
+def test_scheduling_with_key_concurrency_one_is_fair_and_in_order() -> None:
+    """A simulated scheduler: 2 workers, key_concurrency=1, a busy key and two small ones.
+    Every task takes one tick.  Recorded starts must show <= 1 running per key, FIFO per
+    key, and the small keys done long before the busy one."""
+    queue: FairQueue[str, int] = FairQueue()
+    limit: KeyedLimit[str] = KeyedLimit(1)
+    for i in range(100):
+        queue.push("busy", i)
+    for key in ("x", "y"):
+        for i in range(3):
+            queue.push(key, i)
+    starts: list[tuple[int, str, int]] = []  # (tick, key, item)
+    tick = 0
+    while len(queue):
+        running: list[str] = []
+        while len(running) < 2 and (popped := queue.pop_next(limit.can_start)) is not None:
+            limit.started(popped.key)
+            running.append(popped.key)
+            starts.append((tick, popped.key, popped.item))
+        for key in running:
+            limit.finished(key)
+        tick += 1
+    for key in ("busy", "x", "y"):
+        ticks = [t for t, k, _ in starts if k == key]
+        assert len(ticks) == len(set(ticks))  # never two of one key in one tick
+        assert [item for _, k, item in starts if k == key] == sorted(
+            item for _, k, item in starts if k == key)
+    last_small_tick = max(t for t, k, _ in starts if k != "busy")
+    assert last_small_tick <= 4
+
+
+@pytest.mark.parametrize(("cap", "error"), [(0, ValueError), (True, TypeError), (1.5, TypeError)])
+def test_keyed_limit_validation(cap: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="concurrency_per_key must be"):
+        KeyedLimit(cap)  # type: ignore[arg-type]
