@@ -17,7 +17,12 @@ from .errors import TaskFailed as TaskFailed
 from .errors import TaskTimeoutError as TaskTimeoutError
 from .errors import WorkerCrashedError as WorkerCrashedError
 from .errors import WorkerExitedError as WorkerExitedError
+from .limits import Limit as Limit
+from .limits import Rate as Rate
+from .pool import CallOptions as CallOptions
 from .pool import Pool as Pool
+from .pool import PoolView as PoolView
+from .pool import Queue as Queue
 from .pool import PoolStats as PoolStats
 from .pool import WorkerStats as WorkerStats
 from .results import AsyncResult as AsyncResult
@@ -29,7 +34,7 @@ from .results import TaskOutcome as TaskOutcome
 __version__ = "0.1.0"
 
 __all__ = [
-    "Pool", "PoolStats", "WorkerStats", "AsyncResult", "MapResult", "IMapIterator",
+    "Pool", "PoolView", "CallOptions", "Queue", "Limit", "Rate", "PoolStats", "WorkerStats", "AsyncResult", "MapResult", "IMapIterator",
     "OutcomeIterator", "TaskOutcome", "ProcqueueError", "TaskFailed", "WorkerCrashedError",
     "WorkerExitedError", "TaskTimeoutError", "TaskCancelledError",
     "ArgumentSerializationError", "ResultSerializationError", "RemoteError",

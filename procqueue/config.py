@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from .affinity import plan_cpus, usable_cpu_count
 from .errors import TaskTimeoutError
+from .limits import Rate
 
 # forkserver: the supervisor is a thread, and forking a process that has threads can copy a lock
 # some other thread holds (then the child deadlocks on it).  The fork server is a clean,
@@ -38,6 +39,8 @@ class PoolConfig:
     retry_backoff_max_s: float = 5.0
     kill_grace_s: float = 0.5  # SIGTERM -> SIGKILL grace for a timed-out or cancelled task
     on_event: Callable[[Any], None] | None = None  # gets a stats.TaskEvent per task attempt
+    concurrency: int | None = None  # at most this many tasks running at once (< processes)
+    rate: Rate | None = None  # at most rate.limit task starts in any rate.per seconds
 
     @classmethod
     def build(cls, processes: int | None = None, initializer: Callable[..., object] | None = None,
@@ -61,6 +64,10 @@ class PoolConfig:
         retry_on = _check_retry_on(options.pop("retry_on", ()))
         pin = bool(options.pop("pin", True))
         worker_env = dict(options.pop("worker_env", None) or {})
+        concurrency = options.pop("concurrency", None)
+        if concurrency is not None:
+            _check_int("concurrency", concurrency, minimum=1, message="concurrency must be >= 1")
+        rate = _check_rate(options.pop("rate", None))
         on_event = options.pop("on_event", None)
         if on_event is not None and not callable(on_event):
             raise TypeError("on_event must be a callable taking a TaskEvent")
@@ -71,6 +78,7 @@ class PoolConfig:
             maxtasksperchild=maxtasksperchild, context=resolve_context(context), pin=pin,
             retries=retries, retry_on=retry_on, timeout_s=timeout_s, chunksize=chunksize,
             worker_env=worker_env, cpus=tuple(plan_cpus(processes)), on_event=on_event,
+            concurrency=concurrency, rate=rate,
         )
 
     def retries_on_timeout(self) -> bool:
@@ -103,6 +111,14 @@ def _check_timeout(timeout_s: Any) -> None:
         raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout_s).__name__}")
     if not timeout_s > 0:
         raise ValueError("timeout must be > 0 seconds")
+
+
+def _check_rate(rate: Any) -> Rate | None:
+    if rate is None or isinstance(rate, Rate):
+        return rate
+    if isinstance(rate, str):
+        return Rate.parse(rate)
+    raise TypeError(f"rate must be a procqueue.Rate or a string like '50/30s', not {rate!r}")
 
 
 def _check_retry_on(retry_on: Any) -> tuple[type[BaseException], ...]:

@@ -15,12 +15,14 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Hashable, Iterable, Iterator
 
+from .admission import ConcurrencyGate, Gate, RateGateAdapter, SemaphoreGate, rate_gate_for
 from .chunking import ChunkSizer
 from .config import PoolConfig
 from .errors import ArgumentSerializationError, PoolClosedError
+from .limits import KeyedLimit, Limit, LimitHandle, Rate
 from .affinity import worker_thread_env
 from .protocol import CallKind, dumps_argument, dumps_function
 from .results import (ApplyResult, FutureSink, IMapIterator, MapResult, OutcomeIterator,
@@ -83,8 +85,8 @@ class Pool:
 
     def __init__(self, processes: int | None = None,
                  initializer: Callable[..., object] | None = None, initargs: Iterable[Any] = (),
-                 maxtasksperchild: int | None = None, context: Any = None, **options: Any
-                 ) -> None:
+                 maxtasksperchild: int | None = None, context: Any = None, *,
+                 queues: dict[str, "Queue"] | None = None, **options: Any) -> None:
         self._state = PoolState.RUN
         self._config = PoolConfig.build(processes, initializer, initargs, maxtasksperchild,
                                         context, **options)
@@ -98,6 +100,9 @@ class Pool:
         self._functions: OrderedDict[int, tuple[Any, int, bytes]] = OrderedDict()
         self._functions_lock = threading.Lock()
         self._sizers: OrderedDict[int, ChunkSizer] = OrderedDict()  # by fn_id
+        self._limits: dict[str, LimitHandle] = {}  # named machine-wide limits, by name
+        self._queue_gates = {name: _queue_gates(name, spec)
+                             for name, spec in (queues or {}).items()}
         self._supervisor.start()
         # Like multiprocessing.Pool, return with the worker processes started.
         self._supervisor.spawned.wait(SPAWN_WAIT_S)
@@ -105,52 +110,63 @@ class Pool:
         self._finalizer = weakref.finalize(self, _shutdown, self._supervisor)
 
     # ---- multiprocessing.Pool API ----------------------------------------------------------
+    # Every call also takes the keyword-only per-call options of CallOptions (limit=, queue=,
+    # concurrency=, key=, key_concurrency=, timeout=).  submit() cannot (its **kwargs are the
+    # function's): use pool.options(...).submit(...).
 
     def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),
-              kwds: dict[str, Any] | None = None) -> Any:
-        return self.apply_async(func, args, kwds).get()
+              kwds: dict[str, Any] | None = None, **options: Any) -> Any:
+        return self.apply_async(func, args, kwds, **options).get()
 
     def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
                     kwds: dict[str, Any] | None = None,
                     callback: Callable[[Any], object] | None = None,
-                    error_callback: Callable[[BaseException], object] | None = None
-                    ) -> ApplyResult:
+                    error_callback: Callable[[BaseException], object] | None = None,
+                    **options: Any) -> ApplyResult:
         self._check_running()
+        call = CallOptions.build(options)
         result = ApplyResult(self, callback, error_callback)
-        job = self._job(func, CallKind.ARGS_KWARGS, result, None, cache=True)
+        job = self._job(func, CallKind.ARGS_KWARGS, result, None, call, cache=True)
         self._submit(job, [(tuple(args), dict(kwds or {}))])
         return result
 
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-            chunksize: int | None = None, *, errors: str = "raise") -> list[Any]:
-        return self._map_async(func, iterable, chunksize, CallKind.ONE, errors=errors).get()
+            chunksize: int | None = None, *, errors: str = "raise", **options: Any) -> list[Any]:
+        return self._map_async(func, iterable, chunksize, CallKind.ONE, errors=errors,
+                               options=options).get()
 
     def map_async(self, func: Callable[[Any], Any], iterable: Iterable[Any],
                   chunksize: int | None = None, callback: Callable[[Any], object] | None = None,
                   error_callback: Callable[[BaseException], object] | None = None, *,
-                  errors: str = "raise") -> MapResult:
+                  errors: str = "raise", **options: Any) -> MapResult:
         return self._map_async(func, iterable, chunksize, CallKind.ONE, callback,
-                               error_callback, errors=errors)
+                               error_callback, errors=errors, options=options)
 
     def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
-                chunksize: int | None = None, *, errors: str = "raise") -> list[Any]:
-        return self._map_async(func, iterable, chunksize, CallKind.STAR, errors=errors).get()
+                chunksize: int | None = None, *, errors: str = "raise", **options: Any
+                ) -> list[Any]:
+        return self._map_async(func, iterable, chunksize, CallKind.STAR, errors=errors,
+                               options=options).get()
 
     def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
                       chunksize: int | None = None,
                       callback: Callable[[Any], object] | None = None,
                       error_callback: Callable[[BaseException], object] | None = None, *,
-                      errors: str = "raise") -> MapResult:
+                      errors: str = "raise", **options: Any) -> MapResult:
         return self._map_async(func, iterable, chunksize, CallKind.STAR, callback,
-                               error_callback, errors=errors)
+                               error_callback, errors=errors, options=options)
 
     def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-             chunksize: int | None = None, *, errors: str = "raise") -> IMapIterator:
-        return self._imap(func, iterable, chunksize, ordered=True, errors=errors)
+             chunksize: int | None = None, *, errors: str = "raise", **options: Any
+             ) -> IMapIterator:
+        return self._imap(func, iterable, chunksize, ordered=True, errors=errors,
+                          options=options)
 
     def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-                       chunksize: int | None = None, *, errors: str = "raise") -> IMapIterator:
-        return self._imap(func, iterable, chunksize, ordered=False, errors=errors)
+                       chunksize: int | None = None, *, errors: str = "raise", **options: Any
+                       ) -> IMapIterator:
+        return self._imap(func, iterable, chunksize, ordered=False, errors=errors,
+                          options=options)
 
     def close(self) -> None:
         """No more work may be submitted; workers exit once the submitted work is done."""
@@ -184,23 +200,23 @@ class Pool:
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Run fn(*args, **kwargs) in a worker; returns a concurrent.futures.Future."""
-        self._check_running()
-        future = TaskFuture()
-        job = self._job(fn, CallKind.ARGS_KWARGS, FutureSink(future, self), None, cache=True)
-        task = self._submit(job, [(args, kwargs)])[0]
-        supervisor = self._supervisor
-        future._on_cancel = lambda: supervisor.post(CancelTask(task))
-        return future
+        return self._submit_call(CallOptions(), fn, args, kwargs)
+
+    def options(self, **options: Any) -> "PoolView":
+        """A view of this pool whose calls carry per-call options, e.g.
+        ``pool.options(limit=api, timeout=30).submit(fetch, url, retries=3)``."""
+        return PoolView(self, CallOptions.build(options))
 
     def imap_outcomes(self, func: Callable[..., Any], iterable: Iterable[Any], *,
-                      ordered: bool = True, chunksize: int | None = None, star: bool = False
-                      ) -> OutcomeIterator:
+                      ordered: bool = True, chunksize: int | None = None, star: bool = False,
+                      **options: Any) -> OutcomeIterator:
         """One TaskOutcome per input (result or error, attempts, seconds, worker pid), in
         input order or, with ordered=False, in completion order.  Never raises for a task."""
         self._check_running()
+        call = CallOptions.build(options)
         stream = ResultStream(ordered, self._window())
         kind = CallKind.STAR if star else CallKind.ONE
-        job = self._job(func, kind, stream, chunksize)
+        job = self._job(func, kind, stream, chunksize, call)
         post = self._supervisor.post
         iterator = OutcomeIterator(
             stream, self, on_abandon=lambda: post(CancelJob(job, False, True)),
@@ -229,25 +245,39 @@ class Pool:
         if broken is not None:
             raise broken
 
+    def _submit_call(self, call: "CallOptions", fn: Callable[..., Any], args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> TaskFuture:
+        self._check_running()
+        future = TaskFuture()
+        job = self._job(fn, CallKind.ARGS_KWARGS, FutureSink(future, self), None, call,
+                        cache=True)
+        task = self._submit(job, [(args, kwargs)])[0]
+        supervisor = self._supervisor
+        future._on_cancel = lambda: supervisor.post(CancelTask(task))
+        return future
+
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
                    chunksize: int | None, kind: CallKind, callback: Any = None,
-                   error_callback: Any = None, *, errors: str) -> MapResult:
+                   error_callback: Any = None, *, errors: str, options: dict[str, Any]
+                   ) -> MapResult:
         self._check_running()
         _check_errors_mode(errors)
+        call = CallOptions.build(options)
         items = iterable if isinstance(iterable, (list, tuple)) else list(iterable)
         result = MapResult(self, len(items), callback, error_callback,
                            return_errors=errors == "return")
         if items:
-            job = self._job(func, kind, result, chunksize)
+            job = self._job(func, kind, result, chunksize, call)
             self._submit(job, items)
         return result
 
     def _imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None,
-              *, ordered: bool, errors: str) -> IMapIterator:
+              *, ordered: bool, errors: str, options: dict[str, Any]) -> IMapIterator:
         self._check_running()
         _check_errors_mode(errors)
+        call = CallOptions.build(options)
         stream = ResultStream(ordered, self._window())
-        job = self._job(func, CallKind.ONE, stream, chunksize)
+        job = self._job(func, CallKind.ONE, stream, chunksize, call)
         post = self._supervisor.post
         iterator = IMapIterator(stream, self, lambda: post(CancelJob(job, False, True)),
                                 return_errors=errors == "return")
@@ -258,16 +288,51 @@ class Pool:
         return Window(max(WINDOW_TASKS_MIN, WINDOW_TASKS_PER_WORKER * self._processes))
 
     def _job(self, func: Callable[..., Any], kind: CallKind, sink: Any,
-             chunksize: int | None, *, cache: bool = False) -> Job:
+             chunksize: int | None, call: "CallOptions", *, cache: bool = False) -> Job:
         if not callable(func):
             raise TypeError(f"{func!r} is not callable")
         if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
                                       or chunksize < 1):
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
         fn_id, payload = self._pickled_function(func, cache)
-        sizer = self._sizer(fn_id, chunksize or self._config.chunksize)
+        fixed = chunksize or self._config.chunksize
+        if call.rate_limited or self._config.rate is not None:
+            fixed = fixed or 1  # a rate counts starts: never let a batch start early ones
+        sizer = self._sizer(fn_id, fixed)
+        keyed = KeyedLimit(call.key_concurrency or 1) if call.key is not None else None
+        timeout_s = call.timeout if call.timeout is not None else self._config.timeout_s
         return Job(next(self._ids), fn_id, payload, kind, sink, chunksize=sizer.fixed,
-                   timeout_s=self._config.timeout_s, sizer=sizer)
+                   timeout_s=timeout_s, sizer=sizer, gates=self._gates_for(call), keyed=keyed,
+                   key_fn=call.key)
+
+    def _gates_for(self, call: "CallOptions") -> tuple[Gate, ...]:
+        gates: list[Gate] = []
+        if call.concurrency is not None:
+            gates.append(ConcurrencyGate(call.concurrency))
+        if call.queue is not None:
+            if call.queue not in self._queue_gates:
+                raise ValueError(f"unknown queue {call.queue!r}; this pool has "
+                                 f"{sorted(self._queue_gates) or 'no named queues'}")
+            gates.extend(self._queue_gates[call.queue])
+        if call.limit is not None:
+            gates.extend(self._limit_gates(call.limit))
+        return tuple(gates)
+
+    def _limit_gates(self, limit: Limit) -> tuple[Gate, ...]:
+        """A named machine-wide limit, opened once per pool."""
+        with self._functions_lock:
+            handle = self._limits.get(limit.name)
+            if handle is None:
+                handle = self._limits[limit.name] = limit.open()
+            elif handle.limit != limit:
+                raise ValueError(f"limit {limit.name!r} is already open in this pool as "
+                                 f"{handle.limit}, not {limit}")
+        gates: list[Gate] = []
+        if handle.semaphore is not None:
+            gates.append(SemaphoreGate(handle.semaphore))
+        if handle.rate_gate is not None:
+            gates.append(RateGateAdapter(handle.rate_gate))
+        return tuple(gates)
 
     def _sizer(self, fn_id: int, fixed: int | None) -> ChunkSizer:
         """Calls of one function share what was measured of it (adaptive chunking), unless
@@ -307,17 +372,30 @@ class Pool:
 
     def _make_task(self, job: Job, index: int, item: Any,
                    errors: dict[int, BaseException]) -> Task:
+        """A Task for one input; a problem with the input (it cannot be pickled, its key
+        function raises) becomes that task's error, never the whole call's."""
         try:
             payload = dumps_argument(item)
         except Exception as exc:
-            task = Task(next(self._ids), job, index, b"", item)
             error = ArgumentSerializationError(
                 f"the task's argument could not be pickled: {exc!r}; "
                 "make sure every argument is picklable")
             error.__cause__ = exc
-            errors[task.id] = error
-            return task
-        return Task(next(self._ids), job, index, payload, item)
+            return self._failed_task(job, index, item, error, errors)
+        task = Task(next(self._ids), job, index, payload, item)
+        if job.key_fn is not None:
+            try:
+                task.key = job.key_fn(item)
+                hash(task.key)
+            except Exception as exc:
+                errors[task.id] = exc
+        return task
+
+    def _failed_task(self, job: Job, index: int, item: Any, error: BaseException,
+                     errors: dict[int, BaseException]) -> Task:
+        task = Task(next(self._ids), job, index, b"", item)
+        errors[task.id] = error
+        return task
 
     def _submit(self, job: Job, items: Iterable[Any]) -> list[Task]:
         errors: dict[int, BaseException] = {}
@@ -369,6 +447,108 @@ class Pool:
         finally:
             stream.input_finished(count, input_error)
             post(CloseJob(job))
+
+
+@dataclass(frozen=True)
+class Queue:
+    """A named queue inside one pool: its own concurrency and rate, sharing the workers.
+    ``Pool(8, queues={"io": Queue(concurrency=2, rate=Rate(10, per=1))})`` then
+    ``pool.map(f, items, queue="io")``."""
+
+    concurrency: int | None = None
+    rate: Rate | str | None = None
+
+
+def _queue_gates(name: str, spec: Queue) -> tuple[Gate, ...]:
+    if not isinstance(spec, Queue):
+        raise TypeError(f"queue {name!r} must be a procqueue.Queue, not {spec!r}")
+    gates: list[Gate] = []
+    if spec.concurrency is not None:
+        gates.append(ConcurrencyGate(spec.concurrency))
+    if spec.rate is not None:
+        rate = Rate.parse(spec.rate) if isinstance(spec.rate, str) else spec.rate
+        gates.append(RateGateAdapter(rate_gate_for(rate)))
+    return tuple(gates)
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """Per-call options (keyword-only on every call, or through pool.options(...))."""
+
+    limit: Limit | None = None  # a machine-wide named limit shared with other processes
+    queue: str | None = None  # one of the pool's named queues
+    concurrency: int | None = None  # at most this many of this call's tasks at once
+    key: Callable[[Any], Hashable] | None = None  # input -> concurrency key
+    key_concurrency: int | None = None  # at most this many running per key (default 1)
+    timeout: float | None = None  # per-task seconds for this call
+
+    @classmethod
+    def build(cls, options: dict[str, Any]) -> "CallOptions":
+        unknown = set(options) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        call = cls(**options)
+        call.validate()
+        return call
+
+    def validate(self) -> None:
+        if self.limit is not None and not isinstance(self.limit, Limit):
+            raise TypeError(f"limit must be a procqueue.Limit, not {self.limit!r}")
+        if self.key is not None and not callable(self.key):
+            raise TypeError("key must be a callable mapping an input to its key")
+        if self.key_concurrency is not None and self.key is None:
+            raise ValueError("key_concurrency needs key=")
+        for name in ("concurrency", "key_concurrency"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be an int >= 1, not {value!r}")
+        if self.timeout is not None and not (isinstance(self.timeout, (int, float))
+                                             and self.timeout > 0):
+            raise ValueError(f"timeout must be > 0 seconds, not {self.timeout!r}")
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.limit is not None and self.limit.rate is not None
+
+    def merged(self, options: dict[str, Any]) -> "CallOptions":
+        return CallOptions.build({**{f.name: getattr(self, f.name) for f in fields(self)
+                                     if getattr(self, f.name) is not None}, **options})
+
+
+class PoolView:
+    """A Pool whose calls carry a set of per-call options (see Pool.options)."""
+
+    def __init__(self, pool: Pool, call: CallOptions) -> None:
+        self._pool = pool
+        self._call = call
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        return self._pool._submit_call(self._call, fn, args, kwargs)
+
+    def options(self, **options: Any) -> "PoolView":
+        return PoolView(self._pool, self._call.merged(options))
+
+    def _with(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._pool, name)
+        call = self._call
+
+        def bound(*args: Any, **kwargs: Any) -> Any:
+            return method(*args, **{**_as_kwargs(call), **kwargs})
+        return bound
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _VIEW_METHODS:
+            return self._with(name)
+        raise AttributeError(name)
+
+
+_VIEW_METHODS = frozenset({"apply", "apply_async", "map", "map_async", "starmap",
+                           "starmap_async", "imap", "imap_unordered", "imap_outcomes"})
+
+
+def _as_kwargs(call: CallOptions) -> dict[str, Any]:
+    return {f.name: getattr(call, f.name) for f in fields(call) if getattr(call, f.name) is not None}
 
 
 def _check_errors_mode(errors: str) -> None:

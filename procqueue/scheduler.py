@@ -12,7 +12,10 @@ import heapq
 import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Any
 
+from .admission import Gate, KeyHold, admit, earliest
+from .limits import FairQueue
 from .tasks import Job, Task, TaskState
 
 
@@ -45,81 +48,210 @@ class RetryPolicy:
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
+class JobQueue:
+    """The queued tasks of one call: FIFO, or, for a keyed call, FIFO within each key and
+    round-robin across keys (one key with 10,000 tasks cannot starve a key with 5)."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.fifo: deque[Task] = deque()
+        self.by_key: FairQueue[Any, Task] | None = FairQueue() if job.keyed else None
+        self.size = 0
+
+    def push(self, task: Task, front: bool) -> None:
+        self.size += 1
+        if self.by_key is not None:
+            if front:
+                self.by_key.push_front(task.key, task)
+            else:
+                self.by_key.push(task.key, task)
+        elif front:
+            self.fifo.appendleft(task)
+        else:
+            self.fifo.append(task)
+
+    def pop(self) -> Task:
+        """Next task (FIFO queue only)."""
+        self.size -= 1
+        return self.fifo.popleft()
+
+    def pop_startable_key(self) -> Task | None:
+        """Next task whose key is under its cap (keyed queue only)."""
+        assert self.by_key is not None and self.job.keyed is not None
+        got = self.by_key.pop_next(self.job.keyed.can_start)
+        if got is None:
+            return None
+        self.size -= 1
+        return got.item
+
+    def drain(self) -> list[Task]:
+        if self.by_key is not None:
+            tasks = []
+            while (got := self.by_key.pop_next()) is not None:
+                tasks.append(got.item)
+        else:
+            tasks = list(self.fifo)
+            self.fifo.clear()
+        self.size = 0
+        return tasks
+
+
 class Scheduler:
-    def __init__(self) -> None:
-        self._queues: OrderedDict[int, tuple[Job, deque[Task]]] = OrderedDict()
+    """Queued tasks and the decision which may start now.  `pool_gates` apply to every task
+    (the pool's concurrency and rate); each call adds its own (Job.gates, Job.keyed)."""
+
+    def __init__(self, pool_gates: tuple[Gate, ...] = ()) -> None:
+        self.pool_gates = pool_gates
+        self._queues: OrderedDict[int, JobQueue] = OrderedDict()
         self._retry_heap: list[tuple[float, int, Task]] = []
         self._queued_by_fn: dict[int, int] = {}  # fn_id -> queued tasks (guided chunk share)
-        self.queued = 0  # tasks in QUEUED state held in the queues
+        self.queued = 0  # tasks held in the queues (some may have been cancelled meanwhile)
+        self.admission_wait_until: float | None = None  # a gate said: look again then
 
     def enqueue(self, task: Task, *, front: bool = False) -> None:
         job = task.job
-        entry = self._queues.get(job.id)
-        if entry is None:
-            entry = (job, deque())
-            self._queues[job.id] = entry
+        queue = self._queues.get(job.id)
+        if queue is None:
+            queue = self._queues[job.id] = JobQueue(job)
             if front:  # a retried task's call goes first, so the retry does not wait
                 self._queues.move_to_end(job.id, last=False)
-        if front:
-            entry[1].appendleft(task)
-        else:
-            entry[1].append(task)
+        queue.push(task, front)
         self.queued += 1
         self._queued_by_fn[job.fn_id] = self._queued_by_fn.get(job.fn_id, 0) + 1
 
+    def next_gated_job(self) -> Job | None:
+        """The call served next, if its tasks pass gates (see Supervisor._warm_up)."""
+        for queue in self._queues.values():
+            job = queue.job
+            if queue.size and (self.pool_gates or job.gates or job.keyed):
+                return job
+            if queue.size:
+                return None
+        return None
+
     def queued_for(self, job: Job) -> int:
-        entry = self._queues.get(job.id)
-        return len(entry[1]) if entry else 0
+        queue = self._queues.get(job.id)
+        return queue.size if queue else 0
 
-    def next_batch(self, max_tasks: int) -> list[Task]:
-        """Take the next batch of at most `max_tasks` queued tasks: FIFO, from the oldest
-        call on, and across consecutive calls of the same function (many submit() calls of
-        one function travel together, like the items of one map)."""
-        while self._queues:
-            first = next(iter(self._queues.values()))[0]
-            size = min(first.sizer.next_size(self._queued_by_fn.get(first.fn_id, 0)), max_tasks)
-            batch: list[Task] = []
-            emptied: list[int] = []
-            for job_id, (job, queue) in self._queues.items():  # stops early: not O(calls)
-                if not _same_batch(first, job):
-                    break
-                self._take(job, queue, batch, size)
-                if not queue:
-                    emptied.append(job_id)
-                if len(batch) >= size:
-                    break
-            for job_id in emptied:
-                del self._queues[job_id]
-            if batch:
-                return batch
-        return []
+    def next_batch(self, max_tasks: int, now: float = 0.0, *, prefetch: bool = False
+                   ) -> list[Task]:
+        """The next batch of at most `max_tasks` tasks that every gate admits, all of one
+        function.  Calls are served FIFO; a call held back by its own limits does not hold
+        back the calls behind it.  Ungated calls of one function share batches (many
+        submit() calls travel together, like the items of one map).
 
-    def _take(self, job: Job, queue: deque[Task], batch: list[Task], size: int) -> None:
-        taken = 0
-        while queue and len(batch) < size:
-            task = queue.popleft()
-            taken += 1
+        A prefetch (a batch for a worker that is still busy) is never taken from a gated
+        call: it would hold permits while it waits, and a rate start would be recorded
+        before the task really starts."""
+        if prefetch and self.pool_gates:
+            return []
+        self.admission_wait_until = None
+        emptied: list[int] = []
+        batch: list[Task] = []
+        first: Job | None = None
+        size = 0  # fixed by the first call served: the batch size is the function's
+        for job_id, queue in self._queues.items():
+            job = queue.job
+            if first is not None and not _same_batch(first, job, self.pool_gates):
+                break
+            if prefetch and (job.gates or job.keyed):
+                continue
+            if first is None:
+                size = min(job.sizer.next_size(self._queued_by_fn.get(job.fn_id, 0)),
+                           max_tasks)
+            got = self._admit_from(queue, size - len(batch), now)
+            if queue.size == 0:
+                emptied.append(job_id)
+            if got:
+                batch.extend(got)
+                first = first or job
+                if len(batch) >= size or self.pool_gates or job.gates or job.keyed:
+                    break
+        for job_id in emptied:
+            del self._queues[job_id]
+        return batch
+
+    def _admit_from(self, queue: JobQueue, size: int, now: float) -> list[Task]:
+        if queue.by_key is not None:
+            return self._admit_keyed(queue, size, now)
+        gates = self.pool_gates + queue.job.gates
+        tasks: list[Task] = []
+        while queue.size and len(tasks) < size:
+            wanted = min(size - len(tasks), queue.size)
+            granted, wait, held = admit(gates, wanted, now)
+            if not granted:
+                self._note_wait(now, wait)
+                break
+            for _ in range(granted):
+                task = self._next_live(queue)
+                if task is None:  # the rest were cancelled while queued
+                    for gate in held:
+                        gate.put_back(1)
+                    continue
+                task.holds = held
+                tasks.append(task)
+        return tasks
+
+    def _admit_keyed(self, queue: JobQueue, size: int, now: float) -> list[Task]:
+        job = queue.job
+        assert job.keyed is not None
+        gates = self.pool_gates + job.gates
+        tasks: list[Task] = []
+        while queue.size and len(tasks) < size:
+            task = queue.pop_startable_key()
+            if task is None:
+                break  # every queued key is at its cap: a finishing task will wake us
+            self._count_out(job, 1)
+            if task.state is not TaskState.QUEUED:
+                continue
+            granted, wait, held = admit(gates, 1, now)
+            if not granted:
+                queue.push(task, front=True)
+                self._count_in(job)
+                self._note_wait(now, wait)
+                break
+            job.keyed.started(task.key)
+            task.holds = held + (KeyHold(job.keyed, task.key),)
+            tasks.append(task)
+        return tasks
+
+    def _next_live(self, queue: JobQueue) -> Task | None:
+        while queue.size:
+            task = queue.pop()
+            self._count_out(queue.job, 1)
             if task.state is TaskState.QUEUED:  # skip ones cancelled while queued
-                batch.append(task)
-        self.queued -= taken
-        self._queued_by_fn[job.fn_id] -= taken
-        if not self._queued_by_fn[job.fn_id]:
+                return task
+        return None
+
+    def _note_wait(self, now: float, wait: float | None) -> None:
+        if wait is not None:
+            self.admission_wait_until = earliest(self.admission_wait_until, now + wait)
+
+    def _count_in(self, job: Job) -> None:
+        self.queued += 1
+        self._queued_by_fn[job.fn_id] = self._queued_by_fn.get(job.fn_id, 0) + 1
+
+    def _count_out(self, job: Job, n: int) -> None:
+        self.queued -= n
+        left = self._queued_by_fn[job.fn_id] - n
+        if left:
+            self._queued_by_fn[job.fn_id] = left
+        else:
             del self._queued_by_fn[job.fn_id]
 
     def drop_cancelled(self, job: Job) -> list[Task]:
         """Remove and return every queued task of `job`."""
-        entry = self._queues.pop(job.id, None)
-        if entry is None:
+        queue = self._queues.pop(job.id, None)
+        if queue is None:
             return []
-        tasks = list(entry[1])
-        self.queued -= len(tasks)
-        self._queued_by_fn[job.fn_id] -= len(tasks)
-        if not self._queued_by_fn[job.fn_id]:
-            del self._queued_by_fn[job.fn_id]
+        tasks = queue.drain()
+        if tasks:
+            self._count_out(job, len(tasks))
         return [t for t in tasks if t.state is TaskState.QUEUED]
 
     def all_queued(self) -> list[Task]:
-        tasks = [t for _, q in self._queues.values() for t in q if t.state is TaskState.QUEUED]
+        tasks = [t for q in self._queues.values() for t in q.drain()
+                 if t.state is TaskState.QUEUED]
         self._queues.clear()
         self._queued_by_fn.clear()
         self.queued = 0
@@ -146,7 +278,8 @@ class Scheduler:
         return self._retry_heap[0][0] if self._retry_heap else None
 
 
-def _same_batch(first: Job, other: Job) -> bool:
-    """Tasks of two calls may share a batch: one function, called the same way."""
-    return other is first or (other.fn_id == first.fn_id and other.kind == first.kind
-                              and other.sizer is first.sizer)
+def _same_batch(first: Job, other: Job, pool_gates: tuple[Gate, ...]) -> bool:
+    """Tasks of two calls may share a batch: one function, called the same way, no gates."""
+    return other is first or (
+        other.fn_id == first.fn_id and other.kind == first.kind and other.sizer is first.sizer
+        and not (pool_gates or first.gates or other.gates or first.keyed or other.keyed))

@@ -41,6 +41,7 @@ from .errors import (InitializerError, PoolBrokenError, ResultSerializationError
                      TaskCancelledError, TaskTimeoutError, WorkerCrashedError, annotate,
                      describe_exit)
 from .protocol import BatchResults, InitFailed, Ready, RunBatch, loads, restore_exception
+from .admission import ConcurrencyGate, Gate, RateGateAdapter, rate_gate_for
 from .scheduler import FailureKind, RetryPolicy, Scheduler
 from .stats import TaskEvent
 from .tasks import Job, Task, TaskState
@@ -50,6 +51,7 @@ INIT_FAILURE_LIMIT = 3  # consecutive worker start failures before the pool is b
 RESPAWN_BACKOFF_S = 0.1  # delay before respawning after a failed start; doubles per failure
 STOP_WORKERS_TIMEOUT_S = 1.0  # close(): how long retiring workers get before being killed
 INPUT_REPR_MAX_CHARS = 200
+WARM_UP_CRASH_LIMIT = 2  # workers lost loading one function before warm-ups stop
 
 
 class SupervisorState(enum.Enum):
@@ -123,7 +125,7 @@ class Supervisor:
         self.config = config
         self.workers = WorkerSlots(config.context, list(config.cpus), config.pin, env,
                                    init_payload)
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(pool_gates(config))
         self.policy = RetryPolicy(config.retries, config.retry_on, config.retry_backoff_s,
                                   config.retry_backoff_max_s, config.retries_on_timeout())
         self.state = SupervisorState.RUNNING
@@ -138,6 +140,7 @@ class Supervisor:
         self._selector = selectors.DefaultSelector()
         self._batch_ids = iter(range(1, sys.maxsize))
         self._init_failures = 0
+        self._warm_up_crashes: dict[int, int] = {}  # fn_id -> workers lost warming it up
         self._last_init_error: BaseException | None = None
         self._stop_deadline: float | None = None
         self.spawned = threading.Event()  # the first workers exist (they may still be starting)
@@ -264,16 +267,22 @@ class Supervisor:
         for want_batches in (0, 1):
             for slot in self.workers.slots:
                 while len(slot.batches) == want_batches and slot.can_take_batch():
-                    if self.scheduler.queued == 0 or not self._send_next_batch(slot):
+                    prefetch = want_batches > 0
+                    if self.scheduler.queued == 0 or not self._send_next_batch(slot, prefetch):
                         break
 
-    def _send_next_batch(self, slot: Slot) -> bool:
+    def _send_next_batch(self, slot: Slot, prefetch: bool) -> bool:
         limit = self._task_budget(slot)
         if limit <= 0:
             return False
-        tasks = [t for t in self.scheduler.next_batch(limit) if self._may_start(t)]
+        if not prefetch and self._warm_up(slot):
+            return True
+        taken = self.scheduler.next_batch(limit, time.monotonic(), prefetch=prefetch)
+        if not taken:
+            return False  # nothing queued, or every queued task waits on a limit
+        tasks = [t for t in taken if self._may_start(t)]
         if not tasks:
-            return self.scheduler.queued > 0
+            return True  # all were cancelled futures: look again
         job = tasks[0].job
         batch = Batch(next(self._batch_ids), job, tasks)
         for task in tasks:
@@ -286,6 +295,22 @@ class Supervisor:
         message = RunBatch(batch.id, job.fn_id, fn_payload, job.kind,
                            tuple((t.id, t.payload) for t in tasks))
         self.workers.send(slot, message)  # a failed send surfaces as the worker's death
+        return True
+
+    def _warm_up(self, slot: Slot) -> bool:
+        """Before a gated call's first task goes to a worker, send that worker the function
+        alone.  A rate start is recorded at dispatch; loading the function (importing the
+        user's module) can take long enough that tasks admitted early would start late and
+        bunch up inside one window.  Warmed up, a task starts a pipe hop after admission."""
+        job = self.scheduler.next_gated_job()
+        if job is None or job.fn_id in slot.known_functions:
+            return False
+        if self._warm_up_crashes.get(job.fn_id, 0) >= WARM_UP_CRASH_LIMIT:
+            return False  # loading it kills workers: send it with tasks, which get charged
+        batch = Batch(next(self._batch_ids), job, [])
+        slot.batches.append(batch)
+        slot.known_functions.add(job.fn_id)
+        self.workers.send(slot, RunBatch(batch.id, job.fn_id, job.fn_payload, job.kind, ()))
         return True
 
     def _may_start(self, task: Task) -> bool:
@@ -415,6 +440,10 @@ class Supervisor:
                            exitcode: int | None, phase: SlotPhase) -> None:
         """Attribute a worker's death: the task it was running is charged with the crash;
         every other task it held goes back to the front of the queue, uncharged."""
+        for batch in slot.batches:
+            if not batch.tasks:  # it died loading a function it was warming up
+                fn_id = batch.job.fn_id
+                self._warm_up_crashes[fn_id] = self._warm_up_crashes.get(fn_id, 0) + 1
         held = [t for b in slot.batches for t in b.pending.values()]
         slot.batches.clear()
         culprit_id = running[0] if running else None
@@ -605,6 +634,9 @@ class Supervisor:
 
     def _deadlines(self) -> list[float | None]:
         out: list[float | None] = [self.scheduler.next_retry_at(), self._stop_deadline]
+        if self.scheduler.queued and self.state in (SupervisorState.RUNNING,
+                                                    SupervisorState.CLOSING):
+            out.append(self.scheduler.admission_wait_until)
         for slot in self.workers.slots:
             out.append(slot.kill_deadline)
             if slot.phase is SlotPhase.DEAD and self._should_have_worker():
@@ -709,6 +741,16 @@ class Supervisor:
             except OSError:
                 pass
         self.stopped.set()
+
+
+def pool_gates(config: PoolConfig) -> tuple[Gate, ...]:
+    """The gates every task of the pool passes: its concurrency and its rate."""
+    gates: list[Gate] = []
+    if config.concurrency is not None:
+        gates.append(ConcurrencyGate(config.concurrency))
+    if config.rate is not None:
+        gates.append(RateGateAdapter(rate_gate_for(config.rate)))
+    return tuple(gates)
 
 
 def _stop_feeding(job: Job) -> None:

@@ -63,7 +63,7 @@ class Task:
     """One call of the user's function on one input."""
 
     __slots__ = ("id", "job", "index", "payload", "kind", "state", "attempts", "pid",
-                 "started_at", "seconds", "input", "not_before", "timeout_s")
+                 "started_at", "seconds", "input", "not_before", "timeout_s", "key", "holds")
 
     def __init__(self, task_id: int, job: "Job", index: int, payload: bytes,
                  input: Any) -> None:
@@ -80,10 +80,18 @@ class Task:
         self.input = input  # kept for errors and outcomes; its repr is made only on failure
         self.not_before = 0.0  # RETRY_WAIT: monotonic time it may be queued again
         self.timeout_s = job.timeout_s
+        self.key: Any = None  # concurrency key (calls with key=)
+        self.holds: tuple[Any, ...] = ()  # admission permits held while DISPATCHED
 
     def move(self, new: TaskState) -> None:
         if new not in _ALLOWED[self.state]:
             raise IllegalTransition(f"task {self.id}: {self.state.name} -> {new.name}")
+        if self.holds and self.state is TaskState.DISPATCHED:
+            # Leaving DISPATCHED ends the attempt: whatever admitted it is given back here,
+            # the one place every attempt passes, so no permit can leak.
+            holds, self.holds = self.holds, ()
+            for hold in holds:
+                hold.release()
         self.state = new
 
     def __repr__(self) -> str:
@@ -95,11 +103,12 @@ class Job:
     it, its per-call options, and the sink its outcomes go to."""
 
     __slots__ = ("id", "fn_id", "fn_payload", "kind", "sink", "chunksize", "timeout_s",
-                 "sizer", "cancelled")
+                 "sizer", "cancelled", "gates", "keyed", "key_fn")
 
     def __init__(self, job_id: int, fn_id: int, fn_payload: bytes, kind: "CallKind",
                  sink: OutcomeSink, *, chunksize: int | None, timeout_s: float | None,
-                 sizer: Any) -> None:
+                 sizer: Any, gates: tuple[Any, ...] = (), keyed: Any = None,
+                 key_fn: Any = None) -> None:
         self.id = job_id
         self.fn_id = fn_id
         self.fn_payload = fn_payload
@@ -109,3 +118,6 @@ class Job:
         self.timeout_s = timeout_s
         self.sizer = sizer
         self.cancelled = False
+        self.gates = gates  # admission gates of this call (its Limit, queue, concurrency)
+        self.keyed = keyed  # KeyedLimit when the call has a key= (per-key concurrency)
+        self.key_fn = key_fn  # input -> its concurrency key (run in the caller's thread)

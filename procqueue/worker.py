@@ -36,6 +36,8 @@ FUNCTION_CACHE_SIZE = 64  # functions a worker keeps unpickled, by fn_id
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
+_failed_functions: dict[int, bytes] = {}  # fn_id -> why it could not be unpickled here
+
 
 def worker_main(conn: Any, slot_state: Any, cpus: tuple[int, ...], env: dict[str, str],
                 init_payload: bytes | None, death_reader: Any, inherited_fds: tuple[int, ...]
@@ -163,6 +165,9 @@ def _load_function(functions: dict[int, Callable[..., Any]], batch: RunBatch
     fn = functions.get(batch.fn_id)
     if fn is not None:
         return fn, None
+    failed = _failed_functions.get(batch.fn_id)
+    if failed is not None:
+        return None, failed
     if batch.fn_payload is None:
         error = RuntimeError(f"procqueue bug: worker has no function {batch.fn_id}")
         return None, capture_exception(error)
@@ -171,7 +176,10 @@ def _load_function(functions: dict[int, Callable[..., Any]], batch: RunBatch
     except BaseException as exc:  # noqa: BLE001 - e.g. the function's module is not importable here
         error = ArgumentSerializationError(f"could not unpickle the task's function: {exc!r}")
         error.__cause__ = exc
-        return None, capture_exception(error)
+        # Remembered: the supervisor sends a function's bytes once, so later batches of it
+        # must report this error, not a missing function.
+        _failed_functions[batch.fn_id] = capture_exception(error)
+        return None, _failed_functions[batch.fn_id]
     if len(functions) >= FUNCTION_CACHE_SIZE:
         functions.pop(next(iter(functions)))
     functions[batch.fn_id] = fn

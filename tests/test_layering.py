@@ -15,13 +15,15 @@ PACKAGE = ROOT / "procqueue"
 # module -> the procqueue modules it may import (top-down order of DESIGN.md)
 ALLOWED: dict[str, set[str]] = {
     "__init__": {"pool", "errors", "results", "limits"},
-    "pool": {"supervisor", "config", "results", "tasks", "errors", "protocol", "chunking",
+    "pool": {"supervisor", "config", "results", "tasks", "errors", "protocol", "chunking", "admission",
              "affinity", "limits"},
-    "supervisor": {"worker_slots", "scheduler", "stats", "results", "tasks", "protocol", "errors",
+    "supervisor": {"worker_slots", "scheduler", "admission", "stats", "results", "tasks",
+                   "protocol", "errors",
                    "config", "limits"},
     "worker_slots": {"worker", "protocol", "affinity", "errors", "tasks"},
     "worker": {"protocol", "affinity", "errors"},
-    "scheduler": {"config", "tasks", "limits", "errors", "chunking"},
+    "scheduler": {"config", "admission", "tasks", "limits", "errors", "chunking"},
+    "admission": {"limits", "errors"},
     "chunking": set(),
     "results": {"tasks", "errors"},
     "config": {"affinity", "limits", "errors"},

@@ -250,3 +250,17 @@ def test_blas_threads_default_to_one_but_user_settings_win(monkeypatch):
 def test_config_validation_names_the_rule(kwargs, exc):
     with pytest.raises(exc):
         PoolConfig.build(**kwargs)
+
+
+def test_calls_of_one_function_share_a_batch_of_the_functions_size():
+    sched = Scheduler()
+    sizer = ChunkSizer(2)  # unmeasured: batches of one
+    jobs = [Job(i, 7, b"", CallKind.ARGS_KWARGS, _Sink(), chunksize=None, timeout_s=None,
+                sizer=sizer) for i in range(6)]
+    for i, job in enumerate(jobs):
+        sched.enqueue(Task(i, job, 0, b"", i))
+    assert [len(sched.next_batch(100)) for _ in range(6)] == [1] * 6
+    sizer.observe(100, 100 * 1e-6)  # measured tiny: now they travel together
+    for i, job in enumerate(jobs):
+        sched.enqueue(Task(10 + i, job, 0, b"", i))
+    assert len(sched.next_batch(100)) == 2  # guided: ceil(6 queued / (2 * 2 workers))

@@ -38,7 +38,14 @@ from .semaphore import Semaphore, SemaphoreStatistics
 
 _Handle = TypeVar("_Handle", bound="LimitHandle")
 
+# A scheduler records a start when it hands a task to a worker; the task starts a pipe hop
+# later.  Gates for task starts widen their window by this much so that "at most L starts in
+# any P seconds" holds for the starts the tasks themselves observe.  Every process opening a
+# named Limit uses the same value, so they agree on the shared window.
+START_SKEW_MARGIN_S = 0.02
+
 __all__ = [
+    "START_SKEW_MARGIN_S",
     "FairQueue",
     "FairQueueStatistics",
     "KeyedLimit",
@@ -99,7 +106,8 @@ class Limit:
         """Open (or create) the shared objects; close the handle when done."""
         semaphore = None if self.concurrency is None else Semaphore(self.name, self.concurrency)
         try:
-            rate_gate = None if self.rate is None else RateGate.from_rate(self.rate, name=self.name)
+            rate_gate = None if self.rate is None else RateGate(
+                self.rate.limit, self.rate.period_s + START_SKEW_MARGIN_S, name=self.name)
         except BaseException:
             if semaphore is not None:
                 semaphore.close()

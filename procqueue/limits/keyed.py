@@ -117,6 +117,16 @@ class FairQueue(Generic[K, T]):
         queue.append(item)
         self._size += 1
 
+    def push_front(self, key: K, item: T) -> None:
+        """Put `item` back at the front of `key`'s queue (it was popped but could not start);
+        a key not queued any more goes back to the front of the rotation."""
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = deque()
+            self._queues.move_to_end(key, last=False)
+        queue.appendleft(item)
+        self._size += 1
+
     def pop_next(self, can_start: Callable[[K], bool] = _always) -> QueuedItem[K, T] | None:
         """The oldest item of the first key in the rotation for which `can_start(key)`;
         that key moves to the back.  None if no queued key may start."""

@@ -1,0 +1,182 @@
+"""Issue #4 end to end: limits enforced on a real pool, checked from timestamps every task
+records itself (start, end, pid) — never from sleeps and hope."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+from procqueue import Limit, Pool, Queue, Rate
+from procqueue.limits import RateGate, Semaphore
+
+HOLD_S = 0.05  # how long each recorded task runs
+
+
+def record(x):
+    start = time.time()
+    time.sleep(HOLD_S)
+    return x, start, time.time()
+
+
+def max_overlap(spans):
+    """The most spans running at one instant (ends before starts at equal times)."""
+    events = sorted([(s, 1) for s, e in spans] + [(e, -1) for s, e in spans],
+                    key=lambda ev: (ev[0], ev[1]))
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+def max_starts_in_window(starts, period_s):
+    starts = sorted(starts)
+    return max(sum(1 for t in starts if a <= t < a + period_s) for a in starts)
+
+
+def spans_of(results):
+    return [(s, e) for _, s, e in results]
+
+
+@pytest.fixture
+def limit_name():
+    name = f"pq-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    Semaphore.unlink_name(name)
+    RateGate.unlink_name(name)
+
+
+@pytest.mark.timeout(30)
+def test_pool_concurrency_never_exceeds_k():
+    with Pool(4, concurrency=2) as pool:
+        results = pool.map(record, range(16))
+    assert max_overlap(spans_of(results)) == 2
+    assert [x for x, _, _ in results] == list(range(16))
+
+
+@pytest.mark.timeout(30)
+def test_call_concurrency_and_pool_keep_serving_other_calls():
+    with Pool(3) as pool:
+        limited = pool.map_async(record, range(8), concurrency=1)
+        free = pool.map(record, range(6))
+        limited_results = limited.get(timeout=20)
+    assert max_overlap(spans_of(limited_results)) == 1
+    assert len(free) == 6  # the limited call did not hold workers it could not use
+
+
+@pytest.mark.timeout(30)
+def test_concurrency_one_starts_in_input_order():
+    with Pool(3, concurrency=1) as pool:
+        results = pool.map(record, range(10))
+    starts = [s for _, s, _ in results]
+    assert starts == sorted(starts)
+    assert max_overlap(spans_of(results)) == 1
+
+
+@pytest.mark.timeout(30)
+def test_rate_gate_never_more_than_l_starts_per_window_and_no_underuse():
+    with Pool(4, rate=Rate(10, per=0.5)) as pool:
+        t0 = time.time()
+        results = pool.map(record, range(30))
+        elapsed = time.time() - t0
+    starts = [s for _, s, _ in results]
+    assert max_starts_in_window(starts, 0.5) <= 10
+    # 30 starts at 10 per 0.5 s: the third ten can start at ~1.0 s; a fixed-bucket or
+    # one-at-a-time gate would take far longer
+    assert elapsed < 3.0
+
+
+@pytest.mark.timeout(30)
+def test_named_queue_has_its_own_limits():
+    with Pool(4, queues={"io": Queue(concurrency=1), "fast": Queue(rate="20/s")}) as pool:
+        io = pool.map_async(record, range(6), queue="io")
+        fast = pool.map(record, range(10), queue="fast")
+        assert max_overlap(spans_of(io.get(timeout=20))) == 1
+        assert max_starts_in_window([s for _, s, _ in fast], 1.0) <= 20
+        with pytest.raises(ValueError, match="unknown queue"):
+            pool.map(record, [1], queue="nope")
+
+
+@pytest.mark.timeout(30)
+def test_key_concurrency_and_fairness_between_keys():
+    items = [("big", i) for i in range(30)] + [("small", i) for i in range(3)]
+    with Pool(2) as pool:
+        results = pool.map(record, items, key=lambda item: item[0], key_concurrency=1)
+    by_key = {"big": [], "small": []}
+    for (key, _), start, end in results:
+        by_key[key].append((start, end))
+    assert max_overlap(by_key["big"]) == 1 and max_overlap(by_key["small"]) == 1
+    # round-robin between keys: the 3 small tasks do not wait behind 30 big ones
+    last_small = max(s for s, _ in by_key["small"])
+    big_before = sum(1 for s, _ in by_key["big"] if s < last_small)
+    assert big_before <= 6
+
+
+@pytest.mark.timeout(30)
+def test_per_call_options_do_not_collide_with_task_kwargs():
+    def kw(limit=None, timeout=None):
+        return limit, timeout
+
+    with Pool(2) as pool:
+        assert pool.submit(kw, limit=1, timeout=2).result() == (1, 2)
+        assert pool.options(concurrency=1, timeout=5).submit(kw, limit=3).result() == (3, None)
+        with pytest.raises(TypeError):
+            pool.map(record, [1], no_such_option=1)
+
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from procqueue import Limit, Pool
+    def hold(x):
+        start = time.time()
+        time.sleep({hold})
+        return start, time.time()
+    if __name__ == "__main__":
+        with Pool(2) as pool:
+            for start, end in pool.map(hold, range({n}), limit=Limit({name!r}, concurrency=1)):
+                print(start, end, flush=True)
+""")
+
+
+def _spawn_holder(tmp_path, name, n, hold, tag):
+    script = tmp_path / f"holder_{tag}.py"
+    script.write_text(_HOLDER.format(name=name, n=n, hold=hold))
+    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.timeout(60)
+def test_named_limit_is_shared_by_two_separate_programs(tmp_path, limit_name):
+    first = _spawn_holder(tmp_path, limit_name, 6, 0.05, "a")
+    second = _spawn_holder(tmp_path, limit_name, 6, 0.05, "b")
+    spans = []
+    for proc in (first, second):
+        out, _ = proc.communicate(timeout=40)
+        assert proc.returncode == 0
+        spans += [tuple(map(float, line.split())) for line in out.splitlines()]
+    assert len(spans) == 12
+    assert max_overlap(spans) == 1  # never two at once, across both programs
+
+
+@pytest.mark.timeout(60)
+def test_permit_of_a_sigkilled_program_is_reclaimed(tmp_path, limit_name):
+    holder = _spawn_holder(tmp_path, limit_name, 1, 30, "killed")
+    sem = Semaphore(limit_name, 1)
+    try:
+        deadline = time.monotonic() + 20
+        while sem.statistics().held == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sem.statistics().held == 1  # the other program's task holds the permit
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=10)
+        killed_at = time.monotonic()
+        assert sem.acquire(timeout=5)
+        assert time.monotonic() - killed_at < 1.5
+        sem.release()
+    finally:
+        sem.close()
