@@ -129,6 +129,35 @@ class RateGateAdapter:
         return max(self.gate.statistics(now).wait_s, 0.001)
 
 
+class FreeMemoryGate:
+    """A task starts only while at least `min_free_bytes` of memory is available, so a batch
+    of big inputs does not invite the OOM killer.  One start at a time: the task about to
+    start has not allocated its memory yet, so the next one is judged after a short look."""
+
+    refundable = False
+    recheck_s = 0.1  # how often a refused start looks at free memory again
+
+    def __init__(self, min_free_bytes: int) -> None:
+        self.min_free_bytes = min_free_bytes
+
+    def room(self, now: float) -> int:
+        import psutil
+
+        return 1 if psutil.virtual_memory().available >= self.min_free_bytes else 0
+
+    def take(self, n: int, now: float) -> int:
+        return min(n, self.room(now))
+
+    def put_back(self, n: int) -> None:
+        raise RuntimeError("a memory check cannot be given back")
+
+    def release(self) -> None:
+        pass
+
+    def wait_s(self, now: float) -> float | None:
+        return self.recheck_s
+
+
 def admit(gates: tuple[Gate, ...], n: int, now: float) -> tuple[int, float | None, tuple[Gate, ...]]:
     """Take up to n starts from every gate.  Returns (granted, wait, held): held are the
     refundable gates each granted task must release when its attempt ends; when granted is 0,
@@ -171,7 +200,8 @@ def earliest(a: float | None, b: float | None) -> float | None:
     return min(a, b)
 
 
-__all__ = ["Gate", "ConcurrencyGate", "SemaphoreGate", "RateGateAdapter", "KeyHold", "admit",
+__all__ = ["Gate", "ConcurrencyGate", "SemaphoreGate", "RateGateAdapter", "KeyHold",
+           "FreeMemoryGate", "admit",
            "earliest", "rate_gate_for"]
 
 

@@ -31,7 +31,7 @@ class PoolConfig:
     pin: bool = True
     retries: int = DEFAULT_CRASH_RETRIES
     retry_on: tuple[type[BaseException], ...] = ()
-    timeout_s: float | None = None
+    timeout_s: float | str | None = None  # seconds, or '300%' of the median task time
     chunksize: int | None = None
     worker_env: dict[str, str] = field(default_factory=dict)
     cpus: tuple[tuple[int, ...], ...] = ()
@@ -39,6 +39,8 @@ class PoolConfig:
     retry_backoff_max_s: float = 5.0
     kill_grace_s: float = 0.5  # SIGTERM -> SIGKILL grace for a timed-out or cancelled task
     on_event: Callable[[Any], None] | None = None  # gets a stats.TaskEvent per task attempt
+    max_memory_per_child: int | None = None  # bytes: recycle a worker whose RSS exceeds it
+    min_free_memory: int | None = None  # bytes: start a task only while this much is free
     concurrency: int | None = None  # at most this many tasks running at once (< processes)
     rate: Rate | None = None  # at most rate.limit task starts in any rate.per seconds
 
@@ -68,6 +70,8 @@ class PoolConfig:
         if concurrency is not None:
             _check_int("concurrency", concurrency, minimum=1, message="concurrency must be >= 1")
         rate = _check_rate(options.pop("rate", None))
+        max_memory = parse_bytes("max_memory_per_child", options.pop("max_memory_per_child", None))
+        min_free = parse_bytes("min_free_memory", options.pop("min_free_memory", None))
         on_event = options.pop("on_event", None)
         if on_event is not None and not callable(on_event):
             raise TypeError("on_event must be a callable taking a TaskEvent")
@@ -78,7 +82,8 @@ class PoolConfig:
             maxtasksperchild=maxtasksperchild, context=resolve_context(context), pin=pin,
             retries=retries, retry_on=retry_on, timeout_s=timeout_s, chunksize=chunksize,
             worker_env=worker_env, cpus=tuple(plan_cpus(processes)), on_event=on_event,
-            concurrency=concurrency, rate=rate,
+            concurrency=concurrency, rate=rate, max_memory_per_child=max_memory,
+            min_free_memory=min_free,
         )
 
     def retries_on_timeout(self) -> bool:
@@ -104,13 +109,59 @@ def _check_int(name: str, value: Any, *, minimum: int, message: str) -> None:
         raise ValueError(message)
 
 
+def parse_relative_timeout(timeout: Any) -> float | None:
+    """'300%' -> 3.0 (a multiple of the median task time so far, as GNU parallel's
+    --timeout 300%); None for an absolute timeout."""
+    if not isinstance(timeout, str):
+        return None
+    text = timeout.strip()
+    if not text.endswith("%"):
+        raise ValueError(f"timeout {timeout!r}: give seconds (a number) or a percentage like '300%'")
+    try:
+        factor = float(text[:-1]) / 100
+    except ValueError:
+        raise ValueError(f"timeout {timeout!r} is not a percentage like '300%'") from None
+    if factor <= 1:
+        raise ValueError(f"a relative timeout must be over 100% of the median, not {timeout!r}")
+    return factor
+
+
 def _check_timeout(timeout_s: Any) -> None:
-    if timeout_s is None:
+    if timeout_s is None or parse_relative_timeout(timeout_s) is not None:
         return
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
         raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout_s).__name__}")
     if not timeout_s > 0:
         raise ValueError("timeout must be > 0 seconds")
+
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30,
+          "GB": 2**30, "T": 2**40, "TB": 2**40}
+
+
+def parse_bytes(name: str, value: Any) -> int | None:
+    """Bytes from an int or a string like '2G', '512M', '1.5GB' (powers of 1024)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be bytes (int) or a size like '2G', not {value!r}")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        text = value.strip().upper()
+        digits = text.rstrip("KMGTB")
+        unit = text[len(digits):]
+        if unit not in _UNITS:
+            raise ValueError(f"{name}: unknown size unit in {value!r} (use K, M, G or T)")
+        try:
+            number = float(digits) * _UNITS[unit]
+        except ValueError:
+            raise ValueError(f"{name}: {value!r} is not a size like '2G'") from None
+    else:
+        raise TypeError(f"{name} must be bytes (int) or a size like '2G', not {value!r}")
+    if number <= 0:
+        raise ValueError(f"{name} must be > 0")
+    return int(number)
 
 
 def _check_rate(rate: Any) -> Rate | None:

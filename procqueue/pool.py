@@ -20,7 +20,7 @@ from typing import Any, Callable, Hashable, Iterable, Iterator
 
 from .admission import ConcurrencyGate, Gate, RateGateAdapter, SemaphoreGate, rate_gate_for
 from .chunking import ChunkSizer
-from .config import PoolConfig
+from .config import PoolConfig, parse_relative_timeout
 from .errors import ArgumentSerializationError, PoolClosedError
 from .limits import KeyedLimit, Limit, LimitHandle, Rate
 from .affinity import worker_thread_env
@@ -50,13 +50,15 @@ class PoolState(enum.Enum):
 
 @dataclass(frozen=True)
 class WorkerStats:
-    slot: int
-    pid: int | None
-    cpus: tuple[int, ...]
+    slot: int  # a worker position: its process may have been replaced
+    pid: int | None  # the current process
+    cpus: tuple[int, ...]  # pinned to
     tasks_done: int
-    busy_s: float
-    restarts: int
-    last_exit: str | None
+    busy_s: float  # running tasks
+    idle_s: float  # waiting for work (starts included)
+    restarts: int  # processes replaced in this slot (crash, timeout, recycling)
+    last_exit: str | None  # how the previous process ended ("exit code 0", "killed by SIGKILL")
+    rss_bytes: int  # resident memory, as last reported
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class PoolStats:
     tasks_running: int
     retries: int
     worker_restarts: int
+    recycled_for_memory: int
     workers: tuple[WorkerStats, ...]
 
 
@@ -228,11 +231,13 @@ class Pool:
         """A snapshot of task counts and per-worker figures."""
         s = self._supervisor.statistics()
         workers = tuple(
-            WorkerStats(w.slot, w.pid, w.cpus, w.tasks_done, w.busy_s, w.restarts, w.last_exit)
+            WorkerStats(w.slot, w.pid, w.cpus, w.tasks_done, w.busy_s, w.idle_s, w.restarts,
+                        w.last_exit, w.rss_bytes)
             for w in (slot.statistics() for slot in self._supervisor.workers.slots))
         return PoolStats(s.processes, s.state, s.tasks_submitted, s.tasks_succeeded,
                          s.tasks_failed, s.tasks_cancelled, s.tasks_queued, s.tasks_running,
-                         s.retries, s.worker_restarts, workers)
+                         s.retries, s.worker_restarts, self._supervisor.recycled_for_memory,
+                         workers)
 
     statistics = stats
 
@@ -253,7 +258,7 @@ class Pool:
                         cache=True)
         task = self._submit(job, [(args, kwargs)])[0]
         supervisor = self._supervisor
-        future._on_cancel = lambda: supervisor.post(CancelTask(task))
+        future._on_cancel = lambda running: supervisor.post(CancelTask(task, running))
         return future
 
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
@@ -261,7 +266,7 @@ class Pool:
                    error_callback: Any = None, *, errors: str, options: dict[str, Any]
                    ) -> MapResult:
         self._check_running()
-        _check_errors_mode(errors)
+        errors = _errors_mode(errors, options)
         call = CallOptions.build(options)
         items = iterable if isinstance(iterable, (list, tuple)) else list(iterable)
         result = MapResult(self, len(items), callback, error_callback,
@@ -274,7 +279,7 @@ class Pool:
     def _imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None,
               *, ordered: bool, errors: str, options: dict[str, Any]) -> IMapIterator:
         self._check_running()
-        _check_errors_mode(errors)
+        errors = _errors_mode(errors, options)
         call = CallOptions.build(options)
         stream = ResultStream(ordered, self._window())
         job = self._job(func, CallKind.ONE, stream, chunksize, call)
@@ -300,10 +305,13 @@ class Pool:
             fixed = fixed or 1  # a rate counts starts: never let a batch start early ones
         sizer = self._sizer(fn_id, fixed)
         keyed = KeyedLimit(call.key_concurrency or 1) if call.key is not None else None
-        timeout_s = call.timeout if call.timeout is not None else self._config.timeout_s
-        return Job(next(self._ids), fn_id, payload, kind, sink, chunksize=sizer.fixed,
-                   timeout_s=timeout_s, sizer=sizer, gates=self._gates_for(call), keyed=keyed,
-                   key_fn=call.key)
+        timeout = call.timeout if call.timeout is not None else self._config.timeout_s
+        factor = parse_relative_timeout(timeout)
+        job = Job(next(self._ids), fn_id, payload, kind, sink, chunksize=sizer.fixed,
+                  timeout_s=None if factor is not None else timeout, sizer=sizer,
+                  gates=self._gates_for(call), keyed=keyed, key_fn=call.key)
+        job.timeout_factor = factor
+        return job
 
     def _gates_for(self, call: "CallOptions") -> tuple[Gate, ...]:
         gates: list[Gate] = []
@@ -480,7 +488,7 @@ class CallOptions:
     concurrency: int | None = None  # at most this many of this call's tasks at once
     key: Callable[[Any], Hashable] | None = None  # input -> concurrency key
     key_concurrency: int | None = None  # at most this many running per key (default 1)
-    timeout: float | None = None  # per-task seconds for this call
+    timeout: float | str | None = None  # per-task seconds, or '300%' of the median so far
 
     @classmethod
     def build(cls, options: dict[str, Any]) -> "CallOptions":
@@ -503,9 +511,9 @@ class CallOptions:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"{name} must be an int >= 1, not {value!r}")
-        if self.timeout is not None and not (isinstance(self.timeout, (int, float))
-                                             and self.timeout > 0):
-            raise ValueError(f"timeout must be > 0 seconds, not {self.timeout!r}")
+        if self.timeout is not None and parse_relative_timeout(self.timeout) is None and not (
+                isinstance(self.timeout, (int, float)) and self.timeout > 0):
+            raise ValueError(f"timeout must be > 0 seconds or a percentage, not {self.timeout!r}")
 
     @property
     def rate_limited(self) -> bool:
@@ -551,9 +559,13 @@ def _as_kwargs(call: CallOptions) -> dict[str, Any]:
     return {f.name: getattr(call, f.name) for f in fields(call) if getattr(call, f.name) is not None}
 
 
-def _check_errors_mode(errors: str) -> None:
+def _errors_mode(errors: str, options: dict[str, Any]) -> str:
+    """'raise' or 'return'; return_exceptions=True (asyncio.gather's name) means 'return'."""
+    if options.pop("return_exceptions", False):
+        errors = "return"
     if errors not in ("raise", "return"):
         raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
+    return errors
 
 
 def _pids(pool: Pool) -> list[int | None]:

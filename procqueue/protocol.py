@@ -77,6 +77,7 @@ class BatchResults:
     seconds: list[float]  # run time of each item in the worker
     started: list[float]  # time.monotonic() when each item started (one clock machine-wide)
     final: bool  # True: the batch is complete, the worker is idle or on its next batch
+    rss_bytes: int = 0  # the worker's resident memory when it sent this (worker recycling)
 
 
 ToWorker = Union[RunBatch, Stop]

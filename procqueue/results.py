@@ -350,15 +350,33 @@ class FutureSink:
 
 
 class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
-    """A Future whose cancel() also takes the queued task out of the pool."""
+    """A Future whose cancel() takes a queued task out of the pool, and also cancels a
+    running one (unlike concurrent.futures): its worker is killed and replaced."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._on_cancel: Callable[[], None] | None = None
+        self._on_cancel: Callable[[bool], None] | None = None
 
     def cancel(self) -> bool:
-        cancelled = super().cancel()
-        if cancelled and self._on_cancel is not None:
-            self._on_cancel()
-        return cancelled
+        if not self.running() or self._on_cancel is None:
+            cancelled = super().cancel()
+            if cancelled and self._on_cancel is not None:
+                self._on_cancel(False)
+            return cancelled
+        with self._condition:
+            if self._state != _RUNNING:
+                return self._state in (_CANCELLED, _CANCELLED_AND_NOTIFIED)
+            # What concurrent.futures does for a cancelled pending future, for a running one:
+            self._state = _CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._on_cancel(True)
+        self._invoke_callbacks()
+        return True
+
+
+_RUNNING = concurrent.futures._base.RUNNING
+_CANCELLED = concurrent.futures._base.CANCELLED
+_CANCELLED_AND_NOTIFIED = concurrent.futures._base.CANCELLED_AND_NOTIFIED
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import os
 import selectors
+import statistics
 import sys
 import threading
 import time
@@ -41,7 +42,7 @@ from .errors import (InitializerError, PoolBrokenError, ResultSerializationError
                      TaskCancelledError, TaskTimeoutError, WorkerCrashedError, annotate,
                      describe_exit)
 from .protocol import BatchResults, InitFailed, Ready, RunBatch, loads, restore_exception
-from .admission import ConcurrencyGate, Gate, RateGateAdapter, rate_gate_for
+from .admission import ConcurrencyGate, FreeMemoryGate, Gate, RateGateAdapter, rate_gate_for
 from .scheduler import FailureKind, RetryPolicy, Scheduler
 from .stats import TaskEvent
 from .tasks import Job, Task, TaskState
@@ -51,6 +52,8 @@ INIT_FAILURE_LIMIT = 3  # consecutive worker start failures before the pool is b
 RESPAWN_BACKOFF_S = 0.1  # delay before respawning after a failed start; doubles per failure
 STOP_WORKERS_TIMEOUT_S = 1.0  # close(): how long retiring workers get before being killed
 INPUT_REPR_MAX_CHARS = 200
+MIN_DURATIONS_FOR_RELATIVE = 3  # finished tasks needed before a relative timeout applies
+MIN_RELATIVE_TIMEOUT_S = 1.0  # a relative timeout never kills a task younger than this
 WARM_UP_CRASH_LIMIT = 2  # workers lost loading one function before warm-ups stop
 
 
@@ -90,6 +93,7 @@ class CancelJob:
 @dataclass(frozen=True)
 class CancelTask:
     task: Task
+    running: bool = False  # it may be running: kill its worker if so
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,7 @@ class Supervisor:
                                         daemon=True)
         self.submitted = self.succeeded = self.failed = self.cancelled = 0
         self.retries = self.restarts = 0
+        self.recycled_for_memory = 0
 
     # ---- any thread ------------------------------------------------------------------------
 
@@ -232,8 +237,8 @@ class Supervisor:
                 self._cancel_job(job, kill_running)
                 if stop_input:
                     _stop_feeding(job)
-            case CancelTask(task):
-                self._cancel_queued(task, notify=False)
+            case CancelTask(task, running):
+                self._cancel_task(task, running)
             case Close():
                 if self.state is SupervisorState.RUNNING:
                     self.state = SupervisorState.CLOSING
@@ -384,16 +389,33 @@ class Supervisor:
         busy_s = sum(message.seconds)
         slot.busy_s += busy_s
         batch.job.sizer.observe(n, busy_s)
+        slot.rss_bytes = message.rss_bytes
         if message.final:
             slot.batches.remove(batch)
-            if self.config.maxtasksperchild is not None and slot.phase is SlotPhase.READY \
-                    and slot.tasks_done >= self.config.maxtasksperchild and not slot.batches:
-                self.workers.retire(slot)
+            if slot.phase is SlotPhase.READY and (slot.retire_reason or self._due_for_recycling(slot)):
+                # Takes no new batch (can_take_batch); exits once it has run what it holds.
+                if not slot.batches:
+                    self.workers.retire(slot)
+
+    def _due_for_recycling(self, slot: Slot) -> bool:
+        """maxtasksperchild reached, or memory over max_memory_per_child (checked after a
+        batch, as Celery does: the task that grew it has finished and reported)."""
+        if self.config.maxtasksperchild is not None \
+                and slot.tasks_done >= self.config.maxtasksperchild:
+            slot.retire_reason = "maxtasksperchild"
+            return True
+        limit = self.config.max_memory_per_child
+        if limit is not None and slot.rss_bytes > limit:
+            slot.retire_reason = f"memory {slot.rss_bytes // 2**20} MiB > {limit // 2**20} MiB"
+            self.recycled_for_memory += 1
+            return True
+        return False
 
     def _on_item(self, slot: Slot, task: Task, ok: bool, payload: bytes, seconds: float,
                  started: float) -> None:
         task.seconds = seconds
         task.started_at = started
+        task.job.durations.append(seconds)
         if task.state is not TaskState.DISPATCHED:
             return  # already given an outcome (cancelled while running)
         if ok:
@@ -565,6 +587,26 @@ class Supervisor:
             self._finish(task, TaskState.CANCELLED, False,
                          self._cancelled_error(task) if notify else None)
 
+    def _cancel_task(self, task: Task, running: bool) -> None:
+        """A future was cancelled (it already shows it): no outcome is delivered."""
+        if task.state is not TaskState.DISPATCHED or not running:
+            self._cancel_queued(task, notify=False)
+            return
+        for slot in self.workers.slots:
+            batch = next((b for b in slot.batches if task.id in b.pending), None)
+            if batch is None:
+                continue
+            del batch.pending[task.id]
+            current = slot.current_task()
+            if current is not None and current[0] == task.id:
+                now = time.monotonic()
+                self._emit(task, slot, current[1], now, "cancelled", None)
+                self.workers.kill(slot, "cancelled", self.config.kill_grace_s, now)
+            # else it waits in the worker's pipe: the worker may still run it; its result
+            # is dropped (only a running task is worth killing a worker for)
+            self._finish(task, TaskState.CANCELLED, False, None)
+            return
+
     def _cancel_job(self, job: Job, kill_running: bool) -> None:
         job.cancelled = True
         for task in self.scheduler.drop_cancelled(job):
@@ -655,9 +697,23 @@ class Supervisor:
         else:
             task = next(iter(batch.pending.values()), None)
             started = batch.sent_at
-        if task is None or task.timeout_s is None:
+        if task is None:
             return None
-        return max(started, batch.sent_at) + task.timeout_s
+        timeout_s = self._timeout_of(task)
+        if timeout_s is None:
+            return None
+        return max(started, batch.sent_at) + timeout_s
+
+    def _timeout_of(self, task: Task) -> float | None:
+        """Seconds a task may run: its absolute timeout, or a multiple of the median run time
+        of its call so far (once MIN_DURATIONS_FOR_RELATIVE are known; never under
+        MIN_RELATIVE_TIMEOUT_S, so scheduling noise never kills a healthy short task)."""
+        if task.timeout_s is not None:
+            return task.timeout_s
+        job = task.job
+        if job.timeout_factor is None or len(job.durations) < MIN_DURATIONS_FOR_RELATIVE:
+            return None
+        return max(MIN_RELATIVE_TIMEOUT_S, job.timeout_factor * statistics.median(job.durations))
 
     def _on_deadlines(self, now: float) -> None:
         for task in self.scheduler.release_due_retries(now):
@@ -683,8 +739,11 @@ class Supervisor:
         for batch in slot.batches:
             batch.pending.pop(task.id, None)
         task.seconds = now - started
-        error = TaskTimeoutError(f"task timed out after {task.timeout_s:g} s",
-                                 timeout_s=task.timeout_s)
+        timeout_s = self._timeout_of(task) or 0.0
+        how = "" if task.timeout_s is not None else \
+            f" ({task.job.timeout_factor:.0%} of the median task time)"
+        error = TaskTimeoutError(f"task timed out after {timeout_s:.3g} s{how}",
+                                 timeout_s=timeout_s)
         self.workers.kill(slot, "timeout", self.config.kill_grace_s, now)
         self._emit(task, slot, started, now, "timeout", error)
         self._after_failure(task, FailureKind.TIMEOUT, error)
@@ -750,6 +809,8 @@ def pool_gates(config: PoolConfig) -> tuple[Gate, ...]:
         gates.append(ConcurrencyGate(config.concurrency))
     if config.rate is not None:
         gates.append(RateGateAdapter(rate_gate_for(config.rate)))
+    if config.min_free_memory is not None:
+        gates.append(FreeMemoryGate(config.min_free_memory))
     return tuple(gates)
 
 

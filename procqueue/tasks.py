@@ -15,10 +15,14 @@ move goes through `Task.move`, which raises IllegalTransition on anything not in
 from __future__ import annotations
 
 import enum
+from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .protocol import CallKind
+
+
+RECENT_DURATIONS = 255  # run times a call keeps for its median (relative timeouts)
 
 
 class TaskState(enum.IntEnum):  # IntEnum: C-speed hashing on the per-task hot path
@@ -103,7 +107,8 @@ class Job:
     it, its per-call options, and the sink its outcomes go to."""
 
     __slots__ = ("id", "fn_id", "fn_payload", "kind", "sink", "chunksize", "timeout_s",
-                 "sizer", "cancelled", "gates", "keyed", "key_fn")
+                 "sizer", "cancelled", "gates", "keyed", "key_fn", "timeout_factor",
+                 "durations")
 
     def __init__(self, job_id: int, fn_id: int, fn_payload: bytes, kind: "CallKind",
                  sink: OutcomeSink, *, chunksize: int | None, timeout_s: float | None,
@@ -121,3 +126,5 @@ class Job:
         self.gates = gates  # admission gates of this call (its Limit, queue, concurrency)
         self.keyed = keyed  # KeyedLimit when the call has a key= (per-key concurrency)
         self.key_fn = key_fn  # input -> its concurrency key (run in the caller's thread)
+        self.timeout_factor: float | None = None  # relative timeout: x median task time
+        self.durations: deque[float] = deque(maxlen=RECENT_DURATIONS)  # run times, newest last

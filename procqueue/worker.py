@@ -122,7 +122,19 @@ class _Columns:
 
     def message(self, final: bool) -> BatchResults:
         return BatchResults(self.batch_id, self.task_ids, self.ok, self.payloads, self.seconds,
-                            self.started, final)
+                            self.started, final, current_rss_bytes())
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def current_rss_bytes() -> int:
+    """Resident memory of this process now (not the peak): one read of /proc/self/statm."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def run_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKind,

@@ -71,8 +71,10 @@ class SlotStatistics:
     phase: str
     tasks_done: int
     busy_s: float
+    idle_s: float  # alive but not running a task, since the slot was created
     restarts: int
     last_exit: str | None
+    rss_bytes: int
 
 
 class Slot:
@@ -95,6 +97,9 @@ class Slot:
         self.kill_reason: str | None = None
         self.last_exit: str | None = None
         self.respawn_at = 0.0  # DEAD: not before this monotonic time (backoff)
+        self.rss_bytes = 0  # the worker's resident memory, as it last reported
+        self.retire_reason: str | None = None
+        self.created_at = time.monotonic()  # the slot (not its current process)
 
     def move(self, new: SlotPhase) -> None:
         if new not in _ALLOWED[self.phase]:
@@ -111,6 +116,8 @@ class Slot:
     def can_take_batch(self) -> bool:
         if not self.accepts_work or len(self.batches) >= MAX_BATCHES_IN_FLIGHT:
             return False
+        if self.retire_reason is not None:  # due for recycling: drains what it holds
+            return False
         if not self.batches:
             return True
         # Prefetch only small batches (see PREFETCH_MAX_BYTES).
@@ -126,8 +133,10 @@ class Slot:
         return task_id, started_ns / 1e9
 
     def statistics(self) -> SlotStatistics:
+        idle_s = max(0.0, time.monotonic() - self.created_at - self.busy_s)
         return SlotStatistics(self.index, self.pid, self.cpus, self.phase.value,
-                              self.tasks_done_total, self.busy_s, self.restarts, self.last_exit)
+                              self.tasks_done_total, self.busy_s, idle_s, self.restarts,
+                              self.last_exit, self.rss_bytes)
 
 
 class WorkerSlots:
@@ -164,6 +173,8 @@ class WorkerSlots:
         slot.started_at = time.monotonic()
         slot.kill_deadline = None
         slot.kill_reason = None
+        slot.retire_reason = None
+        slot.rss_bytes = 0
 
     def _fds_to_close_in_child(self, parent_end: Any) -> tuple[int, ...]:
         # Only a forked child inherits our fds; under forkserver/spawn these numbers would

@@ -1,0 +1,212 @@
+"""Issue #5: timeouts (absolute and relative), cancel, retries, recycling, memory-aware
+admission, return_exceptions; and a property test: random workloads with random faults end
+with exactly one outcome per task and the right values for the healthy ones."""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from procqueue import (Pool, TaskCancelledError, TaskTimeoutError, WorkerCrashedError,
+                       WorkerExitedError)
+
+
+def sleep_for(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def spawn_child_and_hang(path):
+    child = subprocess.Popen(["sleep", "60"])
+    with open(path, "w") as f:
+        f.write(str(child.pid))
+    time.sleep(60)
+
+
+def hog_memory(mib):
+    global _HOG
+    _HOG = b"x" * (mib * 2**20)  # touched pages: real resident memory
+    return os.getpid()
+
+
+class Flaky(Exception):
+    pass
+
+
+def fail_first_attempts(path_and_failures):
+    path, failures = path_and_failures
+    with open(path, "a") as f:
+        f.write("x")
+    with open(path) as f:
+        if len(f.read()) <= failures:
+            raise Flaky("not yet")
+    return "ok"
+
+
+@pytest.mark.timeout(30)
+def test_timeout_kills_the_task_and_its_subprocesses(tmp_path):
+    marker = tmp_path / "child.pid"
+    with Pool(2, timeout=0.5, retries=0) as pool:
+        started = time.monotonic()
+        result = pool.apply_async(spawn_child_and_hang, (str(marker),))
+        with pytest.raises(TaskTimeoutError) as info:
+            result.get(timeout=10)
+        assert time.monotonic() - started < 0.5 + 2.0
+        assert info.value.index == 0
+        child = int(marker.read_text())
+        deadline = time.monotonic() + 3
+        while psutil.pid_exists(child) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie"
+        assert pool.map(sleep_for, [0, 0]) == [0, 0]  # the pool goes on
+
+
+@pytest.mark.timeout(60)
+def test_relative_timeout_catches_the_stuck_input():
+    durations = [0.1] * 6 + [60] + [0.1] * 3
+    with Pool(2, timeout="300%", retries=0) as pool:
+        out = pool.map(sleep_for, durations, return_exceptions=True)
+    assert isinstance(out[6], TaskTimeoutError)
+    assert [v for i, v in enumerate(out) if i != 6] == [0.1] * 9
+
+
+@pytest.mark.timeout(30)
+def test_per_call_timeout_overrides_the_pools():
+    with Pool(1, timeout=30) as pool:
+        with pytest.raises(TaskTimeoutError):
+            pool.apply(sleep_for, (30,), timeout=0.3)
+
+
+@pytest.mark.timeout(30)
+def test_cancelling_a_running_future_kills_its_worker():
+    with Pool(1) as pool:
+        running = pool.submit(sleep_for, 60)
+        deadline = time.monotonic() + 10
+        while not running.running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pid_before = pool.stats().workers[0].pid
+        assert running.cancel() and running.cancelled()
+        assert pool.submit(sleep_for, 0).result(timeout=10) == 0  # not stuck behind it
+        assert pool.stats().workers[0].pid != pid_before
+
+
+@pytest.mark.timeout(30)
+def test_retry_on_retries_exceptions_with_attempts_counted(tmp_path):
+    path = tmp_path / "attempts"
+    with Pool(1, retries=3, retry_on=(Flaky,)) as pool:
+        assert pool.apply(fail_first_attempts, ((str(path), 2),)) == "ok"
+    assert len(path.read_text()) == 3
+    path.unlink()
+    with Pool(1, retries=1, retry_on=(Flaky,)) as pool:
+        with pytest.raises(Flaky) as info:
+            pool.apply(fail_first_attempts, ((str(path), 5),))
+    assert info.value.attempts == 2
+
+
+@pytest.mark.timeout(30)
+def test_exceptions_are_not_retried_by_default(tmp_path):
+    path = tmp_path / "attempts"
+    with Pool(1, retries=3) as pool:
+        with pytest.raises(Flaky):
+            pool.apply(fail_first_attempts, ((str(path), 1),))
+    assert len(path.read_text()) == 1
+
+
+@pytest.mark.timeout(30)
+def test_worker_over_its_memory_limit_is_recycled_after_the_task():
+    with Pool(1, max_memory_per_child="60M") as pool:
+        pids = pool.map(hog_memory, [100, 100, 100], chunksize=1)
+        stats = pool.stats()
+    assert len(set(pids)) >= 2  # replaced after the first task that grew it
+    assert stats.recycled_for_memory >= 1
+
+
+@pytest.mark.timeout(30)
+def test_min_free_memory_holds_tasks_back():
+    with Pool(1, min_free_memory="1000T") as pool:  # more than any machine has free
+        result = pool.map_async(sleep_for, [0])
+        time.sleep(0.5)
+        assert not result.ready()
+        assert pool.stats().tasks_queued == 1
+    with pytest.raises(TaskCancelledError):
+        result.get(timeout=5)
+
+
+@pytest.mark.timeout(30)
+def test_stats_report_busy_idle_and_restarts():
+    with Pool(2, retries=0) as pool:
+        pool.map(sleep_for, [0.1] * 4)
+        pool.apply_async(os._exit, (1,)).wait(10)
+        stats = pool.stats()
+    assert stats.tasks_succeeded == 4 and stats.tasks_failed == 1
+    assert stats.worker_restarts == 1
+    assert sum(w.busy_s for w in stats.workers) >= 0.35
+    assert all(w.idle_s >= 0 for w in stats.workers)
+    assert any(w.last_exit == "exit code 1" for w in stats.workers)
+
+
+# ---- property: exactly one outcome per task, whatever the faults ------------------------
+
+def faulty(action):
+    kind, value = action
+    if kind == "raise":
+        raise ValueError(value)
+    if kind == "exit":
+        os._exit(value % 100 + 1)
+    if kind == "sysexit":
+        raise SystemExit(value)
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "sleep":
+        time.sleep(value / 1000)
+    return value
+
+
+ACTIONS = st.tuples(st.sampled_from(["ok", "ok", "ok", "ok", "sleep", "raise", "exit",
+                                     "sysexit", "kill"]),
+                    st.integers(min_value=0, max_value=20))
+EXPECTED = {"raise": ValueError, "exit": WorkerCrashedError, "kill": WorkerCrashedError,
+            "sysexit": WorkerExitedError}
+
+
+@pytest.fixture(scope="module")
+def shared_pool():
+    pool = Pool(2, retries=0)
+    yield pool
+    pool.terminate()
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(actions=st.lists(ACTIONS, min_size=1, max_size=25),
+       api=st.sampled_from(["map", "imap", "imap_unordered", "submit"]))
+def test_every_task_ends_with_exactly_one_right_outcome(shared_pool, actions, api):
+    pool = shared_pool
+    if api == "map":
+        outcomes = list(enumerate(pool.map(faulty, actions, return_exceptions=True)))
+    elif api == "imap":
+        outcomes = list(enumerate(pool.imap(faulty, actions, errors="return")))
+    elif api == "imap_unordered":
+        outcomes = [(o.index, o.value if o.ok else o.error)
+                    for o in pool.imap_outcomes(faulty, actions, ordered=False)]
+    else:
+        futures = [pool.submit(faulty, a) for a in actions]
+        concurrent.futures.wait(futures, timeout=60)
+        outcomes = [(i, f.exception() or f.result()) for i, f in enumerate(futures)]
+    assert sorted(i for i, _ in outcomes) == list(range(len(actions)))  # one each, none lost
+    for index, value in outcomes:
+        kind, number = actions[index]
+        if kind in EXPECTED:
+            assert isinstance(value, EXPECTED[kind]), (kind, value)
+        else:
+            assert value == number
+    stats = pool.stats()
+    assert stats.tasks_queued == 0 and stats.tasks_running == 0
