@@ -17,21 +17,59 @@ from .errors import TaskFailed as TaskFailed
 from .errors import TaskTimeoutError as TaskTimeoutError
 from .errors import WorkerCrashedError as WorkerCrashedError
 from .errors import WorkerExitedError as WorkerExitedError
-from .limits import Limit as Limit
-from .limits import Rate as Rate
-from .pool import CallOptions as CallOptions
-from .pool import Pool as Pool
-from .pool import PoolView as PoolView
-from .pool import Queue as Queue
-from .pool import PoolStats as PoolStats
-from .pool import WorkerStats as WorkerStats
-from .results import AsyncResult as AsyncResult
-from .results import IMapIterator as IMapIterator
-from .results import MapResult as MapResult
-from .results import OutcomeIterator as OutcomeIterator
-from .results import TaskOutcome as TaskOutcome
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # explicit re-exports for type checkers; loaded lazily at run time
+    from .limits import Limit as Limit
+    from .limits import Rate as Rate
+    from .pool import CallOptions as CallOptions
+    from .pool import Pool as Pool
+    from .pool import PoolView as PoolView
+    from .pool import Queue as Queue
+    from .pool import PoolStats as PoolStats
+    from .pool import WorkerStats as WorkerStats
+    from .results import AsyncResult as AsyncResult
+    from .results import IMapIterator as IMapIterator
+    from .results import MapResult as MapResult
+    from .results import OutcomeIterator as OutcomeIterator
+    from .results import TaskOutcome as TaskOutcome
 
 __version__ = "0.1.0"
+
+# name -> module, imported on first access (PEP 562): `import procqueue.worker`, which every
+# worker process does, then costs a few milliseconds instead of the whole pool machinery.
+_LAZY = {
+    "Limit": "limits",
+    "Rate": "limits",
+    "CallOptions": "pool",
+    "Pool": "pool",
+    "PoolView": "pool",
+    "Queue": "pool",
+    "PoolStats": "pool",
+    "WorkerStats": "pool",
+    "AsyncResult": "results",
+    "IMapIterator": "results",
+    "MapResult": "results",
+    "OutcomeIterator": "results",
+    "TaskOutcome": "results",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'procqueue' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "Pool", "PoolView", "CallOptions", "Queue", "Limit", "Rate", "PoolStats", "WorkerStats", "AsyncResult", "MapResult", "IMapIterator",
