@@ -24,7 +24,7 @@ from .config import PoolConfig, parse_relative_timeout
 from .errors import ArgumentSerializationError, PoolClosedError
 from .limits import KeyedLimit, Limit, LimitHandle, Rate
 from .affinity import worker_thread_env
-from .protocol import CallKind, dumps_argument, dumps_function
+from .protocol import CallKind, OutOfBand, dumps_argument, dumps_function
 from .results import (ApplyResult, FutureSink, IMapIterator, MapResult, OutcomeIterator,
                       ResultStream, TaskFuture, Window)
 from .supervisor import (CancelJob, CancelTask, Close, CloseJob, OpenJob, SubmitTasks,
@@ -38,6 +38,8 @@ WINDOW_TASKS_MIN = 2048
 FUNCTION_CACHE_SIZE = 256  # functions whose pickled form a pool keeps (submit/apply_async)
 TERMINATE_WAIT_S = 5.0
 SPAWN_WAIT_S = 10.0
+SUBMIT_GROUP_TASKS = 4096  # map posts its tasks to the supervisor in groups of this many...
+SUBMIT_GROUP_BYTES = 4 * 2**20  # ...or of this many argument bytes, whichever comes first
 FEED_GROUP_MAX = 256  # inputs a feeder submits in one go at most
 FEED_GROUP_MAX_WAIT_S = 0.002  # a group stops growing once its first input waited this long  # Pool() waits this long at most for its workers to be spawned  # terminate() returns once the workers are gone, or after this
 
@@ -406,10 +408,25 @@ class Pool:
         return task
 
     def _submit(self, job: Job, items: Iterable[Any]) -> list[Task]:
+        """Pickle and submit the inputs, posting them in groups so that workers start on the
+        first ones while the caller is still pickling the rest (big arguments)."""
+        post = self._supervisor.post
+        all_tasks: list[Task] = []
+        group: list[Task] = []
         errors: dict[int, BaseException] = {}
-        tasks = [self._make_task(job, i, item, errors) for i, item in enumerate(items)]
-        self._supervisor.post(SubmitTasks(tasks, errors))
-        return tasks
+        group_bytes = 0
+        for i, item in enumerate(items):
+            task = self._make_task(job, i, item, errors)
+            group.append(task)
+            group_bytes += _payload_bytes(task.payload)
+            if group_bytes >= SUBMIT_GROUP_BYTES or len(group) >= SUBMIT_GROUP_TASKS:
+                post(SubmitTasks(group, errors))
+                all_tasks += group
+                group, errors, group_bytes = [], {}, 0
+        if group:
+            post(SubmitTasks(group, errors))
+            all_tasks += group
+        return all_tasks
 
     def _start_feeder(self, job: Job, stream: ResultStream, iterable: Iterable[Any]) -> None:
         self._supervisor.post(OpenJob(job))
@@ -557,6 +574,12 @@ _VIEW_METHODS = frozenset({"apply", "apply_async", "map", "map_async", "starmap"
 
 def _as_kwargs(call: CallOptions) -> dict[str, Any]:
     return {f.name: getattr(call, f.name) for f in fields(call) if getattr(call, f.name) is not None}
+
+
+def _payload_bytes(payload: Any) -> int:
+    if isinstance(payload, OutOfBand):
+        return payload.size
+    return len(payload)
 
 
 def _errors_mode(errors: str, options: dict[str, Any]) -> str:

@@ -23,6 +23,8 @@ its own task); functions are pickled with cloudpickle (lambdas, closures, __main
 from __future__ import annotations
 
 import enum
+import mmap
+import os
 import pickle
 import traceback
 from dataclasses import dataclass
@@ -48,6 +50,7 @@ class RunBatch:
     fn_payload: bytes | None  # cloudpickled function; None when this worker already has fn_id
     kind: CallKind
     items: tuple[tuple[int, bytes], ...]  # (task id, pickled payload)
+    oob_task_ids: tuple[int, ...] = ()  # tasks whose big buffers follow as file descriptors
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,15 +110,97 @@ def dumps_function(fn: Any) -> bytes:
     return bytes(cloudpickle.dumps(fn, PICKLE_PROTOCOL))
 
 
-def dumps_argument(obj: Any) -> bytes:
-    """Pickle a task argument: plain pickle first (fast), cloudpickle for lambdas and the like.
-    Raises the pickling error if neither can."""
+class OutOfBand:
+    """A pickled argument whose large buffers (numpy arrays and other PickleBuffer
+    producers) live in a memfd instead of the pickle: the caller copies them once, the worker
+    receives the descriptor over its pipe (SCM_RIGHTS) and maps it, copy-on-write.  A memfd
+    has no name, so nothing can leak into /dev/shm whoever dies; the caller keeps its
+    descriptor until the task's final outcome (a retry sends it again), then closes it."""
+
+    __slots__ = ("wire", "fd", "size")
+
+    def __init__(self, inband: bytes, sizes: tuple[int, ...], fd: int) -> None:
+        self.wire = OOB_MARKER + pickle.dumps((inband, sizes), PICKLE_PROTOCOL)
+        self.fd = fd
+        self.size = len(inband) + sum(sizes)  # bytes of the argument, in band and out
+
+    def __len__(self) -> int:
+        return len(self.wire)  # what travels in the pipe
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+OOB_MARKER = b"\x00procqueue-oob\x00"
+OOB_MIN_BYTES = 256 * 1024  # smaller buffers ride inside the pickle: a memfd costs syscalls
+
+
+def dumps_argument(obj: Any) -> bytes | OutOfBand:
+    """Pickle a task argument: plain pickle first (fast), cloudpickle for lambdas and the like;
+    big contiguous buffers out of band (see OutOfBand).  Raises the pickling error if neither
+    pickler can."""
+    buffers: list[pickle.PickleBuffer] = []
     try:
-        return pickle.dumps(obj, PICKLE_PROTOCOL)
+        inband = pickle.dumps(obj, PICKLE_PROTOCOL, buffer_callback=buffers.append)
     except (pickle.PicklingError, TypeError, AttributeError):
         import cloudpickle
 
         return bytes(cloudpickle.dumps(obj, PICKLE_PROTOCOL))
+    if not buffers:
+        return inband
+    try:
+        raws = [b.raw() for b in buffers]
+    except BufferError:  # not contiguous: let pickle copy it in band
+        return pickle.dumps(obj, PICKLE_PROTOCOL)
+    total = sum(r.nbytes for r in raws)
+    if total < OOB_MIN_BYTES or not hasattr(os, "memfd_create"):
+        return pickle.dumps(obj, PICKLE_PROTOCOL)
+    return OutOfBand(inband, tuple(r.nbytes for r in raws), _memfd_with(raws, total))
+
+
+def _memfd_with(raws: list[memoryview], total: int) -> int:
+    """A memfd holding the buffers back to back.  Written with pwrite, not through a mapping:
+    the kernel allocates the pages in the write path (2x faster than faulting them in), and
+    the GIL is released while it copies."""
+    fd = os.memfd_create("procqueue-argument", os.MFD_CLOEXEC)
+    try:
+        offset = 0
+        for raw in raws:
+            view = raw.cast("B") if raw.format != "B" or raw.ndim != 1 else raw
+            done = 0
+            while done < view.nbytes:  # pwrite may write less than asked (2 GiB cap)
+                done += os.pwrite(fd, view[done:], offset + done)
+            offset += view.nbytes
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def wire_payload(payload: bytes | OutOfBand) -> bytes:
+    return payload.wire if isinstance(payload, OutOfBand) else payload
+
+
+def loads_argument(payload: bytes, fds: dict[int, int], task_id: int) -> Any:
+    """The worker's side of dumps_argument."""
+    if not payload.startswith(OOB_MARKER):
+        return pickle.loads(payload)
+    inband, sizes = pickle.loads(payload[len(OOB_MARKER):])
+    fd = fds.pop(task_id)
+    try:
+        # Private and writable: the task may modify its array without touching the caller's.
+        mapped = mmap.mmap(fd, sum(sizes), flags=mmap.MAP_PRIVATE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    views, offset = [], 0
+    whole = memoryview(mapped)
+    for size in sizes:
+        views.append(whole[offset:offset + size])
+        offset += size
+    return pickle.loads(inband, buffers=views)
 
 
 def capture_exception(exc: BaseException) -> bytes:

@@ -41,7 +41,8 @@ from .config import PoolConfig
 from .errors import (InitializerError, PoolBrokenError, ResultSerializationError,
                      TaskCancelledError, TaskTimeoutError, WorkerCrashedError, annotate,
                      describe_exit)
-from .protocol import BatchResults, InitFailed, Ready, RunBatch, loads, restore_exception
+from .protocol import (BatchResults, InitFailed, OutOfBand, Ready, RunBatch, loads,
+                       restore_exception, wire_payload)
 from .admission import ConcurrencyGate, FreeMemoryGate, Gate, RateGateAdapter, rate_gate_for
 from .scheduler import FailureKind, RetryPolicy, Scheduler
 from .stats import TaskEvent
@@ -297,9 +298,12 @@ class Supervisor:
         slot.batches.append(batch)
         fn_payload = None if job.fn_id in slot.known_functions else job.fn_payload
         slot.known_functions.add(job.fn_id)
+        oob = [t for t in tasks if isinstance(t.payload, OutOfBand)]
         message = RunBatch(batch.id, job.fn_id, fn_payload, job.kind,
-                           tuple((t.id, t.payload) for t in tasks))
-        self.workers.send(slot, message)  # a failed send surfaces as the worker's death
+                           tuple((t.id, wire_payload(t.payload)) for t in tasks),
+                           tuple(t.id for t in oob))
+        # A failed send surfaces as the worker's death (its sentinel).
+        self.workers.send(slot, message, tuple(t.payload.fd for t in oob))  # type: ignore[union-attr]
         return True
 
     def _warm_up(self, slot: Slot) -> bool:
@@ -561,6 +565,8 @@ class Supervisor:
         """The only place a task reaches a terminal state and its outcome is delivered."""
         task.move(state)
         del self._tasks[task.id]
+        if isinstance(task.payload, OutOfBand):
+            task.payload.close()
         if state is TaskState.DONE:
             self.succeeded += 1
         elif state is TaskState.FAILED:

@@ -22,7 +22,7 @@ from .affinity import pin_current_process
 from .errors import (ArgumentSerializationError, RemoteError, ResultSerializationError,
                      WorkerExitedError)
 from .protocol import (BatchResults, CallKind, InitFailed, Ready, RunBatch, Stop,
-                       capture_exception, dumps, loads)
+                       capture_exception, dumps, loads, loads_argument)
 
 # Slot state shared with the supervisor (a 2-slot int64 array): the task now running and when
 # it started.  Written here before each item, read by the supervisor on a crash or a deadline.
@@ -33,6 +33,7 @@ IDLE = -1  # CURRENT_TASK between batches
 INIT_FAILED_EXIT = 70  # exit code after a failed initializer (EX_SOFTWARE)
 FLUSH_INTERVAL_S = 0.05  # send the results of a long batch at least this often
 FUNCTION_CACHE_SIZE = 64  # functions a worker keeps unpickled, by fn_id
+FDS_PER_MESSAGE = 200  # descriptors per SCM_RIGHTS message (the kernel allows 253)
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -68,15 +69,34 @@ def serve(conn: Any, slot_state: Any) -> None:
             return  # the supervisor went away: nothing left to do
         match message:
             case RunBatch():
-                run_batch(conn, slot_state, functions, message)
+                fds = _receive_fds(conn, message.oob_task_ids)
+                run_batch(conn, slot_state, functions, message, fds)
             case Stop():
                 return
             case _:
                 raise TypeError(f"worker got an unknown message {message!r}")
 
 
+def _receive_fds(conn: Any, task_ids: tuple[int, ...]) -> dict[int, int]:
+    """The memfds of out-of-band arguments follow their RunBatch on the pipe."""
+    if not task_ids:
+        return {}
+    import socket
+    from multiprocessing import reduction
+
+    sock = socket.socket(fileno=conn.fileno())
+    try:
+        fds: list[int] = []
+        for start in range(0, len(task_ids), FDS_PER_MESSAGE):
+            fds += reduction.recvfds(sock, len(task_ids[start:start + FDS_PER_MESSAGE]))
+    finally:
+        sock.detach()  # the descriptor belongs to conn
+    return dict(zip(task_ids, fds))
+
+
 def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any]],
-              batch: RunBatch) -> None:
+              batch: RunBatch, fds: dict[int, int] | None = None) -> None:
+    fds = fds or {}
     if batch.items:  # a crash while unpickling the function is charged to the first task
         slot_state[STARTED_NS] = time.monotonic_ns()
         slot_state[CURRENT_TASK] = batch.items[0][0]
@@ -87,7 +107,7 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
         started_ns = time.monotonic_ns()
         slot_state[STARTED_NS] = started_ns  # time first: see module docstring
         slot_state[CURRENT_TASK] = task_id
-        ok, data = run_item(fn, fn_error, batch.kind, payload)
+        ok, data = run_item(fn, fn_error, batch.kind, payload, fds, task_id)
         now = time.monotonic()
         started = started_ns / 1e9
         results.add(task_id, ok, data, now - started, started)
@@ -96,6 +116,8 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
             results = _Columns(batch.batch_id)
             last_flush = now
     slot_state[CURRENT_TASK] = IDLE
+    for fd in fds.values():  # arguments of tasks never reached (their function failed)
+        _close_quietly(fd)
     conn.send_bytes(dumps(results.message(final=True)))
 
 
@@ -138,13 +160,13 @@ def current_rss_bytes() -> int:
 
 
 def run_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKind,
-             payload: bytes) -> tuple[bool, bytes]:
+             payload: bytes, fds: dict[int, int], task_id: int) -> tuple[bool, bytes]:
     """Run one item: (True, pickled result) or (False, pickled ErrorInfo)."""
     if fn is None:
         assert fn_error is not None
         return False, fn_error
     try:
-        arg = loads(payload)
+        arg = loads_argument(payload, fds, task_id)
     except BaseException as exc:  # noqa: BLE001 - any unpickling failure is this task's error
         error = ArgumentSerializationError(f"could not unpickle the task's argument: {exc!r}")
         error.__cause__ = exc

@@ -24,7 +24,7 @@ from typing import Any
 
 from .protocol import Stop, ToWorker, dumps
 from .tasks import Job, Task
-from .worker import CURRENT_TASK, IDLE, STARTED_NS, worker_main
+from .worker import CURRENT_TASK, FDS_PER_MESSAGE, IDLE, STARTED_NS, worker_main
 
 # A prefetched batch waits in the worker's socket buffer while it finishes the current one,
 # so a worker is never idle waiting for the supervisor.  Only small batches are prefetched:
@@ -185,14 +185,27 @@ class WorkerSlots:
         fds += [s.conn.fileno() for s in self.slots if s.conn is not None and not s.conn.closed]
         return tuple(fds)
 
-    def send(self, slot: Slot, message: ToWorker) -> bool:
-        """Send a message; False if the worker's pipe is broken (it died: the sentinel will
-        tell the supervisor soon)."""
+    def send(self, slot: Slot, message: ToWorker, fds: tuple[int, ...] = ()) -> bool:
+        """Send a message, then the descriptors of its out-of-band arguments; False if the
+        worker's pipe is broken (it died: the sentinel will tell the supervisor soon)."""
         try:
             slot.conn.send_bytes(dumps(message))
+            if fds:
+                self._send_fds(slot, fds)
         except (OSError, EOFError, ValueError):
             return False
         return True
+
+    def _send_fds(self, slot: Slot, fds: tuple[int, ...]) -> None:
+        import socket
+        from multiprocessing import reduction
+
+        sock = socket.socket(fileno=slot.conn.fileno())
+        try:
+            for start in range(0, len(fds), FDS_PER_MESSAGE):
+                reduction.sendfds(sock, list(fds[start:start + FDS_PER_MESSAGE]))
+        finally:
+            sock.detach()  # the descriptor belongs to the connection
 
     def retire(self, slot: Slot) -> None:
         """Ask a worker to exit once it has finished what it holds."""
