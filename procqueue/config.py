@@ -198,8 +198,9 @@ def _check_rate(rate: Any) -> Rate | None:
 def _check_retry_on(retry_on: Any) -> tuple[type[BaseException], ...]:
     if isinstance(retry_on, type):
         retry_on = (retry_on,)
-    retry_on = tuple(retry_on)
-    for t in retry_on:
+    types: list[type[BaseException]] = []
+    for t in tuple(retry_on):
         if not (isinstance(t, type) and issubclass(t, BaseException)):
             raise TypeError(f"retry_on must hold exception types, got {t!r}")
-    return retry_on
+        types.append(t)
+    return tuple(types)

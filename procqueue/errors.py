@@ -78,7 +78,7 @@ class TaskFailed(ProcqueueError):
         return f"{self.message}{suffix}"
 
 
-def _rebuild(cls: type, message: str, state: dict[str, Any]) -> Any:
+def _rebuild(cls: type[BaseException], message: str, state: dict[str, Any]) -> Any:
     obj = cls.__new__(cls)
     Exception.__init__(obj, message)
     obj.__dict__.update(state)

@@ -137,8 +137,9 @@ class Pool:
 
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],
             chunksize: int | None = None, *, errors: str = "raise", **options: Any) -> list[Any]:
-        return self._map_async(func, iterable, chunksize, CallKind.ONE, errors=errors,
-                               options=options).get()
+        values: list[Any] = self._map_async(func, iterable, chunksize, CallKind.ONE,
+                                            errors=errors, options=options).get()
+        return values
 
     def map_async(self, func: Callable[[Any], Any], iterable: Iterable[Any],
                   chunksize: int | None = None, callback: Callable[[Any], object] | None = None,
@@ -150,8 +151,9 @@ class Pool:
     def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
                 chunksize: int | None = None, *, errors: str = "raise", **options: Any
                 ) -> list[Any]:
-        return self._map_async(func, iterable, chunksize, CallKind.STAR, errors=errors,
-                               options=options).get()
+        values: list[Any] = self._map_async(func, iterable, chunksize, CallKind.STAR,
+                                            errors=errors, options=options).get()
+        return values
 
     def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
                       chunksize: int | None = None,
@@ -306,11 +308,14 @@ class Pool:
         if call.rate_limited or self._config.rate is not None:
             fixed = fixed or 1  # a rate counts starts: never let a batch start early ones
         sizer = self._sizer(fn_id, fixed)
-        keyed = KeyedLimit(call.key_concurrency or 1) if call.key is not None else None
+        keyed: KeyedLimit[Any] | None = None
+        if call.key is not None:
+            keyed = KeyedLimit(call.key_concurrency or 1)
         timeout = call.timeout if call.timeout is not None else self._config.timeout_s
         factor = parse_relative_timeout(timeout)
+        timeout_s = None if factor is not None or timeout is None else float(timeout)
         job = Job(next(self._ids), fn_id, payload, kind, sink, chunksize=sizer.fixed,
-                  timeout_s=None if factor is not None else timeout, sizer=sizer,
+                  timeout_s=timeout_s, sizer=sizer,
                   gates=self._gates_for(call), keyed=keyed, key_fn=call.key)
         job.timeout_factor = factor
         return job

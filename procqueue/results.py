@@ -372,7 +372,7 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
                 waiter.add_cancelled(self)
             self._condition.notify_all()
         self._on_cancel(True)
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]  # Future's own helper
         return True
 
 

@@ -45,7 +45,7 @@ class RetryPolicy:
     def backoff(self, attempts: int) -> float:
         """Exponential backoff with full jitter (attempts >= 1 runs so far)."""
         ceiling = min(self.backoff_max_s, self.backoff_s * (2 ** max(attempts - 1, 0)))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
+        return float(ceiling / 2 + random.uniform(0, ceiling / 2))
 
 
 class JobQueue:

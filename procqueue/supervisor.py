@@ -303,7 +303,7 @@ class Supervisor:
                            tuple((t.id, wire_payload(t.payload)) for t in tasks),
                            tuple(t.id for t in oob))
         # A failed send surfaces as the worker's death (its sentinel).
-        self.workers.send(slot, message, tuple(t.payload.fd for t in oob))  # type: ignore[union-attr]
+        self.workers.send(slot, message, tuple(_fd_of(t.payload) for t in oob))
         return True
 
     def _warm_up(self, slot: Slot) -> bool:
@@ -435,9 +435,9 @@ class Supervisor:
                 self._emit(task, slot, started, started + seconds, "ok", None)
             self._finish(task, TaskState.DONE, True, value)
         else:
-            error = restore_exception(payload)
-            self._emit(task, slot, started, started + seconds, "error", error)
-            self._after_failure(task, FailureKind.EXCEPTION, error)
+            raised = restore_exception(payload)
+            self._emit(task, slot, started, started + seconds, "error", raised)
+            self._after_failure(task, FailureKind.EXCEPTION, raised)
 
     def _on_worker_exit(self, slot: Slot) -> None:
         # Results the worker sent before dying are still in the pipe: apply them first.
@@ -818,6 +818,11 @@ def pool_gates(config: PoolConfig) -> tuple[Gate, ...]:
     if config.min_free_memory is not None:
         gates.append(FreeMemoryGate(config.min_free_memory))
     return tuple(gates)
+
+
+def _fd_of(payload: Any) -> int:
+    assert isinstance(payload, OutOfBand)
+    return payload.fd
 
 
 def _stop_feeding(job: Job) -> None:

@@ -60,7 +60,11 @@ class IllegalTransition(RuntimeError):
 class OutcomeSink(Protocol):
     """Whoever waits for a task's outcome (a result object, a future, an iterator)."""
 
-    def deliver(self, task: "Task", ok: bool, value: Any) -> None: ...
+    def starting(self, task: "Task") -> bool:
+        """The task is about to be sent to a worker; False: it was cancelled, skip it."""
+
+    def deliver(self, task: "Task", ok: bool, value: Any) -> None:
+        """The task's one outcome: its result (ok) or the exception to raise."""
 
 
 class Task:
@@ -69,12 +73,12 @@ class Task:
     __slots__ = ("id", "job", "index", "payload", "kind", "state", "attempts", "pid",
                  "started_at", "seconds", "input", "not_before", "timeout_s", "key", "holds")
 
-    def __init__(self, task_id: int, job: "Job", index: int, payload: bytes,
+    def __init__(self, task_id: int, job: "Job", index: int, payload: Any,
                  input: Any) -> None:
         self.id = task_id
         self.job = job
         self.index = index  # position in its call's input
-        self.payload = payload  # pickled argument(s)
+        self.payload = payload  # pickled argument(s): bytes, or protocol.OutOfBand
         self.kind = job.kind
         self.state = TaskState.QUEUED
         self.attempts = 0  # runs started

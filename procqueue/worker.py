@@ -203,8 +203,8 @@ def _load_function(functions: dict[int, Callable[..., Any]], batch: RunBatch
     if failed is not None:
         return None, failed
     if batch.fn_payload is None:
-        error = RuntimeError(f"procqueue bug: worker has no function {batch.fn_id}")
-        return None, capture_exception(error)
+        missing = RuntimeError(f"procqueue bug: worker has no function {batch.fn_id}")
+        return None, capture_exception(missing)
     try:
         fn = loads(batch.fn_payload)
     except BaseException as exc:  # noqa: BLE001 - e.g. the function's module is not importable here
