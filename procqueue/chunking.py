@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-TARGET_BATCH_S = 0.01  # aim for batches of about 10 ms of work
+TARGET_BATCH_S = 0.015  # aim for batches of about 15 ms of work
 MAX_BATCH_TASKS = 4096  # caps the memory and result latency of one batch
 EWMA_WEIGHT = 0.3  # weight of the newest observation of mean task time
 

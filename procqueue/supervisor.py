@@ -55,7 +55,8 @@ STOP_WORKERS_TIMEOUT_S = 1.0  # close(): how long retiring workers get before be
 INPUT_REPR_MAX_CHARS = 200
 MIN_DURATIONS_FOR_RELATIVE = 3  # finished tasks needed before a relative timeout applies
 MIN_RELATIVE_TIMEOUT_S = 1.0  # a relative timeout never kills a task younger than this
-WARM_UP_CRASH_LIMIT = 2  # workers lost loading one function before warm-ups stop
+WARM_UP_CRASH_LIMIT = 2
+PREFETCH_MIN_QUEUED_PER_WORKER = 8  # tasks queued per worker below which nothing is prefetched  # workers lost loading one function before warm-ups stop
 
 
 class SupervisorState(enum.Enum):
@@ -269,8 +270,12 @@ class Supervisor:
     # ---- dispatch ----------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        # Idle workers first, then one prefetched batch each.
-        for want_batches in (0, 1):
+        # Idle workers first, then one prefetched batch each, but not near the end of the
+        # queue: a prefetched batch stuck behind a slow task cannot move to a worker that
+        # has gone idle, and at the tail that idleness is what costs (skewed task times).
+        prefetch_ok = self.scheduler.queued >= PREFETCH_MIN_QUEUED_PER_WORKER * len(
+            self.workers.slots)
+        for want_batches in ((0, 1) if prefetch_ok else (0,)):
             for slot in self.workers.slots:
                 while len(slot.batches) == want_batches and slot.can_take_batch():
                     prefetch = want_batches > 0
