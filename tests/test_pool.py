@@ -269,3 +269,38 @@ def test_many_threads_submitting_at_once_get_every_result():
         for t in threads:
             t.join()
     assert all(out[k] == [x * x for x in range(k * 100, k * 100 + 100)] for k in range(8))
+
+
+_EXIT_SCRIPT = """
+import os, sys, time
+from procqueue import Pool
+def hang(_):
+    time.sleep(60)
+if __name__ == "__main__":
+    pool = Pool(2)                      # never closed
+    for i in range(4):
+        pool.apply_async(hang, (i,))
+    time.sleep(0.5)
+    print(" ".join(str(w.pid) for w in pool.stats().workers), flush=True)
+    sys.exit(0)                         # interpreter exit with tasks still running
+"""
+
+
+@pytest.mark.timeout(30)
+def test_interpreter_exit_with_a_running_pool_is_prompt_and_leaves_no_worker(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit_script.py"
+    script.write_text(_EXIT_SCRIPT)
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=20)
+    assert run.returncode == 0, run.stderr
+    assert time.monotonic() - started < 0.5 + 5.0
+    pids = [int(p) for p in run.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 2
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _alive(pids) == []
