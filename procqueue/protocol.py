@@ -209,7 +209,7 @@ def capture_exception(exc: BaseException) -> bytes:
     An exception that fails to pickle, or whose pickle fails to load (custom __init__
     signatures are the usual cause), becomes a RemoteError with its type name and message.
     """
-    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb_text = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
     exc_for_wire = _strip_traceback(exc)
     try:
         data = dumps(ErrorInfo(exc_for_wire, tb_text))
@@ -229,6 +229,19 @@ def restore_exception(data: bytes) -> BaseException:
     if isinstance(exc, TaskFailed) and isinstance(exc, RemoteError) and not exc.traceback_text:
         exc.traceback_text = info.traceback_text
     return exc
+
+
+def _user_frames(tb: Any) -> Any:
+    """The traceback from the first frame outside procqueue (the worker's own call frames
+    say nothing about the user's bug); all of it if every frame is procqueue's."""
+    first = tb
+    while tb is not None and _is_procqueue_module(tb.tb_frame.f_globals.get("__name__", "")):
+        tb = tb.tb_next
+    return tb if tb is not None else first
+
+
+def _is_procqueue_module(name: str) -> bool:
+    return name == "procqueue" or name.startswith("procqueue.")
 
 
 def _strip_traceback(exc: BaseException) -> BaseException:

@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"affinity", "limits", "errors"},
     "tasks": {"errors", "protocol"},
     "stats": {"tasks"},
+    "journal": {"errors", "protocol", "tasks", "stats"},
     "protocol": {"errors"},
     "affinity": {"errors"},
     "errors": set(),

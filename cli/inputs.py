@@ -1,0 +1,57 @@
+"""The inputs of a run: files of directories (recursively, sorted), files, stdin lines."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, TextIO
+
+import click
+
+
+class InputError(click.ClickException):
+    """An input path that does not exist (exit code 2)."""
+
+    exit_code = 2
+
+
+def collect_inputs(inputs: Iterable[str], glob: str | None = None,
+                   lines_file: str | None = None, stdin: TextIO | None = None) -> list[str]:
+    """Every input item, as a string, in order: a directory gives its files (recursively,
+    sorted, filtered by `glob`), a file gives itself, '-' gives stdin's lines, and
+    `lines_file` the lines of that file."""
+    items: list[str] = []
+    for spec in inputs:
+        if spec == "-":
+            items += _lines(stdin or sys.stdin)
+        elif os.path.isdir(spec):
+            items += _files_under(spec, glob)
+        elif os.path.exists(spec):
+            items.append(spec)
+        else:
+            raise InputError(f"input not found: {spec!r}")
+    if lines_file is not None:
+        try:
+            with open(lines_file, encoding="utf-8") as f:
+                items += _lines(f)
+        except OSError as exc:
+            raise InputError(f"cannot read --lines file {lines_file!r}: {exc.strerror}")
+    return items
+
+
+def _lines(stream: TextIO) -> list[str]:
+    return [line.rstrip("\r\n") for line in stream if line.strip()]
+
+
+def _files_under(directory: str, glob: str | None) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in files:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, directory)
+            if glob is None or fnmatch.fnmatch(name, glob) or fnmatch.fnmatch(relative, glob):
+                found.append(path)
+    return sorted(found, key=lambda p: Path(p).parts)

@@ -1,0 +1,334 @@
+"""`procqueue`: run a Python function over many inputs on all CPUs, GNU-parallel style.
+
+Thin by design: parse and check the arguments, build the Pool through the public API, write
+one JSON record per input, and turn the outcome into an exit code:
+
+    0    every input succeeded
+    1    some inputs failed (each has a record with its error)
+    2    usage error: bad option, script, function or input path
+    130  interrupted by Ctrl-C (143: SIGTERM); records of finished inputs are written
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, TextIO
+
+import click
+
+import procqueue
+
+from .inputs import collect_inputs
+from .output import RecordWriter, record_of
+from .progress import Progress
+from .script import resolve_script
+
+EXIT_OK = 0  # every input succeeded
+EXIT_FAILURES = 1  # some inputs failed
+EXIT_USAGE = 2  # click's own usage errors use it too
+EXIT_SIGINT = 130  # 128 + SIGINT, as shells report it
+EXIT_SIGTERM = 143  # 128 + SIGTERM
+
+EXAMPLES = """\b
+Examples:
+  procqueue map score.py inputs/ -j 3 > results.jsonl
+  procqueue map score.py inputs/ --glob '*.txt' --unordered --stats
+  find . -name '*.csv' | procqueue map tools.py - --fn parse --timeout 60
+  procqueue map mypkg.jobs:render jobs/ --retries 2 --halt soon,fail=5
+  procqueue map fetch.py urls.txt --lines urls.txt --rate 50/30s --limit geo-api=2
+"""
+
+
+class HaltPolicyError(click.BadParameter):
+    pass
+
+
+@dataclass(frozen=True)
+class HaltPolicy:
+    """GNU parallel's --halt: stop after `count` failures (or `percent` of the inputs);
+    'soon' lets running tasks finish, 'now' kills them."""
+
+    now: bool
+    count: int | None = None
+    percent: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> "HaltPolicy | None":
+        if text is None or text == "never":
+            return None
+        when, _, rule = text.partition(",")
+        if when not in ("soon", "now") or not rule.startswith("fail="):
+            raise HaltPolicyError(f"{text!r}: use never, soon,fail=N, now,fail=N or "
+                                  "soon,fail=N%", param_hint="--halt")
+        value = rule[len("fail="):]
+        try:
+            if value.endswith("%"):
+                return cls(when == "now", percent=float(value[:-1]))
+            return cls(when == "now", count=int(value))
+        except ValueError:
+            raise HaltPolicyError(f"{text!r}: fail= takes a number or a percentage",
+                                  param_hint="--halt") from None
+
+    def reached(self, failed: int, total: int) -> bool:
+        if self.count is not None:
+            return failed >= max(self.count, 1)
+        assert self.percent is not None
+        return total > 0 and failed * 100 >= self.percent * total and failed > 0
+
+
+class Interrupts:
+    """Ctrl-C, twice: the first stops dispatching and gives running tasks `grace_s` to finish
+    (then kills them); the second kills them at once.  SIGTERM kills at once.  Records of
+    every finished input are still written; the exit code says what happened."""
+
+    def __init__(self, progress: Progress, grace_s: float) -> None:
+        self.progress = progress
+        self.grace_s = grace_s
+        self.signal: int | None = None
+        self._outcomes: procqueue.OutcomeIterator | None = None
+        self._timer: threading.Timer | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self, outcomes: procqueue.OutcomeIterator) -> None:
+        self._outcomes = outcomes
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        assert self._outcomes is not None
+        first = self.signal is None
+        self.signal = self.signal or signum
+        if signum == signal.SIGINT and first:
+            self.progress.note(f"procqueue: interrupted: no new inputs start; running ones get "
+                               f"{self.grace_s:g} s to finish. Press Ctrl-C again to kill them.")
+            self._outcomes.cancel(kill_running=False)
+            outcomes = self._outcomes
+            self._timer = threading.Timer(self.grace_s, lambda: outcomes.cancel(kill_running=True))
+            self._timer.daemon = True
+            self._timer.start()
+        else:
+            self.progress.note("procqueue: killing the running tasks")
+            self._outcomes.cancel(kill_running=True)
+
+
+@click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(procqueue.__version__, prog_name="procqueue")
+def cli() -> None:
+    """Run a Python function over many inputs on all CPUs: the script is imported once per
+    worker, its function called once per input, one JSON line written per input."""
+
+
+@cli.command("map", epilog=EXAMPLES)
+@click.argument("script")
+@click.argument("inputs", nargs=-1)
+@click.option("--fn", "fn_name", metavar="NAME",
+              help="Function to call (default: process, or the one named in module:function).")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
+              help="Worker processes [default: usable CPUs].")
+@click.option("--glob", metavar="PATTERN", help="Only files of directories matching PATTERN.")
+@click.option("--lines", "lines_file", metavar="FILE",
+              help="Also take one input per line of FILE ('-' as an INPUT reads stdin).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              help="Write the JSON Lines here [default: stdout].")
+@click.option("--unordered", is_flag=True,
+              help="Write records as inputs finish, not in input order.")
+@click.option("--timeout", metavar="SECONDS|P%",
+              help="Kill a task after SECONDS, or after P% of the median task time so far.")
+@click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Re-runs of a task whose worker crashed (or timed out).")
+@click.option("--no-pin", is_flag=True, help="Do not pin workers to CPUs.")
+@click.option("--max-tasks-per-child", type=click.IntRange(min=1), default=None,
+              help="Replace a worker after it ran N tasks.")
+@click.option("--max-memory-per-child", metavar="SIZE",
+              help="Replace a worker whose memory exceeds SIZE (e.g. 2G) after a task.")
+@click.option("--memfree", metavar="SIZE",
+              help="Start a task only while SIZE of memory is free (e.g. 2G).")
+@click.option("--chunksize", type=click.IntRange(min=1), default=None,
+              help="Inputs per batch sent to a worker [default: adaptive].")
+@click.option("--concurrency", type=click.IntRange(min=1), default=None,
+              help="At most K tasks running at once.")
+@click.option("--rate", metavar="L/P", help="At most L task starts per P (e.g. 50/30s).")
+@click.option("--limit", "limits", metavar="NAME=K[,RATE]", multiple=True,
+              help="A machine-wide named limit, shared by every procqueue using NAME.")
+@click.option("--key-from", metavar="EXPR",
+              help="Python expression of x (the input) giving its concurrency key.")
+@click.option("--key-concurrency", type=click.IntRange(min=1), default=None,
+              help="At most K running tasks per key (with --key-from; default 1).")
+@click.option("--halt", metavar="POLICY",
+              help="never (default), soon,fail=N, now,fail=N or soon,fail=N% (GNU parallel).")
+@click.option("--interrupt-grace", type=click.FloatRange(min=0), default=3.0,
+              show_default=True, help="Seconds running tasks get after the first Ctrl-C.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--stats", is_flag=True, help="Print a summary on stderr at the end.")
+def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs: int | None,
+                glob: str | None, lines_file: str | None, output: str | None,
+                unordered: bool, timeout: str | None, retries: int, no_pin: bool,
+                max_tasks_per_child: int | None, max_memory_per_child: str | None,
+                memfree: str | None, chunksize: int | None, concurrency: int | None,
+                rate: str | None, limits: tuple[str, ...], key_from: str | None,
+                key_concurrency: int | None, halt: str | None, interrupt_grace: float,
+                quiet: bool, stats: bool) -> None:
+    """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
+    stdin lines) and write one JSON line per input."""
+    if not inputs and lines_file is None:
+        raise click.UsageError("give at least one INPUT (a file, a directory, or -)")
+    fn = resolve_script(script, fn_name)
+    items = collect_inputs(inputs, glob, lines_file)
+    halt_policy = HaltPolicy.parse(halt)
+    pool_options = _pool_options(timeout, retries, no_pin, max_memory_per_child, memfree,
+                                 concurrency, rate)
+    call_options = _call_options(limits, key_from, key_concurrency)
+    stream = open(output, "w", encoding="utf-8") if output else sys.stdout
+    try:
+        code = run(fn, items, jobs, max_tasks_per_child, chunksize, not unordered, pool_options,
+                   call_options, halt_policy, interrupt_grace, stream, quiet, stats)
+    finally:
+        if output:
+            stream.close()
+    sys.exit(code)
+
+
+def _pool_options(timeout: str | None, retries: int, no_pin: bool,
+                  max_memory_per_child: str | None, memfree: str | None,
+                  concurrency: int | None, rate: str | None) -> dict[str, Any]:
+    options: dict[str, Any] = {"retries": retries, "pin": not no_pin}
+    if timeout is not None:
+        options["timeout"] = _parse_timeout(timeout)
+    if max_memory_per_child:
+        options["max_memory_per_child"] = max_memory_per_child
+    if memfree:
+        options["min_free_memory"] = memfree
+    if concurrency:
+        options["concurrency"] = concurrency
+    if rate:
+        options["rate"] = _parse(procqueue.Rate.parse, rate, "--rate")
+    return options
+
+
+def _parse_timeout(text: str) -> float | str:
+    if text.strip().endswith("%"):
+        return text.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not seconds or a percentage like 300%",
+                                 param_hint="--timeout") from None
+    if seconds <= 0:
+        raise click.BadParameter("must be > 0", param_hint="--timeout")
+    return seconds
+
+
+def _call_options(limits: tuple[str, ...], key_from: str | None,
+                  key_concurrency: int | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if len(limits) > 1:
+        raise click.BadParameter("one --limit per run", param_hint="--limit")
+    if limits:
+        options["limit"] = _parse(procqueue.Limit.parse, limits[0], "--limit")
+    if key_from:
+        options["key"] = _key_function(key_from)
+        options["key_concurrency"] = key_concurrency or 1
+    elif key_concurrency:
+        raise click.BadParameter("needs --key-from", param_hint="--key-concurrency")
+    return options
+
+
+def _key_function(expression: str) -> Callable[[str], Any]:
+    try:
+        code = compile(expression, "<--key-from>", "eval")
+    except SyntaxError as exc:
+        raise click.BadParameter(f"{expression!r}: {exc.msg}", param_hint="--key-from") from None
+    return lambda x: eval(code, {"os": os}, {"x": x})  # the user's own expression
+
+
+def _parse(parse: Callable[[str], Any], text: str, hint: str) -> Any:
+    try:
+        return parse(text)
+    except (ValueError, TypeError) as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
+def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | None,
+        chunksize: int | None, ordered: bool, pool_options: dict[str, Any],
+        call_options: dict[str, Any], halt: HaltPolicy | None, grace_s: float,
+        stream: TextIO, quiet: bool, stats: bool) -> int:
+    """Run the batch; returns the exit code."""
+    writer = RecordWriter(stream)
+    progress = Progress(len(items), sys.stderr, enabled=sys.stderr.isatty() and not quiet)
+    interrupts = Interrupts(progress, grace_s)
+    failed = never_ran = 0
+    started = time.monotonic()
+    busy_s = 0.0
+    retries_used = 0
+    with procqueue.Pool(jobs, maxtasksperchild=max_tasks_per_child, **pool_options) as pool:
+        outcomes = pool.imap_outcomes(fn, items, ordered=ordered, chunksize=chunksize,
+                                      **call_options)
+        interrupts.install(outcomes)
+        halted = False
+        try:
+            for outcome in outcomes:
+                record = record_of(outcome)
+                writer.write(record)
+                progress.update(record["ok"])
+                busy_s += outcome.seconds
+                retries_used += max(outcome.attempts - 1, 0)
+                if not record["ok"]:
+                    failed += 1
+                    never_ran += outcome.attempts == 0
+                if halt is not None and not halted and halt.reached(failed - never_ran,
+                                                                    len(items)):
+                    halted = True
+                    progress.note(f"procqueue: halting after {failed} failure(s): "
+                                  f"{'killing' if halt.now else 'finishing'} running tasks; "
+                                  "inputs not started are reported as cancelled")
+                    outcomes.cancel(kill_running=halt.now)
+        finally:
+            interrupts.restore()
+        pool_stats = pool.stats()
+    progress.close()
+    wall_s = time.monotonic() - started
+    if stats:
+        _print_stats(len(items), failed, never_ran, retries_used, pool_stats, wall_s, busy_s)
+    if interrupts.signal == signal.SIGINT:
+        return EXIT_SIGINT
+    if interrupts.signal == signal.SIGTERM:
+        return EXIT_SIGTERM
+    return EXIT_FAILURES if failed else EXIT_OK
+
+
+def _print_stats(total: int, failed: int, never_ran: int, retries: int,
+                 pool_stats: procqueue.PoolStats, wall_s: float, busy_s: float) -> None:
+    workers = pool_stats.processes
+    efficiency = busy_s / (workers * wall_s) if wall_s > 0 else 0.0
+    lines = [
+        f"tasks:           {total}",
+        f"succeeded:       {total - failed}",
+        f"failed:          {failed - never_ran}",
+        f"not run:         {never_ran}",
+        f"retries:         {retries}",
+        f"worker restarts: {pool_stats.worker_restarts}",
+        f"workers:         {workers}",
+        f"wall time:       {wall_s:.2f} s",
+        f"CPU time:        {busy_s:.2f} s (in tasks)",
+        f"efficiency:      {efficiency:.0%} (task time / (workers x wall time))",
+    ]
+    click.echo("\n".join(lines), err=True)
+
+
+def main() -> None:
+    cli(prog_name="procqueue")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""The installed `procqueue` command, run as a subprocess on real files: output records,
+order, every error path, exit codes, halting, and Ctrl-C."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+PROCQUEUE = shutil.which("procqueue")
+
+SCRIPT = """
+import os, sys, time
+def process(path):
+    name = os.path.basename(path)
+    if "raise" in name:
+        raise ValueError("bad input " + name)
+    if "crash" in name:
+        os._exit(7)
+    if "slow" in name:
+        time.sleep(0.3)
+    if "set" in name:
+        return {1, 2}
+    with open(path) as f:
+        return {"chars": len(f.read()), "name": name}
+def shout(path):
+    return path.upper()
+if __name__ == "__main__":
+    raise SystemExit("the __main__ block must never run")
+"""
+
+
+@pytest.fixture
+def batch(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    inputs = tmp_path / "in"
+    (inputs / "sub").mkdir(parents=True)
+    for name in ["a.txt", "b.txt", "c.dat", "sub/d.txt"]:
+        (inputs / name).write_text(name * 3)
+    return script, inputs
+
+
+def procqueue(*args, stdin=None, timeout=60, cwd=None):
+    assert PROCQUEUE, "the procqueue command is not installed (pip install -e .)"
+    return subprocess.run([PROCQUEUE, *map(str, args)], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
+
+
+def records(stdout):
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+@pytest.mark.timeout(60)
+def test_one_ordered_record_per_input(batch):
+    script, inputs = batch
+    run = procqueue("map", script, inputs, "-j", "2")
+    assert run.returncode == 0, run.stderr
+    recs = records(run.stdout)
+    assert [Path(r["input"]).name for r in recs] == ["a.txt", "b.txt", "c.dat", "d.txt"]
+    assert all(r["ok"] and r["attempts"] == 1 and r["worker"] for r in recs)
+    assert recs[0]["result"] == {"chars": 15, "name": "a.txt"}
+    assert all(r["seconds"] >= 0 for r in recs)
+
+
+@pytest.mark.timeout(60)
+def test_glob_fn_and_stdin_inputs(batch):
+    script, inputs = batch
+    run = procqueue("map", script, inputs, "--glob", "*.txt", "--fn", "shout", "-q")
+    assert run.returncode == 0
+    assert [r["result"].endswith(".TXT") for r in records(run.stdout)] == [True] * 3
+    run = procqueue("map", script, "-", "--fn", "shout", stdin="x\ny\n\nz\n")
+    assert [r["result"] for r in records(run.stdout)] == ["X", "Y", "Z"]
+
+
+@pytest.mark.timeout(60)
+def test_module_function_spec(tmp_path):
+    (tmp_path / "mymod.py").write_text("def twice(x):\n    return x * 2\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    run = subprocess.run([PROCQUEUE, "map", "mymod:twice", "-"], input="ab\n",
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert records(run.stdout)[0]["result"] == "abab"
+
+
+@pytest.mark.timeout(60)
+def test_unordered_streams_in_completion_order(tmp_path, batch):
+    script, _ = batch
+    inputs = tmp_path / "u"
+    inputs.mkdir()
+    (inputs / "0-slow.txt").write_text("x")
+    for i in range(1, 6):
+        (inputs / f"{i}.txt").write_text("x")
+    run = procqueue("map", script, inputs, "-j", "2", "--unordered")
+    names = [Path(r["input"]).name for r in records(run.stdout)]
+    assert sorted(names) == sorted(p.name for p in inputs.iterdir())
+    assert names[-1] == "0-slow.txt"  # 0.3 s: the others overtake it
+
+
+@pytest.mark.timeout(60)
+def test_failing_inputs_get_error_records_and_exit_1(tmp_path, batch):
+    script, inputs = batch
+    for name in ["raise.txt", "crash.txt", "set.txt"]:
+        (inputs / name).write_text("x")
+    run = procqueue("map", script, inputs, "--retries", "0", "-o", tmp_path / "out.jsonl")
+    assert run.returncode == 1
+    recs = {Path(r["input"]).name: r for r in records((tmp_path / "out.jsonl").read_text())}
+    assert len(recs) == 7
+    assert recs["raise.txt"]["error"]["type"] == "ValueError"
+    assert "bad input raise.txt" in recs["raise.txt"]["error"]["message"]
+    assert "job.py" in recs["raise.txt"]["error"]["traceback"]
+    crash = recs["crash.txt"]["error"]
+    assert crash["type"] == "WorkerCrashedError" and "exit code 7" in crash["message"]
+    assert recs["set.txt"]["error"]["type"] == "ResultNotJSONSerializable"
+    assert recs["a.txt"]["ok"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args,message", [
+    (["missing.py", "IN"], "script not found"),
+    (["BAD", "IN"], "syntax error"),
+    (["SCRIPT", "IN", "--fn", "nothere"], "process, shout"),
+    (["SCRIPT", "no/such/dir"], "input not found"),
+    (["SCRIPT", "IN", "--halt", "sometimes"], "--halt"),
+    (["SCRIPT", "IN", "-j", "0"], "-j"),
+    (["SCRIPT"], "INPUT"),
+])
+def test_usage_errors_exit_2_with_a_clear_message(tmp_path, batch, args, message):
+    script, inputs = batch
+    bad = tmp_path / "bad.py"
+    bad.write_text("def process(x:\n")
+    mapping = {"SCRIPT": script, "IN": inputs, "BAD": bad}
+    run = procqueue("map", *[mapping.get(a, a) for a in args], cwd=tmp_path)
+    assert run.returncode == 2
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr
+    assert run.stdout == ""
+
+
+@pytest.mark.timeout(60)
+def test_halt_now_reports_inputs_that_never_ran(tmp_path, batch):
+    script, inputs = batch
+    (inputs / "0-raise.txt").write_text("x")  # sorts first
+    run = procqueue("map", script, inputs, "-j", "1", "--halt", "now,fail=1", "--retries", "0")
+    assert run.returncode == 1
+    recs = records(run.stdout)
+    assert len(recs) == 5  # every input has a record
+    assert recs[0]["error"]["type"] == "ValueError"
+    assert any(r["error"]["type"] == "TaskCancelledError" and r["attempts"] == 0
+               for r in recs if not r["ok"])
+
+
+@pytest.mark.timeout(60)
+def test_stats_summary(batch):
+    script, inputs = batch
+    run = procqueue("map", script, inputs, "--stats", "-j", "2")
+    assert "tasks:           4" in run.stderr and "efficiency:" in run.stderr
+
+
+@pytest.mark.timeout(60)
+def test_version_and_help():
+    assert procqueue("--version").stdout.startswith("procqueue, version")
+    help_text = procqueue("map", "--help").stdout
+    assert "Examples:" in help_text and "--halt" in help_text
+
+
+SLEEPY = """
+import os, time
+def process(item):
+    with open(os.path.join({log!r}, f"{{os.getpid()}}"), "a") as f:
+        f.write(item + "\\n")
+    time.sleep(0.2 if int(item) < 4 else 30)
+    return int(item)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_writes_finished_records_and_leaves_no_process(tmp_path, presses):
+    log = tmp_path / "pids"
+    log.mkdir()
+    script = tmp_path / "sleepy.py"
+    script.write_text(SLEEPY.format(log=str(log)))
+    proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-", "-j", "2", "--unordered",
+                             "--interrupt-grace", "1"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write("\n".join(str(i) for i in range(20)) + "\n")
+    proc.stdin.close()
+    proc.stdin = None  # communicate() must not flush it
+    first = proc.stdout.readline()  # a record: tasks run
+    deadline = time.monotonic() + 20
+    while len(list(log.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # now the two workers are in 30 s tasks
+    workers = [int(p.name) for p in log.iterdir()]
+    started = time.monotonic()
+    for _ in range(presses):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+    out, err = proc.communicate(timeout=20)
+    assert time.monotonic() - started < 5.0  # control returns promptly
+    assert proc.returncode == 130
+    lines = [first] + out.splitlines()
+    recs = [json.loads(line) for line in lines if line.strip()]  # valid JSON Lines
+    assert sum(r["ok"] for r in recs) >= 4
+    assert "Traceback" not in err
+    assert len(recs) == 20  # every input accounted for (ok, killed or never started)
+    time.sleep(0.5)
+    assert not [pid for pid in workers if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.timeout(90)
+def test_example_batch_from_the_readme(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    inputs = tmp_path / "inputs"
+    subprocess.run([sys.executable, root / "examples" / "make_inputs.py", inputs, "--files",
+                    "20", "--words", "2000"], check=True, capture_output=True)
+    run = procqueue("map", root / "examples" / "wordstats.py", inputs, "-j", "2")
+    assert run.returncode == 0, run.stderr
+    recs = records(run.stdout)
+    assert len(recs) == 20 and all(r["ok"] for r in recs)
+    assert recs[0]["result"]["words"] == 2000
