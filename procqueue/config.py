@@ -117,12 +117,26 @@ def _preload_worker_in_fork_server(context: Any) -> None:
     server = forkserver._forkserver
     if getattr(server, "_forkserver_pid", None) is not None:
         return  # already running: too late, and harmless
+    if _shadowed_in_working_directory():
+        return
     preload = list(getattr(server, "_preload_modules", ["__main__"]))
     # procqueue.pool too: a worker re-imports the user's script, which imports procqueue;
     # cloudpickle unpickles functions defined in __main__.
     wanted = [m for m in FORK_SERVER_PRELOAD if m not in preload]
     if wanted:
         context.set_forkserver_preload(preload + wanted)
+
+
+def _shadowed_in_working_directory() -> bool:
+    """Python 3.11's fork server imports its preload modules before applying our sys.path,
+    with the working directory first: a different procqueue package there (a source checkout
+    while procqueue is installed) would be imported instead of ours.  Then skip the preload:
+    workers start slower, but with the right code."""
+    import os
+
+    local = os.path.join(os.getcwd(), "procqueue", "__init__.py")
+    ours = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__init__.py")
+    return os.path.isfile(local) and os.path.realpath(local) != os.path.realpath(ours)
 
 
 def _check_int(name: str, value: Any, *, minimum: int, message: str) -> None:

@@ -229,3 +229,16 @@ def test_example_batch_from_the_readme(tmp_path):
     recs = records(run.stdout)
     assert len(recs) == 20 and all(r["ok"] for r in recs)
     assert recs[0]["result"]["words"] == 2000
+
+
+@pytest.mark.timeout(60)
+def test_a_procqueue_directory_in_the_working_directory_does_not_shadow_ours(tmp_path, batch):
+    # e.g. running the installed command from a source checkout: the fork server must not
+    # import the checkout's package instead of the installed one
+    script, inputs = batch
+    fake = tmp_path / "cwd" / "procqueue"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('the shadowing package was imported')\n")
+    run = procqueue("map", script, inputs, "-j", "2", cwd=tmp_path / "cwd")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert len(records(run.stdout)) == 4
