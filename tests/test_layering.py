@@ -29,7 +29,6 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"affinity", "limits", "errors"},
     "tasks": {"errors", "protocol"},
     "stats": {"tasks"},
-    "journal": {"errors", "protocol", "tasks", "stats"},
     "protocol": {"errors"},
     "affinity": {"errors"},
     "errors": set(),
