@@ -26,7 +26,7 @@ import procqueue
 from .inputs import collect_inputs
 from .output import RecordWriter, record_of
 from .progress import Progress
-from .script import resolve_script
+from .script import function_identity, resolve_script
 
 EXIT_OK = 0  # every input succeeded
 EXIT_FAILURES = 1  # some inputs failed
@@ -169,6 +169,12 @@ def cli() -> None:
               help="never (default), soon,fail=N, now,fail=N or soon,fail=N% (GNU parallel).")
 @click.option("--interrupt-grace", type=click.FloatRange(min=0), default=3.0,
               show_default=True, help="Seconds running tasks get after the first Ctrl-C.")
+@click.option("--journal", "journal_path", metavar="FILE",
+              help="Record every outcome in FILE (SQLite); the same command run again resumes: "
+                   "inputs already done are not recomputed.")
+@click.option("--retry-failed", is_flag=True, help="With --journal: run failed inputs again.")
+@click.option("--force", is_flag=True,
+              help="With --journal: accept a journal written by a changed script.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--stats", is_flag=True, help="Print a summary on stderr at the end.")
 def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs: int | None,
@@ -178,7 +184,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 memfree: str | None, chunksize: int | None, concurrency: int | None,
                 rate: str | None, limits: tuple[str, ...], key_from: str | None,
                 key_concurrency: int | None, halt: str | None, interrupt_grace: float,
-                quiet: bool, stats: bool) -> None:
+                journal_path: str | None, retry_failed: bool, force: bool, quiet: bool,
+                stats: bool) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
     stdin lines) and write one JSON line per input."""
     if not inputs and lines_file is None:
@@ -189,6 +196,9 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     pool_options = _pool_options(timeout, retries, no_pin, max_memory_per_child, memfree,
                                  concurrency, rate)
     call_options = _call_options(limits, key_from, key_concurrency)
+    journal = _open_journal(journal_path, fn, items, retry_failed, force) if journal_path else None
+    if journal is not None:
+        pool_options["journal"] = journal
     stream = open(output, "w", encoding="utf-8") if output else sys.stdout
     try:
         code = run(fn, items, jobs, max_tasks_per_child, chunksize, not unordered, pool_options,
@@ -196,7 +206,43 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     finally:
         if output:
             stream.close()
+        if journal is not None:
+            journal.close()
     sys.exit(code)
+
+
+class JournalUnusable(click.ClickException):
+    exit_code = EXIT_USAGE
+
+
+def _open_journal(path: str, fn: Any, items: list[str], retry_failed: bool,
+                  force: bool) -> procqueue.Journal:
+    try:
+        journal = procqueue.Journal.open(path, function_identity=function_identity(fn),
+                                         force=force, retry_failed=retry_failed)
+    except procqueue.JournalError as exc:  # busy, written by another script, not a journal
+        raise JournalUnusable(str(exc)) from None
+    done = sum(journal.lookup(procqueue.Journal.key_of(item)) is not None for item in items)
+    if done:
+        click.echo(f"resuming: {done} of {len(items)} inputs already done, "
+                   f"{len(items) - done} to run", err=True)
+    return journal
+
+
+@cli.command("journal")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--export", is_flag=True, help="Write every input's record as JSON Lines.")
+@click.option("--slowest", type=click.IntRange(min=0), default=10, show_default=True)
+def journal_command(path: str, export: bool, slowest: int) -> None:
+    """Summarise a run journal (done, failed, slowest inputs), or --export its results."""
+    try:
+        with procqueue.Journal.read(path) as journal:
+            if export:
+                journal.export_jsonl(sys.stdout)
+            else:
+                click.echo(str(journal.summary(slowest=slowest)))
+    except procqueue.JournalError as exc:
+        raise JournalUnusable(str(exc)) from None
 
 
 def _pool_options(timeout: str | None, retries: int, no_pin: bool,

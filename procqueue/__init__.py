@@ -21,6 +21,11 @@ from .errors import WorkerExitedError as WorkerExitedError
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # explicit re-exports for type checkers; loaded lazily at run time
+    from .journal import Journal as Journal
+    from .journal import JournalBusyError as JournalBusyError
+    from .journal import JournalError as JournalError
+    from .journal import JournalFormatError as JournalFormatError
+    from .journal import JournalMismatchError as JournalMismatchError
     from .limits import Limit as Limit
     from .limits import Rate as Rate
     from .pool import CallOptions as CallOptions
@@ -40,6 +45,11 @@ __version__ = "0.1.0"
 # name -> module, imported on first access (PEP 562): `import procqueue.worker`, which every
 # worker process does, then costs a few milliseconds instead of the whole pool machinery.
 _LAZY = {
+    "Journal": "journal",
+    "JournalError": "journal",
+    "JournalBusyError": "journal",
+    "JournalMismatchError": "journal",
+    "JournalFormatError": "journal",
     "Limit": "limits",
     "Rate": "limits",
     "CallOptions": "pool",
@@ -72,7 +82,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "Pool", "PoolView", "CallOptions", "Queue", "Limit", "Rate", "PoolStats", "WorkerStats", "AsyncResult", "MapResult", "IMapIterator",
+    "Pool", "PoolView", "Journal", "JournalError", "JournalBusyError", "JournalMismatchError",
+    "JournalFormatError", "CallOptions", "Queue", "Limit", "Rate", "PoolStats", "WorkerStats", "AsyncResult", "MapResult", "IMapIterator",
     "OutcomeIterator", "TaskOutcome", "ProcqueueError", "TaskFailed", "WorkerCrashedError",
     "WorkerExitedError", "TaskTimeoutError", "TaskCancelledError",
     "ArgumentSerializationError", "ResultSerializationError", "RemoteError",

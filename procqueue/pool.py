@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import os
 import itertools
 import threading
 import time
@@ -29,6 +30,7 @@ from .results import (ApplyResult, FutureSink, IMapIterator, MapResult, OutcomeI
                       ResultStream, TaskFuture, Window)
 from .supervisor import (CancelJob, CancelTask, Close, CloseJob, OpenJob, SubmitTasks,
                          Supervisor, Terminate)
+from .journal import Journal, JournalingSink, function_identity, key_of
 from .tasks import Job, Task
 
 # Inputs a lazy call may have taken whose results were not consumed yet (bounded memory for
@@ -91,8 +93,10 @@ class Pool:
     def __init__(self, processes: int | None = None,
                  initializer: Callable[..., object] | None = None, initargs: Iterable[Any] = (),
                  maxtasksperchild: int | None = None, context: Any = None, *,
-                 queues: dict[str, "Queue"] | None = None, **options: Any) -> None:
+                 queues: dict[str, "Queue"] | None = None,
+                 journal: "str | Journal | None" = None, **options: Any) -> None:
         self._state = PoolState.RUN
+        self._journal = _JournalHolder(journal)
         self._config = PoolConfig.build(processes, initializer, initargs, maxtasksperchild,
                                         context, **options)
         init_payload = None
@@ -112,7 +116,7 @@ class Pool:
         # Like multiprocessing.Pool, return with the worker processes started.
         self._supervisor.spawned.wait(SPAWN_WAIT_S)
         # Terminate on garbage collection and at interpreter exit, without keeping self alive.
-        self._finalizer = weakref.finalize(self, _shutdown, self._supervisor)
+        self._finalizer = weakref.finalize(self, _shutdown, self._supervisor, self._journal)
 
     # ---- multiprocessing.Pool API ----------------------------------------------------------
     # Every call also takes the keyword-only per-call options of CallOptions (limit=, queue=,
@@ -191,6 +195,7 @@ class Pool:
         if self._state is PoolState.RUN:
             raise ValueError("Pool is still running")
         self._supervisor.join()
+        self._journal.close()
 
     def __enter__(self) -> "Pool":
         self._check_running()
@@ -224,11 +229,12 @@ class Pool:
         stream = ResultStream(ordered, self._window())
         kind = CallKind.STAR if star else CallKind.ONE
         job = self._job(func, kind, stream, chunksize, call)
+        journal = self._journal.for_call(func, job)
         post = self._supervisor.post
         iterator = OutcomeIterator(
             stream, self, on_abandon=lambda: post(CancelJob(job, False, True)),
             on_cancel=lambda kill: post(CancelJob(job, kill, False)))
-        self._start_feeder(job, stream, iterable)
+        self._start_feeder(job, stream, iterable, journal)
         return iterator
 
     def stats(self) -> PoolStats:
@@ -277,7 +283,10 @@ class Pool:
                            return_errors=errors == "return")
         if items:
             job = self._job(func, kind, result, chunksize, call)
-            self._submit(job, items)
+            journal = self._journal.for_call(func, job)
+            if journal is not None:
+                journal.journal.set_total(len(items))
+            self._submit(job, items, journal)
         return result
 
     def _imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None,
@@ -287,10 +296,11 @@ class Pool:
         call = CallOptions.build(options)
         stream = ResultStream(ordered, self._window())
         job = self._job(func, CallKind.ONE, stream, chunksize, call)
+        journal = self._journal.for_call(func, job)
         post = self._supervisor.post
         iterator = IMapIterator(stream, self, lambda: post(CancelJob(job, False, True)),
                                 return_errors=errors == "return")
-        self._start_feeder(job, stream, iterable)
+        self._start_feeder(job, stream, iterable, journal)
         return iterator
 
     def _window(self) -> Window:
@@ -412,7 +422,8 @@ class Pool:
         errors[task.id] = error
         return task
 
-    def _submit(self, job: Job, items: Iterable[Any]) -> list[Task]:
+    def _submit(self, job: Job, items: Iterable[Any],
+                journal: "_JournaledCall | None" = None) -> list[Task]:
         """Pickle and submit the inputs, posting them in groups so that workers start on the
         first ones while the caller is still pickling the rest (big arguments)."""
         post = self._supervisor.post
@@ -421,6 +432,8 @@ class Pool:
         errors: dict[int, BaseException] = {}
         group_bytes = 0
         for i, item in enumerate(items):
+            if journal is not None and journal.replayed(i, item):
+                continue  # done in an earlier run: its journaled outcome was reported
             task = self._make_task(job, i, item, errors)
             group.append(task)
             group_bytes += _payload_bytes(task.payload)
@@ -433,14 +446,16 @@ class Pool:
             all_tasks += group
         return all_tasks
 
-    def _start_feeder(self, job: Job, stream: ResultStream, iterable: Iterable[Any]) -> None:
+    def _start_feeder(self, job: Job, stream: ResultStream, iterable: Iterable[Any],
+                      journal: "_JournaledCall | None" = None) -> None:
         self._supervisor.post(OpenJob(job))
         iterator = iter(iterable)
-        feeder = threading.Thread(target=self._feed, args=(job, stream, iterator),
+        feeder = threading.Thread(target=self._feed, args=(job, stream, iterator, journal),
                                   name=f"procqueue-feeder-{job.id}", daemon=True)
         feeder.start()
 
-    def _feed(self, job: Job, stream: ResultStream, iterator: Iterator[Any]) -> None:
+    def _feed(self, job: Job, stream: ResultStream, iterator: Iterator[Any],
+              journal: "_JournaledCall | None" = None) -> None:
         """Feeder thread: take inputs while the window has room and submit them in groups.
         A group grows only while the input yields quickly, so a slow generator's items are
         still submitted one by one, as soon as each arrives."""
@@ -464,17 +479,23 @@ class Pool:
                     except StopIteration:
                         exhausted = True
                         break
-                    group.append(self._make_task(job, count, item, errors))
+                    if journal is None or not journal.replayed(count, item):
+                        group.append(self._make_task(job, count, item, errors))
                     count += 1
                     if time.monotonic() > deadline:
                         break
-                if places > len(group):
-                    window.release(places - len(group))
+                taken = len(group) + (journal.replays if journal is not None else 0)
+                if journal is not None:
+                    journal.replays = 0
+                if places > taken:  # replayed outcomes hold their window place like tasks
+                    window.release(places - taken)
                 if group:
                     post(SubmitTasks(group, errors))
         except BaseException as exc:  # the user's iterable raised: surface it in order
             input_error = exc
         finally:
+            if journal is not None:
+                journal.journal.set_total(count)
             stream.input_finished(count, input_error)
             post(CloseJob(job))
 
@@ -600,7 +621,61 @@ def _pids(pool: Pool) -> list[int | None]:
     return [slot.pid for slot in pool._supervisor.workers.slots]
 
 
-def _shutdown(supervisor: Supervisor) -> None:
+def _shutdown(supervisor: Supervisor, journal: "_JournalHolder") -> None:
     """Terminate and wait for the workers to be gone (finalizer: GC, terminate, exit)."""
     supervisor.post(Terminate())
     supervisor.join(TERMINATE_WAIT_S)
+    journal.close()
+
+
+class _JournaledCall:
+    """One map/imap call of a journaled pool: which inputs are done already, and the sink
+    that commits the others' outcomes before reporting them."""
+
+    def __init__(self, journal: Journal, job: Job) -> None:
+        self.journal = journal
+        self.keys: dict[int, str] = {}
+        self.sink = JournalingSink(job.sink, journal, key_of_task=lambda t: self.keys.pop(t.index))
+        job.sink = self.sink
+        self.replays = 0  # replayed since the feeder last counted (window places)
+
+    def replayed(self, index: int, item: Any) -> bool:
+        """Report the journaled outcome of `item` if it has one (True), else remember its
+        key for the outcome to come (False)."""
+        key = key_of(item)
+        stored = self.journal.lookup(key)
+        if stored is None:
+            self.keys[index] = key
+            return False
+        self.sink.replay(index, item, stored)
+        self.replays += 1
+        return True
+
+
+class _JournalHolder:
+    """The pool's journal: a Journal the caller passed (theirs to close), or a path opened
+    at the first map/imap call (the function's identity is known only then) and closed with
+    the pool."""
+
+    def __init__(self, journal: "str | os.PathLike[str] | Journal | None") -> None:
+        self.path = None if journal is None or isinstance(journal, Journal) else os.fspath(journal)
+        self.journal = journal if isinstance(journal, Journal) else None
+        self.owned = False
+        self.lock = threading.Lock()
+
+    def for_call(self, func: Callable[..., Any], job: Job) -> _JournaledCall | None:
+        if self.path is None and self.journal is None:
+            return None
+        with self.lock:
+            if self.journal is None:
+                assert self.path is not None
+                self.journal = Journal.open(self.path,
+                                            function_identity=function_identity(func))
+                self.owned = True
+        return _JournaledCall(self.journal, job)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.owned and self.journal is not None:
+                self.journal.close()
+                self.owned = False

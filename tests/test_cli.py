@@ -242,3 +242,33 @@ def test_a_procqueue_directory_in_the_working_directory_does_not_shadow_ours(tmp
     run = procqueue("map", script, inputs, "-j", "2", cwd=tmp_path / "cwd")
     assert run.returncode == 0, run.stderr[-2000:]
     assert len(records(run.stdout)) == 4
+
+
+COUNTING = """
+import os
+def process(path):
+    with open({log!r}, "a") as f:
+        f.write(os.path.basename(path) + "\\n")
+    return os.path.basename(path)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_journal_resumes_without_recomputing(tmp_path, batch):
+    _, inputs = batch
+    log = tmp_path / "calls.log"
+    script = tmp_path / "counting.py"
+    script.write_text(COUNTING.format(log=str(log)))
+    db = tmp_path / "run.db"
+    first = procqueue("map", script, inputs / "sub", "--journal", db)
+    assert first.returncode == 0 and len(records(first.stdout)) == 1
+    second = procqueue("map", script, inputs, "--journal", db)
+    assert second.returncode == 0, second.stderr
+    assert "resuming: 1 of 4 inputs already done, 3 to run" in second.stderr
+    assert len(records(second.stdout)) == 4  # complete output, in order
+    assert sorted(log.read_text().split()) == ["a.txt", "b.txt", "c.dat", "d.txt"]
+    summary = procqueue("journal", db)
+    assert "done: 4" in summary.stdout
+    script.write_text(COUNTING.format(log=str(log)) + "\n# changed\n")
+    changed = procqueue("map", script, inputs, "--journal", db)
+    assert changed.returncode == 2 and "different function" in changed.stderr

@@ -14,8 +14,9 @@ PACKAGE = ROOT / "procqueue"
 
 # module -> the procqueue modules it may import (top-down order of DESIGN.md)
 ALLOWED: dict[str, set[str]] = {
-    "__init__": {"pool", "errors", "results", "limits"},
+    "__init__": {"pool", "errors", "results", "limits", "journal"},
     "pool": {"supervisor", "config", "results", "tasks", "errors", "protocol", "chunking", "admission",
+             "journal",
              "affinity", "limits"},
     "supervisor": {"worker_slots", "scheduler", "admission", "stats", "results", "tasks",
                    "protocol", "errors",
@@ -29,6 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"affinity", "limits", "errors"},
     "tasks": {"errors", "protocol"},
     "stats": {"tasks"},
+    "journal": {"errors", "protocol"},
     "protocol": {"errors"},
     "affinity": {"errors"},
     "errors": set(),

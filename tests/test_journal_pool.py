@@ -1,0 +1,62 @@
+"""Pool(journal=...): a resumed map/imap recomputes nothing that an earlier run finished, and
+reports every input exactly once, in order."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from procqueue import Journal, JournalMismatchError, Pool
+
+
+def counted_square(args):
+    log, x = args
+    with open(log, "a") as f:
+        f.write(f"{x}\n")
+    if x == 13:
+        raise ValueError("thirteen")
+    return x * x
+
+
+def other(args):
+    return 0
+
+
+def calls(log):
+    return [int(line) for line in Path(log).read_text().split()] if os.path.exists(log) else []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["map", "imap", "imap_unordered"])
+def test_resumed_run_recomputes_nothing_done(tmp_path, api):
+    log, db = str(tmp_path / "calls"), str(tmp_path / "run.db")
+    first = [(log, x) for x in range(10)]
+    everything = [(log, x) for x in range(20)]
+
+    def run(items):
+        with Pool(2, journal=db) as pool:
+            if api == "map":
+                return pool.map(counted_square, items, return_exceptions=True)
+            return list(getattr(pool, api)(counted_square, items, errors="return"))
+
+    assert sorted(run(first)) == sorted(x * x for x in range(10))
+    assert sorted(calls(log)) == list(range(10))
+    out = run(everything)
+    values = sorted((v for v in out if not isinstance(v, Exception)))
+    assert values == sorted(x * x for x in range(20) if x != 13)
+    assert [type(v) for v in out if isinstance(v, Exception)] == [ValueError]
+    assert sorted(calls(log)) == list(range(20))  # 0-9 were not run again
+    with Journal.read(db) as journal:
+        summary = journal.summary()
+    assert (summary.done, summary.failed) == (19, 1)
+
+
+@pytest.mark.timeout(60)
+def test_a_different_function_is_refused(tmp_path):
+    db = str(tmp_path / "run.db")
+    with Pool(1, journal=db) as pool:
+        pool.map(counted_square, [(str(tmp_path / "c"), 1)])
+    with Pool(1, journal=db) as pool:
+        with pytest.raises(JournalMismatchError):
+            pool.map(other, [1])
