@@ -169,6 +169,8 @@ def cli() -> None:
               help="never (default), soon,fail=N, now,fail=N or soon,fail=N% (GNU parallel).")
 @click.option("--interrupt-grace", type=click.FloatRange(min=0), default=3.0,
               show_default=True, help="Seconds running tasks get after the first Ctrl-C.")
+@click.option("--trace", "trace_path", metavar="FILE",
+              help="Write every task attempt to FILE (Chrome trace format; see `procqueue report`).")
 @click.option("--journal", "journal_path", metavar="FILE",
               help="Record every outcome in FILE (SQLite); the same command run again resumes: "
                    "inputs already done are not recomputed.")
@@ -184,8 +186,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 memfree: str | None, chunksize: int | None, concurrency: int | None,
                 rate: str | None, limits: tuple[str, ...], key_from: str | None,
                 key_concurrency: int | None, halt: str | None, interrupt_grace: float,
-                journal_path: str | None, retry_failed: bool, force: bool, quiet: bool,
-                stats: bool) -> None:
+                trace_path: str | None, journal_path: str | None, retry_failed: bool,
+                force: bool, quiet: bool, stats: bool) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
     stdin lines) and write one JSON line per input."""
     if not inputs and lines_file is None:
@@ -199,6 +201,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     journal = _open_journal(journal_path, fn, items, retry_failed, force) if journal_path else None
     if journal is not None:
         pool_options["journal"] = journal
+    if trace_path:
+        pool_options["trace"] = trace_path
     stream = open(output, "w", encoding="utf-8") if output else sys.stdout
     try:
         code = run(fn, items, jobs, max_tasks_per_child, chunksize, not unordered, pool_options,
@@ -227,6 +231,24 @@ def _open_journal(path: str, fn: Any, items: list[str], retry_failed: bool,
         click.echo(f"resuming: {done} of {len(items)} inputs already done, "
                    f"{len(items) - done} to run", err=True)
     return journal
+
+
+@cli.command("report")
+@click.argument("trace", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              default="report.html", show_default=True)
+@click.option("--title", default=None, help="Page title [default: the trace's file name].")
+def report_command(trace: str, output: str, title: str | None) -> None:
+    """Turn a --trace file into one self-contained HTML page: per-worker timeline,
+    concurrency, slowest inputs, failures and summary."""
+    try:
+        events = procqueue.load_trace(trace)
+    except (ValueError, KeyError) as exc:
+        raise click.ClickException(f"{trace} is not a procqueue trace: {exc}") from None
+    page = procqueue.render_report(events, title or f"procqueue run: {os.path.basename(trace)}")
+    with open(output, "w", encoding="utf-8") as f:
+        f.write(page)
+    click.echo(f"wrote {output} ({len(events)} task attempts)", err=True)
 
 
 @cli.command("journal")

@@ -27,6 +27,10 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers; loaded lazily at run
     from .journal import JournalFormatError as JournalFormatError
     from .journal import JournalMismatchError as JournalMismatchError
     from .limits import Limit as Limit
+    from .report import render_report as render_report
+    from .stats import TaskEvent as TaskEvent
+    from .trace import TraceWriter as TraceWriter
+    from .trace import load_trace as load_trace
     from .limits import Rate as Rate
     from .pool import CallOptions as CallOptions
     from .pool import Pool as Pool
@@ -45,6 +49,10 @@ __version__ = "0.1.0"
 # name -> module, imported on first access (PEP 562): `import procqueue.worker`, which every
 # worker process does, then costs a few milliseconds instead of the whole pool machinery.
 _LAZY = {
+    "render_report": "report",
+    "TaskEvent": "stats",
+    "TraceWriter": "trace",
+    "load_trace": "trace",
     "Journal": "journal",
     "JournalError": "journal",
     "JournalBusyError": "journal",
@@ -83,7 +91,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Pool", "PoolView", "Journal", "JournalError", "JournalBusyError", "JournalMismatchError",
-    "JournalFormatError", "CallOptions", "Queue", "Limit", "Rate", "PoolStats", "WorkerStats", "AsyncResult", "MapResult", "IMapIterator",
+    "JournalFormatError", "TraceWriter", "load_trace", "render_report", "TaskEvent", "CallOptions", "Queue", "Limit", "Rate", "PoolStats", "WorkerStats", "AsyncResult", "MapResult", "IMapIterator",
     "OutcomeIterator", "TaskOutcome", "ProcqueueError", "TaskFailed", "WorkerCrashedError",
     "WorkerExitedError", "TaskTimeoutError", "TaskCancelledError",
     "ArgumentSerializationError", "ResultSerializationError", "RemoteError",

@@ -32,6 +32,7 @@ from .supervisor import (CancelJob, CancelTask, Close, CloseJob, OpenJob, Submit
                          Supervisor, Terminate)
 from .journal import Journal, JournalingSink, function_identity, key_of
 from .tasks import Job, Task
+from .trace import TraceWriter
 
 # Inputs a lazy call may have taken whose results were not consumed yet (bounded memory for
 # imap over an endless generator), per worker, with a floor for small pools.
@@ -94,9 +95,13 @@ class Pool:
                  initializer: Callable[..., object] | None = None, initargs: Iterable[Any] = (),
                  maxtasksperchild: int | None = None, context: Any = None, *,
                  queues: dict[str, "Queue"] | None = None,
-                 journal: "str | Journal | None" = None, **options: Any) -> None:
+                 journal: "str | Journal | None" = None,
+                 trace: "str | os.PathLike[str] | None" = None, **options: Any) -> None:
         self._state = PoolState.RUN
         self._journal = _JournalHolder(journal)
+        self._trace = TraceWriter(trace) if trace is not None else None
+        if self._trace is not None:
+            options["on_event"] = _both(self._trace, options.get("on_event"))
         self._config = PoolConfig.build(processes, initializer, initargs, maxtasksperchild,
                                         context, **options)
         init_payload = None
@@ -116,7 +121,8 @@ class Pool:
         # Like multiprocessing.Pool, return with the worker processes started.
         self._supervisor.spawned.wait(SPAWN_WAIT_S)
         # Terminate on garbage collection and at interpreter exit, without keeping self alive.
-        self._finalizer = weakref.finalize(self, _shutdown, self._supervisor, self._journal)
+        self._finalizer = weakref.finalize(self, _shutdown, self._supervisor, self._journal,
+                                           self._trace)
 
     # ---- multiprocessing.Pool API ----------------------------------------------------------
     # Every call also takes the keyword-only per-call options of CallOptions (limit=, queue=,
@@ -196,6 +202,8 @@ class Pool:
             raise ValueError("Pool is still running")
         self._supervisor.join()
         self._journal.close()
+        if self._trace is not None:
+            self._trace.close()
 
     def __enter__(self) -> "Pool":
         self._check_running()
@@ -621,11 +629,25 @@ def _pids(pool: Pool) -> list[int | None]:
     return [slot.pid for slot in pool._supervisor.workers.slots]
 
 
-def _shutdown(supervisor: Supervisor, journal: "_JournalHolder") -> None:
+def _shutdown(supervisor: Supervisor, journal: "_JournalHolder",
+              trace: TraceWriter | None) -> None:
     """Terminate and wait for the workers to be gone (finalizer: GC, terminate, exit)."""
     supervisor.post(Terminate())
     supervisor.join(TERMINATE_WAIT_S)
     journal.close()
+    if trace is not None:
+        trace.close()
+
+
+def _both(first: Callable[[Any], None], second: Callable[[Any], None] | None
+          ) -> Callable[[Any], None]:
+    if second is None:
+        return first
+
+    def both(event: Any) -> None:
+        first(event)
+        second(event)
+    return both
 
 
 class _JournaledCall:

@@ -14,9 +14,9 @@ PACKAGE = ROOT / "procqueue"
 
 # module -> the procqueue modules it may import (top-down order of DESIGN.md)
 ALLOWED: dict[str, set[str]] = {
-    "__init__": {"pool", "errors", "results", "limits", "journal"},
+    "__init__": {"pool", "errors", "results", "limits", "journal", "trace", "report", "stats"},
     "pool": {"supervisor", "config", "results", "tasks", "errors", "protocol", "chunking", "admission",
-             "journal",
+             "journal", "trace",
              "affinity", "limits"},
     "supervisor": {"worker_slots", "scheduler", "admission", "stats", "results", "tasks",
                    "protocol", "errors",
@@ -31,6 +31,8 @@ ALLOWED: dict[str, set[str]] = {
     "tasks": {"errors", "protocol"},
     "stats": {"tasks"},
     "journal": {"errors", "protocol"},
+    "trace": {"stats"},
+    "report": {"stats"},
     "protocol": {"errors"},
     "affinity": {"errors"},
     "errors": set(),
