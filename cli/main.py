@@ -340,6 +340,7 @@ def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | 
     busy_s = 0.0
     retries_used = 0
     with procqueue.Pool(jobs, maxtasksperchild=max_tasks_per_child, **pool_options) as pool:
+        progress.restarts = lambda: pool.stats().worker_restarts
         outcomes = pool.imap_outcomes(fn, items, ordered=ordered, chunksize=chunksize,
                                       **call_options)
         interrupts.install(outcomes)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
 REDRAW_INTERVAL_S = 0.1  # redraw at most this often
 BAR_WIDTH = 28  # characters
 
 
 class Progress:
-    def __init__(self, total: int, stream: TextIO, enabled: bool) -> None:
+    def __init__(self, total: int, stream: TextIO, enabled: bool,
+                 restarts: Callable[[], int] = lambda: 0) -> None:
         self.total = total
+        self.restarts = restarts  # live worker restarts (pool.stats), read at each redraw
         self.stream = stream
         self.enabled = enabled
         self.done = 0
@@ -47,6 +49,7 @@ class Progress:
         left = (self.total - self.done) / rate if rate > 0 else 0.0
         eta = time.strftime("%H:%M:%S", time.gmtime(left)).lstrip("0:") or "0"
         line = (f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {self.done:>{len(str(self.total))}}"
-                f"/{self.total}  {fraction:4.0%}  {rate:.0f} it/s  eta {eta}  failed: {self.failed}")
+                f"/{self.total}  {fraction:4.0%}  {rate:.0f} it/s  eta {eta}  failed: {self.failed}"
+                f"  restarts: {self.restarts()}")
         self.stream.write("\r\x1b[K" + line)
         self.stream.flush()

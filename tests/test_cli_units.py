@@ -75,3 +75,15 @@ def test_record_of_failure_and_non_json_result():
                             "traceback": "Traceback...\nValueError: boom\n"}
     rec = record_of(procqueue.TaskOutcome(0, "in", True, {1, 2}, None, 1, 0.1, 42))
     assert not rec["ok"] and rec["error"]["type"] == "ResultNotJSONSerializable"
+
+
+def test_progress_bar_shows_failures_and_restarts():
+    from procqueue.cli.progress import Progress
+
+    out = io.StringIO()
+    bar = Progress(4, out, enabled=True, restarts=lambda: 2)
+    for ok in (True, False, True, True):
+        bar.update(ok)
+    bar.close()
+    last = out.getvalue().split("\r\x1b[K")[-1]
+    assert "4/4" in last and "failed: 1" in last and "restarts: 2" in last

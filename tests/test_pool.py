@@ -304,3 +304,36 @@ def test_interpreter_exit_with_a_running_pool_is_prompt_and_leaves_no_worker(tmp
     while _alive(pids) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert _alive(pids) == []
+
+
+_SIGTERM_SCRIPT = """
+import os, sys, time
+from procqueue import Pool
+def hang(_):
+    time.sleep(60)
+if __name__ == "__main__":
+    with Pool(2) as pool:
+        for i in range(4):
+            pool.apply_async(hang, (i,))
+        time.sleep(0.5)
+        print(" ".join(str(w.pid) for w in pool.stats().workers), flush=True)
+        time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(30)
+def test_sigterm_of_the_supervisor_leaves_no_worker(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "sigterm_script.py"
+    script.write_text(_SIGTERM_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 2  # the workers notice their supervisor is gone
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _alive(pids) == []
