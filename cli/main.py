@@ -348,7 +348,7 @@ def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | 
         try:
             for outcome in outcomes:
                 record = record_of(outcome)
-                writer.write(record)
+                writer.write(record)  # may turn a non-JSON result into the record's error
                 progress.update(record["ok"])
                 busy_s += outcome.seconds
                 retries_used += max(outcome.attempts - 1, 0)
@@ -363,6 +363,7 @@ def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | 
                                   "inputs not started are reported as cancelled")
                     outcomes.cancel(kill_running=halt.now)
         finally:
+            writer.flush()
             interrupts.restore()
         pool_stats = pool.stats()
     progress.close()

@@ -18,7 +18,7 @@ from .limits import Rate
 # fast.  spawn is the fallback where forkserver does not exist.
 DEFAULT_START_METHOD = "forkserver" if sys.platform.startswith("linux") else "spawn"
 
-FORK_SERVER_PRELOAD = ("procqueue.worker", "procqueue.pool", "cloudpickle")
+FORK_SERVER_PRELOAD = ("procqueue.worker", "cloudpickle")  # light: see below
 
 DEFAULT_CRASH_RETRIES = 1  # issue #2: one retry on a fresh worker covers a one-off OOM kill
 
@@ -120,8 +120,9 @@ def _preload_worker_in_fork_server(context: Any) -> None:
     if _shadowed_in_working_directory():
         return
     preload = list(getattr(server, "_preload_modules", ["__main__"]))
-    # procqueue.pool too: a worker re-imports the user's script, which imports procqueue;
-    # cloudpickle unpickles functions defined in __main__.
+    # Only the worker side (and cloudpickle, for functions defined in __main__): preloading
+    # procqueue.pool too saves ~80 ms per later worker start, but puts ~150 ms of imports on
+    # the critical path of every program's first pool (a CLI run pays it every time).
     wanted = [m for m in FORK_SERVER_PRELOAD if m not in preload]
     if wanted:
         context.set_forkserver_preload(preload + wanted)

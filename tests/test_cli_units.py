@@ -9,7 +9,7 @@ import pytest
 import procqueue
 from procqueue.cli.inputs import InputError, collect_inputs
 from procqueue.cli.main import HaltPolicy
-from procqueue.cli.output import record_of
+from procqueue.cli.output import line_of, record_of
 from procqueue.cli.script import ScriptError, ScriptFunction, resolve_script
 
 
@@ -74,7 +74,9 @@ def test_record_of_failure_and_non_json_result():
     assert rec["error"] == {"type": "ValueError", "message": "boom",
                             "traceback": "Traceback...\nValueError: boom\n"}
     rec = record_of(procqueue.TaskOutcome(0, "in", True, {1, 2}, None, 1, 0.1, 42))
+    line = line_of(rec)
     assert not rec["ok"] and rec["error"]["type"] == "ResultNotJSONSerializable"
+    assert '"ResultNotJSONSerializable"' in line and '"result"' not in line
 
 
 def test_progress_bar_shows_failures_and_restarts():
