@@ -190,11 +190,16 @@ def test_journal_held_by_another_process_is_busy_until_that_process_is_killed(db
 @pytest.mark.timeout(20)
 def test_forked_child_does_not_keep_the_journal_locked(db: str) -> None:
     journal = Journal.open(db, function_identity="f:1")
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
+        os.write(ready_w, b"x")  # the at-fork hook has run by the time fork() returned here
         time.sleep(30)
         os._exit(0)
     try:
+        os.close(ready_w)
+        assert os.read(ready_r, 1) == b"x"  # wait until the child runs: no race with its hook
+        os.close(ready_r)
         journal.close()
         Journal.open(db, function_identity="f:1").close()
     finally:
