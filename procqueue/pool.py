@@ -29,7 +29,7 @@ from .protocol import CallKind, OutOfBand, dumps_argument, dumps_function
 from .results import (ApplyResult, FutureSink, IMapIterator, MapResult, OutcomeIterator,
                       ResultStream, TaskFuture, Window)
 from .supervisor import (CancelJob, CancelTask, Close, CloseJob, OpenJob, SubmitTasks,
-                         Supervisor, Terminate)
+                         Supervisor, SupervisorStatistics, Terminate)
 from .journal import Journal, JournalingSink, function_identity, key_of
 from .tasks import Job, Task
 from .trace import TraceWriter
@@ -67,19 +67,10 @@ class WorkerStats:
 
 
 @dataclass(frozen=True)
-class PoolStats:
-    processes: int
-    state: str
-    tasks_submitted: int
-    tasks_succeeded: int
-    tasks_failed: int
-    tasks_cancelled: int
-    tasks_queued: int
-    tasks_running: int
-    retries: int
-    worker_restarts: int
-    recycled_for_memory: int
-    workers: tuple[WorkerStats, ...]
+class PoolStats(SupervisorStatistics):
+    """A snapshot: the supervisor's task and worker counts, and each worker's figures."""
+
+    workers: tuple[WorkerStats, ...] = ()
 
 
 class Pool:
@@ -252,10 +243,7 @@ class Pool:
             WorkerStats(w.slot, w.pid, w.cpus, w.tasks_done, w.busy_s, w.idle_s, w.restarts,
                         w.last_exit, w.rss_bytes)
             for w in (slot.statistics() for slot in self._supervisor.workers.slots))
-        return PoolStats(s.processes, s.state, s.tasks_submitted, s.tasks_succeeded,
-                         s.tasks_failed, s.tasks_cancelled, s.tasks_queued, s.tasks_running,
-                         s.retries, s.worker_restarts, self._supervisor.recycled_for_memory,
-                         workers)
+        return PoolStats(**{f.name: getattr(s, f.name) for f in fields(s)}, workers=workers)
 
     statistics = stats
 

@@ -123,6 +123,7 @@ class SupervisorStatistics:
     tasks_running: int
     retries: int
     worker_restarts: int
+    recycled_for_memory: int
 
 
 class Supervisor:
@@ -184,7 +185,7 @@ class Supervisor:
         return SupervisorStatistics(
             self.state.value, len(self.workers.slots), self.submitted, self.succeeded,
             self.failed, self.cancelled, self.scheduler.queued, running, self.retries,
-            self.restarts)
+            self.restarts, self.recycled_for_memory)
 
     # ---- the loop (supervisor thread only) ---------------------------------------------------
 
