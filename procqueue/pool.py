@@ -475,6 +475,10 @@ class Pool:
                     except StopIteration:
                         exhausted = True
                         break
+                    except BaseException as exc:  # the user's iterable raised: the inputs
+                        input_error = exc         # taken so far still run, then it surfaces
+                        exhausted = True
+                        break
                     if journal is None or not journal.replayed(count, item):
                         group.append(self._make_task(job, count, item, errors))
                     count += 1
@@ -487,8 +491,8 @@ class Pool:
                     window.release(places - taken)
                 if group:
                     post(SubmitTasks(group, errors))
-        except BaseException as exc:  # the user's iterable raised: surface it in order
-            input_error = exc
+        except BaseException as exc:  # e.g. a key function or pickling bug of ours
+            input_error = input_error or exc
         finally:
             if journal is not None:
                 journal.journal.set_total(count)

@@ -337,3 +337,22 @@ def test_sigterm_of_the_supervisor_leaves_no_worker(tmp_path):
     while _alive(pids) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert _alive(pids) == []
+
+
+def _breaking_input():
+    for i in range(10):
+        if i == 6:
+            raise RuntimeError("input broke at 6")
+        yield i
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("api", ["imap", "imap_unordered", "imap_outcomes"])
+def test_input_that_raises_midway_yields_what_came_before_then_its_error(api):
+    with Pool(2) as pool:
+        got = []
+        with pytest.raises(RuntimeError, match="input broke at 6"):
+            for value in getattr(pool, api)(square, _breaking_input()):
+                got.append(value.value if api == "imap_outcomes" else value)
+        assert sorted(got) == [x * x for x in range(6)]
+        assert pool.map(square, range(3)) == [0, 1, 4]
