@@ -356,3 +356,15 @@ def test_input_that_raises_midway_yields_what_came_before_then_its_error(api):
                 got.append(value.value if api == "imap_outcomes" else value)
         assert sorted(got) == [x * x for x in range(6)]
         assert pool.map(square, range(3)) == [0, 1, 4]
+
+
+def _nested_sum(n):
+    with Pool(2) as inner:
+        return sum(inner.map(square, range(n)))
+
+
+@pytest.mark.timeout(60)
+def test_a_task_may_run_its_own_pool():
+    # multiprocessing.Pool's workers are daemonic and may not have children; ours may
+    with Pool(2) as pool:
+        assert pool.map(_nested_sum, [3, 4]) == [5, 14]
