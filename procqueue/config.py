@@ -133,8 +133,8 @@ def _preload_worker_in_fork_server(context: Any) -> None:
 
 
 def _main_is_the_cli() -> bool:
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None) or ""
-    return os.path.basename(main_file) == "procqueue"
+    program = sys.argv[0] if sys.argv else ""
+    return os.path.basename(program) == "procqueue"
 
 
 def _shadowed_in_working_directory() -> bool:
