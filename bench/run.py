@@ -302,6 +302,8 @@ def plot(table: list[dict[str, Any]], path: Path) -> None:
         labels = [f"{r['system']}.{r['api']}" for r in rows]
         colours = ["#2b6cb0" if r["system"] == "procqueue" else "#a0aec0" for r in rows]
         ax.barh(labels, [r[key] for r in rows], color=colours)
+        if workload == "tiny":
+            ax.set_xscale("log")  # mp.map's big chunks would flatten every other bar
         ax.set_title(title, fontsize=10)
         ax.tick_params(labelsize=8)
     fig.tight_layout()
