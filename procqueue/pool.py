@@ -31,6 +31,7 @@ from .results import (ApplyResult, FutureSink, IMapIterator, MapResult, OutcomeI
 from .supervisor import (CancelJob, CancelTask, Close, CloseJob, OpenJob, SubmitTasks,
                          Supervisor, SupervisorStatistics, Terminate)
 from .journal import Journal, JournalingSink, function_identity, key_of
+from .scheduler import HaltPolicy
 from .tasks import Job, Task
 from .trace import TraceWriter
 
@@ -311,8 +312,9 @@ class Pool:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
         fn_id, payload = self._pickled_function(func, cache)
         fixed = chunksize or self._config.chunksize
-        if call.rate_limited or self._config.rate is not None:
-            fixed = fixed or 1  # a rate counts starts: never let a batch start early ones
+        if call.rate_limited or self._config.rate is not None or call.halt is not None:
+            # a rate counts starts, a halt stops starts: a batch must not start early ones
+            fixed = fixed or 1
         sizer = self._sizer(fn_id, fixed)
         keyed: KeyedLimit[Any] | None = None
         if call.key is not None:
@@ -324,6 +326,7 @@ class Pool:
                   timeout_s=timeout_s, sizer=sizer,
                   gates=self._gates_for(call), keyed=keyed, key_fn=call.key)
         job.timeout_factor = factor
+        job.halt = HaltPolicy.parse(call.halt) if call.halt is not None else None
         return job
 
     def _gates_for(self, call: "CallOptions") -> tuple[Gate, ...]:
@@ -532,6 +535,7 @@ class CallOptions:
     key: Callable[[Any], Hashable] | None = None  # input -> concurrency key
     key_concurrency: int | None = None  # at most this many running per key (default 1)
     timeout: float | str | None = None  # per-task seconds, or '300%' of the median so far
+    halt: str | None = None  # 'soon,fail=N', 'now,fail=N', 'soon,fail=N%' (GNU parallel)
 
     @classmethod
     def build(cls, options: dict[str, Any]) -> "CallOptions":
@@ -554,6 +558,8 @@ class CallOptions:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"{name} must be an int >= 1, not {value!r}")
+        if self.halt is not None:
+            HaltPolicy.parse(self.halt)
         if self.timeout is not None and parse_relative_timeout(self.timeout) is None and not (
                 isinstance(self.timeout, (int, float)) and self.timeout > 0):
             raise ValueError(f"timeout must be > 0 seconds or a percentage, not {self.timeout!r}")

@@ -26,6 +26,36 @@ class FailureKind(enum.Enum):
 
 
 @dataclass(frozen=True)
+class HaltPolicy:
+    """GNU parallel's --halt for one call: after `count` failures (or `percent` % of the
+    inputs submitted so far), start no more of its tasks; `now` also kills the running ones."""
+
+    now: bool
+    count: int | None = None
+    percent: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "HaltPolicy":
+        when, _, rule = text.partition(",")
+        value = rule[len("fail="):] if rule.startswith("fail=") else ""
+        if when not in ("soon", "now") or not value:
+            raise ValueError(f"halt {text!r}: use 'soon,fail=N', 'now,fail=N' or "
+                             "'soon,fail=N%'")
+        try:
+            if value.endswith("%"):
+                return cls(when == "now", percent=float(value[:-1]))
+            return cls(when == "now", count=int(value))
+        except ValueError:
+            raise ValueError(f"halt {text!r}: fail= takes a number or a percentage") from None
+
+    def reached(self, failed: int, total: int) -> bool:
+        if self.count is not None:
+            return failed >= max(self.count, 1)
+        assert self.percent is not None
+        return failed > 0 and failed * 100 >= self.percent * total
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
     retries: int  # extra attempts after the first
     retry_on: tuple[type[BaseException], ...]  # exception types that are retried

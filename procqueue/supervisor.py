@@ -260,6 +260,7 @@ class Supervisor:
             return
         for task in tasks:
             self.submitted += 1
+            task.job.submitted += 1
             self._tasks[task.id] = task
             if task.id in errors:
                 self._fail(task, errors[task.id])
@@ -566,6 +567,14 @@ class Supervisor:
         annotate(error, index=task.index, input_repr=_short_repr(task.input),
                  pid=task.pid, attempts=task.attempts)
         self._finish(task, TaskState.FAILED, False, error)
+        self._maybe_halt(task.job)
+
+    def _maybe_halt(self, job: Job) -> None:
+        """The call's halt policy: enough failures, and nothing more of it starts."""
+        job.failures += 1
+        if job.halt is not None and not job.cancelled \
+                and job.halt.reached(job.failures, job.submitted):
+            self._cancel_job(job, kill_running=job.halt.now)
 
     def _finish(self, task: Task, state: TaskState, ok: bool, value: Any) -> None:
         """The only place a task reaches a terminal state and its outcome is delivered."""

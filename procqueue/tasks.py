@@ -112,7 +112,7 @@ class Job:
 
     __slots__ = ("id", "fn_id", "fn_payload", "kind", "sink", "chunksize", "timeout_s",
                  "sizer", "cancelled", "gates", "keyed", "key_fn", "timeout_factor",
-                 "durations")
+                 "durations", "halt", "failures", "submitted")
 
     def __init__(self, job_id: int, fn_id: int, fn_payload: bytes, kind: "CallKind",
                  sink: OutcomeSink, *, chunksize: int | None, timeout_s: float | None,
@@ -132,3 +132,6 @@ class Job:
         self.key_fn = key_fn  # input -> its concurrency key (run in the caller's thread)
         self.timeout_factor: float | None = None  # relative timeout: x median task time
         self.durations: deque[float] = deque(maxlen=RECENT_DURATIONS)  # run times, newest last
+        self.halt: Any = None  # scheduler.HaltPolicy: stop the call after enough failures
+        self.failures = 0  # tasks of this call that failed (for halt)
+        self.submitted = 0  # tasks of this call accepted by the supervisor (for halt's N%)

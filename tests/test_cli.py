@@ -272,3 +272,35 @@ def test_journal_resumes_without_recomputing(tmp_path, batch):
     script.write_text(COUNTING.format(log=str(log)) + "\n# changed\n")
     changed = procqueue("map", script, inputs, "--journal", db)
     assert changed.returncode == 2 and "different function" in changed.stderr
+
+
+TIMED = """
+import os, time
+def process(path):
+    start = time.time()
+    time.sleep(0.05)
+    return [start, time.time()]
+"""
+
+
+@pytest.mark.timeout(60)
+def test_limit_options(tmp_path, batch):
+    _, inputs = batch
+    script = tmp_path / "timed.py"
+    script.write_text(TIMED)
+    name = f"pq-cli-{os.getpid()}"
+    try:
+        run = procqueue("map", script, inputs, "-j", "2", "--concurrency", "1",
+                        "--rate", "100/1s", "--limit", f"{name}=1",
+                        "--key-from", "x.split('/')[-1][0]", "--key-concurrency", "1")
+        assert run.returncode == 0, run.stderr
+        spans = sorted(r["result"] for r in records(run.stdout))
+        assert len(spans) == 4
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # one at a time
+        bad = procqueue("map", script, inputs, "--rate", "fast", "--limit", "x=y")
+        assert bad.returncode == 2 and "--rate" in bad.stderr
+    finally:
+        for kind in ("sem", "rate"):
+            path = f"/dev/shm/procqueue.{kind}.{name}"
+            if os.path.exists(path):
+                os.unlink(path)

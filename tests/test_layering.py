@@ -16,7 +16,7 @@ PACKAGE = ROOT / "procqueue"
 ALLOWED: dict[str, set[str]] = {
     "__init__": {"pool", "errors", "results", "limits", "journal", "trace", "report", "stats"},
     "pool": {"supervisor", "config", "results", "tasks", "errors", "protocol", "chunking", "admission",
-             "journal", "trace",
+             "journal", "trace", "scheduler",
              "affinity", "limits"},
     "supervisor": {"worker_slots", "scheduler", "admission", "stats", "results", "tasks",
                    "protocol", "errors",

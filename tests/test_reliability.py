@@ -210,3 +210,32 @@ def test_every_task_ends_with_exactly_one_right_outcome(shared_pool, actions, ap
             assert value == number
     stats = pool.stats()
     assert stats.tasks_queued == 0 and stats.tasks_running == 0
+
+
+def fail_if_odd(x):
+    if x % 2:
+        raise ValueError(f"odd {x}")
+    time.sleep(0.01)
+    return x
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("halt,threshold", [("soon,fail=2", 2), ("now,fail=2", 2),
+                                            ("soon,fail=10%", 4)])
+def test_halt_policy_stops_a_call_after_enough_failures(halt, threshold):
+    with Pool(1) as pool:
+        outcomes = list(pool.imap_outcomes(fail_if_odd, range(40), halt=halt))
+        assert len(outcomes) == 40  # every input still has exactly one outcome
+        failed = [o for o in outcomes if not o.ok and isinstance(o.error, ValueError)]
+        cancelled = [o for o in outcomes if isinstance(o.error, TaskCancelledError)]
+        # the threshold, plus at most the one task the worker had prefetched
+        assert threshold <= len(failed) <= threshold + 1 and len(cancelled) >= 25
+        assert all(o.attempts == 0 for o in cancelled if "before it started" in str(o.error))
+        assert pool.map(fail_if_odd, [0, 2]) == [0, 2]  # other calls are not halted
+
+
+@pytest.mark.timeout(10)
+def test_bad_halt_policy_is_refused():
+    with Pool(1) as pool:
+        with pytest.raises(ValueError, match="halt"):
+            pool.map(fail_if_odd, [0], halt="sometimes")
