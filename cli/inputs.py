@@ -37,7 +37,7 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
             with open(lines_file, encoding="utf-8") as f:
                 items += _lines(f)
         except OSError as exc:
-            raise InputError(f"cannot read --lines file {lines_file!r}: {exc.strerror}")
+            raise InputError(f"cannot read --lines file {lines_file!r}: {exc.strerror}") from None
     return items
 
 

@@ -425,7 +425,6 @@ class Supervisor:
     def _on_item(self, slot: Slot, task: Task, ok: bool, payload: bytes, seconds: float,
                  started: float) -> None:
         task.seconds = seconds
-        task.started_at = started
         task.job.durations.append(seconds)
         if task.state is not TaskState.DISPATCHED:
             return  # already given an outcome (cancelled while running)
@@ -456,7 +455,8 @@ class Supervisor:
         self._unregister(slot.conn)
         self._unregister(slot.process.sentinel)
         exitcode = self.workers.reap(slot)
-        slot.last_exit = describe_exit(exitcode)
+        why = slot.kill_reason or slot.retire_reason
+        slot.last_exit = describe_exit(exitcode) + (f" ({why})" if why else "")
         if was is SlotPhase.STARTING:
             self._on_start_failure(slot, exitcode)
         else:

@@ -71,7 +71,7 @@ class Task:
     """One call of the user's function on one input."""
 
     __slots__ = ("id", "job", "index", "payload", "kind", "state", "attempts", "pid",
-                 "started_at", "seconds", "input", "not_before", "timeout_s", "key", "holds")
+                 "seconds", "input", "not_before", "timeout_s", "key", "holds")
 
     def __init__(self, task_id: int, job: "Job", index: int, payload: Any,
                  input: Any) -> None:
@@ -83,7 +83,6 @@ class Task:
         self.state = TaskState.QUEUED
         self.attempts = 0  # runs started
         self.pid: int | None = None  # worker of the latest attempt
-        self.started_at = 0.0  # time.monotonic() of the latest start, 0.0 if unknown
         self.seconds = 0.0  # run time of the latest attempt
         self.input = input  # kept for errors and outcomes; its repr is made only on failure
         self.not_before = 0.0  # RETRY_WAIT: monotonic time it may be queued again

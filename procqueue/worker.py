@@ -91,7 +91,7 @@ def _receive_fds(conn: Any, task_ids: tuple[int, ...]) -> dict[int, int]:
             fds += reduction.recvfds(sock, len(task_ids[start:start + FDS_PER_MESSAGE]))
     finally:
         sock.detach()  # the descriptor belongs to conn
-    return dict(zip(task_ids, fds))
+    return dict(zip(task_ids, fds, strict=True))
 
 
 def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any]],

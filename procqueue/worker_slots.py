@@ -92,7 +92,6 @@ class Slot:
         self.tasks_done_total = 0
         self.busy_s = 0.0
         self.restarts = 0
-        self.started_at = 0.0
         self.kill_deadline: float | None = None  # KILLING: when to escalate to SIGKILL
         self.kill_reason: str | None = None
         self.last_exit: str | None = None
@@ -170,7 +169,6 @@ class WorkerSlots:
         slot.batches.clear()
         slot.known_functions.clear()
         slot.tasks_done = 0
-        slot.started_at = time.monotonic()
         slot.kill_deadline = None
         slot.kill_reason = None
         slot.retire_reason = None
