@@ -172,6 +172,13 @@ class Window:
             self._closed = True
             self._cond.notify_all()
 
+    def lift(self) -> None:
+        """No bound any more: the pool is closing, and join() must not wait for a consumer
+        (multiprocessing feeds a closed pool's inputs to the end, results held for later)."""
+        with self._cond:
+            self._free = sys.maxsize
+            self._cond.notify_all()
+
 
 # One finished task as a stream keeps it: a plain tuple, cheaper than a TaskOutcome per item.
 # (index, input, ok, value-or-error, attempts, seconds, pid)

@@ -245,6 +245,8 @@ class Supervisor:
             case Close():
                 if self.state is SupervisorState.RUNNING:
                     self.state = SupervisorState.CLOSING
+                    for job in self._open_jobs.values():
+                        _lift_window(job)
             case Terminate():
                 self._terminate()
 
@@ -838,6 +840,12 @@ def pool_gates(config: PoolConfig) -> tuple[Gate, ...]:
 def _fd_of(payload: Any) -> int:
     assert isinstance(payload, OutOfBand)
     return payload.fd
+
+
+def _lift_window(job: Job) -> None:
+    window = getattr(job.sink, "window", None)
+    if window is not None:
+        window.lift()
 
 
 def _stop_feeding(job: Job) -> None:

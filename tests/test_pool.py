@@ -368,3 +368,12 @@ def test_a_task_may_run_its_own_pool():
     # multiprocessing.Pool's workers are daemonic and may not have children; ours may
     with Pool(2) as pool:
         assert pool.map(_nested_sum, [3, 4]) == [5, 14]
+
+
+@pytest.mark.timeout(60)
+def test_close_and_join_finish_an_unconsumed_imap_as_multiprocessing_does():
+    pool = Pool(2)
+    it = pool.imap(square, range(10_000))  # more than the feeding window holds
+    pool.close()
+    pool.join()  # must not wait for someone to consume the results
+    assert list(it) == [x * x for x in range(10_000)]
