@@ -304,3 +304,33 @@ def test_limit_options(tmp_path, batch):
             path = f"/dev/shm/procqueue.{kind}.{name}"
             if os.path.exists(path):
                 os.unlink(path)
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_kills_running_tasks_now_and_exits_143(tmp_path):
+    log = tmp_path / "pids"
+    log.mkdir()
+    script = tmp_path / "sleepy.py"
+    script.write_text(SLEEPY.format(log=str(log)))
+    proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-", "-j", "2",
+                             "--interrupt-grace", "30"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write("\n".join(str(i) for i in range(12)) + "\n")
+    proc.stdin.close()
+    proc.stdin = None
+    deadline = time.monotonic() + 20
+    while sum(len(p.read_text().split()) for p in log.iterdir()) < 6 and \
+            time.monotonic() < deadline:  # inputs 4 and 5 have started their 30 s sleep
+        time.sleep(0.05)
+    workers = [int(p.name) for p in log.iterdir()]
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert time.monotonic() - started < 5.0  # SIGTERM does not wait for the grace period
+    assert proc.returncode == 143
+    recs = records(out)
+    assert len(recs) == 12 and sum(r["ok"] for r in recs) == 4
+    assert "Traceback" not in err
+    time.sleep(0.5)
+    assert not [pid for pid in workers if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
