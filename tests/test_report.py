@@ -2,6 +2,7 @@
 it loads, and shows one task bar per attempt."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,11 @@ def trace(tmp_path):
 
 def chromium(args, tmp_path):
     if CHROMIUM is None:
-        pytest.fail("chromium is not installed: run .ci/install-browser (CI does)")
+        # CI (CI=true) installs it with .ci/install-browser, so there its absence fails;
+        # on a developer's fresh machine with only Python and pip this one test is skipped.
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/install-browser should have done it")
+        pytest.skip("needs headless Chromium: run .ci/install-browser (as root)")
     return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
                            *args], capture_output=True, text=True, timeout=90)
 
