@@ -27,7 +27,7 @@ import mmap
 import os
 import pickle
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 from .errors import RemoteError, RemoteTraceback, TaskFailed
@@ -81,6 +81,7 @@ class BatchResults:
     started: list[float]  # time.monotonic() when each item started (one clock machine-wide)
     final: bool  # True: the batch is complete, the worker is idle or on its next batch
     rss_bytes: int = 0  # the worker's resident memory when it sent this (worker recycling)
+    skipped: list[int] = field(default_factory=list)  # not started: their batch was revoked
 
 
 ToWorker = Union[RunBatch, Stop]

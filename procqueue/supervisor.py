@@ -181,7 +181,8 @@ class Supervisor:
         return not self._thread.is_alive()
 
     def statistics(self) -> SupervisorStatistics:
-        running = sum(s.tasks_held() for s in self.workers.slots)
+        # Running: started in a worker (not a task waiting in a worker's pipe behind one).
+        running = sum(s.is_running_a_task() for s in self.workers.slots)
         return SupervisorStatistics(
             self.state.value, len(self.workers.slots), self.submitted, self.succeeded,
             self.failed, self.cancelled, self.scheduler.queued, running, self.retries,
@@ -396,6 +397,10 @@ class Supervisor:
             if task is not None:
                 self._on_item(slot, task, message.ok[i], message.payloads[i],
                               message.seconds[i], message.started[i])
+        for task_id in message.skipped:
+            task = pending.pop(task_id, None)
+            if task is not None:
+                self._on_skipped(task)
         n = len(message.task_ids)
         slot.tasks_done += n
         slot.tasks_done_total += n
@@ -447,11 +452,19 @@ class Supervisor:
             self._emit(task, slot, started, started + seconds, "error", raised)
             self._after_failure(task, FailureKind.EXCEPTION, raised)
 
+    def _on_skipped(self, task: Task) -> None:
+        """The worker did not start the task: its batch was revoked (see _cancel_job)."""
+        if task.state is not TaskState.DISPATCHED:
+            return  # already given an outcome
+        task.attempts -= 1  # it never ran
+        if task.job.cancelled:
+            self._finish(task, TaskState.CANCELLED, False, self._cancelled_error(task))
+        else:  # not expected: revoking is only done for a cancelled call
+            task.move(TaskState.QUEUED)
+            self.scheduler.enqueue(task, front=True)
+
     def _on_worker_exit(self, slot: Slot) -> None:
-        # Results the worker sent before dying are still in the pipe: apply them first.
-        while slot.conn is not None and not slot.conn.closed and self._pipe_has_data(slot):
-            if not self._read_message(slot):
-                break
+        self._read_sent_results(slot)  # sent before it died: apply them first
         running = slot.current_task()
         was = slot.phase
         self._unregister(slot.conn)
@@ -464,6 +477,11 @@ class Supervisor:
         else:
             self._write_off_batches(slot, running, exitcode, was)
         self._maybe_respawn(slot, was)
+
+    def _read_sent_results(self, slot: Slot) -> None:
+        while slot.conn is not None and not slot.conn.closed and self._pipe_has_data(slot):
+            if not self._read_message(slot):
+                break
 
     def _pipe_has_data(self, slot: Slot) -> bool:
         try:
@@ -637,14 +655,30 @@ class Supervisor:
         for task in list(self._tasks.values()):
             if task.job is job and task.state is TaskState.RETRY_WAIT:
                 self._cancel_queued(task, notify=True)
-        if kill_running:
+        if not kill_running:
+            # Running tasks finish; those sent to a worker behind them must not start.
+            for slot in self.workers.slots:
+                for batch in slot.batches:
+                    if batch.job is job and batch.pending:
+                        slot.revoke(batch)
+        else:
             now = time.monotonic()
             for slot in self.workers.slots:
                 doomed = [t for b in slot.batches for t in b.pending.values() if t.job is job]
                 if not doomed:
                     continue
+                self._read_sent_results(slot)  # computed results are kept, not killed
+                doomed = [t for b in slot.batches for t in b.pending.values() if t.job is job]
                 running = slot.current_task()
+                started = _started_ids(slot, running)
                 for task in doomed:
+                    if task.id not in started:
+                        for batch in slot.batches:
+                            batch.pending.pop(task.id, None)
+                        task.attempts -= 1  # it never ran
+                        self._finish(task, TaskState.CANCELLED, False,
+                                     self._cancelled_error(task))
+                        continue
                     error = TaskCancelledError("the task was cancelled while running")
                     if running is not None and running[0] == task.id:
                         self._emit(task, slot, running[1], now, "cancelled", error)
@@ -846,6 +880,19 @@ def _lift_window(job: Job) -> None:
     window = getattr(job.sink, "window", None)
     if window is not None:
         window.lift()
+
+
+def _started_ids(slot: Slot, running: tuple[int, float] | None) -> set[int]:
+    """Ids of the tasks a worker has started: the one running now and those before it in its
+    batch (finished, their results not sent yet).  Tasks after it, and a prefetched batch,
+    wait in the worker's pipe."""
+    if running is None:
+        return set()
+    for batch in slot.batches:
+        ids = [t.id for t in batch.tasks]
+        if running[0] in ids:
+            return set(ids[:ids.index(running[0]) + 1])
+    return {running[0]}
 
 
 def _stop_feeding(job: Job) -> None:

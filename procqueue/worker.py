@@ -24,11 +24,16 @@ from .errors import (ArgumentSerializationError, RemoteError, ResultSerializatio
 from .protocol import (BatchResults, CallKind, InitFailed, Ready, RunBatch, Stop,
                        capture_exception, dumps, loads, loads_argument)
 
-# Slot state shared with the supervisor (a 2-slot int64 array): the task now running and when
-# it started.  Written here before each item, read by the supervisor on a crash or a deadline.
+# Slot state shared with the supervisor (a 4-slot int64 array): the task now running and when
+# it started, written here before each item and read by the supervisor on a crash or a
+# deadline; and up to two revoked batch ids, written by the supervisor when a call is cancelled
+# without killing (the items of a revoked batch that have not started are skipped: a batch
+# already sent to this worker's pipe cannot be taken back any other way).
 CURRENT_TASK = 0
 STARTED_NS = 1  # time.monotonic_ns() at the start of CURRENT_TASK
-IDLE = -1  # CURRENT_TASK between batches
+REVOKED = (2, 3)  # batch ids whose remaining items must not start
+SLOT_STATE_SIZE = 4
+IDLE = -1  # CURRENT_TASK between batches; a REVOKED entry with nothing revoked
 
 INIT_FAILED_EXIT = 70  # exit code after a failed initializer (EX_SOFTWARE)
 FLUSH_INTERVAL_S = 0.05  # send the results of a long batch at least this often
@@ -97,13 +102,18 @@ def _receive_fds(conn: Any, task_ids: tuple[int, ...]) -> dict[int, int]:
 def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any]],
               batch: RunBatch, fds: dict[int, int] | None = None) -> None:
     fds = fds or {}
-    if batch.items:  # a crash while unpickling the function is charged to the first task
+    batch_id = batch.batch_id
+    if batch.items and not _revoked(slot_state, batch_id):
+        # a crash while unpickling the function is charged to the first task
         slot_state[STARTED_NS] = time.monotonic_ns()
         slot_state[CURRENT_TASK] = batch.items[0][0]
     fn, fn_error = _load_function(functions, batch)
-    results = _Columns(batch.batch_id)
+    results = _Columns(batch_id)
     last_flush = time.monotonic()
-    for task_id, payload in batch.items:
+    for n, (task_id, payload) in enumerate(batch.items):
+        if slot_state[REVOKED[0]] == batch_id or slot_state[REVOKED[1]] == batch_id:
+            results.skipped = [t for t, _ in batch.items[n:]]
+            break
         started_ns = time.monotonic_ns()
         slot_state[STARTED_NS] = started_ns  # time first: see module docstring
         slot_state[CURRENT_TASK] = task_id
@@ -113,7 +123,7 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
         results.add(task_id, ok, data, now - started, started)
         if now - last_flush >= FLUSH_INTERVAL_S:
             conn.send_bytes(dumps(results.message(final=False)))
-            results = _Columns(batch.batch_id)
+            results = _Columns(batch_id)
             last_flush = now
     slot_state[CURRENT_TASK] = IDLE
     for fd in fds.values():  # arguments of tasks never reached (their function failed)
@@ -124,7 +134,7 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
 class _Columns:
     """Accumulates a BatchResults message column by column."""
 
-    __slots__ = ("batch_id", "task_ids", "ok", "payloads", "seconds", "started")
+    __slots__ = ("batch_id", "task_ids", "ok", "payloads", "seconds", "started", "skipped")
 
     def __init__(self, batch_id: int) -> None:
         self.batch_id = batch_id
@@ -133,6 +143,7 @@ class _Columns:
         self.payloads: list[bytes] = []
         self.seconds: list[float] = []
         self.started: list[float] = []
+        self.skipped: list[int] = []
 
     def add(self, task_id: int, ok: bool, payload: bytes, seconds: float, started: float
             ) -> None:
@@ -144,7 +155,11 @@ class _Columns:
 
     def message(self, final: bool) -> BatchResults:
         return BatchResults(self.batch_id, self.task_ids, self.ok, self.payloads, self.seconds,
-                            self.started, final, current_rss_bytes())
+                            self.started, final, current_rss_bytes(), self.skipped)
+
+
+def _revoked(slot_state: Any, batch_id: int) -> bool:
+    return bool(slot_state[REVOKED[0]] == batch_id or slot_state[REVOKED[1]] == batch_id)
 
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -24,7 +24,8 @@ from typing import Any
 
 from .protocol import Stop, ToWorker, dumps
 from .tasks import Job, Task
-from .worker import CURRENT_TASK, FDS_PER_MESSAGE, IDLE, STARTED_NS, worker_main
+from .worker import (CURRENT_TASK, FDS_PER_MESSAGE, IDLE, REVOKED, SLOT_STATE_SIZE, STARTED_NS,
+                     worker_main)
 
 # A prefetched batch waits in the worker's socket buffer while it finishes the current one,
 # so a worker is never idle waiting for the supervisor.  Only small batches are prefetched:
@@ -85,7 +86,7 @@ class Slot:
         self.process: Any = None
         self.conn: Any = None
         self.pid: int | None = None
-        self.state = context.RawArray("q", 2)  # [CURRENT_TASK, STARTED_NS], see worker.py
+        self.state = context.RawArray("q", SLOT_STATE_SIZE)  # see worker.py
         self.batches: deque[Batch] = deque()
         self.known_functions: set[int] = set()
         self.tasks_done = 0  # by the current process (maxtasksperchild)
@@ -123,6 +124,21 @@ class Slot:
         running = self.batches[-1]
         return sum(len(t.payload) for t in running.tasks) <= PREFETCH_MAX_BYTES
 
+    def is_running_a_task(self) -> bool:
+        """A task of this slot has started and has no result yet (one waiting in the pipe
+        behind it does not count; nor does a dead worker's last task)."""
+        current = self.current_task()
+        return current is not None and any(
+            current[0] in b.pending for b in tuple(self.batches))
+
+    def revoke(self, batch: Batch) -> None:
+        """The worker must not start the items of `batch` it has not started yet (it reports
+        them as skipped).  A slot holds at most MAX_BATCHES_IN_FLIGHT batches, one per
+        REVOKED entry, so an entry not naming another held batch is always free."""
+        held = {b.id for b in self.batches if b is not batch}
+        free = next(f for f in REVOKED if self.state[f] not in held)
+        self.state[free] = batch.id
+
     def current_task(self) -> tuple[int, float] | None:
         """(task id, monotonic start time) of the task running now, or None if idle."""
         task_id = self.state[CURRENT_TASK]
@@ -155,6 +171,8 @@ class WorkerSlots:
         parent_end, child_end = self.context.Pipe(duplex=True)
         slot.state[CURRENT_TASK] = IDLE
         slot.state[STARTED_NS] = 0
+        for field in REVOKED:
+            slot.state[field] = IDLE
         process = self.context.Process(
             target=worker_main,
             args=(child_end, slot.state, slot.cpus if self.pin else (), self.env,

@@ -239,3 +239,33 @@ def test_bad_halt_policy_is_refused():
     with Pool(1) as pool:
         with pytest.raises(ValueError, match="halt"):
             pool.map(fail_if_odd, [0], halt="sometimes")
+
+
+def record_start_and_sleep(args):
+    folder, item = args
+    with open(os.path.join(folder, str(item)), "w"):
+        pass
+    time.sleep(0.6)
+    return item
+
+
+@pytest.mark.timeout(30)
+def test_cancel_without_kill_starts_nothing_more_and_lets_running_tasks_finish(tmp_path):
+    """What was sent to a worker behind its running task (prefetched) must not start either:
+    the iterator's cancel(kill_running=False) is the CLI's first Ctrl-C and --halt soon."""
+    with Pool(2) as pool:
+        outcomes = pool.imap_outcomes(record_start_and_sleep,
+                                      [(str(tmp_path), i) for i in range(40)])
+        deadline = time.monotonic() + 10
+        while len(os.listdir(tmp_path)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the second pair started: task times are known, batches queued
+        assert pool.stats().tasks_running == 2  # started, not merely sent to a worker
+        outcomes.cancel(kill_running=False)
+        results = list(outcomes)
+        assert pool.map(abs, [-1]) == [1]  # the pool itself goes on
+    started = {int(name) for name in os.listdir(tmp_path)}
+    assert len(results) == 40 and len(started) == 4
+    assert {o.index for o in results if o.ok} == started  # running ones finished, not killed
+    for outcome in results:
+        if outcome.index not in started:
+            assert isinstance(outcome.error, TaskCancelledError) and outcome.attempts == 0

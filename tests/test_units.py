@@ -172,9 +172,20 @@ def test_backoff_grows_and_is_capped():
 
 # ---- protocol -----------------------------------------------------------------------------
 
+def _refuse_to_load(*args):
+    raise TypeError("cannot be rebuilt here")
+
+
 class NeedsTwoArgs(Exception):
+    """Pickles, but cannot be unpickled (as an exception whose __init__ does not match its
+    args; spelled out with __reduce__ because tblib, which distributed imports, would
+    otherwise rebuild such exceptions without calling __init__)."""
+
     def __init__(self, a, b):
         super().__init__(a)
+
+    def __reduce__(self):
+        return _refuse_to_load, self.args
 
 
 def _raise(exc):
