@@ -5,7 +5,8 @@ one JSON record per input, and turn the outcome into an exit code:
 
     0    every input succeeded
     1    some inputs failed (each has a record with its error)
-    2    usage error: bad option, script, function or input path
+    2    usage error: bad option, script, function, input path or output file
+    3    the run could not go on (the pool broke: see the message); records may be missing
     130  interrupted by Ctrl-C (143: SIGTERM); records of finished inputs are written
 """
 
@@ -31,6 +32,7 @@ from .script import function_identity, resolve_script
 EXIT_OK = 0  # every input succeeded
 EXIT_FAILURES = 1  # some inputs failed
 EXIT_USAGE = 2  # click's own usage errors use it too
+EXIT_RUN_FAILED = 3  # the pool broke (a procqueue error outside any one task)
 EXIT_SIGINT = 130  # 128 + SIGINT, as shells report it
 EXIT_SIGTERM = 143  # 128 + SIGTERM
 
@@ -39,13 +41,40 @@ Examples:
   procqueue map score.py inputs/ -j 3 > results.jsonl
   procqueue map score.py inputs/ --glob '*.txt' --unordered --stats
   find . -name '*.csv' | procqueue map tools.py - --fn parse --timeout 60
+  procqueue map tools.py:score inputs/ -o scores.jsonl --halt now,fail=10%
   procqueue map mypkg.jobs:render jobs/ --retries 2 --halt soon,fail=5
-  procqueue map fetch.py urls.txt --lines urls.txt --rate 50/30s --limit geo-api=2
+  procqueue map fetch.py --lines urls.txt --rate 50/30s --limit geo-api=2
+
+\b
+Exit codes: 0 all inputs ok, 1 some failed (see their records), 2 usage error,
+3 the pool broke, 130 Ctrl-C, 143 SIGTERM.  Ctrl-C once: no new inputs start
+and running ones get --interrupt-grace seconds to finish; twice: they are killed.
 """
 
 
 class HaltPolicyError(click.BadParameter):
     pass
+
+
+class OutputUnusable(click.ClickException):
+    """--output cannot be opened for writing."""
+
+    exit_code = EXIT_USAGE
+
+
+class RunFailed(click.ClickException):
+    """The pool itself failed (PoolBrokenError and the like): not one input's error."""
+
+    exit_code = EXIT_RUN_FAILED
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C before the run's own handlers were installed (starting or stopping the pool)."""
+
+    exit_code = EXIT_SIGINT
+
+    def __init__(self) -> None:
+        super().__init__("interrupted")
 
 
 @dataclass(frozen=True)
@@ -82,13 +111,16 @@ class HaltPolicy:
 
 
 class Interrupts:
-    """Ctrl-C, twice: the first stops dispatching and gives running tasks `grace_s` to finish
-    (then kills them); the second kills them at once.  SIGTERM kills at once.  Records of
-    every finished input are still written; the exit code says what happened."""
+    """Ctrl-C, twice: the first stops dispatching and lets running tasks finish (for at most
+    `grace_s`, when given, then kills them); the second kills them at once.  SIGTERM kills at
+    once.  Records of every finished input are still written; the exit code says what
+    happened."""
 
-    def __init__(self, progress: Progress, grace_s: float) -> None:
+    def __init__(self, progress: Progress, grace_s: float | None,
+                 running: Callable[[], int] = lambda: 0) -> None:
         self.progress = progress
         self.grace_s = grace_s
+        self.running = running  # tasks held by workers now (pool.stats), for the message
         self.signal: int | None = None
         self._outcomes: procqueue.OutcomeIterator | None = None
         self._timer: threading.Timer | None = None
@@ -110,13 +142,17 @@ class Interrupts:
         first = self.signal is None
         self.signal = self.signal or signum
         if signum == signal.SIGINT and first:
-            self.progress.note(f"procqueue: interrupted: no new inputs start; running ones get "
-                               f"{self.grace_s:g} s to finish. Press Ctrl-C again to kill them.")
+            limit = f" (for at most {self.grace_s:g} s)" if self.grace_s is not None else ""
+            self.progress.note(f"procqueue: interrupted: no new inputs start; finishing "
+                               f"{self.running()} running task(s){limit}. Press Ctrl-C again "
+                               "to kill them.")
             self._outcomes.cancel(kill_running=False)
-            outcomes = self._outcomes
-            self._timer = threading.Timer(self.grace_s, lambda: outcomes.cancel(kill_running=True))
-            self._timer.daemon = True
-            self._timer.start()
+            if self.grace_s is not None:
+                outcomes = self._outcomes
+                self._timer = threading.Timer(self.grace_s,
+                                              lambda: outcomes.cancel(kill_running=True))
+                self._timer.daemon = True
+                self._timer.start()
         else:
             self.progress.note("procqueue: killing the running tasks")
             self._outcomes.cancel(kill_running=True)
@@ -167,8 +203,10 @@ def cli() -> None:
               help="At most K running tasks per key (with --key-from; default 1).")
 @click.option("--halt", metavar="POLICY",
               help="never (default), soon,fail=N, now,fail=N or soon,fail=N% (GNU parallel).")
-@click.option("--interrupt-grace", type=click.FloatRange(min=0), default=3.0,
-              show_default=True, help="Seconds running tasks get after the first Ctrl-C.")
+@click.option("--interrupt-grace", type=click.FloatRange(min=0), default=3.0, metavar="SECONDS",
+              show_default=True,
+              help="After the first Ctrl-C, running tasks get SECONDS to finish before they are "
+                   "killed (a second Ctrl-C kills them at once).")
 @click.option("--trace", "trace_path", metavar="FILE",
               help="Write every task attempt to FILE (Chrome trace format; see `procqueue report`).")
 @click.option("--journal", "journal_path", metavar="FILE",
@@ -185,7 +223,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 max_tasks_per_child: int | None, max_memory_per_child: str | None,
                 memfree: str | None, chunksize: int | None, concurrency: int | None,
                 rate: str | None, limits: tuple[str, ...], key_from: str | None,
-                key_concurrency: int | None, halt: str | None, interrupt_grace: float,
+                key_concurrency: int | None, halt: str | None, interrupt_grace: float | None,
                 trace_path: str | None, journal_path: str | None, retry_failed: bool,
                 force: bool, quiet: bool, stats: bool) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
@@ -203,16 +241,27 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
         pool_options["journal"] = journal
     if trace_path:
         pool_options["trace"] = trace_path
-    stream = open(output, "w", encoding="utf-8") if output else sys.stdout
+    stream = _open_output(output) if output else sys.stdout
     try:
         code = run(fn, items, jobs, max_tasks_per_child, chunksize, not unordered, pool_options,
                    call_options, halt_policy, interrupt_grace, stream, quiet, stats)
+    except KeyboardInterrupt:  # while the pool starts or stops: no handler of ours yet
+        raise Interrupted() from None
+    except procqueue.ProcqueueError as exc:  # the pool broke; one task's errors are records
+        raise RunFailed(str(exc)) from None
     finally:
         if output:
             stream.close()
         if journal is not None:
             journal.close()
     sys.exit(code)
+
+
+def _open_output(path: str) -> TextIO:
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise OutputUnusable(f"cannot write --output {path!r}: {exc.strerror}") from None
 
 
 class JournalUnusable(click.ClickException):
@@ -329,22 +378,23 @@ def _parse(parse: Callable[[str], Any], text: str, hint: str) -> Any:
 
 def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | None,
         chunksize: int | None, ordered: bool, pool_options: dict[str, Any],
-        call_options: dict[str, Any], halt: HaltPolicy | None, grace_s: float,
+        call_options: dict[str, Any], halt: HaltPolicy | None, grace_s: float | None,
         stream: TextIO, quiet: bool, stats: bool) -> int:
     """Run the batch; returns the exit code."""
     writer = RecordWriter(stream)
     progress = Progress(len(items), sys.stderr, enabled=sys.stderr.isatty() and not quiet)
     interrupts = Interrupts(progress, grace_s)
+    halted = False
     failed = never_ran = 0
     started = time.monotonic()
     busy_s = 0.0
     retries_used = 0
     with procqueue.Pool(jobs, maxtasksperchild=max_tasks_per_child, **pool_options) as pool:
         progress.restarts = lambda: pool.stats().worker_restarts
+        interrupts.running = lambda: pool.stats().tasks_running
         outcomes = pool.imap_outcomes(fn, items, ordered=ordered, chunksize=chunksize,
                                       **call_options)
         interrupts.install(outcomes)
-        halted = False
         try:
             for outcome in outcomes:
                 record = record_of(outcome)
@@ -363,10 +413,13 @@ def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | 
                                   "inputs not started are reported as cancelled")
                     outcomes.cancel(kill_running=halt.now)
         finally:
-            writer.flush()
+            writer.close()
             interrupts.restore()
         pool_stats = pool.stats()
     progress.close()
+    if never_ran and (halted or interrupts.signal is not None):
+        click.echo(f"procqueue: {never_ran} of {len(items)} inputs never ran (their records "
+                   "have attempts 0 and error TaskCancelledError)", err=True)
     wall_s = time.monotonic() - started
     if stats:
         _print_stats(len(items), failed, never_ran, retries_used, pool_stats, wall_s, busy_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any, TextIO
 
@@ -23,10 +24,11 @@ def record_of(outcome: procqueue.TaskOutcome) -> dict[str, Any]:
 
 
 def line_of(record: dict[str, Any]) -> str:
-    """The record as one JSON line.  A result that is not JSON-serialisable becomes that
-    input's error (the record is changed in place), never a crash of the run."""
+    """The record as one JSON line.  A result that is not JSON-serialisable (NaN and infinity
+    included: strict JSON has no such numbers) becomes that input's error (the record is
+    changed in place), never a crash of the run."""
     try:
-        return json.dumps(record)
+        return json.dumps(record, allow_nan=False)
     except (TypeError, ValueError, OverflowError) as exc:
         value = record.pop("result", None)
         record["ok"] = False
@@ -62,23 +64,62 @@ def _type_name(error: BaseException) -> str:
         cls.__module__.startswith("procqueue") else f"{cls.__module__}.{cls.__qualname__}"
 
 
-FLUSH_INTERVAL_S = 0.1  # records reach the file at least this often (and at the end)
+FLUSH_INTERVAL_S = 0.1  # a written record reaches the file within about this time
 
 
 class RecordWriter:
-    """Writes records as JSON Lines: whole lines only, flushed at least every
-    FLUSH_INTERVAL_S (a flush per record costs the CPU the workers need)."""
+    """Writes records as JSON Lines, whole lines only.  A flush per record costs the CPU the
+    workers need when tasks are tiny, so a record is flushed at once only if the previous
+    flush is FLUSH_INTERVAL_S old; otherwise a background thread flushes it within
+    FLUSH_INTERVAL_S, so the last record before a long task does not wait for the next one.
+    A write error met by that thread (a closed pipe) is raised by the next write() or by
+    close()."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, interval_s: float = FLUSH_INTERVAL_S) -> None:
         self.stream = stream
-        self._flushed_at = time.monotonic()
+        self._interval_s = interval_s
+        self._lock = threading.Lock()  # one of write() and the flusher at a time
+        self._dirty = False
+        self._flushed_at = 0.0  # time.monotonic() of the last flush
+        self._error: OSError | None = None
+        self._closed = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_periodically, daemon=True,
+                                         name="procqueue-cli-flush")
+        self._flusher.start()
 
     def write(self, record: dict[str, Any]) -> None:
-        self.stream.write(line_of(record) + "\n")
-        now = time.monotonic()
-        if now - self._flushed_at >= FLUSH_INTERVAL_S:
-            self.stream.flush()
-            self._flushed_at = now
+        line = line_of(record) + "\n"
+        with self._lock:
+            self._raise_pending()
+            self.stream.write(line)
+            self._dirty = True
+            if time.monotonic() - self._flushed_at >= self._interval_s:
+                self._flush()
 
-    def flush(self) -> None:
+    def close(self) -> None:
+        """Stop the flusher and flush the rest (the stream itself stays open)."""
+        self._closed.set()
+        self._flusher.join()
+        with self._lock:
+            self._raise_pending()
+            self._flush()
+
+    def _flush_periodically(self) -> None:
+        while not self._closed.wait(self._interval_s):
+            with self._lock:
+                if not self._dirty or self._error is not None:
+                    continue
+                try:
+                    self._flush()
+                except OSError as exc:
+                    self._error = exc
+
+    def _flush(self) -> None:  # with self._lock held
+        self._dirty = False
+        self._flushed_at = time.monotonic()
         self.stream.flush()
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

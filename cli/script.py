@@ -10,6 +10,7 @@ starts; each worker imports the script the first time it runs one of its inputs.
 from __future__ import annotations
 
 import ast
+import enum
 import hashlib
 import importlib
 import importlib.util
@@ -45,7 +46,13 @@ class ScriptFunction:
         if fn is None:
             module = _import_file(self.path) if self.path else importlib.import_module(
                 self.module or "")
-            fn = getattr(module, self.name)
+            fn = getattr(module, self.name, None)
+            if not callable(fn):
+                # The parent's source check passes names it cannot see (star imports,
+                # module __getattr__); say plainly what is missing at run time.
+                what = "no" if fn is None else f"a non-callable ({type(fn).__name__})"
+                raise TypeError(f"{self.describe()}: the script defines {what} "
+                                f"{self.name!r} to call")
             _LOADED[key] = fn
         return fn
 
@@ -89,62 +96,143 @@ def function_identity(fn: ScriptFunction) -> str:
 
 
 def resolve_script(script: str, fn_name: str | None) -> ScriptFunction:
-    """Check SCRIPT and the function in the parent, without executing the script."""
+    """Check SCRIPT and the function in the parent, without executing the script.  SCRIPT is
+    a file (`job.py`), a file and its function (`job.py:score`) or `module:function`."""
     path = Path(script)
     if path.is_file():
         name = fn_name or "process"
-        _check_file_defines(path, name)
+        _check_source_defines(path, name)
         return ScriptFunction(name, path=str(path.resolve()))
-    if ":" in script and not path.suffix == ".py":
-        module, _, name = script.partition(":")
-        name = fn_name or name or "process"
-        _check_module(module)
-        return ScriptFunction(name, module=module)
-    if path.exists():
+    head, colon, tail = script.rpartition(":")
+    if colon and Path(head).is_file():  # job.py:score
+        name = fn_name or tail or "process"
+        _check_source_defines(Path(head), name)
+        return ScriptFunction(name, path=str(Path(head).resolve()))
+    if colon and not head.endswith(".py") and head:
+        name = fn_name or tail or "process"
+        _check_module_defines(head, name)
+        return ScriptFunction(name, module=head)
+    if path.exists() or (colon and Path(head).exists()):
         raise ScriptError(f"script {script!r} is not a file")
-    raise ScriptError(f"script not found: {script!r} (give a path to a .py file or "
-                      f"module:function)")
+    raise ScriptError(f"script not found: {script!r} (give a path to a .py file, "
+                      f"file.py:function or module:function)")
 
 
-def _check_file_defines(path: Path, name: str) -> None:
+def _check_source_defines(path: Path, name: str) -> None:
     try:
         tree = ast.parse(path.read_bytes(), filename=str(path))
     except SyntaxError as exc:
-        raise ScriptError(f"syntax error in {path}, line {exc.lineno}: {exc.msg}") from None
+        where = f"{exc.filename or path}:{exc.lineno}" if exc.lineno else str(path)
+        raise ScriptError(f"syntax error in the script at {where}: {exc.msg}") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ScriptError(f"cannot read script {path}: {exc}") from None
-    defined = _top_level_names(tree)
-    if name not in defined:
-        callables = sorted(n for n, is_callable in defined.items() if is_callable)
+    names = TopLevelNames.of(tree)
+    kind = names.bound.get(name)
+    if kind is None and not names.dynamic:
+        callables = sorted(n for n, k in names.bound.items() if k is not Binding.VALUE)
         listing = ", ".join(callables) if callables else "none"
         raise ScriptError(f"{path} has no top-level function {name!r}; its top-level "
                           f"callables: {listing} (choose one with --fn NAME)")
+    if kind is Binding.VALUE:
+        raise ScriptError(f"{name!r} in {path} is not a function (it is bound to a value at "
+                          f"module level); choose a function with --fn NAME")
 
 
-def _top_level_names(tree: ast.Module) -> dict[str, bool]:
-    """Top-level names -> whether they are (probably) callable: defs, classes, lambdas,
-    imports."""
-    names: dict[str, bool] = {}
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names[node.name] = True
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            for alias in node.names:
-                names[(alias.asname or alias.name).split(".")[0]] = True
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            value_callable = isinstance(node.value, (ast.Lambda, ast.Call, ast.Name,
-                                                     ast.Attribute))
-            for target in targets:
-                if isinstance(target, ast.Name):
-                    names[target.id] = value_callable
-    return names
+class Binding(enum.Enum):
+    """What a top-level name is bound to, as far as the source shows."""
+
+    CALLABLE = "def, class, lambda or from-import"
+    UNKNOWN = "the result of an expression (may be callable)"
+    VALUE = "a literal, a display or a module: never callable"
 
 
-def _check_module(module: str) -> None:
+# Statements whose bodies still run at module level: a `def` under `try:`/`if` is top-level.
+_BLOCK_FIELDS = ("body", "orelse", "finalbody", "handlers", "cases")
+_LITERALS = (ast.Constant, ast.List, ast.Tuple, ast.Set, ast.Dict, ast.ListComp, ast.SetComp,
+             ast.DictComp, ast.GeneratorExp, ast.JoinedStr, ast.BinOp, ast.Compare)
+
+
+@dataclass
+class TopLevelNames:
+    """The names a module binds at top level, and whether it may bind others we cannot see
+    (`from x import *`, a module `__getattr__`, `globals()[...] = ...`)."""
+
+    bound: dict[str, Binding]
+    dynamic: bool = False
+
+    @classmethod
+    def of(cls, tree: ast.Module) -> TopLevelNames:
+        names = cls({})
+        names._visit(tree.body)
+        return names
+
+    def _bind(self, name: str, kind: Binding) -> None:
+        # Alternatives (try/except, if/else): the most callable one decides.
+        order = (Binding.VALUE, Binding.UNKNOWN, Binding.CALLABLE)
+        previous = self.bound.get(name, Binding.VALUE)
+        self.bound[name] = max(previous, kind, key=order.index)
+
+    def _visit(self, statements: list[Any]) -> None:
+        for node in statements:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                self._bind(node.name, Binding.CALLABLE)
+                self.dynamic |= node.name == "__getattr__"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    self._bind((alias.asname or alias.name).split(".")[0], Binding.VALUE)
+            elif isinstance(node, ast.ImportFrom):
+                for alias in node.names:
+                    if alias.name == "*":
+                        self.dynamic = True
+                    else:
+                        self._bind(alias.asname or alias.name, Binding.CALLABLE)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                self._visit_assignment(node)
+            else:
+                self.dynamic |= "globals" in {getattr(n, "id", None) for n in ast.walk(node)}
+                for field in _BLOCK_FIELDS:
+                    self._visit(_statements_of(getattr(node, field, None) or []))
+
+    def _visit_assignment(self, node: ast.Assign | ast.AnnAssign) -> None:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        if node.value is None:  # `x: int` binds nothing
+            return
+        if isinstance(node.value, ast.Lambda):
+            kind = Binding.CALLABLE
+        elif isinstance(node.value, _LITERALS):
+            kind = Binding.VALUE
+        else:
+            kind = Binding.UNKNOWN
+        for target in targets:
+            if isinstance(target, ast.Name):
+                self._bind(target.id, kind)
+            elif isinstance(target, ast.Subscript):  # globals()["f"] = ...
+                self.dynamic |= "globals" in {getattr(n, "id", None) for n in ast.walk(target)}
+            else:  # a, b = ...
+                for element in ast.walk(target):
+                    if isinstance(element, ast.Name):
+                        self._bind(element.id, Binding.UNKNOWN)
+
+
+def _statements_of(block: list[Any]) -> list[Any]:
+    """The statements of a block: except handlers and match cases hold theirs in .body."""
+    statements: list[Any] = []
+    for item in block:
+        if isinstance(item, (ast.ExceptHandler, ast.match_case)):
+            statements += item.body
+        else:
+            statements.append(item)
+    return statements
+
+
+def _check_module_defines(module: str, name: str) -> None:
+    """find_spec (which imports the parent packages, not the module), then the same source
+    check as for a file when the module is a plain .py file."""
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError) as exc:
         raise ScriptError(f"cannot find module {module!r}: {exc}") from None
     if spec is None:
         raise ScriptError(f"cannot find module {module!r}")
+    if spec.origin and spec.origin.endswith(".py") and Path(spec.origin).is_file():
+        _check_source_defines(Path(spec.origin), name)

@@ -82,6 +82,17 @@ def test_glob_fn_and_stdin_inputs(batch):
 
 
 @pytest.mark.timeout(60)
+def test_file_colon_function_and_a_function_defined_under_try(tmp_path, batch):
+    _, inputs = batch
+    script = tmp_path / "alt.py"
+    script.write_text("try:\n    from not_installed import fast\nexcept ImportError:\n"
+                      "    def fast(path):\n        return len(path)\n")
+    run = procqueue("map", f"{script}:fast", inputs / "sub")
+    assert run.returncode == 0, run.stderr
+    assert records(run.stdout)[0]["result"] == len(str(inputs / "sub" / "d.txt"))
+
+
+@pytest.mark.timeout(60)
 def test_module_function_spec(tmp_path):
     (tmp_path / "mymod.py").write_text("def twice(x):\n    return x * 2\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
@@ -132,12 +143,18 @@ def test_failing_inputs_get_error_records_and_exit_1(tmp_path, batch):
     (["SCRIPT", "IN", "--halt", "sometimes"], "--halt"),
     (["SCRIPT", "IN", "-j", "0"], "-j"),
     (["SCRIPT"], "INPUT"),
+    (["SCRIPT:nothere", "IN"], "no top-level function 'nothere'"),
+    (["no_such_module_pq:f", "IN"], "cannot find module"),
+    (["SCRIPT", "IN", "-o", "no/such/dir/out.jsonl"], "cannot write --output"),
+    (["SCRIPT", "--lines", "no/such/list"], "cannot read --lines"),
 ])
 def test_usage_errors_exit_2_with_a_clear_message(tmp_path, batch, args, message):
     script, inputs = batch
     bad = tmp_path / "bad.py"
     bad.write_text("def process(x:\n")
-    mapping = {"SCRIPT": script, "IN": inputs, "BAD": bad}
+    mapping = {"SCRIPT": str(script), "IN": inputs, "BAD": bad}
+    args = [a.replace("SCRIPT", mapping["SCRIPT"]) if a.startswith("SCRIPT") else a
+            for a in args]
     run = procqueue("map", *[mapping.get(a, a) for a in args], cwd=tmp_path)
     assert run.returncode == 2
     assert message in run.stderr
@@ -195,7 +212,8 @@ def test_ctrl_c_writes_finished_records_and_leaves_no_process(tmp_path, presses)
     proc.stdin.write("\n".join(str(i) for i in range(20)) + "\n")
     proc.stdin.close()
     proc.stdin = None  # communicate() must not flush it
-    first = proc.stdout.readline()  # a record: tasks run
+    # No proc.stdout.readline() here: communicate() reads the pipe itself, so lines that
+    # readline() buffered beyond the first would be lost.
     deadline = time.monotonic() + 20
     while len(list(log.iterdir())) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -208,9 +226,8 @@ def test_ctrl_c_writes_finished_records_and_leaves_no_process(tmp_path, presses)
     out, err = proc.communicate(timeout=20)
     assert time.monotonic() - started < 5.0  # control returns promptly
     assert proc.returncode == 130
-    lines = [first] + out.splitlines()
-    recs = [json.loads(line) for line in lines if line.strip()]  # valid JSON Lines
-    assert sum(r["ok"] for r in recs) >= 4
+    recs = records(out)  # valid JSON Lines
+    assert sum(r["ok"] for r in recs) >= 4, (recs, err)
     assert "Traceback" not in err
     assert len(recs) == 20  # every input accounted for (ok, killed or never started)
     time.sleep(0.5)
@@ -334,3 +351,64 @@ def test_sigterm_kills_running_tasks_now_and_exits_143(tmp_path):
     time.sleep(0.5)
     assert not [pid for pid in workers if psutil.pid_exists(pid)
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+STAMPED = """
+import os, time
+def process(item):
+    with open(os.path.join({log!r}, item), "w") as f:
+        f.write(f"{{time.time()}} {{os.getpid()}}")
+    time.sleep(1.5)
+    return int(item)
+"""
+
+
+def _interrupt_once(tmp_path):
+    """Runs 20 inputs of 1.5 s on 2 workers, presses Ctrl-C once while the second pair runs
+    (by then the pool has measured task times and keeps a next task queued at each worker),
+    default options (--interrupt-grace 3 s: enough for them to finish), and returns what
+    happened."""
+    log = tmp_path / "starts"
+    log.mkdir()
+    script = tmp_path / "stamped.py"
+    script.write_text(STAMPED.format(log=str(log)))
+    proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-", "-j", "2"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdin.write("\n".join(str(i) for i in range(20)) + "\n")
+    proc.stdin.close()
+    proc.stdin = None
+    deadline = time.monotonic() + 20
+    while len(list(log.iterdir())) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # both workers are inside their second task
+    sigint_at = time.time()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    elapsed = time.time() - sigint_at
+    starts = {p.name: p.read_text().split() for p in log.iterdir()}
+    return proc.returncode, records(out), err, elapsed, sigint_at, {
+        item: (float(t), int(pid)) for item, (t, pid) in starts.items()}
+
+
+@pytest.mark.timeout(60)
+def test_first_ctrl_c_lets_running_tasks_finish_and_cancels_the_rest(tmp_path):
+    code, recs, err, elapsed, sigint_at, starts = _interrupt_once(tmp_path)
+    assert code == 130 and elapsed < 6.0  # 1.5 s tasks: finish (+1 queued each, see below)
+    assert "Press Ctrl-C again to kill them" in err and "Traceback" not in err
+    assert len(recs) == 20  # every input accounted for
+    by_input = {r["input"]: r for r in recs}
+    running = [item for item, (t, _) in starts.items() if t < sigint_at]
+    assert len(running) == 4 and all(by_input[i]["ok"] for i in running)  # finished, not killed
+    for rec in recs:
+        if rec["input"] not in starts:
+            assert rec["attempts"] == 0 and rec["error"]["type"] == "TaskCancelledError"
+    time.sleep(0.5)
+    assert not [pid for _, pid in starts.values() if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.timeout(60)
+def test_no_input_starts_after_the_first_ctrl_c(tmp_path):
+    _, _, _, _, sigint_at, starts = _interrupt_once(tmp_path)
+    assert sorted(item for item, (t, _) in starts.items() if t > sigint_at) == []

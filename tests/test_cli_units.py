@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import json
+import threading
 
 import click
 import pytest
@@ -89,3 +91,108 @@ def test_progress_bar_shows_failures_and_restarts():
     bar.close()
     last = out.getvalue().split("\r\x1b[K")[-1]
     assert "4/4" in last and "failed: 1" in last and "restarts: 2" in last
+
+
+# ---- script checks: what the parent can tell from the source alone ----------------------------
+
+@pytest.mark.parametrize("source", [
+    "try:\n    from fast import process\nexcept ImportError:\n    def process(x):\n        return x\n",
+    "import sys\nif sys.platform == 'linux':\n    def process(x):\n        return x\n",
+    "with open(__file__):\n    process = len\n",
+    "import functools\nprocess = functools.partial(print)\n",
+])
+def test_a_function_bound_in_a_top_level_block_is_found(tmp_path, source):
+    script = tmp_path / "s.py"
+    script.write_text(source)
+    assert resolve_script(str(script), None).name == "process"
+
+
+def test_missing_function_lists_callables_not_modules_or_values(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text("import os\nfrom json import dumps\nLIMIT = 3\n"
+                      "class Job:\n    pass\ndef run(x):\n    return x\n")
+    with pytest.raises(ScriptError, match=r"callables: Job, dumps, run \(choose") as info:
+        resolve_script(str(script), None)
+    assert info.value.exit_code == 2
+    with pytest.raises(ScriptError, match="'LIMIT' .* is not a function"):
+        resolve_script(str(script), "LIMIT")
+
+
+def test_star_import_or_module_getattr_defers_the_check_to_the_worker(tmp_path):
+    star = tmp_path / "star.py"
+    star.write_text("from os.path import *\n")
+    fn = resolve_script(str(star), "basename")
+    assert fn("a/b.txt") == "b.txt"
+    missing = resolve_script(str(star), "nothere")  # cannot be told from the source
+    with pytest.raises(TypeError, match="defines no 'nothere'"):
+        missing("x")
+
+
+def test_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\ndef process(x:\n")
+    with pytest.raises(ScriptError, match=r"bad\.py:2: '\(' was never closed"):
+        resolve_script(str(bad), None)
+
+
+def test_file_colon_function_and_module_colon_function(tmp_path, monkeypatch):
+    script = tmp_path / "job.py"
+    script.write_text("def score(x):\n    return 1\n")
+    assert resolve_script(f"{script}:score", None) == ScriptFunction(
+        "score", path=str(script.resolve()))
+    with pytest.raises(ScriptError, match="no top-level function 'other'"):
+        resolve_script(f"{script}:other", None)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert resolve_script("job:score", None) == ScriptFunction("score", module="job")
+    with pytest.raises(ScriptError, match="no top-level function 'other'"):
+        resolve_script("job:other", None)
+    with pytest.raises(ScriptError, match="cannot find module 'no_such_module_pq'"):
+        resolve_script("no_such_module_pq:f", None)
+
+
+# ---- records and the writer --------------------------------------------------------------------
+
+def test_nan_result_is_that_inputs_error_so_every_line_is_strict_json():
+    rec = record_of(procqueue.TaskOutcome(0, "in", True, {"x": float("nan")}, None, 1, 0.1, 42))
+    line = line_of(rec)
+    assert "NaN" not in line and rec["error"]["type"] == "ResultNotJSONSerializable"
+
+
+class _FlushSpy(io.StringIO):
+    """Remembers what had been written at each flush; the second flush on may fail."""
+
+    def __init__(self, fail_from: int | None = None) -> None:
+        super().__init__()
+        self.flushes: list[str] = []
+        self.flushed = threading.Event()
+        self.fail_from = fail_from
+
+    def flush(self) -> None:
+        if self.fail_from is not None and len(self.flushes) >= self.fail_from:
+            raise BrokenPipeError(32, "Broken pipe")
+        self.flushes.append(self.getvalue())
+        self.flushed.set()
+
+
+def test_a_record_is_flushed_without_waiting_for_the_next_one():
+    from procqueue.cli.output import RecordWriter
+
+    stream = _FlushSpy()
+    writer = RecordWriter(stream, interval_s=0.5)
+    writer.write({"input": "a", "ok": True, "result": 1})  # flushed at once: none before
+    stream.flushed.clear()
+    writer.write({"input": "b", "ok": True, "result": 2})  # within 0.5 s: left to the flusher
+    assert stream.flushed.wait(5.0)  # no further write() needed
+    assert len(stream.flushes[-1].splitlines()) == 2
+    writer.close()
+    assert [json.loads(line)["input"] for line in stream.getvalue().splitlines()] == ["a", "b"]
+
+
+def test_a_flush_error_is_raised_by_close_not_lost():
+    from procqueue.cli.output import RecordWriter
+
+    writer = RecordWriter(_FlushSpy(fail_from=1), interval_s=3600)
+    writer.write({"input": "a", "ok": True, "result": 1})  # the one flush that works
+    writer.write({"input": "b", "ok": True, "result": 2})
+    with pytest.raises(BrokenPipeError):
+        writer.close()
