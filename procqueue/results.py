@@ -133,6 +133,10 @@ class MapResult(ApplyResult):
         elif self._first_open in self._errors:
             self._fail(self._errors[self._first_open])
 
+    def deliver_all(self, succeeded: list[tuple[Task, Any]]) -> None:
+        for task, value in succeeded:
+            self.deliver(task, True, value)
+
     def _fail(self, error: BaseException) -> None:
         partial = {i: self._values[i] for i in range(len(self._done))
                    if self._done[i] and i not in self._errors}
@@ -214,6 +218,20 @@ class ResultStream:
                     self._cond.notify()
             else:
                 self._arrived.append(done)
+                self._cond.notify()
+
+    def deliver_all(self, succeeded: list[tuple[Task, Any]]) -> None:
+        """deliver() of many successes: one lock, one wake-up."""
+        dones = [(t.index, t.input, True, v, t.attempts, t.seconds, t.pid) for t, v in succeeded]
+        with self._cond:
+            if self.ordered:
+                by_index = self._by_index
+                for done in dones:
+                    by_index[done[0]] = done
+                if self._next_index in by_index:
+                    self._cond.notify()
+            else:
+                self._arrived.extend(dones)
                 self._cond.notify()
 
     def input_finished(self, length: int, error: BaseException | None = None) -> None:

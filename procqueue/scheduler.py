@@ -149,6 +149,27 @@ class Scheduler:
         self.queued += 1
         self._queued_by_fn[job.fn_id] = self._queued_by_fn.get(job.fn_id, 0) + 1
 
+    def enqueue_all(self, tasks: list[Task]) -> None:
+        """enqueue() for a group of new tasks, in order (a submitted group: one call each)."""
+        start = 0
+        while start < len(tasks):
+            job = tasks[start].job
+            end = start + 1
+            while end < len(tasks) and tasks[end].job is job:
+                end += 1
+            queue = self._queues.get(job.id)
+            if queue is None:
+                queue = self._queues[job.id] = JobQueue(job)
+            if queue.by_key is not None:
+                for task in tasks[start:end]:
+                    self.enqueue(task)
+            else:
+                queue.fifo.extend(tasks[start:end])
+                queue.size += end - start
+                self.queued += end - start
+                self._queued_by_fn[job.fn_id] = self._queued_by_fn.get(job.fn_id, 0) + end - start
+            start = end
+
     def next_gated_job(self) -> Job | None:
         """The call served next, if its tasks pass gates (see Supervisor._warm_up)."""
         for queue in self._queues.values():
@@ -205,6 +226,8 @@ class Scheduler:
         if queue.by_key is not None:
             return self._admit_keyed(queue, size, now)
         gates = self.pool_gates + queue.job.gates
+        if not gates:
+            return self._take_ungated(queue, size)
         tasks: list[Task] = []
         while queue.size and len(tasks) < size:
             wanted = min(size - len(tasks), queue.size)
@@ -243,6 +266,22 @@ class Scheduler:
             job.keyed.started(task.key)
             task.holds = held + (KeyHold(job.keyed, task.key),)
             tasks.append(task)
+        return tasks
+
+    def _take_ungated(self, queue: JobQueue, size: int) -> list[Task]:
+        """Up to `size` live tasks of a FIFO queue no gate guards (the common case, so one
+        count update per batch instead of per task)."""
+        fifo = queue.fifo
+        tasks: list[Task] = []
+        popped = 0
+        while fifo and len(tasks) < size:
+            task = fifo.popleft()
+            popped += 1
+            if task.state is TaskState.QUEUED:  # skip ones cancelled while queued
+                tasks.append(task)
+        if popped:
+            queue.size -= popped
+            self._count_out(queue.job, popped)
         return tasks
 
     def _next_live(self, queue: JobQueue) -> Task | None:

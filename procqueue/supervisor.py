@@ -261,6 +261,7 @@ class Supervisor:
                 self._tasks[task.id] = task
                 self._finish(task, TaskState.CANCELLED, False, error)
             return
+        accepted: list[Task] = []
         for task in tasks:
             self.submitted += 1
             task.job.submitted += 1
@@ -270,7 +271,8 @@ class Supervisor:
             elif task.job.cancelled:
                 self._finish(task, TaskState.CANCELLED, False, self._cancelled_error(task))
             else:
-                self.scheduler.enqueue(task)
+                accepted.append(task)
+        self.scheduler.enqueue_all(accepted)
 
     # ---- dispatch ----------------------------------------------------------------------------
 
@@ -392,11 +394,14 @@ class Supervisor:
         if batch is None:
             return  # results of a batch already written off (its task timed out)
         pending = batch.pending
+        succeeded: list[tuple[Task, Any]] = []
         for i, task_id in enumerate(message.task_ids):
             task = pending.pop(task_id, None)
             if task is not None:
                 self._on_item(slot, task, message.ok[i], message.payloads[i],
-                              message.seconds[i], message.started[i])
+                              message.seconds[i], message.started[i], succeeded)
+        if succeeded:
+            self._succeed_all(batch.job, succeeded)
         for task_id in message.skipped:
             task = pending.pop(task_id, None)
             if task is not None:
@@ -430,7 +435,8 @@ class Supervisor:
         return False
 
     def _on_item(self, slot: Slot, task: Task, ok: bool, payload: bytes, seconds: float,
-                 started: float) -> None:
+                 started: float, succeeded: list[tuple[Task, Any]]) -> None:
+        """One item's result; a success joins `succeeded`, delivered with its batch."""
         task.seconds = seconds
         task.job.durations.append(seconds)
         if task.state is not TaskState.DISPATCHED:
@@ -446,7 +452,7 @@ class Supervisor:
                 return
             if self.config.on_event is not None:
                 self._emit(task, slot, started, started + seconds, "ok", None)
-            self._finish(task, TaskState.DONE, True, value)
+            succeeded.append((task, value))
         else:
             raised = restore_exception(payload)
             self._emit(task, slot, started, started + seconds, "error", raised)
@@ -614,6 +620,33 @@ class Supervisor:
             task.job.sink.deliver(task, ok, value)
         except Exception:
             traceback.print_exc()
+
+    def _succeed_all(self, job: Job, succeeded: list[tuple[Task, Any]]) -> None:
+        """_finish(task, DONE, ...) for a batch's successes, delivered to their sink at once
+        (one lock and one wake-up of a waiting consumer per batch, not per task)."""
+        delivered: list[tuple[Task, Any]] = []
+        for task, value in succeeded:
+            if task.state is not TaskState.DISPATCHED:
+                continue  # given another outcome meanwhile (a halt read more results)
+            task.move(TaskState.DONE)
+            del self._tasks[task.id]
+            if isinstance(task.payload, OutOfBand):
+                task.payload.close()
+            delivered.append((task, value))
+        self.succeeded += len(delivered)
+        deliver_all = getattr(job.sink, "deliver_all", None)
+        # A batch of submit() calls holds several jobs (one per call): one by one, then.
+        if deliver_all is not None and all(task.job is job for task, _ in delivered):
+            try:
+                deliver_all(delivered)
+            except Exception:
+                traceback.print_exc()
+            return
+        for task, value in delivered:
+            try:
+                task.job.sink.deliver(task, True, value)
+            except Exception:
+                traceback.print_exc()
 
     def _cancelled_error(self, task: Task) -> TaskCancelledError:
         error = TaskCancelledError("the task was cancelled before it started")

@@ -54,7 +54,7 @@ _ALLOWED = {
 class Batch:
     """Tasks sent to one worker in one RunBatch message."""
 
-    __slots__ = ("id", "job", "tasks", "pending", "sent_at")
+    __slots__ = ("id", "job", "tasks", "pending", "sent_at", "payload_bytes")
 
     def __init__(self, batch_id: int, job: Job, tasks: list[Task]) -> None:
         self.id = batch_id
@@ -62,6 +62,7 @@ class Batch:
         self.tasks = tasks
         self.pending: dict[int, Task] = {t.id: t for t in tasks}  # no result yet
         self.sent_at = time.monotonic()
+        self.payload_bytes = sum(len(t.payload) for t in tasks)
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class Slot:
             return True
         # Prefetch only small batches (see PREFETCH_MAX_BYTES).
         running = self.batches[-1]
-        return sum(len(t.payload) for t in running.tasks) <= PREFETCH_MAX_BYTES
+        return running.payload_bytes <= PREFETCH_MAX_BYTES
 
     def is_running_a_task(self) -> bool:
         """A task of this slot has started and has no result yet (one waiting in the pipe
