@@ -459,13 +459,13 @@ class Supervisor:
             self._after_failure(task, FailureKind.EXCEPTION, raised)
 
     def _on_skipped(self, task: Task) -> None:
-        """The worker did not start the task: its batch was revoked (see _cancel_job)."""
+        """The worker did not start the task: its batch was revoked (_cancel_job, _cancel_task)."""
         if task.state is not TaskState.DISPATCHED:
             return  # already given an outcome
         task.attempts -= 1  # it never ran
         if task.job.cancelled:
             self._finish(task, TaskState.CANCELLED, False, self._cancelled_error(task))
-        else:  # not expected: revoking is only done for a cancelled call
+        else:  # revoked for another task of its batch (a cancelled future): run it later
             task.move(TaskState.QUEUED)
             self.scheduler.enqueue(task, front=True)
 
@@ -676,8 +676,10 @@ class Supervisor:
                 now = time.monotonic()
                 self._emit(task, slot, current[1], now, "cancelled", None)
                 self.workers.kill(slot, "cancelled", self.config.kill_grace_s, now)
-            # else it waits in the worker's pipe: the worker may still run it; its result
-            # is dropped (only a running task is worth killing a worker for)
+            else:
+                # It waits in the worker's pipe: revoke its batch so it does not start; the
+                # batch's other unstarted tasks come back as skipped and are queued again.
+                slot.revoke(batch)
             self._finish(task, TaskState.CANCELLED, False, None)
             return
 

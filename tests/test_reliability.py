@@ -269,3 +269,33 @@ def test_cancel_without_kill_starts_nothing_more_and_lets_running_tasks_finish(t
     for outcome in results:
         if outcome.index not in started:
             assert isinstance(outcome.error, TaskCancelledError) and outcome.attempts == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_cancelled_future_waiting_in_a_workers_pipe_never_starts(tmp_path):
+    """cancel() of a future whose task was already sent to a worker (behind a running one)
+    returns True, so the task must not run; the rest of its batch still runs, once."""
+    with Pool(1) as pool:
+        first = pool.submit(record_start_and_sleep, (str(tmp_path), 0))
+        futures = [pool.submit(record_start_and_sleep_short, (str(tmp_path), i))
+                   for i in range(1, 40)]
+        deadline = time.monotonic() + 10
+        while not os.listdir(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        held = pool.stats().workers[0]  # the worker now holds the first task and maybe more
+        assert held.pid is not None
+        assert futures[0].cancel()
+        assert first.result(timeout=20) == 0
+        assert [f.result(timeout=20) for f in futures[1:]] == list(range(2, 40))
+    started = sorted(int(name) for name in os.listdir(tmp_path))
+    assert started == [0] + list(range(2, 40))  # each once (a file per start), 1 never
+
+
+def record_start_and_sleep_short(args):
+    folder, item = args
+    path = os.path.join(folder, str(item))
+    assert not os.path.exists(path), f"{item} started twice"
+    with open(path, "w"):
+        pass
+    time.sleep(0.001)
+    return item
