@@ -80,7 +80,9 @@ class RecordWriter:
         self._interval_s = interval_s
         self._lock = threading.Lock()  # one of write() and the flusher at a time
         self._dirty = False
-        self._flushed_at = 0.0  # time.monotonic() of the last flush
+        # time.monotonic() of the last flush; -inf so the first record is flushed at once even
+        # when the clock (uptime on Linux) is younger than the interval
+        self._flushed_at = float("-inf")
         self._error: OSError | None = None
         self._closed = threading.Event()
         self._flusher = threading.Thread(target=self._flush_periodically, daemon=True,
