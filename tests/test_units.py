@@ -239,6 +239,8 @@ def test_plan_wraps_round_robin_and_uses_each_cpu_once_first():
 
 
 def test_blas_threads_default_to_one_but_user_settings_win(monkeypatch):
+    for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # a LocalCluster sets them here
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     env = worker_thread_env({"MKL_NUM_THREADS": "2"})
     assert "OMP_NUM_THREADS" not in env  # inherited from the user's environment
