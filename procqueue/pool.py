@@ -40,12 +40,15 @@ from .trace import TraceWriter
 WINDOW_TASKS_PER_WORKER = 512
 WINDOW_TASKS_MIN = 2048
 FUNCTION_CACHE_SIZE = 256  # functions whose pickled form a pool keeps (submit/apply_async)
-TERMINATE_WAIT_S = 5.0
-SPAWN_WAIT_S = 10.0
+TERMINATE_WAIT_S = 5.0  # terminate() returns once the workers are gone, or after this
+SPAWN_WAIT_S = 10.0  # Pool() waits this long at most for its workers to be spawned
 SUBMIT_GROUP_TASKS = 4096  # map posts its tasks to the supervisor in groups of this many...
 SUBMIT_GROUP_BYTES = 4 * 2**20  # ...or of this many argument bytes, whichever comes first
 FEED_GROUP_MAX = 256  # inputs a feeder submits in one go at most
-FEED_GROUP_MAX_WAIT_S = 0.002  # a group stops growing once its first input waited this long  # Pool() waits this long at most for its workers to be spawned  # terminate() returns once the workers are gone, or after this
+FEED_GROUP_MAX_WAIT_S = 0.002  # a group stops growing once its first input waited this long
+
+
+BACKENDS = ("local", "dask")
 
 
 class PoolState(enum.Enum):
@@ -77,15 +80,35 @@ class PoolStats(SupervisorStatistics):
 class Pool:
     """A process pool that is a drop-in for multiprocessing.Pool.
 
+    backend="dask" (or address="tcp://scheduler:8786", or client=a distributed.Client) runs
+    the same calls on a Dask cluster instead; see docs/dask.md.
+
     Extra keyword-only options: pin (pin each worker to a CPU, default True), retries
     (re-runs of a task whose worker crashed, default 1), retry_on (exception types that are
     retried too; add TaskTimeoutError to retry timeouts), timeout (per-task seconds, from the
     task's start), chunksize (None: adaptive), worker_env (extra environment for workers).
     """
 
+    def __new__(cls, *args: Any, backend: str = "local", address: str | None = None,
+                client: Any = None, **kwargs: Any) -> Any:
+        """backend="dask" (implied by address= or client=) returns a DaskPool: the same API on
+        a Dask distributed cluster (see docs/dask.md); "local" is this machine's processes."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        if backend == "dask" or address is not None or client is not None:
+            try:
+                from .backends.dask import DaskPool, require_distributed
+                require_distributed()
+            except ImportError as exc:
+                raise ImportError("backend='dask' needs Dask distributed: "
+                                  "pip install 'procqueue[dask]'") from exc
+            return DaskPool(*args, address=address, client=client, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, processes: int | None = None,
                  initializer: Callable[..., object] | None = None, initargs: Iterable[Any] = (),
                  maxtasksperchild: int | None = None, context: Any = None, *,
+                 backend: str = "local",
                  queues: dict[str, "Queue"] | None = None,
                  journal: "str | Journal | None" = None,
                  trace: "str | os.PathLike[str] | None" = None, **options: Any) -> None:

@@ -1,10 +1,20 @@
 """Conformance: procqueue.Pool keeps the documented semantics of multiprocessing.Pool.
 
 Every test here takes the `pool_cls` fixture, which is parametrised over the standard library's
-pool (forkserver context, the start method procqueue uses by default) and procqueue.Pool.  A test
-that passes on ``multiprocessing`` proves it means what the standard library means; the same
-test on ``procqueue`` proves the drop-in promise of issue #2.  Run only the reference with
+pool (forkserver context, the start method procqueue uses by default), procqueue.Pool and, where
+Dask distributed is installed (the test extra installs it), procqueue.Pool(backend="dask").  A
+test that passes on ``multiprocessing`` proves it means what the standard library means; the
+same test on ``procqueue`` proves the drop-in promise of issue #2, and on ``procqueue-dask`` the
+same promise on a Dask cluster (issue #7).  Run only the reference with
 ``pytest tests/test_conformance.py -k "not procqueue"``.
+
+``procqueue-dask`` pools share one LocalCluster of two single-threaded worker processes per
+module (starting one costs about a second), through ``client=``.  A test whose promise is about
+the pool's *own* worker processes (terminate kills them, join waits for them to exit, an
+initializer runs once in each fresh one) is marked ``@pool_owns_workers``: on Dask it gets a
+pool that starts its own LocalCluster, the configuration in which DaskPool keeps that promise.
+A promise DaskPool cannot keep at all is marked ``@dask_difference(reason)``: a strict xfail on
+Dask, listed in docs/dask.md under "Differences from the local pool".
 
 The spec is the Python documentation of multiprocessing.pool.Pool, AsyncResult and the imap
 iterators.  Functions run by the pools are module-level so that the standard pool can pickle
@@ -15,15 +25,22 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import functools
+import importlib.util
 import multiprocessing
 import os
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 import psutil
 import pytest
+
+TestFn = TypeVar("TestFn", bound=Callable[..., None])
 
 # ---------------------------------------------------------------------------------------------
 # Functions the pools run (module-level: the standard library pool pickles by reference)
@@ -34,63 +51,63 @@ class CustomError(Exception):
     """A user-defined exception type; must come back as itself."""
 
 
-def square(x):
+def square(x: int) -> int:
     return x * x
 
 
-def add(a, b):
+def add(a: int, b: int) -> int:
     return a + b
 
 
-def power(base, exp=2, *, offset=0):
-    return base ** exp + offset
+def power(base: int, exp: int = 2, *, offset: int = 0) -> int:
+    return int(base ** exp + offset)
 
 
-def slow_square(x, delay=0.02):
+def slow_square(x: int, delay: float = 0.02) -> int:
     time.sleep(delay)
     return x * x
 
 
-def sleep_then_return(seconds, value="done"):
+def sleep_then_return(seconds: float, value: Any = "done") -> Any:
     time.sleep(seconds)
     return value
 
 
-def raise_value_error(x):
+def raise_value_error(x: Any) -> NoReturn:
     raise ValueError(f"bad {x}")
 
 
-def raise_custom_error(x):
+def raise_custom_error(x: Any) -> NoReturn:
     raise CustomError(f"custom {x}")
 
 
-def fail_on_three(x):
+def fail_on_three(x: int) -> int:
     if x == 3:
         raise ValueError(f"bad {x}")
     return x * x
 
 
-def getpid_task(_x):
+def getpid_task(_x: Any) -> int:
     time.sleep(0.005)
     return os.getpid()
 
 
-def record_pid_and_sleep(directory, seconds):
+def record_pid_and_sleep(directory: str, seconds: float) -> int:
     Path(directory, f"running-{os.getpid()}").write_text(str(os.getpid()))
     time.sleep(seconds)
     return os.getpid()
 
 
-_INIT_STATE = {"count": 0, "value": None}
+_INIT_STATE: dict[str, Any] = {"count": 0, "value": None}
 
 
-def init_record(directory, value):
+def init_record(directory: str, value: Any) -> None:
     _INIT_STATE["count"] += 1
     _INIT_STATE["value"] = value
     Path(directory, f"init-{os.getpid()}-{uuid.uuid4().hex}").write_text(str(os.getpid()))
 
 
-def report_init_state(_x):
+def report_init_state(_x: Any) -> tuple[int, int, Any]:
     time.sleep(0.005)
     return os.getpid(), _INIT_STATE["count"], _INIT_STATE["value"]
 
@@ -100,9 +117,35 @@ def report_init_state(_x):
 # ---------------------------------------------------------------------------------------------
 
 IMPLEMENTATIONS = ["multiprocessing", "procqueue"]
+# Looked up, not imported: every pool worker imports this module (the functions above travel by
+# reference), and importing distributed would add ~0.4 s to each worker's start.  The test
+# extra installs distributed, so CI always runs the Dask pool.
+if importlib.util.find_spec("distributed") is not None:
+    IMPLEMENTATIONS.append("procqueue-dask")
+PROCQUEUE_IMPLEMENTATIONS = [i for i in IMPLEMENTATIONS if i.startswith("procqueue")]
+DASK_WORKERS = 2
+SETTLE_S = 3.0  # a shared Dask worker still busy this long after a test gets restarted
+_dask_clusters: list[tuple[Any, Any]] = []  # the module's shared LocalCluster while it runs
+_OWN_WORKERS: set[str] = set()  # tests marked @pool_owns_workers
+_DASK_DIFFERENCES: dict[str, str] = {}  # tests marked @dask_difference, with the reason
 
 
-def _procqueue_pool_class():
+def pool_owns_workers(test: TestFn) -> TestFn:
+    """The test's promise is about the pool's own worker processes: on Dask, the pool starts
+    its own LocalCluster instead of sharing the module's."""
+    _OWN_WORKERS.add(test.__name__)
+    return test
+
+
+def dask_difference(reason: str) -> Callable[[TestFn], TestFn]:
+    """A documented difference (docs/dask.md): a strict xfail for the Dask pool only."""
+    def mark(test: TestFn) -> TestFn:
+        _DASK_DIFFERENCES[test.__name__] = reason
+        return test
+    return mark
+
+
+def _procqueue_pool_class() -> Any:
     try:
         import procqueue
     except ImportError as exc:  # pragma: no cover - while the package is being written
@@ -114,28 +157,146 @@ def _procqueue_pool_class():
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
-def pool_cls(request):
+def pool_cls(request: pytest.FixtureRequest) -> Iterator[PoolFactory]:
     """A callable with multiprocessing.Pool's signature.  Every pool it makes is terminated and
     joined at teardown, so a failing test cannot leave workers behind."""
-    if request.param == "multiprocessing":
-        base = multiprocessing.get_context("forkserver").Pool
-    else:
-        base = _procqueue_pool_class()
-    made = []
+    yield from _pool_factory(request, request.param)
 
-    def make(*args, **kwargs):
-        pool = base(*args, **kwargs)
-        made.append(pool)
+
+@pytest.fixture(params=PROCQUEUE_IMPLEMENTATIONS)
+def procqueue_cls(request: pytest.FixtureRequest) -> Iterator[PoolFactory]:
+    """pool_cls for procqueue's own pools only (what multiprocessing.Pool cannot do)."""
+    yield from _pool_factory(request, request.param)
+
+
+class PoolFactory:
+    """Makes pools of one implementation with multiprocessing.Pool's signature, and
+    remembers them for the teardown."""
+
+    def __init__(self, implementation: str, base: Callable[..., Any]) -> None:
+        self.implementation = implementation
+        self.base = base
+        self.made: list[Any] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        pool = self.base(*args, **kwargs)
+        self.made.append(pool)
         return pool
 
-    make.implementation = request.param
+
+def _pool_factory(request: pytest.FixtureRequest, implementation: str
+                  ) -> Iterator[PoolFactory]:
+    base: Callable[..., Any]
+    if implementation == "multiprocessing":
+        base = multiprocessing.get_context("forkserver").Pool
+    elif implementation == "procqueue":
+        base = _procqueue_pool_class()
+    else:
+        base = _dask_pool_class(request)
+    make = PoolFactory(implementation, base)
     yield make
-    for pool in made:
+    for pool in make.made:
         pool.terminate()
         pool.join()
+    if implementation == "procqueue-dask" and _dask_clusters:
+        _settle(_dask_clusters[0][1])
 
 
-def _wait_for_files(directory: Path, pattern: str, count: int, timeout_s: float = 15.0):
+def _dask_pool_class(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """procqueue.Pool(..., backend="dask") on the module's shared cluster, or on a cluster of
+    its own for a @pool_owns_workers test; a @dask_difference test becomes a strict xfail."""
+    reason = _DASK_DIFFERENCES.get(request.function.__name__)
+    if reason is not None:
+        request.applymarker(pytest.mark.xfail(strict=True,
+                                              reason=f"documented difference: {reason}"))
+    cls = _procqueue_pool_class()
+    if request.function.__name__ in _OWN_WORKERS:
+        return functools.partial(cls, backend="dask")
+    return functools.partial(cls, backend="dask", client=request.getfixturevalue("dask_client"))
+
+
+@pytest.fixture(scope="module")
+def dask_client() -> Iterator[Any]:
+    """A Client of a LocalCluster of DASK_WORKERS single-threaded worker processes, configured
+    as DaskPool configures its own (cluster_config).  Module scope: conftest's stray-process
+    check runs after every test of the other modules, and these processes must be gone then."""
+    import dask
+
+    from procqueue.backends.dask import cluster_config
+
+    # typed Any: distributed is only partly annotated (procqueue's _distributed() does the same)
+    distributed: Any = importlib.import_module("distributed")
+
+    with dask.config.set(cluster_config(retries=1)):
+        cluster = distributed.LocalCluster(n_workers=DASK_WORKERS, threads_per_worker=1,
+                                           processes=True, dashboard_address="127.0.0.1:0")
+    client = distributed.Client(cluster, set_as_default=False)
+    _dask_clusters.append((cluster, client))
+    yield client
+    _dask_clusters.clear()
+    client.close()
+    cluster.close()
+
+
+def _settle(client: Any) -> None:
+    """Wait for the shared workers to be idle; restart them if a test left an item running
+    (Dask cannot stop a running task), so that it cannot slow the next tests down."""
+    deadline = time.monotonic() + SETTLE_S
+    while any(client.run(_executing_count).values()):
+        if time.monotonic() > deadline:
+            client.restart(wait_for_workers=True)
+            return
+        time.sleep(0.02)
+
+
+def _executing_count(dask_worker: Any) -> int:
+    return int(dask_worker.state.executing_count)
+
+
+def _shared_cluster_pids() -> set[int]:
+    pids = set()
+    for cluster, _ in _dask_clusters:
+        nannies = list(cluster.workers.values())  # a copy: the cluster's loop may change it
+        for nanny in nannies:
+            process = getattr(getattr(nanny, "process", None), "process", None)
+            if process is not None and process.pid is not None:
+                pids.add(process.pid)
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def no_stray_processes() -> Iterator[None]:
+    """conftest's check (a test that leaves a child process behind fails), except for the
+    module's shared Dask cluster's worker processes: they outlive each test by design, and
+    are checked by conftest's fixture in the test that follows this module."""
+    yield
+    deadline = time.monotonic() + 2.0
+    while True:
+        allowed = _shared_cluster_pids()  # re-read: a restarted shared worker has a new pid
+        left = [p for p in psutil.Process().children(recursive=True)
+                if p.pid not in allowed and not _is_helper(p)]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for proc in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    assert not left, f"stray processes after test: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+def _is_helper(proc: psutil.Process) -> bool:
+    """A zombie, or multiprocessing's session-long forkserver and resource tracker."""
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return True
+        cmd = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return True
+    return any(m in cmd for m in ("forkserver", "resource_tracker", "semaphore_tracker"))
+
+
+def _wait_for_files(directory: Path, pattern: str, count: int,
+                    timeout_s: float = 15.0) -> list[Path]:
     deadline = time.monotonic() + timeout_s
     while True:
         files = sorted(directory.glob(pattern))
@@ -146,12 +307,12 @@ def _wait_for_files(directory: Path, pattern: str, count: int, timeout_s: float 
 
 def _gone(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
 
-def _wait_gone(pids, timeout_s: float) -> list[int]:
+def _wait_gone(pids: Iterable[int], timeout_s: float) -> list[int]:
     deadline = time.monotonic() + timeout_s
     while True:
         alive = [pid for pid in pids if not _gone(pid)]
@@ -165,24 +326,24 @@ def _wait_gone(pids, timeout_s: float) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_map_returns_results_in_input_order(pool_cls):
+def test_map_returns_results_in_input_order(pool_cls: PoolFactory) -> None:
     with pool_cls(2) as pool:
         assert pool.map(square, range(50)) == [x * x for x in range(50)]
 
 
 @pytest.mark.parametrize("chunksize", [1, 3, 7, 1000])
-def test_map_accepts_chunksize(pool_cls, chunksize):
+def test_map_accepts_chunksize(pool_cls: PoolFactory, chunksize: int) -> None:
     with pool_cls(2) as pool:
         assert pool.map(square, range(23), chunksize) == [x * x for x in range(23)]
         assert pool.map(square, range(23), chunksize=chunksize) == [x * x for x in range(23)]
 
 
-def test_map_consumes_a_generator_without_len(pool_cls):
+def test_map_consumes_a_generator_without_len(pool_cls: PoolFactory) -> None:
     with pool_cls(2) as pool:
         assert pool.map(square, (x for x in range(30))) == [x * x for x in range(30)]
 
 
-def test_map_keeps_order_when_early_items_are_slower(pool_cls):
+def test_map_keeps_order_when_early_items_are_slower(pool_cls: PoolFactory) -> None:
     delays = [0.3, 0.0, 0.0, 0.0, 0.0, 0.0]
     with pool_cls(2) as pool:
         assert pool.map(sleep_then_return, delays, chunksize=1) == ["done"] * 6
@@ -190,13 +351,13 @@ def test_map_keeps_order_when_early_items_are_slower(pool_cls):
         assert out == list(range(6))
 
 
-def test_map_empty_iterable_returns_empty_list(pool_cls):
+def test_map_empty_iterable_returns_empty_list(pool_cls: PoolFactory) -> None:
     with pool_cls(2) as pool:
         assert pool.map(square, []) == []
         assert pool.map(square, iter(())) == []
 
 
-def test_starmap_unpacks_argument_tuples_in_order(pool_cls):
+def test_starmap_unpacks_argument_tuples_in_order(pool_cls: PoolFactory) -> None:
     pairs = [(i, 10 * i) for i in range(25)]
     with pool_cls(2) as pool:
         assert pool.starmap(add, pairs) == [a + b for a, b in pairs]
@@ -204,13 +365,13 @@ def test_starmap_unpacks_argument_tuples_in_order(pool_cls):
         assert pool.starmap(add, iter(pairs), 1) == [a + b for a, b in pairs]
 
 
-def test_starmap_empty_iterable_returns_empty_list(pool_cls):
+def test_starmap_empty_iterable_returns_empty_list(pool_cls: PoolFactory) -> None:
     with pool_cls(2) as pool:
         assert pool.starmap(add, []) == []
 
 
 @pytest.mark.parametrize("chunksize", [1, 4])
-def test_imap_yields_results_in_input_order(pool_cls, chunksize):
+def test_imap_yields_results_in_input_order(pool_cls: PoolFactory, chunksize: int) -> None:
     with pool_cls(2) as pool:
         it = pool.imap(square, range(30), chunksize)
         assert iter(it) is it
@@ -218,7 +379,7 @@ def test_imap_yields_results_in_input_order(pool_cls, chunksize):
         assert list(pool.imap(square, range(30), chunksize=chunksize)) == [x * x for x in range(30)]
 
 
-def test_imap_iterator_has_next_method(pool_cls):
+def test_imap_iterator_has_next_method(pool_cls: PoolFactory) -> None:
     with pool_cls(2) as pool:
         it = pool.imap(square, range(3))
         assert it.next() == 0
@@ -228,7 +389,7 @@ def test_imap_iterator_has_next_method(pool_cls):
             it.next()
 
 
-def test_imap_keeps_order_when_early_items_are_slower(pool_cls):
+def test_imap_keeps_order_when_early_items_are_slower(pool_cls: PoolFactory) -> None:
     delays = [0.3, 0.0, 0.0, 0.0]
     with pool_cls(2) as pool:
         out = list(pool.imap(slow_square, range(4), 1))
@@ -237,7 +398,7 @@ def test_imap_keeps_order_when_early_items_are_slower(pool_cls):
 
 
 @pytest.mark.parametrize("chunksize", [1, 4])
-def test_imap_unordered_yields_every_result_once(pool_cls, chunksize):
+def test_imap_unordered_yields_every_result_once(pool_cls: PoolFactory, chunksize: int) -> None:
     with pool_cls(2) as pool:
         it = pool.imap_unordered(square, range(30), chunksize)
         assert iter(it) is it
@@ -246,7 +407,7 @@ def test_imap_unordered_yields_every_result_once(pool_cls, chunksize):
         assert len(out) == 30
 
 
-def test_imap_unordered_with_uneven_durations_yields_every_result(pool_cls):
+def test_imap_unordered_with_uneven_durations_yields_every_result(pool_cls: PoolFactory) -> None:
     # The docs call the order arbitrary; what is promised is every result exactly once.
     with pool_cls(2) as pool:
         out = list(pool.imap_unordered(_star_sleep_then_return,
@@ -254,12 +415,12 @@ def test_imap_unordered_with_uneven_durations_yields_every_result(pool_cls):
     assert sorted(out, key=str) == sorted(["slow", 0, 1, 2, 3, 4], key=str)
 
 
-def _star_sleep_then_return(pair):
+def _star_sleep_then_return(pair: tuple[float, Any]) -> Any:
     return sleep_then_return(*pair)
 
 
 @pytest.mark.parametrize("method", ["imap", "imap_unordered"])
-def test_imap_empty_iterable_yields_nothing(pool_cls, method):
+def test_imap_empty_iterable_yields_nothing(pool_cls: PoolFactory, method: str) -> None:
     with pool_cls(2) as pool:
         assert list(getattr(pool, method)(square, [])) == []
 
@@ -269,7 +430,7 @@ def test_imap_empty_iterable_yields_nothing(pool_cls, method):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_apply_returns_the_value_with_args_and_kwds(pool_cls):
+def test_apply_returns_the_value_with_args_and_kwds(pool_cls: PoolFactory) -> None:
     with pool_cls(2) as pool:
         assert pool.apply(square, (7,)) == 49
         assert pool.apply(power, (2,), {"exp": 5}) == 32
@@ -277,7 +438,7 @@ def test_apply_returns_the_value_with_args_and_kwds(pool_cls):
         assert pool.apply(os.getpid) != os.getpid()
 
 
-def test_apply_async_get_returns_the_value(pool_cls):
+def test_apply_async_get_returns_the_value(pool_cls: PoolFactory) -> None:
     with pool_cls(2) as pool:
         result = pool.apply_async(power, (2,), {"exp": 10})
         assert result.get(timeout=30) == 1024
@@ -286,11 +447,11 @@ def test_apply_async_get_returns_the_value(pool_cls):
         assert result.successful()
 
 
-def test_apply_async_callback_receives_the_value(pool_cls):
-    got = []
+def test_apply_async_callback_receives_the_value(pool_cls: PoolFactory) -> None:
+    got: list[Any] = []
     called = threading.Event()
 
-    def callback(value):
+    def callback(value: Any) -> None:
         got.append(value)
         called.set()
 
@@ -301,11 +462,11 @@ def test_apply_async_callback_receives_the_value(pool_cls):
     assert got == [81]
 
 
-def test_apply_async_error_callback_receives_the_exception(pool_cls):
-    got = []
+def test_apply_async_error_callback_receives_the_exception(pool_cls: PoolFactory) -> None:
+    got: list[Any] = []
     called = threading.Event()
 
-    def error_callback(exc):
+    def error_callback(exc: BaseException) -> None:
         got.append(exc)
         called.set()
 
@@ -320,8 +481,8 @@ def test_apply_async_error_callback_receives_the_exception(pool_cls):
     assert str(got[0]) == "bad 4"
 
 
-def test_map_async_callback_receives_the_full_list(pool_cls):
-    got = []
+def test_map_async_callback_receives_the_full_list(pool_cls: PoolFactory) -> None:
+    got: list[Any] = []
     with pool_cls(2) as pool:
         result = pool.map_async(square, range(20), callback=got.append)
         assert result.get(timeout=30) == [x * x for x in range(20)]
@@ -332,7 +493,7 @@ def test_map_async_callback_receives_the_full_list(pool_cls):
     assert got == [[x * x for x in range(20)]]
 
 
-def test_map_async_with_chunksize_and_empty_iterable(pool_cls):
+def test_map_async_with_chunksize_and_empty_iterable(pool_cls: PoolFactory) -> None:
     with pool_cls(2) as pool:
         assert pool.map_async(square, range(10), 3).get(timeout=30) == [x * x for x in range(10)]
         # (multiprocessing does not call the callback for an empty iterable, so neither is asked.)
@@ -341,8 +502,9 @@ def test_map_async_with_chunksize_and_empty_iterable(pool_cls):
         assert result.successful()
 
 
-def test_map_async_error_callback_receives_the_exception(pool_cls):
-    got_errors, got_values = [], []
+def test_map_async_error_callback_receives_the_exception(pool_cls: PoolFactory) -> None:
+    got_errors: list[BaseException] = []
+    got_values: list[Any] = []
     with pool_cls(2) as pool:
         result = pool.map_async(fail_on_three, range(6), callback=got_values.append,
                                 error_callback=got_errors.append)
@@ -357,8 +519,8 @@ def test_map_async_error_callback_receives_the_exception(pool_cls):
     assert type(got_errors[0]) is ValueError and str(got_errors[0]) == "bad 3"
 
 
-def test_starmap_async_callback_receives_the_full_list(pool_cls):
-    got = []
+def test_starmap_async_callback_receives_the_full_list(pool_cls: PoolFactory) -> None:
+    got: list[Any] = []
     pairs = [(i, i) for i in range(12)]
     with pool_cls(2) as pool:
         result = pool.starmap_async(add, pairs, callback=got.append)
@@ -370,8 +532,8 @@ def test_starmap_async_callback_receives_the_full_list(pool_cls):
     assert got == [[2 * i for i in range(12)]]
 
 
-def test_starmap_async_error_callback_receives_the_exception(pool_cls):
-    got = []
+def test_starmap_async_error_callback_receives_the_exception(pool_cls: PoolFactory) -> None:
+    got: list[Any] = []
     with pool_cls(2) as pool:
         result = pool.starmap_async(fail_on_three, [(i,) for i in range(5)],
                                     error_callback=got.append)
@@ -383,7 +545,8 @@ def test_starmap_async_error_callback_receives_the_exception(pool_cls):
     assert len(got) == 1 and type(got[0]) is ValueError
 
 
-def test_get_with_timeout_raises_multiprocessing_timeout_error_when_not_ready(pool_cls):
+def test_get_with_timeout_raises_multiprocessing_timeout_error_when_not_ready(
+        pool_cls: PoolFactory) -> None:
     with pool_cls(2) as pool:
         result = pool.apply_async(sleep_then_return, (1.0, "late"))
         start = time.monotonic()
@@ -398,7 +561,7 @@ def test_get_with_timeout_raises_multiprocessing_timeout_error_when_not_ready(po
         assert mapped.get(timeout=30) == ["done", "done"]
 
 
-def test_wait_and_ready(pool_cls):
+def test_wait_and_ready(pool_cls: PoolFactory) -> None:
     with pool_cls(2) as pool:
         result = pool.apply_async(sleep_then_return, (0.8,))
         assert not result.ready()
@@ -412,7 +575,7 @@ def test_wait_and_ready(pool_cls):
         assert result.get(timeout=0) == "done"
 
 
-def test_successful_raises_value_error_when_not_ready(pool_cls):
+def test_successful_raises_value_error_when_not_ready(pool_cls: PoolFactory) -> None:
     with pool_cls(2) as pool:
         result = pool.apply_async(sleep_then_return, (1.0,))
         with pytest.raises(ValueError):
@@ -425,7 +588,7 @@ def test_successful_raises_value_error_when_not_ready(pool_cls):
         assert result.successful() and mapped.successful()
 
 
-def test_successful_is_false_after_the_task_raised(pool_cls):
+def test_successful_is_false_after_the_task_raised(pool_cls: PoolFactory) -> None:
     with pool_cls(2) as pool:
         result = pool.apply_async(raise_value_error, (1,))
         result.wait(30)
@@ -435,7 +598,7 @@ def test_successful_is_false_after_the_task_raised(pool_cls):
             result.get()
 
 
-def test_imap_next_timeout_raises_multiprocessing_timeout_error(pool_cls):
+def test_imap_next_timeout_raises_multiprocessing_timeout_error(pool_cls: PoolFactory) -> None:
     with pool_cls(2) as pool:
         for method in ("imap", "imap_unordered"):
             it = getattr(pool, method)(sleep_then_return, [1.0])
@@ -453,31 +616,31 @@ def test_imap_next_timeout_raises_multiprocessing_timeout_error(pool_cls):
 # ---------------------------------------------------------------------------------------------
 
 
-def _call_map(pool, fn, x):
+def _call_map(pool: Any, fn: Callable[[Any], Any], x: Any) -> Any:
     return pool.map(fn, [x])
 
 
-def _call_map_async(pool, fn, x):
+def _call_map_async(pool: Any, fn: Callable[[Any], Any], x: Any) -> Any:
     return pool.map_async(fn, [x]).get(timeout=30)
 
 
-def _call_starmap(pool, fn, x):
+def _call_starmap(pool: Any, fn: Callable[[Any], Any], x: Any) -> Any:
     return pool.starmap(fn, [(x,)])
 
 
-def _call_apply(pool, fn, x):
+def _call_apply(pool: Any, fn: Callable[[Any], Any], x: Any) -> Any:
     return pool.apply(fn, (x,))
 
 
-def _call_apply_async(pool, fn, x):
+def _call_apply_async(pool: Any, fn: Callable[[Any], Any], x: Any) -> Any:
     return pool.apply_async(fn, (x,)).get(timeout=30)
 
 
-def _call_imap(pool, fn, x):
+def _call_imap(pool: Any, fn: Callable[[Any], Any], x: Any) -> Any:
     return list(pool.imap(fn, [x]))
 
 
-def _call_imap_unordered(pool, fn, x):
+def _call_imap_unordered(pool: Any, fn: Callable[[Any], Any], x: Any) -> Any:
     return list(pool.imap_unordered(fn, [x]))
 
 
@@ -493,7 +656,8 @@ CALLS = {
     (raise_value_error, ValueError, "bad 5"),
     (raise_custom_error, CustomError, "custom 5"),
 ])
-def test_task_exception_keeps_type_and_message(pool_cls, call, fn, exc_type, message):
+def test_task_exception_keeps_type_and_message(pool_cls: PoolFactory, call: str, fn: Callable[[Any], Any], exc_type: type[BaseException],
+                                               message: str) -> None:
     with pool_cls(2) as pool:
         with pytest.raises(exc_type) as info:
             CALLS[call](pool, fn, 5)
@@ -507,7 +671,7 @@ def test_task_exception_keeps_type_and_message(pool_cls, call, fn, exc_type, mes
         assert pool.map(square, range(4)) == [0, 1, 4, 9]
 
 
-def test_map_raises_the_task_exception(pool_cls):
+def test_map_raises_the_task_exception(pool_cls: PoolFactory) -> None:
     with pool_cls(2) as pool:
         with pytest.raises(ValueError, match="bad 3"):
             pool.map(fail_on_three, range(10), chunksize=1)
@@ -515,7 +679,8 @@ def test_map_raises_the_task_exception(pool_cls):
 
 
 @pytest.mark.parametrize("chunksize", [1])
-def test_imap_continues_yielding_after_an_item_raised(pool_cls, chunksize):
+def test_imap_continues_yielding_after_an_item_raised(pool_cls: PoolFactory,
+                                                      chunksize: int) -> None:
     with pool_cls(2) as pool:
         it = pool.imap(fail_on_three, range(7), chunksize)
         assert [next(it) for _ in range(3)] == [0, 1, 4]
@@ -524,7 +689,7 @@ def test_imap_continues_yielding_after_an_item_raised(pool_cls, chunksize):
         assert list(it) == [16, 25, 36]
 
 
-def test_imap_unordered_continues_yielding_after_an_item_raised(pool_cls):
+def test_imap_unordered_continues_yielding_after_an_item_raised(pool_cls: PoolFactory) -> None:
     with pool_cls(2) as pool:
         it = pool.imap_unordered(fail_on_three, range(7), 1)
         values, errors = [], []
@@ -544,7 +709,7 @@ def test_imap_unordered_continues_yielding_after_an_item_raised(pool_cls):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_close_then_join_finishes_queued_work(pool_cls):
+def test_close_then_join_finishes_queued_work(pool_cls: PoolFactory) -> None:
     pool = pool_cls(2)
     results = [pool.apply_async(slow_square, (i, 0.05)) for i in range(8)]
     mapped = pool.map_async(square, range(10))
@@ -556,7 +721,7 @@ def test_close_then_join_finishes_queued_work(pool_cls):
     assert mapped.get(timeout=0) == [x * x for x in range(10)]
 
 
-def test_join_before_close_raises_value_error(pool_cls):
+def test_join_before_close_raises_value_error(pool_cls: PoolFactory) -> None:
     pool = pool_cls(2)
     try:
         assert pool.map(square, [1, 2]) == [1, 4]
@@ -569,35 +734,35 @@ def test_join_before_close_raises_value_error(pool_cls):
         pool.join()
 
 
-def _use_map(pool):
+def _use_map(pool: Any) -> Any:
     return pool.map(square, [1])
 
 
-def _use_map_async(pool):
+def _use_map_async(pool: Any) -> Any:
     return pool.map_async(square, [1])
 
 
-def _use_starmap(pool):
+def _use_starmap(pool: Any) -> Any:
     return pool.starmap(add, [(1, 2)])
 
 
-def _use_starmap_async(pool):
+def _use_starmap_async(pool: Any) -> Any:
     return pool.starmap_async(add, [(1, 2)])
 
 
-def _use_apply(pool):
+def _use_apply(pool: Any) -> Any:
     return pool.apply(square, (1,))
 
 
-def _use_apply_async(pool):
+def _use_apply_async(pool: Any) -> Any:
     return pool.apply_async(square, (1,))
 
 
-def _use_imap(pool):
+def _use_imap(pool: Any) -> Any:
     return list(pool.imap(square, [1]))
 
 
-def _use_imap_unordered(pool):
+def _use_imap_unordered(pool: Any) -> Any:
     return list(pool.imap_unordered(square, [1]))
 
 
@@ -610,7 +775,8 @@ USES = {
 
 @pytest.mark.parametrize("how", ["close", "terminate"])
 @pytest.mark.parametrize("use", sorted(USES))
-def test_closed_pool_refuses_work_with_value_error(pool_cls, how, use):
+def test_closed_pool_refuses_work_with_value_error(pool_cls: PoolFactory, how: str,
+                                                   use: str) -> None:
     pool = pool_cls(2)
     getattr(pool, how)()
     with pytest.raises(ValueError):
@@ -618,14 +784,15 @@ def test_closed_pool_refuses_work_with_value_error(pool_cls, how, use):
     pool.join()
 
 
-def test_context_manager_returns_the_pool(pool_cls):
+def test_context_manager_returns_the_pool(pool_cls: PoolFactory) -> None:
     pool = pool_cls(2)
     with pool as entered:
         assert entered is pool
         assert entered.map(square, [2, 3]) == [4, 9]
 
 
-def test_context_exit_terminates_running_work(pool_cls, tmp_path):
+@pool_owns_workers
+def test_context_exit_terminates_running_work(pool_cls: PoolFactory, tmp_path: Path) -> None:
     with pool_cls(2) as pool:
         result = pool.apply_async(record_pid_and_sleep, (str(tmp_path), 60))
         files = _wait_for_files(tmp_path, "running-*", 1)
@@ -641,7 +808,8 @@ def test_context_exit_terminates_running_work(pool_cls, tmp_path):
     pool.join()
 
 
-def test_terminate_stops_running_work_promptly(pool_cls, tmp_path):
+@pool_owns_workers
+def test_terminate_stops_running_work_promptly(pool_cls: PoolFactory, tmp_path: Path) -> None:
     pool = pool_cls(2)
     pool.apply_async(record_pid_and_sleep, (str(tmp_path), 60))
     files = _wait_for_files(tmp_path, "running-*", 1)
@@ -654,7 +822,8 @@ def test_terminate_stops_running_work_promptly(pool_cls, tmp_path):
     assert _wait_gone([worker_pid], 5) == []
 
 
-def test_join_after_close_returns_workers_gone(pool_cls):
+@pool_owns_workers
+def test_join_after_close_returns_workers_gone(pool_cls: PoolFactory) -> None:
     pool = pool_cls(2)
     pids = set(pool.map(getpid_task, range(10), 1))
     pool.close()
@@ -668,17 +837,18 @@ def test_join_after_close_returns_workers_gone(pool_cls):
 
 
 @pytest.mark.parametrize("processes", [0, -1])
-def test_processes_below_one_raises_value_error(pool_cls, processes):
+def test_processes_below_one_raises_value_error(pool_cls: PoolFactory, processes: int) -> None:
     with pytest.raises(ValueError):
         pool_cls(processes)
 
 
-def test_default_processes_works(pool_cls):
+def test_default_processes_works(pool_cls: PoolFactory) -> None:
     with pool_cls() as pool:
         assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]
 
 
-def test_initializer_runs_once_per_worker_process(pool_cls, tmp_shared):
+@pool_owns_workers
+def test_initializer_runs_once_per_worker_process(pool_cls: PoolFactory, tmp_shared: Path) -> None:
     with pool_cls(2, init_record, (str(tmp_shared), "hello")) as pool:
         out = pool.map(report_init_state, range(20), chunksize=1)
     task_pids = {pid for pid, _, _ in out}
@@ -689,7 +859,8 @@ def test_initializer_runs_once_per_worker_process(pool_cls, tmp_shared):
     assert len(init_pids) <= 2
 
 
-def test_initializer_keyword_arguments(pool_cls, tmp_shared):
+@pool_owns_workers
+def test_initializer_keyword_arguments(pool_cls: PoolFactory, tmp_shared: Path) -> None:
     with pool_cls(processes=1, initializer=init_record,
                   initargs=(str(tmp_shared), "kw")) as pool:
         pid, count, value = pool.apply(report_init_state, (0,))
@@ -697,7 +868,9 @@ def test_initializer_keyword_arguments(pool_cls, tmp_shared):
     assert [int(p.read_text()) for p in tmp_shared.glob("init-*")] == [pid]
 
 
-def test_maxtasksperchild_limits_tasks_per_worker_process(pool_cls):
+@dask_difference("maxtasksperchild is ignored: Dask's worker processes are not recycled "
+                 "by task count")
+def test_maxtasksperchild_limits_tasks_per_worker_process(pool_cls: PoolFactory) -> None:
     with pool_cls(2, maxtasksperchild=2) as pool:
         pids = pool.map(getpid_task, range(12), chunksize=1)
     per_pid = collections.Counter(pids)
@@ -706,7 +879,8 @@ def test_maxtasksperchild_limits_tasks_per_worker_process(pool_cls):
     assert len(per_pid) >= 6
 
 
-def test_replacement_workers_run_the_initializer(pool_cls, tmp_shared):
+@dask_difference("maxtasksperchild is ignored, so no replacement worker is started")
+def test_replacement_workers_run_the_initializer(pool_cls: PoolFactory, tmp_shared: Path) -> None:
     with pool_cls(2, init_record, (str(tmp_shared), "again"), maxtasksperchild=1) as pool:
         out = pool.map(report_init_state, range(6), chunksize=1)
     assert len({pid for pid, _, _ in out}) == 6
@@ -716,7 +890,7 @@ def test_replacement_workers_run_the_initializer(pool_cls, tmp_shared):
     assert {pid for pid, _, _ in out} <= set(init_pids)
 
 
-def test_workers_are_other_processes(pool_cls):
+def test_workers_are_other_processes(pool_cls: PoolFactory) -> None:
     with pool_cls(2) as pool:
         pids = set(pool.map(getpid_task, range(10), 1))
     assert os.getpid() not in pids
@@ -729,19 +903,15 @@ def test_workers_are_other_processes(pool_cls):
 
 
 @pytest.fixture
-def procqueue_pool():
-    cls = _procqueue_pool_class()
-    pool = cls(2)
-    yield pool
-    pool.terminate()
-    pool.join()
+def procqueue_pool(procqueue_cls: PoolFactory) -> Any:
+    return procqueue_cls(2)
 
 
-def test_procqueue_only_lambdas_and_closures(procqueue_pool):
+def test_procqueue_only_lambdas_and_closures(procqueue_pool: Any) -> None:
     pool = procqueue_pool
     offset = 100
 
-    def closure(x):
+    def closure(x: int) -> int:
         return x + offset
 
     assert pool.map(lambda x: x * 3, range(10)) == [x * 3 for x in range(10)]
@@ -753,7 +923,7 @@ def test_procqueue_only_lambdas_and_closures(procqueue_pool):
     assert pool.apply_async(closure, (1,)).get(timeout=30) == 101
 
 
-def test_procqueue_only_submit_returns_a_concurrent_future(procqueue_pool):
+def test_procqueue_only_submit_returns_a_concurrent_future(procqueue_pool: Any) -> None:
     pool = procqueue_pool
     futures = [pool.submit(power, i, exp=3, offset=1) for i in range(6)]
     assert all(isinstance(f, concurrent.futures.Future) for f in futures)
@@ -766,9 +936,10 @@ def test_procqueue_only_submit_returns_a_concurrent_future(procqueue_pool):
     assert pool.submit(lambda: 5).result(timeout=30) == 5
 
 
-def test_procqueue_only_initializer_may_be_a_lambda(tmp_shared):
-    cls = _procqueue_pool_class()
+@pool_owns_workers
+def test_procqueue_only_initializer_may_be_a_lambda(procqueue_cls: PoolFactory,
+                                                    tmp_shared: Path) -> None:
     directory = str(tmp_shared)
-    with cls(2, initializer=lambda: init_record(directory, "lam")) as pool:
+    with procqueue_cls(2, initializer=lambda: init_record(directory, "lam")) as pool:
         out = pool.map(report_init_state, range(6), chunksize=1)
     assert all(count == 1 and value == "lam" for _, count, value in out)

@@ -17,7 +17,7 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": {"pool", "errors", "results", "limits", "journal", "trace", "report", "stats"},
     "pool": {"supervisor", "config", "results", "tasks", "errors", "protocol", "chunking", "admission",
              "journal", "trace", "scheduler",
-             "affinity", "limits"},
+             "affinity", "limits", "backends"},
     "supervisor": {"worker_slots", "scheduler", "admission", "stats", "results", "tasks",
                    "protocol", "errors",
                    "config", "limits"},
@@ -59,7 +59,7 @@ def procqueue_imports(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("module", sorted(ALLOWED))
-def test_module_imports_only_modules_below_it(module):
+def test_module_imports_only_modules_below_it(module: str) -> None:
     path = PACKAGE / f"{module}.py"
     if not path.exists():
         pytest.fail(f"{path} is listed in the layering but missing")
@@ -67,12 +67,12 @@ def test_module_imports_only_modules_below_it(module):
     assert not illegal, f"procqueue/{module}.py imports {sorted(illegal)}, above it in the layering"
 
 
-def test_every_module_is_in_the_layering():
+def test_every_module_is_in_the_layering() -> None:
     modules = {p.stem for p in PACKAGE.glob("*.py")}
     assert modules <= set(ALLOWED), f"unlisted modules: {sorted(modules - set(ALLOWED))}"
 
 
-def test_limits_package_imports_only_errors():
+def test_limits_package_imports_only_errors() -> None:
     for path in (PACKAGE / "limits").glob("*.py"):
         tree = ast.parse(path.read_text())
         # level 2 ("from ..x import") reaches out of limits/ into procqueue/
@@ -81,7 +81,7 @@ def test_limits_package_imports_only_errors():
         assert outside <= {"errors"}, f"limits/{path.name} imports {sorted(outside)}"
 
 
-def test_cli_uses_only_the_public_api():
+def test_cli_uses_only_the_public_api() -> None:
     import procqueue
 
     public = set(procqueue.__all__)
@@ -97,3 +97,15 @@ def test_cli_uses_only_the_public_api():
                     and node.value.id == "procqueue":
                 assert node.attr in public or node.attr.startswith("__"), \
                     f"{path.name} uses procqueue.{node.attr}, not exported"
+
+
+def test_backends_use_only_the_shared_mechanisms() -> None:
+    """A backend reuses the result objects, the wire format, the errors and the limits'
+    value objects and bookkeeping (Rate, KeyedLimit, FairQueue); it never reaches up into the
+    pool or into the local supervisor's machinery."""
+    allowed = {"chunking", "errors", "limits", "protocol", "results"}
+    for path in (PACKAGE / "backends").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        used = {n.module.split(".")[0] for n in ast.walk(tree)
+                if isinstance(n, ast.ImportFrom) and n.level == 2 and n.module}
+        assert used <= allowed, f"{path.name} imports {sorted(used - allowed)}"

@@ -1,0 +1,571 @@
+"""The Pool contract on Dask distributed (procqueue.backends.dask.DaskPool), on real processes.
+
+Most tests share one LocalCluster of two single-threaded worker processes (module fixture:
+starting a cluster costs seconds); the tests about a pool's own cluster and about connecting
+by address start their own.  Facts are recorded by the tasks themselves (pids, start and end
+times written to files), never inferred from sleeps.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import _is_mp_helper
+
+distributed = pytest.importorskip("distributed")
+
+import dask  # noqa: E402
+
+import procqueue  # noqa: E402
+from procqueue import (  # noqa: E402
+    ArgumentSerializationError,
+    PoolClosedError,
+    RemoteTraceback,
+    ResultSerializationError,
+    TaskCancelledError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+    WorkerExitedError,
+)
+from procqueue.backends.dask import DaskPool, cluster_config  # noqa: E402
+
+WORKERS = 2
+_shared: list[Any] = []  # the module's LocalCluster while it runs (its workers are not strays)
+
+
+# ---- tasks (module level: pickled by reference, importable in the workers) ------------------
+
+def square(x: int) -> int:
+    return x * x
+
+
+def fail_on_three(x: int) -> int:
+    if x == 3:
+        raise KeyError(f"no {x}")
+    return x
+
+
+def record_and_sleep(path: str, seconds: float) -> int:
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def exit_worker_on(x: int, bad: int) -> int:
+    if x == bad:
+        os._exit(13)
+    return x
+
+
+def spin_or_sleep(x: str) -> str:
+    if x == "spin":
+        while True:
+            pass
+    if x == "sleep":
+        time.sleep(30)
+    return x
+
+
+def interval(directory: str, i: int) -> int:
+    start = time.monotonic()
+    time.sleep(0.3)
+    Path(directory, f"{i}").write_text(f"{start} {time.monotonic()}")
+    return i
+
+
+def get_env(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def set_env(name: str, value: str) -> None:
+    os.environ[name] = value
+
+
+def unpicklable_result(x: int) -> Any:
+    return (lambda: x) if x == 1 else x
+
+
+def exit_task(x: int) -> int:
+    if x == 2:
+        sys.exit(4)
+    return x
+
+
+def slow_identity(x: int) -> int:
+    time.sleep(0.05)
+    return x
+
+
+def span(directory: str, item: Any, hold_s: float, fail: bool = False) -> Any:
+    """Record when this run of `item` started and ended (one file per run), then maybe fail."""
+    start = time.time()
+    time.sleep(hold_s)
+    end = time.time()
+    Path(directory, f"{start:.6f}-{os.getpid()}").write_text(f"{item!r}\t{start}\t{end}")
+    if fail:
+        raise ValueError(f"failing {item!r}")
+    return item
+
+
+def spans_in(directory: str | Path) -> list[tuple[str, float, float]]:
+    """(item repr, start, end) of every recorded run."""
+    rows = [p.read_text().split("\t") for p in Path(directory).iterdir()]
+    return [(item, float(start), float(end)) for item, start, end in rows]
+
+
+def max_overlap(spans: Iterable[tuple[float, float]]) -> int:
+    """The most spans running at one instant (an end before a start at equal times)."""
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+def max_starts_in_window(starts: Iterable[float], period_s: float) -> int:
+    starts = sorted(starts)
+    return max(sum(1 for t in starts if a <= t < a + period_s) for a in starts)
+
+
+def _procqueue_semaphores(dask_scheduler: Any) -> dict[str, int]:
+    """The procqueue semaphores the scheduler knows, with their leases held."""
+    extension = dask_scheduler.extensions["semaphores"]
+    return {name: len(extension.leases.get(name, {})) for name in extension.max_leases
+            if str(name).startswith("procqueue-")}
+
+
+# ---- fixtures ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[Any, Any]]:
+    with dask.config.set(cluster_config(retries=1)):
+        cluster = distributed.LocalCluster(n_workers=WORKERS, threads_per_worker=1,
+                                           processes=True, dashboard_address="127.0.0.1:0")
+    client = distributed.Client(cluster, set_as_default=False)
+    _shared.append(cluster)
+    yield cluster, client
+    _shared.clear()
+    client.close()
+    cluster.close()
+    assert not _children_except(set(), grace_s=5.0), "the shared cluster left processes"
+
+
+@pytest.fixture
+def client(cluster: tuple[Any, Any]) -> Any:
+    return cluster[1]
+
+
+@pytest.fixture
+def pool(client: Any) -> Iterator[DaskPool]:
+    with DaskPool(client=client, retries=1) as pool:
+        yield pool
+
+
+def _cluster_pids(cluster: Any) -> set[int]:
+    pids = set()
+    for nanny in list(cluster.workers.values()):
+        process = getattr(getattr(nanny, "process", None), "process", None)
+        if process is not None and process.pid is not None:
+            pids.add(process.pid)
+    return pids
+
+
+def _children_except(allowed_of: set[int] | Callable[[], set[int]],
+                     grace_s: float) -> list[psutil.Process]:
+    """Live children of this process not in allowed_of() (re-read while waiting: a shared
+    worker that was killed is being replaced), ignoring multiprocessing's helpers."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        allowed = allowed_of() if callable(allowed_of) else allowed_of
+        left = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE or child.pid in allowed:
+                    continue
+                if _is_mp_helper(child):  # multiprocessing's forkserver, resource tracker
+                    continue
+            except psutil.NoSuchProcess:
+                continue
+            left.append(child)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def no_stray_processes() -> Iterator[None]:
+    """conftest's check, except for the shared cluster's own worker processes (checked when
+    the module's cluster closes)."""
+    yield
+    left = _children_except(lambda: _cluster_pids(_shared[0]) if _shared else set(),
+                            grace_s=3.0)
+    for proc in left:
+        proc.kill()
+    assert not left, f"stray processes after test: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+def _worker_pids(client: Any) -> set[int]:
+    return set(client.run(os.getpid).values())
+
+
+def _wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+# ---- results and order -------------------------------------------------------------------------
+
+def test_every_api_returns_results_in_the_local_pools_order(pool: DaskPool) -> None:
+    assert pool.map(square, range(50)) == [x * x for x in range(50)]
+    assert list(pool.imap(square, iter(range(30)))) == [x * x for x in range(30)]
+    assert sorted(pool.imap_unordered(square, range(30))) == sorted(x * x for x in range(30))
+    assert pool.starmap(pow, [(2, 3), (3, 2), (5, 0)]) == [8, 9, 1]
+    assert pool.apply(square, (9,)) == 81
+    assert pool.apply_async(divmod, (7, 2)).get(timeout=20) == (3, 1)
+    assert pool.submit(pow, 2, 10).result(timeout=20) == 1024
+    assert pool.map_async(square, [3, 4]).get(timeout=20) == [9, 16]
+    assert pool.map(square, []) == []
+
+
+def test_callbacks_get_results_and_errors(pool: DaskPool) -> None:
+    got: list[Any] = []
+    errors: list[BaseException] = []
+    pool.map_async(square, [1, 2], callback=got.append).wait(20)
+    pool.apply_async(fail_on_three, (3,), error_callback=errors.append).wait(20)
+    assert got == [[1, 4]] and isinstance(errors[0], KeyError)
+
+
+def test_imap_outcomes_reports_every_input_in_order(pool: DaskPool) -> None:
+    outcomes = list(pool.imap_outcomes(fail_on_three, range(6), chunksize=3))
+    assert [o.index for o in outcomes] == list(range(6))
+    assert [o.ok for o in outcomes] == [True, True, True, False, True, True]
+    assert isinstance(outcomes[3].error, KeyError)
+    assert all(o.attempts == 1 and o.pid in _worker_pids(pool.client) for o in outcomes)
+
+
+def test_tiny_tasks_are_batched_into_few_dask_tasks(pool: DaskPool) -> None:
+    before = pool.stats().chunks_submitted
+    assert pool.map(square, range(20_000)) == [x * x for x in range(20_000)]
+    assert pool.stats().chunks_submitted - before < 500  # not one Dask task per item
+
+
+def test_lazy_input_is_streamed_with_a_bounded_number_in_flight(pool: DaskPool) -> None:
+    taken = []
+
+    def endless() -> Iterator[int]:
+        i = 0
+        while True:
+            taken.append(i)
+            yield i
+            i += 1
+
+    results = pool.imap(square, endless())
+    first = [next(results) for _ in range(100)]
+    assert first == [x * x for x in range(100)]
+    time.sleep(0.5)  # give the feeder every chance to run ahead
+    stats = pool.stats()
+    assert len(taken) <= 100 + 2048 + 256  # the window, not the whole generator
+    assert stats.tasks_running <= len(taken)
+    del results  # dropping the iterator stops its feeding
+    assert pool.map(square, [5]) == [25]
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+def test_exception_keeps_type_and_message_with_remote_traceback(pool: DaskPool) -> None:
+    with pytest.raises(KeyError, match="no 3") as info:
+        pool.map(fail_on_three, range(6), chunksize=6)
+    error: Any = info.value  # procqueue annotates it: index, input_repr, partial_results
+    assert isinstance(error.__cause__, RemoteTraceback)
+    assert "fail_on_three" in error.__cause__.tb_text
+    assert error.index == 3 and error.input_repr == "3"
+    assert error.partial_results == {0: 0, 1: 1, 2: 2}
+    with pytest.raises(KeyError):
+        pool.submit(fail_on_three, 3).result(timeout=20)
+
+
+def test_failing_item_fails_only_itself_in_its_chunk(pool: DaskPool) -> None:
+    values = pool.map(fail_on_three, range(8), chunksize=8, errors="return")
+    assert isinstance(values[3], KeyError)
+    assert [v for i, v in enumerate(values) if i != 3] == [0, 1, 2, 4, 5, 6, 7]
+    it = pool.imap(fail_on_three, range(6), chunksize=6)
+    got = [next(it), next(it), next(it)]
+    with pytest.raises(KeyError):
+        next(it)
+    assert got + list(it) == [0, 1, 2, 4, 5]
+
+
+def test_unpicklable_argument_and_result_fail_only_their_item(pool: DaskPool) -> None:
+    outcomes = list(pool.imap_outcomes(unpicklable_result, [0, 1, 2]))
+    assert [o.ok for o in outcomes] == [True, False, True]
+    assert isinstance(outcomes[1].error, ResultSerializationError)
+    values = pool.map(repr, [1, _Unpicklable(), 3], errors="return")
+    assert isinstance(values[1], ArgumentSerializationError) and values[2] == "3"
+
+
+class _Unpicklable:
+    def __reduce__(self) -> Any:
+        raise TypeError("cannot pickle this")
+
+
+def test_sys_exit_in_a_task_is_a_task_failure(pool: DaskPool) -> None:
+    values = pool.map(exit_task, range(4), errors="return")
+    assert isinstance(values[2], WorkerExitedError) and values[2].code == 4
+    assert values[:2] == [0, 1] and values[3] == 3
+
+
+# ---- crashes -----------------------------------------------------------------------------------
+
+def test_sigkilled_dask_worker_mid_task_is_rerun_elsewhere(pool: DaskPool, client: Any, tmp_path: Path) -> None:
+    marker = tmp_path / "pid"
+    future = pool.submit(record_and_sleep, str(marker), 2.0)
+    _wait_for(marker.exists)
+    victim = int(marker.read_text())
+    assert victim in _worker_pids(client)
+    os.kill(victim, signal.SIGKILL)
+    pid = future.result(timeout=30)
+    assert pid != victim
+    assert pool.map(square, range(10)) == [x * x for x in range(10)]  # the pool goes on
+
+
+def test_item_that_kills_its_worker_fails_alone_with_worker_crashed_error(pool: DaskPool) -> None:
+    values = pool.starmap(exit_worker_on, [(x, 5) for x in range(8)], chunksize=4,
+                          errors="return")
+    error = values[5]
+    assert isinstance(error, WorkerCrashedError), values
+    assert error.index == 5 and error.input_repr == "(5, 5)"
+    assert [v for i, v in enumerate(values) if i != 5] == [0, 1, 2, 3, 4, 6, 7]
+    assert pool.map(square, range(4)) == [0, 1, 4, 9]
+
+
+# ---- timeouts ----------------------------------------------------------------------------------
+
+def test_timeout_interrupts_python_code_and_abandons_blocked_code(client: Any) -> None:
+    with DaskPool(client=client, timeout=0.5) as pool:
+        started = time.monotonic()
+        outcomes = list(pool.imap_outcomes(spin_or_sleep, ["a", "spin", "b", "sleep", "c"],
+                                           chunksize=5))
+        elapsed = time.monotonic() - started
+    assert [o.ok for o in outcomes] == [True, False, True, False, True]
+    assert isinstance(outcomes[1].error, TaskTimeoutError)
+    assert isinstance(outcomes[3].error, TaskTimeoutError)
+    assert "abandoned" in str(outcomes[3].error) and "abandoned" not in str(outcomes[1].error)
+    assert elapsed < 0.5 + 0.5 + 1.0 + 3.0  # T (spin) + T + grace (sleep) + slack
+
+
+# ---- limits ------------------------------------------------------------------------------------
+
+def test_concurrency_limit_holds_across_dask_workers(client: Any, tmp_path: Path) -> None:
+    with DaskPool(client=client, concurrency=1) as pool:
+        pool.starmap(interval, [(str(tmp_path), i) for i in range(4)], chunksize=1)
+    spans = sorted(tuple(map(float, p.read_text().split())) for p in tmp_path.iterdir())
+    assert len(spans) == 4
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+
+
+@pytest.mark.timeout(30)
+def test_rate_gate_never_more_than_l_starts_per_window_across_workers(client: Any, tmp_path: Path) -> None:
+    items = [(str(tmp_path), i, 0.05, i % 3 == 0) for i in range(30)]  # every third raises
+    with DaskPool(client=client, rate="10/0.5s") as pool:
+        started = time.monotonic()
+        values = pool.starmap(span, items, errors="return")
+        elapsed = time.monotonic() - started
+    assert [isinstance(v, ValueError) for v in values] == [i % 3 == 0 for i in range(30)]
+    starts = [start for _, start, _ in spans_in(tmp_path)]
+    assert len(starts) == 30
+    assert max_starts_in_window(starts, 0.5) <= 10
+    # a failing item's start leaves the window after 0.5 s like any other (not at the
+    # lease timeout): 30 starts at 10 per 0.5 s take about 1 s
+    assert elapsed < 5.0
+    # the pool ended: its rate semaphore is gone from the scheduler, no lease left behind
+    assert client.run_on_scheduler(_procqueue_semaphores) == {}
+
+
+def _executing(dask_worker: Any) -> int:
+    return int(dask_worker.state.executing_count)
+
+
+@pytest.mark.timeout(30)
+def test_item_waiting_for_its_start_never_starts_after_terminate(client: Any,
+                                                                 tmp_path: Path) -> None:
+    pool = DaskPool(client=client, rate="1/30s")
+    futures = [pool.submit(span, str(tmp_path), i, 1.0) for i in range(2)]
+    _wait_for(lambda: any(tmp_path.iterdir()) or sum(client.run(_executing).values()) == 2)
+    pool.terminate()  # the second item waits for a start the window will not give for 30 s
+    _wait_for(lambda: sum(client.run(_executing).values()) == 0, timeout_s=10)
+    assert len(spans_in(tmp_path)) == 1  # the pool's leases went back, yet nothing started
+    assert all(f.cancelled() or f.exception(timeout=5) is not None for f in futures)
+    assert client.run_on_scheduler(_procqueue_semaphores) == {}
+
+
+@pytest.mark.timeout(30)
+def test_key_concurrency_never_exceeds_k_per_key_and_keys_share_fairly(client: Any, tmp_path: Path) -> None:
+    items = [(str(tmp_path), ("big", i), 0.1) for i in range(12)]
+    items += [(str(tmp_path), ("small", i), 0.1) for i in range(3)]
+    with DaskPool(client=client) as pool:
+        assert len(pool.starmap(span, items, key=lambda args: args[1][0])) == 15
+    runs = spans_in(tmp_path)
+    by_key = {key: [(s, e) for item, s, e in runs if key in item] for key in ("big", "small")}
+    assert max_overlap(by_key["big"]) == 1 and max_overlap(by_key["small"]) == 1
+    assert max_overlap([(s, e) for _, s, e in runs]) == 2  # the keys ran side by side
+    # round robin between keys: the 3 small items do not wait behind the 12 big ones
+    last_small = max(s for s, _ in by_key["small"])
+    assert sum(1 for s, _ in by_key["big"] if s < last_small) <= 5
+
+
+@pytest.mark.timeout(30)
+def test_key_concurrency_k_allows_k_of_a_key_and_a_failing_key_fails_its_item(client: Any, tmp_path: Path) -> None:
+    with DaskPool(client=client) as pool:
+        items = [(str(tmp_path), ("one", i), 0.1) for i in range(8)]
+        pool.starmap(span, items, key=lambda args: args[1][0], key_concurrency=2)
+        values = pool.map(square, [0, 1, 2], key=lambda x: 1 // x, errors="return")
+        with pytest.raises(ValueError, match="key_concurrency needs key="):
+            pool.map(square, [1], key_concurrency=2)
+    assert max_overlap([(s, e) for _, s, e in spans_in(tmp_path)]) <= 2
+    error: Any = values[0]  # annotated by procqueue with its index
+    assert error.index == 0 and isinstance(values[0], ZeroDivisionError)
+    assert values[1:] == [1, 4]
+
+
+# ---- options -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("option, value", [
+    ("journal", "run.sqlite"), ("trace", "trace.json"), ("queues", {}),
+    ("on_event", print), ("max_memory_per_child", "1G"), ("min_free_memory", "1G"),
+])
+def test_local_only_pool_options_are_refused_by_name(client: Any, option: str, value: Any) -> None:
+    with pytest.raises(TypeError, match=f"{option} not supported on the Dask backend"):
+        DaskPool(client=client, **{option: value})
+    with pytest.raises(TypeError, match="not supported on the Dask backend"):
+        procqueue.Pool(backend="dask", client=client, **{option: value})
+
+
+def test_unknown_pool_option_is_a_type_error_and_meaningless_ones_are_accepted(client: Any) -> None:
+    with pytest.raises(TypeError, match="unexpected Pool option"):
+        DaskPool(client=client, no_such_option=1)
+    with pytest.raises(ValueError, match="maxtasksperchild"):
+        DaskPool(client=client, maxtasksperchild=0)
+    with DaskPool(2, None, (), 5, "spawn", client=client, pin=False) as pool:
+        assert pool.map(square, [3]) == [9]
+        refused: dict[str, Any] = {"limit": procqueue.Limit("pq-dask-test", concurrency=1),
+                                   "queue": "io", "halt": "now,fail=1"}
+        for option, value in refused.items():
+            with pytest.raises(TypeError, match="not supported on the Dask backend"):
+                pool.map(square, [1], **{option: value})
+        # None means "not set", as in the local pool: code passing the defaults runs
+        assert pool.map(square, [2], limit=None, queue=None, halt=None) == [4]
+    with DaskPool(client=client, journal=None, trace=None, queues=None, on_event=None) as pool:
+        assert pool.map(square, [4]) == [16]
+
+
+def test_worker_env_is_set_in_every_worker_while_the_pool_is_open(client: Any) -> None:
+    with DaskPool(client=client, worker_env={"PQ_WORKER_ENV": "on"}) as pool:
+        assert set(pool.map(get_env, ["PQ_WORKER_ENV"] * 6, chunksize=1)) == {"on"}
+    assert set(client.run(get_env, "PQ_WORKER_ENV").values()) == {None}
+
+
+# ---- lifecycle ---------------------------------------------------------------------------------
+
+def test_initializer_runs_in_every_worker(client: Any) -> None:
+    with DaskPool(client=client, initializer=set_env, initargs=("PQ_INIT", "yes")) as pool:
+        assert set(pool.map(get_env, ["PQ_INIT"] * 8, chunksize=1)) == {"yes"}
+
+
+def test_closed_pool_raises_and_join_finishes_submitted_work(client: Any) -> None:
+    pool = DaskPool(client=client)
+    result = pool.map_async(slow_identity, range(10), chunksize=1)
+    pool.close()
+    with pytest.raises(PoolClosedError):
+        pool.map(square, [1])
+    with pytest.raises(PoolClosedError):
+        pool.submit(square, 1)
+    pool.join()
+    assert result.get(timeout=0) == list(range(10))
+
+
+def test_terminate_cancels_unfinished_work(client: Any, tmp_path: Path) -> None:
+    pool = DaskPool(client=client)
+    futures = [pool.submit(time.sleep, 5) for _ in range(4)]
+    started = time.monotonic()
+    pool.terminate()
+    assert time.monotonic() - started < 3
+    for future in futures:
+        with pytest.raises(TaskCancelledError):
+            future.result(timeout=5)
+    with pytest.raises(PoolClosedError):
+        pool.submit(square, 1)
+
+
+def test_cancelled_future_never_delivers(pool: DaskPool) -> None:
+    blocker = [pool.submit(time.sleep, 0.3) for _ in range(WORKERS * 3)]
+    late = pool.submit(square, 3)
+    assert late.cancel()
+    assert late.cancelled()
+    for f in blocker:
+        f.result(timeout=30)
+
+
+def test_own_local_cluster_is_started_and_shut_down_with_the_pool() -> None:
+    with DaskPool(2) as pool:
+        assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]
+        pids = _worker_pids(pool.client)
+        assert len(pids) == 2 and os.getpid() not in pids
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                   for p in pids)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+
+
+def test_connects_by_address_to_dask_scheduler_and_worker_commands(tmp_path: Path) -> None:
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    # Workers must import the user's modules (here: this test file) - as on a real cluster.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    scheduler = subprocess.Popen(
+        ["dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "scheduler.log", "w"),
+        start_new_session=True)
+    worker = None
+    try:
+        worker = subprocess.Popen(
+            ["dask", "worker", address, "--nworkers", "2", "--nthreads", "1",
+             "--no-dashboard", "--host", "127.0.0.1"],
+            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "worker.log", "w"),
+            start_new_session=True, env=env)
+        with distributed.Client(address, timeout=30, set_as_default=False) as probe:
+            probe.wait_for_workers(2, timeout=60)
+        with DaskPool(address=address) as pool:
+            assert pool.map(square, range(20)) == [x * x for x in range(20)]
+            assert len(_worker_pids(pool.client)) == 2
+            assert sorted(pool.imap_unordered(square, range(5))) == [0, 1, 4, 9, 16]
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(scheduler)
