@@ -44,12 +44,42 @@ Examples:
   procqueue map tools.py:score inputs/ -o scores.jsonl --halt now,fail=10%
   procqueue map mypkg.jobs:render jobs/ --retries 2 --halt soon,fail=5
   procqueue map fetch.py --lines urls.txt --rate 50/30s --limit geo-api=2
+  procqueue map score.py inputs/ --cluster tcp://scheduler:8786   (Dask; or --cluster local:4)
 
 \b
 Exit codes: 0 all inputs ok, 1 some failed (see their records), 2 usage error,
 3 the pool broke, 130 Ctrl-C, 143 SIGTERM.  Ctrl-C once: no new inputs start
 and running ones get --interrupt-grace seconds to finish; twice: they are killed.
 """
+
+
+class JobsType(click.ParamType):
+    """-j as GNU parallel reads it, for CPU-bound work: N workers; N% of the usable CPUs;
+    +N / -N: the usable CPUs plus or minus N; 0: every usable CPU (parallel's "as many as
+    possible", which for CPU-bound tasks is one per CPU).  Never fewer than one."""
+
+    name = "jobs"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        try:
+            if text.endswith("%"):
+                jobs = round(cpus * float(text[:-1]) / 100)
+            elif text.startswith(("+", "-")):
+                jobs = cpus + int(text)
+            else:
+                jobs = int(text)
+                if jobs == 0:
+                    return cpus
+        except ValueError:
+            self.fail(f"{value!r} is not N, N%, +N, -N or 0", param, ctx)
+        if jobs < 1 and not text.startswith(("+", "-")) and not text.endswith("%"):
+            self.fail(f"{value!r}: give at least 1 (or 0 for every usable CPU)", param, ctx)
+        return max(1, jobs)
 
 
 class HaltPolicyError(click.BadParameter):
@@ -170,8 +200,13 @@ def cli() -> None:
 @click.argument("inputs", nargs=-1)
 @click.option("--fn", "fn_name", metavar="NAME",
               help="Function to call (default: process, or the one named in module:function).")
-@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
-              help="Worker processes [default: usable CPUs].")
+@click.option("-j", "--jobs", type=JobsType(), default=None, metavar="N|N%|+N|-N|0",
+              help="Worker processes: N, a percentage of the usable CPUs, usable CPUs plus or "
+                   "minus N, or 0 for all usable CPUs (GNU parallel's forms) "
+                   "[default: usable CPUs].")
+@click.option("--cluster", metavar="ADDRESS|local:N",
+              help="Run on Dask distributed: a scheduler address (tcp://host:8786), or local:N "
+                   "for a LocalCluster of N worker processes (needs procqueue[dask]).")
 @click.option("--glob", metavar="PATTERN", help="Only files of directories matching PATTERN.")
 @click.option("--lines", "lines_file", metavar="FILE",
               help="Also take one input per line of FILE ('-' as an INPUT reads stdin).")
@@ -179,6 +214,8 @@ def cli() -> None:
               help="Write the JSON Lines here [default: stdout].")
 @click.option("--unordered", is_flag=True,
               help="Write records as inputs finish, not in input order.")
+@click.option("-k", "--keep-order", is_flag=True,
+              help="Records in input order: the default (GNU parallel's -k).")
 @click.option("--timeout", metavar="SECONDS|P%",
               help="Kill a task after SECONDS, or after P% of the median task time so far.")
 @click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True,
@@ -218,8 +255,8 @@ def cli() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--stats", is_flag=True, help="Print a summary on stderr at the end.")
 def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs: int | None,
-                glob: str | None, lines_file: str | None, output: str | None,
-                unordered: bool, timeout: str | None, retries: int, no_pin: bool,
+                cluster: str | None, glob: str | None, lines_file: str | None, output: str | None,
+                unordered: bool, keep_order: bool, timeout: str | None, retries: int, no_pin: bool,
                 max_tasks_per_child: int | None, max_memory_per_child: str | None,
                 memfree: str | None, chunksize: int | None, concurrency: int | None,
                 rate: str | None, limits: tuple[str, ...], key_from: str | None,
@@ -228,6 +265,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 force: bool, quiet: bool, stats: bool) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
     stdin lines) and write one JSON line per input."""
+    if keep_order and unordered:
+        raise click.UsageError("--keep-order and --unordered contradict each other")
     if not inputs and lines_file is None:
         raise click.UsageError("give at least one INPUT (a file, a directory, or -)")
     fn = resolve_script(script, fn_name)
@@ -236,6 +275,9 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     pool_options = _pool_options(timeout, retries, no_pin, max_memory_per_child, memfree,
                                  concurrency, rate)
     call_options = _call_options(limits, key_from, key_concurrency)
+    if cluster is not None:  # before the journal is opened: refused options create nothing
+        jobs = _use_cluster(cluster, jobs, pool_options, call_options,
+                            journal=journal_path is not None, trace=trace_path is not None)
     journal = _open_journal(journal_path, fn, items, retry_failed, force) if journal_path else None
     if journal is not None:
         pool_options["journal"] = journal
@@ -247,6 +289,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                    call_options, halt_policy, interrupt_grace, stream, quiet, stats)
     except KeyboardInterrupt:  # while the pool starts or stops: no handler of ours yet
         raise Interrupted() from None
+    except ImportError as exc:  # --cluster without the dask extra
+        raise click.UsageError(str(exc)) from None
     except procqueue.ProcqueueError as exc:  # the pool broke; one task's errors are records
         raise RunFailed(str(exc)) from None
     finally:
@@ -344,6 +388,43 @@ def _parse_timeout(text: str) -> float | str:
     if seconds <= 0:
         raise click.BadParameter("must be > 0", param_hint="--timeout")
     return seconds
+
+
+# Pool options that exist only on this machine's processes (shared memory, /proc, files
+# written by the supervisor): refused with --cluster rather than silently dropped.
+_LOCAL_ONLY = {"max_memory_per_child": "--max-memory-per-child", "min_free_memory": "--memfree",
+               "journal": "--journal", "trace": "--trace", "limit": "--limit"}
+
+
+def _use_cluster(cluster: str, jobs: int | None, pool_options: dict[str, Any],
+                 call_options: dict[str, Any], *, journal: bool, trace: bool) -> int | None:
+    """--cluster: a Dask scheduler address, or local:N (a LocalCluster of N processes).
+    Changes the options in place; returns the worker count to ask for."""
+    given = set(pool_options) | set(call_options) | ({"journal"} if journal else set()) \
+        | ({"trace"} if trace else set())
+    refused = [flag for name, flag in _LOCAL_ONLY.items() if name in given]
+    if isinstance(pool_options.get("timeout"), str):
+        refused.append("--timeout N%")
+    if refused:
+        raise click.UsageError(f"{', '.join(refused)} cannot be used with --cluster "
+                               "(they need this machine's worker processes)")
+    pool_options.pop("pin", None)  # Dask places its own workers
+    kind, colon, count = cluster.partition(":")
+    if kind == "local":
+        pool_options["backend"] = "dask"
+        if not colon:
+            return jobs
+        if not count.isdigit() or int(count) < 1:
+            raise click.BadParameter(f"{cluster!r}: say local:N with N >= 1",
+                                     param_hint="--cluster")
+        if jobs is not None and jobs != int(count):
+            raise click.BadParameter(f"{cluster} and -j {jobs} disagree", param_hint="--cluster")
+        return int(count)
+    if "://" not in cluster and not colon:
+        raise click.BadParameter(f"{cluster!r}: give tcp://HOST:PORT or local:N",
+                                 param_hint="--cluster")
+    pool_options["address"] = cluster
+    return jobs
 
 
 def _call_options(limits: tuple[str, ...], key_from: str | None,

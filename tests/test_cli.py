@@ -141,7 +141,9 @@ def test_failing_inputs_get_error_records_and_exit_1(tmp_path, batch):
     (["SCRIPT", "IN", "--fn", "nothere"], "process, shout"),
     (["SCRIPT", "no/such/dir"], "input not found"),
     (["SCRIPT", "IN", "--halt", "sometimes"], "--halt"),
-    (["SCRIPT", "IN", "-j", "0"], "-j"),
+    (["SCRIPT", "IN", "-j", "-1.5"], "-j"),
+    (["SCRIPT", "IN", "-j", "many"], "-j"),
+    (["SCRIPT", "IN", "-k", "--unordered"], "contradict"),
     (["SCRIPT"], "INPUT"),
     (["SCRIPT:nothere", "IN"], "no top-level function 'nothere'"),
     (["no_such_module_pq:f", "IN"], "cannot find module"),
@@ -412,3 +414,12 @@ def test_first_ctrl_c_lets_running_tasks_finish_and_cancels_the_rest(tmp_path):
 def test_no_input_starts_after_the_first_ctrl_c(tmp_path):
     _, _, _, _, sigint_at, starts = _interrupt_once(tmp_path)
     assert sorted(item for item, (t, _) in starts.items() if t > sigint_at) == []
+
+
+@pytest.mark.timeout(60)
+def test_gnu_parallel_job_forms_and_keep_order(batch):
+    script, inputs = batch
+    run = procqueue("map", script, inputs, "-j", "0", "-k")
+    assert run.returncode == 0, run.stderr
+    assert [r["input"] for r in records(run.stdout)] == sorted(
+        str(p) for p in inputs.rglob("*") if p.is_file())

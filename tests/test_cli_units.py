@@ -10,7 +10,7 @@ import pytest
 
 import procqueue
 from procqueue.cli.inputs import InputError, collect_inputs
-from procqueue.cli.main import HaltPolicy
+from procqueue.cli.main import HaltPolicy, JobsType
 from procqueue.cli.output import line_of, record_of
 from procqueue.cli.script import ScriptError, ScriptFunction, resolve_script
 
@@ -196,3 +196,18 @@ def test_a_flush_error_is_raised_by_close_not_lost():
     writer.write({"input": "b", "ok": True, "result": 2})
     with pytest.raises(BrokenPipeError):
         writer.close()
+
+
+@pytest.mark.parametrize("text,cpus,jobs", [
+    ("3", 8, 3), ("0", 8, 8), ("50%", 8, 4), ("100%", 2, 2), ("10%", 2, 1), ("+1", 8, 9),
+    ("-2", 8, 6), ("-20", 8, 1),
+])
+def test_jobs_take_gnu_parallel_forms(monkeypatch, text, cpus, jobs):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)))
+    assert JobsType().convert(text, None, None) == jobs
+
+
+@pytest.mark.parametrize("text", ["many", "1.5", "-1.5", "%"])
+def test_bad_jobs_are_usage_errors(text):
+    with pytest.raises(click.BadParameter):
+        JobsType().convert(text, None, None)

@@ -1,0 +1,136 @@
+"""`procqueue map --cluster`: the command line on Dask distributed (issue #7), run as the
+installed command on real files, against a LocalCluster it starts and against a scheduler and
+workers started with Dask's own `dask scheduler` / `dask worker` commands."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+pytest.importorskip("distributed")
+
+PROCQUEUE = shutil.which("procqueue")
+DASK = shutil.which("dask") or os.path.join(os.path.dirname(sys.executable), "dask")
+
+SCRIPT = """
+import os
+def process(path):
+    name = os.path.basename(path)
+    if name.startswith("bad"):
+        raise ValueError("bad input " + name)
+    with open(path) as f:
+        return {"chars": len(f.read()), "pid": os.getpid()}
+"""
+
+
+@pytest.fixture
+def batch(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(12):
+        (inputs / f"f{i:02d}.txt").write_text("x" * i)
+    (inputs / "bad.txt").write_text("?")
+    return script, inputs
+
+
+def procqueue(*args, timeout=120, cwd=None):
+    return subprocess.run([PROCQUEUE, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def records(stdout):
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def check_batch_records(run, inputs):
+    assert run.returncode == 1, run.stderr  # one input failed
+    recs = records(run.stdout)
+    assert [r["input"] for r in recs] == sorted(str(p) for p in inputs.iterdir())  # in order
+    bad = [r for r in recs if not r["ok"]]
+    assert len(bad) == 1 and bad[0]["error"]["type"] == "ValueError"
+    assert "bad input bad.txt" in bad[0]["error"]["message"]
+    assert "job.py" in bad[0]["error"]["traceback"]  # the remote traceback comes back
+    good = [r for r in recs if r["ok"]]
+    assert sorted(r["result"]["chars"] for r in good) == list(range(12))
+    return recs
+
+
+@pytest.mark.timeout(120)
+def test_cluster_local_n_runs_the_batch_in_n_dask_worker_processes(batch):
+    script, inputs = batch
+    run = procqueue("map", script, inputs, "--cluster", "local:2")
+    recs = check_batch_records(run, inputs)
+    pids = {r["result"]["pid"] for r in recs if r["ok"]}
+    assert 1 <= len(pids) <= 2 and run_pid_not_in(pids)
+    time.sleep(0.5)
+    assert not [pid for pid in pids if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]  # cluster shut down
+
+
+def run_pid_not_in(pids):
+    return os.getpid() not in pids
+
+
+@pytest.mark.timeout(150)
+def test_cluster_address_uses_a_running_scheduler_and_its_workers(batch, tmp_path):
+    script, inputs = batch
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = subprocess.Popen(
+        [DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "scheduler.log", "w"),
+        start_new_session=True)
+    worker = subprocess.Popen(
+        [DASK, "worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
+         "--host", "127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "worker.log", "w"),
+        start_new_session=True)
+    try:
+        worker_pids = set()
+        deadline = time.monotonic() + 60
+        while len(worker_pids) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            worker_pids = {c.pid for c in psutil.Process(worker.pid).children(recursive=True)}
+        run = procqueue("map", script, inputs, "--cluster", address)
+        recs = check_batch_records(run, inputs)
+        used = {r["result"]["pid"] for r in recs if r["ok"]}
+        assert used <= worker_pids  # the work ran in the cluster's workers
+        assert worker.poll() is None  # a cluster the run did not start is left running
+    finally:
+        for process in (worker, scheduler):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(5)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("extra,message", [
+    (["--cluster", "nowhere"], "give tcp://HOST:PORT or local:N"),
+    (["--cluster", "local:0"], "local:N with N >= 1"),
+    (["--cluster", "local:2", "-j", "3"], "disagree"),
+    (["--cluster", "local:2", "--journal", "run.db"], "--journal cannot be used with --cluster"),
+    (["--cluster", "local:2", "--timeout", "300%"], "--timeout N% cannot be used"),
+])
+def test_cluster_usage_errors_exit_2(batch, tmp_path, extra, message):
+    script, inputs = batch
+    run = procqueue("map", script, inputs, *extra, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert message in run.stderr and "Traceback" not in run.stderr
+    assert run.stdout == ""
+    assert not (tmp_path / "run.db").exists()  # a refused run leaves nothing behind
