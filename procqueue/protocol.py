@@ -17,7 +17,8 @@ time into a small shared array (see worker_slots.SlotState), which costs nanosec
 lets the supervisor attribute a crash, or enforce a timeout, for one task inside a batch.
 
 Arguments and results are pickled per item with protocol 5 (so one unpicklable item fails only
-its own task); functions are pickled with cloudpickle (lambdas, closures, __main__ functions).
+its own task); functions are pickled with cloudpickle (lambdas, closures), a top-level function
+of the program's script by reference to the worker's import of it (see _MainFunction).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import enum
 import mmap
 import os
 import pickle
+import sys
 import traceback
+import types
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -106,9 +109,66 @@ def loads(data: bytes) -> Any:
 
 
 def dumps_function(fn: Any) -> bytes:
+    """Pickle a task function (or an (initializer, initargs) pair) for the workers."""
     import cloudpickle  # imported lazily: workers unpickle cloudpickle output without it loaded first
 
+    if isinstance(fn, tuple):
+        fn = tuple(_main_function_by_reference(part) for part in fn)
+    else:
+        fn = _main_function_by_reference(fn)
     return bytes(cloudpickle.dumps(fn, PICKLE_PROTOCOL))
+
+
+class _MainFunction:
+    """A top-level function of the program's script (`__main__`), sent by reference with a
+    copy by value to fall back on.
+
+    A worker imports the script as `__mp_main__` (multiprocessing's spawn preparation), so the
+    reference finds the worker's own module function, whose globals are that module's: an
+    initializer that sets a global and the tasks that read it see one namespace, as with
+    multiprocessing.Pool.  Sent by value only (cloudpickle's way for `__main__`), each function
+    would get its own copy of the globals and the tasks would never see what the initializer
+    set.  The copy by value serves where the reference does not resolve: a function defined
+    under `if __name__ == "__main__":`, an interactive session, a Dask worker."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import cloudpickle
+
+        code = self.fn.__code__
+        by_value = cloudpickle.dumps(self.fn, PICKLE_PROTOCOL)
+        return (_main_function, (self.fn.__qualname__, code.co_filename, code.co_firstlineno,
+                                 by_value))
+
+
+def _main_function_by_reference(fn: Any) -> Any:
+    main = sys.modules.get("__main__")
+    if (isinstance(fn, types.FunctionType) and fn.__module__ == "__main__"
+            and getattr(main, "__file__", None) and getattr(main, fn.__qualname__, None) is fn):
+        return _MainFunction(fn)
+    return fn
+
+
+def _main_function(qualname: str, filename: str, firstlineno: int, by_value: bytes) -> Any:
+    """Unpickles a _MainFunction: this process's `__main__` function of that name if it is the
+    same source (file and line), else the copy by value."""
+    fn = getattr(sys.modules.get("__main__"), qualname, None)
+    code = getattr(fn, "__code__", None)
+    if code is not None and code.co_firstlineno == firstlineno and _same_file(
+            code.co_filename, filename):
+        return fn
+    return pickle.loads(by_value)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return a == b or os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 class OutOfBand:
