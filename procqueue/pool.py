@@ -231,6 +231,10 @@ class Pool:
         return (f"<procqueue.Pool state={self._state.value} "
                 f"processes={self._processes} pid={_pids(self)}>")
 
+    def __reduce__(self) -> Any:
+        # As multiprocessing.Pool: a pool lives in the process that made it.
+        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
     # ---- procqueue extras --------------------------------------------------------------------
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:

@@ -30,6 +30,7 @@ import functools
 import importlib.util
 import multiprocessing
 import os
+import pickle
 import threading
 import time
 import uuid
@@ -895,6 +896,12 @@ def test_workers_are_other_processes(pool_cls: PoolFactory) -> None:
         pids = set(pool.map(getpid_task, range(10), 1))
     assert os.getpid() not in pids
     assert 1 <= len(pids) <= 2
+
+
+def test_a_pool_cannot_be_pickled(pool_cls: PoolFactory) -> None:
+    with pool_cls(1) as pool:
+        with pytest.raises(NotImplementedError, match="cannot be passed between processes"):
+            pickle.dumps(pool)
 
 
 # ---------------------------------------------------------------------------------------------

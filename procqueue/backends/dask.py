@@ -1333,6 +1333,9 @@ class DaskPool:
         return (f"<procqueue.DaskPool state={self._state} "
                 f"scheduler={self._resources.scheduler_address()!r}>")
 
+    def __reduce__(self) -> Any:
+        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
     # ---- procqueue extras ----------------------------------------------------------------
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
