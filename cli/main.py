@@ -208,8 +208,9 @@ def cli() -> None:
               help="Run on Dask distributed: a scheduler address (tcp://host:8786), or local:N "
                    "for a LocalCluster of N worker processes (needs procqueue[dask]).")
 @click.option("--glob", metavar="PATTERN", help="Only files of directories matching PATTERN.")
-@click.option("--lines", "lines_file", metavar="FILE",
-              help="Also take one input per line of FILE ('-' as an INPUT reads stdin).")
+@click.option("--lines", "-a", "--arg-file", "lines_file", metavar="FILE",
+              help="Also take one input per line of FILE, blank lines skipped (GNU parallel's "
+                   "-a; '-' as an INPUT reads stdin).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="Write the JSON Lines here [default: stdout].")
 @click.option("--unordered", is_flag=True,
