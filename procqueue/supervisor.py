@@ -541,7 +541,8 @@ class Supervisor:
             error.__cause__ = cause
         else:
             error = InitializerError(
-                f"worker process failed to start: {describe_exit(exitcode)}")
+                f"worker process failed to start: {describe_exit(exitcode)}"
+                f"{_unimportable_main_hint(self.config.context)}")
         self._break(error)
 
     def _maybe_respawn(self, slot: Slot, was: SlotPhase) -> None:
@@ -960,3 +961,18 @@ def _copy_error(error: BaseException, task: Task) -> BaseException:
         copy.__cause__ = error.__cause__
         return copy
     return error
+
+
+def _unimportable_main_hint(context: Any) -> str:
+    """Why every worker of a script piped into Python (`python - < job.py`) dies at start:
+    the forkserver and spawn start methods re-import the program's main module in each
+    worker, from its __file__, which is then no file."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if (path is None or getattr(main, "__spec__", None) is not None or os.path.isfile(path)
+            or context.get_start_method() == "fork"):
+        return ""
+    return (f"; the program's main module ({path!r}) is not a file the workers can import "
+            "(the forkserver start method re-imports it in each worker): run the program from "
+            "a .py file, or pass context='fork'")
+

@@ -85,3 +85,37 @@ def test_functions_defined_under_the_main_guard_still_run(tmp_path):
                                   pool.map(lambda x: ["lambda", x], [3])]))
     """)
     assert out == [[["guarded", 1]], [["redefined", 2]], [["lambda", 3]]]
+
+
+def test_a_script_piped_into_python_fails_fast_saying_why(tmp_path):
+    # forkserver workers re-import the main module from its __file__, here '<stdin>'
+    done = subprocess.run([sys.executable, "-"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=50, input=textwrap.dedent("""
+        from procqueue import Pool
+
+        def double(x):
+            return 2 * x
+
+        with Pool(2) as pool:
+            print(pool.map(double, [1, 2]))
+    """))
+    assert done.returncode != 0
+    assert "InitializerError" in done.stderr
+    assert "'<stdin>') is not a file the workers can import" in done.stderr
+    assert "context='fork'" in done.stderr
+
+
+def test_a_script_piped_into_python_runs_with_the_fork_context(tmp_path):
+    done = subprocess.run([sys.executable, "-"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=50, input=textwrap.dedent("""
+        import json
+        from procqueue import Pool
+
+        def double(x):
+            return 2 * x
+
+        with Pool(2, context="fork") as pool:
+            print(json.dumps(pool.map(double, [1, 2])))
+    """))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [2, 4]
