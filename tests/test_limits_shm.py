@@ -351,7 +351,7 @@ def test_shared_rate_gate_never_exceeds_limit_across_processes(shm_name: str,
         grants = sorted(float(line) for out in outs for line in out.read_text().split())
         assert len(grants) == 2 * starts_each
         for i in range(len(grants) - limit):
-            assert grants[i + limit] - grants[i] >= period_s, (i, grants)
+            assert grants[i] + period_s <= grants[i + limit], (i, grants)  # as the gate adds
         # No under-use: 20 starts at 5 per 0.4 s need 3 periods after the first start.
         assert grants[-1] - grants[0] < 3 * period_s + 0.5
     finally:
