@@ -107,37 +107,60 @@ class Interrupted(click.ClickException):
         super().__init__("interrupted")
 
 
+HALT_FORMS = "never, soon|now,fail|success|done=N or =N%, or GNU parallel's 0, 1, 2"
+HALT_LEGACY = {"1": "soon,fail=1", "2": "now,fail=1"}  # parallel's --halt 1 / --halt 2
+
+
 @dataclass(frozen=True)
 class HaltPolicy:
-    """GNU parallel's --halt: stop after `count` failures (or `percent` of the inputs);
-    'soon' lets running tasks finish, 'now' kills them."""
+    """GNU parallel's --halt: stop starting inputs once `count` (or `percent` % of all) inputs
+    have failed (fail=), succeeded (success=) or ended either way (done=); 'soon' lets the
+    running tasks finish, 'now' kills them."""
 
     now: bool
+    kind: str = "fail"
     count: int | None = None
     percent: float | None = None
 
     @classmethod
     def parse(cls, text: str | None) -> "HaltPolicy | None":
-        if text is None or text == "never":
+        if text is None or text in ("never", "0"):
             return None
+        text = HALT_LEGACY.get(text, text)
         when, _, rule = text.partition(",")
-        if when not in ("soon", "now") or not rule.startswith("fail="):
-            raise HaltPolicyError(f"{text!r}: use never, soon,fail=N, now,fail=N or "
-                                  "soon,fail=N%", param_hint="--halt")
-        value = rule[len("fail="):]
+        kind, equals, value = rule.partition("=")
+        if when not in ("soon", "now") or kind not in ("fail", "success", "done") \
+                or not equals:
+            raise HaltPolicyError(f"{text!r}: use {HALT_FORMS}", param_hint="--halt")
         try:
             if value.endswith("%"):
-                return cls(when == "now", percent=float(value[:-1]))
-            return cls(when == "now", count=int(value))
+                percent = float(value[:-1])
+                if not 0 < percent <= 100:
+                    raise ValueError(value)
+                return cls(when == "now", kind, percent=percent)
+            count = int(value)
+            if count < 1:
+                raise ValueError(value)
+            return cls(when == "now", kind, count=count)
         except ValueError:
-            raise HaltPolicyError(f"{text!r}: fail= takes a number or a percentage",
-                                  param_hint="--halt") from None
+            raise HaltPolicyError(f"{text!r}: {kind}= takes a number >= 1 or a percentage "
+                                  "in (0, 100]", param_hint="--halt") from None
 
-    def reached(self, failed: int, total: int) -> bool:
+    def reached(self, failed: int, succeeded: int, total: int) -> bool:
+        n = {"fail": failed, "success": succeeded, "done": failed + succeeded}[self.kind]
+        if n == 0:
+            return False
         if self.count is not None:
-            return failed >= max(self.count, 1)
+            return n >= self.count
         assert self.percent is not None
-        return total > 0 and failed * 100 >= self.percent * total and failed > 0
+        return n * 100 >= self.percent * total
+
+    def describe(self, failed: int, succeeded: int) -> str:
+        if self.kind == "fail":
+            return f"{failed} failure(s)"
+        if self.kind == "success":
+            return f"{succeeded} success(es)"
+        return f"{failed + succeeded} finished input(s)"
 
 
 class Interrupts:
@@ -240,7 +263,10 @@ def cli() -> None:
 @click.option("--key-concurrency", type=click.IntRange(min=1), default=None,
               help="At most K running tasks per key (with --key-from; default 1).")
 @click.option("--halt", metavar="POLICY",
-              help="never (default), soon,fail=N, now,fail=N or soon,fail=N% (GNU parallel).")
+              help="Stop starting inputs after N (or N%) failures, successes or finished "
+                   "inputs: soon,fail=N lets running tasks finish, now,fail=N kills them; also "
+                   "success=, done=, and GNU parallel's 0 (never, the default), 1 (soon,fail=1), "
+                   "2 (now,fail=1).")
 @click.option("--interrupt-grace", type=click.FloatRange(min=0), default=3.0, metavar="SECONDS",
               show_default=True,
               help="After the first Ctrl-C, running tasks get SECONDS to finish before they are "
@@ -467,7 +493,8 @@ def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | 
     progress = Progress(len(items), sys.stderr, enabled=sys.stderr.isatty() and not quiet)
     interrupts = Interrupts(progress, grace_s)
     halted = False
-    failed = never_ran = 0
+    failed = never_ran = done = 0
+    stopped = 0  # inputs the halt cancelled or killed (never_ran among them)
     started = time.monotonic()
     busy_s = 0.0
     retries_used = 0
@@ -479,6 +506,7 @@ def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | 
         interrupts.install(outcomes)
         try:
             for outcome in outcomes:
+                done += 1
                 record = record_of(outcome)
                 writer.write(record)  # may turn a non-JSON result into the record's error
                 progress.update(record["ok"])
@@ -487,10 +515,13 @@ def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | 
                 if not record["ok"]:
                     failed += 1
                     never_ran += outcome.attempts == 0
-                if halt is not None and not halted and halt.reached(failed - never_ran,
+                    stopped += halted and isinstance(outcome.error, procqueue.TaskCancelledError)
+                ran_failed, succeeded = failed - never_ran, done - failed
+                if halt is not None and not halted and halt.reached(ran_failed, succeeded,
                                                                     len(items)):
                     halted = True
-                    progress.note(f"procqueue: halting after {failed} failure(s): "
+                    progress.note(f"procqueue: halting after "
+                                  f"{halt.describe(ran_failed, succeeded)}: "
                                   f"{'killing' if halt.now else 'finishing'} running tasks; "
                                   "inputs not started are reported as cancelled")
                     outcomes.cancel(kill_running=halt.now)
@@ -509,6 +540,10 @@ def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | 
         return EXIT_SIGINT
     if interrupts.signal == signal.SIGTERM:
         return EXIT_SIGTERM
+    if halted and halt is not None and halt.kind != "fail":
+        # The inputs a success= or done= halt stopped are what the user asked for: GNU
+        # parallel exits 0 then, unless some input failed on its own.
+        failed -= stopped
     return EXIT_FAILURES if failed else EXIT_OK
 
 

@@ -182,6 +182,36 @@ def test_halt_now_reports_inputs_that_never_ran(tmp_path, batch):
 
 
 @pytest.mark.timeout(60)
+def test_halt_on_success_stops_early_and_exits_0(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    inputs = tmp_path / "slow"
+    inputs.mkdir()
+    for i in range(8):
+        (inputs / f"slow-{i}.txt").write_text("x")  # 0.3 s each
+    run = procqueue("map", script, inputs, "-j", "1", "--halt", "now,success=1")
+    assert run.returncode == 0, run.stderr
+    recs = records(run.stdout)
+    assert len(recs) == 8  # every input has a record
+    assert recs[0]["ok"]
+    never_ran = [r for r in recs if not r["ok"]]
+    assert len(never_ran) >= 4
+    assert all(r["error"]["type"] in ("TaskCancelledError",) for r in never_ran)
+    assert "halting after 1 success(es)" in run.stderr
+
+
+@pytest.mark.timeout(60)
+def test_gnu_parallel_halt_2_is_now_fail_1(batch):
+    script, inputs = batch
+    (inputs / "0-raise.txt").write_text("x")  # sorts first
+    run = procqueue("map", script, inputs, "-j", "1", "--halt", "2", "--retries", "0")
+    assert run.returncode == 1
+    recs = records(run.stdout)
+    assert recs[0]["error"]["type"] == "ValueError"
+    assert "halting after 1 failure(s): killing running tasks" in run.stderr
+
+
+@pytest.mark.timeout(60)
 def test_stats_summary(batch):
     script, inputs = batch
     run = procqueue("map", script, inputs, "--stats", "-j", "2")

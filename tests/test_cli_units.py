@@ -55,18 +55,30 @@ def test_script_function_loads_once_and_skips_main_block(tmp_path):
     assert [fn("a"), fn("b")] == [1, 2]  # one module, imported once
 
 
-@pytest.mark.parametrize("text,failed,total,reached", [
-    ("soon,fail=2", 1, 10, False), ("soon,fail=2", 2, 10, True),
-    ("now,fail=10%", 1, 20, False), ("now,fail=10%", 2, 20, True),
+@pytest.mark.parametrize("text,failed,succeeded,total,reached", [
+    ("soon,fail=2", 1, 5, 10, False), ("soon,fail=2", 2, 0, 10, True),
+    ("now,fail=10%", 1, 9, 20, False), ("now,fail=10%", 2, 0, 20, True),
+    ("now,success=1", 3, 0, 10, False), ("now,success=1", 0, 1, 10, True),
+    ("soon,success=50%", 0, 4, 10, False), ("soon,success=50%", 9, 5, 10, True),
+    ("soon,done=3", 1, 1, 10, False), ("soon,done=3", 2, 1, 10, True),
+    ("1", 0, 7, 10, False), ("1", 1, 0, 10, True), ("2", 1, 0, 10, True),
 ])
-def test_halt_policy(text, failed, total, reached):
-    assert HaltPolicy.parse(text).reached(failed, total) is reached
+def test_halt_policy(text, failed, succeeded, total, reached):
+    assert HaltPolicy.parse(text).reached(failed, succeeded, total) is reached
 
 
-def test_bad_halt_policy():
+def test_gnu_parallel_numeric_halt_forms():
+    assert HaltPolicy.parse("0") is None
+    assert HaltPolicy.parse("1") == HaltPolicy(now=False, kind="fail", count=1)
+    assert HaltPolicy.parse("2") == HaltPolicy(now=True, kind="fail", count=1)
+
+
+@pytest.mark.parametrize("text", ["later,fail=1", "soon,fail=0", "now,fail=0%", "now,fail=150%",
+                                  "soon,failures=1", "soon", "3", "now,success="])
+def test_bad_halt_policy(text):
     assert HaltPolicy.parse(None) is None and HaltPolicy.parse("never") is None
     with pytest.raises(click.BadParameter):
-        HaltPolicy.parse("later,fail=1")
+        HaltPolicy.parse(text)
 
 
 def test_record_of_failure_and_non_json_result():
