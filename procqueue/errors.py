@@ -3,16 +3,21 @@
     ProcqueueError
      ├─ TaskFailed                 one task failed; the pool is fine
      │   ├─ WorkerCrashedError     its worker died (exit code or signal) while running it
+     │   │                         (also a concurrent.futures BrokenProcessPool)
      │   ├─ WorkerExitedError      the task called sys.exit(); the worker survived
      │   ├─ TaskTimeoutError       it ran longer than its timeout (also a builtin TimeoutError)
      │   ├─ TaskCancelledError     cancelled, or the pool was terminated before it finished
-     │   ├─ ArgumentSerializationError   its argument could not be pickled
+     │   ├─ ArgumentSerializationError   its argument could not be pickled (a PicklingError)
      │   ├─ ResultSerializationError     its result could not be pickled or unpickled
+     │   │                               (a multiprocessing.pool.MaybeEncodingError)
      │   └─ RemoteError            it raised an exception that cannot cross a process boundary
-     ├─ PoolBrokenError            the pool cannot run tasks any more
+     ├─ PoolBrokenError            the pool cannot run tasks any more (a BrokenProcessPool)
      │   └─ InitializerError       the worker initializer raised
      └─ PoolClosedError            a call on a closed/terminated pool (also a ValueError,
                                    like multiprocessing.Pool's "Pool not running")
+
+The second bases are the errors multiprocessing.Pool and ProcessPoolExecutor raise in the same
+situations, so code written against them keeps catching what it caught.
 
 A task's own exception keeps its type: procqueue re-raises it with the remote traceback as
 ``__cause__`` (a RemoteTraceback) and the task's index/input/pid/attempts as attributes and a
@@ -21,8 +26,15 @@ note.  This module imports nothing from procqueue.
 
 from __future__ import annotations
 
+import pickle as _pickle
 import signal as _signal
-from typing import Any
+from concurrent.futures.process import BrokenProcessPool as _BrokenProcessPool
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # typeshed does not declare it
+    _MaybeEncodingError = Exception
+else:
+    from multiprocessing.pool import MaybeEncodingError as _MaybeEncodingError
 
 
 class RemoteTraceback(Exception):
@@ -53,7 +65,7 @@ class TaskFailed(ProcqueueError):
         pid: int | None = None,
         attempts: int | None = None,
     ) -> None:
-        super().__init__(message)
+        Exception.__init__(self, message)  # not the second base's (MaybeEncodingError's)
         self.message = message
         self.index = index
         self.input_repr = input_repr
@@ -85,7 +97,7 @@ def _rebuild(cls: type[BaseException], message: str, state: dict[str, Any]) -> A
     return obj
 
 
-class WorkerCrashedError(TaskFailed):
+class WorkerCrashedError(TaskFailed, _BrokenProcessPool):
     """The worker process died while running the task (os._exit, segfault, SIGKILL/OOM)."""
 
     def __init__(
@@ -131,12 +143,17 @@ class TaskCancelledError(TaskFailed):
     """The task was cancelled, or the pool was terminated before it finished."""
 
 
-class ArgumentSerializationError(TaskFailed):
+class ArgumentSerializationError(TaskFailed, _pickle.PicklingError):
     """The task's arguments (or its function) could not be pickled."""
 
 
-class ResultSerializationError(TaskFailed):
+class ResultSerializationError(TaskFailed, _MaybeEncodingError):
     """The task's result could not be pickled in the worker or unpickled in the caller."""
+
+    def __init__(self, message: str, **where: Any) -> None:
+        super().__init__(message, **where)
+        self.exc = message  # MaybeEncodingError's attributes: what went wrong, and with what
+        self.value = where.get("input_repr")
 
 
 class RemoteError(TaskFailed):
@@ -151,7 +168,7 @@ class RemoteError(TaskFailed):
         self.traceback_text = traceback_text
 
 
-class PoolBrokenError(ProcqueueError):
+class PoolBrokenError(ProcqueueError, _BrokenProcessPool):
     """The pool can no longer run tasks."""
 
 

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import functools
 import importlib.util
 import multiprocessing
+import multiprocessing.pool
 import os
 import pickle
 import threading
@@ -106,6 +108,14 @@ def init_record(directory: str, value: Any) -> None:
     _INIT_STATE["count"] += 1
     _INIT_STATE["value"] = value
     Path(directory, f"init-{os.getpid()}-{uuid.uuid4().hex}").write_text(str(os.getpid()))
+
+
+def return_a_lock(_x: Any) -> Any:
+    return threading.Lock()
+
+
+def crash_worker(_x: Any) -> NoReturn:
+    os._exit(3)
 
 
 def report_init_state(_x: Any) -> tuple[int, int, Any]:
@@ -898,6 +908,22 @@ def test_workers_are_other_processes(pool_cls: PoolFactory) -> None:
     assert 1 <= len(pids) <= 2
 
 
+def test_an_unpicklable_result_raises_maybe_encoding_error(pool_cls: PoolFactory) -> None:
+    with pool_cls(1) as pool:
+        with pytest.raises(multiprocessing.pool.MaybeEncodingError):
+            pool.map(return_a_lock, [1])
+        assert pool.map(square, [3]) == [9]  # the pool goes on
+
+
+def test_an_unpicklable_argument_raises_a_pickling_error(pool_cls: PoolFactory) -> None:
+    # multiprocessing raises pickle's own error (TypeError for a lock); procqueue's
+    # ArgumentSerializationError is a pickle.PicklingError
+    with pool_cls(1) as pool:
+        with pytest.raises((TypeError, pickle.PicklingError)):
+            pool.map(square, [threading.Lock()])
+        assert pool.map(square, [3]) == [9]
+
+
 def test_a_pool_cannot_be_pickled(pool_cls: PoolFactory) -> None:
     with pool_cls(1) as pool:
         with pytest.raises(NotImplementedError, match="cannot be passed between processes"):
@@ -928,6 +954,16 @@ def test_procqueue_only_lambdas_and_closures(procqueue_pool: Any) -> None:
     assert pool.starmap(lambda a, b: a * b, [(2, 3), (4, 5)]) == [6, 20]
     assert pool.apply(lambda: "hi") == "hi"
     assert pool.apply_async(closure, (1,)).get(timeout=30) == 101
+
+
+@pool_owns_workers  # it kills a worker process
+def test_procqueue_only_a_crashed_workers_future_raises_broken_process_pool(
+        procqueue_pool: Any) -> None:
+    # what ProcessPoolExecutor code catches; procqueue fails only the task that crashed
+    future = procqueue_pool.submit(crash_worker, 1)
+    with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+        future.result(timeout=30)
+    assert procqueue_pool.submit(square, 4).result(timeout=30) == 16
 
 
 def test_procqueue_only_submit_returns_a_concurrent_future(procqueue_pool: Any) -> None:
