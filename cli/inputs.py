@@ -1,4 +1,5 @@
-"""The inputs of a run: files of directories (recursively, sorted), files, stdin lines."""
+"""The inputs of a run: files of directories (recursively, sorted), files, stdin lines, and
+GNU parallel's `::: literal inputs` and `:::: files of inputs`."""
 
 from __future__ import annotations
 
@@ -21,10 +22,18 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
                    lines_file: str | None = None, stdin: TextIO | None = None) -> list[str]:
     """Every input item, as a string, in order: a directory gives its files (recursively,
     sorted, filtered by `glob`), a file gives itself, '-' gives stdin's lines, and
-    `lines_file` the lines of that file."""
+    `lines_file` the lines of that file.  After ':::' the specs are inputs themselves, after
+    '::::' files of inputs, as in GNU parallel."""
     items: list[str] = []
+    mode = "paths"  # GNU parallel's separators switch it: ':::' literal inputs, '::::' files
     for spec in inputs:
-        if spec == "-":
+        if spec in (LITERALS, ARG_FILES):
+            mode = "literal" if spec == LITERALS else "arg-files"
+        elif mode == "literal":
+            items.append(spec)
+        elif mode == "arg-files":
+            items += _lines_of(spec)
+        elif spec == "-":
             items += _lines(stdin or sys.stdin)
         elif os.path.isdir(spec):
             items += _files_under(spec, glob)
@@ -33,12 +42,22 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
         else:
             raise InputError(f"input not found: {spec!r}")
     if lines_file is not None:
-        try:
-            with open(lines_file, encoding="utf-8") as f:
-                items += _lines(f)
-        except OSError as exc:
-            raise InputError(f"cannot read --lines file {lines_file!r}: {exc.strerror}") from None
+        items += _lines_of(lines_file)
     return items
+
+
+LITERALS = ":::"  # what follows are the inputs themselves, not paths (GNU parallel)
+ARG_FILES = "::::"  # what follows are files of inputs, one per line (GNU parallel)
+
+
+def _lines_of(path: str) -> list[str]:
+    if path == "-":
+        return _lines(sys.stdin)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return _lines(f)
+    except OSError as exc:
+        raise InputError(f"cannot read the file of inputs {path!r}: {exc.strerror}") from None
 
 
 def _lines(stream: TextIO) -> list[str]:

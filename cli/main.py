@@ -44,6 +44,7 @@ Examples:
   procqueue map tools.py:score inputs/ -o scores.jsonl --halt now,fail=10%
   procqueue map mypkg.jobs:render jobs/ --retries 2 --halt soon,fail=5
   procqueue map fetch.py --lines urls.txt --rate 50/30s --limit geo-api=2
+  procqueue map render.py ::: scene1 scene2 scene3 -j 3
   procqueue map score.py inputs/ --cluster tcp://scheduler:8786   (Dask; or --cluster local:4)
 
 \b
@@ -291,7 +292,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 trace_path: str | None, journal_path: str | None, retry_failed: bool,
                 force: bool, quiet: bool, stats: bool) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
-    stdin lines) and write one JSON line per input."""
+    stdin lines; after ::: the inputs themselves, after :::: files of inputs, as in GNU
+    parallel) and write one JSON line per input."""
     if keep_order and unordered:
         raise click.UsageError("--keep-order and --unordered contradict each other")
     if not inputs and lines_file is None:

@@ -79,6 +79,8 @@ def test_glob_fn_and_stdin_inputs(batch):
     assert [r["result"].endswith(".TXT") for r in records(run.stdout)] == [True] * 3
     run = procqueue("map", script, "-", "--fn", "shout", stdin="x\ny\n\nz\n")
     assert [r["result"] for r in records(run.stdout)] == ["X", "Y", "Z"]
+    run = procqueue("map", script, "--fn", "shout", "-q", ":::", "m", "n o")
+    assert [r["result"] for r in records(run.stdout)] == ["M", "N O"]
     args = batch[1].parent / "args.txt"
     args.write_text("p q\r\n\n  r\n")  # GNU parallel's -a: a file of inputs
     run = procqueue("map", script, "-a", args, "--fn", "shout", "-q")

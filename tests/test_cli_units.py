@@ -31,6 +31,16 @@ def test_stdin_and_lines_file(tmp_path):
     assert got == ["x", "y", "one", "two"]
 
 
+def test_gnu_parallel_separators_give_literal_inputs_and_files_of_inputs(tmp_path):
+    (tmp_path / "f.txt").write_text("x")
+    (tmp_path / "list").write_text("one\n\ntwo\n")
+    got = collect_inputs([str(tmp_path / "f.txt"), ":::", "a b", "no-such-path", "::::",
+                          str(tmp_path / "list"), ":::", "c"])
+    assert got == [str(tmp_path / "f.txt"), "a b", "no-such-path", "one", "two", "c"]
+    with pytest.raises(InputError, match="cannot read the file of inputs"):
+        collect_inputs(["::::", str(tmp_path / "missing")])
+
+
 def test_missing_input_is_a_usage_error(tmp_path):
     with pytest.raises(InputError) as info:
         collect_inputs([str(tmp_path / "nope")])
