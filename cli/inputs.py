@@ -19,11 +19,13 @@ class InputError(click.ClickException):
 
 
 def collect_inputs(inputs: Iterable[str], glob: str | None = None,
-                   lines_file: str | None = None, stdin: TextIO | None = None) -> list[str]:
+                   lines_file: str | None = None, stdin: TextIO | None = None,
+                   null: bool = False) -> list[str]:
     """Every input item, as a string, in order: a directory gives its files (recursively,
     sorted, filtered by `glob`), a file gives itself, '-' gives stdin's lines, and
     `lines_file` the lines of that file.  After ':::' the specs are inputs themselves, after
-    '::::' files of inputs, as in GNU parallel."""
+    '::::' files of inputs, as in GNU parallel.  With `null`, stdin and files of inputs hold
+    NUL-separated items (`find -print0`), kept exactly, newlines included."""
     items: list[str] = []
     mode = "paths"  # GNU parallel's separators switch it: ':::' literal inputs, '::::' files
     for spec in inputs:
@@ -32,9 +34,9 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
         elif mode == "literal":
             items.append(spec)
         elif mode == "arg-files":
-            items += _lines_of(spec)
+            items += _lines_of(spec, null, stdin)
         elif spec == "-":
-            items += _lines(stdin or sys.stdin)
+            items += _items(stdin or sys.stdin, null)
         elif os.path.isdir(spec):
             items += _files_under(spec, glob)
         elif os.path.exists(spec):
@@ -42,7 +44,7 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
         else:
             raise InputError(f"input not found: {spec!r}")
     if lines_file is not None:
-        items += _lines_of(lines_file)
+        items += _lines_of(lines_file, null, stdin)
     return items
 
 
@@ -50,17 +52,19 @@ LITERALS = ":::"  # what follows are the inputs themselves, not paths (GNU paral
 ARG_FILES = "::::"  # what follows are files of inputs, one per line (GNU parallel)
 
 
-def _lines_of(path: str) -> list[str]:
+def _lines_of(path: str, null: bool, stdin: TextIO | None) -> list[str]:
     if path == "-":
-        return _lines(sys.stdin)
+        return _items(stdin or sys.stdin, null)
     try:
-        with open(path, encoding="utf-8") as f:
-            return _lines(f)
+        with open(path, encoding="utf-8", newline="" if null else None) as f:
+            return _items(f, null)
     except OSError as exc:
         raise InputError(f"cannot read the file of inputs {path!r}: {exc.strerror}") from None
 
 
-def _lines(stream: TextIO) -> list[str]:
+def _items(stream: TextIO, null: bool) -> list[str]:
+    if null:
+        return [item for item in stream.read().split("\0") if item]
     return [line.rstrip("\r\n") for line in stream if line.strip()]
 
 

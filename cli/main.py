@@ -280,7 +280,12 @@ def cli() -> None:
 @click.option("--retry-failed", is_flag=True, help="With --journal: run failed inputs again.")
 @click.option("--force", is_flag=True,
               help="With --journal: accept a journal written by a changed script.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-0", "--null", is_flag=True,
+              help="Inputs from stdin and files of inputs are separated by NUL, not newlines "
+                   "(find -print0; GNU parallel's -0).")
+@click.option("--bar", "--progress", "--eta", "bar", is_flag=True,
+              help="Show the progress bar even when stderr is not a terminal.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar (wins over --bar).")
 @click.option("--stats", is_flag=True, help="Print a summary on stderr at the end.")
 def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs: int | None,
                 cluster: str | None, glob: str | None, lines_file: str | None, output: str | None,
@@ -290,7 +295,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 rate: str | None, limits: tuple[str, ...], key_from: str | None,
                 key_concurrency: int | None, halt: str | None, interrupt_grace: float | None,
                 trace_path: str | None, journal_path: str | None, retry_failed: bool,
-                force: bool, quiet: bool, stats: bool) -> None:
+                force: bool, null: bool, bar: bool, quiet: bool, stats: bool) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
     stdin lines; after ::: the inputs themselves, after :::: files of inputs, as in GNU
     parallel) and write one JSON line per input."""
@@ -299,7 +304,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     if not inputs and lines_file is None:
         raise click.UsageError("give at least one INPUT (a file, a directory, or -)")
     fn = resolve_script(script, fn_name)
-    items = collect_inputs(inputs, glob, lines_file)
+    items = collect_inputs(inputs, glob, lines_file, null=null)
     halt_policy = HaltPolicy.parse(halt)
     pool_options = _pool_options(timeout, retries, no_pin, max_memory_per_child, memfree,
                                  concurrency, rate)
@@ -315,7 +320,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     stream = _open_output(output) if output else sys.stdout
     try:
         code = run(fn, items, jobs, max_tasks_per_child, chunksize, not unordered, pool_options,
-                   call_options, halt_policy, interrupt_grace, stream, quiet, stats)
+                   call_options, halt_policy, interrupt_grace, stream, quiet, stats, bar)
     except KeyboardInterrupt:  # while the pool starts or stops: no handler of ours yet
         raise Interrupted() from None
     except ImportError as exc:  # --cluster without the dask extra
@@ -489,10 +494,11 @@ def _parse(parse: Callable[[str], Any], text: str, hint: str) -> Any:
 def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | None,
         chunksize: int | None, ordered: bool, pool_options: dict[str, Any],
         call_options: dict[str, Any], halt: HaltPolicy | None, grace_s: float | None,
-        stream: TextIO, quiet: bool, stats: bool) -> int:
+        stream: TextIO, quiet: bool, stats: bool, bar: bool = False) -> int:
     """Run the batch; returns the exit code."""
     writer = RecordWriter(stream)
-    progress = Progress(len(items), sys.stderr, enabled=sys.stderr.isatty() and not quiet)
+    progress = Progress(len(items), sys.stderr,
+                        enabled=(bar or sys.stderr.isatty()) and not quiet)
     interrupts = Interrupts(progress, grace_s)
     halted = False
     failed = never_ran = done = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, TextIO
 
@@ -19,7 +20,7 @@ class Progress:
         self.done = 0
         self.failed = 0
         self.started = time.monotonic()
-        self._drawn_at = 0.0
+        self._drawn_at = -math.inf  # the first update draws, however young the clock
 
     def update(self, ok: bool) -> None:
         self.done += 1

@@ -81,6 +81,10 @@ def test_glob_fn_and_stdin_inputs(batch):
     assert [r["result"] for r in records(run.stdout)] == ["X", "Y", "Z"]
     run = procqueue("map", script, "--fn", "shout", "-q", ":::", "m", "n o")
     assert [r["result"] for r in records(run.stdout)] == ["M", "N O"]
+    run = procqueue("map", script, "-", "-0", "--fn", "shout", "-q", stdin="a\nb\0c\0")
+    assert [r["input"] for r in records(run.stdout)] == ["a\nb", "c"]
+    run = procqueue("map", script, "--fn", "shout", "--bar", ":::", "x")  # stderr: no tty
+    assert run.returncode == 0 and "1/1" in run.stderr
     args = batch[1].parent / "args.txt"
     args.write_text("p q\r\n\n  r\n")  # GNU parallel's -a: a file of inputs
     run = procqueue("map", script, "-a", args, "--fn", "shout", "-q")

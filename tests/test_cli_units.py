@@ -41,6 +41,13 @@ def test_gnu_parallel_separators_give_literal_inputs_and_files_of_inputs(tmp_pat
         collect_inputs(["::::", str(tmp_path / "missing")])
 
 
+def test_null_separated_inputs_are_kept_exactly(tmp_path):
+    (tmp_path / "list0").write_text("p\0q r\0")
+    got = collect_inputs(["-", "::::", str(tmp_path / "list0")], null=True,
+                         stdin=io.StringIO("line\nbreak.txt\0 spaced \0\0"))
+    assert got == ["line\nbreak.txt", " spaced ", "p", "q r"]
+
+
 def test_missing_input_is_a_usage_error(tmp_path):
     with pytest.raises(InputError) as info:
         collect_inputs([str(tmp_path / "nope")])
