@@ -27,7 +27,7 @@ import procqueue
 from .inputs import collect_inputs
 from .output import RecordWriter, record_of
 from .progress import Progress
-from .script import function_identity, resolve_script
+from .script import function_identity, resolve_script, send_prints_to_stderr
 
 EXIT_OK = 0  # every input succeeded
 EXIT_FAILURES = 1  # some inputs failed
@@ -318,6 +318,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     if trace_path:
         pool_options["trace"] = trace_path
     stream = _open_output(output) if output else sys.stdout
+    if output is None and "address" not in pool_options:  # a remote worker's stdout is not ours
+        pool_options["initializer"] = send_prints_to_stderr
     try:
         code = run(fn, items, jobs, max_tasks_per_child, chunksize, not unordered, pool_options,
                    call_options, halt_policy, interrupt_grace, stream, quiet, stats, bar)

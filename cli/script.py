@@ -14,6 +14,7 @@ import enum
 import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,13 @@ def _import_file(path: str) -> Any:
         del sys.modules[name]
         raise
     return module
+
+
+def send_prints_to_stderr() -> None:
+    """Worker initializer while the records go to stdout: they own file descriptor 1, so what
+    the script prints (at import or per input) goes to stderr instead of into the JSON Lines."""
+    sys.stdout.flush()
+    os.dup2(2, 1)
 
 
 def function_identity(fn: ScriptFunction) -> str:

@@ -218,6 +218,18 @@ def test_gnu_parallel_halt_2_is_now_fail_1(batch):
 
 
 @pytest.mark.timeout(60)
+def test_what_the_script_prints_goes_to_stderr_not_into_the_records(tmp_path):
+    script = tmp_path / "noisy.py"
+    script.write_text("import sys\nprint('importing')\n"
+                      "def process(x):\n    print('working on', x)\n"
+                      "    sys.stdout.write('no newline')\n    return x\n")
+    run = procqueue("map", script, "-j", "2", ":::", "a", "b", "c")
+    assert run.returncode == 0, run.stderr
+    assert [r["input"] for r in records(run.stdout)] == ["a", "b", "c"]  # every line is JSON
+    assert "importing" in run.stderr and "working on b" in run.stderr
+
+
+@pytest.mark.timeout(60)
 def test_stats_summary(batch):
     script, inputs = batch
     run = procqueue("map", script, inputs, "--stats", "-j", "2")
