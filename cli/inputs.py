@@ -44,7 +44,7 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
         else:
             raise InputError(f"input not found: {spec!r}")
     if lines_file is not None:
-        items += _lines_of(lines_file, null, stdin)
+        items += _lines_of(lines_file, null, stdin, what="--lines file")
     return items
 
 
@@ -52,14 +52,15 @@ LITERALS = ":::"  # what follows are the inputs themselves, not paths (GNU paral
 ARG_FILES = "::::"  # what follows are files of inputs, one per line (GNU parallel)
 
 
-def _lines_of(path: str, null: bool, stdin: TextIO | None) -> list[str]:
+def _lines_of(path: str, null: bool, stdin: TextIO | None,
+              what: str = "file of inputs") -> list[str]:
     if path == "-":
         return _items(stdin or sys.stdin, null)
     try:
         with open(path, encoding="utf-8", newline="" if null else None) as f:
             return _items(f, null)
     except OSError as exc:
-        raise InputError(f"cannot read the file of inputs {path!r}: {exc.strerror}") from None
+        raise InputError(f"cannot read {what} {path!r}: {exc.strerror}") from None
 
 
 def _items(stream: TextIO, null: bool) -> list[str]:

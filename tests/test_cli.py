@@ -220,8 +220,9 @@ def test_gnu_parallel_halt_2_is_now_fail_1(batch):
 @pytest.mark.timeout(60)
 def test_what_the_script_prints_goes_to_stderr_not_into_the_records(tmp_path):
     script = tmp_path / "noisy.py"
-    script.write_text("import sys\nprint('importing')\n"
-                      "def process(x):\n    print('working on', x)\n"
+    # one write() per message: two workers share stderr, so print()'s pieces interleave
+    script.write_text("import sys\nsys.stdout.write('importing\\n')\n"
+                      "def process(x):\n    sys.stdout.write('working on ' + x + '\\n')\n"
                       "    sys.stdout.write('no newline')\n    return x\n")
     run = procqueue("map", script, "-j", "2", ":::", "a", "b", "c")
     assert run.returncode == 0, run.stderr

@@ -37,7 +37,7 @@ def test_gnu_parallel_separators_give_literal_inputs_and_files_of_inputs(tmp_pat
     got = collect_inputs([str(tmp_path / "f.txt"), ":::", "a b", "no-such-path", "::::",
                           str(tmp_path / "list"), ":::", "c"])
     assert got == [str(tmp_path / "f.txt"), "a b", "no-such-path", "one", "two", "c"]
-    with pytest.raises(InputError, match="cannot read the file of inputs"):
+    with pytest.raises(InputError, match="cannot read file of inputs"):
         collect_inputs(["::::", str(tmp_path / "missing")])
 
 
