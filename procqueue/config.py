@@ -73,7 +73,7 @@ class PoolConfig:
         concurrency = options.pop("concurrency", None)
         if concurrency is not None:
             _check_int("concurrency", concurrency, minimum=1, message="concurrency must be >= 1")
-        rate = _check_rate(options.pop("rate", None))
+        rate = Rate.of(options.pop("rate", None))
         max_memory = parse_bytes("max_memory_per_child", options.pop("max_memory_per_child", None))
         min_free = parse_bytes("min_free_memory", options.pop("min_free_memory", None))
         on_event = options.pop("on_event", None)
@@ -207,14 +207,6 @@ def parse_bytes(name: str, value: Any) -> int | None:
     if number <= 0:
         raise ValueError(f"{name} must be > 0")
     return int(number)
-
-
-def _check_rate(rate: Any) -> Rate | None:
-    if rate is None or isinstance(rate, Rate):
-        return rate
-    if isinstance(rate, str):
-        return Rate.parse(rate)
-    raise TypeError(f"rate must be a procqueue.Rate or a string like '50/30s', not {rate!r}")
 
 
 def _check_retry_on(retry_on: Any) -> tuple[type[BaseException], ...]:

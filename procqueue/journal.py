@@ -78,7 +78,6 @@ import hashlib
 import json
 import os
 import pickle
-import reprlib
 import sqlite3
 import sys
 import threading
@@ -88,7 +87,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, Protocol
 
 from .errors import ProcqueueError, RemoteError, RemoteTraceback
-from .protocol import PICKLE_PROTOCOL, dumps_function
+from .protocol import PICKLE_PROTOCOL, dumps_function, short_repr
 
 SCHEMA_VERSION = 1  # bumped on any incompatible change of the tables below
 FLUSH_INTERVAL_S = 0.05  # an outcome waits at most this long (seconds) for its commit...
@@ -725,19 +724,8 @@ def _json_or_repr(blob: bytes | None, result_repr: str | None) -> Any:
         return _short_repr(value)
 
 
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = INPUT_REPR_MAX_CHARS
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 20
-_PLAIN_REPR = (int, float, bool, type(None))
-
-
 def _short_repr(value: Any) -> str:
-    """A bounded repr that never raises and never walks a whole big container."""
-    try:
-        text = repr(value) if isinstance(value, _PLAIN_REPR) else _REPR.repr(value)
-    except Exception as exc:
-        text = f"<{type(value).__name__} whose repr raised {exc!r}>"
-    return text if len(text) <= INPUT_REPR_MAX_CHARS else text[:INPUT_REPR_MAX_CHARS] + "..."
+    return short_repr(value, INPUT_REPR_MAX_CHARS)
 
 
 def _qualified_type_name(exc: BaseException) -> str:

@@ -27,11 +27,12 @@ import enum
 import mmap
 import os
 import pickle
+import reprlib
 import sys
 import traceback
 import types
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from .errors import RemoteError, RemoteTraceback, TaskFailed
 
@@ -98,6 +99,36 @@ class ErrorInfo:
 
     exception: BaseException
     traceback_text: str
+
+
+def apply_call(fn: Callable[..., Any], kind: CallKind, arg: Any) -> Any:
+    """Call fn on one task's payload, as its kind says."""
+    if kind is CallKind.ONE:
+        return fn(arg)
+    if kind is CallKind.STAR:
+        return fn(*arg)
+    args, kwargs = arg
+    return fn(*args, **kwargs)
+
+
+INPUT_REPR_MAX_CHARS = 200  # an input as named in an error message, at most
+_PLAIN_REPR = (int, float, bool, type(None))
+_REPRS: dict[int, reprlib.Repr] = {}  # by max_chars; each used as is by several threads
+
+
+def short_repr(value: Any, max_chars: int = INPUT_REPR_MAX_CHARS) -> str:
+    """A bounded repr of an input that never raises and never walks a whole big container."""
+    bounded = _REPRS.get(max_chars)
+    if bounded is None:
+        bounded = reprlib.Repr()
+        bounded.maxstring = bounded.maxother = max_chars
+        bounded.maxlist = bounded.maxtuple = bounded.maxdict = bounded.maxset = 20
+        bounded = _REPRS.setdefault(max_chars, bounded)
+    try:
+        text = repr(value) if isinstance(value, _PLAIN_REPR) else bounded.repr(value)
+    except Exception as exc:
+        text = f"<{type(value).__name__} whose repr raised {exc!r}>"
+    return text if len(text) <= max_chars else text[:max_chars - 3] + "..."
 
 
 def dumps(obj: Any) -> bytes:

@@ -42,7 +42,7 @@ from .errors import (InitializerError, PoolBrokenError, ResultSerializationError
                      TaskCancelledError, TaskTimeoutError, WorkerCrashedError, annotate,
                      describe_exit)
 from .protocol import (BatchResults, InitFailed, OutOfBand, Ready, RunBatch, loads,
-                       restore_exception, wire_payload)
+                       restore_exception, short_repr, wire_payload)
 from .admission import ConcurrencyGate, FreeMemoryGate, Gate, RateGateAdapter, rate_gate_for
 from .scheduler import FailureKind, RetryPolicy, Scheduler
 from .stats import TaskEvent
@@ -52,7 +52,6 @@ from .worker_slots import Batch, Slot, SlotPhase, WorkerSlots
 INIT_FAILURE_LIMIT = 3  # consecutive worker start failures before the pool is broken
 RESPAWN_BACKOFF_S = 0.1  # delay before respawning after a failed start; doubles per failure
 STOP_WORKERS_TIMEOUT_S = 1.0  # close(): how long retiring workers get before being killed
-INPUT_REPR_MAX_CHARS = 200
 MIN_DURATIONS_FOR_RELATIVE = 3  # finished tasks needed before a relative timeout applies
 MIN_RELATIVE_TIMEOUT_S = 1.0  # a relative timeout never kills a task younger than this
 WARM_UP_CRASH_LIMIT = 2
@@ -582,7 +581,7 @@ class Supervisor:
         if listener is None:
             return
         to_wall = time.time() - time.monotonic()
-        event = TaskEvent(task.job.id, task.index, _short_repr(task.input), slot.index,
+        event = TaskEvent(task.job.id, task.index, short_repr(task.input), slot.index,
                           task.pid, task.attempts, start_mono + to_wall, end_mono + to_wall,
                           outcome, None if error is None else _error_text(error))
         try:
@@ -591,7 +590,7 @@ class Supervisor:
             traceback.print_exc()
 
     def _fail(self, task: Task, error: BaseException) -> None:
-        annotate(error, index=task.index, input_repr=_short_repr(task.input),
+        annotate(error, index=task.index, input_repr=short_repr(task.input),
                  pid=task.pid, attempts=task.attempts)
         self._finish(task, TaskState.FAILED, False, error)
         self._maybe_halt(task.job)
@@ -651,7 +650,7 @@ class Supervisor:
 
     def _cancelled_error(self, task: Task) -> TaskCancelledError:
         error = TaskCancelledError("the task was cancelled before it started")
-        annotate(error, index=task.index, input_repr=_short_repr(task.input), pid=None,
+        annotate(error, index=task.index, input_repr=short_repr(task.input), pid=None,
                  attempts=task.attempts)
         return error
 
@@ -935,16 +934,6 @@ def _stop_feeding(job: Job) -> None:
     window = getattr(job.sink, "window", None)
     if window is not None:
         window.close()
-
-
-def _short_repr(value: Any) -> str:
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{type(value).__name__} with a failing repr>"
-    if len(text) > INPUT_REPR_MAX_CHARS:
-        text = text[: INPUT_REPR_MAX_CHARS - 3] + "..."
-    return text
 
 
 def _error_text(error: BaseException) -> str:

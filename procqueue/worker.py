@@ -21,7 +21,7 @@ from typing import Any, Callable
 from .affinity import pin_current_process
 from .errors import (ArgumentSerializationError, RemoteError, ResultSerializationError,
                      WorkerExitedError)
-from .protocol import (BatchResults, CallKind, InitFailed, Ready, RunBatch, Stop,
+from .protocol import (BatchResults, CallKind, InitFailed, Ready, RunBatch, Stop, apply_call,
                        capture_exception, dumps, loads, loads_argument)
 
 # Slot state shared with the supervisor (a 4-slot int64 array): the task now running and when
@@ -187,7 +187,7 @@ def run_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKi
         error.__cause__ = exc
         return False, capture_exception(error)
     try:
-        value = call(fn, kind, arg)
+        value = apply_call(fn, kind, arg)
     except SystemExit as exc:
         return False, _exited(exc)
     except Exception as exc:
@@ -198,15 +198,6 @@ def run_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKi
         return True, dumps(value)
     except BaseException as exc:  # noqa: BLE001 - an unpicklable result fails only this task
         return False, _unpicklable_result(value, exc)
-
-
-def call(fn: Callable[..., Any], kind: CallKind, arg: Any) -> Any:
-    if kind is CallKind.ONE:
-        return fn(arg)
-    if kind is CallKind.STAR:
-        return fn(*arg)
-    args, kwargs = arg
-    return fn(*args, **kwargs)
 
 
 def _load_function(functions: dict[int, Callable[..., Any]], batch: RunBatch

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import psutil
 import pytest
@@ -25,16 +26,19 @@ def _is_mp_helper(proc: psutil.Process) -> bool:
     return any(marker in cmd for marker in _HELPER_MARKERS)
 
 
-def stray_children(grace_s: float = 2.0) -> list[psutil.Process]:
+def stray_children(grace_s: float = 2.0,
+                   allowed: Callable[[], set[int]] = set) -> list[psutil.Process]:
     """Children of this process (recursively) still alive after `grace_s`, ignoring
-    multiprocessing's own long-lived helpers and the helpers' children being torn down."""
+    multiprocessing's own long-lived helpers, the helpers' children being torn down, and the
+    pids allowed() names (re-read while waiting: a process being replaced)."""
     me = psutil.Process()
     deadline = time.monotonic() + grace_s
     while True:
+        keep = allowed()
         left = []
         for child in me.children(recursive=True):
             try:
-                if child.status() == psutil.STATUS_ZOMBIE:
+                if child.status() == psutil.STATUS_ZOMBIE or child.pid in keep:
                     continue
             except psutil.NoSuchProcess:
                 continue

@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import _is_mp_helper
+from conftest import stray_children
 
 distributed = pytest.importorskip("distributed")
 
@@ -157,7 +157,7 @@ def cluster() -> Iterator[tuple[Any, Any]]:
     _shared.clear()
     client.close()
     cluster.close()
-    assert not _children_except(set(), grace_s=5.0), "the shared cluster left processes"
+    assert not stray_children(grace_s=5.0), "the shared cluster left processes"
 
 
 @pytest.fixture
@@ -180,35 +180,13 @@ def _cluster_pids(cluster: Any) -> set[int]:
     return pids
 
 
-def _children_except(allowed_of: set[int] | Callable[[], set[int]],
-                     grace_s: float) -> list[psutil.Process]:
-    """Live children of this process not in allowed_of() (re-read while waiting: a shared
-    worker that was killed is being replaced), ignoring multiprocessing's helpers."""
-    deadline = time.monotonic() + grace_s
-    while True:
-        allowed = allowed_of() if callable(allowed_of) else allowed_of
-        left = []
-        for child in psutil.Process().children(recursive=True):
-            try:
-                if child.status() == psutil.STATUS_ZOMBIE or child.pid in allowed:
-                    continue
-                if _is_mp_helper(child):  # multiprocessing's forkserver, resource tracker
-                    continue
-            except psutil.NoSuchProcess:
-                continue
-            left.append(child)
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.05)
-
-
 @pytest.fixture(autouse=True)
 def no_stray_processes() -> Iterator[None]:
     """conftest's check, except for the shared cluster's own worker processes (checked when
     the module's cluster closes)."""
     yield
-    left = _children_except(lambda: _cluster_pids(_shared[0]) if _shared else set(),
-                            grace_s=3.0)
+    left = stray_children(grace_s=3.0,
+                          allowed=lambda: _cluster_pids(_shared[0]) if _shared else set())
     for proc in left:
         proc.kill()
     assert not left, f"stray processes after test: {[(p.pid, p.cmdline()) for p in left]}"

@@ -66,7 +66,8 @@ from ..errors import (ArgumentSerializationError, InitializerError, PoolBrokenEr
                       TaskCancelledError, TaskTimeoutError, WorkerCrashedError,
                       WorkerExitedError, annotate)
 from ..limits import START_SKEW_MARGIN_S, FairQueue, KeyedLimit, Rate
-from ..protocol import CallKind, capture_exception, dumps, dumps_function, restore_exception
+from ..protocol import (CallKind, apply_call, capture_exception, dumps, dumps_function,
+                        restore_exception, short_repr)
 from ..results import (ApplyResult, FutureSink, IMapIterator, MapResult, OutcomeIterator,
                        ResultStream, TaskFuture, Window)
 
@@ -82,7 +83,6 @@ RETRY_BACKOFF_S = 0.05  # first retry delay; doubles per attempt, with jitter
 RETRY_BACKOFF_MAX_S = 5.0
 CLOSE_TIMEOUT_S = 10.0  # closing the client and a LocalCluster we started
 WORKER_STOP_GRACE_S = 0.6  # a LocalCluster we started: its workers' time to stop, then SIGKILL
-INPUT_REPR_MAX_CHARS = 200
 LOCAL_DASHBOARD = "127.0.0.1:0"  # a LocalCluster's HTTP server: loopback, any free port
 FUNCTION_CACHE_SIZE = 64  # functions a Dask worker keeps unpickled, by fn_id
 DEFAULT_CRASH_RETRIES = 1  # as the local pool: one re-run covers a one-off OOM kill
@@ -317,7 +317,7 @@ def _call_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: Call
         error.__cause__ = exc
         return False, capture_exception(error)
     try:
-        value = _apply(fn, kind, arg)
+        value = apply_call(fn, kind, arg)
     except _Interrupt:
         raise
     except SystemExit as exc:
@@ -339,15 +339,6 @@ def _call_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: Call
             f"({exc!r}); return only picklable values")
         unpicklable.__cause__ = exc
         return False, capture_exception(unpicklable)
-
-
-def _apply(fn: Callable[..., Any], kind: CallKind, arg: Any) -> Any:
-    if kind is CallKind.ONE:
-        return fn(arg)
-    if kind is CallKind.STAR:
-        return fn(*arg)
-    args, kwargs = arg
-    return fn(*args, **kwargs)
 
 
 def _timeout_row(timeout_s: float, seconds: float, abandoned: bool) -> Row:
@@ -986,7 +977,7 @@ class _Driver:
             self._mark_ready(item.call)
 
     def _fail(self, item: _Item, error: BaseException) -> None:
-        annotate(error, index=item.index, input_repr=_short_repr(item.input), pid=item.pid,
+        annotate(error, index=item.index, input_repr=short_repr(item.input), pid=item.pid,
                  attempts=item.attempts)
         self._finish(item, False, error)
 
@@ -1019,7 +1010,7 @@ class _Driver:
 
     def _cancelled_error(self, item: _Item, when: str) -> TaskCancelledError:
         error = TaskCancelledError(f"the task was cancelled {when}")
-        annotate(error, index=item.index, input_repr=_short_repr(item.input), pid=item.pid,
+        annotate(error, index=item.index, input_repr=short_repr(item.input), pid=item.pid,
                  attempts=item.attempts)
         return error
 
@@ -1136,16 +1127,6 @@ def _chunk_size(sizer: ChunkSizer, queued: int, threads: int) -> int:
     return max(1, min(int(by_time), guided, MAX_CHUNK_ITEMS, queued))
 
 
-def _short_repr(value: Any) -> str:
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{type(value).__name__} with a failing repr>"
-    if len(text) > INPUT_REPR_MAX_CHARS:
-        text = text[: INPUT_REPR_MAX_CHARS - 3] + "..."
-    return text
-
-
 def _dumps_item(item: Any) -> bytes:
     """Pickle an input for the wire: plain pickle (fast), cloudpickle for lambdas and the
     like.  Never out of band: the bytes may go to another machine."""
@@ -1224,7 +1205,7 @@ class DaskPool:
         _check_local_options(maxtasksperchild, options)
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        pool_rate = _check_rate(rate)
+        pool_rate = Rate.of(rate)
         env = _check_worker_env(worker_env)
         self._state = "run"
         self._retries = retries
@@ -1781,14 +1762,6 @@ def _given(options: dict[str, Any]) -> set[str]:
     """The options given a value: None means "not set", as in the local pool, so code that
     passes the local pool's defaults (journal=None...) runs unchanged."""
     return {name for name, value in options.items() if value is not None}
-
-
-def _check_rate(rate: Any) -> Rate | None:
-    if rate is None or isinstance(rate, Rate):
-        return rate
-    if isinstance(rate, str):
-        return Rate.parse(rate)
-    raise TypeError(f"rate must be a procqueue.Rate or a string like '50/30s', not {rate!r}")
 
 
 def _check_worker_env(env: Any) -> dict[str, str]:

@@ -71,6 +71,16 @@ class Rate:
         period = float(amount) if amount else 1.0
         return cls(int(count), period * _UNIT_S[unit or "s"])
 
+    @classmethod
+    def of(cls, rate: "Rate | str | None") -> "Rate | None":
+        """A pool's or a call's rate= option: a Rate, a string for parse(), or None."""
+        if rate is None or isinstance(rate, Rate):
+            return rate
+        if isinstance(rate, str):
+            return cls.parse(rate)
+        raise TypeError(f"rate must be a procqueue.Rate or a string like '50/30s', "
+                        f"not {rate!r}")
+
     def __str__(self) -> str:
         return f"{self.limit}/{self.per:g}s"
 
