@@ -45,6 +45,28 @@ def test_a_global_set_by_the_initializer_is_seen_by_the_tasks(tmp_path):
     assert out == [["WEIGHTS", i] for i in range(4)]
 
 
+def test_on_dask_too_the_initializers_global_is_seen_by_the_tasks(tmp_path):
+    pytest.importorskip("distributed")
+    out = run_script(tmp_path, """
+        import json
+        from procqueue import Pool
+
+        _model = None
+
+        def load(name):
+            global _model
+            _model = name.upper()
+
+        def predict(x):
+            return [_model, x]
+
+        if __name__ == "__main__":
+            with Pool(2, backend="dask", initializer=load, initargs=("weights",)) as pool:
+                print(json.dumps(pool.map(predict, range(4))))
+    """)
+    assert out == [["WEIGHTS", i] for i in range(4)]
+
+
 def test_a_task_can_hand_its_script_function_to_an_inner_multiprocessing_pool(tmp_path):
     out = run_script(tmp_path, """
         import json

@@ -1156,15 +1156,18 @@ class _WorkerSetup:
     def __init__(self, env: dict[str, str], initializer: Callable[..., object] | None,
                  initargs: tuple[Any, ...]) -> None:
         self.env = env
-        self.initializer = initializer
-        self.initargs = initargs
+        # Pickled as the tasks' functions are (protocol.dumps_function), so that a script's
+        # initializer and its tasks share the worker's globals, as in the local pool.
+        self.init_payload = (None if initializer is None
+                             else dumps_function((initializer, tuple(initargs))))
         self.saved: dict[str, str | None] = {}  # in each worker: the values env replaced
 
     def setup(self, worker: Any) -> None:
         self.saved = {name: os.environ.get(name) for name in self.env}
         os.environ.update(self.env)
-        if self.initializer is not None:
-            self.initializer(*self.initargs)
+        if self.init_payload is not None:
+            initializer, initargs = pickle.loads(self.init_payload)
+            initializer(*initargs)
 
     def teardown(self, worker: Any) -> None:
         for name, value in self.saved.items():
