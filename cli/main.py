@@ -280,6 +280,9 @@ def cli() -> None:
 @click.option("--retry-failed", is_flag=True, help="With --journal: run failed inputs again.")
 @click.option("--force", is_flag=True,
               help="With --journal: accept a journal written by a changed script.")
+@click.option("--dry-run", is_flag=True,
+              help="Check SCRIPT and its function, print the inputs one per line, run nothing "
+                   "(GNU parallel's --dry-run).")
 @click.option("-0", "--null", is_flag=True,
               help="Inputs from stdin and files of inputs are separated by NUL, not newlines "
                    "(find -print0; GNU parallel's -0).")
@@ -295,7 +298,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 rate: str | None, limits: tuple[str, ...], key_from: str | None,
                 key_concurrency: int | None, halt: str | None, interrupt_grace: float | None,
                 trace_path: str | None, journal_path: str | None, retry_failed: bool,
-                force: bool, null: bool, bar: bool, quiet: bool, stats: bool) -> None:
+                force: bool, dry_run: bool, null: bool, bar: bool, quiet: bool,
+                stats: bool) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
     stdin lines; after ::: the inputs themselves, after :::: files of inputs, as in GNU
     parallel) and write one JSON line per input."""
@@ -312,6 +316,10 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     if cluster is not None:  # before the journal is opened: refused options create nothing
         jobs = _use_cluster(cluster, jobs, pool_options, call_options,
                             journal=journal_path is not None, trace=trace_path is not None)
+    if dry_run:  # every option checked, nothing created or started
+        for item in items:
+            click.echo(item)
+        return
     journal = _open_journal(journal_path, fn, items, retry_failed, force) if journal_path else None
     if journal is not None:
         pool_options["journal"] = journal

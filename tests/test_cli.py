@@ -231,6 +231,19 @@ def test_what_the_script_prints_goes_to_stderr_not_into_the_records(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_dry_run_lists_the_inputs_and_runs_nothing(tmp_path, batch):
+    script, inputs = batch
+    marker = tmp_path / "ran"
+    script.write_text(f"def process(x):\n    open({str(marker)!r}, 'a').write(x)\n")
+    run = procqueue("map", script, inputs, "--glob", "*.txt", "--dry-run")
+    assert run.returncode == 0, run.stderr
+    assert [Path(line).name for line in run.stdout.splitlines()] == ["a.txt", "b.txt", "d.txt"]
+    assert not marker.exists()
+    bad = procqueue("map", script, inputs, "--dry-run", "--halt", "sometimes")
+    assert bad.returncode == 2  # options are still checked
+
+
+@pytest.mark.timeout(60)
 def test_stats_summary(batch):
     script, inputs = batch
     run = procqueue("map", script, inputs, "--stats", "-j", "2")
