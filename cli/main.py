@@ -25,7 +25,7 @@ import click
 import procqueue
 
 from .inputs import collect_inputs
-from .output import RecordWriter, record_of
+from .output import JobLog, RecordWriter, record_of
 from .progress import Progress
 from .script import function_identity, resolve_script, send_prints_to_stderr
 
@@ -280,6 +280,9 @@ def cli() -> None:
 @click.option("--retry-failed", is_flag=True, help="With --journal: run failed inputs again.")
 @click.option("--force", is_flag=True,
               help="With --journal: accept a journal written by a changed script.")
+@click.option("--joblog", "joblog_path", metavar="FILE",
+              help="Also log each input that ran to FILE, tab-separated, in GNU parallel's "
+                   "--joblog format (Seq, Starttime, JobRuntime, Exitval, Signal, ...).")
 @click.option("--dry-run", is_flag=True,
               help="Check SCRIPT and its function, print the inputs one per line, run nothing "
                    "(GNU parallel's --dry-run).")
@@ -298,8 +301,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 rate: str | None, limits: tuple[str, ...], key_from: str | None,
                 key_concurrency: int | None, halt: str | None, interrupt_grace: float | None,
                 trace_path: str | None, journal_path: str | None, retry_failed: bool,
-                force: bool, dry_run: bool, null: bool, bar: bool, quiet: bool,
-                stats: bool) -> None:
+                force: bool, joblog_path: str | None, dry_run: bool, null: bool, bar: bool,
+                quiet: bool, stats: bool) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
     stdin lines; after ::: the inputs themselves, after :::: files of inputs, as in GNU
     parallel) and write one JSON line per input."""
@@ -320,6 +323,11 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
         for item in items:
             click.echo(item)
         return
+    joblog = None
+    if joblog_path:  # first: an unwritable path stops the run before anything else is opened
+        joblog = JobLog(_open_output(joblog_path, "--joblog"), fn.describe())
+        if cluster is None:  # Dask takes no on_event: start times are then estimated
+            pool_options["on_event"] = joblog.on_event
     journal = _open_journal(journal_path, fn, items, retry_failed, force) if journal_path else None
     if journal is not None:
         pool_options["journal"] = journal
@@ -330,7 +338,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
         pool_options["initializer"] = send_prints_to_stderr
     try:
         code = run(fn, items, jobs, max_tasks_per_child, chunksize, not unordered, pool_options,
-                   call_options, halt_policy, interrupt_grace, stream, quiet, stats, bar)
+                   call_options, halt_policy, interrupt_grace, stream, quiet, stats, bar,
+                   joblog)
     except KeyboardInterrupt:  # while the pool starts or stops: no handler of ours yet
         raise Interrupted() from None
     except ImportError as exc:  # --cluster without the dask extra
@@ -340,16 +349,18 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     finally:
         if output:
             stream.close()
+        if joblog is not None:
+            joblog.stream.close()
         if journal is not None:
             journal.close()
     sys.exit(code)
 
 
-def _open_output(path: str) -> TextIO:
+def _open_output(path: str, option: str = "--output") -> TextIO:
     try:
         return open(path, "w", encoding="utf-8")
     except OSError as exc:
-        raise OutputUnusable(f"cannot write --output {path!r}: {exc.strerror}") from None
+        raise OutputUnusable(f"cannot write {option} {path!r}: {exc.strerror}") from None
 
 
 class JournalUnusable(click.ClickException):
@@ -504,7 +515,8 @@ def _parse(parse: Callable[[str], Any], text: str, hint: str) -> Any:
 def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | None,
         chunksize: int | None, ordered: bool, pool_options: dict[str, Any],
         call_options: dict[str, Any], halt: HaltPolicy | None, grace_s: float | None,
-        stream: TextIO, quiet: bool, stats: bool, bar: bool = False) -> int:
+        stream: TextIO, quiet: bool, stats: bool, bar: bool = False,
+        joblog: JobLog | None = None) -> int:
     """Run the batch; returns the exit code."""
     writer = RecordWriter(stream)
     progress = Progress(len(items), sys.stderr,
@@ -527,6 +539,8 @@ def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | 
                 done += 1
                 record = record_of(outcome)
                 writer.write(record)  # may turn a non-JSON result into the record's error
+                if joblog is not None:
+                    joblog.write(outcome)
                 progress.update(record["ok"])
                 busy_s += outcome.seconds
                 retries_used += max(outcome.attempts - 1, 0)

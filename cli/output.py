@@ -125,3 +125,46 @@ class RecordWriter:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+class JobLog:
+    """GNU parallel's --joblog: a tab-separated line per input that ran, in the order the
+    records are written.  Exitval is 0 for a result, 1 for a raised exception, the exit code
+    of a worker that exited, -1 with Signal set for one killed by a signal (and for a timeout:
+    Signal 15, as parallel logs it); Command is the function and the input.  Inputs that
+    never started have no line (parallel logs only jobs it ran)."""
+
+    HEADER = "Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n"
+
+    def __init__(self, stream: TextIO, command: str) -> None:
+        self.stream = stream
+        self.command = command
+        self.starts: dict[int, float] = {}  # input index -> wall start of its last attempt
+        stream.write(self.HEADER)
+        stream.flush()
+
+    def on_event(self, event: procqueue.TaskEvent) -> None:
+        """Pool(on_event=...): called in the supervisor thread before the outcome is out."""
+        self.starts[event.index] = event.start_s
+
+    def write(self, outcome: procqueue.TaskOutcome) -> None:
+        if outcome.attempts == 0:
+            return
+        start = self.starts.pop(outcome.index, time.time() - outcome.seconds)
+        exitval, signal_number = _exit_fields(outcome)
+        command = f"{self.command} {outcome.input}".replace("\t", " ").replace("\n", " ")
+        self.stream.write(f"{outcome.index + 1}\t:\t{start:.3f}\t{outcome.seconds:8.3f}\t0\t0\t"
+                          f"{exitval}\t{signal_number}\t{command}\n")
+        self.stream.flush()
+
+
+def _exit_fields(outcome: procqueue.TaskOutcome) -> tuple[int, int]:
+    error = outcome.error
+    if outcome.ok:
+        return 0, 0
+    if isinstance(error, procqueue.WorkerCrashedError) and error.exitcode is not None:
+        return (-1, -error.exitcode) if error.exitcode < 0 else (error.exitcode, 0)
+    if isinstance(error, procqueue.TaskTimeoutError):
+        return -1, 15
+    return 1, 0
+

@@ -231,6 +231,29 @@ def test_what_the_script_prints_goes_to_stderr_not_into_the_records(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_joblog_in_gnu_parallels_format(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("import os\ndef process(x):\n    if x == 'boom':\n"
+                      "        raise ValueError(x)\n    if x == 'crash':\n"
+                      "        os._exit(7)\n    return x\n")
+    joblog = tmp_path / "jobs.tsv"
+    run = procqueue("map", script, "--joblog", joblog, "--retries", "0", "-q",
+                    ":::", "a", "boom", "crash", "b")
+    assert run.returncode == 1
+    header, *lines = joblog.read_text().splitlines()
+    assert header.split("\t") == ["Seq", "Host", "Starttime", "JobRuntime", "Send", "Receive",
+                                   "Exitval", "Signal", "Command"]
+    rows = {row[8].rsplit(" ", 1)[1]: row for row in (line.split("\t") for line in lines)}
+    assert sorted(rows) == ["a", "b", "boom", "crash"]
+    assert [rows[x][0] for x in ("a", "boom", "crash", "b")] == ["1", "2", "3", "4"]
+    assert [(rows[x][6], rows[x][7]) for x in ("a", "boom", "crash")] == [
+        ("0", "0"), ("1", "0"), ("7", "0")]
+    assert all(abs(float(row[2]) - time.time()) < 60 for row in rows.values())
+    assert procqueue("map", script, "--joblog", tmp_path / "no" / "dir.tsv", ":::", "a"
+                     ).returncode == 2
+
+
+@pytest.mark.timeout(60)
 def test_dry_run_lists_the_inputs_and_runs_nothing(tmp_path, batch):
     script, inputs = batch
     marker = tmp_path / "ran"
