@@ -224,7 +224,8 @@ def cli() -> None:
 @click.argument("inputs", nargs=-1)
 @click.option("--fn", "fn_name", metavar="NAME",
               help="Function to call (default: process, or the one named in module:function).")
-@click.option("-j", "--jobs", type=JobsType(), default=None, metavar="N|N%|+N|-N|0",
+@click.option("-j", "--jobs", "-P", "--max-procs", "jobs", type=JobsType(), default=None,
+              metavar="N|N%|+N|-N|0",
               help="Worker processes: N, a percentage of the usable CPUs, usable CPUs plus or "
                    "minus N, or 0 for all usable CPUs (GNU parallel's forms) "
                    "[default: usable CPUs].")

@@ -79,7 +79,7 @@ def test_glob_fn_and_stdin_inputs(batch):
     assert [r["result"].endswith(".TXT") for r in records(run.stdout)] == [True] * 3
     run = procqueue("map", script, "-", "--fn", "shout", stdin="x\ny\n\nz\n")
     assert [r["result"] for r in records(run.stdout)] == ["X", "Y", "Z"]
-    run = procqueue("map", script, "--fn", "shout", "-q", ":::", "m", "n o")
+    run = procqueue("map", script, "--fn", "shout", "-q", "-P", "2", ":::", "m", "n o")
     assert [r["result"] for r in records(run.stdout)] == ["M", "N O"]
     run = procqueue("map", script, "-", "-0", "--fn", "shout", "-q", stdin="a\nb\0c\0")
     assert [r["input"] for r in records(run.stdout)] == ["a\nb", "c"]
