@@ -363,13 +363,19 @@ class FutureSink:
 
     def deliver(self, task: Task, ok: bool, value: Any) -> None:
         self._keepalive = None
-        if self.future.done():
+        future = self.future
+        if future.done():
             return
+        # The task is over: drop the cancel hook, and with it the task, its call and their
+        # inputs, which callers holding many futures would keep alive (and Python's garbage
+        # collector would walk at every full collection).  Before the result is set, so a
+        # caller woken by it finds them released.
+        future._on_cancel = None
         try:
             if ok:
-                self.future.set_result(value)
+                future.set_result(value)
             else:
-                self.future.set_exception(value)
+                future.set_exception(value)
         except concurrent.futures.InvalidStateError:
             pass
 
@@ -383,10 +389,11 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         self._on_cancel: Callable[[bool], None] | None = None
 
     def cancel(self) -> bool:
-        if not self.running() or self._on_cancel is None:
+        hook = self._on_cancel  # read once: the supervisor drops it when the task ends
+        if not self.running() or hook is None:
             cancelled = super().cancel()
-            if cancelled and self._on_cancel is not None:
-                self._on_cancel(False)
+            if cancelled and hook is not None:
+                hook(False)
             return cancelled
         with self._condition:
             if self._state != _RUNNING:
@@ -396,7 +403,7 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
             self._condition.notify_all()
-        self._on_cancel(True)
+        hook(True)
         self._invoke_callbacks()  # type: ignore[attr-defined]  # Future's own helper
         return True
 

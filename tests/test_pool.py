@@ -139,6 +139,33 @@ def test_crash_fails_only_its_task_and_the_pool_goes_on(kind, exitcode):
 
 
 @pytest.mark.timeout(60)
+class Payload:
+    """An argument whose lifetime the test can watch (a weakref)."""
+
+    def __init__(self, n):
+        self.n = n
+
+
+def payload_size(p):
+    return p.n
+
+
+@pytest.mark.timeout(60)
+def test_a_done_future_does_not_keep_its_argument_alive():
+    import gc
+    import weakref
+
+    with Pool(1) as pool:
+        arg = Payload(3)
+        watch = weakref.ref(arg)
+        future = pool.submit(payload_size, arg)
+        assert future.result(timeout=30) == 3
+        del arg
+        gc.collect()
+        assert watch() is None  # the caller holds only the future, and so does procqueue
+        assert future.result() == 3 and not future.cancel()
+
+
 def test_crash_with_futures_accounts_for_every_task():
     with Pool(2, retries=1) as pool:
         futures = [pool.submit(crash_on, ("exit" if i % 5 == 0 else "ok", i)) for i in range(20)]
