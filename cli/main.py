@@ -17,12 +17,12 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
 import click
 
 import procqueue
+from procqueue import HaltPolicy
 
 from .inputs import collect_inputs
 from .output import JobLog, RecordWriter, record_of
@@ -108,60 +108,14 @@ class Interrupted(click.ClickException):
         super().__init__("interrupted")
 
 
-HALT_FORMS = "never, soon|now,fail|success|done=N or =N%, or GNU parallel's 0, 1, 2"
-HALT_LEGACY = {"1": "soon,fail=1", "2": "now,fail=1"}  # parallel's --halt 1 / --halt 2
-
-
-@dataclass(frozen=True)
-class HaltPolicy:
-    """GNU parallel's --halt: stop starting inputs once `count` (or `percent` % of all) inputs
-    have failed (fail=), succeeded (success=) or ended either way (done=); 'soon' lets the
-    running tasks finish, 'now' kills them."""
-
-    now: bool
-    kind: str = "fail"
-    count: int | None = None
-    percent: float | None = None
-
-    @classmethod
-    def parse(cls, text: str | None) -> "HaltPolicy | None":
-        if text is None or text in ("never", "0"):
-            return None
-        text = HALT_LEGACY.get(text, text)
-        when, _, rule = text.partition(",")
-        kind, equals, value = rule.partition("=")
-        if when not in ("soon", "now") or kind not in ("fail", "success", "done") \
-                or not equals:
-            raise HaltPolicyError(f"{text!r}: use {HALT_FORMS}", param_hint="--halt")
-        try:
-            if value.endswith("%"):
-                percent = float(value[:-1])
-                if not 0 < percent <= 100:
-                    raise ValueError(value)
-                return cls(when == "now", kind, percent=percent)
-            count = int(value)
-            if count < 1:
-                raise ValueError(value)
-            return cls(when == "now", kind, count=count)
-        except ValueError:
-            raise HaltPolicyError(f"{text!r}: {kind}= takes a number >= 1 or a percentage "
-                                  "in (0, 100]", param_hint="--halt") from None
-
-    def reached(self, failed: int, succeeded: int, total: int) -> bool:
-        n = {"fail": failed, "success": succeeded, "done": failed + succeeded}[self.kind]
-        if n == 0:
-            return False
-        if self.count is not None:
-            return n >= self.count
-        assert self.percent is not None
-        return n * 100 >= self.percent * total
-
-    def describe(self, failed: int, succeeded: int) -> str:
-        if self.kind == "fail":
-            return f"{failed} failure(s)"
-        if self.kind == "success":
-            return f"{succeeded} success(es)"
-        return f"{failed + succeeded} finished input(s)"
+def parse_halt(text: str | None) -> HaltPolicy | None:
+    """--halt, as GNU parallel reads it (see procqueue.scheduler.HaltPolicy)."""
+    if text is None:
+        return None
+    try:
+        return HaltPolicy.parse(text)
+    except ValueError as exc:
+        raise HaltPolicyError(str(exc), param_hint="--halt") from None
 
 
 class Interrupts:
@@ -313,7 +267,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
         raise click.UsageError("give at least one INPUT (a file, a directory, or -)")
     fn = resolve_script(script, fn_name)
     items = collect_inputs(inputs, glob, lines_file, null=null)
-    halt_policy = HaltPolicy.parse(halt)
+    halt_policy = parse_halt(halt)
     pool_options = _pool_options(timeout, retries, no_pin, max_memory_per_child, memfree,
                                  concurrency, rate)
     call_options = _call_options(limits, key_from, key_concurrency)
@@ -523,6 +477,13 @@ def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | 
     progress = Progress(len(items), sys.stderr,
                         enabled=(bar or sys.stderr.isatty()) and not quiet)
     interrupts = Interrupts(progress, grace_s)
+    # The local pool halts the call itself, as soon as a task ends (not when its record comes
+    # up in input order); Dask takes no halt=, so there this loop counts and cancels.
+    pool_halts = halt is not None and "backend" not in pool_options \
+        and "address" not in pool_options
+    if pool_halts:
+        assert halt is not None
+        call_options = {**call_options, "halt": str(halt.of_total(len(items)))}
     halted = False
     failed = never_ran = done = 0
     stopped = 0  # inputs the halt cancelled or killed (never_ran among them)
@@ -548,15 +509,17 @@ def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | 
                 if not record["ok"]:
                     failed += 1
                     never_ran += outcome.attempts == 0
-                    stopped += halted and isinstance(outcome.error, procqueue.TaskCancelledError)
+                    cancelled = isinstance(outcome.error, procqueue.TaskCancelledError)
+                    if cancelled and halt is not None and not halted \
+                            and interrupts.signal is None:
+                        halted = True  # the pool's halt: its first cancelled input
+                        _note_halt(progress, halt)
+                    stopped += halted and cancelled
                 ran_failed, succeeded = failed - never_ran, done - failed
-                if halt is not None and not halted and halt.reached(ran_failed, succeeded,
-                                                                    len(items)):
+                if not pool_halts and halt is not None and not halted \
+                        and halt.reached(ran_failed, succeeded, len(items)):
                     halted = True
-                    progress.note(f"procqueue: halting after "
-                                  f"{halt.describe(ran_failed, succeeded)}: "
-                                  f"{'killing' if halt.now else 'finishing'} running tasks; "
-                                  "inputs not started are reported as cancelled")
+                    _note_halt(progress, halt)
                     outcomes.cancel(kill_running=halt.now)
         finally:
             writer.close()
@@ -578,6 +541,12 @@ def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | 
         # parallel exits 0 then, unless some input failed on its own.
         failed -= stopped
     return EXIT_FAILURES if failed else EXIT_OK
+
+
+def _note_halt(progress: Progress, halt: HaltPolicy) -> None:
+    progress.note(f"procqueue: --halt {halt} reached: "
+                  f"{'killing' if halt.now else 'finishing'} running tasks; "
+                  "inputs not started are reported as cancelled")
 
 
 def _print_stats(total: int, failed: int, never_ran: int, retries: int,

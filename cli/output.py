@@ -130,8 +130,9 @@ class RecordWriter:
 class JobLog:
     """GNU parallel's --joblog: a tab-separated line per input that ran, in the order the
     records are written.  Exitval is 0 for a result, 1 for a raised exception, the exit code
-    of a worker that exited, -1 with Signal set for one killed by a signal (and for a timeout:
-    Signal 15, as parallel logs it); Command is the function and the input.  Inputs that
+    of a worker that exited, -1 with Signal set for one killed by a signal (and for a timeout
+    or a task killed by a halt or Ctrl-C: Signal 15, as parallel logs them); Command is the
+    function and the input.  Inputs that
     never started have no line (parallel logs only jobs it ran)."""
 
     HEADER = "Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n"
@@ -164,7 +165,7 @@ def _exit_fields(outcome: procqueue.TaskOutcome) -> tuple[int, int]:
         return 0, 0
     if isinstance(error, procqueue.WorkerCrashedError) and error.exitcode is not None:
         return (-1, -error.exitcode) if error.exitcode < 0 else (error.exitcode, 0)
-    if isinstance(error, procqueue.TaskTimeoutError):
-        return -1, 15
+    if isinstance(error, (procqueue.TaskTimeoutError, procqueue.TaskCancelledError)):
+        return -1, 15  # killed (a timeout, a halt now, Ctrl-C), as parallel logs its kills
     return 1, 0
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers; loaded lazily at run
     from .trace import load_trace as load_trace
     from .limits import Rate as Rate
     from .pool import CallOptions as CallOptions
+    from .scheduler import HaltPolicy as HaltPolicy
     from .pool import Pool as Pool
     from .pool import PoolView as PoolView
     from .pool import Queue as Queue
@@ -61,6 +62,7 @@ _LAZY = {
     "Limit": "limits",
     "Rate": "limits",
     "CallOptions": "pool",
+    "HaltPolicy": "scheduler",
     "Pool": "pool",
     "PoolView": "pool",
     "Queue": "pool",
@@ -91,7 +93,9 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Pool", "PoolView", "Journal", "JournalError", "JournalBusyError", "JournalMismatchError",
-    "JournalFormatError", "TraceWriter", "load_trace", "render_report", "TaskEvent", "CallOptions", "Queue", "Limit", "Rate", "PoolStats", "WorkerStats", "AsyncResult", "MapResult", "IMapIterator",
+    "JournalFormatError", "TraceWriter", "load_trace", "render_report", "TaskEvent",
+    "CallOptions", "HaltPolicy", "Queue", "Limit", "Rate", "PoolStats", "WorkerStats",
+    "AsyncResult", "MapResult", "IMapIterator",
     "OutcomeIterator", "TaskOutcome", "ProcqueueError", "TaskFailed", "WorkerCrashedError",
     "WorkerExitedError", "TaskTimeoutError", "TaskCancelledError",
     "ArgumentSerializationError", "ResultSerializationError", "RemoteError",

@@ -338,8 +338,9 @@ class Pool:
                                       or chunksize < 1):
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
         fn_id, payload = self._pickled_function(func, cache)
+        halt = HaltPolicy.parse(call.halt) if call.halt is not None else None
         fixed = chunksize or self._config.chunksize
-        if call.rate_limited or self._config.rate is not None or call.halt is not None:
+        if call.rate_limited or self._config.rate is not None or halt is not None:
             # a rate counts starts, a halt stops starts: a batch must not start early ones
             fixed = fixed or 1
         sizer = self._sizer(fn_id, fixed)
@@ -353,7 +354,7 @@ class Pool:
                   timeout_s=timeout_s, sizer=sizer,
                   gates=self._gates_for(call), keyed=keyed, key_fn=call.key)
         job.timeout_factor = factor
-        job.halt = HaltPolicy.parse(call.halt) if call.halt is not None else None
+        job.halt = halt
         return job
 
     def _gates_for(self, call: "CallOptions") -> tuple[Gate, ...]:
@@ -562,7 +563,7 @@ class CallOptions:
     key: Callable[[Any], Hashable] | None = None  # input -> concurrency key
     key_concurrency: int | None = None  # at most this many running per key (default 1)
     timeout: float | str | None = None  # per-task seconds, or '300%' of the median so far
-    halt: str | None = None  # 'soon,fail=N', 'now,fail=N', 'soon,fail=N%' (GNU parallel)
+    halt: str | None = None  # 'soon,fail=N', 'now,success=1', 'soon,done=N%'... (GNU parallel)
 
     @classmethod
     def build(cls, options: dict[str, Any]) -> "CallOptions":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import math
 import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -25,34 +26,74 @@ class FailureKind(enum.Enum):
     EXCEPTION = "exception"  # it raised
 
 
+HALT_LEGACY = {"1": "soon,fail=1", "2": "now,fail=1"}  # GNU parallel's --halt 1 / --halt 2
+
+
 @dataclass(frozen=True)
 class HaltPolicy:
-    """GNU parallel's --halt for one call: after `count` failures (or `percent` % of the
-    inputs submitted so far), start no more of its tasks; `now` also kills the running ones."""
+    """GNU parallel's --halt for one call: once `count` of its inputs (or `percent` % of
+    them) have failed (kind "fail"), succeeded ("success") or ended either way ("done"),
+    start no more of its tasks; `now` also kills the running ones."""
 
     now: bool
+    kind: str = "fail"
     count: int | None = None
     percent: float | None = None
 
+    FORMS = "never, soon|now,fail|success|done=N or =N%, or GNU parallel's 0, 1, 2"
+
     @classmethod
-    def parse(cls, text: str) -> "HaltPolicy":
+    def parse(cls, text: str) -> "HaltPolicy | None":
+        """'soon,fail=3', 'now,fail=10%', 'now,success=1', 'soon,done=50%'; 'never' or '0'
+        is None; '1' and '2' are parallel's soon,fail=1 and now,fail=1."""
+        if text in ("never", "0"):
+            return None
+        text = HALT_LEGACY.get(text, text)
         when, _, rule = text.partition(",")
-        value = rule[len("fail="):] if rule.startswith("fail=") else ""
-        if when not in ("soon", "now") or not value:
-            raise ValueError(f"halt {text!r}: use 'soon,fail=N', 'now,fail=N' or "
-                             "'soon,fail=N%'")
+        kind, equals, value = rule.partition("=")
+        if when not in ("soon", "now") or kind not in ("fail", "success", "done") \
+                or not equals:
+            raise ValueError(f"halt {text!r}: use {cls.FORMS}")
         try:
             if value.endswith("%"):
-                return cls(when == "now", percent=float(value[:-1]))
-            return cls(when == "now", count=int(value))
+                percent = float(value[:-1])
+                if not 0 < percent <= 100:
+                    raise ValueError(value)
+                return cls(when == "now", kind, percent=percent)
+            count = int(value)
+            if count < 1:
+                raise ValueError(value)
+            return cls(when == "now", kind, count=count)
         except ValueError:
-            raise ValueError(f"halt {text!r}: fail= takes a number or a percentage") from None
+            raise ValueError(f"halt {text!r}: {kind}= takes a number >= 1 or a percentage "
+                             "in (0, 100]") from None
 
-    def reached(self, failed: int, total: int) -> bool:
+    def reached(self, failed: int, succeeded: int, total: int) -> bool:
+        """`total`: the inputs of the call (or submitted so far, for a lazy one)."""
+        n = {"fail": failed, "success": succeeded, "done": failed + succeeded}[self.kind]
+        if n == 0:
+            return False
         if self.count is not None:
-            return failed >= max(self.count, 1)
+            return n >= self.count
         assert self.percent is not None
-        return failed > 0 and failed * 100 >= self.percent * total
+        return n * 100 >= self.percent * total
+
+    def of_total(self, total: int) -> "HaltPolicy":
+        """The same policy with a percentage turned into a count of `total` inputs."""
+        if self.percent is None:
+            return self
+        return HaltPolicy(self.now, self.kind, count=max(1, math.ceil(self.percent * total / 100)))
+
+    def describe(self, failed: int, succeeded: int) -> str:
+        if self.kind == "fail":
+            return f"{failed} failure(s)"
+        if self.kind == "success":
+            return f"{succeeded} success(es)"
+        return f"{failed + succeeded} finished input(s)"
+
+    def __str__(self) -> str:
+        value = f"{self.count}" if self.count is not None else f"{self.percent:g}%"
+        return f"{'now' if self.now else 'soon'},{self.kind}={value}"
 
 
 @dataclass(frozen=True)

@@ -593,13 +593,15 @@ class Supervisor:
         annotate(error, index=task.index, input_repr=short_repr(task.input),
                  pid=task.pid, attempts=task.attempts)
         self._finish(task, TaskState.FAILED, False, error)
-        self._maybe_halt(task.job)
+        self._maybe_halt(task.job, failures=1)
 
-    def _maybe_halt(self, job: Job) -> None:
-        """The call's halt policy: enough failures, and nothing more of it starts."""
-        job.failures += 1
+    def _maybe_halt(self, job: Job, failures: int = 0, successes: int = 0) -> None:
+        """The call's halt policy: enough failures (or successes, or both), and nothing more
+        of it starts."""
+        job.failures += failures
+        job.successes += successes
         if job.halt is not None and not job.cancelled \
-                and job.halt.reached(job.failures, job.submitted):
+                and job.halt.reached(job.failures, job.successes, job.submitted):
             self._cancel_job(job, kill_running=job.halt.now)
 
     def _finish(self, task: Task, state: TaskState, ok: bool, value: Any) -> None:
@@ -610,6 +612,8 @@ class Supervisor:
             task.payload.close()
         if state is TaskState.DONE:
             self.succeeded += 1
+            if task.job.halt is not None:
+                self._maybe_halt(task.job, successes=1)
         elif state is TaskState.FAILED:
             self.failed += 1
         else:
@@ -634,6 +638,8 @@ class Supervisor:
                 task.payload.close()
             delivered.append((task, value))
         self.succeeded += len(delivered)
+        if job.halt is not None and delivered:  # a halting call's batches are one task each
+            self._maybe_halt(job, successes=len(delivered))
         deliver_all = getattr(job.sink, "deliver_all", None)
         # A batch of submit() calls holds several jobs (one per call): one by one, then.
         if deliver_all is not None and all(task.job is job for task, _ in delivered):

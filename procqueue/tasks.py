@@ -111,7 +111,7 @@ class Job:
 
     __slots__ = ("id", "fn_id", "fn_payload", "kind", "sink", "chunksize", "timeout_s",
                  "sizer", "cancelled", "gates", "keyed", "key_fn", "timeout_factor",
-                 "durations", "halt", "failures", "submitted")
+                 "durations", "halt", "failures", "successes", "submitted")
 
     def __init__(self, job_id: int, fn_id: int, fn_payload: bytes, kind: "CallKind",
                  sink: OutcomeSink, *, chunksize: int | None, timeout_s: float | None,
@@ -133,4 +133,5 @@ class Job:
         self.durations: deque[float] = deque(maxlen=RECENT_DURATIONS)  # run times, newest last
         self.halt: Any = None  # scheduler.HaltPolicy: stop the call after enough failures
         self.failures = 0  # tasks of this call that failed (for halt)
+        self.successes = 0  # ... and that succeeded (for a success= or done= halt)
         self.submitted = 0  # tasks of this call accepted by the supervisor (for halt's N%)

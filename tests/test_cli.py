@@ -203,7 +203,23 @@ def test_halt_on_success_stops_early_and_exits_0(tmp_path):
     never_ran = [r for r in recs if not r["ok"]]
     assert len(never_ran) >= 4
     assert all(r["error"]["type"] in ("TaskCancelledError",) for r in never_ran)
-    assert "halting after 1 success(es)" in run.stderr
+    assert "--halt now,success=1 reached" in run.stderr
+
+
+@pytest.mark.timeout(60)
+def test_halt_does_not_wait_for_a_slow_first_input_in_ordered_output(tmp_path):
+    # records come in input order, but the halt must act when the failure happens
+    script = tmp_path / "job.py"
+    script.write_text("import time\ndef process(x):\n    if x == 'slow':\n"
+                      "        time.sleep(120)\n    if x == 'bad':\n"
+                      "        raise ValueError(x)\n    return x\n")
+    run = procqueue("map", script, "-j", "2", "--halt", "now,fail=1", "--retries", "0",
+                    ":::", "slow", "bad", "c", "d", timeout=40)
+    assert run.returncode == 1
+    recs = records(run.stdout)
+    assert [r["input"] for r in recs] == ["slow", "bad", "c", "d"]
+    assert recs[0]["error"]["type"] == "TaskCancelledError" and recs[0]["attempts"] == 1
+    assert recs[1]["error"]["type"] == "ValueError"
 
 
 @pytest.mark.timeout(60)
@@ -214,7 +230,7 @@ def test_gnu_parallel_halt_2_is_now_fail_1(batch):
     assert run.returncode == 1
     recs = records(run.stdout)
     assert recs[0]["error"]["type"] == "ValueError"
-    assert "halting after 1 failure(s): killing running tasks" in run.stderr
+    assert "--halt now,fail=1 reached: killing running tasks" in run.stderr
 
 
 @pytest.mark.timeout(60)

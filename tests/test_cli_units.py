@@ -10,7 +10,8 @@ import pytest
 
 import procqueue
 from procqueue.cli.inputs import InputError, collect_inputs
-from procqueue.cli.main import HaltPolicy, JobsType
+from procqueue.cli.main import JobsType, parse_halt
+from procqueue import HaltPolicy
 from procqueue.cli.output import line_of, record_of
 from procqueue.cli.script import ScriptError, ScriptFunction, resolve_script
 
@@ -81,7 +82,13 @@ def test_script_function_loads_once_and_skips_main_block(tmp_path):
     ("1", 0, 7, 10, False), ("1", 1, 0, 10, True), ("2", 1, 0, 10, True),
 ])
 def test_halt_policy(text, failed, succeeded, total, reached):
-    assert HaltPolicy.parse(text).reached(failed, succeeded, total) is reached
+    assert parse_halt(text).reached(failed, succeeded, total) is reached
+
+
+def test_halt_percentages_become_counts_of_the_inputs():
+    assert str(parse_halt("now,fail=10%").of_total(25)) == "now,fail=3"
+    assert str(parse_halt("soon,success=1%").of_total(10)) == "soon,success=1"
+    assert str(parse_halt("soon,done=4")) == "soon,done=4"
 
 
 def test_gnu_parallel_numeric_halt_forms():
@@ -93,9 +100,9 @@ def test_gnu_parallel_numeric_halt_forms():
 @pytest.mark.parametrize("text", ["later,fail=1", "soon,fail=0", "now,fail=0%", "now,fail=150%",
                                   "soon,failures=1", "soon", "3", "now,success="])
 def test_bad_halt_policy(text):
-    assert HaltPolicy.parse(None) is None and HaltPolicy.parse("never") is None
+    assert parse_halt(None) is None and parse_halt("never") is None
     with pytest.raises(click.BadParameter):
-        HaltPolicy.parse(text)
+        parse_halt(text)
 
 
 def test_record_of_failure_and_non_json_result():

@@ -14,7 +14,8 @@ PACKAGE = ROOT / "procqueue"
 
 # module -> the procqueue modules it may import (top-down order of DESIGN.md)
 ALLOWED: dict[str, set[str]] = {
-    "__init__": {"pool", "errors", "results", "limits", "journal", "trace", "report", "stats"},
+    "__init__": {"pool", "errors", "results", "limits", "journal", "trace", "report", "stats",
+                 "scheduler"},
     "pool": {"supervisor", "config", "results", "tasks", "errors", "protocol", "chunking", "admission",
              "journal", "trace", "scheduler",
              "affinity", "limits", "backends"},

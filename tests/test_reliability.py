@@ -236,6 +236,17 @@ def test_halt_policy_stops_a_call_after_enough_failures(halt, threshold):
         assert pool.map(fail_if_odd, [0, 2]) == [0, 2]  # other calls are not halted
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("halt,ok_at_least", [("soon,success=3", 3), ("now,done=4", 2)])
+def test_halt_after_successes_or_finished_inputs(halt, ok_at_least):
+    with Pool(1) as pool:
+        outcomes = list(pool.imap_outcomes(fail_if_odd, range(40), halt=halt))
+        assert len(outcomes) == 40  # every input still has exactly one outcome
+        succeeded = [o for o in outcomes if o.ok]
+        cancelled = [o for o in outcomes if isinstance(o.error, TaskCancelledError)]
+        assert ok_at_least <= len(succeeded) <= ok_at_least + 2 and len(cancelled) >= 30
+
+
 @pytest.mark.timeout(10)
 def test_bad_halt_policy_is_refused():
     with Pool(1) as pool:
