@@ -154,9 +154,10 @@ class JobLog:
         start = self.starts.pop(outcome.index, time.time() - outcome.seconds)
         exitval, signal_number = _exit_fields(outcome)
         command = f"{self.command} {outcome.input}".replace("\t", " ").replace("\n", " ")
+        # Buffered, flushed at close: a flush per input would cost the CPU the workers need
+        # (as for the records, see RecordWriter).
         self.stream.write(f"{outcome.index + 1}\t:\t{start:.3f}\t{outcome.seconds:8.3f}\t0\t0\t"
                           f"{exitval}\t{signal_number}\t{command}\n")
-        self.stream.flush()
 
 
 def _exit_fields(outcome: procqueue.TaskOutcome) -> tuple[int, int]:

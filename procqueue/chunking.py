@@ -19,15 +19,19 @@ EWMA_WEIGHT = 0.3  # weight of the newest observation of mean task time
 class ChunkSizer:
     """Chooses the next batch size for one call (one function)."""
 
-    __slots__ = ("processes", "fixed", "mean_task_s", "observed_tasks")
+    __slots__ = ("processes", "fixed", "target_s", "max_tasks", "mean_task_s",
+                 "observed_tasks")
 
-    def __init__(self, processes: int, fixed: int | None = None) -> None:
+    def __init__(self, processes: int, fixed: int | None = None, *,
+                 target_s: float = TARGET_BATCH_S, max_tasks: int = MAX_BATCH_TASKS) -> None:
         if processes < 1:
             raise ValueError("processes must be >= 1")
         if fixed is not None and fixed < 1:
             raise ValueError("chunksize must be >= 1")
         self.processes = processes
         self.fixed = fixed
+        self.target_s = target_s  # a batch's work, in seconds (its round trip's worth)
+        self.max_tasks = max_tasks
         self.mean_task_s: float | None = None
         self.observed_tasks = 0
 
@@ -42,14 +46,15 @@ class ChunkSizer:
             self.mean_task_s = EWMA_WEIGHT * mean + (1 - EWMA_WEIGHT) * self.mean_task_s
         self.observed_tasks += tasks
 
-    def next_size(self, queued: int) -> int:
-        """How many of the `queued` tasks the next batch should take (at least 1)."""
+    def next_size(self, queued: int, workers: int | None = None) -> int:
+        """How many of the `queued` tasks the next batch should take (at least 1); `workers`
+        overrides `processes` where their number changes (a Dask cluster)."""
         if queued <= 0:
             return 0
         if self.fixed is not None:
             return min(self.fixed, queued)
         if self.mean_task_s is None:
             return 1
-        by_time = TARGET_BATCH_S / max(self.mean_task_s, 1e-7)
-        guided = math.ceil(queued / (2 * self.processes))
-        return max(1, min(int(by_time), guided, MAX_BATCH_TASKS, queued))
+        by_time = self.target_s / max(self.mean_task_s, 1e-7)
+        guided = math.ceil(queued / (2 * (workers or self.processes)))
+        return max(1, min(int(by_time), guided, self.max_tasks, queued))

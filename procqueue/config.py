@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .affinity import plan_cpus, usable_cpu_count
-from .errors import TaskTimeoutError
+from .errors import TaskTimeoutError, exception_types
 from .limits import Rate
 
 # forkserver: the supervisor is a thread, and forking a process that has threads can copy a lock
@@ -67,7 +67,7 @@ class PoolConfig:
         chunksize = options.pop("chunksize", None)
         if chunksize is not None:
             _check_int("chunksize", chunksize, minimum=1, message="Chunksize must be 1+")
-        retry_on = _check_retry_on(options.pop("retry_on", ()))
+        retry_on = exception_types(options.pop("retry_on", ()))
         pin = bool(options.pop("pin", True))
         worker_env = dict(options.pop("worker_env", None) or {})
         concurrency = options.pop("concurrency", None)
@@ -207,14 +207,3 @@ def parse_bytes(name: str, value: Any) -> int | None:
     if number <= 0:
         raise ValueError(f"{name} must be > 0")
     return int(number)
-
-
-def _check_retry_on(retry_on: Any) -> tuple[type[BaseException], ...]:
-    if isinstance(retry_on, type):
-        retry_on = (retry_on,)
-    types: list[type[BaseException]] = []
-    for t in tuple(retry_on):
-        if not (isinstance(t, type) and issubclass(t, BaseException)):
-            raise TypeError(f"retry_on must hold exception types, got {t!r}")
-        types.append(t)
-    return tuple(types)

@@ -221,3 +221,16 @@ __all__ = [
     "ResultSerializationError", "RemoteError", "PoolBrokenError", "InitializerError",
     "PoolClosedError", "RemoteTraceback", "signal_name", "describe_exit", "annotate",
 ]
+
+
+def exception_types(retry_on: Any) -> tuple[type[BaseException], ...]:
+    """A pool's retry_on option (one exception type or several) as a tuple of types."""
+    if isinstance(retry_on, type):
+        retry_on = (retry_on,)
+    types: list[type[BaseException]] = []
+    for t in tuple(retry_on):
+        if not (isinstance(t, type) and issubclass(t, BaseException)):
+            raise TypeError(f"retry_on must hold exception types, got {t!r}")
+        types.append(t)
+    return tuple(types)
+

@@ -9,7 +9,6 @@ thread with a bounded window, so an endless generator runs in bounded memory.
 from __future__ import annotations
 
 import enum
-import hashlib
 import os
 import itertools
 import threading
@@ -20,12 +19,13 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Hashable, Iterable, Iterator
 
 from .admission import ConcurrencyGate, Gate, RateGateAdapter, SemaphoreGate, rate_gate_for
+from .calls import PoolCalls, errors_mode
 from .chunking import ChunkSizer
 from .config import PoolConfig, parse_relative_timeout
 from .errors import ArgumentSerializationError, PoolClosedError
 from .limits import KeyedLimit, Limit, LimitHandle, Rate
 from .affinity import worker_thread_env
-from .protocol import CallKind, OutOfBand, dumps_argument, dumps_function
+from .protocol import CallKind, OutOfBand, dumps_argument, dumps_function, pickled_function
 from .results import (ApplyResult, FutureSink, IMapIterator, MapResult, OutcomeIterator,
                       ResultStream, TaskFuture, Window)
 from .supervisor import (CancelJob, CancelTask, Close, CloseJob, OpenJob, SubmitTasks,
@@ -77,7 +77,7 @@ class PoolStats(SupervisorStatistics):
     workers: tuple[WorkerStats, ...] = ()
 
 
-class Pool:
+class Pool(PoolCalls):
     """A process pool that is a drop-in for multiprocessing.Pool.
 
     backend="dask" (or address="tcp://scheduler:8786", or client=a distributed.Client) runs
@@ -139,14 +139,10 @@ class Pool:
         self._finalizer = weakref.finalize(self, _shutdown, self._supervisor, self._journal,
                                            self._trace)
 
-    # ---- multiprocessing.Pool API ----------------------------------------------------------
+    # ---- multiprocessing.Pool API (apply, map, imap... in calls.PoolCalls) ------------------
     # Every call also takes the keyword-only per-call options of CallOptions (limit=, queue=,
     # concurrency=, key=, key_concurrency=, timeout=).  submit() cannot (its **kwargs are the
     # function's): use pool.options(...).submit(...).
-
-    def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),
-              kwds: dict[str, Any] | None = None, **options: Any) -> Any:
-        return self.apply_async(func, args, kwds, **options).get()
 
     def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
                     kwds: dict[str, Any] | None = None,
@@ -159,46 +155,6 @@ class Pool:
         job = self._job(func, CallKind.ARGS_KWARGS, result, None, call, cache=True)
         self._submit(job, [(tuple(args), dict(kwds or {}))])
         return result
-
-    def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-            chunksize: int | None = None, *, errors: str = "raise", **options: Any) -> list[Any]:
-        values: list[Any] = self._map_async(func, iterable, chunksize, CallKind.ONE,
-                                            errors=errors, options=options).get()
-        return values
-
-    def map_async(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-                  chunksize: int | None = None, callback: Callable[[Any], object] | None = None,
-                  error_callback: Callable[[BaseException], object] | None = None, *,
-                  errors: str = "raise", **options: Any) -> MapResult:
-        return self._map_async(func, iterable, chunksize, CallKind.ONE, callback,
-                               error_callback, errors=errors, options=options)
-
-    def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
-                chunksize: int | None = None, *, errors: str = "raise", **options: Any
-                ) -> list[Any]:
-        values: list[Any] = self._map_async(func, iterable, chunksize, CallKind.STAR,
-                                            errors=errors, options=options).get()
-        return values
-
-    def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
-                      chunksize: int | None = None,
-                      callback: Callable[[Any], object] | None = None,
-                      error_callback: Callable[[BaseException], object] | None = None, *,
-                      errors: str = "raise", **options: Any) -> MapResult:
-        return self._map_async(func, iterable, chunksize, CallKind.STAR, callback,
-                               error_callback, errors=errors, options=options)
-
-    def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-             chunksize: int | None = None, *, errors: str = "raise", **options: Any
-             ) -> IMapIterator:
-        return self._imap(func, iterable, chunksize, ordered=True, errors=errors,
-                          options=options)
-
-    def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-                       chunksize: int | None = None, *, errors: str = "raise", **options: Any
-                       ) -> IMapIterator:
-        return self._imap(func, iterable, chunksize, ordered=False, errors=errors,
-                          options=options)
 
     def close(self) -> None:
         """No more work may be submitted; workers exit once the submitted work is done."""
@@ -300,7 +256,7 @@ class Pool:
                    error_callback: Any = None, *, errors: str, options: dict[str, Any]
                    ) -> MapResult:
         self._check_running()
-        errors = _errors_mode(errors, options)
+        errors = errors_mode(errors, options)
         call = CallOptions.build(options)
         items = iterable if isinstance(iterable, (list, tuple)) else list(iterable)
         result = MapResult(self, len(items), callback, error_callback,
@@ -316,7 +272,7 @@ class Pool:
     def _imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None,
               *, ordered: bool, errors: str, options: dict[str, Any]) -> IMapIterator:
         self._check_running()
-        errors = _errors_mode(errors, options)
+        errors = errors_mode(errors, options)
         call = CallOptions.build(options)
         stream = ResultStream(ordered, self._window())
         job = self._job(func, CallKind.ONE, stream, chunksize, call)
@@ -408,13 +364,7 @@ class Pool:
                 if hit is not None and hit[0] is func:
                     self._functions.move_to_end(id(func))
                     return hit[1], hit[2]
-        try:
-            payload = dumps_function(func)
-        except Exception as exc:
-            raise ArgumentSerializationError(
-                f"the function {getattr(func, '__qualname__', func)!r} cannot be pickled: "
-                f"{exc!r}; make sure it and everything it refers to are picklable") from exc
-        fn_id = int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") >> 1
+        fn_id, payload = pickled_function(func)
         if cache:
             with self._functions_lock:
                 self._functions[id(func)] = (func, fn_id, payload)
@@ -640,15 +590,6 @@ def _payload_bytes(payload: Any) -> int:
     if isinstance(payload, OutOfBand):
         return payload.size
     return len(payload)
-
-
-def _errors_mode(errors: str, options: dict[str, Any]) -> str:
-    """'raise' or 'return'; return_exceptions=True (asyncio.gather's name) means 'return'."""
-    if options.pop("return_exceptions", False):
-        errors = "return"
-    if errors not in ("raise", "return"):
-        raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
-    return errors
 
 
 def _pids(pool: Pool) -> list[int | None]:

@@ -24,6 +24,7 @@ of the program's script by reference to the worker's import of it (see _MainFunc
 from __future__ import annotations
 
 import enum
+import hashlib
 import mmap
 import os
 import pickle
@@ -34,7 +35,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
-from .errors import RemoteError, RemoteTraceback, TaskFailed
+from .errors import ArgumentSerializationError, RemoteError, RemoteTraceback, TaskFailed
 
 PICKLE_PROTOCOL = 5
 
@@ -148,6 +149,19 @@ def dumps_function(fn: Any) -> bytes:
     else:
         fn = _main_function_by_reference(fn)
     return bytes(cloudpickle.dumps(fn, PICKLE_PROTOCOL))
+
+
+def pickled_function(func: Any) -> tuple[int, bytes]:
+    """The function's id (a hash of its pickle, so a worker unpickles each distinct function
+    once) and its pickle; a function that cannot be pickled is an ArgumentSerializationError."""
+    try:
+        payload = dumps_function(func)
+    except Exception as exc:
+        raise ArgumentSerializationError(
+            f"the function {getattr(func, '__qualname__', func)!r} cannot be pickled: "
+            f"{exc!r}; make sure it and everything it refers to are picklable") from exc
+    fn_id = int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") >> 1
+    return fn_id, payload
 
 
 class _MainFunction:

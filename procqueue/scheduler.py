@@ -84,13 +84,6 @@ class HaltPolicy:
             return self
         return HaltPolicy(self.now, self.kind, count=max(1, math.ceil(self.percent * total / 100)))
 
-    def describe(self, failed: int, succeeded: int) -> str:
-        if self.kind == "fail":
-            return f"{failed} failure(s)"
-        if self.kind == "success":
-            return f"{succeeded} success(es)"
-        return f"{failed + succeeded} finished input(s)"
-
     def __str__(self) -> str:
         value = f"{self.count}" if self.count is not None else f"{self.percent:g}%"
         return f"{'now' if self.now else 'soon'},{self.kind}={value}"

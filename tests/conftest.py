@@ -50,6 +50,16 @@ def stray_children(grace_s: float = 2.0,
         time.sleep(0.05)
 
 
+def dask_worker_pids(cluster) -> set[int]:
+    """The pids of a distributed LocalCluster's worker processes (its nannies' children)."""
+    pids = set()
+    for nanny in list(cluster.workers.values()):  # a copy: the cluster's loop may change it
+        process = getattr(getattr(nanny, "process", None), "process", None)
+        if process is not None and process.pid is not None:
+            pids.add(process.pid)
+    return pids
+
+
 @pytest.fixture(autouse=True)
 def no_stray_processes():
     """A test that leaves a child process behind fails (and the child is killed)."""

@@ -42,6 +42,7 @@ from typing import Any, NoReturn, TypeVar
 
 import psutil
 import pytest
+from conftest import dask_worker_pids, stray_children
 
 TestFn = TypeVar("TestFn", bound=Callable[..., None])
 
@@ -264,46 +265,19 @@ def _executing_count(dask_worker: Any) -> int:
     return int(dask_worker.state.executing_count)
 
 
-def _shared_cluster_pids() -> set[int]:
-    pids = set()
-    for cluster, _ in _dask_clusters:
-        nannies = list(cluster.workers.values())  # a copy: the cluster's loop may change it
-        for nanny in nannies:
-            process = getattr(getattr(nanny, "process", None), "process", None)
-            if process is not None and process.pid is not None:
-                pids.add(process.pid)
-    return pids
-
-
 @pytest.fixture(autouse=True)
 def no_stray_processes() -> Iterator[None]:
     """conftest's check (a test that leaves a child process behind fails), except for the
     module's shared Dask cluster's worker processes: they outlive each test by design, and
     are checked by conftest's fixture in the test that follows this module."""
     yield
-    deadline = time.monotonic() + 2.0
-    while True:
-        allowed = _shared_cluster_pids()  # re-read: a restarted shared worker has a new pid
-        left = [p for p in psutil.Process().children(recursive=True)
-                if p.pid not in allowed and not _is_helper(p)]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    # re-read while waiting: a restarted shared worker has a new pid
+    left = stray_children(grace_s=2.0, allowed=lambda: {
+        pid for cluster, _ in _dask_clusters for pid in dask_worker_pids(cluster)})
     for proc in left:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
     assert not left, f"stray processes after test: {[(p.pid, p.cmdline()) for p in left]}"
-
-
-def _is_helper(proc: psutil.Process) -> bool:
-    """A zombie, or multiprocessing's session-long forkserver and resource tracker."""
-    try:
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return True
-        cmd = " ".join(proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-        return True
-    return any(m in cmd for m in ("forkserver", "resource_tracker", "semaphore_tracker"))
 
 
 def _wait_for_files(directory: Path, pattern: str, count: int,

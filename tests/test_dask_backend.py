@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import stray_children
+from conftest import dask_worker_pids, stray_children
 
 distributed = pytest.importorskip("distributed")
 
@@ -171,22 +171,13 @@ def pool(client: Any) -> Iterator[DaskPool]:
         yield pool
 
 
-def _cluster_pids(cluster: Any) -> set[int]:
-    pids = set()
-    for nanny in list(cluster.workers.values()):
-        process = getattr(getattr(nanny, "process", None), "process", None)
-        if process is not None and process.pid is not None:
-            pids.add(process.pid)
-    return pids
-
-
 @pytest.fixture(autouse=True)
 def no_stray_processes() -> Iterator[None]:
     """conftest's check, except for the shared cluster's own worker processes (checked when
     the module's cluster closes)."""
     yield
     left = stray_children(grace_s=3.0,
-                          allowed=lambda: _cluster_pids(_shared[0]) if _shared else set())
+                          allowed=lambda: dask_worker_pids(_shared[0]) if _shared else set())
     for proc in left:
         proc.kill()
     assert not left, f"stray processes after test: {[(p.pid, p.cmdline()) for p in left]}"

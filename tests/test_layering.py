@@ -18,7 +18,7 @@ ALLOWED: dict[str, set[str]] = {
                  "scheduler"},
     "pool": {"supervisor", "config", "results", "tasks", "errors", "protocol", "chunking", "admission",
              "journal", "trace", "scheduler",
-             "affinity", "limits", "backends"},
+             "affinity", "limits", "backends", "calls"},
     "supervisor": {"worker_slots", "scheduler", "admission", "stats", "results", "tasks",
                    "protocol", "errors",
                    "config", "limits"},
@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "scheduler": {"config", "admission", "tasks", "limits", "errors", "chunking"},
     "admission": {"limits", "errors"},
     "chunking": set(),
+    "calls": {"protocol", "results"},
     "results": {"tasks", "errors"},
     "config": {"affinity", "limits", "errors"},
     "tasks": {"errors", "protocol"},
@@ -101,10 +102,10 @@ def test_cli_uses_only_the_public_api() -> None:
 
 
 def test_backends_use_only_the_shared_mechanisms() -> None:
-    """A backend reuses the result objects, the wire format, the errors and the limits'
-    value objects and bookkeeping (Rate, KeyedLimit, FairQueue); it never reaches up into the
-    pool or into the local supervisor's machinery."""
-    allowed = {"chunking", "errors", "limits", "protocol", "results"}
+    """A backend reuses the call surface, the result objects, the wire format, the errors, the
+    usable-CPU count and the limits' value objects and bookkeeping (Rate, KeyedLimit,
+    FairQueue); it never reaches up into the pool or into the local supervisor's machinery."""
+    allowed = {"affinity", "calls", "chunking", "errors", "limits", "protocol", "results"}
     for path in (PACKAGE / "backends").glob("*.py"):
         tree = ast.parse(path.read_text())
         used = {n.module.split(".")[0] for n in ast.walk(tree)

@@ -24,7 +24,10 @@ def run_script(tmp_path: Path, body: str) -> object:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_global_set_by_the_initializer_is_seen_by_the_tasks(tmp_path):
+@pytest.mark.parametrize("backend", ["local", "dask"])
+def test_a_global_set_by_the_initializer_is_seen_by_the_tasks(tmp_path, backend):
+    if backend == "dask":
+        pytest.importorskip("distributed")
     out = run_script(tmp_path, """
         import json
         from procqueue import Pool
@@ -39,31 +42,9 @@ def test_a_global_set_by_the_initializer_is_seen_by_the_tasks(tmp_path):
             return [_model, x]
 
         if __name__ == "__main__":
-            with Pool(2, initializer=load, initargs=("weights",)) as pool:
+            with Pool(2, backend=%r, initializer=load, initargs=("weights",)) as pool:
                 print(json.dumps(pool.map(predict, range(4))))
-    """)
-    assert out == [["WEIGHTS", i] for i in range(4)]
-
-
-def test_on_dask_too_the_initializers_global_is_seen_by_the_tasks(tmp_path):
-    pytest.importorskip("distributed")
-    out = run_script(tmp_path, """
-        import json
-        from procqueue import Pool
-
-        _model = None
-
-        def load(name):
-            global _model
-            _model = name.upper()
-
-        def predict(x):
-            return [_model, x]
-
-        if __name__ == "__main__":
-            with Pool(2, backend="dask", initializer=load, initargs=("weights",)) as pool:
-                print(json.dumps(pool.map(predict, range(4))))
-    """)
+    """ % backend)
     assert out == [["WEIGHTS", i] for i in range(4)]
 
 

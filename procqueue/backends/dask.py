@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import heapq
 import itertools
 import math
@@ -60,14 +59,16 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+from ..affinity import usable_cpu_count
+from ..calls import PoolCalls, errors_mode
 from ..chunking import ChunkSizer
 from ..errors import (ArgumentSerializationError, InitializerError, PoolBrokenError,
                       PoolClosedError, RemoteError, ResultSerializationError,
                       TaskCancelledError, TaskTimeoutError, WorkerCrashedError,
-                      WorkerExitedError, annotate)
+                      WorkerExitedError, annotate, exception_types)
 from ..limits import START_SKEW_MARGIN_S, FairQueue, KeyedLimit, Rate
 from ..protocol import (CallKind, apply_call, capture_exception, dumps, dumps_function,
-                        restore_exception, short_repr)
+                        pickled_function, restore_exception, short_repr)
 from ..results import (ApplyResult, FutureSink, IMapIterator, MapResult, OutcomeIterator,
                        ResultStream, TaskFuture, Window)
 
@@ -795,7 +796,7 @@ class _Driver:
             # else every waiting key is at its cap: a chunk that ends marks the call ready
 
     def _take_chunk(self, call: _Call) -> list[_Item]:
-        size = _chunk_size(call.sizer, len(call.pending), self.threads())
+        size = call.sizer.next_size(len(call.pending), workers=self.threads())
         items: list[_Item] = []
         while len(items) < size:
             item = call.pending.pop()
@@ -1112,21 +1113,6 @@ def _is_killed_worker(exc: Any) -> bool:
     return isinstance(exc, KilledWorker)
 
 
-def _chunk_size(sizer: ChunkSizer, queued: int, threads: int) -> int:
-    """Items for the next chunk: the call's fixed chunksize, else about TARGET_CHUNK_S of
-    measured work, at most a 1/(2*threads) share of what is queued (small chunks at the
-    tail), 1 until an item of the call has been measured."""
-    if queued <= 0:
-        return 0
-    if sizer.fixed is not None:
-        return min(sizer.fixed, queued)
-    if sizer.mean_task_s is None:
-        return 1
-    by_time = TARGET_CHUNK_S / max(sizer.mean_task_s, 1e-7)
-    guided = math.ceil(queued / (2 * threads))
-    return max(1, min(int(by_time), guided, MAX_CHUNK_ITEMS, queued))
-
-
 def _dumps_item(item: Any) -> bytes:
     """Pickle an input for the wire: plain pickle (fast), cloudpickle for lambdas and the
     like.  Never out of band: the bytes may go to another machine."""
@@ -1177,7 +1163,7 @@ class _WorkerSetup:
                 os.environ[name] = value
 
 
-class DaskPool:
+class DaskPool(PoolCalls):
     """procqueue.Pool's API and result objects on a Dask distributed cluster.
 
     address=None and client=None: a LocalCluster of `processes` single-threaded worker
@@ -1224,7 +1210,7 @@ class DaskPool:
             self._limits = self._pool_limits(concurrency)
             self._rate = self._rate_gate(pool_rate)
             self._install_worker_setup(env, initializer, tuple(initargs))
-            self._driver = _Driver(self._client, self._token, retries, _retry_types(retry_on),
+            self._driver = _Driver(self._client, self._token, retries, exception_types(retry_on),
                                    self._resources.allowed_failures())
         except BaseException:
             self._resources.close()
@@ -1232,11 +1218,7 @@ class DaskPool:
         self._driver.thread.start()
         self._finalizer = weakref.finalize(self, _shutdown, self._driver, self._resources)
 
-    # ---- multiprocessing.Pool API --------------------------------------------------------
-
-    def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),
-              kwds: dict[str, Any] | None = None, **options: Any) -> Any:
-        return self.apply_async(func, args, kwds, **options).get()
+    # ---- multiprocessing.Pool API (apply, map, imap... in calls.PoolCalls) ----------------
 
     def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
                     kwds: dict[str, Any] | None = None,
@@ -1248,44 +1230,6 @@ class DaskPool:
         call = self._call(func, CallKind.ARGS_KWARGS, result, 1, options)
         self._post_items(call, [(tuple(args), dict(kwds or {}))])
         return result
-
-    def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-            chunksize: int | None = None, *, errors: str = "raise", **options: Any) -> list[Any]:
-        values: list[Any] = self._map_async(func, iterable, chunksize, CallKind.ONE, None, None,
-                                            errors, options).get()
-        return values
-
-    def map_async(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-                  chunksize: int | None = None, callback: Callable[[Any], object] | None = None,
-                  error_callback: Callable[[BaseException], object] | None = None, *,
-                  errors: str = "raise", **options: Any) -> MapResult:
-        return self._map_async(func, iterable, chunksize, CallKind.ONE, callback,
-                               error_callback, errors, options)
-
-    def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
-                chunksize: int | None = None, *, errors: str = "raise", **options: Any
-                ) -> list[Any]:
-        values: list[Any] = self._map_async(func, iterable, chunksize, CallKind.STAR, None,
-                                            None, errors, options).get()
-        return values
-
-    def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
-                      chunksize: int | None = None,
-                      callback: Callable[[Any], object] | None = None,
-                      error_callback: Callable[[BaseException], object] | None = None, *,
-                      errors: str = "raise", **options: Any) -> MapResult:
-        return self._map_async(func, iterable, chunksize, CallKind.STAR, callback,
-                               error_callback, errors, options)
-
-    def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-             chunksize: int | None = None, *, errors: str = "raise", **options: Any
-             ) -> IMapIterator:
-        return self._imap(func, iterable, chunksize, True, errors, options)
-
-    def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-                       chunksize: int | None = None, *, errors: str = "raise", **options: Any
-                       ) -> IMapIterator:
-        return self._imap(func, iterable, chunksize, False, errors, options)
 
     def close(self) -> None:
         """No more work may be submitted; join() waits for the submitted work."""
@@ -1377,7 +1321,7 @@ class DaskPool:
         if not callable(func):
             raise TypeError(f"{func!r} is not callable")
         timeout_s, concurrency, keys = _call_options(options, self._timeout_s)
-        fn_id, payload = _pickled_function(func)
+        fn_id, payload = pickled_function(func)
         fixed = chunksize if chunksize is not None else self._chunksize
         if fixed is not None and (isinstance(fixed, bool) or not isinstance(fixed, int)
                                   or fixed < 1):
@@ -1397,8 +1341,9 @@ class DaskPool:
             return ChunkSizer(1, fixed)
         with self._lock:
             sizer = self._sizers.get(fn_id)
-            if sizer is None:
-                sizer = self._sizers[fn_id] = ChunkSizer(1)
+            if sizer is None:  # sized per Dask worker thread (next_size's workers=)
+                sizer = self._sizers[fn_id] = ChunkSizer(
+                    1, target_s=TARGET_CHUNK_S, max_tasks=MAX_CHUNK_ITEMS)
                 while len(self._sizers) > FUNCTION_CACHE_SIZE:
                     self._sizers.popitem(last=False)
             return sizer
@@ -1473,9 +1418,9 @@ class DaskPool:
 
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
                    chunksize: int | None, kind: CallKind, callback: Any, error_callback: Any,
-                   errors: str, options: dict[str, Any]) -> MapResult:
+                   *, errors: str, options: dict[str, Any]) -> MapResult:
         self._check_running()
-        errors = _errors_mode(errors, options)
+        errors = errors_mode(errors, options)
         values = iterable if isinstance(iterable, (list, tuple)) else list(iterable)
         result = MapResult(self, len(values), callback, error_callback,
                            return_errors=errors == "return")
@@ -1485,9 +1430,9 @@ class DaskPool:
         return result
 
     def _imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None,
-              ordered: bool, errors: str, options: dict[str, Any]) -> IMapIterator:
+              *, ordered: bool, errors: str, options: dict[str, Any]) -> IMapIterator:
         self._check_running()
-        errors = _errors_mode(errors, options)
+        errors = errors_mode(errors, options)
         stream = ResultStream(ordered, Window(self._window_size()))
         call = self._call(func, CallKind.ONE, stream, chunksize, options)
         post = self._driver.post
@@ -1560,7 +1505,7 @@ class _Resources:
         with dask.config.set(cluster_config(retries)):
             # env= reaches the worker processes as they start (what a library reads at import
             # sees it); the worker setup plugin sets it again, as on any cluster.
-            cluster = LocalCluster(n_workers=processes or _cpu_count(), threads_per_worker=1,
+            cluster = LocalCluster(n_workers=processes or usable_cpu_count(), threads_per_worker=1,
                                    processes=True, dashboard_address=LOCAL_DASHBOARD,
                                    env=dict(env))
             try:
@@ -1682,33 +1627,6 @@ def _shutdown(driver: _Driver, resources: _Resources) -> None:
     resources.close()
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _pickled_function(func: Callable[..., Any]) -> tuple[int, bytes]:
-    try:
-        payload = dumps_function(func)
-    except Exception as exc:
-        raise ArgumentSerializationError(
-            f"the function {getattr(func, '__qualname__', func)!r} cannot be pickled: "
-            f"{exc!r}; make sure it and everything it refers to are picklable") from exc
-    fn_id = int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") >> 1
-    return fn_id, payload
-
-
-def _retry_types(retry_on: Any) -> tuple[type[BaseException], ...]:
-    if isinstance(retry_on, type):
-        retry_on = (retry_on,)
-    types = tuple(retry_on)
-    for t in types:
-        if not (isinstance(t, type) and issubclass(t, BaseException)):
-            raise TypeError(f"retry_on must hold exception types, got {t!r}")
-    return types
-
 
 def _check_options(processes: Any, retries: Any, timeout: Any, chunksize: Any,
                    concurrency: Any, address: Any, client: Any) -> None:
@@ -1816,14 +1734,6 @@ def _check_count(name: str, value: Any) -> int | None:
                               or value < 1):
         raise ValueError(f"{name} must be an int >= 1, not {value!r}")
     return value
-
-
-def _errors_mode(errors: str, options: dict[str, Any]) -> str:
-    if options.pop("return_exceptions", False):
-        errors = "return"
-    if errors not in ("raise", "return"):
-        raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
-    return errors
 
 
 __all__ = ["DaskPool", "DaskPoolStats", "DaskWorkerStats", "RateSpec", "close_rate_window",
