@@ -1,7 +1,9 @@
 """Pool: the multiprocessing.Pool API (plus submit and imap_outcomes) over a Supervisor.
 
 Each call becomes a Job (function pickled once, how to call it, where outcomes go) and one
-Task per input; tasks are posted to the supervisor thread, which owns them from then on.
+Task per input, or, for the primitive inputs of a plain map/imap call, Blocks of consecutive
+inputs (tasks.Block: no per-input bookkeeping until an input needs it); they are posted to the
+supervisor thread, which owns them from then on.
 Lists (map, starmap) are submitted at once; iterables (imap*) are fed lazily by a feeder
 thread with a bounded window, so an endless generator runs in bounded memory.
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import enum
 import os
-import itertools
 import threading
 import time
 import weakref
@@ -25,14 +26,15 @@ from .config import PoolConfig, parse_relative_timeout
 from .errors import ArgumentSerializationError, PoolClosedError
 from .limits import KeyedLimit, Limit, LimitHandle, Rate
 from .affinity import worker_thread_env
-from .protocol import CallKind, OutOfBand, dumps_argument, dumps_function, pickled_function
+from .protocol import (PRIMITIVE_TYPES, CallKind, OutOfBand, dumps_argument, dumps_function,
+                       pickled_function)
 from .results import (ApplyResult, FutureSink, IMapIterator, MapResult, OutcomeIterator,
                       ResultStream, TaskFuture, Window)
 from .supervisor import (CancelJob, CancelTask, Close, CloseJob, OpenJob, SubmitTasks,
                          Supervisor, SupervisorStatistics, Terminate)
 from .journal import Journal, JournalingSink, function_identity, key_of
 from .scheduler import HaltPolicy
-from .tasks import Job, Task
+from .tasks import Block, Job, Task, new_id
 from .trace import TraceWriter
 
 # Inputs a lazy call may have taken whose results were not consumed yet (bounded memory for
@@ -125,7 +127,6 @@ class Pool(PoolCalls):
         self._supervisor = Supervisor(self._config, init_payload,
                                       worker_thread_env(self._config.worker_env))
         self._processes = self._config.processes
-        self._ids = itertools.count(1)  # task and job ids (next() is atomic under the GIL)
         self._functions: OrderedDict[int, tuple[Any, int, bytes]] = OrderedDict()
         self._functions_lock = threading.Lock()
         self._sizers: OrderedDict[int, ChunkSizer] = OrderedDict()  # by fn_id
@@ -247,6 +248,7 @@ class Pool(PoolCalls):
         job = self._job(fn, CallKind.ARGS_KWARGS, FutureSink(future, self), None, call,
                         cache=True)
         task = self._submit(job, [(args, kwargs)])[0]
+        assert isinstance(task, Task)  # apply-style calls never make blocks
         supervisor = self._supervisor
         future._on_cancel = lambda running: supervisor.post(CancelTask(task, running))
         return future
@@ -306,7 +308,7 @@ class Pool(PoolCalls):
         timeout = call.timeout if call.timeout is not None else self._config.timeout_s
         factor = parse_relative_timeout(timeout)
         timeout_s = None if factor is not None or timeout is None else float(timeout)
-        job = Job(next(self._ids), fn_id, payload, kind, sink, chunksize=sizer.fixed,
+        job = Job(new_id(), fn_id, payload, kind, sink, chunksize=sizer.fixed,
                   timeout_s=timeout_s, sizer=sizer,
                   gates=self._gates_for(call), keyed=keyed, key_fn=call.key)
         job.timeout_factor = factor
@@ -384,7 +386,7 @@ class Pool(PoolCalls):
                 "make sure every argument is picklable")
             error.__cause__ = exc
             return self._failed_task(job, index, item, error, errors)
-        task = Task(next(self._ids), job, index, payload, item)
+        task = Task(new_id(), job, index, payload, item)
         if job.key_fn is not None:
             try:
                 task.key = job.key_fn(item)
@@ -395,29 +397,49 @@ class Pool(PoolCalls):
 
     def _failed_task(self, job: Job, index: int, item: Any, error: BaseException,
                      errors: dict[int, BaseException]) -> Task:
-        task = Task(next(self._ids), job, index, b"", item)
+        task = Task(new_id(), job, index, b"", item)
         errors[task.id] = error
         return task
 
+    def _blocks_allowed(self, job: Job, journal: "_JournaledCall | None") -> bool:
+        """Whether the call's primitive inputs may travel in Blocks: only where no per-task
+        machinery would see them (timeouts, gates, keys, halt, journal, events, recycling)."""
+        config = self._config
+        return (hasattr(job.sink, "deliver_run") and job.kind is not CallKind.ARGS_KWARGS
+                and journal is None and not job.gates and job.keyed is None
+                and job.timeout_s is None and job.timeout_factor is None and job.halt is None
+                and config.on_event is None and config.maxtasksperchild is None
+                and not self._supervisor.scheduler.pool_gates)
+
     def _submit(self, job: Job, items: Iterable[Any],
-                journal: "_JournaledCall | None" = None) -> list[Task]:
+                journal: "_JournaledCall | None" = None) -> list[Task | Block]:
         """Pickle and submit the inputs, posting them in groups so that workers start on the
         first ones while the caller is still pickling the rest (big arguments)."""
         post = self._supervisor.post
-        all_tasks: list[Task] = []
-        group: list[Task] = []
+        blocks = self._blocks_allowed(job, journal)
+        all_tasks: list[Task | Block] = []
+        group: list[Task | Block] = []
+        block: Block | None = None
         errors: dict[int, BaseException] = {}
-        group_bytes = 0
+        group_inputs = group_bytes = 0
         for i, item in enumerate(items):
             if journal is not None and journal.replayed(i, item):
                 continue  # done in an earlier run: its journaled outcome was reported
-            task = self._make_task(job, i, item, errors)
-            group.append(task)
-            group_bytes += _payload_bytes(task.payload)
-            if group_bytes >= SUBMIT_GROUP_BYTES or len(group) >= SUBMIT_GROUP_TASKS:
+            group_inputs += 1
+            if blocks and _primitive(item):
+                if block is None:
+                    block = Block(new_id(), job, i, [])
+                    group.append(block)
+                block.inputs.append(item)
+            else:
+                block = None
+                task = self._make_task(job, i, item, errors)
+                group.append(task)
+                group_bytes += _payload_bytes(task.payload)
+            if group_bytes >= SUBMIT_GROUP_BYTES or group_inputs >= SUBMIT_GROUP_TASKS:
                 post(SubmitTasks(group, errors))
                 all_tasks += group
-                group, errors, group_bytes = [], {}, 0
+                group, errors, block, group_inputs, group_bytes = [], {}, None, 0, 0
         if group:
             post(SubmitTasks(group, errors))
             all_tasks += group
@@ -439,6 +461,7 @@ class Pool(PoolCalls):
         window = stream.window
         assert window is not None
         post = self._supervisor.post
+        blocks = self._blocks_allowed(job, journal)
         count = 0
         input_error: BaseException | None = None
         exhausted = False
@@ -448,9 +471,11 @@ class Pool(PoolCalls):
                 if not places:
                     break  # the window closed: terminate, or the iterator was dropped
                 errors: dict[int, BaseException] = {}
-                group: list[Task] = []
+                group: list[Task | Block] = []
+                block: Block | None = None
+                inputs = 0
                 deadline = time.monotonic() + FEED_GROUP_MAX_WAIT_S
-                while len(group) < places:
+                while inputs < places:
                     try:
                         item = next(iterator)
                     except StopIteration:
@@ -460,12 +485,20 @@ class Pool(PoolCalls):
                         input_error = exc         # taken so far still run, then it surfaces
                         exhausted = True
                         break
-                    if journal is None or not journal.replayed(count, item):
+                    if blocks and _primitive(item):
+                        if block is None:
+                            block = Block(new_id(), job, count, [])
+                            group.append(block)
+                        block.inputs.append(item)
+                        inputs += 1
+                    elif journal is None or not journal.replayed(count, item):
+                        block = None
                         group.append(self._make_task(job, count, item, errors))
+                        inputs += 1
                     count += 1
                     if time.monotonic() > deadline:
                         break
-                taken = len(group) + (journal.replays if journal is not None else 0)
+                taken = inputs + (journal.replays if journal is not None else 0)
                 if journal is not None:
                     journal.replays = 0
                 if places > taken:  # replayed outcomes hold their window place like tasks
@@ -479,6 +512,14 @@ class Pool(PoolCalls):
                 journal.journal.set_total(count)
             stream.input_finished(count, input_error)
             post(CloseJob(job))
+
+
+def _primitive(item: Any) -> bool:
+    """An input a Block may carry: of a primitive type, or a tuple of such (starmap)."""
+    kind = type(item)
+    if kind in PRIMITIVE_TYPES:
+        return True
+    return kind is tuple and all(type(part) in PRIMITIVE_TYPES for part in item)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ can only break its own channel, and the supervisor always knows which tasks that
         |                                          |   for each item: slot_state[CURRENT] = task id
         |  <---- BatchResults(partial ...)  ------ |   every FLUSH_INTERVAL_S while a batch runs
         |  <---- BatchResults(final=True) -------- |
+        |  ---- RunBatch(block=inputs) ----------> |   a Block: its inputs in one pickle
+        |  <---- BlockResults(first, values ...) -- |   partial every FLUSH_INTERVAL_S, then final
         |  ---- Stop() ----------------------------> |   the worker exits 0
 
 "Which task is running right now" is not a message: the worker writes the task id and its start
@@ -56,6 +58,7 @@ class RunBatch:
     kind: CallKind
     items: tuple[tuple[int, bytes], ...]  # (task id, pickled payload)
     oob_task_ids: tuple[int, ...] = ()  # tasks whose big buffers follow as file descriptors
+    block: tuple[int, bytes] | None = None  # instead of items: (block id, pickled inputs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +92,27 @@ class BatchResults:
     skipped: list[int] = field(default_factory=list)  # not started: their batch was revoked
 
 
+@dataclass(frozen=True, slots=True)
+class BlockResults:
+    """Results of consecutive inputs of a block, from position `first` on.  The values are
+    one pickle of the list when every value is of a primitive type (which always unpickles),
+    else one pickle per value, so a value the caller cannot unpickle fails only its input."""
+
+    batch_id: int
+    first: int  # position in the block of the first input reported here
+    values: bytes | list[bytes | None]  # None (or a None in the list) where the input failed
+    errors: dict[int, bytes]  # position -> pickled ErrorInfo
+    seconds: list[float]  # run time of each input reported here
+    final: bool
+    rss_bytes: int = 0
+    skipped: int = -1  # the batch was revoked: inputs from this position on never started
+
+    def __len__(self) -> int:
+        return len(self.seconds)
+
+
 ToWorker = Union[RunBatch, Stop]
-FromWorker = Union[Ready, InitFailed, BatchResults]
+FromWorker = Union[Ready, InitFailed, BatchResults, BlockResults]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +122,11 @@ class ErrorInfo:
 
     exception: BaseException
     traceback_text: str
+
+
+# Values of these exact types pickle and unpickle anywhere, cannot be mutated behind our back
+# and are cheap to copy: a Block carries only such inputs, and such results travel in one pickle.
+PRIMITIVE_TYPES = frozenset({int, float, bool, str, bytes, complex, type(None)})
 
 
 def apply_call(fn: Callable[..., Any], kind: CallKind, arg: Any) -> Any:

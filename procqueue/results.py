@@ -2,8 +2,10 @@
 concurrent.futures.Future, and the TaskOutcome stream of `imap_outcomes`.
 
 Each is an OutcomeSink: the supervisor thread calls `deliver(task, ok, value)` exactly once
-per task (value: the result, or the exception to raise).  Callbacks run on the supervisor
-thread, as in multiprocessing: keep them short.
+per task (value: the result, or the exception to raise); map and imap sinks also take
+`deliver_run(first_index, inputs, values, seconds, pid)`, the successes of consecutive inputs
+of a Block (each input still gets exactly one outcome: in a run or through its own Task).
+Callbacks run on the supervisor thread, as in multiprocessing: keep them short.
 
 Lazy inputs are fed with backpressure: a feeder thread takes a slot of the call's Window per
 item and the consumer gives it back when it takes the item's result, so an endless generator
@@ -124,18 +126,38 @@ class MapResult(ApplyResult):
         self._remaining -= 1
         if self.ready():
             return
-        n = len(self._done)
-        while self._first_open < n and self._done[self._first_open] \
-                and self._first_open not in self._errors:
-            self._first_open += 1
-        if self._first_open == n:
-            self._set(True, self._values)
-        elif self._first_open in self._errors:
-            self._fail(self._errors[self._first_open])
+        if self._first_open >= i:
+            self._advance()
 
     def deliver_all(self, succeeded: list[tuple[Task, Any]]) -> None:
         for task, value in succeeded:
             self.deliver(task, True, value)
+
+    def deliver_run(self, first: int, inputs: list[Any], values: list[Any],
+                    seconds: list[float], pid: int | None) -> None:
+        n = len(values)
+        end = first + n
+        self._values[first:end] = values
+        self._done[first:end] = b"\x01" * n
+        self._remaining -= n
+        if self.ready():
+            return
+        if self._first_open >= first:
+            self._advance()
+
+    def _advance(self) -> None:
+        """Move _first_open past the inputs known to have succeeded; finish or fail."""
+        n = len(self._done)
+        open_at = self._done.find(0, self._first_open)
+        self._first_open = n if open_at < 0 else open_at
+        if self._errors:
+            first_error = min(self._errors)
+            if first_error < self._first_open:
+                self._first_open = first_error
+        if self._first_open == n:
+            self._set(True, self._values)
+        elif self._first_open in self._errors:
+            self._fail(self._errors[self._first_open])
 
     def _fail(self, error: BaseException) -> None:
         partial = {i: self._values[i] for i in range(len(self._done))
@@ -191,6 +213,30 @@ _Done = tuple[int, Any, bool, Any, int, float, "int | None"]
 WINDOW_RELEASE_BATCH = 32  # the consumer gives window places back this many at a time
 
 
+class _Run:
+    """Successes of consecutive inputs (a block's), kept as columns until consumed."""
+
+    __slots__ = ("first", "inputs", "values", "seconds", "pid", "taken")
+
+    def __init__(self, first: int, inputs: list[Any], values: list[Any], seconds: list[float],
+                 pid: int | None) -> None:
+        self.first = first
+        self.inputs = inputs
+        self.values = values
+        self.seconds = seconds
+        self.pid = pid
+        self.taken = 0
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def take(self) -> _Done:
+        i = self.taken
+        self.taken = i + 1
+        return (self.first + i, self.inputs[i], True, self.values[i], 1, self.seconds[i],
+                self.pid)
+
+
 class ResultStream:
     """The sink behind imap, imap_unordered and imap_outcomes (ordered or not)."""
 
@@ -198,8 +244,9 @@ class ResultStream:
         self._cond = threading.Condition(threading.Lock())
         self.ordered = ordered
         self.window = window
-        self._by_index: dict[int, _Done] = {}
-        self._arrived: deque[_Done] = deque()
+        self._by_index: dict[int, _Done | _Run] = {}
+        self._arrived: deque[_Done | _Run] = deque()
+        self._run: _Run | None = None  # the run the consumer is taking items from
         self._next_index = 0
         self._yielded = 0
         self._unreleased = 0  # consumed places not yet given back to the window
@@ -232,6 +279,19 @@ class ResultStream:
                     self._cond.notify()
             else:
                 self._arrived.extend(dones)
+                self._cond.notify()
+
+    def deliver_run(self, first: int, inputs: list[Any], values: list[Any],
+                    seconds: list[float], pid: int | None) -> None:
+        """Successes of inputs first, first+1, ...: one entry, one lock, one wake-up."""
+        run = _Run(first, inputs, values, seconds, pid)
+        with self._cond:
+            if self.ordered:
+                self._by_index[first] = run
+                if first == self._next_index:
+                    self._cond.notify()
+            else:
+                self._arrived.append(run)
                 self._cond.notify()
 
     def input_finished(self, length: int, error: BaseException | None = None) -> None:
@@ -267,12 +327,24 @@ class ResultStream:
         self._unreleased = 0
 
     def _take(self) -> _Done | None:
-        if self.ordered:
-            done = self._by_index.pop(self._next_index, None)
-            if done is not None:
-                self._next_index += 1
-            return done
-        return self._arrived.popleft() if self._arrived else None
+        run = self._run
+        if run is None:
+            if self.ordered:
+                entry = self._by_index.pop(self._next_index, None)
+                if entry is None:
+                    return None
+                self._next_index += len(entry) if isinstance(entry, _Run) else 1
+            elif self._arrived:
+                entry = self._arrived.popleft()
+            else:
+                return None
+            if not isinstance(entry, _Run):
+                return entry
+            run = self._run = entry
+        done = run.take()
+        if run.taken == len(run):
+            self._run = None
+        return done
 
 
 class _StreamIterator(Generic[T]):

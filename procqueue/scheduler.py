@@ -17,7 +17,7 @@ from typing import Any
 
 from .admission import Gate, KeyHold, admit, earliest
 from .limits import FairQueue
-from .tasks import Job, Task, TaskState
+from .tasks import Block, Job, Task, TaskState, new_id
 
 
 class FailureKind(enum.Enum):
@@ -118,7 +118,7 @@ class JobQueue:
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.fifo: deque[Task] = deque()
+        self.fifo: deque[Task | Block] = deque()
         self.by_key: FairQueue[Any, Task] | None = FairQueue() if job.keyed else None
         self.size = 0
 
@@ -135,9 +135,11 @@ class JobQueue:
             self.fifo.append(task)
 
     def pop(self) -> Task:
-        """Next task (FIFO queue only)."""
+        """Next task (FIFO queue of a gated call: never holds blocks)."""
         self.size -= 1
-        return self.fifo.popleft()
+        task = self.fifo.popleft()
+        assert isinstance(task, Task)
+        return task
 
     def pop_startable_key(self) -> Task | None:
         """Next task whose key is under its cap (keyed queue only)."""
@@ -148,7 +150,8 @@ class JobQueue:
         self.size -= 1
         return got.item
 
-    def drain(self) -> list[Task]:
+    def drain(self) -> list[Task | Block]:
+        tasks: list[Task | Block]
         if self.by_key is not None:
             tasks = []
             while (got := self.by_key.pop_next()) is not None:
@@ -183,8 +186,9 @@ class Scheduler:
         self.queued += 1
         self._queued_by_fn[job.fn_id] = self._queued_by_fn.get(job.fn_id, 0) + 1
 
-    def enqueue_all(self, tasks: list[Task]) -> None:
-        """enqueue() for a group of new tasks, in order (a submitted group: one call each)."""
+    def enqueue_all(self, tasks: list[Task | Block]) -> None:
+        """enqueue() for a group of new tasks and blocks, in order (a submitted group: one
+        call each); a block counts as its number of inputs."""
         start = 0
         while start < len(tasks):
             job = tasks[start].job
@@ -194,14 +198,17 @@ class Scheduler:
             queue = self._queues.get(job.id)
             if queue is None:
                 queue = self._queues[job.id] = JobQueue(job)
-            if queue.by_key is not None:
+            if queue.by_key is not None:  # a keyed call: tasks only
                 for task in tasks[start:end]:
+                    assert isinstance(task, Task)
                     self.enqueue(task)
             else:
-                queue.fifo.extend(tasks[start:end])
-                queue.size += end - start
-                self.queued += end - start
-                self._queued_by_fn[job.fn_id] = self._queued_by_fn.get(job.fn_id, 0) + end - start
+                group = tasks[start:end]
+                queue.fifo.extend(group)
+                n = sum(len(t) if isinstance(t, Block) else 1 for t in group)
+                queue.size += n
+                self.queued += n
+                self._queued_by_fn[job.fn_id] = self._queued_by_fn.get(job.fn_id, 0) + n
             start = end
 
     def next_gated_job(self) -> Job | None:
@@ -219,7 +226,7 @@ class Scheduler:
         return queue.size if queue else 0
 
     def next_batch(self, max_tasks: int, now: float = 0.0, *, prefetch: bool = False
-                   ) -> list[Task]:
+                   ) -> list[Task] | Block:
         """The next batch of at most `max_tasks` tasks that every gate admits, all of one
         function.  Calls are served FIFO; a call held back by its own limits does not hold
         back the calls behind it.  Ungated calls of one function share batches (many
@@ -227,12 +234,14 @@ class Scheduler:
 
         A prefetch (a batch for a worker that is still busy) is never taken from a gated
         call: it would hold permits while it waits, and a rate start would be recorded
-        before the task really starts."""
+        before the task really starts.  A batch is either tasks or one Block (inputs of one
+        call, split to the batch size or merged with the blocks that follow it)."""
         if prefetch and self.pool_gates:
             return []
         self.admission_wait_until = None
         emptied: list[int] = []
         batch: list[Task] = []
+        block: Block | None = None
         first: Job | None = None
         size = 0  # fixed by the first call served: the batch size is the function's
         for job_id, queue in self._queues.items():
@@ -244,6 +253,12 @@ class Scheduler:
             if first is None:
                 size = min(job.sizer.next_size(self._queued_by_fn.get(job.fn_id, 0)),
                            max_tasks)
+            if queue.fifo and isinstance(queue.fifo[0], Block):
+                if not batch:  # a block travels alone
+                    block = self._take_block(queue, size)
+                    if queue.size == 0:
+                        emptied.append(job_id)
+                break
             got = self._admit_from(queue, size - len(batch), now)
             if queue.size == 0:
                 emptied.append(job_id)
@@ -254,7 +269,7 @@ class Scheduler:
                     break
         for job_id in emptied:
             del self._queues[job_id]
-        return batch
+        return batch if block is None else block
 
     def _admit_from(self, queue: JobQueue, size: int, now: float) -> list[Task]:
         if queue.by_key is not None:
@@ -302,14 +317,43 @@ class Scheduler:
             tasks.append(task)
         return tasks
 
+    def _take_block(self, queue: JobQueue, size: int) -> Block:
+        """The block at the head of the queue, cut to `size` inputs, or joined with the
+        blocks right behind it (consecutive inputs of the same call) up to `size`."""
+        fifo = queue.fifo
+        head = fifo[0]
+        assert isinstance(head, Block)
+        if len(head) > size:
+            block = head.split(size, new_id())
+        else:
+            fifo.popleft()
+            block = head
+            while fifo and len(block) < size:
+                after = fifo[0]
+                if not isinstance(after, Block) or after.start != block.start + len(block):
+                    break
+                room = size - len(block)
+                if len(after) <= room:
+                    fifo.popleft()
+                    part = after
+                else:
+                    part = after.split(room, new_id())
+                block.inputs = block.inputs + part.inputs
+        queue.size -= len(block)
+        self._count_out(queue.job, len(block))
+        return block
+
     def _take_ungated(self, queue: JobQueue, size: int) -> list[Task]:
         """Up to `size` live tasks of a FIFO queue no gate guards (the common case, so one
-        count update per batch instead of per task)."""
+        count update per batch instead of per task); stops at a block."""
         fifo = queue.fifo
         tasks: list[Task] = []
         popped = 0
         while fifo and len(tasks) < size:
-            task = fifo.popleft()
+            task = fifo[0]
+            if isinstance(task, Block):
+                break
+            fifo.popleft()
             popped += 1
             if task.state is TaskState.QUEUED:  # skip ones cancelled while queued
                 tasks.append(task)
@@ -342,19 +386,20 @@ class Scheduler:
         else:
             del self._queued_by_fn[job.fn_id]
 
-    def drop_cancelled(self, job: Job) -> list[Task]:
-        """Remove and return every queued task of `job`."""
+    def drop_cancelled(self, job: Job) -> list[Task | Block]:
+        """Remove and return every queued task (and block) of `job`."""
         queue = self._queues.pop(job.id, None)
         if queue is None:
             return []
+        n = queue.size
         tasks = queue.drain()
-        if tasks:
-            self._count_out(job, len(tasks))
-        return [t for t in tasks if t.state is TaskState.QUEUED]
+        if n:
+            self._count_out(job, n)
+        return [t for t in tasks if isinstance(t, Block) or t.state is TaskState.QUEUED]
 
-    def all_queued(self) -> list[Task]:
+    def all_queued(self) -> list[Task | Block]:
         tasks = [t for q in self._queues.values() for t in q.drain()
-                 if t.state is TaskState.QUEUED]
+                 if isinstance(t, Block) or t.state is TaskState.QUEUED]
         self._queues.clear()
         self._queued_by_fn.clear()
         self.queued = 0

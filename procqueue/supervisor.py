@@ -35,18 +35,19 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from .config import PoolConfig
 from .errors import (InitializerError, PoolBrokenError, ResultSerializationError,
                      TaskCancelledError, TaskTimeoutError, WorkerCrashedError, annotate,
                      describe_exit)
-from .protocol import (BatchResults, InitFailed, OutOfBand, Ready, RunBatch, loads,
-                       restore_exception, short_repr, wire_payload)
+from .protocol import (BatchResults, BlockResults, InitFailed, OutOfBand, Ready, RunBatch,
+                       dumps, dumps_argument, loads, restore_exception, short_repr,
+                       wire_payload)
 from .admission import ConcurrencyGate, FreeMemoryGate, Gate, RateGateAdapter, rate_gate_for
 from .scheduler import FailureKind, RetryPolicy, Scheduler
 from .stats import TaskEvent
-from .tasks import Job, Task, TaskState
+from .tasks import Block, Job, RunSink, Task, TaskState, new_id
 from .worker_slots import Batch, Slot, SlotPhase, WorkerSlots
 
 INIT_FAILURE_LIMIT = 3  # consecutive worker start failures before the pool is broken
@@ -70,7 +71,7 @@ class SupervisorState(enum.Enum):
 
 @dataclass(frozen=True)
 class SubmitTasks:
-    tasks: list[Task]
+    tasks: list[Task | Block]
     errors: dict[int, BaseException]  # task id -> error known before dispatch (bad argument)
 
 
@@ -137,6 +138,7 @@ class Supervisor:
         self.state = SupervisorState.RUNNING
         self.broken_error: BaseException | None = None
         self._tasks: dict[int, Task] = {}  # every task not yet terminal
+        self._block_inputs = 0  # inputs in blocks (queued or running) with no outcome yet
         self._open_jobs: dict[int, Job] = {}  # lazily fed calls whose input is not exhausted
         self._inbox: deque[Command] = deque()
         self._wake_r, self._wake_w = os.pipe()
@@ -252,16 +254,23 @@ class Supervisor:
 
     # ---- tasks in ----------------------------------------------------------------------------
 
-    def _accept(self, tasks: list[Task], errors: dict[int, BaseException]) -> None:
+    def _accept(self, entries: list[Task | Block], errors: dict[int, BaseException]) -> None:
+        for entry in entries:
+            if isinstance(entry, Block):
+                self._block_inputs += len(entry)
         if self.state not in (SupervisorState.RUNNING, SupervisorState.CLOSING):
             error = self.broken_error or TaskCancelledError("the pool was terminated")
-            for task in tasks:
+            for task in self._tasks_of(entries):
                 self.submitted += 1
                 self._tasks[task.id] = task
                 self._finish(task, TaskState.CANCELLED, False, error)
             return
-        accepted: list[Task] = []
-        for task in tasks:
+        accepted: list[Task | Block] = []
+        for entry in entries:
+            if isinstance(entry, Block):
+                self._accept_block(entry, accepted)
+                continue
+            task = entry
             self.submitted += 1
             task.job.submitted += 1
             self._tasks[task.id] = task
@@ -272,6 +281,15 @@ class Supervisor:
             else:
                 accepted.append(task)
         self.scheduler.enqueue_all(accepted)
+
+    def _accept_block(self, block: Block, accepted: list[Task | Block]) -> None:
+        self.submitted += len(block)
+        block.job.submitted += len(block)
+        if block.job.cancelled:
+            for task in self._explode_queued(block):
+                self._finish(task, TaskState.CANCELLED, False, self._cancelled_error(task))
+        else:
+            accepted.append(block)
 
     # ---- dispatch ----------------------------------------------------------------------------
 
@@ -295,6 +313,9 @@ class Supervisor:
         if not prefetch and self._warm_up(slot):
             return True
         taken = self.scheduler.next_batch(limit, time.monotonic(), prefetch=prefetch)
+        if isinstance(taken, Block):
+            self._send_block(slot, taken)
+            return True
         if not taken:
             return False  # nothing queued, or every queued task waits on a limit
         tasks = [t for t in taken if self._may_start(t)]
@@ -316,6 +337,16 @@ class Supervisor:
         # A failed send surfaces as the worker's death (its sentinel).
         self.workers.send(slot, message, tuple(_fd_of(t.payload) for t in oob))
         return True
+
+    def _send_block(self, slot: Slot, block: Block) -> None:
+        job = block.job
+        inputs = dumps(block.inputs)  # primitives only: cannot fail
+        batch = Batch(next(self._batch_ids), job, [], block, len(inputs))
+        slot.batches.append(batch)
+        fn_payload = None if job.fn_id in slot.known_functions else job.fn_payload
+        slot.known_functions.add(job.fn_id)
+        self.workers.send(slot, RunBatch(batch.id, job.fn_id, fn_payload, job.kind, (),
+                                         block=(block.id, inputs)))
 
     def _warm_up(self, slot: Slot) -> bool:
         """Before a gated call's first task goes to a worker, send that worker the function
@@ -375,6 +406,8 @@ class Supervisor:
         match message:
             case BatchResults():
                 self._on_results(slot, message)
+            case BlockResults():
+                self._on_block_results(slot, message)
             case Ready():
                 self._on_ready(slot)
             case InitFailed(error):
@@ -405,7 +438,11 @@ class Supervisor:
             task = pending.pop(task_id, None)
             if task is not None:
                 self._on_skipped(task)
-        n = len(message.task_ids)
+        self._after_results(slot, batch, message)
+
+    def _after_results(self, slot: Slot, batch: Batch, message: BatchResults | BlockResults
+                       ) -> None:
+        n = len(message.seconds)
         slot.tasks_done += n
         slot.tasks_done_total += n
         busy_s = sum(message.seconds)
@@ -418,6 +455,133 @@ class Supervisor:
                 # Takes no new batch (can_take_batch); exits once it has run what it holds.
                 if not slot.batches:
                     self.workers.retire(slot)
+
+    def _on_block_results(self, slot: Slot, message: BlockResults) -> None:
+        batch = next((b for b in slot.batches if b.id == message.batch_id), None)
+        if batch is None:
+            return  # results of a batch already written off
+        block = batch.block
+        assert block is not None
+        if block.tasks is None and not message.errors and isinstance(message.values, bytes):
+            self._deliver_successes(slot, block, message)  # the hot path: tiny tasks
+        elif block.tasks is None:
+            self._deliver_block_part(slot, block, message, _block_outcomes(message))
+        else:
+            self._route_exploded(slot, batch, block, message, _block_outcomes(message))
+        self._after_results(slot, batch, message)
+
+    def _deliver_successes(self, slot: Slot, block: Block, message: BlockResults) -> None:
+        values = loads(message.values)  # type: ignore[arg-type]  # primitives: unpickles
+        a = message.first
+        b = block.reported = a + len(values)
+        self._block_inputs -= b - a
+        self.succeeded += b - a
+        self._hand_run(slot, block, a, values, message.seconds)
+
+    def _hand_run(self, slot: Slot, block: Block, position: int, values: list[Any],
+                  seconds: list[float]) -> None:
+        """Successes of the block's inputs from `position` on, to the call's sink at once."""
+        if not values:
+            return  # a final message with nothing left to report (a flush sent it all)
+        sink = cast(RunSink, block.job.sink)
+        try:
+            sink.deliver_run(block.start + position,
+                             block.inputs[position:position + len(values)], values, seconds,
+                             slot.pid)
+        except Exception:
+            traceback.print_exc()
+
+    def _deliver_block_part(self, slot: Slot, block: Block, message: BlockResults,
+                            outcomes: list[tuple[int, Any]]) -> None:
+        """The common case: consecutive successes go to the sink as runs, in one call each;
+        an input that failed becomes a Task, retried or failed like any other."""
+        first = message.first
+        seconds = message.seconds
+        block.reported = first + len(outcomes)
+        self._block_inputs -= len(outcomes)
+        assert block.reported <= len(block)
+        run_start = 0
+        succeeded = 0
+        for i, (status, value) in enumerate(outcomes):
+            if status == OK:
+                continue
+            succeeded += self._deliver_run(slot, block, first, run_start, i, outcomes, seconds)
+            task = self._block_task(block, first + i)
+            task.move(TaskState.DISPATCHED)
+            task.attempts, task.pid = 1, slot.pid
+            self._on_outcome(slot, task, status, value, seconds[i], 0.0, [])
+            run_start = i + 1
+        succeeded += self._deliver_run(slot, block, first, run_start, len(outcomes), outcomes,
+                                       seconds)
+        self.succeeded += succeeded
+
+    def _deliver_run(self, slot: Slot, block: Block, first: int, start: int, end: int,
+                     outcomes: list[tuple[int, Any]], seconds: list[float]) -> int:
+        self._hand_run(slot, block, first + start, [value for _, value in outcomes[start:end]],
+                       seconds[start:end])
+        return end - start
+
+    def _route_exploded(self, slot: Slot, batch: Batch, block: Block, message: BlockResults,
+                        outcomes: list[tuple[int, Any]]) -> None:
+        """Results of a block exploded while it ran: each input's goes to its Task."""
+        assert block.tasks is not None
+        succeeded: list[tuple[Task, Any]] = []
+        now = time.monotonic()
+        for i, (status, value) in enumerate(outcomes):
+            task = block.tasks[message.first + i]
+            if task is None or batch.pending.pop(task.id, None) is None:
+                continue
+            self._on_outcome(slot, task, status, value, message.seconds[i], now, succeeded)
+        if succeeded:
+            self._succeed_all(batch.job, succeeded)
+        if message.skipped >= 0:
+            for task in block.tasks[message.skipped:]:
+                if task is not None and batch.pending.pop(task.id, None) is not None:
+                    self._on_skipped(task)
+
+    def _block_task(self, block: Block, position: int) -> Task:
+        """A Task for one input of a block (QUEUED, registered): see _explode_*."""
+        item = block.inputs[position]
+        task = Task(new_id(), block.job, block.start + position, dumps_argument(item), item)
+        self._tasks[task.id] = task
+        return task
+
+    def _explode_queued(self, block: Block) -> list[Task]:
+        """A queued block's inputs as QUEUED tasks (to be cancelled or failed)."""
+        self._block_inputs -= len(block)
+        return [self._block_task(block, p) for p in range(len(block))]
+
+    def _explode_dispatched(self, slot: Slot, batch: Batch) -> None:
+        """A running block's unreported inputs become DISPATCHED tasks of its batch, so that
+        crash attribution, cancelling and terminating work on them as on any task; later
+        results of the block are routed to them by position."""
+        block = batch.unexploded_block()
+        if block is None:
+            return
+        block.tasks = [None] * len(block)
+        for position in range(block.reported, len(block)):
+            task = self._block_task(block, position)
+            task.move(TaskState.DISPATCHED)
+            task.attempts, task.pid = 1, slot.pid
+            block.tasks[position] = task
+            batch.tasks.append(task)
+            batch.pending[task.id] = task
+        self._block_inputs -= len(block) - block.reported
+
+    def _tasks_of(self, entries: list[Task | Block]) -> list[Task]:
+        """Queued entries as tasks: a block's inputs become tasks (see _explode_queued)."""
+        tasks: list[Task] = []
+        for entry in entries:
+            if isinstance(entry, Block):
+                tasks += self._explode_queued(entry)
+            else:
+                tasks.append(entry)
+        return tasks
+
+    def _explode_slot(self, slot: Slot, job: Job | None = None) -> None:
+        for batch in slot.batches:
+            if job is None or batch.job is job:
+                self._explode_dispatched(slot, batch)
 
     def _due_for_recycling(self, slot: Slot) -> bool:
         """maxtasksperchild reached, or memory over max_memory_per_child (checked after a
@@ -436,26 +600,24 @@ class Supervisor:
     def _on_item(self, slot: Slot, task: Task, ok: bool, payload: bytes, seconds: float,
                  started: float, succeeded: list[tuple[Task, Any]]) -> None:
         """One item's result; a success joins `succeeded`, delivered with its batch."""
+        status, value = _decode(ok, payload)
+        self._on_outcome(slot, task, status, value, seconds, started, succeeded)
+
+    def _on_outcome(self, slot: Slot, task: Task, status: int, value: Any, seconds: float,
+                    started: float, succeeded: list[tuple[Task, Any]]) -> None:
         task.seconds = seconds
         task.job.durations.append(seconds)
         if task.state is not TaskState.DISPATCHED:
             return  # already given an outcome (cancelled while running)
-        if ok:
-            try:
-                value = loads(payload)
-            except BaseException as exc:  # noqa: BLE001 - fails only this task
-                error = ResultSerializationError(
-                    f"the task's result could not be unpickled in the caller: {exc!r}")
-                error.__cause__ = exc
-                self._fail(task, error)
-                return
+        if status == OK:
             if self.config.on_event is not None:
                 self._emit(task, slot, started, started + seconds, "ok", None)
             succeeded.append((task, value))
+        elif status == UNREADABLE:
+            self._fail(task, value)  # not the task's doing: no retry
         else:
-            raised = restore_exception(payload)
-            self._emit(task, slot, started, started + seconds, "error", raised)
-            self._after_failure(task, FailureKind.EXCEPTION, raised)
+            self._emit(task, slot, started, started + seconds, "error", value)
+            self._after_failure(task, FailureKind.EXCEPTION, value)
 
     def _on_skipped(self, task: Task) -> None:
         """The worker did not start the task: its batch was revoked (_cancel_job, _cancel_task)."""
@@ -470,6 +632,7 @@ class Supervisor:
 
     def _on_worker_exit(self, slot: Slot) -> None:
         self._read_sent_results(slot)  # sent before it died: apply them first
+        self._explode_slot(slot)
         running = slot.current_task()
         was = slot.phase
         self._unregister(slot.conn)
@@ -499,7 +662,7 @@ class Supervisor:
         """Attribute a worker's death: the task it was running is charged with the crash;
         every other task it held goes back to the front of the queue, uncharged."""
         for batch in slot.batches:
-            if not batch.tasks:  # it died loading a function it was warming up
+            if not batch.tasks and batch.block is None:  # it died loading a warm-up function
                 fn_id = batch.job.fn_id
                 self._warm_up_crashes[fn_id] = self._warm_up_crashes.get(fn_id, 0) + 1
         held = [t for b in slot.batches for t in b.pending.values()]
@@ -691,7 +854,7 @@ class Supervisor:
 
     def _cancel_job(self, job: Job, kill_running: bool) -> None:
         job.cancelled = True
-        for task in self.scheduler.drop_cancelled(job):
+        for task in self._tasks_of(self.scheduler.drop_cancelled(job)):
             self._cancel_queued(task, notify=True)
         for task in list(self._tasks.values()):
             if task.job is job and task.state is TaskState.RETRY_WAIT:
@@ -699,12 +862,14 @@ class Supervisor:
         if not kill_running:
             # Running tasks finish; those sent to a worker behind them must not start.
             for slot in self.workers.slots:
+                self._explode_slot(slot, job)
                 for batch in slot.batches:
                     if batch.job is job and batch.pending:
                         slot.revoke(batch)
         else:
             now = time.monotonic()
             for slot in self.workers.slots:
+                self._explode_slot(slot, job)
                 doomed = [t for b in slot.batches for t in b.pending.values() if t.job is job]
                 if not doomed:
                     continue
@@ -751,6 +916,9 @@ class Supervisor:
         self._stop_deadline = time.monotonic() + STOP_WORKERS_TIMEOUT_S
 
     def _fail_everything(self, error: BaseException) -> None:
+        for slot in self.workers.slots:
+            self._explode_slot(slot)
+        self._tasks_of(self.scheduler.all_queued())  # registers the blocks' inputs as tasks
         for task in list(self._tasks.values()):
             if task.state.terminal:
                 continue
@@ -761,7 +929,6 @@ class Supervisor:
                 self._finish(task, TaskState.CANCELLED, False, _copy_error(error, task))
             else:
                 self._fail(task, _copy_error(error, task))
-        self.scheduler.all_queued()
         self.scheduler.all_retry_waiting()
 
     # ---- deadlines ---------------------------------------------------------------------------
@@ -853,7 +1020,7 @@ class Supervisor:
     # ---- shutdown ----------------------------------------------------------------------------
 
     def _work_left(self) -> bool:
-        return bool(self._tasks) or bool(self._open_jobs)
+        return bool(self._tasks) or bool(self._open_jobs) or self._block_inputs > 0
 
     def _check_progress_of_shutdown(self, now: float) -> None:
         if self.state is SupervisorState.CLOSING and not self._work_left():
@@ -921,6 +1088,39 @@ def _lift_window(job: Job) -> None:
     window = getattr(job.sink, "window", None)
     if window is not None:
         window.lift()
+
+
+OK, RAISED, UNREADABLE = 0, 1, 2  # an outcome: its result, its exception, a result unreadable here
+
+
+def _unpickling_error(exc: BaseException) -> ResultSerializationError:
+    error = ResultSerializationError(
+        f"the task's result could not be unpickled in the caller: {exc!r}")
+    error.__cause__ = exc
+    return error
+
+
+def _decode(ok: bool, payload: bytes) -> tuple[int, Any]:
+    if not ok:
+        return RAISED, restore_exception(payload)
+    try:
+        return OK, loads(payload)
+    except BaseException as exc:  # noqa: BLE001 - fails only this task
+        return UNREADABLE, _unpickling_error(exc)
+
+
+def _block_outcomes(message: BlockResults) -> list[tuple[int, Any]]:
+    """(status, value or exception) of each input a BlockResults reports, in order."""
+    errors = message.errors
+    first = message.first
+    if isinstance(message.values, bytes):
+        values = loads(message.values)  # primitives only: always unpickles
+        if not errors:
+            return [(OK, v) for v in values]
+        return [(RAISED, restore_exception(errors[first + i])) if first + i in errors
+                else (OK, v) for i, v in enumerate(values)]
+    return [_decode(False, errors[first + i]) if first + i in errors
+            else _decode(True, p or b"") for i, p in enumerate(message.values)]
 
 
 def _started_ids(slot: Slot, running: tuple[int, float] | None) -> set[int]:

@@ -15,12 +15,16 @@ move goes through `Task.move`, which raises IllegalTransition on anything not in
 from __future__ import annotations
 
 import enum
+import itertools
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .protocol import CallKind
 
+
+_ids = itertools.count(1)
+new_id = _ids.__next__  # task, block and job ids: unique in the process (atomic under the GIL)
 
 RECENT_DURATIONS = 255  # run times a call keeps for its median (relative timeouts)
 
@@ -67,6 +71,14 @@ class OutcomeSink(Protocol):
         """The task's one outcome: its result (ok) or the exception to raise."""
 
 
+class RunSink(OutcomeSink, Protocol):
+    """A sink that also takes the successes of consecutive inputs at once (map, imap)."""
+
+    def deliver_run(self, first: int, inputs: list[Any], values: list[Any],
+                    seconds: list[float], pid: int | None) -> None:
+        """Inputs first, first+1, ... succeeded with `values`, each in one attempt."""
+
+
 class Task:
     """One call of the user's function on one input."""
 
@@ -103,6 +115,40 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<Task {self.id} job={self.job.id} index={self.index} {self.state.name}>"
+
+
+class Block:
+    """A run of fresh inputs of one call, at consecutive indices, that travel, run and report
+    together: the same outcome per input as Tasks give, without a Task per input (tiny tasks
+    spend most of their time on that bookkeeping).  Only calls without per-task machinery
+    (timeouts, gates, keys, halt, journal, events) get them, and only for immutable primitive
+    inputs (see Pool._blockable).  A block is never retried or cancelled as a whole: whatever
+    is not plain success (an input that fails, a crash, a cancel, terminate) first turns the
+    block's unreported inputs into Tasks (Supervisor._explode_*), and the Task machinery takes
+    it from there."""
+
+    __slots__ = ("id", "job", "start", "inputs", "reported", "tasks")
+
+    def __init__(self, block_id: int, job: "Job", start: int, inputs: list[Any]) -> None:
+        self.id = block_id
+        self.job = job
+        self.start = start  # index of inputs[0] in its call's input
+        self.inputs = inputs
+        self.reported = 0  # inputs [0, reported) have their outcome (results come in order)
+        self.tasks: list[Task | None] | None = None  # once exploded: position -> its Task
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def split(self, n: int, new_id: int) -> "Block":
+        """Take the first n inputs off as a new block; this one keeps the rest."""
+        head = Block(new_id, self.job, self.start, self.inputs[:n])
+        self.start += n
+        self.inputs = self.inputs[n:]
+        return head
+
+    def __repr__(self) -> str:
+        return f"<Block {self.id} job={self.job.id} [{self.start}:{self.start + len(self)}]>"
 
 
 class Job:

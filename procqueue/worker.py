@@ -21,8 +21,9 @@ from typing import Any, Callable
 from .affinity import pin_current_process
 from .errors import (ArgumentSerializationError, RemoteError, ResultSerializationError,
                      WorkerExitedError)
-from .protocol import (BatchResults, CallKind, InitFailed, Ready, RunBatch, Stop, apply_call,
-                       capture_exception, dumps, loads, loads_argument)
+from .protocol import (PRIMITIVE_TYPES, BatchResults, BlockResults, CallKind, InitFailed, Ready,
+                       RunBatch, Stop, apply_call, capture_exception, dumps, loads,
+                       loads_argument)
 
 # Slot state shared with the supervisor (a 4-slot int64 array): the task now running and when
 # it started, written here before each item and read by the supervisor on a crash or a
@@ -32,7 +33,8 @@ from .protocol import (BatchResults, CallKind, InitFailed, Ready, RunBatch, Stop
 CURRENT_TASK = 0
 STARTED_NS = 1  # time.monotonic_ns() at the start of CURRENT_TASK
 REVOKED = (2, 3)  # batch ids whose remaining items must not start
-SLOT_STATE_SIZE = 4
+BLOCK_POSITION = 4  # when CURRENT_TASK is a block: the position of the input running
+SLOT_STATE_SIZE = 5
 IDLE = -1  # CURRENT_TASK between batches; a REVOKED entry with nothing revoked
 
 INIT_FAILED_EXIT = 70  # exit code after a failed initializer (EX_SOFTWARE)
@@ -73,9 +75,11 @@ def serve(conn: Any, slot_state: Any) -> None:
         except (EOFError, OSError):
             return  # the supervisor went away: nothing left to do
         match message:
-            case RunBatch():
+            case RunBatch(block=None):
                 fds = _receive_fds(conn, message.oob_task_ids)
                 run_batch(conn, slot_state, functions, message, fds)
+            case RunBatch():
+                run_block(conn, slot_state, functions, message)
             case Stop():
                 return
             case _:
@@ -129,6 +133,84 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
     for fd in fds.values():  # arguments of tasks never reached (their function failed)
         _close_quietly(fd)
     conn.send_bytes(dumps(results.message(final=True)))
+
+
+def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any]],
+              batch: RunBatch) -> None:
+    """Run a block's inputs in order; the slot's BLOCK_POSITION says which one is running."""
+    assert batch.block is not None
+    block_id, blob = batch.block
+    batch_id = batch.batch_id
+    slot_state[BLOCK_POSITION] = 0
+    slot_state[STARTED_NS] = time.monotonic_ns()
+    slot_state[CURRENT_TASK] = block_id  # a crash while loading is charged to input 0
+    fn, fn_error = _load_function(functions, batch)
+    inputs = loads(blob)
+    kind = batch.kind
+    revoked = REVOKED
+    clock = time.monotonic
+    first = 0
+    values: list[Any] = []
+    errors: dict[int, bytes] = {}
+    seconds: list[float] = []
+    skipped = -1
+    last_flush = clock()
+    for position, arg in enumerate(inputs):
+        if slot_state[revoked[0]] == batch_id or slot_state[revoked[1]] == batch_id:
+            skipped = position
+            break
+        slot_state[BLOCK_POSITION] = position
+        started = clock()
+        if fn is None:
+            values.append(None)
+            errors[position] = fn_error  # type: ignore[assignment]
+        else:
+            try:
+                values.append(fn(arg) if kind is CallKind.ONE else apply_call(fn, kind, arg))
+            except BaseException as exc:  # noqa: BLE001 - one input's error, as run_item makes it
+                values.append(None)
+                errors[position] = _error_of(exc)
+        now = clock()
+        seconds.append(now - started)
+        if now - last_flush >= FLUSH_INTERVAL_S:
+            conn.send_bytes(dumps(_block_results(batch_id, first, values, errors, seconds,
+                                                 False, -1)))
+            first = position + 1
+            values, errors, seconds = [], {}, []
+            last_flush = now
+    slot_state[CURRENT_TASK] = IDLE
+    conn.send_bytes(dumps(_block_results(batch_id, first, values, errors, seconds, True,
+                                         skipped)))
+
+
+def _error_of(exc: BaseException) -> bytes:
+    if isinstance(exc, SystemExit):
+        return _exited(exc)
+    if isinstance(exc, Exception):
+        return capture_exception(exc)
+    return _wrapped(exc)  # KeyboardInterrupt, GeneratorExit ...: never re-raise those
+
+
+def _block_results(batch_id: int, first: int, values: list[Any], errors: dict[int, bytes],
+                   seconds: list[float], final: bool, skipped: int) -> BlockResults:
+    """Values in one pickle when all are primitive; else one pickle each, and a value that
+    cannot be pickled becomes its input's error."""
+    primitive = PRIMITIVE_TYPES
+    if all(type(v) in primitive for v in values):
+        packed: bytes | list[bytes | None] = dumps(values)
+    else:
+        packed = []
+        for i, value in enumerate(values):
+            if first + i in errors:
+                packed.append(None)
+                continue
+            try:
+                packed.append(dumps(value))
+            except BaseException as exc:  # noqa: BLE001 - fails only this input
+                packed.append(None)
+                errors[first + i] = _unpicklable_result(value, exc)
+    return BlockResults(batch_id, first, packed, errors, seconds, final, current_rss_bytes(),
+                        skipped)
 
 
 class _Columns:

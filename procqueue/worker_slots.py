@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .protocol import Stop, ToWorker, dumps
-from .tasks import Job, Task
-from .worker import (CURRENT_TASK, FDS_PER_MESSAGE, IDLE, REVOKED, SLOT_STATE_SIZE, STARTED_NS,
-                     worker_main)
+from .tasks import Block, Job, Task
+from .worker import (BLOCK_POSITION, CURRENT_TASK, FDS_PER_MESSAGE, IDLE, REVOKED,
+                     SLOT_STATE_SIZE, STARTED_NS, worker_main)
 
 # A prefetched batch waits in the worker's socket buffer while it finishes the current one,
 # so a worker is never idle waiting for the supervisor.  Only small batches are prefetched:
@@ -52,17 +52,28 @@ _ALLOWED = {
 
 
 class Batch:
-    """Tasks sent to one worker in one RunBatch message."""
+    """Tasks, or one Block, sent to one worker in one RunBatch message."""
 
-    __slots__ = ("id", "job", "tasks", "pending", "sent_at", "payload_bytes")
+    __slots__ = ("id", "job", "tasks", "pending", "sent_at", "payload_bytes", "block")
 
-    def __init__(self, batch_id: int, job: Job, tasks: list[Task]) -> None:
+    def __init__(self, batch_id: int, job: Job, tasks: list[Task], block: Block | None = None,
+                 block_bytes: int = 0) -> None:
         self.id = batch_id
         self.job = job
-        self.tasks = tasks
+        self.tasks = tasks  # a block's: empty until it is exploded into tasks
         self.pending: dict[int, Task] = {t.id: t for t in tasks}  # no result yet
         self.sent_at = time.monotonic()
-        self.payload_bytes = sum(len(t.payload) for t in tasks)
+        self.payload_bytes = sum(len(t.payload) for t in tasks) + block_bytes
+        self.block = block
+
+    def unexploded_block(self) -> Block | None:
+        """The block whose inputs have no Tasks (see Supervisor._explode_dispatched)."""
+        block = self.block
+        return block if block is not None and block.tasks is None else None
+
+    def inputs_held(self) -> int:
+        block = self.unexploded_block()
+        return len(self.pending) + (len(block) - block.reported if block is not None else 0)
 
 
 @dataclass(frozen=True)
@@ -112,7 +123,7 @@ class Slot:
         return self.phase is SlotPhase.READY
 
     def tasks_held(self) -> int:
-        return sum(len(b.pending) for b in self.batches)
+        return sum(b.inputs_held() for b in self.batches)
 
     def can_take_batch(self) -> bool:
         if not self.accepts_work or len(self.batches) >= MAX_BATCHES_IN_FLIGHT:
@@ -130,7 +141,8 @@ class Slot:
         behind it does not count; nor does a dead worker's last task)."""
         current = self.current_task()
         return current is not None and any(
-            current[0] in b.pending for b in tuple(self.batches))
+            current[0] in b.pending or (b.block is not None and b.block.id == current[0])
+            for b in tuple(self.batches))
 
     def revoke(self, batch: Batch) -> None:
         """The worker must not start the items of `batch` it has not started yet (it reports
@@ -141,11 +153,19 @@ class Slot:
         self.state[free] = batch.id
 
     def current_task(self) -> tuple[int, float] | None:
-        """(task id, monotonic start time) of the task running now, or None if idle."""
+        """(task id, monotonic start time) of the task running now, or None if idle.  In a
+        block, the id is the block's, or once it is exploded, the running input's task."""
         task_id = self.state[CURRENT_TASK]
         started_ns = self.state[STARTED_NS]
         if task_id == IDLE:
             return None
+        for batch in tuple(self.batches):
+            block = batch.block
+            if block is not None and block.id == task_id:
+                task = block.tasks[self.state[BLOCK_POSITION]] if block.tasks else None
+                if task is not None:
+                    task_id = task.id
+                break
         return task_id, started_ns / 1e9
 
     def statistics(self) -> SlotStatistics:
@@ -172,6 +192,7 @@ class WorkerSlots:
         parent_end, child_end = self.context.Pipe(duplex=True)
         slot.state[CURRENT_TASK] = IDLE
         slot.state[STARTED_NS] = 0
+        slot.state[BLOCK_POSITION] = 0
         for field in REVOKED:
             slot.state[field] = IDLE
         process = self.context.Process(

@@ -1,0 +1,315 @@
+"""Blocks: the primitive inputs of a plain map/imap call travel, run and report as runs of
+consecutive inputs (procqueue.tasks.Block).  Whatever happens inside a block, each input still
+gets exactly one outcome, and a failure is still charged to its own input only.
+
+The calls here fix `chunksize` so that every fault lands inside a block of many inputs (the
+adaptive default starts with blocks of one input until it has measured the function).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import procqueue
+from procqueue import errors
+from procqueue.chunking import ChunkSizer
+from procqueue.protocol import CallKind
+from procqueue.results import MapResult, ResultStream
+from procqueue.scheduler import Scheduler
+from procqueue.tasks import Block, Job, Task, TaskState
+
+N = 40
+BAD = 17
+CHUNK = 40  # one block holds every input
+
+
+def _parent_only_fails(parent_pid):
+    if os.getpid() == parent_pid:
+        raise RuntimeError("this value cannot be rebuilt in the caller")
+    return "rebuilt"
+
+
+class UnreadableInCaller:
+    """Pickles in the worker; unpickling it in the caller raises."""
+
+    def __init__(self, parent_pid):
+        self.parent_pid = parent_pid
+
+    def __reduce__(self):
+        return (_parent_only_fails, (self.parent_pid,))
+
+
+def faulty(args):
+    fault, i, parent_pid, directory = args
+    Path(directory, f"ran-{i}-{os.getpid()}-{time.monotonic_ns()}").touch()
+    if i != BAD:
+        return i * i
+    if fault == "raise":
+        raise ValueError(f"bad {i}")
+    if fault == "exit3":
+        os._exit(3)
+    if fault == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault == "sysexit":
+        sys.exit(5)
+    if fault == "unpicklable_result":
+        return lambda: None  # plain pickle cannot send a lambda back
+    if fault == "unreadable_result":
+        return UnreadableInCaller(parent_pid)
+    if fault == "keyboard_interrupt":
+        raise KeyboardInterrupt
+    raise AssertionError(fault)
+
+
+EXPECTED = {
+    "raise": ValueError,
+    "exit3": errors.WorkerCrashedError,
+    "sigkill": errors.WorkerCrashedError,
+    "sysexit": errors.WorkerExitedError,
+    "unpicklable_result": errors.ResultSerializationError,
+    "unreadable_result": errors.ResultSerializationError,
+    "keyboard_interrupt": errors.RemoteError,
+}
+
+
+def _outcomes(pool, api, items):
+    """{index: ('ok', value) | ('error', exception)} from one call of `api`."""
+    out = {}
+    if api == "imap_outcomes":
+        for o in pool.imap_outcomes(faulty, items, chunksize=CHUNK):
+            assert o.index not in out, f"two outcomes for {o.index}"
+            out[o.index] = ("ok", o.value) if o.ok else ("error", o.error)
+        return out
+    if api == "map":
+        values = pool.map(faulty, items, chunksize=CHUNK, errors="return")
+        return {i: ("error", v) if isinstance(v, BaseException) else ("ok", v)
+                for i, v in enumerate(values)}
+    it = getattr(pool, api)(faulty, items, chunksize=CHUNK, errors="return")
+    for n, v in enumerate(it):
+        i = n if api == "imap" else (v.index if isinstance(v, BaseException) else
+                                     int(round(v ** 0.5)))
+        assert i not in out, f"two outcomes for {i}"
+        out[i] = ("error", v) if isinstance(v, BaseException) else ("ok", v)
+    return out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["map", "imap", "imap_unordered", "imap_outcomes"])
+@pytest.mark.parametrize("fault", sorted(EXPECTED))
+def test_a_fault_inside_a_block_fails_only_its_input(fault, api, tmp_path):
+    items = [(fault, i, os.getpid(), str(tmp_path)) for i in range(N)]
+    with procqueue.Pool(2, retries=0) as pool:
+        out = _outcomes(pool, api, items)
+        assert sorted(out) == list(range(N))
+        assert {i: v for i, (kind, v) in out.items() if kind == "ok"} == \
+            {i: i * i for i in range(N) if i != BAD}
+        kind, error = out[BAD]
+        assert kind == "error" and isinstance(error, EXPECTED[fault]), repr(error)
+        assert error.index == BAD and error.input_repr == repr(items[BAD])
+        ran_bad = [p.name for p in tmp_path.iterdir() if p.name.startswith(f"ran-{BAD}-")]
+        assert len(ran_bad) == 1, ran_bad  # retries=0: the faulty input ran once
+        assert error.pid == int(ran_bad[0].split("-")[2])
+        if fault == "exit3":
+            assert error.exitcode == 3 and "exit code 3" in str(error)
+        if fault == "sigkill":
+            assert error.signal == "SIGKILL"
+        assert pool.map(abs, range(-5, 0)) == [5, 4, 3, 2, 1]  # the pool goes on
+
+
+def flaky_once(args):
+    i, directory = args
+    marker = Path(directory, f"failed-{i}")
+    if i == BAD and not marker.exists():
+        marker.touch()
+        raise ConnectionError("first attempt fails")
+    return i
+
+
+@pytest.mark.timeout(60)
+def test_an_input_that_raises_in_a_block_is_retried_alone(tmp_path):
+    items = [(i, str(tmp_path)) for i in range(N)]
+    with procqueue.Pool(2, retries=2, retry_on=(ConnectionError,)) as pool:
+        outcomes = list(pool.imap_outcomes(flaky_once, items, chunksize=CHUNK))
+    assert [o.index for o in outcomes] == list(range(N))
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
+    assert [o.value for o in outcomes] == list(range(N))
+    assert {o.index: o.attempts for o in outcomes if o.attempts != 1} == {BAD: 2}
+    assert all(o.pid is not None and o.seconds >= 0 for o in outcomes)
+
+
+def crash_once(args):
+    i, directory = args
+    marker = Path(directory, f"crashed-{i}")
+    if i == BAD and not marker.exists():
+        marker.touch()
+        os._exit(9)
+    return i
+
+
+@pytest.mark.timeout(60)
+def test_a_crash_in_a_block_is_retried_and_no_input_is_lost_or_duplicated(tmp_path):
+    items = [(i, str(tmp_path)) for i in range(N)]
+    with procqueue.Pool(2, retries=1) as pool:
+        outcomes = list(pool.imap_outcomes(crash_once, items, chunksize=CHUNK))
+        stats = pool.stats()
+    assert [o.index for o in outcomes] == list(range(N))
+    assert [o.value for o in outcomes] == list(range(N))
+    assert [o.index for o in outcomes if o.attempts == 2] == [BAD]
+    assert stats.worker_restarts == 1 and stats.retries == 1
+
+
+def echo(x):
+    return x
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["map", "imap", "imap_unordered"])
+def test_primitive_and_other_inputs_mixed_keep_their_places(api):
+    items = []
+    for i in range(300):
+        items += [i, f"s{i}", (i, "t"), [i], {"k": i}, None, 1.5 * i, b"b", (i, [i])]
+    with procqueue.Pool(2) as pool:
+        got = getattr(pool, api)(echo, items, chunksize=37)
+        got = list(got)
+    if api == "imap_unordered":
+        assert sorted(map(repr, got)) == sorted(map(repr, items))
+    else:
+        assert got == items
+
+
+def add(a, b):
+    return a + b
+
+
+@pytest.mark.timeout(60)
+def test_starmap_of_tuples_of_primitives():
+    pairs = [(i, i + 1) for i in range(5000)]
+    with procqueue.Pool(2) as pool:
+        assert pool.starmap(add, pairs) == [a + b for a, b in pairs]
+        assert list(pool.imap(abs, range(-3000, 0))) == list(range(3000, 0, -1))
+
+
+def nap(x):
+    time.sleep(0.02)
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_cancel_inside_blocks_gives_every_input_one_outcome():
+    with procqueue.Pool(2) as pool:
+        it = pool.imap_outcomes(nap, range(200), chunksize=50)
+        outcomes = [next(it)]
+        it.cancel()
+        outcomes += list(it)
+        stats = pool.stats()
+    assert sorted(o.index for o in outcomes) == list(range(200))
+    cancelled = [o for o in outcomes if not o.ok]
+    assert cancelled and all(isinstance(o.error, errors.TaskCancelledError) for o in cancelled)
+    assert all(o.value == o.index for o in outcomes if o.ok)
+    assert stats.tasks_submitted == stats.tasks_succeeded + stats.tasks_failed \
+        + stats.tasks_cancelled == 200
+
+
+@pytest.mark.timeout(60)
+def test_terminate_with_blocks_running_and_queued_fails_each_input_once():
+    pool = procqueue.Pool(2)
+    try:
+        result = pool.map_async(nap, range(400), chunksize=50)
+        time.sleep(0.3)
+        pool.terminate()
+        with pytest.raises(errors.TaskCancelledError):
+            result.get(timeout=10)
+        stats = pool.stats()
+        assert stats.tasks_submitted == 400
+        assert stats.tasks_succeeded + stats.tasks_failed + stats.tasks_cancelled == 400
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+@pytest.mark.timeout(60)
+def test_close_and_join_wait_for_the_blocks_in_flight():
+    pool = procqueue.Pool(2)
+    result = pool.map_async(nap, range(100), chunksize=25)
+    pool.close()
+    pool.join()
+    assert result.get(timeout=0) == list(range(100))
+
+
+# ---- units ---------------------------------------------------------------------------------
+
+def _job(sink=None, job_id=1):
+    return Job(job_id, 1, b"", CallKind.ONE, sink, chunksize=None, timeout_s=None,
+               sizer=ChunkSizer(2, 10))
+
+
+def test_scheduler_cuts_a_block_to_the_batch_size_and_joins_consecutive_ones():
+    sched = Scheduler()
+    job = _job()
+    sched.enqueue_all([Block(100, job, 0, list(range(4))), Block(101, job, 4, list(range(4, 30)))])
+    assert sched.queued == 30
+    first = sched.next_batch(1000)
+    assert isinstance(first, Block) and (first.start, first.inputs) == (0, list(range(10)))
+    second = sched.next_batch(1000)
+    assert (second.start, second.inputs) == (10, list(range(10, 20)))
+    assert sched.queued == 10
+
+
+def test_a_task_between_blocks_keeps_its_turn():
+    sched = Scheduler()
+    job = _job()
+    task = Task(7, job, 2, b"x", [2])
+    sched.enqueue_all([Block(100, job, 0, [0, 1]), task, Block(101, job, 3, [3, 4])])
+    assert sched.next_batch(1000).inputs == [0, 1]  # not joined across the task
+    assert sched.next_batch(1000) == [task]
+    assert sched.next_batch(1000).inputs == [3, 4]
+    assert sched.queued == 0 and sched.next_batch(1000) == []
+
+
+def test_dropping_a_call_returns_its_blocks_and_tasks():
+    sched = Scheduler()
+    job = _job()
+    task = Task(7, job, 2, b"x", [2])
+    block = Block(100, job, 0, [0, 1])
+    sched.enqueue_all([block, task])
+    assert sched.drop_cancelled(job) == [block, task]
+    assert sched.queued == 0
+
+
+def test_map_result_takes_runs_in_any_order_and_fails_at_the_first_failure():
+    result = MapResult(None, 6)
+    result.deliver_run(3, [3, 4, 5], [30, 40, 50], [0.0] * 3, 1)
+    assert not result.ready()
+    result.deliver_run(0, [0, 1, 2], [0, 10, 20], [0.0] * 3, 1)
+    assert result.get(0) == [0, 10, 20, 30, 40, 50]
+
+    failing = MapResult(None, 4)
+    failing.deliver_run(2, [2, 3], [20, 30], [0.0] * 2, 1)
+    task = Task(9, _job(failing), 1, b"", 1)
+    failing.deliver(task, False, ValueError("bad 1"))
+    assert not failing.ready()  # input 0 may still succeed
+    failing.deliver_run(0, [0], [0], [0.0], 1)
+    with pytest.raises(ValueError) as info:
+        failing.get(0)
+    assert info.value.partial_results == {0: 0, 2: 20, 3: 30}
+
+
+def test_ordered_stream_yields_runs_and_single_outcomes_in_input_order():
+    stream = ResultStream(ordered=True, window=None)
+    stream.deliver_run(2, ["c", "d"], ["C", "D"], [0.1, 0.2], 42)
+    task = Task(9, _job(stream), 1, b"", "b")
+    task.attempts, task.pid, task.seconds = 2, 43, 0.5
+    task.state = TaskState.DONE
+    stream.deliver(task, True, "B")
+    stream.deliver_run(0, ["a"], ["A"], [0.3], 42)
+    stream.input_finished(4)
+    got = [stream.next_done(0) for _ in range(4)]
+    assert got == [(0, "a", True, "A", 1, 0.3, 42), (1, "b", True, "B", 2, 0.5, 43),
+                   (2, "c", True, "C", 1, 0.1, 42), (3, "d", True, "D", 1, 0.2, 42)]
+    with pytest.raises(StopIteration):
+        stream.next_done(0)
