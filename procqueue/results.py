@@ -302,9 +302,21 @@ class ResultStream:
             self._cond.notify_all()
 
     def next_done(self, timeout: float | None = None) -> _Done:
+        """The next outcome (one input)."""
+        done = self._next(timeout, self._take)
+        assert not isinstance(done, _Run)
+        return done
+
+    def next_entry(self, timeout: float | None = None) -> "_Done | _Run":
+        """The next outcome, or the next run of successes whole (its consumer holds them:
+        their window places are given back now)."""
+        return self._next(timeout, self._take_entry)
+
+    def _next(self, timeout: float | None, take: Callable[[], "_Done | _Run | None"]
+              ) -> "_Done | _Run":
         with self._cond:
             while True:
-                done = self._take()
+                done = take()
                 if done is not None:
                     break
                 if self._length is not None and self._yielded >= self._length:
@@ -315,8 +327,9 @@ class ResultStream:
                 self._give_back_places()  # before sleeping: the feeder may need them
                 if not self._cond.wait(timeout):
                     raise multiprocessing.TimeoutError
-            self._yielded += 1
-            self._unreleased += 1
+            n = len(done) if isinstance(done, _Run) else 1
+            self._yielded += n
+            self._unreleased += n
             if self._unreleased >= WINDOW_RELEASE_BATCH:
                 self._give_back_places()
         return done
@@ -325,6 +338,16 @@ class ResultStream:
         if self.window is not None and self._unreleased:
             self.window.release(self._unreleased)
         self._unreleased = 0
+
+    def _take_entry(self) -> "_Done | _Run | None":
+        if self._run is not None:
+            return self._take()  # finish a run next_done started
+        if self.ordered:
+            entry = self._by_index.pop(self._next_index, None)
+            if entry is not None:
+                self._next_index += len(entry) if isinstance(entry, _Run) else 1
+            return entry
+        return self._arrived.popleft() if self._arrived else None
 
     def _take(self) -> _Done | None:
         run = self._run
@@ -391,6 +414,25 @@ class IMapIterator(_StreamIterator[Any]):
                  *, return_errors: bool = False) -> None:
         super().__init__(stream, keepalive, on_abandon)
         self._return_errors = return_errors
+        self._ready: deque[Any] = deque()  # values of a run taken whole, not yielded yet
+
+    def next(self, timeout: float | None = None) -> Any:
+        ready = self._ready
+        while True:
+            if ready:
+                try:
+                    return ready.popleft()
+                except IndexError:  # another thread took the last one
+                    pass
+            try:
+                entry = self._stream.next_entry(timeout)
+            except StopIteration:
+                self._finished = True
+                self._keepalive = None
+                raise
+            if not isinstance(entry, _Run):
+                return self._convert(entry)
+            ready.extend(entry.values)  # successes only: one lock for the whole run
 
     def _convert(self, done: _Done) -> Any:
         ok, value = done[2], done[3]

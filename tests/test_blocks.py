@@ -7,6 +7,7 @@ adaptive default starts with blocks of one input until it has measured the funct
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sys
@@ -313,3 +314,22 @@ def test_ordered_stream_yields_runs_and_single_outcomes_in_input_order():
                    (2, "c", True, "C", 1, 0.1, 42), (3, "d", True, "D", 1, 0.2, 42)]
     with pytest.raises(StopIteration):
         stream.next_done(0)
+
+
+def test_runs_taken_whole_by_imap_keep_order_and_next_timeout():
+    stream = ResultStream(ordered=True, window=None)
+    stream.deliver_run(0, [0, 1, 2], ["A", "B", "C"], [0.0] * 3, 1)
+    it = procqueue.results.IMapIterator(stream, None, lambda: None)
+    assert [it.next(0), it.next(0)] == ["A", "B"]
+    task = Task(9, _job(stream), 3, b"", 3)
+    stream.deliver(task, False, ValueError("bad 3"))
+    assert it.next(0) == "C"
+    with pytest.raises(ValueError, match="bad 3"):
+        it.next(0)
+    with pytest.raises(multiprocessing.TimeoutError):
+        it.next(0.01)  # input 4 has no outcome yet
+    stream.deliver_run(4, [4], ["E"], [0.0], 1)
+    stream.input_finished(5)
+    assert it.next(0) == "E"
+    with pytest.raises(StopIteration):
+        it.next(0)
