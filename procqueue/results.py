@@ -387,13 +387,15 @@ class _StreamIterator(Generic[T]):
         return self.next()
 
     def next(self, timeout: float | None = None) -> T:
+        return self._convert(self._pull(self._stream.next_done, timeout))
+
+    def _pull(self, take: Callable[[float | None], Any], timeout: float | None) -> Any:
         try:
-            done = self._stream.next_done(timeout)
+            return take(timeout)
         except StopIteration:
             self._finished = True
             self._keepalive = None
             raise
-        return self._convert(done)
 
     def _convert(self, done: _Done) -> T:
         raise NotImplementedError
@@ -424,12 +426,7 @@ class IMapIterator(_StreamIterator[Any]):
                     return ready.popleft()
                 except IndexError:  # another thread took the last one
                     pass
-            try:
-                entry = self._stream.next_entry(timeout)
-            except StopIteration:
-                self._finished = True
-                self._keepalive = None
-                raise
+            entry = self._pull(self._stream.next_entry, timeout)
             if not isinstance(entry, _Run):
                 return self._convert(entry)
             ready.extend(entry.values)  # successes only: one lock for the whole run
