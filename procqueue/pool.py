@@ -427,10 +427,7 @@ class Pool(PoolCalls):
                 continue  # done in an earlier run: its journaled outcome was reported
             group_inputs += 1
             if blocks and _primitive(item):
-                if block is None:
-                    block = Block(new_id(), job, i, [])
-                    group.append(block)
-                block.inputs.append(item)
+                block = _join_block(group, block, job, i, item)
             else:
                 block = None
                 task = self._make_task(job, i, item, errors)
@@ -486,10 +483,7 @@ class Pool(PoolCalls):
                         exhausted = True
                         break
                     if blocks and _primitive(item):
-                        if block is None:
-                            block = Block(new_id(), job, count, [])
-                            group.append(block)
-                        block.inputs.append(item)
+                        block = _join_block(group, block, job, count, item)
                         inputs += 1
                     elif journal is None or not journal.replayed(count, item):
                         block = None
@@ -520,6 +514,16 @@ def _primitive(item: Any) -> bool:
     if kind in PRIMITIVE_TYPES:
         return True
     return kind is tuple and all(type(part) in PRIMITIVE_TYPES for part in item)
+
+
+def _join_block(group: list[Task | Block], block: Block | None, job: Job, index: int,
+                item: Any) -> Block:
+    """Add input `index` to `block`, the last entry of `group`, or to a new block there."""
+    if block is None:
+        block = Block(new_id(), job, index, [])
+        group.append(block)
+    block.inputs.append(item)
+    return block
 
 
 @dataclass(frozen=True)

@@ -350,17 +350,10 @@ class ResultStream:
         return self._arrived.popleft() if self._arrived else None
 
     def _take(self) -> _Done | None:
+        """The next outcome, one input at a time (a run is taken item by item)."""
         run = self._run
         if run is None:
-            if self.ordered:
-                entry = self._by_index.pop(self._next_index, None)
-                if entry is None:
-                    return None
-                self._next_index += len(entry) if isinstance(entry, _Run) else 1
-            elif self._arrived:
-                entry = self._arrived.popleft()
-            else:
-                return None
+            entry = self._take_entry()
             if not isinstance(entry, _Run):
                 return entry
             run = self._run = entry

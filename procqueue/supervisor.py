@@ -495,31 +495,22 @@ class Supervisor:
                             outcomes: list[tuple[int, Any]]) -> None:
         """The common case: consecutive successes go to the sink as runs, in one call each;
         an input that failed becomes a Task, retried or failed like any other."""
-        first = message.first
-        seconds = message.seconds
+        first, seconds = message.first, message.seconds
         block.reported = first + len(outcomes)
         self._block_inputs -= len(outcomes)
-        assert block.reported <= len(block)
-        run_start = 0
-        succeeded = 0
+        run: list[Any] = []  # the successes since the last failure
         for i, (status, value) in enumerate(outcomes):
             if status == OK:
+                run.append(value)
                 continue
-            succeeded += self._deliver_run(slot, block, first, run_start, i, outcomes, seconds)
-            task = self._block_task(block, first + i)
-            task.move(TaskState.DISPATCHED)
-            task.attempts, task.pid = 1, slot.pid
+            self._hand_run(slot, block, first + i - len(run), run, seconds[i - len(run):i])
+            self.succeeded += len(run)
+            run = []
+            task = self._block_task(block, first + i, slot)
             self._on_outcome(slot, task, status, value, seconds[i], 0.0, [])
-            run_start = i + 1
-        succeeded += self._deliver_run(slot, block, first, run_start, len(outcomes), outcomes,
-                                       seconds)
-        self.succeeded += succeeded
-
-    def _deliver_run(self, slot: Slot, block: Block, first: int, start: int, end: int,
-                     outcomes: list[tuple[int, Any]], seconds: list[float]) -> int:
-        self._hand_run(slot, block, first + start, [value for _, value in outcomes[start:end]],
-                       seconds[start:end])
-        return end - start
+        end = len(outcomes)
+        self._hand_run(slot, block, first + end - len(run), run, seconds[end - len(run):])
+        self.succeeded += len(run)
 
     def _route_exploded(self, slot: Slot, batch: Batch, block: Block, message: BlockResults,
                         outcomes: list[tuple[int, Any]]) -> None:
@@ -539,11 +530,16 @@ class Supervisor:
                 if task is not None and batch.pending.pop(task.id, None) is not None:
                     self._on_skipped(task)
 
-    def _block_task(self, block: Block, position: int) -> Task:
-        """A Task for one input of a block (QUEUED, registered): see _explode_*."""
+    def _block_task(self, block: Block, position: int, running_in: Slot | None = None
+                    ) -> Task:
+        """A registered Task for one input of a block: QUEUED, or DISPATCHED in its first
+        attempt on `running_in` (see _explode_*)."""
         item = block.inputs[position]
         task = Task(new_id(), block.job, block.start + position, dumps_argument(item), item)
         self._tasks[task.id] = task
+        if running_in is not None:
+            task.move(TaskState.DISPATCHED)
+            task.attempts, task.pid = 1, running_in.pid
         return task
 
     def _explode_queued(self, block: Block) -> list[Task]:
@@ -560,9 +556,7 @@ class Supervisor:
             return
         block.tasks = [None] * len(block)
         for position in range(block.reported, len(block)):
-            task = self._block_task(block, position)
-            task.move(TaskState.DISPATCHED)
-            task.attempts, task.pid = 1, slot.pid
+            task = self._block_task(block, position, slot)
             block.tasks[position] = task
             batch.tasks.append(task)
             batch.pending[task.id] = task
