@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 TARGET_BATCH_S = 0.015  # aim for batches of about 15 ms of work
+MIN_BATCH_S = 0.001  # guided shrinking stops at batches of this much work (see next_size)
 MAX_BATCH_TASKS = 4096  # caps the memory and result latency of one batch
 EWMA_WEIGHT = 0.3  # weight of the newest observation of mean task time
 
@@ -55,6 +56,9 @@ class ChunkSizer:
             return min(self.fixed, queued)
         if self.mean_task_s is None:
             return 1
-        by_time = self.target_s / max(self.mean_task_s, 1e-7)
-        guided = math.ceil(queued / (2 * (workers or self.processes)))
-        return max(1, min(int(by_time), guided, self.max_tasks, queued))
+        mean = max(self.mean_task_s, 1e-7)
+        # Shrinking a batch below MIN_BATCH_S of work gains less balance at the tail than
+        # the extra round trips cost: tiny tasks end in a few ms-sized batches, not hundreds.
+        guided = max(math.ceil(queued / (2 * (workers or self.processes))),
+                     int(MIN_BATCH_S / mean))
+        return max(1, min(int(self.target_s / mean), guided, self.max_tasks, queued))

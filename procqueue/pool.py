@@ -17,7 +17,8 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Hashable, Iterable, Iterator
+from itertools import chain
+from typing import Any, Callable, Hashable, Iterable, Iterator, cast
 
 from .admission import ConcurrencyGate, Gate, RateGateAdapter, SemaphoreGate, rate_gate_for
 from .calls import PoolCalls, errors_mode
@@ -411,101 +412,136 @@ class Pool(PoolCalls):
                 and config.on_event is None and config.maxtasksperchild is None
                 and not self._supervisor.scheduler.pool_gates)
 
-    def _submit(self, job: Job, items: Iterable[Any],
+    def _submit(self, job: Job, items: "list[Any] | tuple[Any, ...]",
                 journal: "_JournaledCall | None" = None) -> list[Task | Block]:
         """Pickle and submit the inputs, posting them in groups so that workers start on the
         first ones while the caller is still pickling the rest (big arguments)."""
         post = self._supervisor.post
         blocks = self._blocks_allowed(job, journal)
-        all_tasks: list[Task | Block] = []
+        submitted: list[Task | Block] = []
+        for start in range(0, len(items), SUBMIT_GROUP_TASKS):
+            chunk = items[start:start + SUBMIT_GROUP_TASKS]
+            for group, errors in self._groups(job, start, chunk, journal, blocks):
+                post(SubmitTasks(group, errors))
+                submitted += group
+        return submitted
+
+    def _groups(self, job: Job, start: int, chunk: "list[Any] | tuple[Any, ...]",
+                journal: "_JournaledCall | None", blocks: bool
+                ) -> Iterator[tuple[list[Task | Block], dict[int, BaseException]]]:
+        """Entries for inputs start, start+1, ... (`chunk`), in groups of at most
+        SUBMIT_GROUP_BYTES argument bytes.  A chunk of primitive inputs is one Block, checked
+        without a Python step per input; otherwise each input is a Task, or joins a Block."""
+        if blocks and _primitive_run(chunk):
+            yield [Block(new_id(), job, start, list(chunk))], {}
+            return
         group: list[Task | Block] = []
-        block: Block | None = None
         errors: dict[int, BaseException] = {}
-        group_inputs = group_bytes = 0
-        for i, item in enumerate(items):
+        block: Block | None = None
+        group_bytes = 0
+        for i, item in enumerate(chunk, start):
             if journal is not None and journal.replayed(i, item):
                 continue  # done in an earlier run: its journaled outcome was reported
-            group_inputs += 1
             if blocks and _primitive(item):
                 block = _join_block(group, block, job, i, item)
-            else:
-                block = None
-                task = self._make_task(job, i, item, errors)
-                group.append(task)
-                group_bytes += _payload_bytes(task.payload)
-            if group_bytes >= SUBMIT_GROUP_BYTES or group_inputs >= SUBMIT_GROUP_TASKS:
-                post(SubmitTasks(group, errors))
-                all_tasks += group
-                group, errors, block, group_inputs, group_bytes = [], {}, None, 0, 0
+                continue
+            block = None
+            task = self._make_task(job, i, item, errors)
+            group.append(task)
+            group_bytes += _payload_bytes(task.payload)
+            if group_bytes >= SUBMIT_GROUP_BYTES:
+                yield group, errors
+                group, errors, block, group_bytes = [], {}, None, 0
         if group:
-            post(SubmitTasks(group, errors))
-            all_tasks += group
-        return all_tasks
+            yield group, errors
 
     def _start_feeder(self, job: Job, stream: ResultStream, iterable: Iterable[Any],
                       journal: "_JournaledCall | None" = None) -> None:
         self._supervisor.post(OpenJob(job))
-        iterator = iter(iterable)
-        feeder = threading.Thread(target=self._feed, args=(job, stream, iterator, journal),
+        source = _InputSource(iterable)
+        feeder = threading.Thread(target=self._feed, args=(job, stream, source, journal),
                                   name=f"procqueue-feeder-{job.id}", daemon=True)
         feeder.start()
 
-    def _feed(self, job: Job, stream: ResultStream, iterator: Iterator[Any],
+    def _feed(self, job: Job, stream: ResultStream, source: "_InputSource",
               journal: "_JournaledCall | None" = None) -> None:
-        """Feeder thread: take inputs while the window has room and submit them in groups.
-        A group grows only while the input yields quickly, so a slow generator's items are
-        still submitted one by one, as soon as each arrives."""
+        """Feeder thread: take inputs while the window has room and submit them in groups."""
         window = stream.window
         assert window is not None
         post = self._supervisor.post
         blocks = self._blocks_allowed(job, journal)
         count = 0
         input_error: BaseException | None = None
-        exhausted = False
         try:
-            while not exhausted:
+            while not source.exhausted:
                 places = window.acquire(FEED_GROUP_MAX)
                 if not places:
                     break  # the window closed: terminate, or the iterator was dropped
-                errors: dict[int, BaseException] = {}
-                group: list[Task | Block] = []
-                block: Block | None = None
-                inputs = 0
-                deadline = time.monotonic() + FEED_GROUP_MAX_WAIT_S
-                while inputs < places:
-                    try:
-                        item = next(iterator)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    except BaseException as exc:  # the user's iterable raised: the inputs
-                        input_error = exc         # taken so far still run, then it surfaces
-                        exhausted = True
-                        break
-                    if blocks and _primitive(item):
-                        block = _join_block(group, block, job, count, item)
-                        inputs += 1
-                    elif journal is None or not journal.replayed(count, item):
-                        block = None
-                        group.append(self._make_task(job, count, item, errors))
-                        inputs += 1
-                    count += 1
-                    if time.monotonic() > deadline:
-                        break
-                taken = inputs + (journal.replays if journal is not None else 0)
-                if journal is not None:
-                    journal.replays = 0
-                if places > taken:  # replayed outcomes hold their window place like tasks
-                    window.release(places - taken)
-                if group:
+                items = source.take(places)
+                if places > len(items):  # replayed outcomes hold their place like tasks
+                    window.release(places - len(items))
+                for group, errors in self._groups(job, count, items, journal, blocks):
                     post(SubmitTasks(group, errors))
+                count += len(items)
+            input_error = source.error  # the inputs taken before it still run
         except BaseException as exc:  # e.g. a key function or pickling bug of ours
-            input_error = input_error or exc
+            input_error = source.error or exc
         finally:
             if journal is not None:
                 journal.journal.set_total(count)
             stream.input_finished(count, input_error)
             post(CloseJob(job))
+
+
+class _InputSource:
+    """A feeder's view of imap's iterable.  A list, tuple or range is sliced (no Python step
+    per input); any other iterable is advanced item by item, and a group stops growing once
+    its first item waited FEED_GROUP_MAX_WAIT_S, so a slow generator's items are still
+    submitted one by one, as soon as each arrives."""
+
+    def __init__(self, iterable: Iterable[Any]) -> None:
+        # exact types: a subclass may iterate differently from how it slices
+        self.sequence = (cast("list[Any] | tuple[Any, ...] | range", iterable)
+                         if type(iterable) in (list, tuple, range) else None)
+        self.iterator = iter(iterable) if self.sequence is None else None
+        self.position = 0
+        self.exhausted = False
+        self.error: BaseException | None = None  # what the user's iterable raised
+
+    def take(self, places: int) -> "list[Any] | tuple[Any, ...]":
+        if self.sequence is not None:
+            items = self.sequence[self.position:self.position + places]
+            self.position += len(items)
+            self.exhausted = self.position >= len(self.sequence)
+            return items if type(items) is not range else list(items)
+        return self._next_items(places)
+
+    def _next_items(self, places: int) -> list[Any]:
+        assert self.iterator is not None
+        items: list[Any] = []
+        deadline = time.monotonic() + FEED_GROUP_MAX_WAIT_S
+        try:
+            while len(items) < places:
+                items.append(next(self.iterator))
+                if time.monotonic() > deadline:
+                    break
+        except StopIteration:
+            self.exhausted = True
+        except BaseException as exc:  # the user's iterable raised
+            self.error = exc
+            self.exhausted = True
+        return items
+
+
+def _primitive_run(items: "list[Any] | tuple[Any, ...]") -> bool:
+    """Whether every input is primitive (see _primitive), checked at C speed: map's list of
+    numbers or paths becomes Blocks without a Python step per input."""
+    kinds = set(map(type, items))
+    if kinds <= PRIMITIVE_TYPES:
+        return True
+    if kinds == {tuple}:  # starmap: the parts of each argument tuple
+        return set(map(type, chain.from_iterable(items))) <= PRIMITIVE_TYPES
+    return False
 
 
 def _primitive(item: Any) -> bool:
@@ -671,7 +707,6 @@ class _JournaledCall:
         self.keys: dict[int, str] = {}
         self.sink = JournalingSink(job.sink, journal, key_of_task=lambda t: self.keys.pop(t.index))
         job.sink = self.sink
-        self.replays = 0  # replayed since the feeder last counted (window places)
 
     def replayed(self, index: int, item: Any) -> bool:
         """Report the journaled outcome of `item` if it has one (True), else remember its
@@ -682,7 +717,6 @@ class _JournaledCall:
             self.keys[index] = key
             return False
         self.sink.replay(index, item, stored)
-        self.replays += 1
         return True
 
 

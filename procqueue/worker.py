@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from functools import partial
 from typing import Any, Callable
 
 from .affinity import pin_current_process
@@ -39,6 +40,7 @@ IDLE = -1  # CURRENT_TASK between batches; a REVOKED entry with nothing revoked
 
 INIT_FAILED_EXIT = 70  # exit code after a failed initializer (EX_SOFTWARE)
 FLUSH_INTERVAL_S = 0.05  # send the results of a long batch at least this often
+REVOKE_CHECK_S = 0.001  # a block's inputs look at the revoked batch ids this often at most
 FUNCTION_CACHE_SIZE = 64  # functions a worker keeps unpickled, by fn_id
 FDS_PER_MESSAGE = 200  # descriptors per SCM_RIGHTS message (the kernel allows 253)
 
@@ -146,30 +148,38 @@ def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
     slot_state[CURRENT_TASK] = block_id  # a crash while loading is charged to input 0
     fn, fn_error = _load_function(functions, batch)
     inputs = loads(blob)
-    kind = batch.kind
-    revoked = REVOKED
-    clock = time.monotonic
+    if fn is None:  # each input fails with why the function could not be loaded
+        assert fn_error is not None
+        n = 0 if _revoked(slot_state, batch_id) else len(inputs)
+        slot_state[CURRENT_TASK] = IDLE
+        conn.send_bytes(dumps(_block_results(batch_id, 0, [None] * n,
+                                             dict.fromkeys(range(n), fn_error), [0.0] * n,
+                                             True, -1 if n else 0)))
+        return
+    call = fn if batch.kind is CallKind.ONE else partial(apply_call, fn, batch.kind)
     first = 0
     values: list[Any] = []
     errors: dict[int, bytes] = {}
     seconds: list[float] = []
     skipped = -1
-    last_flush = clock()
+    clock = time.monotonic
+    now = last_flush = revoke_checked = clock()
+    revoke_checked -= REVOKE_CHECK_S  # check before the first input
     for position, arg in enumerate(inputs):
-        if slot_state[revoked[0]] == batch_id or slot_state[revoked[1]] == batch_id:
-            skipped = position
-            break
+        # A tiny input takes a fraction of a microsecond: reading the revoked ids before
+        # each one would cost more than the input, so they are read at most every ms.
+        if now - revoke_checked >= REVOKE_CHECK_S:
+            if _revoked(slot_state, batch_id):
+                skipped = position
+                break
+            revoke_checked = now
         slot_state[BLOCK_POSITION] = position
-        started = clock()
-        if fn is None:
+        started = now
+        try:
+            values.append(call(arg))
+        except BaseException as exc:  # noqa: BLE001 - one input's error, as run_item makes it
             values.append(None)
-            errors[position] = fn_error  # type: ignore[assignment]
-        else:
-            try:
-                values.append(fn(arg) if kind is CallKind.ONE else apply_call(fn, kind, arg))
-            except BaseException as exc:  # noqa: BLE001 - one input's error, as run_item makes it
-                values.append(None)
-                errors[position] = _error_of(exc)
+            errors[position] = _error_of(exc)
         now = clock()
         seconds.append(now - started)
         if now - last_flush >= FLUSH_INTERVAL_S:
@@ -195,8 +205,7 @@ def _block_results(batch_id: int, first: int, values: list[Any], errors: dict[in
                    seconds: list[float], final: bool, skipped: int) -> BlockResults:
     """Values in one pickle when all are primitive; else one pickle each, and a value that
     cannot be pickled becomes its input's error."""
-    primitive = PRIMITIVE_TYPES
-    if all(type(v) in primitive for v in values):
+    if set(map(type, values)) <= PRIMITIVE_TYPES:
         packed: bytes | list[bytes | None] = dumps(values)
     else:
         packed = []

@@ -183,6 +183,50 @@ def test_primitive_and_other_inputs_mixed_keep_their_places(api):
         assert got == items
 
 
+class ListWithOwnIteration(list):
+    """A list subclass whose iteration differs from its items: iterated, never sliced."""
+
+    def __iter__(self):
+        return (x * 10 for x in list.__iter__(self))
+
+
+@pytest.mark.timeout(60)
+def test_a_sequence_sliced_by_the_feeder_gives_what_iterating_it_gives():
+    numbers = list(range(5000)) + [[1], {"k": 2}] + list(range(5000, 10_000))
+    expected = [echo(x) for x in numbers]
+    with procqueue.Pool(2) as pool:
+        for make in (list, tuple, iter, lambda xs: (x for x in xs)):
+            assert list(pool.imap(echo, make(numbers))) == expected
+            assert sorted(map(repr, pool.imap_unordered(echo, make(numbers)))) == \
+                sorted(map(repr, expected))
+        assert list(pool.imap(echo, range(3, 9000, 7))) == list(range(3, 9000, 7))
+        assert pool.map(echo, numbers) == expected
+        assert list(pool.imap(echo, ListWithOwnIteration([1, 2, 3]))) == [10, 20, 30]
+        nested = [(i, (i, "x")) for i in range(3000)]  # not primitive: one Task each
+        assert pool.starmap(pair, nested) == [[a, b] for a, b in nested]
+
+
+def pair(a, b):
+    return [a, b]
+
+
+@pytest.mark.parametrize("items, primitive", [
+    ([1, 2.5, True, "s", b"b", 1j, None], True),
+    ([(1, "a"), (2, b"b"), ()], True),
+    ([(1, (2,))], False),
+    ([(1, [2])], False),
+    ([1, (2, 3)], False),  # mixed: judged input by input instead
+    ([[1]], False),
+    (["ab", "cd"], True),
+])
+def test_primitive_runs_are_recognised_without_a_python_step_per_input(items, primitive):
+    from procqueue.pool import _primitive, _primitive_run
+
+    assert _primitive_run(items) is primitive
+    if primitive:
+        assert all(_primitive(x) for x in items)
+
+
 def add(a, b):
     return a + b
 
@@ -214,6 +258,28 @@ def test_cancel_inside_blocks_gives_every_input_one_outcome():
     assert all(o.value == o.index for o in outcomes if o.ok)
     assert stats.tasks_submitted == stats.tasks_succeeded + stats.tasks_failed \
         + stats.tasks_cancelled == 200
+
+
+def spin(x):
+    end = time.perf_counter() + 0.0003
+    while time.perf_counter() < end:
+        pass
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_cancel_stops_a_block_of_sub_millisecond_inputs_promptly():
+    # The worker reads the revoked ids at most once a millisecond of inputs, not before
+    # each one: a cancel must still skip the inputs it has not reached.
+    with procqueue.Pool(2) as pool:
+        it = pool.imap_outcomes(spin, range(2000), chunksize=1000)
+        outcomes = [next(it)]
+        it.cancel()
+        outcomes += list(it)
+    assert sorted(o.index for o in outcomes) == list(range(2000))
+    cancelled = [o for o in outcomes if not o.ok]
+    assert all(isinstance(o.error, errors.TaskCancelledError) for o in cancelled)
+    assert len(cancelled) > 1000  # 0.6 s of work left when the cancel came
 
 
 @pytest.mark.timeout(60)

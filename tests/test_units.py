@@ -8,7 +8,7 @@ import pytest
 
 from procqueue import errors
 from procqueue.affinity import parse_cpu_list, plan_cpus, worker_thread_env
-from procqueue.chunking import MAX_BATCH_TASKS, ChunkSizer
+from procqueue.chunking import MAX_BATCH_TASKS, MIN_BATCH_S, ChunkSizer
 from procqueue.config import PoolConfig
 from procqueue.protocol import CallKind, capture_exception, restore_exception
 from procqueue.scheduler import FailureKind, RetryPolicy, Scheduler
@@ -61,11 +61,21 @@ def test_chunker_probes_with_single_tasks_until_measured():
 
 def test_chunks_shrink_as_the_input_runs_out():
     sizer = ChunkSizer(4)
-    sizer.observe(100, 100 * 1e-5)  # 10 us tasks: by time alone, 1000 per batch
+    sizer.observe(100, 100 * 2e-4)  # 0.2 ms tasks: by time alone, 75 per batch
     sizes = [sizer.next_size(q) for q in (100_000, 1000, 100, 8, 1)]
     assert sizes == sorted(sizes, reverse=True)
     assert sizes[-1] == 1
     assert sizer.next_size(100) <= 100 / (2 * 4) + 1  # never more than a 1/(2N) share
+
+
+def test_tiny_tasks_stop_shrinking_at_a_millisecond_of_work():
+    # Below MIN_BATCH_S of work a batch's round trip costs more than the balance it buys.
+    sizer = ChunkSizer(2)
+    sizer.observe(1000, 1000 * 1e-6)  # 1 us tasks
+    assert sizer.next_size(100_000) == MAX_BATCH_TASKS
+    floor = MIN_BATCH_S / 1e-6
+    assert floor - 1 <= sizer.next_size(2000) <= floor  # guided alone would say 500
+    assert sizer.next_size(600) == 600  # the last ms of work goes in one batch
 
 
 def test_slow_tasks_travel_alone():
@@ -273,7 +283,7 @@ def test_calls_of_one_function_share_a_batch_of_the_functions_size():
     for i, job in enumerate(jobs):
         sched.enqueue(Task(i, job, 0, b"", i))
     assert [len(sched.next_batch(100)) for _ in range(6)] == [1] * 6
-    sizer.observe(100, 100 * 1e-6)  # measured tiny: now they travel together
+    sizer.observe(100, 100 * 5e-4)  # measured at 0.5 ms: now they travel together
     for i, job in enumerate(jobs):
         sched.enqueue(Task(10 + i, job, 0, b"", i))
     assert len(sched.next_batch(100)) == 2  # guided: ceil(6 queued / (2 * 2 workers))
