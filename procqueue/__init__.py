@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers; loaded lazily at run
     from .report import render_report as render_report
     from .stats import TaskEvent as TaskEvent
     from .trace import TraceWriter as TraceWriter
+    from .fork_server import start_fork_server as start_fork_server
     from .trace import load_trace as load_trace
     from .limits import Rate as Rate
     from .pool import CallOptions as CallOptions
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 # name -> module, imported on first access (PEP 562): `import procqueue.worker`, which every
 # worker process does, then costs a few milliseconds instead of the whole pool machinery.
 _LAZY = {
+    "start_fork_server": "fork_server",
     "render_report": "report",
     "TaskEvent": "stats",
     "TraceWriter": "trace",
@@ -100,5 +102,5 @@ __all__ = [
     "WorkerExitedError", "TaskTimeoutError", "TaskCancelledError",
     "ArgumentSerializationError", "ResultSerializationError", "RemoteError",
     "RemoteTraceback", "PoolBrokenError", "InitializerError", "PoolClosedError",
-    "__version__",
+    "start_fork_server", "__version__",
 ]

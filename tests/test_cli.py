@@ -174,6 +174,39 @@ def test_usage_errors_exit_2_with_a_clear_message(tmp_path, batch, args, message
     assert run.stdout == ""
 
 
+def _marked_processes(marker):
+    """Live processes whose environment carries `marker` (what a command started inherits)."""
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE \
+                    and proc.environ().get("PQ_TEST_MARKER") == marker:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("bad", ["script", "input"])
+def test_a_usage_error_after_the_early_fork_server_start_leaves_no_process(tmp_path, batch,
+                                                                            bad):
+    # `procqueue map` starts the fork server before it parses its arguments; a run that
+    # then stops on a usage error must stop that server too, not leave it to finish alone.
+    script, inputs = batch
+    args = ["map", tmp_path / "missing.py", inputs] if bad == "script" \
+        else ["map", script, tmp_path / "missing-dir"]
+    marker = f"{os.getpid()}-{bad}-{time.monotonic_ns()}"
+    run = subprocess.run([PROCQUEUE, *map(str, args)], capture_output=True, text=True,
+                         timeout=30, env={**os.environ, "PQ_TEST_MARKER": marker})
+    assert run.returncode == 2, run.stderr
+    assert not [p for p in _marked_processes(marker) if "forkserver" in " ".join(p.cmdline())]
+    deadline = time.monotonic() + 5  # the resource tracker sees the command's exit itself
+    while _marked_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _marked_processes(marker)
+
+
 @pytest.mark.timeout(60)
 def test_halt_now_reports_inputs_that_never_ran(tmp_path, batch):
     script, inputs = batch

@@ -247,3 +247,19 @@ def test_jobs_take_gnu_parallel_forms(monkeypatch, text, cpus, jobs):
 def test_bad_jobs_are_usage_errors(text):
     with pytest.raises(click.BadParameter):
         JobsType().convert(text, None, None)
+
+
+@pytest.mark.parametrize("args, early", [
+    (["map", "job.py", "in/"], True),
+    (["map", "job.py", "in/", "-j", "3", "--unordered"], True),
+    (["map", "job.py", "in/", "--cluster", "local:2"], False),  # Dask: no fork server
+    (["map", "job.py", "in/", "--cluster=local:2"], False),
+    (["map", "--help"], False),
+    (["map", "job.py", "in/", "--dry-run"], False),
+    (["--version"], False),
+    ([], False),
+])
+def test_the_fork_server_starts_early_only_for_a_local_run(args, early):
+    from procqueue.cli import _runs_a_local_pool
+
+    assert _runs_a_local_pool(args) is early

@@ -404,3 +404,34 @@ def test_close_and_join_finish_an_unconsumed_imap_as_multiprocessing_does():
     pool.close()
     pool.join()  # must not wait for someone to consume the results
     assert list(it) == [x * x for x in range(10_000)]
+
+
+START_EARLY = """
+import os, sys, time
+from multiprocessing import forkserver
+import procqueue
+procqueue.start_fork_server()
+server = forkserver._forkserver._forkserver_pid
+assert server is not None, "not started"
+procqueue.start_fork_server()  # a second call: the same server
+assert forkserver._forkserver._forkserver_pid == server
+with procqueue.Pool(2) as pool:
+    assert pool.map(abs, range(-50, 0)) == list(range(50, 0, -1))
+    workers = {w.pid for w in pool.stats().workers}
+print(server, *workers)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_start_fork_server_early_then_a_pool_uses_it_and_nothing_outlives_the_program():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", START_EARLY], capture_output=True, text=True,
+                         timeout=50)
+    assert run.returncode == 0, run.stderr
+    pids = [int(p) for p in run.stdout.split()]
+    assert len(pids) == 3
+    alive = [pid for pid in pids if psutil.pid_exists(pid)
+             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not alive  # the server is stopped and waited for at exit
