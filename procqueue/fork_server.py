@@ -17,7 +17,8 @@ from typing import Any
 
 DEFAULT_START_METHOD = "forkserver" if sys.platform.startswith("linux") else "spawn"
 
-FORK_SERVER_PRELOAD = ("procqueue.worker", "cloudpickle")  # for the CLI: see below
+# psutil: each worker pins itself with it at start (imported in the server, not per worker)
+FORK_SERVER_PRELOAD = ("procqueue.worker", "cloudpickle", "psutil")  # for the CLI: see below
 FORK_SERVER_PRELOAD_FULL = FORK_SERVER_PRELOAD + ("procqueue.pool",)
 
 

@@ -18,7 +18,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from itertools import chain
-from typing import Any, Callable, Hashable, Iterable, Iterator, cast
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, cast
 
 from .admission import ConcurrencyGate, Gate, RateGateAdapter, SemaphoreGate, rate_gate_for
 from .calls import PoolCalls, errors_mode
@@ -33,10 +33,12 @@ from .results import (ApplyResult, FutureSink, IMapIterator, MapResult, OutcomeI
                       ResultStream, TaskFuture, Window)
 from .supervisor import (CancelJob, CancelTask, Close, CloseJob, OpenJob, SubmitTasks,
                          Supervisor, SupervisorStatistics, Terminate)
-from .journal import Journal, JournalingSink, function_identity, key_of
 from .scheduler import HaltPolicy
 from .tasks import Block, Job, Task, new_id
 from .trace import TraceWriter
+
+if TYPE_CHECKING:  # imported when a pool first uses a journal: sqlite3 and json cost ~6 ms
+    from .journal import Journal
 
 # Inputs a lazy call may have taken whose results were not consumed yet (bounded memory for
 # imap over an endless generator), per worker, with a floor for small pools.
@@ -703,6 +705,8 @@ class _JournaledCall:
     that commits the others' outcomes before reporting them."""
 
     def __init__(self, journal: Journal, job: Job) -> None:
+        from .journal import JournalingSink
+
         self.journal = journal
         self.keys: dict[int, str] = {}
         self.sink = JournalingSink(job.sink, journal, key_of_task=lambda t: self.keys.pop(t.index))
@@ -711,6 +715,8 @@ class _JournaledCall:
     def replayed(self, index: int, item: Any) -> bool:
         """Report the journaled outcome of `item` if it has one (True), else remember its
         key for the outcome to come (False)."""
+        from .journal import key_of
+
         key = key_of(item)
         stored = self.journal.lookup(key)
         if stored is None:
@@ -726,8 +732,15 @@ class _JournalHolder:
     the pool."""
 
     def __init__(self, journal: "str | os.PathLike[str] | Journal | None") -> None:
-        self.path = None if journal is None or isinstance(journal, Journal) else os.fspath(journal)
-        self.journal = journal if isinstance(journal, Journal) else None
+        self.path: str | None = None
+        self.journal: Journal | None = None
+        if journal is not None:
+            from .journal import Journal
+
+            if isinstance(journal, Journal):
+                self.journal = journal
+            else:
+                self.path = os.fspath(journal)
         self.owned = False
         self.lock = threading.Lock()
 
@@ -737,6 +750,8 @@ class _JournalHolder:
         with self.lock:
             if self.journal is None:
                 assert self.path is not None
+                from .journal import Journal, function_identity
+
                 self.journal = Journal.open(self.path,
                                             function_identity=function_identity(func))
                 self.owned = True

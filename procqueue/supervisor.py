@@ -28,7 +28,6 @@ from __future__ import annotations
 import enum
 import os
 import selectors
-import statistics
 import sys
 import threading
 import time
@@ -972,7 +971,7 @@ class Supervisor:
         job = task.job
         if job.timeout_factor is None or len(job.durations) < MIN_DURATIONS_FOR_RELATIVE:
             return None
-        return max(MIN_RELATIVE_TIMEOUT_S, job.timeout_factor * statistics.median(job.durations))
+        return max(MIN_RELATIVE_TIMEOUT_S, job.timeout_factor * _median(job.durations))
 
     def _on_deadlines(self, now: float) -> None:
         for task in self.scheduler.release_due_retries(now):
@@ -1165,3 +1164,9 @@ def _unimportable_main_hint(context: Any) -> str:
             "(the forkserver start method re-imports it in each worker): run the program from "
             "a .py file, or pass context='fork'")
 
+
+def _median(values: "deque[float]") -> float:
+    """statistics.median, without importing statistics (and fractions, decimal) at start-up."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2

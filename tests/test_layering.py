@@ -15,7 +15,7 @@ PACKAGE = ROOT / "procqueue"
 # module -> the procqueue modules it may import (top-down order of DESIGN.md)
 ALLOWED: dict[str, set[str]] = {
     "__init__": {"pool", "errors", "results", "limits", "journal", "trace", "report", "stats",
-                 "scheduler"},
+                 "scheduler", "fork_server"},
     "pool": {"supervisor", "config", "results", "tasks", "errors", "protocol", "chunking", "admission",
              "journal", "trace", "scheduler",
              "affinity", "limits", "backends", "calls"},
@@ -29,7 +29,8 @@ ALLOWED: dict[str, set[str]] = {
     "chunking": set(),
     "calls": {"protocol", "results"},
     "results": {"tasks", "errors"},
-    "config": {"affinity", "limits", "errors"},
+    "config": {"affinity", "limits", "errors", "fork_server"},
+    "fork_server": set(),
     "tasks": {"errors", "protocol"},
     "stats": {"tasks"},
     "journal": {"errors", "protocol"},

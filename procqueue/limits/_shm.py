@@ -62,8 +62,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 # tmpfs shared by every process of the machine; fall back to the temp dir where it is missing.
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 FILE_PREFIX = "procqueue"
@@ -316,6 +314,8 @@ def current_identity() -> ProcessIdentity:
     """This process's identity (cached, and recomputed in a forked child)."""
     global _current
     if _current is None or _current.pid != os.getpid():
+        import psutil  # here, not at import: a pool without limits never needs it (~8 ms)
+
         _current = ProcessIdentity(os.getpid(), float(psutil.Process().create_time()))
     return _current
 
@@ -323,6 +323,8 @@ def current_identity() -> ProcessIdentity:
 def is_alive(holder: ProcessIdentity) -> bool:
     """False once the process has exited (zombies included: a SIGKILLed child its parent has
     not reaped yet holds nothing) or its pid now belongs to another process."""
+    import psutil
+
     try:
         proc = psutil.Process(holder.pid)
         with proc.oneshot():
