@@ -199,7 +199,7 @@ class Pool(PoolCalls):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Run fn(*args, **kwargs) in a worker; returns a concurrent.futures.Future."""
-        return self._submit_call(CallOptions(), fn, args, kwargs)
+        return self._submit_call(NO_OPTIONS, fn, args, kwargs)
 
     def options(self, **options: Any) -> "PoolView":
         """A view of this pool whose calls carry per-call options, e.g.
@@ -250,10 +250,10 @@ class Pool(PoolCalls):
         future = TaskFuture()
         job = self._job(fn, CallKind.ARGS_KWARGS, FutureSink(future, self), None, call,
                         cache=True)
-        task = self._submit(job, [(args, kwargs)])[0]
-        assert isinstance(task, Task)  # apply-style calls never make blocks
-        supervisor = self._supervisor
-        future._on_cancel = lambda running: supervisor.post(CancelTask(task, running))
+        errors: dict[int, BaseException] = {}
+        task = self._make_task(job, 0, (args, kwargs), errors)
+        self._supervisor.post(SubmitTasks([task], errors))
+        future._on_cancel = _TaskCanceller(self._supervisor, task)
         return future
 
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
@@ -632,6 +632,23 @@ class CallOptions:
     def merged(self, options: dict[str, Any]) -> "CallOptions":
         return CallOptions.build({**{f.name: getattr(self, f.name) for f in fields(self)
                                      if getattr(self, f.name) is not None}, **options})
+
+
+NO_OPTIONS = CallOptions()
+
+
+class _TaskCanceller:
+    """A submit() future's cancel hook: one object, not a closure and its cells, since a
+    program may hold many pending futures and the garbage collector walks every object."""
+
+    __slots__ = ("supervisor", "task")
+
+    def __init__(self, supervisor: Any, task: Task) -> None:
+        self.supervisor = supervisor
+        self.task = task
+
+    def __call__(self, running: bool) -> None:
+        self.supervisor.post(CancelTask(self.task, running))
 
 
 class PoolView:

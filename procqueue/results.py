@@ -460,16 +460,11 @@ class FutureSink:
 
     def starting(self, task: Task) -> bool:
         # False if the future was cancelled while queued: then the task must not run.
-        # A retried or re-queued task starts again: its future is already RUNNING.
-        if self.future.running():
-            return True
-        return self.future.set_running_or_notify_cancel()
+        return self.future.start()
 
     def deliver(self, task: Task, ok: bool, value: Any) -> None:
         self._keepalive = None
         future = self.future
-        if future.done():
-            return
         # The task is over: drop the cancel hook, and with it the task, its call and their
         # inputs, which callers holding many futures would keep alive (and Python's garbage
         # collector would walk at every full collection).  Before the result is set, so a
@@ -481,7 +476,7 @@ class FutureSink:
             else:
                 future.set_exception(value)
         except concurrent.futures.InvalidStateError:
-            pass
+            pass  # cancelled (or, for a Future the Dask backend shares, already done)
 
 
 class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -490,7 +485,22 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def __init__(self) -> None:
         super().__init__()
+        # A condition over a Lock, not the RLock Future makes: Future never takes its lock
+        # twice, and this one is 4 objects fewer for the garbage collector to walk in a
+        # program holding many pending futures (20k submits: ~25% of their time is GC).
+        self._condition = threading.Condition(threading.Lock())
         self._on_cancel: Callable[[bool], None] | None = None
+
+    def start(self) -> bool:
+        """set_running_or_notify_cancel() taking the lock once in the common case; True
+        also when already RUNNING (a retried or re-queued task starts again)."""
+        with self._condition:
+            if self._state == _PENDING:
+                self._state = _RUNNING
+                return True
+            if self._state == _RUNNING:
+                return True
+        return self.set_running_or_notify_cancel()  # cancelled while queued: False
 
     def cancel(self) -> bool:
         hook = self._on_cancel  # read once: the supervisor drops it when the task ends
@@ -512,6 +522,7 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         return True
 
 
+_PENDING = concurrent.futures._base.PENDING
 _RUNNING = concurrent.futures._base.RUNNING
 _CANCELLED = concurrent.futures._base.CANCELLED
 _CANCELLED_AND_NOTIFIED = concurrent.futures._base.CANCELLED_AND_NOTIFIED

@@ -226,8 +226,12 @@ class Supervisor:
         except BlockingIOError:
             pass
         self._wake_pending = False
-        while self._inbox:
-            self._apply(self._inbox.popleft())
+        inbox = self._inbox
+        while inbox:
+            command = inbox.popleft()
+            if isinstance(command, SubmitTasks) and inbox and isinstance(inbox[0], SubmitTasks):
+                command = _joined_submits(command, inbox)  # many submit() calls: one accept
+            self._apply(command)
 
     def _apply(self, command: Command) -> None:
         match command:
@@ -599,7 +603,7 @@ class Supervisor:
     def _on_outcome(self, slot: Slot, task: Task, status: int, value: Any, seconds: float,
                     started: float, succeeded: list[tuple[Task, Any]]) -> None:
         task.seconds = seconds
-        task.job.durations.append(seconds)
+        task.job.note_duration(seconds)
         if task.state is not TaskState.DISPATCHED:
             return  # already given an outcome (cancelled while running)
         if status == OK:
@@ -969,7 +973,8 @@ class Supervisor:
         if task.timeout_s is not None:
             return task.timeout_s
         job = task.job
-        if job.timeout_factor is None or len(job.durations) < MIN_DURATIONS_FOR_RELATIVE:
+        if job.timeout_factor is None or job.durations is None \
+                or len(job.durations) < MIN_DURATIONS_FOR_RELATIVE:
             return None
         return max(MIN_RELATIVE_TIMEOUT_S, job.timeout_factor * _median(job.durations))
 
@@ -1170,3 +1175,15 @@ def _median(values: "deque[float]") -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _joined_submits(first: SubmitTasks, inbox: "deque[Command]") -> SubmitTasks:
+    """`first` and the SubmitTasks right behind it in the inbox, as one, in order."""
+    tasks = list(first.tasks)
+    errors = dict(first.errors)
+    while inbox and isinstance(inbox[0], SubmitTasks):
+        more = inbox.popleft()
+        assert isinstance(more, SubmitTasks)
+        tasks += more.tasks
+        errors.update(more.errors)
+    return SubmitTasks(tasks, errors)

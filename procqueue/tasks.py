@@ -176,8 +176,18 @@ class Job:
         self.keyed = keyed  # KeyedLimit when the call has a key= (per-key concurrency)
         self.key_fn = key_fn  # input -> its concurrency key (run in the caller's thread)
         self.timeout_factor: float | None = None  # relative timeout: x median task time
-        self.durations: deque[float] = deque(maxlen=RECENT_DURATIONS)  # run times, newest last
+        # Recent run times, newest last: kept only for a relative timeout (made at the first
+        # one: one object fewer per submit() call for the garbage collector to walk).
+        self.durations: deque[float] | None = None
         self.halt: Any = None  # scheduler.HaltPolicy: stop the call after enough failures
         self.failures = 0  # tasks of this call that failed (for halt)
         self.successes = 0  # ... and that succeeded (for a success= or done= halt)
         self.submitted = 0  # tasks of this call accepted by the supervisor (for halt's N%)
+
+    def note_duration(self, seconds: float) -> None:
+        """A task of this call ran `seconds` (remembered where a relative timeout needs it)."""
+        if self.timeout_factor is None:
+            return
+        if self.durations is None:
+            self.durations = deque(maxlen=RECENT_DURATIONS)
+        self.durations.append(seconds)

@@ -435,3 +435,31 @@ def test_start_fork_server_early_then_a_pool_uses_it_and_nothing_outlives_the_pr
     alive = [pid for pid in pids if psutil.pid_exists(pid)
              and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not alive  # the server is stopped and waited for at exit
+
+
+def _double(x):
+    return 2 * x
+
+
+@pytest.mark.timeout(60)
+def test_submit_futures_work_with_wait_as_completed_and_callbacks_that_use_them():
+    # The futures lock is a plain Lock (fewer objects to collect): nothing in
+    # concurrent.futures or in a done-callback may need to take it twice.
+    seen = []
+
+    def callback(future):  # runs outside the future's lock: may use the future again
+        seen.append((future.done(), future.running(), future.result(), future.cancel()))
+
+    with Pool(2) as pool:
+        futures = [pool.submit(_double, i) for i in range(200)]
+        for f in futures[:50]:
+            f.add_done_callback(callback)
+        done, _ = concurrent.futures.wait(futures[:10], return_when=concurrent.futures.FIRST_COMPLETED)
+        assert done
+        got = sorted(f.result() for f in concurrent.futures.as_completed(futures, timeout=30))
+        late = pool.submit(_double, 5)
+        assert late.result(timeout=30) == 10
+        late.add_done_callback(callback)  # already done: runs at once, in this thread
+    assert got == [2 * i for i in range(200)]
+    assert sorted(s[2] for s in seen) == sorted([2 * i for i in range(50)] + [10])
+    assert all(s[0] and not s[1] and not s[3] for s in seen)
