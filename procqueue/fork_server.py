@@ -13,6 +13,7 @@ import atexit
 import multiprocessing
 import os
 import sys
+import time
 from typing import Any
 
 DEFAULT_START_METHOD = "forkserver" if sys.platform.startswith("linux") else "spawn"
@@ -20,6 +21,7 @@ DEFAULT_START_METHOD = "forkserver" if sys.platform.startswith("linux") else "sp
 # psutil: each worker pins itself with it at start (imported in the server, not per worker)
 FORK_SERVER_PRELOAD = ("procqueue.worker", "cloudpickle", "psutil")  # for the CLI: see below
 FORK_SERVER_PRELOAD_FULL = FORK_SERVER_PRELOAD + ("procqueue.pool",)
+STOP_WAIT_S = 2.0  # at exit, how long to wait for a fork server start_fork_server() started
 
 
 def preload_worker_in_fork_server(context: Any) -> None:
@@ -56,10 +58,29 @@ def start_fork_server() -> None:
     from multiprocessing import forkserver
 
     preload_worker_in_fork_server(multiprocessing.get_context("forkserver"))
+    server = forkserver._forkserver
+    started = getattr(server, "_forkserver_pid", None) is None
     forkserver.ensure_running()
-    stop = getattr(forkserver._forkserver, "_stop", None)
-    if stop is not None:
-        atexit.register(stop)
+    if started:
+        atexit.register(_stop_fork_server, server)
+
+
+def _stop_fork_server(server: Any) -> None:
+    """Close this process's end of the server's "alive" pipe, which tells it to exit, and
+    wait for it a bounded time: a child forked from this program may still hold that pipe
+    open (then the server outlives us as multiprocessing's own would, rather than hang us)."""
+    pid = getattr(server, "_forkserver_pid", None)
+    alive_fd = getattr(server, "_forkserver_alive_fd", None)
+    if pid is None or alive_fd is None:
+        return
+    server._forkserver_pid = server._forkserver_alive_fd = None
+    os.close(alive_fd)
+    deadline = time.monotonic() + STOP_WAIT_S
+    try:
+        while not os.waitpid(pid, os.WNOHANG)[0] and time.monotonic() < deadline:
+            time.sleep(0.005)
+    except ChildProcessError:
+        pass  # reaped already
 
 
 def _main_is_the_cli() -> bool:

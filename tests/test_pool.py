@@ -463,3 +463,38 @@ def test_submit_futures_work_with_wait_as_completed_and_callbacks_that_use_them(
     assert got == [2 * i for i in range(200)]
     assert sorted(s[2] for s in seen) == sorted([2 * i for i in range(50)] + [10])
     assert all(s[0] and not s[1] and not s[3] for s in seen)
+
+
+FORK_HOLDS_THE_SERVER = """
+import os, sys, time
+import procqueue
+procqueue.start_fork_server()
+child = os.fork()
+if child == 0:  # holds the server's alive pipe open, as a forked helper of a program would
+    time.sleep(20)
+    os._exit(0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(child))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_exit_after_start_fork_server_does_not_hang_on_a_forked_child(tmp_path):
+    import subprocess
+    import sys
+
+    pid_file = tmp_path / "child"
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", FORK_HOLDS_THE_SERVER, str(pid_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        returncode = proc.wait(timeout=50)
+        took = time.monotonic() - started
+    finally:
+        for pid in [int(pid_file.read_text())] if pid_file.exists() else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert returncode == 0
+    assert took < 10  # the wait for the server is bounded, not the child's 20 s
