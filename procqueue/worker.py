@@ -163,17 +163,30 @@ def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
     seconds: list[float] = []
     skipped = -1
     clock = time.monotonic
-    now = last_flush = revoke_checked = clock()
-    revoke_checked -= REVOKE_CHECK_S  # check before the first input
+    position_slot = BLOCK_POSITION
+    now = clock()
+    revoke_check_at = now  # before the first input
+    flush_at = now + FLUSH_INTERVAL_S
+    # A tiny input takes a fraction of a microsecond: the loop below is the whole cost of a
+    # block, so it reads no global, and looks at the clock's deadlines in one comparison.
+    check_at = now
     for position, arg in enumerate(inputs):
-        # A tiny input takes a fraction of a microsecond: reading the revoked ids before
-        # each one would cost more than the input, so they are read at most every ms.
-        if now - revoke_checked >= REVOKE_CHECK_S:
-            if _revoked(slot_state, batch_id):
-                skipped = position
-                break
-            revoke_checked = now
-        slot_state[BLOCK_POSITION] = position
+        if now >= check_at:
+            # Reading the revoked ids before each input would cost more than the input:
+            # they are read at most every REVOKE_CHECK_S.
+            if now >= revoke_check_at:
+                if _revoked(slot_state, batch_id):
+                    skipped = position
+                    break
+                revoke_check_at = now + REVOKE_CHECK_S
+            if now >= flush_at:
+                conn.send_bytes(dumps(_block_results(batch_id, first, values, errors, seconds,
+                                                     False, -1)))
+                first = position
+                values, errors, seconds = [], {}, []
+                flush_at = now + FLUSH_INTERVAL_S
+            check_at = min(revoke_check_at, flush_at)
+        slot_state[position_slot] = position
         started = now
         try:
             values.append(call(arg))
@@ -182,12 +195,6 @@ def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
             errors[position] = _error_of(exc)
         now = clock()
         seconds.append(now - started)
-        if now - last_flush >= FLUSH_INTERVAL_S:
-            conn.send_bytes(dumps(_block_results(batch_id, first, values, errors, seconds,
-                                                 False, -1)))
-            first = position + 1
-            values, errors, seconds = [], {}, []
-            last_flush = now
     slot_state[CURRENT_TASK] = IDLE
     conn.send_bytes(dumps(_block_results(batch_id, first, values, errors, seconds, True,
                                          skipped)))
