@@ -133,6 +133,8 @@ class Pool(PoolCalls):
         self._functions: OrderedDict[int, tuple[Any, int, bytes]] = OrderedDict()
         self._functions_lock = threading.Lock()
         self._sizers: OrderedDict[int, ChunkSizer] = OrderedDict()  # by fn_id
+        # id(func) -> (func, a Job to copy): submit()/apply_async() without options
+        self._single_jobs: OrderedDict[int, tuple[Any, Job]] = OrderedDict()
         self._limits: dict[str, LimitHandle] = {}  # named machine-wide limits, by name
         self._queue_gates = {name: _queue_gates(name, spec)
                              for name, spec in (queues or {}).items()}
@@ -156,7 +158,7 @@ class Pool(PoolCalls):
         self._check_running()
         call = CallOptions.build(options)
         result = ApplyResult(self, callback, error_callback)
-        job = self._job(func, CallKind.ARGS_KWARGS, result, None, call, cache=True)
+        job = self._single_task_job(func, result, call)
         self._submit(job, [(tuple(args), dict(kwds or {}))])
         return result
 
@@ -248,8 +250,7 @@ class Pool(PoolCalls):
                      kwargs: dict[str, Any]) -> TaskFuture:
         self._check_running()
         future = TaskFuture()
-        job = self._job(fn, CallKind.ARGS_KWARGS, FutureSink(future, self), None, call,
-                        cache=True)
+        job = self._single_task_job(fn, FutureSink(future, self), call)
         errors: dict[int, BaseException] = {}
         task = self._make_task(job, 0, (args, kwargs), errors)
         self._supervisor.post(SubmitTasks([task], errors))
@@ -287,6 +288,27 @@ class Pool(PoolCalls):
                                 return_errors=errors == "return")
         self._start_feeder(job, stream, iterable, journal)
         return iterator
+
+    def _single_task_job(self, func: Callable[..., Any], sink: Any, call: "CallOptions") -> Job:
+        """The Job of a submit() or apply_async() call.  Without per-call options it is a
+        copy of the first such call's (what _job works out depends on the function and the
+        pool only): programs submit many thousands of these."""
+        if call is not NO_OPTIONS:
+            job = self._job(func, CallKind.ARGS_KWARGS, sink, None, call, cache=True)
+            job.single_task = True
+            return job
+        with self._functions_lock:
+            hit = self._single_jobs.get(id(func))
+            if hit is not None and hit[0] is func:
+                self._single_jobs.move_to_end(id(func))
+                return hit[1].sibling(new_id(), sink)
+        job = self._job(func, CallKind.ARGS_KWARGS, sink, None, call, cache=True)
+        job.single_task = True
+        with self._functions_lock:
+            self._single_jobs[id(func)] = (func, job.sibling(0, _NO_SINK))
+            while len(self._single_jobs) > FUNCTION_CACHE_SIZE:
+                self._single_jobs.popitem(last=False)
+        return job
 
     def _window(self) -> Window:
         return Window(max(WINDOW_TASKS_MIN, WINDOW_TASKS_PER_WORKER * self._processes))
@@ -600,6 +622,8 @@ class CallOptions:
 
     @classmethod
     def build(cls, options: dict[str, Any]) -> "CallOptions":
+        if not options:
+            return NO_OPTIONS  # frozen: one shared instance, as Pool._single_task_job expects
         unknown = set(options) - {f.name for f in fields(cls)}
         if unknown:
             raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
@@ -635,6 +659,19 @@ class CallOptions:
 
 
 NO_OPTIONS = CallOptions()
+
+
+class _NoSink:
+    """The sink of a Job kept only to be copied (Pool._single_task_job): never fed."""
+
+    def starting(self, task: Task) -> bool:
+        raise AssertionError("a template job has no tasks")
+
+    def deliver(self, task: Task, ok: bool, value: Any) -> None:
+        raise AssertionError("a template job has no tasks")
+
+
+_NO_SINK = _NoSink()
 
 
 class _TaskCanceller:

@@ -195,7 +195,7 @@ class Scheduler:
             end = start + 1
             while end < len(tasks) and tasks[end].job is job:
                 end += 1
-            queue = self._queues.get(job.id)
+            queue = self._queues.get(job.id) or self._tail_lane(job)
             if queue is None:
                 queue = self._queues[job.id] = JobQueue(job)
             if queue.by_key is not None:  # a keyed call: tasks only
@@ -210,6 +210,18 @@ class Scheduler:
                 self.queued += n
                 self._queued_by_fn[job.fn_id] = self._queued_by_fn.get(job.fn_id, 0) + n
             start = end
+
+    def _tail_lane(self, job: Job) -> JobQueue | None:
+        """The last queue, if `job` may join it: consecutive submit()/apply_async() calls of
+        one function share one queue (they travel in one batch anyway), so that thousands of
+        them cost one queue, not one each.  Only the last queue, so calls stay FIFO; only
+        calls that are never cancelled or halted as a whole (their queue is not theirs)."""
+        if not self._queues or not _may_share_a_queue(job):
+            return None
+        last = self._queues[next(reversed(self._queues))]
+        if _may_share_a_queue(last.job) and _same_batch(last.job, job, self.pool_gates):
+            return last
+        return None
 
     def next_gated_job(self) -> Job | None:
         """The call served next, if its tasks pass gates (see Supervisor._warm_up)."""
@@ -424,6 +436,10 @@ class Scheduler:
 
     def next_retry_at(self) -> float | None:
         return self._retry_heap[0][0] if self._retry_heap else None
+
+
+def _may_share_a_queue(job: Job) -> bool:
+    return job.single_task and job.halt is None and not job.gates and job.keyed is None
 
 
 def _same_batch(first: Job, other: Job, pool_gates: tuple[Gate, ...]) -> bool:

@@ -157,7 +157,7 @@ class Job:
 
     __slots__ = ("id", "fn_id", "fn_payload", "kind", "sink", "chunksize", "timeout_s",
                  "sizer", "cancelled", "gates", "keyed", "key_fn", "timeout_factor",
-                 "durations", "halt", "failures", "successes", "submitted")
+                 "durations", "halt", "failures", "successes", "submitted", "single_task")
 
     def __init__(self, job_id: int, fn_id: int, fn_payload: bytes, kind: "CallKind",
                  sink: OutcomeSink, *, chunksize: int | None, timeout_s: float | None,
@@ -183,6 +183,17 @@ class Job:
         self.failures = 0  # tasks of this call that failed (for halt)
         self.successes = 0  # ... and that succeeded (for a success= or done= halt)
         self.submitted = 0  # tasks of this call accepted by the supervisor (for halt's N%)
+        self.single_task = False  # submit()/apply_async(): one task, never cancelled as a call
+
+    def sibling(self, job_id: int, sink: OutcomeSink) -> "Job":
+        """A new call of the same function with the same options, for another sink."""
+        job = Job(job_id, self.fn_id, self.fn_payload, self.kind, sink,
+                  chunksize=self.chunksize, timeout_s=self.timeout_s, sizer=self.sizer,
+                  gates=self.gates, keyed=self.keyed, key_fn=self.key_fn)
+        job.timeout_factor = self.timeout_factor
+        job.halt = self.halt
+        job.single_task = self.single_task
+        return job
 
     def note_duration(self, seconds: float) -> None:
         """A task of this call ran `seconds` (remembered where a relative timeout needs it)."""

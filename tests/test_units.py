@@ -8,6 +8,7 @@ import pytest
 
 from procqueue import errors
 from procqueue.affinity import parse_cpu_list, plan_cpus, worker_thread_env
+from procqueue.admission import ConcurrencyGate
 from procqueue.chunking import MAX_BATCH_TASKS, MIN_BATCH_S, ChunkSizer
 from procqueue.config import PoolConfig
 from procqueue.protocol import CallKind, capture_exception, restore_exception
@@ -287,3 +288,28 @@ def test_calls_of_one_function_share_a_batch_of_the_functions_size():
     for i, job in enumerate(jobs):
         sched.enqueue(Task(10 + i, job, 0, b"", i))
     assert len(sched.next_batch(100)) == 2  # guided: ceil(6 queued / (2 * 2 workers))
+
+
+def test_consecutive_single_task_calls_share_a_queue_and_calls_stay_fifo():
+    sched = Scheduler()
+    sizer = ChunkSizer(2, fixed=100)
+
+    def job(i, single=True, gates=()):
+        j = Job(i, 7, b"", CallKind.ARGS_KWARGS, _Sink(), chunksize=100, timeout_s=None,
+                sizer=sizer, gates=gates)
+        j.single_task = single
+        return j
+
+    submits = [job(i) for i in range(3)]          # three submit() calls in a row
+    a_map = job(10, single=False)                  # then a map call of the same function
+    later = job(20)                                # then one more submit()
+    gated = job(30, gates=(ConcurrencyGate(5),))   # a submit with its own limit
+    order = submits + [a_map, later, gated]
+    for n, j in enumerate(order):
+        sched.enqueue_all([Task(100 + n, j, 0, b"", n)])
+    assert len(sched._queues) == 4  # the submits | the map | the later submit | the gated one
+    taken = []
+    while (batch := sched.next_batch(100)):
+        taken += [t.input for t in batch]
+    assert taken == list(range(len(order)))  # first come, first served, across calls
+    assert sched.queued == 0
