@@ -476,7 +476,7 @@ class FutureSink:
             else:
                 future.set_exception(value)
         except concurrent.futures.InvalidStateError:
-            pass  # cancelled (or, for a Future the Dask backend shares, already done)
+            pass  # cancelled, or already given an outcome: the first one stands
 
 
 class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
