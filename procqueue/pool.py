@@ -29,8 +29,8 @@ from .limits import KeyedLimit, Limit, LimitHandle, Rate
 from .affinity import worker_thread_env
 from .protocol import (PRIMITIVE_TYPES, CallKind, OutOfBand, dumps_argument, dumps_function,
                        pickled_function)
-from .results import (ApplyResult, FutureSink, IMapIterator, MapResult, OutcomeIterator,
-                      ResultStream, TaskFuture, Window)
+from .results import (ApplyResult, ArgumentMemory, FutureSink, IMapIterator, MapResult,
+                      OutcomeIterator, ResultStream, TaskFuture, Window)
 from .supervisor import (CancelJob, CancelTask, Close, CloseJob, OpenJob, SubmitTasks,
                          Supervisor, SupervisorStatistics, Terminate)
 from .scheduler import HaltPolicy
@@ -50,6 +50,7 @@ SPAWN_WAIT_S = 10.0  # Pool() waits this long at most for its workers to be spaw
 SUBMIT_GROUP_TASKS = 4096  # map posts its tasks to the supervisor in groups of this many...
 SUBMIT_GROUP_BYTES = 4 * 2**20  # ...or of this many argument bytes, whichever comes first
 FEED_GROUP_MAX = 256  # inputs a feeder submits in one go at most
+ARGUMENT_MEMORY_AHEAD = 256 * 2**20  # big-argument bytes a feeder copies ahead of the workers
 FEED_GROUP_MAX_WAIT_S = 0.002  # a group stops growing once its first input waited this long
 
 
@@ -135,6 +136,7 @@ class Pool(PoolCalls):
         self._sizers: OrderedDict[int, ChunkSizer] = OrderedDict()  # by fn_id
         # id(func) -> (func, a Job to copy): submit()/apply_async() without options
         self._single_jobs: OrderedDict[int, tuple[Any, Job]] = OrderedDict()
+        self._argument_memory = ArgumentMemory(ARGUMENT_MEMORY_AHEAD, 2 * self._processes)
         self._limits: dict[str, LimitHandle] = {}  # named machine-wide limits, by name
         self._queue_gates = {name: _queue_gates(name, spec)
                              for name, spec in (queues or {}).items()}
@@ -411,6 +413,9 @@ class Pool(PoolCalls):
                 "make sure every argument is picklable")
             error.__cause__ = exc
             return self._failed_task(job, index, item, error, errors)
+        if isinstance(payload, OutOfBand):
+            self._argument_memory.hold(payload.size)
+            payload.on_close = self._argument_memory.release
         task = Task(new_id(), job, index, payload, item)
         if job.key_fn is not None:
             try:
@@ -498,7 +503,8 @@ class Pool(PoolCalls):
         input_error: BaseException | None = None
         try:
             while not source.exhausted:
-                places = window.acquire(FEED_GROUP_MAX)
+                most = self._argument_memory.room(FEED_GROUP_MAX, window.closed)
+                places = window.acquire(most)
                 if not places:
                     break  # the window closed: terminate, or the iterator was dropped
                 items = source.take(places)

@@ -250,12 +250,13 @@ class OutOfBand:
     has no name, so nothing can leak into /dev/shm whoever dies; the caller keeps its
     descriptor until the task's final outcome (a retry sends it again), then closes it."""
 
-    __slots__ = ("wire", "fd", "size")
+    __slots__ = ("wire", "fd", "size", "on_close")
 
     def __init__(self, inband: bytes, sizes: tuple[int, ...], fd: int) -> None:
         self.wire = OOB_MARKER + pickle.dumps((inband, sizes), PICKLE_PROTOCOL)
         self.fd = fd
         self.size = len(inband) + sum(sizes)  # bytes of the argument, in band and out
+        self.on_close: Callable[[int], None] | None = None  # told the size, once
 
     def __len__(self) -> int:
         return len(self.wire)  # what travels in the pipe
@@ -264,6 +265,9 @@ class OutOfBand:
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close(self.size)
 
 
 OOB_MARKER = b"\x00procqueue-oob\x00"

@@ -198,12 +198,59 @@ class Window:
             self._closed = True
             self._cond.notify_all()
 
+    def closed(self) -> bool:
+        return self._closed
+
     def lift(self) -> None:
         """No bound any more: the pool is closing, and join() must not wait for a consumer
         (multiprocessing feeds a closed pool's inputs to the end, results held for later)."""
         with self._cond:
             self._free = sys.maxsize
             self._cond.notify_all()
+
+
+class ArgumentMemory:
+    """Bytes of the out-of-band arguments (memfd copies of big buffers) a pool has made for
+    tasks that have no final outcome yet.  A lazy call's feeder takes new inputs only while
+    they stay under `limit` (or fewer than `min_tasks` such tasks are in flight, so that
+    every worker has work): imap over a stream of big arrays holds a bounded amount of
+    shared memory, not a whole window's worth (2,048 inputs)."""
+
+    def __init__(self, limit: int, min_tasks: int) -> None:
+        self.limit = limit
+        self.min_tasks = min_tasks
+        self.bytes = 0
+        self.tasks = 0
+        self.peak_bytes = 0
+        self.last_size = 0  # of the latest argument: how many more fit the room
+        self._cond = threading.Condition(threading.Lock())
+
+    def hold(self, size: int) -> None:
+        with self._cond:
+            self.bytes += size
+            self.tasks += 1
+            self.last_size = size
+            self.peak_bytes = max(self.peak_bytes, self.bytes)
+
+    def release(self, size: int) -> None:
+        with self._cond:
+            self.bytes -= size
+            self.tasks -= 1
+            self._cond.notify_all()
+
+    def room(self, most: int, closed: Callable[[], bool]) -> int:
+        """Wait while over the limit (or until `closed()`); then how many more inputs like
+        the latest big one fit, between 1 and `most` (`most` while none was big)."""
+        with self._cond:
+            while self._full() and not closed():
+                self._cond.wait(0.1)
+            if not self.last_size:
+                return most
+            fit = max((self.limit - self.bytes) // self.last_size, self.min_tasks - self.tasks)
+            return max(1, min(most, fit))
+
+    def _full(self) -> bool:
+        return self.bytes > self.limit and self.tasks >= self.min_tasks
 
 
 # One finished task as a stream keeps it: a plain tuple, cheaper than a TaskOutcome per item.

@@ -5,22 +5,41 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import signal
 
 import pytest
 
 from procqueue import Pool, WorkerCrashedError
+from procqueue.protocol import OutOfBand, dumps_argument
 
 MIB = 2**20
 
 
+class Buffer:
+    """Bytes that pickle protocol 5 hands over out of band, as it does a numpy array's (a
+    bytearray is pickled in band: it would not reach the memfd path at all)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        return Buffer, (pickle.PickleBuffer(self.data),)
+
+
+def big(nbytes):
+    return Buffer(bytearray(os.urandom(4096)) * (nbytes // 4096))
+
+
 def digest(data):
+    if isinstance(data, Buffer):
+        data = data.data
     return len(data), hashlib.sha256(data).hexdigest()
 
 
-def scribble(data):
-    data[0:4] = b"XXXX"  # the worker's copy is private: the caller must not see this
-    return bytes(data[0:4])
+def scribble(buffer):
+    buffer.data[0:4] = b"XXXX"  # the worker's copy is private: the caller must not see this
+    return bytes(buffer.data[0:4])
 
 
 def crash_once(args):
@@ -29,6 +48,11 @@ def crash_once(args):
         open(marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
     return digest(data)
+
+
+def test_the_test_buffers_travel_out_of_band():
+    assert isinstance(dumps_argument(big(MIB)), OutOfBand)
+    assert isinstance(dumps_argument(("marker", big(MIB))), OutOfBand)
 
 
 def big_result(mib):
@@ -45,7 +69,7 @@ def _shm_entries():
 
 @pytest.mark.timeout(60)
 def test_big_arguments_arrive_intact_and_leak_nothing():
-    blobs = [bytearray(os.urandom(1024)) * 1024 for _ in range(24)]  # 1 MiB each
+    blobs = [big(MIB) for _ in range(24)]
     shm_before = _shm_entries()
     with Pool(2) as pool:
         fds_before = _open_fds()
@@ -58,15 +82,15 @@ def test_big_arguments_arrive_intact_and_leak_nothing():
 
 @pytest.mark.timeout(60)
 def test_worker_cannot_change_the_callers_argument():
-    data = bytearray(b"a" * (2 * MIB))
+    data = Buffer(bytearray(b"a" * (2 * MIB)))
     with Pool(1) as pool:
         assert pool.apply(scribble, (data,)) == b"XXXX"
-    assert data[0:4] == b"aaaa"
+    assert data.data[0:4] == b"aaaa"
 
 
 @pytest.mark.timeout(60)
 def test_big_argument_is_sent_again_on_retry(tmp_path):
-    data = bytearray(os.urandom(MIB))
+    data = big(MIB)
     with Pool(1, retries=1) as pool:
         assert pool.apply(crash_once, ((str(tmp_path / "crashed"), data),)) == digest(data)
     with Pool(1, retries=0) as pool:
@@ -80,3 +104,37 @@ def test_big_results_come_back():
     with Pool(2) as pool:
         sizes = [len(r) for r in pool.imap_unordered(big_result, [64, 1, 64])]
     assert sorted(sizes) == [MIB, 64 * MIB, 64 * MIB]
+
+
+def slow_digest(data):
+    import time
+
+    time.sleep(0.03)  # slower than the feeder copies: it would run far ahead unbounded
+    return digest(data)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["imap", "imap_unordered"])
+def test_imap_of_big_arguments_copies_a_bounded_amount_ahead(monkeypatch, api):
+    # Without a bound the feeder would copy its whole window (2,048 inputs) into memfds
+    # ahead of the workers: 60 x 4 MiB here.  With a 8 MiB bound and 2 workers, at most
+    # max(8 MiB, 2 tasks per worker) plus the input being copied is held at once.
+    import procqueue.pool
+
+    monkeypatch.setattr(procqueue.pool, "ARGUMENT_MEMORY_AHEAD", 8 * MIB)
+    blobs = (big(4 * MIB) for _ in range(60))  # lazily
+    expected = []
+
+    def recorded():
+        for blob in blobs:
+            expected.append(digest(blob))
+            yield blob
+
+    with Pool(2) as pool:
+        got = list(getattr(pool, api)(slow_digest, recorded()))
+        peak = pool._argument_memory.peak_bytes
+        assert pool._argument_memory.bytes == 0  # every argument released at its outcome
+    assert sorted(got) == sorted(expected) and len(got) == 60
+    if api == "imap":
+        assert got == expected
+    assert peak <= max(8 * MIB, 4 * 4 * MIB) + 4 * MIB + 4096, peak
