@@ -406,7 +406,7 @@ class Pool(PoolCalls):
         """A Task for one input; a problem with the input (it cannot be pickled, its key
         function raises) becomes that task's error, never the whole call's."""
         try:
-            payload = dumps_argument(item)
+            payload = dumps_argument(item, self._supervisor.memfds)
         except Exception as exc:
             error = ArgumentSerializationError(
                 f"the task's argument could not be pickled: {exc!r}; "

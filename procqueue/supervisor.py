@@ -40,8 +40,8 @@ from .config import PoolConfig
 from .errors import (InitializerError, PoolBrokenError, ResultSerializationError,
                      TaskCancelledError, TaskTimeoutError, WorkerCrashedError, annotate,
                      describe_exit)
-from .protocol import (BatchResults, BlockResults, InitFailed, OutOfBand, Ready, RunBatch,
-                       dumps, dumps_argument, loads, restore_exception, short_repr,
+from .protocol import (BatchResults, BlockResults, InitFailed, MemfdPool, OutOfBand, Ready,
+                       RunBatch, dumps, dumps_argument, loads, restore_exception, short_repr,
                        wire_payload)
 from .admission import ConcurrencyGate, FreeMemoryGate, Gate, RateGateAdapter, rate_gate_for
 from .scheduler import FailureKind, RetryPolicy, Scheduler
@@ -52,6 +52,7 @@ from .worker_slots import Batch, Slot, SlotPhase, WorkerSlots
 INIT_FAILURE_LIMIT = 3  # consecutive worker start failures before the pool is broken
 RESPAWN_BACKOFF_S = 0.1  # delay before respawning after a failed start; doubles per failure
 STOP_WORKERS_TIMEOUT_S = 1.0  # close(): how long retiring workers get before being killed
+REUSABLE_MEMFD_BYTES = 64 * 2**20  # finished big arguments' memfds kept for reuse, at most
 MIN_DURATIONS_FOR_RELATIVE = 3  # finished tasks needed before a relative timeout applies
 MIN_RELATIVE_TIMEOUT_S = 1.0  # a relative timeout never kills a task younger than this
 WARM_UP_CRASH_LIMIT = 2
@@ -132,6 +133,7 @@ class Supervisor:
         self.workers = WorkerSlots(config.context, list(config.cpus), config.pin, env,
                                    init_payload)
         self.scheduler = Scheduler(pool_gates(config))
+        self.memfds = MemfdPool(REUSABLE_MEMFD_BYTES)  # big arguments' memfds, for reuse
         self.policy = RetryPolicy(config.retries, config.retry_on, config.retry_backoff_s,
                                   config.retry_backoff_max_s, config.retries_on_timeout())
         self.state = SupervisorState.RUNNING
@@ -334,6 +336,8 @@ class Supervisor:
         fn_payload = None if job.fn_id in slot.known_functions else job.fn_payload
         slot.known_functions.add(job.fn_id)
         oob = [t for t in tasks if isinstance(t.payload, OutOfBand)]
+        for task in oob:  # this worker maps it until it says otherwise, or exits
+            _lend(slot, task)
         message = RunBatch(batch.id, job.fn_id, fn_payload, job.kind,
                            tuple((t.id, wire_payload(t.payload)) for t in tasks),
                            tuple(t.id for t in oob))
@@ -425,6 +429,8 @@ class Supervisor:
             self._init_failures = 0
 
     def _on_results(self, slot: Slot, message: BatchResults) -> None:
+        for task_id in message.released:
+            _unlend(slot, task_id)
         batch = next((b for b in slot.batches if b.id == message.batch_id), None)
         if batch is None:
             return  # results of a batch already written off (its task timed out)
@@ -629,6 +635,7 @@ class Supervisor:
 
     def _on_worker_exit(self, slot: Slot) -> None:
         self._read_sent_results(slot)  # sent before it died: apply them first
+        _unlend_all(slot)  # a process that is gone maps nothing
         self._explode_slot(slot)
         running = slot.current_task()
         was = slot.phase
@@ -769,7 +776,7 @@ class Supervisor:
         task.move(state)
         del self._tasks[task.id]
         if isinstance(task.payload, OutOfBand):
-            task.payload.close()
+            task.payload.finish()
         if state is TaskState.DONE:
             self.succeeded += 1
             if task.job.halt is not None:
@@ -795,7 +802,7 @@ class Supervisor:
             task.move(TaskState.DONE)
             del self._tasks[task.id]
             if isinstance(task.payload, OutOfBand):
-                task.payload.close()
+                task.payload.finish()
             delivered.append((task, value))
         self.succeeded += len(delivered)
         if job.halt is not None and delivered:  # a halting call's batches are one task each
@@ -1055,6 +1062,9 @@ class Supervisor:
         self.state = SupervisorState.STOPPED
         if any(s.phase is not SlotPhase.DEAD for s in self.workers.slots):
             self._finish_stopping()
+        self.memfds.close()
+        for slot in self.workers.slots:  # dead now: what they mapped can be closed
+            _unlend_all(slot)
         self.workers.close()
         self._selector.close()
         for fd in (self._wake_r, self._wake_w):
@@ -1187,3 +1197,28 @@ def _joined_submits(first: SubmitTasks, inbox: "deque[Command]") -> SubmitTasks:
         tasks += more.tasks
         errors.update(more.errors)
     return SubmitTasks(tasks, errors)
+
+
+def _lend(slot: Slot, task: Task) -> None:
+    payload = task.payload
+    assert isinstance(payload, OutOfBand)
+    payload.lent += 1
+    slot.lent.setdefault(task.id, []).append(payload)
+
+
+def _unlend(slot: Slot, task_id: int) -> None:
+    """The worker reports it no longer maps task_id's argument."""
+    lent = slot.lent.get(task_id)
+    if not lent:
+        return  # sent to this worker's previous process, already returned at its exit
+    payload = lent.pop()
+    if not lent:
+        del slot.lent[task_id]
+    payload.returned()
+
+
+def _unlend_all(slot: Slot) -> None:
+    lent, slot.lent = slot.lent, {}
+    for payloads in lent.values():
+        for payload in payloads:
+            payload.returned()

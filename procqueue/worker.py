@@ -22,9 +22,9 @@ from typing import Any, Callable
 from .affinity import pin_current_process
 from .errors import (ArgumentSerializationError, RemoteError, ResultSerializationError,
                      WorkerExitedError)
-from .protocol import (PRIMITIVE_TYPES, BatchResults, BlockResults, CallKind, InitFailed, Ready,
-                       RunBatch, Stop, apply_call, capture_exception, dumps, loads,
-                       loads_argument)
+from .protocol import (PRIMITIVE_TYPES, UNMAPPED, BatchResults, BlockResults, CallKind,
+                       InitFailed, Ready, RunBatch, Stop, apply_call, capture_exception, dumps,
+                       loads, loads_argument)
 
 # Slot state shared with the supervisor (a 4-slot int64 array): the task now running and when
 # it started, written here before each item and read by the supervisor on a crash or a
@@ -132,8 +132,9 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
             results = _Columns(batch_id)
             last_flush = now
     slot_state[CURRENT_TASK] = IDLE
-    for fd in fds.values():  # arguments of tasks never reached (their function failed)
+    for task_id, fd in fds.items():  # arguments never mapped (skipped, or no function)
         _close_quietly(fd)
+        UNMAPPED.append(task_id)
     conn.send_bytes(dumps(results.message(final=True)))
 
 
@@ -253,7 +254,17 @@ class _Columns:
 
     def message(self, final: bool) -> BatchResults:
         return BatchResults(self.batch_id, self.task_ids, self.ok, self.payloads, self.seconds,
-                            self.started, final, current_rss_bytes(), self.skipped)
+                            self.started, final, current_rss_bytes(), self.skipped,
+                            _take_unmapped())
+
+
+def _take_unmapped() -> list[int]:
+    """The tasks whose argument this worker stopped mapping since the last message."""
+    if not UNMAPPED:
+        return []
+    taken = UNMAPPED[:]
+    del UNMAPPED[:len(taken)]  # a finalizer may append meanwhile (the GC runs anywhere)
+    return taken
 
 
 def _revoked(slot_state: Any, batch_id: int) -> bool:

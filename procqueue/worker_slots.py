@@ -101,6 +101,8 @@ class Slot:
         self.state = context.RawArray("q", SLOT_STATE_SIZE)  # see worker.py
         self.batches: deque[Batch] = deque()
         self.known_functions: set[int] = set()
+        # out-of-band arguments sent to the current process that it may still map, by task
+        self.lent: dict[int, list[Any]] = {}
         self.tasks_done = 0  # by the current process (maxtasksperchild)
         self.tasks_done_total = 0
         self.busy_s = 0.0

@@ -7,6 +7,7 @@ import hashlib
 import os
 import pickle
 import signal
+import time
 
 import pytest
 
@@ -51,8 +52,10 @@ def crash_once(args):
 
 
 def test_the_test_buffers_travel_out_of_band():
-    assert isinstance(dumps_argument(big(MIB)), OutOfBand)
-    assert isinstance(dumps_argument(("marker", big(MIB))), OutOfBand)
+    for argument in (big(MIB), ("marker", big(MIB))):
+        payload = dumps_argument(argument)
+        assert isinstance(payload, OutOfBand)
+        payload.close()
 
 
 def big_result(mib):
@@ -61,6 +64,17 @@ def big_result(mib):
 
 def _open_fds():
     return len(os.listdir("/proc/self/fd"))
+
+
+def _open_memfds():
+    """Argument memfds this process holds open."""
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found += "procqueue-argument" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass  # closed meanwhile
+    return found
 
 
 def _shm_entries():
@@ -72,12 +86,40 @@ def test_big_arguments_arrive_intact_and_leak_nothing():
     blobs = [big(MIB) for _ in range(24)]
     shm_before = _shm_entries()
     with Pool(2) as pool:
-        fds_before = _open_fds()
         assert pool.map(digest, blobs) == [digest(b) for b in blobs]
         assert list(pool.imap(digest, iter(blobs))) == [digest(b) for b in blobs]
         assert pool.submit(digest, blobs[0]).result() == digest(blobs[0])
-        assert _open_fds() <= fds_before  # every argument's memfd was closed
+        assert pool._supervisor.memfds.reused > 0  # finished arguments' memfds served again
+        assert _open_memfds() <= 64  # only those kept for reuse (64 MiB of 1 MiB ones)
+    pool.join()
+    assert _open_memfds() == 0  # every argument's memfd was closed with the pool
     assert _shm_entries() <= shm_before
+
+
+KEPT = []  # in the worker: arguments a task kept, with their digest when they arrived
+
+
+def keep(buffer):
+    KEPT.append((buffer, digest(buffer)))
+
+
+def kept_unchanged(_):
+    return len(KEPT), all(digest(b) == d for b, d in KEPT)
+
+
+@pytest.mark.timeout(60)
+def test_an_argument_a_task_keeps_is_never_overwritten_by_a_reused_memfd():
+    # Memfds are reused for later arguments of the same size, but only once every worker
+    # they went to has unmapped them: a task that keeps its argument must see it unchanged
+    # while later calls' arguments of the same size come and go.
+    kept = [big(MIB) for _ in range(10)]
+    later = [big(MIB) for _ in range(30)]
+    with Pool(1) as pool:
+        pool.map(keep, kept)
+        for _ in range(2):  # the second time, the first time's memfds are reused
+            assert pool.map(digest, later) == [digest(b) for b in later]
+        assert pool._supervisor.memfds.reused > 0
+        assert pool.apply(kept_unchanged, (0,)) == (10, True)
 
 
 @pytest.mark.timeout(60)
