@@ -180,3 +180,30 @@ def test_imap_of_big_arguments_copies_a_bounded_amount_ahead(monkeypatch, api):
     if api == "imap":
         assert got == expected
     assert peak <= max(8 * MIB, 4 * 4 * MIB) + 4 * MIB + 4096, peak
+
+
+def digest_or_crash(args):
+    marker, buffer = args
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(3)  # the first attempt dies, with the argument mapped
+    return digest(buffer)
+
+
+@pytest.mark.timeout(90)
+def test_reused_memfds_stay_correct_through_crashes_and_retries(tmp_path):
+    # Crashes return a dead worker's memfds without a report from it; retries send the
+    # same memfd again; meanwhile finished ones are reused.  Every input must still be
+    # computed on its own bytes.
+    buffers = [big(512 * 1024) for _ in range(80)]
+    items = [(str(tmp_path / f"crash-{i}") if i % 9 == 4 else "", b)
+             for i, b in enumerate(buffers)]
+    with Pool(2, retries=2) as pool:
+        expected = sorted(digest(b) for b in buffers)
+        for _ in range(2):  # the second round reuses the first round's memfds
+            assert sorted(pool.imap_unordered(digest_or_crash, items)) == expected
+        got = pool.map(digest_or_crash, items)
+        stats = pool.stats()
+        assert pool._supervisor.memfds.reused > 0
+    assert got == [digest(b) for b in buffers]
+    assert stats.worker_restarts >= 9
