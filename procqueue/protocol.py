@@ -32,8 +32,8 @@ import os
 import pickle
 import reprlib
 import sys
-import traceback
 import threading
+import traceback
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -252,7 +252,8 @@ class OutOfBand:
     producers) live in a memfd instead of the pickle: the caller copies them once, the worker
     receives the descriptor over its pipe (SCM_RIGHTS) and maps it, copy-on-write.  A memfd
     has no name, so nothing can leak into /dev/shm whoever dies; the caller keeps its
-    descriptor until the task's final outcome (a retry sends it again), then closes it."""
+    descriptor until the task's final outcome (a retry sends it again), then hands it to a
+    MemfdPool for the next argument of its size, or closes it."""
 
     __slots__ = ("wire", "fd", "size", "nbytes", "on_close", "memfds", "lent", "final",
                  "waiting")
@@ -275,38 +276,40 @@ class OutOfBand:
     def finish(self) -> None:
         """The task has its final outcome: the memfd goes back for reuse once no worker maps
         it any more (at once if none does), else it is closed."""
-        self.final = True
-        on_close, self.on_close = self.on_close, None
-        if on_close is not None:
-            on_close(self.size)
+        self._end()
         if self.lent == 0:
-            self._dispose()
+            self._dispose(reuse=True)
         elif self.memfds is not None and self.memfds.wait():
             self.waiting = True
-        else:  # too many wait already (a task that keeps its arguments): close it now
-            self.memfds = None
-            self._dispose()
+        else:  # too many wait already (tasks that keep their arguments): close it now
+            self._dispose(reuse=False)
 
     def returned(self) -> None:
         """A worker this memfd was sent to has unmapped it (or exited)."""
         self.lent -= 1
         if self.final and self.lent == 0:
-            self._dispose()
+            self._dispose(reuse=True)
 
     def close(self) -> None:
-        """Close the memfd now, whoever maps it (their mappings stay valid)."""
-        self.memfds = None
-        self.finish()
-        self._dispose()
+        """Close the memfd now, not for reuse (a worker's mapping of it stays valid)."""
+        self._end()
+        self._dispose(reuse=False)
 
-    def _dispose(self) -> None:
+    def _end(self) -> None:
+        self.final = True
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close(self.size)
+
+    def _dispose(self, reuse: bool) -> None:
         fd, self.fd = self.fd, -1
         if fd < 0:
             return
         memfds = self.memfds
         if memfds is not None and self.waiting:
+            self.waiting = False
             memfds.waited()
-        if memfds is None or not memfds.give(fd, self.nbytes):
+        if not reuse or memfds is None or not memfds.give(fd, self.nbytes):
             os.close(fd)
 
 

@@ -26,7 +26,7 @@ from .protocol import (PRIMITIVE_TYPES, UNMAPPED, BatchResults, BlockResults, Ca
                        InitFailed, Ready, RunBatch, Stop, apply_call, capture_exception, dumps,
                        loads, loads_argument)
 
-# Slot state shared with the supervisor (a 4-slot int64 array): the task now running and when
+# Slot state shared with the supervisor (an int64 array): the task now running and when
 # it started, written here before each item and read by the supervisor on a crash or a
 # deadline; and up to two revoked batch ids, written by the supervisor when a call is cancelled
 # without killing (the items of a revoked batch that have not started are skipped: a batch

@@ -207,3 +207,34 @@ def test_reused_memfds_stay_correct_through_crashes_and_retries(tmp_path):
         assert pool._supervisor.memfds.reused > 0
     assert got == [digest(b) for b in buffers]
     assert stats.worker_restarts >= 9
+
+
+def test_a_memfd_is_reused_only_when_final_and_unmapped_everywhere():
+    from procqueue.protocol import MemfdPool
+
+    memfds = MemfdPool(max_bytes=8 * MIB, max_waiting=1)
+    first = dumps_argument(big(MIB), memfds)
+    assert isinstance(first, OutOfBand)
+    fd = first.fd
+    first.lent = 2  # sent to two workers (a retry)
+    first.returned()  # one unmapped it
+    assert memfds.take(MIB) is None  # not final yet: nothing to reuse
+    first.finish()
+    assert memfds.take(MIB) is None and first.fd == fd  # final, but one worker still maps it
+    first.returned()
+    assert first.fd == -1 and memfds.waiting == 0
+    assert memfds.take(MIB) == fd  # now it serves the next argument of its size
+    assert memfds.take(MIB) is None and memfds.reused == 1
+    os.close(fd)
+
+    kept = [dumps_argument(big(MIB), memfds) for _ in range(2)]
+    for payload in kept:
+        payload.lent = 1
+        payload.finish()  # tasks that keep their argument: at most max_waiting stay open
+    assert kept[0].fd >= 0 and kept[1].fd == -1
+    kept[0].returned()
+    other = dumps_argument(big(2 * MIB), memfds)
+    other.close()  # closed, never reused
+    assert memfds.take(2 * MIB) is None
+    memfds.close()
+    assert _open_memfds() == 0
