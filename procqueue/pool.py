@@ -295,21 +295,20 @@ class Pool(PoolCalls):
         """The Job of a submit() or apply_async() call.  Without per-call options it is a
         copy of the first such call's (what _job works out depends on the function and the
         pool only): programs submit many thousands of these."""
-        if call is not NO_OPTIONS:
-            job = self._job(func, CallKind.ARGS_KWARGS, sink, None, call, cache=True)
-            job.single_task = True
-            return job
-        with self._functions_lock:
-            hit = self._single_jobs.get(id(func))
-            if hit is not None and hit[0] is func:
-                self._single_jobs.move_to_end(id(func))
-                return hit[1].sibling(new_id(), sink)
+        copyable = call is NO_OPTIONS
+        if copyable:
+            with self._functions_lock:
+                hit = self._single_jobs.get(id(func))
+                if hit is not None and hit[0] is func:
+                    self._single_jobs.move_to_end(id(func))
+                    return hit[1].sibling(new_id(), sink)
         job = self._job(func, CallKind.ARGS_KWARGS, sink, None, call, cache=True)
         job.single_task = True
-        with self._functions_lock:
-            self._single_jobs[id(func)] = (func, job.sibling(0, _NO_SINK))
-            while len(self._single_jobs) > FUNCTION_CACHE_SIZE:
-                self._single_jobs.popitem(last=False)
+        if copyable:
+            with self._functions_lock:
+                self._single_jobs[id(func)] = (func, job.sibling(0, _NO_SINK))
+                while len(self._single_jobs) > FUNCTION_CACHE_SIZE:
+                    self._single_jobs.popitem(last=False)
         return job
 
     def _window(self) -> Window:
