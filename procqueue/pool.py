@@ -29,7 +29,7 @@ from .limits import KeyedLimit, Limit, LimitHandle, Rate
 from .affinity import worker_thread_env
 from .protocol import (PRIMITIVE_TYPES, CallKind, OutOfBand, dumps_argument, dumps_function,
                        pickled_function)
-from .results import (ApplyResult, ArgumentMemory, FutureSink, IMapIterator, MapResult,
+from .results import (ApplyResult, ArgumentMemory, IMapIterator, MapResult,
                       OutcomeIterator, ResultStream, TaskFuture, Window)
 from .supervisor import (CancelJob, CancelTask, Close, CloseJob, OpenJob, SubmitTasks,
                          Supervisor, SupervisorStatistics, Terminate)
@@ -251,12 +251,12 @@ class Pool(PoolCalls):
     def _submit_call(self, call: "CallOptions", fn: Callable[..., Any], args: tuple[Any, ...],
                      kwargs: dict[str, Any]) -> TaskFuture:
         self._check_running()
-        future = TaskFuture()
-        job = self._single_task_job(fn, FutureSink(future, self), call)
+        future = TaskFuture(keepalive=self)
+        job = self._single_task_job(fn, future, call)
         errors: dict[int, BaseException] = {}
         task = self._make_task(job, 0, (args, kwargs), errors)
+        future.cancel_via(self._supervisor, task)
         self._supervisor.post(SubmitTasks([task], errors))
-        future._on_cancel = _TaskCanceller(self._supervisor, task)
         return future
 
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
@@ -677,20 +677,6 @@ class _NoSink:
 
 
 _NO_SINK = _NoSink()
-
-
-class _TaskCanceller:
-    """A submit() future's cancel hook: one object, not a closure and its cells, since a
-    program may hold many pending futures and the garbage collector walks every object."""
-
-    __slots__ = ("supervisor", "task")
-
-    def __init__(self, supervisor: Any, task: Task) -> None:
-        self.supervisor = supervisor
-        self.task = task
-
-    def __call__(self, running: bool) -> None:
-        self.supervisor.post(CancelTask(self.task, running))
 
 
 class PoolView:

@@ -498,81 +498,165 @@ class OutcomeIterator(_StreamIterator[TaskOutcome]):
         self._on_cancel(kill_running)
 
 
-class FutureSink:
-    """Feeds a concurrent.futures.Future (submit)."""
-
-    def __init__(self, future: "TaskFuture", keepalive: Any) -> None:
-        self.future = future
-        self._keepalive = keepalive
-
-    def starting(self, task: Task) -> bool:
-        # False if the future was cancelled while queued: then the task must not run.
-        return self.future.start()
-
-    def deliver(self, task: Task, ok: bool, value: Any) -> None:
-        self._keepalive = None
-        future = self.future
-        # The task is over: drop the cancel hook, and with it the task, its call and their
-        # inputs, which callers holding many futures would keep alive (and Python's garbage
-        # collector would walk at every full collection).  Before the result is set, so a
-        # caller woken by it finds them released.
-        future._on_cancel = None
-        try:
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-        except concurrent.futures.InvalidStateError:
-            pass  # cancelled, or already given an outcome: the first one stands
-
-
 class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
-    """A Future whose cancel() takes a queued task out of the pool, and also cancels a
-    running one (unlike concurrent.futures): its worker is killed and replaced."""
+    """The Future of a submit() call, and the OutcomeSink of its task.  Its cancel() takes a
+    queued task out of the pool, and also cancels a running one (unlike concurrent.futures):
+    its worker is killed and replaced.
 
-    def __init__(self) -> None:
-        # Future.__init__'s state, but with a condition over a Lock, not an RLock: Future
-        # never takes its lock twice, and this is 4 objects fewer for the garbage collector
-        # to walk in a program holding many pending futures (20k submits: ~25% of their time
-        # went to GC).  Where Future's state is not the one known here, its own __init__ runs.
+    Made for programs that hold many thousands pending: Python's garbage collector walks
+    every container object at each full collection, and a plain Future with its sink and
+    cancel hook is 11 of them (its condition, the condition's lock, deque and two bound
+    methods, two lists...).  This one is a single object until someone waits on it: the
+    condition (and Future's two lists) is made at the first use of ``_condition``, which
+    every blocking path of concurrent.futures goes through (result() of a pending future,
+    wait(), as_completed(), add_done_callback(), cancel()).  A change of state on a future
+    without a condition is made under one module-wide lock, the same one that makes
+    conditions, so it cannot slip between a waiter making the condition and waiting on it.
+    """
+
+    _cond: threading.Condition | None = None  # made at the first need
+    _waiters: Any = ()  # Future's lists: empty until the condition is made, real lists then
+    _done_callbacks: Any = ()
+
+    def __init__(self, keepalive: Any = None) -> None:
         if _FUTURE_STATE_KNOWN:
             self._state = _PENDING
             self._result = None
             self._exception = None
-            self._waiters: list[Any] = []
-            self._done_callbacks: list[Any] = []
-        else:
+        else:  # another Python's Future: its own __init__ (an eager condition, its lists)
             super().__init__()
-        self._condition = threading.Condition(threading.Lock())
-        self._on_cancel: Callable[[bool], None] | None = None
+        self._keepalive = keepalive  # the pool, while the task is not over
+        self._canceller: Any = None  # cancel_task(task, running) of whoever runs the task
+        self._task: Any = None
+
+    @property
+    def _condition(self) -> threading.Condition:
+        cond = self._cond
+        if cond is None:
+            with _LAZY_LOCK:
+                cond = self._cond
+                if cond is None:
+                    self._waiters = []
+                    self._done_callbacks = []
+                    # A Lock, not Future's RLock: Future never takes its lock twice.
+                    cond = self._cond = threading.Condition(threading.Lock())
+        return cond
+
+    @_condition.setter
+    def _condition(self, cond: threading.Condition) -> None:  # Future.__init__ (see above)
+        self._cond = cond
+
+    def cancel_via(self, canceller: Any, task: Any) -> None:
+        """Where cancel() goes: canceller.cancel_task(task, running)."""
+        self._canceller = canceller
+        self._task = task
+
+    # ---- the OutcomeSink of its task (the supervisor's thread) ----------------------------
+
+    def starting(self, task: Task) -> bool:
+        # False if the future was cancelled while queued: then the task must not run.
+        return self.start()
+
+    def deliver(self, task: Task, ok: bool, value: Any) -> None:
+        # The task is over: drop the pool, the task, its call and their inputs, which callers
+        # holding many futures would keep alive (and the garbage collector would walk).
+        # Before the result is set, so a caller woken by it finds them released.
+        self._keepalive = self._canceller = self._task = None
+        self._finish(ok, value)
 
     def start(self) -> bool:
-        """set_running_or_notify_cancel() taking the lock once in the common case; True
-        also when already RUNNING (a retried or re-queued task starts again)."""
+        """set_running_or_notify_cancel() taking one lock in the common case; True also when
+        already RUNNING (a retried or re-queued task starts again)."""
+        if self._cond is None:
+            with _LAZY_LOCK:
+                if self._cond is None:  # so not cancelled: cancel() makes the condition
+                    if self._state not in _STARTABLE:
+                        return False  # it has its outcome already: nothing to run
+                    self._state = _RUNNING
+                    return True
         with self._condition:
-            if self._state == _PENDING:
+            if self._state in _STARTABLE:
                 self._state = _RUNNING
-                return True
-            if self._state == _RUNNING:
                 return True
         return self.set_running_or_notify_cancel()  # cancelled while queued: False
 
+    def _finish(self, ok: bool, value: Any) -> None:
+        if self._cond is None:
+            with _LAZY_LOCK:
+                if self._cond is None:
+                    # No condition: nobody waits on it and it has no callbacks.  The first
+                    # outcome (or a cancel) stands, as set_result's InvalidStateError says.
+                    if self._state in _STARTABLE:
+                        if ok:
+                            self._result = value
+                        else:
+                            self._exception = value
+                        self._state = _FINISHED
+                    return
+        with self._condition:  # as set_result/set_exception, without their InvalidStateError
+            if self._state not in _STARTABLE:
+                return
+            if ok:
+                self._result = value
+            else:
+                self._exception = value
+            self._state = _FINISHED
+            for waiter in self._waiters:
+                if ok:
+                    waiter.add_result(self)
+                else:
+                    waiter.add_exception(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]  # Future's own helper
+
+    # ---- reads that need no lock (one attribute read is atomic) ---------------------------
+
+    def done(self) -> bool:
+        return self._state in _DONE
+
+    def running(self) -> bool:
+        return self._state == _RUNNING
+
+    def cancelled(self) -> bool:
+        return self._state in _CANCELLED_STATES
+
+    def __repr__(self) -> str:
+        # Future's takes the lock, and set_result() formats the future while holding it when
+        # it raises InvalidStateError: with a Lock (not an RLock) that would deadlock.
+        state, where = self._state, f"<{type(self).__name__} at {id(self):#x} state="
+        if state != _FINISHED:
+            return f"{where}{state.lower()}>"
+        if self._exception is not None:
+            return f"{where}finished raised {type(self._exception).__name__}>"
+        return f"{where}finished returned {type(self._result).__name__}>"
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._state == _FINISHED and self._exception is None:
+            return self._result  # its fields were set before its state
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state == _FINISHED:
+            return self._exception
+        return super().exception(timeout)
+
     def cancel(self) -> bool:
-        hook = self._on_cancel  # read once: the supervisor drops it when the task ends
-        if not self.running() or hook is None:
+        task, canceller = self._task, self._canceller  # dropped when the task ends
+        hooked = task is not None and canceller is not None
+        if not self.running() or not hooked:
             cancelled = super().cancel()
-            if cancelled and hook is not None:
-                hook(False)
+            if cancelled and hooked:
+                canceller.cancel_task(task, False)
             return cancelled
         with self._condition:
             if self._state != _RUNNING:
-                return self._state in (_CANCELLED, _CANCELLED_AND_NOTIFIED)
+                return self._state in _CANCELLED_STATES
             # What concurrent.futures does for a cancelled pending future, for a running one:
             self._state = _CANCELLED_AND_NOTIFIED
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
             self._condition.notify_all()
-        hook(True)
+        canceller.cancel_task(task, True)
         self._invoke_callbacks()  # type: ignore[attr-defined]  # Future's own helper
         return True
 
@@ -581,6 +665,10 @@ _PENDING = concurrent.futures._base.PENDING
 _FUTURE_STATE_KNOWN = set(vars(concurrent.futures.Future())) == {
     "_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks"}
 _RUNNING = concurrent.futures._base.RUNNING
-_CANCELLED = concurrent.futures._base.CANCELLED
+_FINISHED = concurrent.futures._base.FINISHED
 _CANCELLED_AND_NOTIFIED = concurrent.futures._base.CANCELLED_AND_NOTIFIED
+_STARTABLE = (_PENDING, _RUNNING)
+_CANCELLED_STATES = (concurrent.futures._base.CANCELLED, _CANCELLED_AND_NOTIFIED)
+_DONE = (*_CANCELLED_STATES, _FINISHED)
+_LAZY_LOCK = threading.Lock()  # makes TaskFutures' conditions; guards changes made without one
 

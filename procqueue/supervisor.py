@@ -174,6 +174,10 @@ class Supervisor:
             except (BlockingIOError, OSError):
                 pass  # pipe full (a wake-up is pending anyway) or closed (stopped)
 
+    def cancel_task(self, task: Task, running: bool) -> None:
+        """A submit() future's cancel(): any thread, even a signal handler."""
+        self.post(CancelTask(task, running))
+
     def join(self, timeout: float | None = None) -> bool:
         if self._thread.ident is None:
             return True

@@ -6,7 +6,7 @@
     imap feeder  ──► _Submit ──┤    inbox ──► apply ──► dispatch ── client.submit(run_chunk) ──► scheduler
     cancel/close ──► _Cancel…──┤      ▲                                                           │
                                │      └──── _ChunkDone(future) ◄── future.add_done_callback ◄── worker
-    sinks (ApplyResult, MapResult, ResultStream, FutureSink) ◄── deliver(item, ok, value), driver thread only
+    sinks (ApplyResult, MapResult, ResultStream, TaskFuture) ◄── deliver(item, ok, value), driver thread only
 
 One driver thread per pool blocks in one ``inbox.get()``: caller commands and Dask's done
 callbacks both arrive there, so every item's life (pending → in a chunk → done | retry | failed)
@@ -69,7 +69,7 @@ from ..errors import (ArgumentSerializationError, InitializerError, PoolBrokenEr
 from ..limits import START_SKEW_MARGIN_S, FairQueue, KeyedLimit, Rate
 from ..protocol import (CallKind, apply_call, capture_exception, dumps, dumps_function,
                         pickled_function, restore_exception, short_repr)
-from ..results import (ApplyResult, FutureSink, IMapIterator, MapResult, OutcomeIterator,
+from ..results import (ApplyResult, IMapIterator, MapResult, OutcomeIterator,
                        ResultStream, TaskFuture, Window)
 
 TARGET_CHUNK_S = 0.2  # a Dask task costs ~1-3 ms of scheduling: aim for chunks of 200 ms
@@ -688,6 +688,10 @@ class _Driver:
         self.thread = threading.Thread(target=self._run, name=f"procqueue-dask-{token}",
                                        daemon=True)
 
+    def cancel_task(self, item: _Item, running: bool) -> None:
+        """A submit() future's cancel()."""
+        self.post(_CancelItem(item, running))
+
     def post(self, command: Command) -> None:
         self.inbox.put(command)
 
@@ -1269,11 +1273,10 @@ class DaskPool(PoolCalls):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Run fn(*args, **kwargs) on the cluster; returns a concurrent.futures.Future."""
         self._check_running()
-        future = TaskFuture()
-        call = self._call(fn, CallKind.ARGS_KWARGS, FutureSink(future, self), 1, {})
+        future = TaskFuture(keepalive=self)
+        call = self._call(fn, CallKind.ARGS_KWARGS, future, 1, {})
         item = self._post_items(call, [(args, kwargs)])[0]
-        post = self._driver.post
-        future._on_cancel = lambda running: post(_CancelItem(item, running))
+        future.cancel_via(self._driver, item)
         return future
 
     def imap_outcomes(self, func: Callable[..., Any], iterable: Iterable[Any], *,
