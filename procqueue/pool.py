@@ -271,6 +271,7 @@ class Pool(PoolCalls):
                            return_errors=errors == "return")
         if items:
             job = self._job(func, kind, result, chunksize, call)
+            job.timed_inputs = False
             journal = self._journal.for_call(func, job)
             if journal is not None:
                 journal.journal.set_total(len(items))
@@ -284,6 +285,7 @@ class Pool(PoolCalls):
         call = CallOptions.build(options)
         stream = ResultStream(ordered, self._window())
         job = self._job(func, CallKind.ONE, stream, chunksize, call)
+        job.timed_inputs = False
         journal = self._journal.for_call(func, job)
         post = self._supervisor.post
         iterator = IMapIterator(stream, self, lambda: post(CancelJob(job, False, True)),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import io
 import mmap
 import os
 import pickle
@@ -61,6 +62,7 @@ class RunBatch:
     items: tuple[tuple[int, bytes], ...]  # (task id, pickled payload)
     oob_task_ids: tuple[int, ...] = ()  # tasks whose big buffers follow as file descriptors
     block: tuple[int, bytes] | None = None  # instead of items: (block id, pickled inputs)
+    timed: bool = True  # a block: report each input's run time, or (False) only their total
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,24 +97,41 @@ class BatchResults:
     # tasks whose out-of-band argument this worker no longer maps (see MemfdPool)
     released: list[int] = field(default_factory=list)
 
+    def __len__(self) -> int:
+        return len(self.task_ids)
+
+    @property
+    def busy_s(self) -> float:
+        return sum(self.seconds)
+
 
 @dataclass(frozen=True, slots=True)
 class BlockResults:
     """Results of consecutive inputs of a block, from position `first` on.  The values are
-    one pickle of the list when every value is of a primitive type (which always unpickles),
-    else one pickle per value, so a value the caller cannot unpickle fails only its input."""
+    one pickle of the list when they are plain data (see dumps_plain_data: it always
+    unpickles), else one pickle per value, so a value the caller cannot unpickle fails only
+    its input."""
 
     batch_id: int
     first: int  # position in the block of the first input reported here
     values: bytes | list[bytes | None]  # None (or a None in the list) where the input failed
     errors: dict[int, bytes]  # position -> pickled ErrorInfo
-    seconds: list[float]  # run time of each input reported here
+    count: int  # inputs reported here
+    seconds: list[float] | None  # run time of each, where the batch was `timed`
+    busy_s: float  # their run time in all
     final: bool
     rss_bytes: int = 0
     skipped: int = -1  # the batch was revoked: inputs from this position on never started
 
     def __len__(self) -> int:
-        return len(self.seconds)
+        return self.count
+
+    def seconds_of(self, i: int) -> float:
+        """The run time of the i-th input reported here; 0.0 where the batch was untimed."""
+        return 0.0 if self.seconds is None else self.seconds[i]
+
+    def seconds_between(self, i: int, j: int) -> list[float] | None:
+        return None if self.seconds is None else self.seconds[i:j]
 
 
 ToWorker = Union[RunBatch, Stop]
@@ -131,6 +150,34 @@ class ErrorInfo:
 # Values of these exact types pickle and unpickle anywhere, cannot be mutated behind our back
 # and are cheap to copy: a Block carries only such inputs, and such results travel in one pickle.
 PRIMITIVE_TYPES = frozenset({int, float, bool, str, bytes, complex, type(None)})
+
+
+class _NeedsAClass(Exception):
+    pass
+
+
+class _PlainDataPickler(pickle.Pickler):
+    """Pickles plain data only: builtin scalars and lists, tuples, dicts and sets of them,
+    which unpickle anywhere.  Pickle's C code writes those without calling reducer_override;
+    anything else reaches it and stops the pickling (complex is reduced to its type)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if obj is complex or type(obj) is complex:
+            return NotImplemented
+        raise _NeedsAClass
+
+
+def dumps_plain_data(obj: Any) -> bytes | None:
+    """obj's pickle if it is plain data (see _PlainDataPickler), else None.  As fast as a
+    plain dumps: no Python step per value, unlike a type check before it (~20 ns a value)."""
+    out = io.BytesIO()
+    try:
+        _PlainDataPickler(out, PICKLE_PROTOCOL).dump(obj)
+    except _NeedsAClass:
+        return None
+    except RecursionError:
+        return None  # too deep for one pickle: each value on its own (and its own error)
+    return out.getvalue()
 
 
 def apply_call(fn: Callable[..., Any], kind: CallKind, arg: Any) -> Any:

@@ -134,7 +134,7 @@ class MapResult(ApplyResult):
             self.deliver(task, True, value)
 
     def deliver_run(self, first: int, inputs: list[Any], values: list[Any],
-                    seconds: list[float], pid: int | None) -> None:
+                    seconds: list[float] | None, pid: int | None) -> None:
         n = len(values)
         end = first + n
         self._values[first:end] = values
@@ -265,8 +265,8 @@ class _Run:
 
     __slots__ = ("first", "inputs", "values", "seconds", "pid", "taken")
 
-    def __init__(self, first: int, inputs: list[Any], values: list[Any], seconds: list[float],
-                 pid: int | None) -> None:
+    def __init__(self, first: int, inputs: list[Any], values: list[Any],
+                 seconds: list[float] | None, pid: int | None) -> None:
         self.first = first
         self.inputs = inputs
         self.values = values
@@ -280,8 +280,8 @@ class _Run:
     def take(self) -> _Done:
         i = self.taken
         self.taken = i + 1
-        return (self.first + i, self.inputs[i], True, self.values[i], 1, self.seconds[i],
-                self.pid)
+        seconds = 0.0 if self.seconds is None else self.seconds[i]  # None: an untimed block
+        return (self.first + i, self.inputs[i], True, self.values[i], 1, seconds, self.pid)
 
 
 class ResultStream:
@@ -329,7 +329,7 @@ class ResultStream:
                 self._cond.notify()
 
     def deliver_run(self, first: int, inputs: list[Any], values: list[Any],
-                    seconds: list[float], pid: int | None) -> None:
+                    seconds: list[float] | None, pid: int | None) -> None:
         """Successes of inputs first, first+1, ...: one entry, one lock, one wake-up."""
         run = _Run(first, inputs, values, seconds, pid)
         with self._cond:

@@ -357,7 +357,7 @@ class Supervisor:
         fn_payload = None if job.fn_id in slot.known_functions else job.fn_payload
         slot.known_functions.add(job.fn_id)
         self.workers.send(slot, RunBatch(batch.id, job.fn_id, fn_payload, job.kind, (),
-                                         block=(block.id, inputs)))
+                                         block=(block.id, inputs), timed=job.timed_inputs))
 
     def _warm_up(self, slot: Slot) -> bool:
         """Before a gated call's first task goes to a worker, send that worker the function
@@ -455,10 +455,10 @@ class Supervisor:
 
     def _after_results(self, slot: Slot, batch: Batch, message: BatchResults | BlockResults
                        ) -> None:
-        n = len(message.seconds)
+        n = len(message)
         slot.tasks_done += n
         slot.tasks_done_total += n
-        busy_s = sum(message.seconds)
+        busy_s = message.busy_s
         slot.busy_s += busy_s
         batch.job.sizer.observe(n, busy_s)
         slot.rss_bytes = message.rss_bytes
@@ -484,7 +484,7 @@ class Supervisor:
         self._after_results(slot, batch, message)
 
     def _deliver_successes(self, slot: Slot, block: Block, message: BlockResults) -> None:
-        values = loads(message.values)  # type: ignore[arg-type]  # primitives: unpickles
+        values = loads(message.values)  # type: ignore[arg-type]  # plain data: unpickles
         a = message.first
         b = block.reported = a + len(values)
         self._block_inputs -= b - a
@@ -492,7 +492,7 @@ class Supervisor:
         self._hand_run(slot, block, a, values, message.seconds)
 
     def _hand_run(self, slot: Slot, block: Block, position: int, values: list[Any],
-                  seconds: list[float]) -> None:
+                  seconds: list[float] | None) -> None:
         """Successes of the block's inputs from `position` on, to the call's sink at once."""
         if not values:
             return  # a final message with nothing left to report (a flush sent it all)
@@ -508,7 +508,7 @@ class Supervisor:
                             outcomes: list[tuple[int, Any]]) -> None:
         """The common case: consecutive successes go to the sink as runs, in one call each;
         an input that failed becomes a Task, retried or failed like any other."""
-        first, seconds = message.first, message.seconds
+        first, seconds_between = message.first, message.seconds_between
         block.reported = first + len(outcomes)
         self._block_inputs -= len(outcomes)
         run: list[Any] = []  # the successes since the last failure
@@ -516,13 +516,15 @@ class Supervisor:
             if status == OK:
                 run.append(value)
                 continue
-            self._hand_run(slot, block, first + i - len(run), run, seconds[i - len(run):i])
+            self._hand_run(slot, block, first + i - len(run), run,
+                           seconds_between(i - len(run), i))
             self.succeeded += len(run)
             run = []
             task = self._block_task(block, first + i, slot)
-            self._on_outcome(slot, task, status, value, seconds[i], 0.0, [])
+            self._on_outcome(slot, task, status, value, message.seconds_of(i), 0.0, [])
         end = len(outcomes)
-        self._hand_run(slot, block, first + end - len(run), run, seconds[end - len(run):])
+        self._hand_run(slot, block, first + end - len(run), run,
+                       seconds_between(end - len(run), end))
         self.succeeded += len(run)
 
     def _route_exploded(self, slot: Slot, batch: Batch, block: Block, message: BlockResults,
@@ -535,7 +537,7 @@ class Supervisor:
             task = block.tasks[message.first + i]
             if task is None or batch.pending.pop(task.id, None) is None:
                 continue
-            self._on_outcome(slot, task, status, value, message.seconds[i], now, succeeded)
+            self._on_outcome(slot, task, status, value, message.seconds_of(i), now, succeeded)
         if succeeded:
             self._succeed_all(batch.job, succeeded)
         if message.skipped >= 0:
@@ -1126,7 +1128,7 @@ def _block_outcomes(message: BlockResults) -> list[tuple[int, Any]]:
     errors = message.errors
     first = message.first
     if isinstance(message.values, bytes):
-        values = loads(message.values)  # primitives only: always unpickles
+        values = loads(message.values)  # plain data: always unpickles
         if not errors:
             return [(OK, v) for v in values]
         return [(RAISED, restore_exception(errors[first + i])) if first + i in errors

@@ -75,7 +75,7 @@ class RunSink(OutcomeSink, Protocol):
     """A sink that also takes the successes of consecutive inputs at once (map, imap)."""
 
     def deliver_run(self, first: int, inputs: list[Any], values: list[Any],
-                    seconds: list[float], pid: int | None) -> None:
+                    seconds: list[float] | None, pid: int | None) -> None:
         """Inputs first, first+1, ... succeeded with `values`, each in one attempt."""
 
 
@@ -157,7 +157,8 @@ class Job:
 
     __slots__ = ("id", "fn_id", "fn_payload", "kind", "sink", "chunksize", "timeout_s",
                  "sizer", "cancelled", "gates", "keyed", "key_fn", "timeout_factor",
-                 "durations", "halt", "failures", "successes", "submitted", "single_task")
+                 "durations", "halt", "failures", "successes", "submitted", "single_task",
+                 "timed_inputs")
 
     def __init__(self, job_id: int, fn_id: int, fn_payload: bytes, kind: "CallKind",
                  sink: OutcomeSink, *, chunksize: int | None, timeout_s: float | None,
@@ -184,6 +185,9 @@ class Job:
         self.successes = 0  # ... and that succeeded (for a success= or done= halt)
         self.submitted = 0  # tasks of this call accepted by the supervisor (for halt's N%)
         self.single_task = False  # submit()/apply_async(): one task, never cancelled as a call
+        # Whether each input's own run time reaches the sink (imap_outcomes reports it); map
+        # and imap need only the total, and their blocks then run without a clock per input.
+        self.timed_inputs = True
 
     def sibling(self, job_id: int, sink: OutcomeSink) -> "Job":
         """A new call of the same function with the same options, for another sink."""
@@ -193,6 +197,7 @@ class Job:
         job.timeout_factor = self.timeout_factor
         job.halt = self.halt
         job.single_task = self.single_task
+        job.timed_inputs = self.timed_inputs
         return job
 
     def note_duration(self, seconds: float) -> None:

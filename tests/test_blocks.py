@@ -275,6 +275,68 @@ def test_cancel_inside_blocks_gives_every_input_one_outcome(fn, n, chunksize, le
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("fn, n, chunksize, least", CANCELS, ids=["20ms", "0.3ms"])
+def test_an_abandoned_imap_stops_inside_its_blocks(fn, n, chunksize, least):
+    # imap's blocks run untimed (no clock per input): they still look for a revoke.
+    import gc
+
+    with procqueue.Pool(2) as pool:
+        it = pool.imap(fn, range(n), chunksize=chunksize)
+        assert next(it) == 0
+        del it
+        gc.collect()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            stats = pool.stats()
+            ended = stats.tasks_succeeded + stats.tasks_failed + stats.tasks_cancelled
+            if stats.tasks_submitted == n and ended == n:
+                break
+            time.sleep(0.02)
+    assert stats.tasks_submitted == ended == n
+    assert stats.tasks_cancelled >= least
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["map", "imap", "imap_outcomes"])
+def test_worker_busy_time_counts_every_block(api):
+    # map and imap blocks report only their total run time; it still reaches the stats.
+    with procqueue.Pool(2) as pool:
+        call = getattr(pool, api)
+        list(call(nap, range(30), chunksize=10))
+        busy = sum(w.busy_s for w in pool.stats().workers)
+    assert 30 * 0.02 <= busy < 30 * 0.02 + 1.0
+
+
+@pytest.mark.timeout(60)
+def test_results_of_plain_data_and_of_other_types_come_back_in_their_places():
+    # Plain data (dicts, lists, tuples of builtins) travels as one pickle per block;
+    # a value of another type as its own pickle.
+    with procqueue.Pool(2) as pool:
+        got = pool.map(plain_or_not, range(300), chunksize=100)
+    assert got == [plain_or_not(x) for x in range(300)]
+    assert [type(v) for v in got[:4]] == [dict, tuple, list, MapResultValue]
+
+
+class MapResultValue:
+    def __init__(self, x):
+        self.x = x
+
+    def __eq__(self, other):
+        return isinstance(other, MapResultValue) and other.x == self.x
+
+
+def plain_or_not(x):
+    kind = x % 4
+    if kind == 0:
+        return {"x": x, "nested": [x, (x, None)], "s": {x}}
+    if kind == 1:
+        return (x, str(x), float(x), complex(x, 1), b"b")
+    if kind == 2:
+        return [x] * 3
+    return MapResultValue(x)
+
+
+@pytest.mark.timeout(60)
 def test_terminate_with_blocks_running_and_queued_fails_each_input_once():
     pool = procqueue.Pool(2)
     try:

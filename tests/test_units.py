@@ -313,3 +313,52 @@ def test_consecutive_single_task_calls_share_a_queue_and_calls_stay_fifo():
         taken += [t.input for t in batch]
     assert taken == list(range(len(order)))  # first come, first served, across calls
     assert sched.queued == 0
+
+
+# ---- the worker's untimed block loop, and plain-data results ---------------------------
+
+def test_untimed_stretches_fit_the_revoke_interval_and_grow_at_most_twofold():
+    from procqueue.worker import REVOKE_CHECK_S, UNTIMED_CHECK_MAX, _inputs_per_look
+
+    assert _inputs_per_look(1, 1, 1e-7) == 2  # fast inputs: twice as many, no more
+    assert _inputs_per_look(64, 64, 64e-7) == 128
+    assert _inputs_per_look(UNTIMED_CHECK_MAX, 10**6, 1e-3) == UNTIMED_CHECK_MAX
+    assert _inputs_per_look(256, 256, 256 * 0.01) == 1  # slow inputs: a look after each
+    half = _inputs_per_look(256, 100, 100 * REVOKE_CHECK_S / 50)
+    assert half == 50  # as many as fit in REVOKE_CHECK_S at the last stretch's pace
+    assert _inputs_per_look(8, 0, 0.0) == 16  # nothing measured: grows as fast inputs do
+
+
+@pytest.mark.parametrize("value", [
+    [1, 2.5, "s", b"b", None, True, 10**40, complex(1, 2), bytearray(b"x")],
+    {"a": [1, (2, {3})], "b": frozenset({4})},
+    ({"nested": [[[]]]},),
+])
+def test_plain_data_pickles_in_one_go_and_unpickles_as_it_was(value):
+    from procqueue.protocol import dumps_plain_data
+
+    blob = dumps_plain_data(value)
+    assert blob is not None and pickle.loads(blob) == value
+
+
+class _Instance:
+    pass
+
+
+@pytest.mark.parametrize("value", [
+    [1, _Instance()], [errors.TaskFailed], [len], {"k": __import__("enum").Enum("E", "A").A},
+    [__import__("collections").OrderedDict()], [__import__("decimal").Decimal(1)],
+])
+def test_values_that_need_a_class_to_unpickle_are_not_plain_data(value):
+    from procqueue.protocol import dumps_plain_data
+
+    assert dumps_plain_data(value) is None
+
+
+def test_plain_data_too_deep_for_one_pickle_is_not_taken_as_plain():
+    from procqueue.protocol import dumps_plain_data
+
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert dumps_plain_data([deep]) is None
