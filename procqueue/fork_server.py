@@ -12,14 +12,18 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from typing import Any
 
 DEFAULT_START_METHOD = "forkserver" if sys.platform.startswith("linux") else "spawn"
 
-# psutil: each worker pins itself with it at start (imported in the server, not per worker)
-FORK_SERVER_PRELOAD = ("procqueue.worker", "cloudpickle", "psutil")  # for the CLI: see below
+# psutil: each worker pins itself with it at start (imported in the server, not per worker);
+# multiprocessing.sharedctypes: a worker's slot state arrives as a RawArray.
+FORK_SERVER_PRELOAD = ("procqueue.worker", "cloudpickle", "psutil",
+                       "multiprocessing.sharedctypes")
+FORK_SERVER_PRELOAD_CLI = FORK_SERVER_PRELOAD + ("procqueue.cli.loader",)
 FORK_SERVER_PRELOAD_FULL = FORK_SERVER_PRELOAD + ("procqueue.pool",)
 STOP_WAIT_S = 2.0  # at exit, how long to wait for a fork server start_fork_server() started
 
@@ -40,8 +44,9 @@ def preload_worker_in_fork_server(context: Any) -> None:
     # A program using the API re-imports procqueue.pool in every worker (its script says
     # `from procqueue import Pool`): preloaded, a worker (or a replacement after a crash)
     # starts in ~5 ms instead of ~80 ms.  The `procqueue` command's workers never import it,
-    # and there the ~150 ms the preload puts before the first worker would be pure cost.
-    modules = FORK_SERVER_PRELOAD if _main_is_the_cli() else FORK_SERVER_PRELOAD_FULL
+    # and there the ~150 ms the preload puts before the first worker would be pure cost;
+    # they import the command's loader of the user's function instead.
+    modules = FORK_SERVER_PRELOAD_CLI if _main_is_the_cli() else FORK_SERVER_PRELOAD_FULL
     wanted = [m for m in modules if m not in preload]
     if wanted:
         context.set_forkserver_preload(preload + wanted)
@@ -66,15 +71,20 @@ def start_fork_server() -> None:
 
 
 def _stop_fork_server(server: Any) -> None:
-    """Close this process's end of the server's "alive" pipe, which tells it to exit, and
-    wait for it a bounded time: a child forked from this program may still hold that pipe
-    open (then the server outlives us as multiprocessing's own would, rather than hang us)."""
+    """Close this process's end of the server's "alive" pipe, then kill it and wait for it a
+    bounded time.  At exit it has nothing left to do: left to exit by itself when it sees
+    the pipe close, its interpreter's shutdown would keep us ~20 ms, and a child forked from
+    this program that still holds the pipe open would keep it alive."""
     pid = getattr(server, "_forkserver_pid", None)
     alive_fd = getattr(server, "_forkserver_alive_fd", None)
     if pid is None or alive_fd is None:
         return
     server._forkserver_pid = server._forkserver_alive_fd = None
     os.close(alive_fd)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     deadline = time.monotonic() + STOP_WAIT_S
     try:
         while not os.waitpid(pid, os.WNOHANG)[0] and time.monotonic() < deadline:

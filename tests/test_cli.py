@@ -267,6 +267,20 @@ def test_gnu_parallel_halt_2_is_now_fail_1(batch):
 
 
 @pytest.mark.timeout(60)
+def test_a_worker_starts_without_importing_the_command_line(tmp_path):
+    # A worker loads only the user's script: click and the command's modules (argument
+    # parsing, output, progress) would add tens of ms to each worker's start.
+    script = tmp_path / "probe.py"
+    script.write_text("import sys\n"
+                      "def process(x):\n"
+                      "    return sorted(m for m in sys.modules\n"
+                      "                  if m == 'click' or m.startswith('procqueue.cli.'))\n")
+    run = procqueue("map", script, "-j", "2", ":::", "a", "b")
+    assert run.returncode == 0, run.stderr
+    assert [r["result"] for r in records(run.stdout)] == [["procqueue.cli.loader"]] * 2
+
+
+@pytest.mark.timeout(60)
 def test_what_the_script_prints_goes_to_stderr_not_into_the_records(tmp_path):
     script = tmp_path / "noisy.py"
     # one write() per message: two workers share stderr, so print()'s pieces interleave

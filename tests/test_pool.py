@@ -467,6 +467,7 @@ def test_submit_futures_work_with_wait_as_completed_and_callbacks_that_use_them(
 
 FORK_HOLDS_THE_SERVER = """
 import os, sys, time
+from multiprocessing import forkserver
 import procqueue
 procqueue.start_fork_server()
 child = os.fork()
@@ -474,7 +475,7 @@ if child == 0:  # holds the server's alive pipe open, as a forked helper of a pr
     time.sleep(20)
     os._exit(0)
 with open(sys.argv[1], "w") as f:
-    f.write(str(child))
+    f.write(f"{child} {forkserver._forkserver._forkserver_pid}")
 """
 
 
@@ -490,11 +491,15 @@ def test_exit_after_start_fork_server_does_not_hang_on_a_forked_child(tmp_path):
     try:
         returncode = proc.wait(timeout=50)
         took = time.monotonic() - started
+        child, server = (int(p) for p in pid_file.read_text().split())
+        server_left = psutil.pid_exists(server) \
+            and psutil.Process(server).status() != psutil.STATUS_ZOMBIE
     finally:
-        for pid in [int(pid_file.read_text())] if pid_file.exists() else []:
+        for pid in [int(pid_file.read_text().split()[0])] if pid_file.exists() else []:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
     assert returncode == 0
     assert took < 10  # the wait for the server is bounded, not the child's 20 s
+    assert not server_left  # stopped though the child still holds its pipe

@@ -1,0 +1,79 @@
+"""What a worker of `procqueue map` runs: the user's function, loaded once per worker.
+
+Apart from script.py (which checks the script in the parent and imports click for its
+errors) so that a worker imports only this; the `procqueue` command's fork server preloads
+it, and each worker starts without importing anything of the command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class ScriptFunction:
+    """A picklable reference to the user's function: `path` (a file) or `module`, and the
+    function's name.  Calling it loads the script once per process, then calls the function."""
+
+    name: str
+    path: str | None = None
+    module: str | None = None
+
+    def __call__(self, item: Any) -> Any:
+        return self.resolve()(item)
+
+    def resolve(self) -> Callable[[Any], Any]:
+        key = (self.path, self.module, self.name)
+        fn = _LOADED.get(key)
+        if fn is None:
+            module = _import_file(self.path) if self.path else importlib.import_module(
+                self.module or "")
+            fn = getattr(module, self.name, None)
+            if not callable(fn):
+                # The parent's source check passes names it cannot see (star imports,
+                # module __getattr__); say plainly what is missing at run time.
+                what = "no" if fn is None else f"a non-callable ({type(fn).__name__})"
+                raise TypeError(f"{self.describe()}: the script defines {what} "
+                                f"{self.name!r} to call")
+            _LOADED[key] = fn
+        return fn
+
+    def describe(self) -> str:
+        return f"{self.path or self.module}:{self.name}"
+
+
+_LOADED: dict[tuple[str | None, str | None, str], Callable[[Any], Any]] = {}
+
+
+def _import_file(path: str) -> Any:
+    """Import a script by path under a private module name (so __name__ != "__main__")."""
+    name = "_user_script_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    directory = os.path.dirname(path)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)  # the script may import its neighbours
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def send_prints_to_stderr() -> None:
+    """Worker initializer while the records go to stdout: they own file descriptor 1, so what
+    the script prints (at import or per input) goes to stderr instead of into the JSON Lines."""
+    sys.stdout.flush()
+    os.dup2(2, 1)
