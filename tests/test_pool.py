@@ -503,3 +503,35 @@ def test_exit_after_start_fork_server_does_not_hang_on_a_forked_child(tmp_path):
     assert returncode == 0
     assert took < 10  # the wait for the server is bounded, not the child's 20 s
     assert not server_left  # stopped though the child still holds its pipe
+
+
+def _fails(x):
+    raise ValueError(f"bad input {x}")
+
+
+@pytest.mark.timeout(60)
+def test_submit_futures_work_with_asyncio():
+    import asyncio
+
+    async def main(pool):
+        got = await asyncio.gather(*(asyncio.wrap_future(pool.submit(square, i))
+                                     for i in range(100)))
+        with pytest.raises(ValueError, match="bad input 3"):
+            await asyncio.wrap_future(pool.submit(_fails, 3))
+        running = pool.submit(time.sleep, 30)
+        wrapped = asyncio.wrap_future(running)
+        deadline = time.monotonic() + 20
+        while not running.running() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        wrapped.cancel()  # asyncio cancels the source future: its worker is killed
+        with pytest.raises(asyncio.CancelledError):
+            await wrapped
+        while not running.cancelled() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return got, running.cancelled()
+
+    with Pool(2) as pool:
+        got, cancelled = asyncio.run(main(pool))
+        assert pool.submit(square, 7).result(timeout=30) == 49  # the pool goes on
+    assert got == [i * i for i in range(100)]
+    assert cancelled
