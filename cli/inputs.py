@@ -4,12 +4,17 @@ GNU parallel's `::: literal inputs` and `:::: files of inputs`."""
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import os
 import sys
 from pathlib import Path
 from typing import Iterable, TextIO
 
 import click
+
+
+# One input source: strings; several (GNU parallel's ::: a b ::: 1 2): their combinations.
+Inputs = list[str] | list[tuple[str, ...]]
 
 
 class InputError(click.ClickException):
@@ -20,36 +25,69 @@ class InputError(click.ClickException):
 
 def collect_inputs(inputs: Iterable[str], glob: str | None = None,
                    lines_file: str | None = None, stdin: TextIO | None = None,
-                   null: bool = False) -> list[str]:
-    """Every input item, as a string, in order: a directory gives its files (recursively,
-    sorted, filtered by `glob`), a file gives itself, '-' gives stdin's lines, and
-    `lines_file` the lines of that file.  After ':::' the specs are inputs themselves, after
-    '::::' files of inputs, as in GNU parallel.  With `null`, stdin and files of inputs hold
-    NUL-separated items (`find -print0`), kept exactly, newlines included."""
-    items: list[str] = []
-    mode = "paths"  # GNU parallel's separators switch it: ':::' literal inputs, '::::' files
+                   null: bool = False) -> Inputs:
+    """Every input item, in order: a directory gives its files (recursively, sorted, filtered
+    by `glob`), a file gives itself, '-' gives stdin's lines, and `lines_file` the lines of
+    that file.  After ':::' the specs are inputs themselves, after '::::' files of inputs, as
+    in GNU parallel.  With `null`, stdin and files of inputs hold NUL-separated items (`find
+    -print0`), kept exactly, newlines included.
+
+    As in GNU parallel, each ':::' or '::::' starts another input source, and several
+    sources give every combination of their inputs (the first source varies slowest), as
+    tuples: `::: a b ::: 1 2` is ('a', '1'), ('a', '2'), ('b', '1'), ('b', '2').  ':::+'
+    and '::::+' link a source to the one before instead: their inputs pair up one to one
+    (a shorter source wraps around).  One source gives its items as strings."""
+    sources: list[list[str]] = [[]]  # the first: INPUT paths, stdin, --lines
+    linked = [False]
+    mode = "paths"
     for spec in inputs:
-        if spec in (LITERALS, ARG_FILES):
-            mode = "literal" if spec == LITERALS else "arg-files"
+        if spec in SEPARATORS:
+            mode = "literal" if spec.rstrip("+") == LITERALS else "arg-files"
+            sources.append([])
+            linked.append(spec.endswith("+"))
         elif mode == "literal":
-            items.append(spec)
+            sources[-1].append(spec)
         elif mode == "arg-files":
-            items += _lines_of(spec, null, stdin)
+            sources[-1] += _lines_of(spec, null, stdin)
         elif spec == "-":
-            items += _items(stdin or sys.stdin, null)
+            sources[-1] += _items(stdin or sys.stdin, null)
         elif os.path.isdir(spec):
-            items += _files_under(spec, glob)
+            sources[-1] += _files_under(spec, glob)
         elif os.path.exists(spec):
-            items.append(spec)
+            sources[-1].append(spec)
         else:
             raise InputError(f"input not found: {spec!r}")
     if lines_file is not None:
-        items += _lines_of(lines_file, null, stdin, what="--lines file")
-    return items
+        sources[0] += _lines_of(lines_file, null, stdin, what="--lines file")
+    if not sources[0] and len(sources) > 1:  # only ::: / :::: sources
+        del sources[0], linked[0]
+    if len(sources) == 1:
+        return sources[0]
+    return _combinations(sources, linked)
+
+
+def _combinations(sources: list[list[str]], linked: list[bool]) -> list[tuple[str, ...]]:
+    groups: list[list[list[str]]] = []  # sources linked together
+    for source, link in zip(sources, linked):
+        if link and groups:
+            groups[-1].append(source)
+        else:
+            groups.append([source])
+    rows = [_linked_rows(group) for group in groups]
+    return [sum(parts, ()) for parts in itertools.product(*rows)]
+
+
+def _linked_rows(group: list[list[str]]) -> list[tuple[str, ...]]:
+    if not all(group):
+        return []  # an empty source: no combination
+    n = max(len(source) for source in group)
+    return [tuple(source[i % len(source)] for source in group) for i in range(n)]
 
 
 LITERALS = ":::"  # what follows are the inputs themselves, not paths (GNU parallel)
 ARG_FILES = "::::"  # what follows are files of inputs, one per line (GNU parallel)
+# each starts another input source; with '+', one linked to the source before it
+SEPARATORS = (LITERALS, ARG_FILES, LITERALS + "+", ARG_FILES + "+")
 
 
 def _lines_of(path: str, null: bool, stdin: TextIO | None,

@@ -25,8 +25,8 @@ class ScriptFunction:
     path: str | None = None
     module: str | None = None
 
-    def __call__(self, item: Any) -> Any:
-        return self.resolve()(item)
+    def __call__(self, *args: Any) -> Any:
+        return self.resolve()(*args)  # several arguments: a combination of input sources
 
     def resolve(self) -> Callable[[Any], Any]:
         key = (self.path, self.module, self.name)

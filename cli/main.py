@@ -24,8 +24,8 @@ import click
 import procqueue
 from procqueue import HaltPolicy
 
-from .inputs import collect_inputs
-from .output import JobLog, RecordWriter, record_of
+from .inputs import Inputs, collect_inputs
+from .output import JobLog, RecordWriter, input_text, record_of
 from .progress import Progress
 from .script import function_identity, resolve_script, send_prints_to_stderr
 
@@ -45,6 +45,7 @@ Examples:
   procqueue map mypkg.jobs:render jobs/ --retries 2 --halt soon,fail=5
   procqueue map fetch.py --lines urls.txt --rate 50/30s --limit geo-api=2
   procqueue map render.py ::: scene1 scene2 scene3 -j 3
+  procqueue map resize.py ::: a.png b.png ::: 64 128    (4 calls: process(image, size))
   procqueue map score.py inputs/ --cluster tcp://scheduler:8786   (Dask; or --cluster local:4)
 
 \b
@@ -260,7 +261,9 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 quiet: bool, stats: bool) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
     stdin lines; after ::: the inputs themselves, after :::: files of inputs, as in GNU
-    parallel) and write one JSON line per input."""
+    parallel) and write one JSON line per input.  Several input sources (::: a b ::: 1 2)
+    give every combination, passed as that many arguments; :::+ pairs a source with the
+    one before."""
     if keep_order and unordered:
         raise click.UsageError("--keep-order and --unordered contradict each other")
     if not inputs and lines_file is None:
@@ -276,7 +279,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                             journal=journal_path is not None, trace=trace_path is not None)
     if dry_run:  # every option checked, nothing created or started
         for item in items:
-            click.echo(item)
+            click.echo(input_text(item))
         return
     joblog = None
     if joblog_path:  # first: an unwritable path stops the run before anything else is opened
@@ -322,8 +325,8 @@ class JournalUnusable(click.ClickException):
     exit_code = EXIT_USAGE
 
 
-def _open_journal(path: str, fn: Any, items: list[str], retry_failed: bool,
-                  force: bool) -> procqueue.Journal:
+def _open_journal(path: str, fn: Any, items: Inputs, retry_failed: bool, force: bool
+                  ) -> procqueue.Journal:
     try:
         journal = procqueue.Journal.open(path, function_identity=function_identity(fn),
                                          force=force, retry_failed=retry_failed)
@@ -467,7 +470,7 @@ def _parse(parse: Callable[[str], Any], text: str, hint: str) -> Any:
         raise click.BadParameter(str(exc), param_hint=hint) from None
 
 
-def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | None,
+def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | None,
         chunksize: int | None, ordered: bool, pool_options: dict[str, Any],
         call_options: dict[str, Any], halt: HaltPolicy | None, grace_s: float | None,
         stream: TextIO, quiet: bool, stats: bool, bar: bool = False,
@@ -493,8 +496,11 @@ def run(fn: Any, items: list[str], jobs: int | None, max_tasks_per_child: int | 
     with procqueue.Pool(jobs, maxtasksperchild=max_tasks_per_child, **pool_options) as pool:
         progress.restarts = lambda: pool.stats().worker_restarts
         interrupts.running = lambda: pool.stats().tasks_running
+        # Several input sources (GNU parallel's ::: a b ::: 1 2): a combination is a tuple,
+        # and the function gets its parts as arguments, as the command would in parallel.
+        star = bool(items) and isinstance(items[0], tuple)
         outcomes = pool.imap_outcomes(fn, items, ordered=ordered, chunksize=chunksize,
-                                      **call_options)
+                                      star=star, **call_options)
         interrupts.install(outcomes)
         try:
             for outcome in outcomes:

@@ -23,6 +23,12 @@ def record_of(outcome: procqueue.TaskOutcome) -> dict[str, Any]:
     return record
 
 
+def input_text(item: Any) -> str:
+    """An input as a command line would show it: a combination of several input sources
+    (a tuple) as its parts separated by spaces, as GNU parallel writes them."""
+    return " ".join(item) if isinstance(item, tuple) else str(item)
+
+
 def line_of(record: dict[str, Any]) -> str:
     """The record as one JSON line.  A result that is not JSON-serialisable (NaN and infinity
     included: strict JSON has no such numbers) becomes that input's error (the record is
@@ -153,7 +159,8 @@ class JobLog:
             return
         start = self.starts.pop(outcome.index, time.time() - outcome.seconds)
         exitval, signal_number = _exit_fields(outcome)
-        command = f"{self.command} {outcome.input}".replace("\t", " ").replace("\n", " ")
+        command = f"{self.command} {input_text(outcome.input)}"
+        command = command.replace("\t", " ").replace("\n", " ")
         # Buffered, flushed at close: a flush per input would cost the CPU the workers need
         # (as for the records, see RecordWriter).
         self.stream.write(f"{outcome.index + 1}\t:\t{start:.3f}\t{outcome.seconds:8.3f}\t0\t0\t"

@@ -267,6 +267,26 @@ def test_gnu_parallel_halt_2_is_now_fail_1(batch):
 
 
 @pytest.mark.timeout(60)
+def test_several_input_sources_call_the_function_with_each_combination(tmp_path):
+    # GNU parallel: `parallel job ::: a b ::: 1 2` runs `job a 1`, `job a 2`, `job b 1`, ...
+    script = tmp_path / "pairs.py"
+    script.write_text("def process(word, count):\n    return word * int(count)\n")
+    run = procqueue("map", script, "-j", "2", "-q", ":::", "a", "b", ":::", "1", "2",
+                    "--joblog", tmp_path / "log.tsv")
+    assert run.returncode == 0, run.stderr
+    assert [(r["input"], r["result"]) for r in records(run.stdout)] == [
+        (["a", "1"], "a"), (["a", "2"], "aa"), (["b", "1"], "b"), (["b", "2"], "bb")]
+    commands = [line.split("\t")[-1] for line in (tmp_path / "log.tsv").read_text().splitlines()]
+    assert commands[1:] == [f"{script}:process {w} {n}" for w in "ab" for n in "12"]
+    dry = procqueue("map", script, "--dry-run", ":::", "a", "b", "c", ":::+", "1", "2", "3")
+    assert dry.returncode == 0 and dry.stdout.splitlines() == ["a 1", "b 2", "c 3"]
+    one_arg = procqueue("map", script, "--fn", "process", "-q", ":::", "a")
+    assert one_arg.returncode == 1  # one source: one argument, which this function refuses
+    assert "missing 1 required positional argument" in records(one_arg.stdout)[0]["error"][
+        "message"]
+
+
+@pytest.mark.timeout(60)
 def test_a_worker_starts_without_importing_the_command_line(tmp_path):
     # A worker loads only the user's script: click and the command's modules (argument
     # parsing, output, progress) would add tens of ms to each worker's start.

@@ -33,20 +33,39 @@ def test_stdin_and_lines_file(tmp_path):
 
 
 def test_gnu_parallel_separators_give_literal_inputs_and_files_of_inputs(tmp_path):
-    (tmp_path / "f.txt").write_text("x")
     (tmp_path / "list").write_text("one\n\ntwo\n")
-    got = collect_inputs([str(tmp_path / "f.txt"), ":::", "a b", "no-such-path", "::::",
-                          str(tmp_path / "list"), ":::", "c"])
-    assert got == [str(tmp_path / "f.txt"), "a b", "no-such-path", "one", "two", "c"]
+    assert collect_inputs([":::", "a b", "no-such-path"]) == ["a b", "no-such-path"]
+    assert collect_inputs(["::::", str(tmp_path / "list")]) == ["one", "two"]
     with pytest.raises(InputError, match="cannot read file of inputs"):
         collect_inputs(["::::", str(tmp_path / "missing")])
 
 
+def test_several_input_sources_give_every_combination_as_gnu_parallel_does(tmp_path):
+    # parallel echo ::: a b ::: 1 2  ->  a 1, a 2, b 1, b 2 (the first source varies slowest)
+    (tmp_path / "f.txt").write_text("x")
+    (tmp_path / "list").write_text("one\n\ntwo\n")
+    assert collect_inputs([":::", "a", "b", ":::", "1", "2"]) == [
+        ("a", "1"), ("a", "2"), ("b", "1"), ("b", "2")]
+    got = collect_inputs([str(tmp_path / "f.txt"), ":::", "a", "::::", str(tmp_path / "list")])
+    assert got == [(str(tmp_path / "f.txt"), "a", "one"), (str(tmp_path / "f.txt"), "a", "two")]
+    assert collect_inputs([":::", "a", "b", ":::"]) == []  # an empty source: no combination
+
+
+def test_linked_input_sources_pair_up_and_the_shorter_wraps_around():
+    # parallel echo ::: a b c :::+ 1 2 3  ->  a 1, b 2, c 3
+    assert collect_inputs([":::", "a", "b", "c", ":::+", "1", "2", "3"]) == [
+        ("a", "1"), ("b", "2"), ("c", "3")]
+    assert collect_inputs([":::", "a", "b", "c", ":::+", "1", "2"]) == [
+        ("a", "1"), ("b", "2"), ("c", "1")]
+    assert collect_inputs([":::", "x", "y", ":::", "a", "b", ":::+", "1", "2"]) == [
+        ("x", "a", "1"), ("x", "b", "2"), ("y", "a", "1"), ("y", "b", "2")]
+
+
 def test_null_separated_inputs_are_kept_exactly(tmp_path):
     (tmp_path / "list0").write_text("p\0q r\0")
-    got = collect_inputs(["-", "::::", str(tmp_path / "list0")], null=True,
-                         stdin=io.StringIO("line\nbreak.txt\0 spaced \0\0"))
-    assert got == ["line\nbreak.txt", " spaced ", "p", "q r"]
+    got = collect_inputs(["-"], null=True, stdin=io.StringIO("line\nbreak.txt\0 spaced \0\0"))
+    assert got == ["line\nbreak.txt", " spaced "]
+    assert collect_inputs(["::::", str(tmp_path / "list0")], null=True) == ["p", "q r"]
 
 
 def test_missing_input_is_a_usage_error(tmp_path):
