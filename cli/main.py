@@ -27,7 +27,7 @@ from procqueue import HaltPolicy
 from .inputs import Inputs, collect_inputs
 from .output import JobLog, RecordWriter, input_text, record_of
 from .progress import Progress
-from .script import function_identity, resolve_script, send_prints_to_stderr
+from .script import check_arguments, function_identity, resolve_script, send_prints_to_stderr
 
 EXIT_OK = 0  # every input succeeded
 EXIT_FAILURES = 1  # some inputs failed
@@ -270,6 +270,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
         raise click.UsageError("give at least one INPUT (a file, a directory, or -)")
     fn = resolve_script(script, fn_name)
     items = collect_inputs(inputs, glob, lines_file, null=null)
+    if items:
+        check_arguments(fn, len(items[0]) if isinstance(items[0], tuple) else 1)
     halt_policy = parse_halt(halt)
     pool_options = _pool_options(timeout, retries, no_pin, max_memory_per_child, memfree,
                                  concurrency, rate)

@@ -16,7 +16,7 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 
@@ -62,6 +62,44 @@ def resolve_script(script: str, fn_name: str | None) -> ScriptFunction:
         raise ScriptError(f"script {script!r} is not a file")
     raise ScriptError(f"script not found: {script!r} (give a path to a .py file, "
                       f"file.py:function or module:function)")
+
+
+def check_arguments(fn: ScriptFunction, count: int) -> None:
+    """Usage error if the script's function cannot take `count` positional arguments (one
+    per input source), as far as its source shows: a plain top-level `def` without
+    decorators; anything else is left to the call (its error goes into each record)."""
+    if fn.path is None:
+        return
+    try:
+        tree = ast.parse(Path(fn.path).read_bytes(), filename=fn.path)
+    except (OSError, SyntaxError, ValueError):
+        return  # checked before: cannot happen unless the file changed meanwhile
+    bindings = [node for node in tree.body if fn.name in _names_bound_by(node)]
+    plain_def = len(bindings) == 1 and isinstance(bindings[0], ast.FunctionDef) \
+        and not bindings[0].decorator_list and not TopLevelNames.of(tree).dynamic
+    if not plain_def:
+        return
+    args = cast(ast.FunctionDef, bindings[0]).args
+    positional = len(args.posonlyargs) + len(args.args)
+    required = positional - len(args.defaults)
+    if required <= count and (args.vararg is not None or count <= positional):
+        return
+    takes = f"{required}" if required == positional and args.vararg is None else (
+        f"{required} or more" if args.vararg is not None else f"{required} to {positional}")
+    given = "one input source gives it" if count == 1 else f"{count} input sources give it"
+    raise ScriptError(f"{fn.describe()} takes {takes} positional argument"
+                      f"{'' if takes == '1' else 's'}, but {given} {count} per call (each ::: "
+                      f"or :::: starts another input source, as in GNU parallel)")
+
+
+def _names_bound_by(node: ast.stmt) -> set[str]:
+    """Top-level names a statement binds (for check_arguments: is a def the only one?)."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)
+            and isinstance(n.ctx, ast.Store)}
 
 
 def _check_source_defines(path: Path, name: str) -> None:

@@ -280,10 +280,9 @@ def test_several_input_sources_call_the_function_with_each_combination(tmp_path)
     assert commands[1:] == [f"{script}:process {w} {n}" for w in "ab" for n in "12"]
     dry = procqueue("map", script, "--dry-run", ":::", "a", "b", "c", ":::+", "1", "2", "3")
     assert dry.returncode == 0 and dry.stdout.splitlines() == ["a 1", "b 2", "c 3"]
-    one_arg = procqueue("map", script, "--fn", "process", "-q", ":::", "a")
-    assert one_arg.returncode == 1  # one source: one argument, which this function refuses
-    assert "missing 1 required positional argument" in records(one_arg.stdout)[0]["error"][
-        "message"]
+    one_source = procqueue("map", script, "-q", ":::", "a", "b")
+    assert one_source.returncode == 2 and not one_source.stdout  # checked before any run
+    assert "takes 2 positional arguments, but one input source gives it 1" in one_source.stderr
 
 
 @pytest.mark.timeout(60)

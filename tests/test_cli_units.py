@@ -13,7 +13,7 @@ from procqueue.cli.inputs import InputError, collect_inputs
 from procqueue.cli.main import JobsType, parse_halt
 from procqueue import HaltPolicy
 from procqueue.cli.output import line_of, record_of
-from procqueue.cli.script import ScriptError, ScriptFunction, resolve_script
+from procqueue.cli.script import ScriptError, ScriptFunction, check_arguments, resolve_script
 
 
 def test_directories_are_walked_recursively_and_sorted(tmp_path):
@@ -282,3 +282,34 @@ def test_the_fork_server_starts_early_only_for_a_local_run(args, early):
     from procqueue.cli import _runs_a_local_pool
 
     assert _runs_a_local_pool(args) is early
+
+
+ARITIES = """
+import functools
+def one(a): ...
+def two(a, b): ...
+def some(a, b=1): ...
+def many(a, *rest): ...
+def keyword_only(a, *, b=2): ...
+@functools.lru_cache
+def decorated(a): ...
+def rebound(a): ...
+rebound = functools.partial(two, 1)
+"""
+
+
+@pytest.mark.parametrize("name, ok, refused", [
+    ("one", [1], [2]), ("two", [2], [1, 3]), ("some", [1, 2], [3]), ("many", [1, 2, 5], []),
+    ("keyword_only", [1], [2]), ("decorated", [1, 2, 3], []), ("rebound", [1, 2], []),
+])
+def test_a_function_that_cannot_take_one_argument_per_input_source_is_a_usage_error(
+        tmp_path, name, ok, refused):
+    script = tmp_path / "arities.py"
+    script.write_text(ARITIES)
+    fn = ScriptFunction(name, path=str(script))
+    for count in ok:  # (decorated or rebound: the source does not say, the call will)
+        check_arguments(fn, count)
+    for count in refused:
+        with pytest.raises(ScriptError, match=f"{name} takes .* positional argument"):
+            check_arguments(fn, count)
+    check_arguments(ScriptFunction(name, module="json"), 7)  # a module: left to the call
