@@ -25,9 +25,10 @@ import procqueue
 from procqueue import HaltPolicy
 
 from .inputs import Inputs, collect_inputs
+from .loader import send_prints_to_stderr
 from .output import JobLog, RecordWriter, input_text, record_of
 from .progress import Progress
-from .script import check_arguments, function_identity, resolve_script, send_prints_to_stderr
+from .script import check_arguments, function_identity, resolve_script
 
 EXIT_OK = 0  # every input succeeded
 EXIT_FAILURES = 1  # some inputs failed

@@ -21,7 +21,6 @@ from typing import Any, cast
 import click
 
 from .loader import ScriptFunction as ScriptFunction
-from .loader import send_prints_to_stderr as send_prints_to_stderr
 
 
 class ScriptError(click.ClickException):

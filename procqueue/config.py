@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
 import multiprocessing.context
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 

@@ -31,7 +31,7 @@ from .protocol import (PRIMITIVE_TYPES, CallKind, OutOfBand, dumps_argument, dum
                        pickled_function)
 from .results import (ApplyResult, ArgumentMemory, IMapIterator, MapResult,
                       OutcomeIterator, ResultStream, TaskFuture, Window)
-from .supervisor import (CancelJob, CancelTask, Close, CloseJob, OpenJob, SubmitTasks,
+from .supervisor import (CancelJob, Close, CloseJob, OpenJob, SubmitTasks,
                          Supervisor, SupervisorStatistics, Terminate)
 from .scheduler import HaltPolicy
 from .tasks import Block, Job, Task, new_id

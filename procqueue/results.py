@@ -625,7 +625,7 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         # it raises InvalidStateError: with a Lock (not an RLock) that would deadlock.
         state, where = self._state, f"<{type(self).__name__} at {id(self):#x} state="
         if state != _FINISHED:
-            return f"{where}{state.lower()}>"
+            return f"{where}{_STATE_NAMES.get(state, state)}>"
         if self._exception is not None:
             return f"{where}finished raised {type(self._exception).__name__}>"
         return f"{where}finished returned {type(self._result).__name__}>"
@@ -670,5 +670,6 @@ _CANCELLED_AND_NOTIFIED = concurrent.futures._base.CANCELLED_AND_NOTIFIED
 _STARTABLE = (_PENDING, _RUNNING)
 _CANCELLED_STATES = (concurrent.futures._base.CANCELLED, _CANCELLED_AND_NOTIFIED)
 _DONE = (*_CANCELLED_STATES, _FINISHED)
+_STATE_NAMES = getattr(concurrent.futures._base, "_STATE_TO_DESCRIPTION_MAP", {})
 _LAZY_LOCK = threading.Lock()  # makes TaskFutures' conditions; guards changes made without one
 
