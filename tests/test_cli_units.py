@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 
 import click
@@ -313,3 +314,12 @@ def test_a_function_that_cannot_take_one_argument_per_input_source_is_a_usage_er
         with pytest.raises(ScriptError, match=f"{name} takes .* positional argument"):
             check_arguments(fn, count)
     check_arguments(ScriptFunction(name, module="json"), 7)  # a module: left to the call
+
+
+def test_directory_files_are_sorted_component_by_component(tmp_path):
+    # "sub/d.txt" before "sub-x/c.txt": by path components, not as plain strings ('-' < '/')
+    for name in ["z.txt", "a.txt", "sub/d.txt", "sub-x/c.txt", "sub2/b.txt", "sub/e/f.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    got = [os.path.relpath(p, tmp_path) for p in collect_inputs([str(tmp_path)])]
+    assert got == ["a.txt", "sub/d.txt", "sub/e/f.txt", "sub-x/c.txt", "sub2/b.txt", "z.txt"]
