@@ -92,13 +92,20 @@ def check_arguments(fn: ScriptFunction, count: int) -> None:
 
 
 def _names_bound_by(node: ast.stmt) -> set[str]:
-    """Top-level names a statement binds (for check_arguments: is a def the only one?)."""
+    """Names a top-level statement may bind (for check_arguments: is one `def` the only
+    binding?).  Inside if/try/with blocks every def, class, import and assignment counts,
+    nested ones too: more than binds, so a doubtful case is left to the call."""
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         return {node.name}
-    if isinstance(node, (ast.Import, ast.ImportFrom)):
-        return {(alias.asname or alias.name).split(".")[0] for alias in node.names}
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)
-            and isinstance(n.ctx, ast.Store)}
+    names: set[str] = set()
+    for inner in ast.walk(node):
+        if isinstance(inner, ast.Name) and isinstance(inner.ctx, ast.Store):
+            names.add(inner.id)
+        elif isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(inner.name)
+        elif isinstance(inner, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in inner.names)
+    return names
 
 
 def _check_source_defines(path: Path, name: str) -> None:

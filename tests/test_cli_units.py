@@ -296,19 +296,23 @@ def keyword_only(a, *, b=2): ...
 def decorated(a): ...
 def rebound(a): ...
 rebound = functools.partial(two, 1)
+def alternative(a): ...
+if functools:
+    def alternative(a, b): ...
 """
 
 
 @pytest.mark.parametrize("name, ok, refused", [
     ("one", [1], [2]), ("two", [2], [1, 3]), ("some", [1, 2], [3]), ("many", [1, 2, 5], []),
     ("keyword_only", [1], [2]), ("decorated", [1, 2, 3], []), ("rebound", [1, 2], []),
+    ("alternative", [1, 2], []),
 ])
 def test_a_function_that_cannot_take_one_argument_per_input_source_is_a_usage_error(
         tmp_path, name, ok, refused):
     script = tmp_path / "arities.py"
     script.write_text(ARITIES)
     fn = ScriptFunction(name, path=str(script))
-    for count in ok:  # (decorated or rebound: the source does not say, the call will)
+    for count in ok:  # (decorated, rebound, defined twice: the source does not say)
         check_arguments(fn, count)
     for count in refused:
         with pytest.raises(ScriptError, match=f"{name} takes .* positional argument"):
