@@ -220,6 +220,7 @@ class Pool(PoolCalls):
         stream = ResultStream(ordered, self._window())
         kind = CallKind.STAR if star else CallKind.ONE
         job = self._job(func, kind, stream, chunksize, call)
+        self._supervisor.watch(stream)
         journal = self._journal.for_call(func, job)
         post = self._supervisor.post
         iterator = OutcomeIterator(
@@ -272,6 +273,7 @@ class Pool(PoolCalls):
         if items:
             job = self._job(func, kind, result, chunksize, call)
             job.timed_inputs = False
+            self._supervisor.watch(result)
             journal = self._journal.for_call(func, job)
             if journal is not None:
                 journal.journal.set_total(len(items))
@@ -286,6 +288,7 @@ class Pool(PoolCalls):
         stream = ResultStream(ordered, self._window())
         job = self._job(func, CallKind.ONE, stream, chunksize, call)
         job.timed_inputs = False
+        self._supervisor.watch(stream)
         journal = self._journal.for_call(func, job)
         post = self._supervisor.post
         iterator = IMapIterator(stream, self, lambda: post(CancelJob(job, False, True)),

@@ -76,6 +76,11 @@ class ApplyResult:
         self._event.set()
         self._keepalive = None
 
+    def abort(self, error: BaseException) -> None:
+        """The pool can no longer give this call its outcome (its supervisor failed)."""
+        if not self.ready():
+            self._set(False, error)
+
     def ready(self) -> bool:
         return self._event.is_set()
 
@@ -299,6 +304,7 @@ class ResultStream:
         self._unreleased = 0  # consumed places not yet given back to the window
         self._length: int | None = None  # known once the input is exhausted
         self._input_error: BaseException | None = None
+        self._aborted: BaseException | None = None  # see abort
 
     def starting(self, task: Task) -> bool:
         return True
@@ -341,6 +347,13 @@ class ResultStream:
                 self._arrived.append(run)
                 self._cond.notify()
 
+    def abort(self, error: BaseException) -> None:
+        """The pool can no longer deliver the rest (its supervisor failed): what was delivered
+        is still yielded, then `error` is raised instead of waiting."""
+        with self._cond:
+            self._aborted = error
+            self._cond.notify_all()
+
     def input_finished(self, length: int, error: BaseException | None = None) -> None:
         """The feeder reached the end of the input (or the input raised `error`)."""
         with self._cond:
@@ -371,6 +384,8 @@ class ResultStream:
                         error, self._input_error = self._input_error, None
                         raise error
                     raise StopIteration
+                if self._aborted is not None:
+                    raise self._aborted
                 self._give_back_places()  # before sleeping: the feeder may need them
                 if not self._cond.wait(timeout):
                     raise multiprocessing.TimeoutError

@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, cast
@@ -141,6 +142,10 @@ class Supervisor:
         self._tasks: dict[int, Task] = {}  # every task not yet terminal
         self._block_inputs = 0  # inputs in blocks (queued or running) with no outcome yet
         self._open_jobs: dict[int, Job] = {}  # lazily fed calls whose input is not exhausted
+        # Sinks of many-input calls (map, imap...), told if this thread dies of a bug, so
+        # their callers cannot wait forever for an input it lost (see _run).
+        self._watched: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._watched_lock = threading.Lock()
         self._inbox: deque[Command] = deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -174,6 +179,11 @@ class Supervisor:
             except (BlockingIOError, OSError):
                 pass  # pipe full (a wake-up is pending anyway) or closed (stopped)
 
+    def watch(self, sink: Any) -> None:
+        """A many-input call's sink, to abort(error) if the supervisor fails (any thread)."""
+        with self._watched_lock:
+            self._watched.add(sink)
+
     def cancel_task(self, task: Task, running: bool) -> None:
         """A submit() future's cancel(): any thread, even a signal handler."""
         self.post(CancelTask(task, running))
@@ -206,8 +216,11 @@ class Supervisor:
                 self._step()
         except BaseException:  # a procqueue bug: never leave callers waiting forever
             error = PoolBrokenError("procqueue supervisor failed:\n" + traceback.format_exc())
-            self._break(error)
-            self._finish_stopping()
+            try:
+                self._break(error)
+            finally:
+                self._abort_watched(error)  # whatever the bug lost on the way
+                self._finish_stopping()
         finally:
             self._release_everything()
             self.spawned.set()
@@ -1052,6 +1065,15 @@ class Supervisor:
                 self.workers.kill(slot, "closing", 0, time.monotonic())
         if self._stop_deadline is None:
             self._stop_deadline = time.monotonic() + STOP_WORKERS_TIMEOUT_S
+
+    def _abort_watched(self, error: BaseException) -> None:
+        with self._watched_lock:
+            sinks = list(self._watched)
+        for sink in sinks:
+            try:
+                sink.abort(error)
+            except Exception:
+                traceback.print_exc()
 
     def _finish_stopping(self) -> None:
         self.workers.kill_all_now()

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from procqueue import (Pool, TaskCancelledError, TaskTimeoutError, WorkerCrashedError,
-                       WorkerExitedError)
+from procqueue import (Pool, PoolBrokenError, TaskCancelledError, TaskTimeoutError,
+                       WorkerCrashedError, WorkerExitedError)
 
 
 def sleep_for(seconds):
@@ -312,3 +312,23 @@ def record_start_and_sleep_short(args):
         pass
     time.sleep(0.001)
     return item
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["map", "imap", "imap_outcomes"])
+def test_a_supervisor_bug_that_loses_inputs_fails_the_call_instead_of_hanging(api, monkeypatch):
+    # The supervisor thread dies of an exception after taking a block of inputs off the
+    # queue and before any worker has it: nothing records those inputs any more.  Their call
+    # must still end, with the supervisor's error, and the pool must still shut down.
+    from procqueue.supervisor import Supervisor
+
+    def lose_the_block(self, slot, block):
+        raise RuntimeError("injected supervisor bug")
+
+    monkeypatch.setattr(Supervisor, "_send_block", lose_the_block)
+    with Pool(2) as pool:
+        call = getattr(pool, api)
+        with pytest.raises(PoolBrokenError, match="injected supervisor bug"):
+            list(call(abs, range(1000), chunksize=100))
+        with pytest.raises(PoolBrokenError):
+            pool.submit(abs, 1)  # (no process is left: the autouse fixture checks)
