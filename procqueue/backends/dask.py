@@ -1275,8 +1275,9 @@ class DaskPool(PoolCalls):
         self._check_running()
         future = TaskFuture(keepalive=self)
         call = self._call(fn, CallKind.ARGS_KWARGS, future, 1, {})
-        item = self._post_items(call, [(args, kwargs)])[0]
-        future.cancel_via(self._driver, item)
+        item = self._make_item(call, 0, (args, kwargs))
+        future.cancel_via(self._driver, item)  # before the driver can deliver its outcome
+        self._driver.post(_Submit(call, [item]))
         return future
 
     def imap_outcomes(self, func: Callable[..., Any], iterable: Iterable[Any], *,
