@@ -86,9 +86,11 @@ def _stop_fork_server(server: Any) -> None:
     except ProcessLookupError:
         pass
     deadline = time.monotonic() + STOP_WAIT_S
+    pause = 0.0002  # a killed process is gone in well under a millisecond: look again soon
     try:
         while not os.waitpid(pid, os.WNOHANG)[0] and time.monotonic() < deadline:
-            time.sleep(0.005)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.005)
     except ChildProcessError:
         pass  # reaped already
 
