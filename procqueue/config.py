@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from .affinity import plan_cpus, usable_cpu_count
 from .errors import TaskTimeoutError, exception_types
-from .fork_server import DEFAULT_START_METHOD, preload_worker_in_fork_server
+from .fork_server import default_start_method, preload_worker_in_fork_server
 from .limits import Rate
 
 DEFAULT_CRASH_RETRIES = 1  # issue #2: one retry on a fresh worker covers a one-off OOM kill
@@ -87,7 +87,7 @@ class PoolConfig:
 def resolve_context(context: Any) -> Any:
     """None -> our default; a start-method name -> that context; a context object as is."""
     if context is None:
-        context = DEFAULT_START_METHOD
+        context = default_start_method()
     if isinstance(context, str):
         resolved = multiprocessing.get_context(context)
         if context == "forkserver":

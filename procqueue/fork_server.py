@@ -28,6 +28,82 @@ FORK_SERVER_PRELOAD_FULL = FORK_SERVER_PRELOAD + ("procqueue.pool",)
 STOP_WAIT_S = 2.0  # at exit, how long to wait for a fork server start_fork_server() started
 
 
+def default_start_method() -> str:
+    """The start method of a pool that names none: forkserver on Linux, unless its workers
+    could not import the program's main module the way forkserver has them do; then fork, as
+    multiprocessing uses on Linux, so that code written for multiprocessing.Pool keeps working.
+
+    forkserver (and spawn) import the main module again in each worker, as __mp_main__ so that
+    its `if __name__ == "__main__":` block does not run, for the functions and classes it
+    defines.  A main module with no file (`python -c`, a script piped in, the REPL, Jupyter)
+    cannot be imported: its classes would not exist in a worker, nor the globals an
+    initializer sets for the tasks.  A script that makes its pool outside that guard would
+    make a pool again in every worker."""
+    if DEFAULT_START_METHOD == "forkserver" and not _workers_can_import_main():
+        return "fork"
+    return DEFAULT_START_METHOD
+
+
+def _workers_can_import_main() -> bool:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None:
+        return True
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return False
+    return not _main_running_outside_its_guard(main, path)
+
+
+def _main_running_outside_its_guard(main: Any, path: str) -> bool:
+    """Whether the main thread is in the main module's top-level code, at a line outside
+    every `if __name__ == "__main__":` block (the line that, in the end, is making the pool)."""
+    import threading
+
+    main_thread = threading.main_thread().ident
+    frame = sys._current_frames().get(main_thread) if main_thread is not None else None
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals is vars(main):
+            guards = _main_guard_lines(path)
+            return guards is not None and not any(first <= frame.f_lineno <= last
+                                                   for first, last in guards)
+        frame = frame.f_back
+    return False  # the module's top level has run: importing it again makes no pool
+
+
+_GUARDS: dict[str, list[tuple[int, int]] | None] = {}
+
+
+def _main_guard_lines(path: str) -> list[tuple[int, int]] | None:
+    """The (first, last) lines of each `if __name__ == "__main__":` block of the script, or
+    None when its source cannot be read (then it is taken to be guarded, as before)."""
+    if path not in _GUARDS:
+        import ast
+
+        try:
+            with open(path, "rb") as source:
+                tree = ast.parse(source.read(), path)
+        except (OSError, SyntaxError, ValueError):
+            _GUARDS[path] = None
+        else:
+            _GUARDS[path] = [(node.lineno, node.end_lineno or node.lineno)
+                             for node in ast.walk(tree)
+                             if isinstance(node, ast.If) and _tests_main_name(node.test)]
+    return _GUARDS[path]
+
+
+def _tests_main_name(test: Any) -> bool:
+    """`__name__ == "__main__"`, either way round."""
+    import ast
+
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1
+            and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    names = [s for s in sides if isinstance(s, ast.Name) and s.id == "__name__"]
+    mains = [s for s in sides if isinstance(s, ast.Constant) and s.value == "__main__"]
+    return len(names) == 1 and len(mains) == 1
+
+
 def preload_worker_in_fork_server(context: Any) -> None:
     """Have the fork server import procqueue once, so each worker it forks starts with it
     loaded (~5 ms) instead of importing it (~100 ms).  Only before the fork server starts,

@@ -252,8 +252,10 @@ class _MainFunction:
     initializer that sets a global and the tasks that read it see one namespace, as with
     multiprocessing.Pool.  Sent by value only (cloudpickle's way for `__main__`), each function
     would get its own copy of the globals and the tasks would never see what the initializer
-    set.  The copy by value serves where the reference does not resolve: a function defined
-    under `if __name__ == "__main__":`, an interactive session, a Dask worker."""
+    set.  A program with no script file (`python -c`, Jupyter) gets fork workers (see
+    fork_server.default_start_method), copies of its `__main__` where the reference resolves
+    too.  The copy by value serves where the reference does not resolve: a function defined
+    under `if __name__ == "__main__":`, a Dask worker."""
 
     __slots__ = ("fn",)
 
@@ -272,7 +274,7 @@ class _MainFunction:
 def _main_function_by_reference(fn: Any) -> Any:
     main = sys.modules.get("__main__")
     if (isinstance(fn, types.FunctionType) and fn.__module__ == "__main__"
-            and getattr(main, "__file__", None) and getattr(main, fn.__qualname__, None) is fn):
+            and getattr(main, fn.__qualname__, None) is fn):
         return _MainFunction(fn)
     return fn
 

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from functools import partial
+from multiprocessing import parent_process
 from typing import Any, Callable
 
 from .affinity import pin_current_process
@@ -46,6 +47,9 @@ FUNCTION_CACHE_SIZE = 64  # functions a worker keeps unpickled, by fn_id
 FDS_PER_MESSAGE = 200  # descriptors per SCM_RIGHTS message (the kernel allows 253)
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# What a worker forked by the supervisor process gets when it dies: a real-time signal, which
+# no task is likely to use for itself (see _die_with_parent).
+PARENT_DIED_SIGNAL = int(signal.SIGRTMIN) + 5 if hasattr(signal, "SIGRTMIN") else 0
 
 _failed_functions: dict[int, bytes] = {}  # fn_id -> why it could not be unpickled here
 
@@ -453,16 +457,30 @@ def _become_process_group_leader() -> None:
 
 
 def _die_with_parent() -> None:
-    """Ask the kernel to SIGKILL us when our parent dies (Linux only)."""
+    """Ask the kernel to signal us when our parent dies (Linux only).
+
+    Forked by the fork server, SIGKILL: the server outlives the supervisor, and by the time it
+    is gone the watchdog thread has killed our process group.  Forked by the supervisor itself
+    (the fork and spawn start methods), a signal we catch, whose handler kills our process
+    group (a task's own subprocesses) and us: SIGKILL would kill us first and leave them."""
     if not sys.platform.startswith("linux"):
         return
+    parent = parent_process()
+    death_signal: int = signal.SIGKILL
+    if parent is not None and parent.pid == os.getppid():
+        death_signal = PARENT_DIED_SIGNAL
+        signal.signal(death_signal, _on_parent_death)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
     except (OSError, AttributeError):
         return
     if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
+        _kill_own_group()
+
+
+def _on_parent_death(signum: int, frame: Any) -> None:
+    _kill_own_group()
 
 
 def _watch_supervisor(death_reader: Any) -> None:

@@ -537,25 +537,31 @@ def work(i):
     return i
 '''
 
-SIGKILL_SCRIPT = _SCRIPT_COMMON + '''
-if __name__ == "__main__":
-    with Pool(2) as pool:
-        results = [pool.apply_async(work, (i,)) for i in range(6)]
-        print("SUBMITTED", flush=True)
-        for r in results:
-            r.get()
-'''
+SIGKILL_MAIN = """
+with Pool(2) as pool:
+    results = [pool.apply_async(work, (i,)) for i in range(6)]
+    print("SUBMITTED", flush=True)
+    for r in results:
+        r.get()
+"""
 
-SIGINT_SCRIPT = _SCRIPT_COMMON + '''
-if __name__ == "__main__":
-    try:
-        with Pool(2) as pool:
-            pool.map(work, range(6), chunksize=1)
-    except KeyboardInterrupt:
-        print("GOT-KEYBOARDINTERRUPT", time.time(), flush=True)
-        sys.exit(130)
-    print("MAP-RETURNED", flush=True)
-'''
+SIGINT_MAIN = """
+try:
+    with Pool(2) as pool:
+        pool.map(work, range(6), chunksize=1)
+except KeyboardInterrupt:
+    print("GOT-KEYBOARDINTERRUPT", time.time(), flush=True)
+    sys.exit(130)
+print("MAP-RETURNED", flush=True)
+"""
+
+
+def _supervisor_script(main: str, shape: str) -> str:
+    """A program that makes a pool: under the main guard (its workers come from the fork
+    server), or at top level, as plenty of multiprocessing code is (fork workers)."""
+    if shape == "guarded":
+        return _SCRIPT_COMMON + 'if __name__ == "__main__":\n' + textwrap.indent(main, "    ")
+    return _SCRIPT_COMMON + main
 
 
 def _gone(pid):
@@ -618,9 +624,10 @@ def _kill_leftovers(pids):
 
 
 @pytest.mark.timeout(60)
-def test_sigkilled_supervisor_leaves_no_worker_behind(tmp_path, tmp_shared):
+@pytest.mark.parametrize("shape", ["guarded", "unguarded"])
+def test_sigkilled_supervisor_leaves_no_worker_behind(tmp_path, tmp_shared, shape):
     _procqueue()
-    proc = _start_script(tmp_path, SIGKILL_SCRIPT, tmp_shared)
+    proc = _start_script(tmp_path, _supervisor_script(SIGKILL_MAIN, shape), tmp_shared)
     descendants = set()
     try:
         files = _wait_for_workers(tmp_shared, 2, proc)
@@ -653,9 +660,10 @@ def test_sigkilled_supervisor_leaves_no_worker_behind(tmp_path, tmp_shared):
 
 
 @pytest.mark.timeout(60)
-def test_sigint_reaches_the_caller_in_map_and_leaves_no_worker(tmp_path, tmp_shared):
+@pytest.mark.parametrize("shape", ["guarded", "unguarded"])
+def test_sigint_reaches_the_caller_in_map_and_leaves_no_worker(tmp_path, tmp_shared, shape):
     _procqueue()
-    proc = _start_script(tmp_path, SIGINT_SCRIPT, tmp_shared)
+    proc = _start_script(tmp_path, _supervisor_script(SIGINT_MAIN, shape), tmp_shared)
     workers = grandchildren = set()
     try:
         _wait_for_workers(tmp_shared, 2, proc)

@@ -90,7 +90,7 @@ def test_functions_defined_under_the_main_guard_still_run(tmp_path):
     assert out == [[["guarded", 1]], [["redefined", 2]], [["lambda", 3]]]
 
 
-def test_a_script_piped_into_python_fails_fast_saying_why(tmp_path):
+def test_a_script_piped_into_python_fails_fast_saying_why_under_forkserver(tmp_path):
     # forkserver workers re-import the main module from its __file__, here '<stdin>'
     done = subprocess.run([sys.executable, "-"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=50, input=textwrap.dedent("""
@@ -99,7 +99,7 @@ def test_a_script_piped_into_python_fails_fast_saying_why(tmp_path):
         def double(x):
             return 2 * x
 
-        with Pool(2) as pool:
+        with Pool(2, context="forkserver") as pool:
             print(pool.map(double, [1, 2]))
     """))
     assert done.returncode != 0
@@ -108,7 +108,8 @@ def test_a_script_piped_into_python_fails_fast_saying_why(tmp_path):
     assert "context='fork'" in done.stderr
 
 
-def test_a_script_piped_into_python_runs_with_the_fork_context(tmp_path):
+@pytest.mark.parametrize("context", [None, "fork"])
+def test_a_script_piped_into_python_runs(tmp_path, context):
     done = subprocess.run([sys.executable, "-"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=50, input=textwrap.dedent("""
         import json
@@ -117,8 +118,72 @@ def test_a_script_piped_into_python_runs_with_the_fork_context(tmp_path):
         def double(x):
             return 2 * x
 
-        with Pool(2, context="fork") as pool:
+        with Pool(2, context=%r) as pool:
             print(json.dumps(pool.map(double, [1, 2])))
-    """))
+    """ % context))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [2, 4]
+
+
+# What multiprocessing.Pool code relies on under Linux's fork, kept by default: a class of the
+# program in results and arguments, globals an initializer sets, top-level code run once.
+HABITS = """
+import json, os, sys
+from procqueue import Pool
+
+with open(sys.argv[1], "a") as log:  # top-level code: must run once, not once per worker
+    log.write("ran\\n")
+
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+_scale = None
+
+def setup(scale):
+    global _scale
+    _scale = scale
+
+def shift(p):
+    return Point(p.x * _scale)
+"""
+HABITS_RUN = """
+with Pool(2, initializer=setup, initargs=(10,)) as pool:
+    points = pool.map(shift, [Point(i) for i in range(4)])
+    single = pool.apply(shift, (Point(5),))
+    first = pool.submit(shift, Point(6)).result()
+    worker_parent = pool.apply(os.getppid)
+print(json.dumps({"x": [p.x for p in points] + [single.x, first.x],
+                  "ours": all(type(p) is Point for p in points + [single, first]),
+                  "parent_is_us": worker_parent == os.getpid()}))
+"""
+HABITS_IN_A_FUNCTION = HABITS + "\ndef run():" + textwrap.indent(HABITS_RUN, "    ") + "\n"
+
+
+def run_habits(tmp_path: Path, source: str, as_file: bool = True) -> object:
+    log = tmp_path / "log"
+    if as_file:
+        (tmp_path / "job.py").write_text(source)
+        args = [sys.executable, str(tmp_path / "job.py"), str(log)]
+    else:
+        args = [sys.executable, "-c", source, str(log)]
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1]), log.read_text().count("ran")
+
+
+@pytest.mark.parametrize("shape", ["top level", "main() at top level", "python -c"])
+def test_a_program_without_the_main_guard_runs_as_with_multiprocessing(tmp_path, shape):
+    # forkserver would re-run the script in each worker (making pools there); with no file it
+    # could not import it at all: these get fork workers, as multiprocessing.Pool on Linux.
+    source = HABITS + HABITS_RUN if shape == "top level" else HABITS_IN_A_FUNCTION + "run()\n"
+    out, runs = run_habits(tmp_path, source, as_file=shape != "python -c")
+    assert out == {"x": [0, 10, 20, 30, 50, 60], "ours": True, "parent_is_us": True}
+    assert runs == 1
+
+
+def test_a_guarded_script_keeps_the_fork_server(tmp_path):
+    # forked from the clean, single-threaded fork server, not from this threaded program
+    out, runs = run_habits(tmp_path, HABITS_IN_A_FUNCTION + 'if __name__ == "__main__":\n    run()\n')
+    assert out == {"x": [0, 10, 20, 30, 50, 60], "ours": True, "parent_is_us": False}
+    assert runs == 3  # the script, and each worker's import of it

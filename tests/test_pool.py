@@ -415,8 +415,10 @@ server = forkserver._forkserver._forkserver_pid
 assert server is not None, "not started"
 procqueue.start_fork_server()  # a second call: the same server
 assert forkserver._forkserver._forkserver_pid == server
-with procqueue.Pool(2) as pool:
+# `python -c` programs get fork workers by default (nothing for the server to import)
+with procqueue.Pool(2, context="forkserver") as pool:
     assert pool.map(abs, range(-50, 0)) == list(range(50, 0, -1))
+    assert pool.apply(os.getppid) == server
     workers = {w.pid for w in pool.stats().workers}
 print(server, *workers)
 """
