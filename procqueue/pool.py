@@ -14,6 +14,7 @@ import enum
 import os
 import threading
 import time
+import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, fields
@@ -190,6 +191,12 @@ class Pool(PoolCalls):
 
     def __exit__(self, *exc_info: Any) -> None:
         self.terminate()  # as multiprocessing.Pool: leaving the block terminates
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        # As multiprocessing.Pool: a pool dropped while running says so (a ResourceWarning,
+        # shown under `python -X dev` or -W default); the finalizer terminates it either way.
+        if getattr(self, "_state", None) is PoolState.RUN:
+            _warn(f"unclosed running procqueue pool {self!r}", ResourceWarning, source=self)
 
     def __repr__(self) -> str:
         return (f"<procqueue.Pool state={self._state.value} "
