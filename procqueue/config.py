@@ -47,9 +47,10 @@ class PoolConfig:
         _check_int("processes", processes, minimum=1, message="Number of processes must be at least 1")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        if maxtasksperchild is not None:
-            _check_int("maxtasksperchild", maxtasksperchild, minimum=1,
-                       message="maxtasksperchild must be a positive int or None")
+        if maxtasksperchild is not None and (not isinstance(maxtasksperchild, int)
+                                             or maxtasksperchild < 1):
+            # ValueError for a wrong type too, as multiprocessing.Pool raises
+            raise ValueError("maxtasksperchild must be a positive int or None")
         retries = options.pop("retries", DEFAULT_CRASH_RETRIES)
         _check_int("retries", retries, minimum=0, message="retries must be >= 0")
         timeout_s = options.pop("timeout", None)

@@ -264,6 +264,7 @@ def test_blas_threads_default_to_one_but_user_settings_win(monkeypatch):
     ({"processes": -1}, ValueError),
     ({"processes": 1.5}, TypeError),
     ({"processes": 1, "maxtasksperchild": 0}, ValueError),
+    ({"processes": 1, "maxtasksperchild": "2"}, ValueError),  # as multiprocessing.Pool
     ({"processes": 1, "initializer": 3}, TypeError),
     ({"processes": 1, "timeout": 0}, ValueError),
     ({"processes": 1, "retries": -1}, ValueError),
