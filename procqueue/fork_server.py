@@ -44,14 +44,20 @@ def default_start_method() -> str:
     return DEFAULT_START_METHOD
 
 
+_main_not_importable = False  # once found, for good: also in the fork workers, whose own
+#                               pools' workers would import the same main module
+
+
 def _workers_can_import_main() -> bool:
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    if main is None:
-        return True
-    if not isinstance(path, str) or not os.path.isfile(path):
-        return False
-    return not _main_running_outside_its_guard(main, path)
+    global _main_not_importable
+    if not _main_not_importable:
+        main = sys.modules.get("__main__")
+        path = getattr(main, "__file__", None)
+        if main is None:
+            return True
+        _main_not_importable = (not isinstance(path, str) or not os.path.isfile(path)
+                                or _main_running_outside_its_guard(main, path))
+    return not _main_not_importable
 
 
 def _main_running_outside_its_guard(main: Any, path: str) -> bool:

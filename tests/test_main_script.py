@@ -187,3 +187,32 @@ def test_a_guarded_script_keeps_the_fork_server(tmp_path):
     out, runs = run_habits(tmp_path, HABITS_IN_A_FUNCTION + 'if __name__ == "__main__":\n    run()\n')
     assert out == {"x": [0, 10, 20, 30, 50, 60], "ours": True, "parent_is_us": False}
     assert runs == 3  # the script, and each worker's import of it
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_a_task_can_make_its_own_pool(tmp_path, guarded):
+    # Unguarded, the script's fork workers must give their own pools fork workers too: the
+    # fork server's workers would import the script, and run its pool, once more.
+    body = textwrap.dedent("""
+        import json
+        from procqueue import Pool
+
+        def square(x):
+            return x * x
+
+        def inner(n):
+            with Pool(2) as pool:
+                return sum(pool.map(square, range(n)))
+
+        if True:
+            with Pool(2) as pool:
+                print(json.dumps(pool.map(inner, [3, 4])))
+    """)
+    if guarded:
+        body = body.replace("if True:", 'if __name__ == "__main__":')
+    script = tmp_path / "job.py"
+    script.write_text(body)
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=50)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[5, 14]"]
