@@ -192,10 +192,11 @@ class Pool(PoolCalls):
     def __exit__(self, *exc_info: Any) -> None:
         self.terminate()  # as multiprocessing.Pool: leaving the block terminates
 
-    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+    def __del__(self, _warn: Callable[..., None] = warnings.warn,
+                _running: PoolState = PoolState.RUN) -> None:
         # As multiprocessing.Pool: a pool dropped while running says so (a ResourceWarning,
         # shown under `python -X dev` or -W default); the finalizer terminates it either way.
-        if getattr(self, "_state", None) is PoolState.RUN:
+        if getattr(self, "_finalizer", None) is not None and self._state is _running:
             _warn(f"unclosed running procqueue pool {self!r}", ResourceWarning, source=self)
 
     def __repr__(self) -> str:
