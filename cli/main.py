@@ -261,16 +261,20 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 force: bool, joblog_path: str | None, dry_run: bool, null: bool, bar: bool,
                 quiet: bool, stats: bool) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
-    stdin lines; after ::: the inputs themselves, after :::: files of inputs, as in GNU
-    parallel) and write one JSON line per input.  Several input sources (::: a b ::: 1 2)
+    stdin lines, which no INPUTS also reads unless it is a terminal; after ::: the inputs
+    themselves, after :::: files of inputs, as in GNU parallel) and write one JSON line per
+    input.  Several input sources (::: a b ::: 1 2)
     give every combination, passed as that many arguments; :::+ pairs a source with the
     one before."""
     if keep_order and unordered:
         raise click.UsageError("--keep-order and --unordered contradict each other")
-    if not inputs and lines_file is None:
-        raise click.UsageError("give at least one INPUT (a file, a directory, or -)")
+    from_stdin = not inputs and lines_file is None
+    if from_stdin:
+        inputs = _stdin_if_piped()
     fn = resolve_script(script, fn_name)
     items = collect_inputs(inputs, glob, lines_file, null=null)
+    if from_stdin and not items:
+        raise click.UsageError(NO_INPUT)
     if items:
         check_arguments(fn, len(items[0]) if isinstance(items[0], tuple) else 1)
     halt_policy = parse_halt(halt)
@@ -316,6 +320,17 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
             journal.close()
     sys.exit(code)
 
+
+
+NO_INPUT = "give at least one INPUT (a file, a directory, or -), or pipe inputs into stdin"
+
+
+def _stdin_if_piped() -> tuple[str, ...]:
+    """No INPUT given: as GNU parallel (`find . -name '*.csv' | parallel job`), one input per
+    line of stdin, unless it is a terminal (then a usage error, not a wait for typing)."""
+    if sys.stdin is None or sys.stdin.isatty():
+        raise click.UsageError(NO_INPUT)
+    return ("-",)
 
 def _open_output(path: str, option: str = "--output") -> TextIO:
     try:

@@ -92,6 +92,17 @@ def test_glob_fn_and_stdin_inputs(batch):
 
 
 @pytest.mark.timeout(60)
+def test_no_inputs_reads_piped_stdin_as_gnu_parallel(batch):
+    script, _ = batch
+    run = procqueue("map", script, "--fn", "shout", "-q", stdin="x\ny\n\nz\n")
+    assert run.returncode == 0, run.stderr
+    assert [(r["input"], r["result"]) for r in records(run.stdout)] == [
+        ("x", "X"), ("y", "Y"), ("z", "Z")]
+    nothing = procqueue("map", script, "--fn", "shout", stdin="")  # empty: a usage error
+    assert nothing.returncode == 2
+    assert "give at least one INPUT" in nothing.stderr and not nothing.stdout
+
+
 def test_file_colon_function_and_a_function_defined_under_try(tmp_path, batch):
     _, inputs = batch
     script = tmp_path / "alt.py"
