@@ -6,25 +6,27 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import os
+import re
 import sys
-from typing import Iterable, TextIO
+from typing import Callable, Iterable, TextIO
 
 import click
 
 
 # One input source: strings; several (GNU parallel's ::: a b ::: 1 2): their combinations.
 Inputs = list[str] | list[tuple[str, ...]]
+Row = tuple[str, ...]  # one combination: an argument per source (or column)
 
 
 class InputError(click.ClickException):
-    """An input path that does not exist (exit code 2)."""
+    """An input path that does not exist, or inputs that cannot be read or split (exit code 2)."""
 
     exit_code = 2
 
 
 def collect_inputs(inputs: Iterable[str], glob: str | None = None,
                    lines_file: str | None = None, stdin: TextIO | None = None,
-                   null: bool = False) -> Inputs:
+                   null: bool = False, colsep: str | None = None) -> Inputs:
     """Every input item, in order: a directory gives its files (recursively, sorted, filtered
     by `glob`), a file gives itself, '-' gives stdin's lines, and `lines_file` the lines of
     that file.  After ':::' the specs are inputs themselves, after '::::' files of inputs, as
@@ -35,7 +37,10 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
     sources give every combination of their inputs (the first source varies slowest), as
     tuples: `::: a b ::: 1 2` is ('a', '1'), ('a', '2'), ('b', '1'), ('b', '2').  ':::+'
     and '::::+' link a source to the one before instead: their inputs pair up one to one
-    (a shorter source wraps around).  One source gives its items as strings."""
+    (a shorter source wraps around).  One source gives its items as strings.
+
+    With `colsep` (a regular expression, GNU parallel's --colsep), every input is a row of
+    columns split at it, and the function gets one argument per column (of every source)."""
     sources: list[list[str]] = [[]]  # the first: INPUT paths, stdin, --lines
     linked = [False]
     mode = "paths"
@@ -60,13 +65,24 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
         sources[0] += _lines_of(lines_file, null, stdin, what="--lines file")
     if not sources[0] and len(sources) > 1:  # only ::: / :::: sources
         del sources[0], linked[0]
-    if len(sources) == 1:
+    if len(sources) == 1 and colsep is None:
         return sources[0]
-    return _combinations(sources, linked)
+    split = _column_splitter(colsep)
+    return _combinations([[split(item) for item in source] for source in sources], linked)
 
 
-def _combinations(sources: list[list[str]], linked: list[bool]) -> list[tuple[str, ...]]:
-    groups: list[list[list[str]]] = []  # sources linked together
+def _column_splitter(colsep: str | None) -> Callable[[str], tuple[str, ...]]:
+    if colsep is None:
+        return lambda item: (item,)
+    try:
+        pattern = re.compile(colsep)
+    except re.error as exc:
+        raise InputError(f"--colsep {colsep!r} is not a regular expression: {exc}") from None
+    return lambda item: tuple(pattern.split(item))
+
+
+def _combinations(sources: list[list[Row]], linked: list[bool]) -> list[Row]:
+    groups: list[list[list[Row]]] = []  # sources linked together
     for source, link in zip(sources, linked):
         if link and groups:
             groups[-1].append(source)
@@ -76,11 +92,11 @@ def _combinations(sources: list[list[str]], linked: list[bool]) -> list[tuple[st
     return [sum(parts, ()) for parts in itertools.product(*rows)]
 
 
-def _linked_rows(group: list[list[str]]) -> list[tuple[str, ...]]:
+def _linked_rows(group: list[list[Row]]) -> list[Row]:
     if not all(group):
         return []  # an empty source: no combination
     n = max(len(source) for source in group)
-    return [tuple(source[i % len(source)] for source in group) for i in range(n)]
+    return [sum((source[i % len(source)] for source in group), ()) for i in range(n)]
 
 
 LITERALS = ":::"  # what follows are the inputs themselves, not paths (GNU parallel)

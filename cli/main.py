@@ -214,6 +214,9 @@ def cli() -> None:
 @click.option("--concurrency", type=click.IntRange(min=1), default=None,
               help="At most K tasks running at once.")
 @click.option("--rate", metavar="L/P", help="At most L task starts per P (e.g. 50/30s).")
+@click.option("--delay", metavar="SECONDS",
+              help="Start inputs at least SECONDS apart (s, m or h may follow; GNU parallel's "
+                   "--delay, the same as --rate 1/SECONDS).")
 @click.option("--limit", "limits", metavar="NAME=K[,RATE]", multiple=True,
               help="A machine-wide named limit, shared by every procqueue using NAME.")
 @click.option("--key-from", metavar="EXPR",
@@ -243,6 +246,9 @@ def cli() -> None:
 @click.option("--dry-run", is_flag=True,
               help="Check SCRIPT and its function, print the inputs one per line, run nothing "
                    "(GNU parallel's --dry-run).")
+@click.option("--colsep", metavar="REGEX",
+              help="Split each input into columns at REGEX and pass one argument per column "
+                   "(GNU parallel's --colsep; e.g. --colsep , :::: pairs.csv).")
 @click.option("-0", "--null", is_flag=True,
               help="Inputs from stdin and files of inputs are separated by NUL, not newlines "
                    "(find -print0; GNU parallel's -0).")
@@ -255,11 +261,12 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 unordered: bool, keep_order: bool, timeout: str | None, retries: int, no_pin: bool,
                 max_tasks_per_child: int | None, max_memory_per_child: str | None,
                 memfree: str | None, chunksize: int | None, concurrency: int | None,
-                rate: str | None, limits: tuple[str, ...], key_from: str | None,
-                key_concurrency: int | None, halt: str | None, interrupt_grace: float | None,
-                trace_path: str | None, journal_path: str | None, retry_failed: bool,
-                force: bool, joblog_path: str | None, dry_run: bool, null: bool, bar: bool,
-                quiet: bool, stats: bool) -> None:
+                rate: str | None, delay: str | None, limits: tuple[str, ...],
+                key_from: str | None, key_concurrency: int | None, halt: str | None,
+                interrupt_grace: float | None, trace_path: str | None,
+                journal_path: str | None, retry_failed: bool, force: bool,
+                joblog_path: str | None, dry_run: bool, colsep: str | None, null: bool,
+                bar: bool, quiet: bool, stats: bool) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
     stdin lines, which no INPUTS also reads unless it is a terminal; after ::: the inputs
     themselves, after :::: files of inputs, as in GNU parallel) and write one JSON line per
@@ -272,14 +279,14 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     if from_stdin:
         inputs = _stdin_if_piped()
     fn = resolve_script(script, fn_name)
-    items = collect_inputs(inputs, glob, lines_file, null=null)
+    items = collect_inputs(inputs, glob, lines_file, null=null, colsep=colsep)
     if from_stdin and not items:
         raise click.UsageError(NO_INPUT)
     if items:
         check_arguments(fn, len(items[0]) if isinstance(items[0], tuple) else 1)
     halt_policy = parse_halt(halt)
     pool_options = _pool_options(timeout, retries, no_pin, max_memory_per_child, memfree,
-                                 concurrency, rate)
+                                 concurrency, _rate_or_delay(rate, delay))
     call_options = _call_options(limits, key_from, key_concurrency)
     if cluster is not None:  # before the journal is opened: refused options create nothing
         jobs = _use_cluster(cluster, jobs, pool_options, call_options,
@@ -406,6 +413,21 @@ def _pool_options(timeout: str | None, retries: int, no_pin: bool,
     if rate:
         options["rate"] = _parse(procqueue.Rate.parse, rate, "--rate")
     return options
+
+
+def _rate_or_delay(rate: str | None, delay: str | None) -> str | None:
+    """--delay D is --rate 1/D: one start in any D seconds."""
+    if delay is None:
+        return rate
+    if rate is not None:
+        raise click.UsageError("give --rate or --delay, not both")
+    one_per = f"1/{delay.strip()}"
+    try:
+        procqueue.Rate.parse(one_per)
+    except ValueError:
+        raise click.BadParameter(f"{delay!r} is not seconds (optionally followed by ms, s, m "
+                                 f"or h)", param_hint="--delay") from None
+    return one_per
 
 
 def _parse_timeout(text: str) -> float | str:

@@ -324,6 +324,35 @@ def test_what_the_script_prints_goes_to_stderr_not_into_the_records(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_colsep_passes_each_column_as_an_argument(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("def process(name, count):\n    return name * int(count)\n")
+    (tmp_path / "table.tsv").write_text("ab\t2\nc\t3\n")
+    run = procqueue("map", script, "--colsep", "\t", "-q", "::::", tmp_path / "table.tsv")
+    assert run.returncode == 0, run.stderr
+    assert [(r["input"], r["result"]) for r in records(run.stdout)] == [
+        (["ab", "2"], "abab"), (["c", "3"], "ccc")]
+    wrong = procqueue("map", script, "--colsep", ",", "::::", tmp_path / "table.tsv")
+    assert wrong.returncode == 2 and "argument" in wrong.stderr  # one column, two parameters
+
+
+@pytest.mark.timeout(60)
+def test_delay_spaces_the_starts_as_gnu_parallel_does(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("def process(x):\n    return x\n")
+    joblog = tmp_path / "jobs.tsv"
+    run = procqueue("map", script, "--delay", "0.2", "-j", "2", "-q", "--joblog", joblog,
+                    ":::", "a", "b", "c", "d")
+    assert run.returncode == 0, run.stderr
+    starts = sorted(float(line.split("\t")[2]) for line in joblog.read_text().splitlines()[1:])
+    assert len(starts) == 4
+    gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
+    assert min(gaps) >= 0.2 - 0.002, gaps  # the joblog keeps milliseconds
+    assert procqueue("map", script, "--delay", "soon", ":::", "a").returncode == 2
+    assert procqueue("map", script, "--delay", "1", "--rate", "2/s", ":::", "a").returncode == 2
+
+
+@pytest.mark.timeout(60)
 def test_joblog_in_gnu_parallels_format(tmp_path):
     script = tmp_path / "job.py"
     script.write_text("import os\ndef process(x):\n    if x == 'boom':\n"

@@ -62,6 +62,19 @@ def test_linked_input_sources_pair_up_and_the_shorter_wraps_around():
         ("x", "a", "1"), ("x", "b", "2"), ("y", "a", "1"), ("y", "b", "2")]
 
 
+def test_colsep_splits_every_input_into_columns_as_gnu_parallel_does(tmp_path):
+    # parallel --colsep , echo {2} {1} :::: pairs.csv
+    (tmp_path / "pairs.csv").write_text("a,1\nb,2,extra\n")
+    assert collect_inputs(["::::", str(tmp_path / "pairs.csv")], colsep=",") == [
+        ("a", "1"), ("b", "2", "extra")]
+    assert collect_inputs([":::", "x y", "z", ":::", "1\t2"], colsep=r"\s+") == [
+        ("x", "y", "1", "2"), ("z", "1", "2")]  # the columns of each source, in order
+    assert collect_inputs([":::", "a;b", ":::+", "1"], colsep=";") == [("a", "b", "1")]
+    with pytest.raises(InputError, match="not a regular expression") as info:
+        collect_inputs([":::", "a"], colsep="(")
+    assert info.value.exit_code == 2
+
+
 def test_null_separated_inputs_are_kept_exactly(tmp_path):
     (tmp_path / "list0").write_text("p\0q r\0")
     got = collect_inputs(["-"], null=True, stdin=io.StringIO("line\nbreak.txt\0 spaced \0\0"))
