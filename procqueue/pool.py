@@ -120,6 +120,7 @@ class Pool(PoolCalls):
                  journal: "str | Journal | None" = None,
                  trace: "str | os.PathLike[str] | None" = None, **options: Any) -> None:
         self._state = PoolState.RUN
+        self._owner_pid = os.getpid()
         self._journal = _JournalHolder(journal)
         self._trace = TraceWriter(trace) if trace is not None else None
         if self._trace is not None:
@@ -147,6 +148,7 @@ class Pool(PoolCalls):
         # Terminate on garbage collection and at interpreter exit, without keeping self alive.
         self._finalizer = weakref.finalize(self, _shutdown, self._supervisor, self._journal,
                                            self._trace)
+        _POOLS_OF_THIS_PROCESS.add(self)
 
     # ---- multiprocessing.Pool API (apply, map, imap... in calls.PoolCalls) ------------------
     # Every call also takes the keyword-only per-call options of CallOptions (limit=, queue=,
@@ -252,6 +254,10 @@ class Pool(PoolCalls):
 
     def _check_running(self) -> None:
         if self._state is not PoolState.RUN:
+            if self._owner_pid != os.getpid():
+                raise PoolClosedError(
+                    f"this pool belongs to process {self._owner_pid}: a process forked from it "
+                    f"cannot use it (make a pool in this process)")
             raise PoolClosedError("Pool not running")
         broken = self._supervisor.broken_error
         if broken is not None:
@@ -735,6 +741,22 @@ def _payload_bytes(payload: Any) -> int:
 
 def _pids(pool: Pool) -> list[int | None]:
     return [slot.pid for slot in pool._supervisor.workers.slots]
+
+
+_POOLS_OF_THIS_PROCESS: "weakref.WeakSet[Pool]" = weakref.WeakSet()
+
+
+def _disown_pools_after_fork() -> None:
+    """In a child forked from a process with pools (os.fork, or a fork worker): their copies
+    have no supervisor thread, so a call would wait forever.  They are closed here, and never
+    shut down from here (their workers are the parent's)."""
+    for pool in list(_POOLS_OF_THIS_PROCESS):
+        pool._state = PoolState.TERMINATE
+        pool._finalizer.detach()
+    _POOLS_OF_THIS_PROCESS.clear()
+
+
+os.register_at_fork(after_in_child=_disown_pools_after_fork)
 
 
 def _shutdown(supervisor: Supervisor, journal: "_JournalHolder",

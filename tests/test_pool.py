@@ -540,3 +540,29 @@ def test_submit_futures_work_with_asyncio():
         assert pool.submit(square, 7).result(timeout=30) == 49  # the pool goes on
     assert got == [i * i for i in range(100)]
     assert cancelled
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_cannot_use_the_pool_and_says_so_instead_of_waiting():
+    with Pool(2) as pool:
+        assert pool.map(square, [1, 2]) == [1, 4]
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:  # the copy has no supervisor thread: a call would wait forever
+            try:
+                pool.map(square, [3])
+                os.write(write_end, b"returned")
+            except BaseException as exc:
+                os.write(write_end, f"{type(exc).__name__}: {exc}".encode())
+            os._exit(0)
+        os.close(write_end)
+        import select
+
+        answered = select.select([read_end], [], [], 20)[0]
+        if not answered:
+            os.kill(child, signal.SIGKILL)
+        with os.fdopen(read_end, "rb") as reader:
+            said = reader.read().decode() if answered else "no answer in 20 s"
+        assert os.waitpid(child, 0)[1] == 0
+        assert said.startswith("PoolClosedError: this pool belongs to process")
+        assert pool.map(square, [4]) == [16]  # the child left the parent's workers alone
