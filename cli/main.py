@@ -270,9 +270,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
     stdin lines, which no INPUTS also reads unless it is a terminal; after ::: the inputs
     themselves, after :::: files of inputs, as in GNU parallel) and write one JSON line per
-    input.  Several input sources (::: a b ::: 1 2)
-    give every combination, passed as that many arguments; :::+ pairs a source with the
-    one before."""
+    input.  Several input sources (::: a b ::: 1 2) give every combination, passed as that
+    many arguments; :::+ pairs a source with the one before."""
     if keep_order and unordered:
         raise click.UsageError("--keep-order and --unordered contradict each other")
     from_stdin = not inputs and lines_file is None
@@ -328,7 +327,6 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     sys.exit(code)
 
 
-
 NO_INPUT = "give at least one INPUT (a file, a directory, or -), or pipe inputs into stdin"
 
 
@@ -338,6 +336,7 @@ def _stdin_if_piped() -> tuple[str, ...]:
     if sys.stdin is None or sys.stdin.isatty():
         raise click.UsageError(NO_INPUT)
     return ("-",)
+
 
 def _open_output(path: str, option: str = "--output") -> TextIO:
     try:

@@ -52,9 +52,9 @@ def _workers_can_import_main() -> bool:
     global _main_not_importable
     if not _main_not_importable:
         main = sys.modules.get("__main__")
-        path = getattr(main, "__file__", None)
         if main is None:
             return True
+        path = getattr(main, "__file__", None)
         _main_not_importable = (not isinstance(path, str) or not os.path.isfile(path)
                                 or _main_running_outside_its_guard(main, path))
     return not _main_not_importable
