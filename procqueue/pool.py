@@ -11,13 +11,14 @@ thread with a bounded window, so an endless generator runs in bounded memory.
 from __future__ import annotations
 
 import enum
+import multiprocessing
 import os
 import threading
 import time
 import warnings
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, cast
 
@@ -28,8 +29,8 @@ from .config import PoolConfig, parse_relative_timeout
 from .errors import ArgumentSerializationError, PoolClosedError
 from .limits import KeyedLimit, Limit, LimitHandle, Rate
 from .affinity import worker_thread_env
-from .protocol import (PRIMITIVE_TYPES, CallKind, OutOfBand, dumps_argument, dumps_function,
-                       pickled_function)
+from .protocol import (PRIMITIVE_TYPES, CallKind, InitializerCall, OutOfBand, dumps_argument,
+                       pickled_function, shared_only_by_inheritance)
 from .results import (ApplyResult, ArgumentMemory, IMapIterator, MapResult,
                       OutcomeIterator, ResultStream, TaskFuture, Window)
 from .supervisor import (CancelJob, Close, CloseJob, OpenJob, SubmitTasks,
@@ -127,10 +128,10 @@ class Pool(PoolCalls):
             options["on_event"] = _both(self._trace, options.get("on_event"))
         self._config = PoolConfig.build(processes, initializer, initargs, maxtasksperchild,
                                         context, **options)
-        init_payload = None
+        initializer_call = None
         if initializer is not None:
-            init_payload = dumps_function((initializer, tuple(initargs)))
-        self._supervisor = Supervisor(self._config, init_payload,
+            initializer_call = self._initializer_call(initializer, context is None)
+        self._supervisor = Supervisor(self._config, initializer_call,
                                       worker_thread_env(self._config.worker_env))
         self._processes = self._config.processes
         self._functions: OrderedDict[int, tuple[Any, int, bytes]] = OrderedDict()
@@ -149,6 +150,22 @@ class Pool(PoolCalls):
         self._finalizer = weakref.finalize(self, _shutdown, self._supervisor, self._journal,
                                            self._trace)
         _POOLS_OF_THIS_PROCESS.add(self)
+
+    def _initializer_call(self, initializer: Callable[..., object],
+                          default_context: bool) -> InitializerCall:
+        config = self._config
+        if config.context.get_start_method() != "fork":
+            try:
+                return InitializerCall.pickled(initializer, config.initargs)
+            except Exception as exc:
+                if not default_context:
+                    if not shared_only_by_inheritance(exc):
+                        raise
+                    return InitializerCall.args_at_process_start(initializer, config.initargs)
+            # Code written for multiprocessing.Pool on Linux passes initargs its fork workers
+            # inherit (a Lock, Value or Queue, an open connection): so do ours, then.
+            self._config = replace(config, context=multiprocessing.get_context("fork"))
+        return InitializerCall.inherited(initializer, config.initargs)
 
     # ---- multiprocessing.Pool API (apply, map, imap... in calls.PoolCalls) ------------------
     # Every call also takes the keyword-only per-call options of CallOptions (limit=, queue=,

@@ -228,6 +228,49 @@ def dumps_function(fn: Any) -> bytes:
     return bytes(cloudpickle.dumps(fn, PICKLE_PROTOCOL))
 
 
+class InitializerCall:
+    """A pool's initializer and its arguments, on their way to each worker as an argument of
+    its Process: pickled with cloudpickle when the pool is made (lambdas, functions of the
+    script); or, for initargs multiprocessing shares only by inheritance (its Lock, Value,
+    Queue...), the initializer pickled and the initargs left to the process start, whose
+    pickler takes those made from its context; or, for fork workers, nothing pickled: they
+    inherit whatever the initargs are, as with multiprocessing.Pool on Linux."""
+
+    __slots__ = ("function", "args")
+
+    def __init__(self, function: Any, args: tuple[Any, ...] | None) -> None:
+        self.function = function  # bytes: cloudpickled (function, args) if args is None, else
+        self.args = args          # the cloudpickled function; or the function itself (fork)
+
+    @classmethod
+    def pickled(cls, initializer: Callable[..., object], initargs: tuple[Any, ...]
+                ) -> "InitializerCall":
+        return cls(dumps_function((initializer, initargs)), None)
+
+    @classmethod
+    def args_at_process_start(cls, initializer: Callable[..., object],
+                              initargs: tuple[Any, ...]) -> "InitializerCall":
+        return cls(dumps_function(initializer), initargs)
+
+    @classmethod
+    def inherited(cls, initializer: Callable[..., object], initargs: tuple[Any, ...]
+                  ) -> "InitializerCall":
+        return cls(initializer, initargs)
+
+    def __call__(self) -> None:
+        function, args = self.function, self.args
+        if isinstance(function, bytes):
+            function = pickle.loads(function)
+            if args is None:
+                function, args = function
+        function(*(args or ()))
+
+
+def shared_only_by_inheritance(error: BaseException) -> bool:
+    """multiprocessing's refusal to pickle its Lock, Value, Queue... outside a process start."""
+    return isinstance(error, RuntimeError) and "through inheritance" in str(error)
+
+
 def pickled_function(func: Any) -> tuple[int, bytes]:
     """The function's id (a hash of its pickle, so a worker unpickles each distinct function
     once) and its pickle; a function that cannot be pickled is an ArgumentSerializationError."""

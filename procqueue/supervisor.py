@@ -41,9 +41,9 @@ from .config import PoolConfig
 from .errors import (InitializerError, PoolBrokenError, ResultSerializationError,
                      TaskCancelledError, TaskTimeoutError, WorkerCrashedError, annotate,
                      describe_exit)
-from .protocol import (BatchResults, BlockResults, InitFailed, MemfdPool, OutOfBand, Ready,
-                       RunBatch, dumps, dumps_argument, loads, restore_exception, short_repr,
-                       wire_payload)
+from .protocol import (BatchResults, BlockResults, InitFailed, InitializerCall, MemfdPool,
+                       OutOfBand, Ready, RunBatch, dumps, dumps_argument, loads,
+                       restore_exception, short_repr, wire_payload)
 from .admission import ConcurrencyGate, FreeMemoryGate, Gate, RateGateAdapter, rate_gate_for
 from .scheduler import FailureKind, RetryPolicy, Scheduler
 from .stats import TaskEvent
@@ -128,11 +128,11 @@ class SupervisorStatistics:
 
 
 class Supervisor:
-    def __init__(self, config: PoolConfig, init_payload: bytes | None, env: dict[str, str]
-                 ) -> None:
+    def __init__(self, config: PoolConfig, initializer: InitializerCall | None,
+                 env: dict[str, str]) -> None:
         self.config = config
         self.workers = WorkerSlots(config.context, list(config.cpus), config.pin, env,
-                                   init_payload)
+                                   initializer)
         self.scheduler = Scheduler(pool_gates(config))
         self.memfds = MemfdPool(REUSABLE_MEMFD_BYTES)  # big arguments' memfds, for reuse
         self.policy = RetryPolicy(config.retries, config.retry_on, config.retry_backoff_s,

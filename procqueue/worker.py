@@ -23,9 +23,9 @@ from typing import Any, Callable
 from .affinity import pin_current_process
 from .errors import (ArgumentSerializationError, RemoteError, ResultSerializationError,
                      WorkerExitedError)
-from .protocol import (UNMAPPED, BatchResults, BlockResults, CallKind, InitFailed, Ready,
-                       RunBatch, Stop, apply_call, capture_exception, dumps, dumps_plain_data,
-                       loads, loads_argument)
+from .protocol import (UNMAPPED, BatchResults, BlockResults, CallKind, InitFailed,
+                       InitializerCall, Ready, RunBatch, Stop, apply_call, capture_exception,
+                       dumps, dumps_plain_data, loads, loads_argument)
 
 # Slot state shared with the supervisor (an int64 array): the task now running and when
 # it started, written here before each item and read by the supervisor on a crash or a
@@ -55,7 +55,8 @@ _failed_functions: dict[int, bytes] = {}  # fn_id -> why it could not be unpickl
 
 
 def worker_main(conn: Any, slot_state: Any, cpus: tuple[int, ...], env: dict[str, str],
-                init_payload: bytes | None, death_reader: Any, inherited_fds: tuple[int, ...]
+                initializer: InitializerCall | None, death_reader: Any,
+                inherited_fds: tuple[int, ...]
                 ) -> None:
     """Process entry point (multiprocessing Process target)."""
     for fd in inherited_fds:  # fork start method only: the supervisor's ends of other pipes
@@ -67,7 +68,7 @@ def worker_main(conn: Any, slot_state: Any, cpus: tuple[int, ...], env: dict[str
     os.environ.update(env)
     if cpus:
         pin_current_process(cpus)
-    if init_payload is not None and not _run_initializer(conn, init_payload):
+    if initializer is not None and not _run_initializer(conn, initializer):
         conn.close()
         os._exit(INIT_FAILED_EXIT)
     conn.send_bytes(dumps(Ready(os.getpid())))
@@ -439,10 +440,9 @@ def _unpicklable_result(value: Any, exc: BaseException) -> bytes:
     return capture_exception(error)
 
 
-def _run_initializer(conn: Any, init_payload: bytes) -> bool:
+def _run_initializer(conn: Any, initializer: InitializerCall) -> bool:
     try:
-        initializer, initargs = loads(init_payload)
-        initializer(*initargs)
+        initializer()
     except BaseException as exc:  # noqa: BLE001 - reported once, to the caller
         conn.send_bytes(dumps(InitFailed(capture_exception(exc))))
         return False

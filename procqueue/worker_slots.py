@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from .protocol import Stop, ToWorker, dumps
+from .protocol import InitializerCall, Stop, ToWorker, dumps
 from .tasks import Block, Job, Task
 from .worker import (BLOCK_POSITION, CURRENT_TASK, FDS_PER_MESSAGE, IDLE, REVOKED,
                      SLOT_STATE_SIZE, STARTED_NS, worker_main)
@@ -181,11 +181,11 @@ class WorkerSlots:
     """Spawns, signals and reaps the worker processes of one pool."""
 
     def __init__(self, context: Any, cpu_plan: list[tuple[int, ...]], pin: bool,
-                 env: dict[str, str], init_payload: bytes | None) -> None:
+                 env: dict[str, str], initializer: InitializerCall | None) -> None:
         self.context = context
         self.pin = pin
         self.env = env
-        self.init_payload = init_payload
+        self.initializer = initializer
         self.slots = [Slot(i, cpus, context) for i, cpus in enumerate(cpu_plan)]
         # Workers block reading this pipe; EOF means the supervisor process is gone.
         self._death_reader, self._death_writer = context.Pipe(duplex=False)
@@ -200,7 +200,7 @@ class WorkerSlots:
         process = self.context.Process(
             target=worker_main,
             args=(child_end, slot.state, slot.cpus if self.pin else (), self.env,
-                  self.init_payload, self._death_reader, self._fds_to_close_in_child(parent_end)),
+                  self.initializer, self._death_reader, self._fds_to_close_in_child(parent_end)),
             name=f"procqueue-worker-{slot.index}",
             daemon=False,  # daemonic processes may not have children; tasks may want some
         )

@@ -566,3 +566,56 @@ def test_a_forked_child_cannot_use_the_pool_and_says_so_instead_of_waiting():
         assert os.waitpid(child, 0)[1] == 0
         assert said.startswith("PoolClosedError: this pool belongs to process")
         assert pool.map(square, [4]) == [16]  # the child left the parent's workers alone
+
+
+_shared = {}
+
+
+def _keep_shared(counter, lock, queue):
+    _shared.update(counter=counter, lock=lock, queue=queue)
+    with lock:
+        counter.value += 1000  # one per worker start
+
+
+def _count_and_report(x):
+    with _shared["lock"]:
+        _shared["counter"].value += 1
+    _shared["queue"].put(x)
+    return x
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("context", [None, "forkserver"])
+def test_initargs_may_be_multiprocessing_locks_values_and_queues(context):
+    # The classic multiprocessing.Pool idiom: such objects may only be inherited, never
+    # pickled into a task.  By default (made from the default, fork, context) fork workers
+    # inherit them; for forkserver workers they must come from that context, as in
+    # multiprocessing, and travel with the process start.
+    import multiprocessing
+
+    ctx = multiprocessing.get_context(context)
+    counter, lock, queue = ctx.Value("i", 0), ctx.Lock(), ctx.Queue()
+    with Pool(2, initializer=_keep_shared, initargs=(counter, lock, queue),
+              maxtasksperchild=3, context=context) as pool:
+        assert pool.map(_count_and_report, range(12), chunksize=1) == list(range(12))
+    assert sorted(queue.get(timeout=10) for _ in range(12)) == list(range(12))
+    assert counter.value % 1000 == 12
+    assert counter.value // 1000 >= 4  # 3 tasks per worker: replacements ran it too
+    queue.close()
+    queue.join_thread()
+
+
+def _keep_lock(lock):
+    _shared["thread_lock"] = lock
+
+
+def _has_lock(_):
+    return type(_shared["thread_lock"]).__name__
+
+
+@pytest.mark.timeout(60)
+def test_initargs_that_cannot_be_pickled_are_inherited_by_default_as_with_multiprocessing():
+    with Pool(2, initializer=_keep_lock, initargs=(threading.Lock(),)) as pool:
+        assert pool.map(_has_lock, range(2)) == ["lock", "lock"]
+    with pytest.raises(TypeError, match="pickle"):  # forkserver asked for: it cannot travel
+        Pool(2, initializer=_keep_lock, initargs=(threading.Lock(),), context="forkserver")
