@@ -243,6 +243,8 @@ def cli() -> None:
 @click.option("--joblog", "joblog_path", metavar="FILE",
               help="Also log each input that ran to FILE, tab-separated, in GNU parallel's "
                    "--joblog format (Seq, Starttime, JobRuntime, Exitval, Signal, ...).")
+@click.option("--will-cite", "--no-notice", "will_cite", is_flag=True, hidden=True,
+              help="Accepted for GNU parallel scripts (no notice is ever printed).")
 @click.option("--dry-run", is_flag=True,
               help="Check SCRIPT and its function, print the inputs one per line, run nothing "
                    "(GNU parallel's --dry-run).")
@@ -265,8 +267,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 key_from: str | None, key_concurrency: int | None, halt: str | None,
                 interrupt_grace: float | None, trace_path: str | None,
                 journal_path: str | None, retry_failed: bool, force: bool,
-                joblog_path: str | None, dry_run: bool, colsep: str | None, null: bool,
-                bar: bool, quiet: bool, stats: bool) -> None:
+                joblog_path: str | None, will_cite: bool, dry_run: bool, colsep: str | None,
+                null: bool, bar: bool, quiet: bool, stats: bool) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
     stdin lines, which no INPUTS also reads unless it is a terminal; after ::: the inputs
     themselves, after :::: files of inputs, as in GNU parallel) and write one JSON line per

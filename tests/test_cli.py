@@ -349,6 +349,9 @@ def test_delay_spaces_the_starts_as_gnu_parallel_does(tmp_path):
     gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
     assert min(gaps) >= 0.2 - 0.002, gaps  # the joblog keeps milliseconds
     assert procqueue("map", script, "--delay", "soon", ":::", "a").returncode == 2
+    # scripts written for GNU parallel often say --will-cite: accepted, nothing printed
+    cited = procqueue("map", script, "--will-cite", "-q", ":::", "a")
+    assert cited.returncode == 0 and not cited.stderr
     assert procqueue("map", script, "--delay", "1", "--rate", "2/s", ":::", "a").returncode == 2
 
 
