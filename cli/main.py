@@ -7,7 +7,8 @@ one JSON record per input, and turn the outcome into an exit code:
     1    some inputs failed (each has a record with its error)
     2    usage error: bad option, script, function, input path or output file
     3    the run could not go on (the pool broke: see the message); records may be missing
-    130  interrupted by Ctrl-C (143: SIGTERM); records of finished inputs are written
+    130  interrupted by Ctrl-C (143: SIGTERM, 129: SIGHUP); records of finished inputs are
+         written
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ EXIT_USAGE = 2  # click's own usage errors use it too
 EXIT_RUN_FAILED = 3  # the pool broke (a procqueue error outside any one task)
 EXIT_SIGINT = 130  # 128 + SIGINT, as shells report it
 EXIT_SIGTERM = 143  # 128 + SIGTERM
+EXIT_SIGHUP = 129  # 128 + SIGHUP
+EXIT_BY_SIGNAL = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM,
+                  signal.SIGHUP: EXIT_SIGHUP}
 
 EXAMPLES = """\b
 Examples:
@@ -51,8 +55,9 @@ Examples:
 
 \b
 Exit codes: 0 all inputs ok, 1 some failed (see their records), 2 usage error,
-3 the pool broke, 130 Ctrl-C, 143 SIGTERM.  Ctrl-C once: no new inputs start
-and running ones get --interrupt-grace seconds to finish; twice: they are killed.
+3 the pool broke, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP.  Ctrl-C once: no new inputs
+start and running ones get --interrupt-grace seconds to finish; twice: they are killed.
+SIGTERM kills them at once; SIGHUP (the terminal went away) lets them finish.
 """
 
 
@@ -123,8 +128,9 @@ def parse_halt(text: str | None) -> HaltPolicy | None:
 class Interrupts:
     """Ctrl-C, twice: the first stops dispatching and lets running tasks finish (for at most
     `grace_s`, when given, then kills them); the second kills them at once.  SIGTERM kills at
-    once.  Records of every finished input are still written; the exit code says what
-    happened."""
+    once.  SIGHUP (the terminal closed) drains: no new inputs, running ones finish, however
+    long (workers lead their own process groups, so it does not reach them).  Records of
+    every finished input are still written; the exit code says what happened."""
 
     def __init__(self, progress: Progress, grace_s: float | None,
                  running: Callable[[], int] = lambda: 0) -> None:
@@ -138,7 +144,7 @@ class Interrupts:
 
     def install(self, outcomes: procqueue.OutcomeIterator) -> None:
         self._outcomes = outcomes
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self._previous[signum] = signal.signal(signum, self._on_signal)
 
     def restore(self) -> None:
@@ -151,7 +157,11 @@ class Interrupts:
         assert self._outcomes is not None
         first = self.signal is None
         self.signal = self.signal or signum
-        if signum == signal.SIGINT and first:
+        if signum == signal.SIGHUP and first:
+            self.progress.note(f"procqueue: hangup: no new inputs start; finishing "
+                               f"{self.running()} running task(s)")
+            self._outcomes.cancel(kill_running=False)
+        elif signum == signal.SIGINT and first:
             limit = f" (for at most {self.grace_s:g} s)" if self.grace_s is not None else ""
             self.progress.note(f"procqueue: interrupted: no new inputs start; finishing "
                                f"{self.running()} running task(s){limit}. Press Ctrl-C again "
@@ -579,10 +589,8 @@ def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | Non
     wall_s = time.monotonic() - started
     if stats:
         _print_stats(len(items), failed, never_ran, retries_used, pool_stats, wall_s, busy_s)
-    if interrupts.signal == signal.SIGINT:
-        return EXIT_SIGINT
-    if interrupts.signal == signal.SIGTERM:
-        return EXIT_SIGTERM
+    if interrupts.signal is not None:
+        return EXIT_BY_SIGNAL[interrupts.signal]
     if halted and halt is not None and halt.kind != "fail":
         # The inputs a success= or done= halt stopped are what the user asked for: GNU
         # parallel exits 0 then, unless some input failed on its own.

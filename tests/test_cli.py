@@ -451,6 +451,47 @@ def test_ctrl_c_writes_finished_records_and_leaves_no_process(tmp_path, presses)
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
 
 
+DRAINED = """
+import os, time
+def process(item):
+    with open(os.path.join({log!r}, item), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(1.0)
+    return int(item)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_sighup_lets_running_tasks_finish_and_starts_no_other(tmp_path):
+    # The terminal went away: as GNU parallel, no new inputs, the running ones complete.
+    log = tmp_path / "started"
+    log.mkdir()
+    script = tmp_path / "drained.py"
+    script.write_text(DRAINED.format(log=str(log)))
+    proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-j", "2", ":::",
+                             *map(str, range(20))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while len(list(log.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGHUP)  # both workers are in 1 s tasks
+    signalled = time.monotonic()
+    out, err = proc.communicate(timeout=20)
+    assert time.monotonic() - signalled < 5  # not the 10 s the whole batch takes
+    assert proc.returncode == 129, err
+    recs = {r["input"]: r for r in records(out)}
+    assert len(recs) == 20  # every input accounted for
+    started = {p.name for p in log.iterdir()}
+    assert 2 <= len(started) <= 4  # those running then (one more each, at the very moment)
+    assert all(recs[i]["ok"] and recs[i]["attempts"] == 1 for i in started)  # drained
+    assert all(recs[i]["attempts"] == 0 for i in set(recs) - started)  # never started
+    assert "Traceback" not in err
+    pids = [int((log / name).read_text()) for name in started]
+    time.sleep(0.5)
+    assert not [pid for pid in pids if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
 @pytest.mark.timeout(90)
 def test_example_batch_from_the_readme(tmp_path):
     root = Path(__file__).resolve().parent.parent
