@@ -59,10 +59,11 @@ FEED_GROUP_MAX_WAIT_S = 0.002  # a group stops growing once its first input wait
 BACKENDS = ("local", "dask")
 
 
-class PoolState(enum.Enum):
-    RUN = "run"
-    CLOSE = "close"
-    TERMINATE = "terminate"
+class PoolState(str, enum.Enum):
+    # multiprocessing.pool's own values: code that reads pool._state keeps working
+    RUN = "RUN"
+    CLOSE = "CLOSE"
+    TERMINATE = "TERMINATE"
 
 
 @dataclass(frozen=True)

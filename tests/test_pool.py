@@ -619,3 +619,15 @@ def test_initargs_that_cannot_be_pickled_are_inherited_by_default_as_with_multip
         assert pool.map(_has_lock, range(2)) == ["lock", "lock"]
     with pytest.raises(TypeError, match="pickle"):  # forkserver asked for: it cannot travel
         Pool(2, initializer=_keep_lock, initargs=(threading.Lock(),), context="forkserver")
+
+
+def test_the_pool_state_reads_as_multiprocessing_pools_does():
+    import multiprocessing.pool
+
+    pool = Pool(1)
+    assert pool._state == multiprocessing.pool.RUN and "state=RUN" in repr(pool)
+    pool.close()
+    assert pool._state == multiprocessing.pool.CLOSE
+    pool.terminate()
+    pool.join()
+    assert pool._state == multiprocessing.pool.TERMINATE and "state=TERMINATE" in repr(pool)
