@@ -598,6 +598,8 @@ def test_initargs_may_be_multiprocessing_locks_values_and_queues(context):
     with Pool(2, initializer=_keep_shared, initargs=(counter, lock, queue),
               maxtasksperchild=3, context=context) as pool:
         assert pool.map(_count_and_report, range(12), chunksize=1) == list(range(12))
+        pool.close()  # workers that exit (not killed) flush what they put (multiprocessing's
+        pool.join()   # rule for a Queue: terminate() may lose it, with multiprocessing too)
     assert sorted(queue.get(timeout=10) for _ in range(12)) == list(range(12))
     assert counter.value % 1000 == 12
     assert counter.value // 1000 >= 4  # 3 tasks per worker: replacements ran it too
