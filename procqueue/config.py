@@ -9,7 +9,8 @@ from typing import Any, Callable
 
 from .affinity import plan_cpus, usable_cpu_count
 from .errors import TaskTimeoutError, exception_types
-from .fork_server import default_start_method, preload_worker_in_fork_server
+from .fork_server import (DEFAULT_START_METHOD, default_start_method,
+                          preload_worker_in_fork_server)
 from .limits import Rate
 
 DEFAULT_CRASH_RETRIES = 1  # issue #2: one retry on a fresh worker covers a one-off OOM kill
@@ -83,6 +84,12 @@ class PoolConfig:
 
     def retries_on_timeout(self) -> bool:
         return any(issubclass(TaskTimeoutError, t) for t in self.retry_on)
+
+
+def fork_instead_of_default() -> Any | None:
+    """The fork context, where a pool that names no start method may fall back to it (see
+    fork_server.default_start_method): Linux, where it is multiprocessing's own default."""
+    return multiprocessing.get_context("fork") if DEFAULT_START_METHOD == "forkserver" else None
 
 
 def resolve_context(context: Any) -> Any:

@@ -11,7 +11,6 @@ thread with a bounded window, so an endless generator runs in bounded memory.
 from __future__ import annotations
 
 import enum
-import multiprocessing
 import os
 import threading
 import time
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, c
 from .admission import ConcurrencyGate, Gate, RateGateAdapter, SemaphoreGate, rate_gate_for
 from .calls import PoolCalls, errors_mode
 from .chunking import ChunkSizer
-from .config import PoolConfig, parse_relative_timeout
+from .config import PoolConfig, fork_instead_of_default, parse_relative_timeout
 from .errors import ArgumentSerializationError, PoolClosedError
 from .limits import KeyedLimit, Limit, LimitHandle, Rate
 from .affinity import worker_thread_env
@@ -159,13 +158,14 @@ class Pool(PoolCalls):
             try:
                 return InitializerCall.pickled(initializer, config.initargs)
             except Exception as exc:
-                if not default_context:
+                fork = fork_instead_of_default() if default_context else None
+                if fork is None:
                     if not shared_only_by_inheritance(exc):
                         raise
                     return InitializerCall.args_at_process_start(initializer, config.initargs)
             # Code written for multiprocessing.Pool on Linux passes initargs its fork workers
             # inherit (a Lock, Value or Queue, an open connection): so do ours, then.
-            self._config = replace(config, context=multiprocessing.get_context("fork"))
+            self._config = replace(config, context=fork)
         return InitializerCall.inherited(initializer, config.initargs)
 
     # ---- multiprocessing.Pool API (apply, map, imap... in calls.PoolCalls) ------------------
