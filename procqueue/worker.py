@@ -358,11 +358,18 @@ def _revoked(slot_state: Any, batch_id: int) -> bool:
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+_statm: tuple[int, int] | None = None  # (pid, fd): /proc/self is the process that opened it
+
+
 def current_rss_bytes() -> int:
-    """Resident memory of this process now (not the peak): one read of /proc/self/statm."""
+    """Resident memory of this process now (not the peak), read after every batch: one
+    pread of /proc/self/statm kept open (~1 us; opening it each time cost ~13 us)."""
+    global _statm
     try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE_BYTES
+        pid = os.getpid()
+        if _statm is None or _statm[0] != pid:
+            _statm = (pid, os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
+        return int(os.pread(_statm[1], 128, 0).split()[1]) * _PAGE_BYTES
     except (OSError, ValueError, IndexError):
         return 0
 

@@ -363,3 +363,15 @@ def test_plain_data_too_deep_for_one_pickle_is_not_taken_as_plain():
     for _ in range(100_000):
         deep = [deep]
     assert dumps_plain_data([deep]) is None
+
+
+def test_current_rss_bytes_follows_this_process_memory():
+    from procqueue.worker import current_rss_bytes
+
+    before = current_rss_bytes()
+    block = bytearray(64 * 2**20)  # zero-filled: resident once written
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    grown = current_rss_bytes()
+    assert before > 0 and grown - before >= 48 * 2**20
+    del block
