@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 
-TARGET_BATCH_S = 0.015  # aim for batches of about 15 ms of work
+# Aim for batches of about 25 ms of work: a batch costs its worker ~150-250 us to report
+# (bench/worker_gaps.py), so 1%; at 15 ms, 10 ms tasks went one per batch (2-3%).
+TARGET_BATCH_S = 0.025
 MIN_BATCH_S = 0.001  # guided shrinking stops at batches of this much work (see next_size)
 MAX_BATCH_TASKS = 4096  # caps the memory and result latency of one batch
 EWMA_WEIGHT = 0.3  # weight of the newest observation of mean task time
