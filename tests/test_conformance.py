@@ -128,7 +128,9 @@ def report_init_state(_x: Any) -> tuple[int, int, Any]:
 # The fixture: one parametrised pool factory
 # ---------------------------------------------------------------------------------------------
 
-IMPLEMENTATIONS = ["multiprocessing", "procqueue"]
+# procqueue-fork: the fork workers procqueue falls back to where forkserver's could not import
+# the program's main module (or inherit its initargs), see fork_server.default_start_method.
+IMPLEMENTATIONS = ["multiprocessing", "procqueue", "procqueue-fork"]
 # Looked up, not imported: every pool worker imports this module (the functions above travel by
 # reference), and importing distributed would add ~0.4 s to each worker's start.  The test
 # extra installs distributed, so CI always runs the Dask pool.
@@ -203,6 +205,8 @@ def _pool_factory(request: pytest.FixtureRequest, implementation: str
         base = multiprocessing.get_context("forkserver").Pool
     elif implementation == "procqueue":
         base = _procqueue_pool_class()
+    elif implementation == "procqueue-fork":
+        base = functools.partial(_procqueue_pool_class(), context="fork")
     else:
         base = _dask_pool_class(request)
     make = PoolFactory(implementation, base)
