@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, TextIO, cast
 
 import click
 
@@ -27,7 +27,7 @@ from procqueue import HaltPolicy
 
 from .inputs import Inputs, collect_inputs
 from .loader import send_prints_to_stderr
-from .output import JobLog, RecordWriter, input_text, record_of
+from .output import JobLog, RecordWriter, input_text, logged_seqs, record_of
 from .progress import Progress
 from .script import check_arguments, function_identity, resolve_script
 
@@ -253,6 +253,11 @@ def cli() -> None:
 @click.option("--joblog", "joblog_path", metavar="FILE",
               help="Also log each input that ran to FILE, tab-separated, in GNU parallel's "
                    "--joblog format (Seq, Starttime, JobRuntime, Exitval, Signal, ...).")
+@click.option("--resume", is_flag=True,
+              help="With --joblog: skip the inputs an earlier run logged there, append the "
+                   "rest (GNU parallel's --resume).")
+@click.option("--resume-failed", is_flag=True,
+              help="With --joblog: as --resume, but run the logged inputs that failed again.")
 @click.option("--will-cite", "--no-notice", "will_cite", is_flag=True, hidden=True,
               help="Accepted for GNU parallel scripts (no notice is ever printed).")
 @click.option("--dry-run", is_flag=True,
@@ -277,8 +282,9 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 key_from: str | None, key_concurrency: int | None, halt: str | None,
                 interrupt_grace: float | None, trace_path: str | None,
                 journal_path: str | None, retry_failed: bool, force: bool,
-                joblog_path: str | None, will_cite: bool, dry_run: bool, colsep: str | None,
-                null: bool, bar: bool, quiet: bool, stats: bool) -> None:
+                joblog_path: str | None, resume: bool, resume_failed: bool, will_cite: bool,
+                dry_run: bool, colsep: str | None, null: bool, bar: bool, quiet: bool,
+                stats: bool) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
     stdin lines, which no INPUTS also reads unless it is a terminal; after ::: the inputs
     themselves, after :::: files of inputs, as in GNU parallel) and write one JSON line per
@@ -295,6 +301,9 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
         raise click.UsageError(NO_INPUT)
     if items:
         check_arguments(fn, len(items[0]) if isinstance(items[0], tuple) else 1)
+    seqs = None
+    if resume or resume_failed:
+        seqs, items = _resumed(items, joblog_path, journal_path, resume_failed, quiet)
     halt_policy = parse_halt(halt)
     pool_options = _pool_options(timeout, retries, no_pin, max_memory_per_child, memfree,
                                  concurrency, _rate_or_delay(rate, delay))
@@ -308,7 +317,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
         return
     joblog = None
     if joblog_path:  # first: an unwritable path stops the run before anything else is opened
-        joblog = JobLog(_open_output(joblog_path, "--joblog"), fn.describe())
+        joblog = JobLog(_open_output(joblog_path, "--joblog", append=seqs is not None),
+                        fn.describe(), seqs)
         if cluster is None:  # Dask takes no on_event: start times are then estimated
             pool_options["on_event"] = joblog.on_event
     journal = _open_journal(journal_path, fn, items, retry_failed, force) if journal_path else None
@@ -350,9 +360,25 @@ def _stdin_if_piped() -> tuple[str, ...]:
     return ("-",)
 
 
-def _open_output(path: str, option: str = "--output") -> TextIO:
+def _resumed(items: Inputs, joblog_path: str | None, journal_path: str | None,
+             failed_too: bool, quiet: bool) -> tuple[list[int], Inputs]:
+    """--resume / --resume-failed: the inputs an earlier run's joblog does not show done, and
+    their Seq (position among all the inputs) for the log."""
+    if joblog_path is None:
+        raise click.UsageError("--resume and --resume-failed read --joblog FILE: give it")
+    if journal_path is not None:
+        raise click.UsageError("--resume goes with --joblog; a --journal run resumes by itself")
+    done = logged_seqs(joblog_path, successes_only=failed_too)
+    seqs = [i + 1 for i in range(len(items)) if i + 1 not in done]
+    if done and not quiet:
+        click.echo(f"procqueue: {len(items) - len(seqs)} of {len(items)} inputs are done "
+                   f"in {joblog_path}: skipped", err=True)
+    return seqs, cast(Inputs, [items[seq - 1] for seq in seqs])
+
+
+def _open_output(path: str, option: str = "--output", append: bool = False) -> TextIO:
     try:
-        return open(path, "w", encoding="utf-8")
+        return open(path, "a" if append else "w", encoding="utf-8")
     except OSError as exc:
         raise OutputUnusable(f"cannot write {option} {path!r}: {exc.strerror}") from None
 

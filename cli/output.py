@@ -143,12 +143,14 @@ class JobLog:
 
     HEADER = "Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n"
 
-    def __init__(self, stream: TextIO, command: str) -> None:
+    def __init__(self, stream: TextIO, command: str, seqs: list[int] | None = None) -> None:
         self.stream = stream
         self.command = command
+        self.seqs = seqs  # a resumed run: the Seq (position among all inputs) of each input
         self.starts: dict[int, float] = {}  # input index -> wall start of its last attempt
-        stream.write(self.HEADER)
-        stream.flush()
+        if _empty(stream):  # a new log; a resumed one is appended to
+            stream.write(self.HEADER)
+            stream.flush()
 
     def on_event(self, event: procqueue.TaskEvent) -> None:
         """Pool(on_event=...): called in the supervisor thread before the outcome is out."""
@@ -163,8 +165,37 @@ class JobLog:
         command = command.replace("\t", " ").replace("\n", " ")
         # Buffered, flushed at close: a flush per input would cost the CPU the workers need
         # (as for the records, see RecordWriter).
-        self.stream.write(f"{outcome.index + 1}\t:\t{start:.3f}\t{outcome.seconds:8.3f}\t0\t0\t"
+        seq = self.seqs[outcome.index] if self.seqs is not None else outcome.index + 1
+        self.stream.write(f"{seq}\t:\t{start:.3f}\t{outcome.seconds:8.3f}\t0\t0\t"
                           f"{exitval}\t{signal_number}\t{command}\n")
+
+
+def _empty(stream: TextIO) -> bool:
+    try:
+        return stream.tell() == 0
+    except OSError:  # not seekable: a pipe, /dev/stderr
+        return True
+
+
+def logged_seqs(path: str, successes_only: bool) -> set[int]:
+    """The Seq numbers a --joblog written by an earlier run holds, as GNU parallel's --resume
+    reads them: every input that ran, or (--resume-failed) those that succeeded, so that the
+    failed ones run again.  No file yet: none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()[1:]
+    except FileNotFoundError:
+        return set()
+    seqs = set()
+    for line in lines:
+        fields = line.split("\t")
+        try:
+            seq, exitval, signal_number = int(fields[0]), int(fields[6]), int(fields[7])
+        except (IndexError, ValueError):
+            continue  # a line cut short when the earlier run was killed
+        if not successes_only or (exitval == 0 and signal_number == 0):
+            seqs.add(seq)
+    return seqs
 
 
 def _exit_fields(outcome: procqueue.TaskOutcome) -> tuple[int, int]:

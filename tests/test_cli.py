@@ -356,6 +356,33 @@ def test_delay_spaces_the_starts_as_gnu_parallel_does(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_resume_and_resume_failed_from_the_joblog_as_gnu_parallel(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("def process(x):\n    if x == 'c':\n        raise ValueError(x)\n"
+                      "    return x\n")
+    joblog = tmp_path / "jobs.tsv"
+
+    def logged():
+        return [(line.split("\t")[0], line.split("\t")[6], line.split(" ")[-1])
+                for line in joblog.read_text().splitlines()[1:]]
+
+    first = procqueue("map", script, "--joblog", joblog, "-q", ":::", "a", "b", "c", "d")
+    assert first.returncode == 1
+    more = procqueue("map", script, "--joblog", joblog, "--resume", "-q",
+                     ":::", "a", "b", "c", "d", "e", "f")
+    assert more.returncode == 0, more.stderr
+    assert [r["input"] for r in records(more.stdout)] == ["e", "f"]  # only what never ran
+    again = procqueue("map", script, "--joblog", joblog, "--resume-failed", "-q",
+                      ":::", "a", "b", "c", "d", "e", "f")
+    assert [r["input"] for r in records(again.stdout)] == ["c"]  # the failed one, once more
+    assert logged() == [("1", "0", "a"), ("2", "0", "b"), ("3", "1", "c"), ("4", "0", "d"),
+                        ("5", "0", "e"), ("6", "0", "f"), ("3", "1", "c")]  # appended, one header
+    assert procqueue("map", script, "--resume", ":::", "a").returncode == 2  # needs --joblog
+    assert procqueue("map", script, "--resume", "--joblog", joblog, "--journal",
+                     tmp_path / "j.db", ":::", "a").returncode == 2
+
+
+@pytest.mark.timeout(60)
 def test_joblog_in_gnu_parallels_format(tmp_path):
     script = tmp_path / "job.py"
     script.write_text("import os\ndef process(x):\n    if x == 'boom':\n"
