@@ -7,9 +7,9 @@ times written to files), never inferred from sleeps.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -495,10 +495,17 @@ def test_own_local_cluster_is_started_and_shut_down_with_the_pool() -> None:
                    for p in pids)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _scheduler_address(scheduler_file: Path, scheduler: "subprocess.Popen[bytes]",
+                       timeout_s: float = 60.0) -> str:
+    """The address the scheduler bound (port 0: no port picked here that another process could
+    take first), from the file it writes once it listens."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and scheduler.poll() is None:
+        try:
+            return str(json.loads(scheduler_file.read_text())["address"])
+        except (FileNotFoundError, ValueError, KeyError):
+            time.sleep(0.05)
+    raise AssertionError(f"the dask scheduler did not start (exit {scheduler.poll()})")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -512,17 +519,18 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def test_connects_by_address_to_dask_scheduler_and_worker_commands(tmp_path: Path) -> None:
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
+    scheduler_file = tmp_path / "scheduler.json"
     # Workers must import the user's modules (here: this test file) - as on a real cluster.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     scheduler = subprocess.Popen(
-        ["dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        ["dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+         "--scheduler-file", str(scheduler_file)],
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "scheduler.log", "w"),
         start_new_session=True)
     worker = None
     try:
+        address = _scheduler_address(scheduler_file, scheduler)
         worker = subprocess.Popen(
             ["dask", "worker", address, "--nworkers", "2", "--nthreads", "1",
              "--no-dashboard", "--host", "127.0.0.1"],
