@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from .affinity import plan_cpus, usable_cpu_count
 from .errors import TaskTimeoutError, exception_types
-from .fork_server import (DEFAULT_START_METHOD, default_start_method,
+from .fork_server import (FALLBACK_START_METHOD, default_start_method,
                           preload_worker_in_fork_server)
 from .limits import Rate
 
@@ -88,8 +88,10 @@ class PoolConfig:
 
 def fork_instead_of_default() -> Any | None:
     """The fork context, where a pool that names no start method may fall back to it (see
-    fork_server.default_start_method): Linux, where it is multiprocessing's own default."""
-    return multiprocessing.get_context("fork") if DEFAULT_START_METHOD == "forkserver" else None
+    fork_server.FALLBACK_START_METHOD), else None."""
+    if FALLBACK_START_METHOD is None:
+        return None
+    return multiprocessing.get_context(FALLBACK_START_METHOD)
 
 
 def resolve_context(context: Any) -> Any:

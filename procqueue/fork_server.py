@@ -18,6 +18,9 @@ import time
 from typing import Any
 
 DEFAULT_START_METHOD = "forkserver" if sys.platform.startswith("linux") else "spawn"
+# Where a pool that names no start method falls back to fork: Linux, where it is
+# multiprocessing's own default (see default_start_method).
+FALLBACK_START_METHOD = "fork" if DEFAULT_START_METHOD == "forkserver" else None
 
 # psutil: each worker pins itself with it at start (imported in the server, not per worker);
 # multiprocessing.sharedctypes: a worker's slot state arrives as a RawArray.
@@ -39,8 +42,8 @@ def default_start_method() -> str:
     cannot be imported: its classes would not exist in a worker, nor the globals an
     initializer sets for the tasks.  A script that makes its pool outside that guard would
     make a pool again in every worker."""
-    if DEFAULT_START_METHOD == "forkserver" and not _workers_can_import_main():
-        return "fork"
+    if FALLBACK_START_METHOD is not None and not _workers_can_import_main():
+        return FALLBACK_START_METHOD
     return DEFAULT_START_METHOD
 
 

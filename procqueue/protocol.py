@@ -260,7 +260,7 @@ class InitializerCall:
     def __call__(self) -> None:
         function, args = self.function, self.args
         if isinstance(function, bytes):
-            function = pickle.loads(function)
+            function = loads(function)
             if args is None:
                 function, args = function
         function(*(args or ()))
