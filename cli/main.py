@@ -210,8 +210,10 @@ def cli() -> None:
               help="Records in input order: the default (GNU parallel's -k).")
 @click.option("--timeout", metavar="SECONDS|P%",
               help="Kill a task after SECONDS, or after P% of the median task time so far.")
-@click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True,
-              help="Re-runs of a task whose worker crashed (or timed out).")
+@click.option("--retries", type=click.IntRange(min=0), default=None,
+              help="Run a failed input up to N more times: one that raised, timed out or "
+                   "crashed its worker (GNU parallel's --retries, counted as re-runs) "
+                   "[default: a crashed worker's input runs once more, no other retries].")
 @click.option("--no-pin", is_flag=True, help="Do not pin workers to CPUs.")
 @click.option("--max-tasks-per-child", type=click.IntRange(min=1), default=None,
               help="Replace a worker after it ran N tasks.")
@@ -275,7 +277,8 @@ def cli() -> None:
 @click.option("--stats", is_flag=True, help="Print a summary on stderr at the end.")
 def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs: int | None,
                 cluster: str | None, glob: str | None, lines_file: str | None, output: str | None,
-                unordered: bool, keep_order: bool, timeout: str | None, retries: int, no_pin: bool,
+                unordered: bool, keep_order: bool, timeout: str | None, retries: int | None,
+                no_pin: bool,
                 max_tasks_per_child: int | None, max_memory_per_child: str | None,
                 memfree: str | None, chunksize: int | None, concurrency: int | None,
                 rate: str | None, delay: str | None, limits: tuple[str, ...],
@@ -435,10 +438,14 @@ def journal_command(path: str, export: bool, slowest: int) -> None:
         raise JournalUnusable(str(exc)) from None
 
 
-def _pool_options(timeout: str | None, retries: int, no_pin: bool,
+def _pool_options(timeout: str | None, retries: int | None, no_pin: bool,
                   max_memory_per_child: str | None, memfree: str | None,
                   concurrency: int | None, rate: str | None) -> dict[str, Any]:
-    options: dict[str, Any] = {"retries": retries, "pin": not no_pin}
+    options: dict[str, Any] = {"pin": not no_pin}
+    if retries is not None:
+        # As GNU parallel's --retries: any failed input runs again, not only a crash (the
+        # pool's default, when the option is not given).  TaskTimeoutError is an Exception.
+        options.update(retries=retries, retry_on=(Exception,))
     if timeout is not None:
         options["timeout"] = _parse_timeout(timeout)
     if max_memory_per_child:

@@ -185,6 +185,74 @@ def test_usage_errors_exit_2_with_a_clear_message(tmp_path, batch, args, message
     assert run.stdout == ""
 
 
+FLAKY = """
+import os, sys, time
+COUNTS = os.environ["PQ_FLAKY_DIR"]
+def process(name):
+    # Each run of an input leaves a file: its attempt number is how many there are.
+    attempt = len([f for f in os.listdir(COUNTS) if f.startswith(name + ".")]) + 1
+    open(os.path.join(COUNTS, f"{name}.{attempt}"), "w").close()
+    fails = int(name.split("-")[1])
+    if attempt <= fails:
+        if name.startswith("hang"):
+            time.sleep(30)
+        if name.startswith("crash"):
+            os._exit(3)
+        raise ConnectionError(f"{name}: attempt {attempt} failed")
+    return attempt
+"""
+
+
+def _run_flaky(tmp_path, *args):
+    script = tmp_path / "flaky.py"
+    script.write_text(FLAKY)
+    counts = tmp_path / f"counts{time.monotonic_ns()}"
+    counts.mkdir()
+    run = subprocess.run([PROCQUEUE, "map", str(script), *map(str, args)], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PQ_FLAKY_DIR": str(counts)})
+    runs = {}
+    for f in counts.iterdir():
+        name = f.name.rsplit(".", 1)[0]
+        runs[name] = runs.get(name, 0) + 1
+    return run, {r["input"]: r for r in records(run.stdout)}, runs
+
+
+@pytest.mark.timeout(60)
+def test_retries_rerun_inputs_that_raised_timed_out_or_crashed_as_gnu_parallel(tmp_path):
+    # GNU parallel's --retries runs a failed job again, whatever made it fail.  One input
+    # per batch: a worker killed for a timeout or crash would otherwise also run again the
+    # inputs of its batch it had finished but not yet reported (README: tiny tasks).
+    run, recs, runs = _run_flaky(tmp_path, ":::", "ok-0", "raise-2", "raise-9", "hang-1",
+                                 "crash-1", "--retries", "2", "--timeout", "1", "-j", "2",
+                                 "--chunksize", "1")
+    assert run.returncode == 1, run.stderr
+    assert recs["ok-0"]["ok"] and recs["ok-0"]["attempts"] == 1
+    assert recs["raise-2"]["ok"] and recs["raise-2"]["result"] == 3
+    assert recs["raise-2"]["attempts"] == 3
+    assert recs["hang-1"]["ok"] and recs["hang-1"]["attempts"] == 2
+    assert recs["crash-1"]["ok"] and recs["crash-1"]["attempts"] == 2
+    failed = recs["raise-9"]
+    assert not failed["ok"] and failed["attempts"] == 3
+    assert failed["error"]["type"] == "ConnectionError"
+    assert "attempt 3 failed" in failed["error"]["message"]
+    assert runs == {"ok-0": 1, "raise-2": 3, "raise-9": 3, "hang-1": 2, "crash-1": 2}
+
+
+@pytest.mark.timeout(60)
+def test_without_retries_only_a_crash_runs_again(tmp_path):
+    run, recs, runs = _run_flaky(tmp_path, ":::", "raise-1", "crash-1", "hang-1",
+                                 "--timeout", "0.5", "-j", "2", "--chunksize", "1")
+    assert run.returncode == 1, run.stderr
+    assert recs["raise-1"]["error"]["type"] == "ConnectionError"
+    assert recs["hang-1"]["error"]["type"] == "TaskTimeoutError"
+    assert recs["crash-1"]["ok"] and recs["crash-1"]["attempts"] == 2
+    assert runs == {"raise-1": 1, "crash-1": 2, "hang-1": 1}
+    run, recs, runs = _run_flaky(tmp_path, ":::", "raise-1", "crash-1", "--retries", "0",
+                                 "--chunksize", "1")
+    assert recs["crash-1"]["error"]["type"] == "WorkerCrashedError"
+    assert runs == {"raise-1": 1, "crash-1": 1}
+
+
 def _marked_processes(marker):
     """Live processes whose environment carries `marker` (what a command started inherits)."""
     found = []
