@@ -71,6 +71,13 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
     return _combinations([[split(item) for item in source] for source in sources], linked)
 
 
+def group_inputs(items: Inputs, n: int) -> list[Row]:
+    """GNU parallel's -N: every n consecutive inputs make one call's arguments (the last
+    call gets what is left); an input that is already several arguments gives them all."""
+    rows = [item if isinstance(item, tuple) else (item,) for item in items]
+    return [sum(rows[start:start + n], ()) for start in range(0, len(rows), n)]
+
+
 def _column_splitter(colsep: str | None) -> Callable[[str], tuple[str, ...]]:
     if colsep is None:
         return lambda item: (item,)

@@ -25,7 +25,7 @@ import click
 import procqueue
 from procqueue import HaltPolicy
 
-from .inputs import Inputs, collect_inputs
+from .inputs import Inputs, collect_inputs, group_inputs
 from .loader import send_prints_to_stderr
 from .output import JobLog, RecordWriter, input_text, logged_seqs, record_of
 from .progress import Progress
@@ -268,6 +268,10 @@ def cli() -> None:
 @click.option("--colsep", metavar="REGEX",
               help="Split each input into columns at REGEX and pass one argument per column "
                    "(GNU parallel's --colsep; e.g. --colsep , :::: pairs.csv).")
+@click.option("-N", "-n", "--max-args", "max_args", type=click.IntRange(min=1), default=None,
+              metavar="N",
+              help="Pass N inputs per call, as N arguments (GNU parallel's -N: ::: a b c d "
+                   "-N 2 calls f(a, b) and f(c, d); the last call may get fewer).")
 @click.option("-0", "--null", is_flag=True,
               help="Inputs from stdin and files of inputs are separated by NUL, not newlines "
                    "(find -print0; GNU parallel's -0).")
@@ -286,7 +290,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 interrupt_grace: float | None, trace_path: str | None,
                 journal_path: str | None, retry_failed: bool, force: bool,
                 joblog_path: str | None, resume: bool, resume_failed: bool, will_cite: bool,
-                dry_run: bool, colsep: str | None, null: bool, bar: bool, quiet: bool,
+                dry_run: bool, colsep: str | None, max_args: int | None, null: bool,
+                bar: bool, quiet: bool,
                 stats: bool) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
     stdin lines, which no INPUTS also reads unless it is a terminal; after ::: the inputs
@@ -300,10 +305,14 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
         inputs = _stdin_if_piped()
     fn = resolve_script(script, fn_name)
     items = collect_inputs(inputs, glob, lines_file, null=null, colsep=colsep)
+    if max_args is not None and max_args > 1:
+        items = group_inputs(items, max_args)
     if from_stdin and not items:
         raise click.UsageError(NO_INPUT)
     if items:
-        check_arguments(fn, len(items[0]) if isinstance(items[0], tuple) else 1)
+        check_arguments(fn, len(items[0]) if isinstance(items[0], tuple) else 1,
+                        None if max_args is None or max_args == 1 else
+                        f"-N {max_args} gives it {{count}} per call")
     seqs = None
     if resume or resume_failed:
         seqs, items = _resumed(items, joblog_path, journal_path, resume_failed, quiet)

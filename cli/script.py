@@ -63,10 +63,11 @@ def resolve_script(script: str, fn_name: str | None) -> ScriptFunction:
                       f"file.py:function or module:function)")
 
 
-def check_arguments(fn: ScriptFunction, count: int) -> None:
+def check_arguments(fn: ScriptFunction, count: int, given: str | None = None) -> None:
     """Usage error if the script's function cannot take `count` positional arguments (one
-    per input source), as far as its source shows: a plain top-level `def` without
-    decorators; anything else is left to the call (its error goes into each record)."""
+    per input source, or what `given` says gives them), as far as its source shows: a plain
+    top-level `def` without decorators; anything else is left to the call (its error goes
+    into each record)."""
     if fn.path is None:
         return
     try:
@@ -85,10 +86,12 @@ def check_arguments(fn: ScriptFunction, count: int) -> None:
         return
     takes = f"{required}" if required == positional and args.vararg is None else (
         f"{required} or more" if args.vararg is not None else f"{required} to {positional}")
-    given = "one input source gives it" if count == 1 else f"{count} input sources give it"
+    if given is None:
+        given = ("one input source gives it" if count == 1 else
+                 f"{count} input sources give it") + " {count} per call (each ::: or :::: " \
+            "starts another input source, as in GNU parallel)"
     raise ScriptError(f"{fn.describe()} takes {takes} positional argument"
-                      f"{'' if takes == '1' else 's'}, but {given} {count} per call (each ::: "
-                      f"or :::: starts another input source, as in GNU parallel)")
+                      f"{'' if takes == '1' else 's'}, but {given.format(count=count)}")
 
 
 def _names_bound_by(node: ast.stmt) -> set[str]:

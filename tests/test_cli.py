@@ -405,6 +405,27 @@ def test_colsep_passes_each_column_as_an_argument(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_max_args_passes_n_inputs_per_call_as_gnu_parallel_minus_n(tmp_path):
+    # parallel -N 2 echo {1}-{2} ::: a b c d e
+    script = tmp_path / "job.py"
+    script.write_text("def process(*parts):\n    return '-'.join(parts)\n"
+                      "def pair(a, b):\n    return a + b\n")
+    run = procqueue("map", script, "-N", "2", "-q", ":::", "a", "b", "c", "d", "e")
+    assert run.returncode == 0, run.stderr
+    assert [(r["input"], r["result"]) for r in records(run.stdout)] == [
+        (["a", "b"], "a-b"), (["c", "d"], "c-d"), (["e"], "e")]
+    # The last call gets what is left: a function that needs two fails there, alone.
+    run = procqueue("map", script, "--fn", "pair", "-n", "2", "-q", ":::", "a", "b", "c")
+    assert run.returncode == 1
+    first, last = records(run.stdout)
+    assert first["ok"] and first["result"] == "ab"
+    assert last["input"] == ["c"] and last["error"]["type"] == "TypeError"
+    wrong = procqueue("map", script, "--fn", "pair", "--max-args", "3", ":::", "a", "b", "c")
+    assert wrong.returncode == 2 and "-N 3 gives it 3 per call" in wrong.stderr
+    assert wrong.stdout == ""
+
+
+@pytest.mark.timeout(60)
 def test_delay_spaces_the_starts_as_gnu_parallel_does(tmp_path):
     script = tmp_path / "job.py"
     script.write_text("def process(x):\n    return x\n")

@@ -10,7 +10,7 @@ import click
 import pytest
 
 import procqueue
-from procqueue.cli.inputs import InputError, collect_inputs
+from procqueue.cli.inputs import InputError, collect_inputs, group_inputs
 from procqueue.cli.main import JobsType, parse_halt
 from procqueue import HaltPolicy
 from procqueue.cli.output import line_of, record_of
@@ -60,6 +60,14 @@ def test_linked_input_sources_pair_up_and_the_shorter_wraps_around():
         ("a", "1"), ("b", "2"), ("c", "1")]
     assert collect_inputs([":::", "x", "y", ":::", "a", "b", ":::+", "1", "2"]) == [
         ("x", "a", "1"), ("x", "b", "2"), ("y", "a", "1"), ("y", "b", "2")]
+
+
+def test_max_args_groups_consecutive_inputs_and_keeps_columns_together():
+    assert group_inputs(["a", "b", "c", "d", "e"], 2) == [("a", "b"), ("c", "d"), ("e",)]
+    assert group_inputs(["a", "b"], 5) == [("a", "b")]
+    assert group_inputs([("a", "1"), ("b", "2"), ("c", "3")], 2) == [
+        ("a", "1", "b", "2"), ("c", "3")]
+    assert group_inputs([], 3) == []
 
 
 def test_colsep_splits_every_input_into_columns_as_gnu_parallel_does(tmp_path):
