@@ -8,17 +8,26 @@ per-call options (`**options`), which the pool checks.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import multiprocessing.pool
+from typing import Any, Callable, Iterable, Mapping
 
 from .protocol import CallKind
 from .results import ApplyResult, IMapIterator, MapResult
 
 
-class PoolCalls:
+class PoolCalls(multiprocessing.pool.Pool):
+    """A subclass of multiprocessing's Pool only so that code checking isinstance(pool,
+    multiprocessing.pool.Pool) keeps working: none of its machinery runs (its __init__ is
+    never called), and every name of it a caller reaches is defined here or in the pool."""
+
+    def __del__(self) -> None:
+        """Not multiprocessing's (it reads its own pool's state): a pool that warns when it is
+        collected while running says so in its own __del__."""
+
     # ---- what a pool implements ------------------------------------------------------------
 
     def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
-                    kwds: dict[str, Any] | None = None,
+                    kwds: Mapping[str, Any] | None = None,
                     callback: Callable[[Any], object] | None = None,
                     error_callback: Callable[[BaseException], object] | None = None,
                     **options: Any) -> ApplyResult:
@@ -36,7 +45,7 @@ class PoolCalls:
     # ---- multiprocessing.Pool's names, in terms of those -----------------------------------
 
     def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),
-              kwds: dict[str, Any] | None = None, **options: Any) -> Any:
+              kwds: Mapping[str, Any] | None = None, **options: Any) -> Any:
         return self.apply_async(func, args, kwds, **options).get()
 
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],

@@ -19,7 +19,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from itertools import chain
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, cast
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, Mapping, cast
 
 from .admission import ConcurrencyGate, Gate, RateGateAdapter, SemaphoreGate, rate_gate_for
 from .calls import PoolCalls, errors_mode
@@ -174,7 +174,7 @@ class Pool(PoolCalls):
     # function's): use pool.options(...).submit(...).
 
     def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
-                    kwds: dict[str, Any] | None = None,
+                    kwds: Mapping[str, Any] | None = None,
                     callback: Callable[[Any], object] | None = None,
                     error_callback: Callable[[BaseException], object] | None = None,
                     **options: Any) -> ApplyResult:

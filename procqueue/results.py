@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import multiprocessing.pool as mp_pool
 import sys
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Self, TypeVar
 
 from .tasks import Task
 
@@ -46,7 +47,12 @@ def _report_callback_error(kind: str) -> None:
     print(f"procqueue: exception in {kind} (ignored): {exc!r}", file=sys.stderr)
 
 
-class ApplyResult:
+# The classes below subclass multiprocessing's own result classes so that code checking
+# isinstance(r, multiprocessing.pool.AsyncResult) keeps working; none of multiprocessing's
+# machinery is used: every method a caller reaches is defined here, and its __init__ (which
+# registers with a multiprocessing pool) is never called.
+
+class ApplyResult(mp_pool.ApplyResult[Any]):
     """multiprocessing.pool.AsyncResult for one task."""
 
     def __init__(self, keepalive: Any, callback: Callable[[Any], object] | None = None,
@@ -104,7 +110,7 @@ class ApplyResult:
 AsyncResult = ApplyResult
 
 
-class MapResult(ApplyResult):
+class MapResult(ApplyResult, mp_pool.MapResult[Any]):
     """The result of map_async/starmap_async.  Fails as soon as the first failure in input
     order is known (every earlier input succeeded), not after the whole batch; the error
     carries `partial_results`, {index: result} of the inputs completed by then."""
@@ -435,7 +441,7 @@ class _StreamIterator(Generic[T]):
         self._on_abandon = on_abandon
         self._finished = False
 
-    def __iter__(self) -> "_StreamIterator[T]":
+    def __iter__(self) -> Self:
         return self
 
     def __next__(self) -> T:
@@ -463,7 +469,13 @@ class _StreamIterator(Generic[T]):
                 pass
 
 
-class IMapIterator(_StreamIterator[Any]):
+if TYPE_CHECKING:  # generic in typeshed only
+    _MultiprocessingIMapIterator = mp_pool.IMapIterator[Any]
+else:
+    _MultiprocessingIMapIterator = mp_pool.IMapIterator
+
+
+class IMapIterator(_StreamIterator[Any], _MultiprocessingIMapIterator):
     """imap/imap_unordered: yields results; a failed item raises its exception at its place,
     and iteration can go on after it (as in multiprocessing)."""
 
@@ -472,6 +484,9 @@ class IMapIterator(_StreamIterator[Any]):
         super().__init__(stream, keepalive, on_abandon)
         self._return_errors = return_errors
         self._ready: deque[Any] = deque()  # values of a run taken whole, not yielded yet
+
+    def __next__(self, timeout: float | None = None) -> Any:  # as multiprocessing's
+        return self.next(timeout)
 
     def next(self, timeout: float | None = None) -> Any:
         ready = self._ready

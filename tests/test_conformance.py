@@ -908,6 +908,20 @@ def test_a_pool_cannot_be_pickled(pool_cls: PoolFactory) -> None:
             pickle.dumps(pool)
 
 
+def test_results_are_the_documented_classes(pool_cls: PoolFactory) -> None:
+    # "class multiprocessing.pool.AsyncResult: the class of the result returned by
+    # Pool.apply_async() and Pool.map_async()"; code written for the standard pool may check.
+    with pool_cls(2) as pool:
+        assert isinstance(pool, multiprocessing.pool.Pool)
+        results = [pool.apply_async(square, (3,)), pool.map_async(square, [1, 2]),
+                   pool.starmap_async(add, [(1, 2)])]
+        assert all(isinstance(r, multiprocessing.pool.AsyncResult) for r in results)
+        assert [r.get(timeout=30) for r in results] == [9, [1, 4], [3]]
+        iterators = [pool.imap(square, [1, 2]), pool.imap_unordered(square, [1, 2])]
+        assert all(isinstance(it, multiprocessing.pool.IMapIterator) for it in iterators)
+        assert list(iterators[0]) == [1, 4] and sorted(iterators[1]) == [1, 4]
+
+
 # ---------------------------------------------------------------------------------------------
 # procqueue only: what multiprocessing.Pool cannot do (it pickles functions by reference)
 # ---------------------------------------------------------------------------------------------

@@ -1225,7 +1225,7 @@ class DaskPool(PoolCalls):
     # ---- multiprocessing.Pool API (apply, map, imap... in calls.PoolCalls) ----------------
 
     def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
-                    kwds: dict[str, Any] | None = None,
+                    kwds: Mapping[str, Any] | None = None,
                     callback: Callable[[Any], object] | None = None,
                     error_callback: Callable[[BaseException], object] | None = None,
                     **options: Any) -> ApplyResult:
