@@ -701,6 +701,11 @@ class Supervisor:
                 started = running[1] if running else time.monotonic()
                 self._emit(task, slot, started, time.monotonic(), "crash", error)
                 self._after_failure(task, FailureKind.CRASH, error)
+            elif task.job.cancelled:
+                # Its call was halted or cancelled while the worker held it finished, its
+                # result unsent (_cancel_job); the killed worker did not get it out.
+                self._fail(task, TaskCancelledError(
+                    "the task was cancelled: its worker was killed before it sent the result"))
             else:
                 task.attempts -= 1  # it never ran (or its run was not its fault)
                 task.move(TaskState.QUEUED)
@@ -907,11 +912,13 @@ class Supervisor:
                         task.attempts -= 1  # it never ran
                         self._finish(task, TaskState.CANCELLED, False,
                                      self._cancelled_error(task))
-                        continue
-                    error = TaskCancelledError("the task was cancelled while running")
-                    if running is not None and running[0] == task.id:
+                    elif running is not None and running[0] == task.id:
+                        error = TaskCancelledError("the task was cancelled while running")
                         self._emit(task, slot, running[1], now, "cancelled", error)
-                    self._fail_running(slot, task, error)
+                        self._fail_running(slot, task, error)
+                    # else it finished in the worker and its result is not sent yet: the
+                    # SIGTERM below has the worker send it first (worker._send_unsent_then_die);
+                    # if it does not arrive, _write_off_batches settles the task.
                 self.workers.kill(slot, "cancelled", self.config.kill_grace_s, now)
 
     def _fail_running(self, slot: Slot, task: Task, error: BaseException) -> None:

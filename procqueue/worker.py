@@ -3,7 +3,8 @@
 Start-up, in this order: lead a new process group (so a timeout or terminate can kill the task's
 own subprocesses too), die with the supervisor (PR_SET_PDEATHSIG plus a watchdog thread on a
 pipe only the supervisor holds open), ignore SIGINT (Ctrl-C is the supervisor's to handle: one
-traceback, not one per worker), cap BLAS threads, pin to the slot's CPU, run the initializer,
+traceback, not one per worker), on SIGTERM send what the batch has finished before dying (see
+_send_unsent_then_die), cap BLAS threads, pin to the slot's CPU, run the initializer,
 then say Ready.  After that: receive RunBatch, run each item, send BatchResults, until Stop or
 EOF.  Kept light to import: the fork server or spawn imports this module for every worker.
 """
@@ -65,6 +66,7 @@ def worker_main(conn: Any, slot_state: Any, cpus: tuple[int, ...], env: dict[str
     _die_with_parent()
     _watch_supervisor(death_reader)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _send_unsent_then_die)
     os.environ.update(env)
     if cpus:
         pin_current_process(cpus)
@@ -121,6 +123,7 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
         slot_state[CURRENT_TASK] = batch.items[0][0]
     fn, fn_error = _load_function(functions, batch)
     results = _Columns(batch_id)
+    UNSENT.send = lambda: conn.send_bytes(dumps(results.complete_rows().message(final=False)))
     last_flush = time.monotonic()
     for n, (task_id, payload) in enumerate(batch.items):
         if slot_state[REVOKED[0]] == batch_id or slot_state[REVOKED[1]] == batch_id:
@@ -134,14 +137,18 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
         started = started_ns / 1e9
         results.add(task_id, ok, data, now - started, started)
         if now - last_flush >= FLUSH_INTERVAL_S:
+            UNSENT.sending = True
             conn.send_bytes(dumps(results.message(final=False)))
             results = _Columns(batch_id)
+            UNSENT.sending = False
             last_flush = now
     slot_state[CURRENT_TASK] = IDLE
     for task_id, fd in fds.items():  # arguments never mapped (skipped, or no function)
         _close_quietly(fd)
         UNMAPPED.append(task_id)
+    UNSENT.sending = True
     conn.send_bytes(dumps(results.message(final=True)))
+    UNSENT.clear()
 
 
 def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any]],
@@ -155,21 +162,24 @@ def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
     fn, fn_error = _load_function(functions, batch)
     inputs = loads(blob)
     report = _BlockReport(conn, slot_state, batch.batch_id, batch.timed)
+    UNSENT.send = report.send_unsent
     if fn is None:  # each input fails with why the function could not be loaded
         assert fn_error is not None
         if _revoked(slot_state, batch.batch_id):
             report.skipped = 0
         else:
             for position in range(len(inputs)):
+                report.errors[position] = fn_error  # before the placeholder: see send_unsent
                 report.values.append(None)
-                report.errors[position] = fn_error
                 report.add_seconds(0.0)
     else:
         call = fn if batch.kind is CallKind.ONE else partial(apply_call, fn, batch.kind)
         run = _run_timed if batch.timed else _run_untimed
         run(report, call, inputs)
     slot_state[CURRENT_TASK] = IDLE
+    UNSENT.sending = True
     report.send(time.monotonic(), final=True)
+    UNSENT.clear()
 
 
 # A tiny input takes a fraction of a microsecond: the two loops below are the whole cost of a
@@ -193,8 +203,8 @@ def _run_timed(report: "_BlockReport", call: Callable[..., Any], inputs: list[An
         try:
             append(call(arg))
         except BaseException as exc:  # noqa: BLE001 - one input's error, as run_item makes it
+            errors[position] = _error_of(exc)  # before its placeholder: see send_unsent
             append(None)
-            errors[position] = _error_of(exc)
         now = clock()
         seconds.append(now - started)
 
@@ -218,8 +228,8 @@ def _run_untimed(report: "_BlockReport", call: Callable[..., Any], inputs: list[
             try:
                 append(call(inputs[position]))
             except BaseException as exc:  # noqa: BLE001 - one input's error, as in run_item
+                errors[position] = _error_of(exc)  # before its placeholder: see send_unsent
                 append(None)
-                errors[position] = _error_of(exc)
         if end == n:
             return
         now = clock()
@@ -266,10 +276,27 @@ class _BlockReport:
                 return None
             self.revoke_check_at = now + REVOKE_CHECK_S
         if now >= self.flush_at:
+            UNSENT.sending = True
             self.send(now, final=False)
             self.first = position
+            UNSENT.sending = False
             self.flush_at = now + FLUSH_INTERVAL_S
         return min(self.revoke_check_at, self.flush_at)
+
+    def send_unsent(self) -> None:
+        """From the SIGTERM handler, between any two bytecodes of the loops above: the inputs
+        whose value (and, timed, run time) is in, with their errors (an error is set before
+        its input's placeholder value, so none is sent as a success)."""
+        n = len(self.values) if self.seconds is None else min(len(self.values),
+                                                             len(self.seconds))
+        if n == 0:
+            return
+        end = self.first + n
+        seconds = None if self.seconds is None else self.seconds[:n]
+        busy_s = sum(seconds) if seconds is not None else time.monotonic() - self.since
+        errors = {p: e for p, e in self.errors.items() if p < end}
+        self.conn.send_bytes(dumps(_block_results(
+            self.batch_id, self.first, self.values[:n], errors, seconds, busy_s, False, -1)))
 
     def send(self, now: float, final: bool) -> None:
         """What ran since the last send; the lists are emptied in place (the loops hold them)."""
@@ -336,6 +363,15 @@ class _Columns:
         self.seconds.append(seconds)
         self.started.append(started)
 
+    def complete_rows(self) -> "_Columns":
+        """A copy without the row `add` may be half-way through (see _send_unsent_then_die)."""
+        n = min(len(self.task_ids), len(self.ok), len(self.payloads), len(self.seconds),
+                len(self.started))
+        rows = _Columns(self.batch_id)
+        rows.task_ids, rows.ok, rows.payloads = self.task_ids[:n], self.ok[:n], self.payloads[:n]
+        rows.seconds, rows.started = self.seconds[:n], self.started[:n]
+        return rows
+
     def message(self, final: bool) -> BatchResults:
         return BatchResults(self.batch_id, self.task_ids, self.ok, self.payloads, self.seconds,
                             self.started, final, current_rss_bytes(), self.skipped,
@@ -353,6 +389,42 @@ def _take_unmapped() -> list[int]:
 
 def _revoked(slot_state: Any, batch_id: int) -> bool:
     return bool(slot_state[REVOKED[0]] == batch_id or slot_state[REVOKED[1]] == batch_id)
+
+
+class _Unsent:
+    """How the batch now running sends the results it has and has not sent yet; `sending`
+    while the loop itself sends (a second message then would interleave with it on the pipe,
+    or repeat what it is sending)."""
+
+    def __init__(self) -> None:
+        self.send: Callable[[], None] | None = None
+        self.sending = False
+
+    def clear(self) -> None:
+        self.send = None
+        self.sending = False
+
+
+UNSENT = _Unsent()
+
+
+def _send_unsent_then_die(signum: int, frame: Any) -> None:
+    """SIGTERM (a timeout, a cancel, a halt, or a kill from outside): send what the batch has
+    finished first, then die of the signal as before.  Without this, the inputs it ran before
+    the one being killed (up to FLUSH_INTERVAL_S of work) would be run again elsewhere."""
+    send = UNSENT.send
+    if send is not None and not UNSENT.sending:
+        UNSENT.clear()
+        # The supervisor may signal again meanwhile (a timeout, then the halt it causes): a
+        # second run of this handler would end us half-way through the message.
+        signal.signal(signum, signal.SIG_IGN)
+        try:
+            send()
+        except BaseException:  # noqa: BLE001 - dying anyway; they run again, as before
+            pass
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)  # not reached: the default action ends the process
 
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

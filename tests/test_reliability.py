@@ -70,6 +70,53 @@ def test_timeout_kills_the_task_and_its_subprocesses(tmp_path):
         assert pool.map(sleep_for, [0, 0]) == [0, 0]  # the pool goes on
 
 
+def count_run_then_maybe_hang(spec):
+    """spec: "directory|name" (a string: such inputs travel as blocks) or {"spec": ...}
+    (per-task items).  Leaves a file per run; "hang" sleeps until killed."""
+    text = spec["spec"] if isinstance(spec, dict) else spec
+    directory, name = text.split("|")
+    runs = len([f for f in os.listdir(directory) if f.startswith(name + ".")])
+    open(os.path.join(directory, f"{name}.{runs + 1}"), "w").close()
+    if name == "hang":
+        time.sleep(60)
+    return name
+
+
+def _runs(directory):
+    counts = {}
+    for f in os.listdir(directory):
+        name = f.rsplit(".", 1)[0]
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("as_dicts", [False, True], ids=["block", "items"])
+def test_inputs_a_worker_finished_before_a_timeout_are_not_run_again(tmp_path, as_dicts):
+    # One worker, one batch: a, b, c, d finish, then "hang" is killed for its timeout.  Their
+    # results, not sent yet when it was killed, must still come out of it, not be recomputed.
+    specs = [f"{tmp_path}|{name}" for name in ["a", "b", "c", "d", "hang"]]
+    inputs = [{"spec": s} for s in specs] if as_dicts else specs
+    with Pool(1, timeout=1, retries=0) as pool:
+        out = pool.map(count_run_then_maybe_hang, inputs, chunksize=5, return_exceptions=True)
+    assert out[:4] == ["a", "b", "c", "d"] and isinstance(out[4], TaskTimeoutError)
+    assert _runs(tmp_path) == {"a": 1, "b": 1, "c": 1, "d": 1, "hang": 1}
+
+
+@pytest.mark.timeout(60)
+def test_halt_now_keeps_the_results_of_inputs_that_had_finished(tmp_path):
+    # "hang" times out, which halts the call (now: running tasks are killed); a, b, c, d had
+    # finished in the same worker, so they keep their results, not TaskCancelledError.
+    specs = [f"{tmp_path}|{name}" for name in ["a", "b", "c", "d", "hang", "e"]]
+    with Pool(1, retries=0) as pool:
+        outcomes = list(pool.imap_outcomes(count_run_then_maybe_hang, specs, chunksize=5,
+                                           timeout=1, halt="now,fail=1"))
+    assert [(o.ok, o.value) for o in outcomes[:4]] == [(True, n) for n in "abcd"]
+    assert isinstance(outcomes[4].error, TaskTimeoutError)
+    assert isinstance(outcomes[5].error, TaskCancelledError) and outcomes[5].attempts == 0
+    assert _runs(tmp_path) == {"a": 1, "b": 1, "c": 1, "d": 1, "hang": 1}
+
+
 @pytest.mark.timeout(60)
 def test_relative_timeout_catches_the_stuck_input():
     durations = [0.1] * 6 + [60] + [0.1] * 3

@@ -375,3 +375,40 @@ def test_current_rss_bytes_follows_this_process_memory():
     grown = current_rss_bytes()
     assert before > 0 and grown - before >= 48 * 2**20
     del block
+
+
+class _Pipe:
+    def __init__(self):
+        self.sent = []
+
+    def send_bytes(self, data):
+        self.sent.append(data)
+
+
+def test_a_sigterm_mid_input_sends_only_the_inputs_that_are_complete():
+    # The worker's SIGTERM handler can run between any two bytecodes of the block loops: an
+    # input whose value is in but not its run time, or whose error is set but not its
+    # placeholder value, must not be sent (it runs again), and no failure may go as a success.
+    from procqueue import worker
+    from procqueue.protocol import loads
+
+    pipe = _Pipe()
+    report = worker._BlockReport(pipe, [0] * worker.SLOT_STATE_SIZE, batch_id=7, timed=True)
+    report.first = 10
+    report.values.extend(["a", None, "c"])  # positions 10, 11 (failed), 12 (no time yet)
+    report.errors.update({11: b"error of 11", 13: b"error of 13, before its placeholder"})
+    report.seconds.extend([0.1, 0.2])
+    report.send_unsent()
+    (message,) = [loads(data) for data in pipe.sent]
+    assert (message.batch_id, message.first, message.count, message.final) == (7, 10, 2, False)
+    assert message.errors == {11: b"error of 11"}
+    assert loads(message.values) == ["a", None] and message.seconds == [0.1, 0.2]
+
+    columns = worker._Columns(3)
+    columns.add(1, True, b"one", 0.1, 5.0)
+    columns.task_ids.append(2)  # `add` interrupted after its first column
+    rows = columns.complete_rows()
+    assert (rows.task_ids, rows.ok, rows.payloads, rows.seconds) == ([1], [True], [b"one"], [0.1])
+    empty = worker._BlockReport(pipe, [0] * worker.SLOT_STATE_SIZE, batch_id=8, timed=False)
+    empty.send_unsent()
+    assert len(pipe.sent) == 1  # nothing complete: nothing sent
