@@ -220,8 +220,8 @@ def _run_flaky(tmp_path, *args):
 @pytest.mark.timeout(60)
 def test_retries_rerun_inputs_that_raised_timed_out_or_crashed_as_gnu_parallel(tmp_path):
     # GNU parallel's --retries runs a failed job again, whatever made it fail.  One input
-    # per batch: a worker killed for a timeout or crash would otherwise also run again the
-    # inputs of its batch it had finished but not yet reported (README: tiny tasks).
+    # per batch: a worker that crashes would otherwise also run again the inputs of its batch
+    # it had finished but not yet reported (README: tiny tasks), and the counts here are exact.
     run, recs, runs = _run_flaky(tmp_path, ":::", "ok-0", "raise-2", "raise-9", "hang-1",
                                  "crash-1", "--retries", "2", "--timeout", "1", "-j", "2",
                                  "--chunksize", "1")
