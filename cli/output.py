@@ -32,9 +32,10 @@ def input_text(item: Any) -> str:
 def line_of(record: dict[str, Any]) -> str:
     """The record as one JSON line.  A result that is not JSON-serialisable (NaN and infinity
     included: strict JSON has no such numbers) becomes that input's error (the record is
-    changed in place), never a crash of the run."""
+    changed in place), never a crash of the run.  numpy scalars and arrays (anything with a
+    dtype and tolist()) are written as the numbers and lists they hold."""
     try:
-        return json.dumps(record, allow_nan=False)
+        return json.dumps(record, allow_nan=False, default=_numpy_as_plain)
     except (TypeError, ValueError, OverflowError) as exc:
         value = record.pop("result", None)
         record["ok"] = False
@@ -45,6 +46,14 @@ def line_of(record: dict[str, Any]) -> str:
             "traceback": "",
         }
         return json.dumps(record, default=repr)
+
+
+def _numpy_as_plain(value: Any) -> Any:
+    """json's fallback for a value it cannot write: numpy's int64, float32, bool_ and arrays
+    (without importing numpy) become Python numbers and lists; anything else stays an error."""
+    if hasattr(value, "dtype") and callable(getattr(value, "tolist", None)):
+        return value.tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def error_of(error: BaseException | None) -> dict[str, Any]:

@@ -235,6 +235,26 @@ def test_nan_result_is_that_inputs_error_so_every_line_is_strict_json():
     assert "NaN" not in line and rec["error"]["type"] == "ResultNotJSONSerializable"
 
 
+class _NumpyLike:
+    """What the writer looks at in a numpy scalar or array: a dtype and tolist()."""
+
+    def __init__(self, value):
+        self.dtype, self._value = "int64", value
+
+    def tolist(self):
+        return self._value
+
+
+def test_numpy_scalars_and_arrays_are_written_as_numbers_and_lists():
+    result = {"sum": _NumpyLike(6), "values": _NumpyLike([1, 2, 3])}
+    rec = record_of(procqueue.TaskOutcome(0, "in", True, result, None, 1, 0.1, 42))
+    assert json.loads(line_of(rec))["result"] == {"sum": 6, "values": [1, 2, 3]}
+    holding_an_object = _NumpyLike([object()])  # a numpy object array: still not JSON
+    rec = record_of(procqueue.TaskOutcome(0, "in", True, holding_an_object, None, 1, 0.1, 42))
+    line_of(rec)
+    assert rec["error"]["type"] == "ResultNotJSONSerializable"
+
+
 class _FlushSpy(io.StringIO):
     """Remembers what had been written at each flush; the second flush on may fail."""
 
