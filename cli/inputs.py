@@ -26,7 +26,7 @@ class InputError(click.ClickException):
 
 def collect_inputs(inputs: Iterable[str], glob: str | None = None,
                    lines_file: str | None = None, stdin: TextIO | None = None,
-                   null: bool = False, colsep: str | None = None) -> Inputs:
+                   null: bool = False, colsep: str | None = None, link: bool = False) -> Inputs:
     """Every input item, in order: a directory gives its files (recursively, sorted, filtered
     by `glob`), a file gives itself, '-' gives stdin's lines, and `lines_file` the lines of
     that file.  After ':::' the specs are inputs themselves, after '::::' files of inputs, as
@@ -37,7 +37,8 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
     sources give every combination of their inputs (the first source varies slowest), as
     tuples: `::: a b ::: 1 2` is ('a', '1'), ('a', '2'), ('b', '1'), ('b', '2').  ':::+'
     and '::::+' link a source to the one before instead: their inputs pair up one to one
-    (a shorter source wraps around).  One source gives its items as strings.
+    (a shorter source wraps around); `link` (GNU parallel's --link) links every source so.
+    One source gives its items as strings.
 
     With `colsep` (a regular expression, GNU parallel's --colsep), every input is a row of
     columns split at it, and the function gets one argument per column (of every source)."""
@@ -65,6 +66,8 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
         sources[0] += _lines_of(lines_file, null, stdin, what="--lines file")
     if not sources[0] and len(sources) > 1:  # only ::: / :::: sources
         del sources[0], linked[0]
+    if link:
+        linked = [False] + [True] * (len(sources) - 1)
     if len(sources) == 1 and colsep is None:
         return sources[0]
     split = _column_splitter(colsep)

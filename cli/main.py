@@ -268,6 +268,9 @@ def cli() -> None:
 @click.option("--colsep", metavar="REGEX",
               help="Split each input into columns at REGEX and pass one argument per column "
                    "(GNU parallel's --colsep; e.g. --colsep , :::: pairs.csv).")
+@click.option("--link", "--xapply", "link", is_flag=True,
+              help="Pair the input sources one to one instead of combining them (GNU "
+                   "parallel's --link: ::: a b ::: 1 2 gives (a, 1), (b, 2); as :::+).")
 @click.option("-N", "-n", "--max-args", "max_args", type=click.IntRange(min=1), default=None,
               metavar="N",
               help="Pass N inputs per call, as N arguments (GNU parallel's -N: ::: a b c d "
@@ -290,7 +293,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 interrupt_grace: float | None, trace_path: str | None,
                 journal_path: str | None, retry_failed: bool, force: bool,
                 joblog_path: str | None, resume: bool, resume_failed: bool, will_cite: bool,
-                dry_run: bool, colsep: str | None, max_args: int | None, null: bool,
+                dry_run: bool, colsep: str | None, link: bool, max_args: int | None,
+                null: bool,
                 bar: bool, quiet: bool,
                 stats: bool) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
@@ -304,7 +308,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     if from_stdin:
         inputs = _stdin_if_piped()
     fn = resolve_script(script, fn_name)
-    items = collect_inputs(inputs, glob, lines_file, null=null, colsep=colsep)
+    items = collect_inputs(inputs, glob, lines_file, null=null, colsep=colsep, link=link)
     if max_args is not None and max_args > 1:
         items = group_inputs(items, max_args)
     if from_stdin and not items:

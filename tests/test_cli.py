@@ -423,6 +423,9 @@ def test_max_args_passes_n_inputs_per_call_as_gnu_parallel_minus_n(tmp_path):
     wrong = procqueue("map", script, "--fn", "pair", "--max-args", "3", ":::", "a", "b", "c")
     assert wrong.returncode == 2 and "-N 3 gives it 3 per call" in wrong.stderr
     assert wrong.stdout == ""
+    linked = procqueue("map", script, "--fn", "pair", "--link", "-q", ":::", "a", "b",
+                       ":::", "1", "2")
+    assert [r["result"] for r in records(linked.stdout)] == ["a1", "b2"]
 
 
 @pytest.mark.timeout(60)

@@ -62,6 +62,15 @@ def test_linked_input_sources_pair_up_and_the_shorter_wraps_around():
         ("x", "a", "1"), ("x", "b", "2"), ("y", "a", "1"), ("y", "b", "2")]
 
 
+def test_link_pairs_every_source_one_to_one_as_gnu_parallel_link():
+    # parallel --link echo ::: a b c ::: 1 2  ->  a 1, b 2, c 1 (the shorter wraps around)
+    assert collect_inputs([":::", "a", "b", "c", ":::", "1", "2"], link=True) == [
+        ("a", "1"), ("b", "2"), ("c", "1")]
+    assert collect_inputs([":::", "a", "b", ":::", "1", "2", ":::", "x", "y"], link=True) == [
+        ("a", "1", "x"), ("b", "2", "y")]
+    assert collect_inputs([":::", "a", "b"], link=True) == ["a", "b"]
+
+
 def test_max_args_groups_consecutive_inputs_and_keeps_columns_together():
     assert group_inputs(["a", "b", "c", "d", "e"], 2) == [("a", "b"), ("c", "d"), ("e",)]
     assert group_inputs(["a", "b"], 5) == [("a", "b")]
