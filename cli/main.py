@@ -285,8 +285,7 @@ def cli() -> None:
 def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs: int | None,
                 cluster: str | None, glob: str | None, lines_file: str | None, output: str | None,
                 unordered: bool, keep_order: bool, timeout: str | None, retries: int | None,
-                no_pin: bool,
-                max_tasks_per_child: int | None, max_memory_per_child: str | None,
+                no_pin: bool, max_tasks_per_child: int | None, max_memory_per_child: str | None,
                 memfree: str | None, chunksize: int | None, concurrency: int | None,
                 rate: str | None, delay: str | None, limits: tuple[str, ...],
                 key_from: str | None, key_concurrency: int | None, halt: str | None,
@@ -294,9 +293,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 journal_path: str | None, retry_failed: bool, force: bool,
                 joblog_path: str | None, resume: bool, resume_failed: bool, will_cite: bool,
                 dry_run: bool, colsep: str | None, link: bool, max_args: int | None,
-                null: bool,
-                bar: bool, quiet: bool,
-                stats: bool) -> None:
+                null: bool, bar: bool, quiet: bool, stats: bool) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
     stdin lines, which no INPUTS also reads unless it is a terminal; after ::: the inputs
     themselves, after :::: files of inputs, as in GNU parallel) and write one JSON line per

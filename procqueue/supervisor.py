@@ -683,12 +683,14 @@ class Supervisor:
     def _write_off_batches(self, slot: Slot, running: tuple[int, float] | None,
                            exitcode: int | None, phase: SlotPhase) -> None:
         """Attribute a worker's death: the task it was running is charged with the crash;
-        every other task it held goes back to the front of the queue, uncharged."""
+        every other task it held goes back to the front of the queue, uncharged, unless its
+        call was halted or cancelled: then it ends there, cancelled."""
         for batch in slot.batches:
             if not batch.tasks and batch.block is None:  # it died loading a warm-up function
                 fn_id = batch.job.fn_id
                 self._warm_up_crashes[fn_id] = self._warm_up_crashes.get(fn_id, 0) + 1
         held = [t for b in slot.batches for t in b.pending.values()]
+        began = _started_ids(slot, running)  # finished, unsent, or the one it was running
         slot.batches.clear()
         culprit_id = running[0] if running else None
         if culprit_id is None and held and phase is not SlotPhase.KILLING:
@@ -701,11 +703,14 @@ class Supervisor:
                 started = running[1] if running else time.monotonic()
                 self._emit(task, slot, started, time.monotonic(), "crash", error)
                 self._after_failure(task, FailureKind.CRASH, error)
-            elif task.job.cancelled:
+            elif task.job.cancelled and task.id in began:
                 # Its call was halted or cancelled while the worker held it finished, its
                 # result unsent (_cancel_job); the killed worker did not get it out.
                 self._fail(task, TaskCancelledError(
                     "the task was cancelled: its worker was killed before it sent the result"))
+            elif task.job.cancelled:
+                task.attempts -= 1  # it never ran, and its call wants nothing more run
+                self._finish(task, TaskState.CANCELLED, False, self._cancelled_error(task))
             else:
                 task.attempts -= 1  # it never ran (or its run was not its fault)
                 task.move(TaskState.QUEUED)

@@ -117,6 +117,34 @@ def test_halt_now_keeps_the_results_of_inputs_that_had_finished(tmp_path):
     assert _runs(tmp_path) == {"a": 1, "b": 1, "c": 1, "d": 1, "hang": 1}
 
 
+def crash_after_a_while_or_count(spec):
+    directory, name = spec.split("|")
+    with open(os.path.join(directory, name), "a") as f:
+        f.write("x")
+    if name == "crash":
+        time.sleep(0.5)
+        os._exit(3)
+    return name
+
+
+@pytest.mark.timeout(60)
+def test_inputs_of_a_cancelled_call_held_by_a_worker_that_crashes_never_run(tmp_path):
+    # cancel(kill_running=False): the running input finishes (here: crashes); the inputs
+    # behind it in the worker's batch must end cancelled, never started (attempts 0).
+    specs = [f"{tmp_path}|{name}" for name in ["crash", "b", "c"]]
+    with Pool(1, retries=0) as pool:
+        outcomes = pool.imap_outcomes(crash_after_a_while_or_count, specs, chunksize=3)
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "crash").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        outcomes.cancel(kill_running=False)
+        got = [(type(o.error).__name__, o.attempts) for o in outcomes]
+        assert pool.map(abs, [-1]) == [1]
+    assert got == [("WorkerCrashedError", 1), ("TaskCancelledError", 0),
+                   ("TaskCancelledError", 0)]
+    assert sorted(os.listdir(tmp_path)) == ["crash"]
+
+
 @pytest.mark.timeout(60)
 def test_relative_timeout_catches_the_stuck_input():
     durations = [0.1] * 6 + [60] + [0.1] * 3
