@@ -729,6 +729,35 @@ def test_sigterm_kills_running_tasks_now_and_exits_143(tmp_path):
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_kill_keeps_what_the_killed_workers_batch_had_finished(tmp_path, sig):
+    # One worker, one batch: a, b, c, d finish in microseconds, then "hang" runs.  Killing the
+    # run (SIGTERM, or Ctrl-C twice) kills that worker: a-d were computed, so their records
+    # are results, not "cancelled" (the worker sends them when it gets its SIGTERM).
+    script = tmp_path / "job.py"
+    started = tmp_path / "hang-started"
+    script.write_text(f"import time\ndef process(name):\n    if name == 'hang':\n"
+                      f"        open({str(started)!r}, 'w').close()\n        time.sleep(30)\n"
+                      f"    return name\n")
+    proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-j", "1", "--chunksize", "5",
+                             "-q", ":::", "a", "b", "c", "d", "hang", "e"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not started.exists() and time.monotonic() < deadline:  # a-d done, "hang" sleeping
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    if sig == signal.SIGINT:
+        time.sleep(0.2)
+        proc.send_signal(sig)  # the second press kills running tasks
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 128 + sig, err
+    recs = {r["input"]: r for r in records(out)}
+    assert [recs[n]["result"] for n in "abcd"] == ["a", "b", "c", "d"]
+    assert recs["hang"]["error"]["type"] == recs["e"]["error"]["type"] == "TaskCancelledError"
+    assert recs["e"]["attempts"] == 0
+
+
 STAMPED = """
 import os, time
 def process(item):
