@@ -6,7 +6,6 @@ stray processes: after the test, the test process must have no children left.
 """
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 

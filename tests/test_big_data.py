@@ -149,8 +149,6 @@ def test_big_results_come_back():
 
 
 def slow_digest(data):
-    import time
-
     time.sleep(0.03)  # slower than the feeder copies: it would run far ahead unbounded
     return digest(data)
 

@@ -17,7 +17,6 @@ on half of these rows, which is the point of the project.
 """
 from __future__ import annotations
 
-import collections
 import ctypes
 import math
 import os
@@ -630,7 +629,7 @@ def test_sigkilled_supervisor_leaves_no_worker_behind(tmp_path, tmp_shared, shap
     proc = _start_script(tmp_path, _supervisor_script(SIGKILL_MAIN, shape), tmp_shared)
     descendants = set()
     try:
-        files = _wait_for_workers(tmp_shared, 2, proc)
+        _wait_for_workers(tmp_shared, 2, proc)
         time.sleep(0.2)
         workers, grandchildren = _pids_from(Path(tmp_shared).glob("worker-*"))
         descendants = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
@@ -640,8 +639,8 @@ def test_sigkilled_supervisor_leaves_no_worker_behind(tmp_path, tmp_shared, shap
         proc.wait(timeout=10)
         alive_workers = _wait_gone(workers, 3.0)
         alive_children = _wait_gone(grandchildren, 3.0)
-        assert alive_workers == [], f"workers alive 3 s after the supervisor was SIGKILLed"
-        assert alive_children == [], f"tasks' subprocesses alive 3 s after the supervisor died"
+        assert alive_workers == [], "workers alive 3 s after the supervisor was SIGKILLed"
+        assert alive_children == [], "tasks' subprocesses alive 3 s after the supervisor died"
         time.sleep(1.0)
         started_after = len(list(Path(tmp_shared).glob("worker-*")))
         assert started_after == started_before, "a task started after the supervisor died"

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from procqueue import Limit, Pool, Queue, Rate
+from procqueue import Pool, Queue, Rate
 from procqueue.limits import RateGate, Semaphore
 
 HOLD_S = 0.05  # how long each recorded task runs
