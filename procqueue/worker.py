@@ -66,6 +66,7 @@ def worker_main(conn: Any, slot_state: Any, cpus: tuple[int, ...], env: dict[str
     _die_with_parent()
     _watch_supervisor(death_reader)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    UNSENT.pid = os.getpid()
     signal.signal(signal.SIGTERM, _send_unsent_then_die)
     os.environ.update(env)
     if cpus:
@@ -399,6 +400,8 @@ class _Unsent:
     def __init__(self) -> None:
         self.send: Callable[[], None] | None = None
         self.sending = False
+        self.dying = False  # the SIGTERM handler runs
+        self.pid = os.getpid()  # the worker's: a process a task forks inherits the handler
 
     def clear(self) -> None:
         self.send = None
@@ -412,12 +415,14 @@ def _send_unsent_then_die(signum: int, frame: Any) -> None:
     """SIGTERM (a timeout, a cancel, a halt, or a kill from outside): send what the batch has
     finished first, then die of the signal as before.  Without this, the inputs it ran before
     the one being killed (up to FLUSH_INTERVAL_S of work) would be run again elsewhere."""
+    # Another SIGTERM may come while this runs (a timeout, then the halt it causes), and
+    # Python then runs this handler again inside this one: that run must not end us half-way
+    # through the message.  (If it comes before the flag is set, that run does it all.)
+    if UNSENT.dying:
+        return
+    UNSENT.dying = True
     send = UNSENT.send
-    if send is not None and not UNSENT.sending:
-        UNSENT.clear()
-        # The supervisor may signal again meanwhile (a timeout, then the halt it causes): a
-        # second run of this handler would end us half-way through the message.
-        signal.signal(signum, signal.SIG_IGN)
+    if send is not None and not UNSENT.sending and os.getpid() == UNSENT.pid:
         try:
             send()
         except BaseException:  # noqa: BLE001 - dying anyway; they run again, as before

@@ -256,6 +256,8 @@ class WorkerSlots:
         """SIGTERM the worker's process group, SIGKILL after `grace_s` (see escalate)."""
         if slot.phase in (SlotPhase.DEAD,):
             return
+        if slot.phase is SlotPhase.KILLING and grace_s > 0:
+            return  # SIGTERMed already; its SIGKILL deadline stands
         if slot.phase is not SlotPhase.KILLING:
             slot.move(SlotPhase.KILLING)
             slot.kill_reason = reason

@@ -145,6 +145,41 @@ def test_inputs_of_a_cancelled_call_held_by_a_worker_that_crashes_never_run(tmp_
     assert sorted(os.listdir(tmp_path)) == ["crash"]
 
 
+@pytest.mark.parametrize("case", ["worker", "forked_by_a_task", "signalled_again"])
+def test_the_sigterm_handler_sends_once_and_only_from_the_worker_itself(case):
+    # The worker's handler sends what its batch finished, then dies of SIGTERM; a process a
+    # task forked inherits the handler (and the pipe) but must not send on the worker's behalf;
+    # a second SIGTERM during the send (a timeout, then the halt it causes) must not cut it.
+    from procqueue import worker
+
+    forked_by_a_task = case == "forked_by_a_task"
+
+    def send(write_end):
+        if case == "signalled_again":
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode: right here
+        os.write(write_end, b"results")
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child plays the worker
+        try:
+            os.close(read_end)
+            worker.UNSENT.clear()
+            worker.UNSENT.pid = os.getppid() if forked_by_a_task else os.getpid()
+            worker.UNSENT.send = lambda: send(write_end)
+            signal.signal(signal.SIGTERM, worker._send_unsent_then_die)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            os._exit(99)  # the handler should have ended the process before this
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        sent = pipe.read()
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert sent == (b"" if forked_by_a_task else b"results")
+
+
 @pytest.mark.timeout(60)
 def test_relative_timeout_catches_the_stuck_input():
     durations = [0.1] * 6 + [60] + [0.1] * 3
