@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import os
+import signal
 import threading
 import time
 import warnings
@@ -226,6 +227,13 @@ class Pool(PoolCalls):
     def __reduce__(self) -> Any:
         # As multiprocessing.Pool: a pool lives in the process that made it.
         raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
+    @property
+    def _pool(self) -> list["WorkerProcess"]:
+        """multiprocessing.Pool's private list of its worker processes, which code written for
+        it reads (`[p.pid for p in pool._pool]`): a snapshot of the workers now running."""
+        return [WorkerProcess(slot, slot.pid) for slot in list(self._supervisor.workers.slots)
+                if slot.pid is not None]
 
     # ---- procqueue extras --------------------------------------------------------------------
 
@@ -755,6 +763,48 @@ def _payload_bytes(payload: Any) -> int:
     if isinstance(payload, OutOfBand):
         return payload.size
     return len(payload)
+
+
+class WorkerProcess:
+    """What a multiprocessing.Process of a pool's `_pool` is read for: pid, name, is_alive(),
+    exitcode, terminate() and kill().  The supervisor owns the process; ending it from here
+    is a crash the pool handles as any other (the task fails or is retried, a worker replaces
+    it)."""
+
+    daemon = True
+
+    def __init__(self, slot: Any, pid: int) -> None:
+        self._slot = slot
+        self.pid = pid
+        self.name = f"procqueue-worker-{slot.index}"
+
+    def is_alive(self) -> bool:
+        import psutil
+
+        try:
+            return bool(psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE)
+        except psutil.Error:
+            return False
+
+    @property
+    def exitcode(self) -> int | None:
+        """None until the pool has reaped the process (as multiprocessing's, until joined)."""
+        return next((code for pid, code in list(self._slot.exits) if pid == self.pid), None)
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<WorkerProcess name={self.name!r} pid={self.pid}>"
 
 
 def _pids(pool: Pool) -> list[int | None]:

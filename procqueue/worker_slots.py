@@ -110,6 +110,8 @@ class Slot:
         self.kill_deadline: float | None = None  # KILLING: when to escalate to SIGKILL
         self.kill_reason: str | None = None
         self.last_exit: str | None = None
+        # (pid, exit code) of the last processes of this slot that were reaped (Pool._pool)
+        self.exits: deque[tuple[int | None, int | None]] = deque(maxlen=8)
         self.respawn_at = 0.0  # DEAD: not before this monotonic time (backoff)
         self.rss_bytes = 0  # the worker's resident memory, as it last reported
         self.retire_reason: str | None = None
@@ -294,6 +296,7 @@ class WorkerSlots:
         except ValueError:
             pass
         slot.move(SlotPhase.DEAD)
+        slot.exits.append((slot.pid, exitcode))
         return exitcode  # type: ignore[no-any-return]
 
     def _kill_leftover_group(self, slot: Slot) -> None:

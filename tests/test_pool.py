@@ -147,6 +147,41 @@ class Payload:
         self.n = n
 
 
+def note_pid_then_sleep(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(1.0)
+    return os.getpid()
+
+
+@pytest.mark.timeout(60)
+def test_underscore_pool_lists_the_workers_as_multiprocessing_does_and_killing_one_is_a_crash(
+        tmp_path):
+    # Code written for multiprocessing.Pool reads pool._pool for the worker processes (to
+    # kill one in a test, or to list their pids).  Killing one from outside is a crash the
+    # pool handles: the task it ran is retried on a replacement, nothing hangs.
+    marker = tmp_path / "pid"
+    with Pool(2, retries=1) as pool:
+        pool.map(square, range(4))
+        workers = pool._pool
+        assert len(workers) == 2 and all(w.is_alive() and w.exitcode is None for w in workers)
+        assert sorted(w.pid for w in workers) == sorted(w.pid for w in pool.stats().workers)
+        busy = pool.apply_async(note_pid_then_sleep, (str(marker),))
+        deadline = time.monotonic() + 10
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # the pid is written
+        victim = next(w for w in workers if w.pid == int(marker.read_text()))
+        victim.kill()
+        replacement = busy.get(timeout=30)
+        assert replacement != victim.pid
+        deadline = time.monotonic() + 10
+        while victim.exitcode is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not victim.is_alive() and victim.exitcode == -signal.SIGKILL
+        assert replacement in {w.pid for w in pool._pool}
+
+
 def payload_size(p):
     return p.n
 
