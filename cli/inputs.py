@@ -42,6 +42,17 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
 
     With `colsep` (a regular expression, GNU parallel's --colsep), every input is a row of
     columns split at it, and the function gets one argument per column (of every source)."""
+    sources, linked = _gather_sources(inputs, glob, lines_file, stdin, null, link)
+    if len(sources) == 1 and colsep is None:
+        return sources[0]
+    split = _column_splitter(colsep)
+    return _combinations([[split(item) for item in source] for source in sources], linked)
+
+
+def _gather_sources(inputs: Iterable[str], glob: str | None, lines_file: str | None,
+                    stdin: TextIO | None, null: bool, link: bool
+                    ) -> tuple[list[list[str]], list[bool]]:
+    """The input sources (see collect_inputs), and which are linked to the one before."""
     sources: list[list[str]] = [[]]  # the first: INPUT paths, stdin, --lines
     linked = [False]
     mode = "paths"
@@ -68,10 +79,32 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
         del sources[0], linked[0]
     if link:
         linked = [False] + [True] * (len(sources) - 1)
-    if len(sources) == 1 and colsep is None:
-        return sources[0]
-    split = _column_splitter(colsep)
-    return _combinations([[split(item) for item in source] for source in sources], linked)
+    return sources, linked
+
+
+def collect_named_inputs(inputs: Iterable[str], glob: str | None = None,
+                         lines_file: str | None = None, stdin: TextIO | None = None,
+                         null: bool = False, colsep: str | None = None, link: bool = False
+                         ) -> tuple[list[Row], tuple[str, ...]]:
+    """GNU parallel's --header: the first input of each source is its header, split into
+    column names at `colsep` (a tab by default, as parallel's); the rows are the other
+    inputs, combined as collect_inputs does, and the names are one per column, in order, for
+    the function's keyword arguments."""
+    sources, linked = _gather_sources(inputs, glob, lines_file, stdin, null, link)
+    split = _column_splitter(colsep if colsep is not None else "\t")
+    names: list[str] = []
+    for number, source in enumerate(sources, 1):
+        if not source:
+            raise InputError(f"--header: input source {number} is empty: it has no header")
+        names += split(source[0])
+    for name in names:
+        if not name.isidentifier():
+            raise InputError(f"--header: column name {name!r} is not a Python identifier, "
+                             f"so it cannot name a keyword argument")
+    if len(set(names)) != len(names):
+        raise InputError(f"--header: column names repeat: {', '.join(names)}")
+    rows = _combinations([[split(item) for item in source[1:]] for source in sources], linked)
+    return rows, tuple(names)
 
 
 def group_inputs(items: Inputs, n: int) -> list[Row]:

@@ -48,6 +48,24 @@ class ScriptFunction:
         return f"{self.path or self.module}:{self.name}"
 
 
+@dataclass(frozen=True)
+class NamedArguments:
+    """The user's function called with keyword arguments named by a header (GNU parallel's
+    --header): each input row's columns, in the header's order."""
+
+    function: ScriptFunction
+    names: tuple[str, ...]
+
+    def __call__(self, *values: Any) -> Any:
+        if len(values) != len(self.names):
+            raise ValueError(f"the row has {len(values)} column(s) and the header "
+                             f"{len(self.names)} ({', '.join(self.names)})")
+        return self.function.resolve()(**dict(zip(self.names, values)))
+
+    def describe(self) -> str:
+        return self.function.describe()
+
+
 _LOADED: dict[tuple[str | None, str | None, str], Callable[[Any], Any]] = {}
 
 

@@ -25,11 +25,12 @@ import click
 import procqueue
 from procqueue import HaltPolicy
 
-from .inputs import Inputs, collect_inputs, group_inputs
-from .loader import send_prints_to_stderr
+from .inputs import Inputs, collect_inputs, collect_named_inputs, group_inputs
+from .loader import NamedArguments, send_prints_to_stderr
 from .output import JobLog, RecordWriter, input_text, logged_seqs, record_of
 from .progress import Progress
-from .script import check_arguments, function_identity, resolve_script
+from .script import (check_arguments, check_keyword_arguments, function_identity,
+                     resolve_script)
 
 EXIT_OK = 0  # every input succeeded
 EXIT_FAILURES = 1  # some inputs failed
@@ -268,6 +269,11 @@ def cli() -> None:
 @click.option("--colsep", metavar="REGEX",
               help="Split each input into columns at REGEX and pass one argument per column "
                    "(GNU parallel's --colsep; e.g. --colsep , :::: pairs.csv).")
+@click.option("--header", "header", metavar=":",
+              help="The first input of each source names its columns (split at --colsep, "
+                   "a tab by default), and the function gets each row's columns as keyword "
+                   "arguments of those names (GNU parallel's --header :; e.g. --header : "
+                   "--colsep , :::: table.csv calls process(name=..., size=...)).")
 @click.option("--link", "--xapply", "link", is_flag=True,
               help="Pair the input sources one to one instead of combining them (GNU "
                    "parallel's --link: ::: a b ::: 1 2 gives (a, 1), (b, 2); as :::+).")
@@ -292,7 +298,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 interrupt_grace: float | None, trace_path: str | None,
                 journal_path: str | None, retry_failed: bool, force: bool,
                 joblog_path: str | None, resume: bool, resume_failed: bool, will_cite: bool,
-                dry_run: bool, colsep: str | None, link: bool, max_args: int | None,
+                dry_run: bool, colsep: str | None, header: str | None, link: bool,
+                max_args: int | None,
                 null: bool, bar: bool, quiet: bool, stats: bool) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
     stdin lines, which no INPUTS also reads unless it is a terminal; after ::: the inputs
@@ -305,12 +312,21 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     if from_stdin:
         inputs = _stdin_if_piped()
     fn = resolve_script(script, fn_name)
-    items = collect_inputs(inputs, glob, lines_file, null=null, colsep=colsep, link=link)
+    call: Any = fn
+    if header is not None:
+        if max_args is not None and max_args > 1:
+            raise click.UsageError("--header names one row's columns: it does not go with -N")
+        items, names = collect_named_inputs(inputs, glob, lines_file, null=null, colsep=colsep,
+                                            link=link)
+        check_keyword_arguments(fn, names)
+        call = NamedArguments(fn, names)
+    else:
+        items = collect_inputs(inputs, glob, lines_file, null=null, colsep=colsep, link=link)
     if max_args is not None and max_args > 1:
         items = group_inputs(items, max_args)
     if from_stdin and not items:
         raise click.UsageError(NO_INPUT)
-    if items:
+    if items and header is None:
         check_arguments(fn, len(items[0]) if isinstance(items[0], tuple) else 1,
                         None if max_args is None or max_args == 1 else
                         f"-N {max_args} gives it {{count}} per call")
@@ -343,7 +359,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     if output is None and "address" not in pool_options:  # a remote worker's stdout is not ours
         pool_options["initializer"] = send_prints_to_stderr
     try:
-        code = run(fn, items, jobs, max_tasks_per_child, chunksize, not unordered, pool_options,
+        code = run(call, items, jobs, max_tasks_per_child, chunksize, not unordered, pool_options,
                    call_options, halt_policy, interrupt_grace, stream, quiet, stats, bar,
                    joblog)
     except KeyboardInterrupt:  # while the pool starts or stops: no handler of ours yet

@@ -68,18 +68,9 @@ def check_arguments(fn: ScriptFunction, count: int, given: str | None = None) ->
     per input source, or what `given` says gives them), as far as its source shows: a plain
     top-level `def` without decorators; anything else is left to the call (its error goes
     into each record)."""
-    if fn.path is None:
+    args = _plain_def_arguments(fn)
+    if args is None:
         return
-    try:
-        tree = ast.parse(Path(fn.path).read_bytes(), filename=fn.path)
-    except (OSError, SyntaxError, ValueError):
-        return  # checked before: cannot happen unless the file changed meanwhile
-    bindings = [node for node in tree.body if fn.name in _names_bound_by(node)]
-    plain_def = len(bindings) == 1 and isinstance(bindings[0], ast.FunctionDef) \
-        and not bindings[0].decorator_list and not TopLevelNames.of(tree).dynamic
-    if not plain_def:
-        return
-    args = cast(ast.FunctionDef, bindings[0]).args
     positional = len(args.posonlyargs) + len(args.args)
     required = positional - len(args.defaults)
     if required <= count and (args.vararg is not None or count <= positional):
@@ -92,6 +83,44 @@ def check_arguments(fn: ScriptFunction, count: int, given: str | None = None) ->
             "starts another input source, as in GNU parallel)"
     raise ScriptError(f"{fn.describe()} takes {takes} positional argument"
                       f"{'' if takes == '1' else 's'}, but {given.format(count=count)}")
+
+
+def check_keyword_arguments(fn: ScriptFunction, names: tuple[str, ...]) -> None:
+    """Usage error if the script's plain `def` cannot take these keyword arguments (--header)
+    or needs one they do not give."""
+    args = _plain_def_arguments(fn)
+    if args is None:
+        return
+    named = [a.arg for a in args.args] + [a.arg for a in args.kwonlyargs]
+    unknown = [n for n in names if n not in named] if args.kwarg is None else []
+    required = [a.arg for a in args.args[:len(args.args) - len(args.defaults)]] + [
+        a.arg for a, default in zip(args.kwonlyargs, args.kw_defaults) if default is None]
+    missing = [n for n in required if n not in names]
+    if args.posonlyargs:
+        missing = [a.arg for a in args.posonlyargs] + missing
+    if unknown or missing:
+        why = "; ".join(part for part in (
+            f"it takes no {', '.join(map(repr, unknown))}" if unknown else "",
+            f"it needs {', '.join(map(repr, missing))}" if missing else "") if part)
+        raise ScriptError(f"{fn.describe()} cannot take the header's columns "
+                          f"({', '.join(names)}) as keyword arguments: {why}")
+
+
+def _plain_def_arguments(fn: ScriptFunction) -> ast.arguments | None:
+    """The parameters of the script's function when its source shows them for sure: a plain
+    top-level `def`, the name's only binding, no decorators; else None."""
+    if fn.path is None:
+        return None
+    try:
+        tree = ast.parse(Path(fn.path).read_bytes(), filename=fn.path)
+    except (OSError, SyntaxError, ValueError):
+        return None  # checked before: cannot happen unless the file changed meanwhile
+    bindings = [node for node in tree.body if fn.name in _names_bound_by(node)]
+    plain_def = len(bindings) == 1 and isinstance(bindings[0], ast.FunctionDef) \
+        and not bindings[0].decorator_list and not TopLevelNames.of(tree).dynamic
+    if not plain_def:
+        return None
+    return cast(ast.FunctionDef, bindings[0]).args
 
 
 def _names_bound_by(node: ast.stmt) -> set[str]:

@@ -428,6 +428,25 @@ def test_max_args_passes_n_inputs_per_call_as_gnu_parallel_minus_n(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_header_passes_each_rows_columns_as_keyword_arguments(tmp_path):
+    # parallel --header : --colsep , echo {size} {name} :::: table.csv
+    script = tmp_path / "job.py"
+    script.write_text("def process(size, name):\n    return name * int(size)\n"
+                      "def one(name):\n    return name\n")
+    (tmp_path / "table.csv").write_text("name,size\nab,2\nc,3\nd\n")
+    run = procqueue("map", script, "--header", ":", "--colsep", ",", "-q", "::::",
+                    tmp_path / "table.csv")
+    assert run.returncode == 1, run.stderr
+    recs = records(run.stdout)
+    assert [(r["input"], r.get("result")) for r in recs] == [
+        (["ab", "2"], "abab"), (["c", "3"], "ccc"), (["d"], None)]
+    assert "the row has 1 column(s) and the header 2" in recs[2]["error"]["message"]
+    wrong = procqueue("map", script, "--fn", "one", "--header", ":", "--colsep", ",", "::::",
+                      tmp_path / "table.csv")
+    assert wrong.returncode == 2 and "takes no 'size'" in wrong.stderr and not wrong.stdout
+
+
+@pytest.mark.timeout(60)
 def test_delay_spaces_the_starts_as_gnu_parallel_does(tmp_path):
     script = tmp_path / "job.py"
     script.write_text("def process(x):\n    return x\n")

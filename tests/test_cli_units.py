@@ -10,11 +10,12 @@ import click
 import pytest
 
 import procqueue
-from procqueue.cli.inputs import InputError, collect_inputs, group_inputs
+from procqueue.cli.inputs import InputError, collect_inputs, collect_named_inputs, group_inputs
 from procqueue.cli.main import JobsType, parse_halt
 from procqueue import HaltPolicy
 from procqueue.cli.output import line_of, record_of
-from procqueue.cli.script import ScriptError, ScriptFunction, check_arguments, resolve_script
+from procqueue.cli.script import (ScriptError, ScriptFunction, check_arguments,
+                                  check_keyword_arguments, resolve_script)
 
 
 def test_directories_are_walked_recursively_and_sorted(tmp_path):
@@ -69,6 +70,37 @@ def test_link_pairs_every_source_one_to_one_as_gnu_parallel_link():
     assert collect_inputs([":::", "a", "b", ":::", "1", "2", ":::", "x", "y"], link=True) == [
         ("a", "1", "x"), ("b", "2", "y")]
     assert collect_inputs([":::", "a", "b"], link=True) == ["a", "b"]
+
+
+def test_header_names_the_columns_of_every_source_as_gnu_parallel_header(tmp_path):
+    # parallel --header : --colsep , echo {name} {size} {unit} :::: table.csv ::: unit kg g
+    (tmp_path / "table.csv").write_text("name,size\nalpha,3\nbeta,5\n")
+    rows, names = collect_named_inputs(["::::", str(tmp_path / "table.csv"), ":::", "unit",
+                                        "kg", "g"], colsep=",")
+    assert names == ("name", "size", "unit")
+    assert rows == [("alpha", "3", "kg"), ("alpha", "3", "g"), ("beta", "5", "kg"),
+                    ("beta", "5", "g")]
+    assert collect_named_inputs([":::", "a\tb", "1\t2"]) == ([("1", "2")], ("a", "b"))
+    for inputs, message in [([":::", "not-a-name", "x"], "not a Python identifier"),
+                            ([":::", "a,a", "1,2"], "repeat"),
+                            ([":::", "a", ":::"], "source 2 is empty")]:
+        with pytest.raises(InputError, match=message):
+            collect_named_inputs(inputs, colsep=",")
+
+
+def test_header_columns_must_fit_the_functions_keyword_arguments(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("def both(name, size):\n    pass\n"
+                      "def extra(name, size, *, unit='kg', **more):\n    pass\n"
+                      "def strict(name):\n    pass\n"
+                      "def needs(name, size, unit):\n    pass\n")
+    names = ("name", "size")
+    check_keyword_arguments(resolve_script(str(script), "both"), names)
+    check_keyword_arguments(resolve_script(str(script), "extra"), names)
+    with pytest.raises(ScriptError, match="takes no 'size'"):
+        check_keyword_arguments(resolve_script(str(script), "strict"), names)
+    with pytest.raises(ScriptError, match="needs 'unit'"):
+        check_keyword_arguments(resolve_script(str(script), "needs"), names)
 
 
 def test_max_args_groups_consecutive_inputs_and_keeps_columns_together():
