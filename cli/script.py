@@ -96,8 +96,9 @@ def check_keyword_arguments(fn: ScriptFunction, names: tuple[str, ...]) -> None:
     required = [a.arg for a in args.args[:len(args.args) - len(args.defaults)]] + [
         a.arg for a, default in zip(args.kwonlyargs, args.kw_defaults) if default is None]
     missing = [n for n in required if n not in names]
-    if args.posonlyargs:
-        missing = [a.arg for a in args.posonlyargs] + missing
+    posonly_defaults = max(0, len(args.defaults) - len(args.args))
+    missing = [a.arg for a in args.posonlyargs[:len(args.posonlyargs) - posonly_defaults]] \
+        + missing  # a positional-only parameter without a default: no keyword can fill it
     if unknown or missing:
         why = "; ".join(part for part in (
             f"it takes no {', '.join(map(repr, unknown))}" if unknown else "",

@@ -93,7 +93,9 @@ def test_header_columns_must_fit_the_functions_keyword_arguments(tmp_path):
     script.write_text("def both(name, size):\n    pass\n"
                       "def extra(name, size, *, unit='kg', **more):\n    pass\n"
                       "def strict(name):\n    pass\n"
-                      "def needs(name, size, unit):\n    pass\n")
+                      "def needs(name, size, unit):\n    pass\n"
+                      "def positional(a, /, name, size):\n    pass\n"
+                      "def defaulted(a=0, /, *, name, size):\n    pass\n")
     names = ("name", "size")
     check_keyword_arguments(resolve_script(str(script), "both"), names)
     check_keyword_arguments(resolve_script(str(script), "extra"), names)
@@ -101,6 +103,9 @@ def test_header_columns_must_fit_the_functions_keyword_arguments(tmp_path):
         check_keyword_arguments(resolve_script(str(script), "strict"), names)
     with pytest.raises(ScriptError, match="needs 'unit'"):
         check_keyword_arguments(resolve_script(str(script), "needs"), names)
+    with pytest.raises(ScriptError, match="needs 'a'"):
+        check_keyword_arguments(resolve_script(str(script), "positional"), names)
+    check_keyword_arguments(resolve_script(str(script), "defaulted"), names)
 
 
 def test_max_args_groups_consecutive_inputs_and_keeps_columns_together():
