@@ -552,13 +552,20 @@ def process(item):
 """
 
 
+def _script_logging_to_a_folder(tmp_path, template, name):
+    """A script made from `template`, whose tasks record themselves in a fresh folder
+    (its {log}): returns (script, folder)."""
+    log = tmp_path / "log"
+    log.mkdir()
+    script = tmp_path / name
+    script.write_text(template.format(log=str(log)))
+    return script, log
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("presses", [1, 2])
 def test_ctrl_c_writes_finished_records_and_leaves_no_process(tmp_path, presses):
-    log = tmp_path / "pids"
-    log.mkdir()
-    script = tmp_path / "sleepy.py"
-    script.write_text(SLEEPY.format(log=str(log)))
+    script, log = _script_logging_to_a_folder(tmp_path, SLEEPY, "sleepy.py")
     proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-", "-j", "2", "--unordered",
                              "--interrupt-grace", "1"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -601,10 +608,7 @@ def process(item):
 @pytest.mark.timeout(60)
 def test_sighup_lets_running_tasks_finish_and_starts_no_other(tmp_path):
     # The terminal went away: as GNU parallel, no new inputs, the running ones complete.
-    log = tmp_path / "started"
-    log.mkdir()
-    script = tmp_path / "drained.py"
-    script.write_text(DRAINED.format(log=str(log)))
+    script, log = _script_logging_to_a_folder(tmp_path, DRAINED, "drained.py")
     proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-j", "2", ":::",
                              *map(str, range(20))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -719,10 +723,7 @@ def test_limit_options(tmp_path, batch):
 
 @pytest.mark.timeout(60)
 def test_sigterm_kills_running_tasks_now_and_exits_143(tmp_path):
-    log = tmp_path / "pids"
-    log.mkdir()
-    script = tmp_path / "sleepy.py"
-    script.write_text(SLEEPY.format(log=str(log)))
+    script, log = _script_logging_to_a_folder(tmp_path, SLEEPY, "sleepy.py")
     proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-", "-j", "2",
                              "--interrupt-grace", "30"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -791,10 +792,7 @@ def _interrupt_once(tmp_path):
     (by then the pool has measured task times and keeps a next task queued at each worker),
     default options (--interrupt-grace 3 s: enough for them to finish), and returns what
     happened."""
-    log = tmp_path / "starts"
-    log.mkdir()
-    script = tmp_path / "stamped.py"
-    script.write_text(STAMPED.format(log=str(log)))
+    script, log = _script_logging_to_a_folder(tmp_path, STAMPED, "stamped.py")
     proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-", "-j", "2"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
