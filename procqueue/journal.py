@@ -362,6 +362,10 @@ def _acquire_lock(path: str) -> int:
 
 
 def _release_lock(fd: int) -> None:
+    if fd not in _LOCK_FDS:
+        # Closed already, by the fork hook above in a child: the number may name one of the
+        # child's own files by now, which must not be truncated or closed from here.
+        return
     _LOCK_FDS.discard(fd)
     try:
         os.ftruncate(fd, 0)  # no stale pid for the next reader (released on close below)

@@ -147,10 +147,7 @@ class Supervisor:
         self._watched: weakref.WeakSet[Any] = weakref.WeakSet()
         self._watched_lock = threading.Lock()
         self._inbox: deque[Command] = deque()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        os.set_blocking(self._wake_r, False)
-        self._wake_pending = False
+        self._wakeup = WakeupPipe()
         self._selector = selectors.DefaultSelector()
         self._batch_ids = iter(range(1, sys.maxsize))
         self._init_failures = 0
@@ -172,12 +169,7 @@ class Supervisor:
 
     def post(self, command: Command) -> None:
         self._inbox.append(command)
-        if not self._wake_pending:  # one wake-up byte per batch of commands is enough
-            self._wake_pending = True
-            try:
-                os.write(self._wake_w, b"\0")
-            except (BlockingIOError, OSError):
-                pass  # pipe full (a wake-up is pending anyway) or closed (stopped)
+        self._wakeup.wake()
 
     def watch(self, sink: Any) -> None:
         """A many-input call's sink, to abort(error) if the supervisor fails (any thread)."""
@@ -208,7 +200,7 @@ class Supervisor:
 
     def _run(self) -> None:
         try:
-            self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
+            self._selector.register(self._wakeup.reader, selectors.EVENT_READ, self._on_wakeup)
             for slot in self.workers.slots:
                 self._spawn(slot)
             self.spawned.set()
@@ -236,15 +228,10 @@ class Supervisor:
         self._check_progress_of_shutdown(now)
 
     def _on_wakeup(self, key: Any) -> None:
-        # Order matters: drain the pipe, then clear the flag, then drain the inbox.  A post
-        # that lands after the flag is cleared writes a fresh byte that this drain cannot eat;
-        # one that landed before is in the inbox by the time we drain it.
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        self._wake_pending = False
+        # Order matters: drain the pipe (which re-arms it), then drain the inbox.  A post that
+        # lands after the pipe is drained writes a fresh byte that this drain cannot eat; one
+        # that landed before is in the inbox by the time we drain it.
+        self._wakeup.drain()
         inbox = self._inbox
         while inbox:
             command = inbox.popleft()
@@ -1107,12 +1094,55 @@ class Supervisor:
             _unlend_all(slot)
         self.workers.close()
         self._selector.close()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._wakeup.close()
         self.stopped.set()
+
+
+class WakeupPipe:
+    """The pipe post() writes a byte to so that the supervisor's select() returns.
+
+    Writing is guarded against use after close: once the pipe is closed, its descriptor
+    numbers are free for the program to reuse (a file, a socket, multiprocessing's resource
+    tracker pipe), and a late post() (terminate() or garbage collection after join()) must not
+    write a stray NUL byte into whatever now holds that number."""
+
+    def __init__(self) -> None:
+        self.reader, self._writer = os.pipe()
+        os.set_blocking(self._writer, False)
+        os.set_blocking(self.reader, False)
+        self._pending = False  # a byte is in the pipe: one per batch of commands is enough
+        self._closed = False
+        self._lock = threading.Lock()  # taken once per wake-up byte, not per post()
+
+    def wake(self) -> None:
+        """Any thread."""
+        if self._pending:
+            return
+        with self._lock:
+            if self._closed or self._pending:
+                return
+            self._pending = True
+            try:
+                os.write(self._writer, b"\0")
+            except BlockingIOError:
+                pass  # full: a wake-up is pending anyway
+
+    def drain(self) -> None:
+        """Supervisor thread: empty the pipe and re-arm wake()."""
+        try:
+            while os.read(self.reader, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self._pending = False
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self.reader)
+            os.close(self._writer)
 
 
 def pool_gates(config: PoolConfig) -> tuple[Gate, ...]:
