@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -178,6 +179,31 @@ def _stop_fork_server(server: Any) -> None:
             pause = min(2 * pause, 0.005)
     except ChildProcessError:
         pass  # reaped already
+
+
+def _forget_the_parents_fork_server() -> None:
+    """In a process forked from one whose fork server runs (os.fork, a fork
+    multiprocessing.Process): that server is not this process's child, so multiprocessing's
+    ensure_running() would fail on it (waitpid: ChildProcessError) and break every pool made
+    here.  The child starts a fork server of its own when it needs one, and closes its copy of
+    the parent's "alive" descriptor, which would otherwise keep the parent's server up."""
+    # No import here: another thread of the parent may have held the import lock at fork.
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    server: Any = getattr(forkserver, "_forkserver", None)
+    if getattr(server, "_forkserver_pid", None) is None:
+        return
+    alive_fd = server._forkserver_alive_fd
+    server._forkserver_pid = server._forkserver_alive_fd = None
+    server._forkserver_address = None  # the parent's socket, unlinked by the parent only
+    server._lock = threading.Lock()  # another thread of the parent may have held it
+    if alive_fd is not None:
+        try:
+            os.close(alive_fd)
+        except OSError:
+            pass
+
+
+os.register_at_fork(after_in_child=_forget_the_parents_fork_server)
 
 
 def _main_is_the_cli() -> bool:

@@ -128,3 +128,23 @@ def test_a_forked_child_closing_the_journal_leaves_its_own_files_alone(tmp_path:
     finally:
         journal.close()
     assert contents(files, 16) == [b"DATA"] * 16
+
+
+# ---- 2. a pool made in a forked child works ---------------------------------------------------
+
+def make_and_use_a_pool() -> None:
+    with Pool(2) as pool:
+        assert pool.map(square, range(7)) == [x * x for x in range(7)]
+    pool.join()
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_from_a_program_with_a_pool_makes_and_uses_its_own() -> None:
+    with Pool(2) as parent_pool:  # the parent's fork server runs
+        assert parent_pool.map(square, range(3)) == [0, 1, 4]
+        child = multiprocessing.get_context("fork").Process(target=make_and_use_a_pool)
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0
+        assert parent_pool.map(square, range(3)) == [0, 1, 4]  # the parent's pool still works
+    parent_pool.join()
