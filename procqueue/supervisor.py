@@ -1060,8 +1060,11 @@ class Supervisor:
         for slot in self.workers.slots:
             if slot.phase is SlotPhase.READY:
                 self.workers.retire(slot)
-            elif slot.phase is SlotPhase.STARTING:
-                self.workers.kill(slot, "closing", 0, time.monotonic())
+        # A worker still running its initializer finishes it, as with multiprocessing.Pool:
+        # its side effects are the program's (a file written, a counter set).  It is retired
+        # once Ready (this runs every step); the kill deadline starts when none is starting.
+        if any(slot.phase is SlotPhase.STARTING for slot in self.workers.slots):
+            return
         if self._stop_deadline is None:
             self._stop_deadline = time.monotonic() + STOP_WORKERS_TIMEOUT_S
 

@@ -148,3 +148,18 @@ def test_a_child_forked_from_a_program_with_a_pool_makes_and_uses_its_own() -> N
         assert child.exitcode == 0
         assert parent_pool.map(square, range(3)) == [0, 1, 4]  # the parent's pool still works
     parent_pool.join()
+
+
+# ---- 3. close() lets each started worker finish its initializer ---------------------------
+
+def slow_initializer(directory: str) -> None:
+    time.sleep(0.3)
+    Path(directory, f"initialized-{os.getpid()}").touch()
+
+
+@pytest.mark.timeout(60)
+def test_close_and_join_let_every_worker_finish_its_initializer(tmp_shared: Path) -> None:
+    pool = Pool(4, slow_initializer, (str(tmp_shared),))
+    pool.close()
+    pool.join()
+    assert len(list(tmp_shared.glob("initialized-*"))) == 4
