@@ -60,7 +60,9 @@ def error_of(error: BaseException | None) -> dict[str, Any]:
     if error is None:
         return {"type": "UnknownError", "message": "", "traceback": ""}
     cause = error.__cause__
-    traceback = cause.tb_text if isinstance(cause, procqueue.RemoteTraceback) else ""
+    traceback = ""
+    if isinstance(cause, procqueue.RemoteTraceback):  # procqueue's keep the bare text apart
+        traceback = getattr(cause, "tb_text", None) or str(getattr(cause, "tb", ""))
     if not traceback and isinstance(error, procqueue.RemoteError):
         traceback = error.traceback_text
     message = getattr(error, "message", None) if isinstance(error, procqueue.TaskFailed) \

@@ -7,7 +7,7 @@
      │   ├─ WorkerExitedError      the task called sys.exit(); the worker survived
      │   ├─ TaskTimeoutError       it ran longer than its timeout (also a builtin TimeoutError)
      │   ├─ TaskCancelledError     cancelled, or the pool was terminated before it finished
-     │   ├─ ArgumentSerializationError   its argument could not be pickled (a PicklingError)
+     │   ├─ ArgumentSerializationError   its argument could not be pickled (a PicklingError, a TypeError)
      │   ├─ ResultSerializationError     its result could not be pickled or unpickled
      │   │                               (a multiprocessing.pool.MaybeEncodingError)
      │   └─ RemoteError            it raised an exception that cannot cross a process boundary
@@ -31,21 +31,42 @@ import signal as _signal
 from concurrent.futures.process import BrokenProcessPool as _BrokenProcessPool
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # typeshed does not declare it
+if TYPE_CHECKING:  # typeshed does not declare them
     _MaybeEncodingError = Exception
+
+    class RemoteTraceback(Exception):
+        tb: str
+        tb_text: str
+
+        def __init__(self, tb: str) -> None: ...
 else:
     from multiprocessing.pool import MaybeEncodingError as _MaybeEncodingError
+    # The standard library's own class, so that code checking `type(exc.__cause__)` or reading
+    # `exc.__cause__.tb`, as CPython's Pool tests do, keeps working.
+    from multiprocessing.pool import RemoteTraceback as RemoteTraceback
 
 
-class RemoteTraceback(Exception):
-    """The traceback text of an exception raised in a worker; attached as ``__cause__``."""
+def remote_traceback(tb_text: str, where: str | None = None) -> RemoteTraceback:
+    """The ``__cause__`` of an exception raised in a worker, as multiprocessing.Pool attaches it:
+    ``.tb`` is the text it prints (the traceback in triple quotes, as the standard library
+    shows it, then `where`: which task, input and worker); ``.tb_text`` the bare traceback."""
+    shown = tb_text if tb_text.endswith("\n") or not tb_text else tb_text + "\n"
+    if where:
+        shown += where + "\n"
+    cause = RemoteTraceback('\n"""\n' + shown + '"""')
+    cause.tb_text = tb_text
+    return cause
 
-    def __init__(self, tb_text: str) -> None:
-        super().__init__(tb_text)
-        self.tb_text = tb_text
 
-    def __str__(self) -> str:
-        return "\n\n" + self.tb_text.rstrip("\n") + "\n"
+def remote_traceback_text(cause: BaseException | None) -> str | None:
+    """The bare traceback text of a RemoteTraceback (ours, or one multiprocessing made)."""
+    if not isinstance(cause, RemoteTraceback):
+        return None
+    text = getattr(cause, "tb_text", None)
+    if isinstance(text, str):
+        return text
+    shown = str(getattr(cause, "tb", ""))
+    return shown.removeprefix('\n"""\n').removesuffix('"""')
 
 
 class ProcqueueError(Exception):
@@ -143,17 +164,59 @@ class TaskCancelledError(TaskFailed):
     """The task was cancelled, or the pool was terminated before it finished."""
 
 
-class ArgumentSerializationError(TaskFailed, _pickle.PicklingError):
-    """The task's arguments (or its function) could not be pickled."""
+class ArgumentSerializationError(TaskFailed, _pickle.PicklingError, TypeError):
+    """The task's arguments (or its function) could not be pickled.  Also a TypeError, as
+    multiprocessing.Pool raises for a lock, a generator or an open file; argument_error()
+    makes it an instance of what pickling raised, too (a RuntimeError from a __reduce__)."""
+
+
+def argument_error(message: str, cause: BaseException, **where: Any
+                   ) -> ArgumentSerializationError:
+    """An ArgumentSerializationError that is also of the type pickling raised (`cause`), so
+    that `except RuntimeError` catches it where multiprocessing.Pool raised the RuntimeError
+    itself; `cause` is chained."""
+    error = _argument_error_type(type(cause))(message, **where)
+    error.__cause__ = cause
+    return error
+
+
+_ARGUMENT_ERROR_TYPES: dict[type[BaseException], type[ArgumentSerializationError]] = {}
+
+
+def _argument_error_type(cause_type: type[BaseException]) -> type[ArgumentSerializationError]:
+    if issubclass(ArgumentSerializationError, cause_type) or not issubclass(cause_type,
+                                                                            Exception):
+        return ArgumentSerializationError
+    made = _ARGUMENT_ERROR_TYPES.get(cause_type)
+    if made is None:
+        try:
+            made = type("ArgumentSerializationError", (ArgumentSerializationError, cause_type),
+                        {"__module__": __name__, "__reduce__": _reduce_argument_error})
+        except TypeError:  # an exception type that cannot be a second base (layout, final)
+            made = ArgumentSerializationError
+        _ARGUMENT_ERROR_TYPES[cause_type] = made
+    return made
+
+
+def _reduce_argument_error(self: ArgumentSerializationError) -> tuple[Any, ...]:
+    # The made type is not importable by name: rebuild it from the type pickling raised.
+    second = next(b for b in type(self).__bases__ if b is not ArgumentSerializationError)
+    return (_rebuild_argument_error, (second, self.message, dict(self.__dict__)))
+
+
+def _rebuild_argument_error(cause_type: type[BaseException], message: str,
+                            state: dict[str, Any]) -> Any:
+    return _rebuild(_argument_error_type(cause_type), message, state)
 
 
 class ResultSerializationError(TaskFailed, _MaybeEncodingError):
     """The task's result could not be pickled in the worker or unpickled in the caller."""
 
-    def __init__(self, message: str, **where: Any) -> None:
+    def __init__(self, message: str, *, value_repr: str | None = None, **where: Any) -> None:
         super().__init__(message, **where)
-        self.exc = message  # MaybeEncodingError's attributes: what went wrong, and with what
-        self.value = where.get("input_repr")
+        # MaybeEncodingError's attributes: what went wrong, and the repr of the result
+        self.exc = message
+        self.value = value_repr
 
 
 class RemoteError(TaskFailed):
@@ -219,7 +282,8 @@ __all__ = [
     "ProcqueueError", "TaskFailed", "WorkerCrashedError", "WorkerExitedError",
     "TaskTimeoutError", "TaskCancelledError", "ArgumentSerializationError",
     "ResultSerializationError", "RemoteError", "PoolBrokenError", "InitializerError",
-    "PoolClosedError", "RemoteTraceback", "signal_name", "describe_exit", "annotate",
+    "PoolClosedError", "RemoteTraceback", "remote_traceback", "remote_traceback_text",
+    "argument_error", "signal_name", "describe_exit", "annotate",
 ]
 
 

@@ -86,7 +86,7 @@ import traceback
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, Protocol
 
-from .errors import ProcqueueError, RemoteError, RemoteTraceback
+from .errors import ProcqueueError, RemoteError, remote_traceback, remote_traceback_text
 from .protocol import PICKLE_PROTOCOL, dumps_function, short_repr
 
 SCHEMA_VERSION = 1  # bumped on any incompatible change of the tables below
@@ -696,7 +696,7 @@ def _rebuild_error(type_name: str, message: str, tb_text: str,
             pass
     if error is None:
         error = RemoteError(type_name, message, tb_text)
-    error.__cause__ = RemoteTraceback(tb_text)
+    error.__cause__ = remote_traceback(tb_text)
     return error
 
 
@@ -740,9 +740,8 @@ def _qualified_type_name(exc: BaseException) -> str:
 
 def _error_columns(exc: BaseException) -> tuple[str, str, str, bytes | None]:
     cause = exc.__cause__
-    if isinstance(cause, RemoteTraceback):
-        tb_text = cause.tb_text
-    else:
+    tb_text = remote_traceback_text(cause)
+    if tb_text is None:
         tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         message = str(exc)

@@ -26,7 +26,7 @@ from .admission import ConcurrencyGate, Gate, RateGateAdapter, SemaphoreGate, ra
 from .calls import PoolCalls, errors_mode
 from .chunking import ChunkSizer
 from .config import PoolConfig, fork_instead_of_default, parse_relative_timeout
-from .errors import ArgumentSerializationError, PoolClosedError
+from .errors import PoolClosedError, argument_error
 from .limits import KeyedLimit, Limit, LimitHandle, Rate
 from .affinity import worker_thread_env
 from .protocol import (PRIMITIVE_TYPES, CallKind, InitializerCall, OutOfBand, dumps_argument,
@@ -452,10 +452,8 @@ class Pool(PoolCalls):
         try:
             payload = dumps_argument(item, self._supervisor.memfds)
         except Exception as exc:
-            error = ArgumentSerializationError(
-                f"the task's argument could not be pickled: {exc!r}; "
-                "make sure every argument is picklable")
-            error.__cause__ = exc
+            error = argument_error(f"the task's argument could not be pickled: {exc!r}; "
+                                   "make sure every argument is picklable", exc)
             return self._failed_task(job, index, item, error, errors)
         if isinstance(payload, OutOfBand):
             self._argument_memory.hold(payload.size)

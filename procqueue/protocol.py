@@ -39,7 +39,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
-from .errors import ArgumentSerializationError, RemoteError, RemoteTraceback, TaskFailed
+from .errors import (RemoteError, ResultSerializationError, TaskFailed, argument_error,
+                     remote_traceback)
 
 PICKLE_PROTOCOL = 5
 
@@ -225,7 +226,18 @@ def dumps_function(fn: Any) -> bytes:
         fn = tuple(_main_function_by_reference(part) for part in fn)
     else:
         fn = _main_function_by_reference(fn)
-    return bytes(cloudpickle.dumps(fn, PICKLE_PROTOCOL))
+    try:
+        return bytes(cloudpickle.dumps(fn, PICKLE_PROTOCOL))
+    except Exception:
+        # cloudpickle copies what `__main__` defines by value, a class with all its
+        # attributes: one that holds a lock or a pool (a test case's class holding its pool,
+        # whose method is the task) cannot be copied.  Plain pickle names it instead, as
+        # multiprocessing.Pool does, and the workers find it in their import of the script.
+        try:
+            return pickle.dumps(fn, PICKLE_PROTOCOL)
+        except Exception:
+            pass
+        raise
 
 
 class InitializerCall:
@@ -277,9 +289,9 @@ def pickled_function(func: Any) -> tuple[int, bytes]:
     try:
         payload = dumps_function(func)
     except Exception as exc:
-        raise ArgumentSerializationError(
+        raise argument_error(
             f"the function {getattr(func, '__qualname__', func)!r} cannot be pickled: "
-            f"{exc!r}; make sure it and everything it refers to are picklable") from exc
+            f"{exc!r}; make sure it and everything it refers to are picklable", exc) from exc
     import hashlib  # here: workers (and the fork server) never need it (~3 ms to import)
 
     fn_id = int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") >> 1
@@ -552,6 +564,25 @@ def loads_argument(payload: bytes, fds: dict[int, int], task_id: int) -> Any:
     return pickle.loads(inband, buffers=views)
 
 
+def unpicklable_result_error(value: Any, exc: BaseException) -> ResultSerializationError:
+    """A worker's result that cannot be pickled: fails its task, as multiprocessing.Pool's
+    MaybeEncodingError (whose `.value` is the result's repr) fails its call."""
+    error = ResultSerializationError(
+        f"the task's result of type {type(value).__qualname__} could not be pickled ({exc!r}); "
+        "return only picklable values", value_repr=short_repr(value))
+    error.__cause__ = exc
+    return error
+
+
+def unreadable_result_error(exc: BaseException, nbytes: int) -> ResultSerializationError:
+    """A result the worker pickled that cannot be unpickled in the caller."""
+    error = ResultSerializationError(
+        f"the task's result could not be unpickled in the caller: {exc!r}",
+        value_repr=f"<a pickled result of {nbytes} bytes>")
+    error.__cause__ = exc
+    return error
+
+
 def capture_exception(exc: BaseException) -> bytes:
     """Pickle an exception raised in a worker so that the parent can always decode it.
 
@@ -574,7 +605,7 @@ def restore_exception(data: bytes) -> BaseException:
     info: ErrorInfo = loads(data)
     exc = info.exception
     if exc.__cause__ is None:
-        exc.__cause__ = RemoteTraceback(info.traceback_text)
+        exc.__cause__ = remote_traceback(info.traceback_text)
     if isinstance(exc, TaskFailed) and isinstance(exc, RemoteError) and not exc.traceback_text:
         exc.traceback_text = info.traceback_text
     return exc

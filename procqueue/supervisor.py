@@ -38,12 +38,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, cast
 
 from .config import PoolConfig
-from .errors import (InitializerError, PoolBrokenError, ResultSerializationError,
-                     TaskCancelledError, TaskTimeoutError, WorkerCrashedError, annotate,
+from .errors import (InitializerError, PoolBrokenError, TaskCancelledError, TaskTimeoutError, WorkerCrashedError, annotate,
                      describe_exit)
 from .protocol import (BatchResults, BlockResults, InitFailed, InitializerCall, MemfdPool,
                        OutOfBand, Ready, RunBatch, dumps, dumps_argument, loads,
-                       restore_exception, short_repr, wire_payload)
+                       restore_exception, short_repr, unreadable_result_error, wire_payload)
 from .admission import ConcurrencyGate, FreeMemoryGate, Gate, RateGateAdapter, rate_gate_for
 from .scheduler import FailureKind, RetryPolicy, Scheduler
 from .stats import TaskEvent
@@ -1174,20 +1173,13 @@ def _lift_window(job: Job) -> None:
 OK, RAISED, UNREADABLE = 0, 1, 2  # an outcome: its result, its exception, a result unreadable here
 
 
-def _unpickling_error(exc: BaseException) -> ResultSerializationError:
-    error = ResultSerializationError(
-        f"the task's result could not be unpickled in the caller: {exc!r}")
-    error.__cause__ = exc
-    return error
-
-
 def _decode(ok: bool, payload: bytes) -> tuple[int, Any]:
     if not ok:
         return RAISED, restore_exception(payload)
     try:
         return OK, loads(payload)
     except BaseException as exc:  # noqa: BLE001 - fails only this task
-        return UNREADABLE, _unpickling_error(exc)
+        return UNREADABLE, unreadable_result_error(exc, len(payload))
 
 
 def _block_outcomes(message: BlockResults) -> list[tuple[int, Any]]:

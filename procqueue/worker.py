@@ -22,11 +22,10 @@ from multiprocessing import parent_process
 from typing import Any, Callable
 
 from .affinity import pin_current_process
-from .errors import (ArgumentSerializationError, RemoteError, ResultSerializationError,
-                     WorkerExitedError)
+from .errors import (ArgumentSerializationError, RemoteError, WorkerExitedError)
 from .protocol import (UNMAPPED, BatchResults, BlockResults, CallKind, InitFailed,
                        InitializerCall, Ready, RunBatch, Stop, apply_call, capture_exception,
-                       dumps, dumps_plain_data, loads, loads_argument)
+                       dumps, dumps_plain_data, loads, loads_argument, unpicklable_result_error)
 
 # Slot state shared with the supervisor (an int64 array): the task now running and when
 # it started, written here before each item and read by the supervisor on a crash or a
@@ -517,11 +516,7 @@ def _wrapped(exc: BaseException) -> bytes:
 
 
 def _unpicklable_result(value: Any, exc: BaseException) -> bytes:
-    error = ResultSerializationError(
-        f"the task's result of type {type(value).__qualname__} could not be pickled ({exc!r}); "
-        "return only picklable values")
-    error.__cause__ = exc
-    return capture_exception(error)
+    return capture_exception(unpicklable_result_error(value, exc))
 
 
 def _run_initializer(conn: Any, initializer: InitializerCall) -> bool:

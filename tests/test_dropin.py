@@ -163,3 +163,57 @@ def test_close_and_join_let_every_worker_finish_its_initializer(tmp_shared: Path
     pool.close()
     pool.join()
     assert len(list(tmp_shared.glob("initialized-*"))) == 4
+
+
+# ---- 4. errors a multiprocessing user catches keep their type -----------------------------
+
+def unpicklable_arguments() -> dict[str, Any]:
+    return {"lock": threading.Lock(), "generator": (x for x in range(3)),
+            "open file": open(os.devnull, "w")}  # cloudpickle copies a file open for reading
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["lock", "generator", "open file"])
+def test_an_unpicklable_argument_is_a_type_error_as_in_multiprocessing(kind: str) -> None:
+    argument = unpicklable_arguments()[kind]
+    with Pool(2) as pool:
+        with pytest.raises(TypeError) as apply_error:
+            pool.apply_async(identity, (argument,)).get(timeout=30)
+        with pytest.raises(TypeError) as map_error:
+            pool.map(identity, [1, argument])
+        assert pool.map(square, [3]) == [9]  # the pool is fine
+    for error in (apply_error.value, map_error.value):
+        assert isinstance(error, ArgumentSerializationError)
+        assert error.input_repr is not None and error.index is not None
+    assert map_error.value.index == 1
+
+
+@pytest.mark.timeout(60)
+def test_an_argument_whose_reduce_raises_surfaces_as_that_error() -> None:
+    with Pool(2) as pool:
+        with pytest.raises(RuntimeError, match="cannot pickle") as error:
+            pool.map(square, [ReduceRaises()] * 3)
+        with pytest.raises(ArgumentSerializationError):
+            pool.apply(square, (ReduceRaises(),))
+    assert isinstance(error.value, ArgumentSerializationError)
+    assert isinstance(error.value.__cause__, RuntimeError)
+
+
+@pytest.mark.timeout(60)
+def test_the_remote_traceback_is_multiprocessings_with_tb() -> None:
+    with Pool(1) as pool:
+        with pytest.raises(ValueError) as error:
+            pool.map(fail_on_three, range(5))
+    cause = error.value.__cause__
+    assert type(cause) is multiprocessing.pool.RemoteTraceback
+    assert 'raise ValueError(f"bad item {x}")' in cause.tb
+    assert "ValueError: bad item 3" in cause.tb
+
+
+@pytest.mark.timeout(60)
+def test_maybe_encoding_error_value_is_the_repr_of_the_unpicklable_result() -> None:
+    with Pool(1) as pool:
+        with pytest.raises(multiprocessing.pool.MaybeEncodingError) as error:
+            pool.apply(return_a_lambda)
+    assert "<lambda>" in error.value.value
+    assert error.value.exc

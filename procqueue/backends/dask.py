@@ -63,12 +63,12 @@ from ..affinity import usable_cpu_count
 from ..calls import PoolCalls, errors_mode
 from ..chunking import ChunkSizer
 from ..errors import (ArgumentSerializationError, InitializerError, PoolBrokenError,
-                      PoolClosedError, RemoteError, ResultSerializationError,
-                      TaskCancelledError, TaskTimeoutError, WorkerCrashedError,
-                      WorkerExitedError, annotate, exception_types)
+                      PoolClosedError, RemoteError, TaskCancelledError, TaskTimeoutError, WorkerCrashedError,
+                      WorkerExitedError, annotate, argument_error, exception_types)
 from ..limits import START_SKEW_MARGIN_S, FairQueue, KeyedLimit, Rate
 from ..protocol import (CallKind, apply_call, capture_exception, dumps, dumps_function,
-                        pickled_function, restore_exception, short_repr)
+                        pickled_function, restore_exception, short_repr,
+                        unpicklable_result_error, unreadable_result_error)
 from ..results import (ApplyResult, IMapIterator, MapResult, OutcomeIterator,
                        ResultStream, TaskFuture, Window)
 
@@ -335,11 +335,7 @@ def _call_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: Call
     except _Interrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - an unpicklable result fails only its item
-        unpicklable = ResultSerializationError(
-            f"the task's result of type {type(value).__qualname__} could not be pickled "
-            f"({exc!r}); return only picklable values")
-        unpicklable.__cause__ = exc
-        return False, capture_exception(unpicklable)
+        return False, capture_exception(unpicklable_result_error(value, exc))
 
 
 def _timeout_row(timeout_s: float, seconds: float, abandoned: bool) -> Row:
@@ -899,10 +895,7 @@ class _Driver:
             try:
                 value = pickle.loads(data)
             except BaseException as exc:  # noqa: BLE001 - fails only this item
-                error = ResultSerializationError(
-                    f"the task's result could not be unpickled in the caller: {exc!r}")
-                error.__cause__ = exc
-                self._fail(item, error)
+                self._fail(item, unreadable_result_error(exc, len(data)))
                 return
             self._finish(item, True, value)
         else:
@@ -1402,10 +1395,8 @@ class DaskPool(PoolCalls):
         try:
             item = _Item(call, index, value, _dumps_item(value))
         except Exception as exc:
-            error = ArgumentSerializationError(
-                f"the task's argument could not be pickled: {exc!r}; "
-                "make sure every argument is picklable")
-            error.__cause__ = exc
+            error = argument_error(f"the task's argument could not be pickled: {exc!r}; "
+                                   "make sure every argument is picklable", exc)
             return _Item(call, index, value, None, error)
         if call.key_fn is not None:
             try:
