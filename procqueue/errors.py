@@ -19,9 +19,9 @@
 The second bases are the errors multiprocessing.Pool and ProcessPoolExecutor raise in the same
 situations, so code written against them keeps catching what it caught.
 
-A task's own exception keeps its type: procqueue re-raises it with the remote traceback as
-``__cause__`` (a RemoteTraceback) and the task's index/input/pid/attempts as attributes and a
-note.  This module imports nothing from procqueue.
+A task's own exception keeps its type, message and notes: procqueue re-raises it with the
+remote traceback as ``__cause__`` (multiprocessing.pool.RemoteTraceback, whose text also names
+the task, input and worker) and the task's index/input/pid/attempts as attributes.  This module imports nothing from procqueue.
 """
 
 from __future__ import annotations
@@ -261,8 +261,11 @@ def describe_exit(exitcode: int | None) -> str:
 
 def annotate(exc: BaseException, *, index: int | None, input_repr: str | None,
              pid: int | None, attempts: int | None) -> BaseException:
-    """Attach who/what/where to a task's own exception (type unchanged) as attributes and a
-    note, so `except ValueError as e` still works and the message names the input."""
+    """Attach who/what/where to a task's exception as attributes (`.index`, `.input_repr`,
+    `.pid`, `.attempts`) and as a line of its remote traceback, printed right above it.  Its
+    type, message and notes stay what the task raised: `except ValueError` and
+    `pytest.raises(ValueError, match="^bad item 3$")` see what they see with
+    multiprocessing.Pool."""
     for name, value in (("index", index), ("input_repr", input_repr), ("pid", pid),
                         ("attempts", attempts)):
         if not isinstance(exc, TaskFailed) or getattr(exc, name, None) is None:
@@ -270,11 +273,12 @@ def annotate(exc: BaseException, *, index: int | None, input_repr: str | None,
                 setattr(exc, name, value)
             except (AttributeError, TypeError):  # exceptions with __slots__ or read-only attrs
                 pass
-    if not isinstance(exc, TaskFailed) and hasattr(exc, "add_note"):
-        note = f"[procqueue] raised by task {index} (input {input_repr}) in worker pid {pid}"
+    cause = exc.__cause__
+    if not isinstance(exc, TaskFailed) and isinstance(cause, RemoteTraceback):
+        where = f"[procqueue] raised by task {index} (input {input_repr}) in worker pid {pid}"
         if attempts and attempts > 1:
-            note += f", attempt {attempts}"
-        exc.add_note(note)
+            where += f", attempt {attempts}"
+        exc.__cause__ = remote_traceback(remote_traceback_text(cause) or "", where)
     return exc
 
 

@@ -217,3 +217,22 @@ def test_maybe_encoding_error_value_is_the_repr_of_the_unpicklable_result() -> N
             pool.apply(return_a_lambda)
     assert "<lambda>" in error.value.value
     assert error.value.exc
+
+
+# ---- 5. a task's exception keeps its message and notes -------------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_tasks_exception_matches_as_it_does_with_multiprocessing() -> None:
+    with Pool(2) as pool:
+        with pytest.raises(ValueError, match="^bad item 3$") as error:
+            pool.map(fail_on_three, range(5))
+        with pytest.raises(ValueError, match="^bad item 3$"):
+            pool.apply_async(fail_on_three, (3,)).get(timeout=30)
+        with pytest.raises(ValueError, match="^bad item 3$"):
+            pool.submit(fail_on_three, 3).result(timeout=30)
+    exc = error.value
+    assert getattr(exc, "__notes__", []) == []
+    assert (exc.index, exc.input_repr, exc.attempts) == (3, "3", 1)
+    assert isinstance(exc.pid, int)
+    # who/where is still told: in the remote traceback printed right above the exception
+    assert f"raised by task 3 (input 3) in worker pid {exc.pid}" in exc.__cause__.tb

@@ -229,10 +229,22 @@ def test_procqueue_errors_pickle_with_their_details():
     assert "task 3" in str(copy) and "pid 42" in str(copy)
 
 
-def test_annotate_keeps_type_and_names_the_input():
-    exc = errors.annotate(KeyError("k"), index=5, input_repr="'five'", pid=9, attempts=1)
-    assert isinstance(exc, KeyError) and exc.index == 5 and exc.pid == 9
-    assert any("'five'" in note for note in exc.__notes__)
+def test_annotate_keeps_type_message_and_notes_and_names_the_input_in_the_cause():
+    exc = restore_exception(_raise(KeyError("k")))
+    exc = errors.annotate(exc, index=5, input_repr="'five'", pid=9, attempts=2)
+    assert isinstance(exc, KeyError) and exc.index == 5 and exc.pid == 9 and exc.attempts == 2
+    assert str(exc) == "'k'" and not getattr(exc, "__notes__", None)
+    assert "task 5 (input 'five') in worker pid 9, attempt 2" in exc.__cause__.tb
+    assert "'five'" not in exc.__cause__.tb_text  # the bare traceback, as the worker sent it
+
+
+def test_argument_error_is_a_type_error_and_the_error_pickling_raised():
+    error = errors.argument_error("cannot pickle", RuntimeError("no"), index=2, input_repr="x")
+    assert isinstance(error, errors.ArgumentSerializationError)
+    assert isinstance(error, RuntimeError) and isinstance(error, TypeError)
+    assert isinstance(error.__cause__, RuntimeError)
+    copy = pickle.loads(pickle.dumps(error))  # travels, e.g. in a multiprocessing queue
+    assert type(copy) is type(error) and copy.index == 2
 
 
 # ---- affinity and config ------------------------------------------------------------------
