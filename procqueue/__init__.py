@@ -20,6 +20,10 @@ from .errors import WorkerExitedError as WorkerExitedError
 
 from typing import TYPE_CHECKING
 
+# Light (multiprocessing only); installs the hook that tells a start method the program chose
+# with multiprocessing.set_start_method() from one multiprocessing fixed by itself.
+from . import fork_server as fork_server
+
 if TYPE_CHECKING:  # explicit re-exports for type checkers; loaded lazily at run time
     from .journal import Journal as Journal
     from .journal import JournalBusyError as JournalBusyError

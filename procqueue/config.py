@@ -10,7 +10,7 @@ from typing import Any, Callable
 from .affinity import plan_cpus, usable_cpu_count
 from .errors import TaskTimeoutError, exception_types
 from .fork_server import (FALLBACK_START_METHOD, default_start_method,
-                          preload_worker_in_fork_server)
+                          preload_worker_in_fork_server, program_start_method)
 from .limits import Rate
 
 DEFAULT_CRASH_RETRIES = 1  # issue #2: one retry on a fresh worker covers a one-off OOM kill
@@ -88,8 +88,9 @@ class PoolConfig:
 
 def fork_instead_of_default() -> Any | None:
     """The fork context, where a pool that names no start method may fall back to it (see
-    fork_server.FALLBACK_START_METHOD), else None."""
-    if FALLBACK_START_METHOD is None:
+    fork_server.FALLBACK_START_METHOD) and the program chose none with set_start_method(),
+    else None."""
+    if FALLBACK_START_METHOD is None or program_start_method() is not None:
         return None
     return multiprocessing.get_context(FALLBACK_START_METHOD)
 

@@ -33,7 +33,9 @@ STOP_WAIT_S = 2.0  # at exit, how long to wait for a fork server start_fork_serv
 
 
 def default_start_method() -> str:
-    """The start method of a pool that names none: forkserver on Linux, unless its workers
+    """The start method of a pool that names none: the one the program chose with
+    multiprocessing.set_start_method(), as for multiprocessing.Pool; else forkserver on Linux,
+    unless its workers
     could not import the program's main module the way forkserver has them do; then fork, as
     multiprocessing uses on Linux, so that code written for multiprocessing.Pool keeps working.
 
@@ -43,9 +45,68 @@ def default_start_method() -> str:
     cannot be imported: its classes would not exist in a worker, nor the globals an
     initializer sets for the tasks.  A script that makes its pool outside that guard would
     make a pool again in every worker."""
+    chosen = program_start_method()
+    if chosen is not None:
+        return chosen
     if FALLBACK_START_METHOD is not None and not _workers_can_import_main():
         return FALLBACK_START_METHOD
     return DEFAULT_START_METHOD
+
+
+# ---- the start method the program chose ------------------------------------------------------
+#
+# multiprocessing's default context is fixed to its platform default not only by
+# set_start_method() but implicitly, by the first Process, Queue or Pool made from it, and by
+# the preparation of every spawn or forkserver child (procqueue's own workers included).  Only
+# the first is the program's choice, and a fixed "fork" looks the same either way; so the
+# default context's get_context() is wrapped (delegating unchanged) to remember the context
+# set_start_method() chose.  The wrapper is on the class: it sees calls through names bound
+# before procqueue was imported (`from multiprocessing import set_start_method`) too.  It is
+# installed when procqueue is imported (procqueue/__init__.py); a start method fixed before
+# then counts as chosen.
+
+_chosen_context: list[Any] = [None]  # the context the program's set_start_method() picked
+
+
+def program_start_method() -> str | None:
+    """The start method the program set with multiprocessing.set_start_method(), or None."""
+    default: Any = multiprocessing.context._default_context
+    actual = default._actual_context
+    if actual is None:
+        return None
+    if actual is _chosen_context[0] or actual is not default._default_context:
+        return str(actual._name)  # only set_start_method() picks other than the default
+    return None
+
+
+def _record_chosen_context() -> None:
+    cls = multiprocessing.context.DefaultContext
+    original = cls.get_context
+    if getattr(original, "_procqueue_records", False):
+        return
+
+    def get_context(self: Any, method: str | None = None) -> Any:
+        fixing_implicitly = method is None and self._actual_context is None
+        context = original(self, method)
+        if self is multiprocessing.context._default_context:
+            caller = sys._getframe(1)
+            if fixing_implicitly:
+                _chosen_context[0] = None
+            elif (method is not None and caller.f_code is cls.set_start_method.__code__
+                  and caller.f_back is not None
+                  and caller.f_back.f_globals.get("__name__") != "multiprocessing.spawn"):
+                _chosen_context[0] = context  # a child's preparation copies its parent's
+        return context
+
+    # Set before procqueue was imported: most likely by set_start_method() in the program.
+    _chosen_context[0] = getattr(multiprocessing.context._default_context, "_actual_context",
+                                 None)
+    get_context._procqueue_records = True  # type: ignore[attr-defined]
+    get_context.__doc__ = original.__doc__
+    cls.get_context = get_context  # type: ignore[method-assign]
+
+
+_record_chosen_context()
 
 
 _main_not_importable = False  # once found, for good: also in the fork workers, whose own

@@ -236,3 +236,47 @@ def test_a_tasks_exception_matches_as_it_does_with_multiprocessing() -> None:
     assert isinstance(exc.pid, int)
     # who/where is still told: in the remote traceback printed right above the exception
     assert f"raised by task 3 (input 3) in worker pid {exc.pid}" in exc.__cause__.tb
+
+
+# ---- 6. multiprocessing.set_start_method() is honoured -------------------------------------
+
+START_METHOD_PROBE = """
+    import multiprocessing, os, sys
+    import procqueue
+
+    SEEN = []
+
+    def probe(_):
+        # (forked from this program?, a global this program set after starting)
+        return os.getppid() == int(os.environ["PROBE_PARENT"]), list(SEEN)
+
+    if __name__ == "__main__":
+        os.environ["PROBE_PARENT"] = str(os.getpid())
+        how = sys.argv[1]
+        if how == "implicit fork":
+            multiprocessing.Queue()  # fixes multiprocessing's default context: no choice
+        elif how != "none":
+            multiprocessing.set_start_method(how)
+        SEEN.append("set at run time")
+        with procqueue.Pool(1) as pool:
+            print(pool.map(probe, [0])[0])
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how, expected", [
+    ("fork", (True, ["set at run time"])),  # a copy of the program: sees what it set
+    ("spawn", (True, [])),  # a fresh interpreter started by the program
+    ("forkserver", (False, [])),  # forked by the fork server, not by the program
+    ("none", (False, [])),  # procqueue's default: forkserver
+    ("implicit fork", (False, [])),  # multiprocessing fixed "fork" itself: not a choice
+])
+def test_the_start_method_the_program_set_is_used(how: str, expected: tuple[Any, ...],
+                                                  tmp_path: Path) -> None:
+    script = tmp_path / "probe.py"  # a script file: forkserver and spawn workers import it
+    script.write_text(textwrap.dedent(START_METHOD_PROBE))
+    run = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, PYTHONPATH=str(HERE.parent)),
+                         stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == repr(expected)
