@@ -215,10 +215,23 @@ class Pool(PoolCalls):
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn,
                 _running: PoolState = PoolState.RUN) -> None:
-        # As multiprocessing.Pool: a pool dropped while running says so (a ResourceWarning,
-        # shown under `python -X dev` or -W default); the finalizer terminates it either way.
-        if getattr(self, "_finalizer", None) is not None and self._state is _running:
-            _warn(f"unclosed running procqueue pool {self!r}", ResourceWarning, source=self)
+        # As multiprocessing.Pool, in its words (warning filters match them): a pool dropped
+        # while running says so (a ResourceWarning, shown under `python -X dev` or
+        # -W default); the finalizer terminates it either way.
+        if getattr(self, "_finalizer", None) is not None and self.__dict__.get(
+                "_pool_state") is _running:
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning,
+                  source=self)
+
+    @property
+    def _state(self) -> PoolState:
+        """multiprocessing.Pool's state attribute, which code written for it reads (and its
+        tests set to multiprocessing.pool.RUN, a string): kept as a PoolState."""
+        return self._pool_state
+
+    @_state.setter
+    def _state(self, value: "PoolState | str") -> None:
+        self._pool_state = PoolState(value)
 
     def __repr__(self) -> str:
         return (f"<procqueue.Pool state={self._state.value} "
@@ -234,6 +247,11 @@ class Pool(PoolCalls):
         it reads (`[p.pid for p in pool._pool]`): a snapshot of the workers now running."""
         return [WorkerProcess(slot, slot.pid) for slot in list(self._supervisor.workers.slots)
                 if slot.pid is not None]
+
+    def _repopulate_pool(self) -> None:
+        """multiprocessing.Pool's private refill of exited workers, which code written for it
+        calls: procqueue's supervisor replaces a worker as soon as it exits, so there is
+        nothing left to do here."""
 
     # ---- procqueue extras --------------------------------------------------------------------
 
@@ -333,7 +351,7 @@ class Pool(PoolCalls):
         post = self._supervisor.post
         iterator = IMapIterator(stream, self, lambda: post(CancelJob(job, False, True)),
                                 return_errors=errors == "return")
-        self._start_feeder(job, stream, iterable, journal)
+        self._start_feeder(job, stream, iterable, journal, whole_chunks=chunksize or 1)
         return iterator
 
     def _single_task_job(self, func: Callable[..., Any], sink: Any, call: "CallOptions") -> Job:
@@ -527,21 +545,27 @@ class Pool(PoolCalls):
             yield group, errors
 
     def _start_feeder(self, job: Job, stream: ResultStream, iterable: Iterable[Any],
-                      journal: "_JournaledCall | None" = None) -> None:
+                      journal: "_JournaledCall | None" = None, whole_chunks: int = 1) -> None:
         self._supervisor.post(OpenJob(job))
         source = _InputSource(iterable)
-        feeder = threading.Thread(target=self._feed, args=(job, stream, source, journal),
+        feeder = threading.Thread(target=self._feed,
+                                  args=(job, stream, source, journal, whole_chunks),
                                   name=f"procqueue-feeder-{job.id}", daemon=True)
         feeder.start()
 
     def _feed(self, job: Job, stream: ResultStream, source: "_InputSource",
-              journal: "_JournaledCall | None" = None) -> None:
-        """Feeder thread: take inputs while the window has room and submit them in groups."""
+              journal: "_JournaledCall | None" = None, whole_chunks: int = 1) -> None:
+        """Feeder thread: take inputs while the window has room and submit them in groups.
+        With whole_chunks=N > 1 (imap's explicit chunksize), inputs are submitted N at a time,
+        as multiprocessing.Pool does, so that an error of the input iterator drops the chunk
+        it cut short, as there: imap yields the results of the whole chunks before it, then
+        raises the error."""
         window = stream.window
         assert window is not None
         post = self._supervisor.post
         blocks = self._blocks_allowed(job, journal)
         count = 0
+        held: list[Any] = []  # inputs of a chunk not complete yet (whole_chunks > 1)
         input_error: BaseException | None = None
         try:
             while not source.exhausted:
@@ -552,6 +576,8 @@ class Pool(PoolCalls):
                 items = source.take(places)
                 if places > len(items):  # replayed outcomes hold their place like tasks
                     window.release(places - len(items))
+                if whole_chunks > 1:
+                    items, held = _whole_chunks(held, items, whole_chunks, source)
                 for group, errors in self._groups(job, count, items, journal, blocks):
                     post(SubmitTasks(group, errors))
                 count += len(items)
@@ -559,6 +585,8 @@ class Pool(PoolCalls):
         except BaseException as exc:  # e.g. a key function or pickling bug of ours
             input_error = source.error or exc
         finally:
+            if held:
+                window.release(len(held))
             if journal is not None:
                 journal.journal.set_total(count)
             stream.input_finished(count, input_error)
@@ -603,6 +631,17 @@ class _InputSource:
             self.error = exc
             self.exhausted = True
         return items
+
+
+def _whole_chunks(held: list[Any], items: "list[Any] | tuple[Any, ...]", chunk: int,
+                  source: _InputSource) -> tuple[list[Any], list[Any]]:
+    """(inputs to submit now, inputs held back): whole chunks of `chunk` inputs, and the last,
+    shorter one once the input has ended without an error."""
+    taken = held + list(items)
+    if source.exhausted and source.error is None:
+        return taken, []
+    cut = len(taken) - len(taken) % chunk
+    return taken[:cut], taken[cut:]
 
 
 def _primitive_run(items: "list[Any] | tuple[Any, ...]") -> bool:

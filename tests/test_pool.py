@@ -247,7 +247,7 @@ def test_no_worker_outlives_the_pool(how):
         with pool:
             pass
     else:
-        with pytest.warns(ResourceWarning, match="unclosed running procqueue pool"):
+        with pytest.warns(ResourceWarning, match="unclosed running multiprocessing pool"):
             del pool  # as multiprocessing.Pool, a running pool dropped says so
             gc.collect()
     deadline = time.monotonic() + 3
