@@ -589,7 +589,8 @@ def capture_exception(exc: BaseException) -> bytes:
     An exception that fails to pickle, or whose pickle fails to load (custom __init__
     signatures are the usual cause), becomes a RemoteError with its type name and message.
     """
-    tb_text = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
+    _keep_user_frames(exc)
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     exc_for_wire = _strip_traceback(exc)
     try:
         data = dumps(ErrorInfo(exc_for_wire, tb_text))
@@ -609,6 +610,17 @@ def restore_exception(data: bytes) -> BaseException:
     if isinstance(exc, TaskFailed) and isinstance(exc, RemoteError) and not exc.traceback_text:
         exc.traceback_text = info.traceback_text
     return exc
+
+
+def _keep_user_frames(exc: BaseException) -> None:
+    """Drop the worker's own leading frames from the traceback of `exc` and of every exception
+    chained to it (a task's sys.exit() is the cause of its WorkerExitedError)."""
+    seen: set[int] = set()
+    chained: BaseException | None = exc
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        chained.__traceback__ = _user_frames(chained.__traceback__)
+        chained = chained.__cause__ or chained.__context__
 
 
 def _user_frames(tb: Any) -> Any:
