@@ -24,6 +24,9 @@ def main() -> None:
 
 def _runs_a_local_pool(args: list[str]) -> bool:
     """A cheap look at the arguments, before click parses them: wrong only in the safe
-    direction for odd inputs (an input named --help: no early start, the pool starts it)."""
-    return bool(args) and args[0] == "map" and not any(
-        arg.split("=", 1)[0] in _NO_LOCAL_POOL for arg in args)
+    direction for odd inputs (an input named --help: no early start, the pool starts it).
+    Words after the first ::: (or ::::) are inputs, never options."""
+    if not args or args[0] != "map":
+        return False
+    options = args[:next((i for i, arg in enumerate(args) if arg.startswith(":::")), len(args))]
+    return not any(arg.split("=", 1)[0] in _NO_LOCAL_POOL for arg in options)

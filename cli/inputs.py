@@ -26,7 +26,8 @@ class InputError(click.ClickException):
 
 def collect_inputs(inputs: Iterable[str], glob: str | None = None,
                    lines_file: str | None = None, stdin: TextIO | None = None,
-                   null: bool = False, colsep: str | None = None, link: bool = False) -> Inputs:
+                   null: bool = False, colsep: str | None = None, link: bool = False,
+                   unreadable: list[str] | None = None) -> Inputs:
     """Every input item, in order: a directory gives its files (recursively, sorted, filtered
     by `glob`), a file gives itself, '-' gives stdin's lines, and `lines_file` the lines of
     that file.  After ':::' the specs are inputs themselves, after '::::' files of inputs, as
@@ -41,8 +42,11 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
     One source gives its items as strings.
 
     With `colsep` (a regular expression, GNU parallel's --colsep), every input is a row of
-    columns split at it, and the function gets one argument per column (of every source)."""
-    sources, linked = _gather_sources(inputs, glob, lines_file, stdin, null, link)
+    columns split at it, and the function gets one argument per column (of every source).
+
+    A directory that cannot be read (as find, this is said on stderr) is added to
+    `unreadable`: its files are not inputs, and the command must not end as if all were."""
+    sources, linked = _gather_sources(inputs, glob, lines_file, stdin, null, link, unreadable)
     if len(sources) == 1 and colsep is None:
         return sources[0]
     split = _column_splitter(colsep)
@@ -50,7 +54,8 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
 
 
 def _gather_sources(inputs: Iterable[str], glob: str | None, lines_file: str | None,
-                    stdin: TextIO | None, null: bool, link: bool
+                    stdin: TextIO | None, null: bool, link: bool,
+                    unreadable: list[str] | None = None
                     ) -> tuple[list[list[str]], list[bool]]:
     """The input sources (see collect_inputs), and which are linked to the one before."""
     sources: list[list[str]] = [[]]  # the first: INPUT paths, stdin, --lines
@@ -68,7 +73,7 @@ def _gather_sources(inputs: Iterable[str], glob: str | None, lines_file: str | N
         elif spec == "-":
             sources[-1] += _items(stdin or sys.stdin, null)
         elif os.path.isdir(spec):
-            sources[-1] += _files_under(spec, glob)
+            sources[-1] += _files_under(spec, glob, unreadable)
         elif os.path.exists(spec):
             sources[-1].append(spec)
         else:
@@ -84,13 +89,14 @@ def _gather_sources(inputs: Iterable[str], glob: str | None, lines_file: str | N
 
 def collect_named_inputs(inputs: Iterable[str], glob: str | None = None,
                          lines_file: str | None = None, stdin: TextIO | None = None,
-                         null: bool = False, colsep: str | None = None, link: bool = False
+                         null: bool = False, colsep: str | None = None, link: bool = False,
+                         unreadable: list[str] | None = None
                          ) -> tuple[list[Row], tuple[str, ...]]:
     """GNU parallel's --header: the first input of each source is its header, split into
     column names at `colsep` (a tab by default, as parallel's); the rows are the other
     inputs, combined as collect_inputs does, and the names are one per column, in order, for
     the function's keyword arguments."""
-    sources, linked = _gather_sources(inputs, glob, lines_file, stdin, null, link)
+    sources, linked = _gather_sources(inputs, glob, lines_file, stdin, null, link, unreadable)
     split = _column_splitter(colsep if colsep is not None else "\t")
     names: list[str] = []
     for number, source in enumerate(sources, 1):
@@ -165,9 +171,17 @@ def _items(stream: TextIO, null: bool) -> list[str]:
     return [line.rstrip("\r\n") for line in stream if line.strip()]
 
 
-def _files_under(directory: str, glob: str | None) -> list[str]:
+def _files_under(directory: str, glob: str | None,
+                 unreadable: list[str] | None = None) -> list[str]:
     found = []
-    for root, dirs, files in os.walk(directory):
+
+    def cannot_read(error: OSError) -> None:
+        path = error.filename or directory
+        click.echo(f"procqueue: cannot read directory {path!r}: {error.strerror}", err=True)
+        if unreadable is not None:
+            unreadable.append(path)
+
+    for root, dirs, files in os.walk(directory, onerror=cannot_read):
         dirs.sort()
         for name in files:
             path = os.path.join(root, name)

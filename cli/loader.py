@@ -90,6 +90,37 @@ def _import_file(path: str) -> Any:
     return module
 
 
+@dataclass(frozen=True)
+class WorkerStart:
+    """The initializer of `procqueue map`'s workers: send the script's prints to stderr while
+    the records go to stdout, and load the script's function.  A script that fails to import
+    then fails the pool's start, once (the pool does not respawn a failing initializer in a
+    loop), which the command reports as a usage error with the script's traceback, instead of
+    one identical error record per input."""
+
+    function: ScriptFunction | NamedArguments
+    prints_to_stderr: bool = False
+
+    def __call__(self) -> None:
+        if self.prints_to_stderr:
+            send_prints_to_stderr()
+        target = self.function
+        script = target.function if isinstance(target, NamedArguments) else target
+        try:
+            script.resolve()
+        except BaseException as exc:
+            # The script's own frames: the loader's and the import machinery's say nothing.
+            raise exc.with_traceback(_script_frames(exc.__traceback__))
+
+
+def _script_frames(tb: Any) -> Any:
+    first = tb
+    while tb is not None and (tb.tb_frame.f_globals.get("__name__", "") == __name__
+                              or tb.tb_frame.f_code.co_filename.startswith("<frozen ")):
+        tb = tb.tb_next
+    return tb if tb is not None else first
+
+
 def send_prints_to_stderr() -> None:
     """Worker initializer while the records go to stdout: they own file descriptor 1, so what
     the script prints (at import or per input) goes to stderr instead of into the JSON Lines."""

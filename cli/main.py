@@ -3,16 +3,21 @@
 Thin by design: parse and check the arguments, build the Pool through the public API, write
 one JSON record per input, and turn the outcome into an exit code:
 
-    0    every input succeeded
-    1    some inputs failed (each has a record with its error)
-    2    usage error: bad option, script, function, input path or output file
+    0    every input succeeded (or there were none)
+    1    some inputs failed (each has a record with its error), or a directory of inputs
+         could not be read (said on stderr)
+    2    usage error: bad option, script (missing, not parsing, failing to import), function,
+         input path or output file, checked before any work; or the output failed (disk full)
     3    the run could not go on (the pool broke: see the message); records may be missing
     130  interrupted by Ctrl-C (143: SIGTERM, 129: SIGHUP); records of finished inputs are
          written
+    141  the reader of stdout went away (`| head`): the run stopped quietly, as filters do
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
 import os
 import signal
 import sys
@@ -25,11 +30,11 @@ import click
 import procqueue
 from procqueue import HaltPolicy
 
-from .inputs import Inputs, collect_inputs, collect_named_inputs, group_inputs
-from .loader import NamedArguments, send_prints_to_stderr
+from .inputs import SEPARATORS, Inputs, collect_inputs, collect_named_inputs, group_inputs
+from .loader import NamedArguments, WorkerStart
 from .output import JobLog, RecordWriter, input_text, logged_seqs, record_of
 from .progress import Progress
-from .script import (check_arguments, check_keyword_arguments, function_identity,
+from .script import (ScriptError, check_arguments, check_keyword_arguments, function_identity,
                      resolve_script)
 
 EXIT_OK = 0  # every input succeeded
@@ -39,6 +44,7 @@ EXIT_RUN_FAILED = 3  # the pool broke (a procqueue error outside any one task)
 EXIT_SIGINT = 130  # 128 + SIGINT, as shells report it
 EXIT_SIGTERM = 143  # 128 + SIGTERM
 EXIT_SIGHUP = 129  # 128 + SIGHUP
+EXIT_EPIPE = 141  # 128 + SIGPIPE: what a shell reports for a filter whose reader went away
 EXIT_BY_SIGNAL = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM,
                   signal.SIGHUP: EXIT_SIGHUP}
 
@@ -50,15 +56,20 @@ Examples:
   procqueue map tools.py:score inputs/ -o scores.jsonl --halt now,fail=10%
   procqueue map mypkg.jobs:render jobs/ --retries 2 --halt soon,fail=5
   procqueue map fetch.py --lines urls.txt --rate 50/30s --limit geo-api=2
-  procqueue map render.py ::: scene1 scene2 scene3 -j 3
+  procqueue map render.py -j 3 ::: scene1 scene2 scene3
   procqueue map resize.py ::: a.png b.png ::: 64 128    (4 calls: process(image, size))
   procqueue map score.py inputs/ --cluster tcp://scheduler:8786   (Dask; or --cluster local:4)
 
 \b
-Exit codes: 0 all inputs ok, 1 some failed (see their records), 2 usage error,
-3 the pool broke, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP.  Ctrl-C once: no new inputs
-start and running ones get --interrupt-grace seconds to finish; twice: they are killed.
-SIGTERM kills them at once; SIGHUP (the terminal went away) lets them finish.
+Options go before the first ::: or ::::; every word after it is an input.
+
+\b
+Exit codes: 0 all inputs ok (or none), 1 some failed (see their records) or a
+directory could not be read, 2 usage error (checked before any work) or the output
+failed, 3 the pool broke, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP, 141 stdout closed.
+Ctrl-C once: no new inputs start and running ones get --interrupt-grace seconds to
+finish; twice (0.2 s apart or more): they are killed.  SIGTERM kills them at once;
+SIGHUP (the terminal went away) lets them finish.
 """
 
 
@@ -126,6 +137,12 @@ def parse_halt(text: str | None) -> HaltPolicy | None:
         raise HaltPolicyError(str(exc), param_hint="--halt") from None
 
 
+# Two SIGINTs closer than this are one Ctrl-C (seconds): `timeout -s INT` and a terminal
+# signal the command's process group, which can deliver it twice; a person presses twice
+# far more slowly.
+SAME_CTRL_C_S = 0.2
+
+
 class Interrupts:
     """Ctrl-C, twice: the first stops dispatching and lets running tasks finish (for at most
     `grace_s`, when given, then kills them); the second kills them at once.  SIGTERM kills at
@@ -139,6 +156,7 @@ class Interrupts:
         self.grace_s = grace_s
         self.running = running  # tasks held by workers now (pool.stats), for the message
         self.signal: int | None = None
+        self._first_at = 0.0  # time.monotonic() of the first signal
         self._outcomes: procqueue.OutcomeIterator | None = None
         self._timer: threading.Timer | None = None
         self._previous: dict[int, Any] = {}
@@ -157,6 +175,12 @@ class Interrupts:
     def _on_signal(self, signum: int, frame: Any) -> None:
         assert self._outcomes is not None
         first = self.signal is None
+        now = time.monotonic()
+        if not first and signum == self.signal == signal.SIGINT \
+                and now - self._first_at < SAME_CTRL_C_S:
+            return  # `timeout -s INT`, or a terminal, signalled the process and its group
+        if first:
+            self._first_at = now
         self.signal = self.signal or signum
         if signum == signal.SIGHUP and first:
             self.progress.note(f"procqueue: hangup: no new inputs start; finishing "
@@ -179,6 +203,19 @@ class Interrupts:
             self._outcomes.cancel(kill_running=True)
 
 
+class MapCommand(click.Command):
+    """`map`, whose arguments after the first `:::`-style separator are all inputs, as in GNU
+    parallel: `::: 2 -1 0.1` is three inputs (a negative number is no option), and so are
+    `::: -q` and `::: --help`.  Options go before the first separator."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        first = next((i for i, arg in enumerate(args) if arg in SEPARATORS), len(args))
+        rest = super().parse_args(ctx, args[:first])
+        if first < len(args):
+            ctx.params["inputs"] = tuple(ctx.params.get("inputs") or ()) + tuple(args[first:])
+        return rest
+
+
 @click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(procqueue.__version__, prog_name="procqueue")
 def cli() -> None:
@@ -186,11 +223,12 @@ def cli() -> None:
     worker, its function called once per input, one JSON line written per input."""
 
 
-@cli.command("map", epilog=EXAMPLES)
+@cli.command("map", cls=MapCommand, epilog=EXAMPLES,
+             short_help="Call a script's function once per input, one JSON line each.")
 @click.argument("script")
 @click.argument("inputs", nargs=-1)
 @click.option("--fn", "fn_name", metavar="NAME",
-              help="Function to call (default: process, or the one named in module:function).")
+              help="Function to call [default: process, or the one named in SCRIPT:NAME].")
 @click.option("-j", "--jobs", "-P", "--max-procs", "jobs", type=JobsType(), default=None,
               metavar="N|N%|+N|-N|0",
               help="Worker processes: N, a percentage of the usable CPUs, usable CPUs plus or "
@@ -198,64 +236,80 @@ def cli() -> None:
                    "[default: usable CPUs].")
 @click.option("--cluster", metavar="ADDRESS|local:N",
               help="Run on Dask distributed: a scheduler address (tcp://host:8786), or local:N "
-                   "for a LocalCluster of N worker processes (needs procqueue[dask]).")
-@click.option("--glob", metavar="PATTERN", help="Only files of directories matching PATTERN.")
+                   "for a LocalCluster of N worker processes (needs procqueue[dask]) "
+                   "[default: this machine's processes].")
+@click.option("--glob", metavar="PATTERN",
+              help="Only files of directories matching PATTERN (a shell glob, against the "
+                   "file's name or its path under the directory) [default: every file].")
 @click.option("--lines", "-a", "--arg-file", "lines_file", metavar="FILE",
               help="Also take one input per line of FILE, blank lines skipped (GNU parallel's "
-                   "-a; '-' as an INPUT reads stdin).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
-              help="Write the JSON Lines here [default: stdout].")
+                   "-a; '-' as an INPUT reads stdin) [default: none].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Write the JSON Lines to FILE [default: stdout].")
 @click.option("--unordered", is_flag=True,
               help="Write records as inputs finish, not in input order.")
 @click.option("-k", "--keep-order", is_flag=True,
               help="Records in input order: the default (GNU parallel's -k).")
 @click.option("--timeout", metavar="SECONDS|P%",
-              help="Kill a task after SECONDS, or after P% of the median task time so far.")
-@click.option("--retries", type=click.IntRange(min=0), default=None,
+              help="Kill a task after SECONDS, or after P% (over 100%) of the median time of the "
+                   "tasks finished so far; a relative timeout applies once 3 tasks finished and "
+                   "never kills a task younger than 1 s [default: no timeout].")
+@click.option("--retries", type=click.IntRange(min=0), default=None, metavar="N",
               help="Run a failed input up to N more times: one that raised, timed out or "
                    "crashed its worker (GNU parallel's --retries, counted as re-runs) "
                    "[default: a crashed worker's input runs once more, no other retries].")
-@click.option("--no-pin", is_flag=True, help="Do not pin workers to CPUs.")
-@click.option("--max-tasks-per-child", type=click.IntRange(min=1), default=None,
-              help="Replace a worker after it ran N tasks.")
+@click.option("--no-pin", is_flag=True,
+              help="Do not pin workers to CPUs [default: each worker pinned to one CPU].")
+@click.option("--max-tasks-per-child", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Replace a worker after it ran N tasks [default: never].")
 @click.option("--max-memory-per-child", metavar="SIZE",
-              help="Replace a worker whose memory exceeds SIZE (e.g. 2G) after a task.")
+              help="Replace a worker whose resident memory exceeds SIZE after a task: bytes, "
+                   "or K, M, G, T (powers of 1024), e.g. 2G [default: no limit].")
 @click.option("--memfree", metavar="SIZE",
-              help="Start a task only while SIZE of memory is free (e.g. 2G).")
-@click.option("--chunksize", type=click.IntRange(min=1), default=None,
-              help="Inputs per batch sent to a worker [default: adaptive].")
-@click.option("--concurrency", type=click.IntRange(min=1), default=None,
-              help="At most K tasks running at once.")
-@click.option("--rate", metavar="L/P", help="At most L task starts per P (e.g. 50/30s).")
+              help="Start a task only while SIZE of memory is free: bytes, or K, M, G, T "
+                   "(powers of 1024), e.g. 2G [default: no check].")
+@click.option("--chunksize", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Inputs per batch sent to a worker [default: adaptive, from measured task "
+                   "times].")
+@click.option("--concurrency", type=click.IntRange(min=1), default=None, metavar="K",
+              help="At most K tasks running at once [default: one per worker].")
+@click.option("--rate", metavar="L/P",
+              help="At most L task starts in any P, a duration in ms, s, m or h (seconds if "
+                   "no unit), e.g. 50/30s [default: no limit].")
 @click.option("--delay", metavar="SECONDS",
-              help="Start inputs at least SECONDS apart (s, m or h may follow; GNU parallel's "
-                   "--delay, the same as --rate 1/SECONDS).")
+              help="Start inputs at least SECONDS apart (ms, s, m or h may follow; GNU "
+                   "parallel's --delay, the same as --rate 1/SECONDS) [default: no delay].")
 @click.option("--limit", "limits", metavar="NAME=K[,RATE]", multiple=True,
-              help="A machine-wide named limit, shared by every procqueue using NAME.")
+              help="A machine-wide named limit: at most K running tasks (and RATE starts, as "
+                   "--rate) among every procqueue using NAME; see `procqueue limits` "
+                   "[default: none].")
 @click.option("--key-from", metavar="EXPR",
-              help="Python expression of x (the input) giving its concurrency key.")
-@click.option("--key-concurrency", type=click.IntRange(min=1), default=None,
-              help="At most K running tasks per key (with --key-from; default 1).")
+              help="Python expression of x (the input; os is there too) giving its concurrency "
+                   "key [default: no keys].")
+@click.option("--key-concurrency", type=click.IntRange(min=1), default=None, metavar="K",
+              help="At most K running tasks per key (with --key-from) [default: 1].")
 @click.option("--halt", metavar="POLICY",
               help="Stop starting inputs after N (or N%) failures, successes or finished "
                    "inputs: soon,fail=N lets running tasks finish, now,fail=N kills them; also "
-                   "success=, done=, and GNU parallel's 0 (never, the default), 1 (soon,fail=1), "
-                   "2 (now,fail=1).")
+                   "success=, done=, and GNU parallel's 0 (never), 1 (soon,fail=1), "
+                   "2 (now,fail=1) [default: 0, never halt].")
 @click.option("--interrupt-grace", type=click.FloatRange(min=0), default=3.0, metavar="SECONDS",
               show_default=True,
               help="After the first Ctrl-C, running tasks get SECONDS to finish before they are "
                    "killed (a second Ctrl-C kills them at once).")
 @click.option("--trace", "trace_path", metavar="FILE",
-              help="Write every task attempt to FILE (Chrome trace format; see `procqueue report`).")
+              help="Write every task attempt to FILE (Chrome trace format; see `procqueue "
+                   "report`) [default: no trace].")
 @click.option("--journal", "journal_path", metavar="FILE",
               help="Record every outcome in FILE (SQLite); the same command run again resumes: "
-                   "inputs already done are not recomputed.")
+                   "inputs already done are not recomputed [default: no journal].")
 @click.option("--retry-failed", is_flag=True, help="With --journal: run failed inputs again.")
 @click.option("--force", is_flag=True,
               help="With --journal: accept a journal written by a changed script.")
 @click.option("--joblog", "joblog_path", metavar="FILE",
               help="Also log each input that ran to FILE, tab-separated, in GNU parallel's "
-                   "--joblog format (Seq, Starttime, JobRuntime, Exitval, Signal, ...).")
+                   "--joblog format (Seq, Starttime, JobRuntime, Exitval, Signal, ...) "
+                   "[default: no log].")
 @click.option("--resume", is_flag=True,
               help="With --joblog: skip the inputs an earlier run logged there, append the "
                    "rest (GNU parallel's --resume).")
@@ -268,19 +322,21 @@ def cli() -> None:
                    "(GNU parallel's --dry-run).")
 @click.option("--colsep", metavar="REGEX",
               help="Split each input into columns at REGEX and pass one argument per column "
-                   "(GNU parallel's --colsep; e.g. --colsep , :::: pairs.csv).")
+                   "(GNU parallel's --colsep; e.g. --colsep , :::: pairs.csv) [default: one "
+                   "argument per input].")
 @click.option("--header", "header", metavar=":",
               help="The first input of each source names its columns (split at --colsep, "
                    "a tab by default), and the function gets each row's columns as keyword "
                    "arguments of those names (GNU parallel's --header :; e.g. --header : "
-                   "--colsep , :::: table.csv calls process(name=..., size=...)).")
+                   "--colsep , :::: table.csv calls process(name=..., size=...)) [default: no "
+                   "header].")
 @click.option("--link", "--xapply", "link", is_flag=True,
               help="Pair the input sources one to one instead of combining them (GNU "
                    "parallel's --link: ::: a b ::: 1 2 gives (a, 1), (b, 2); as :::+).")
 @click.option("-N", "-n", "--max-args", "max_args", type=click.IntRange(min=1), default=None,
               metavar="N",
               help="Pass N inputs per call, as N arguments (GNU parallel's -N: ::: a b c d "
-                   "-N 2 calls f(a, b) and f(c, d); the last call may get fewer).")
+                   "-N 2 calls f(a, b) and f(c, d); the last call may get fewer) [default: 1].")
 @click.option("-0", "--null", is_flag=True,
               help="Inputs from stdin and files of inputs are separated by NUL, not newlines "
                    "(find -print0; GNU parallel's -0).")
@@ -313,19 +369,19 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
         inputs = _stdin_if_piped()
     fn = resolve_script(script, fn_name)
     call: Any = fn
+    unreadable: list[str] = []  # directories of inputs that could not be read (on stderr)
     if header is not None:
         if max_args is not None and max_args > 1:
             raise click.UsageError("--header names one row's columns: it does not go with -N")
         items, names = collect_named_inputs(inputs, glob, lines_file, null=null, colsep=colsep,
-                                            link=link)
+                                            link=link, unreadable=unreadable)
         check_keyword_arguments(fn, names)
         call = NamedArguments(fn, names)
     else:
-        items = collect_inputs(inputs, glob, lines_file, null=null, colsep=colsep, link=link)
+        items = collect_inputs(inputs, glob, lines_file, null=null, colsep=colsep, link=link,
+                               unreadable=unreadable)
     if max_args is not None and max_args > 1:
         items = group_inputs(items, max_args)
-    if from_stdin and not items:
-        raise click.UsageError(NO_INPUT)
     if items and header is None:
         check_arguments(fn, len(items[0]) if isinstance(items[0], tuple) else 1,
                         None if max_args is None or max_args == 1 else
@@ -337,13 +393,20 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     pool_options = _pool_options(timeout, retries, no_pin, max_memory_per_child, memfree,
                                  concurrency, _rate_or_delay(rate, delay))
     call_options = _call_options(limits, key_from, key_concurrency)
+    for path, flag in ((output, "--output"), (journal_path, "--journal"),
+                       (trace_path, "--trace"), (joblog_path, "--joblog")):
+        _check_writable(path, flag)
     if cluster is not None:  # before the journal is opened: refused options create nothing
         jobs = _use_cluster(cluster, jobs, pool_options, call_options,
                             journal=journal_path is not None, trace=trace_path is not None)
     if dry_run:  # every option checked, nothing created or started
         for item in items:
             click.echo(input_text(item))
-        return
+        sys.exit(EXIT_FAILURES if unreadable else EXIT_OK)
+    if not items:  # as GNU parallel: nothing to do is no error (`find ... | procqueue map`)
+        if not quiet:
+            click.echo("procqueue: no inputs", err=True)
+        sys.exit(EXIT_FAILURES if unreadable else EXIT_OK)
     joblog = None
     if joblog_path:  # first: an unwritable path stops the run before anything else is opened
         joblog = JobLog(_open_output(joblog_path, "--joblog", append=seqs is not None),
@@ -356,29 +419,77 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     if trace_path:
         pool_options["trace"] = trace_path
     stream = _open_output(output) if output else sys.stdout
-    if output is None and "address" not in pool_options:  # a remote worker's stdout is not ours
-        pool_options["initializer"] = send_prints_to_stderr
+    # A remote worker's stdout is not ours: its prints stay there.
+    pool_options["initializer"] = WorkerStart(
+        call, prints_to_stderr=output is None and "address" not in pool_options)
+    output_name = f"--output {output!r}" if output else "stdout"
     try:
         code = run(call, items, jobs, max_tasks_per_child, chunksize, not unordered, pool_options,
                    call_options, halt_policy, interrupt_grace, stream, quiet, stats, bar,
-                   joblog)
+                   joblog, output_name)
+        if output:
+            _close_output(stream, output_name)
     except KeyboardInterrupt:  # while the pool starts or stops: no handler of ours yet
         raise Interrupted() from None
     except ImportError as exc:  # --cluster without the dask extra
         raise click.UsageError(str(exc)) from None
+    except procqueue.InitializerError as exc:  # WorkerStart: the script does not load
+        raise ScriptError(_script_failure(script, exc)) from None
     except procqueue.ProcqueueError as exc:  # the pool broke; one task's errors are records
         raise RunFailed(str(exc)) from None
     finally:
         if output:
-            stream.close()
+            _close_quietly(stream)  # closed above, or an error is on its way already
         if joblog is not None:
             joblog.stream.close()
         if journal is not None:
             journal.close()
-    sys.exit(code)
+    sys.exit(EXIT_FAILURES if unreadable and code == EXIT_OK else code)
 
 
 NO_INPUT = "give at least one INPUT (a file, a directory, or -), or pipe inputs into stdin"
+
+
+def _script_failure(script: str, error: BaseException) -> str:
+    """The message of a script that fails to load in the workers: its traceback, once."""
+    cause = error.__cause__
+    remote = cause.__cause__ if cause is not None else None
+    traceback = getattr(remote, "tb_text", None) or (
+        f"{type(cause).__name__}: {cause}" if cause is not None else str(error))
+    return f"script {script!r} failed to load in the workers:\n{traceback.rstrip()}"
+
+
+def _close_output(stream: TextIO, output_name: str) -> None:
+    try:
+        stream.close()
+    except OSError as exc:  # its last records could not be flushed
+        raise OutputUnusable(f"cannot write {output_name}: {exc.strerror or exc}") from None
+
+
+def _close_quietly(stream: TextIO) -> None:
+    try:
+        stream.close()
+    except OSError:
+        pass
+
+
+def _check_writable(path: str | None, flag: str) -> None:
+    """An output path that cannot be written is a usage error before any work (and under
+    --dry-run): an existing file must be writable, a new one's directory must exist."""
+    if path is None or path == "-":
+        return
+    if os.path.isdir(path):
+        raise OutputUnusable(f"cannot write {flag} {path!r}: it is a directory")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise OutputUnusable(f"cannot write {flag} {path!r}: permission denied")
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise OutputUnusable(f"cannot write {flag} {path!r}: no directory {directory!r}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OutputUnusable(f"cannot write {flag} {path!r}: permission denied in "
+                             f"{directory!r}")
 
 
 def _stdin_if_piped() -> tuple[str, ...]:
@@ -430,11 +541,13 @@ def _open_journal(path: str, fn: Any, items: Inputs, retry_failed: bool, force: 
     return journal
 
 
-@cli.command("report")
+@cli.command("report", short_help="Make an HTML page of a --trace file.")
 @click.argument("trace", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
-              default="report.html", show_default=True)
-@click.option("--title", default=None, help="Page title [default: the trace's file name].")
+              default="report.html", show_default=True, metavar="FILE",
+              help="Where to write the page.")
+@click.option("--title", default=None, metavar="TEXT",
+              help="Page title [default: the trace's file name].")
 def report_command(trace: str, output: str, title: str | None) -> None:
     """Turn a --trace file into one self-contained HTML page: per-worker timeline,
     concurrency, slowest inputs, failures and summary."""
@@ -448,10 +561,12 @@ def report_command(trace: str, output: str, title: str | None) -> None:
     click.echo(f"wrote {output} ({len(events)} task attempts)", err=True)
 
 
-@cli.command("journal")
+@cli.command("journal", short_help="Summarise a run journal, or export its records.")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--export", is_flag=True, help="Write every input's record as JSON Lines.")
-@click.option("--slowest", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--export", is_flag=True,
+              help="Write every input's record as JSON Lines to stdout [default: a summary].")
+@click.option("--slowest", type=click.IntRange(min=0), default=10, show_default=True,
+              metavar="N", help="List the N slowest inputs in the summary (0: none).")
 def journal_command(path: str, export: bool, slowest: int) -> None:
     """Summarise a run journal (done, failed, slowest inputs), or --export its results."""
     try:
@@ -482,7 +597,17 @@ def _pool_options(timeout: str | None, retries: int | None, no_pin: bool,
         options["concurrency"] = concurrency
     if rate:
         options["rate"] = _parse(procqueue.Rate.parse, rate, "--rate")
+    for name, value in options.items():  # as the pool will: bad values are usage errors now
+        try:
+            procqueue.Pool.check_options(**{name: value})
+        except (ValueError, TypeError) as exc:
+            raise click.BadParameter(str(exc), param_hint=_POOL_OPTION_FLAGS.get(name)) from None
     return options
+
+
+_POOL_OPTION_FLAGS = {"timeout": "--timeout", "max_memory_per_child": "--max-memory-per-child",
+                      "min_free_memory": "--memfree", "concurrency": "--concurrency",
+                      "retries": "--retries", "rate": "--rate"}
 
 
 def _rate_or_delay(rate: str | None, delay: str | None) -> str | None:
@@ -570,7 +695,27 @@ def _key_function(expression: str) -> Callable[[str], Any]:
         code = compile(expression, "<--key-from>", "eval")
     except SyntaxError as exc:
         raise click.BadParameter(f"{expression!r}: {exc.msg}", param_hint="--key-from") from None
+    unknown = sorted(_free_names(expression) - KEY_NAMES - set(dir(builtins)))
+    if unknown:
+        raise click.BadParameter(f"{expression!r} uses {', '.join(map(repr, unknown))}: the "
+                                 f"input is x (os may be used too)", param_hint="--key-from")
     return lambda x: eval(code, {"os": os}, {"x": x})  # the user's own expression
+
+
+KEY_NAMES = {"x", "os"}  # the names a --key-from expression sees, besides the builtins
+
+
+def _free_names(expression: str) -> set[str]:
+    """The names an expression reads that it does not bind itself (comprehension variables,
+    lambda arguments, := targets)."""
+    tree = ast.parse(expression, mode="eval")
+    read, bound = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (read if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+    return read - bound
 
 
 def _parse(parse: Callable[[str], Any], text: str, hint: str) -> Any:
@@ -584,11 +729,14 @@ def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | Non
         chunksize: int | None, ordered: bool, pool_options: dict[str, Any],
         call_options: dict[str, Any], halt: HaltPolicy | None, grace_s: float | None,
         stream: TextIO, quiet: bool, stats: bool, bar: bool = False,
-        joblog: JobLog | None = None) -> int:
+        joblog: JobLog | None = None, output_name: str = "stdout") -> int:
     """Run the batch; returns the exit code."""
-    writer = RecordWriter(stream)
     progress = Progress(len(items), sys.stderr,
                         enabled=(bar or sys.stderr.isatty()) and not quiet)
+    # Records and the bar on one terminal: each record clears the bar's line first.
+    writer = RecordWriter(stream, before_write=progress.clear
+                          if progress.enabled and _same_terminal(stream, sys.stderr) else None)
+    output_error: OSError | None = None
     interrupts = Interrupts(progress, grace_s)
     # The local pool halts the call itself, as soon as a task ends (not when its record comes
     # up in input order); Dask takes no halt=, so there this loop counts and cancels.
@@ -614,9 +762,16 @@ def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | Non
         interrupts.install(outcomes)
         try:
             for outcome in outcomes:
+                if isinstance(outcome.error, procqueue.InitializerError):
+                    raise outcome.error  # the script does not load: no input can run
                 done += 1
                 record = record_of(outcome)
-                writer.write(record)  # may turn a non-JSON result into the record's error
+                try:
+                    writer.write(record)  # may turn a non-JSON result into the record's error
+                except OSError as exc:  # the reader went away, the disk is full: stop now
+                    output_error = exc
+                    outcomes.cancel(kill_running=True)
+                    break
                 if joblog is not None:
                     joblog.write(outcome)
                 progress.update(record["ok"])
@@ -638,10 +793,15 @@ def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | Non
                     _note_halt(progress, halt)
                     outcomes.cancel(kill_running=halt.now)
         finally:
-            writer.close()
+            try:
+                writer.close()
+            except OSError as exc:
+                output_error = output_error or exc
             interrupts.restore()
         pool_stats = pool.stats()
     progress.close()
+    if output_error is not None:
+        return _output_failed(output_error, output_name)
     if never_ran and (halted or interrupts.signal is not None):
         click.echo(f"procqueue: {never_ran} of {len(items)} inputs never ran (their records "
                    "have attempts 0 and error TaskCancelledError)", err=True)
@@ -655,6 +815,27 @@ def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | Non
         # parallel exits 0 then, unless some input failed on its own.
         failed -= stopped
     return EXIT_FAILURES if failed else EXIT_OK
+
+
+def _output_failed(error: OSError, output_name: str) -> int:
+    """The records could not be written.  A reader that went away (`procqueue map ... | head`)
+    ends the run quietly, as it ends any filter (EXIT_EPIPE); anything else (a full disk) is
+    said in one line."""
+    if isinstance(error, BrokenPipeError):
+        # Python would report the failed flush of stdout at exit: send it nowhere instead.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_EPIPE
+    raise OutputUnusable(f"cannot write {output_name}: {error.strerror or error}")
+
+
+def _same_terminal(a: TextIO, b: TextIO) -> bool:
+    try:
+        return a.isatty() and b.isatty() and os.path.samestat(os.fstat(a.fileno()),
+                                                               os.fstat(b.fileno()))
+    except (OSError, ValueError):
+        return False
 
 
 def _note_halt(progress: Progress, halt: HaltPolicy) -> None:

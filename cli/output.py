@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import procqueue
 
@@ -92,9 +92,12 @@ class RecordWriter:
     A write error met by that thread (a closed pipe) is raised by the next write() or by
     close()."""
 
-    def __init__(self, stream: TextIO, interval_s: float = FLUSH_INTERVAL_S) -> None:
+    def __init__(self, stream: TextIO, interval_s: float = FLUSH_INTERVAL_S,
+                 before_write: Callable[[], None] | None = None) -> None:
         self.stream = stream
         self._interval_s = interval_s
+        # A terminal shared with the progress bar: clear it, then show each record at once.
+        self._before_write = before_write
         self._lock = threading.Lock()  # one of write() and the flusher at a time
         self._dirty = False
         # time.monotonic() of the last flush; -inf so the first record is flushed at once even
@@ -110,9 +113,12 @@ class RecordWriter:
         line = line_of(record) + "\n"
         with self._lock:
             self._raise_pending()
+            if self._before_write is not None:
+                self._before_write()
             self.stream.write(line)
             self._dirty = True
-            if time.monotonic() - self._flushed_at >= self._interval_s:
+            if self._before_write is not None \
+                    or time.monotonic() - self._flushed_at >= self._interval_s:
                 self._flush()
 
     def close(self) -> None:

@@ -37,6 +37,14 @@ class Progress:
         self.stream.write(message + "\n")
         self.stream.flush()
 
+    def clear(self) -> None:
+        """Take the bar off its line, for a record written to the same terminal; the next
+        update draws it again, below the record."""
+        if self.enabled and self._drawn_at > -math.inf:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._drawn_at = -math.inf
+
     def close(self) -> None:
         if self.enabled:
             self.stream.write("\n")

@@ -152,6 +152,13 @@ class Pool(PoolCalls):
                                            self._trace)
         _POOLS_OF_THIS_PROCESS.add(self)
 
+    @staticmethod
+    def check_options(processes: int | None = None, **options: Any) -> None:
+        """Raise the ValueError or TypeError Pool(processes, **options) would raise for a bad
+        option, without starting anything: a program (the `procqueue` command) can refuse a
+        bad configuration before it does any work."""
+        PoolConfig.build(processes, **options)
+
     def _initializer_call(self, initializer: Callable[..., object],
                           default_context: bool) -> InitializerCall:
         config = self._config

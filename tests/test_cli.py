@@ -97,9 +97,9 @@ def test_no_inputs_reads_piped_stdin_as_gnu_parallel(batch):
     assert run.returncode == 0, run.stderr
     assert [(r["input"], r["result"]) for r in records(run.stdout)] == [
         ("x", "X"), ("y", "Y"), ("z", "Z")]
-    nothing = procqueue("map", script, "--fn", "shout", stdin="")  # empty: a usage error
-    assert nothing.returncode == 2
-    assert "give at least one INPUT" in nothing.stderr and not nothing.stdout
+    nothing = procqueue("map", script, "--fn", "shout", stdin="")  # empty: nothing to do
+    assert nothing.returncode == 0
+    assert nothing.stderr.strip() == "procqueue: no inputs" and not nothing.stdout
 
 
 def test_file_colon_function_and_a_function_defined_under_try(tmp_path, batch):
@@ -164,7 +164,6 @@ def test_failing_inputs_get_error_records_and_exit_1(tmp_path, batch):
     (["SCRIPT", "IN", "-j", "-1.5"], "-j"),
     (["SCRIPT", "IN", "-j", "many"], "-j"),
     (["SCRIPT", "IN", "-k", "--unordered"], "contradict"),
-    (["SCRIPT"], "INPUT"),
     (["SCRIPT:nothere", "IN"], "no top-level function 'nothere'"),
     (["no_such_module_pq:f", "IN"], "cannot find module"),
     (["SCRIPT", "IN", "-o", "no/such/dir/out.jsonl"], "cannot write --output"),
@@ -221,9 +220,9 @@ def test_retries_rerun_inputs_that_raised_timed_out_or_crashed_as_gnu_parallel(t
     # GNU parallel's --retries runs a failed job again, whatever made it fail.  One input
     # per batch: a worker that crashes would otherwise also run again the inputs of its batch
     # it had finished but not yet reported (README: tiny tasks), and the counts here are exact.
-    run, recs, runs = _run_flaky(tmp_path, ":::", "ok-0", "raise-2", "raise-9", "hang-1",
-                                 "crash-1", "--retries", "2", "--timeout", "1", "-j", "2",
-                                 "--chunksize", "1")
+    run, recs, runs = _run_flaky(tmp_path, "--retries", "2", "--timeout", "1", "-j", "2",
+                                 "--chunksize", "1", ":::", "ok-0", "raise-2", "raise-9",
+                                 "hang-1", "crash-1")
     assert run.returncode == 1, run.stderr
     assert recs["ok-0"]["ok"] and recs["ok-0"]["attempts"] == 1
     assert recs["raise-2"]["ok"] and recs["raise-2"]["result"] == 3
@@ -239,15 +238,15 @@ def test_retries_rerun_inputs_that_raised_timed_out_or_crashed_as_gnu_parallel(t
 
 @pytest.mark.timeout(60)
 def test_without_retries_only_a_crash_runs_again(tmp_path):
-    run, recs, runs = _run_flaky(tmp_path, ":::", "raise-1", "crash-1", "hang-1",
-                                 "--timeout", "0.5", "-j", "2", "--chunksize", "1")
+    run, recs, runs = _run_flaky(tmp_path, "--timeout", "0.5", "-j", "2", "--chunksize", "1",
+                                 ":::", "raise-1", "crash-1", "hang-1")
     assert run.returncode == 1, run.stderr
     assert recs["raise-1"]["error"]["type"] == "ConnectionError"
     assert recs["hang-1"]["error"]["type"] == "TaskTimeoutError"
     assert recs["crash-1"]["ok"] and recs["crash-1"]["attempts"] == 2
     assert runs == {"raise-1": 1, "crash-1": 2, "hang-1": 1}
-    run, recs, runs = _run_flaky(tmp_path, ":::", "raise-1", "crash-1", "--retries", "0",
-                                 "--chunksize", "1")
+    run, recs, runs = _run_flaky(tmp_path, "--retries", "0", "--chunksize", "1",
+                                 ":::", "raise-1", "crash-1")
     assert recs["crash-1"]["error"]["type"] == "WorkerCrashedError"
     assert runs == {"raise-1": 1, "crash-1": 1}
 
@@ -349,8 +348,8 @@ def test_several_input_sources_call_the_function_with_each_combination(tmp_path)
     # GNU parallel: `parallel job ::: a b ::: 1 2` runs `job a 1`, `job a 2`, `job b 1`, ...
     script = tmp_path / "pairs.py"
     script.write_text("def process(word, count):\n    return word * int(count)\n")
-    run = procqueue("map", script, "-j", "2", "-q", ":::", "a", "b", ":::", "1", "2",
-                    "--joblog", tmp_path / "log.tsv")
+    run = procqueue("map", script, "-j", "2", "-q", "--joblog", tmp_path / "log.tsv",
+                    ":::", "a", "b", ":::", "1", "2")
     assert run.returncode == 0, run.stderr
     assert [(r["input"], r["result"]) for r in records(run.stdout)] == [
         (["a", "1"], "a"), (["a", "2"], "aa"), (["b", "1"], "b"), (["b", "2"], "bb")]

@@ -1,0 +1,369 @@
+"""`procqueue map` under a GNU parallel / xargs user's hands (issue #22): inputs that look like
+options, unreadable directories, empty input, bad options and paths, a script that does not
+import, a closed stdout, a full disk, `timeout -s INT`, the bar sharing a terminal, help."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# The module: `procqueue.cli.main` is also the name of the command's entry-point function.
+cli_main = importlib.import_module("procqueue.cli.main")
+
+PROCQUEUE = shutil.which("procqueue") or "procqueue"
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def procqueue(*args: Any, stdin: str | None = None, timeout: float = 60,
+              **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PROCQUEUE, *map(str, args)], input=stdin, capture_output=True,
+                          text=True, timeout=timeout,
+                          stdin=None if stdin is not None else subprocess.DEVNULL, **kwargs)
+
+
+def records(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def echo(tmp_path: Path) -> Path:
+    script = tmp_path / "echo.py"
+    script.write_text("def process(*args):\n    return list(args)\n")
+    return script
+
+
+# ---- 1. words after ::: are inputs -------------------------------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("words", [["2", "-1", "0.1"], ["-q"], ["--help"], ["-j", "3"]])
+def test_every_word_after_a_separator_is_an_input(echo: Path, words: list[str]) -> None:
+    run = procqueue("map", echo, "-q", ":::", *words)
+    assert run.returncode == 0, run.stderr
+    assert [r["input"] for r in records(run.stdout)] == words
+
+
+@pytest.mark.timeout(60)
+def test_options_before_the_separator_still_apply_and_later_sources_take_dashes(echo: Path
+                                                                                ) -> None:
+    run = procqueue("map", echo, "-q", "-j", "1", ":::", "a", ":::", "-x", "--y")
+    assert run.returncode == 0, run.stderr
+    assert [r["result"] for r in records(run.stdout)] == [["a", "-x"], ["a", "--y"]]
+    assert len({r["worker"] for r in records(run.stdout)}) == 1  # -j 1 applied
+
+
+# ---- 2. an unreadable directory is said, and fails the run ----------------------------------
+
+def make_unreadable_tree(root: Path) -> Path:
+    """`root/ok.txt`, and a directory nested so deep that its path is longer than PATH_MAX:
+    the kernel refuses to open it by that path (ENAMETOOLONG), as it refuses an unreadable
+    directory to a user, but for root too."""
+    (root / "ok.txt").write_text("ok")
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        for level in range(18):  # 18 x 251 characters > 4096
+            name = f"{level:02d}" + "d" * 248
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        leaf = os.open("lost.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.close(leaf)
+    finally:
+        os.close(fd)
+    return root
+
+
+@pytest.mark.timeout(60)
+def test_a_directory_that_cannot_be_read_is_said_and_the_run_exits_1(tmp_path: Path,
+                                                                     echo: Path) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    make_unreadable_tree(inputs)
+    run = procqueue("map", echo, "-q", inputs)
+    assert run.returncode == 1, run.stderr
+    assert "cannot read directory" in run.stderr
+    assert [Path(r["input"]).name for r in records(run.stdout)] == ["ok.txt"]  # the rest ran
+    assert all(r["ok"] for r in records(run.stdout))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any directory: the test above "
+                    "makes one the kernel refuses to root as well")
+def test_a_directory_without_read_permission_is_said_and_the_run_exits_1(tmp_path: Path,
+                                                                         echo: Path) -> None:
+    inputs = tmp_path / "inputs"
+    (inputs / "locked").mkdir(parents=True)
+    (inputs / "locked" / "hidden.txt").write_text("x")
+    (inputs / "ok.txt").write_text("ok")
+    (inputs / "locked").chmod(0)
+    try:
+        run = procqueue("map", echo, "-q", inputs)
+    finally:
+        (inputs / "locked").chmod(0o755)
+    assert run.returncode == 1 and "cannot read directory" in run.stderr
+
+
+# ---- 3. empty input is no error -------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["empty pipe", "/dev/null", "empty ::: source"])
+def test_no_inputs_exits_0_saying_so(echo: Path, how: str) -> None:
+    if how == "empty pipe":
+        run = procqueue("map", echo, stdin="")
+    elif how == "/dev/null":
+        with open(os.devnull) as devnull:
+            run = subprocess.run([PROCQUEUE, "map", str(echo)], stdin=devnull,
+                                 capture_output=True, text=True, timeout=60)
+    else:
+        run = procqueue("map", echo, ":::", "a", ":::")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "" and run.stderr.strip() == "procqueue: no inputs"
+    quiet = procqueue("map", echo, "-q", stdin="")
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
+
+
+# ---- 4. bad option values and paths: exit 2, one line, before any work ---------------------
+
+BAD_OPTIONS = [
+    (["--timeout", "0%"], "--timeout"),
+    (["--timeout", "50%"], "--timeout"),
+    (["--timeout", "abc%"], "--timeout"),
+    (["--max-memory-per-child", "2X"], "--max-memory-per-child"),
+    (["--memfree", "lots"], "--memfree"),
+    (["--journal", "/nonexistent/x.db"], "--journal"),
+    (["--trace", "/nonexistent/x.json"], "--trace"),
+    (["--joblog", "/nonexistent/x.tsv"], "--joblog"),
+    (["-o", "/nonexistent/out.jsonl"], "--output"),
+    (["--key-from", "y[0]"], "--key-from"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+@pytest.mark.parametrize("option, named", BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])
+def test_a_bad_option_is_a_one_line_usage_error_before_any_work(
+        tmp_path: Path, option: list[str], named: str, dry_run: bool) -> None:
+    marker = tmp_path / "ran"
+    script = tmp_path / "job.py"
+    script.write_text(f"def process(x):\n    open({str(marker)!r}, 'a').write(x)\n")
+    run = procqueue("map", script, *option, *(["--dry-run"] if dry_run else []),
+                    ":::", "a", "b")
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and named in errors[0], run.stderr
+    assert not marker.exists() and run.stdout == ""
+
+
+@pytest.mark.timeout(60)
+def test_a_key_expression_using_the_input_and_builtins_is_fine(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text("def process(x):\n    return x\n")
+    run = procqueue("map", script, "-q", "--key-from", "len([c for c in x if c.isdigit()])",
+                    ":::", "a1", "b22")
+    assert run.returncode == 0, run.stderr
+
+
+# ---- 5. a script that fails to import: exit 2, its traceback once ---------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("top_level", ["import nonexistent_mod_pq",
+                                       "raise RuntimeError('broken at import')"])
+def test_a_script_that_fails_to_import_is_a_usage_error_with_its_traceback_once(
+        tmp_path: Path, top_level: str) -> None:
+    script = tmp_path / "broken.py"
+    script.write_text(f"{top_level}\n\ndef process(x):\n    return x\n")
+    run = procqueue("map", script, "-j", "2", ":::", *map(str, range(10)))
+    assert run.returncode == 2, run.stderr
+    assert run.stdout == ""  # not one identical error record per input
+    assert run.stderr.count("Traceback") == 1, run.stderr
+    assert top_level in run.stderr and "broken.py" in run.stderr
+    assert "procqueue/worker.py" not in run.stderr
+
+
+# ---- 6. the output going away or filling up -------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_reader_that_goes_away_ends_the_run_quietly_with_141(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    script.write_text("import time, pathlib\n"
+                      f"def process(x):\n    time.sleep(0.01)\n"
+                      f"    pathlib.Path({str(ran)!r}, x).touch()\n    return x\n")
+    proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-j", "2", ":::",
+                             *map(str, range(2000))], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    assert json.loads(first)["input"] == "0"
+    proc.stdout.close()  # `| head -1`
+    started = time.monotonic()
+    code = proc.wait(30)
+    stderr = proc.stderr.read().decode()
+    assert code == 141, stderr
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr
+    assert time.monotonic() - started < 10
+    time.sleep(0.5)
+    count = len(list(ran.iterdir()))
+    time.sleep(0.5)
+    assert len(list(ran.iterdir())) == count < 2000  # stopped: nothing runs any more
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full on this system")
+@pytest.mark.parametrize("where", ["-o", "stdout"])
+def test_a_full_disk_is_one_line_naming_the_output(echo: Path, where: str) -> None:
+    if where == "-o":
+        run = procqueue("map", echo, "-q", "-o", "/dev/full", ":::", "a", "b")
+    else:
+        with open("/dev/full", "w") as full:
+            run = subprocess.run([PROCQUEUE, "map", str(echo), "-q", ":::", "a", "b"],
+                                 stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
+                                 stdin=subprocess.DEVNULL)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"Error: cannot write {'--output ' + repr('/dev/full') if where == '-o' else 'stdout'}"
+        ": No space left on device"]
+
+
+# ---- 7. timeout -s INT: one Ctrl-C, not two ------------------------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="coreutils timeout not installed")
+def test_timeout_s_int_gives_running_tasks_their_grace(tmp_path: Path) -> None:
+    script = tmp_path / "slow.py"
+    script.write_text("import time\ndef process(x):\n    time.sleep(3)\n    return x\n")
+    # --preserve-status: timeout exits with the command's status, not its own 124
+    run = subprocess.run(["timeout", "--preserve-status", "-s", "INT", "2", PROCQUEUE, "map",
+                          str(script), "-j", "2", "--chunksize", "1", "--interrupt-grace", "30",
+                          ":::", "a", "b", "c", "d"], capture_output=True, text=True,
+                         timeout=50, stdin=subprocess.DEVNULL)
+    assert run.returncode == 130, run.stderr
+    assert "killing" not in run.stderr, run.stderr
+    outcome = {r["input"]: r["ok"] for r in records(run.stdout)}
+    assert outcome == {"a": True, "b": True, "c": False, "d": False}, run.stderr
+
+
+# ---- 8. the bar and the records on one terminal ---------------------------------------------
+
+def read_until_exit(fd: int, proc: subprocess.Popen[bytes], timeout_s: float) -> bytes:
+    out = b""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: the other end is closed
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_records_on_the_bars_terminal_start_on_a_line_of_their_own(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text("import time\ndef process(x):\n    time.sleep(0.15)\n    return x\n")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-j", "2", "--chunksize", "1",
+                             ":::", *map(str, range(8))], stdin=subprocess.DEVNULL,
+                            stdout=slave, stderr=slave)
+    os.close(slave)
+    try:
+        screen = read_until_exit(master, proc, 45).decode(errors="replace")
+    finally:
+        os.close(master)
+        proc.wait(10)
+    assert proc.returncode == 0, screen
+    assert screen.count('{"input"') == 8, screen
+    assert "it/s" in screen  # the bar was drawn
+    for match in re.finditer(r'\{"input"', screen):
+        before = screen[:match.start()]
+        assert before.endswith(("\n", "\x1b[K")) or before == "", repr(before[-80:])
+
+
+# ---- 10, 11. help -----------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_help_names_units_and_defaults_and_cuts_nothing() -> None:
+    top = procqueue("--help").stdout
+    assert "..." not in top.split("Commands:")[1].split("Examples")[0]
+    text = procqueue("map", "--help").stdout
+    assert "RANGE" not in text and "INTEGER" not in text and "FLOAT" not in text
+    assert "never kills a task younger than 1 s" in " ".join(text.split())
+    assert "--slowest N" in procqueue("journal", "--help").stdout
+    for command in cli_main.cli.commands.values():
+        for param in command.params:
+            if getattr(param, "is_flag", False) or param.name == "help" \
+                    or param.param_type_name != "option":
+                continue
+            help_text = getattr(param, "help", "") or ""
+            assert "[default:" in help_text or getattr(param, "show_default", False), \
+                f"{command.name} {param.opts}: no default in its help"
+
+
+# ---- 13. a task's sys.exit() shows the user's frames only ------------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_sys_exit_record_shows_only_the_users_frames(tmp_path: Path) -> None:
+    script = tmp_path / "leave.py"
+    script.write_text("import sys\ndef process(x):\n    sys.exit(3)\n")
+    run = procqueue("map", script, "-q", ":::", "a")
+    (record,) = records(run.stdout)
+    traceback = record["error"]["traceback"]
+    assert record["error"]["type"] == "WorkerExitedError"
+    assert "leave.py" in traceback and "sys.exit(3)" in traceback
+    assert "procqueue" + os.sep not in traceback.replace("procqueue.errors", ""), traceback
+    assert "cli" + os.sep + "loader.py" not in traceback, traceback
+
+
+# ---- the documented exit codes are the command's ------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_the_readme_and_help_list_exactly_the_commands_exit_codes() -> None:
+    codes = {value for name, value in vars(cli_main).items()
+             if name.startswith("EXIT_") and isinstance(value, int)}
+    readme = README.read_text()
+    section = readme.split("* Exit codes")[1].split("\n* ")[0]
+    documented = {int(code) for code in re.findall(r"^  \* (\d+)", section, re.MULTILINE)}
+    documented |= {int(c) for c in re.findall(r"(\d+) on (?:Ctrl-C|SIGTERM|SIGHUP)", section)}
+    assert documented == codes
+    help_codes = " ".join(procqueue("map", "--help").stdout.split()).split("Exit codes:")[1]
+    assert {int(c) for c in re.findall(r"\b(\d{1,3}) ", help_codes)} >= codes
+
+
+@pytest.mark.timeout(60)
+def test_every_option_of_map_is_in_the_readme() -> None:
+    readme = README.read_text()
+    missing = [opt for param in cli_main.map_command.params for opt in param.opts
+               if opt.startswith("--") and opt not in readme
+               and opt not in ("--help", "--will-cite", "--no-notice")]
+    assert missing == []
+
+
+
+@pytest.mark.timeout(60)
+def test_no_inputs_and_stdin_a_terminal_is_a_usage_error_not_a_wait(echo: Path) -> None:
+    master, slave = pty.openpty()
+    try:
+        run = subprocess.run([PROCQUEUE, "map", str(echo)], stdin=slave, capture_output=True,
+                             text=True, timeout=60)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert run.returncode == 2 and "give at least one INPUT" in run.stderr
