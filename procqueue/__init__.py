@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers; loaded lazily at run
     from .limits import Limit as Limit
     from .report import render_report as render_report
     from .stats import TaskEvent as TaskEvent
+    from .stats import Utilisation as Utilisation
+    from .stats import utilisation as utilisation
     from .trace import TraceWriter as TraceWriter
     from .fork_server import start_fork_server as start_fork_server
     from .trace import load_trace as load_trace
@@ -58,6 +60,8 @@ _LAZY = {
     "start_fork_server": "fork_server",
     "render_report": "report",
     "TaskEvent": "stats",
+    "Utilisation": "stats",
+    "utilisation": "stats",
     "TraceWriter": "trace",
     "load_trace": "trace",
     "Journal": "journal",
@@ -100,6 +104,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "Pool", "PoolView", "Journal", "JournalError", "JournalBusyError", "JournalMismatchError",
     "JournalFormatError", "TraceWriter", "load_trace", "render_report", "TaskEvent",
+    "Utilisation", "utilisation",
     "CallOptions", "HaltPolicy", "Queue", "Limit", "Rate", "PoolStats", "WorkerStats",
     "AsyncResult", "MapResult", "IMapIterator",
     "OutcomeIterator", "TaskOutcome", "ProcqueueError", "TaskFailed", "WorkerCrashedError",

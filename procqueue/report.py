@@ -12,7 +12,7 @@ import html
 from collections import defaultdict
 from typing import Iterable
 
-from .stats import TaskEvent
+from .stats import TaskEvent, utilisation
 
 COLOURS = {"ok": "#3a9d5d", "error": "#d9822b", "crash": "#c23030", "timeout": "#8f398f",
            "cancelled": "#8a9ba8"}
@@ -46,7 +46,7 @@ def render_report(events: Iterable[TaskEvent], title: str = "procqueue run") -> 
         return "".join(parts)
     t0 = min(e.start_s for e in events)
     wall_s = max(max(e.end_s for e in events) - t0, 1e-9)
-    parts += [_summary(events, wall_s), _legend(), "<h2>Timeline</h2>",
+    parts += [_summary(events), _legend(), "<h2>Timeline</h2>",
               _timeline(events, t0, wall_s), "<h2>Concurrency</h2>",
               _concurrency(events, t0, wall_s), _workers_table(events, wall_s),
               _slowest_table(events), _failures_table(events), "</body></html>"]
@@ -57,21 +57,19 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _summary(events: list[TaskEvent], wall_s: float) -> str:
+def _summary(events: list[TaskEvent]) -> str:
     by_outcome: dict[str, int] = defaultdict(int)
     for e in events:
         by_outcome[e.outcome] += 1
-    workers = len({e.slot for e in events})
-    busy_s = sum(e.seconds for e in events)
+    use = utilisation(events)  # the definition `procqueue map --stats` prints too
     inputs = len({(e.job, e.index) for e in events})
     retries = sum(1 for e in events if e.attempt > 1)
-    efficiency = busy_s / (workers * wall_s)
     cards = [("inputs", inputs), ("attempts", len(events)), ("ok", by_outcome["ok"]),
              ("errors", by_outcome["error"]), ("crashes", by_outcome["crash"]),
              ("timeouts", by_outcome["timeout"]), ("retries", retries),
-             ("workers", workers), ("wall time", f"{wall_s:.2f} s"),
-             ("busy time", f"{busy_s:.2f} s"), ("efficiency", f"{efficiency:.0%}"),
-             ("idle time", f"{max(workers * wall_s - busy_s, 0):.2f} s")]
+             ("workers", use.workers), ("task span", f"{use.span_s:.2f} s"),
+             ("busy time", f"{use.busy_s:.2f} s"), ("efficiency", f"{use.efficiency:.0%}"),
+             ("idle time", f"{use.idle_s:.2f} s")]
     return "<div class='cards'>" + "".join(
         f"<div class='card'><b>{_e(v)}</b><span>{_e(k)}</span></div>" for k, v in cards) + "</div>"
 
