@@ -9,6 +9,7 @@ opens anywhere and can be archived with the run.
 from __future__ import annotations
 
 import html
+import math
 from collections import defaultdict
 from typing import Iterable
 
@@ -21,6 +22,13 @@ ROW_HEIGHT_PX = 22
 LABEL_WIDTH_PX = 80
 TOP_N = 10
 CONCURRENCY_BUCKETS = 240  # time buckets of the concurrency chart
+AXIS_TICKS = 5  # about this many intervals on a time axis
+# (seconds per unit, unit) for axis labels, the largest unit first; an axis uses the first one
+# its span reaches, so a 50 ms run reads 0 ms, 10 ms, ... and an hour-long one 0 min, 10 min.
+TIME_UNITS = ((3600.0, "h"), (60.0, "min"), (1.0, "s"), (1e-3, "ms"), (1e-6, "µs"))
+# A span reaches the next larger unit only from twice that unit on: 90 s reads 0 s, 20 s,...
+# rather than 0 min, 0.5 min, ...
+UNIT_REACHED_AT = 2.0
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1c2127}
@@ -85,12 +93,49 @@ def _x(t: float, t0: float, wall_s: float) -> float:
 
 def _axis(t0: float, wall_s: float, y: float) -> str:
     ticks = []
-    for i in range(6):
-        t = wall_s * i / 5
+    for t, label in axis_ticks(wall_s):
         x = _x(t0 + t, t0, wall_s)
         ticks.append(f"<line x1='{x:.1f}' x2='{x:.1f}' y1='0' y2='{y:.0f}' stroke='#e1e8ed'/>"
-                     f"<text x='{x:.1f}' y='{y + 13:.0f}' text-anchor='middle'>{t:.2f} s</text>")
+                     f"<text class='tick' x='{x:.1f}' y='{y + 13:.0f}' text-anchor='middle'>"
+                     f"{_e(label)}</text>")
     return "".join(ticks)
+
+
+def axis_ticks(span_s: float) -> list[tuple[float, str]]:
+    """(offset in seconds, label) of the ticks of a time axis from 0 to `span_s`: round
+    steps (1, 2 or 5 times a power of ten) in a unit the span makes readable, so that every
+    label differs from its neighbours whatever the span (a fixed "0.00 s" format printed
+    the same label on every tick of a 5 ms run)."""
+    if not span_s > 0:  # also NaN
+        return [(0.0, "0 s")]
+    unit_s, unit = _time_unit(span_s)
+    step = _round_step(span_s / unit_s / AXIS_TICKS)
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    count = math.floor(span_s / unit_s / step + 1e-9)
+    return [(i * step * unit_s, f"{_trimmed(i * step, decimals)} {unit}")
+            for i in range(count + 1)]
+
+
+def _trimmed(value: float, decimals: int) -> str:
+    """`value` to `decimals` places, without trailing zeros: 0.5, 1, 1.5 rather than 1.0."""
+    text = f"{value:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _time_unit(span_s: float) -> tuple[float, str]:
+    for unit_s, unit in TIME_UNITS:
+        if span_s >= UNIT_REACHED_AT * unit_s:
+            return unit_s, unit
+    return TIME_UNITS[-1]
+
+
+def _round_step(raw: float) -> float:
+    """The smallest of 1, 2, 5 x 10^k that is at least `raw`."""
+    power = 10.0 ** math.floor(math.log10(raw))
+    for factor in (1.0, 2.0, 5.0, 10.0):
+        if factor * power >= raw * (1 - 1e-9):
+            return factor * power
+    return 10.0 * power
 
 
 def _timeline(events: list[TaskEvent], t0: float, wall_s: float) -> str:

@@ -1,5 +1,6 @@
 """`procqueue report`: one self-contained HTML page, rendered in a real headless Chromium:
-it loads, and shows one task bar per attempt; its figures agree with `procqueue map --stats`."""
+it loads, and shows one task bar per attempt; its figures agree with `procqueue map --stats`
+and its time axis reads at any duration."""
 from __future__ import annotations
 
 import math
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from procqueue import Pool, TaskEvent, load_trace, render_report, utilisation
+from procqueue.report import axis_ticks
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -112,3 +114,36 @@ def test_efficiency_is_busy_time_over_workers_times_task_span():
     assert (use.workers, use.busy_s, use.span_s) == (2, 3.0, 2.0)
     assert use.efficiency == 0.75 and use.idle_s == 1.0
     assert utilisation([]).efficiency == 0.0
+
+
+@pytest.mark.parametrize(("span_s", "labels"), [
+    (0.0004, ["0 µs", "100 µs", "200 µs", "300 µs", "400 µs"]),
+    (0.005, ["0 ms", "1 ms", "2 ms", "3 ms", "4 ms", "5 ms"]),
+    (0.05, ["0 ms", "10 ms", "20 ms", "30 ms", "40 ms", "50 ms"]),
+    (2.0, ["0 s", "0.5 s", "1 s", "1.5 s", "2 s"]),
+    (7.3, ["0 s", "2 s", "4 s", "6 s"]),
+    (300.0, ["0 min", "1 min", "2 min", "3 min", "4 min", "5 min"]),
+    (7300.0, ["0 h", "0.5 h", "1 h", "1.5 h", "2 h"]),
+])
+def test_axis_labels_read_in_a_unit_fitting_the_duration(span_s, labels):
+    assert [label for _, label in axis_ticks(span_s)] == labels
+
+
+@pytest.mark.parametrize("span_s", [10 ** (k / 4) for k in range(-24, 25)])  # 1 us .. 1e6 s
+def test_axis_ticks_are_distinct_round_and_inside_the_run(span_s):
+    ticks = axis_ticks(span_s)
+    labels = [label for _, label in ticks]
+    assert len(set(labels)) == len(labels) and 3 <= len(labels) <= 11, labels
+    assert ticks[0] == (0.0, labels[0]) and labels[0].startswith("0 ")
+    assert all(0.0 <= t <= span_s * (1 + 1e-9) for t, _ in ticks)
+
+
+def test_a_short_run_gets_millisecond_ticks_in_the_report():
+    events = [TaskEvent(job=1, index=i, input_repr=str(i), slot=i % 2, pid=100 + i % 2,
+                        attempt=1, start_s=1000.0 + 0.001 * i, end_s=1000.001 + 0.001 * i,
+                        outcome="ok", error=None) for i in range(5)]  # 5 ms in all
+    page = render_report(events)
+    timeline = page[page.index("<svg id='timeline'"):]
+    timeline = timeline[:timeline.index("</svg>")]
+    ticks = re.findall(r"text-anchor='middle'>([^<]*)</text>", timeline)
+    assert ticks == ["0 ms", "1 ms", "2 ms", "3 ms", "4 ms", "5 ms"]
