@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers; loaded lazily at run
     from .journal import JournalFormatError as JournalFormatError
     from .journal import JournalMismatchError as JournalMismatchError
     from .limits import Limit as Limit
+    from .limits import Semaphore as Semaphore
+    from .limits import named_limits as named_limits
     from .report import render_report as render_report
     from .stats import TaskEvent as TaskEvent
     from .stats import Utilisation as Utilisation
@@ -70,6 +72,8 @@ _LAZY = {
     "JournalMismatchError": "journal",
     "JournalFormatError": "journal",
     "Limit": "limits",
+    "Semaphore": "limits",
+    "named_limits": "limits",
     "Rate": "limits",
     "CallOptions": "pool",
     "HaltPolicy": "scheduler",
@@ -105,7 +109,8 @@ __all__ = [
     "Pool", "PoolView", "Journal", "JournalError", "JournalBusyError", "JournalMismatchError",
     "JournalFormatError", "TraceWriter", "load_trace", "render_report", "TaskEvent",
     "Utilisation", "utilisation",
-    "CallOptions", "HaltPolicy", "Queue", "Limit", "Rate", "PoolStats", "WorkerStats",
+    "CallOptions", "HaltPolicy", "Queue", "Limit", "Semaphore", "named_limits", "Rate",
+    "PoolStats", "WorkerStats",
     "AsyncResult", "MapResult", "IMapIterator",
     "OutcomeIterator", "TaskOutcome", "ProcqueueError", "TaskFailed", "WorkerCrashedError",
     "WorkerExitedError", "TaskTimeoutError", "TaskCancelledError",
