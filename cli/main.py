@@ -706,6 +706,12 @@ def _print_stats(total: int, failed: int, never_ran: int, retries: int,
     click.echo("\n".join(lines), err=True)
 
 
+# Commands kept in modules of their own join the group here, once it is defined.
+from .limits import limits_command  # noqa: E402
+
+cli.add_command(limits_command)
+
+
 def main() -> None:
     cli(prog_name="procqueue")
 
