@@ -749,7 +749,7 @@ def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | Non
     failed = never_ran = done = 0
     stopped = 0  # inputs the halt cancelled or killed (never_ran among them)
     started = time.monotonic()
-    busy_s = 0.0
+    pool_options, events = _recording_events(pool_options) if stats else (pool_options, None)
     retries_used = 0
     with procqueue.Pool(jobs, maxtasksperchild=max_tasks_per_child, **pool_options) as pool:
         progress.restarts = lambda: pool.stats().worker_restarts
@@ -775,7 +775,6 @@ def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | Non
                 if joblog is not None:
                     joblog.write(outcome)
                 progress.update(record["ok"])
-                busy_s += outcome.seconds
                 retries_used += max(outcome.attempts - 1, 0)
                 if not record["ok"]:
                     failed += 1
@@ -807,7 +806,7 @@ def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | Non
                    "have attempts 0 and error TaskCancelledError)", err=True)
     wall_s = time.monotonic() - started
     if stats:
-        _print_stats(len(items), failed, never_ran, retries_used, pool_stats, wall_s, busy_s)
+        _print_stats(len(items), failed, never_ran, retries_used, pool_stats, wall_s, events)
     if interrupts.signal is not None:
         return EXIT_BY_SIGNAL[interrupts.signal]
     if halted and halt is not None and halt.kind != "fail":
@@ -844,10 +843,26 @@ def _note_halt(progress: Progress, halt: HaltPolicy) -> None:
                   "inputs not started are reported as cancelled")
 
 
+def _recording_events(pool_options: dict[str, Any]
+                       ) -> tuple[dict[str, Any], list[procqueue.TaskEvent] | None]:
+    """--stats: also collect the task events, from which the efficiency is computed as in the
+    HTML report (procqueue.utilisation).  Dask reports no events: then None."""
+    if "backend" in pool_options or "address" in pool_options:
+        return pool_options, None
+    events: list[procqueue.TaskEvent] = []
+    listener = pool_options.get("on_event")  # --joblog's
+
+    def record(event: procqueue.TaskEvent) -> None:
+        events.append(event)
+        if listener is not None:
+            listener(event)
+
+    return {**pool_options, "on_event": record}, events
+
+
 def _print_stats(total: int, failed: int, never_ran: int, retries: int,
-                 pool_stats: procqueue.PoolStats, wall_s: float, busy_s: float) -> None:
-    workers = pool_stats.processes
-    efficiency = busy_s / (workers * wall_s) if wall_s > 0 else 0.0
+                 pool_stats: procqueue.PoolStats, wall_s: float,
+                 events: list[procqueue.TaskEvent] | None) -> None:
     lines = [
         f"tasks:           {total}",
         f"succeeded:       {total - failed}",
@@ -855,12 +870,27 @@ def _print_stats(total: int, failed: int, never_ran: int, retries: int,
         f"not run:         {never_ran}",
         f"retries:         {retries}",
         f"worker restarts: {pool_stats.worker_restarts}",
-        f"workers:         {workers}",
-        f"wall time:       {wall_s:.2f} s",
-        f"CPU time:        {busy_s:.2f} s (in tasks)",
-        f"efficiency:      {efficiency:.0%} (task time / (workers x wall time))",
+        f"workers:         {pool_stats.processes}",
+        f"wall time:       {wall_s:.2f} s (the whole run, starting the workers included)",
     ]
+    if events is None:
+        lines.append("efficiency:      unknown (--cluster: Dask reports no task start times)")
+    else:
+        use = procqueue.utilisation(events)
+        lines += [
+            f"task span:       {use.span_s:.2f} s (first task start to last task end)",
+            f"busy time:       {use.busy_s:.2f} s (every task attempt, on "
+            f"{use.workers} worker(s))",
+            f"efficiency:      {use.efficiency:.0%} (busy time / (workers that ran tasks "
+            "x task span), as in `procqueue report`)",
+        ]
     click.echo("\n".join(lines), err=True)
+
+
+# Commands kept in modules of their own join the group here, once it is defined.
+from .limits import limits_command  # noqa: E402
+
+cli.add_command(limits_command)
 
 
 def main() -> None:

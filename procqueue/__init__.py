@@ -31,8 +31,12 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers; loaded lazily at run
     from .journal import JournalFormatError as JournalFormatError
     from .journal import JournalMismatchError as JournalMismatchError
     from .limits import Limit as Limit
+    from .limits import Semaphore as Semaphore
+    from .limits import named_limits as named_limits
     from .report import render_report as render_report
     from .stats import TaskEvent as TaskEvent
+    from .stats import Utilisation as Utilisation
+    from .stats import utilisation as utilisation
     from .trace import TraceWriter as TraceWriter
     from .fork_server import start_fork_server as start_fork_server
     from .trace import load_trace as load_trace
@@ -58,6 +62,8 @@ _LAZY = {
     "start_fork_server": "fork_server",
     "render_report": "report",
     "TaskEvent": "stats",
+    "Utilisation": "stats",
+    "utilisation": "stats",
     "TraceWriter": "trace",
     "load_trace": "trace",
     "Journal": "journal",
@@ -66,6 +72,8 @@ _LAZY = {
     "JournalMismatchError": "journal",
     "JournalFormatError": "journal",
     "Limit": "limits",
+    "Semaphore": "limits",
+    "named_limits": "limits",
     "Rate": "limits",
     "CallOptions": "pool",
     "HaltPolicy": "scheduler",
@@ -100,7 +108,9 @@ def __dir__() -> list[str]:
 __all__ = [
     "Pool", "PoolView", "Journal", "JournalError", "JournalBusyError", "JournalMismatchError",
     "JournalFormatError", "TraceWriter", "load_trace", "render_report", "TaskEvent",
-    "CallOptions", "HaltPolicy", "Queue", "Limit", "Rate", "PoolStats", "WorkerStats",
+    "Utilisation", "utilisation",
+    "CallOptions", "HaltPolicy", "Queue", "Limit", "Semaphore", "named_limits", "Rate",
+    "PoolStats", "WorkerStats",
     "AsyncResult", "MapResult", "IMapIterator",
     "OutcomeIterator", "TaskOutcome", "ProcqueueError", "TaskFailed", "WorkerCrashedError",
     "WorkerExitedError", "TaskTimeoutError", "TaskCancelledError",

@@ -9,10 +9,11 @@ opens anywhere and can be archived with the run.
 from __future__ import annotations
 
 import html
+import math
 from collections import defaultdict
 from typing import Iterable
 
-from .stats import TaskEvent
+from .stats import TaskEvent, utilisation
 
 COLOURS = {"ok": "#3a9d5d", "error": "#d9822b", "crash": "#c23030", "timeout": "#8f398f",
            "cancelled": "#8a9ba8"}
@@ -21,6 +22,13 @@ ROW_HEIGHT_PX = 22
 LABEL_WIDTH_PX = 80
 TOP_N = 10
 CONCURRENCY_BUCKETS = 240  # time buckets of the concurrency chart
+AXIS_TICKS = 5  # about this many intervals on a time axis
+# (seconds per unit, unit) for axis labels, the largest unit first; an axis uses the first one
+# its span reaches, so a 50 ms run reads 0 ms, 10 ms, ... and an hour-long one 0 min, 10 min.
+TIME_UNITS = ((3600.0, "h"), (60.0, "min"), (1.0, "s"), (1e-3, "ms"), (1e-6, "µs"))
+# A span reaches the next larger unit only from twice that unit on: 90 s reads 0 s, 20 s,...
+# rather than 0 min, 0.5 min, ...
+UNIT_REACHED_AT = 2.0
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1c2127}
@@ -46,7 +54,7 @@ def render_report(events: Iterable[TaskEvent], title: str = "procqueue run") -> 
         return "".join(parts)
     t0 = min(e.start_s for e in events)
     wall_s = max(max(e.end_s for e in events) - t0, 1e-9)
-    parts += [_summary(events, wall_s), _legend(), "<h2>Timeline</h2>",
+    parts += [_summary(events), _legend(), "<h2>Timeline</h2>",
               _timeline(events, t0, wall_s), "<h2>Concurrency</h2>",
               _concurrency(events, t0, wall_s), _workers_table(events, wall_s),
               _slowest_table(events), _failures_table(events), "</body></html>"]
@@ -57,21 +65,19 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _summary(events: list[TaskEvent], wall_s: float) -> str:
+def _summary(events: list[TaskEvent]) -> str:
     by_outcome: dict[str, int] = defaultdict(int)
     for e in events:
         by_outcome[e.outcome] += 1
-    workers = len({e.slot for e in events})
-    busy_s = sum(e.seconds for e in events)
+    use = utilisation(events)  # the definition `procqueue map --stats` prints too
     inputs = len({(e.job, e.index) for e in events})
     retries = sum(1 for e in events if e.attempt > 1)
-    efficiency = busy_s / (workers * wall_s)
     cards = [("inputs", inputs), ("attempts", len(events)), ("ok", by_outcome["ok"]),
              ("errors", by_outcome["error"]), ("crashes", by_outcome["crash"]),
              ("timeouts", by_outcome["timeout"]), ("retries", retries),
-             ("workers", workers), ("wall time", f"{wall_s:.2f} s"),
-             ("busy time", f"{busy_s:.2f} s"), ("efficiency", f"{efficiency:.0%}"),
-             ("idle time", f"{max(workers * wall_s - busy_s, 0):.2f} s")]
+             ("workers", use.workers), ("task span", f"{use.span_s:.2f} s"),
+             ("busy time", f"{use.busy_s:.2f} s"), ("efficiency", f"{use.efficiency:.0%}"),
+             ("idle time", f"{use.idle_s:.2f} s")]
     return "<div class='cards'>" + "".join(
         f"<div class='card'><b>{_e(v)}</b><span>{_e(k)}</span></div>" for k, v in cards) + "</div>"
 
@@ -87,12 +93,49 @@ def _x(t: float, t0: float, wall_s: float) -> float:
 
 def _axis(t0: float, wall_s: float, y: float) -> str:
     ticks = []
-    for i in range(6):
-        t = wall_s * i / 5
+    for t, label in axis_ticks(wall_s):
         x = _x(t0 + t, t0, wall_s)
         ticks.append(f"<line x1='{x:.1f}' x2='{x:.1f}' y1='0' y2='{y:.0f}' stroke='#e1e8ed'/>"
-                     f"<text x='{x:.1f}' y='{y + 13:.0f}' text-anchor='middle'>{t:.2f} s</text>")
+                     f"<text class='tick' x='{x:.1f}' y='{y + 13:.0f}' text-anchor='middle'>"
+                     f"{_e(label)}</text>")
     return "".join(ticks)
+
+
+def axis_ticks(span_s: float) -> list[tuple[float, str]]:
+    """(offset in seconds, label) of the ticks of a time axis from 0 to `span_s`: round
+    steps (1, 2 or 5 times a power of ten) in a unit the span makes readable, so that every
+    label differs from its neighbours whatever the span (a fixed "0.00 s" format printed
+    the same label on every tick of a 5 ms run)."""
+    if not span_s > 0:  # also NaN
+        return [(0.0, "0 s")]
+    unit_s, unit = _time_unit(span_s)
+    step = _round_step(span_s / unit_s / AXIS_TICKS)
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    count = math.floor(span_s / unit_s / step + 1e-9)
+    return [(i * step * unit_s, f"{_trimmed(i * step, decimals)} {unit}")
+            for i in range(count + 1)]
+
+
+def _trimmed(value: float, decimals: int) -> str:
+    """`value` to `decimals` places, without trailing zeros: 0.5, 1, 1.5 rather than 1.0."""
+    text = f"{value:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _time_unit(span_s: float) -> tuple[float, str]:
+    for unit_s, unit in TIME_UNITS:
+        if span_s >= UNIT_REACHED_AT * unit_s:
+            return unit_s, unit
+    return TIME_UNITS[-1]
+
+
+def _round_step(raw: float) -> float:
+    """The smallest of 1, 2, 5 x 10^k that is at least `raw`."""
+    power = 10.0 ** math.floor(math.log10(raw))
+    for factor in (1.0, 2.0, 5.0, 10.0):
+        if factor * power >= raw * (1 - 1e-9):
+            return factor * power
+    return 10.0 * power
 
 
 def _timeline(events: list[TaskEvent], t0: float, wall_s: float) -> str:

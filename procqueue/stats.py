@@ -7,7 +7,7 @@ hot path pays nothing otherwise.  Times are wall-clock seconds since the epoch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 OUTCOMES = ("ok", "error", "crash", "timeout", "cancelled")
 
@@ -31,3 +31,41 @@ class TaskEvent:
 
 
 EventListener = Callable[[TaskEvent], None]
+
+
+@dataclass(frozen=True)
+class Utilisation:
+    """How busy a run kept its workers: the one definition behind `procqueue map --stats`
+    and the HTML report, so that the two print the same efficiency for the same run."""
+
+    workers: int  # worker slots that ran at least one task attempt
+    busy_s: float  # run time of every task attempt: failed ones and retries included
+    span_s: float  # from the first attempt's start to the last attempt's end
+
+    @property
+    def efficiency(self) -> float:
+        """busy_s / (workers x span_s): 1.0 when every worker ran tasks all along."""
+        capacity_s = self.workers * self.span_s
+        return self.busy_s / capacity_s if capacity_s > 0 else 0.0
+
+    @property
+    def idle_s(self) -> float:
+        return max(self.workers * self.span_s - self.busy_s, 0.0)
+
+
+def utilisation(events: Iterable[TaskEvent]) -> Utilisation:
+    """The Utilisation of the task attempts in `events`.
+
+    The span starts at the first task start, not when the pool was created: starting the
+    worker processes costs the same for a batch of ten inputs as for a million, and would
+    make every short run look idle.  Slots that never ran a task are not counted: a trace
+    records only the slots that did, so a figure computed from a trace file could not count
+    them either."""
+    events = list(events)
+    if not events:
+        return Utilisation(0, 0.0, 0.0)
+    start_s = min(e.start_s for e in events)
+    end_s = max(e.end_s for e in events)
+    return Utilisation(workers=len({e.slot for e in events}),
+                       busy_s=sum(max(e.seconds, 0.0) for e in events),
+                       span_s=max(end_s - start_s, 0.0))

@@ -9,6 +9,7 @@
     Rate(limit, per)                value object: `limit` starts per `per` seconds
     Limit(name, concurrency=, rate=) value object for a named machine-wide limit;
                                     Limit.open() gives its live LimitHandle
+    named_limits()                  snapshots of every named limit on the machine
 
 Every live object has a ``statistics()`` returning a frozen snapshot.  Non-blocking paths
 for a scheduler with its own event loop: ``Semaphore.acquire_nowait()``,
@@ -23,9 +24,9 @@ import math
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TypeVar
+from typing import Callable, TypeVar
 
-from ._shm import validate_name
+from ._shm import SegmentKind, segment_names, validate_name
 from .keyed import (
     FairQueue,
     FairQueueStatistics,
@@ -59,6 +60,7 @@ __all__ = [
     "RateGateStatistics",
     "Semaphore",
     "SemaphoreStatistics",
+    "named_limits",
 ]
 
 
@@ -113,6 +115,13 @@ class Limit:
                 semaphore.close()
             raise
         return LimitHandle(self, semaphore, rate_gate)
+
+    @staticmethod
+    def unlink_name(name: str) -> bool:
+        """Remove the named limit's semaphore and rate gate without opening them; True if
+        there was either (same caveat as `Semaphore.unlink()`: only when no program uses it)."""
+        removed = [Semaphore.unlink_name(name), RateGate.unlink_name(name)]
+        return any(removed)
 
 
 @dataclass(frozen=True)
@@ -187,6 +196,40 @@ class LimitHandle:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+_Part = TypeVar("_Part", Semaphore, RateGate)
+_Snapshot = TypeVar("_Snapshot", SemaphoreStatistics, RateGateStatistics)
+
+
+def named_limits() -> list[LimitStatistics]:
+    """A snapshot of every named limit of this user on this machine, sorted by name: its
+    semaphore (value, holders) and its rate gate (limit, window, starts in the window).
+
+    Nothing is created: a limit removed while this runs is left out, as is a file its
+    creator never finished.  Like `Semaphore.statistics()`, reading a semaphore frees the
+    permits of holders that exited (listed in its `reclaimed`).  A Limit's rate gate shows
+    a window `START_SKEW_MARGIN_S` longer than the Rate it was given."""
+    names = set(segment_names(SegmentKind.SEMAPHORE)) | set(segment_names(SegmentKind.RATE_GATE))
+    found = []
+    for name in sorted(names):
+        semaphore = _snapshot(Semaphore.attach, name, Semaphore.statistics)
+        rate_gate = _snapshot(RateGate.attach, name, RateGate.statistics)
+        if semaphore is not None or rate_gate is not None:
+            found.append(LimitStatistics(name, semaphore, rate_gate))
+    return found
+
+
+def _snapshot(attach: Callable[[str], _Part], name: str,
+              statistics: Callable[[_Part], _Snapshot]) -> _Snapshot | None:
+    try:
+        part = attach(name)
+    except (FileNotFoundError, PermissionError):  # removed meanwhile; another user's
+        return None
+    try:
+        return statistics(part)
+    finally:
+        part.close()
 
 
 def _validate_concurrency(concurrency: object) -> None:

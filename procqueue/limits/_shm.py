@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import fcntl
 import math
 import mmap
@@ -113,6 +114,40 @@ def segment_path(kind: SegmentKind, name: str) -> Path:
     return SHM_DIR / f"{FILE_PREFIX}.{kind.file_tag}.{validate_name(name)}"
 
 
+def segment_names(kind: SegmentKind) -> list[str]:
+    """The names of the segments of `kind` on this machine, sorted; files whose name is no
+    limit name (not made by procqueue) are left out."""
+    prefix = f"{FILE_PREFIX}.{kind.file_tag}."
+    try:
+        entries = list(os.scandir(SHM_DIR))
+    except OSError:
+        return []
+    names = (entry.name[len(prefix):] for entry in entries
+             if entry.name.startswith(prefix) and entry.is_file(follow_symlinks=False))
+    return sorted(name for name in names if _NAME_RE.fullmatch(name))
+
+
+def read_header(kind: SegmentKind, name: str) -> tuple[int, float] | None:
+    """(capacity, parameter) of the existing segment `name` of `kind`, which an opener must
+    pass to attach to it; None when there is none, or only a file its creator never finished
+    (or one of another layout version)."""
+    try:
+        fd = os.open(segment_path(kind, name), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # not half-way through a creator's initialisation
+        raw = os.pread(fd, HEADER_SIZE, 0)
+    finally:
+        os.close(fd)  # drops the lock
+    if len(raw) < HEADER_SIZE:
+        return None
+    magic, version, found_kind, capacity, parameter = _HEADER.unpack(raw)
+    if magic != _MAGIC or version != _LAYOUT_VERSION or found_kind != kind:
+        return None
+    return int(capacity), float(parameter)
+
+
 def unlink_segment(kind: SegmentKind, name: str) -> bool:
     """Remove the named segment's file; True if there was one.  Processes that still have it
     open keep using the old memory, and a later opener creates a fresh segment."""
@@ -144,13 +179,14 @@ class SegmentSpec:
 
 
 class Segment:
-    """One mapped, lockable shared segment; create it, or attach to the existing one."""
+    """One mapped, lockable shared segment; create it, or attach to the existing one (only
+    that with create=False: FileNotFoundError when there is none)."""
 
-    def __init__(self, spec: SegmentSpec) -> None:
+    def __init__(self, spec: SegmentSpec, *, create: bool = True) -> None:
         self.spec = spec
         self.path = segment_path(spec.kind, spec.name)
         self._thread_lock = threading.Lock()
-        self._fd, self._map = _open_mapped(spec, self.path)
+        self._fd, self._map = _open_mapped(spec, self.path, create)
         self._file_id = _file_id(os.fstat(self._fd))
         self._pid = os.getpid()
         self._state = SegmentState.OPEN
@@ -214,11 +250,12 @@ class Segment:
         self._pid = os.getpid()
 
 
-def _open_mapped(spec: SegmentSpec, path: Path) -> tuple[int, mmap.mmap]:
+def _open_mapped(spec: SegmentSpec, path: Path, create: bool) -> tuple[int, mmap.mmap]:
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
     for _ in range(_OPEN_ATTEMPTS):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        fd = os.open(path, flags, _FILE_MODE)
         try:
-            mapping = _map_locked(spec, path, fd)
+            mapping = _map_locked(spec, path, fd, create)
         except BaseException:
             os.close(fd)
             raise
@@ -228,15 +265,19 @@ def _open_mapped(spec: SegmentSpec, path: Path) -> tuple[int, mmap.mmap]:
     raise OSError(f"{path} was unlinked {_OPEN_ATTEMPTS} times while being opened")
 
 
-def _map_locked(spec: SegmentSpec, path: Path, fd: int) -> mmap.mmap | None:
+def _map_locked(spec: SegmentSpec, path: Path, fd: int, create: bool) -> mmap.mmap | None:
     """Under the lock: initialise a new file or check an existing one, then map it.
     None when the file was unlinked (and maybe recreated) between open() and flock()."""
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         if not _is_linked(fd, path):
+            if not create:  # unlinked meanwhile: retrying would find no file
+                raise FileNotFoundError(errno.ENOENT, f"no {spec.label} {spec.name!r}", str(path))
             return None
         size = HEADER_SIZE + spec.body_size
         if _read_magic(fd) != _MAGIC:
+            if not create:  # a creator died half-way: there is no usable segment
+                raise FileNotFoundError(errno.ENOENT, f"no {spec.label} {spec.name!r}", str(path))
             _initialise(spec, fd, size)
         else:
             _check_header(spec, path, fd, size)

@@ -25,6 +25,7 @@ machine-wide lock, so the recorded starts stay in order across processes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import re
 import threading
@@ -33,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from ._shm import Segment, SegmentKind, SegmentSpec, WindowRing, unlink_segment
+from ._shm import Segment, SegmentKind, SegmentSpec, WindowRing, read_header, unlink_segment
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
@@ -133,7 +134,8 @@ class RateGate:
 
     `clock` is read exactly once per `try_acquire()`/`available()` call that gets no `now`;
     `sleep` is what `acquire()` waits with (tests pass a fake clock's advance).  A gate with
-    a `name` pickles by name; `close()` unmaps it and `unlink()` removes the name.
+    a `name` pickles by name; `close()` unmaps it and `unlink()` removes the name; with
+    ``create=False`` it only attaches to an existing one (FileNotFoundError if there is none).
     """
 
     def __init__(
@@ -144,13 +146,15 @@ class RateGate:
         name: str | None = None,
         clock: Clock = time.monotonic,
         sleep: Sleep = time.sleep,
+        create: bool = True,
     ) -> None:
         self._limit = _validate_limit(limit, "RateGate limit")
         self._period_s = _validate_period(period_s, "RateGate period_s")
         self._name = name
         self._clock = clock
         self._sleep = sleep
-        self._segment = None if name is None else Segment(_spec(name, self._limit, self._period_s))
+        self._segment = None if name is None else Segment(
+            _spec(name, self._limit, self._period_s), create=create)
         self._local_ring = _LocalRing(self._limit)
         self._thread_lock = threading.Lock()
 
@@ -158,6 +162,16 @@ class RateGate:
     def from_rate(cls, rate: Rate, *, name: str | None = None, clock: Clock = time.monotonic,
                   sleep: Sleep = time.sleep) -> RateGate:
         return cls(rate.limit, rate.period_s, name=name, clock=clock, sleep=sleep)
+
+    @classmethod
+    def attach(cls, name: str) -> RateGate:
+        """Open the existing shared gate `name` with the limit and period it was created
+        with, creating nothing: FileNotFoundError when there is none."""
+        header = read_header(SegmentKind.RATE_GATE, name)
+        if header is None:
+            raise FileNotFoundError(errno.ENOENT, f"no rate gate {name!r}")
+        limit, period_s = header
+        return cls(limit, period_s, name=name, create=False)
 
     @property
     def name(self) -> str | None:

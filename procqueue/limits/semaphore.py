@@ -21,6 +21,7 @@ Cross-process waiters are not served in FIFO order.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import time
@@ -37,6 +38,7 @@ from ._shm import (
     SemaphoreSlots,
     current_identity,
     is_alive,
+    read_header,
     unlink_segment,
 )
 
@@ -50,12 +52,14 @@ _FIRST_POLL_S = 0.0005
 @dataclass(frozen=True)
 class SemaphoreStatistics:
     """A snapshot; `holders` has one pid per held permit (a pid repeats when it holds
-    several), sorted, so ``len(holders) == held``."""
+    several), sorted, so ``len(holders) == held``.  `reclaimed` has one pid per permit of an
+    exited holder that taking this snapshot freed (they are not in `holders`)."""
 
     name: str
     value: int
     held: int
     holders: tuple[int, ...]
+    reclaimed: tuple[int, ...] = ()
 
 
 class Semaphore:
@@ -64,7 +68,8 @@ class Semaphore:
     Every opener must pass the same `value`, else ValueError names both values.  ``with
     sem:`` acquires (blocking) and releases.  `close()` releases the permits this object
     still holds and unmaps; `unlink()` removes the name from the machine.  The object
-    pickles by name, so a process it is sent to opens the same semaphore.
+    pickles by name, so a process it is sent to opens the same semaphore.  With
+    ``create=False`` it only attaches to an existing one (FileNotFoundError if there is none).
     """
 
     # The longest a blocked acquire() sleeps between attempts, and how soon a caller of
@@ -74,13 +79,22 @@ class Semaphore:
     # most this often; a dead holder's permits come back within this time.
     reclaim_interval_s: ClassVar[float] = 0.050
 
-    def __init__(self, name: str, value: int) -> None:
+    def __init__(self, name: str, value: int, *, create: bool = True) -> None:
         self._value = _validate_value(value)
-        self._segment = Segment(_spec(name, self._value))
+        self._segment = Segment(_spec(name, self._value), create=create)
         self._name = self._segment.spec.name
         self._held_here = 0  # permits acquired through this object and not yet released
         self._pid = os.getpid()
         self._next_reclaim_s = -math.inf  # time.monotonic() of the next allowed check
+
+    @classmethod
+    def attach(cls, name: str) -> Semaphore:
+        """Open the existing semaphore `name` with the value it was created with, creating
+        nothing: FileNotFoundError when there is none (for tools that inspect limits)."""
+        header = read_header(SegmentKind.SEMAPHORE, name)
+        if header is None:
+            raise FileNotFoundError(errno.ENOENT, f"no semaphore {name!r}")
+        return cls(name, header[0], create=False)
 
     @property
     def name(self) -> str:
@@ -97,7 +111,7 @@ class Semaphore:
         with self._segment.locked() as mapping:
             slots = SemaphoreSlots(mapping, self._value)
             index = _free_slot(slots)
-            if index is None and self._reclaim_due() and _reclaim_dead(slots, me) > 0:
+            if index is None and self._reclaim_due() and _reclaim_dead(slots, me):
                 index = _free_slot(slots)
             if index is None:
                 return False
@@ -136,9 +150,10 @@ class Semaphore:
         """Snapshot of the live holders (permits of dead holders are reclaimed first)."""
         with self._segment.locked() as mapping:
             slots = SemaphoreSlots(mapping, self._value)
-            _reclaim_dead(slots, current_identity())
+            reclaimed = _reclaim_dead(slots, current_identity())
             pids = sorted(holder.pid for holder in slots.read_all() if holder is not None)
-        return SemaphoreStatistics(self._name, self._value, len(pids), tuple(pids))
+        return SemaphoreStatistics(self._name, self._value, len(pids), tuple(pids),
+                                   tuple(sorted(reclaimed)))
 
     def close(self) -> None:
         """Release the permits acquired through this object, then unmap.  Idempotent."""
@@ -237,10 +252,10 @@ def _slot_of(slots: SemaphoreSlots, holder: ProcessIdentity) -> int | None:
     return None
 
 
-def _reclaim_dead(slots: SemaphoreSlots, me: ProcessIdentity) -> int:
-    """Free the slots of holders that no longer run; returns how many were freed."""
+def _reclaim_dead(slots: SemaphoreSlots, me: ProcessIdentity) -> list[int]:
+    """Free the slots of holders that no longer run; returns their pids, one per slot."""
     alive: dict[ProcessIdentity, bool] = {me: True}  # one /proc check per holding process
-    freed = 0
+    freed = []
     for index, holder in enumerate(slots.read_all()):
         if holder is None:
             continue
@@ -248,5 +263,5 @@ def _reclaim_dead(slots: SemaphoreSlots, me: ProcessIdentity) -> int:
             alive[holder] = is_alive(holder)
         if not alive[holder]:
             slots.write(index, None)
-            freed += 1
+            freed.append(holder.pid)
     return freed
