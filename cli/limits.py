@@ -26,7 +26,7 @@ class LimitInUse(click.ClickException):
     exit_code = EXIT_IN_USE
 
 
-@click.command("limits")
+@click.command("limits", short_help="List or remove the named limits in /dev/shm.")
 @click.option("--remove", metavar="NAME", default=None,
               help="Remove the named limit NAME (its concurrency and rate files) instead of "
                    "listing; refused while a live process holds one of its permits "

@@ -83,8 +83,9 @@ def test_stats_and_report_show_the_same_efficiency_for_one_run(tmp_path):
     script, trace = tmp_path / "sleeper.py", tmp_path / "run.json"
     script.write_text(SLEEPER)
     run = subprocess.run([sys.executable, "-m", "procqueue.cli.main", "map", str(script),
-                          ":::", *map(str, range(20)), "-j", "2", "--stats", "--trace",
-                          str(trace), "-q"], capture_output=True, text=True, timeout=60)
+                          "-j", "2", "--stats", "--trace", str(trace), "-q",
+                          ":::", *map(str, range(20))], capture_output=True, text=True,
+                         timeout=60)
     assert run.returncode == 0, run.stderr
     printed = re.search(r"^efficiency:\s+(\d+)%", run.stderr, re.MULTILINE)
     assert printed, run.stderr
