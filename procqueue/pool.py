@@ -583,7 +583,7 @@ class Pool(PoolCalls):
                 items = source.take(places)
                 if places > len(items):  # replayed outcomes hold their place like tasks
                     window.release(places - len(items))
-                if whole_chunks > 1:
+                if whole_chunks > 1 and source.sequence is None:  # (a list cannot raise)
                     items, held = _whole_chunks(held, items, whole_chunks, source)
                 for group, errors in self._groups(job, count, items, journal, blocks):
                     post(SubmitTasks(group, errors))
