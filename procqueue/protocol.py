@@ -15,8 +15,9 @@ can only break its own channel, and the supervisor always knows which tasks that
         |  ---- Stop() ----------------------------> |   the worker exits 0
 
 "Which task is running right now" is not a message: the worker writes the task id and its start
-time into a small shared array (see worker_slots.SlotState), which costs nanoseconds per task and
-lets the supervisor attribute a crash, or enforce a timeout, for one task inside a batch.
+time into a small shared array (Slot.state, laid out in worker.py), which costs nanoseconds per
+task and lets the supervisor attribute a crash, or enforce a timeout, for one task inside a
+batch.
 
 Arguments and results are pickled per item with protocol 5 (so one unpicklable item fails only
 its own task); functions are pickled with cloudpickle (lambdas, closures), a top-level function

@@ -1,4 +1,6 @@
-"""Pure decisions, no I/O: which queued tasks form the next batch, and what follows a failure.
+"""Decisions: which queued tasks form the next batch, and what follows a failure.  No
+processes, pipes or files: admission asks the gates (admission.py), which may touch
+shared-memory semaphores and, for a memory gate, read psutil's figures.
 
 Calls are served FIFO (the oldest call with queued tasks first, tasks FIFO inside a call);
 a task coming back from its retry backoff goes to the front of its call's queue, so a retry
@@ -232,10 +234,6 @@ class Scheduler:
             if queue.size:
                 return None
         return None
-
-    def queued_for(self, job: Job) -> int:
-        queue = self._queues.get(job.id)
-        return queue.size if queue else 0
 
     def next_batch(self, max_tasks: int, now: float = 0.0, *, prefetch: bool = False
                    ) -> list[Task] | Block:

@@ -122,7 +122,7 @@ class Block:
     together: the same outcome per input as Tasks give, without a Task per input (tiny tasks
     spend most of their time on that bookkeeping).  Only calls without per-task machinery
     (timeouts, gates, keys, halt, journal, events) get them, and only for immutable primitive
-    inputs (see Pool._blockable).  A block is never retried or cancelled as a whole: whatever
+    inputs (see Pool._blocks_allowed).  A block is never retried or cancelled as a whole: whatever
     is not plain success (an input that fails, a crash, a cancel, terminate) first turns the
     block's unreported inputs into Tasks (Supervisor._explode_*), and the Task machinery takes
     it from there."""

@@ -528,7 +528,7 @@ class _Call:
     """One API call (map, imap, submit...): its function, how to call it, its sink."""
 
     def __init__(self, call_id: int, fn_id: int, fn_payload: bytes, kind: CallKind, sink: Any,
-                 *, chunksize: int | None, timeout_s: float | None, limits: tuple[Any, ...],
+                 *, timeout_s: float | None, limits: tuple[Any, ...],
                  sizer: ChunkSizer, rate: RateSpec | None = None,
                  keys: _KeySpec | None = None) -> None:
         self.id = call_id
@@ -536,7 +536,6 @@ class _Call:
         self.fn_payload = fn_payload
         self.kind = kind
         self.sink = sink
-        self.chunksize = chunksize
         self.timeout_s = timeout_s
         self.limits = limits  # distributed.Semaphore objects held by each of its chunks
         self.owned_limits: tuple[Any, ...] = ()  # this call's own, closed when it ends
@@ -1325,9 +1324,10 @@ class DaskPool(PoolCalls):
             raise ValueError("Chunksize must be 1+")
         # Under a rate, chunks keep their adaptive size: each item takes its start where it
         # runs, so a chunk cannot start its items early (the local pool's batches can).
-        call = _Call(next(self._ids), fn_id, payload, kind, sink, chunksize=fixed,
-                     timeout_s=timeout_s, limits=self._limits, sizer=self._sizer(fn_id, fixed),
-                     rate=self._rate, keys=keys)
+        # (A fixed chunksize lives in the sizer, which always answers it.)
+        call = _Call(next(self._ids), fn_id, payload, kind, sink, timeout_s=timeout_s,
+                     limits=self._limits, sizer=self._sizer(fn_id, fixed), rate=self._rate,
+                     keys=keys)
         if concurrency is not None:
             own = self._semaphore(concurrency, f"call{call.id}")
             call.limits, call.owned_limits = self._limits + (own,), (own,)

@@ -159,11 +159,6 @@ class RateGate:
         self._thread_lock = threading.Lock()
 
     @classmethod
-    def from_rate(cls, rate: Rate, *, name: str | None = None, clock: Clock = time.monotonic,
-                  sleep: Sleep = time.sleep) -> RateGate:
-        return cls(rate.limit, rate.period_s, name=name, clock=clock, sleep=sleep)
-
-    @classmethod
     def attach(cls, name: str) -> RateGate:
         """Open the existing shared gate `name` with the limit and period it was created
         with, creating nothing: FileNotFoundError when there is none."""
