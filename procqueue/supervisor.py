@@ -55,16 +55,30 @@ STOP_WORKERS_TIMEOUT_S = 1.0  # close(): how long retiring workers get before be
 REUSABLE_MEMFD_BYTES = 64 * 2**20  # finished big arguments' memfds kept for reuse, at most
 MIN_DURATIONS_FOR_RELATIVE = 3  # finished tasks needed before a relative timeout applies
 MIN_RELATIVE_TIMEOUT_S = 1.0  # a relative timeout never kills a task younger than this
-WARM_UP_CRASH_LIMIT = 2
-PREFETCH_MIN_QUEUED_PER_WORKER = 8  # tasks queued per worker below which nothing is prefetched  # workers lost loading one function before warm-ups stop
+WARM_UP_CRASH_LIMIT = 2  # workers lost loading one function before warm-ups stop
+# Tasks queued per worker below which nothing is prefetched (see _dispatch).
+PREFETCH_MIN_QUEUED_PER_WORKER = 8
 
 
 class SupervisorState(enum.Enum):
-    RUNNING = "running"
-    CLOSING = "closing"
-    TERMINATING = "terminating"
-    BROKEN = "broken"
-    STOPPED = "stopped"
+    RUNNING = "running"  # takes and runs work
+    CLOSING = "closing"  # close(): runs what it has, takes no more, then stops the workers
+    TERMINATING = "terminating"  # terminate(): what is left fails, the workers are killed
+    BROKEN = "broken"  # the pool cannot run tasks (initializer, or a bug of procqueue's)
+    STOPPED = "stopped"  # every worker is gone; the loop has ended
+
+
+# The only moves Supervisor._move allows.  A procqueue bug breaks the pool from any live
+# state (see _run); after BROKEN, terminate() still kills what is left.
+_STATE_MOVES = {
+    SupervisorState.RUNNING: {SupervisorState.CLOSING, SupervisorState.TERMINATING,
+                              SupervisorState.BROKEN, SupervisorState.STOPPED},
+    SupervisorState.CLOSING: {SupervisorState.TERMINATING, SupervisorState.BROKEN,
+                              SupervisorState.STOPPED},
+    SupervisorState.TERMINATING: {SupervisorState.BROKEN, SupervisorState.STOPPED},
+    SupervisorState.BROKEN: {SupervisorState.TERMINATING, SupervisorState.STOPPED},
+    SupervisorState.STOPPED: set(),
+}
 
 
 # ---- commands posted by caller threads ---------------------------------------------------
@@ -197,6 +211,11 @@ class Supervisor:
 
     # ---- the loop (supervisor thread only) ---------------------------------------------------
 
+    def _move(self, new: SupervisorState) -> None:
+        if new not in _STATE_MOVES[self.state]:
+            raise RuntimeError(f"supervisor: {self.state.name} -> {new.name}")
+        self.state = new
+
     def _run(self) -> None:
         try:
             self._selector.register(self._wakeup.reader, selectors.EVENT_READ, self._on_wakeup)
@@ -254,7 +273,7 @@ class Supervisor:
                 self._cancel_task(task, running)
             case Close():
                 if self.state is SupervisorState.RUNNING:
-                    self.state = SupervisorState.CLOSING
+                    self._move(SupervisorState.CLOSING)
                     for job in self._open_jobs.values():
                         _lift_window(job)
             case Terminate():
@@ -711,6 +730,8 @@ class Supervisor:
         return error
 
     def _on_start_failure(self, slot: Slot, exitcode: int | None) -> None:
+        if self.state not in (SupervisorState.RUNNING, SupervisorState.CLOSING):
+            return  # killed while starting, by terminate() or a break: no failure to count
         self._init_failures += 1
         slot.respawn_at = time.monotonic() + RESPAWN_BACKOFF_S * 2 ** (self._init_failures - 1)
         if self._init_failures < INIT_FAILURE_LIMIT:
@@ -920,7 +941,7 @@ class Supervisor:
     def _terminate(self) -> None:
         if self.state in (SupervisorState.TERMINATING, SupervisorState.STOPPED):
             return
-        self.state = SupervisorState.TERMINATING
+        self._move(SupervisorState.TERMINATING)
         for job in self._open_jobs.values():
             _stop_feeding(job)
         self._fail_everything(TaskCancelledError("the pool was terminated before the task finished"))
@@ -929,7 +950,8 @@ class Supervisor:
 
     def _break(self, error: BaseException) -> None:
         self.broken_error = error
-        self.state = SupervisorState.BROKEN
+        if self.state is not SupervisorState.BROKEN:  # (a bug while broken: see _run)
+            self._move(SupervisorState.BROKEN)
         for job in self._open_jobs.values():
             _stop_feeding(job)
         self._fail_everything(error)
@@ -1050,7 +1072,7 @@ class Supervisor:
         if self.state in (SupervisorState.TERMINATING, SupervisorState.BROKEN, ) \
                 or (self.state is SupervisorState.CLOSING and not self._work_left()):
             if all(s.phase is SlotPhase.DEAD for s in self.workers.slots):
-                self.state = SupervisorState.STOPPED
+                self._move(SupervisorState.STOPPED)
             elif self._stop_deadline is not None and now >= self._stop_deadline:
                 self.workers.kill_all_now()
                 self._stop_deadline = now + STOP_WORKERS_TIMEOUT_S
@@ -1088,7 +1110,8 @@ class Supervisor:
                     pass
 
     def _release_everything(self) -> None:
-        self.state = SupervisorState.STOPPED
+        if self.state is not SupervisorState.STOPPED:
+            self._move(SupervisorState.STOPPED)
         if any(s.phase is not SlotPhase.DEAD for s in self.workers.slots):
             self._finish_stopping()
         self.memfds.close()
