@@ -1,6 +1,7 @@
 """Issue #3's comparison: `procqueue map` against GNU parallel and xargs on the same batch.
 
-    python bench/cli_compare.py [--files 2000] [--ms 2] [--jobs 2] [--repeat 3] [--per-file-repeat 1]
+    python bench/cli_compare.py [--files 2000] [--ms 2] [--jobs 2] [--repeat 3]
+                                [--per-file-repeat 1]
 
 A batch of small files and a script doing a fixed ~2 ms of pure-Python CPU per file (the
 calibrated loop of cases.busy: fixed work, so a busy neighbour cannot make a form look faster
@@ -39,8 +40,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import harness
-from cases import busy
+# E402 is expected: bench/ must be on sys.path (just above) before its own modules import
+import harness  # noqa: E402
+from cases import busy  # noqa: E402
 
 SCRIPT = '''\
 import sys

@@ -200,7 +200,7 @@ def run(repeats: int) -> dict[str, Any]:
 
 
 EFFICIENCY_NOTE = ("Efficiency = serial time / (2 x wall time): 100% is both workers busy with "
-                   "the tasks' own work all the time.  Raw runs: `dask.json`.")
+                   "the tasks' own work all the time.  Raw runs: `dask.json` (not committed).")
 
 
 def markdown(result: dict[str, Any]) -> str:

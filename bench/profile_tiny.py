@@ -35,8 +35,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import harness
-from cases import trivial, warm
+# E402 is expected: bench/ must be on sys.path (just above) before its own modules import
+import harness  # noqa: E402
+from cases import trivial, warm  # noqa: E402
 
 PROFILING = threading.Event()  # set while the timed call runs
 PROFILES: dict[str, cProfile.Profile] = {}

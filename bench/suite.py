@@ -31,9 +31,10 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import harness
-from cases import WORKLOADS, busy, warm
-from systems import SLOW_ON_TINY, SLOW_TINY_TASKS, SYSTEMS, UNORDERED_APIS
+# E402 is expected: bench/ must be on sys.path (just above) before its own modules import
+import harness  # noqa: E402
+from cases import WORKLOADS, busy, warm  # noqa: E402
+from systems import SLOW_ON_TINY, SLOW_TINY_TASKS, SYSTEMS, UNORDERED_APIS  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "suite"
 WARM_UP_TASKS_PER_WORKER = 4
@@ -176,7 +177,8 @@ def per_round_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (w, api, versus), values in sorted(collected.items()):
         out.append({"workload": w, "api": api, "versus": versus, "figure": JUDGED_BY[w],
                     **harness.spread(values),
-                    "best_peer_was": sorted(best_names.get(w, ())) if versus == "best peer" else None})
+                    "best_peer_was": (sorted(best_names.get(w, ()))
+                                      if versus == "best peer" else None)})
     return out
 
 
@@ -301,7 +303,8 @@ def markdown(result: dict[str, Any]) -> str:
         err = f" ({e['runs'] - e['ok_runs']} failed)" if e["ok_runs"] < e["runs"] else ""
         lines.append(
             f"| {e['workload']} | {e['system']} | {e['api']}{err} | {e['tasks']} | "
-            f"{_f(e, 'wall_s')} | {_f(e, 'tasks_per_s', '{:,.0f}')} | {_f(e, 'efficiency', '{:.2f}')} | "
+            f"{_f(e, 'wall_s')} | {_f(e, 'tasks_per_s', '{:,.0f}')} | "
+            f"{_f(e, 'efficiency', '{:.2f}')} | "
             f"{_f(e, 'x_serial', '{:.1f}')} | {_f(e, 'parent_cpu_us_per_task', '{:.1f}')} | "
             f"{_f(e, 'supervisor_cpu_us_per_task', '{:.1f}')} | {_f(e, 'peak_rss_mb', '{:.0f}')} |")
     legend = ("Parent CPU: the calling process, every thread (caller, supervisor, feeders, "

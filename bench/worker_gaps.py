@@ -30,8 +30,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import harness
-from cases import busy, make_uneven, warm
+# E402 is expected: bench/ must be on sys.path (just above) before its own modules import
+import harness  # noqa: E402
+from cases import busy, make_uneven, warm  # noqa: E402
 
 
 def timed_busy(iterations: int) -> tuple[int, float, float]:

@@ -158,7 +158,8 @@ class FreeMemoryGate:
         return self.recheck_s
 
 
-def admit(gates: tuple[Gate, ...], n: int, now: float) -> tuple[int, float | None, tuple[Gate, ...]]:
+def admit(gates: tuple[Gate, ...], n: int,
+          now: float) -> tuple[int, float | None, tuple[Gate, ...]]:
     """Take up to n starts from every gate.  Returns (granted, wait, held): held are the
     refundable gates each granted task must release when its attempt ends; when granted is 0,
     wait is the seconds until a gate may grant again (None: until a release)."""

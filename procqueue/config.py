@@ -45,7 +45,8 @@ class PoolConfig:
               **options: Any) -> "PoolConfig":
         if processes is None:
             processes = usable_cpu_count()
-        _check_int("processes", processes, minimum=1, message="Number of processes must be at least 1")
+        _check_int("processes", processes, minimum=1,
+                   message="Number of processes must be at least 1")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         if maxtasksperchild is not None and (not isinstance(maxtasksperchild, int)
@@ -124,7 +125,8 @@ def parse_relative_timeout(timeout: Any) -> float | None:
         return None
     text = timeout.strip()
     if not text.endswith("%"):
-        raise ValueError(f"timeout {timeout!r}: give seconds (a number) or a percentage like '300%'")
+        raise ValueError(
+            f"timeout {timeout!r}: give seconds (a number) or a percentage like '300%'")
     try:
         factor = float(text[:-1]) / 100
     except ValueError:
@@ -138,7 +140,8 @@ def _check_timeout(timeout_s: Any) -> None:
     if timeout_s is None or parse_relative_timeout(timeout_s) is not None:
         return
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout_s).__name__}")
+        raise TypeError("timeout must be a number of seconds or None, "
+                        f"not {type(timeout_s).__name__}")
     if not timeout_s > 0:
         raise ValueError("timeout must be > 0 seconds")
 

@@ -7,7 +7,8 @@
      │   ├─ WorkerExitedError      the task called sys.exit(); the worker survived
      │   ├─ TaskTimeoutError       it ran longer than its timeout (also a builtin TimeoutError)
      │   ├─ TaskCancelledError     cancelled, or the pool was terminated before it finished
-     │   ├─ ArgumentSerializationError   its argument could not be pickled (a PicklingError, a TypeError)
+     │   ├─ ArgumentSerializationError   its argument could not be pickled
+     │   │                               (a PicklingError, a TypeError)
      │   ├─ ResultSerializationError     its result could not be pickled or unpickled
      │   │                               (a multiprocessing.pool.MaybeEncodingError)
      │   └─ RemoteError            it raised an exception that cannot cross a process boundary
@@ -21,7 +22,8 @@ situations, so code written against them keeps catching what it caught.
 
 A task's own exception keeps its type, message and notes: procqueue re-raises it with the
 remote traceback as ``__cause__`` (multiprocessing.pool.RemoteTraceback, whose text also names
-the task, input and worker) and the task's index/input/pid/attempts as attributes.  This module imports nothing from procqueue.
+the task, input and worker) and the task's index/input/pid/attempts as attributes.  This
+module imports nothing from procqueue.
 """
 
 from __future__ import annotations

@@ -735,7 +735,8 @@ def _short_repr(value: Any) -> str:
 def _qualified_type_name(exc: BaseException) -> str:
     cls = type(exc)
     module = cls.__module__
-    return cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+    return (cls.__qualname__ if module in ("builtins", "__main__")
+            else f"{module}.{cls.__qualname__}")
 
 
 def _error_columns(exc: BaseException) -> tuple[str, str, str, bytes | None]:

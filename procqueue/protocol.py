@@ -6,7 +6,7 @@ can only break its own channel, and the supervisor always knows which tasks that
     supervisor                                   worker
         |  <--------------------- Ready(pid)  ---- |   after pinning and the initializer
         |  <------------- InitFailed(error)   ---- |   (or this, then the worker exits)
-        |  ---- RunBatch(batch_id, fn, items) ---> |   fn's bytes only the first time a worker sees it
+        |  ---- RunBatch(batch_id, fn, items) ---> |   fn's bytes only when new to this worker
         |                                          |   for each item: slot_state[CURRENT] = task id
         |  <---- BatchResults(partial ...)  ------ |   every FLUSH_INTERVAL_S while a batch runs
         |  <---- BatchResults(final=True) -------- |
@@ -221,7 +221,8 @@ def loads(data: bytes) -> Any:
 
 def dumps_function(fn: Any) -> bytes:
     """Pickle a task function (or an (initializer, initargs) pair) for the workers."""
-    import cloudpickle  # imported lazily: workers unpickle cloudpickle output without it loaded first
+    # imported lazily: workers unpickle cloudpickle output without it loaded first
+    import cloudpickle
 
     if isinstance(fn, tuple):
         fn = tuple(_main_function_by_reference(part) for part in fn)
@@ -646,7 +647,8 @@ def _strip_traceback(exc: BaseException) -> BaseException:
 def _qualified_type_name(exc: BaseException) -> str:
     cls = type(exc)
     module = cls.__module__
-    return cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+    return (cls.__qualname__ if module in ("builtins", "__main__")
+            else f"{module}.{cls.__qualname__}")
 
 
 def _safe_str(exc: BaseException) -> str:

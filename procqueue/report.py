@@ -84,7 +84,8 @@ def _summary(events: list[TaskEvent]) -> str:
 
 def _legend() -> str:
     return "<div class='legend'>" + "".join(
-        f"<span><i style='background:{c}'></i>{_e(o)}</span>" for o, c in COLOURS.items()) + "</div>"
+        f"<span><i style='background:{c}'></i>{_e(o)}</span>"
+        for o, c in COLOURS.items()) + "</div>"
 
 
 def _x(t: float, t0: float, wall_s: float) -> float:
@@ -198,8 +199,9 @@ def _workers_table(events: list[TaskEvent], wall_s: float) -> str:
         busy = sum(e.seconds for e in mine)
         pids = len({e.pid for e in mine})
         rows.append(f"<tr><td>worker {slot}</td><td class='num'>{len(mine)}</td>"
-                    f"<td class='num'>{busy:.2f} s</td><td class='num'>{max(wall_s - busy, 0):.2f} s"
-                    f"</td><td class='num'>{pids - 1}</td></tr>")
+                    f"<td class='num'>{busy:.2f} s</td>"
+                    f"<td class='num'>{max(wall_s - busy, 0):.2f} s</td>"
+                    f"<td class='num'>{pids - 1}</td></tr>")
     return ("<h2>Workers</h2><table><tr><th>slot</th><th>attempts</th><th>busy</th>"
             "<th>idle</th><th>restarts</th></tr>" + "".join(rows) + "</table>")
 

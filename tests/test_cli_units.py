@@ -219,7 +219,8 @@ def test_progress_bar_shows_failures_and_restarts():
 # ---- script checks: what the parent can tell from the source alone ----------------------------
 
 @pytest.mark.parametrize("source", [
-    "try:\n    from fast import process\nexcept ImportError:\n    def process(x):\n        return x\n",
+    ("try:\n    from fast import process\nexcept ImportError:\n"
+     "    def process(x):\n        return x\n"),
     "import sys\nif sys.platform == 'linux':\n    def process(x):\n        return x\n",
     "with open(__file__):\n    process = len\n",
     "import functools\nprocess = functools.partial(print)\n",

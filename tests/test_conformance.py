@@ -645,7 +645,9 @@ CALLS = {
     (raise_value_error, ValueError, "bad 5"),
     (raise_custom_error, CustomError, "custom 5"),
 ])
-def test_task_exception_keeps_type_and_message(pool_cls: PoolFactory, call: str, fn: Callable[[Any], Any], exc_type: type[BaseException],
+def test_task_exception_keeps_type_and_message(pool_cls: PoolFactory, call: str,
+                                               fn: Callable[[Any], Any],
+                                               exc_type: type[BaseException],
                                                message: str) -> None:
     with pool_cls(2) as pool:
         with pytest.raises(exc_type) as info:

@@ -583,7 +583,8 @@ def _start_script(tmp_path, source, directory):
     script = tmp_path / "supervisor_script.py"
     script.write_text(textwrap.dedent(source))
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return subprocess.Popen([sys.executable, str(script), str(directory)], cwd=str(REPO_ROOT),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

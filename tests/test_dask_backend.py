@@ -297,7 +297,8 @@ def test_sys_exit_in_a_task_is_a_task_failure(pool: DaskPool) -> None:
 
 # ---- crashes -----------------------------------------------------------------------------------
 
-def test_sigkilled_dask_worker_mid_task_is_rerun_elsewhere(pool: DaskPool, client: Any, tmp_path: Path) -> None:
+def test_sigkilled_dask_worker_mid_task_is_rerun_elsewhere(pool: DaskPool, client: Any,
+                                                           tmp_path: Path) -> None:
     marker = tmp_path / "pid"
     future = pool.submit(record_and_sleep, str(marker), 2.0)
     _wait_for(marker.exists)
@@ -345,7 +346,8 @@ def test_concurrency_limit_holds_across_dask_workers(client: Any, tmp_path: Path
 
 
 @pytest.mark.timeout(30)
-def test_rate_gate_never_more_than_l_starts_per_window_across_workers(client: Any, tmp_path: Path) -> None:
+def test_rate_gate_never_more_than_l_starts_per_window_across_workers(client: Any,
+                                                                      tmp_path: Path) -> None:
     items = [(str(tmp_path), i, 0.05, i % 3 == 0) for i in range(30)]  # every third raises
     with DaskPool(client=client, rate="10/0.5s") as pool:
         started = time.monotonic()
@@ -380,7 +382,8 @@ def test_item_waiting_for_its_start_never_starts_after_terminate(client: Any,
 
 
 @pytest.mark.timeout(30)
-def test_key_concurrency_never_exceeds_k_per_key_and_keys_share_fairly(client: Any, tmp_path: Path) -> None:
+def test_key_concurrency_never_exceeds_k_per_key_and_keys_share_fairly(client: Any,
+                                                                       tmp_path: Path) -> None:
     items = [(str(tmp_path), ("big", i), 0.1) for i in range(12)]
     items += [(str(tmp_path), ("small", i), 0.1) for i in range(3)]
     with DaskPool(client=client) as pool:
@@ -395,7 +398,8 @@ def test_key_concurrency_never_exceeds_k_per_key_and_keys_share_fairly(client: A
 
 
 @pytest.mark.timeout(30)
-def test_key_concurrency_k_allows_k_of_a_key_and_a_failing_key_fails_its_item(client: Any, tmp_path: Path) -> None:
+def test_key_concurrency_k_allows_k_of_a_key_and_a_failing_key_fails_its_item(
+        client: Any, tmp_path: Path) -> None:
     with DaskPool(client=client) as pool:
         items = [(str(tmp_path), ("one", i), 0.1) for i in range(8)]
         pool.starmap(span, items, key=lambda args: args[1][0], key_concurrency=2)

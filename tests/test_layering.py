@@ -16,8 +16,8 @@ PACKAGE = ROOT / "procqueue"
 ALLOWED: dict[str, set[str]] = {
     "__init__": {"pool", "errors", "results", "limits", "journal", "trace", "report", "stats",
                  "scheduler", "fork_server"},
-    "pool": {"supervisor", "config", "results", "tasks", "errors", "protocol", "chunking", "admission",
-             "journal", "trace", "scheduler",
+    "pool": {"supervisor", "config", "results", "tasks", "errors", "protocol", "chunking",
+             "admission", "journal", "trace", "scheduler",
              "affinity", "limits", "backends", "calls"},
     "supervisor": {"worker_slots", "scheduler", "admission", "stats", "results", "tasks",
                    "protocol", "errors",

@@ -184,7 +184,8 @@ def test_a_program_without_the_main_guard_runs_as_with_multiprocessing(tmp_path,
 
 def test_a_guarded_script_keeps_the_fork_server(tmp_path):
     # forked from the clean, single-threaded fork server, not from this threaded program
-    out, runs = run_habits(tmp_path, HABITS_IN_A_FUNCTION + 'if __name__ == "__main__":\n    run()\n')
+    out, runs = run_habits(tmp_path,
+                           HABITS_IN_A_FUNCTION + 'if __name__ == "__main__":\n    run()\n')
     assert out == {"x": [0, 10, 20, 30, 50, 60], "ours": True, "parent_is_us": False}
     assert runs == 3  # the script, and each worker's import of it
 

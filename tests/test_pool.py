@@ -494,7 +494,8 @@ def test_submit_futures_work_with_wait_as_completed_and_callbacks_that_use_them(
         futures = [pool.submit(_double, i) for i in range(200)]
         for f in futures[:50]:
             f.add_done_callback(callback)
-        done, _ = concurrent.futures.wait(futures[:10], return_when=concurrent.futures.FIRST_COMPLETED)
+        done, _ = concurrent.futures.wait(futures[:10],
+                                          return_when=concurrent.futures.FIRST_COMPLETED)
         assert done
         got = sorted(f.result() for f in concurrent.futures.as_completed(futures, timeout=30))
         late = pool.submit(_double, 5)

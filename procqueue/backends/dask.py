@@ -1,12 +1,13 @@
 """DaskPool: the procqueue.Pool contract on a Dask distributed cluster.
 
-    caller threads                 driver thread (owns every item's state)        Dask
-    ──────────────                 ─────────────────────────────────────          ────
-    map / submit ──► _Submit ──┐
-    imap feeder  ──► _Submit ──┤    inbox ──► apply ──► dispatch ── client.submit(run_chunk) ──► scheduler
-    cancel/close ──► _Cancel…──┤      ▲                                                           │
-                               │      └──── _ChunkDone(future) ◄── future.add_done_callback ◄── worker
-    sinks (ApplyResult, MapResult, ResultStream, TaskFuture) ◄── deliver(item, ok, value), driver thread only
+    caller threads              driver thread (owns every item's state)                   Dask
+    ──────────────              ───────────────────────────────────────                   ────
+    map / submit ─► _Submit ─┐
+    imap feeder  ─► _Submit ─┤  inbox ─► apply ─► dispatch ── client.submit(run_chunk) ─► scheduler
+    cancel/close ─► _Cancel…─┤    ▲                                                        │
+                             │    └─── _ChunkDone(future) ◄─ future.add_done_callback ◄─ worker
+    sinks (ApplyResult, MapResult, ResultStream, TaskFuture) ◄─ deliver(item, ok, value),
+                                                                in the driver thread only
 
 One driver thread per pool blocks in one ``inbox.get()``: caller commands and Dask's done
 callbacks both arrive there, so every item's life (pending → in a chunk → done | retry | failed)
@@ -63,8 +64,9 @@ from ..affinity import usable_cpu_count
 from ..calls import PoolCalls, errors_mode
 from ..chunking import ChunkSizer
 from ..errors import (ArgumentSerializationError, InitializerError, PoolBrokenError,
-                      PoolClosedError, RemoteError, TaskCancelledError, TaskTimeoutError, WorkerCrashedError,
-                      WorkerExitedError, annotate, argument_error, exception_types)
+                      PoolClosedError, RemoteError, TaskCancelledError, TaskTimeoutError,
+                      WorkerCrashedError, WorkerExitedError, annotate, argument_error,
+                      exception_types)
 from ..limits import START_SKEW_MARGIN_S, FairQueue, KeyedLimit, Rate
 from ..protocol import (CallKind, apply_call, capture_exception, dumps, dumps_function,
                         pickled_function, restore_exception, short_repr,
@@ -609,7 +611,8 @@ class _Terminate:
     pass
 
 
-Command = _Submit | _Open | _InputDone | _ChunkDone | _CancelCall | _CancelItem | _Close | _Terminate
+Command = (_Submit | _Open | _InputDone | _ChunkDone | _CancelCall | _CancelItem | _Close
+           | _Terminate)
 
 
 @dataclass(frozen=True)
