@@ -800,7 +800,8 @@ _VIEW_METHODS = frozenset({"apply", "apply_async", "map", "map_async", "starmap"
 
 
 def _as_kwargs(call: CallOptions) -> dict[str, Any]:
-    return {f.name: getattr(call, f.name) for f in fields(call) if getattr(call, f.name) is not None}
+    return {f.name: getattr(call, f.name) for f in fields(call)
+            if getattr(call, f.name) is not None}
 
 
 def _payload_bytes(payload: Any) -> int:

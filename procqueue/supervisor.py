@@ -10,7 +10,7 @@
                                                     timeout = next deadline (task timeout,
                                                       SIGKILL escalation, retry backoff, respawn)
                                                   apply events ─► scheduler picks batches
-                                                  ─► RunBatch on the idle worker's pipe ──────────► run
+                                                  ─► RunBatch on the idle worker's pipe ───────► run
     AsyncResult / Future / iterator  ◄── deliver(task, ok, value) exactly once per task
 
 It never polls: everything that can happen is a readable file descriptor or a deadline.  A
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, cast
 
 from .config import PoolConfig
-from .errors import (InitializerError, PoolBrokenError, TaskCancelledError, TaskTimeoutError, WorkerCrashedError, annotate,
-                     describe_exit)
+from .errors import (InitializerError, PoolBrokenError, TaskCancelledError, TaskTimeoutError,
+                     WorkerCrashedError, annotate, describe_exit)
 from .protocol import (BatchResults, BlockResults, InitFailed, InitializerCall, MemfdPool,
                        OutOfBand, Ready, RunBatch, dumps, dumps_argument, loads,
                        restore_exception, short_repr, unreadable_result_error, wire_payload)
@@ -482,7 +482,8 @@ class Supervisor:
         slot.rss_bytes = message.rss_bytes
         if message.final:
             slot.batches.remove(batch)
-            if slot.phase is SlotPhase.READY and (slot.retire_reason or self._due_for_recycling(slot)):
+            if slot.phase is SlotPhase.READY and (slot.retire_reason
+                                                  or self._due_for_recycling(slot)):
                 # Takes no new batch (can_take_batch); exits once it has run what it holds.
                 if not slot.batches:
                     self.workers.retire(slot)
@@ -944,7 +945,8 @@ class Supervisor:
         self._move(SupervisorState.TERMINATING)
         for job in self._open_jobs.values():
             _stop_feeding(job)
-        self._fail_everything(TaskCancelledError("the pool was terminated before the task finished"))
+        self._fail_everything(
+            TaskCancelledError("the pool was terminated before the task finished"))
         self.workers.kill_all_now()
         self._stop_deadline = time.monotonic() + STOP_WORKERS_TIMEOUT_S
 
