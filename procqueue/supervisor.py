@@ -39,14 +39,15 @@ from typing import Any, Callable, cast
 
 from .config import PoolConfig
 from .errors import (InitializerError, PoolBrokenError, TaskCancelledError, TaskTimeoutError,
-                     WorkerCrashedError, annotate, describe_exit)
+                     WorkerCrashedError, describe_exit)
 from .protocol import (BatchResults, BlockResults, InitFailed, InitializerCall, MemfdPool,
-                       OutOfBand, Ready, RunBatch, dumps, dumps_argument, loads,
+                       OutOfBand, Ready, RunBatch, dumps, loads,
                        restore_exception, short_repr, unreadable_result_error, wire_payload)
 from .admission import ConcurrencyGate, FreeMemoryGate, Gate, RateGateAdapter, rate_gate_for
 from .scheduler import FailureKind, RetryPolicy, Scheduler
 from .stats import TaskEvent
-from .tasks import Block, Job, RunSink, Task, TaskState, new_id
+from .task_book import TaskBook
+from .tasks import Block, Job, RunSink, Task, TaskState
 from .worker_slots import Batch, Slot, SlotPhase, WorkerSlots
 
 INIT_FAILURE_LIMIT = 3  # consecutive worker start failures before the pool is broken
@@ -142,18 +143,19 @@ class SupervisorStatistics:
 
 class Supervisor:
     def __init__(self, config: PoolConfig, initializer: InitializerCall | None,
-                 env: dict[str, str]) -> None:
+                 env: dict[str, str], *, workers: WorkerSlots | None = None) -> None:
+        """`workers` (the processes' side) defaults to this config's; a test may hand in
+        slots of its own."""
         self.config = config
-        self.workers = WorkerSlots(config.context, list(config.cpus), config.pin, env,
-                                   initializer)
-        self.scheduler = Scheduler(pool_gates(config))
+        self.workers = workers if workers is not None else WorkerSlots(
+            config.context, list(config.cpus), config.pin, env, initializer)
         self.memfds = MemfdPool(REUSABLE_MEMFD_BYTES)  # big arguments' memfds, for reuse
-        self.policy = RetryPolicy(config.retries, config.retry_on, config.retry_backoff_s,
-                                  config.retry_backoff_max_s, config.retries_on_timeout())
+        policy = RetryPolicy(config.retries, config.retry_on, config.retry_backoff_s,
+                             config.retry_backoff_max_s, config.retries_on_timeout())
+        self.book = TaskBook(Scheduler(pool_gates(config)), policy, self._halt)
+        self.scheduler = self.book.scheduler
         self.state = SupervisorState.RUNNING
         self.broken_error: BaseException | None = None
-        self._tasks: dict[int, Task] = {}  # every task not yet terminal
-        self._block_inputs = 0  # inputs in blocks (queued or running) with no outcome yet
         self._open_jobs: dict[int, Job] = {}  # lazily fed calls whose input is not exhausted
         # Sinks of many-input calls (map, imap...), told if this thread dies of a bug, so
         # their callers cannot wait forever for an input it lost (see _run).
@@ -171,8 +173,7 @@ class Supervisor:
         self.stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="procqueue-supervisor",
                                         daemon=True)
-        self.submitted = self.succeeded = self.failed = self.cancelled = 0
-        self.retries = self.restarts = 0
+        self.restarts = 0
         self.recycled_for_memory = 0
 
     # ---- any thread ------------------------------------------------------------------------
@@ -205,11 +206,21 @@ class Supervisor:
         # Running: started in a worker (not a task waiting in a worker's pipe behind one).
         running = sum(s.is_running_a_task() for s in self.workers.slots)
         return SupervisorStatistics(
-            self.state.value, len(self.workers.slots), self.submitted, self.succeeded,
-            self.failed, self.cancelled, self.scheduler.queued, running, self.retries,
+            self.state.value, len(self.workers.slots), self.book.submitted, self.book.succeeded,
+            self.book.failed, self.book.cancelled, self.scheduler.queued, running,
+            self.book.retries,
             self.restarts, self.recycled_for_memory)
 
     # ---- the loop (supervisor thread only) ---------------------------------------------------
+
+    def _takes_work(self) -> bool:
+        """Tasks may still start (and so be retried): running, or closing with work left."""
+        return self.state in (SupervisorState.RUNNING, SupervisorState.CLOSING)
+
+    def _halt(self, job: Job) -> None:
+        """The book's verdict: the call reached its halt policy."""
+        assert job.halt is not None
+        self._cancel_job(job, kill_running=job.halt.now)
 
     def _move(self, new: SupervisorState) -> None:
         if new not in _STATE_MOVES[self.state]:
@@ -282,41 +293,9 @@ class Supervisor:
     # ---- tasks in ----------------------------------------------------------------------------
 
     def _accept(self, entries: list[Task | Block], errors: dict[int, BaseException]) -> None:
-        for entry in entries:
-            if isinstance(entry, Block):
-                self._block_inputs += len(entry)
-        if self.state not in (SupervisorState.RUNNING, SupervisorState.CLOSING):
-            error = self.broken_error or TaskCancelledError("the pool was terminated")
-            for task in self._tasks_of(entries):
-                self.submitted += 1
-                self._tasks[task.id] = task
-                self._finish(task, TaskState.CANCELLED, False, error)
-            return
-        accepted: list[Task | Block] = []
-        for entry in entries:
-            if isinstance(entry, Block):
-                self._accept_block(entry, accepted)
-                continue
-            task = entry
-            self.submitted += 1
-            task.job.submitted += 1
-            self._tasks[task.id] = task
-            if task.id in errors:
-                self._fail(task, errors[task.id])
-            elif task.job.cancelled:
-                self._finish(task, TaskState.CANCELLED, False, self._cancelled_error(task))
-            else:
-                accepted.append(task)
-        self.scheduler.enqueue_all(accepted)
-
-    def _accept_block(self, block: Block, accepted: list[Task | Block]) -> None:
-        self.submitted += len(block)
-        block.job.submitted += len(block)
-        if block.job.cancelled:
-            for task in self._explode_queued(block):
-                self._finish(task, TaskState.CANCELLED, False, self._cancelled_error(task))
-        else:
-            accepted.append(block)
+        refusal = None if self._takes_work() else (
+            self.broken_error or TaskCancelledError("the pool was terminated"))
+        self.book.accept(entries, errors, refusal)
 
     # ---- dispatch ----------------------------------------------------------------------------
 
@@ -396,7 +375,7 @@ class Supervisor:
     def _may_start(self, task: Task) -> bool:
         if task.job.sink.starting(task):
             return True
-        self._finish(task, TaskState.CANCELLED, False, None)  # its future was cancelled
+        self.book.finish(task, TaskState.CANCELLED, False, None)  # its future was cancelled
         return False
 
     def _task_budget(self, slot: Slot) -> int:
@@ -464,11 +443,11 @@ class Supervisor:
                 self._on_item(slot, task, message.ok[i], message.payloads[i],
                               message.seconds[i], message.started[i], succeeded)
         if succeeded:
-            self._succeed_all(batch.job, succeeded)
+            self.book.succeed_all(batch.job, succeeded)
         for task_id in message.skipped:
             task = pending.pop(task_id, None)
             if task is not None:
-                self._on_skipped(task)
+                self.book.on_skipped(task)
         self._after_results(slot, batch, message)
 
     def _after_results(self, slot: Slot, batch: Batch, message: BatchResults | BlockResults
@@ -506,8 +485,7 @@ class Supervisor:
         values = loads(message.values)  # type: ignore[arg-type]  # plain data: unpickles
         a = message.first
         b = block.reported = a + len(values)
-        self._block_inputs -= b - a
-        self.succeeded += b - a
+        self.book.block_successes(b - a)
         self._hand_run(slot, block, a, values, message.seconds)
 
     def _hand_run(self, slot: Slot, block: Block, position: int, values: list[Any],
@@ -529,7 +507,7 @@ class Supervisor:
         an input that failed becomes a Task, retried or failed like any other."""
         first, seconds_between = message.first, message.seconds_between
         block.reported = first + len(outcomes)
-        self._block_inputs -= len(outcomes)
+        self.book.block_inputs -= len(outcomes)
         run: list[Any] = []  # the successes since the last failure
         for i, (status, value) in enumerate(outcomes):
             if status == OK:
@@ -537,14 +515,14 @@ class Supervisor:
                 continue
             self._hand_run(slot, block, first + i - len(run), run,
                            seconds_between(i - len(run), i))
-            self.succeeded += len(run)
+            self.book.succeeded += len(run)
             run = []
-            task = self._block_task(block, first + i, slot)
+            task = self.book.block_task(block, first + i, slot.pid)
             self._on_outcome(slot, task, status, value, message.seconds_of(i), 0.0, [])
         end = len(outcomes)
         self._hand_run(slot, block, first + end - len(run), run,
                        seconds_between(end - len(run), end))
-        self.succeeded += len(run)
+        self.book.succeeded += len(run)
 
     def _route_exploded(self, slot: Slot, batch: Batch, block: Block, message: BlockResults,
                         outcomes: list[tuple[int, Any]]) -> None:
@@ -558,28 +536,11 @@ class Supervisor:
                 continue
             self._on_outcome(slot, task, status, value, message.seconds_of(i), now, succeeded)
         if succeeded:
-            self._succeed_all(batch.job, succeeded)
+            self.book.succeed_all(batch.job, succeeded)
         if message.skipped >= 0:
             for task in block.tasks[message.skipped:]:
                 if task is not None and batch.pending.pop(task.id, None) is not None:
-                    self._on_skipped(task)
-
-    def _block_task(self, block: Block, position: int, running_in: Slot | None = None
-                    ) -> Task:
-        """A registered Task for one input of a block: QUEUED, or DISPATCHED in its first
-        attempt on `running_in` (see _explode_*)."""
-        item = block.inputs[position]
-        task = Task(new_id(), block.job, block.start + position, dumps_argument(item), item)
-        self._tasks[task.id] = task
-        if running_in is not None:
-            task.move(TaskState.DISPATCHED)
-            task.attempts, task.pid = 1, running_in.pid
-        return task
-
-    def _explode_queued(self, block: Block) -> list[Task]:
-        """A queued block's inputs as QUEUED tasks (to be cancelled or failed)."""
-        self._block_inputs -= len(block)
-        return [self._block_task(block, p) for p in range(len(block))]
+                    self.book.on_skipped(task)
 
     def _explode_dispatched(self, slot: Slot, batch: Batch) -> None:
         """A running block's unreported inputs become DISPATCHED tasks of its batch, so that
@@ -590,21 +551,11 @@ class Supervisor:
             return
         block.tasks = [None] * len(block)
         for position in range(block.reported, len(block)):
-            task = self._block_task(block, position, slot)
+            task = self.book.block_task(block, position, slot.pid)
             block.tasks[position] = task
             batch.tasks.append(task)
             batch.pending[task.id] = task
-        self._block_inputs -= len(block) - block.reported
-
-    def _tasks_of(self, entries: list[Task | Block]) -> list[Task]:
-        """Queued entries as tasks: a block's inputs become tasks (see _explode_queued)."""
-        tasks: list[Task] = []
-        for entry in entries:
-            if isinstance(entry, Block):
-                tasks += self._explode_queued(entry)
-            else:
-                tasks.append(entry)
-        return tasks
+        self.book.block_inputs -= len(block) - block.reported
 
     def _explode_slot(self, slot: Slot, job: Job | None = None) -> None:
         for batch in slot.batches:
@@ -642,21 +593,11 @@ class Supervisor:
                 self._emit(task, slot, started, started + seconds, "ok", None)
             succeeded.append((task, value))
         elif status == UNREADABLE:
-            self._fail(task, value)  # not the task's doing: no retry
+            self.book.fail(task, value)  # not the task's doing: no retry
         else:
             self._emit(task, slot, started, started + seconds, "error", value)
-            self._after_failure(task, FailureKind.EXCEPTION, value)
-
-    def _on_skipped(self, task: Task) -> None:
-        """The worker did not start the task: its batch was revoked (_cancel_job, _cancel_task)."""
-        if task.state is not TaskState.DISPATCHED:
-            return  # already given an outcome
-        task.attempts -= 1  # it never ran
-        if task.job.cancelled:
-            self._finish(task, TaskState.CANCELLED, False, self._cancelled_error(task))
-        else:  # revoked for another task of its batch (a cancelled future): run it later
-            task.move(TaskState.QUEUED)
-            self.scheduler.enqueue(task, front=True)
+            self.book.after_failure(task, FailureKind.EXCEPTION, value,
+                                    may_retry=self._takes_work())
 
     def _on_worker_exit(self, slot: Slot) -> None:
         self._read_sent_results(slot)  # sent before it died: apply them first
@@ -708,19 +649,20 @@ class Supervisor:
                 error = self._crash_error(task, exitcode)
                 started = running[1] if running else time.monotonic()
                 self._emit(task, slot, started, time.monotonic(), "crash", error)
-                self._after_failure(task, FailureKind.CRASH, error)
+                self.book.after_failure(task, FailureKind.CRASH, error,
+                                        may_retry=self._takes_work())
             elif task.job.cancelled and task.id in began:
                 # Its call was halted or cancelled while the worker held it finished, its
                 # result unsent (_cancel_job); the killed worker did not get it out.
-                self._fail(task, TaskCancelledError(
+                self.book.fail(task, TaskCancelledError(
                     "the task was cancelled: its worker was killed before it sent the result"))
             elif task.job.cancelled:
                 task.attempts -= 1  # it never ran, and its call wants nothing more run
-                self._finish(task, TaskState.CANCELLED, False, self._cancelled_error(task))
+                self.book.finish(task, TaskState.CANCELLED, False,
+                                 self.book.cancelled_error(task))
             else:
                 task.attempts -= 1  # it never ran (or its run was not its fault)
-                task.move(TaskState.QUEUED)
-                self.scheduler.enqueue(task, front=True)
+                self.book.requeue(task)
 
     def _crash_error(self, task: Task, exitcode: int | None) -> WorkerCrashedError:
         error = WorkerCrashedError(
@@ -769,16 +711,6 @@ class Supervisor:
 
     # ---- outcomes ----------------------------------------------------------------------------
 
-    def _after_failure(self, task: Task, kind: FailureKind, error: BaseException) -> None:
-        if self.state in (SupervisorState.RUNNING, SupervisorState.CLOSING) \
-                and not task.job.cancelled and self.policy.should_retry(task, kind, error):
-            self.retries += 1
-            task.move(TaskState.RETRY_WAIT)
-            self.scheduler.wait_for_retry(
-                task, time.monotonic() + self.policy.backoff(task.attempts))
-            return
-        self._fail(task, error)
-
     def _emit(self, task: Task, slot: Slot, start_mono: float, end_mono: float, outcome: str,
               error: BaseException | None) -> None:
         listener = self.config.on_event
@@ -793,88 +725,12 @@ class Supervisor:
         except Exception:
             traceback.print_exc()
 
-    def _fail(self, task: Task, error: BaseException) -> None:
-        annotate(error, index=task.index, input_repr=short_repr(task.input),
-                 pid=task.pid, attempts=task.attempts)
-        self._finish(task, TaskState.FAILED, False, error)
-        self._maybe_halt(task.job, failures=1)
-
-    def _maybe_halt(self, job: Job, failures: int = 0, successes: int = 0) -> None:
-        """The call's halt policy: enough failures (or successes, or both), and nothing more
-        of it starts."""
-        job.failures += failures
-        job.successes += successes
-        if job.halt is not None and not job.cancelled \
-                and job.halt.reached(job.failures, job.successes, job.submitted):
-            self._cancel_job(job, kill_running=job.halt.now)
-
-    def _finish(self, task: Task, state: TaskState, ok: bool, value: Any) -> None:
-        """The only place a task reaches a terminal state and its outcome is delivered."""
-        task.move(state)
-        del self._tasks[task.id]
-        if isinstance(task.payload, OutOfBand):
-            task.payload.finish()
-        if state is TaskState.DONE:
-            self.succeeded += 1
-            if task.job.halt is not None:
-                self._maybe_halt(task.job, successes=1)
-        elif state is TaskState.FAILED:
-            self.failed += 1
-        else:
-            self.cancelled += 1
-        if value is None and not ok:
-            return  # a cancelled Future: it already knows
-        try:
-            task.job.sink.deliver(task, ok, value)
-        except Exception:
-            traceback.print_exc()
-
-    def _succeed_all(self, job: Job, succeeded: list[tuple[Task, Any]]) -> None:
-        """_finish(task, DONE, ...) for a batch's successes, delivered to their sink at once
-        (one lock and one wake-up of a waiting consumer per batch, not per task)."""
-        delivered: list[tuple[Task, Any]] = []
-        for task, value in succeeded:
-            if task.state is not TaskState.DISPATCHED:
-                continue  # given another outcome meanwhile (a halt read more results)
-            task.move(TaskState.DONE)
-            del self._tasks[task.id]
-            if isinstance(task.payload, OutOfBand):
-                task.payload.finish()
-            delivered.append((task, value))
-        self.succeeded += len(delivered)
-        if job.halt is not None and delivered:  # a halting call's batches are one task each
-            self._maybe_halt(job, successes=len(delivered))
-        deliver_all = getattr(job.sink, "deliver_all", None)
-        # A batch of submit() calls holds several jobs (one per call): one by one, then.
-        if deliver_all is not None and all(task.job is job for task, _ in delivered):
-            try:
-                deliver_all(delivered)
-            except Exception:
-                traceback.print_exc()
-            return
-        for task, value in delivered:
-            try:
-                task.job.sink.deliver(task, True, value)
-            except Exception:
-                traceback.print_exc()
-
-    def _cancelled_error(self, task: Task) -> TaskCancelledError:
-        error = TaskCancelledError("the task was cancelled before it started")
-        annotate(error, index=task.index, input_repr=short_repr(task.input), pid=None,
-                 attempts=task.attempts)
-        return error
-
     # ---- cancel / terminate ------------------------------------------------------------------
-
-    def _cancel_queued(self, task: Task, *, notify: bool) -> None:
-        if task.state in (TaskState.QUEUED, TaskState.RETRY_WAIT):
-            self._finish(task, TaskState.CANCELLED, False,
-                         self._cancelled_error(task) if notify else None)
 
     def _cancel_task(self, task: Task, running: bool) -> None:
         """A future was cancelled (it already shows it): no outcome is delivered."""
         if task.state is not TaskState.DISPATCHED or not running:
-            self._cancel_queued(task, notify=False)
+            self.book.cancel_queued(task, notify=False)
             return
         for slot in self.workers.slots:
             batch = next((b for b in slot.batches if task.id in b.pending), None)
@@ -890,16 +746,12 @@ class Supervisor:
                 # It waits in the worker's pipe: revoke its batch so it does not start; the
                 # batch's other unstarted tasks come back as skipped and are queued again.
                 slot.revoke(batch)
-            self._finish(task, TaskState.CANCELLED, False, None)
+            self.book.finish(task, TaskState.CANCELLED, False, None)
             return
 
     def _cancel_job(self, job: Job, kill_running: bool) -> None:
         job.cancelled = True
-        for task in self._tasks_of(self.scheduler.drop_cancelled(job)):
-            self._cancel_queued(task, notify=True)
-        for task in list(self._tasks.values()):
-            if task.job is job and task.state is TaskState.RETRY_WAIT:
-                self._cancel_queued(task, notify=True)
+        self.book.cancel_waiting(job)
         if not kill_running:
             # Running tasks finish; those sent to a worker behind them must not start.
             for slot in self.workers.slots:
@@ -923,8 +775,8 @@ class Supervisor:
                         for batch in slot.batches:
                             batch.pending.pop(task.id, None)
                         task.attempts -= 1  # it never ran
-                        self._finish(task, TaskState.CANCELLED, False,
-                                     self._cancelled_error(task))
+                        self.book.finish(task, TaskState.CANCELLED, False,
+                                     self.book.cancelled_error(task))
                     elif running is not None and running[0] == task.id:
                         error = TaskCancelledError("the task was cancelled while running")
                         self._emit(task, slot, running[1], now, "cancelled", error)
@@ -937,7 +789,7 @@ class Supervisor:
     def _fail_running(self, slot: Slot, task: Task, error: BaseException) -> None:
         for batch in slot.batches:
             batch.pending.pop(task.id, None)
-        self._fail(task, error)
+        self.book.fail(task, error)
 
     def _terminate(self) -> None:
         if self.state in (SupervisorState.TERMINATING, SupervisorState.STOPPED):
@@ -963,17 +815,17 @@ class Supervisor:
     def _fail_everything(self, error: BaseException) -> None:
         for slot in self.workers.slots:
             self._explode_slot(slot)
-        self._tasks_of(self.scheduler.all_queued())  # registers the blocks' inputs as tasks
-        for task in list(self._tasks.values()):
+        self.book.tasks_of(self.scheduler.all_queued())  # registers the blocks' inputs as tasks
+        for task in list(self.book.tasks.values()):
             if task.state.terminal:
                 continue
             for slot in self.workers.slots:
                 for batch in slot.batches:
                     batch.pending.pop(task.id, None)
             if task.state is TaskState.QUEUED or task.state is TaskState.RETRY_WAIT:
-                self._finish(task, TaskState.CANCELLED, False, _copy_error(error, task))
+                self.book.finish(task, TaskState.CANCELLED, False, _copy_error(error, task))
             else:
-                self._fail(task, _copy_error(error, task))
+                self.book.fail(task, _copy_error(error, task))
         self.scheduler.all_retry_waiting()
 
     # ---- deadlines ---------------------------------------------------------------------------
@@ -1028,8 +880,7 @@ class Supervisor:
 
     def _on_deadlines(self, now: float) -> None:
         for task in self.scheduler.release_due_retries(now):
-            task.move(TaskState.QUEUED)
-            self.scheduler.enqueue(task, front=True)
+            self.book.requeue(task)
         for slot in self.workers.slots:
             if slot.kill_deadline is not None and now >= slot.kill_deadline:
                 self.workers.escalate(slot)
@@ -1057,7 +908,7 @@ class Supervisor:
                                  timeout_s=timeout_s)
         self.workers.kill(slot, "timeout", self.config.kill_grace_s, now)
         self._emit(task, slot, started, now, "timeout", error)
-        self._after_failure(task, FailureKind.TIMEOUT, error)
+        self.book.after_failure(task, FailureKind.TIMEOUT, error, may_retry=self._takes_work())
 
     def _should_have_worker(self) -> bool:
         return self.state is SupervisorState.RUNNING or (
@@ -1066,7 +917,7 @@ class Supervisor:
     # ---- shutdown ----------------------------------------------------------------------------
 
     def _work_left(self) -> bool:
-        return bool(self._tasks) or bool(self._open_jobs) or self._block_inputs > 0
+        return self.book.work_left() or bool(self._open_jobs)
 
     def _check_progress_of_shutdown(self, now: float) -> None:
         if self.state is SupervisorState.CLOSING and not self._work_left():

@@ -124,8 +124,9 @@ class Block:
     (timeouts, gates, keys, halt, journal, events) get them, and only for immutable primitive
     inputs (see Pool._blocks_allowed).  A block is never retried or cancelled as a whole: whatever
     is not plain success (an input that fails, a crash, a cancel, terminate) first turns the
-    block's unreported inputs into Tasks (Supervisor._explode_*), and the Task machinery takes
-    it from there."""
+    block's unreported inputs into Tasks (TaskBook.explode_queued for a queued block,
+    Supervisor._explode_dispatched for a running one), and the Task machinery takes it from
+    there."""
 
     __slots__ = ("id", "job", "start", "inputs", "reported", "tasks")
 
