@@ -6,12 +6,14 @@ can only break its own channel, and the supervisor always knows which tasks that
     supervisor                                   worker
         |  <--------------------- Ready(pid)  ---- |   after pinning and the initializer
         |  <------------- InitFailed(error)   ---- |   (or this, then the worker exits)
-        |  ---- RunBatch(batch_id, fn, items) ---> |   fn's bytes only when new to this worker
+        |  ---- RunTasks(batch_id, fn, items) ---> |   fn's bytes only when new to this worker
         |                                          |   for each item: slot_state[CURRENT] = task id
         |  <---- BatchResults(partial ...)  ------ |   every FLUSH_INTERVAL_S while a batch runs
         |  <---- BatchResults(final=True) -------- |
-        |  ---- RunBatch(block=inputs) ----------> |   a Block: its inputs in one pickle
+        |  ---- RunBlock(block id, inputs) ------> |   a Block: its inputs in one pickle
         |  <---- BlockResults(first, values ...) -- |   partial every FLUSH_INTERVAL_S, then final
+        |  ---- LoadFunction(batch_id, fn) ------> |   a gated call's warm-up: load fn, no task
+        |  <---- BatchResults(final=True) -------- |   (empty)
         |  ---- Stop() ----------------------------> |   the worker exits 0
 
 "Which task is running right now" is not a message: the worker writes the task id and its start
@@ -55,15 +57,39 @@ class CallKind(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class RunBatch:
+class RunTasks:
+    """Run these tasks of one call in order; each gets its row in BatchResults."""
+
     batch_id: int
     fn_id: int
     fn_payload: bytes | None  # cloudpickled function; None when this worker already has fn_id
     kind: CallKind
     items: tuple[tuple[int, bytes], ...]  # (task id, pickled payload)
     oob_task_ids: tuple[int, ...] = ()  # tasks whose big buffers follow as file descriptors
-    block: tuple[int, bytes] | None = None  # instead of items: (block id, pickled inputs)
-    timed: bool = True  # a block: report each input's run time, or (False) only their total
+
+
+@dataclass(frozen=True, slots=True)
+class RunBlock:
+    """Run a block's inputs in order (tasks.Block); they are reported by BlockResults."""
+
+    batch_id: int
+    fn_id: int
+    fn_payload: bytes | None  # as RunTasks
+    kind: CallKind
+    block_id: int
+    inputs: bytes  # the pickled list of the block's (primitive) inputs
+    timed: bool = True  # report each input's run time, or (False) only their total
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFunction:
+    """Load a call's function before its tasks come (a gated call's warm-up, see
+    Supervisor._warm_up); answered by an empty final BatchResults of batch_id."""
+
+    batch_id: int
+    fn_id: int
+    fn_payload: bytes
+    kind: CallKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +161,8 @@ class BlockResults:
         return None if self.seconds is None else self.seconds[i:j]
 
 
-ToWorker = Union[RunBatch, Stop]
+ToWorker = Union[RunTasks, RunBlock, LoadFunction, Stop]
+CallsFunction = Union[RunTasks, RunBlock, LoadFunction]  # messages that carry a function
 FromWorker = Union[Ready, InitFailed, BatchResults, BlockResults]
 
 

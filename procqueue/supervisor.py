@@ -10,8 +10,8 @@
                                                     timeout = next deadline (task timeout,
                                                       SIGKILL escalation, retry backoff, respawn)
                                                   apply events ─► scheduler picks batches
-                                                  ─► RunBatch on the idle worker's pipe ───────► run
-    AsyncResult / Future / iterator  ◄── deliver(task, ok, value) exactly once per task
+                                                  ─► RunTasks | RunBlock on a worker's pipe ──► run
+    AsyncResult / Future / iterator  ◄── the task book: deliver(task, ok, value), once per task
 
 It never polls: everything that can happen is a readable file descriptor or a deadline.  A
 worker's death is seen through its sentinel at once; the tasks it held are known (one pipe
@@ -41,7 +41,7 @@ from .config import PoolConfig
 from .errors import (InitializerError, PoolBrokenError, TaskCancelledError, TaskTimeoutError,
                      WorkerCrashedError, describe_exit)
 from .protocol import (BatchResults, BlockResults, InitFailed, InitializerCall, MemfdPool,
-                       OutOfBand, Ready, RunBatch, dumps, loads,
+                       LoadFunction, OutOfBand, Ready, RunBlock, RunTasks, dumps, loads,
                        restore_exception, short_repr, unreadable_result_error, wire_payload)
 from .admission import ConcurrencyGate, FreeMemoryGate, Gate, RateGateAdapter, rate_gate_for
 from .scheduler import FailureKind, RetryPolicy, Scheduler
@@ -339,7 +339,7 @@ class Supervisor:
         oob = [t for t in tasks if isinstance(t.payload, OutOfBand)]
         for task in oob:  # this worker maps it until it says otherwise, or exits
             _lend(slot, task)
-        message = RunBatch(batch.id, job.fn_id, fn_payload, job.kind,
+        message = RunTasks(batch.id, job.fn_id, fn_payload, job.kind,
                            tuple((t.id, wire_payload(t.payload)) for t in tasks),
                            tuple(t.id for t in oob))
         # A failed send surfaces as the worker's death (its sentinel).
@@ -353,8 +353,8 @@ class Supervisor:
         slot.batches.append(batch)
         fn_payload = None if job.fn_id in slot.known_functions else job.fn_payload
         slot.known_functions.add(job.fn_id)
-        self.workers.send(slot, RunBatch(batch.id, job.fn_id, fn_payload, job.kind, (),
-                                         block=(block.id, inputs), timed=job.timed_inputs))
+        self.workers.send(slot, RunBlock(batch.id, job.fn_id, fn_payload, job.kind, block.id,
+                                         inputs, timed=job.timed_inputs))
 
     def _warm_up(self, slot: Slot) -> bool:
         """Before a gated call's first task goes to a worker, send that worker the function
@@ -369,7 +369,7 @@ class Supervisor:
         batch = Batch(next(self._batch_ids), job, [])
         slot.batches.append(batch)
         slot.known_functions.add(job.fn_id)
-        self.workers.send(slot, RunBatch(batch.id, job.fn_id, job.fn_payload, job.kind, ()))
+        self.workers.send(slot, LoadFunction(batch.id, job.fn_id, job.fn_payload, job.kind))
         return True
 
     def _may_start(self, task: Task) -> bool:
@@ -502,7 +502,7 @@ class Supervisor:
             traceback.print_exc()
 
     def _deliver_block_part(self, slot: Slot, block: Block, message: BlockResults,
-                            outcomes: list[tuple[int, Any]]) -> None:
+                            outcomes: list[tuple[Outcome, Any]]) -> None:
         """The common case: consecutive successes go to the sink as runs, in one call each;
         an input that failed becomes a Task, retried or failed like any other."""
         first, seconds_between = message.first, message.seconds_between
@@ -525,7 +525,7 @@ class Supervisor:
         self.book.succeeded += len(run)
 
     def _route_exploded(self, slot: Slot, batch: Batch, block: Block, message: BlockResults,
-                        outcomes: list[tuple[int, Any]]) -> None:
+                        outcomes: list[tuple[Outcome, Any]]) -> None:
         """Results of a block exploded while it ran: each input's goes to its Task."""
         assert block.tasks is not None
         succeeded: list[tuple[Task, Any]] = []
@@ -582,7 +582,7 @@ class Supervisor:
         status, value = _decode(ok, payload)
         self._on_outcome(slot, task, status, value, seconds, started, succeeded)
 
-    def _on_outcome(self, slot: Slot, task: Task, status: int, value: Any, seconds: float,
+    def _on_outcome(self, slot: Slot, task: Task, status: Outcome, value: Any, seconds: float,
                     started: float, succeeded: list[tuple[Task, Any]]) -> None:
         task.seconds = seconds
         task.job.note_duration(seconds)
@@ -1046,10 +1046,18 @@ def _lift_window(job: Job) -> None:
         window.lift()
 
 
-OK, RAISED, UNREADABLE = 0, 1, 2  # an outcome: its result, its exception, a result unreadable here
+class Outcome(enum.IntEnum):
+    """What one input's report from a worker is, once decoded here."""
+
+    OK = 0  # its result
+    RAISED = 1  # the exception it raised (or a procqueue error standing for it)
+    UNREADABLE = 2  # a result the worker pickled that cannot be unpickled here
 
 
-def _decode(ok: bool, payload: bytes) -> tuple[int, Any]:
+OK, RAISED, UNREADABLE = Outcome.OK, Outcome.RAISED, Outcome.UNREADABLE
+
+
+def _decode(ok: bool, payload: bytes) -> tuple[Outcome, Any]:
     if not ok:
         return RAISED, restore_exception(payload)
     try:
@@ -1058,7 +1066,7 @@ def _decode(ok: bool, payload: bytes) -> tuple[int, Any]:
         return UNREADABLE, unreadable_result_error(exc, len(payload))
 
 
-def _block_outcomes(message: BlockResults) -> list[tuple[int, Any]]:
+def _block_outcomes(message: BlockResults) -> list[tuple[Outcome, Any]]:
     """(status, value or exception) of each input a BlockResults reports, in order."""
     errors = message.errors
     first = message.first

@@ -5,7 +5,8 @@ own subprocesses too), die with the supervisor (PR_SET_PDEATHSIG plus a watchdog
 pipe only the supervisor holds open), ignore SIGINT (Ctrl-C is the supervisor's to handle: one
 traceback, not one per worker), on SIGTERM send what the batch has finished before dying (see
 _send_unsent_then_die), cap BLAS threads, pin to the slot's CPU, run the initializer,
-then say Ready.  After that: receive RunBatch, run each item, send BatchResults, until Stop or
+then say Ready.  After that: receive RunTasks (or RunBlock), run each item, send BatchResults
+(BlockResults), until Stop or
 EOF.  Kept light to import: the fork server or spawn imports this module for every worker.
 """
 
@@ -23,9 +24,10 @@ from typing import Any, Callable
 
 from .affinity import pin_current_process
 from .errors import (ArgumentSerializationError, RemoteError, WorkerExitedError)
-from .protocol import (UNMAPPED, BatchResults, BlockResults, CallKind, InitFailed,
-                       InitializerCall, Ready, RunBatch, Stop, apply_call, capture_exception,
-                       dumps, dumps_plain_data, loads, loads_argument, unpicklable_result_error)
+from .protocol import (UNMAPPED, BatchResults, BlockResults, CallKind, CallsFunction,
+                       InitFailed, InitializerCall, LoadFunction, Ready, RunBlock, RunTasks, Stop,
+                       apply_call, capture_exception, dumps, dumps_plain_data, loads,
+                       loads_argument, unpicklable_result_error)
 
 # Slot state shared with the supervisor (an int64 array): the task now running and when
 # it started, written here before each item and read by the supervisor on a crash or a
@@ -85,11 +87,14 @@ def serve(conn: Any, slot_state: Any) -> None:
         except (EOFError, OSError):
             return  # the supervisor went away: nothing left to do
         match message:
-            case RunBatch(block=None):
+            case RunTasks():
                 fds = _receive_fds(conn, message.oob_task_ids)
                 run_batch(conn, slot_state, functions, message, fds)
-            case RunBatch():
+            case RunBlock():
                 run_block(conn, slot_state, functions, message)
+            case LoadFunction():
+                _load_function(functions, message)  # its error, if any, comes with its tasks
+                conn.send_bytes(dumps(_Columns(message.batch_id).message(final=True)))
             case Stop():
                 return
             case _:
@@ -97,7 +102,7 @@ def serve(conn: Any, slot_state: Any) -> None:
 
 
 def _receive_fds(conn: Any, task_ids: tuple[int, ...]) -> dict[int, int]:
-    """The memfds of out-of-band arguments follow their RunBatch on the pipe."""
+    """The memfds of out-of-band arguments follow their RunTasks on the pipe."""
     if not task_ids:
         return {}
     import socket
@@ -114,7 +119,7 @@ def _receive_fds(conn: Any, task_ids: tuple[int, ...]) -> dict[int, int]:
 
 
 def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any]],
-              batch: RunBatch, fds: dict[int, int] | None = None) -> None:
+              batch: RunTasks, fds: dict[int, int] | None = None) -> None:
     fds = fds or {}
     batch_id = batch.batch_id
     if batch.items and not _revoked(slot_state, batch_id):
@@ -152,10 +157,9 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
 
 
 def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any]],
-              batch: RunBatch) -> None:
+              batch: RunBlock) -> None:
     """Run a block's inputs in order; the slot's BLOCK_POSITION says which one is running."""
-    assert batch.block is not None
-    block_id, blob = batch.block
+    block_id, blob = batch.block_id, batch.inputs
     slot_state[BLOCK_POSITION] = 0
     slot_state[STARTED_NS] = time.monotonic_ns()
     slot_state[CURRENT_TASK] = block_id  # a crash while loading is charged to input 0
@@ -476,7 +480,7 @@ def run_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKi
         return False, _unpicklable_result(value, exc)
 
 
-def _load_function(functions: dict[int, Callable[..., Any]], batch: RunBatch
+def _load_function(functions: dict[int, Callable[..., Any]], batch: CallsFunction
                    ) -> tuple[Callable[..., Any] | None, bytes | None]:
     fn = functions.get(batch.fn_id)
     if fn is not None:

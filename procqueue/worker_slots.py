@@ -52,7 +52,8 @@ _ALLOWED = {
 
 
 class Batch:
-    """Tasks, or one Block, sent to one worker in one RunBatch message."""
+    """Tasks, or one Block, sent to one worker in one RunTasks or RunBlock message (or, empty,
+    a LoadFunction)."""
 
     __slots__ = ("id", "job", "tasks", "pending", "sent_at", "payload_bytes", "block")
 
