@@ -88,6 +88,7 @@ from typing import IO, Any, Callable, Iterator, Protocol
 
 from .errors import ProcqueueError, RemoteError, remote_traceback, remote_traceback_text
 from .protocol import PICKLE_PROTOCOL, dumps_function, short_repr
+from .tasks import OutcomeSink
 
 SCHEMA_VERSION = 1  # bumped on any incompatible change of the tables below
 FLUSH_INTERVAL_S = 0.05  # an outcome waits at most this long (seconds) for its commit...
@@ -757,7 +758,7 @@ def _error_columns(exc: BaseException) -> tuple[str, str, str, bytes | None]:
 
 # ---- the sink and its writer ------------------------------------------------------------
 
-class JournalingSink:
+class JournalingSink(OutcomeSink):
     """Wraps a call's sink: an outcome is committed to the journal before the inner sink
     sees it (see the module docstring).  One per call; all of a journal's sinks share its
     writer thread, so outcomes of concurrent calls share transactions."""

@@ -36,7 +36,7 @@ from .results import (ApplyResult, ArgumentMemory, IMapIterator, MapResult,
 from .supervisor import (CancelJob, Close, CloseJob, OpenJob, SubmitTasks,
                          Supervisor, SupervisorStatistics, Terminate)
 from .scheduler import HaltPolicy
-from .tasks import Block, Job, Task, new_id
+from .tasks import Block, Job, OutcomeSink, Task, new_id
 from .trace import TraceWriter
 
 if TYPE_CHECKING:  # imported when a pool first uses a journal: sqlite3 and json cost ~6 ms
@@ -755,7 +755,7 @@ class CallOptions:
 NO_OPTIONS = CallOptions()
 
 
-class _NoSink:
+class _NoSink(OutcomeSink):
     """The sink of a Job kept only to be copied (Pool._single_task_job): never fed."""
 
     def starting(self, task: Task) -> bool:

@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Generic, Self, TypeVar
 
-from .tasks import Task
+from .tasks import OutcomeSink, Task
 
 T = TypeVar("T")
 
@@ -52,7 +52,7 @@ def _report_callback_error(kind: str) -> None:
 # machinery is used: every method a caller reaches is defined here, and its __init__ (which
 # registers with a multiprocessing pool) is never called.
 
-class ApplyResult(mp_pool.ApplyResult[Any]):
+class ApplyResult(mp_pool.ApplyResult[Any], OutcomeSink):
     """multiprocessing.pool.AsyncResult for one task."""
 
     def __init__(self, keepalive: Any, callback: Callable[[Any], object] | None = None,
@@ -295,7 +295,7 @@ class _Run:
         return (self.first + i, self.inputs[i], True, self.values[i], 1, seconds, self.pid)
 
 
-class ResultStream:
+class ResultStream(OutcomeSink):
     """The sink behind imap, imap_unordered and imap_outcomes (ordered or not)."""
 
     def __init__(self, ordered: bool, window: Window | None) -> None:
@@ -528,7 +528,7 @@ class OutcomeIterator(_StreamIterator[TaskOutcome]):
         self._on_cancel(kill_running)
 
 
-class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+class TaskFuture(concurrent.futures.Future, OutcomeSink):  # type: ignore[type-arg]
     """The Future of a submit() call, and the OutcomeSink of its task.  Its cancel() takes a
     queued task out of the pool, and also cancels a running one (unlike concurrent.futures):
     its worker is killed and replaced.

@@ -35,7 +35,7 @@ import traceback
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
 from .config import PoolConfig
 from .errors import (InitializerError, PoolBrokenError, TaskCancelledError, TaskTimeoutError,
@@ -47,7 +47,7 @@ from .admission import ConcurrencyGate, FreeMemoryGate, Gate, RateGateAdapter, r
 from .scheduler import FailureKind, RetryPolicy, Scheduler
 from .stats import TaskEvent
 from .task_book import TaskBook
-from .tasks import Block, Job, RunSink, Task, TaskState
+from .tasks import Block, Job, Task, TaskState
 from .worker_slots import Batch, Slot, SlotPhase, WorkerSlots
 
 INIT_FAILURE_LIMIT = 3  # consecutive worker start failures before the pool is broken
@@ -493,9 +493,8 @@ class Supervisor:
         """Successes of the block's inputs from `position` on, to the call's sink at once."""
         if not values:
             return  # a final message with nothing left to report (a flush sent it all)
-        sink = cast(RunSink, block.job.sink)
         try:
-            sink.deliver_run(block.start + position,
+            block.job.sink.deliver_run(block.start + position,
                              block.inputs[position:position + len(values)], values, seconds,
                              slot.pid)
         except Exception:
@@ -1041,7 +1040,7 @@ def _fd_of(payload: Any) -> int:
 
 
 def _lift_window(job: Job) -> None:
-    window = getattr(job.sink, "window", None)
+    window = job.sink.window
     if window is not None:
         window.lift()
 
@@ -1094,7 +1093,7 @@ def _started_ids(slot: Slot, running: tuple[int, float] | None) -> set[int]:
 
 
 def _stop_feeding(job: Job) -> None:
-    window = getattr(job.sink, "window", None)
+    window = job.sink.window
     if window is not None:
         window.close()
 

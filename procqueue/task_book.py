@@ -152,11 +152,10 @@ class TaskBook:
         self.succeeded += len(delivered)
         if job.halt is not None and delivered:  # a halting call's batches are one task each
             self.maybe_halt(job, successes=len(delivered))
-        deliver_all = getattr(job.sink, "deliver_all", None)
         # A batch of submit() calls holds several jobs (one per call): one by one, then.
-        if deliver_all is not None and all(task.job is job for task, _ in delivered):
+        if all(task.job is job for task, _ in delivered):
             try:
-                deliver_all(delivered)
+                job.sink.deliver_all(delivered)
             except Exception:
                 traceback.print_exc()
             return

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .protocol import CallKind
@@ -61,22 +61,35 @@ class IllegalTransition(RuntimeError):
     """A bug in procqueue: a task was moved along an edge the state machine does not have."""
 
 
-class OutcomeSink(Protocol):
-    """Whoever waits for a task's outcome (a result object, a future, an iterator)."""
+class OutcomeSink:
+    """Whoever waits for a call's outcomes (a result object, a future, an iterator, the
+    journal in front of one): the supervisor and the task book call these methods, and no
+    other, on the supervisor's thread.  Every sink derives from this class, so what a sink
+    can be told is declared here, not discovered with getattr."""
+
+    # The bounded input window of a lazily fed call (results.Window), which the supervisor
+    # lifts on close() and closes on terminate(); None for a call given all its input.
+    window: Any = None
 
     def starting(self, task: "Task") -> bool:
         """The task is about to be sent to a worker; False: it was cancelled, skip it."""
+        return True
 
     def deliver(self, task: "Task", ok: bool, value: Any) -> None:
         """The task's one outcome: its result (ok) or the exception to raise."""
+        raise NotImplementedError
 
-
-class RunSink(OutcomeSink, Protocol):
-    """A sink that also takes the successes of consecutive inputs at once (map, imap)."""
+    def deliver_all(self, succeeded: list[tuple["Task", Any]]) -> None:
+        """deliver() of many successes of this call at once (a sink that can take them
+        under one lock and one wake-up of its consumer says so by overriding this)."""
+        for task, value in succeeded:
+            self.deliver(task, True, value)
 
     def deliver_run(self, first: int, inputs: list[Any], values: list[Any],
                     seconds: list[float] | None, pid: int | None) -> None:
-        """Inputs first, first+1, ... succeeded with `values`, each in one attempt."""
+        """Inputs first, first+1, ... of a block succeeded with `values`, each in one
+        attempt.  Only calls whose sink takes runs (map, imap) travel as blocks."""
+        raise TypeError(f"{type(self).__name__} takes no runs of a block's results")
 
 
 class Task:

@@ -34,7 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "fork_server": set(),
     "tasks": {"errors", "protocol"},
     "stats": {"tasks"},
-    "journal": {"errors", "protocol"},
+    "journal": {"errors", "protocol", "tasks"},
     "trace": {"stats"},
     "report": {"stats"},
     "protocol": {"errors"},
