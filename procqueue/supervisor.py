@@ -50,8 +50,6 @@ from .task_book import TaskBook
 from .tasks import Block, Job, Task, TaskState
 from .worker_slots import Batch, Slot, SlotPhase, WorkerSlots
 
-INIT_FAILURE_LIMIT = 3  # consecutive worker start failures before the pool is broken
-RESPAWN_BACKOFF_S = 0.1  # delay before respawning after a failed start; doubles per failure
 STOP_WORKERS_TIMEOUT_S = 1.0  # close(): how long retiring workers get before being killed
 REUSABLE_MEMFD_BYTES = 64 * 2**20  # finished big arguments' memfds kept for reuse, at most
 MIN_DURATIONS_FOR_RELATIVE = 3  # finished tasks needed before a relative timeout applies
@@ -148,7 +146,9 @@ class Supervisor:
         slots of its own."""
         self.config = config
         self.workers = workers if workers is not None else WorkerSlots(
-            config.context, list(config.cpus), config.pin, env, initializer)
+            config.context, list(config.cpus), config.pin, env, initializer,
+            maxtasksperchild=config.maxtasksperchild,
+            max_memory_per_child=config.max_memory_per_child)
         self.memfds = MemfdPool(REUSABLE_MEMFD_BYTES)  # big arguments' memfds, for reuse
         policy = RetryPolicy(config.retries, config.retry_on, config.retry_backoff_s,
                              config.retry_backoff_max_s, config.retries_on_timeout())
@@ -165,16 +165,12 @@ class Supervisor:
         self._wakeup = WakeupPipe()
         self._selector = selectors.DefaultSelector()
         self._batch_ids = iter(range(1, sys.maxsize))
-        self._init_failures = 0
         self._warm_up_crashes: dict[int, int] = {}  # fn_id -> workers lost warming it up
-        self._last_init_error: BaseException | None = None
         self._stop_deadline: float | None = None
         self.spawned = threading.Event()  # the first workers exist (they may still be starting)
         self.stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="procqueue-supervisor",
                                         daemon=True)
-        self.restarts = 0
-        self.recycled_for_memory = 0
 
     # ---- any thread ------------------------------------------------------------------------
 
@@ -209,7 +205,7 @@ class Supervisor:
             self.state.value, len(self.workers.slots), self.book.submitted, self.book.succeeded,
             self.book.failed, self.book.cancelled, self.scheduler.queued, running,
             self.book.retries,
-            self.restarts, self.recycled_for_memory)
+            self.workers.restarts, self.workers.recycled_for_memory)
 
     # ---- the loop (supervisor thread only) ---------------------------------------------------
 
@@ -338,7 +334,7 @@ class Supervisor:
         slot.known_functions.add(job.fn_id)
         oob = [t for t in tasks if isinstance(t.payload, OutOfBand)]
         for task in oob:  # this worker maps it until it says otherwise, or exits
-            _lend(slot, task)
+            slot.lend(task)
         message = RunTasks(batch.id, job.fn_id, fn_payload, job.kind,
                            tuple((t.id, wire_payload(t.payload)) for t in tasks),
                            tuple(t.id for t in oob))
@@ -417,21 +413,16 @@ class Supervisor:
             case BlockResults():
                 self._on_block_results(slot, message)
             case Ready():
-                self._on_ready(slot)
+                self.workers.started(slot)
             case InitFailed(error):
-                self._last_init_error = restore_exception(error)
+                self.workers.last_init_error = restore_exception(error)
             case _:
                 raise TypeError(f"unexpected message from worker {slot.pid}: {message!r}")
         return True
 
-    def _on_ready(self, slot: Slot) -> None:
-        if slot.phase is SlotPhase.STARTING:
-            slot.move(SlotPhase.READY)
-            self._init_failures = 0
-
     def _on_results(self, slot: Slot, message: BatchResults) -> None:
         for task_id in message.released:
-            _unlend(slot, task_id)
+            slot.unlend(task_id)
         batch = next((b for b in slot.batches if b.id == message.batch_id), None)
         if batch is None:
             return  # results of a batch already written off (its task timed out)
@@ -462,7 +453,7 @@ class Supervisor:
         if message.final:
             slot.batches.remove(batch)
             if slot.phase is SlotPhase.READY and (slot.retire_reason
-                                                  or self._due_for_recycling(slot)):
+                                                  or self.workers.due_for_recycling(slot)):
                 # Takes no new batch (can_take_batch); exits once it has run what it holds.
                 if not slot.batches:
                     self.workers.retire(slot)
@@ -561,20 +552,6 @@ class Supervisor:
             if job is None or batch.job is job:
                 self._explode_dispatched(slot, batch)
 
-    def _due_for_recycling(self, slot: Slot) -> bool:
-        """maxtasksperchild reached, or memory over max_memory_per_child (checked after a
-        batch, as Celery does: the task that grew it has finished and reported)."""
-        if self.config.maxtasksperchild is not None \
-                and slot.tasks_done >= self.config.maxtasksperchild:
-            slot.retire_reason = "maxtasksperchild"
-            return True
-        limit = self.config.max_memory_per_child
-        if limit is not None and slot.rss_bytes > limit:
-            slot.retire_reason = f"memory {slot.rss_bytes // 2**20} MiB > {limit // 2**20} MiB"
-            self.recycled_for_memory += 1
-            return True
-        return False
-
     def _on_item(self, slot: Slot, task: Task, ok: bool, payload: bytes, seconds: float,
                  started: float, succeeded: list[tuple[Task, Any]]) -> None:
         """One item's result; a success joins `succeeded`, delivered with its batch."""
@@ -600,7 +577,7 @@ class Supervisor:
 
     def _on_worker_exit(self, slot: Slot) -> None:
         self._read_sent_results(slot)  # sent before it died: apply them first
-        _unlend_all(slot)  # a process that is gone maps nothing
+        slot.unlend_all()  # a process that is gone maps nothing
         self._explode_slot(slot)
         running = slot.current_task()
         was = slot.phase
@@ -674,11 +651,9 @@ class Supervisor:
     def _on_start_failure(self, slot: Slot, exitcode: int | None) -> None:
         if self.state not in (SupervisorState.RUNNING, SupervisorState.CLOSING):
             return  # killed while starting, by terminate() or a break: no failure to count
-        self._init_failures += 1
-        slot.respawn_at = time.monotonic() + RESPAWN_BACKOFF_S * 2 ** (self._init_failures - 1)
-        if self._init_failures < INIT_FAILURE_LIMIT:
-            return
-        cause = self._last_init_error
+        if not self.workers.start_failed(slot):
+            return  # it is respawned after a backoff
+        cause = self.workers.last_init_error
         if cause is not None:
             error: PoolBrokenError = InitializerError(
                 f"the worker initializer raised {type(cause).__name__}: {cause}")
@@ -698,8 +673,7 @@ class Supervisor:
                 self._respawn(slot)
 
     def _respawn(self, slot: Slot) -> None:
-        slot.restarts += 1
-        self.restarts += 1
+        self.workers.respawned(slot)
         self._spawn(slot)
 
     def _unregister(self, fileobj: Any) -> None:
@@ -968,7 +942,7 @@ class Supervisor:
             self._finish_stopping()
         self.memfds.close()
         for slot in self.workers.slots:  # dead now: what they mapped can be closed
-            _unlend_all(slot)
+            slot.unlend_all()
         self.workers.close()
         self._selector.close()
         self._wakeup.close()
@@ -1145,28 +1119,3 @@ def _joined_submits(first: SubmitTasks, inbox: "deque[Command]") -> SubmitTasks:
         tasks += more.tasks
         errors.update(more.errors)
     return SubmitTasks(tasks, errors)
-
-
-def _lend(slot: Slot, task: Task) -> None:
-    payload = task.payload
-    assert isinstance(payload, OutOfBand)
-    payload.lent += 1
-    slot.lent.setdefault(task.id, []).append(payload)
-
-
-def _unlend(slot: Slot, task_id: int) -> None:
-    """The worker reports it no longer maps task_id's argument."""
-    lent = slot.lent.get(task_id)
-    if not lent:
-        return  # sent to this worker's previous process, already returned at its exit
-    payload = lent.pop()
-    if not lent:
-        del slot.lent[task_id]
-    payload.returned()
-
-
-def _unlend_all(slot: Slot) -> None:
-    lent, slot.lent = slot.lent, {}
-    for payloads in lent.values():
-        for payload in payloads:
-            payload.returned()

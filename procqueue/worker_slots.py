@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from .protocol import InitializerCall, Stop, ToWorker, dumps
+from .protocol import InitializerCall, OutOfBand, Stop, ToWorker, dumps
 from .tasks import Block, Job, Task
 from .worker import (BLOCK_POSITION, CURRENT_TASK, FDS_PER_MESSAGE, IDLE, REVOKED,
                      SLOT_STATE_SIZE, STARTED_NS, worker_main)
@@ -32,6 +32,8 @@ from .worker import (BLOCK_POSITION, CURRENT_TASK, FDS_PER_MESSAGE, IDLE, REVOKE
 # writing a big one into a busy worker's full pipe would block the supervisor.
 PREFETCH_MAX_BYTES = 32 * 1024
 MAX_BATCHES_IN_FLIGHT = 2  # per slot: the running one + one prefetched
+INIT_FAILURE_LIMIT = 3  # consecutive worker start failures before the pool is broken
+RESPAWN_BACKOFF_S = 0.1  # delay before respawning after a failed start; doubles per failure
 
 
 class SlotPhase(enum.Enum):
@@ -157,6 +159,31 @@ class Slot:
         free = next(f for f in REVOKED if self.state[f] not in held)
         self.state[free] = batch.id
 
+    # ---- big arguments lent to this worker (memfds it maps; protocol.MemfdPool) ----------
+
+    def lend(self, task: Task) -> None:
+        payload = task.payload
+        assert isinstance(payload, OutOfBand)
+        payload.lent += 1
+        self.lent.setdefault(task.id, []).append(payload)
+
+    def unlend(self, task_id: int) -> None:
+        """The worker reports it no longer maps task_id's argument."""
+        lent = self.lent.get(task_id)
+        if not lent:
+            return  # sent to this worker's previous process, already returned at its exit
+        payload = lent.pop()
+        if not lent:
+            del self.lent[task_id]
+        payload.returned()
+
+    def unlend_all(self) -> None:
+        """The process is gone: it maps nothing any more."""
+        lent, self.lent = self.lent, {}
+        for payloads in lent.values():
+            for payload in payloads:
+                payload.returned()
+
     def current_task(self) -> tuple[int, float] | None:
         """(task id, monotonic start time) of the task running now, or None if idle.  In a
         block, the id is the block's, or once it is exploded, the running input's task."""
@@ -184,12 +211,20 @@ class WorkerSlots:
     """Spawns, signals and reaps the worker processes of one pool."""
 
     def __init__(self, context: Any, cpu_plan: list[tuple[int, ...]], pin: bool,
-                 env: dict[str, str], initializer: InitializerCall | None) -> None:
+                 env: dict[str, str], initializer: InitializerCall | None, *,
+                 maxtasksperchild: int | None = None,
+                 max_memory_per_child: int | None = None) -> None:
         self.context = context
         self.pin = pin
         self.env = env
         self.initializer = initializer
+        self.maxtasksperchild = maxtasksperchild
+        self.max_memory_per_child = max_memory_per_child  # bytes
         self.slots = [Slot(i, cpus, context) for i, cpus in enumerate(cpu_plan)]
+        self.restarts = 0  # processes replaced, in every slot
+        self.recycled_for_memory = 0
+        self.start_failures = 0  # consecutive: a worker that gets Ready resets it
+        self.last_init_error: BaseException | None = None  # what the initializer raised
         # Workers block reading this pipe; EOF means the supervisor process is gone.
         self._death_reader, self._death_writer = context.Pipe(duplex=False)
 
@@ -200,14 +235,7 @@ class WorkerSlots:
         slot.state[BLOCK_POSITION] = 0
         for field in REVOKED:
             slot.state[field] = IDLE
-        process = self.context.Process(
-            target=worker_main,
-            args=(child_end, slot.state, slot.cpus if self.pin else (), self.env,
-                  self.initializer, self._death_reader, self._fds_to_close_in_child(parent_end)),
-            name=f"procqueue-worker-{slot.index}",
-            daemon=False,  # daemonic processes may not have children; tasks may want some
-        )
-        process.start()
+        process = self._start_process(slot, child_end, parent_end)
         child_end.close()
         slot.move(SlotPhase.STARTING)
         slot.process, slot.conn, slot.pid = process, parent_end, process.pid
@@ -218,6 +246,50 @@ class WorkerSlots:
         slot.kill_reason = None
         slot.retire_reason = None
         slot.rss_bytes = 0
+
+    def _start_process(self, slot: Slot, child_end: Any, parent_end: Any) -> Any:
+        """Start the worker process of `slot` (a test may start something else that reads
+        and writes `child_end` the same way: see tests/test_supervisor.py)."""
+        process = self.context.Process(
+            target=worker_main,
+            args=(child_end, slot.state, slot.cpus if self.pin else (), self.env,
+                  self.initializer, self._death_reader, self._fds_to_close_in_child(parent_end)),
+            name=f"procqueue-worker-{slot.index}",
+            daemon=False,  # daemonic processes may not have children; tasks may want some
+        )
+        process.start()
+        return process
+
+    def respawned(self, slot: Slot) -> None:
+        """Count a replacement process about to be spawned in `slot`."""
+        slot.restarts += 1
+        self.restarts += 1
+
+    def started(self, slot: Slot) -> None:
+        """The worker said Ready: it takes batches; start failures are behind us."""
+        if slot.phase is SlotPhase.STARTING:
+            slot.move(SlotPhase.READY)
+            self.start_failures = 0
+
+    def start_failed(self, slot: Slot) -> bool:
+        """A worker died before Ready: respawn it after a growing backoff; True once
+        INIT_FAILURE_LIMIT starts in a row failed (the pool must not respawn in a loop)."""
+        self.start_failures += 1
+        slot.respawn_at = time.monotonic() + RESPAWN_BACKOFF_S * 2 ** (self.start_failures - 1)
+        return self.start_failures >= INIT_FAILURE_LIMIT
+
+    def due_for_recycling(self, slot: Slot) -> bool:
+        """maxtasksperchild reached, or memory over max_memory_per_child (checked after a
+        batch, as Celery does: the task that grew it has finished and reported)."""
+        if self.maxtasksperchild is not None and slot.tasks_done >= self.maxtasksperchild:
+            slot.retire_reason = "maxtasksperchild"
+            return True
+        limit = self.max_memory_per_child
+        if limit is not None and slot.rss_bytes > limit:
+            slot.retire_reason = f"memory {slot.rss_bytes // 2**20} MiB > {limit // 2**20} MiB"
+            self.recycled_for_memory += 1
+            return True
+        return False
 
     def _fds_to_close_in_child(self, parent_end: Any) -> tuple[int, ...]:
         # Only a forked child inherits our fds; under forkserver/spawn these numbers would
