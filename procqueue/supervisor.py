@@ -42,10 +42,11 @@ from .errors import (InitializerError, PoolBrokenError, TaskCancelledError, Task
                      WorkerCrashedError, describe_exit)
 from .protocol import (BatchResults, BlockResults, InitFailed, InitializerCall, MemfdPool,
                        LoadFunction, OutOfBand, Ready, RunBlock, RunTasks, dumps, loads,
-                       restore_exception, short_repr, unreadable_result_error, wire_payload)
+                       restore_exception, short_repr, wire_payload)
 from .admission import ConcurrencyGate, FreeMemoryGate, Gate, RateGateAdapter, rate_gate_for
 from .scheduler import FailureKind, RetryPolicy, Scheduler
 from .stats import TaskEvent
+from .blocks import BlockRouter, Outcome, decode, explode_slot
 from .task_book import TaskBook
 from .tasks import Block, Job, Task, TaskState
 from .worker_slots import Batch, Slot, SlotPhase, WorkerSlots
@@ -154,6 +155,7 @@ class Supervisor:
                              config.retry_backoff_max_s, config.retries_on_timeout())
         self.book = TaskBook(Scheduler(pool_gates(config)), policy, self._halt)
         self.scheduler = self.book.scheduler
+        self.blocks = BlockRouter(self.book, self._on_outcome)
         self.state = SupervisorState.RUNNING
         self.broken_error: BaseException | None = None
         self._open_jobs: dict[int, Job] = {}  # lazily fed calls whose input is not exhausted
@@ -462,100 +464,13 @@ class Supervisor:
         batch = next((b for b in slot.batches if b.id == message.batch_id), None)
         if batch is None:
             return  # results of a batch already written off
-        block = batch.block
-        assert block is not None
-        if block.tasks is None and not message.errors and isinstance(message.values, bytes):
-            self._deliver_successes(slot, block, message)  # the hot path: tiny tasks
-        elif block.tasks is None:
-            self._deliver_block_part(slot, block, message, _block_outcomes(message))
-        else:
-            self._route_exploded(slot, batch, block, message, _block_outcomes(message))
+        self.blocks.route(slot, batch, message)
         self._after_results(slot, batch, message)
-
-    def _deliver_successes(self, slot: Slot, block: Block, message: BlockResults) -> None:
-        values = loads(message.values)  # type: ignore[arg-type]  # plain data: unpickles
-        a = message.first
-        b = block.reported = a + len(values)
-        self.book.block_successes(b - a)
-        self._hand_run(slot, block, a, values, message.seconds)
-
-    def _hand_run(self, slot: Slot, block: Block, position: int, values: list[Any],
-                  seconds: list[float] | None) -> None:
-        """Successes of the block's inputs from `position` on, to the call's sink at once."""
-        if not values:
-            return  # a final message with nothing left to report (a flush sent it all)
-        try:
-            block.job.sink.deliver_run(block.start + position,
-                             block.inputs[position:position + len(values)], values, seconds,
-                             slot.pid)
-        except Exception:
-            traceback.print_exc()
-
-    def _deliver_block_part(self, slot: Slot, block: Block, message: BlockResults,
-                            outcomes: list[tuple[Outcome, Any]]) -> None:
-        """The common case: consecutive successes go to the sink as runs, in one call each;
-        an input that failed becomes a Task, retried or failed like any other."""
-        first, seconds_between = message.first, message.seconds_between
-        block.reported = first + len(outcomes)
-        self.book.block_inputs -= len(outcomes)
-        run: list[Any] = []  # the successes since the last failure
-        for i, (status, value) in enumerate(outcomes):
-            if status == OK:
-                run.append(value)
-                continue
-            self._hand_run(slot, block, first + i - len(run), run,
-                           seconds_between(i - len(run), i))
-            self.book.succeeded += len(run)
-            run = []
-            task = self.book.block_task(block, first + i, slot.pid)
-            self._on_outcome(slot, task, status, value, message.seconds_of(i), 0.0, [])
-        end = len(outcomes)
-        self._hand_run(slot, block, first + end - len(run), run,
-                       seconds_between(end - len(run), end))
-        self.book.succeeded += len(run)
-
-    def _route_exploded(self, slot: Slot, batch: Batch, block: Block, message: BlockResults,
-                        outcomes: list[tuple[Outcome, Any]]) -> None:
-        """Results of a block exploded while it ran: each input's goes to its Task."""
-        assert block.tasks is not None
-        succeeded: list[tuple[Task, Any]] = []
-        now = time.monotonic()
-        for i, (status, value) in enumerate(outcomes):
-            task = block.tasks[message.first + i]
-            if task is None or batch.pending.pop(task.id, None) is None:
-                continue
-            self._on_outcome(slot, task, status, value, message.seconds_of(i), now, succeeded)
-        if succeeded:
-            self.book.succeed_all(batch.job, succeeded)
-        if message.skipped >= 0:
-            for task in block.tasks[message.skipped:]:
-                if task is not None and batch.pending.pop(task.id, None) is not None:
-                    self.book.on_skipped(task)
-
-    def _explode_dispatched(self, slot: Slot, batch: Batch) -> None:
-        """A running block's unreported inputs become DISPATCHED tasks of its batch, so that
-        crash attribution, cancelling and terminating work on them as on any task; later
-        results of the block are routed to them by position."""
-        block = batch.unexploded_block()
-        if block is None:
-            return
-        block.tasks = [None] * len(block)
-        for position in range(block.reported, len(block)):
-            task = self.book.block_task(block, position, slot.pid)
-            block.tasks[position] = task
-            batch.tasks.append(task)
-            batch.pending[task.id] = task
-        self.book.block_inputs -= len(block) - block.reported
-
-    def _explode_slot(self, slot: Slot, job: Job | None = None) -> None:
-        for batch in slot.batches:
-            if job is None or batch.job is job:
-                self._explode_dispatched(slot, batch)
 
     def _on_item(self, slot: Slot, task: Task, ok: bool, payload: bytes, seconds: float,
                  started: float, succeeded: list[tuple[Task, Any]]) -> None:
         """One item's result; a success joins `succeeded`, delivered with its batch."""
-        status, value = _decode(ok, payload)
+        status, value = decode(ok, payload)
         self._on_outcome(slot, task, status, value, seconds, started, succeeded)
 
     def _on_outcome(self, slot: Slot, task: Task, status: Outcome, value: Any, seconds: float,
@@ -564,11 +479,11 @@ class Supervisor:
         task.job.note_duration(seconds)
         if task.state is not TaskState.DISPATCHED:
             return  # already given an outcome (cancelled while running)
-        if status == OK:
+        if status is Outcome.OK:
             if self.config.on_event is not None:
                 self._emit(task, slot, started, started + seconds, "ok", None)
             succeeded.append((task, value))
-        elif status == UNREADABLE:
+        elif status is Outcome.UNREADABLE:
             self.book.fail(task, value)  # not the task's doing: no retry
         else:
             self._emit(task, slot, started, started + seconds, "error", value)
@@ -578,7 +493,7 @@ class Supervisor:
     def _on_worker_exit(self, slot: Slot) -> None:
         self._read_sent_results(slot)  # sent before it died: apply them first
         slot.unlend_all()  # a process that is gone maps nothing
-        self._explode_slot(slot)
+        explode_slot(self.book, slot)
         running = slot.current_task()
         was = slot.phase
         self._unregister(slot.conn)
@@ -728,14 +643,14 @@ class Supervisor:
         if not kill_running:
             # Running tasks finish; those sent to a worker behind them must not start.
             for slot in self.workers.slots:
-                self._explode_slot(slot, job)
+                explode_slot(self.book, slot, job)
                 for batch in slot.batches:
                     if batch.job is job and batch.pending:
                         slot.revoke(batch)
         else:
             now = time.monotonic()
             for slot in self.workers.slots:
-                self._explode_slot(slot, job)
+                explode_slot(self.book, slot, job)
                 doomed = [t for b in slot.batches for t in b.pending.values() if t.job is job]
                 if not doomed:
                     continue
@@ -787,7 +702,7 @@ class Supervisor:
 
     def _fail_everything(self, error: BaseException) -> None:
         for slot in self.workers.slots:
-            self._explode_slot(slot)
+            explode_slot(self.book, slot)
         self.book.tasks_of(self.scheduler.all_queued())  # registers the blocks' inputs as tasks
         for task in list(self.book.tasks.values()):
             if task.state.terminal:
@@ -1019,38 +934,12 @@ def _lift_window(job: Job) -> None:
         window.lift()
 
 
-class Outcome(enum.IntEnum):
-    """What one input's report from a worker is, once decoded here."""
-
-    OK = 0  # its result
-    RAISED = 1  # the exception it raised (or a procqueue error standing for it)
-    UNREADABLE = 2  # a result the worker pickled that cannot be unpickled here
 
 
-OK, RAISED, UNREADABLE = Outcome.OK, Outcome.RAISED, Outcome.UNREADABLE
 
 
-def _decode(ok: bool, payload: bytes) -> tuple[Outcome, Any]:
-    if not ok:
-        return RAISED, restore_exception(payload)
-    try:
-        return OK, loads(payload)
-    except BaseException as exc:  # noqa: BLE001 - fails only this task
-        return UNREADABLE, unreadable_result_error(exc, len(payload))
 
 
-def _block_outcomes(message: BlockResults) -> list[tuple[Outcome, Any]]:
-    """(status, value or exception) of each input a BlockResults reports, in order."""
-    errors = message.errors
-    first = message.first
-    if isinstance(message.values, bytes):
-        values = loads(message.values)  # plain data: always unpickles
-        if not errors:
-            return [(OK, v) for v in values]
-        return [(RAISED, restore_exception(errors[first + i])) if first + i in errors
-                else (OK, v) for i, v in enumerate(values)]
-    return [_decode(False, errors[first + i]) if first + i in errors
-            else _decode(True, p or b"") for i, p in enumerate(message.values)]
 
 
 def _started_ids(slot: Slot, running: tuple[int, float] | None) -> set[int]:

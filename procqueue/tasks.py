@@ -138,7 +138,7 @@ class Block:
     inputs (see Pool._blocks_allowed).  A block is never retried or cancelled as a whole: whatever
     is not plain success (an input that fails, a crash, a cancel, terminate) first turns the
     block's unreported inputs into Tasks (TaskBook.explode_queued for a queued block,
-    Supervisor._explode_dispatched for a running one), and the Task machinery takes it from
+    blocks.explode_dispatched for a running one), and the Task machinery takes it from
     there."""
 
     __slots__ = ("id", "job", "start", "inputs", "reported", "tasks")

@@ -19,8 +19,10 @@ ALLOWED: dict[str, set[str]] = {
     "pool": {"supervisor", "config", "results", "tasks", "errors", "protocol", "chunking",
              "admission", "journal", "trace", "scheduler",
              "affinity", "limits", "backends", "calls"},
-    "supervisor": {"worker_slots", "task_book", "scheduler", "admission", "stats", "results",
-                   "tasks", "protocol", "errors", "config", "limits"},
+    "supervisor": {"worker_slots", "blocks", "task_book", "scheduler", "admission", "stats",
+                   "results", "tasks", "protocol", "errors", "config", "limits"},
+    # blocks' one home: reading and routing a block's report, exploding it into tasks
+    "blocks": {"task_book", "worker_slots", "tasks", "protocol"},
     # the task book keeps tasks' books and decides what follows an outcome: no processes
     "task_book": {"scheduler", "tasks", "protocol", "errors"},
     "worker_slots": {"worker", "protocol", "affinity", "errors", "tasks"},
