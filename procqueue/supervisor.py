@@ -542,18 +542,8 @@ class Supervisor:
                 self._emit(task, slot, started, time.monotonic(), "crash", error)
                 self.book.after_failure(task, FailureKind.CRASH, error,
                                         may_retry=self._takes_work())
-            elif task.job.cancelled and task.id in began:
-                # Its call was halted or cancelled while the worker held it finished, its
-                # result unsent (_cancel_job); the killed worker did not get it out.
-                self.book.fail(task, TaskCancelledError(
-                    "the task was cancelled: its worker was killed before it sent the result"))
-            elif task.job.cancelled:
-                task.attempts -= 1  # it never ran, and its call wants nothing more run
-                self.book.finish(task, TaskState.CANCELLED, False,
-                                 self.book.cancelled_error(task))
             else:
-                task.attempts -= 1  # it never ran (or its run was not its fault)
-                self.book.requeue(task)
+                self.book.write_off(task, started=task.id in began)
 
     def _crash_error(self, task: Task, exitcode: int | None) -> WorkerCrashedError:
         error = WorkerCrashedError(

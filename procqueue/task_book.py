@@ -193,6 +193,22 @@ class TaskBook:
         else:  # revoked for another task of its batch (a cancelled future): run it later
             self.requeue(task)
 
+    def write_off(self, task: Task, *, started: bool) -> None:
+        """Its worker died or was killed while holding it, through no fault of its own (the
+        task that killed it is charged elsewhere).  `started`: it had finished in that worker,
+        its result not sent yet."""
+        if task.job.cancelled and started:
+            # Its call was halted or cancelled while the worker held it finished, its result
+            # unsent (Supervisor._cancel_job); the killed worker did not get it out.
+            self.fail(task, TaskCancelledError(
+                "the task was cancelled: its worker was killed before it sent the result"))
+            return
+        task.attempts -= 1  # it never ran, or its run was not its fault
+        if task.job.cancelled:  # and its call wants nothing more run
+            self.finish(task, TaskState.CANCELLED, False, self.cancelled_error(task))
+        else:
+            self.requeue(task)
+
     def requeue(self, task: Task) -> None:
         """Back to the front of its call's queue (a worker gave it back unrun)."""
         task.move(TaskState.QUEUED)

@@ -234,3 +234,25 @@ def test_a_blocks_inputs_count_until_reported_and_become_tasks_when_needed() -> 
     assert (task.index, task.input, task.state, task.attempts, task.pid) == (
         11, "b", TaskState.DISPATCHED, 1, 99)
     assert book.tasks[task.id] is task
+
+
+@pytest.mark.parametrize("cancelled, started, state, attempts", [
+    (False, False, TaskState.QUEUED, 0),  # runs again, uncharged
+    (True, False, TaskState.CANCELLED, 0),  # its call wants nothing more run
+    (True, True, TaskState.FAILED, 1),  # finished in the killed worker, result lost
+])
+def test_a_task_held_by_a_dead_worker_is_written_off_by_what_its_call_wants(
+        cancelled: bool, started: bool, state: TaskState, attempts: int) -> None:
+    book, _ = make_book()
+    sink = RecordingSink()
+    job = make_job(sink)
+    (task,) = make_tasks(job, 1)
+    book.accept([task], {})
+    book.scheduler.next_batch(1)
+    dispatch(task)
+    job.cancelled = cancelled
+    book.write_off(task, started=started)
+    assert (task.state, task.attempts) == (state, attempts)
+    if state is not TaskState.QUEUED:
+        ((index, ok, error),) = sink.outcomes
+        assert not ok and isinstance(error, TaskCancelledError)
