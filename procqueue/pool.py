@@ -404,8 +404,8 @@ class Pool(PoolCalls):
         timeout = call.timeout if call.timeout is not None else self._config.timeout_s
         factor = parse_relative_timeout(timeout)
         timeout_s = None if factor is not None or timeout is None else float(timeout)
-        job = Job(new_id(), fn_id, payload, kind, sink, chunksize=sizer.fixed,
-                  timeout_s=timeout_s, sizer=sizer,
+        # a fixed chunksize lives in the sizer, which always answers it
+        job = Job(new_id(), fn_id, payload, kind, sink, timeout_s=timeout_s, sizer=sizer,
                   gates=self._gates_for(call), keyed=keyed, key_fn=call.key)
         job.timeout_factor = factor
         job.halt = halt

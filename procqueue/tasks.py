@@ -169,13 +169,13 @@ class Job:
     """One API call (a map, an imap, one apply_async or submit): its function, how to call
     it, its per-call options, and the sink its outcomes go to."""
 
-    __slots__ = ("id", "fn_id", "fn_payload", "kind", "sink", "chunksize", "timeout_s",
+    __slots__ = ("id", "fn_id", "fn_payload", "kind", "sink", "timeout_s",
                  "sizer", "cancelled", "gates", "keyed", "key_fn", "timeout_factor",
                  "durations", "halt", "failures", "successes", "submitted", "single_task",
                  "timed_inputs")
 
     def __init__(self, job_id: int, fn_id: int, fn_payload: bytes, kind: "CallKind",
-                 sink: OutcomeSink, *, chunksize: int | None, timeout_s: float | None,
+                 sink: OutcomeSink, *, timeout_s: float | None,
                  sizer: Any, gates: tuple[Any, ...] = (), keyed: Any = None,
                  key_fn: Any = None) -> None:
         self.id = job_id
@@ -183,7 +183,6 @@ class Job:
         self.fn_payload = fn_payload
         self.kind = kind
         self.sink = sink
-        self.chunksize = chunksize  # None: adaptive (self.sizer decides)
         self.timeout_s = timeout_s
         self.sizer = sizer
         self.cancelled = False
@@ -206,7 +205,7 @@ class Job:
     def sibling(self, job_id: int, sink: OutcomeSink) -> "Job":
         """A new call of the same function with the same options, for another sink."""
         job = Job(job_id, self.fn_id, self.fn_payload, self.kind, sink,
-                  chunksize=self.chunksize, timeout_s=self.timeout_s, sizer=self.sizer,
+                  timeout_s=self.timeout_s, sizer=self.sizer,
                   gates=self.gates, keyed=self.keyed, key_fn=self.key_fn)
         job.timeout_factor = self.timeout_factor
         job.halt = self.halt

@@ -365,7 +365,7 @@ def test_close_and_join_wait_for_the_blocks_in_flight():
 # ---- units ---------------------------------------------------------------------------------
 
 def _job(sink=None, job_id=1):
-    return Job(job_id, 1, b"", CallKind.ONE, sink, chunksize=None, timeout_s=None,
+    return Job(job_id, 1, b"", CallKind.ONE, sink, timeout_s=None,
                sizer=ChunkSizer(2, 10))
 
 

@@ -130,7 +130,7 @@ def submit(supervisor: Supervisor, fn: Any, inputs: list[Any]) -> tuple[Recordin
                                                                           list[Task]]:
     sink = RecordingSink()
     fn_id, payload = pickled_function(fn)
-    job = Job(new_id(), fn_id, payload, CallKind.ONE, sink, chunksize=None, timeout_s=None,
+    job = Job(new_id(), fn_id, payload, CallKind.ONE, sink, timeout_s=None,
               sizer=ChunkSizer(2, 1))
     tasks = [Task(new_id(), job, i, dumps_argument(x), x) for i, x in enumerate(inputs)]
     supervisor.post(SubmitTasks(list(tasks), {}))

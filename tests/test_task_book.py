@@ -44,7 +44,7 @@ def make_book(retries: int = 0, retry_on: tuple[type[BaseException], ...] = ()
 
 
 def make_job(sink: Any, halt: str | None = None) -> Job:
-    job = Job(new_id(), 1, b"", CallKind.ONE, sink, chunksize=None, timeout_s=None,
+    job = Job(new_id(), 1, b"", CallKind.ONE, sink, timeout_s=None,
               sizer=ChunkSizer(1, fixed=1))
     job.halt = HaltPolicy.parse(halt) if halt else None
     return job

@@ -26,7 +26,7 @@ class _Sink:
 
 def make_job(job_id=1, chunksize=None, processes=2):
     sizer = ChunkSizer(processes, chunksize)
-    return Job(job_id, 0, b"", CallKind.ONE, _Sink(), chunksize=chunksize, timeout_s=None,
+    return Job(job_id, 0, b"", CallKind.ONE, _Sink(), timeout_s=None,
                sizer=sizer)
 
 
@@ -292,7 +292,7 @@ def test_config_validation_names_the_rule(kwargs, exc):
 def test_calls_of_one_function_share_a_batch_of_the_functions_size():
     sched = Scheduler()
     sizer = ChunkSizer(2)  # unmeasured: batches of one
-    jobs = [Job(i, 7, b"", CallKind.ARGS_KWARGS, _Sink(), chunksize=None, timeout_s=None,
+    jobs = [Job(i, 7, b"", CallKind.ARGS_KWARGS, _Sink(), timeout_s=None,
                 sizer=sizer) for i in range(6)]
     for i, job in enumerate(jobs):
         sched.enqueue(Task(i, job, 0, b"", i))
@@ -308,7 +308,7 @@ def test_consecutive_single_task_calls_share_a_queue_and_calls_stay_fifo():
     sizer = ChunkSizer(2, fixed=100)
 
     def job(i, single=True, gates=()):
-        j = Job(i, 7, b"", CallKind.ARGS_KWARGS, _Sink(), chunksize=100, timeout_s=None,
+        j = Job(i, 7, b"", CallKind.ARGS_KWARGS, _Sink(), timeout_s=None,
                 sizer=sizer, gates=gates)
         j.single_task = single
         return j
