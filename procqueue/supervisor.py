@@ -765,9 +765,18 @@ class Supervisor:
             if slot.phase is SlotPhase.DEAD and self._should_have_worker() \
                     and now >= slot.respawn_at:
                 self._respawn(slot)
-            deadline = self._task_deadline(slot)
-            if deadline is not None and now >= deadline:
+            if self._past_task_deadline(slot, now):
                 self._on_timeout(slot, now)
+
+    def _past_task_deadline(self, slot: Slot, now: float) -> bool:
+        deadline = self._task_deadline(slot)
+        if deadline is None or now < deadline:
+            return False
+        # What the worker sent before the deadline counts first: a task that finished and
+        # went back to idle looks, from its slot alone, like one that never started.
+        self._read_sent_results(slot)
+        deadline = self._task_deadline(slot)
+        return deadline is not None and now >= deadline
 
     def _on_timeout(self, slot: Slot, now: float) -> None:
         running = slot.current_task()
