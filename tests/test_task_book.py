@@ -61,6 +61,16 @@ def dispatch(task: Task, pid: int = 42) -> None:
     task.pid = pid
 
 
+def running(book: TaskBook, job: Job, n: int) -> list[Task]:
+    """n tasks of `job`, accepted by `book`, taken from its queue and sent to a worker."""
+    tasks = make_tasks(job, n)
+    book.accept(list(tasks), {})
+    book.scheduler.next_batch(n)
+    for task in tasks:
+        dispatch(task)
+    return tasks
+
+
 def test_accepted_tasks_are_queued_and_counted() -> None:
     book, _ = make_book()
     sink = RecordingSink()
@@ -141,10 +151,7 @@ def test_a_crash_is_retried_while_attempts_are_left_then_fails() -> None:
 def test_the_policy_decides_which_failures_are_retried(kind: FailureKind, error: Exception,
                                                        retried: bool) -> None:
     book, _ = make_book(retries=2, retry_on=(KeyError,))
-    (task,) = make_tasks(make_job(RecordingSink()), 1)
-    book.accept([task], {})
-    book.scheduler.next_batch(1)
-    dispatch(task)
+    (task,) = running(book, make_job(RecordingSink()), 1)
     book.after_failure(task, kind, error, may_retry=True)
     assert (task.state is TaskState.RETRY_WAIT) is retried
     assert (task.state is TaskState.FAILED) is not retried
@@ -152,10 +159,7 @@ def test_the_policy_decides_which_failures_are_retried(kind: FailureKind, error:
 
 def test_nothing_is_retried_once_the_pool_takes_no_work() -> None:
     book, _ = make_book(retries=3)
-    (task,) = make_tasks(make_job(RecordingSink()), 1)
-    book.accept([task], {})
-    book.scheduler.next_batch(1)
-    dispatch(task)
+    (task,) = running(book, make_job(RecordingSink()), 1)
     book.after_failure(task, FailureKind.CRASH, WorkerCrashedError(), may_retry=False)
     assert task.state is TaskState.FAILED and book.retries == 0
 
@@ -195,11 +199,7 @@ def test_a_batch_of_successes_reaches_a_run_sink_in_one_delivery() -> None:
     book, _ = make_book()
     sink = RecordingSink(runs=True)
     job = make_job(sink)
-    tasks = make_tasks(job, 3)
-    book.accept(list(tasks), {})
-    book.scheduler.next_batch(3)
-    for task in tasks:
-        dispatch(task)
+    tasks = running(book, job, 3)
     tasks[1].move(TaskState.FAILED)  # given another outcome meanwhile: not delivered again
     book.tasks.pop(tasks[1].id)
     book.succeed_all(job, [(t, t.index * 10) for t in tasks])
@@ -210,11 +210,7 @@ def test_a_skipped_task_runs_later_unless_its_call_was_cancelled() -> None:
     book, _ = make_book()
     sink = RecordingSink()
     job = make_job(sink)
-    tasks = make_tasks(job, 2)
-    book.accept(list(tasks), {})
-    book.scheduler.next_batch(2)
-    for task in tasks:
-        dispatch(task)
+    tasks = running(book, job, 2)
     book.on_skipped(tasks[0])
     assert tasks[0].state is TaskState.QUEUED and tasks[0].attempts == 0
     job.cancelled = True
@@ -246,10 +242,7 @@ def test_a_task_held_by_a_dead_worker_is_written_off_by_what_its_call_wants(
     book, _ = make_book()
     sink = RecordingSink()
     job = make_job(sink)
-    (task,) = make_tasks(job, 1)
-    book.accept([task], {})
-    book.scheduler.next_batch(1)
-    dispatch(task)
+    (task,) = running(book, job, 1)
     job.cancelled = cancelled
     book.write_off(task, started=started)
     assert (task.state, task.attempts) == (state, attempts)
