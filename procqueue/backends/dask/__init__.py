@@ -55,15 +55,49 @@ Modules, each importing only those before it in this list:
 
 from __future__ import annotations
 
-from .cluster import cluster_config as cluster_config
-from .cluster import require_distributed as require_distributed
-from .pool import DaskPool as DaskPool
-from .pool import DaskPoolStats as DaskPoolStats
-from .pool import DaskWorkerStats as DaskWorkerStats
-from .worker_side import RateSpec as RateSpec
-from .worker_side import close_rate_window as close_rate_window
-from .worker_side import run_chunk as run_chunk
-from .worker_side import seal_rate_window as seal_rate_window
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # explicit re-exports for type checkers; loaded lazily at run time
+    from .cluster import cluster_config as cluster_config
+    from .cluster import require_distributed as require_distributed
+    from .pool import DaskPool as DaskPool
+    from .pool import DaskPoolStats as DaskPoolStats
+    from .pool import DaskWorkerStats as DaskWorkerStats
+    from .worker_side import RateSpec as RateSpec
+    from .worker_side import close_rate_window as close_rate_window
+    from .worker_side import run_chunk as run_chunk
+    from .worker_side import seal_rate_window as seal_rate_window
+
+# name -> module of this package, imported on first access (PEP 562).  A Dask worker imports
+# worker_side (run_chunk) and cluster (_WorkerSetup), and this package with them: it then
+# loads neither pool.py nor, through it, the local pool and supervisor DaskPool derives from.
+_LAZY = {
+    "cluster_config": "cluster",
+    "require_distributed": "cluster",
+    "DaskPool": "pool",
+    "DaskPoolStats": "pool",
+    "DaskWorkerStats": "pool",
+    "RateSpec": "worker_side",
+    "close_rate_window": "worker_side",
+    "run_chunk": "worker_side",
+    "seal_rate_window": "worker_side",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = ["DaskPool", "DaskPoolStats", "DaskWorkerStats", "RateSpec", "close_rate_window",
            "cluster_config", "run_chunk", "seal_rate_window"]

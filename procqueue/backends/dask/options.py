@@ -7,9 +7,37 @@ name, so that nobody believes they hold; the rest is checked with the local pool
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
+from ...errors import exception_types
+from ...limits import Rate
 from .items import _KeySpec
+
+DEFAULT_CRASH_RETRIES = 1  # as the local pool: one re-run covers a one-off OOM kill
+
+
+class PoolOptions(NamedTuple):
+    """What a DaskPool keeps of its checked options, in the form it uses them."""
+
+    rate: Rate | None
+    worker_env: dict[str, str]
+    retry_on: tuple[type[BaseException], ...]
+
+
+def check_pool_options(processes: Any = None, initializer: Any = None, initargs: Any = (),
+                       maxtasksperchild: Any = None, context: Any = None, *,
+                       address: Any = None, client: Any = None,
+                       retries: Any = DEFAULT_CRASH_RETRIES, retry_on: Any = (),
+                       timeout: Any = None, chunksize: Any = None, concurrency: Any = None,
+                       rate: Any = None, worker_env: Any = None, **options: Any) -> PoolOptions:
+    """Every check of DaskPool's arguments, in one place so that DaskPool() and
+    DaskPool.check_options() raise the same errors; nothing is started or connected to.
+    (initargs and context are named only to be accepted: context has no meaning on Dask.)"""
+    _check_options(processes, retries, timeout, chunksize, concurrency, address, client)
+    _check_local_options(maxtasksperchild, options)
+    if initializer is not None and not callable(initializer):
+        raise TypeError("initializer must be a callable")
+    return PoolOptions(Rate.of(rate), _check_worker_env(worker_env), exception_types(retry_on))
 
 
 def _check_options(processes: Any, retries: Any, timeout: Any, chunksize: Any,

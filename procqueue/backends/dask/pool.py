@@ -2,8 +2,11 @@
 
 The calls (apply_async, map, imap, submit, imap_outcomes...) turn their inputs into items
 (items.py) and post them to the pool's driver thread (driver.py); close, terminate and join
-end it and give back what the pool holds on the cluster (cluster.py).  DaskPoolStats and
-DaskWorkerStats are its stats(): the PoolStats and WorkerStats fields it can fill.
+end it and give back what the pool holds on the cluster (cluster.py).  DaskPool is a
+procqueue.Pool (isinstance holds, and code typed for a Pool accepts it) that runs none of the
+local pool's machinery: it overrides what the local pool does with its supervisor and keeps
+what holds for any pool.  Its stats() are a DaskPoolStats with DaskWorkerStats rows: a
+PoolStats and WorkerStats, with the fields a Dask cluster can fill and a few of its own.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ import threading
 import uuid
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from ...calls import PoolCalls, errors_mode
+from ...calls import errors_mode
 from ...chunking import ChunkSizer
-from ...errors import InitializerError, PoolClosedError, argument_error, exception_types
+from ...errors import InitializerError, PoolClosedError, argument_error
 from ...limits import Rate
+# The one import of the local pool's module: a DaskPool is a procqueue.Pool (its base class,
+# state values, stats types and per-call options), and uses none of its machinery.
+from ...pool import BACKENDS, CallOptions, Pool, PoolState, PoolStats, WorkerStats
 from ...protocol import CallKind, pickled_function
 from ...results import (ApplyResult, IMapIterator, MapResult, OutcomeIterator,
                         ResultStream, TaskFuture, Window)
@@ -27,7 +33,7 @@ from .cluster import CLOSE_TIMEOUT_S, _Resources, _WorkerSetup
 from .driver import _Driver
 from .items import (_CancelCall, _Call, _Close, _InputDone, _Item, _Open, _Submit,
                     _Terminate, _dumps_item)
-from .options import _call_options, _check_local_options, _check_options, _check_worker_env
+from .options import DEFAULT_CRASH_RETRIES, _call_options, check_pool_options
 from .worker_side import FUNCTION_CACHE_SIZE, RateSpec, _distributed
 
 TARGET_CHUNK_S = 0.2  # a Dask task costs ~1-3 ms of scheduling: aim for chunks of 200 ms
@@ -35,46 +41,29 @@ MAX_CHUNK_ITEMS = 10_000  # caps one chunk's memory and result latency
 WINDOW_ITEMS_PER_THREAD = 512  # lazy calls: inputs taken but not consumed, per worker thread
 WINDOW_ITEMS_MIN = 2048
 FEED_GROUP_MAX = 256  # inputs a feeder hands to the driver in one command at most
-DEFAULT_CRASH_RETRIES = 1  # as the local pool: one re-run covers a one-off OOM kill
 
 
 @dataclass(frozen=True)
-class DaskWorkerStats:
-    """One Dask worker, as the scheduler reports it (the WorkerStats fields it can fill)."""
+class DaskWorkerStats(WorkerStats):
+    """One Dask worker, as the scheduler reports it: the WorkerStats fields it can fill (cpus
+    empty, idle_s and restarts 0, last_exit None), its address and its thread count."""
 
-    slot: int
-    pid: int | None
-    cpus: tuple[int, ...]
-    tasks_done: int
-    busy_s: float
-    idle_s: float
-    restarts: int
-    last_exit: str | None
-    rss_bytes: int
     address: str = ""
     nthreads: int = 0
 
 
 @dataclass(frozen=True)
-class DaskPoolStats:
-    """The PoolStats fields (same names and meaning) for a DaskPool."""
+class DaskPoolStats(PoolStats):
+    """The PoolStats fields (same names and meaning) for a DaskPool, where processes counts
+    the Dask worker threads in the cluster, tasks_running the items in chunks submitted to
+    Dask (running or waiting there), worker_restarts the chunks Dask lost with a worker and
+    state is "run", "close" or "terminate"; plus the chunks (Dask tasks) submitted."""
 
-    state: str
-    processes: int  # Dask worker threads in the cluster
-    tasks_submitted: int
-    tasks_succeeded: int
-    tasks_failed: int
-    tasks_cancelled: int
-    tasks_queued: int
-    tasks_running: int  # items in chunks submitted to Dask (running or waiting there)
-    retries: int
-    worker_restarts: int  # chunks Dask lost with a worker
-    recycled_for_memory: int
     workers: tuple[DaskWorkerStats, ...] = ()
     chunks_submitted: int = 0
 
 
-class DaskPool(PoolCalls):
+class DaskPool(Pool):
     """procqueue.Pool's API and result objects on a Dask distributed cluster.
 
     address=None and client=None: a LocalCluster of `processes` single-threaded worker
@@ -90,24 +79,31 @@ class DaskPool(PoolCalls):
     processes is the size of the LocalCluster the pool starts; with address= or client= the
     cluster is what it is, and processes is ignored.  maxtasksperchild, context and pin have
     no meaning on Dask and are ignored; the local pool's other options are refused by name.
+    backend is accepted as procqueue.Pool(backend="dask", ...) passes it on.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "DaskPool":
+        # Not Pool.__new__, which picks the backend: a DaskPool is the Dask backend already.
+        return object.__new__(cls)
 
     def __init__(self, processes: int | None = None,
                  initializer: Callable[..., object] | None = None, initargs: Iterable[Any] = (),
                  maxtasksperchild: int | None = None, context: Any = None, *,
-                 address: str | None = None, client: Any = None,
+                 backend: str = "dask", address: str | None = None, client: Any = None,
                  retries: int = DEFAULT_CRASH_RETRIES,
                  retry_on: type[BaseException] | Iterable[type[BaseException]] = (),
                  timeout: float | None = None, chunksize: int | None = None,
                  concurrency: int | None = None, rate: Rate | str | None = None,
                  worker_env: Mapping[str, str] | None = None, **options: Any) -> None:
-        _check_options(processes, retries, timeout, chunksize, concurrency, address, client)
-        _check_local_options(maxtasksperchild, options)
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
-        pool_rate = Rate.of(rate)
-        env = _check_worker_env(worker_env)
-        self._state = "run"
+        # Pool.__init__ is never called: it starts the local supervisor and its workers.
+        _check_backend(backend)
+        checked = check_pool_options(
+            processes, initializer, initargs, maxtasksperchild, context, address=address,
+            client=client, retries=retries, retry_on=retry_on, timeout=timeout,
+            chunksize=chunksize, concurrency=concurrency, rate=rate, worker_env=worker_env,
+            **options)
+        env = checked.worker_env
+        self._state = PoolState.RUN
         self._retries = retries
         self._timeout_s = None if timeout is None else float(timeout)
         self._chunksize = chunksize
@@ -118,16 +114,27 @@ class DaskPool(PoolCalls):
         self._resources = _Resources.open(processes, address, client, retries, env)
         self._client = self._resources.client
         try:
-            self._limits = self._pool_limits(concurrency)
-            self._rate = self._rate_gate(pool_rate)
+            self._semaphores = self._pool_limits(concurrency)
+            self._rate = self._rate_gate(checked.rate)
             self._install_worker_setup(env, initializer, tuple(initargs))
-            self._driver = _Driver(self._client, self._token, retries, exception_types(retry_on),
+            self._driver = _Driver(self._client, self._token, retries, checked.retry_on,
                                    self._resources.allowed_failures())
         except BaseException:
             self._resources.close()
             raise
         self._driver.thread.start()
-        self._finalizer = weakref.finalize(self, _shutdown, self._driver, self._resources)
+        # Under Pool's name, which Pool.__del__ reads (a pool dropped while running says so);
+        # typed with gradual parameters, as Pool's own finalizer takes other arguments.
+        finalizer: weakref.finalize[..., Any] = weakref.finalize(
+            self, _shutdown, self._driver, self._resources)
+        self._finalizer = finalizer
+
+    @staticmethod
+    def check_options(processes: int | None = None, **options: Any) -> None:
+        """Pool.check_options with the Dask backend's rules: raise the ValueError or TypeError
+        DaskPool(processes, **options) would raise for a bad option, connecting to nothing."""
+        _check_backend(options.pop("backend", "dask"))
+        check_pool_options(processes, **options)
 
     # ---- multiprocessing.Pool API (apply, map, imap... in calls.PoolCalls) ----------------
 
@@ -144,19 +151,19 @@ class DaskPool(PoolCalls):
 
     def close(self) -> None:
         """No more work may be submitted; join() waits for the submitted work."""
-        if self._state == "run":
-            self._state = "close"
+        if self._state is PoolState.RUN:
+            self._state = PoolState.CLOSE
             self._driver.post(_Close())
 
     def terminate(self) -> None:
         """Stop now: unfinished items fail with TaskCancelledError, chunks in flight are
         cancelled, a LocalCluster we started is shut down."""
-        self._state = "terminate"
+        self._state = PoolState.TERMINATE
         self._finalizer()
 
     def join(self) -> None:
         """Wait for the submitted work (after close) and release the cluster."""
-        if self._state == "run":
+        if self._state is PoolState.RUN:
             raise ValueError("Pool is still running")
         self._driver.stopped.wait()
         self._finalizer()
@@ -169,19 +176,36 @@ class DaskPool(PoolCalls):
         self.terminate()
 
     def __repr__(self) -> str:
-        return (f"<procqueue.DaskPool state={self._state} "
+        return (f"<procqueue.DaskPool state={self._state_name()} "
                 f"scheduler={self._resources.scheduler_address()!r}>")
 
     def __reduce__(self) -> Any:
         raise NotImplementedError("pool objects cannot be passed between processes or pickled")
 
+    @property
+    def _pool(self) -> list[Any]:
+        """multiprocessing.Pool's list of its worker processes (Pool._pool): a DaskPool has
+        none of its own to list - the Dask workers are the cluster's, which replaces them."""
+        return []
+
     # ---- procqueue extras ----------------------------------------------------------------
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Run fn(*args, **kwargs) on the cluster; returns a concurrent.futures.Future."""
+        return self._submit_with({}, fn, args, kwargs)
+
+    def _submit_call(self, call: CallOptions, fn: Callable[..., Any], args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> TaskFuture:
+        """pool.options(...).submit(...) (Pool.options's view): submit() with its options."""
+        options = {f.name: getattr(call, f.name) for f in fields(call)
+                   if getattr(call, f.name) is not None}
+        return self._submit_with(options, fn, args, kwargs)
+
+    def _submit_with(self, options: dict[str, Any], fn: Callable[..., Any],
+                     args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskFuture:
         self._check_running()
         future = TaskFuture(keepalive=self)
-        call = self._call(fn, CallKind.ARGS_KWARGS, future, 1, {})
+        call = self._call(fn, CallKind.ARGS_KWARGS, future, 1, options)
         item = self._make_item(call, 0, (args, kwargs))
         future.cancel_via(self._driver, item)  # before the driver can deliver its outcome
         self._driver.post(_Submit(call, [item]))
@@ -199,7 +223,7 @@ class DaskPool(PoolCalls):
         iterator = OutcomeIterator(
             stream, self, on_abandon=lambda: post(_CancelCall(call, False, True)),
             on_cancel=lambda kill: post(_CancelCall(call, kill, False)))
-        self._start_feeder(call, stream, iterable)
+        self._start_input_feed(call, stream, iterable)
         return iterator
 
     def stats(self) -> DaskPoolStats:
@@ -208,7 +232,7 @@ class DaskPool(PoolCalls):
         queued, running = d.statistics()
         workers = _worker_stats(self._client, dict(d.worker_pids), dict(d.worker_work))
         return DaskPoolStats(
-            self._state, sum(w.nthreads for w in workers), d.counts.submitted,
+            self._state_name(), sum(w.nthreads for w in workers), d.counts.submitted,
             d.counts.succeeded, d.counts.failed, d.counts.cancelled, queued, running,
             d.counts.retries, d.counts.lost_chunks, 0, workers, d.counts.chunks)
 
@@ -222,10 +246,14 @@ class DaskPool(PoolCalls):
     # ---- internals -------------------------------------------------------------------------
 
     def _check_running(self) -> None:
-        if self._state != "run":
+        if self._state is not PoolState.RUN:
             raise PoolClosedError("Pool not running")
         if self._driver.broken_error is not None:
             raise self._driver.broken_error
+
+    def _state_name(self) -> str:
+        """The state as repr() and stats() have always shown it: run, close or terminate."""
+        return self._state.value.lower()
 
     def _call(self, func: Callable[..., Any], kind: CallKind, sink: Any,
               chunksize: int | None, options: dict[str, Any]) -> _Call:
@@ -241,11 +269,11 @@ class DaskPool(PoolCalls):
         # runs, so a chunk cannot start its items early (the local pool's batches can).
         # (A fixed chunksize lives in the sizer, which always answers it.)
         call = _Call(next(self._ids), fn_id, payload, kind, sink, timeout_s=timeout_s,
-                     limits=self._limits, sizer=self._sizer(fn_id, fixed), rate=self._rate,
+                     limits=self._semaphores, sizer=self._sizer(fn_id, fixed), rate=self._rate,
                      keys=keys)
         if concurrency is not None:
             own = self._semaphore(concurrency, f"call{call.id}")
-            call.limits, call.owned_limits = self._limits + (own,), (own,)
+            call.limits, call.owned_limits = self._semaphores + (own,), (own,)
         return call
 
     def _sizer(self, fn_id: int, fixed: int | None) -> ChunkSizer:
@@ -327,8 +355,9 @@ class DaskPool(PoolCalls):
         return items
 
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
-                   chunksize: int | None, kind: CallKind, callback: Any, error_callback: Any,
-                   *, errors: str, options: dict[str, Any]) -> MapResult:
+                   chunksize: int | None, kind: CallKind, callback: Any = None,
+                   error_callback: Any = None, *, errors: str, options: dict[str, Any]
+                   ) -> MapResult:
         self._check_running()
         errors = errors_mode(errors, options)
         values = iterable if isinstance(iterable, (list, tuple)) else list(iterable)
@@ -349,16 +378,16 @@ class DaskPool(PoolCalls):
         iterator = IMapIterator(stream, self,
                                 on_abandon=lambda: post(_CancelCall(call, False, True)),
                                 return_errors=errors == "return")
-        self._start_feeder(call, stream, iterable)
+        self._start_input_feed(call, stream, iterable)
         return iterator
 
-    def _start_feeder(self, call: _Call, stream: ResultStream, iterable: Iterable[Any]) -> None:
+    def _start_input_feed(self, call: _Call, stream: ResultStream, iterable: Iterable[Any]) -> None:
         self._driver.post(_Open(call))
-        feeder = threading.Thread(target=self._feed, args=(call, stream, iter(iterable)),
+        feeder = threading.Thread(target=self._feed_inputs, args=(call, stream, iter(iterable)),
                                   name=f"procqueue-dask-feeder-{call.id}", daemon=True)
         feeder.start()
 
-    def _feed(self, call: _Call, stream: ResultStream, iterator: Iterator[Any]) -> None:
+    def _feed_inputs(self, call: _Call, stream: ResultStream, iterator: Iterator[Any]) -> None:
         """Feeder thread: take inputs while the window has room, hand them over in groups."""
         window = stream.window
         assert window is not None
@@ -414,3 +443,10 @@ def _shutdown(driver: _Driver, resources: _Resources) -> None:
         driver.post(_Terminate())
         driver.stopped.wait(CLOSE_TIMEOUT_S)
     resources.close()
+
+
+def _check_backend(backend: Any) -> None:
+    """Any backend Pool.__new__ accepts: it made a DaskPool of it (backend="local" with
+    address= or client= is a DaskPool too)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
