@@ -111,7 +111,13 @@ class Pool(PoolCalls):
             except ImportError as exc:
                 raise ImportError("backend='dask' needs Dask distributed: "
                                   "pip install 'procqueue[dask]'") from exc
-            return DaskPool(*args, address=address, client=client, **kwargs)
+            # Uninitialised: a DaskPool is a Pool, so Python calls its __init__ with these same
+            # arguments once __new__ returns - unless cls is a subclass the DaskPool is not.
+            pool = DaskPool.__new__(DaskPool)
+            if not isinstance(pool, cls):
+                DaskPool.__init__(pool, *args, backend=backend, address=address, client=client,
+                                  **kwargs)
+            return pool
         return super().__new__(cls)
 
     def __init__(self, processes: int | None = None,

@@ -7,12 +7,16 @@ times written to files), never inferred from sleeps.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,7 @@ from procqueue import (  # noqa: E402
     WorkerCrashedError,
     WorkerExitedError,
 )
-from procqueue.backends.dask import DaskPool, cluster_config  # noqa: E402
+from procqueue.backends.dask import DaskPool, DaskPoolStats, cluster_config  # noqa: E402
 
 WORKERS = 2
 _shared: list[Any] = []  # the module's LocalCluster while it runs (its workers are not strays)
@@ -497,6 +501,161 @@ def test_own_local_cluster_is_started_and_shut_down_with_the_pool() -> None:
         assert len(pids) == 2 and os.getpid() not in pids
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                    for p in pids)
+
+
+# ---- a DaskPool is a procqueue.Pool ------------------------------------------------------------
+
+# What procqueue.Pool defines that a DaskPool runs as Pool's own: these work on a DaskPool as
+# they are (the calls of calls.PoolCalls, the view of options(), the state, the no-op refill,
+# the warning of a pool dropped while running).  Every other public or multiprocessing-
+# compatible name must be DaskPool's own (test below), so a name added to Pool must be sorted.
+INHERITED_FROM_POOL = {"apply", "map", "map_async", "starmap", "starmap_async", "imap",
+                       "imap_unordered", "options", "_state", "_repopulate_pool", "__del__"}
+MULTIPROCESSING_NAMES = {"_pool", "_repopulate_pool", "_state", "_check_running", "__new__",
+                         "__init__", "__reduce__", "__del__", "__repr__", "__enter__",
+                         "__exit__"}
+
+
+def test_a_dask_pool_is_a_procqueue_pool_and_a_multiprocessing_pool(client: Any) -> None:
+    import multiprocessing.pool
+
+    for pool in (procqueue.Pool(backend="dask", client=client), procqueue.Pool(client=client),
+                 DaskPool(client=client)):
+        with pool:
+            assert type(pool) is DaskPool
+            assert isinstance(pool, procqueue.Pool)
+            assert isinstance(pool, multiprocessing.pool.Pool)
+            assert pool.map(square, [3]) == [9]
+    with procqueue.Pool(1) as local:
+        assert isinstance(local, multiprocessing.pool.Pool) and not isinstance(local, DaskPool)
+
+
+def _driver_threads() -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name.startswith("procqueue-dask-")
+            and not t.name.startswith(("procqueue-dask-feeder", "procqueue-dask-item"))}
+
+
+def test_a_dask_pool_made_by_procqueue_pool_is_initialised_once(
+        client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pool.__new__ returns the DaskPool uninitialised and Python initialises it, once, with
+    the caller's arguments - also for a subclass of Pool, which Python does not initialise."""
+    calls: list[dict[str, Any]] = []
+    init = DaskPool.__init__
+
+    def counting_init(self: DaskPool, *args: Any, **kwargs: Any) -> None:
+        calls.append(kwargs)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(DaskPool, "__init__", counting_init)
+
+    class PoolOfOurs(procqueue.Pool):
+        pass
+
+    for make in (lambda: procqueue.Pool(backend="dask", client=client, retries=3),
+                 lambda: PoolOfOurs(client=client, retries=3),
+                 lambda: DaskPool(client=client, retries=3)):
+        calls.clear()
+        before = _driver_threads()
+        with make() as pool:
+            assert len(calls) == 1 and calls[0]["retries"] == 3, calls
+            assert len(_driver_threads() - before) == 1  # one driver, hence one pool's setup
+            assert type(pool) is DaskPool and pool.apply(square, (4,)) == 16
+    calls.clear()
+    with pytest.raises(TypeError, match="journal not supported"):
+        procqueue.Pool(backend="dask", client=client, journal="x.sqlite")
+    assert len(calls) == 1
+
+
+def test_every_pool_method_works_on_a_dask_pool_or_is_its_own(client: Any) -> None:
+    import multiprocessing.pool
+
+    from procqueue.calls import PoolCalls
+
+    pool_names = {n for n in [*vars(procqueue.Pool), *vars(PoolCalls)]
+                  if not n.startswith("_")} | MULTIPROCESSING_NAMES
+    own = set(vars(DaskPool))
+    assert pool_names - own <= INHERITED_FROM_POOL, sorted(pool_names - own - INHERITED_FROM_POOL)
+
+    pool = procqueue.Pool(backend="dask", client=client)
+    with pool:
+        assert pool.__enter__() is pool
+        assert pool.apply(square, (3,)) == 9
+        assert pool.apply_async(square, (4,)).get(timeout=30) == 16
+        assert pool.map(square, range(4)) == [0, 1, 4, 9]
+        assert pool.map_async(square, range(3)).get(timeout=30) == [0, 1, 4]
+        assert pool.starmap(pow, [(2, 3)]) == [8]
+        assert pool.starmap_async(pow, [(2, 2)]).get(timeout=30) == [4]
+        assert list(pool.imap(square, range(3))) == [0, 1, 4]
+        assert sorted(pool.imap_unordered(square, range(3))) == [0, 1, 4]
+        assert [o.value for o in pool.imap_outcomes(square, range(3))] == [0, 1, 4]
+        assert pool.submit(square, 5).result(timeout=30) == 25
+
+        view = pool.options(timeout=30)  # Pool's own options(): calls carry per-call options
+        assert isinstance(view, procqueue.PoolView)
+        assert view.submit(square, 6).result(timeout=30) == 36
+        assert view.map(square, [2]) == [4]
+        assert view.options(concurrency=1).apply(square, (7,)) == 49
+        with pytest.raises(TypeError, match="not supported on the Dask backend: halt"):
+            pool.options(halt="now,fail=1").submit(square, 1)
+
+        for stats in (pool.stats(), pool.statistics()):
+            assert isinstance(stats, DaskPoolStats) and isinstance(stats, procqueue.PoolStats)
+            assert stats.state == "run" and stats.tasks_succeeded >= 16
+            assert stats.workers and all(isinstance(w, procqueue.WorkerStats)
+                                         for w in stats.workers)
+        assert pool.client is client
+        assert pool._state == multiprocessing.pool.RUN and pool._pool == []
+        pool._repopulate_pool()  # nothing to refill: Dask replaces its own workers
+        pool._check_running()
+        assert repr(pool).startswith("<procqueue.DaskPool state=run scheduler='tcp://")
+        with pytest.raises(NotImplementedError, match="cannot be passed between processes"):
+            pickle.dumps(pool)
+
+        DaskPool.check_options(2, timeout=5, rate="5/s", retries=0, backend="dask")
+        pool.check_options(worker_env={"A": "1"}, pin=True, journal=None)
+        for bad, error in (({"timeout": "300%"}, ValueError), ({"journal": "x"}, TypeError),
+                           ({"retry_on": 3}, TypeError), ({"backend": "ray"}, ValueError),
+                           ({"processes": 0}, ValueError), ({"nope": 1}, TypeError)):
+            with pytest.raises(error):
+                DaskPool.check_options(**bad)
+
+        pool.close()
+        assert pool._state == multiprocessing.pool.CLOSE and "state=close" in repr(pool)
+        with pytest.raises(PoolClosedError):
+            pool._check_running()
+        pool.join()
+    assert pool._state == multiprocessing.pool.TERMINATE  # __exit__ terminated it
+    assert "state=terminate" in repr(pool) and pool.stats().state == "terminate"
+
+
+def test_a_dask_pool_dropped_while_running_says_so_as_the_local_pool_does(client: Any) -> None:
+    pool = procqueue.Pool(backend="dask", client=client)
+    with pytest.warns(ResourceWarning, match="unclosed running multiprocessing pool"):
+        del pool
+        gc.collect()
+    closed = procqueue.Pool(backend="dask", client=client)
+    closed.close()
+    closed.join()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        del closed
+        gc.collect()
+
+
+def test_dask_workers_import_neither_the_local_pool_nor_its_supervisor() -> None:
+    """A worker unpickles run_chunk and _WorkerSetup by reference: it imports their modules,
+    and with them the package, which loads DaskPool (and procqueue.pool) only when asked."""
+    code = ("import json, pickle, sys\n"
+            "from procqueue.backends.dask.worker_side import run_chunk\n"
+            "from procqueue.backends.dask.cluster import _WorkerSetup\n"
+            "assert pickle.loads(pickle.dumps(run_chunk)) is run_chunk\n"
+            "print(json.dumps([m for m in sys.modules if m.startswith('procqueue')]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    loaded = set(json.loads(out))
+    assert "procqueue.backends.dask.worker_side" in loaded
+    assert not loaded & {"procqueue.pool", "procqueue.supervisor", "procqueue.worker_slots",
+                         "procqueue.backends.dask.pool", "procqueue.backends.dask.driver"}
 
 
 def _scheduler_address(scheduler_file: Path, scheduler: "subprocess.Popen[bytes]",

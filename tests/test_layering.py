@@ -105,13 +105,77 @@ def test_cli_uses_only_the_public_api() -> None:
                     f"{path.name} uses procqueue.{node.attr}, not exported"
 
 
+# A backend may use the shared task model and mechanisms: the call surface, the result
+# objects, the wire format, the errors, the configuration values, the usable-CPU count and the
+# limits' value objects and bookkeeping (Rate, KeyedLimit, FairQueue); never the local
+# supervisor's machinery (supervisor, worker_slots, task_book, worker, scheduler, admission).
+BACKEND_SHARED = {"affinity", "calls", "chunking", "config", "errors", "limits", "protocol",
+                  "results", "tasks"}
+# The one way up: a DaskPool is a procqueue.Pool (isinstance holds), so dask/pool.py takes its
+# base class and the values and types of the Pool API from the pool module - these names only.
+BACKEND_POOL_NAMES = {"dask/pool.py": {"BACKENDS", "CallOptions", "Pool", "PoolState",
+                                       "PoolStats", "WorkerStats"}}
+
+# The Dask backend's package: module -> the modules of the package it may import, bottom up
+# (what runs in a Dask worker imports nothing of the driver's side).
+DASK_ALLOWED: dict[str, set[str]] = {
+    "__init__": {"cluster", "pool", "worker_side"},
+    "pool": {"cluster", "driver", "items", "options", "worker_side"},
+    "driver": {"cluster", "items", "worker_side"},
+    "options": {"items"},
+    "cluster": {"worker_side"},
+    "items": {"worker_side"},
+    "worker_side": set(),
+}
+
+
+def absolute_imports(path: Path) -> set[str]:
+    """The procqueue modules a file imports, as dotted names (relative imports resolved)."""
+    package = list(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = base + (node.module.split(".") if node.module else [])
+            if node.module is None:  # from . import x: x is a module
+                found.update(".".join(module + [alias.name]) for alias in node.names)
+            else:
+                found.add(".".join(module))
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.split(".")[0] == "procqueue"}
+
+
 def test_backends_use_only_the_shared_mechanisms() -> None:
-    """A backend reuses the call surface, the result objects, the wire format, the errors, the
-    usable-CPU count and the limits' value objects and bookkeeping (Rate, KeyedLimit,
-    FairQueue); it never reaches up into the pool or into the local supervisor's machinery."""
-    allowed = {"affinity", "calls", "chunking", "errors", "limits", "protocol", "results"}
-    for path in (PACKAGE / "backends").glob("*.py"):
-        tree = ast.parse(path.read_text())
-        used = {n.module.split(".")[0] for n in ast.walk(tree)
-                if isinstance(n, ast.ImportFrom) and n.level == 2 and n.module}
-        assert used <= allowed, f"{path.name} imports {sorted(used - allowed)}"
+    """A backend reuses the shared task model (BACKEND_SHARED); it never reaches up into the
+    local supervisor's machinery, and into the pool module only for the Pool API."""
+    for path in (PACKAGE / "backends").rglob("*.py"):
+        outside = {name.split(".")[1] for name in absolute_imports(path)
+                   if not name.startswith("procqueue.backends")}
+        name = path.relative_to(PACKAGE / "backends").as_posix()
+        allowed = BACKEND_SHARED | ({"pool"} if name in BACKEND_POOL_NAMES else set())
+        assert outside <= allowed, f"{name} imports {sorted(outside - allowed)}"
+
+
+def test_the_dask_pool_takes_only_the_pool_api_from_the_pool_module() -> None:
+    for name, allowed in BACKEND_POOL_NAMES.items():
+        path = PACKAGE / "backends" / name
+        taken = {alias.name for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.ImportFrom) and (node.module, node.level) in (
+                     ("pool", 3), ("procqueue.pool", 0)) for alias in node.names}
+        assert taken and taken <= allowed, f"{name} takes {sorted(taken - allowed)} from pool"
+
+
+def test_every_dask_backend_module_is_in_its_layering() -> None:
+    modules = {p.stem for p in (PACKAGE / "backends" / "dask").glob("*.py")}
+    assert modules == set(DASK_ALLOWED), f"unlisted: {sorted(modules ^ set(DASK_ALLOWED))}"
+
+
+@pytest.mark.parametrize("module", sorted(DASK_ALLOWED))
+def test_dask_backend_modules_import_only_modules_below_them(module: str) -> None:
+    prefix = "procqueue.backends.dask."
+    used = {name[len(prefix):].split(".")[0]
+            for name in absolute_imports(PACKAGE / "backends" / "dask" / f"{module}.py")
+            if name.startswith(prefix)}
+    illegal = used - DASK_ALLOWED[module]
+    assert not illegal, f"backends/dask/{module}.py imports {sorted(illegal)}, above it"

@@ -1,0 +1,489 @@
+"""The driver thread (_Driver): the one owner of every item of a DaskPool.
+
+It blocks in one ``inbox.get()``, applies the commands callers and Dask's done callbacks post
+there (items.py), puts pending items into chunks and submits them to Dask as run_chunk tasks
+(worker_side.py), and turns each chunk's rows into exactly one outcome per item: delivered,
+retried after a backoff, re-run alone after a lost worker, failed or cancelled.  See the
+package docstring for the whole data flow.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import pickle
+import queue
+import random
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Any
+
+from ...errors import (PoolBrokenError, RemoteError, TaskCancelledError, WorkerCrashedError,
+                       annotate)
+from ...protocol import restore_exception, short_repr, unreadable_result_error
+from .cluster import _close_quietly
+from .items import (Command, _CancelCall, _CancelItem, _Call, _Chunk, _ChunkDone, _Close,
+                    _InputDone, _Item, _Open, _Submit, _Terminate)
+from .worker_side import run_chunk
+
+INFLIGHT_CHUNKS_PER_THREAD = 2  # submitted chunks per worker thread: one running, one waiting
+NTHREADS_REFRESH_S = 2.0  # how often the cluster's thread count is asked for (it may scale)
+RETRY_BACKOFF_S = 0.05  # first retry delay; doubles per attempt, with jitter
+RETRY_BACKOFF_MAX_S = 5.0
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self.submitted = self.succeeded = self.failed = self.cancelled = 0
+        self.retries = self.lost_chunks = self.chunks = 0
+
+
+class _Driver:
+    """The one thread that owns every item of a DaskPool (see the package docstring)."""
+
+    def __init__(self, client: Any, token: str, retries: int,
+                 retry_on: tuple[type[BaseException], ...], allowed_failures: int) -> None:
+        self.client = client
+        self.token = token
+        self.retries = retries
+        self.retry_on = retry_on
+        self.allowed_failures = allowed_failures
+        self.inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self.calls: dict[int, _Call] = {}  # calls with work left, in submission order
+        self.ready: deque[_Call] = deque()  # calls with pending items (round robin)
+        self.inflight: dict[str, _Chunk] = {}
+        self.retry_heap: list[tuple[float, int, _Item]] = []
+        self.retry_seq = itertools.count()
+        self.chunk_ids = itertools.count(1)
+        self.counts = _Counters()
+        self.closing = False
+        self.state = "running"
+        self.broken_error: BaseException | None = None
+        self.worker_pids: dict[str, int] = {}  # Dask worker address -> pid, as seen in results
+        self.worker_work: dict[str, tuple[int, float]] = {}  # address -> (items run, busy s)
+        self._nthreads = 0
+        self._nthreads_at = -math.inf
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"procqueue-dask-{token}",
+                                       daemon=True)
+
+    def cancel_task(self, item: _Item, running: bool) -> None:
+        """A submit() future's cancel()."""
+        self.post(_CancelItem(item, running))
+
+    def post(self, command: Command) -> None:
+        self.inbox.put(command)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self.state != "stopped":
+                self._apply(self._next_command())
+                while True:  # apply whatever else arrived before dispatching once
+                    try:
+                        self._apply(self.inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                self._requeue_due_retries()
+                self._dispatch()
+                self._maybe_stop()
+        except BaseException:  # a procqueue bug: never leave a caller waiting forever
+            self._break(PoolBrokenError("procqueue dask driver failed:\n" + traceback.format_exc()))
+        finally:
+            self.state = "stopped"
+            self.stopped.set()
+
+    def _next_command(self) -> Command | None:
+        timeout = None
+        if self.retry_heap:
+            timeout = max(0.0, self.retry_heap[0][0] - time.monotonic())
+        try:
+            return self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _apply(self, command: Command | None) -> None:
+        match command:
+            case None:
+                pass
+            case _Submit(call, items):
+                self._on_submit(call, items)
+            case _Open(call):
+                call.open = True
+                self.calls[call.id] = call
+            case _InputDone(call):
+                call.open = False
+                self._forget_if_finished(call)
+            case _ChunkDone(future):
+                self._on_chunk_done(future)
+            case _CancelCall(call, kill_running, quiet):
+                self._cancel_call(call, kill_running, quiet)
+            case _CancelItem(item, running):
+                self._cancel_item(item, running)
+            case _Close():
+                self.closing = True
+            case _Terminate():
+                self._terminate()
+            case _:
+                raise TypeError(f"unknown driver command {command!r}")
+
+    def _maybe_stop(self) -> None:
+        if self.closing and self.state == "running" and not self.calls and not self.inflight:
+            self.state = "stopped"
+
+    # ---- submission and dispatch -----------------------------------------------------------
+
+    def _on_submit(self, call: _Call, items: list[_Item]) -> None:
+        self.calls[call.id] = call
+        call.outstanding += len(items)
+        self.counts.submitted += len(items)
+        for item in items:
+            if item.error is not None:
+                self._fail(item, item.error)
+            elif call.cancelled:
+                self._finish(item, False, self._cancelled_error(item, "before it started"))
+            else:
+                call.pending.push(item)
+        self._mark_ready(call)
+        self._forget_if_finished(call)
+
+    def _mark_ready(self, call: _Call) -> None:
+        if call.pending and call not in self.ready:
+            self.ready.append(call)
+
+    def _capacity(self) -> int:
+        now = time.monotonic()
+        if now - self._nthreads_at > NTHREADS_REFRESH_S:
+            try:
+                self._nthreads = sum(self.client.nthreads().values())
+            except Exception:  # the scheduler is unreachable for a moment: keep the last count
+                pass
+            self._nthreads_at = now
+        return INFLIGHT_CHUNKS_PER_THREAD * max(1, self._nthreads)
+
+    def threads(self) -> int:
+        return max(1, self._nthreads)
+
+    def _dispatch(self) -> None:
+        if self.state != "running" or not self.ready:
+            return
+        room = self._capacity() - len(self.inflight)
+        while room > 0 and self.ready:
+            call = self.ready.popleft()
+            items = self._take_chunk(call)
+            if items:
+                self._submit_chunk(call, items)
+                room -= 1
+                self._mark_ready(call)
+            # else every waiting key is at its cap: a chunk that ends marks the call ready
+
+    def _take_chunk(self, call: _Call) -> list[_Item]:
+        size = call.sizer.next_size(len(call.pending), workers=self.threads())
+        items: list[_Item] = []
+        while len(items) < size:
+            item = call.pending.pop()
+            if item is None:
+                break
+            if item.done:
+                continue  # cancelled while it waited
+            if item.isolate and items:
+                call.pending.push(item, front=True)
+                break  # an isolated item runs alone
+            if not call.sink.starting(item):  # its Future was cancelled while queued
+                self._finish(item, False, None)
+                continue
+            self._hold_key(item)
+            items.append(item)
+            if item.isolate:
+                break
+        return items
+
+    def _hold_key(self, item: _Item) -> None:
+        """Count the item as running under its key from now to its chunk's end: a chunk in
+        flight may be running any of its items, so the cap holds for the items that run."""
+        keyed = item.call.keyed
+        if keyed is not None:
+            keyed.started(item.key)
+            item.key_held = True
+
+    def _release_key(self, item: _Item) -> None:
+        keyed = item.call.keyed
+        if item.key_held and keyed is not None:
+            item.key_held = False
+            keyed.finished(item.key)
+            self._mark_ready(item.call)
+
+    def _forget_chunk(self, chunk: _Chunk) -> None:
+        """The chunk is no longer in flight (done, lost, cancelled): its items' keys free."""
+        self.inflight.pop(chunk.key, None)
+        for item in chunk.items:
+            item.chunk = None
+            self._release_key(item)
+
+    def _submit_chunk(self, call: _Call, items: list[_Item]) -> None:
+        key = f"procqueue-{self.token}-{call.id}-{next(self.chunk_ids)}"
+        payloads = [item.payload for item in items]
+        future = self.client.submit(run_chunk, call.fn_id, call.fn_payload, int(call.kind),
+                                    payloads, call.timeout_s, call.limits, call.rate, key=key,
+                                    pure=False)
+        chunk = _Chunk(key, call, items, future)
+        for item in items:
+            item.attempts += 1
+            item.chunk = chunk
+        self.inflight[key] = chunk
+        self.counts.chunks += 1
+        post = self.post
+        future.add_done_callback(lambda f: post(_ChunkDone(f)))
+
+    # ---- outcomes ---------------------------------------------------------------------------
+
+    def _on_chunk_done(self, future: Any) -> None:
+        chunk = self.inflight.get(future.key)
+        if chunk is None:
+            return  # cancelled or terminated before it finished
+        self._forget_chunk(chunk)
+        status = future.status
+        if status == "finished":
+            self._on_rows(chunk, future)
+        elif status == "error":
+            self._on_chunk_error(chunk, future.exception())
+        elif status == "lost":
+            self._requeue_uncharged(chunk)
+        else:  # cancelled by Dask (scheduler restart, client reconnect)
+            for item in _alive(chunk.items):
+                self._finish(item, False, self._cancelled_error(item, "by Dask"))
+        future.release()
+
+    def _on_rows(self, chunk: _Chunk, future: Any) -> None:
+        try:
+            pid, address, rows = future.result()
+        except Exception as exc:  # fetching the result failed (the worker left meanwhile)
+            self._on_chunk_error(chunk, exc)
+            return
+        busy = 0.0
+        for item, (ok, data, seconds) in zip(chunk.items, rows, strict=True):
+            busy += seconds
+            item.seconds, item.pid = seconds, pid
+            if not item.done:
+                self._on_row(item, ok, data)
+        chunk.call.sizer.observe(len(rows), busy)
+        if address:
+            self.worker_pids[address] = pid
+            done, busy_s = self.worker_work.get(address, (0, 0.0))
+            self.worker_work[address] = (done + len(rows), busy_s + busy)
+
+    def _on_row(self, item: _Item, ok: bool, data: bytes) -> None:
+        if ok:
+            try:
+                value = pickle.loads(data)
+            except BaseException as exc:  # noqa: BLE001 - fails only this item
+                self._fail(item, unreadable_result_error(exc, len(data)))
+                return
+            self._finish(item, True, value)
+        else:
+            self._after_failure(item, restore_exception(data))
+
+    def _on_chunk_error(self, chunk: _Chunk, exc: BaseException | None) -> None:
+        if _is_killed_worker(exc):
+            self._on_lost_worker(chunk, exc)
+            return
+        for item in _alive(chunk.items):
+            error = RemoteError(type(exc).__name__, f"the Dask task running this item failed: "
+                                f"{exc}; is procqueue installed on every Dask worker?")
+            error.__cause__ = exc
+            self._fail(item, error)
+
+    def _on_lost_worker(self, chunk: _Chunk, exc: Any) -> None:
+        """Dask re-ran the chunk until `allowed_failures`: split it so that the next worker
+        death is charged to the one item that causes it."""
+        self.counts.lost_chunks += 1
+        alive = _alive(chunk.items)
+        if len(chunk.items) > 1:
+            self._requeue_uncharged(chunk, isolate=True)
+            return
+        for item in alive:
+            item.crash_runs += self.allowed_failures + 1
+            item.attempts += self.allowed_failures  # Dask's own re-runs
+            if self.state == "running" and not item.call.cancelled \
+                    and item.crash_runs <= self.retries:
+                self._retry(item)
+            else:
+                self._fail(item, self._crash_error(item, exc))
+
+    def _crash_error(self, item: _Item, exc: Any) -> WorkerCrashedError:
+        address = getattr(getattr(exc, "last_worker", None), "address", "?")
+        item.pid = self.worker_pids.get(address)
+        error = WorkerCrashedError(
+            f"Dask worker {address} died while running the task, {item.crash_runs} time(s) "
+            f"(distributed.scheduler.allowed-failures={self.allowed_failures}); a SIGKILL "
+            "(the OOM killer is a common cause), os._exit or a segfault", exitcode=None)
+        error.__cause__ = exc
+        return error
+
+    def _requeue_uncharged(self, chunk: _Chunk, isolate: bool = False) -> None:
+        call = chunk.call
+        for item in reversed(_alive(chunk.items)):
+            item.attempts -= 1  # its run was not its fault (or it never ran)
+            item.isolate = item.isolate or isolate
+            if call.cancelled or self.state != "running":
+                self._finish(item, False, self._cancelled_error(item, "before it finished"))
+            else:
+                call.pending.push(item, front=True)
+        self._mark_ready(call)
+
+    def _after_failure(self, item: _Item, error: BaseException) -> None:
+        if self.state == "running" and not item.call.cancelled \
+                and item.attempts <= self.retries and isinstance(error, self.retry_on):
+            self._retry(item)
+        else:
+            self._fail(item, error)
+
+    def _retry(self, item: _Item) -> None:
+        self.counts.retries += 1
+        ceiling = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_S * 2 ** max(item.attempts - 1, 0))
+        due = time.monotonic() + ceiling / 2 + random.uniform(0, ceiling / 2)
+        heapq.heappush(self.retry_heap, (due, next(self.retry_seq), item))
+
+    def _requeue_due_retries(self) -> None:
+        now = time.monotonic()
+        while self.retry_heap and self.retry_heap[0][0] <= now:
+            item = heapq.heappop(self.retry_heap)[2]
+            if item.done:
+                continue
+            if item.call.cancelled or self.state != "running":
+                self._finish(item, False, self._cancelled_error(item, "before its retry"))
+                continue
+            item.call.pending.push(item, front=True)
+            self._mark_ready(item.call)
+
+    def _fail(self, item: _Item, error: BaseException) -> None:
+        annotate(error, index=item.index, input_repr=short_repr(item.input), pid=item.pid,
+                 attempts=item.attempts)
+        self._finish(item, False, error)
+
+    def _finish(self, item: _Item, ok: bool, value: Any) -> None:
+        """The only place an item gets its outcome; value None with not ok: a cancelled
+        Future (it knows already)."""
+        if item.done:
+            return
+        item.done = True
+        item.payload = None
+        call = item.call
+        call.outstanding -= 1
+        if ok:
+            self.counts.succeeded += 1
+        elif isinstance(value, TaskCancelledError) or value is None:
+            self.counts.cancelled += 1
+        else:
+            self.counts.failed += 1
+        if value is not None or ok:
+            try:
+                call.sink.deliver(item, ok, value)
+            except Exception:
+                traceback.print_exc()
+        self._forget_if_finished(call)
+
+    def _forget_if_finished(self, call: _Call) -> None:
+        if call.finished and self.calls.pop(call.id, None) is not None:
+            for limit in call.owned_limits:
+                _close_quietly(limit)
+
+    def _cancelled_error(self, item: _Item, when: str) -> TaskCancelledError:
+        error = TaskCancelledError(f"the task was cancelled {when}")
+        annotate(error, index=item.index, input_repr=short_repr(item.input), pid=item.pid,
+                 attempts=item.attempts)
+        return error
+
+    # ---- cancel / terminate ---------------------------------------------------------------
+
+    def _cancel_call(self, call: _Call, kill_running: bool, quiet: bool) -> None:
+        call.cancelled = True
+        _close_window(call)
+        for item in call.pending.drain():
+            self._finish(item, False, self._cancelled_error(item, "before it started"))
+        if kill_running:
+            for chunk in [c for c in self.inflight.values() if c.call is call]:
+                self._kill_chunk(chunk, "while running")
+
+    def _cancel_item(self, item: _Item, running: bool) -> None:
+        chunk = item.chunk
+        if chunk is not None and running and len(_alive(chunk.items)) == 1:
+            self._forget_chunk(chunk)
+            self.client.cancel(chunk.future, force=True)
+        self._finish(item, False, None)
+
+    def _kill_chunk(self, chunk: _Chunk, when: str) -> None:
+        """Forget a chunk in flight (Dask cannot stop its thread: it runs on, unread)."""
+        self._forget_chunk(chunk)
+        try:
+            self.client.cancel(chunk.future, force=True)
+        except Exception:
+            pass
+        for item in _alive(chunk.items):
+            self._finish(item, False, self._cancelled_error(item, when))
+
+    def _terminate(self) -> None:
+        self.state = "terminating"
+        for call in list(self.calls.values()):
+            _close_window(call)
+        for chunk in list(self.inflight.values()):
+            self._kill_chunk(chunk, "while running: the pool was terminated")
+        for call in list(self.calls.values()):
+            for item in call.pending.drain():
+                self._finish(item, False,
+                             self._cancelled_error(item, "before it started: the pool was "
+                                                   "terminated"))
+        while self.retry_heap:
+            item = heapq.heappop(self.retry_heap)[2]
+            self._finish(item, False, self._cancelled_error(item, "while waiting to retry"))
+        for call in list(self.calls.values()):
+            call.open = False
+            self._forget_if_finished(call)
+        self.state = "stopped"
+
+    def _break(self, error: BaseException) -> None:
+        self.broken_error = error
+        for chunk in list(self.inflight.values()):
+            self._forget_chunk(chunk)
+            for item in _alive(chunk.items):
+                self._finish_quietly(item, error)
+        for call in list(self.calls.values()):
+            _close_window(call)
+            for item in call.pending.drain():
+                self._finish_quietly(item, error)
+        for _, _, item in self.retry_heap:
+            self._finish_quietly(item, error)
+
+    def _finish_quietly(self, item: _Item, error: BaseException) -> None:
+        try:
+            self._finish(item, False, PoolBrokenError(str(error)))
+        except Exception:
+            pass
+
+    def statistics(self) -> tuple[int, int]:
+        """(items queued, items in flight): read from other threads, hence approximate."""
+        queued = sum(len(c.pending) for c in list(self.calls.values())) + len(self.retry_heap)
+        running = sum(len(c.items) for c in list(self.inflight.values()))
+        return queued, running
+
+
+def _alive(items: list[_Item]) -> list[_Item]:
+    return [item for item in items if not item.done]
+
+
+def _close_window(call: _Call) -> None:
+    window = getattr(call.sink, "window", None)
+    if window is not None:
+        window.close()
+
+
+def _is_killed_worker(exc: Any) -> bool:
+    try:
+        from distributed.scheduler import KilledWorker
+    except ImportError:
+        return False
+    return isinstance(exc, KilledWorker)

@@ -1,0 +1,199 @@
+"""The driver's data: what it owns and what it is told.
+
+_Item is one input of one call (what the result sinks see as a task), _Call one API call
+(map, imap, submit...) with its function, its sink and its limits, _Pending a call's items
+waiting for a chunk (FIFO, or fair across keys), _Chunk the items of one Dask task in
+flight.  The commands (_Submit, _Open, _InputDone, _ChunkDone, _CancelCall, _CancelItem,
+_Close, _Terminate) are everything that changes an item's state: callers and Dask's done
+callbacks post them to the driver's inbox, and only the driver thread applies them.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ...chunking import ChunkSizer
+from ...limits import FairQueue, KeyedLimit
+from ...protocol import CallKind
+from .worker_side import RateSpec
+
+
+class _Item:
+    """One input of one call; what the result sinks see as a task (index, input, attempts,
+    seconds, pid)."""
+
+    __slots__ = ("call", "index", "input", "payload", "error", "attempts", "seconds", "pid",
+                 "done", "isolate", "crash_runs", "chunk", "key", "key_held")
+
+    def __init__(self, call: "_Call", index: int, item: Any, payload: bytes | None,
+                 error: BaseException | None = None) -> None:
+        self.call = call
+        self.index = index
+        self.input = item
+        self.payload = payload
+        self.error = error  # set when the input could not be pickled: fails at once
+        self.attempts = 0  # runs started
+        self.seconds = 0.0  # run time of the last attempt
+        self.pid: int | None = None  # Dask worker process of the last attempt
+        self.done = False  # its one outcome was delivered
+        self.isolate = False  # run alone: its chunk lost a worker, find out who did it
+        self.crash_runs = 0  # runs that ended with the worker's death
+        self.chunk: "_Chunk | None" = None  # in flight in this chunk
+        self.key: Any = None  # its concurrency key (calls with key=)
+        self.key_held = False  # counted as running under its key (from chunk to chunk end)
+
+
+@dataclass(frozen=True)
+class _KeySpec:
+    """A call's per-key limit: `fn(input)` is an input's key (called in the caller, as the
+    local pool does), and at most `per_key` items of the call run at once per key."""
+
+    fn: Callable[[Any], Any]
+    per_key: int
+
+
+class _Pending:
+    """A call's items waiting for a chunk: FIFO, or for a keyed call FIFO within each key and
+    round robin across keys (the local pool's FairQueue), handing out only items whose key is
+    under its cap, so a key with many items neither starves nor blocks the others."""
+
+    def __init__(self, keyed: KeyedLimit[Any] | None) -> None:
+        self.keyed = keyed
+        self.fifo: deque[_Item] = deque()
+        self.by_key: FairQueue[Any, _Item] | None = None if keyed is None else FairQueue()
+
+    def __len__(self) -> int:
+        return len(self.fifo) if self.by_key is None else len(self.by_key)
+
+    def push(self, item: _Item, front: bool = False) -> None:
+        if self.by_key is not None:
+            if front:
+                self.by_key.push_front(item.key, item)
+            else:
+                self.by_key.push(item.key, item)
+        elif front:
+            self.fifo.appendleft(item)
+        else:
+            self.fifo.append(item)
+
+    def pop(self) -> _Item | None:
+        """The next item that may start now (its key under its cap); None if none may."""
+        if self.by_key is None:
+            return self.fifo.popleft() if self.fifo else None
+        assert self.keyed is not None
+        got = self.by_key.pop_next(self.keyed.can_start)
+        return None if got is None else got.item
+
+    def drain(self) -> list[_Item]:
+        """Every waiting item, whatever its key."""
+        if self.by_key is None:
+            items = list(self.fifo)
+            self.fifo.clear()
+            return items
+        drained = []
+        while (got := self.by_key.pop_next()) is not None:
+            drained.append(got.item)
+        return drained
+
+
+class _Call:
+    """One API call (map, imap, submit...): its function, how to call it, its sink."""
+
+    def __init__(self, call_id: int, fn_id: int, fn_payload: bytes, kind: CallKind, sink: Any,
+                 *, timeout_s: float | None, limits: tuple[Any, ...],
+                 sizer: ChunkSizer, rate: RateSpec | None = None,
+                 keys: _KeySpec | None = None) -> None:
+        self.id = call_id
+        self.fn_id = fn_id
+        self.fn_payload = fn_payload
+        self.kind = kind
+        self.sink = sink
+        self.timeout_s = timeout_s
+        self.limits = limits  # distributed.Semaphore objects held by each of its chunks
+        self.owned_limits: tuple[Any, ...] = ()  # this call's own, closed when it ends
+        self.sizer = sizer
+        self.rate = rate  # the pool's rate gate, taken by each item where it runs
+        self.key_fn = None if keys is None else keys.fn
+        self.keyed: KeyedLimit[Any] | None = None if keys is None else KeyedLimit(keys.per_key)
+        self.pending = _Pending(self.keyed)
+        self.open = False  # a feeder may still add items
+        self.outstanding = 0  # items without an outcome yet
+        self.cancelled = False
+
+    @property
+    def finished(self) -> bool:
+        return not self.open and self.outstanding == 0
+
+
+class _Chunk:
+    __slots__ = ("key", "call", "items", "future")
+
+    def __init__(self, key: str, call: _Call, items: list[_Item], future: Any) -> None:
+        self.key = key
+        self.call = call
+        self.items = items
+        self.future = future
+
+
+# ---- driver commands: everything that changes item state is one of these -----------------------
+
+@dataclass(frozen=True)
+class _Submit:
+    call: _Call
+    items: list[_Item]
+
+
+@dataclass(frozen=True)
+class _Open:
+    call: _Call
+
+
+@dataclass(frozen=True)
+class _InputDone:
+    call: _Call
+
+
+@dataclass(frozen=True)
+class _ChunkDone:
+    future: Any
+
+
+@dataclass(frozen=True)
+class _CancelCall:
+    call: _Call
+    kill_running: bool
+    quiet: bool  # the consumer is gone: nobody reads the cancelled outcomes
+
+
+@dataclass(frozen=True)
+class _CancelItem:
+    item: _Item
+    running: bool
+
+
+@dataclass(frozen=True)
+class _Close:
+    pass
+
+
+@dataclass(frozen=True)
+class _Terminate:
+    pass
+
+
+Command = (_Submit | _Open | _InputDone | _ChunkDone | _CancelCall | _CancelItem | _Close
+           | _Terminate)
+
+
+def _dumps_item(item: Any) -> bytes:
+    """Pickle an input for the wire: plain pickle (fast), cloudpickle for lambdas and the
+    like.  Never out of band: the bytes may go to another machine."""
+    try:
+        return pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        import cloudpickle
+
+        return bytes(cloudpickle.dumps(item, pickle.HIGHEST_PROTOCOL))

@@ -1,0 +1,452 @@
+"""DaskPool: procqueue.Pool's API and result objects on a Dask distributed cluster.
+
+The calls (apply_async, map, imap, submit, imap_outcomes...) turn their inputs into items
+(items.py) and post them to the pool's driver thread (driver.py); close, terminate and join
+end it and give back what the pool holds on the cluster (cluster.py).  DaskPool is a
+procqueue.Pool (isinstance holds, and code typed for a Pool accepts it) that runs none of the
+local pool's machinery: it overrides what the local pool does with its supervisor and keeps
+what holds for any pool.  Its stats() are a DaskPoolStats with DaskWorkerStats rows: a
+PoolStats and WorkerStats, with the fields a Dask cluster can fill and a few of its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import uuid
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from ...calls import errors_mode
+from ...chunking import ChunkSizer
+from ...errors import InitializerError, PoolClosedError, argument_error
+from ...limits import Rate
+# The one import of the local pool's module: a DaskPool is a procqueue.Pool (its base class,
+# state values, stats types and per-call options), and uses none of its machinery.
+from ...pool import BACKENDS, CallOptions, Pool, PoolState, PoolStats, WorkerStats
+from ...protocol import CallKind, pickled_function
+from ...results import (ApplyResult, IMapIterator, MapResult, OutcomeIterator,
+                        ResultStream, TaskFuture, Window)
+from .cluster import CLOSE_TIMEOUT_S, _Resources, _WorkerSetup
+from .driver import _Driver
+from .items import (_CancelCall, _Call, _Close, _InputDone, _Item, _Open, _Submit,
+                    _Terminate, _dumps_item)
+from .options import DEFAULT_CRASH_RETRIES, _call_options, check_pool_options
+from .worker_side import FUNCTION_CACHE_SIZE, RateSpec, _distributed
+
+TARGET_CHUNK_S = 0.2  # a Dask task costs ~1-3 ms of scheduling: aim for chunks of 200 ms
+MAX_CHUNK_ITEMS = 10_000  # caps one chunk's memory and result latency
+WINDOW_ITEMS_PER_THREAD = 512  # lazy calls: inputs taken but not consumed, per worker thread
+WINDOW_ITEMS_MIN = 2048
+FEED_GROUP_MAX = 256  # inputs a feeder hands to the driver in one command at most
+
+
+@dataclass(frozen=True)
+class DaskWorkerStats(WorkerStats):
+    """One Dask worker, as the scheduler reports it: the WorkerStats fields it can fill (cpus
+    empty, idle_s and restarts 0, last_exit None), its address and its thread count."""
+
+    address: str = ""
+    nthreads: int = 0
+
+
+@dataclass(frozen=True)
+class DaskPoolStats(PoolStats):
+    """The PoolStats fields (same names and meaning) for a DaskPool, where processes counts
+    the Dask worker threads in the cluster, tasks_running the items in chunks submitted to
+    Dask (running or waiting there), worker_restarts the chunks Dask lost with a worker and
+    state is "run", "close" or "terminate"; plus the chunks (Dask tasks) submitted."""
+
+    workers: tuple[DaskWorkerStats, ...] = ()
+    chunks_submitted: int = 0
+
+
+class DaskPool(Pool):
+    """procqueue.Pool's API and result objects on a Dask distributed cluster.
+
+    address=None and client=None: a LocalCluster of `processes` single-threaded worker
+    processes on this machine, shut down with the pool.  address="tcp://host:8786": a
+    Client of that scheduler, closed with the pool.  client=: that Client, left open.
+    retries: re-runs of an item whose Dask worker died (Dask's own rescheduling, then one run
+    per item, see the package docstring) and of an item raising one of retry_on.  timeout:
+    per-item seconds (interrupts Python code; see docs/dask.md for what cannot be).
+    concurrency: at most this many items of the pool running at once, cluster-wide (a
+    distributed.Semaphore).  rate (a Rate or "50/30s"): at most `limit` item starts in any
+    `per` seconds, cluster-wide (see worker_side._RateWindow).  worker_env: set in every
+    worker while the pool is open (and in the processes of a LocalCluster the pool starts).
+    processes is the size of the LocalCluster the pool starts; with address= or client= the
+    cluster is what it is, and processes is ignored.  maxtasksperchild, context and pin have
+    no meaning on Dask and are ignored; the local pool's other options are refused by name.
+    backend is accepted as procqueue.Pool(backend="dask", ...) passes it on.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "DaskPool":
+        # Not Pool.__new__, which picks the backend: a DaskPool is the Dask backend already.
+        return object.__new__(cls)
+
+    def __init__(self, processes: int | None = None,
+                 initializer: Callable[..., object] | None = None, initargs: Iterable[Any] = (),
+                 maxtasksperchild: int | None = None, context: Any = None, *,
+                 backend: str = "dask", address: str | None = None, client: Any = None,
+                 retries: int = DEFAULT_CRASH_RETRIES,
+                 retry_on: type[BaseException] | Iterable[type[BaseException]] = (),
+                 timeout: float | None = None, chunksize: int | None = None,
+                 concurrency: int | None = None, rate: Rate | str | None = None,
+                 worker_env: Mapping[str, str] | None = None, **options: Any) -> None:
+        # Pool.__init__ is never called: it starts the local supervisor and its workers.
+        _check_backend(backend)
+        checked = check_pool_options(
+            processes, initializer, initargs, maxtasksperchild, context, address=address,
+            client=client, retries=retries, retry_on=retry_on, timeout=timeout,
+            chunksize=chunksize, concurrency=concurrency, rate=rate, worker_env=worker_env,
+            **options)
+        env = checked.worker_env
+        self._state = PoolState.RUN
+        self._retries = retries
+        self._timeout_s = None if timeout is None else float(timeout)
+        self._chunksize = chunksize
+        self._token = uuid.uuid4().hex[:8]
+        self._ids = itertools.count(1)
+        self._sizers: OrderedDict[int, ChunkSizer] = OrderedDict()
+        self._lock = threading.Lock()
+        self._resources = _Resources.open(processes, address, client, retries, env)
+        self._client = self._resources.client
+        try:
+            self._semaphores = self._pool_limits(concurrency)
+            self._rate = self._rate_gate(checked.rate)
+            self._install_worker_setup(env, initializer, tuple(initargs))
+            self._driver = _Driver(self._client, self._token, retries, checked.retry_on,
+                                   self._resources.allowed_failures())
+        except BaseException:
+            self._resources.close()
+            raise
+        self._driver.thread.start()
+        # Under Pool's name, which Pool.__del__ reads (a pool dropped while running says so);
+        # typed with gradual parameters, as Pool's own finalizer takes other arguments.
+        finalizer: weakref.finalize[..., Any] = weakref.finalize(
+            self, _shutdown, self._driver, self._resources)
+        self._finalizer = finalizer
+
+    @staticmethod
+    def check_options(processes: int | None = None, **options: Any) -> None:
+        """Pool.check_options with the Dask backend's rules: raise the ValueError or TypeError
+        DaskPool(processes, **options) would raise for a bad option, connecting to nothing."""
+        _check_backend(options.pop("backend", "dask"))
+        check_pool_options(processes, **options)
+
+    # ---- multiprocessing.Pool API (apply, map, imap... in calls.PoolCalls) ----------------
+
+    def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
+                    kwds: Mapping[str, Any] | None = None,
+                    callback: Callable[[Any], object] | None = None,
+                    error_callback: Callable[[BaseException], object] | None = None,
+                    **options: Any) -> ApplyResult:
+        self._check_running()
+        result = ApplyResult(self, callback, error_callback)
+        call = self._call(func, CallKind.ARGS_KWARGS, result, 1, options)
+        self._post_items(call, [(tuple(args), dict(kwds or {}))])
+        return result
+
+    def close(self) -> None:
+        """No more work may be submitted; join() waits for the submitted work."""
+        if self._state is PoolState.RUN:
+            self._state = PoolState.CLOSE
+            self._driver.post(_Close())
+
+    def terminate(self) -> None:
+        """Stop now: unfinished items fail with TaskCancelledError, chunks in flight are
+        cancelled, a LocalCluster we started is shut down."""
+        self._state = PoolState.TERMINATE
+        self._finalizer()
+
+    def join(self) -> None:
+        """Wait for the submitted work (after close) and release the cluster."""
+        if self._state is PoolState.RUN:
+            raise ValueError("Pool is still running")
+        self._driver.stopped.wait()
+        self._finalizer()
+
+    def __enter__(self) -> "DaskPool":
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.terminate()
+
+    def __repr__(self) -> str:
+        return (f"<procqueue.DaskPool state={self._state_name()} "
+                f"scheduler={self._resources.scheduler_address()!r}>")
+
+    def __reduce__(self) -> Any:
+        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
+    @property
+    def _pool(self) -> list[Any]:
+        """multiprocessing.Pool's list of its worker processes (Pool._pool): a DaskPool has
+        none of its own to list - the Dask workers are the cluster's, which replaces them."""
+        return []
+
+    # ---- procqueue extras ----------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Run fn(*args, **kwargs) on the cluster; returns a concurrent.futures.Future."""
+        return self._submit_with({}, fn, args, kwargs)
+
+    def _submit_call(self, call: CallOptions, fn: Callable[..., Any], args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> TaskFuture:
+        """pool.options(...).submit(...) (Pool.options's view): submit() with its options."""
+        options = {f.name: getattr(call, f.name) for f in fields(call)
+                   if getattr(call, f.name) is not None}
+        return self._submit_with(options, fn, args, kwargs)
+
+    def _submit_with(self, options: dict[str, Any], fn: Callable[..., Any],
+                     args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskFuture:
+        self._check_running()
+        future = TaskFuture(keepalive=self)
+        call = self._call(fn, CallKind.ARGS_KWARGS, future, 1, options)
+        item = self._make_item(call, 0, (args, kwargs))
+        future.cancel_via(self._driver, item)  # before the driver can deliver its outcome
+        self._driver.post(_Submit(call, [item]))
+        return future
+
+    def imap_outcomes(self, func: Callable[..., Any], iterable: Iterable[Any], *,
+                      ordered: bool = True, chunksize: int | None = None, star: bool = False,
+                      **options: Any) -> OutcomeIterator:
+        """One TaskOutcome per input, in input order or (ordered=False) completion order."""
+        self._check_running()
+        stream = ResultStream(ordered, Window(self._window_size()))
+        call = self._call(func, CallKind.STAR if star else CallKind.ONE, stream, chunksize,
+                          options)
+        post = self._driver.post
+        iterator = OutcomeIterator(
+            stream, self, on_abandon=lambda: post(_CancelCall(call, False, True)),
+            on_cancel=lambda kill: post(_CancelCall(call, kill, False)))
+        self._start_input_feed(call, stream, iterable)
+        return iterator
+
+    def stats(self) -> DaskPoolStats:
+        """A snapshot of item counts and the cluster's workers."""
+        d = self._driver
+        queued, running = d.statistics()
+        workers = _worker_stats(self._client, dict(d.worker_pids), dict(d.worker_work))
+        return DaskPoolStats(
+            self._state_name(), sum(w.nthreads for w in workers), d.counts.submitted,
+            d.counts.succeeded, d.counts.failed, d.counts.cancelled, queued, running,
+            d.counts.retries, d.counts.lost_chunks, 0, workers, d.counts.chunks)
+
+    statistics = stats
+
+    @property
+    def client(self) -> Any:
+        """The distributed.Client the pool submits to."""
+        return self._client
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _check_running(self) -> None:
+        if self._state is not PoolState.RUN:
+            raise PoolClosedError("Pool not running")
+        if self._driver.broken_error is not None:
+            raise self._driver.broken_error
+
+    def _state_name(self) -> str:
+        """The state as repr() and stats() have always shown it: run, close or terminate."""
+        return self._state.value.lower()
+
+    def _call(self, func: Callable[..., Any], kind: CallKind, sink: Any,
+              chunksize: int | None, options: dict[str, Any]) -> _Call:
+        if not callable(func):
+            raise TypeError(f"{func!r} is not callable")
+        timeout_s, concurrency, keys = _call_options(options, self._timeout_s)
+        fn_id, payload = pickled_function(func)
+        fixed = chunksize if chunksize is not None else self._chunksize
+        if fixed is not None and (isinstance(fixed, bool) or not isinstance(fixed, int)
+                                  or fixed < 1):
+            raise ValueError("Chunksize must be 1+")
+        # Under a rate, chunks keep their adaptive size: each item takes its start where it
+        # runs, so a chunk cannot start its items early (the local pool's batches can).
+        # (A fixed chunksize lives in the sizer, which always answers it.)
+        call = _Call(next(self._ids), fn_id, payload, kind, sink, timeout_s=timeout_s,
+                     limits=self._semaphores, sizer=self._sizer(fn_id, fixed), rate=self._rate,
+                     keys=keys)
+        if concurrency is not None:
+            own = self._semaphore(concurrency, f"call{call.id}")
+            call.limits, call.owned_limits = self._semaphores + (own,), (own,)
+        return call
+
+    def _sizer(self, fn_id: int, fixed: int | None) -> ChunkSizer:
+        if fixed is not None:
+            return ChunkSizer(1, fixed)
+        with self._lock:
+            sizer = self._sizers.get(fn_id)
+            if sizer is None:  # sized per Dask worker thread (next_size's workers=)
+                sizer = self._sizers[fn_id] = ChunkSizer(
+                    1, target_s=TARGET_CHUNK_S, max_tasks=MAX_CHUNK_ITEMS)
+                while len(self._sizers) > FUNCTION_CACHE_SIZE:
+                    self._sizers.popitem(last=False)
+            return sizer
+
+    def _semaphore(self, max_leases: int, what: str) -> Any:
+        return _distributed().Semaphore(
+            max_leases=max_leases, name=f"procqueue-{self._token}-{what}",
+            scheduler_rpc=self._client.scheduler, loop=self._client.loop)
+
+    def _pool_limits(self, concurrency: int | None) -> tuple[Any, ...]:
+        if concurrency is None:
+            return ()
+        limit = self._semaphore(concurrency, "pool")
+        self._resources.limits += (limit,)
+        return (limit,)
+
+    def _rate_gate(self, rate: Rate | None) -> RateSpec | None:
+        """The pool's rate as its chunks carry it; the semaphore behind it is closed with the
+        pool, after the workers gave its leases back (_Resources.close)."""
+        if rate is None:
+            return None
+        semaphore = self._semaphore(rate.limit, "rate")
+        self._resources.limits += (semaphore,)
+        self._resources.rate_names.append(semaphore.name)
+        return RateSpec(semaphore.name, rate.limit, rate.period_s)
+
+    def _install_worker_setup(self, env: dict[str, str],
+                              initializer: Callable[..., object] | None,
+                              initargs: tuple[Any, ...]) -> None:
+        if not env and initializer is None:
+            return
+        from distributed.diagnostics.plugin import WorkerPlugin
+
+        plugin = type("ProcqueueWorkerSetup", (_WorkerSetup, WorkerPlugin), {})(
+            env, initializer, initargs)
+        name = f"procqueue-setup-{self._token}"
+        self._resources.plugin_name = name  # unregistered at close, even if setup failed
+        try:
+            self._client.register_plugin(plugin, name=name)
+        except Exception as exc:
+            error = InitializerError(
+                f"the worker initializer raised {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            raise error from exc
+
+    def _window_size(self) -> int:
+        return max(WINDOW_ITEMS_MIN, WINDOW_ITEMS_PER_THREAD * self._driver.threads())
+
+    def _make_item(self, call: _Call, index: int, value: Any) -> _Item:
+        """An item for one input; a problem with the input (it cannot be pickled, its key
+        function raises) becomes that item's error, never the whole call's."""
+        try:
+            item = _Item(call, index, value, _dumps_item(value))
+        except Exception as exc:
+            error = argument_error(f"the task's argument could not be pickled: {exc!r}; "
+                                   "make sure every argument is picklable", exc)
+            return _Item(call, index, value, None, error)
+        if call.key_fn is not None:
+            try:
+                item.key = call.key_fn(value)
+                hash(item.key)
+            except Exception as exc:
+                item.error = exc
+        return item
+
+    def _post_items(self, call: _Call, values: Iterable[Any]) -> list[_Item]:
+        items = [self._make_item(call, i, v) for i, v in enumerate(values)]
+        self._driver.post(_Submit(call, items))
+        return items
+
+    def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
+                   chunksize: int | None, kind: CallKind, callback: Any = None,
+                   error_callback: Any = None, *, errors: str, options: dict[str, Any]
+                   ) -> MapResult:
+        self._check_running()
+        errors = errors_mode(errors, options)
+        values = iterable if isinstance(iterable, (list, tuple)) else list(iterable)
+        result = MapResult(self, len(values), callback, error_callback,
+                           return_errors=errors == "return")
+        if values:
+            call = self._call(func, kind, result, chunksize, options)
+            self._post_items(call, values)
+        return result
+
+    def _imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None,
+              *, ordered: bool, errors: str, options: dict[str, Any]) -> IMapIterator:
+        self._check_running()
+        errors = errors_mode(errors, options)
+        stream = ResultStream(ordered, Window(self._window_size()))
+        call = self._call(func, CallKind.ONE, stream, chunksize, options)
+        post = self._driver.post
+        iterator = IMapIterator(stream, self,
+                                on_abandon=lambda: post(_CancelCall(call, False, True)),
+                                return_errors=errors == "return")
+        self._start_input_feed(call, stream, iterable)
+        return iterator
+
+    def _start_input_feed(self, call: _Call, stream: ResultStream, iterable: Iterable[Any]) -> None:
+        self._driver.post(_Open(call))
+        feeder = threading.Thread(target=self._feed_inputs, args=(call, stream, iter(iterable)),
+                                  name=f"procqueue-dask-feeder-{call.id}", daemon=True)
+        feeder.start()
+
+    def _feed_inputs(self, call: _Call, stream: ResultStream, iterator: Iterator[Any]) -> None:
+        """Feeder thread: take inputs while the window has room, hand them over in groups."""
+        window = stream.window
+        assert window is not None
+        count, input_error = 0, None
+        try:
+            while True:
+                places = window.acquire(FEED_GROUP_MAX)
+                if not places:
+                    break  # the window closed: terminate, cancel, or the iterator was dropped
+                group: list[_Item] = []
+                try:
+                    while len(group) < places:
+                        group.append(self._make_item(call, count, next(iterator)))
+                        count += 1
+                except StopIteration:
+                    pass
+                if places > len(group):
+                    window.release(places - len(group))
+                if group:
+                    self._driver.post(_Submit(call, group))
+                if len(group) < places:
+                    break
+        except BaseException as exc:  # the user's iterable raised: what it gave still runs
+            input_error = exc
+        finally:
+            stream.input_finished(count, input_error)
+            self._driver.post(_InputDone(call))
+
+
+def _worker_stats(client: Any, pids: dict[str, int], work: dict[str, tuple[int, float]]
+                  ) -> tuple[DaskWorkerStats, ...]:
+    """One row per worker the scheduler knows now; pid and work as this pool saw them."""
+    try:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+    except TypeError:
+        workers = client.scheduler_info()["workers"]
+    except Exception:
+        return ()
+    rows = []
+    for slot, (address, info) in enumerate(sorted(workers.items())):
+        metrics = info.get("metrics", {})
+        done, busy_s = work.get(address, (0, 0.0))
+        rows.append(DaskWorkerStats(
+            slot, pids.get(address), (), done, busy_s, 0.0, 0, None,
+            int(metrics.get("memory", 0) or 0), address, int(info.get("nthreads", 0))))
+    return tuple(rows)
+
+
+def _shutdown(driver: _Driver, resources: _Resources) -> None:
+    """Terminate the driver (if still running) and release the cluster (finalizer: GC,
+    terminate, join, interpreter exit)."""
+    if not driver.stopped.is_set():
+        driver.post(_Terminate())
+        driver.stopped.wait(CLOSE_TIMEOUT_S)
+    resources.close()
+
+
+def _check_backend(backend: Any) -> None:
+    """Any backend Pool.__new__ accepts: it made a DaskPool of it (backend="local" with
+    address= or client= is a DaskPool too)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")

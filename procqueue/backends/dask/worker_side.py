@@ -1,0 +1,389 @@
+"""What runs inside a Dask worker process, and nothing of the driver's side.
+
+run_chunk is one Dask task: it runs a chunk's items in order and returns one row per item
+(ok, the pickled result or ErrorInfo, seconds), so a failing item fails only itself.  Around
+it: the worker's cache of unpickled functions, an item's call (the worker.run_item
+contract), per-item timeouts (_TimedRun watching an _ItemThread), the concurrency leases a
+chunk holds, and the worker's side of a pool's cluster-wide rate window (_RateWindow).  Dask
+workers unpickle run_chunk, seal_rate_window and close_rate_window by reference
+(procqueue.backends.dask.worker_side.<name>), so procqueue must be importable there
+(docs/dask.md); this module imports only the shared task model, so that a worker loads no
+more of procqueue than it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import pickle
+import queue
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from ...errors import (ArgumentSerializationError, RemoteError, TaskTimeoutError,
+                       WorkerExitedError)
+from ...limits import START_SKEW_MARGIN_S
+from ...protocol import (CallKind, apply_call, capture_exception, dumps,
+                         unpicklable_result_error)
+
+TIMEOUT_GRACE_S = 1.0  # after interrupting a timed-out item, wait this long before abandoning it
+FUNCTION_CACHE_SIZE = 64  # functions a Dask worker keeps unpickled, by fn_id
+# A lease wait asks the scheduler again this often (seconds), so that a wait on a semaphore
+# its pool closed meanwhile (terminate) ends with an error instead of holding the worker
+# thread forever: the scheduler forgets the waiters of a closed semaphore without waking them.
+LEASE_POLL_S = 1.0
+# A start's rate lease is given back this much later than `per` seconds after it was granted
+# (seconds): the item itself starts a moment after the grant (as START_SKEW_MARGIN_S does
+# for the local pool's gate).
+RATE_RELEASE_MARGIN_S = START_SKEW_MARGIN_S
+
+_functions: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+_function_errors: dict[int, bytes] = {}  # fn_id -> pickled ErrorInfo (unpickling failed here)
+
+Row = tuple[bool, bytes, float]  # (ok, pickled result or ErrorInfo, seconds) of one item
+
+
+@dataclass(frozen=True)
+class RateSpec:
+    """A pool's cluster-wide rate gate, as a chunk carries it: the distributed.Semaphore's
+    name, `limit` starts in any `period_s` seconds."""
+
+    name: str
+    limit: int
+    period_s: float
+
+
+def run_chunk(fn_id: int, fn_payload: bytes, kind: int, payloads: list[bytes],
+              timeout_s: float | None, limits: tuple[Any, ...],
+              rate: RateSpec | None = None) -> tuple[int, str, list[Row]]:
+    """One Dask task: run the items in order, each one's outcome a row.  Holds every
+    distributed.Semaphore in `limits` while it runs; each item takes a start from the
+    pool's rate gate (if any) right before it runs.  Returns (pid, worker address, rows)."""
+    fn, fn_error = _load_function(fn_id, fn_payload)
+    call_kind = CallKind(kind)
+    gate = None if rate is None else _rate_window(rate)
+    with contextlib.ExitStack() as stack:
+        for limit in limits:
+            stack.enter_context(_lease(limit))
+        if timeout_s is None:
+            rows = [_run_item(fn, fn_error, call_kind, p, gate) for p in payloads]
+        else:
+            rows = _TimedRun(fn, fn_error, call_kind, payloads, timeout_s, gate).run()
+    return os.getpid(), _worker_address(), rows
+
+
+def _acquire_lease(semaphore: Any) -> None:
+    """Block until the distributed.Semaphore grants a lease (see LEASE_POLL_S)."""
+    while not semaphore.acquire(timeout=LEASE_POLL_S):
+        pass
+
+
+@contextlib.contextmanager
+def _lease(semaphore: Any) -> Iterator[None]:
+    _acquire_lease(semaphore)
+    try:
+        yield
+    finally:
+        semaphore.release()
+
+
+class _RateWindow:
+    """This worker's side of a pool's cluster-wide rate gate: at most `limit` item starts in
+    any `period_s` seconds, over every worker.
+
+    A sliding window made of a distributed.Semaphore(max_leases=limit): each start takes a
+    lease and gives it back `period_s` seconds after it was granted - not when the item ends,
+    and whatever the item does (raise, time out, run for an hour).  The leases held at any
+    moment are then exactly the starts of the last `period_s` seconds, so no window of
+    `period_s` seconds can hold more than `limit` starts.  Only durations are measured, each
+    on one machine, so worker clocks need not agree.
+
+    A worker that dies takes its lease refreshes with it: the scheduler frees its leases after
+    distributed.scheduler.locks.lease-timeout (30 s by default), which narrows the window for
+    that long but never widens it.
+
+    take() runs in item threads; the release timers and the counts live on the worker's event
+    loop (one thread, no lock)."""
+
+    def __init__(self, spec: RateSpec, worker: Any) -> None:
+        self.loop = worker.loop  # a tornado IOLoop: add_callback is its thread-safe entry
+        self.semaphore = _distributed().Semaphore(
+            max_leases=spec.limit, name=spec.name, scheduler_rpc=worker.scheduler,
+            loop=worker.loop)
+        self.period_s = spec.period_s
+        self.held = 0  # leases granted here and not given back yet (event loop only)
+        self.sealed = False  # the pool is ending: no item may start any more
+        self.closed = False  # the pool ended: every lease was given back (event loop only)
+
+    def take(self) -> None:
+        """Block until a start is granted; its lease goes back `period_s` seconds later.
+        RuntimeError if the pool ended meanwhile: its item must not start."""
+        _acquire_lease(self.semaphore)
+        if self.sealed:  # granted by a lease the ending pool gave back: not a start
+            self.semaphore.release()
+            raise RuntimeError("the pool ended while this item waited for its start")
+        due = time.monotonic() + self.period_s + RATE_RELEASE_MARGIN_S
+        self.loop.add_callback(self._arm, due)
+
+    def _arm(self, due: float) -> Any:
+        if self.closed:
+            return self._give_back()  # granted while the pool was ending
+        self.held += 1
+        self.loop.call_later(max(0.0, due - time.monotonic()), self._expire)
+        return None
+
+    async def _expire(self) -> None:
+        if self.closed:
+            return  # close() gave it back already
+        self.held -= 1
+        await self._give_back()
+
+    async def _give_back(self) -> None:
+        try:
+            # On the event loop, Semaphore.release() returns the coroutine to await.
+            await self.semaphore.release()
+        except Exception:  # the pool closed the semaphore: nothing is left to give back
+            pass
+
+    async def close(self) -> None:
+        """The pool ended: give every lease back now (no start of the pool can follow)."""
+        self.sealed = self.closed = True
+        held, self.held = self.held, 0
+        for _ in range(held):
+            await self._give_back()
+        refresh = getattr(self.semaphore, "refresh_callback", None)  # none if no lease timeout
+        if refresh is not None:
+            refresh.stop()
+
+
+_rate_windows: dict[str, _RateWindow] = {}  # by RateSpec.name, for the pool's lifetime
+_rate_windows_lock = threading.Lock()
+
+
+def _rate_window(spec: RateSpec) -> _RateWindow:
+    """This worker's window for `spec` (one per worker process, shared by its threads, so
+    its leases are refreshed by one Semaphore).  Called in the Dask task's thread, where
+    distributed.get_worker() works."""
+    with _rate_windows_lock:
+        window = _rate_windows.get(spec.name)
+        if window is None:
+            window = _RateWindow(spec, _distributed().get_worker())
+            _rate_windows[spec.name] = window
+        return window
+
+
+def seal_rate_window(name: str) -> None:
+    """Run on every worker (client.run) when a pool with a rate ends, before any of them
+    gives its leases back: a lease given back on one worker must not let an item of the
+    ending pool start on another."""
+    with _rate_windows_lock:
+        window = _rate_windows.get(name)
+    if window is not None:
+        window.sealed = True
+
+
+async def close_rate_window(name: str) -> None:
+    """Run on every worker (client.run) when a pool with a rate ends, after
+    seal_rate_window and before its semaphore is closed on the scheduler: the leases go
+    back (so it closes empty) and the window is forgotten."""
+    with _rate_windows_lock:
+        window = _rate_windows.pop(name, None)
+    if window is not None:
+        await window.close()
+
+
+def _worker_address() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return ""
+
+
+def _load_function(fn_id: int, payload: bytes) -> tuple[Callable[..., Any] | None, bytes | None]:
+    fn = _functions.get(fn_id)
+    if fn is not None:
+        return fn, None
+    if fn_id in _function_errors:
+        return None, _function_errors[fn_id]
+    try:
+        fn = pickle.loads(payload)
+    except BaseException as exc:  # noqa: BLE001 - e.g. the user's module is missing on this worker
+        error = ArgumentSerializationError(
+            f"could not unpickle the task's function on the Dask worker: {exc!r}; install the "
+            "modules it needs on every worker")
+        error.__cause__ = exc
+        _function_errors[fn_id] = capture_exception(error)
+        return None, _function_errors[fn_id]
+    _functions[fn_id] = fn
+    while len(_functions) > FUNCTION_CACHE_SIZE:
+        _functions.popitem(last=False)
+    return fn, None
+
+
+class _Interrupt(BaseException):
+    """Raised asynchronously in an item thread whose item ran past its timeout."""
+
+
+def _run_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKind,
+              payload: bytes, gate: _RateWindow | None) -> Row:
+    if gate is not None:
+        gate.take()
+    started = time.monotonic()  # after the rate gate: waiting for a start is not run time
+    ok, data = _call_item(fn, fn_error, kind, payload)
+    return ok, data, time.monotonic() - started
+
+
+def _call_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKind,
+               payload: bytes) -> tuple[bool, bytes]:
+    """The worker.run_item contract: (True, pickled result) or (False, pickled ErrorInfo);
+    never raises for the item's own failure (SystemExit included)."""
+    if fn is None:
+        assert fn_error is not None
+        return False, fn_error
+    try:
+        arg = pickle.loads(payload)
+    except _Interrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001
+        error = ArgumentSerializationError(f"could not unpickle the task's argument: {exc!r}")
+        error.__cause__ = exc
+        return False, capture_exception(error)
+    try:
+        value = apply_call(fn, kind, arg)
+    except _Interrupt:
+        raise
+    except SystemExit as exc:
+        exited = WorkerExitedError(f"task called sys.exit({exc.code!r})", code=exc.code)
+        exited.__cause__ = exc
+        return False, capture_exception(exited)
+    except Exception as exc:
+        return False, capture_exception(exc)
+    except BaseException as exc:  # KeyboardInterrupt, GeneratorExit: never re-raised
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return False, capture_exception(RemoteError(type(exc).__name__, str(exc), tb))
+    try:
+        return True, dumps(value)
+    except _Interrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - an unpicklable result fails only its item
+        return False, capture_exception(unpicklable_result_error(value, exc))
+
+
+def _timeout_row(timeout_s: float, seconds: float, abandoned: bool) -> Row:
+    how = ("; it is blocked outside Python and keeps running in an abandoned thread of the "
+           "Dask worker" if abandoned else "")
+    error = TaskTimeoutError(f"task timed out after {timeout_s:.3g} s{how}", timeout_s=timeout_s)
+    return False, capture_exception(error), seconds
+
+
+class _ItemThread:
+    """Runs items[start:] one after another on a helper thread, reporting ("start", i, t)
+    and ("done", i, row) to its own queue, or ("error", i, exc) if item i could not get its
+    start from the rate gate.  interrupt(i) raises _Interrupt in it, only while
+    item i is still the current one (checked under the lock the thread updates it with)."""
+
+    def __init__(self, run: "_TimedRun", start: int) -> None:
+        self.run = run
+        self.start = start
+        self.events: queue.SimpleQueue[tuple[str, int, Any]] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.current: int | None = None
+        self.abandoned = False
+        self.thread = threading.Thread(target=self._loop, name="procqueue-dask-item",
+                                       daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        run = self.run
+        for i in range(self.start, len(run.payloads)):
+            if self.abandoned:
+                return
+            if run.gate is not None:
+                try:
+                    run.gate.take()  # before the item's clock: its timeout counts from here
+                except Exception as exc:  # the pool's semaphore is gone (terminated)
+                    self.events.put(("error", i, exc))
+                    return
+            started = time.monotonic()
+            try:
+                with self.lock:
+                    self.current = i
+                self.events.put(("start", i, started))
+                ok, data = _call_item(run.fn, run.fn_error, run.kind, run.payloads[i])
+                row: Row = (ok, data, time.monotonic() - started)
+                with self.lock:
+                    self.current = None
+            except _Interrupt:
+                with self.lock:
+                    self.current = None
+                row = _timeout_row(run.timeout_s, time.monotonic() - started, False)
+            self.events.put(("done", i, row))
+
+    def interrupt(self, i: int) -> None:
+        with self.lock:
+            if self.current == i and self.thread.ident is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(self.thread.ident), ctypes.py_object(_Interrupt))
+
+
+class _TimedRun:
+    """The items of a chunk with a per-item timeout.  Dask cannot kill a task's thread, so
+    each item runs on a helper thread watched from the Dask task's thread: at the deadline
+    the item is interrupted (an exception raised in its thread: pure-Python code stops at
+    once); if it does not stop within TIMEOUT_GRACE_S (blocked in C: sleep, I/O, an
+    extension), its thread is abandoned and the next items run on a fresh one."""
+
+    def __init__(self, fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKind,
+                 payloads: list[bytes], timeout_s: float, gate: _RateWindow | None) -> None:
+        self.fn, self.fn_error, self.kind = fn, fn_error, kind
+        self.payloads = payloads
+        self.timeout_s = timeout_s
+        self.gate = gate
+        self.rows: list[Row | None] = [None] * len(payloads)
+
+    def run(self) -> list[Row]:
+        position = 0
+        while position < len(self.payloads):
+            position = self._watch(_ItemThread(self, position))
+        return [row for row in self.rows if row is not None]
+
+    def _watch(self, items: _ItemThread) -> int:
+        """Collect rows until the thread is done (len) or abandoned (next position)."""
+        current, started, deadline, interrupted = -1, 0.0, None, False
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                what, i, value = items.events.get(timeout=wait)
+            except queue.Empty:
+                if not interrupted:
+                    items.interrupt(current)
+                    interrupted, deadline = True, time.monotonic() + TIMEOUT_GRACE_S
+                    continue
+                items.abandoned = True
+                self.rows[current] = _timeout_row(self.timeout_s, time.monotonic() - started,
+                                                  True)
+                return current + 1
+            if what == "error":
+                raise value  # fails the chunk, as a failing lease does without a timeout
+            if what == "start":
+                current, started, interrupted = i, value, False
+                deadline = started + self.timeout_s
+            else:
+                self.rows[i], deadline = value, None
+                if i == len(self.payloads) - 1:
+                    return len(self.payloads)
+
+
+def _distributed() -> Any:
+    """The distributed package, typed Any: it is an optional extra (procqueue[dask]) and
+    only partly annotated, so its calls are checked by the tests, not by mypy."""
+    import importlib
+
+    return importlib.import_module("distributed")
