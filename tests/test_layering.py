@@ -179,3 +179,15 @@ def test_dask_backend_modules_import_only_modules_below_them(module: str) -> Non
             if name.startswith(prefix)}
     illegal = used - DASK_ALLOWED[module]
     assert not illegal, f"backends/dask/{module}.py imports {sorted(illegal)}, above it"
+
+
+def test_every_package_of_procqueue_is_installed() -> None:
+    """setup.cfg lists packages by name: a new subpackage left out installs with
+    `pip install -e .` (the folder is on the path) but is missing from `pip install .`."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    found = {".".join(init.parent.relative_to(ROOT).parts) for init in PACKAGE.rglob("__init__.py")}
+    assert found <= listed, f"not in setup.cfg's packages: {sorted(found - listed)}"
