@@ -245,19 +245,23 @@ def nap(x):
 
 
 def spin(x):
-    end = time.perf_counter() + 0.0003
+    end = time.perf_counter() + 0.0006
     while time.perf_counter() < end:
         pass
     return x
 
 
-# (function, inputs, chunksize, at least this many cancelled): 20 ms inputs, and 0.3 ms
+# (function, inputs, chunksize, at least this many cancelled): 20 ms inputs, and 0.6 ms
 # ones, which the worker checks for a revoke only once a millisecond, not before each one.
+# Two blocks of 1,000 spins (0.6 s each) run at once from the start; half the inputs must be
+# cancelled, so the cancel may take up to 0.3 s to reach the workers (with 0.3 ms spins a
+# 0.19 s delay on a busy 2-core machine failed the test once in a full run).  2,000 inputs
+# fit in an imap's window (an abandoned imap takes no more).
 CANCELS = [(nap, 200, 50, 1), (spin, 2000, 1000, 1000)]
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("fn, n, chunksize, least", CANCELS, ids=["20ms", "0.3ms"])
+@pytest.mark.parametrize("fn, n, chunksize, least", CANCELS, ids=["20ms", "0.6ms"])
 def test_cancel_inside_blocks_gives_every_input_one_outcome(fn, n, chunksize, least):
     with procqueue.Pool(2) as pool:
         it = pool.imap_outcomes(fn, range(n), chunksize=chunksize)
@@ -275,7 +279,7 @@ def test_cancel_inside_blocks_gives_every_input_one_outcome(fn, n, chunksize, le
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("fn, n, chunksize, least", CANCELS, ids=["20ms", "0.3ms"])
+@pytest.mark.parametrize("fn, n, chunksize, least", CANCELS, ids=["20ms", "0.6ms"])
 def test_an_abandoned_imap_stops_inside_its_blocks(fn, n, chunksize, least):
     # imap's blocks run untimed (no clock per input): they still look for a revoke.
     import gc
