@@ -364,7 +364,10 @@ class Pool(PoolCalls):
         post = self._supervisor.post
         iterator = IMapIterator(stream, self, lambda: post(CancelJob(job, False, True)),
                                 return_errors=errors == "return")
-        self._start_feeder(job, stream, iterable, journal, whole_chunks=chunksize or 1)
+        # Whole chunks only where one fits in the window: a partial chunk holds its places,
+        # and one larger than the window could never be completed.
+        whole = chunksize if chunksize is not None and chunksize <= self._window_size() else 1
+        self._start_feeder(job, stream, iterable, journal, whole_chunks=whole)
         return iterator
 
     def _single_task_job(self, func: Callable[..., Any], sink: Any, call: "CallOptions") -> Job:
@@ -388,7 +391,10 @@ class Pool(PoolCalls):
         return job
 
     def _window(self) -> Window:
-        return Window(max(WINDOW_TASKS_MIN, WINDOW_TASKS_PER_WORKER * self._processes))
+        return Window(self._window_size())
+
+    def _window_size(self) -> int:
+        return max(WINDOW_TASKS_MIN, WINDOW_TASKS_PER_WORKER * self._processes)
 
     def _job(self, func: Callable[..., Any], kind: CallKind, sink: Any,
              chunksize: int | None, call: "CallOptions", *, cache: bool = False) -> Job:

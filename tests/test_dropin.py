@@ -280,3 +280,17 @@ def test_the_start_method_the_program_set_is_used(how: str, expected: tuple[Any,
                          stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == repr(expected)
+
+
+def numbers(n: int) -> Any:
+    yield from range(n)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("chunksize", [1000, 2048, 5000])
+def test_imap_over_a_generator_with_any_chunksize_completes(chunksize: int) -> None:
+    # Whole chunks are held back until complete (see the CPython tests above): one larger
+    # than the pool's input window must not wait forever for places the window never frees.
+    with Pool(2) as pool:
+        assert list(pool.imap(square, numbers(10_000), chunksize)) == [
+            x * x for x in range(10_000)]
