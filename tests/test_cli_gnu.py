@@ -208,12 +208,10 @@ def test_a_reader_that_goes_away_ends_the_run_quietly_with_141(tmp_path: Path) -
     first = proc.stdout.readline()
     assert json.loads(first)["input"] == "0"
     proc.stdout.close()  # `| head -1`
-    started = time.monotonic()
     code = proc.wait(30)
     stderr = proc.stderr.read().decode()
     assert code == 141, stderr
     assert "Traceback" not in stderr and "Error" not in stderr, stderr
-    assert time.monotonic() - started < 10
     time.sleep(0.5)
     count = len(list(ran.iterdir()))
     time.sleep(0.5)
