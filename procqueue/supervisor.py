@@ -48,13 +48,12 @@ from .scheduler import FailureKind, RetryPolicy, Scheduler
 from .stats import TaskEvent
 from .blocks import BlockRouter, Outcome, decode, explode_slot
 from .task_book import TaskBook
+from .timeouts import task_deadline, timeout_of
 from .tasks import Block, Job, Task, TaskState
 from .worker_slots import Batch, Slot, SlotPhase, WorkerSlots
 
 STOP_WORKERS_TIMEOUT_S = 1.0  # close(): how long retiring workers get before being killed
 REUSABLE_MEMFD_BYTES = 64 * 2**20  # finished big arguments' memfds kept for reuse, at most
-MIN_DURATIONS_FOR_RELATIVE = 3  # finished tasks needed before a relative timeout applies
-MIN_RELATIVE_TIMEOUT_S = 1.0  # a relative timeout never kills a task younger than this
 WARM_UP_CRASH_LIMIT = 2  # workers lost loading one function before warm-ups stop
 # Tasks queued per worker below which nothing is prefetched (see _dispatch).
 PREFETCH_MIN_QUEUED_PER_WORKER = 8
@@ -723,38 +722,8 @@ class Supervisor:
             out.append(slot.kill_deadline)
             if slot.phase is SlotPhase.DEAD and self._should_have_worker():
                 out.append(slot.respawn_at)
-            out.append(self._task_deadline(slot))
+            out.append(task_deadline(slot))
         return out
-
-    def _task_deadline(self, slot: Slot) -> float | None:
-        if not slot.batches or slot.phase not in (SlotPhase.READY, SlotPhase.RETIRING):
-            return None
-        running = slot.current_task()
-        batch = slot.batches[0]
-        if running is not None:
-            task = batch.pending.get(running[0])
-            started = running[1]
-        else:
-            task = next(iter(batch.pending.values()), None)
-            started = batch.sent_at
-        if task is None:
-            return None
-        timeout_s = self._timeout_of(task)
-        if timeout_s is None:
-            return None
-        return max(started, batch.sent_at) + timeout_s
-
-    def _timeout_of(self, task: Task) -> float | None:
-        """Seconds a task may run: its absolute timeout, or a multiple of the median run time
-        of its call so far (once MIN_DURATIONS_FOR_RELATIVE are known; never under
-        MIN_RELATIVE_TIMEOUT_S, so scheduling noise never kills a healthy short task)."""
-        if task.timeout_s is not None:
-            return task.timeout_s
-        job = task.job
-        if job.timeout_factor is None or job.durations is None \
-                or len(job.durations) < MIN_DURATIONS_FOR_RELATIVE:
-            return None
-        return max(MIN_RELATIVE_TIMEOUT_S, job.timeout_factor * _median(job.durations))
 
     def _on_deadlines(self, now: float) -> None:
         for task in self.scheduler.release_due_retries(now):
@@ -769,13 +738,13 @@ class Supervisor:
                 self._on_timeout(slot, now)
 
     def _past_task_deadline(self, slot: Slot, now: float) -> bool:
-        deadline = self._task_deadline(slot)
+        deadline = task_deadline(slot)
         if deadline is None or now < deadline:
             return False
         # What the worker sent before the deadline counts first: a task that finished and
         # went back to idle looks, from its slot alone, like one that never started.
         self._read_sent_results(slot)
-        deadline = self._task_deadline(slot)
+        deadline = task_deadline(slot)
         return deadline is not None and now >= deadline
 
     def _on_timeout(self, slot: Slot, now: float) -> None:
@@ -788,7 +757,7 @@ class Supervisor:
         for batch in slot.batches:
             batch.pending.pop(task.id, None)
         task.seconds = now - started
-        timeout_s = self._timeout_of(task) or 0.0
+        timeout_s = timeout_of(task) or 0.0
         how = "" if task.timeout_s is not None else \
             f" ({task.job.timeout_factor:.0%} of the median task time)"
         error = TaskTimeoutError(f"task timed out after {timeout_s:.3g} s{how}",
@@ -988,13 +957,6 @@ def _unimportable_main_hint(context: Any) -> str:
     return (f"; the program's main module ({path!r}) is not a file the workers can import "
             "(the forkserver start method re-imports it in each worker): run the program from "
             "a .py file, or pass context='fork'")
-
-
-def _median(values: "deque[float]") -> float:
-    """statistics.median, without importing statistics (and fractions, decimal) at start-up."""
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _joined_submits(first: SubmitTasks, inbox: "deque[Command]") -> SubmitTasks:

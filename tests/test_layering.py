@@ -19,8 +19,10 @@ ALLOWED: dict[str, set[str]] = {
     "pool": {"supervisor", "config", "results", "tasks", "errors", "protocol", "chunking",
              "admission", "journal", "trace", "scheduler",
              "affinity", "limits", "backends", "calls"},
-    "supervisor": {"worker_slots", "blocks", "task_book", "scheduler", "admission", "stats",
-                   "results", "tasks", "protocol", "errors", "config", "limits"},
+    "supervisor": {"worker_slots", "blocks", "task_book", "timeouts", "scheduler", "admission",
+                   "stats", "results", "tasks", "protocol", "errors", "config", "limits"},
+    # when a running task times out: pure, reads a slot and its tasks
+    "timeouts": {"worker_slots", "tasks"},
     # blocks' one home: reading and routing a block's report, exploding it into tasks
     "blocks": {"task_book", "worker_slots", "tasks", "protocol"},
     # the task book keeps tasks' books and decides what follows an outcome: no processes
