@@ -245,6 +245,19 @@ class PoolClosedError(ProcqueueError, ValueError):
     """A call on a pool that is closed or terminated (a ValueError, as in multiprocessing)."""
 
 
+class StoreError(ProcqueueError):
+    """A task store (a durable queue's SQLite file or PostgreSQL database, or a journal)
+    cannot be used; the message says which and why, on one line."""
+
+
+class StoreFormatError(StoreError):
+    """The file or database is not a procqueue store, or one of a newer format."""
+
+
+class StoreUnsafeError(StoreError):
+    """The store is writable by other users: its pickles are code the workers would run."""
+
+
 def signal_name(signum: int) -> str:
     try:
         return _signal.Signals(signum).name

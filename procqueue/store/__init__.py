@@ -1,0 +1,35 @@
+"""Durable storage: the queue store (SQLite file or PostgreSQL database) and what the batch
+journal shares with it (opening SQLite files safely, keeping outcomes).
+
+    open_store("jobs.db")                       SqliteStore (created on first use, mode 0600)
+    open_store("postgresql://user@host/db")     PostgresStore (psycopg 3)
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import cast
+
+from .records import (Claim, ClaimedTask, Finished, NewTask, QueueCounts, QueueSpec,
+                      ServiceRecord, StoredError, TaskRecord, TaskStatus)
+from .sql import HEARTBEAT_S, LEASE_S, SqlStore
+
+__all__ = ["open_store", "SqlStore", "Claim", "ClaimedTask", "Finished", "NewTask",
+           "QueueCounts", "QueueSpec", "ServiceRecord", "StoredError", "TaskRecord",
+           "TaskStatus", "HEARTBEAT_S", "LEASE_S"]
+
+
+def is_postgres_url(target: str) -> bool:
+    return target.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(target: str | os.PathLike[str], *, durable: bool = False) -> SqlStore:
+    """The store at ``target``: a PostgreSQL URL, or the path of an SQLite file."""
+    text = os.fspath(target)
+    if is_postgres_url(text):
+        # imported here: psycopg is needed only for PostgreSQL
+        module = importlib.import_module(".postgres", __package__)
+        return cast(SqlStore, module.PostgresStore(text))
+    from .sqlite import SqliteStore
+    return SqliteStore(text, durable=durable)

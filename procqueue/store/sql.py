@@ -1,0 +1,497 @@
+"""The durable queue store's logic in SQL, shared by the SQLite and PostgreSQL stores.
+
+Every change is one transaction; the dialects differ only in how a write transaction begins
+(SQLite: BEGIN IMMEDIATE, one writer at a time; PostgreSQL: the claimed queues' rows locked
+FOR UPDATE, pending rows taken with SKIP LOCKED), in placeholders and column types, and in how
+a service is woken (a socket beside the SQLite file; LISTEN/NOTIFY).
+
+Where each promise is kept:
+- limits across services (``concurrency``, ``key_concurrency``, ``rate``): ``_claim_queue``
+  counts the queue's running tasks and its recent starts inside the claim's transaction, which
+  is serialised per queue, so two services never both take the last permit;
+- a dead service's tasks run again: ``_requeue_lost`` (every claim) puts back the running tasks
+  of services whose heartbeat is older than LEASE_S, or whose process is gone on this host;
+- no outcome recorded twice: ``record`` updates a task only while it is running, held by the
+  reporting service, at the reported attempt (records.py: the fencing token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from typing import Any, Iterable, Iterator, Sequence
+
+import psutil
+
+from ..errors import StoreError
+from .records import (Claim, ClaimedTask, Finished, NewTask, QueueCounts, QueueSpec,
+                      ServiceRecord, StoredError, TaskRecord, TaskStatus)
+
+SCHEMA_VERSION = 1
+HEARTBEAT_S = 0.5  # a service refreshes its heartbeat this often...
+LEASE_S = 5.0  # ...and holds its tasks while the last one is younger than this
+LOCAL_CHECK_AFTER_S = 1.0  # a silent service on this host is checked by pid after this long
+MAX_LOSSES = 3  # a task whose service died this many times while running it fails
+CANDIDATES_PER_PICK = 4  # with per-key limits, scan this many pending rows per task wanted
+
+_TASK_COLUMNS = ("id, queue, function, label, key, priority, dedup_id, status, attempts, lost, "
+                 "timeout_s, retries, enqueued_at, started_at, finished_at, service, seconds, "
+                 "pid, result, error_type, error_message, error_traceback, error")
+
+
+class SqlStore:
+    """A durable queue store (see records.py for the task's life).  Thread-safe: each thread
+    gets its own connection; a forked child opens new ones."""
+
+    dialect = "sql"
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._local = threading.local()
+        self._all_connections: list[Any] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.host = socket.gethostname()
+
+    # ---- dialect hooks ----------------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _begin_write(self, cursor: Any) -> None:
+        raise NotImplementedError
+
+    def _lock_queue(self, cursor: Any, queue: str) -> None:
+        """Serialise claims of one queue (SQLite: the write lock already does)."""
+
+    def _sql(self, text: str) -> str:
+        return text
+
+    def _insert_task(self, cursor: Any, task: NewTask, now: float) -> int | None:
+        """Insert; the new id, or None when a pending/running task has its dedup_id."""
+        raise NotImplementedError
+
+    def notify(self) -> None:
+        """Wake the services waiting for work (after an enqueue or a retry committed)."""
+
+    def waker(self, service_id: str) -> Any:
+        """An object with fileno(), drain() and close() that wakes a service's loop."""
+        raise NotImplementedError
+
+    # ---- connections and transactions ------------------------------------------------------
+
+    def _connection(self) -> Any:
+        if self._closed:
+            raise StoreError(f"the store {self.target} is closed")
+        conn = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            conn = self._connect()
+            self._local.conn, self._local.pid = conn, os.getpid()
+            with self._lock:
+                self._all_connections.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Any]:
+        conn = self._connection()
+        cursor = conn.cursor()
+        self._begin_write(cursor)
+        try:
+            yield cursor
+        except BaseException:
+            cursor.execute("ROLLBACK")
+            raise
+        cursor.execute("COMMIT")
+
+    def _x(self, cursor: Any, text: str, params: Sequence[Any] = ()) -> Any:
+        cursor.execute(self._sql(text), params)
+        return cursor
+
+    def _many(self, cursor: Any, text: str, rows: Iterable[Sequence[Any]]) -> None:
+        cursor.executemany(self._sql(text), list(rows))
+
+    def _read(self, text: str, params: Sequence[Any] = ()) -> list[Any]:
+        conn = self._connection()
+        cursor = conn.cursor()
+        try:
+            return list(self._x(cursor, text, params).fetchall())
+        finally:
+            self._end_read(conn)
+
+    def _end_read(self, conn: Any) -> None:
+        """PostgreSQL ends the read's implicit transaction; SQLite autocommits."""
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            connections, self._all_connections = self._all_connections, []
+        for conn in connections:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def __enter__(self) -> "SqlStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- queues -----------------------------------------------------------------------------
+
+    def define(self, spec: QueueSpec) -> None:
+        with self._write() as c:
+            self._x(c, "DELETE FROM queues WHERE name = ?", (spec.name,))
+            self._x(c, "INSERT INTO queues (name, concurrency, worker_concurrency, rate_limit, "
+                       "rate_per, key_concurrency, retries) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (spec.name, spec.concurrency, spec.worker_concurrency, spec.rate_limit,
+                     spec.rate_per, spec.key_concurrency, spec.retries))
+
+    def queue_specs(self) -> dict[str, QueueSpec]:
+        rows = self._read("SELECT name, concurrency, worker_concurrency, rate_limit, rate_per, "
+                          "key_concurrency, retries FROM queues ORDER BY name")
+        return {row[0]: QueueSpec(*row) for row in rows}
+
+    # ---- enqueue ----------------------------------------------------------------------------
+
+    def enqueue(self, tasks: Sequence[NewTask]) -> list[int]:
+        """Store the tasks in one transaction (durable when this returns); their ids.  A task
+        whose dedup_id a pending or running task of its queue has gets that task's id."""
+        now = time.time()
+        ids: list[int] = []
+        with self._write() as c:
+            for queue in {t.queue for t in tasks}:
+                self._x(c, "INSERT INTO queues (name) VALUES (?) ON CONFLICT DO NOTHING",
+                        (queue,))
+            for task in tasks:
+                new_id = self._insert_task(c, task, now)
+                if new_id is None:
+                    row = self._x(c, "SELECT id FROM tasks WHERE queue = ? AND dedup_id = ? "
+                                     "AND status IN ('pending', 'running')",
+                                  (task.queue, task.dedup_id)).fetchone()
+                    if row is None:
+                        raise StoreError(f"dedup_id {task.dedup_id!r} conflicts with no task")
+                    new_id = row[0]
+                ids.append(int(new_id))
+        self.notify()
+        return ids
+
+    # ---- services ---------------------------------------------------------------------------
+
+    def register_service(self, service_id: str, queues: Sequence[str], jobs: int) -> None:
+        now = time.time()
+        started = psutil.Process().create_time()
+        with self._write() as c:
+            self._x(c, "INSERT INTO services (id, host, pid, proc_started, started_at, "
+                       "heartbeat_at, queues, jobs) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (service_id, self.host, os.getpid(), started, now, now, ",".join(queues),
+                     jobs))
+
+    def heartbeat(self, service_id: str) -> bool:
+        """Refresh the lease; False if the service was declared dead (its tasks re-queued)."""
+        with self._write() as c:
+            c2 = self._x(c, "UPDATE services SET heartbeat_at = ? WHERE id = ?",
+                         (time.time(), service_id))
+            return bool(c2.rowcount)
+
+    def deregister_service(self, service_id: str, release: Sequence[tuple[int, int]] = ()
+                           ) -> None:
+        """Remove the service; put back the (id, attempt) tasks it still held, unrun."""
+        with self._write() as c:
+            self._many(c, "UPDATE tasks SET status = 'pending', service = NULL, "
+                          "attempts = attempts - 1 WHERE id = ? AND attempts = ? "
+                          "AND service = ? AND status = 'running'",
+                       [(task_id, attempt, service_id) for task_id, attempt in release])
+            self._x(c, "DELETE FROM services WHERE id = ?", (service_id,))
+        if release:
+            self.notify()
+
+    def services(self) -> list[ServiceRecord]:
+        rows = self._read(
+            "SELECT s.id, s.host, s.pid, s.started_at, s.heartbeat_at, s.queues, s.jobs, "
+            "(SELECT COUNT(*) FROM tasks t WHERE t.service = s.id AND t.status = 'running') "
+            "FROM services s ORDER BY s.started_at")
+        return [ServiceRecord(*row) for row in rows]
+
+    def still_held(self, service_id: str, held: Sequence[int]) -> set[int]:
+        """Which of these task ids are still running under this service (not cancelled)."""
+        if not held:
+            return set()
+        found: set[int] = set()
+        for chunk in _chunks(list(held), 500):
+            marks = ", ".join("?" * len(chunk))
+            found.update(row[0] for row in self._read(
+                f"SELECT id FROM tasks WHERE id IN ({marks}) AND service = ? "
+                f"AND status = 'running'", (*chunk, service_id)))
+        return found
+
+    # ---- claim and record -------------------------------------------------------------------
+
+    def claim(self, service_id: str, wants: dict[str, int]) -> Claim:
+        """Take up to wants[queue] pending tasks of each queue for this service, within every
+        queue's limits, highest priority first, then in enqueue order."""
+        now = time.time()
+        claimed: list[ClaimedTask] = []
+        expired: list[ClaimedTask] = []
+        retry_at: float | None = None
+        with self._write() as c:
+            self._requeue_lost(c, now)
+            specs = {row[0]: QueueSpec(*row) for row in self._x(
+                c, "SELECT name, concurrency, worker_concurrency, rate_limit, rate_per, "
+                   "key_concurrency, retries FROM queues").fetchall()}
+            for queue, want in wants.items():
+                spec = specs.get(queue)
+                if spec is None or want <= 0:
+                    continue
+                self._lock_queue(c, queue)
+                ids, wait_until = self._claim_queue(c, spec, want, now)
+                if wait_until is not None:
+                    retry_at = wait_until if retry_at is None else min(retry_at, wait_until)
+                if ids:
+                    got = self._start(c, service_id, ids, now)
+                    claimed += [t for t in got if t.time_left_s is None or t.time_left_s > 0]
+                    expired += [t for t in got if t.time_left_s is not None
+                                and t.time_left_s <= 0]
+        return Claim(claimed, expired, retry_at)
+
+    def _claim_queue(self, c: Any, spec: QueueSpec, want: int, now: float
+                     ) -> tuple[list[int], float | None]:
+        running = None
+        if spec.concurrency is not None:
+            running = self._x(c, "SELECT COUNT(*) FROM tasks WHERE queue = ? AND "
+                                 "status = 'running'", (spec.name,)).fetchone()[0]
+            want = min(want, spec.concurrency - running)
+        wait_until = None
+        if spec.rate_limit is not None and spec.rate_per is not None:
+            since = now - spec.rate_per
+            self._x(c, "DELETE FROM starts WHERE queue = ? AND at <= ?", (spec.name, since))
+            starts = [row[0] for row in self._x(
+                c, "SELECT at FROM starts WHERE queue = ? ORDER BY at",
+                (spec.name,)).fetchall()]
+            room = spec.rate_limit - len(starts)
+            if room < want:  # a place opens when the oldest start leaves the window
+                wait_until = (starts[0] if starts else now) + spec.rate_per
+            want = min(want, room)
+        if want <= 0:
+            return [], wait_until
+        if spec.key_concurrency is None:
+            rows = self._x(c, "SELECT id FROM tasks WHERE queue = ? AND status = 'pending' "
+                              "ORDER BY priority DESC, id LIMIT ?" + self._skip_locked(),
+                           (spec.name, want)).fetchall()
+            return [row[0] for row in rows], wait_until
+        return self._pick_by_key(c, spec, want), wait_until
+
+    def _skip_locked(self) -> str:
+        return ""
+
+    def _pick_by_key(self, c: Any, spec: QueueSpec, want: int) -> list[int]:
+        limit = spec.key_concurrency or 1
+        busy: dict[str | None, int] = {row[0]: row[1] for row in self._x(
+            c, "SELECT key, COUNT(*) FROM tasks WHERE queue = ? AND status = 'running' "
+               "AND key IS NOT NULL GROUP BY key", (spec.name,)).fetchall()}
+        picked: list[int] = []
+        after: tuple[int, int] | None = None
+        page = max(64, want * CANDIDATES_PER_PICK)
+        while len(picked) < want:
+            if after is None:
+                rows = self._x(c, "SELECT id, key, priority FROM tasks WHERE queue = ? AND "
+                                  "status = 'pending' ORDER BY priority DESC, id LIMIT ?",
+                               (spec.name, page)).fetchall()
+            else:
+                rows = self._x(c, "SELECT id, key, priority FROM tasks WHERE queue = ? AND "
+                                  "status = 'pending' AND (priority < ? OR (priority = ? AND "
+                                  "id > ?)) ORDER BY priority DESC, id LIMIT ?",
+                               (spec.name, after[0], after[0], after[1], page)).fetchall()
+            for task_id, key, priority in rows:
+                if key is None or busy.get(key, 0) < limit:
+                    picked.append(task_id)
+                    if key is not None:
+                        busy[key] = busy.get(key, 0) + 1
+                    if len(picked) == want:
+                        break
+            if len(rows) < page:
+                break
+            after = (rows[-1][2], rows[-1][0])
+        return picked
+
+    def _start(self, c: Any, service_id: str, ids: list[int], now: float) -> list[ClaimedTask]:
+        self._many(c, "UPDATE tasks SET status = 'running', service = ?, attempts = attempts + 1, "
+                      "started_at = ?, deadline = COALESCE(deadline, ? + timeout_s) WHERE id = ?",
+                   [(service_id, now, now, task_id) for task_id in ids])
+        self._many(c, "INSERT INTO starts (queue, at) SELECT queue, ? FROM tasks WHERE id = ? "
+                      "AND queue IN (SELECT name FROM queues WHERE rate_limit IS NOT NULL)",
+                   [(now, task_id) for task_id in ids])
+        got: list[ClaimedTask] = []
+        for chunk in _chunks(ids, 500):
+            marks = ", ".join("?" * len(chunk))
+            for row in self._x(c, f"SELECT id, queue, function, payload, label, key, attempts, "
+                                  f"deadline FROM tasks WHERE id IN ({marks}) ORDER BY "
+                                  f"priority DESC, id", chunk).fetchall():
+                deadline = row[7]
+                got.append(ClaimedTask(row[0], row[1], row[2], bytes(row[3]), row[4], row[5],
+                                       row[6], None if deadline is None else deadline - now))
+        return got
+
+    def _requeue_lost(self, c: Any, now: float) -> None:
+        dead = [row[0] for row in self._x(
+            c, "SELECT id FROM services WHERE heartbeat_at < ?", (now - LEASE_S,)).fetchall()]
+        for service_id, pid, started in self._x(
+                c, "SELECT id, pid, proc_started FROM services WHERE host = ? AND "
+                   "heartbeat_at < ? AND heartbeat_at >= ?",
+                (self.host, now - LOCAL_CHECK_AFTER_S, now - LEASE_S)).fetchall():
+            if not _process_alive(pid, started):
+                dead.append(service_id)
+        if not dead:
+            return
+        for service_id in dead:
+            self._x(c, "UPDATE tasks SET status = 'failed', service = NULL, finished_at = ?, "
+                       "lost = lost + 1, error_type = 'procqueue.errors.ServiceLostError', "
+                       "error_message = ?, error_traceback = '', error = NULL "
+                       "WHERE service = ? AND status = 'running' AND lost + 1 >= ?",
+                    (now, f"the worker service running it died {MAX_LOSSES} times",
+                     service_id, MAX_LOSSES))
+            self._x(c, "UPDATE tasks SET status = 'pending', service = NULL, lost = lost + 1 "
+                       "WHERE service = ? AND status = 'running'", (service_id,))
+            self._x(c, "DELETE FROM services WHERE id = ?", (service_id,))
+
+    def record(self, service_id: str, outcomes: Sequence[Finished]) -> int:
+        """Record finished attempts in one transaction; how many were still this service's
+        to record (the others were cancelled or taken over meanwhile, and are dropped)."""
+        now = time.time()
+        applied = 0
+        with self._write() as c:
+            for f in outcomes:
+                guard = (f.id, service_id, f.attempt)
+                if f.error is None:
+                    c2 = self._x(c, "UPDATE tasks SET status = 'succeeded', result = ?, "
+                                    "finished_at = ?, seconds = ?, pid = ?, service = NULL "
+                                    "WHERE id = ? AND service = ? AND attempts = ? "
+                                    "AND status = 'running'",
+                                 (f.result, now, f.seconds, f.pid, *guard))
+                else:
+                    e = f.error
+                    status = "failed"
+                    if f.retryable:
+                        status_row = self._x(c, "SELECT COALESCE(t.retries, q.retries, 0) FROM "
+                                                "tasks t JOIN queues q ON q.name = t.queue "
+                                                "WHERE t.id = ?", (f.id,)).fetchone()
+                        if status_row is not None and f.attempt <= status_row[0]:
+                            status = "pending"
+                    c2 = self._x(c, "UPDATE tasks SET status = ?, finished_at = ?, seconds = ?, "
+                                    "pid = ?, service = NULL, error_type = ?, error_message = ?, "
+                                    "error_traceback = ?, error = ? WHERE id = ? AND service = ? "
+                                    "AND attempts = ? AND status = 'running'",
+                                 (status, None if status == "pending" else now, f.seconds,
+                                  f.pid, e.type_name, e.message, e.traceback, e.pickled, *guard))
+                applied += max(c2.rowcount, 0)
+        return applied
+
+    # ---- reading, cancelling, retrying, pruning ------------------------------------------
+
+    def get(self, task_id: int) -> TaskRecord | None:
+        rows = self._read(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
+        return _task_record(rows[0]) if rows else None
+
+    def statuses(self, ids: Sequence[int]) -> dict[int, TaskStatus]:
+        found: dict[int, TaskStatus] = {}
+        for chunk in _chunks(list(ids), 500):
+            marks = ", ".join("?" * len(chunk))
+            found.update((row[0], TaskStatus(row[1])) for row in self._read(
+                f"SELECT id, status FROM tasks WHERE id IN ({marks})", chunk))
+        return found
+
+    def cancel(self, ids: Sequence[int]) -> list[int]:
+        """Cancel pending or running tasks; the ids that were.  A running task's service drops
+        it (and its process) when it next looks (within HEARTBEAT_S)."""
+        return self._change(ids, "UPDATE tasks SET status = 'cancelled', finished_at = ? "
+                                 "WHERE id = ? AND status IN ('pending', 'running')",
+                            with_time=True)
+
+    def retry(self, ids: Sequence[int]) -> list[int]:
+        """Put failed or cancelled tasks back to pending (a fresh start: attempts, deadline and
+        error cleared); the ids that were."""
+        changed = self._change(ids, "UPDATE tasks SET status = 'pending', attempts = 0, lost = 0, "
+                                    "service = NULL, started_at = NULL, finished_at = NULL, "
+                                    "deadline = NULL, error_type = NULL, error_message = NULL, "
+                                    "error_traceback = NULL, error = NULL, seconds = NULL, "
+                                    "pid = NULL WHERE id = ? AND status IN ('failed', "
+                                    "'cancelled')", with_time=False)
+        if changed:
+            self.notify()
+        return changed
+
+    def _change(self, ids: Sequence[int], text: str, *, with_time: bool) -> list[int]:
+        now = time.time()
+        changed: list[int] = []
+        with self._write() as c:
+            for task_id in ids:
+                params = (now, task_id) if with_time else (task_id,)
+                if self._x(c, text, params).rowcount:
+                    changed.append(task_id)
+        return changed
+
+    def prune(self, older_than_s: float) -> int:
+        """Delete finished tasks that ended more than older_than_s ago; how many."""
+        with self._write() as c:
+            return int(self._x(c, "DELETE FROM tasks WHERE status IN ('succeeded', 'failed', "
+                                  "'cancelled') AND finished_at < ?",
+                               (time.time() - older_than_s,)).rowcount)
+
+    def counts(self) -> list[QueueCounts]:
+        specs = self.queue_specs()
+        by_queue: dict[str, dict[str, int]] = {name: {} for name in specs}
+        for queue, status, n in self._read("SELECT queue, status, COUNT(*) FROM tasks "
+                                           "GROUP BY queue, status"):
+            by_queue.setdefault(queue, {})[status] = n
+        now = time.time()
+        result = []
+        for name, counts in sorted(by_queue.items()):
+            spec = specs.get(name, QueueSpec(name))
+            starts = None
+            if spec.rate_per is not None:
+                starts = self._read("SELECT COUNT(*) FROM starts WHERE queue = ? AND at > ?",
+                                    (name, now - spec.rate_per))[0][0]
+            result.append(QueueCounts(spec, **counts, starts_in_window=starts))
+        return result
+
+    def ids(self, status: TaskStatus | None = None, queue: str | None = None,
+            limit: int = 1000) -> list[int]:
+        where, params = [], []
+        if status is not None:
+            where.append("status = ?")
+            params.append(str(status))
+        if queue is not None:
+            where.append("queue = ?")
+            params.append(queue)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        return [row[0] for row in self._read(f"SELECT id FROM tasks{clause} ORDER BY id "
+                                             f"LIMIT ?", (*params, limit))]
+
+
+def _task_record(row: Sequence[Any]) -> TaskRecord:
+    (task_id, queue, function, label, key, priority, dedup_id, status, attempts, lost,
+     timeout_s, retries, enqueued_at, started_at, finished_at, service, seconds, pid, result,
+     error_type, error_message, error_traceback, error) = row
+    stored_error = None
+    if error_type is not None:
+        stored_error = StoredError(error_type, error_message or "", error_traceback or "",
+                                   None if error is None else bytes(error))
+    return TaskRecord(task_id, queue, function, label, key, priority, dedup_id,
+                      TaskStatus(status), attempts, lost, timeout_s, retries, enqueued_at,
+                      started_at, finished_at, service, seconds, pid,
+                      None if result is None else bytes(result), stored_error)
+
+
+def _process_alive(pid: int, started: float) -> bool:
+    try:
+        return bool(abs(psutil.Process(pid).create_time() - started) < 0.01)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.Error:
+        return True  # cannot tell: wait for the lease
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
