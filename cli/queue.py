@@ -71,7 +71,9 @@ def worker_command(store: str, jobs: int | None, queues: tuple[str, ...], until_
     was running go back to their queue, to run again here or in another service."""
     tq = open_queue(store)
     stop = threading.Event()
-    options: dict[str, Any] = {"pin": not no_pin}
+    # retries=0: a crashed task is re-run per its queue's retries (durably, maybe elsewhere),
+    # not once more in this service first.
+    options: dict[str, Any] = {"pin": not no_pin, "retries": 0}
     if max_tasks_per_child is not None:
         options["maxtasksperchild"] = max_tasks_per_child
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -105,9 +105,9 @@ class QueueService:
             self._loop(waker)
         finally:
             self.stop.set()
-            self._cancel_batches()
             with contextlib.suppress(Exception):
                 self._record_done()  # what finished is kept; only the rest goes back
+            self._cancel_batches()  # (their cancellations are not outcomes: never recorded)
             self.store.deregister_service(self.id, [(t.id, t.attempt)
                                                     for t in self._held.values()])
             waker.close()
@@ -260,17 +260,18 @@ class QueueService:
 
     def _finished(self, task: ClaimedTask, outcome: Any) -> Finished:
         if isinstance(outcome, BaseException):
-            error = _attributed(outcome, task, None)
+            error = _attributed(outcome, task, None, task.attempt)
             return Finished(task.id, task.attempt, None, StoredError(*error_columns(error)))
         seconds = float(outcome.seconds or 0.0)
         self._mean_s = 0.8 * self._mean_s + 0.2 * seconds
+        runs = max(1, int(outcome.attempts or 1))
         if outcome.ok:
             return Finished(task.id, task.attempt, outcome.value, None, seconds=seconds,
-                            pid=outcome.pid)
-        error = _attributed(outcome.error, task, outcome.pid)
+                            pid=outcome.pid, runs=runs)
+        error = _attributed(outcome.error, task, outcome.pid, task.attempt + runs - 1)
         return Finished(task.id, task.attempt, None, StoredError(*error_columns(error)),
                         retryable=isinstance(error, WorkerCrashedError), seconds=seconds,
-                        pid=outcome.pid)
+                        pid=outcome.pid, runs=runs)
 
     # ---- the lease --------------------------------------------------------------------------
 
@@ -286,11 +287,12 @@ class QueueService:
                 continue  # a busy store: the next beat tries again within the lease
 
 
-def _attributed(error: BaseException, task: ClaimedTask, pid: int | None) -> BaseException:
+def _attributed(error: BaseException, task: ClaimedTask, pid: int | None,
+                attempts: int) -> BaseException:
     """Name the stored task (its id, arguments and attempt) where the pool named its own
     call's index and input (the function reference and the arguments' pickle)."""
     if isinstance(error, TaskFailed):
-        error.index, error.input_repr, error.attempts = task.id, task.label, task.attempt
+        error.index, error.input_repr, error.attempts = task.id, task.label, attempts
         return error
     tb_text = remote_traceback_text(error.__cause__)
     if tb_text is not None:
