@@ -44,3 +44,9 @@ def unpicklable_result(x):
 
 
 not_a_function = 42
+
+
+def write_pid_then_sleep(pid_path):
+    with open(pid_path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)

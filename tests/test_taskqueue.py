@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import procqueue
@@ -324,3 +325,27 @@ def test_results_are_stored_as_pickles_of_the_value(tq):
     handle = tq.enqueue(ref("square"), 9)
     drain(tq)
     assert pickle.loads(handle.record().result) == 81
+
+
+def test_cancelling_a_running_task_kills_its_process_and_the_service_goes_on(tq, tmp_path):
+    pid_file = tmp_path / "pid"
+    handle = tq.enqueue(ref("write_pid_then_sleep"), str(pid_file))
+    stop = threading.Event()
+    with Pool(2) as pool:
+        service = threading.Thread(target=pool.serve, args=(tq,), kwargs={"stop": stop})
+        service.start()
+        try:
+            _wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60, "the task to run")
+            pid = int(pid_file.read_text())
+            assert tq.cancel(handle) == [handle.id]
+            _wait_for(lambda: not psutil.pid_exists(pid)
+                      or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10,
+                      "the cancelled task's process to die")
+            after = tq.enqueue(ref("square"), 4)
+            assert after.get_result(timeout=30) == 16
+        finally:
+            stop.set()
+            service.join(30)
+    assert handle.status() is TaskStatus.CANCELLED
+    with pytest.raises(procqueue.TaskCancelledError):
+        handle.get_result()

@@ -213,13 +213,24 @@ class SqlStore:
                            ) -> None:
         """Remove the service; put back the (id, attempt) tasks it still held, unrun."""
         with self._write() as c:
-            self._many(c, "UPDATE tasks SET status = 'pending', service = NULL, "
-                          "attempts = attempts - 1 WHERE id = ? AND attempts = ? "
-                          "AND service = ? AND status = 'running'",
-                       [(task_id, attempt, service_id) for task_id, attempt in release])
+            self._release(c, service_id, release)
             self._x(c, "DELETE FROM services WHERE id = ?", (service_id,))
         if release:
             self.notify()
+
+    def release(self, service_id: str, tasks: Sequence[tuple[int, int]]) -> None:
+        """Put back (id, attempt) tasks this service held without finishing them."""
+        if not tasks:
+            return
+        with self._write() as c:
+            self._release(c, service_id, tasks)
+        self.notify()
+
+    def _release(self, c: Any, service_id: str, tasks: Sequence[tuple[int, int]]) -> None:
+        self._many(c, "UPDATE tasks SET status = 'pending', service = NULL, "
+                      "attempts = attempts - 1 WHERE id = ? AND attempts = ? "
+                      "AND service = ? AND status = 'running'",
+                   [(task_id, attempt, service_id) for task_id, attempt in tasks])
 
     def services(self) -> list[ServiceRecord]:
         rows = self._read(
