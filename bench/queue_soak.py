@@ -25,6 +25,7 @@ with pgserver.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -150,6 +151,10 @@ class Fleet:
         """Remember which pid registered as which service."""
         for s in services:
             self.registered.setdefault(s.pid, s.id)
+
+    def all_registered(self) -> bool:
+        """Every running service has registered (so SIGTERM finds its handler set)."""
+        return all(p.pid in self.registered for p in self.procs if p is not None)
 
     def revive_exited(self) -> None:
         """A service that exited without being asked to is a finding; start it again."""
@@ -286,6 +291,7 @@ class Facts:
     services_started: int
     unexpected_exits: list[tuple[int, int | None]]
     stop_codes: list[tuple[int, int | None]]
+    left_registered: list[str]  # services still in the store after they were stopped
     leftovers: list[int]  # descendants of a killed or stopped service alive after it
     strays: list[int]  # processes naming the store in their command line, after the run
     wall_s: float
@@ -307,10 +313,11 @@ def run(store: str, plan: Plan, workdir: Path) -> Facts:
         fleet.start_all()
         kills = _drive(tq, fleet, enqueuers, plan)
         stop_codes = fleet.stop_all()
+        left_registered = [s.id for s in tq.services()]
         wall_s = time.monotonic() - started
         return Facts(plan, _read_ids(workdir), [p.wait() for p in enqueuers],
                      _records(tq), *_read_log(plan.log_path(workdir)), kills, fleet.started,
-                     fleet.unexpected_exits, stop_codes, fleet.leftovers,
+                     fleet.unexpected_exits, stop_codes, left_registered, fleet.leftovers,
                      processes_naming(store), wall_s)
     finally:
         fleet.close()
@@ -323,7 +330,7 @@ def run(store: str, plan: Plan, workdir: Path) -> Facts:
 
 def _drive(tq: Any, fleet: Fleet, enqueuers: list[subprocess.Popen[bytes]],
            plan: Plan) -> list[Kill]:
-    """Watch the run, kill a random service at each kill point, until every task succeeded,
+    """Watch the run, kill a random service at each kill point, until every task ended,
     every enqueuer ended and every kill was detected."""
     rng = random.Random(plan.seed)
     points = sorted(rng.uniform(plan.first_kill, plan.last_kill) * plan.tasks
@@ -331,7 +338,7 @@ def _drive(tq: Any, fleet: Fleet, enqueuers: list[subprocess.Popen[bytes]],
     kills: list[Kill] = []
     deadline = time.monotonic() + plan.deadline_s
     while True:
-        done, services = _succeeded(tq), tq.services()
+        done, services = _ended(tq), tq.services()
         fleet.note(services)
         _note_detections(kills, {s.id for s in services})
         fleet.revive_exited()
@@ -339,17 +346,20 @@ def _drive(tq: Any, fleet: Fleet, enqueuers: list[subprocess.Popen[bytes]],
             points.pop(0)
             kills.append(fleet.kill(rng.randrange(len(fleet.procs)), tq))
         elif (done >= plan.tasks and all(p.poll() is not None for p in enqueuers)
-              and all(k.detected_s is not None for k in kills if k.service_id)):
+              and all(k.detected_s is not None for k in kills if k.service_id)
+              and fleet.all_registered()):
             return kills
         if time.monotonic() > deadline:
             raise TimeoutError(f"the soak did not end in {plan.deadline_s} s: {done} of "
-                               f"{plan.tasks} succeeded, {len(kills)} kills, "
+                               f"{plan.tasks} ended, {len(kills)} kills, "
                                f"{tq.counts()}, {services}")
         time.sleep(POLL_S)
 
 
-def _succeeded(tq: Any) -> int:
-    return sum(c.succeeded for c in tq.counts() if c.spec.name == QUEUE)
+def _ended(tq: Any) -> int:
+    """The soak's tasks that ended (succeeded, or not: the checks tell)."""
+    return sum(c.succeeded + c.failed + c.cancelled for c in tq.counts()
+               if c.spec.name == QUEUE)
 
 
 def _note_detections(kills: list[Kill], alive_ids: set[str]) -> None:
@@ -419,8 +429,10 @@ def check_results(facts: Facts) -> list[str]:
         if record is None:
             continue  # check_enqueues reports it
         if str(record.status) != "succeeded":
-            problems.append(f"task {task_id} (key {key}) ended {record.status}: "
-                            f"{record.error}")
+            runs = len(facts.starts.get(key, []))
+            problems.append(f"task {task_id} (key {key}) ended {record.status} after "
+                            f"{record.attempts} claims, {record.lost} losses and {runs} runs "
+                            f"started: {record.error}")
             continue
         result = pickle.loads(record.result)
         if result["key"] != key or result["value"] != expected_value(key):
@@ -461,7 +473,7 @@ def check_reruns(facts: Facts) -> list[str]:
         runs = len(facts.starts.get(key, []))
         if runs > record.attempts:
             problems.append(f"task {task_id} ran {runs} times in {record.attempts} claims")
-        if record.attempts - 1 != record.lost:
+        if str(record.status) == "succeeded" and record.attempts - 1 != record.lost:
             problems.append(f"task {task_id}: {record.attempts} claims, {record.lost} losses")
     if any(k.service_id is not None and k.held is None for k in facts.kills):
         problems.append("a killed service's row was gone before its tasks could be counted")
@@ -489,6 +501,8 @@ def check_services(facts: Facts, detect_within_s: float) -> list[str]:
         problems.append(f"services exited unasked: {facts.unexpected_exits}")
     if any(code != 0 for _, code in facts.stop_codes):
         problems.append(f"services asked to stop exited with {facts.stop_codes}")
+    if facts.left_registered:
+        problems.append(f"stopped services are still registered: {facts.left_registered}")
     if facts.leftovers:
         problems.append(f"processes outlived their service: {facts.leftovers}")
     if facts.strays:
@@ -507,6 +521,8 @@ def figures(facts: Facts) -> dict[str, Any]:
             "kills_before_registering": sum(1 for k in facts.kills if k.service_id is None),
             "tasks_held_by_killed": held_by_killed(facts),
             "reruns": sum(r.attempts - 1 for r in facts.records.values()),
+            "tasks_by_losses": dict(sorted(collections.Counter(
+                r.lost for r in facts.records.values()).items())),
             "completed_runs_beyond_one": sum(len(v) for v in facts.dones.values())
             - len(facts.dones),
             "services_started": facts.services_started,
