@@ -7,6 +7,7 @@
      │   ├─ WorkerExitedError      the task called sys.exit(); the worker survived
      │   ├─ TaskTimeoutError       it ran longer than its timeout (also a builtin TimeoutError)
      │   ├─ TaskCancelledError     cancelled, or the pool was terminated before it finished
+     │   ├─ ServiceLostError       the durable queue's worker service running it died, too often
      │   ├─ ArgumentSerializationError   its argument could not be pickled
      │   │                               (a PicklingError, a TypeError)
      │   ├─ ResultSerializationError     its result could not be pickled or unpickled
@@ -166,6 +167,16 @@ class TaskCancelledError(TaskFailed):
     """The task was cancelled, or the pool was terminated before it finished."""
 
 
+class ServiceLostError(TaskFailed):
+    """A durable queue's task whose worker service died (its heartbeat lapsed, or its process
+    is gone) each of the times it ran; the store stopped re-queueing it.  The store records
+    it by the name ``procqueue.errors.ServiceLostError``, so that name must not change."""
+
+    def __init__(self, message: str = "the worker service running the task died",
+                 **where: Any) -> None:
+        super().__init__(message, **where)
+
+
 class ArgumentSerializationError(TaskFailed, _pickle.PicklingError, TypeError):
     """The task's arguments (or its function) could not be pickled.  Also a TypeError, as
     multiprocessing.Pool raises for a lock, a generator or an open file; argument_error()
@@ -299,7 +310,7 @@ def annotate(exc: BaseException, *, index: int | None, input_repr: str | None,
 
 __all__ = [
     "ProcqueueError", "TaskFailed", "WorkerCrashedError", "WorkerExitedError",
-    "TaskTimeoutError", "TaskCancelledError", "ArgumentSerializationError",
+    "TaskTimeoutError", "TaskCancelledError", "ServiceLostError", "ArgumentSerializationError",
     "ResultSerializationError", "RemoteError", "PoolBrokenError", "InitializerError",
     "PoolClosedError", "RemoteTraceback", "remote_traceback", "remote_traceback_text",
     "argument_error", "signal_name", "describe_exit", "annotate",
