@@ -215,15 +215,17 @@ class SqlStore:
 
     def deregister_service(self, service_id: str, release: Sequence[tuple[int, int]] = ()
                            ) -> None:
-        """Remove the service; put back the (id, attempt) tasks it still held, unrun."""
+        """Remove the service; put back the (id, attempt) tasks it still held, unrun.  Tasks
+        it still ran and did not release are put back as lost (as if it had died): once it is
+        gone, no lease check would ever find them."""
         with self._write() as c:
             self._many(c, "UPDATE tasks SET status = 'pending', service = NULL, "
                           "attempts = attempts - 1 WHERE id = ? AND attempts = ? "
                           "AND service = ? AND status = 'running'",
                        [(task_id, attempt, service_id)
                         for task_id, attempt in sorted(release)])  # id order: see _change
-            self._x(c, "DELETE FROM services WHERE id = ?", (service_id,))
-        if release:
+            lost = self._put_back_lost(c, service_id, time.time())
+        if release or lost:
             self.notify()
 
     def services(self) -> list[ServiceRecord]:
@@ -383,15 +385,22 @@ class SqlStore:
         if not dead:
             return
         for service_id in dead:
-            self._x(c, "UPDATE tasks SET status = 'failed', service = NULL, finished_at = ?, "
-                       "lost = lost + 1, error_type = 'procqueue.errors.ServiceLostError', "
-                       "error_message = ?, error_traceback = '', error = NULL "
-                       "WHERE service = ? AND status = 'running' AND lost + 1 >= ?",
-                    (now, f"the worker service running it died {MAX_LOSSES} times",
-                     service_id, MAX_LOSSES))
-            self._x(c, "UPDATE tasks SET status = 'pending', service = NULL, lost = lost + 1 "
-                       "WHERE service = ? AND status = 'running'", (service_id,))
-            self._x(c, "DELETE FROM services WHERE id = ?", (service_id,))
+            self._put_back_lost(c, service_id, now)
+
+    def _put_back_lost(self, c: Any, service_id: str, now: float) -> int:
+        """Remove a service; its running tasks go back to pending, one loss more each, or
+        fail with ServiceLostError at MAX_LOSSES; how many went back."""
+        self._x(c, "UPDATE tasks SET status = 'failed', service = NULL, finished_at = ?, "
+                   "lost = lost + 1, error_type = 'procqueue.errors.ServiceLostError', "
+                   "error_message = ?, error_traceback = '', error = NULL "
+                   "WHERE service = ? AND status = 'running' AND lost + 1 >= ?",
+                (now, f"the worker service running it died {MAX_LOSSES} times",
+                 service_id, MAX_LOSSES))
+        requeued = self._x(c, "UPDATE tasks SET status = 'pending', service = NULL, "
+                              "lost = lost + 1 WHERE service = ? AND status = 'running'",
+                           (service_id,)).rowcount
+        self._x(c, "DELETE FROM services WHERE id = ?", (service_id,))
+        return max(int(requeued), 0)
 
     def record(self, service_id: str, outcomes: Sequence[Finished]) -> int:
         """Record finished attempts in one transaction; how many were still this service's
