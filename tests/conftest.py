@@ -3,6 +3,10 @@
 Every test runs under pytest-timeout (pyproject: timeout=60, method=thread, which dumps every
 thread's stack on a hang, like CPython's _fail_on_deadlock), and every test is checked for
 stray processes: after the test, the test process must have no children left.
+
+Queue-store tests take ``store_target`` and so run twice: on an SQLite file and on a fresh
+database of a real PostgreSQL server (pgserver), which is started once, the first time a test
+needs it, and stopped and deleted when the session ends.
 """
 from __future__ import annotations
 
