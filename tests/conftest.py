@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 
 import psutil
@@ -98,8 +99,11 @@ _TEST_SERVER_SETTINGS = ("fsync = off", "synchronous_commit = off", "full_page_w
 def postgres_server() -> Iterator[object]:
     """A PostgreSQL server (pgserver) in a private temp directory, started the first time a
     test asks for it, stopped and deleted at the end of the session."""
-    import pgserver  # only when a PostgreSQL test runs
     import psycopg
+
+    with warnings.catch_warnings():  # platformdirs warns, at import, of an unset XDG_RUNTIME_DIR
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+        import pgserver  # only when a PostgreSQL test runs
 
     # Not under pytest's basetemp: pgserver (as root) opens the data folder's parents to its
     # own system user, and pytest's folders are private.
