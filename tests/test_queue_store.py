@@ -764,3 +764,18 @@ def test_postgres_an_unreachable_server_is_one_line_without_the_password(tmp_pat
         open_store(url)
     text = one_line(exc)
     assert "s3cret" not in text and "cannot connect" in text
+
+
+def test_postgres_a_waker_whose_connection_dropped_listens_again(postgres_url):
+    with open_store(postgres_url) as store:
+        waker = store.waker("A")
+        try:
+            run_sql(postgres_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                  "WHERE query = 'LISTEN procqueue_wake'")
+            assert select.select([waker], [], [], 1.0)[0] == [waker]  # the server hung up
+            waker.drain()
+            assert select.select([waker], [], [], 0)[0] == []  # not readable for ever
+            store.enqueue([new_task("t")])
+            assert select.select([waker], [], [], 1.0)[0] == [waker]
+        finally:
+            waker.close()

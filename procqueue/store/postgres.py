@@ -20,6 +20,7 @@ forked child opens its own (SqlStore checks the pid).
 from __future__ import annotations
 
 import functools
+import select
 import urllib.parse
 from typing import Any
 
@@ -34,6 +35,7 @@ SCHEMA = "procqueue"
 TABLES = {"meta", "queues", "tasks", "services", "starts"}
 CHANNEL = "procqueue_wake"
 CONNECT_TIMEOUT_S = 10
+DRAIN_ROUNDS = 8  # reads of a waker's socket per drain(), at most (a flood of NOTIFYs)
 # pg_advisory_xact_lock key held while the schema is checked or created: any constant, the
 # same in every procqueue ("pq" "sc" in ASCII)
 SCHEMA_LOCK_KEY = 0x7071_7363
@@ -225,17 +227,22 @@ class NotifyWaker:
         return self._conn.fileno()
 
     def drain(self) -> None:
-        """Consume the notifications that arrived (without waiting for more)."""
+        """Consume what arrived (without waiting for more), so that the socket is quiet until
+        the next notification."""
         pgconn = self._conn.pgconn
         try:
-            pgconn.consume_input()
+            # Until the socket is quiet: a server that hangs up first sends its farewell
+            # message, and only the next read finds the end of the connection.
+            for _ in range(DRAIN_ROUNDS):
+                pgconn.consume_input()
+                while pgconn.notifies() is not None:
+                    pass
+                if not select.select([pgconn.socket], [], [], 0)[0]:
+                    return
         except psycopg.OperationalError:
             # the connection is gone, so its socket would stay readable forever: listen anew
             self._conn.close()
             self._conn = self._listen()
-            return
-        while pgconn.notifies() is not None:
-            pass
 
     def close(self) -> None:
         self._conn.close()
