@@ -779,3 +779,13 @@ def test_postgres_a_waker_whose_connection_dropped_listens_again(postgres_url):
             assert select.select([waker], [], [], 1.0)[0] == [waker]
         finally:
             waker.close()
+
+
+def test_postgres_a_store_whose_session_was_ended_opens_a_new_one(postgres_url):
+    with open_store(postgres_url) as store:
+        [task_id] = store.enqueue([new_task("t")])
+        run_sql(postgres_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE application_name = 'procqueue'")
+        with pytest.raises(psycopg.OperationalError):
+            store.get(task_id)  # the call that finds the session gone fails...
+        assert store.get(task_id).label == "t"  # ...and the next one has a new session
