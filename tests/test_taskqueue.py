@@ -29,8 +29,9 @@ def ref(name: str) -> str:
 
 
 @pytest.fixture
-def tq(tmp_path):
-    queue = TaskQueue(tmp_path / "jobs.db")
+def tq(store_target):
+    """A TaskQueue on each store: an SQLite file, then a PostgreSQL database."""
+    queue = TaskQueue(store_target)
     yield queue
     queue.close()
 
