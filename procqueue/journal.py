@@ -31,7 +31,9 @@ Public API (what Pool(journal=...) and the CLI use):
         JournalBusyError      another run (process or Journal object) holds the file
         JournalMismatchError  the file was written by a different function (force=True: keep
                               its results anyway and adopt the new identity)
-        JournalFormatError    the file is not a procqueue journal (or a newer one)
+        JournalFormatError    the file is not a procqueue journal (or a newer one); also a
+                              procqueue.errors.StoreFormatError
+        JournalUnsafeError    other users may write the file (also a StoreUnsafeError)
     Journal.read("run.db")           read-only, takes no lock: summary/export while a run goes on
     Journal.key_of(item) -> str      the input's key
     journal.lookup(key) -> StoredOutcome | None
@@ -53,6 +55,12 @@ Public API (what Pool(journal=...) and the CLI use):
     journal.close()                  flush, stop the writer, release the lock (idempotent)
 
 Storage choices:
+- The file is a procqueue store of kind "journal", opened by procqueue.store.sqlite_file as
+  the durable queues' files are (one storage layer): created with mode 0600 and refused when
+  other users may write it (its pickles are code we would run), stamped with its kind and
+  schema version in the meta table (journals of before the kind stamp open as journals), a
+  file of another kind or a newer version refused.  Outcomes are kept as that layer keeps them
+  (procqueue.store.codec: a pickle plus type name, message and traceback text for errors).
 - WAL with synchronous=NORMAL: a commit is one append to the WAL file with no fsync, so it is
   durable against the death of the process (SIGKILL, OOM, Ctrl-C: the data is in the kernel's
   page cache), and a power loss or OS crash can roll back only the last transactions, never
@@ -86,23 +94,23 @@ import traceback
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, Protocol
 
-from .errors import ProcqueueError, RemoteError, remote_traceback, remote_traceback_text
-from .protocol import PICKLE_PROTOCOL, dumps_function, short_repr
+from .errors import ProcqueueError, StoreFormatError, StoreUnsafeError
+from .protocol import PICKLE_PROTOCOL, dumps_function
+from .store.codec import error_columns, json_or_repr, rebuild_error, short_repr
+from .store.sqlite_file import open_store_file, read_meta
 from .tasks import OutcomeSink
 
+KIND = "journal"  # the store kind stamped in the file's meta table (procqueue.store)
 SCHEMA_VERSION = 1  # bumped on any incompatible change of the tables below
 FLUSH_INTERVAL_S = 0.05  # an outcome waits at most this long (seconds) for its commit...
 FLUSH_MAX_OUTCOMES = 2000  # ...or until this many outcomes are buffered
-BUSY_TIMEOUT_MS = 5000  # how long sqlite waits for a lock a reader holds (checkpoints)
-INPUT_REPR_MAX_CHARS = 500  # inputs are kept as a repr this long at most (summary, export)
 SLOWEST_DEFAULT = 10  # inputs listed by summary() by default
 LOCK_SUFFIX = ".lock"
 
+# The meta table (name, value rows: kind, schema_version, created_at, function_identity,
+# total ...) is created by procqueue.store.sqlite_file, as for every procqueue store.
+_TABLES = {"meta", "outcomes"}
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    name  TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
 CREATE TABLE IF NOT EXISTS outcomes (
     id              INTEGER PRIMARY KEY,  -- assigned in commit order: inserts are appends
     key             TEXT NOT NULL,     -- Journal.key_of(input); unique (one writer keeps it so)
@@ -182,8 +190,14 @@ class JournalMismatchError(JournalError):
             "(--force) to keep its results anyway, or start a new journal file")
 
 
-class JournalFormatError(JournalError):
-    """The file is not a procqueue journal, or one written by a newer procqueue."""
+class JournalFormatError(JournalError, StoreFormatError):
+    """The file is not a procqueue journal, or one written by a newer procqueue.  Also a
+    procqueue.errors.StoreFormatError: the journal is one of procqueue's stores."""
+
+
+class JournalUnsafeError(JournalError, StoreUnsafeError):
+    """The journal file is writable by other users: its pickles are code procqueue would run
+    (see procqueue.store.sqlite_file)."""
 
 
 class JournalWriteError(JournalError):
@@ -426,10 +440,8 @@ class Journal:
         lock_fd = _acquire_lock(path)
         db: sqlite3.Connection | None = None
         try:
-            db = _connect(path, readonly=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            _create_or_check(db, path, function_identity, force)
+            db = _open_file(path, readonly=False, durable=durable)
+            _check_identity(db, path, function_identity, force)
             return cls(path, db, lock_fd, function_identity, retry_failed=retry_failed,
                        readonly=False, flush_interval_s=flush_interval_s, flush_max=flush_max)
         except BaseException:
@@ -445,9 +457,9 @@ class Journal:
         path = os.fspath(path)
         if not os.path.exists(path):
             raise JournalFormatError(f"no journal at {path}")
-        db = _connect(path, readonly=True)
+        db = _open_file(path, readonly=True)
         try:
-            identity = _meta(db, path).get("function_identity", "")
+            identity = _read_meta(db, path).get("function_identity", "")
             return cls(path, db, None, identity, retry_failed=False, readonly=True,
                        flush_interval_s=FLUSH_INTERVAL_S, flush_max=FLUSH_MAX_OUTCOMES)
         except BaseException:
@@ -481,7 +493,7 @@ class Journal:
                                  finished_at)
         if self.retry_failed:
             return None
-        error = _rebuild_error(error_type, message, tb_text, error_blob)
+        error = rebuild_error(error_type, message, tb_text, error_blob)
         return StoredOutcome(key, index, False, None, error, attempts, seconds, pid,
                              finished_at)
 
@@ -498,7 +510,7 @@ class Journal:
             slow = self._db.execute(
                 "SELECT idx, input_repr, seconds FROM outcomes ORDER BY seconds DESC, idx "
                 "LIMIT ?", (slowest,)).fetchall()
-            meta = _meta(self._db, self.path)
+            meta = _read_meta(self._db, self.path)
         total = meta.get("total")
         return JournalSummary(self.path, meta.get("function_identity", ""),
                               counts.get("done", 0), counts.get("failed", 0),
@@ -625,49 +637,36 @@ class Journal:
             raise JournalError(f"journal {self.path} was opened read-only (Journal.read)")
 
 
-def _connect(path: str, *, readonly: bool) -> sqlite3.Connection:
-    # isolation_level=None: we issue BEGIN/COMMIT ourselves; check_same_thread=False: the
-    # connection is shared by the caller's threads and the writer, under Journal._db_lock.
+def _open_file(path: str, *, readonly: bool, durable: bool = False) -> sqlite3.Connection:
+    """The journal's SQLite file, opened as every procqueue store is (procqueue.store:
+    created 0600, refused when others may write it, kind and version checked, WAL), its
+    errors raised as the journal's own."""
     try:
-        if readonly:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                                 check_same_thread=False)
-        else:
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-    except sqlite3.DatabaseError as exc:
-        raise JournalFormatError(f"{path} is not a procqueue journal: {exc}") from exc
-    return db
+        return open_store_file(path, kind=KIND, version=SCHEMA_VERSION, schema=_SCHEMA,
+                               tables=_TABLES, readonly=readonly, durable=durable)
+    except StoreFormatError as exc:
+        raise JournalFormatError(str(exc)) from exc
+    except StoreUnsafeError as exc:
+        raise JournalUnsafeError(str(exc)) from exc
 
 
-def _meta(db: sqlite3.Connection, path: str) -> dict[str, str]:
+def _read_meta(db: sqlite3.Connection, path: str) -> dict[str, str]:
     try:
-        return dict(db.execute("SELECT name, value FROM meta").fetchall())
-    except sqlite3.DatabaseError as exc:
-        raise JournalFormatError(f"{path} is not a procqueue journal: {exc}") from exc
+        return read_meta(db, path)
+    except StoreFormatError as exc:
+        raise JournalFormatError(str(exc)) from exc
 
 
-def _create_or_check(db: sqlite3.Connection, path: str, identity: str, force: bool) -> None:
-    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE "
-                                             "type = 'table'")}
-    if tables and not {"meta", "outcomes"} <= tables:
-        raise JournalFormatError(f"{path} is an SQLite file but not a procqueue journal "
-                                 f"(tables {sorted(tables)})")
-    db.executescript(_SCHEMA)
-    meta = _meta(db, path)
-    version = int(meta.get("schema_version", SCHEMA_VERSION))
-    if version > SCHEMA_VERSION:
-        raise JournalFormatError(f"journal {path} has format {version}, newer than this "
-                                 f"procqueue's {SCHEMA_VERSION}: upgrade procqueue")
-    stored = meta.get("function_identity")
+def _check_identity(db: sqlite3.Connection, path: str, identity: str, force: bool) -> None:
+    """Stamp a new journal with the function's identity; refuse another function's journal
+    unless forced (then adopt the new identity, noting the one it replaced)."""
+    stored = _read_meta(db, path).get("function_identity")
     now = repr(time.time())
     with db:
         db.execute("BEGIN IMMEDIATE")
         if stored is None:
-            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
-                ("schema_version", str(SCHEMA_VERSION)), ("function_identity", identity),
-                ("created_at", now)])
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('function_identity', ?)",
+                       (identity,))
         elif stored != identity:
             if not force:
                 raise JournalMismatchError(path, stored, identity)
@@ -683,77 +682,18 @@ def _khash(key: str) -> int:
     return int(key[:15], 16)
 
 
-def _rebuild_error(type_name: str, message: str, tb_text: str,
-                   blob: bytes | None) -> BaseException:
-    """The original exception if it unpickles, else a RemoteError; the traceback text as
-    __cause__ either way (as procqueue.protocol.restore_exception does)."""
-    error: BaseException | None = None
-    if blob is not None:
-        try:
-            loaded = pickle.loads(blob)
-            if isinstance(loaded, BaseException):
-                error = loaded
-        except Exception:
-            pass
-    if error is None:
-        error = RemoteError(type_name, message, tb_text)
-    error.__cause__ = remote_traceback(tb_text)
-    return error
-
-
 def _export_record(row: tuple[Any, ...]) -> dict[str, Any]:
     (index, _key, input_repr, state, attempts, result, result_repr, error_type, message,
      tb_text, seconds, pid) = row
     record: dict[str, Any] = {"index": index, "input": input_repr, "ok": state == "done"}
     if state == "done":
-        record["result"] = _json_or_repr(result, result_repr)
+        record["result"] = json_or_repr(result, result_repr)
         record["error"] = None
     else:
         record["result"] = None
         record["error"] = {"type": error_type, "message": message, "traceback": tb_text}
     record.update(attempts=attempts, seconds=seconds, pid=pid)
     return record
-
-
-def _json_or_repr(blob: bytes | None, result_repr: str | None) -> Any:
-    if blob is None:
-        return result_repr
-    try:
-        value = pickle.loads(blob)
-    except Exception as exc:
-        return f"<result that does not unpickle here: {exc!r}>"
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return _short_repr(value)
-
-
-def _short_repr(value: Any) -> str:
-    return short_repr(value, INPUT_REPR_MAX_CHARS)
-
-
-def _qualified_type_name(exc: BaseException) -> str:
-    cls = type(exc)
-    module = cls.__module__
-    return (cls.__qualname__ if module in ("builtins", "__main__")
-            else f"{module}.{cls.__qualname__}")
-
-
-def _error_columns(exc: BaseException) -> tuple[str, str, str, bytes | None]:
-    cause = exc.__cause__
-    tb_text = remote_traceback_text(cause)
-    if tb_text is None:
-        tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        message = str(exc)
-    except Exception:
-        message = f"<{type(exc).__name__} whose str() raised>"
-    try:
-        blob: bytes | None = pickle.dumps(exc, PICKLE_PROTOCOL)
-    except Exception:
-        blob = None
-    return _qualified_type_name(exc), message, tb_text, blob
 
 
 # ---- the sink and its writer ------------------------------------------------------------
@@ -959,10 +899,10 @@ def _row(sink: JournalingSink, task: Any, ok: bool, value: Any, finished_at: flo
         try:
             result = pickle.dumps(value, PICKLE_PROTOCOL)
         except Exception:
-            result_repr = _short_repr(value)  # flagged by result IS NULL: it runs again
+            result_repr = short_repr(value)  # flagged by result IS NULL: it runs again
     else:
-        error_type, message, tb_text, error_blob = _error_columns(value)
-    return (key, task.index, _short_repr(task.input), "done" if ok else "failed",
+        error_type, message, tb_text, error_blob = error_columns(value)
+    return (key, task.index, short_repr(task.input), "done" if ok else "failed",
             task.attempts, result, result_repr, error_type, message, tb_text, error_blob,
             task.seconds, task.pid, finished_at, committed_at)
 
@@ -970,5 +910,6 @@ def _row(sink: JournalingSink, task: Any, ok: bool, value: Any, finished_at: flo
 __all__ = [
     "Journal", "JournalingSink", "StoredOutcome", "StoredTask", "JournalSummary", "SlowInput",
     "JournalStatistics", "JournalError", "JournalBusyError", "JournalMismatchError",
-    "JournalFormatError", "JournalWriteError", "key_of", "function_identity",
+    "JournalFormatError", "JournalUnsafeError", "JournalWriteError", "key_of",
+    "function_identity",
 ]

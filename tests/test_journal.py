@@ -376,6 +376,83 @@ def test_a_file_that_is_not_a_journal_is_refused(tmp_path: Path) -> None:
         Journal.read(str(tmp_path / "missing.db"))
 
 
+# The tables a journal of procqueue before the shared store layer had: no kind row in meta.
+VERSION_1_SCHEMA = """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE outcomes (
+    id INTEGER PRIMARY KEY, key TEXT NOT NULL, khash INTEGER NOT NULL, idx INTEGER NOT NULL,
+    input_repr TEXT NOT NULL, state TEXT NOT NULL CHECK (state IN ('done', 'failed')),
+    attempts INTEGER NOT NULL, result BLOB, result_repr TEXT, error_type TEXT,
+    error_message TEXT, error_traceback TEXT, error BLOB, seconds REAL NOT NULL, pid INTEGER,
+    finished_at REAL NOT NULL, committed_at REAL NOT NULL, runs INTEGER NOT NULL);
+CREATE INDEX outcomes_by_idx ON outcomes (idx);
+"""
+
+
+def version_1_journal(path: str, identity: str, rows: list[tuple[Any, ...]]) -> None:
+    """A journal file as procqueue wrote it before the store layer; rows are
+    (key, idx, input_repr, state, attempts, result pickle, error_type)."""
+    db = sqlite3.connect(path)
+    db.executescript(VERSION_1_SCHEMA)
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [
+        ("schema_version", "1"), ("function_identity", identity), ("created_at", "0.0")])
+    for n, (key, idx, input_repr, state, attempts, result, error_type) in enumerate(rows, 1):
+        db.execute("INSERT INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, NULL, "
+                   "0.5, 99, 1.0, 1.0, 1)",
+                   (n, key, int(key[:15], 16), idx, input_repr, state, attempts, result,
+                    error_type, None if error_type is None else "message",
+                    None if error_type is None else "Traceback ...\n"))
+    db.commit()
+    db.close()
+    os.chmod(path, 0o644)
+
+
+@pytest.mark.timeout(20)
+def test_a_journal_of_before_the_store_layer_still_opens(db: str) -> None:
+    import pickle
+
+    version_1_journal(db, "f:1", [(Journal.key_of(7), 0, "7", "done", 1, pickle.dumps(49),
+                                   None)])
+    with Journal.read(db) as reader:
+        assert reader.summary().done == 1
+    with Journal.open(db, function_identity="f:1") as journal:
+        stored = journal.lookup(Journal.key_of(7))
+        assert stored is not None and stored.ok and stored.value == 49
+        deliver_all(journal, [outcome_of(8, True, 64)])
+    with Journal.read(db) as reader:
+        assert reader.summary().done == 2
+
+
+@pytest.mark.timeout(20)
+def test_the_journal_is_a_private_file_of_the_store_layer(db: str) -> None:
+    from procqueue.errors import StoreFormatError, StoreUnsafeError
+    from procqueue.journal import JournalError
+
+    Journal.open(db, function_identity="f:1").close()
+    assert os.stat(db).st_mode & 0o777 == 0o600  # its pickles are code we would run
+    meta = dict(sqlite3.connect(db).execute("SELECT name, value FROM meta").fetchall())
+    assert meta["kind"] == "journal"
+    os.chmod(db, 0o666)
+    with pytest.raises(JournalError) as info:  # what the CLI and existing callers catch
+        Journal.open(db, function_identity="f:1")
+    assert isinstance(info.value, StoreUnsafeError) and "chmod go-w" in str(info.value)
+    junk = Path(db + ".junk")
+    junk.write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(StoreFormatError):  # a journal's format error is a store's
+        Journal.open(str(junk), function_identity="f:1")
+
+
+@pytest.mark.timeout(20)
+def test_a_queue_store_is_not_taken_for_a_journal(tmp_path: Path) -> None:
+    from procqueue.store import open_store
+
+    path = str(tmp_path / "jobs.db")
+    open_store(path).close()
+    with pytest.raises(JournalFormatError) as info:
+        Journal.open(path, function_identity="f:1")
+    assert "journal" in str(info.value)
+
+
 def test_keys_depend_on_the_input_content_only() -> None:
     assert Journal.key_of((1, "a")) == Journal.key_of((1, "a"))
     assert Journal.key_of(1) != Journal.key_of(1.0) != Journal.key_of("1")
