@@ -73,6 +73,10 @@ Storage choices:
 - Rows are appended in commit order and found through an in-memory index of their keys
   (loaded at open, ~100 bytes per input): an SQLite index on random hashes would make every
   commit rewrite pages all over it, at a cost growing with the journal.
+- Only outcomes are journaled: a task cancelled before it could finish (Ctrl-C, a halt,
+  terminate, a cancelled imap) is reported as cancelled but leaves its input pending, so the
+  same command run again runs it.  (Journals of before this rule kept cancellations as
+  failures; opening one for a run forgets them.)
 - Duplicate inputs share a key, hence one row; a failure never overwrites a success.
 - The key is the pickle's hash: equal inputs whose pickles differ (a set of strings under a
   different PYTHONHASHSEED, a dict built in another order) are different inputs to the journal
@@ -94,7 +98,7 @@ import traceback
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, Protocol
 
-from .errors import ProcqueueError, StoreFormatError, StoreUnsafeError
+from .errors import ProcqueueError, StoreFormatError, StoreUnsafeError, TaskCancelledError
 from .protocol import PICKLE_PROTOCOL, dumps_function
 from .store.codec import error_columns, json_or_repr, rebuild_error, short_repr
 from .store.sqlite_file import open_store_file, read_meta
@@ -106,6 +110,8 @@ FLUSH_INTERVAL_S = 0.05  # an outcome waits at most this long (seconds) for its 
 FLUSH_MAX_OUTCOMES = 2000  # ...or until this many outcomes are buffered
 SLOWEST_DEFAULT = 10  # inputs listed by summary() by default
 LOCK_SUFFIX = ".lock"
+# error_type of a cancelled task, as procqueue.store.codec names it (older journals kept some)
+CANCELLED_TYPE_NAME = f"{TaskCancelledError.__module__}.{TaskCancelledError.__qualname__}"
 
 # The meta table (name, value rows: kind, schema_version, created_at, function_identity,
 # total ...) is created by procqueue.store.sqlite_file, as for every procqueue store.
@@ -442,6 +448,7 @@ class Journal:
         try:
             db = _open_file(path, readonly=False, durable=durable)
             _check_identity(db, path, function_identity, force)
+            _forget_cancelled(db)
             return cls(path, db, lock_fd, function_identity, retry_failed=retry_failed,
                        readonly=False, flush_interval_s=flush_interval_s, flush_max=flush_max)
         except BaseException:
@@ -676,6 +683,16 @@ def _check_identity(db: sqlite3.Connection, path: str, identity: str, force: boo
         db.execute("INSERT OR REPLACE INTO meta VALUES ('opened_at', ?)", (now,))
 
 
+def _forget_cancelled(db: sqlite3.Connection) -> None:
+    """Journals written before cancelled tasks were left out hold them as failures
+    (TaskCancelledError, mostly attempts 0): drop those rows, so their inputs are pending
+    and run.  A no-op on a journal written since."""
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("DELETE FROM outcomes WHERE state = 'failed' AND error_type = ?",
+                   (CANCELLED_TYPE_NAME,))
+
+
 def _khash(key: str) -> int:
     """The key's first 60 bits: a collision among a million inputs has odds of 1e-6 and only
     costs a re-run (lookup checks the full key)."""
@@ -716,8 +733,11 @@ class JournalingSink(OutcomeSink):
         return self.inner.starting(task)
 
     def deliver(self, task: TaskLike, ok: bool, value: Any) -> None:
-        """Buffer the outcome; it is reported once committed (supervisor thread: cheap)."""
-        seq = self.journal._writer.put(self, task, ok, value, record=True)
+        """Buffer the outcome; it is reported once committed (supervisor thread: cheap).  A
+        cancelled task (Ctrl-C, a halt, terminate) is reported but not journaled: it did not
+        run to an outcome, so its input stays pending and the next run runs it."""
+        record = not _cancelled(ok, value)
+        seq = self.journal._writer.put(self, task, ok, value, record=record)
         if seq is not None:
             self._last_seq = seq
 
@@ -743,6 +763,10 @@ class JournalingSink(OutcomeSink):
             print(f"procqueue: journal: error reporting the outcome of task {task.index} "
                   "(ignored):", file=sys.stderr)
             traceback.print_exc()
+
+
+def _cancelled(ok: bool, value: Any) -> bool:
+    return not ok and isinstance(value, TaskCancelledError)
 
 
 # (sink, task, ok, value, finished_at, record)

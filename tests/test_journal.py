@@ -424,6 +424,17 @@ def test_a_journal_of_before_the_store_layer_still_opens(db: str) -> None:
 
 
 @pytest.mark.timeout(20)
+def test_cancellations_an_older_journal_kept_as_failures_are_pending_again(db: str) -> None:
+    version_1_journal(db, "f:1", [
+        (Journal.key_of(1), 0, "1", "failed", 0, None, "procqueue.errors.TaskCancelledError"),
+        (Journal.key_of(2), 1, "2", "failed", 1, None, "ValueError")])
+    with Journal.open(db, function_identity="f:1") as journal:
+        assert journal.lookup(Journal.key_of(1)) is None  # it never ran: run it
+        stored = journal.lookup(Journal.key_of(2))
+        assert stored is not None and not stored.ok  # a real failure stays one
+
+
+@pytest.mark.timeout(20)
 def test_the_journal_is_a_private_file_of_the_store_layer(db: str) -> None:
     from procqueue.errors import StoreFormatError, StoreUnsafeError
     from procqueue.journal import JournalError

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from procqueue import Journal, JournalMismatchError, Pool
+from procqueue import Journal, JournalMismatchError, Pool, TaskCancelledError
 
 
 def counted_square(args):
@@ -60,3 +60,28 @@ def test_a_different_function_is_refused(tmp_path):
     with Pool(1, journal=db) as pool:
         with pytest.raises(JournalMismatchError):
             pool.map(other, [1])
+
+
+def fail_on_zero(args):
+    log, x = args
+    if x == 0:
+        raise ValueError("zero")
+    with open(log, "a") as f:
+        f.write(f"{x}\n")
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_inputs_a_halt_cancelled_are_pending_and_the_next_run_runs_them(tmp_path):
+    log, db = str(tmp_path / "calls"), str(tmp_path / "run.db")
+    items = [(log, x) for x in range(30)]
+    with Pool(1, journal=db) as pool:
+        first = pool.map(fail_on_zero, items, return_exceptions=True, halt="now,fail=1")
+    cancelled = [i for i, v in enumerate(first) if isinstance(v, TaskCancelledError)]
+    assert len(cancelled) >= 20
+    with Journal.read(db) as journal:
+        assert journal.summary().pending == len(cancelled)
+    with Pool(1, journal=db) as pool:
+        again = pool.map(fail_on_zero, items, return_exceptions=True)
+    assert isinstance(again[0], ValueError) and again[1:] == list(range(1, 30))
+    assert sorted(calls(log)) == list(range(1, 30))  # each ran to its end once in all

@@ -1,0 +1,123 @@
+"""`procqueue map --journal` and `procqueue journal`, run as the installed command on real files:
+what a user resuming a stopped batch relies on (issue #21)."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+PROCQUEUE = shutil.which("procqueue")
+
+# Logs each input it finishes; "bad" fails; "hang" holds its worker while the hold file exists.
+JOB = """
+import os, time
+def process(item):
+    if item == "bad":
+        raise ValueError("bad input")
+    if item == "hang" and os.path.exists({hold!r}):
+        open({started!r}, "w").close()
+        time.sleep(30)
+    with open({log!r}, "a") as f:  # one short O_APPEND write: atomic between workers
+        f.write(item + "\\n")
+    return item.upper()
+"""
+
+
+class Batch:
+    def __init__(self, tmp_path: Path) -> None:
+        self.log = tmp_path / "calls.log"
+        self.hold = tmp_path / "hold"
+        self.started = tmp_path / "hang-started"
+        self.script = tmp_path / "job.py"
+        self.script.write_text(JOB.format(log=str(self.log), hold=str(self.hold),
+                                          started=str(self.started)))
+        self.db = tmp_path / "run.db"
+
+    def calls(self) -> Counter[str]:
+        return Counter(self.log.read_text().split()) if self.log.exists() else Counter()
+
+    def map_args(self, *args: str) -> list[str]:
+        assert PROCQUEUE, "the procqueue command is not installed (pip install -e .)"
+        return [PROCQUEUE, "map", str(self.script), "-q", "--journal", str(self.db), *args]
+
+
+@pytest.fixture
+def batch(tmp_path: Path) -> Batch:
+    return Batch(tmp_path)
+
+
+def procqueue(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    assert PROCQUEUE, "the procqueue command is not installed (pip install -e .)"
+    return subprocess.run([PROCQUEUE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+def records(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def interrupt_when_hanging(batch: Batch, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run `args` until input "hang" holds its worker, then press Ctrl-C twice (the second
+    kills running tasks); the workers are gone when this returns."""
+    batch.hold.touch()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not batch.started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "hang never started"
+            time.sleep(0.01)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)  # the second press must come after the first was handled
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"left behind: {alive}"
+    batch.hold.unlink()
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+GOOD = [str(i) for i in range(1, 16)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stop", ["halt", "ctrl-c"])
+def test_inputs_a_stopped_run_never_finished_run_when_the_command_is_run_again(batch, stop):
+    if stop == "halt":  # "bad" fails first, and the halt kills or cancels every other input
+        args = batch.map_args("-j", "1", "--halt", "now,fail=1", ":::", "bad", *GOOD)
+        first = run(args)
+    else:  # Ctrl-C while "hang" runs: it is killed, the inputs after it never start
+        args = batch.map_args("-j", "1", ":::", "bad", *GOOD[:3], "hang", *GOOD[3:])
+        first = interrupt_when_hanging(batch, args)
+    inputs = args[args.index(":::") + 1:]
+    cancelled = [r["input"] for r in records(first.stdout)
+                 if not r["ok"] and r["error"]["type"] == "TaskCancelledError"]
+    assert len(cancelled) >= 10, first.stdout + first.stderr
+    finished = len(inputs) - len(cancelled)  # "bad" and what ran before the stop
+    summary = procqueue("journal", str(batch.db)).stdout
+    assert f"pending: {len(cancelled)}" in summary, summary
+
+    again = run(args)
+    assert f"resuming: {finished} of {len(inputs)} inputs already done, {len(cancelled)} to " \
+           "run" in again.stderr, again.stderr
+    recs = {r["input"]: r for r in records(again.stdout)}
+    assert sorted(recs) == sorted(inputs)
+    assert not recs["bad"]["ok"] and recs["bad"]["error"]["type"] == "ValueError"
+    assert all(recs[x]["ok"] and recs[x]["result"] == x.upper() for x in inputs if x != "bad")
+    # Every good input ran to its end exactly once over both runs.
+    assert batch.calls() == Counter(x for x in inputs if x != "bad")
+    assert "pending: 0" in procqueue("journal", str(batch.db)).stdout
