@@ -534,7 +534,7 @@ def _open_journal(path: str, fn: Any, items: Inputs, retry_failed: bool, force: 
                                          force=force, retry_failed=retry_failed)
     except procqueue.JournalError as exc:  # busy, written by another script, not a journal
         raise JournalUnusable(str(exc)) from None
-    done = sum(journal.lookup(procqueue.Journal.key_of(item)) is not None for item in items)
+    done = sum(journal.lookup(key) is not None for key in procqueue.Journal.keys_of(items))
     if done:
         click.echo(f"resuming: {done} of {len(items)} inputs already done, "
                    f"{len(items) - done} to run", err=True)

@@ -35,7 +35,9 @@ Public API (what Pool(journal=...) and the CLI use):
                               procqueue.errors.StoreFormatError
         JournalUnsafeError    other users may write the file (also a StoreUnsafeError)
     Journal.read("run.db")           read-only, takes no lock: summary/export while a run goes on
-    Journal.key_of(item) -> str      the input's key
+    Journal.key_of(item) -> str      the input's key (of its first occurrence in a call)
+    Journal.keys_of(items) -> list   the keys of a call's inputs in order: the k-th repetition
+                                     of an input has a key of its own (InputKeys, one per call)
     journal.lookup(key) -> StoredOutcome | None
                                      None: run it.  A stored failure comes back as a failure
                                      (with its original exception type when it unpickles, else
@@ -77,7 +79,9 @@ Storage choices:
   terminate, a cancelled imap) is reported as cancelled but leaves its input pending, so the
   same command run again runs it.  (Journals of before this rule kept cancellations as
   failures; opening one for a run forgets them.)
-- Duplicate inputs share a key, hence one row; a failure never overwrites a success.
+- A repeated input is a task of its own each time: its k-th occurrence in a call has its own
+  key (the content key's hash with k; the first keeps the content key), hence its own row and
+  outcome.  A failure never overwrites a success.
 - The key is the pickle's hash: equal inputs whose pickles differ (a set of strings under a
   different PYTHONHASHSEED, a dict built in another order) are different inputs to the journal
   and run again.  Unpicklable inputs are keyed by their repr.
@@ -96,7 +100,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Iterator, Protocol
+from typing import IO, Any, Callable, Iterable, Iterator, Protocol
 
 from .errors import ProcqueueError, StoreFormatError, StoreUnsafeError, TaskCancelledError
 from .protocol import PICKLE_PROTOCOL, dumps_function
@@ -327,6 +331,42 @@ def key_of(item: Any) -> str:
     return digest.hexdigest()
 
 
+def occurrence_key(content_key: str, occurrence: int) -> str:
+    """The key of the `occurrence`-th repetition (0: the first time) of the input whose
+    content key (key_of) is `content_key`: a repeated input is a task of its own each time.
+    The first occurrence keeps the content key itself, as journals of before had it."""
+    if occurrence == 0:
+        return content_key
+    return hashlib.sha256(f"{content_key}#{occurrence}".encode("ascii")).hexdigest()
+
+
+class InputKeys:
+    """The keys of one call's inputs, given them in input order: `::: 1 1 1 1` is four tasks
+    with four keys, and a rerun of the same inputs pairs each occurrence with its own
+    outcome (the k-th 1 with the k-th 1's)."""
+
+    def __init__(self) -> None:
+        # _khash of a content key -> its occurrences so far.  Ints, not the keys: ~100 bytes
+        # per distinct input.  Two inputs whose keys share 60 bits (odds 1e-6 in a million)
+        # only number their occurrences together: each keeps its own content, so a changed
+        # number costs a re-run, never another input's result.
+        self._seen: dict[int, int] = {}
+
+    def next_key(self, item: Any) -> str:
+        """The key of `item`, the next input of the call."""
+        content = key_of(item)
+        khash = _khash(content)
+        occurrence = self._seen.get(khash, 0)
+        self._seen[khash] = occurrence + 1
+        return occurrence_key(content, occurrence)
+
+
+def keys_of(items: Iterable[Any]) -> list[str]:
+    """The keys of a call's inputs, in order (InputKeys)."""
+    keys = InputKeys()
+    return [keys.next_key(item) for item in items]
+
+
 def function_identity(fn: Any, payload: bytes | None = None) -> str:
     """``module.qualname:hash`` of a function for Journal.open: the hash covers its cloudpickle
     (``payload``, if the caller has it already) and the source file of its module, since a
@@ -474,6 +514,7 @@ class Journal:
             raise
 
     key_of = staticmethod(key_of)
+    keys_of = staticmethod(keys_of)
 
     # ---- reading ----
 
@@ -934,6 +975,6 @@ def _row(sink: JournalingSink, task: Any, ok: bool, value: Any, finished_at: flo
 __all__ = [
     "Journal", "JournalingSink", "StoredOutcome", "StoredTask", "JournalSummary", "SlowInput",
     "JournalStatistics", "JournalError", "JournalBusyError", "JournalMismatchError",
-    "JournalFormatError", "JournalUnsafeError", "JournalWriteError", "key_of",
-    "function_identity",
+    "JournalFormatError", "JournalUnsafeError", "JournalWriteError", "InputKeys", "key_of",
+    "keys_of", "occurrence_key", "function_identity",
 ]

@@ -910,19 +910,18 @@ class _JournaledCall:
     that commits the others' outcomes before reporting them."""
 
     def __init__(self, journal: Journal, job: Job) -> None:
-        from .journal import JournalingSink
+        from .journal import InputKeys, JournalingSink
 
         self.journal = journal
+        self.input_keys = InputKeys()  # a repeated input is a task of its own each time
         self.keys: dict[int, str] = {}
         self.sink = JournalingSink(job.sink, journal, key_of_task=lambda t: self.keys.pop(t.index))
         job.sink = self.sink
 
     def replayed(self, index: int, item: Any) -> bool:
-        """Report the journaled outcome of `item` if it has one (True), else remember its
-        key for the outcome to come (False)."""
-        from .journal import key_of
-
-        key = key_of(item)
+        """Report the journaled outcome of `item` (the call's next input, in input order) if
+        it has one (True), else remember its key for the outcome to come (False)."""
+        key = self.input_keys.next_key(item)
         stored = self.journal.lookup(key)
         if stored is None:
             self.keys[index] = key

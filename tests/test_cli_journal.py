@@ -121,3 +121,36 @@ def test_inputs_a_stopped_run_never_finished_run_when_the_command_is_run_again(b
     # Every good input ran to its end exactly once over both runs.
     assert batch.calls() == Counter(x for x in inputs if x != "bad")
     assert "pending: 0" in procqueue("journal", str(batch.db)).stdout
+
+
+# Each call returns a value of its own (a fresh uuid), so a replayed result shows which run
+# and which call it came from.
+UNIQUE = """
+import uuid
+def process(item):
+    with open({log!r}, "a") as f:
+        f.write(item + "\\n")
+    return item + ":" + uuid.uuid4().hex
+"""
+
+
+@pytest.mark.timeout(60)
+def test_each_occurrence_of_a_repeated_input_is_a_task_of_its_own(tmp_path):
+    log, db, script = tmp_path / "calls.log", tmp_path / "d.db", tmp_path / "job.py"
+    script.write_text(UNIQUE.format(log=str(log)))
+    args = [PROCQUEUE, "map", str(script), "-q", "--journal", str(db), ":::", "1", "1", "1",
+            "1"]
+    first = run(args)
+    assert first.returncode == 0, first.stderr
+    results = [r["result"] for r in records(first.stdout)]
+    assert len(set(results)) == 4  # four calls
+    summary = procqueue("journal", str(db)).stdout
+    assert "done: 4" in summary and "pending: 0" in summary, summary
+
+    again = run(args)
+    assert "resuming: 4 of 4 inputs already done, 0 to run" in again.stderr, again.stderr
+    assert [r["result"] for r in records(again.stdout)] == results  # each its own, in order
+    more = run(args + ["1", "1"])  # two more occurrences: only they run
+    assert "resuming: 4 of 6 inputs already done, 2 to run" in more.stderr, more.stderr
+    assert [r["result"] for r in records(more.stdout)][:4] == results
+    assert log.read_text().split() == ["1"] * 6

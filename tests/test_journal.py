@@ -472,6 +472,13 @@ def test_keys_depend_on_the_input_content_only() -> None:
     assert len(Journal.key_of(lock)) == 64
 
 
+def test_every_occurrence_of_a_repeated_input_has_a_key_of_its_own() -> None:
+    keys = Journal.keys_of(["a", "b", "a", "a", "b"])
+    assert len(set(keys)) == 5
+    assert keys[0] == Journal.key_of("a") and keys[1] == Journal.key_of("b")
+    assert Journal.keys_of(["b", "a", "a"]) == [keys[1], keys[0], keys[2]]  # k-th with k-th
+
+
 def test_function_identity_changes_with_the_code() -> None:
     def f(x: int) -> int:
         return x + 1

@@ -3,6 +3,7 @@ reports every input exactly once, in order."""
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,27 @@ def test_inputs_a_halt_cancelled_are_pending_and_the_next_run_runs_them(tmp_path
         again = pool.map(fail_on_zero, items, return_exceptions=True)
     assert isinstance(again[0], ValueError) and again[1:] == list(range(1, 30))
     assert sorted(calls(log)) == list(range(1, 30))  # each ran to its end once in all
+
+
+def unique_call(args):
+    log, x = args
+    with open(log, "a") as f:
+        f.write(f"{x}\n")
+    return f"{x}:{uuid.uuid4().hex}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["map", "imap"])
+def test_each_occurrence_of_a_repeated_input_is_a_task_of_its_own(tmp_path, api):
+    log, db = str(tmp_path / "calls"), str(tmp_path / "run.db")
+
+    def run(items):
+        with Pool(2, journal=db) as pool:
+            return list(getattr(pool, api)(unique_call, items))
+
+    first = run([(log, 7)] * 3)
+    assert len(set(first)) == 3
+    assert run([(log, 7)] * 4)[:3] == first  # the three replayed in order, one more ran
+    assert calls(log) == [7] * 4
+    with Journal.read(db) as journal:
+        assert journal.summary().done == 4
