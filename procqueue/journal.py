@@ -50,6 +50,8 @@ Public API (what Pool(journal=...) and the CLI use):
         sink.flush() / sink.close()                            wait until all are reported
     journal.set_total(n)             the run's number of inputs (summary's "pending")
     journal.summary(slowest=10) -> JournalSummary              str() of it is a report
+    journal.outcomes() -> Iterator[TaskOutcome]                every outcome, in index order,
+                                     with the input as given (`procqueue journal --export`)
     journal.export_jsonl(file) -> int                          one JSON object per input
     journal.statistics() -> JournalStatistics
     journal.write_error              a JournalWriteError if a commit failed (outcomes were still
@@ -100,20 +102,23 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Iterable, Iterator, Protocol
+from typing import IO, Any, Callable, Iterable, Iterator, NamedTuple, Protocol
 
-from .errors import ProcqueueError, StoreFormatError, StoreUnsafeError, TaskCancelledError
+from .errors import (ProcqueueError, StoreFormatError, StoreUnsafeError, TaskCancelledError,
+                     remote_traceback_text)
 from .protocol import PICKLE_PROTOCOL, dumps_function
+from .results import TaskOutcome
 from .store.codec import error_columns, json_or_repr, rebuild_error, short_repr
 from .store.sqlite_file import open_store_file, read_meta
 from .tasks import OutcomeSink
 
 KIND = "journal"  # the store kind stamped in the file's meta table (procqueue.store)
-SCHEMA_VERSION = 1  # bumped on any incompatible change of the tables below
+SCHEMA_VERSION = 2  # bumped on any change of the tables below (2: outcomes.input)
 FLUSH_INTERVAL_S = 0.05  # an outcome waits at most this long (seconds) for its commit...
 FLUSH_MAX_OUTCOMES = 2000  # ...or until this many outcomes are buffered
 SLOWEST_DEFAULT = 10  # inputs listed by summary() by default
 LOCK_SUFFIX = ".lock"
+INPUT_PICKLE_MAX_BYTES = 64 * 1024  # a bigger input is kept as its repr only (export, outcomes)
 # error_type of a cancelled task, as procqueue.store.codec names it (older journals kept some)
 CANCELLED_TYPE_NAME = f"{TaskCancelledError.__module__}.{TaskCancelledError.__qualname__}"
 
@@ -139,7 +144,9 @@ CREATE TABLE IF NOT EXISTS outcomes (
     pid             INTEGER,           -- worker pid of the last attempt
     finished_at     REAL NOT NULL,     -- time.time() when the outcome reached the journal
     committed_at    REAL NOT NULL,
-    runs            INTEGER NOT NULL   -- times an outcome was written (re-run failures: > 1)
+    runs            INTEGER NOT NULL,  -- times an outcome was written (re-run failures: > 1)
+    input           BLOB               -- the input's pickle (format 2); NULL if it was bigger
+                                       -- than INPUT_PICKLE_MAX_BYTES or did not pickle
 );
 CREATE INDEX IF NOT EXISTS outcomes_by_idx ON outcomes (idx);
 """
@@ -147,14 +154,15 @@ CREATE INDEX IF NOT EXISTS outcomes_by_idx ON outcomes (idx);
 _INSERT = """
 INSERT INTO outcomes (id, key, khash, idx, input_repr, state, attempts, result, result_repr,
                       error_type, error_message, error_traceback, error, seconds, pid,
-                      finished_at, committed_at, runs)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)
+                      finished_at, committed_at, input, runs)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)
 """
 
 _REPLACE = """
 UPDATE outcomes SET key = ?, khash = ?, idx = ?, input_repr = ?, state = ?, attempts = ?,
     result = ?, result_repr = ?, error_type = ?, error_message = ?, error_traceback = ?,
-    error = ?, seconds = ?, pid = ?, finished_at = ?, committed_at = ?, runs = runs + 1
+    error = ?, seconds = ?, pid = ?, finished_at = ?, committed_at = ?, input = ?,
+    runs = runs + 1
 WHERE id = ?
 """
 
@@ -466,6 +474,7 @@ class Journal:
         self._index: dict[int, int] = {}
         self._next_id = 1
         self._load_index()
+        self._has_input_column = "input" in _outcome_columns(connection)
         self.write_error: JournalWriteError | None = None
         self._writer = _Writer(self, flush_interval_s, flush_max)
 
@@ -487,8 +496,8 @@ class Journal:
         db: sqlite3.Connection | None = None
         try:
             db = _open_file(path, readonly=False, durable=durable)
+            _upgrade(db, path)
             _check_identity(db, path, function_identity, force)
-            _forget_cancelled(db)
             return cls(path, db, lock_fd, function_identity, retry_failed=retry_failed,
                        readonly=False, flush_interval_s=flush_interval_s, flush_max=flush_max)
         except BaseException:
@@ -541,7 +550,7 @@ class Journal:
                                  finished_at)
         if self.retry_failed:
             return None
-        error = rebuild_error(error_type, message, tb_text, error_blob)
+        error = _stored_error(error_type, message, tb_text, error_blob)
         return StoredOutcome(key, index, False, None, error, attempts, seconds, pid,
                              finished_at)
 
@@ -565,10 +574,20 @@ class Journal:
                               int(total) if total is not None else None, unstored,
                               tuple(SlowInput(i, r, s) for i, r, s in slow))
 
+    def outcomes(self) -> Iterator[TaskOutcome]:
+        """Every journaled outcome, in index order (the input positions of the run that
+        wrote it), as the TaskOutcome that run reported: the input as given (its repr when
+        it was not kept: a pickle over INPUT_PICKLE_MAX_BYTES, or a journal of format 1),
+        the result or the exception as lookup() rebuilds them, attempts, seconds and pid.
+        `procqueue journal --export` writes them as `procqueue map` writes its records."""
+        for row in self._rows_by_index():
+            yield _outcome_of(row)
+
     def export_jsonl(self, file: IO[str]) -> int:
-        """Write one JSON object per input, in index order: index, input (repr), ok, result
-        (the value if JSON can hold it, else its repr), error (type, message, traceback),
-        attempts, seconds, pid.  Returns the number of lines written."""
+        """Write one JSON object per input, in index order: index, input (as given if JSON
+        can hold it, else its repr), ok, result (likewise), error (type, message, traceback),
+        attempts, seconds, pid.  Returns the number of lines written.  (procqueue map's
+        record format: format outcomes() as the CLI does.)"""
         count = 0
         for row in self._rows_by_index():
             file.write(json.dumps(_export_record(row)) + "\n")
@@ -660,19 +679,21 @@ class Journal:
             last = self._db.execute("SELECT MAX(id) FROM outcomes").fetchone()[0]
             self._next_id = (last or 0) + 1
 
-    def _rows_by_index(self) -> Iterator[tuple[Any, ...]]:
-        # Pages of rows, so a big journal is not read into memory at once.
+    def _rows_by_index(self) -> Iterator["_Row"]:
+        # Pages of rows, so a big journal is not read into memory at once.  A journal of
+        # format 1 opened read-only has no input column (a run's open adds it).
+        input_column = "input" if self._has_input_column else "NULL"
+        query = (f"SELECT idx, key, {input_column}, input_repr, state, attempts, result, "
+                 "result_repr, error_type, error_message, error_traceback, error, seconds, "
+                 "pid FROM outcomes WHERE (idx, key) > (?, ?) ORDER BY idx, key LIMIT 1000")
         last: tuple[int, str] = (-1, "")
         while True:
             with self._db_lock:
                 self._check_open()
-                page = self._db.execute(
-                    "SELECT idx, key, input_repr, state, attempts, result, result_repr, "
-                    "error_type, error_message, error_traceback, seconds, pid FROM outcomes "
-                    "WHERE (idx, key) > (?, ?) ORDER BY idx, key LIMIT 1000", last).fetchall()
+                page = self._db.execute(query, last).fetchall()
             if not page:
                 return
-            yield from page
+            yield from (_Row(*row) for row in page)
             last = (page[-1][0], page[-1][1])
 
     def _check_open(self) -> None:
@@ -724,14 +745,25 @@ def _check_identity(db: sqlite3.Connection, path: str, identity: str, force: boo
         db.execute("INSERT OR REPLACE INTO meta VALUES ('opened_at', ?)", (now,))
 
 
-def _forget_cancelled(db: sqlite3.Connection) -> None:
-    """Journals written before cancelled tasks were left out hold them as failures
-    (TaskCancelledError, mostly attempts 0): drop those rows, so their inputs are pending
-    and run.  A no-op on a journal written since."""
+def _upgrade(db: sqlite3.Connection, path: str) -> None:
+    """Bring a journal of format 1 to SCHEMA_VERSION, in place, when a run opens it: it gets
+    the input column (its rows keep only their inputs' repr), and forgets the cancelled
+    tasks it kept as failures (TaskCancelledError, mostly attempts 0), so their inputs are
+    pending and run."""
+    if int(_read_meta(db, path).get("schema_version", "1")) >= SCHEMA_VERSION:
+        return
     with db:
         db.execute("BEGIN IMMEDIATE")
+        if "input" not in _outcome_columns(db):
+            db.execute("ALTER TABLE outcomes ADD COLUMN input BLOB")
         db.execute("DELETE FROM outcomes WHERE state = 'failed' AND error_type = ?",
                    (CANCELLED_TYPE_NAME,))
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                   (str(SCHEMA_VERSION),))
+
+
+def _outcome_columns(db: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in db.execute("PRAGMA table_info(outcomes)")}
 
 
 def _khash(key: str) -> int:
@@ -740,18 +772,68 @@ def _khash(key: str) -> int:
     return int(key[:15], 16)
 
 
-def _export_record(row: tuple[Any, ...]) -> dict[str, Any]:
-    (index, _key, input_repr, state, attempts, result, result_repr, error_type, message,
-     tb_text, seconds, pid) = row
-    record: dict[str, Any] = {"index": index, "input": input_repr, "ok": state == "done"}
-    if state == "done":
-        record["result"] = json_or_repr(result, result_repr)
+class _Row(NamedTuple):
+    """An outcomes row, as export and outcomes() read it."""
+
+    idx: int  # (not "index": a tuple has that method)
+    key: str
+    input: bytes | None
+    input_repr: str
+    state: str
+    attempts: int
+    result: bytes | None
+    result_repr: str | None
+    error_type: str | None
+    error_message: str | None
+    error_traceback: str | None
+    error: bytes | None
+    seconds: float
+    pid: int | None
+
+
+def _export_record(row: _Row) -> dict[str, Any]:
+    record: dict[str, Any] = {"index": row.idx, "input": json_or_repr(row.input, row.input_repr),
+                              "ok": row.state == "done"}
+    if row.state == "done":
+        record["result"] = json_or_repr(row.result, row.result_repr)
         record["error"] = None
     else:
         record["result"] = None
-        record["error"] = {"type": error_type, "message": message, "traceback": tb_text}
-    record.update(attempts=attempts, seconds=seconds, pid=pid)
+        record["error"] = {"type": row.error_type, "message": row.error_message,
+                           "traceback": row.error_traceback}
+    record.update(attempts=row.attempts, seconds=row.seconds, pid=row.pid)
     return record
+
+
+def _outcome_of(row: _Row) -> TaskOutcome:
+    ok = row.state == "done"
+    value = _unpickled_or(row.result, row.result_repr) if ok else None
+    error = None if ok else _stored_error(row.error_type or "", row.error_message or "",
+                                          row.error_traceback or "", row.error)
+    return TaskOutcome(row.idx, _unpickled_or(row.input, row.input_repr), ok, value, error,
+                       row.attempts, row.seconds, row.pid)
+
+
+def _stored_error(type_name: str, message: str, tb_text: str, blob: bytes | None
+                  ) -> BaseException:
+    """The journaled exception as the run reported it: one that carried no remote traceback
+    (a crash, a timeout: no code of the task's raised it) was kept with none (_row), and
+    comes back with no __cause__, so a resumed run's record is the first run's."""
+    error = rebuild_error(type_name, message, tb_text, blob)
+    if not tb_text:
+        error.__cause__ = None
+    return error
+
+
+def _unpickled_or(blob: bytes | None, fallback: str | None) -> Any:
+    """A stored value, or the text kept for it (its repr) when it was not stored or does not
+    unpickle here (its class is gone)."""
+    if blob is None:
+        return fallback
+    try:
+        return pickle.loads(blob)
+    except Exception as exc:
+        return fallback if fallback is not None else f"<value that does not unpickle here: {exc!r}>"
 
 
 # ---- the sink and its writer ------------------------------------------------------------
@@ -967,14 +1049,28 @@ def _row(sink: JournalingSink, task: Any, ok: bool, value: Any, finished_at: flo
             result_repr = short_repr(value)  # flagged by result IS NULL: it runs again
     else:
         error_type, message, tb_text, error_blob = error_columns(value)
+        if remote_traceback_text(value.__cause__) is None:
+            tb_text = ""  # a crash, a timeout: no remote traceback to keep (_stored_error)
     return (key, task.index, short_repr(task.input), "done" if ok else "failed",
             task.attempts, result, result_repr, error_type, message, tb_text, error_blob,
-            task.seconds, task.pid, finished_at, committed_at)
+            task.seconds, task.pid, finished_at, committed_at, _input_pickle(task.input))
+
+
+def _input_pickle(item: Any) -> bytes | None:
+    """The input's pickle, kept so that an export gives the input as given; None for one
+    holding big buffers (numpy arrays) or whose pickle is over INPUT_PICKLE_MAX_BYTES (the
+    journal is no copy of a batch's data: its repr is kept), or that does not pickle."""
+    buffers: list[pickle.PickleBuffer] = []
+    try:  # buffers out of band: an array's data is never copied only to be thrown away
+        blob = pickle.dumps(item, PICKLE_PROTOCOL, buffer_callback=buffers.append)
+    except Exception:
+        return None
+    return None if buffers or len(blob) > INPUT_PICKLE_MAX_BYTES else blob
 
 
 __all__ = [
     "Journal", "JournalingSink", "StoredOutcome", "StoredTask", "JournalSummary", "SlowInput",
     "JournalStatistics", "JournalError", "JournalBusyError", "JournalMismatchError",
     "JournalFormatError", "JournalUnsafeError", "JournalWriteError", "InputKeys", "key_of",
-    "keys_of", "occurrence_key", "function_identity",
+    "keys_of", "occurrence_key", "function_identity", "INPUT_PICKLE_MAX_BYTES",
 ]

@@ -154,3 +154,33 @@ def test_each_occurrence_of_a_repeated_input_is_a_task_of_its_own(tmp_path):
     assert "resuming: 4 of 6 inputs already done, 2 to run" in more.stderr, more.stderr
     assert [r["result"] for r in records(more.stdout)][:4] == results
     assert log.read_text().split() == ["1"] * 6
+
+
+# Two input sources (each input a pair), a failure, a crash, a result JSON cannot hold.
+PAIRS = """
+import os
+def process(name, number):
+    if name == "crash":
+        os._exit(3)
+    if name == "bad":
+        raise ValueError("bad input " + number)
+    if name == "set":
+        return {{1, 2}}
+    return {{"name": name, "twice": int(number) * 2}}
+"""
+
+
+@pytest.mark.timeout(60)
+def test_export_writes_the_records_procqueue_map_wrote(tmp_path):
+    db, script = tmp_path / "d.db", tmp_path / "pairs.py"
+    script.write_text(PAIRS.format())
+    ran = run([PROCQUEUE, "map", str(script), "-q", "-j", "2", "--journal", str(db), ":::",
+               "a", "bad", "set", "crash", "it's", ":::", "1", "2"])
+    assert ran.returncode == 1 and len(records(ran.stdout)) == 10, ran.stderr
+    export = procqueue("journal", str(db), "--export")
+    assert export.returncode == 0, export.stderr
+    assert records(export.stdout) == records(ran.stdout)
+    assert records(export.stdout)[8]["input"] == ["it's", "1"]  # as given, not its repr
+    again = run(ran.args)  # every record replayed: the crash's and the failure's as they were
+    assert "resuming: 10 of 10 inputs already done, 0 to run" in again.stderr, again.stderr
+    assert records(again.stdout) == records(ran.stdout)

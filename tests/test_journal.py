@@ -347,10 +347,43 @@ def test_export_writes_one_json_line_per_input_in_index_order(db: str) -> None:
         assert reader.export_jsonl(out) == 6
     records = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [r["index"] for r in records] == [0, 1, 2, 3, 4, 5]
-    assert records[0] == {"index": 0, "input": "'in-0'", "ok": True, "result": [0, "x"],
+    assert records[0] == {"index": 0, "input": "in-0", "ok": True, "result": [0, "x"],
                           "error": None, "attempts": 1, "seconds": 0.01, "pid": 123}
     assert records[2]["ok"] is False and records[2]["error"]["type"] == "KeyError"
     assert records[5]["result"] == "{1, 2}"
+
+
+@pytest.mark.timeout(20)
+def test_outcomes_give_every_input_as_given_with_its_result_or_error(db: str) -> None:
+    from procqueue import TaskOutcome
+
+    with Journal.open(db, function_identity="f:1") as journal:
+        deliver_all(journal, [outcome_of(1, False, KeyError("k"), item=("b", 2)),
+                              outcome_of(0, True, {"r": 1}, item=("a", 1)),
+                              outcome_of(2, True, 4, item="x" * 100_000)])  # too big to keep
+    with Journal.read(db) as reader:
+        outcomes = list(reader.outcomes())
+    assert all(isinstance(o, TaskOutcome) for o in outcomes)
+    assert [(o.index, o.input, o.ok, o.value) for o in outcomes[:2]] == [
+        (0, ("a", 1), True, {"r": 1}), (1, ("b", 2), False, None)]
+    assert isinstance(outcomes[1].error, KeyError) and outcomes[1].attempts == 1
+    assert outcomes[2].input.startswith("'xxx") and outcomes[2].value == 4  # its repr
+
+
+@pytest.mark.timeout(20)
+def test_a_journal_of_format_1_gets_the_input_column_when_a_run_opens_it(db: str) -> None:
+    import pickle
+
+    version_1_journal(db, "f:1", [(Journal.key_of("a"), 0, "'a'", "done", 1, pickle.dumps(1),
+                                   None)])
+    with Journal.read(db) as reader:  # read-only: as it is
+        assert [(o.input, o.value) for o in reader.outcomes()] == [("'a'", 1)]
+    with Journal.open(db, function_identity="f:1") as journal:
+        deliver_all(journal, [outcome_of(1, True, 2, item="b")])
+    with Journal.read(db) as reader:
+        assert [(o.input, o.value) for o in reader.outcomes()] == [("'a'", 1), ("b", 2)]
+    meta = dict(sqlite3.connect(db).execute("SELECT name, value FROM meta").fetchall())
+    assert meta["schema_version"] == "2"
 
 
 @pytest.mark.timeout(20)

@@ -39,7 +39,7 @@ ALLOWED: dict[str, set[str]] = {
     "tasks": {"errors", "protocol"},
     "stats": {"tasks"},
     # the batch journal is one of the stores: it opens and encodes through procqueue.store
-    "journal": {"errors", "protocol", "tasks", "store"},
+    "journal": {"errors", "protocol", "tasks", "results", "store"},
     "trace": {"stats"},
     "report": {"stats"},
     "protocol": {"errors"},
