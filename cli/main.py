@@ -34,8 +34,8 @@ from .inputs import SEPARATORS, Inputs, collect_inputs, collect_named_inputs, gr
 from .loader import NamedArguments, WorkerStart
 from .output import JobLog, RecordWriter, input_text, line_of, logged_seqs, record_of
 from .progress import Progress
-from .script import (ScriptError, check_arguments, check_keyword_arguments, function_identity,
-                     resolve_script)
+from .script import (ScriptError, check_arguments, check_keyword_arguments,
+                     format_1_function_identity, function_identity, resolve_script)
 
 EXIT_OK = 0  # every input succeeded
 EXIT_FAILURES = 1  # some inputs failed
@@ -530,8 +530,10 @@ class JournalUnusable(click.ClickException):
 def _open_journal(path: str, fn: Any, items: Inputs, retry_failed: bool, force: bool
                   ) -> procqueue.Journal:
     try:
-        journal = procqueue.Journal.open(path, function_identity=function_identity(fn),
-                                         force=force, retry_failed=retry_failed)
+        journal = procqueue.Journal.open(
+            path, function_identity=function_identity(fn),
+            former_identities=(format_1_function_identity(fn),), force=force,
+            retry_failed=retry_failed)
     except procqueue.JournalError as exc:  # busy, written by another script, not a journal
         raise JournalUnusable(str(exc)) from None
     done = sum(journal.lookup(key) is not None for key in procqueue.Journal.keys_of(items))

@@ -2,10 +2,11 @@
 
 Each input is keyed by the content of its argument (``Journal.key_of``: sha256 of its
 protocol-5 pickle), so a resumed run finds what an earlier run finished whatever order the
-inputs come in.  The journal belongs to ONE function: its identity (a hash of the function's
-pickle or of the script's text, plus its name, computed by the caller; see
-``function_identity``) is stored when the file is created, and a run whose identity differs is
-refused with JournalMismatchError unless it passes ``force=True``.
+inputs come in.  The journal belongs to ONE function: its identity (a hash of the code it
+runs, comments and layout left out, plus its name, computed by the caller; see
+``function_identity`` and procqueue.code_identity) is stored when the file is created, and a
+run whose identity differs is refused with JournalMismatchError unless it passes
+``force=True``.
 
     supervisor thread                 journal writer thread (one per Journal)       caller
     -----------------                 ---------------------------------------       ------
@@ -27,6 +28,7 @@ still sees one thread (callbacks of map_async run there).
 Public API (what Pool(journal=...) and the CLI use):
 
     journal = Journal.open("run.db", function_identity=function_identity(fn),
+                           former_identities=(format_1_function_identity(fn),),
                            force=False, retry_failed=False)
         JournalBusyError      another run (process or Journal object) holds the file
         JournalMismatchError  the file was written by a different function (force=True: keep
@@ -104,6 +106,7 @@ import traceback
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterable, Iterator, NamedTuple, Protocol
 
+from . import code_identity
 from .errors import (ProcqueueError, StoreFormatError, StoreUnsafeError, TaskCancelledError,
                      remote_traceback_text)
 from .protocol import PICKLE_PROTOCOL, dumps_function
@@ -375,13 +378,19 @@ def keys_of(items: Iterable[Any]) -> list[str]:
     return [keys.next_key(item) for item in items]
 
 
-def function_identity(fn: Any, payload: bytes | None = None) -> str:
-    """``module.qualname:hash`` of a function for Journal.open: the hash covers its cloudpickle
-    (``payload``, if the caller has it already) and the source file of its module, since a
-    function pickled by reference (importable module) carries no code of its own.  Any edit of
-    that file counts as a change (then force=True)."""
-    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
-    digest = hashlib.sha256(payload if payload is not None else dumps_function(fn))
+def function_identity(fn: Any) -> str:
+    """``module.qualname:hash`` of a function for Journal.open, the hash of the code it runs
+    (procqueue.code_identity): a comment, a blank line or a moved function is no change, an
+    edited expression, constant or helper is (then force=True)."""
+    digest = hashlib.sha256(code_identity.fingerprint(fn))
+    return f"{_function_name(fn)}:{digest.hexdigest()[:32]}"
+
+
+def format_1_function_identity(fn: Any) -> str:
+    """The identity procqueue gave `fn` before function_identity hashed its code (the hash of
+    its cloudpickle and its module's file bytes): pass it as Journal.open's
+    former_identities, so that journals written then still open for the same function."""
+    digest = hashlib.sha256(dumps_function(fn))
     module = sys.modules.get(getattr(fn, "__module__", "") or "")
     source = getattr(module, "__file__", None)
     if source and source.endswith(".py"):
@@ -390,7 +399,11 @@ def function_identity(fn: Any, payload: bytes | None = None) -> str:
                 digest.update(f.read())
         except OSError:
             pass
-    return f"{name}:{digest.hexdigest()[:32]}"
+    return f"{_function_name(fn)}:{digest.hexdigest()[:32]}"
+
+
+def _function_name(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 # ---- the lock ----------------------------------------------------------------------------
@@ -480,7 +493,8 @@ class Journal:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, function_identity: str,
-             force: bool = False, retry_failed: bool = False, durable: bool = False,
+             former_identities: Iterable[str] = (), force: bool = False,
+             retry_failed: bool = False, durable: bool = False,
              flush_interval_s: float = FLUSH_INTERVAL_S,
              flush_max: int = FLUSH_MAX_OUTCOMES) -> "Journal":
         """Open (or create) the journal of a run of the function `function_identity`, for
@@ -497,7 +511,7 @@ class Journal:
         try:
             db = _open_file(path, readonly=False, durable=durable)
             _upgrade(db, path)
-            _check_identity(db, path, function_identity, force)
+            _check_identity(db, path, function_identity, frozenset(former_identities), force)
             return cls(path, db, lock_fd, function_identity, retry_failed=retry_failed,
                        readonly=False, flush_interval_s=flush_interval_s, flush_max=flush_max)
         except BaseException:
@@ -726,14 +740,17 @@ def _read_meta(db: sqlite3.Connection, path: str) -> dict[str, str]:
         raise JournalFormatError(str(exc)) from exc
 
 
-def _check_identity(db: sqlite3.Connection, path: str, identity: str, force: bool) -> None:
+def _check_identity(db: sqlite3.Connection, path: str, identity: str,
+                    former_identities: frozenset[str], force: bool) -> None:
     """Stamp a new journal with the function's identity; refuse another function's journal
-    unless forced (then adopt the new identity, noting the one it replaced)."""
+    unless forced (then adopt the new identity, noting the one it replaced).  A journal
+    stamped with one of the function's former identities (an older procqueue's way of
+    computing them) is the function's: it takes the new one."""
     stored = _read_meta(db, path).get("function_identity")
     now = repr(time.time())
     with db:
         db.execute("BEGIN IMMEDIATE")
-        if stored is None:
+        if stored is None or stored in former_identities:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('function_identity', ?)",
                        (identity,))
         elif stored != identity:
@@ -1072,5 +1089,6 @@ __all__ = [
     "Journal", "JournalingSink", "StoredOutcome", "StoredTask", "JournalSummary", "SlowInput",
     "JournalStatistics", "JournalError", "JournalBusyError", "JournalMismatchError",
     "JournalFormatError", "JournalUnsafeError", "JournalWriteError", "InputKeys", "key_of",
-    "keys_of", "occurrence_key", "function_identity", "INPUT_PICKLE_MAX_BYTES",
+    "keys_of", "occurrence_key", "function_identity", "format_1_function_identity",
+    "INPUT_PICKLE_MAX_BYTES",
 ]

@@ -954,10 +954,11 @@ class _JournalHolder:
         with self.lock:
             if self.journal is None:
                 assert self.path is not None
-                from .journal import Journal, function_identity
+                from .journal import Journal, format_1_function_identity, function_identity
 
-                self.journal = Journal.open(self.path,
-                                            function_identity=function_identity(func))
+                self.journal = Journal.open(
+                    self.path, function_identity=function_identity(func),
+                    former_identities=(format_1_function_identity(func),))
                 self.owned = True
         return _JournaledCall(self.journal, job)
 

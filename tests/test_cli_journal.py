@@ -184,3 +184,35 @@ def test_export_writes_the_records_procqueue_map_wrote(tmp_path):
     again = run(ran.args)  # every record replayed: the crash's and the failure's as they were
     assert "resuming: 10 of 10 inputs already done, 0 to run" in again.stderr, again.stderr
     assert records(again.stdout) == records(ran.stdout)
+
+
+@pytest.mark.timeout(60)
+def test_a_comment_added_to_the_script_does_not_refuse_the_journal(batch):
+    args = batch.map_args(":::", *GOOD)
+    assert run(args).returncode == 0
+    source = batch.script.read_text()
+    batch.script.write_text("# tuned on Tuesday\n\n" + source.replace(
+        "def process(item):", "# the job\ndef process(item):  # one input"))
+    again = run(args)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming: {len(GOOD)} of {len(GOOD)} inputs already done, 0 to run" in again.stderr
+    assert batch.calls() == Counter(GOOD)  # nothing ran again
+    batch.script.write_text(source.replace("item.upper()", "item.lower()"))  # the code changed
+    changed = run(args)
+    assert changed.returncode == 2 and "different function" in changed.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_journal_stamped_by_an_older_procqueue_resumes_the_unchanged_script(batch):
+    import hashlib
+
+    import procqueue
+
+    # Before, the identity was the hash of the script's bytes and of path:function.
+    source = batch.script.read_bytes()
+    described = f"{batch.script.resolve()}:process".encode()
+    former = hashlib.sha256(source + b"\0" + described).hexdigest()
+    procqueue.Journal.open(str(batch.db), function_identity=former).close()
+    ran = run(batch.map_args(":::", *GOOD))
+    assert ran.returncode == 0, ran.stderr
+    assert batch.calls() == Counter(GOOD)

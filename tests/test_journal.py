@@ -512,6 +512,34 @@ def test_every_occurrence_of_a_repeated_input_has_a_key_of_its_own() -> None:
     assert Journal.keys_of(["b", "a", "a"]) == [keys[1], keys[0], keys[2]]  # k-th with k-th
 
 
+SCRATCH = """
+LIMIT = {limit}
+
+def clip(x):
+    return min(x, LIMIT)
+
+def process(x):
+    return clip(x) * 2
+"""
+
+
+def scratch_function(source: str) -> Any:
+    """`process` of a module that is not importable (cloudpickle copies it by value)."""
+    namespace: dict[str, Any] = {"__name__": "procqueue_scratch_module"}
+    exec(compile(source, "scratch.py", "exec"), namespace)
+    return namespace["process"]
+
+
+def test_function_identity_is_the_code_not_comments_or_lines() -> None:
+    base = function_identity(scratch_function(SCRATCH.format(limit=10)))
+    commented = "# a comment\n\n\n" + SCRATCH.format(limit=10).replace(
+        "def clip(x):", "# why we clip\ndef clip(x):  # see above")
+    assert function_identity(scratch_function(commented)) == base
+    assert function_identity(scratch_function(SCRATCH.format(limit=11))) != base  # a global
+    changed_helper = SCRATCH.format(limit=10).replace("min(x, LIMIT)", "max(x, LIMIT)")
+    assert function_identity(scratch_function(changed_helper)) != base
+
+
 def test_function_identity_changes_with_the_code() -> None:
     def f(x: int) -> int:
         return x + 1

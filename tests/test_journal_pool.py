@@ -110,3 +110,54 @@ def test_each_occurrence_of_a_repeated_input_is_a_task_of_its_own(tmp_path, api)
     assert calls(log) == [7] * 4
     with Journal.read(db) as journal:
         assert journal.summary().done == 4
+
+
+# A program of the user's: its function uses a class and a helper it defines (cloudpickle
+# copies those by value, under an id drawn in each process).
+PROGRAM = """
+import sys
+from dataclasses import dataclass
+from procqueue import JournalMismatchError, Pool
+
+@dataclass
+class Scale:
+    factor: int = 3
+
+SCALE = Scale()
+
+def log_call(x):
+    with open(sys.argv[2], "a") as f:
+        f.write(f"{{x}}\\n")
+
+def process(x):
+    log_call(x)
+    return x * SCALE.factor{change}
+
+if __name__ == "__main__":
+    try:
+        with Pool(2, journal=sys.argv[1]) as pool:
+            print(sum(pool.map(process, range(10))))
+    except JournalMismatchError:
+        print("mismatch")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_comment_added_to_the_program_does_not_refuse_the_journal(tmp_path):
+    import subprocess
+    import sys
+
+    program, db, log = tmp_path / "program.py", str(tmp_path / "run.db"), tmp_path / "calls"
+
+    def run(source):
+        program.write_text(source)
+        done = subprocess.run([sys.executable, str(program), db, str(log)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert run(PROGRAM.format(change="")) == "135"
+    commented = "# tuned on the 3rd\n\n" + PROGRAM.format(change="  # times the factor")
+    assert run(commented) == "135"  # resumed: nothing ran again
+    assert sorted(calls(str(log))) == list(range(10))
+    assert run(PROGRAM.format(change=" + 1")) == "mismatch"  # the code changed: refused
