@@ -10,7 +10,9 @@ run whose identity differs is refused with JournalMismatchError unless it passes
 
     supervisor thread                 journal writer thread (one per Journal)       caller
     -----------------                 ---------------------------------------       ------
-    sink.deliver(task, ok, value) ─►  buffer ─► every FLUSH_INTERVAL_S, or FLUSH_MAX_OUTCOMES:
+    sink.deliver(task, ok, value) ─►  buffer ─► FLUSH_INTERVAL_S after its first outcome, or
+                                        when one worker's outcomes took FLUSH_COMPUTE_S to
+                                        run, or at FLUSH_MAX_OUTCOMES:
                                         build rows (key, pickles, error text)
                                         BEGIN; INSERT ... ON CONFLICT ...; COMMIT
                                         then, for each outcome of that transaction:
@@ -20,16 +22,31 @@ run whose identity differs is refused with JournalMismatchError unless it passes
 
 "A result is committed before it is reported": the inner sink sees an outcome only after the
 transaction holding it committed, so a SIGKILL at any instant loses only outcomes nobody was
-told about.  Commits are batched (one transaction per FLUSH_INTERVAL_S) so the journal costs
-little throughput; the price is up to FLUSH_INTERVAL_S of extra latency per result.  Every
-outcome of a sink is forwarded from the writer thread, in delivery order, so the inner sink
-still sees one thread (callbacks of map_async run there).
+told about.  Every outcome of a sink is forwarded from the writer thread, in delivery order,
+so the inner sink still sees one thread (callbacks of map_async run there).
+
+What a SIGKILL of the run loses (then computed again by the next run): at most the running
+tasks plus about 15 ms of finished compute per worker.  Finished work waits in two places:
+- in the worker, until its batch ends: Pool(journal=...) gives a call batches of about
+  BATCH_WORK_S (10 ms) of work (ChunkSizer.with_target; an explicit chunksize is kept, and
+  then a worker holds up to a chunk, at most its 50 ms send interval, of finished tasks);
+- in the journal's buffer, until its commit: one is due as soon as one worker's buffered
+  outcomes took FLUSH_COMPUTE_S (5 ms) to run, and at the latest FLUSH_INTERVAL_S after the
+  first one arrived (tiny tasks: many outcomes per commit).
+Outcomes that arrive while a commit is under way wait for the next one (a commit takes well
+under a millisecond without fsync), and a starved writer thread (a machine with no CPU to
+spare) stretches "about".  Measured (300 tasks of 5 ms on 2 workers, SIGKILLed mid-run): 0 to
+4 computed again, where batches of 25 ms and a commit every 50 ms lost 7 to 22.  Commits stay
+about one per FLUSH_COMPUTE_S of wall time whatever the number of workers: a commit empties
+every worker's account.
 
 Public API (what Pool(journal=...) and the CLI use):
 
     journal = Journal.open("run.db", function_identity=function_identity(fn),
                            former_identities=(format_1_function_identity(fn),),
-                           force=False, retry_failed=False)
+                           force=False, retry_failed=False, durable=False,
+                           flush_interval_s=FLUSH_INTERVAL_S, flush_max=FLUSH_MAX_OUTCOMES,
+                           flush_compute_s=FLUSH_COMPUTE_S)
         JournalBusyError      another run (process or Journal object) holds the file
         JournalMismatchError  the file was written by a different function (force=True: keep
                               its results anyway and adopt the new identity)
@@ -118,7 +135,9 @@ from .tasks import OutcomeSink
 KIND = "journal"  # the store kind stamped in the file's meta table (procqueue.store)
 SCHEMA_VERSION = 2  # bumped on any change of the tables below (2: outcomes.input)
 FLUSH_INTERVAL_S = 0.05  # an outcome waits at most this long (seconds) for its commit...
-FLUSH_MAX_OUTCOMES = 2000  # ...or until this many outcomes are buffered
+FLUSH_MAX_OUTCOMES = 2000  # ...or until this many outcomes are buffered...
+FLUSH_COMPUTE_S = 0.005  # ...or until one worker's uncommitted outcomes took this long to run
+BATCH_WORK_S = 0.010  # a journaled call's batches hold about this much work (Pool)
 SLOWEST_DEFAULT = 10  # inputs listed by summary() by default
 LOCK_SUFFIX = ".lock"
 INPUT_PICKLE_MAX_BYTES = 64 * 1024  # a bigger input is kept as its repr only (export, outcomes)
@@ -470,7 +489,7 @@ class Journal:
 
     def __init__(self, path: str, connection: sqlite3.Connection, lock_fd: int | None,
                  function_identity: str, *, retry_failed: bool, readonly: bool,
-                 flush_interval_s: float, flush_max: int) -> None:
+                 flush_interval_s: float, flush_max: int, flush_compute_s: float) -> None:
         # Use Journal.open() or Journal.read().
         self.path = path
         self.function_identity = function_identity
@@ -489,20 +508,23 @@ class Journal:
         self._load_index()
         self._has_input_column = "input" in _outcome_columns(connection)
         self.write_error: JournalWriteError | None = None
-        self._writer = _Writer(self, flush_interval_s, flush_max)
+        self._writer = _Writer(self, flush_interval_s, flush_max, flush_compute_s)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, function_identity: str,
              former_identities: Iterable[str] = (), force: bool = False,
              retry_failed: bool = False, durable: bool = False,
              flush_interval_s: float = FLUSH_INTERVAL_S,
-             flush_max: int = FLUSH_MAX_OUTCOMES) -> "Journal":
+             flush_max: int = FLUSH_MAX_OUTCOMES,
+             flush_compute_s: float = FLUSH_COMPUTE_S) -> "Journal":
         """Open (or create) the journal of a run of the function `function_identity`, for
         writing, holding its lock until close()."""
         if not isinstance(function_identity, str) or not function_identity:
             raise ValueError("function_identity must be a non-empty string")
         if not flush_interval_s > 0:
             raise ValueError(f"flush_interval_s must be > 0, not {flush_interval_s!r}")
+        if not flush_compute_s > 0:
+            raise ValueError(f"flush_compute_s must be > 0, not {flush_compute_s!r}")
         if isinstance(flush_max, bool) or not isinstance(flush_max, int) or flush_max < 1:
             raise ValueError(f"flush_max must be an int >= 1, not {flush_max!r}")
         path = os.fspath(path)
@@ -513,7 +535,8 @@ class Journal:
             _upgrade(db, path)
             _check_identity(db, path, function_identity, frozenset(former_identities), force)
             return cls(path, db, lock_fd, function_identity, retry_failed=retry_failed,
-                       readonly=False, flush_interval_s=flush_interval_s, flush_max=flush_max)
+                       readonly=False, flush_interval_s=flush_interval_s, flush_max=flush_max,
+                       flush_compute_s=flush_compute_s)
         except BaseException:
             if db is not None:
                 db.close()
@@ -531,7 +554,8 @@ class Journal:
         try:
             identity = _read_meta(db, path).get("function_identity", "")
             return cls(path, db, None, identity, retry_failed=False, readonly=True,
-                       flush_interval_s=FLUSH_INTERVAL_S, flush_max=FLUSH_MAX_OUTCOMES)
+                       flush_interval_s=FLUSH_INTERVAL_S, flush_max=FLUSH_MAX_OUTCOMES,
+                       flush_compute_s=FLUSH_COMPUTE_S)
         except BaseException:
             db.close()
             raise
@@ -915,15 +939,23 @@ _Pending = tuple[JournalingSink, Any, bool, Any, float, bool]
 
 class _Writer:
     """The journal's flusher thread: commits buffered outcomes in one transaction every
-    flush_interval_s (or flush_max outcomes), then forwards them.  Started on first use."""
+    flush_interval_s, or as soon as flush_max outcomes wait or one worker's waiting outcomes
+    took flush_compute_s to run; then forwards them.  Started on first use."""
 
-    def __init__(self, journal: Journal, flush_interval_s: float, flush_max: int) -> None:
+    def __init__(self, journal: Journal, flush_interval_s: float, flush_max: int,
+                 flush_compute_s: float) -> None:
         self._journal = journal
         self._interval_s = flush_interval_s
         self._max = flush_max
+        self._compute_s = flush_compute_s
         self._cond = threading.Condition(threading.Lock())
         self._buffer: list[_Pending] = []
         self._first_at = 0.0  # time.monotonic() when the oldest buffered outcome arrived
+        # Run time of the buffered outcomes, by worker pid: what a SIGKILL would lose.  Per
+        # worker, so that the commit rate stays about one per flush_compute_s of wall time
+        # whatever the number of workers.
+        self._compute_by_worker: dict[int | None, float] = {}
+        self._due = False  # one worker's buffered compute reached flush_compute_s
         self._put_seq = 0
         self._forwarded_seq = 0
         self._urgent = False  # a flush() is waiting: commit now
@@ -945,13 +977,23 @@ class _Writer:
                     self._first_at = time.monotonic()
                     self._cond.notify()
                 self._buffer.append((sink, task, ok, value, time.time(), record))
-                if len(self._buffer) >= self._max:
+                if record:
+                    self._count_compute(task)
+                if len(self._buffer) >= self._max or self._due:
                     self._cond.notify()
                 self._put_seq += 1
                 return self._put_seq
             self._unrecorded += record
         sink._forward(task, ok, value)  # rather reported unjournaled than lost
         return None
+
+    def _count_compute(self, task: Any) -> None:
+        """Add the outcome's run time to its worker's uncommitted compute (with _cond held)."""
+        worker = task.pid
+        compute = self._compute_by_worker.get(worker, 0.0) + (task.seconds or 0.0)
+        self._compute_by_worker[worker] = compute
+        if compute >= self._compute_s:
+            self._due = True
 
     def wait_forwarded(self, seq: int) -> None:
         with self._cond:
@@ -999,20 +1041,23 @@ class _Writer:
 
     def _next_batch(self) -> list[_Pending] | None:
         """Wait for a batch worth committing: FLUSH_INTERVAL_S after its first outcome, a
-        full buffer, a flush() or close(); None when stopped and drained."""
+        full buffer, FLUSH_COMPUTE_S of one worker's compute, a flush() or close(); None
+        when stopped and drained."""
         with self._cond:
             while not self._buffer:
                 if self._stopping:
                     return None
                 self._cond.wait()
             deadline = self._first_at + self._interval_s
-            while len(self._buffer) < self._max and not self._urgent:
+            while len(self._buffer) < self._max and not self._urgent and not self._due:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
             batch, self._buffer = self._buffer, []
             self._urgent = self._stopping
+            self._due = False
+            self._compute_by_worker.clear()
             return batch
 
     def _commit(self, batch: list[_Pending]) -> None:

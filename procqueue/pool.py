@@ -910,9 +910,11 @@ class _JournaledCall:
     that commits the others' outcomes before reporting them."""
 
     def __init__(self, journal: Journal, job: Job) -> None:
-        from .journal import InputKeys, JournalingSink
+        from .journal import BATCH_WORK_S, InputKeys, JournalingSink
 
         self.journal = journal
+        # Short batches: what a worker finished is sent at a batch's end, and lost until then.
+        job.sizer = job.sizer.with_target(BATCH_WORK_S)
         self.input_keys = InputKeys()  # a repeated input is a task of its own each time
         self.keys: dict[int, str] = {}
         self.sink = JournalingSink(job.sink, journal, key_of_task=lambda t: self.keys.pop(t.index))

@@ -3,6 +3,7 @@ what a user resuming a stopped batch relies on (issue #21)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -216,3 +217,70 @@ def test_a_journal_stamped_by_an_older_procqueue_resumes_the_unchanged_script(ba
     ran = run(batch.map_args(":::", *GOOD))
     assert ran.returncode == 0, ran.stderr
     assert batch.calls() == Counter(GOOD)
+
+
+# Computes for SPIN_S (a busy loop: the same time under load), then logs its input: one line
+# per finished computation.
+SPINNING = """
+import os, time
+def process(item):
+    end = time.perf_counter() + {spin}
+    while time.perf_counter() < end:
+        pass
+    fd = os.open({log!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, (item + "\\n").encode())
+    os.close(fd)
+    return item
+"""
+SPIN_S = 0.005
+JOBS = 2
+
+
+def lines_in(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def sigkill_after(args: list[str], log: Path, finished: int) -> None:
+    """Run `args`, SIGKILL it once `finished` computations are logged; its workers are gone
+    when this returns."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while lines_in(log) < finished:
+            assert proc.poll() is None and time.monotonic() < deadline, "it ended unkilled"
+            if not workers and lines_in(log) >= finished // 2:  # listed now: kill fast later
+                workers = psutil.Process(proc.pid).children(recursive=True)
+            time.sleep(0.001)
+    finally:
+        proc.kill()
+        proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=10)  # they die with it (parent death)
+    assert not alive, f"left behind: {alive}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kill_after", [60, 150, 240])
+def test_a_sigkill_loses_the_running_tasks_and_a_bounded_amount_of_finished_work(tmp_path,
+                                                                                 kill_after):
+    from procqueue.journal import BATCH_WORK_S, FLUSH_COMPUTE_S
+
+    log, db, script = tmp_path / "computed.log", tmp_path / "d.db", tmp_path / "spin.py"
+    script.write_text(SPINNING.format(spin=SPIN_S, log=str(log)))
+    inputs = [str(i) for i in range(300)]
+    args = [PROCQUEUE, "map", str(script), "-q", "-j", str(JOBS), "--journal", str(db), ":::",
+            *inputs]
+    sigkill_after(args, log, kill_after)
+    again = run(args)
+    assert again.returncode == 0, again.stderr
+    computed = Counter(log.read_text().split())
+    assert sorted(computed) == sorted(inputs)
+    # Tasks running at the kill never logged; what is counted here was finished, then lost.
+    recomputed = sum(n - 1 for n in computed.values())
+    # Per worker: a batch of finished tasks not sent yet, a commit's worth of compute not
+    # committed yet, and one task more that finished while a commit was under way.
+    per_worker = math.ceil((BATCH_WORK_S + FLUSH_COMPUTE_S) / SPIN_S) + 1
+    assert recomputed <= JOBS * per_worker, f"{recomputed} of {len(inputs)} computed again"

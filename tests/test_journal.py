@@ -274,11 +274,11 @@ def test_a_result_is_committed_before_it_is_reported(db: str) -> None:
 
 
 @pytest.mark.timeout(20)
-def test_commits_are_batched(db: str) -> None:
+def test_commits_of_tiny_tasks_are_batched(db: str) -> None:
     with Journal.open(db, function_identity="f:1", flush_interval_s=0.2) as journal:
         sink = JournalingSink(Collector(), journal)
-        for i in range(1000):
-            task, ok, value = outcome_of(i, True, i)
+        for i in range(1000):  # 1 us each: 1 ms of compute in all, under FLUSH_COMPUTE_S
+            task, ok, value = outcome_of(i, True, i, seconds=1e-6)
             sink.deliver(task, ok, value)
         sink.close()
         stats = journal.statistics()
@@ -294,6 +294,20 @@ def test_outcome_is_reported_within_the_flush_interval_without_flush(db: str) ->
         task, ok, value = outcome_of(0, True, 0)
         sink.deliver(task, ok, value)
         assert reported.wait(5.0)
+
+
+@pytest.mark.timeout(20)
+def test_a_commit_follows_as_soon_as_one_worker_finished_enough_compute(db: str) -> None:
+    reported = threading.Event()
+    # A flush interval of 60 s: only the compute of the outcomes can make the commit now.
+    with Journal.open(db, function_identity="f:1", flush_interval_s=60.0,
+                      flush_compute_s=0.005) as journal:
+        sink = JournalingSink(Collector(lambda task, *_: task.index == 1 and reported.set()),
+                              journal)
+        sink.deliver(*outcome_of(0, True, 0, seconds=0.003, pid=7))
+        sink.deliver(*outcome_of(1, True, 1, seconds=0.003, pid=7))  # 6 ms of worker 7's
+        assert reported.wait(10.0)
+        assert journal.statistics().outcomes_committed == 2
 
 
 @pytest.mark.timeout(20)
