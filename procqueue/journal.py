@@ -96,9 +96,10 @@ Storage choices:
 - Rows are appended in commit order and found through an in-memory index of their keys
   (loaded at open, ~100 bytes per input): an SQLite index on random hashes would make every
   commit rewrite pages all over it, at a cost growing with the journal.
-- Only outcomes are journaled: a task cancelled before it could finish (Ctrl-C, a halt,
-  terminate, a cancelled imap) is reported as cancelled but leaves its input pending, so the
-  same command run again runs it.  (Journals of before this rule kept cancellations as
+- Only outcomes of the inputs are journaled: a task cancelled before it could finish (Ctrl-C,
+  a halt, terminate, a cancelled imap) or that the pool could not run (it broke; the script
+  failed to load in the workers: a missing module) is reported so but leaves its input
+  pending, so the same command run again runs it.  (Journals of format 1 kept those as
   failures; opening one for a run forgets them.)
 - A repeated input is a task of its own each time: its k-th occurrence in a call has its own
   key (the content key's hash with k; the first keeps the content key), hence its own row and
@@ -124,8 +125,8 @@ from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterable, Iterator, NamedTuple, Protocol
 
 from . import code_identity
-from .errors import (ProcqueueError, StoreFormatError, StoreUnsafeError, TaskCancelledError,
-                     remote_traceback_text)
+from .errors import (PoolBrokenError, PoolClosedError, ProcqueueError, StoreFormatError,
+                     StoreUnsafeError, TaskCancelledError, remote_traceback_text)
 from .protocol import PICKLE_PROTOCOL, dumps_function
 from .results import TaskOutcome
 from .store.codec import error_columns, json_or_repr, rebuild_error, short_repr
@@ -141,8 +142,11 @@ BATCH_WORK_S = 0.010  # a journaled call's batches hold about this much work (Po
 SLOWEST_DEFAULT = 10  # inputs listed by summary() by default
 LOCK_SUFFIX = ".lock"
 INPUT_PICKLE_MAX_BYTES = 64 * 1024  # a bigger input is kept as its repr only (export, outcomes)
-# error_type of a cancelled task, as procqueue.store.codec names it (older journals kept some)
-CANCELLED_TYPE_NAME = f"{TaskCancelledError.__module__}.{TaskCancelledError.__qualname__}"
+# Failures that are no outcome of the input: the task was stopped (Ctrl-C, a halt, terminate)
+# or the pool could not run it (it broke, the script did not load in the workers).  They are
+# reported but not journaled, so the input stays pending.
+NOT_OUTCOMES: tuple[type[BaseException], ...] = (TaskCancelledError, PoolBrokenError,
+                                                 PoolClosedError)
 
 # The meta table (name, value rows: kind, schema_version, created_at, function_identity,
 # total ...) is created by procqueue.store.sqlite_file, as for every procqueue store.
@@ -788,19 +792,31 @@ def _check_identity(db: sqlite3.Connection, path: str, identity: str,
 
 def _upgrade(db: sqlite3.Connection, path: str) -> None:
     """Bring a journal of format 1 to SCHEMA_VERSION, in place, when a run opens it: it gets
-    the input column (its rows keep only their inputs' repr), and forgets the cancelled
-    tasks it kept as failures (TaskCancelledError, mostly attempts 0), so their inputs are
-    pending and run."""
+    the input column (its rows keep only their inputs' repr), and forgets the failures that
+    were no outcome of their input (NOT_OUTCOMES: cancelled tasks, mostly attempts 0, a
+    script that did not load), so their inputs are pending and run."""
     if int(_read_meta(db, path).get("schema_version", "1")) >= SCHEMA_VERSION:
         return
     with db:
         db.execute("BEGIN IMMEDIATE")
         if "input" not in _outcome_columns(db):
             db.execute("ALTER TABLE outcomes ADD COLUMN input BLOB")
-        db.execute("DELETE FROM outcomes WHERE state = 'failed' AND error_type = ?",
-                   (CANCELLED_TYPE_NAME,))
+        db.executemany("DELETE FROM outcomes WHERE state = 'failed' AND error_type = ?",
+                       [(name,) for name in _type_names(NOT_OUTCOMES)])
         db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                    (str(SCHEMA_VERSION),))
+
+
+def _type_names(classes: tuple[type[BaseException], ...]) -> set[str]:
+    """The error_type names (as procqueue.store.codec writes them) of these classes and of
+    their subclasses (InitializerError is a PoolBrokenError)."""
+    names: set[str] = set()
+    pending = list(classes)
+    while pending:
+        cls = pending.pop()
+        names.add(f"{cls.__module__}.{cls.__qualname__}")
+        pending += cls.__subclasses__()
+    return names
 
 
 def _outcome_columns(db: sqlite3.Connection) -> set[str]:
@@ -898,9 +914,10 @@ class JournalingSink(OutcomeSink):
 
     def deliver(self, task: TaskLike, ok: bool, value: Any) -> None:
         """Buffer the outcome; it is reported once committed (supervisor thread: cheap).  A
-        cancelled task (Ctrl-C, a halt, terminate) is reported but not journaled: it did not
-        run to an outcome, so its input stays pending and the next run runs it."""
-        record = not _cancelled(ok, value)
+        task stopped or never run (NOT_OUTCOMES: Ctrl-C, a halt, terminate, a broken pool, a
+        script that does not load) is reported but not journaled: its input stays pending,
+        and the next run runs it."""
+        record = ok or not isinstance(value, NOT_OUTCOMES)
         seq = self.journal._writer.put(self, task, ok, value, record=record)
         if seq is not None:
             self._last_seq = seq
@@ -927,10 +944,6 @@ class JournalingSink(OutcomeSink):
             print(f"procqueue: journal: error reporting the outcome of task {task.index} "
                   "(ignored):", file=sys.stderr)
             traceback.print_exc()
-
-
-def _cancelled(ok: bool, value: Any) -> bool:
-    return not ok and isinstance(value, TaskCancelledError)
 
 
 # (sink, task, ok, value, finished_at, record)

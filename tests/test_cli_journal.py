@@ -124,6 +124,21 @@ def test_inputs_a_stopped_run_never_finished_run_when_the_command_is_run_again(b
     assert "pending: 0" in procqueue("journal", str(batch.db)).stdout
 
 
+@pytest.mark.timeout(60)
+def test_inputs_of_a_script_that_failed_to_load_run_once_it_loads(tmp_path):
+    # The script imports a module not installed yet: no input runs; the journal must not
+    # hold that as the inputs' outcome, or the run fails the same way once it is installed.
+    script, db = tmp_path / "job.py", tmp_path / "d.db"
+    script.write_text("import helper_module\ndef process(x):\n    return helper_module.f(x)\n")
+    args = [PROCQUEUE, "map", str(script), "-q", "--journal", str(db), ":::", "1", "2", "3"]
+    first = run(args)
+    assert first.returncode == 2 and "No module named 'helper_module'" in first.stderr
+    (tmp_path / "helper_module.py").write_text("def f(x):\n    return x + x\n")
+    again = run(args)
+    assert again.returncode == 0, again.stderr
+    assert [r["result"] for r in records(again.stdout)] == ["11", "22", "33"]
+
+
 # Each call returns a value of its own (a fresh uuid), so a replayed result shows which run
 # and which call it came from.
 UNIQUE = """

@@ -471,12 +471,14 @@ def test_a_journal_of_before_the_store_layer_still_opens(db: str) -> None:
 
 
 @pytest.mark.timeout(20)
-def test_cancellations_an_older_journal_kept_as_failures_are_pending_again(db: str) -> None:
+def test_inputs_an_older_journal_kept_failed_without_running_are_pending_again(db: str) -> None:
     version_1_journal(db, "f:1", [
         (Journal.key_of(1), 0, "1", "failed", 0, None, "procqueue.errors.TaskCancelledError"),
-        (Journal.key_of(2), 1, "2", "failed", 1, None, "ValueError")])
+        (Journal.key_of(2), 1, "2", "failed", 1, None, "ValueError"),
+        (Journal.key_of(3), 2, "3", "failed", 1, None, "procqueue.errors.InitializerError")])
     with Journal.open(db, function_identity="f:1") as journal:
         assert journal.lookup(Journal.key_of(1)) is None  # it never ran: run it
+        assert journal.lookup(Journal.key_of(3)) is None  # the script did not load: run it
         stored = journal.lookup(Journal.key_of(2))
         assert stored is not None and not stored.ok  # a real failure stays one
 
