@@ -377,7 +377,8 @@ def test_a_service_whose_heartbeat_stops_has_its_tasks_requeued(stores, monkeypa
     a.register_service("A", ["q"], 1)
     b.register_service("B", ["q"], 1)
     [lost] = a.claim("A", {"q": 1}).tasks
-    # A stops heartbeating (paused, partitioned); B's claims put the task back, then take it
+    assert a.heartbeat("A")  # A beats with the task in hand (so its loss counts), then
+    # stops heartbeating (paused, partitioned); B's claims put the task back, then take it
     [again] = wait_for(reclaim(b, "B"), "B takes over the task of A")
     assert (again.id, again.attempt) == (task_id, 2)
     record = b.get(task_id)
@@ -399,6 +400,7 @@ def test_a_task_whose_service_dies_max_losses_times_fails_with_service_lost(stor
         service.register_service(f"S{loss}", ["q"], 1)
         [task] = service.claim(f"S{loss}", {"q": 1}).tasks
         assert (task.id, task.attempt) == (task_id, loss)
+        assert service.heartbeat(f"S{loss}")  # it beat with the task in hand (a loss counts)
         # S<loss> dies silently; the watcher's claims find it
         wait_for(lambda: watcher.claim("watcher", {}).tasks == [] and
                  watcher.get(task_id).status is not TaskStatus.RUNNING,
@@ -414,11 +416,34 @@ def test_a_task_whose_service_dies_max_losses_times_fails_with_service_lost(stor
     assert str(store_sql.MAX_LOSSES) in record.error.message
 
 
+def test_tasks_a_dying_service_claimed_since_its_last_heartbeat_count_no_loss(stores,
+                                                                              monkeypatch):
+    """A service that dies before beating again after a claim (a crash-looping restart whose
+    first claim took the put-back tasks) most likely never started them: no loss counts,
+    so no task fails with ServiceLostError however often that happens."""
+    monkeypatch.setattr(store_sql, "LEASE_S", 0.1)
+    watcher = stores()
+    [task_id] = watcher.enqueue([new_task("t")])
+    for attempt in range(1, store_sql.MAX_LOSSES + 2):
+        service = stores()
+        service.register_service(f"S{attempt}", ["q"], 1)
+        [task] = service.claim(f"S{attempt}", {"q": 1}).tasks
+        assert (task.id, task.attempt) == (task_id, attempt)
+        wait_for(lambda: watcher.claim("watcher", {}).tasks == [] and
+                 watcher.get(task_id).status is not TaskStatus.RUNNING,
+                 f"the death of S{attempt} noticed")
+        service.close()
+    record = watcher.get(task_id)
+    assert (record.status, record.attempts, record.lost) == (
+        TaskStatus.PENDING, store_sql.MAX_LOSSES + 1, 0)
+
+
 def _claim_and_vanish(target: str) -> None:
-    """In a child: a service that claims a task and dies without a word."""
+    """In a child: a service that claims a task, beats once, and dies without a word."""
     store = open_store(target)
     store.register_service("child", ["q"], 1)
     assert len(store.claim("child", {"q": 1}).tasks) == 1
+    assert store.heartbeat("child")
     os._exit(0)
 
 

@@ -410,20 +410,33 @@ class SqlStore:
         if not dead:
             return
         for service_id in dead:
-            self._put_back_lost(c, service_id, now)
+            self._put_back_lost(c, service_id, now, died=True)
 
-    def _put_back_lost(self, c: Any, service_id: str, now: float) -> int:
+    def _put_back_lost(self, c: Any, service_id: str, now: float, *, died: bool = False
+                       ) -> int:
         """Remove a service; its running tasks go back to pending, one loss more each, or
-        fail with ServiceLostError at MAX_LOSSES; how many went back."""
-        self._x(c, "UPDATE tasks SET status = 'failed', service = NULL, finished_at = ?, "
-                   "lost = lost + 1, error_type = 'procqueue.errors.ServiceLostError', "
-                   "error_message = ?, error_traceback = '', error = NULL "
-                   "WHERE service = ? AND status = 'running' AND lost + 1 >= ?",
+        fail with ServiceLostError at MAX_LOSSES; how many went back.
+
+        Of a service that died, a loss counts only against the tasks it heartbeat after
+        claiming.  Those it claimed since its last beat were most likely still queued in its
+        pool, unstarted; and after a death the first claim, often a restarted service's,
+        takes the put-back tasks first, so services dying soon after they start (a crash
+        loop) failed tasks that had run once or never (tests/test_queue_durability.py)."""
+        counts = "1 = 1"  # a deregistering service ran what it did not release: all count
+        params: list[str] = []
+        if died:
+            counts = "started_at < (SELECT heartbeat_at FROM services WHERE id = ?)"
+            params = [service_id]
+        self._x(c, f"UPDATE tasks SET status = 'failed', service = NULL, finished_at = ?, "
+                   f"lost = lost + 1, error_type = 'procqueue.errors.ServiceLostError', "
+                   f"error_message = ?, error_traceback = '', error = NULL "
+                   f"WHERE service = ? AND status = 'running' AND lost + 1 >= ? AND {counts}",
                 (now, f"the worker service running it died {MAX_LOSSES} times",
-                 service_id, MAX_LOSSES))
-        requeued = self._x(c, "UPDATE tasks SET status = 'pending', service = NULL, "
-                              "lost = lost + 1 WHERE service = ? AND status = 'running'",
-                           (service_id,)).rowcount
+                 service_id, MAX_LOSSES, *params))
+        requeued = self._x(c, f"UPDATE tasks SET status = 'pending', service = NULL, "
+                              f"lost = lost + CASE WHEN {counts} THEN 1 ELSE 0 END "
+                              f"WHERE service = ? AND status = 'running'",
+                           (*params, service_id)).rowcount
         self._x(c, "DELETE FROM services WHERE id = ?", (service_id,))
         return max(int(requeued), 0)
 
