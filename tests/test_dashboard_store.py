@@ -1,0 +1,91 @@
+"""The store's reads for people (TaskQueue.records, throughput, busy_keys), on both stores:
+pages that cover every task once, filters."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from procqueue import TaskQueue, TaskStatus
+
+pytestmark = pytest.mark.timeout(120)
+
+TASKS = str(Path(__file__).with_name("queue_tasks.py"))
+
+
+@pytest.fixture
+def tq(store_target):
+    with TaskQueue(store_target) as queue:
+        yield queue
+
+
+def set_status(tq, task_id, status, finished_at=None, error=("ValueError", "bad")):
+    """Put a task in a state as a service would leave it (the claim/record path is tested
+    elsewhere; here only what the reads return matters)."""
+    conn = tq.store._connection()
+    cur = conn.cursor()
+    sql = tq.store._sql("UPDATE tasks SET status = ?, finished_at = ?, error_type = ?, "
+                        "error_message = ?, error_traceback = ? WHERE id = ?")
+    failed = status == "failed"
+    cur.execute(sql, (status, finished_at, error[0] if failed else None,
+                      error[1] if failed else None, "Traceback ..." if failed else None,
+                      task_id))
+    tq.store._end_read(conn)
+
+
+def test_pages_cover_every_task_once_newest_first(tq):
+    ids = [h.id for h in tq.enqueue_many(f"{TASKS}:square", range(23))]
+    seen, before = [], None
+    while True:
+        page = tq.records(before=before, limit=10)
+        seen += [r.id for r in page]
+        if len(page) < 10:
+            break
+        before = page[-1].id
+    assert seen == sorted(ids, reverse=True)
+    assert tq.records(limit=3)[0].label == "22"
+
+
+def test_records_filter_by_status_queue_and_text_in_any_case(tq):
+    a = tq.enqueue_many(f"{TASKS}:square", ["alpha", "beta"], queue="q1")
+    b = tq.enqueue_many(f"{TASKS}:square", ["gamma_1", "100%"], queue="q2")
+    set_status(tq, a[1].id, "failed", time.time(), ("ValueError", "Disk FULL"))
+    assert [r.id for r in tq.records(status="failed")] == [a[1].id]
+    assert [r.id for r in tq.records(queue="q2")] == [b[1].id, b[0].id]
+    assert [r.id for r in tq.records(search="disk full")] == [a[1].id]  # the error message
+    assert [r.id for r in tq.records(search="ALPHA")] == [a[0].id]  # the input
+    assert [r.id for r in tq.records(search="a_1")] == [b[0].id]  # _ is no wildcard
+    assert [r.id for r in tq.records(search="0%")] == [b[1].id]  # nor %
+    assert [r.id for r in tq.records(search="queue_tasks.py:square", queue="q1")] == [
+        a[1].id, a[0].id]  # the function
+    page = tq.records(status=TaskStatus.FAILED)
+    assert page[0].error is not None and page[0].error.message == "Disk FULL"
+    assert page[0].error.traceback == "" and page[0].result is None  # left out of pages
+    assert tq.handle(a[1].id).record().error.traceback == "Traceback ..."
+    with pytest.raises(ValueError):
+        tq.records(limit=0)
+
+
+def test_throughput_counts_ended_tasks_per_bucket(tq):
+    ids = [h.id for h in tq.enqueue_many(f"{TASKS}:square", range(6))]
+    base = 1_000_000_000.0  # a bucket edge for 10 s buckets
+    for task_id, (status, at) in zip(ids, [("succeeded", base + 1), ("succeeded", base + 9.9),
+                                           ("failed", base + 10.0), ("succeeded", base + 25),
+                                           ("cancelled", base + 26), ("succeeded", base - 1)]):
+        set_status(tq, task_id, status, at)
+    assert tq.throughput(base, 10) == [(base, 2, 0), (base + 10, 0, 1), (base + 20, 1, 0)]
+    with pytest.raises(ValueError):
+        tq.throughput(base, 0)
+
+
+def test_busy_keys_are_the_keys_with_most_running_tasks(tq):
+    handles = tq.enqueue_many(f"{TASKS}:square", ["k1", "k1", "k2", "k3"], queue="q",
+                              key=lambda item: item)
+    for h in handles[:3]:
+        set_status(tq, h.id, "running")
+    assert tq.busy_keys("q") == [("k1", 2), ("k2", 1)]
+    assert tq.busy_keys("q", limit=1) == [("k1", 2)]
+    assert tq.busy_keys("other") == []
+
