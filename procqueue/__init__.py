@@ -59,6 +59,7 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers; loaded lazily at run
     from .store import TaskStatus as TaskStatus
     from .store import TaskRecord as TaskRecord
     from .service import ServiceSummary as ServiceSummary
+    from .dashboard import Dashboard as Dashboard
     from .errors import StoreError as StoreError
     from .errors import StoreFormatError as StoreFormatError
     from .errors import StoreUnsafeError as StoreUnsafeError
@@ -101,6 +102,7 @@ _LAZY = {
     "TaskStatus": "store",
     "TaskRecord": "store",
     "ServiceSummary": "service",
+    "Dashboard": "dashboard",
     "StoreError": "errors",
     "StoreFormatError": "errors",
     "StoreUnsafeError": "errors",
@@ -135,5 +137,5 @@ __all__ = [
     "RemoteTraceback", "PoolBrokenError", "InitializerError", "PoolClosedError",
     "start_fork_server", "__version__",
     "TaskQueue", "TaskHandle", "TaskStatus", "TaskRecord", "ServiceSummary", "StoreError",
-    "StoreFormatError", "StoreUnsafeError",
+    "StoreFormatError", "StoreUnsafeError", "Dashboard",
 ]

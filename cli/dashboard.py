@@ -1,0 +1,65 @@
+"""`procqueue dashboard STORE`: a live page about a task-queue store, served until Ctrl-C.
+
+The page is served by procqueue.Dashboard (the standard library's HTTP server, on a thread);
+this command opens nothing else: it prints the URL, with its token, as Jupyter does.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import threading
+
+import click
+
+import procqueue
+
+from .queue import open_queue, store_argument
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+@click.command("dashboard", short_help="Serve a live page about a store's queues and tasks.")
+@store_argument
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="The address to listen on.  Anything but loopback lets other machines "
+                   "reach the page (they still need the token).")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, metavar="N",
+              help="The port to listen on [default: a free one].")
+def dashboard_command(store: str, host: str, port: int) -> None:
+    """Serve a live page about STORE (an SQLite file or a PostgreSQL URL): each queue's
+    tasks by status and the limits in use, the worker services, the throughput, the
+    failures with their tracebacks, and every task, page by page; Retry and Cancel buttons.
+    Every request needs the token printed in the URL.  Ctrl-C stops it."""
+    if not _is_loopback(host):
+        click.echo(f"procqueue dashboard: warning: listening on {host}: other machines can "
+                   f"reach the page; anyone with the URL can retry and cancel tasks",
+                   err=True)
+    tq = open_queue(store)
+    try:
+        dashboard = procqueue.Dashboard.for_store(tq, host=host, port=port)
+    except OSError as exc:
+        tq.close()
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with dashboard:
+            click.echo(f"procqueue dashboard: serving {store}; open this URL (it holds the "
+                       f"access token):\n    {dashboard.url}", err=True)
+            stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        tq.close()
+    click.echo("procqueue dashboard: stopped", err=True)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
