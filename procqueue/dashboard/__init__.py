@@ -14,19 +14,22 @@ batch) run.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
+from ..stats import TaskEvent
 from ..taskqueue import TaskQueue
+from .batch_view import BatchView, WatchedPool
 from .server import DashboardServer
 from .store_view import StoreView
 
-__all__ = ["Dashboard", "DashboardServer", "StoreView"]
+__all__ = ["Dashboard", "DashboardServer", "StoreView", "BatchView"]
 
 
 class Dashboard(DashboardServer):
     """A live page about a source (a store, a pool's batch), served on ``host``:``port``
     (127.0.0.1 and a free port by default) from start() to close(); ``url`` carries the
-    random token every request needs.  Build it with for_store()."""
+    random token every request needs.  Build it with for_store() or for_batch()."""
 
     @classmethod
     def for_store(cls, store: TaskQueue | str, **options: Any) -> "Dashboard":
@@ -39,3 +42,32 @@ class Dashboard(DashboardServer):
         except BaseException:
             view.close()
             raise
+
+    @classmethod
+    def for_batch(cls, total: int | None = None, title: str = "procqueue batch",
+                  **options: Any) -> "Dashboard":
+        """A dashboard of the batch a pool runs: give its on_event to the Pool, then serve
+        while the pool runs with watching(pool)::
+
+            dash = Dashboard.for_batch(total=len(inputs))
+            with Pool(4, on_event=dash.on_event) as pool, dash.watching(pool):
+                print(dash.url)
+                pool.map(work, inputs)
+
+        ``total``: the inputs the batch has, if known (the page shows done / total)."""
+        return cls(BatchView(total, title), **options)
+
+    def on_event(self, event: TaskEvent) -> None:
+        """For Pool(on_event=...): a batch dashboard's feed (for_batch)."""
+        if not isinstance(self.source, BatchView):
+            raise TypeError("on_event feeds a batch dashboard (Dashboard.for_batch)")
+        self.source.on_event(event)
+
+    @contextlib.contextmanager
+    def watching(self, pool: WatchedPool) -> Iterator["Dashboard"]:
+        """Serve the page about ``pool`` for the block's duration (a batch dashboard)."""
+        if not isinstance(self.source, BatchView):
+            raise TypeError("watching(pool) is for a batch dashboard (Dashboard.for_batch)")
+        self.source.attach(pool)
+        with self:
+            yield self

@@ -216,7 +216,7 @@
 
   function renderThroughput(throughput) {
     const {bucket_s: bucket, window_s: windowS, series} = throughput;
-    const W = 720, H = 120, left = 44, bottom = 18;
+    const W = 1000, H = 130, left = 44, bottom = 18;
     const n = Math.round(windowS / bucket);
     const end = Math.floor(serverNow() / bucket) * bucket + bucket;
     const start = end - n * bucket;
@@ -257,6 +257,7 @@
   // worker, one bar per attempt, coloured by outcome, details on hover.
   function renderTimeline(timeline) {
     const {events, slots, start, end} = timeline;
+    const colours = timeline.colours || COLOURS;
     const W = 1000, row = 22, left = 80;
     const span = Math.max(end - start, 1e-6);
     const rowOf = new Map(slots.map((s, i) => [s, i]));
@@ -269,7 +270,7 @@
       const t = start + frac * span;
       out.append(svg("line", {x1: x(t), x2: x(t), y1: 0, y2: H - 20, stroke: "#e1e8ed"}),
                  svg("text", {x: x(t), y: H - 6, "text-anchor": frac === 0 ? "start" :
-                   frac === 1 ? "end" : "middle"}, `−${fmtDuration(end - t)}`));
+                   frac === 1 ? "end" : "middle"}, frac === 1 ? "now" : `−${fmtDuration(end - t)}`));
     }
     for (const [slot, t0, t1, outcome, label, attempt, pid, error] of events) {
       const width = Math.max(((t1 - t0) / span) * (W - left), outcome === "ok" ? 1 : 4);
@@ -277,12 +278,12 @@
         (error ? `: ${error}` : "") + ` (pid ${pid})`;
       out.append(svg("rect", {class: "task-bar", "data-outcome": outcome, x: x(Math.max(t0, start)),
         y: rowOf.get(slot) * row + 3, width, height: row - 6, rx: 2,
-        fill: COLOURS[outcome] || "#999", stroke: "#fff", "stroke-width": 0.5},
+        fill: colours[outcome] || "#999", stroke: "#fff", "stroke-width": 0.5},
         svg("title", {}, tip)));
     }
     $("timeline").replaceChildren(out);
     $("timeline-span").textContent = `last ${fmtDuration(span)}, ${events.length} attempts`;
-    $("legend").replaceChildren(...Object.entries(COLOURS).map(([outcome, colour]) => {
+    $("legend").replaceChildren(...Object.entries(colours).map(([outcome, colour]) => {
       const swatch = el("i");
       swatch.style.background = colour;
       return el("span", {}, swatch, outcome);
