@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -299,24 +300,27 @@ def test_a_wrong_host_header_is_refused(dashboard):
     path = f"/?token={dashboard.token}"
     # DNS rebinding: a name the attacker controls, resolving to 127.0.0.1
     for host in (f"evil.example:{dashboard.port}", "evil.example",
-                 f"127.0.0.1:{dashboard.port + 1}"):
+                 f"localhost.evil.example:{dashboard.port}"):
         assert dashboard.request("GET", path, headers={"Host": host})[0] == 403, host
-    for host in (f"127.0.0.1:{dashboard.port}", f"localhost:{dashboard.port}"):
+    # the server's own names, at any port (an SSH tunnel's local port, say)
+    for host in (f"127.0.0.1:{dashboard.port}", f"localhost:{dashboard.port}", "localhost:8080"):
         assert dashboard.request("GET", path, headers={"Host": host})[0] == 200, host
 
 
 @pytest.mark.parametrize(("host", "ok"), [
     ("127.0.0.1:8000", True), ("localhost:8000", True), ("LOCALHOST:8000", True),
-    ("[::1]:8000", True), ("10.1.2.3:8000", True),
-    ("127.0.0.1:8001", False), ("127.0.0.1", False), ("evil.example:8000", False),
-    ("localhost.evil.example:8000", False), ("user@127.0.0.1:8000", False), ("", False),
-    (None, False), ("127.0.0.1:8000/x", False), ("[::1:8000", False)])
+    ("[::1]:8000", True), ("10.1.2.3:8000", True), ("127.0.0.1", True),
+    (f"{socket.gethostname()}:8000", True), ("dash.lan:8000", True),
+    ("evil.example:8000", False), ("evil.example", False), ("localhost.evil.example:8000", False),
+    ("127.0.0.1.evil.example:8000", False), ("user@127.0.0.1:8000", False), ("", False),
+    (None, False), ("127.0.0.1:8000/x", False), ("[::1:8000", False),
+    ("127.0.0.1:port", False)])
 def test_the_host_check_takes_addresses_and_this_machines_names_only(host, ok):
-    assert Guard("t", 8000, "127.0.0.1").host_ok(host) is ok
+    assert Guard("t", "dash.lan").host_ok(host) is ok  # dash.lan: the --host given
 
 
 def test_the_origin_must_be_this_servers_own():
-    guard = Guard("t", 8000, "127.0.0.1")
+    guard = Guard("t", "127.0.0.1")
     assert guard.origin_ok("http://127.0.0.1:8000", "127.0.0.1:8000")
     assert not guard.origin_ok("http://127.0.0.1:8000", "localhost:8000")
     assert not guard.origin_ok("https://127.0.0.1:8000", "127.0.0.1:8000")

@@ -123,3 +123,22 @@ def test_the_dashboard_stays_responsive_with_100000_tasks(tmp_path):
     # into Python; the snapshot's aggregates scan in SQL and pace the sampler (broadcast.py)
     assert max(took, took_deep, took_failed) < 5, (took, took_deep, took_failed)
     assert took_snapshot < 10, took_snapshot
+
+
+def test_a_store_that_cannot_be_read_is_said_not_fatal(tmp_path):
+    tq = TaskQueue(tmp_path / "jobs.db")
+    tq.enqueue_many(f"{TASKS}:square", range(3))
+    with Dashboard.for_store(tq) as dash:
+        base, token = f"http://127.0.0.1:{dash.port}", f"token={dash.token}"
+        assert len(_get(f"{base}/api/tasks?{token}")[1]["tasks"]) == 3
+        tq.close()  # as a store that went away
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            _get(f"{base}/api/tasks?{token}")
+        assert failed.value.code == 503 and b"closed" in failed.value.read()
+        with urllib.request.urlopen(f"{base}/events?{token}", timeout=30) as stream:
+            assert stream.readline().startswith(b"retry:")
+            stream.readline()
+            data = json.loads(stream.readline().removeprefix(b"data: "))
+        assert "closed" in data["error"]  # the page shows it in a banner, and keeps trying
+        with urllib.request.urlopen(f"{base}/?{token}", timeout=30) as page:
+            assert page.status == 200  # the page itself is still served

@@ -7,7 +7,8 @@ errors, so it is guarded as Jupyter guards a notebook server:
   parameter ``token`` or header ``X-Procqueue-Token``), the event stream included;
 - the Host header must name this server by an IP address, ``localhost``, this machine's name
   or the ``--host`` given: a DNS-rebinding page (evil.example resolving to 127.0.0.1) sends
-  its own name, and is refused;
+  its own name, and is refused.  Any port: what rebinding needs is a name, and an SSH tunnel
+  or a proxy may well reach the server on another port;
 - a POST (an action) must also come from the page itself: its Origin header must be this
   server's, so a page on another site cannot submit a form here, token or not.
 
@@ -31,9 +32,8 @@ def new_token() -> str:
 
 
 class Guard:
-    def __init__(self, token: str, port: int, bound_host: str) -> None:
+    def __init__(self, token: str, bound_host: str) -> None:
         self.token = token
-        self.port = port
         # names (not addresses) this server answers to; addresses are checked as such
         self._names = {"localhost", socket.gethostname().lower(), bound_host.lower()}
 
@@ -42,17 +42,11 @@ class Guard:
         return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
 
     def host_ok(self, host_header: str | None) -> bool:
-        """Whether the Host header names this server (any IP address or a known name, and
-        this server's port)."""
+        """Whether the Host header names this server: any IP address, or a name it knows."""
         if not host_header:
             return False
-        parsed = _split_host(host_header)
-        if parsed is None:
-            return False
-        name, port = parsed
-        if port != self.port:
-            return False
-        return _is_ip_address(name) or name.lower() in self._names
+        name = _host_name(host_header)
+        return name is not None and (_is_ip_address(name) or name.lower() in self._names)
 
     def origin_ok(self, origin: str | None, host_header: str) -> bool:
         """Whether a POST comes from a page of this server: its Origin is http://<Host>.
@@ -63,17 +57,17 @@ class Guard:
         return origin.lower() == f"http://{host_header}".lower()
 
 
-def _split_host(value: str) -> tuple[str, int] | None:
-    """("127.0.0.1", 8765) from "127.0.0.1:8765", ("::1", 80) from "[::1]"; None if
-    malformed."""
+def _host_name(value: str) -> str | None:
+    """"127.0.0.1" from "127.0.0.1:8765", "::1" from "[::1]:80"; None if malformed."""
     try:
         parts = urllib.parse.urlsplit(f"http://{value}")
-        port = parts.port
+        _ = parts.port  # raises ValueError for a port that is not a number
     except ValueError:
         return None
-    if parts.hostname is None or parts.username is not None or parts.path or parts.query:
+    if parts.hostname is None or parts.username is not None or parts.path or parts.query \
+            or parts.fragment:
         return None
-    return parts.hostname, 80 if port is None else port
+    return parts.hostname
 
 
 def _is_ip_address(name: str) -> bool:

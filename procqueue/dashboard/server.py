@@ -15,9 +15,11 @@ stream, which is what a thread per request serves well; no framework is needed f
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import secrets
 import socket
+import sys
 import threading
 import urllib.parse
 from http import HTTPStatus
@@ -34,6 +36,7 @@ MAX_BODY_BYTES = 64 * 1024
 SHUTDOWN_POLL_S = 0.2
 
 S = TypeVar("S", bound="DashboardServer")
+_REQUESTS = itertools.count(1)
 
 
 class Source(Protocol):
@@ -59,7 +62,7 @@ class DashboardServer:
         self.broadcaster = Broadcaster(source.snapshot, refresh_s)
         self._server = _Server((host, port), _Handler, self)  # binds now: the port is known
         self.port = int(self._server.server_address[1])
-        self.guard = Guard(self.token, self.port, host)
+        self.guard = Guard(self.token, host)
         self._thread: threading.Thread | None = None
 
     @property
@@ -100,6 +103,11 @@ class _Server(ThreadingHTTPServer):
         self.dashboard = dashboard
         super().__init__(address, handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a page closed mid-answer is no error worth a traceback on the terminal
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "procqueue-dashboard"
@@ -111,6 +119,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the terminal belongs to the command that serves the page."""
+
+    def handle(self) -> None:
+        # named, so that a profile (or bench/dashboard_overhead.py) can tell what it costs
+        threading.current_thread().name = f"procqueue-dashboard-request-{next(_REQUESTS)}"
+        super().handle()
 
     # ---- checks -----------------------------------------------------------------------------
 
@@ -138,6 +151,24 @@ class _Handler(BaseHTTPRequestHandler):
         path, query = self._parse()
         if not self._allowed(query):
             return
+        try:
+            self._get(path, query)
+        except Exception as exc:  # the store is busy or gone: the page says so, and goes on
+            self._unavailable(exc)
+
+    def do_POST(self) -> None:
+        path, query = self._parse()
+        if not self._allowed(query):
+            return
+        try:
+            self._post(path)
+        except Exception as exc:
+            self._unavailable(exc)
+
+    def _unavailable(self, exc: Exception) -> None:
+        self._json({"error": f"{type(exc).__name__}: {exc}"}, HTTPStatus.SERVICE_UNAVAILABLE)
+
+    def _get(self, path: str, query: dict[str, str]) -> None:
         if path == "/":
             nonce = secrets.token_urlsafe(16)
             page = render_page(self.dashboard.source.kind, self.dashboard.source.title, nonce)
@@ -151,10 +182,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(HTTPStatus.NOT_FOUND, b"not found", "text/plain; charset=utf-8")
 
-    def do_POST(self) -> None:
-        path, query = self._parse()
-        if not self._allowed(query):
-            return
+    def _post(self, path: str) -> None:
         action = path.removeprefix("/api/")
         if action not in ("retry", "cancel") or not hasattr(self.dashboard.source, "act"):
             self._send(HTTPStatus.NOT_FOUND, b"not found", "text/plain; charset=utf-8")

@@ -49,7 +49,8 @@ class StoreView:
             except BaseException:
                 self._reader.shutdown()
                 raise
-        self.title = self.tq.target
+        # a PostgreSQL URL is shown without its password
+        self.title = str(getattr(self.tq.store, "shown", self.tq.target))
 
     def close(self) -> None:
         if self._own:
