@@ -189,6 +189,10 @@ class Page:
             self.send("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y,
                                                    "button": "left", "clickCount": 1})
 
+    def hover(self, x: float, y: float) -> None:
+        """Move the mouse to (x, y) of the viewport, as a person pointing at something."""
+        self.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y})
+
     def screenshot(self, path: str, full_page: bool = True) -> None:
         import base64
         params: dict[str, Any] = {"format": "png"}

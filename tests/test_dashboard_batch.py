@@ -130,11 +130,26 @@ def test_map_dashboard_shows_workers_their_tasks_and_the_timeline_live(tmp_path:
             assert row[0].startswith("worker ") and int(row[1]) > 0
             assert row[3].endswith("ms") or row[3].endswith(" s")
             assert row[5].endswith("MiB") and row[7] == "0"
-        first = page.wait_for("document.querySelectorAll('#timeline rect.task-bar').length")
-        assert page.wait_for("document.querySelectorAll('#timeline rect.task-bar').length > "
-                             f"{first}")  # it grows while the batch runs
-        assert page.wait_for("document.querySelector('#timeline rect[data-outcome=\"error\"]')"
-                             " !== null")
+        bars = "+(document.querySelector('#timeline canvas')?.dataset.bars ?? 0)"
+        first = page.wait_for(bars)
+        assert page.wait_for(f"{bars} > {first}")  # the timeline grows while the batch runs
+        # pointing at a failed attempt's bar tells what it was (bars move as time passes: a
+        # redraw between finding the bar and pointing at it is tried again)
+        tip = None
+        for _ in range(20):
+            point = page.wait_for(
+                "(() => { const c = document.querySelector('#timeline canvas');"
+                " c.scrollIntoView({block: 'center'});"
+                " const b = (c.bars || []).find(b => b.outcome === 'error'); if (!b) return null;"
+                " const r = c.getBoundingClientRect();"
+                " return [r.left + b.x + Math.min(b.w, 4) / 2, r.top + b.y + b.h / 2]; })()")
+            page.hover(*point)
+            tip = page.evaluate("(() => { const t = document.querySelector('#timeline .tip');"
+                                " return !t.hidden && t.textContent; })()")
+            if tip:
+                break
+            page.hover(0, 0)
+        assert tip and "ValueError: no good:" in tip and "attempt 1, error" in tip
         failures = page.wait_for("[...document.querySelectorAll('#failures tbody "
                                  "tr[data-outcome]')].map(r => r.cells[4].textContent)")
         assert "ValueError: no good: 3" in failures  # input 3 failed first: still listed

@@ -25,6 +25,8 @@ from .store_view import StoreView
 
 __all__ = ["Dashboard", "DashboardServer", "StoreView", "BatchView"]
 
+BATCH_REFRESH_S = 2.0  # a batch's page updates every 2 s (a store's: every second)
+
 
 class Dashboard(DashboardServer):
     """A live page about a source (a store, a pool's batch), served on ``host``:``port``
@@ -45,7 +47,7 @@ class Dashboard(DashboardServer):
 
     @classmethod
     def for_batch(cls, total: int | None = None, title: str = "procqueue batch",
-                  **options: Any) -> "Dashboard":
+                  refresh_s: float = BATCH_REFRESH_S, **options: Any) -> "Dashboard":
         """A dashboard of the batch a pool runs: give its on_event to the Pool, then serve
         while the pool runs with watching(pool)::
 
@@ -54,8 +56,11 @@ class Dashboard(DashboardServer):
                 print(dash.url)
                 pool.map(work, inputs)
 
-        ``total``: the inputs the batch has, if known (the page shows done / total)."""
-        return cls(BatchView(total, title), **options)
+        ``total``: the inputs the batch has, if known (the page shows done / total).
+        ``refresh_s``: seconds between updates; each costs the browser showing the page some
+        CPU, which a CPU-bound batch on the same machine gives up (bench/dashboard_overhead.py),
+        hence a slower pace than a store's page."""
+        return cls(BatchView(total, title), refresh_s=refresh_s, **options)
 
     def on_event(self, event: TaskEvent) -> None:
         """For Pool(on_event=...): a batch dashboard's feed (for_batch)."""

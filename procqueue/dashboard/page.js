@@ -40,9 +40,35 @@
     return node;
   }
 
+  // Put `fresh` (new, detached nodes) in `parent`, keeping every child whose content and
+  // attributes did not change: a redraw each second then touches only the cells that moved,
+  // which is what the browser spends its time laying out and painting.
+  function sync(parent, fresh) {
+    const old = Array.from(parent.children);
+    const same = old.length === fresh.length && old.every((n, i) =>
+      n.tagName === fresh[i].tagName && n.children.length === fresh[i].children.length);
+    if (!same) {
+      parent.replaceChildren(...fresh);
+      return;
+    }
+    old.forEach((node, i) => {
+      const cells = Array.from(node.children), next = Array.from(fresh[i].children);
+      if (!cells.length || node.attributes.length !== fresh[i].attributes.length ||
+          Array.from(node.attributes).some((a) => fresh[i].getAttribute(a.name) !== a.value)) {
+        if (!node.isEqualNode(fresh[i])) node.replaceWith(fresh[i]);
+        return;
+      }
+      cells.forEach((cell, j) => { if (!cell.isEqualNode(next[j])) cell.replaceWith(next[j]); });
+    });
+  }
+
   // ---- formatting ------------------------------------------------------------------------
 
-  const fmtInt = (n) => (n === null || n === undefined) ? "–" : Number(n).toLocaleString("en");
+  // formatters made once: toLocaleString() builds one per call, the page's costliest script
+  const INTEGER = new Intl.NumberFormat("en");
+  const CLOCK = new Intl.DateTimeFormat(undefined, {hour: "numeric", minute: "2-digit",
+                                                    second: "2-digit"});
+  const fmtInt = (n) => (n === null || n === undefined) ? "–" : INTEGER.format(n);
   function fmtDuration(s) {
     if (s === null || s === undefined || !isFinite(s)) return "–";
     if (s < 1) return `${Math.round(s * 1000)} ms`;
@@ -61,7 +87,7 @@
     while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
     return `${n.toFixed(n < 10 && i ? 1 : 0)} ${units[i]}`;
   }
-  const fmtWhen = (t) => (t ? new Date(t * 1000).toLocaleTimeString() : "–");
+  const fmtWhen = (t) => (t ? CLOCK.format(new Date(t * 1000)) : "–");
 
   // ---- talking to the server -------------------------------------------------------------
 
@@ -126,7 +152,7 @@
     }
     const rate = rateNow(snap.throughput);
     if (rate !== null) cards.push(["tasks/s", rate.toFixed(rate < 10 ? 1 : 0), "rate"]);
-    $("totals").replaceChildren(...cards.map(([label, value, key]) =>
+    sync($("totals"), cards.map(([label, value, key]) =>
       el("div", {class: `card ${key}`, dataset: {total: key}}, el("b", {text: value}),
          el("span", {text: label}))));
   }
@@ -186,7 +212,7 @@
                                                  text: "no worker service alive"})));
       return;
     }
-    body.replaceChildren(...services.map((s) => el("tr", {dataset: {service: s.id}},
+    sync(body, services.map((s) => el("tr", {dataset: {service: s.id}},
       el("td", {text: s.host}), el("td", {class: "num", text: s.pid}),
       el("td", {class: "num", text: s.jobs}), el("td", {class: "num", text: s.running}),
       el("td", {text: s.queues.length ? s.queues.join(", ") : "every queue"}),
@@ -195,7 +221,7 @@
   }
 
   function renderWorkers(workers) {
-    $("workers").tBodies[0].replaceChildren(...workers.map((w) => el("tr", {dataset: {slot: w.slot}},
+    sync($("workers").tBodies[0], workers.map((w) => el("tr", {dataset: {slot: w.slot}},
       el("td", {text: `worker ${w.slot}`}), el("td", {class: "num", text: w.pid ?? "–"}),
       el("td", {class: "input", text: w.task ?? "idle"}),
       el("td", {class: "num", text: w.task_s === null ? "" : fmtDuration(w.task_s)}),
@@ -253,36 +279,108 @@
       (rate === null ? "" : ` · now ${rate.toFixed(1)}/s`);
   }
 
-  // The timeline of recent task attempts, drawn as the HTML report draws a run: one row per
-  // worker, one bar per attempt, coloured by outcome, details on hover.
+  // The timeline of recent task attempts, laid out as the HTML report draws a run: one row per
+  // worker, one bar per attempt, coloured by outcome, details on hover (or tap).  Drawn on a
+  // canvas: a thousand SVG elements rebuilt every second cost the browser more CPU than the
+  // rest of the page together, CPU the batch being watched needs.
+  const TIMELINE_ROW = 22, TIMELINE_LEFT = 80, TIMELINE_AXIS = 20;
+
   function renderTimeline(timeline) {
     const {events, slots, start, end} = timeline;
     const colours = timeline.colours || COLOURS;
-    const W = 1000, row = 22, left = 80;
+    const canvas = timelineCanvas();
+    const width = canvas.cssWidth || canvas.clientWidth || 1000;
+    const height = slots.length * TIMELINE_ROW + TIMELINE_AXIS;
+    const ratio = window.devicePixelRatio || 1;
+    const [pixelsW, pixelsH] = [Math.round(width * ratio), Math.round(height * ratio)];
+    if (canvas.width !== pixelsW || canvas.height !== pixelsH) { // a resize relayouts the page
+      canvas.style.height = `${height}px`;
+      canvas.width = pixelsW;
+      canvas.height = pixelsH;
+    }
+    const g = canvas.getContext("2d");
+    g.setTransform(ratio, 0, 0, ratio, 0, 0);
+    g.clearRect(0, 0, width, height);
+    const {muted, line} = themeColours();
     const span = Math.max(end - start, 1e-6);
+    const plot = width - TIMELINE_LEFT - 4;
+    const x = (t) => TIMELINE_LEFT + ((t - start) / span) * plot;
     const rowOf = new Map(slots.map((s, i) => [s, i]));
-    const H = slots.length * row + 20;
-    const out = svg("svg", {viewBox: `0 0 ${W + 10} ${H}`, width: W + 10, height: H, role: "img",
-                            "aria-label": "task timeline"});
-    slots.forEach((s, i) => out.append(svg("text", {x: 0, y: i * row + 15}, `worker ${s}`)));
-    const x = (t) => left + ((t - start) / span) * (W - left);
+    g.font = "11px system-ui, sans-serif";
+    g.fillStyle = muted;
+    slots.forEach((s, i) => g.fillText(`worker ${s}`, 0, i * TIMELINE_ROW + 15));
     for (const frac of [0, 0.25, 0.5, 0.75, 1]) {
       const t = start + frac * span;
-      out.append(svg("line", {x1: x(t), x2: x(t), y1: 0, y2: H - 20, stroke: "#e1e8ed"}),
-                 svg("text", {x: x(t), y: H - 6, "text-anchor": frac === 0 ? "start" :
-                   frac === 1 ? "end" : "middle"}, frac === 1 ? "now" : `−${fmtDuration(end - t)}`));
+      g.fillStyle = line;
+      g.fillRect(Math.round(x(t)), 0, 1, height - TIMELINE_AXIS);
+      g.fillStyle = muted;
+      g.textAlign = frac === 0 ? "start" : frac === 1 ? "end" : "center";
+      g.fillText(frac === 1 ? "now" : `−${fmtDuration(end - t)}`, x(t), height - 6);
     }
-    for (const [slot, t0, t1, outcome, label, attempt, pid, error] of events) {
-      const width = Math.max(((t1 - t0) / span) * (W - left), outcome === "ok" ? 1 : 4);
-      const tip = `${label} — ${fmtDuration(t1 - t0)}, attempt ${attempt}, ${outcome}` +
-        (error ? `: ${error}` : "") + ` (pid ${pid})`;
-      out.append(svg("rect", {class: "task-bar", "data-outcome": outcome, x: x(Math.max(t0, start)),
-        y: rowOf.get(slot) * row + 3, width, height: row - 6, rx: 2,
-        fill: colours[outcome] || "#999", stroke: "#fff", "stroke-width": 0.5},
-        svg("title", {}, tip)));
+    const bars = [];
+    for (const event of events) {
+      const [slot, t0, t1, outcome] = event;
+      const left = x(Math.max(t0, start));
+      // a failure is often instantaneous: keep it visible
+      const w = Math.max(x(t1) - left, outcome === "ok" ? 1 : 4);
+      const top = rowOf.get(slot) * TIMELINE_ROW + 3;
+      g.fillStyle = colours[outcome] || "#999";
+      g.fillRect(left, top, Math.max(w - 0.5, 0.5), TIMELINE_ROW - 6);
+      bars.push({x: left, y: top, w, h: TIMELINE_ROW - 6, outcome, event});
     }
-    $("timeline").replaceChildren(out);
+    canvas.bars = bars; // for the hover (and for tests: what was drawn where)
+    canvas.dataset.bars = bars.length;
     $("timeline-span").textContent = `last ${fmtDuration(span)}, ${events.length} attempts`;
+    renderLegend(colours);
+  }
+
+  function timelineCanvas() {
+    let canvas = $("timeline").querySelector("canvas");
+    if (canvas) return canvas;
+    canvas = el("canvas", {role: "img", "aria-label": "task timeline"});
+    canvas.style.width = "100%";
+    const tip = el("div", {class: "tip", hidden: true});
+    const hover = (e) => {
+      const box = canvas.getBoundingClientRect();
+      const px = e.clientX - box.left, py = e.clientY - box.top;
+      const bar = (canvas.bars || []).find((b) => px >= b.x - 1 && px <= b.x + b.w + 1 &&
+                                                  py >= b.y && py <= b.y + b.h);
+      tip.hidden = !bar;
+      if (bar) {
+        const [, t0, t1, outcome, label, attempt, pid, error] = bar.event;
+        tip.textContent = `${label} — ${fmtDuration(t1 - t0)}, attempt ${attempt}, ` +
+          `${outcome}${error ? `: ${error}` : ""} (pid ${pid})`;
+        tip.style.left = `${Math.min(px + 12, box.width - 260)}px`;
+        tip.style.top = `${py + 14}px`;
+      }
+    };
+    // its width read when it changes, not at each redraw (a read forces a layout)
+    new ResizeObserver(([entry]) => { canvas.cssWidth = entry.contentRect.width; })
+      .observe(canvas);
+    canvas.addEventListener("mousemove", hover);
+    canvas.addEventListener("click", hover);
+    canvas.addEventListener("mouseleave", () => { tip.hidden = true; });
+    $("timeline").replaceChildren(canvas, tip);
+    return canvas;
+  }
+
+  let theme = null;
+  function themeColours() {
+    // read once (and again if the light/dark scheme changes): reading styles forces a layout
+    if (!theme) {
+      const styles = getComputedStyle(document.body);
+      theme = {muted: styles.getPropertyValue("--muted").trim() || "#5c7080",
+               line: styles.getPropertyValue("--line").trim() || "#e1e8ed"};
+    }
+    return theme;
+  }
+  matchMedia("(prefers-color-scheme: dark)").addEventListener("change", () => { theme = null; });
+
+  let legendDrawn = "";
+  function renderLegend(colours) {
+    const key = JSON.stringify(colours);
+    if (key === legendDrawn) return;
+    legendDrawn = key;
     $("legend").replaceChildren(...Object.entries(colours).map(([outcome, colour]) => {
       const swatch = el("i");
       swatch.style.background = colour;
@@ -512,6 +610,26 @@
   // ---- the stream ------------------------------------------------------------------------
 
   let lastPoolFailures = [];
+  let latest = null; // the last snapshot, drawn when a hidden page shows again
+  const drawn = {}; // section -> the JSON it was last drawn from
+
+  // Redraw a section only when its data changed: most of a snapshot is the same as the last
+  // one's, and rebuilding unchanged tables costs the browser for nothing.
+  function changed(section, data) {
+    const key = JSON.stringify(data);
+    if (drawn[section] === key) return false;
+    drawn[section] = key;
+    return true;
+  }
+
+  function receive(snap) {
+    latest = snap;
+    if (!document.hidden) render(snap); // a background tab draws nothing
+  }
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden && latest) render(latest);
+  });
+
   function render(snap) {
     if (snap.error) {
       $("error").textContent = `the dashboard cannot read its source: ${snap.error}`;
@@ -521,15 +639,25 @@
     $("error").hidden = true;
     serverSkewS = snap.now - Date.now() / 1000;
     renderTotals(snap);
-    if (snap.queues) { show("queues-section", true); renderQueues(snap.queues); }
+    if (snap.queues) {
+      show("queues-section", true);
+      if (changed("queues", snap.queues)) renderQueues(snap.queues);
+    }
     if (snap.services) { show("services-section", true); renderServices(snap.services); }
     if (snap.workers) { show("workers-section", true); renderWorkers(snap.workers); }
-    if (snap.throughput) { show("throughput-section", true); renderThroughput(snap.throughput); }
+    if (snap.throughput) {
+      show("throughput-section", true);
+      // the bars move left once per bucket: redraw when the data or the bucket changed
+      const bucket = Math.floor(serverNow() / snap.throughput.bucket_s);
+      if (changed("throughput", [snap.throughput.series, bucket])) {
+        renderThroughput(snap.throughput);
+      }
+    }
     if (snap.timeline) { show("timeline-section", true); renderTimeline(snap.timeline); }
     if (snap.failures) {
       lastPoolFailures = snap.failures;
       show("failures-section", true);
-      renderPoolFailures(snap.failures);
+      if (changed("failures", snap.failures)) renderPoolFailures(snap.failures);
     }
     if (snap.queues) {
       // the tables follow the counts: a table refetches when they moved
@@ -542,8 +670,8 @@
     const events = new EventSource(`/events?token=${encodeURIComponent(TOKEN)}`);
     events.onopen = () => setLive("up", "live");
     events.onmessage = (e) => {
-      setLive("up", `live · ${new Date().toLocaleTimeString()}`);
-      render(JSON.parse(e.data));
+      setLive("up", `live · ${CLOCK.format(new Date())}`);
+      receive(JSON.parse(e.data));
     };
     events.onerror = () => setLive("down", "disconnected: retrying…");
   }
