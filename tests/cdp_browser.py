@@ -193,13 +193,16 @@ class Page:
         """Move the mouse to (x, y) of the viewport, as a person pointing at something."""
         self.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y})
 
-    def screenshot(self, path: str, full_page: bool = True) -> None:
+    def screenshot(self, path: str, full_page: bool = True,
+                   max_height: float | None = None) -> None:
+        """A PNG of the viewport, or of the whole page (down to ``max_height`` CSS pixels)."""
         import base64
         params: dict[str, Any] = {"format": "png"}
         if full_page:
             params["captureBeyondViewport"] = True
             size = self.send("Page.getLayoutMetrics")["cssContentSize"]
-            params["clip"] = {"x": 0, "y": 0, "width": size["width"], "height": size["height"],
+            height = min(size["height"], max_height or size["height"])
+            params["clip"] = {"x": 0, "y": 0, "width": size["width"], "height": height,
                               "scale": 1}
         data = self.send("Page.captureScreenshot", params)["data"]
         with open(path, "wb") as f:

@@ -187,7 +187,7 @@
     $("queues").tBodies[0].replaceChildren(...queues.map((q) => el("tr", {dataset: {queue: q.name}},
       el("td", {text: q.name}),
       ...STATUSES.map((s) => el("td", {class: "num", dataset: {count: s}, text: fmtInt(q[s])})),
-      el("td", {}, ...limitChips(q)))));
+      el("td", {class: "limits"}, ...limitChips(q)))));
     if (!queues.length) {
       $("queues").tBodies[0].replaceChildren(el("tr", {}, el("td", {colspan: 7, class: "muted",
                                                                text: "no queue yet"})));
@@ -242,7 +242,9 @@
 
   function renderThroughput(throughput) {
     const {bucket_s: bucket, window_s: windowS, series} = throughput;
-    const W = 1000, H = 130, left = 44, bottom = 18;
+    // drawn at the width it is shown at, so that its text stays readable on a phone
+    const W = Math.max(Math.min(chartWidth("throughput"), 1100), 300), H = 130;
+    const left = 44, bottom = 18;
     const n = Math.round(windowS / bucket);
     const end = Math.floor(serverNow() / bucket) * bucket + bucket;
     const start = end - n * bucket;
@@ -277,6 +279,21 @@
     const rate = rateNow(throughput);
     $("rate-now").textContent = `ended per ${fmtDuration(bucket)}, last ${fmtDuration(windowS)}` +
       (rate === null ? "" : ` · now ${rate.toFixed(1)}/s`);
+  }
+
+  const widths = {};
+  function chartWidth(id) {
+    if (!(id in widths)) { // read when it changes, not at each redraw (a read forces a layout)
+      widths[id] = $(id).clientWidth || 1000;
+      new ResizeObserver(([entry]) => {
+        const width = Math.round(entry.contentRect.width);
+        if (width && width !== widths[id]) {
+          widths[id] = width;
+          if (latest) { drawn.throughput = null; render(latest); }
+        }
+      }).observe($(id));
+    }
+    return widths[id];
   }
 
   // The timeline of recent task attempts, laid out as the HTML report draws a run: one row per
