@@ -325,6 +325,7 @@
     const rowOf = new Map(slots.map((s, i) => [s, i]));
     g.font = "11px system-ui, sans-serif";
     g.fillStyle = muted;
+    g.textAlign = "start"; // the context keeps its state between redraws
     slots.forEach((s, i) => g.fillText(`worker ${s}`, 0, i * TIMELINE_ROW + 15));
     for (const frac of [0, 0.25, 0.5, 0.75, 1]) {
       const t = start + frac * span;

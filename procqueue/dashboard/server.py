@@ -34,6 +34,7 @@ KEEPALIVE_S = 15.0  # a comment line this often keeps proxies and browsers from 
 RECONNECT_MS = 2000  # a page whose stream broke reconnects after this long
 MAX_BODY_BYTES = 64 * 1024
 SHUTDOWN_POLL_S = 0.2
+SOCKET_TIMEOUT_S = 60.0
 
 S = TypeVar("S", bound="DashboardServer")
 _REQUESTS = itertools.count(1)
@@ -112,6 +113,7 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server_version = "procqueue-dashboard"
     sys_version = ""
+    timeout = SOCKET_TIMEOUT_S  # a connection that sends nothing does not hold a thread forever
 
     @property
     def dashboard(self) -> DashboardServer:
