@@ -1,8 +1,10 @@
 """Screenshots of the live dashboard, from a real run: a store with two queues (one with
 limits), a worker service running their tasks, a few failures; the page opened in headless
-Chromium while the tasks run, a failure's traceback opened, then photographed.
+Chromium while the tasks run, a failure's traceback opened, then photographed.  With --batch,
+also the page of a batch (`procqueue map --dashboard`, Dashboard.for_batch) as it runs.
 
     python3 examples/dashboard_screenshot.py [docs/dashboard.png] [--phone docs/dashboard-phone.png]
+                                             [--batch docs/dashboard-batch.png]
 
 Needs Chromium (.ci/install-browser).  The browser is driven over the DevTools protocol by
 tests/cdp_browser.py, as the dashboard's tests drive it.
@@ -45,6 +47,16 @@ def score(path: str) -> int:
     return len(path)
 
 
+def crunch(i: int) -> int:
+    """A batch task: 0.1 to 0.4 s of CPU, one input in 25 failing."""
+    if i % 25 == 7:
+        raise ArithmeticError(f"input {i} diverged after {i * 3} iterations")
+    end = time.perf_counter() + 0.1 + 0.1 * (i % 4)
+    while time.perf_counter() < end:
+        pass
+    return i
+
+
 def fill(tq: TaskQueue) -> None:
     tq.define("render", concurrency=2, rate="40/10s", key_concurrency=1, retries=1)
     tq.enqueue_many(render, [f"scene-{i}" for i in range(RENDERS)], queue="render",
@@ -63,7 +75,11 @@ def main() -> None:
     parser.add_argument("out", nargs="?", type=Path, default=ROOT / "docs" / "dashboard.png")
     parser.add_argument("--phone", type=Path, default=None,
                         help="also a phone-sized screenshot, to this file")
+    parser.add_argument("--batch", type=Path, default=None,
+                        help="also a batch's page (Dashboard.for_batch), to this file")
     args = parser.parse_args()
+    if args.batch is not None:
+        shoot_batch(args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         target = os.path.join(tmp, "jobs.db")
         with TaskQueue(target) as tq:
@@ -101,6 +117,22 @@ def shoot(page, out: Path, phone: Path | None) -> None:
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(str(phone), full_page=False)
         print(f"wrote {phone}", file=sys.stderr)
+
+
+def shoot_batch(out: Path) -> None:
+    inputs = list(range(200))
+    dash = Dashboard.for_batch(total=len(inputs), title="map crunch.py")
+    with Pool(2, on_event=dash.on_event) as pool, dash.watching(pool), \
+            tempfile.TemporaryDirectory() as tmp, \
+            Browser(os.path.join(tmp, "profile"), window=(1280, 900)) as browser:
+        result = pool.map_async(crunch, inputs, return_exceptions=True)
+        page = browser.open(dash.url)
+        page.wait_for("document.querySelectorAll('#failures tbody tr[data-outcome]').length >= 2",
+                      timeout_s=90)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(str(out), max_height=SHOT_HEIGHT)
+        print(f"wrote {out}", file=sys.stderr)
+        result.wait(0)  # the rest of the batch is not needed: leaving the block ends it
 
 
 if __name__ == "__main__":
