@@ -198,7 +198,11 @@ class Slot:
                 if task is not None:
                     task_id = task.id
                 break
-        return task_id, started_ns / 1e9
+        return task_id, abs(started_ns) / 1e9
+
+    def loading_function(self) -> bool:
+        """Whether the worker is loading the function of the task it marked (worker.py)."""
+        return bool(self.state[STARTED_NS] < 0)
 
     def statistics(self) -> SlotStatistics:
         idle_s = max(0.0, time.monotonic() - self.created_at - self.busy_s)
