@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 PICKLE_PROTOCOL = 5
+SCRIPT_MODULE_PREFIX = "_procqueue_script_"  # (protocol.py names a script's classes by it)
 
 
 class FunctionNotFoundError(LookupError):
@@ -80,10 +81,15 @@ class FunctionRef:
             _LOADED[key] = fn
         return fn
 
+    def module(self) -> Any:
+        """Import the script or module (once per process); its own exceptions propagate."""
+        if self.target.endswith(".py"):
+            return _import_script(self.target)
+        return importlib.import_module(self.target)
+
     def _load(self) -> Callable[..., Any]:
         try:
-            module = (_import_script(self.target) if self.target.endswith(".py")
-                      else importlib.import_module(self.target))
+            module = self.module()
         except FunctionNotFoundError:
             raise
         except Exception as exc:
@@ -112,7 +118,7 @@ def _lookup(module: Any, qualname: str) -> Any:
 def _import_script(path: str) -> Any:
     if not os.path.isfile(path):
         raise FunctionNotFoundError(f"no such script: {path}")
-    name = f"_procqueue_script_{zlib.crc32(path.encode()):08x}"
+    name = f"{SCRIPT_MODULE_PREFIX}{zlib.crc32(path.encode()):08x}"
     if name in sys.modules:
         return sys.modules[name]
     directory = os.path.dirname(path)

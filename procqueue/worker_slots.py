@@ -198,7 +198,11 @@ class Slot:
                 if task is not None:
                     task_id = task.id
                 break
-        return task_id, started_ns / 1e9
+        return task_id, abs(started_ns) / 1e9
+
+    def loading_function(self) -> bool:
+        """Whether the worker is loading the function of the task it marked (worker.py)."""
+        return bool(self.state[STARTED_NS] < 0)
 
     def running_input(self) -> tuple[Any, float] | None:
         """(the input, monotonic start time) of the task running now, or None if idle: for
