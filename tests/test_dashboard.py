@@ -207,6 +207,8 @@ def test_a_failed_tasks_traceback_shows_and_retry_runs_it_again(store, dashboard
     assert f"RuntimeError: first run fails: {marker}" in traceback
 
     page.click(f'#failures button[data-action="retry"][data-id="{task_id}"]')
+    assert page.wait_for(f"document.getElementById('toast').textContent === "
+                         f"'task {task_id}: queued again'")  # the store took the retry
     with TaskQueue(store, create=False) as tq:
         record = tq.handle(task_id).wait(timeout=30)
     assert record.status == "succeeded"  # it ran again, and the marker made it pass
