@@ -32,6 +32,7 @@ from procqueue import HaltPolicy
 
 from .inputs import SEPARATORS, Inputs, collect_inputs, collect_named_inputs, group_inputs
 from .loader import NamedArguments, WorkerStart
+from .dashboard import batch_dashboard, dashboard_command, feeding, serving
 from .output import JobLog, RecordWriter, input_text, line_of, logged_seqs, record_of
 from .progress import Progress
 from .script import (ScriptError, check_arguments, check_keyword_arguments,
@@ -344,6 +345,14 @@ def cli() -> None:
               help="Show the progress bar even when stderr is not a terminal.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (wins over --bar).")
 @click.option("--stats", is_flag=True, help="Print a summary on stderr at the end.")
+@click.option("--dashboard", "dashboard", is_flag=True,
+              help="Serve a live page about the run on 127.0.0.1 while it runs (workers, "
+                   "their tasks, throughput, timeline, failures); its URL, with an access "
+                   "token, is printed on stderr.")
+@click.option("--dashboard-host", default="127.0.0.1", show_default=True, metavar="HOST",
+              help="With --dashboard: the address to listen on.")
+@click.option("--dashboard-port", type=click.IntRange(0, 65535), default=0, metavar="N",
+              help="With --dashboard: the port to listen on [default: a free one].")
 def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs: int | None,
                 cluster: str | None, glob: str | None, lines_file: str | None, output: str | None,
                 unordered: bool, keep_order: bool, timeout: str | None, retries: int | None,
@@ -356,7 +365,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 joblog_path: str | None, resume: bool, resume_failed: bool, will_cite: bool,
                 dry_run: bool, colsep: str | None, header: str | None, link: bool,
                 max_args: int | None,
-                null: bool, bar: bool, quiet: bool, stats: bool) -> None:
+                null: bool, bar: bool, quiet: bool, stats: bool, dashboard: bool,
+                dashboard_host: str, dashboard_port: int) -> None:
     """Call SCRIPT's function once per input of INPUTS (files, directories, or - for
     stdin lines, which no INPUTS also reads unless it is a terminal; after ::: the inputs
     themselves, after :::: files of inputs, as in GNU parallel) and write one JSON line per
@@ -396,6 +406,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     for path, flag in ((output, "--output"), (journal_path, "--journal"),
                        (trace_path, "--trace"), (joblog_path, "--joblog")):
         _check_writable(path, flag)
+    if dashboard and cluster is not None:
+        raise click.UsageError("--dashboard watches this machine's pool: not with --cluster")
     if cluster is not None:  # before the journal is opened: refused options create nothing
         jobs = _use_cluster(cluster, jobs, pool_options, call_options,
                             journal=journal_path is not None, trace=trace_path is not None)
@@ -423,10 +435,12 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     pool_options["initializer"] = WorkerStart(
         call, prints_to_stderr=output is None and "address" not in pool_options)
     output_name = f"--output {output!r}" if output else "stdout"
+    watch = batch_dashboard(f"map {script}", len(items), dashboard_host,
+                            dashboard_port) if dashboard else None
     try:
         code = run(call, items, jobs, max_tasks_per_child, chunksize, not unordered, pool_options,
                    call_options, halt_policy, interrupt_grace, stream, quiet, stats, bar,
-                   joblog, output_name)
+                   joblog, output_name, watch)
         if output:
             _close_output(stream, output_name)
     except KeyboardInterrupt:  # while the pool starts or stops: no handler of ours yet
@@ -733,7 +747,8 @@ def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | Non
         chunksize: int | None, ordered: bool, pool_options: dict[str, Any],
         call_options: dict[str, Any], halt: HaltPolicy | None, grace_s: float | None,
         stream: TextIO, quiet: bool, stats: bool, bar: bool = False,
-        joblog: JobLog | None = None, output_name: str = "stdout") -> int:
+        joblog: JobLog | None = None, output_name: str = "stdout",
+        dashboard: procqueue.Dashboard | None = None) -> int:
     """Run the batch; returns the exit code."""
     progress = Progress(len(items), sys.stderr,
                         enabled=(bar or sys.stderr.isatty()) and not quiet)
@@ -755,7 +770,9 @@ def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | Non
     started = time.monotonic()
     pool_options, events = _recording_events(pool_options) if stats else (pool_options, None)
     retries_used = 0
-    with procqueue.Pool(jobs, maxtasksperchild=max_tasks_per_child, **pool_options) as pool:
+    pool_options = feeding(pool_options, dashboard)
+    with procqueue.Pool(jobs, maxtasksperchild=max_tasks_per_child, **pool_options) as pool, \
+            serving(dashboard, pool):
         progress.restarts = lambda: pool.stats().worker_restarts
         interrupts.running = lambda: pool.stats().tasks_running
         # Several input sources (GNU parallel's ::: a b ::: 1 2): a combination is a tuple,
@@ -896,6 +913,7 @@ from .limits import limits_command  # noqa: E402
 from .queue import COMMANDS as QUEUE_COMMANDS  # noqa: E402
 
 cli.add_command(limits_command)
+cli.add_command(dashboard_command)
 for _command in QUEUE_COMMANDS:
     cli.add_command(_command)
 

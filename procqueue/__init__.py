@@ -60,6 +60,7 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers; loaded lazily at run
     from .store import TaskStatus as TaskStatus
     from .store import TaskRecord as TaskRecord
     from .service import ServiceSummary as ServiceSummary
+    from .dashboard import Dashboard as Dashboard
     from .errors import StoreError as StoreError
     from .errors import StoreFormatError as StoreFormatError
     from .errors import StoreUnsafeError as StoreUnsafeError
@@ -103,6 +104,7 @@ _LAZY = {
     "TaskStatus": "store",
     "TaskRecord": "store",
     "ServiceSummary": "service",
+    "Dashboard": "dashboard",
     "StoreError": "errors",
     "StoreFormatError": "errors",
     "StoreUnsafeError": "errors",
@@ -137,5 +139,5 @@ __all__ = [
     "RemoteTraceback", "PoolBrokenError", "InitializerError", "PoolClosedError",
     "start_fork_server", "__version__",
     "TaskQueue", "TaskHandle", "FunctionRef", "TaskStatus", "TaskRecord", "ServiceSummary",
-    "StoreError", "StoreFormatError", "StoreUnsafeError",
+    "StoreError", "StoreFormatError", "StoreUnsafeError", "Dashboard",
 ]

@@ -31,7 +31,7 @@ from .errors import PoolClosedError, argument_error
 from .limits import KeyedLimit, Limit, LimitHandle, Rate
 from .affinity import worker_thread_env
 from .protocol import (PRIMITIVE_TYPES, CallKind, InitializerCall, OutOfBand, dumps_argument,
-                       pickled_function, shared_only_by_inheritance)
+                       pickled_function, shared_only_by_inheritance, short_repr)
 from .results import (ApplyResult, ArgumentMemory, IMapIterator, MapResult,
                       OutcomeIterator, ResultStream, TaskFuture, Window)
 from .supervisor import (CancelJob, Close, CloseJob, OpenJob, SubmitTasks,
@@ -56,6 +56,7 @@ SUBMIT_GROUP_TASKS = 4096  # map posts its tasks to the supervisor in groups of 
 SUBMIT_GROUP_BYTES = 4 * 2**20  # ...or of this many argument bytes, whichever comes first
 FEED_GROUP_MAX = 256  # inputs a feeder submits in one go at most
 ARGUMENT_MEMORY_AHEAD = 256 * 2**20  # big-argument bytes a feeder copies ahead of the workers
+RUNNING_REPR_CHARS = 200  # stats(): a worker's running input, as people read it
 FEED_GROUP_MAX_WAIT_S = 0.002  # a group stops growing once its first input waited this long
 
 
@@ -80,6 +81,8 @@ class WorkerStats:
     restarts: int  # processes replaced in this slot (crash, timeout, recycling)
     last_exit: str | None  # how the previous process ended ("exit code 0", "killed by SIGKILL")
     rss_bytes: int  # resident memory, as last reported
+    task: str | None = None  # a short repr of the input it runs now; None: idle
+    task_s: float | None = None  # how long that task has been running
 
 
 @dataclass(frozen=True)
@@ -314,10 +317,7 @@ class Pool(PoolCalls):
     def stats(self) -> PoolStats:
         """A snapshot of task counts and per-worker figures."""
         s = self._supervisor.statistics()
-        workers = tuple(
-            WorkerStats(w.slot, w.pid, w.cpus, w.tasks_done, w.busy_s, w.idle_s, w.restarts,
-                        w.last_exit, w.rss_bytes)
-            for w in (slot.statistics() for slot in self._supervisor.workers.slots))
+        workers = tuple(_worker_stats(slot) for slot in self._supervisor.workers.slots)
         return PoolStats(**{f.name: getattr(s, f.name) for f in fields(s)}, workers=workers)
 
     statistics = stats
@@ -877,6 +877,17 @@ class WorkerProcess:
 
     def __repr__(self) -> str:
         return f"<WorkerProcess name={self.name!r} pid={self.pid}>"
+
+
+def _worker_stats(slot: Any) -> WorkerStats:
+    w = slot.statistics()
+    running = slot.running_input()
+    task, task_s = None, None
+    if running is not None:
+        task = short_repr(running[0], RUNNING_REPR_CHARS)
+        task_s = max(time.monotonic() - running[1], 0.0)
+    return WorkerStats(w.slot, w.pid, w.cpus, w.tasks_done, w.busy_s, w.idle_s, w.restarts,
+                       w.last_exit, w.rss_bytes, task, task_s)
 
 
 def _pids(pool: Pool) -> list[int | None]:

@@ -48,7 +48,7 @@ from .scheduler import FailureKind, RetryPolicy, Scheduler
 from .stats import TaskEvent
 from .blocks import BlockRouter, Outcome, decode, explode_slot
 from .task_book import TaskBook
-from .timeouts import task_deadline, timeout_of
+from .timeouts import look_again_at, task_deadline, timeout_of, timing_task
 from .tasks import Block, Job, Task, TaskState
 from .worker_slots import Batch, Slot, SlotPhase, WorkerSlots
 
@@ -723,6 +723,7 @@ class Supervisor:
             if slot.phase is SlotPhase.DEAD and self._should_have_worker():
                 out.append(slot.respawn_at)
             out.append(task_deadline(slot))
+            out.append(look_again_at(slot))
         return out
 
     def _on_deadlines(self, now: float) -> None:
@@ -748,12 +749,9 @@ class Supervisor:
         return deadline is not None and now >= deadline
 
     def _on_timeout(self, slot: Slot, now: float) -> None:
-        running = slot.current_task()
-        first = slot.batches[0]
-        if running is not None and running[0] in first.pending:
-            task, started = first.pending[running[0]], running[1]
-        else:  # sent a timeout ago and still not marked as started: it is stuck on this one
-            task, started = next(iter(first.pending.values())), first.sent_at
+        timing = timing_task(slot)
+        assert timing is not None, "a deadline passed on a slot that runs nothing"
+        task, started = timing
         for batch in slot.batches:
             batch.pending.pop(task.id, None)
         task.seconds = now - started

@@ -218,6 +218,28 @@ class TaskQueue:
         return self.store.ids(None if status is None else TaskStatus(status), queue,
                               limit if limit is not None else 2**62)
 
+    def records(self, status: TaskStatus | str | None = None, queue: str | None = None,
+                search: str | None = None, before: int | None = None,
+                limit: int = 50) -> list[TaskRecord]:
+        """A page of task records, newest first: ids below ``before`` (the previous page's
+        last id), of one status, one queue, whose input, function or error contains
+        ``search``.  Without results and tracebacks: handle(id).record() has them."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, not {limit!r}")
+        return self.store.page(None if status is None else TaskStatus(status), queue,
+                               search or None, before, limit)
+
+    def throughput(self, since: float, bucket_s: float = 10.0) -> list[tuple[float, int, int]]:
+        """(bucket start, succeeded, failed) of the tasks that ended since ``since`` (epoch
+        seconds), per ``bucket_s`` seconds, oldest first; empty buckets left out."""
+        if not bucket_s > 0:
+            raise ValueError(f"bucket_s must be > 0, not {bucket_s!r}")
+        return self.store.throughput(since, bucket_s)
+
+    def busy_keys(self, queue: str, limit: int = 5) -> list[tuple[str, int]]:
+        """The keys of ``queue`` with the most running tasks: (key, running), most first."""
+        return self.store.busy_keys(queue, limit)
+
     def counts(self) -> list[QueueCounts]:
         return self.store.counts()
 

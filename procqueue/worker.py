@@ -35,7 +35,10 @@ from .protocol import (UNMAPPED, BatchResults, BlockResults, CallKind, CallsFunc
 # without killing (the items of a revoked batch that have not started are skipped: a batch
 # already sent to this worker's pipe cannot be taken back any other way).
 CURRENT_TASK = 0
-STARTED_NS = 1  # time.monotonic_ns() at the start of CURRENT_TASK
+# time.monotonic_ns() at the start of CURRENT_TASK; negated while the worker is loading the
+# task's function first (importing a module can take seconds on a loaded machine, and is not
+# the task's run time: timeouts.py gives it a grace)
+STARTED_NS = 1
 REVOKED = (2, 3)  # batch ids whose remaining items must not start
 BLOCK_POSITION = 4  # when CURRENT_TASK is a block: the position of the input running
 SLOT_STATE_SIZE = 5
@@ -93,7 +96,9 @@ def serve(conn: Any, slot_state: Any) -> None:
             case RunBlock():
                 run_block(conn, slot_state, functions, message)
             case LoadFunction():
+                slot_state[STARTED_NS] = -time.monotonic_ns()  # loading: see STARTED_NS
                 _load_function(functions, message)  # its error, if any, comes with its tasks
+                slot_state[STARTED_NS] = 0
                 conn.send_bytes(dumps(_Columns(message.batch_id).message(final=True)))
             case Stop():
                 return
@@ -123,8 +128,9 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
     fds = fds or {}
     batch_id = batch.batch_id
     if batch.items and not _revoked(slot_state, batch_id):
-        # a crash while unpickling the function is charged to the first task
-        slot_state[STARTED_NS] = time.monotonic_ns()
+        # a crash while unpickling the function is charged to the first task; its clock
+        # starts after the loading (negative: loading, see STARTED_NS)
+        slot_state[STARTED_NS] = -time.monotonic_ns()
         slot_state[CURRENT_TASK] = batch.items[0][0]
     fn, fn_error = _load_function(functions, batch)
     results = _Columns(batch_id)
@@ -161,9 +167,10 @@ def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
     """Run a block's inputs in order; the slot's BLOCK_POSITION says which one is running."""
     block_id, blob = batch.block_id, batch.inputs
     slot_state[BLOCK_POSITION] = 0
-    slot_state[STARTED_NS] = time.monotonic_ns()
+    slot_state[STARTED_NS] = -time.monotonic_ns()  # negative: loading (see STARTED_NS)
     slot_state[CURRENT_TASK] = block_id  # a crash while loading is charged to input 0
     fn, fn_error = _load_function(functions, batch)
+    slot_state[STARTED_NS] = time.monotonic_ns()
     inputs = loads(blob)
     report = _BlockReport(conn, slot_state, batch.batch_id, batch.timed)
     UNSENT.send = report.send_unsent

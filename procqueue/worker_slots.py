@@ -198,7 +198,30 @@ class Slot:
                 if task is not None:
                     task_id = task.id
                 break
-        return task_id, started_ns / 1e9
+        return task_id, abs(started_ns) / 1e9
+
+    def loading_function(self) -> bool:
+        """Whether the worker is loading the function of the task it marked (worker.py)."""
+        return bool(self.state[STARTED_NS] < 0)
+
+    def running_input(self) -> tuple[Any, float] | None:
+        """(the input, monotonic start time) of the task running now, or None if idle: for
+        people watching (Pool.stats).  Read from any thread: the batches are copied first, and
+        an input not found (its result just came) reads as idle."""
+        current = self.current_task()
+        if current is None:
+            return None
+        task_id, started = current
+        for batch in tuple(self.batches):
+            task = batch.pending.get(task_id)
+            if task is not None:
+                return task.input, started
+            block = batch.block
+            if block is not None and block.id == task_id:
+                position = self.state[BLOCK_POSITION]
+                if 0 <= position < len(block.inputs):
+                    return block.inputs[position], started
+        return None
 
     def statistics(self) -> SlotStatistics:
         idle_s = max(0.0, time.monotonic() - self.created_at - self.busy_s)

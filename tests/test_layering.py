@@ -15,7 +15,8 @@ PACKAGE = ROOT / "procqueue"
 # module -> the procqueue modules it may import (top-down order of DESIGN.md)
 ALLOWED: dict[str, set[str]] = {
     "__init__": {"taskqueue", "service", "store", "stored_call", "pool", "errors", "results",
-                 "limits", "journal", "trace", "report", "stats", "scheduler", "fork_server"},
+                 "limits", "journal", "trace", "report", "stats", "scheduler", "fork_server",
+                 "dashboard"},
     "pool": {"service", "taskqueue", "supervisor", "config", "results", "tasks", "errors",
              "protocol", "chunking", "admission", "journal", "trace", "scheduler",
              "affinity", "limits", "backends", "calls"},
@@ -190,6 +191,26 @@ def test_dask_backend_modules_import_only_modules_below_them(module: str) -> Non
             if name.startswith(prefix)}
     illegal = used - DASK_ALLOWED[module]
     assert not illegal, f"backends/dask/{module}.py imports {sorted(illegal)}, above it"
+
+
+# The dashboard sits on top: it reads what the public layers offer (a TaskQueue, a pool's
+# statistics and event stream, the report's colours) and nothing below imports it.
+DASHBOARD_USES = {"taskqueue", "store", "stats", "report", "errors"}
+
+
+def test_the_dashboard_reads_only_the_layers_it_shows() -> None:
+    for path in (PACKAGE / "dashboard").glob("*.py"):
+        outside = {name.split(".")[1] for name in absolute_imports(path)
+                   if not name.startswith("procqueue.dashboard")}
+        assert outside <= DASHBOARD_USES, f"dashboard/{path.name} imports " \
+                                          f"{sorted(outside - DASHBOARD_USES)}"
+
+
+def test_nothing_but_the_public_api_imports_the_dashboard() -> None:
+    users = {path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")
+             if "dashboard" not in path.relative_to(PACKAGE).parts[:-1]
+             and any(name.startswith("procqueue.dashboard") for name in absolute_imports(path))}
+    assert users <= {"__init__.py"}, f"{sorted(users)} import the dashboard"
 
 
 def test_every_package_of_procqueue_is_installed() -> None:

@@ -40,6 +40,12 @@ CANDIDATES_PER_PICK = 4  # with per-key limits, scan this many pending rows per 
 _TASK_COLUMNS = ("id, queue, function, label, key, priority, dedup_id, status, attempts, lost, "
                  "timeout_s, retries, enqueued_at, started_at, finished_at, service, seconds, "
                  "pid, result, error_type, error_message, error_traceback, error")
+# the same columns for a page of records: no result, traceback or pickled error, which can
+# be large (a page of them would be megabytes)
+_SUMMARY_COLUMNS = ("id, queue, function, label, key, priority, dedup_id, status, attempts, "
+                    "lost, timeout_s, retries, enqueued_at, started_at, finished_at, service, "
+                    "seconds, pid, NULL, error_type, error_message, NULL, NULL")
+_SEARCHED_COLUMNS = ("label", "function", "error_type", "error_message")
 
 
 class SqlStore:
@@ -558,6 +564,67 @@ class SqlStore:
         return [row[0] for row in self._read(f"SELECT id FROM tasks{clause} ORDER BY id "
                                              f"LIMIT ?", (*params, limit))]
 
+    # ---- views for people (the dashboard): bounded reads, whatever the store holds -------
+
+    def page(self, status: TaskStatus | None = None, queue: str | None = None,
+             search: str | None = None, before: int | None = None,
+             limit: int = 50) -> list[TaskRecord]:
+        """At most ``limit`` tasks, newest first, with ids below ``before`` (the last id of
+        the previous page: keyset paging, so a page costs the same at any depth), of one
+        status, one queue, and whose input, function or error contains ``search`` (any case).
+        Records without their result and traceback (get() has them): a page stays small."""
+        where, params = self._task_filter(status, queue, search)
+        if before is not None:
+            where.append("id < ?")
+            params.append(before)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = self._read(f"SELECT {_SUMMARY_COLUMNS} FROM tasks{clause} ORDER BY id DESC "
+                          f"LIMIT ?", (*params, limit))
+        return [_task_record(row) for row in rows]
+
+    def _task_filter(self, status: TaskStatus | None, queue: str | None,
+                     search: str | None) -> tuple[list[str], list[Any]]:
+        where: list[str] = []
+        params: list[Any] = []
+        if status is not None:
+            where.append("status = ?")
+            params.append(str(status))
+        if queue is not None:
+            where.append("queue = ?")
+            params.append(queue)
+        if search:
+            # LOWER on both sides: SQLite's LIKE ignores ASCII case, PostgreSQL's does not
+            pattern = "%" + _like_escaped(search.lower()) + "%"
+            where.append("(" + " OR ".join(
+                f"LOWER(COALESCE({column}, '')) LIKE ? ESCAPE '\\'"
+                for column in _SEARCHED_COLUMNS) + ")")
+            params += [pattern] * len(_SEARCHED_COLUMNS)
+        return where, params
+
+    def throughput(self, since: float, bucket_s: float) -> list[tuple[float, int, int]]:
+        """(bucket start, succeeded, failed) for the tasks that ended since ``since``, in
+        buckets of ``bucket_s`` seconds aligned on the epoch, oldest first (empty buckets
+        left out).  Tasks put back by retry() no longer count: they have not ended."""
+        bucket_ms = max(int(bucket_s * 1000), 1)
+        # integer milliseconds divided by an integer: floor in both dialects (a cast of a
+        # float rounds in PostgreSQL but truncates in SQLite)
+        rows = self._read("SELECT CAST(finished_at * 1000 AS BIGINT) / CAST(? AS BIGINT), "
+                          "status, COUNT(*) FROM tasks WHERE finished_at >= ? AND "
+                          "status IN ('succeeded', 'failed') GROUP BY 1, status",
+                          (bucket_ms, since))
+        buckets: dict[int, list[int]] = {}
+        for bucket, status, n in rows:
+            buckets.setdefault(int(bucket), [0, 0])[status == "failed"] += int(n)
+        return [(bucket * bucket_ms / 1000, ok, failed)
+                for bucket, (ok, failed) in sorted(buckets.items())]
+
+    def busy_keys(self, queue: str, limit: int = 5) -> list[tuple[str, int]]:
+        """The keys with the most running tasks in ``queue``: (key, running), most first."""
+        rows = self._read("SELECT key, COUNT(*) FROM tasks WHERE queue = ? AND "
+                          "status = 'running' AND key IS NOT NULL GROUP BY key "
+                          "ORDER BY 2 DESC, key LIMIT ?", (queue, limit))
+        return [(row[0], int(row[1])) for row in rows]
+
 
 def _failure_row(f: Finished, again: bool, now: float, service_id: str) -> tuple[Any, ...]:
     e = f.error
@@ -587,6 +654,11 @@ def _process_alive(pid: int, started: float) -> bool:
         return False
     except psutil.Error:
         return True  # cannot tell: wait for the lease
+
+
+def _like_escaped(text: str) -> str:
+    """``text`` matched literally by LIKE ... ESCAPE '\\'."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
