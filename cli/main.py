@@ -889,8 +889,11 @@ def _print_stats(total: int, failed: int, never_ran: int, retries: int,
 
 # Commands kept in modules of their own join the group here, once it is defined.
 from .limits import limits_command  # noqa: E402
+from .queue import COMMANDS as QUEUE_COMMANDS  # noqa: E402
 
 cli.add_command(limits_command)
+for _command in QUEUE_COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:

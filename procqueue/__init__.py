@@ -53,6 +53,14 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers; loaded lazily at run
     from .results import MapResult as MapResult
     from .results import OutcomeIterator as OutcomeIterator
     from .results import TaskOutcome as TaskOutcome
+    from .taskqueue import TaskQueue as TaskQueue
+    from .taskqueue import TaskHandle as TaskHandle
+    from .store import TaskStatus as TaskStatus
+    from .store import TaskRecord as TaskRecord
+    from .service import ServiceSummary as ServiceSummary
+    from .errors import StoreError as StoreError
+    from .errors import StoreFormatError as StoreFormatError
+    from .errors import StoreUnsafeError as StoreUnsafeError
 
 __version__ = "0.1.0"
 
@@ -87,6 +95,14 @@ _LAZY = {
     "MapResult": "results",
     "OutcomeIterator": "results",
     "TaskOutcome": "results",
+    "TaskQueue": "taskqueue",
+    "TaskHandle": "taskqueue",
+    "TaskStatus": "store",
+    "TaskRecord": "store",
+    "ServiceSummary": "service",
+    "StoreError": "errors",
+    "StoreFormatError": "errors",
+    "StoreUnsafeError": "errors",
 }
 
 
@@ -117,4 +133,6 @@ __all__ = [
     "ArgumentSerializationError", "ResultSerializationError", "RemoteError",
     "RemoteTraceback", "PoolBrokenError", "InitializerError", "PoolClosedError",
     "start_fork_server", "__version__",
+    "TaskQueue", "TaskHandle", "TaskStatus", "TaskRecord", "ServiceSummary", "StoreError",
+    "StoreFormatError", "StoreUnsafeError",
 ]

@@ -20,7 +20,8 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from itertools import chain
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, Mapping, cast
+from typing import (TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, Mapping,
+                    Sequence, cast)
 
 from .admission import ConcurrencyGate, Gate, RateGateAdapter, SemaphoreGate, rate_gate_for
 from .calls import PoolCalls, errors_mode
@@ -41,6 +42,8 @@ from .trace import TraceWriter
 
 if TYPE_CHECKING:  # imported when a pool first uses a journal: sqlite3 and json cost ~6 ms
     from .journal import Journal
+    from .service import ServiceSummary
+    from .taskqueue import TaskQueue
 
 # Inputs a lazy call may have taken whose results were not consumed yet (bounded memory for
 # imap over an endless generator), per worker, with a floor for small pools.
@@ -295,6 +298,16 @@ class Pool(PoolCalls):
             on_cancel=lambda kill: post(CancelJob(job, kill, False)))
         self._start_feeder(job, stream, iterable, journal)
         return iterator
+
+    def serve(self, queue: "TaskQueue", queues: Sequence[str] | None = None, *,
+              until_idle: bool = False, stop: threading.Event | None = None
+              ) -> "ServiceSummary":
+        """Run a worker service of a durable TaskQueue on this pool's workers, in the calling
+        thread, until ``stop`` is set, Ctrl-C, or (``until_idle``) the served queues (all, by
+        default) have no pending task left.  See procqueue/service.py."""
+        self._check_running()
+        from .service import serve  # the queue machinery loads only for pools that serve
+        return serve(self, queue, queues, until_idle=until_idle, stop=stop)
 
     def stats(self) -> PoolStats:
         """A snapshot of task counts and per-worker figures."""

@@ -14,11 +14,17 @@ PACKAGE = ROOT / "procqueue"
 
 # module -> the procqueue modules it may import (top-down order of DESIGN.md)
 ALLOWED: dict[str, set[str]] = {
-    "__init__": {"pool", "errors", "results", "limits", "journal", "trace", "report", "stats",
-                 "scheduler", "fork_server"},
-    "pool": {"supervisor", "config", "results", "tasks", "errors", "protocol", "chunking",
-             "admission", "journal", "trace", "scheduler",
+    "__init__": {"taskqueue", "service", "store", "pool", "errors", "results", "limits",
+                 "journal", "trace", "report", "stats", "scheduler", "fork_server"},
+    "pool": {"service", "supervisor", "config", "results", "tasks", "errors", "protocol",
+             "chunking", "admission", "journal", "trace", "scheduler",
              "affinity", "limits", "backends", "calls"},
+    # a worker service of a durable TaskQueue: runs stored tasks in a pool (duck-typed)
+    "service": {"taskqueue", "store", "stored_call", "errors"},
+    # durable queues: calls -> stored tasks, stored outcomes -> results
+    "taskqueue": {"store", "stored_call", "limits", "errors"},
+    # what a worker runs for a stored task; light, no procqueue imports
+    "stored_call": set(),
     "supervisor": {"worker_slots", "blocks", "task_book", "timeouts", "scheduler", "admission",
                    "stats", "results", "tasks", "protocol", "errors", "config", "limits"},
     # when a running task times out: pure, reads a slot and its tasks

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
+
+from .codec import json_or_repr
 
 
 class TaskStatus(str, enum.Enum):
@@ -120,6 +123,21 @@ class TaskRecord:
     pid: int | None
     result: bytes | None = field(repr=False, default=None)
     error: StoredError | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as JSON holds it (`procqueue result`): the result itself when JSON can
+        hold it, else its repr; the error as type, message and traceback text."""
+        error = None if self.error is None else {
+            "type": self.error.type_name, "message": self.error.message,
+            "traceback": self.error.traceback}
+        return {"id": self.id, "queue": self.queue, "function": self.function,
+                "input": self.label, "key": self.key, "status": str(self.status),
+                "ok": self.status is TaskStatus.SUCCEEDED,
+                "result": json_or_repr(self.result, None), "error": error,
+                "attempts": self.attempts, "seconds": self.seconds, "pid": self.pid,
+                "enqueued_at": self.enqueued_at, "started_at": self.started_at,
+                "finished_at": self.finished_at, "priority": self.priority,
+                "dedup_id": self.dedup_id}
 
 
 @dataclass(frozen=True)

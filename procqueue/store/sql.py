@@ -110,8 +110,13 @@ class SqlStore:
         cursor.execute(self._sql(text), params)
         return cursor
 
-    def _many(self, cursor: Any, text: str, rows: Iterable[Sequence[Any]]) -> None:
-        cursor.executemany(self._sql(text), list(rows))
+    def _many(self, cursor: Any, text: str, rows: Iterable[Sequence[Any]]) -> int:
+        """executemany; the number of rows it changed."""
+        params = list(rows)
+        if not params:
+            return 0
+        cursor.executemany(self._sql(text), params)
+        return max(int(cursor.rowcount), 0)
 
     def _read(self, text: str, params: Sequence[Any] = ()) -> list[Any]:
         conn = self._connection()
@@ -164,18 +169,27 @@ class SqlStore:
             for queue in {t.queue for t in tasks}:
                 self._x(c, "INSERT INTO queues (name) VALUES (?) ON CONFLICT DO NOTHING",
                         (queue,))
-            for task in tasks:
-                new_id = self._insert_task(c, task, now)
-                if new_id is None:
-                    row = self._x(c, "SELECT id FROM tasks WHERE queue = ? AND dedup_id = ? "
-                                     "AND status IN ('pending', 'running')",
-                                  (task.queue, task.dedup_id)).fetchone()
-                    if row is None:
-                        raise StoreError(f"dedup_id {task.dedup_id!r} conflicts with no task")
-                    new_id = row[0]
-                ids.append(int(new_id))
+            if not any(task.dedup_id for task in tasks):
+                ids = self._insert_many(c, tasks, now)
+            else:
+                ids = [self._insert_deduplicated(c, task, now) for task in tasks]
         self.notify()
         return ids
+
+    def _insert_deduplicated(self, c: Any, task: NewTask, now: float) -> int:
+        new_id = self._insert_task(c, task, now)
+        if new_id is None:
+            row = self._x(c, "SELECT id FROM tasks WHERE queue = ? AND dedup_id = ? "
+                             "AND status IN ('pending', 'running')",
+                          (task.queue, task.dedup_id)).fetchone()
+            if row is None:
+                raise StoreError(f"dedup_id {task.dedup_id!r} conflicts with no task")
+            new_id = row[0]
+        return int(new_id)
+
+    def _insert_many(self, c: Any, tasks: Sequence[NewTask], now: float) -> list[int]:
+        """Insert tasks without dedup_ids (none can conflict); their ids in order."""
+        return [self._insert_deduplicated(c, task, now) for task in tasks]
 
     # ---- services ---------------------------------------------------------------------------
 
@@ -249,7 +263,7 @@ class SqlStore:
                 if wait_until is not None:
                     retry_at = wait_until if retry_at is None else min(retry_at, wait_until)
                 if ids:
-                    got = self._start(c, service_id, ids, now)
+                    got = self._start(c, spec, service_id, ids, now)
                     claimed += [t for t in got if t.time_left_s is None or t.time_left_s > 0]
                     expired += [t for t in got if t.time_left_s is not None
                                 and t.time_left_s <= 0]
@@ -315,22 +329,24 @@ class SqlStore:
             after = (rows[-1][2], rows[-1][0])
         return picked
 
-    def _start(self, c: Any, service_id: str, ids: list[int], now: float) -> list[ClaimedTask]:
-        self._many(c, "UPDATE tasks SET status = 'running', service = ?, attempts = attempts + 1, "
-                      "started_at = ?, deadline = COALESCE(deadline, ? + timeout_s) WHERE id = ?",
-                   [(service_id, now, now, task_id) for task_id in ids])
-        self._many(c, "INSERT INTO starts (queue, at) SELECT queue, ? FROM tasks WHERE id = ? "
-                      "AND queue IN (SELECT name FROM queues WHERE rate_limit IS NOT NULL)",
-                   [(now, task_id) for task_id in ids])
+    def _start(self, c: Any, spec: QueueSpec, service_id: str, ids: list[int], now: float
+               ) -> list[ClaimedTask]:
         got: list[ClaimedTask] = []
         for chunk in _chunks(ids, 500):
             marks = ", ".join("?" * len(chunk))
+            self._x(c, f"UPDATE tasks SET status = 'running', service = ?, "
+                       f"attempts = attempts + 1, started_at = ?, "
+                       f"deadline = COALESCE(deadline, ? + timeout_s) WHERE id IN ({marks})",
+                    (service_id, now, now, *chunk))
             for row in self._x(c, f"SELECT id, queue, function, payload, label, key, attempts, "
                                   f"deadline FROM tasks WHERE id IN ({marks}) ORDER BY "
                                   f"priority DESC, id", chunk).fetchall():
                 deadline = row[7]
                 got.append(ClaimedTask(row[0], row[1], row[2], bytes(row[3]), row[4], row[5],
                                        row[6], None if deadline is None else deadline - now))
+        if spec.rate_limit is not None:
+            self._many(c, "INSERT INTO starts (queue, at) VALUES (?, ?)",
+                       [(spec.name, now)] * len(ids))
         return got
 
     def _requeue_lost(self, c: Any, now: float) -> None:
@@ -359,33 +375,34 @@ class SqlStore:
         """Record finished attempts in one transaction; how many were still this service's
         to record (the others were cancelled or taken over meanwhile, and are dropped)."""
         now = time.time()
-        applied = 0
+        successes = [f for f in outcomes if f.error is None]
+        failures = [f for f in outcomes if f.error is not None]
         with self._write() as c:
-            for f in outcomes:
-                guard = (f.id, service_id, f.attempt)
-                if f.error is None:
-                    c2 = self._x(c, "UPDATE tasks SET status = 'succeeded', result = ?, "
-                                    "finished_at = ?, seconds = ?, pid = ?, service = NULL "
-                                    "WHERE id = ? AND service = ? AND attempts = ? "
-                                    "AND status = 'running'",
-                                 (f.result, now, f.seconds, f.pid, *guard))
-                else:
-                    e = f.error
-                    status = "failed"
-                    if f.retryable:
-                        status_row = self._x(c, "SELECT COALESCE(t.retries, q.retries, 0) FROM "
-                                                "tasks t JOIN queues q ON q.name = t.queue "
-                                                "WHERE t.id = ?", (f.id,)).fetchone()
-                        if status_row is not None and f.attempt <= status_row[0]:
-                            status = "pending"
-                    c2 = self._x(c, "UPDATE tasks SET status = ?, finished_at = ?, seconds = ?, "
-                                    "pid = ?, service = NULL, error_type = ?, error_message = ?, "
-                                    "error_traceback = ?, error = ? WHERE id = ? AND service = ? "
-                                    "AND attempts = ? AND status = 'running'",
-                                 (status, None if status == "pending" else now, f.seconds,
-                                  f.pid, e.type_name, e.message, e.traceback, e.pickled, *guard))
-                applied += max(c2.rowcount, 0)
+            applied = self._many(
+                c, "UPDATE tasks SET status = 'succeeded', result = ?, finished_at = ?, "
+                   "seconds = ?, pid = ?, service = NULL WHERE id = ? AND service = ? AND "
+                   "attempts = ? AND status = 'running'",
+                [(f.result, now, f.seconds, f.pid, f.id, service_id, f.attempt)
+                 for f in successes])
+            if failures:
+                retries = self._retries_left(c, [f for f in failures if f.retryable])
+                applied += self._many(
+                    c, "UPDATE tasks SET status = ?, finished_at = ?, seconds = ?, pid = ?, "
+                       "service = NULL, error_type = ?, error_message = ?, error_traceback = ?, "
+                       "error = ? WHERE id = ? AND service = ? AND attempts = ? "
+                       "AND status = 'running'",
+                    [_failure_row(f, f.id in retries, now, service_id) for f in failures])
         return applied
+
+    def _retries_left(self, c: Any, crashed: list[Finished]) -> set[int]:
+        """The crashed tasks that may run again (attempts so far <= their retries)."""
+        left: set[int] = set()
+        for f in crashed:
+            row = self._x(c, "SELECT COALESCE(t.retries, q.retries, 0) FROM tasks t JOIN "
+                             "queues q ON q.name = t.queue WHERE t.id = ?", (f.id,)).fetchone()
+            if row is not None and f.attempt <= row[0]:
+                left.add(f.id)
+        return left
 
     # ---- reading, cancelling, retrying, pruning ------------------------------------------
 
@@ -467,6 +484,13 @@ class SqlStore:
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         return [row[0] for row in self._read(f"SELECT id FROM tasks{clause} ORDER BY id "
                                              f"LIMIT ?", (*params, limit))]
+
+
+def _failure_row(f: Finished, again: bool, now: float, service_id: str) -> tuple[Any, ...]:
+    e = f.error
+    assert e is not None
+    return ("pending" if again else "failed", None if again else now, f.seconds, f.pid,
+            e.type_name, e.message, e.traceback, e.pickled, f.id, service_id, f.attempt)
 
 
 def _task_record(row: Sequence[Any]) -> TaskRecord:

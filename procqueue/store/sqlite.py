@@ -15,7 +15,7 @@ import os
 import socket
 import sqlite3
 import tempfile
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import StoreUnsafeError
 
@@ -66,14 +66,10 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_pending ON tasks (queue, priority DESC, id)
     WHERE status = 'pending';
-CREATE INDEX IF NOT EXISTS tasks_running ON tasks (service, queue, key)
-    WHERE status = 'running';
-CREATE INDEX IF NOT EXISTS tasks_running_by_queue ON tasks (queue, key)
+CREATE INDEX IF NOT EXISTS tasks_running ON tasks (queue, key, service)
     WHERE status = 'running';
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_dedup ON tasks (queue, dedup_id)
     WHERE dedup_id IS NOT NULL AND status IN ('pending', 'running');
-CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished_at)
-    WHERE finished_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS services (
     id           TEXT PRIMARY KEY,
     host         TEXT NOT NULL,
@@ -91,6 +87,8 @@ CREATE TABLE IF NOT EXISTS starts (
 CREATE INDEX IF NOT EXISTS starts_by_queue ON starts (queue, at);
 """
 
+# Each index costs every claim and record (~5 us per task each): only the claim's lookups
+# have one; prune and the status counts scan the table.
 _INSERT = ("INSERT INTO tasks (queue, function, payload, label, key, priority, dedup_id, "
            "timeout_s, retries, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
            "ON CONFLICT DO NOTHING")
@@ -119,6 +117,16 @@ class SqliteStore(SqlStore):
                                  task.priority, task.dedup_id, task.timeout_s, task.retries,
                                  now))
         return cursor.lastrowid if cursor.rowcount else None
+
+    def _insert_many(self, cursor: Any, tasks: Sequence[NewTask], now: float) -> list[int]:
+        # AUTOINCREMENT numbers rows max+1 in insertion order, and we hold the write lock:
+        # the new ids are the n numbers after the sequence's value before the insert.
+        row = cursor.execute("SELECT seq FROM sqlite_sequence WHERE name = 'tasks'").fetchone()
+        first = (row[0] if row else 0) + 1
+        cursor.executemany(_INSERT, [(t.queue, t.function, t.payload, t.label, t.key,
+                                      t.priority, None, t.timeout_s, t.retries, now)
+                                     for t in tasks])
+        return list(range(first, first + len(tasks)))
 
     def notify(self) -> None:
         try:

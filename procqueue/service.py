@@ -1,0 +1,315 @@
+"""A worker service: claims stored tasks from a TaskQueue and runs them in a Pool.
+
+    service loop (caller's thread)                    pool (its supervisor and workers)
+    ------------------------------                    ---------------------------------
+    claim(wants) ── one transaction ──► tasks ──► pool.imap_outcomes(call_stored, ...) ──┐
+      ▲      wants: free places, per-queue                                                │
+      │      worker_concurrency; the store                collector thread per batch ◄────┘
+      │      applies the global limits                    puts each outcome in `done`,
+      │                                                   writes a byte to the wake-up pipe
+    record(outcomes) ◄── one transaction per wake-up ◄── done
+    wait: selector over the store's waker (an enqueue), the wake-up pipe (an outcome),
+          and the next poll or rate-limit time
+    heartbeat thread: refreshes the lease every HEARTBEAT_S
+
+How many tasks a service holds: with a limited queue, at most one per free worker (a task held
+here is one another service cannot run); otherwise enough to keep the workers fed between two
+claims, sized from the tasks' measured run time (tiny tasks are claimed hundreds at a time, so
+one transaction serves many).  On exit (until_idle, stop, Ctrl-C, an error) the tasks it still
+holds go back to pending, unfinished, and the service's row is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import queue as queue_module
+import selectors
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+from .errors import (TaskFailed, TaskTimeoutError, WorkerCrashedError, remote_traceback,
+                     remote_traceback_text)
+from .store import HEARTBEAT_S, ClaimedTask, Finished, QueueSpec, StoredError
+from .store.codec import error_columns
+from .stored_call import call_stored
+from .taskqueue import TaskQueue
+
+POLL_S = 0.25  # claim again this often without a wake-up (others' tasks ending free limits)
+SPECS_REFRESH_S = 1.0  # re-read the queues' definitions (new queues, changed limits)
+FEED_S = 0.02  # hold enough tasks to keep each worker busy this long between claims
+MAX_DEPTH = 1024  # but at most this many per worker
+MIN_DEPTH = 2
+
+
+class OutcomePool(Protocol):
+    """What the service needs of a pool (procqueue.Pool)."""
+
+    _processes: int
+
+    def imap_outcomes(self, func: Callable[..., Any], iterable: Iterable[Any], *,
+                      ordered: bool = True, chunksize: int | None = None, star: bool = False,
+                      **options: Any) -> Any: ...
+
+
+@dataclass
+class ServiceSummary:
+    """What a service did: outcomes it recorded, by kind."""
+
+    service_id: str
+    succeeded: int = 0
+    failed: int = 0  # errors, crashes included (a crash may have been re-queued: retries=)
+    dropped: int = 0  # outcomes of tasks cancelled or taken over meanwhile
+    by_queue: dict[str, int] = field(default_factory=dict)
+
+
+class QueueService:
+    """One run of a worker service (see the module docstring)."""
+
+    def __init__(self, pool: OutcomePool, tq: TaskQueue, queues: Sequence[str] | None = None,
+                 *, until_idle: bool = False, stop: threading.Event | None = None) -> None:
+        self.pool = pool
+        self.tq = tq
+        self.store = tq.store
+        self.queues = list(queues) if queues else None
+        self.until_idle = until_idle
+        self.stop = stop or threading.Event()
+        self.id = uuid.uuid4().hex[:12]
+        self.summary = ServiceSummary(self.id)
+        self.jobs = max(1, int(getattr(pool, "_processes", os.cpu_count() or 1)))
+        self._held: dict[int, ClaimedTask] = {}
+        self._done: queue_module.SimpleQueue[tuple[ClaimedTask, Any]] = queue_module.SimpleQueue()
+        self._pipe_r, self._pipe_w = os.pipe()
+        self._wake_sent = threading.Event()
+        os.set_blocking(self._pipe_r, False)
+        os.set_blocking(self._pipe_w, False)
+        self._specs: dict[str, QueueSpec] = {}
+        self._specs_at = 0.0
+        self._rotation = 0
+        self._mean_s = 0.01  # measured run time per task (seeded at 10 ms)
+        self._iterators: list[Any] = []
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> ServiceSummary:
+        self.store.register_service(self.id, self.queues or [], self.jobs)
+        waker = self.store.waker(self.id)
+        heartbeat = threading.Thread(target=self._beat, name="procqueue-heartbeat",
+                                     daemon=True)
+        heartbeat.start()
+        try:
+            self._loop(waker)
+        finally:
+            self.stop.set()
+            self._cancel_batches()
+            with contextlib.suppress(Exception):
+                self._record_done()  # what finished is kept; only the rest goes back
+            self.store.deregister_service(self.id, [(t.id, t.attempt)
+                                                    for t in self._held.values()])
+            waker.close()
+            heartbeat.join()
+            os.close(self._pipe_r)
+            os.close(self._pipe_w)
+        return self.summary
+
+    def _loop(self, waker: Any) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(waker, selectors.EVENT_READ, "store")
+        selector.register(self._pipe_r, selectors.EVENT_READ, "outcomes")
+        claim_due, next_claim = True, 0.0
+        try:
+            while not self.stop.is_set():
+                self._record_done()
+                now = time.monotonic()
+                if claim_due or now >= next_claim:
+                    got_all, retry_in = self._claim()
+                    claim_due = got_all and self._free() > 0
+                    next_claim = now + (POLL_S if retry_in is None else min(POLL_S, retry_in))
+                    if self.until_idle and not self._held and not got_all and self._idle():
+                        return
+                timeout = 0.0 if claim_due else max(0.0, next_claim - time.monotonic())
+                for key, _ in selector.select(timeout):
+                    if key.data == "store":
+                        waker.drain()
+                        claim_due = True
+                    else:
+                        self._wake_sent.clear()  # before draining: a later outcome writes again
+                        _drain_pipe(self._pipe_r)
+                        claim_due = claim_due or self._free() > 0
+        finally:
+            selector.close()
+
+    def _idle(self) -> bool:
+        """No pending task left in the served queues (until_idle's end)."""
+        return not any(c.pending for c in self.store.counts()
+                       if self.queues is None or c.spec.name in self.queues)
+
+    # ---- claiming ---------------------------------------------------------------------------
+
+    def _served_specs(self) -> dict[str, QueueSpec]:
+        now = time.monotonic()
+        if now - self._specs_at > SPECS_REFRESH_S:
+            specs = self.store.queue_specs()
+            self._specs = {name: spec for name, spec in specs.items()
+                           if self.queues is None or name in self.queues}
+            self._specs_at = now
+        return self._specs
+
+    def _capacity(self, specs: dict[str, QueueSpec]) -> int:
+        if any(spec.limited for spec in specs.values()):
+            return self.jobs
+        depth = min(MAX_DEPTH, max(MIN_DEPTH, math.ceil(FEED_S / max(self._mean_s, 1e-6))))
+        return self.jobs * depth
+
+    def _free(self) -> int:
+        return self._capacity(self._specs) - len(self._held)
+
+    def _wants(self, specs: dict[str, QueueSpec]) -> dict[str, int]:
+        free = self._capacity(specs) - len(self._held)
+        if free <= 0 or not specs:
+            return {}
+        names = sorted(specs)
+        self._rotation = (self._rotation + 1) % len(names)
+        names = names[self._rotation:] + names[:self._rotation]  # no queue starves the others
+        wants: dict[str, int] = {}
+        for name in names:
+            spec = specs[name]
+            want = free
+            if spec.worker_concurrency is not None:
+                mine = sum(1 for t in self._held.values() if t.queue == name)
+                want = min(want, spec.worker_concurrency - mine)
+            if want > 0:
+                wants[name] = want
+        return wants
+
+    def _claim(self) -> tuple[bool, float | None]:
+        """Claim and dispatch; (whether every place asked for was filled, seconds until a
+        rate limit lets more start)."""
+        wants = self._wants(self._served_specs())
+        if not wants:
+            return False, None
+        claim = self.store.claim(self.id, wants)
+        for task in claim.expired:
+            self._held[task.id] = task
+            self._done.put((task, TaskTimeoutError(
+                f"task {task.id} ({task.label}) passed its stored deadline before it could "
+                f"run again", input_repr=task.label)))
+        self._dispatch(claim.tasks)
+        retry_in = None if claim.retry_at is None else max(0.0, claim.retry_at - time.time())
+        wanted = max(wants.values())
+        return len(claim.tasks) + len(claim.expired) >= wanted, retry_in
+
+    def _dispatch(self, tasks: list[ClaimedTask]) -> None:
+        by_timeout: dict[float | None, list[ClaimedTask]] = {}
+        for task in tasks:
+            self._held[task.id] = task
+            by_timeout.setdefault(task.time_left_s, []).append(task)
+        for time_left, batch in by_timeout.items():
+            options: dict[str, Any] = {} if time_left is None else {"timeout": time_left}
+            outcomes = self.pool.imap_outcomes(
+                call_stored, [(t.function, t.payload) for t in batch], ordered=False,
+                star=True, **options)
+            self._iterators.append(outcomes)
+            threading.Thread(target=self._collect, args=(batch, outcomes),
+                             name="procqueue-collect", daemon=True).start()
+
+    def _collect(self, batch: list[ClaimedTask], outcomes: Any) -> None:
+        try:
+            for outcome in outcomes:
+                self._done.put((batch[outcome.index], outcome))
+                if not self._wake_sent.is_set():  # one byte per wake-up, not per outcome
+                    self._wake_sent.set()
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        os.write(self._pipe_w, b"!")
+        finally:
+            with contextlib.suppress(ValueError):
+                self._iterators.remove(outcomes)
+
+    def _cancel_batches(self) -> None:
+        for outcomes in list(self._iterators):
+            with contextlib.suppress(Exception):
+                outcomes.cancel(True)
+
+    # ---- recording --------------------------------------------------------------------------
+
+    def _record_done(self) -> None:
+        finished: list[Finished] = []
+        while True:
+            try:
+                task, outcome = self._done.get_nowait()
+            except queue_module.Empty:
+                break
+            finished.append(self._finished(task, outcome))
+        if not finished:
+            return
+        applied = self.store.record(self.id, finished)
+        self.summary.dropped += len(finished) - applied
+        for f in finished:
+            task = self._held.pop(f.id)
+            self.summary.by_queue[task.queue] = self.summary.by_queue.get(task.queue, 0) + 1
+            if f.error is None:
+                self.summary.succeeded += 1
+            else:
+                self.summary.failed += 1
+        if any(spec.limited for spec in self._specs.values()):
+            self.store.notify()  # places freed under a shared limit: other services may claim
+
+    def _finished(self, task: ClaimedTask, outcome: Any) -> Finished:
+        if isinstance(outcome, BaseException):
+            error = _attributed(outcome, task, None)
+            return Finished(task.id, task.attempt, None, StoredError(*error_columns(error)))
+        seconds = float(outcome.seconds or 0.0)
+        self._mean_s = 0.8 * self._mean_s + 0.2 * seconds
+        if outcome.ok:
+            return Finished(task.id, task.attempt, outcome.value, None, seconds=seconds,
+                            pid=outcome.pid)
+        error = _attributed(outcome.error, task, outcome.pid)
+        return Finished(task.id, task.attempt, None, StoredError(*error_columns(error)),
+                        retryable=isinstance(error, WorkerCrashedError), seconds=seconds,
+                        pid=outcome.pid)
+
+    # ---- the lease --------------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        while not self.stop.wait(HEARTBEAT_S):
+            try:
+                if not self.store.heartbeat(self.id):
+                    # Declared dead (paused past the lease): our tasks were given to others;
+                    # stop, and let whoever runs us start a fresh service.
+                    self.stop.set()
+                    return
+            except Exception:
+                continue  # a busy store: the next beat tries again within the lease
+
+
+def _attributed(error: BaseException, task: ClaimedTask, pid: int | None) -> BaseException:
+    """Name the stored task (its id, arguments and attempt) where the pool named its own
+    call's index and input (the function reference and the arguments' pickle)."""
+    if isinstance(error, TaskFailed):
+        error.index, error.input_repr, error.attempts = task.id, task.label, task.attempt
+        return error
+    tb_text = remote_traceback_text(error.__cause__)
+    if tb_text is not None:
+        where = f"[procqueue] raised by stored task {task.id} (input {task.label})"
+        if pid is not None:
+            where += f" in worker pid {pid}"
+        error.__cause__ = remote_traceback(tb_text + ("" if tb_text.endswith("\n") else "\n")
+                                           + where + "\n")
+    return error
+
+
+def _drain_pipe(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 4096):
+            pass
+
+
+def serve(pool: OutcomePool, tq: TaskQueue, queues: Sequence[str] | None = None, *,
+          until_idle: bool = False, stop: threading.Event | None = None) -> ServiceSummary:
+    """Run a worker service in the calling thread until ``stop`` is set, Ctrl-C, or (with
+    until_idle) the served queues have no pending task and nothing runs here."""
+    return QueueService(pool, tq, queues, until_idle=until_idle, stop=stop).run()
