@@ -34,11 +34,12 @@ class UnknownTask(click.ClickException):
     exit_code = EXIT_USAGE
 
 
-def open_queue(store: str) -> procqueue.TaskQueue:
+def open_queue(store: str, create: bool = False) -> procqueue.TaskQueue:
+    """The store's TaskQueue; only the commands that add to a store create it."""
     try:
-        return procqueue.TaskQueue(store)
+        return procqueue.TaskQueue(store, create=create)
     except (procqueue.StoreError, OSError, ImportError) as exc:
-        raise StoreUnusable(f"{store}: {exc}") from None
+        raise StoreUnusable(str(exc) if store in str(exc) else f"{store}: {exc}") from None
 
 
 def parse_duration(text: str) -> float:
@@ -69,9 +70,11 @@ def worker_command(store: str, jobs: int | None, queues: tuple[str, ...], until_
     """Run the tasks queued in STORE on a pool of worker processes, under the queues' limits,
     which hold across every worker service of STORE.  Ctrl-C or SIGTERM stops it: tasks it
     was running go back to their queue, to run again here or in another service."""
-    tq = open_queue(store)
+    tq = open_queue(store, create=True)
     stop = threading.Event()
-    options: dict[str, Any] = {"pin": not no_pin}
+    # retries=0: a crashed task is re-run per its queue's retries (durably, maybe elsewhere),
+    # not once more in this service first.
+    options: dict[str, Any] = {"pin": not no_pin, "retries": 0}
     if max_tasks_per_child is not None:
         options["maxtasksperchild"] = max_tasks_per_child
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -117,7 +120,7 @@ def enqueue_command(store: str, script: str, inputs: tuple[str, ...], fn_name: s
     items = collect_inputs(inputs, glob, lines_file)
     if items:
         check_arguments(fn, len(items[0]) if isinstance(items[0], tuple) else 1)
-    tq = open_queue(store)
+    tq = open_queue(store, create=True)
     try:
         handles = tq.enqueue_many(fn.describe(), items, star=bool(items) and isinstance(
             items[0], tuple), queue=queue, timeout=timeout, priority=priority, retries=retries)
@@ -144,7 +147,7 @@ def define_command(store: str, queue: str, concurrency: int | None,
                    worker_concurrency: int | None, rate: str | None,
                    key_concurrency: int | None, retries: int) -> None:
     """Create QUEUE in STORE, or change its limits (every service applies them at once)."""
-    tq = open_queue(store)
+    tq = open_queue(store, create=True)
     try:
         tq.define(queue, concurrency=concurrency, worker_concurrency=worker_concurrency,
                   rate=rate, key_concurrency=key_concurrency, retries=retries)

@@ -13,6 +13,7 @@ from .errors import RemoteError as RemoteError
 from .errors import RemoteTraceback as RemoteTraceback
 from .errors import ResultSerializationError as ResultSerializationError
 from .errors import TaskCancelledError as TaskCancelledError
+from .errors import ServiceLostError as ServiceLostError
 from .errors import TaskFailed as TaskFailed
 from .errors import TaskTimeoutError as TaskTimeoutError
 from .errors import WorkerCrashedError as WorkerCrashedError
@@ -129,7 +130,7 @@ __all__ = [
     "PoolStats", "WorkerStats",
     "AsyncResult", "MapResult", "IMapIterator",
     "OutcomeIterator", "TaskOutcome", "ProcqueueError", "TaskFailed", "WorkerCrashedError",
-    "WorkerExitedError", "TaskTimeoutError", "TaskCancelledError",
+    "WorkerExitedError", "TaskTimeoutError", "TaskCancelledError", "ServiceLostError",
     "ArgumentSerializationError", "ResultSerializationError", "RemoteError",
     "RemoteTraceback", "PoolBrokenError", "InitializerError", "PoolClosedError",
     "start_fork_server", "__version__",

@@ -166,6 +166,11 @@ class TaskCancelledError(TaskFailed):
     """The task was cancelled, or the pool was terminated before it finished."""
 
 
+class ServiceLostError(TaskFailed):
+    """The worker service running a durable queue's task died (SIGKILL, power loss) while it
+    ran, as many times as procqueue.store.sql.MAX_LOSSES allows: the task is not run again."""
+
+
 class ArgumentSerializationError(TaskFailed, _pickle.PicklingError, TypeError):
     """The task's arguments (or its function) could not be pickled.  Also a TypeError, as
     multiprocessing.Pool raises for a lock, a generator or an open file; argument_error()
@@ -299,7 +304,7 @@ def annotate(exc: BaseException, *, index: int | None, input_repr: str | None,
 
 __all__ = [
     "ProcqueueError", "TaskFailed", "WorkerCrashedError", "WorkerExitedError",
-    "TaskTimeoutError", "TaskCancelledError", "ArgumentSerializationError",
+    "TaskTimeoutError", "TaskCancelledError", "ServiceLostError", "ArgumentSerializationError",
     "ResultSerializationError", "RemoteError", "PoolBrokenError", "InitializerError",
     "PoolClosedError", "RemoteTraceback", "remote_traceback", "remote_traceback_text",
     "argument_error", "signal_name", "describe_exit", "annotate",

@@ -304,7 +304,9 @@ class Pool(PoolCalls):
               ) -> "ServiceSummary":
         """Run a worker service of a durable TaskQueue on this pool's workers, in the calling
         thread, until ``stop`` is set, Ctrl-C, or (``until_idle``) the served queues (all, by
-        default) have no pending task left.  See procqueue/service.py."""
+        default) have no pending task left.  A crashed task is re-run here first per this
+        pool's ``retries`` (default 1), then re-queued per its queue's; every run counts in its
+        record's attempts.  See procqueue/service.py."""
         self._check_running()
         from .service import serve  # the queue machinery loads only for pools that serve
         return serve(self, queue, queues, until_idle=until_idle, stop=stop)

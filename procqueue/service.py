@@ -92,6 +92,8 @@ class QueueService:
         self._rotation = 0
         self._mean_s = 0.01  # measured run time per task (seeded at 10 ms)
         self._iterators: list[Any] = []
+        self._batch_of: dict[int, tuple[Any, list[ClaimedTask]]] = {}  # task id -> its call
+        self._revoked: queue_module.SimpleQueue[set[int]] = queue_module.SimpleQueue()
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -105,9 +107,9 @@ class QueueService:
             self._loop(waker)
         finally:
             self.stop.set()
-            self._cancel_batches()
             with contextlib.suppress(Exception):
                 self._record_done()  # what finished is kept; only the rest goes back
+            self._cancel_batches()  # (their cancellations are not outcomes: never recorded)
             self.store.deregister_service(self.id, [(t.id, t.attempt)
                                                     for t in self._held.values()])
             waker.close()
@@ -123,6 +125,7 @@ class QueueService:
         claim_due, next_claim = True, 0.0
         try:
             while not self.stop.is_set():
+                self._drop_revoked()
                 self._record_done()
                 now = time.monotonic()
                 if claim_due or now >= next_claim:
@@ -214,6 +217,8 @@ class QueueService:
                 call_stored, [(t.function, t.payload) for t in batch], ordered=False,
                 star=True, **options)
             self._iterators.append(outcomes)
+            for task in batch:
+                self._batch_of[task.id] = (outcomes, batch)
             threading.Thread(target=self._collect, args=(batch, outcomes),
                              name="procqueue-collect", daemon=True).start()
 
@@ -234,6 +239,38 @@ class QueueService:
             with contextlib.suppress(Exception):
                 outcomes.cancel(True)
 
+    # ---- tasks taken away: cancelled, or given to another service -------------------
+
+    def _drop_revoked(self) -> None:
+        """Kill the calls running tasks this service no longer holds; their other unfinished
+        tasks go back to pending, unrun (a call is cancelled as a whole)."""
+        revoked: set[int] = set()
+        while True:
+            try:
+                revoked |= self._revoked.get_nowait()
+            except queue_module.Empty:
+                break
+        calls = {id(self._batch_of[i][0]): self._batch_of[i] for i in revoked
+                 if i in self._batch_of and i in self._held}
+        for outcomes, batch in calls.values():
+            with contextlib.suppress(Exception):
+                outcomes.cancel(True)
+            back = [(t.id, t.attempt) for t in batch if t.id in self._held
+                    and t.id not in revoked]
+            self.store.release(self.id, back)
+            for task in batch:
+                self._held.pop(task.id, None)
+                self._batch_of.pop(task.id, None)
+
+    def _check_still_held(self) -> None:
+        """(heartbeat thread) Tell the loop which held tasks were cancelled meanwhile."""
+        held = list(self._held.copy())
+        gone = set(held) - self.store.still_held(self.id, held)
+        if gone:
+            self._revoked.put(gone)
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._pipe_w, b"!")
+
     # ---- recording --------------------------------------------------------------------------
 
     def _record_done(self) -> None:
@@ -243,13 +280,15 @@ class QueueService:
                 task, outcome = self._done.get_nowait()
             except queue_module.Empty:
                 break
-            finished.append(self._finished(task, outcome))
+            if task.id in self._held:  # else revoked, or put back: not ours to record
+                finished.append(self._finished(task, outcome))
         if not finished:
             return
         applied = self.store.record(self.id, finished)
         self.summary.dropped += len(finished) - applied
         for f in finished:
             task = self._held.pop(f.id)
+            self._batch_of.pop(f.id, None)
             self.summary.by_queue[task.queue] = self.summary.by_queue.get(task.queue, 0) + 1
             if f.error is None:
                 self.summary.succeeded += 1
@@ -260,17 +299,18 @@ class QueueService:
 
     def _finished(self, task: ClaimedTask, outcome: Any) -> Finished:
         if isinstance(outcome, BaseException):
-            error = _attributed(outcome, task, None)
+            error = _attributed(outcome, task, None, task.attempt)
             return Finished(task.id, task.attempt, None, StoredError(*error_columns(error)))
         seconds = float(outcome.seconds or 0.0)
         self._mean_s = 0.8 * self._mean_s + 0.2 * seconds
+        runs = max(1, int(outcome.attempts or 1))
         if outcome.ok:
             return Finished(task.id, task.attempt, outcome.value, None, seconds=seconds,
-                            pid=outcome.pid)
-        error = _attributed(outcome.error, task, outcome.pid)
+                            pid=outcome.pid, runs=runs)
+        error = _attributed(outcome.error, task, outcome.pid, task.attempt + runs - 1)
         return Finished(task.id, task.attempt, None, StoredError(*error_columns(error)),
                         retryable=isinstance(error, WorkerCrashedError), seconds=seconds,
-                        pid=outcome.pid)
+                        pid=outcome.pid, runs=runs)
 
     # ---- the lease --------------------------------------------------------------------------
 
@@ -282,15 +322,17 @@ class QueueService:
                     # stop, and let whoever runs us start a fresh service.
                     self.stop.set()
                     return
+                self._check_still_held()
             except Exception:
                 continue  # a busy store: the next beat tries again within the lease
 
 
-def _attributed(error: BaseException, task: ClaimedTask, pid: int | None) -> BaseException:
+def _attributed(error: BaseException, task: ClaimedTask, pid: int | None,
+                attempts: int) -> BaseException:
     """Name the stored task (its id, arguments and attempt) where the pool named its own
     call's index and input (the function reference and the arguments' pickle)."""
     if isinstance(error, TaskFailed):
-        error.index, error.input_repr, error.attempts = task.id, task.label, task.attempt
+        error.index, error.input_repr, error.attempts = task.id, task.label, attempts
         return error
     tb_text = remote_traceback_text(error.__cause__)
     if tb_text is not None:

@@ -106,9 +106,12 @@ def result_of(record: TaskRecord) -> Any:
 class TaskQueue:
     """Named durable queues in one store; see the module docstring."""
 
-    def __init__(self, target: str | os.PathLike[str], *, durable: bool = False) -> None:
+    def __init__(self, target: str | os.PathLike[str], *, durable: bool = False,
+                 create: bool = True) -> None:
+        """``target``: an SQLite file (created, mode 0600, unless create=False) or a
+        PostgreSQL URL.  ``durable=True``: SQLite fsyncs every commit (power-loss safe)."""
         self.target = os.fspath(target)
-        self.store: SqlStore = open_store(self.target, durable=durable)
+        self.store: SqlStore = open_store(self.target, durable=durable, create=create)
 
     def __repr__(self) -> str:
         return f"<TaskQueue {self.target}>"

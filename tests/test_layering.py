@@ -16,8 +16,8 @@ PACKAGE = ROOT / "procqueue"
 ALLOWED: dict[str, set[str]] = {
     "__init__": {"taskqueue", "service", "store", "pool", "errors", "results", "limits",
                  "journal", "trace", "report", "stats", "scheduler", "fork_server"},
-    "pool": {"service", "supervisor", "config", "results", "tasks", "errors", "protocol",
-             "chunking", "admission", "journal", "trace", "scheduler",
+    "pool": {"service", "taskqueue", "supervisor", "config", "results", "tasks", "errors",
+             "protocol", "chunking", "admission", "journal", "trace", "scheduler",
              "affinity", "limits", "backends", "calls"},
     # a worker service of a durable TaskQueue: runs stored tasks in a pool (duck-typed)
     "service": {"taskqueue", "store", "stored_call", "errors"},

@@ -11,6 +11,7 @@ import importlib
 import os
 from typing import cast
 
+from ..errors import StoreError
 from .records import (Claim, ClaimedTask, Finished, NewTask, QueueCounts, QueueSpec,
                       ServiceRecord, StoredError, TaskRecord, TaskStatus)
 from .sql import HEARTBEAT_S, LEASE_S, SqlStore
@@ -24,12 +25,16 @@ def is_postgres_url(target: str) -> bool:
     return target.startswith(("postgresql://", "postgres://"))
 
 
-def open_store(target: str | os.PathLike[str], *, durable: bool = False) -> SqlStore:
-    """The store at ``target``: a PostgreSQL URL, or the path of an SQLite file."""
+def open_store(target: str | os.PathLike[str], *, durable: bool = False,
+               create: bool = True) -> SqlStore:
+    """The store at ``target``: a PostgreSQL URL, or the path of an SQLite file (created
+    unless create=False: then a missing file is a StoreError)."""
     text = os.fspath(target)
     if is_postgres_url(text):
         # imported here: psycopg is needed only for PostgreSQL
         module = importlib.import_module(".postgres", __package__)
         return cast(SqlStore, module.PostgresStore(text))
+    if not create and not os.path.exists(text):
+        raise StoreError(f"no such store: {text}")
     from .sqlite import SqliteStore
     return SqliteStore(text, durable=durable)

@@ -13,7 +13,7 @@ import pickle
 import traceback
 from typing import Any
 
-from ..errors import RemoteError, remote_traceback, remote_traceback_text
+from ..errors import RemoteError, ServiceLostError, remote_traceback, remote_traceback_text
 
 PICKLE_PROTOCOL = 5
 REPR_MAX_CHARS = 500
@@ -24,6 +24,10 @@ def qualified_type_name(exc: BaseException) -> str:
     module = cls.__module__
     return (cls.__qualname__ if module in ("builtins", "__main__")
             else f"{module}.{cls.__qualname__}")
+
+
+def _qualified(cls: type[BaseException]) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def error_columns(exc: BaseException) -> tuple[str, str, str, bytes | None]:
@@ -53,6 +57,8 @@ def rebuild_error(type_name: str, message: str, tb_text: str,
                 error = loaded
         except Exception:
             pass
+    if error is None and type_name == _qualified(ServiceLostError):
+        error = ServiceLostError(message)  # written by the store itself, in SQL
     if error is None:
         error = RemoteError(type_name, message, tb_text)
     error.__cause__ = remote_traceback(tb_text)

@@ -99,6 +99,7 @@ class Finished:
     retryable: bool = False  # a worker crash: re-run while retries last
     seconds: float = 0.0
     pid: int | None = None
+    runs: int = 1  # runs of this attempt (a pool re-runs a crash itself: Pool(retries=))
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class TaskRecord:
     enqueued_at: float
     started_at: float | None
     finished_at: float | None
-    service: str | None
+    service: str | None  # the service that holds it, or that ran its last attempt
     seconds: float | None
     pid: int | None
     result: bytes | None = field(repr=False, default=None)

@@ -213,13 +213,24 @@ class SqlStore:
                            ) -> None:
         """Remove the service; put back the (id, attempt) tasks it still held, unrun."""
         with self._write() as c:
-            self._many(c, "UPDATE tasks SET status = 'pending', service = NULL, "
-                          "attempts = attempts - 1 WHERE id = ? AND attempts = ? "
-                          "AND service = ? AND status = 'running'",
-                       [(task_id, attempt, service_id) for task_id, attempt in release])
+            self._release(c, service_id, release)
             self._x(c, "DELETE FROM services WHERE id = ?", (service_id,))
         if release:
             self.notify()
+
+    def release(self, service_id: str, tasks: Sequence[tuple[int, int]]) -> None:
+        """Put back (id, attempt) tasks this service held without finishing them."""
+        if not tasks:
+            return
+        with self._write() as c:
+            self._release(c, service_id, tasks)
+        self.notify()
+
+    def _release(self, c: Any, service_id: str, tasks: Sequence[tuple[int, int]]) -> None:
+        self._many(c, "UPDATE tasks SET status = 'pending', service = NULL, "
+                      "attempts = attempts - 1 WHERE id = ? AND attempts = ? "
+                      "AND service = ? AND status = 'running'",
+                   [(task_id, attempt, service_id) for task_id, attempt in tasks])
 
     def services(self) -> list[ServiceRecord]:
         rows = self._read(
@@ -380,27 +391,27 @@ class SqlStore:
         with self._write() as c:
             applied = self._many(
                 c, "UPDATE tasks SET status = 'succeeded', result = ?, finished_at = ?, "
-                   "seconds = ?, pid = ?, service = NULL WHERE id = ? AND service = ? AND "
-                   "attempts = ? AND status = 'running'",
-                [(f.result, now, f.seconds, f.pid, f.id, service_id, f.attempt)
+                   "seconds = ?, pid = ?, attempts = attempts + ? WHERE id = ? AND "
+                   "service = ? AND attempts = ? AND status = 'running'",
+                [(f.result, now, f.seconds, f.pid, f.runs - 1, f.id, service_id, f.attempt)
                  for f in successes])
             if failures:
                 retries = self._retries_left(c, [f for f in failures if f.retryable])
                 applied += self._many(
                     c, "UPDATE tasks SET status = ?, finished_at = ?, seconds = ?, pid = ?, "
-                       "service = NULL, error_type = ?, error_message = ?, error_traceback = ?, "
-                       "error = ? WHERE id = ? AND service = ? AND attempts = ? "
-                       "AND status = 'running'",
+                       "attempts = attempts + ?, error_type = ?, error_message = ?, "
+                       "error_traceback = ?, error = ? WHERE id = ? AND service = ? "
+                       "AND attempts = ? AND status = 'running'",
                     [_failure_row(f, f.id in retries, now, service_id) for f in failures])
         return applied
 
     def _retries_left(self, c: Any, crashed: list[Finished]) -> set[int]:
-        """The crashed tasks that may run again (attempts so far <= their retries)."""
+        """The crashed tasks that may run again (runs so far <= their retries)."""
         left: set[int] = set()
         for f in crashed:
             row = self._x(c, "SELECT COALESCE(t.retries, q.retries, 0) FROM tasks t JOIN "
                              "queues q ON q.name = t.queue WHERE t.id = ?", (f.id,)).fetchone()
-            if row is not None and f.attempt <= row[0]:
+            if row is not None and f.attempt + f.runs - 1 <= row[0]:
                 left.add(f.id)
         return left
 
@@ -490,7 +501,7 @@ def _failure_row(f: Finished, again: bool, now: float, service_id: str) -> tuple
     e = f.error
     assert e is not None
     return ("pending" if again else "failed", None if again else now, f.seconds, f.pid,
-            e.type_name, e.message, e.traceback, e.pickled, f.id, service_id, f.attempt)
+            f.runs - 1, e.type_name, e.message, e.traceback, e.pickled, f.id, service_id, f.attempt)
 
 
 def _task_record(row: Sequence[Any]) -> TaskRecord:

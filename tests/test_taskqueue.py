@@ -1,0 +1,351 @@
+"""Durable task queues (issue #21): what a user of TaskQueue, Pool.serve and the worker
+services relies on, checked from the tasks' own records (when and where each ran)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import procqueue
+from procqueue import Pool, TaskQueue, TaskStatus
+
+pytestmark = pytest.mark.timeout(120)
+
+TASKS = str(Path(__file__).with_name("queue_tasks.py"))
+ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def ref(name: str) -> str:
+    return f"{TASKS}:{name}"
+
+
+@pytest.fixture
+def tq(tmp_path):
+    queue = TaskQueue(tmp_path / "jobs.db")
+    yield queue
+    queue.close()
+
+
+def drain(tq: TaskQueue, jobs: int = 2, **options) -> procqueue.ServiceSummary:
+    with Pool(jobs) as pool:
+        return pool.serve(tq, until_idle=True, **options)
+
+
+def max_overlap(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    running = peak = 0
+    for _, step in events:  # an end sorts before a start at the same instant
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+# ---- results and errors ----------------------------------------------------------------
+
+def test_results_come_back_by_handle_in_any_order(tq):
+    handles = tq.enqueue_many(ref("square"), range(50))
+    summary = drain(tq)
+    assert [h.get_result(timeout=5) for h in handles] == [x * x for x in range(50)]
+    assert summary.succeeded == 50 and summary.failed == 0
+    assert {h.status() for h in handles} == {TaskStatus.SUCCEEDED}
+
+
+def test_a_failed_task_raises_its_exception_with_the_remote_traceback(tq):
+    handle = tq.enqueue(ref("fail"), 7)
+    drain(tq)
+    with pytest.raises(ValueError, match="^bad input 7$") as info:
+        handle.get_result(timeout=5)
+    cause = info.value.__cause__
+    assert isinstance(cause, procqueue.RemoteTraceback)
+    assert 'raise ValueError(f"bad input {x}")' in cause.tb
+    assert f"stored task {handle.id} (input 7)" in cause.tb
+
+
+def test_a_crash_fails_only_its_task_naming_pid_and_exit_code(tq):
+    crashed = tq.enqueue(ref("crash"), 1)
+    fine = tq.enqueue_many(ref("square"), range(10))
+    drain(tq)
+    with pytest.raises(procqueue.WorkerCrashedError) as info:
+        crashed.get_result(timeout=5)
+    assert "exit code 3" in str(info.value)
+    assert f"task {crashed.id}" in str(info.value) and info.value.pid
+    assert [h.get_result(timeout=5) for h in fine] == [x * x for x in range(10)]
+
+
+def test_a_crash_is_retried_per_the_queues_retries(tq, tmp_path):
+    tq.define("flaky", retries=2)
+    counter = tmp_path / "runs"
+    handle = tq.enqueue(ref("crash_until"), str(counter), 2, queue="flaky")
+    drain(tq)
+    assert handle.get_result(timeout=5) == 3
+    assert handle.record().attempts == 3
+
+
+def test_a_crash_with_no_retries_left_fails(tq, tmp_path):
+    tq.define("flaky", retries=1)
+    handle = tq.enqueue(ref("crash_until"), str(tmp_path / "runs"), 5, queue="flaky")
+    drain(tq)
+    with pytest.raises(procqueue.WorkerCrashedError):
+        handle.get_result(timeout=5)
+    assert handle.record().attempts == 2
+
+
+@pytest.mark.parametrize("function, message", [
+    ("/no/such/script.py:f", "no such script"),
+    (f"{TASKS}:missing", "defines nothing named 'missing'"),
+    (f"{TASKS}:not_a_function", "a non-callable int"),
+    ("no_such_module_xyz:f", "cannot import no_such_module_xyz"),
+])
+def test_an_unknown_function_fails_its_task_and_the_service_goes_on(tq, function, message):
+    bad = tq.enqueue(function, 1)
+    good = tq.enqueue(ref("square"), 3)
+    summary = drain(tq)
+    with pytest.raises(LookupError, match=message):
+        bad.get_result(timeout=5)
+    assert good.get_result(timeout=5) == 9
+    assert summary.failed == 1
+
+
+def test_an_unpicklable_result_fails_its_task_clearly(tq):
+    handle = tq.enqueue(ref("unpicklable_result"), 1)
+    drain(tq)
+    with pytest.raises(TypeError, match="cannot be stored: it does not pickle"):
+        handle.get_result(timeout=5)
+
+
+def test_a_lambda_cannot_be_enqueued(tq):
+    with pytest.raises(ValueError, match="top level of a module or script"):
+        tq.enqueue(lambda x: x, 1)
+
+
+def test_a_handle_reads_the_result_from_another_process(tq):
+    handle = tq.enqueue(ref("square"), 12)
+    drain(tq)
+    code = ("import procqueue, sys; tq = procqueue.TaskQueue(sys.argv[1]); "
+            "print(tq.handle(int(sys.argv[2])).get_result(timeout=5))")
+    out = subprocess.run([sys.executable, "-c", code, tq.target, str(handle.id)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "144"
+
+
+# ---- order and limits ------------------------------------------------------------------
+
+def test_concurrency_one_runs_in_enqueue_order_then_priority(tq):
+    tq.define("serial", concurrency=1)
+    low = tq.enqueue_many(ref("span"), range(6), queue="serial")
+    high = tq.enqueue_many(ref("span"), range(6, 12), queue="serial", priority=5)
+    drain(tq, jobs=3)
+    starts = {h.id: h.get_result(timeout=5)[1] for h in low + high}
+    order = sorted(starts, key=starts.get)
+    assert order == [h.id for h in high] + [h.id for h in low]
+    spans = [tuple(h.get_result()[1:3]) for h in low + high]
+    assert max_overlap(spans) == 1
+
+
+def test_key_concurrency_holds_per_key_while_keys_run_side_by_side(tq):
+    tq.define("tenants", key_concurrency=1)
+    handles = tq.enqueue_many(ref("span"), [f"{k}{i}" for k in "abc" for i in range(4)],
+                              queue="tenants", key=lambda item: item[0])
+    drain(tq, jobs=3)
+    results = [h.get_result(timeout=5) for h in handles]
+    for key in "abc":
+        assert max_overlap([(s, e) for x, s, e, _ in results if x[0] == key]) == 1
+    assert max_overlap([(s, e) for _, s, e, _ in results]) > 1
+
+
+def test_rate_holds_in_every_window_of_the_stored_starts(tq):
+    tq.define("metered", rate="4/1s")
+    handles = tq.enqueue_many(ref("square"), range(10), queue="metered")
+    drain(tq)
+    starts = sorted(h.record().started_at for h in handles)
+    assert all(h.get_result(timeout=5) is not None for h in handles)
+    for i, start in enumerate(starts):
+        assert sum(1 for s in starts[i:] if s < start + 1.0) <= 4
+
+
+def test_worker_concurrency_holds_per_service(tq):
+    tq.define("narrow", worker_concurrency=1)
+    handles = tq.enqueue_many(ref("span"), range(6), queue="narrow")
+    drain(tq, jobs=3)
+    assert max_overlap([tuple(h.get_result(timeout=5)[1:3]) for h in handles]) == 1
+
+
+def _start_service(store: str, jobs: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", "from procqueue.cli import main; main()", "worker", store,
+         "-j", str(jobs)], stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def _stop(services: list[subprocess.Popen]) -> None:
+    for service in services:
+        if service.poll() is None:
+            service.send_signal(signal.SIGTERM)
+    for service in services:
+        try:
+            service.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            service.wait()
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_limits_hold_across_two_worker_services(tq):
+    tq.define("shared", concurrency=3, worker_concurrency=2)
+    services = [_start_service(tq.target, 3) for _ in range(2)]
+    try:
+        _wait_for(lambda: len(tq.services()) == 2, 60, "two services to register")
+        handles = tq.enqueue_many(ref("span"), [(i, 0.1) for i in range(24)], star=True,
+                                  queue="shared")
+        results = [h.get_result(timeout=60) for h in handles]
+        records = [h.record() for h in handles]
+    finally:
+        _stop(services)
+    assert max_overlap([(s, e) for _, s, e, _ in results]) <= 3
+    by_service: dict[str, list[tuple[float, float]]] = {}
+    for record, (_, s, e, _) in zip(records, results):
+        by_service.setdefault(record.service, []).append((s, e))
+    assert len(by_service) == 2, "both services ran tasks"
+    assert all(max_overlap(spans) <= 2 for spans in by_service.values())
+    assert all(service.returncode == 0 for service in services)
+    assert tq.services() == []
+
+
+# ---- timeouts, dedup, cancel, retry, stop ------------------------------------------------
+
+def test_a_timeout_kills_the_task_and_fails_it(tq):
+    handle = tq.enqueue(ref("sleep_forever"), 1, timeout=0.5)
+    after = tq.enqueue(ref("square"), 2)
+    started = time.monotonic()
+    drain(tq)
+    assert time.monotonic() - started < 30
+    with pytest.raises(procqueue.TaskTimeoutError):
+        handle.get_result(timeout=5)
+    assert after.get_result(timeout=5) == 4
+
+
+def test_dedup_id_returns_the_live_task_then_a_new_one(tq):
+    first = tq.enqueue(ref("square"), 2, dedup_id="report-42")
+    again = tq.enqueue(ref("square"), 3, dedup_id="report-42")
+    assert again == first
+    drain(tq)
+    assert first.get_result(timeout=5) == 4
+    later = tq.enqueue(ref("square"), 5, dedup_id="report-42")
+    assert later.id != first.id
+
+
+def test_cancel_a_pending_task_and_retry_it(tq):
+    handle = tq.enqueue(ref("square"), 6)
+    assert tq.cancel(handle) == [handle.id]
+    drain(tq)
+    with pytest.raises(procqueue.TaskCancelledError):
+        handle.get_result(timeout=5)
+    assert tq.retry(handle) == [handle.id]
+    drain(tq)
+    assert handle.get_result(timeout=5) == 36
+
+
+def test_retry_refuses_a_task_that_succeeded(tq):
+    handle = tq.enqueue(ref("square"), 6)
+    drain(tq)
+    assert tq.retry(handle) == [] and handle.get_result() == 36
+
+
+def test_a_stopped_service_puts_its_unfinished_tasks_back(tq):
+    handles = tq.enqueue_many(ref("span"), [(i, 30) for i in range(2)], star=True)
+    stop = threading.Event()
+    with Pool(2) as pool:
+        timer = threading.Timer(1.0, stop.set)
+        timer.start()
+        started = time.monotonic()
+        pool.serve(tq, stop=stop)
+        timer.cancel()
+    assert time.monotonic() - started < 20
+    assert [h.record().status for h in handles] == [TaskStatus.PENDING] * 2
+    assert [h.record().attempts for h in handles] == [0, 0]
+    assert tq.services() == []
+
+
+def test_get_result_times_out_on_a_pending_task(tq):
+    handle = tq.enqueue(ref("square"), 1)
+    with pytest.raises(TimeoutError, match="still pending"):
+        handle.get_result(timeout=0.2)
+
+
+def test_prune_deletes_only_tasks_that_ended(tq):
+    done = tq.enqueue(ref("square"), 1)
+    drain(tq)
+    waiting = tq.enqueue(ref("square"), 2)
+    assert tq.prune(0) == 1
+    with pytest.raises(KeyError):
+        done.record()
+    assert waiting.status() is TaskStatus.PENDING
+
+
+# ---- the store file ----------------------------------------------------------------------
+
+def test_a_new_store_is_private_to_its_owner(tmp_path):
+    with TaskQueue(tmp_path / "new.db"):
+        pass
+    assert (tmp_path / "new.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_store_others_can_write_is_refused(tmp_path):
+    path = tmp_path / "shared.db"
+    TaskQueue(path).close()
+    path.chmod(0o666)
+    with pytest.raises(procqueue.StoreUnsafeError, match="writable by other users"):
+        TaskQueue(path)
+
+
+def test_a_file_that_is_not_a_store_is_refused(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a database at all, just some text that is long enough" * 20)
+    path.chmod(0o600)
+    with pytest.raises(procqueue.StoreFormatError, match="not a procqueue store"):
+        TaskQueue(path)
+
+
+def test_results_are_stored_as_pickles_of_the_value(tq):
+    handle = tq.enqueue(ref("square"), 9)
+    drain(tq)
+    assert pickle.loads(handle.record().result) == 81
+
+
+def test_cancelling_a_running_task_kills_its_process_and_the_service_goes_on(tq, tmp_path):
+    pid_file = tmp_path / "pid"
+    handle = tq.enqueue(ref("write_pid_then_sleep"), str(pid_file))
+    stop = threading.Event()
+    with Pool(2) as pool:
+        service = threading.Thread(target=pool.serve, args=(tq,), kwargs={"stop": stop})
+        service.start()
+        try:
+            _wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60, "the task to run")
+            pid = int(pid_file.read_text())
+            assert tq.cancel(handle) == [handle.id]
+            _wait_for(lambda: not psutil.pid_exists(pid)
+                      or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10,
+                      "the cancelled task's process to die")
+            after = tq.enqueue(ref("square"), 4)
+            assert after.get_result(timeout=30) == 16
+        finally:
+            stop.set()
+            service.join(30)
+    assert handle.status() is TaskStatus.CANCELLED
+    with pytest.raises(procqueue.TaskCancelledError):
+        handle.get_result()
