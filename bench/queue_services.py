@@ -30,11 +30,13 @@ DBOS_APP = "qbench"
 DBOS_POLL_S = 0.01  # issue #21: DBOS measured at a 10 ms queue polling interval (default 1 s)
 
 
-def stop_on_signals() -> None:
-    """SIGTERM (and SIGINT) end the service through SystemExit in the main thread, so every
-    `finally` and context manager on the way out runs."""
+def stop_on_signals(stop: threading.Event | None = None) -> None:
+    """SIGTERM (and SIGINT) set `stop`, or without one end the service through SystemExit in
+    the main thread, so every `finally` and context manager on the way out runs."""
     def leave(signum: int, frame: Any) -> None:
-        raise SystemExit(0)
+        if stop is None:
+            raise SystemExit(0)
+        stop.set()
     signal.signal(signal.SIGTERM, leave)
     signal.signal(signal.SIGINT, leave)
 
@@ -44,10 +46,11 @@ def stop_on_signals() -> None:
 def serve_procqueue(target: str, jobs: int, durable: bool) -> None:
     from procqueue import Pool, TaskQueue
 
-    tq = TaskQueue(target, durable=durable)
-    tq.define(QUEUE)
-    with Pool(jobs) as pool:
-        pool.serve(tq, queues=[QUEUE])
+    stop = threading.Event()  # serve() returns once it is set, its held tasks put back
+    stop_on_signals(stop)
+    with TaskQueue(target, durable=durable) as tq, Pool(jobs) as pool:
+        tq.define(QUEUE)
+        pool.serve(tq, queues=[QUEUE], stop=stop)
 
 
 # ---- DBOS -----------------------------------------------------------------------------------
@@ -95,10 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-j", "--jobs", type=int, default=2)
     parser.add_argument("--durable", action="store_true", help="procqueue: fsync every commit")
     args = parser.parse_args(argv)
-    stop_on_signals()
     if args.system == "procqueue":
         serve_procqueue(args.target, args.jobs, args.durable)
-    elif args.system == "dbos":
+        return
+    stop_on_signals()
+    if args.system == "dbos":
         serve_dbos(args.target, args.jobs)
     else:
         init_dbos(args.target, args.jobs)

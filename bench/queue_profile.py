@@ -1,0 +1,187 @@
+"""Where a procqueue worker service's time goes on tiny tasks (issue #21's 10,000 tasks/s):
+
+    python bench/queue_profile.py [--n 20000] [--target jobs.db | postgresql://...]
+
+Enqueues N `queue_tasks.now` tasks in one enqueue_many, then drains them in this process with
+Pool(2).serve(until_idle=True), the service loop (this thread) under cProfile, and the store's
+transactions timed one by one (wall clock around claim, record and the idle check: on 2 cores
+the wall time includes waiting for a CPU the workers and the pool's threads also want).  The
+pool's own threads (supervisor, result collectors) are reported by CPU only: the process's
+CPU minus this thread's.  Writes bench/results/profile/queue_tiny.md (and a .pstats file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import functools
+import io
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+for folder in (HERE.parent, HERE):  # this checkout's procqueue, not an installed one
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+import queue_tasks  # noqa: E402 - bench/ first on sys.path
+
+OUT = HERE / "results" / "profile"
+TIMED = ("claim", "record", "counts", "heartbeat", "queue_specs")
+
+
+class Timings:
+    """Wall time, calls and items of each timed store method."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, list[tuple[float, int]]] = {name: [] for name in TIMED}
+
+    def wrap(self, store: Any) -> None:
+        for name in TIMED:
+            setattr(store, name, self._timed(name, getattr(store, name)))
+
+    def _timed(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            result = method(*args, **kwargs)
+            self.calls[name].append((time.perf_counter() - t0, items_of(name, args, result)))
+            return result
+        return timed
+
+    def table(self, tasks: int, wall_s: float) -> list[str]:
+        out = ["| store call | calls | items per call (mean) | ms per call (mean, max) | "
+               "total s | share of wall | us per task |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, calls in self.calls.items():
+            if not calls:
+                continue
+            total = sum(s for s, _ in calls)
+            items = sum(n for _, n in calls) / len(calls)
+            out.append(f"| {name} | {len(calls)} | {items:.0f} | {total / len(calls) * 1e3:.2f}, "
+                       f"{max(s for s, _ in calls) * 1e3:.1f} | {total:.3f} | "
+                       f"{total / wall_s:.0%} | {total / tasks * 1e6:.1f} |")
+        return out
+
+
+def items_of(name: str, args: tuple[Any, ...], result: Any) -> int:
+    if name == "claim":
+        return len(result.tasks)
+    if name == "record":
+        return len(args[1])
+    return 0
+
+
+def workers_cpu_s(pool: Any) -> dict[int, float]:
+    """CPU seconds (user + system) of each worker process so far, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for w in pool.stats().workers:
+        with contextlib.suppress(OSError, TypeError):
+            fields = Path(f"/proc/{w.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            found[w.pid] = (int(fields[11]) + int(fields[12])) / ticks
+    return found
+
+
+def workers_busy_s(pool: Any) -> float:
+    return sum(w.busy_s for w in pool.stats().workers)
+
+
+def profile(target: str, n: int, jobs: int) -> dict[str, Any]:
+    from procqueue import Pool, TaskQueue
+
+    with TaskQueue(target) as tq, Pool(jobs) as pool:
+        tq.define("bench")
+        pool.map(queue_tasks.warm, range(4 * jobs))
+        t0 = time.perf_counter()
+        handles = tq.enqueue_many(queue_tasks.now, range(n), queue="bench")
+        enqueue_s = time.perf_counter() - t0
+        timings = Timings()
+        timings.wrap(tq.store)
+        profiler = cProfile.Profile()
+        cpu0, main0 = time.process_time(), time.thread_time()
+        workers0, busy0 = workers_cpu_s(pool), workers_busy_s(pool)
+        t0 = time.perf_counter()
+        profiler.enable()
+        summary = pool.serve(tq, queues=["bench"], until_idle=True)
+        profiler.disable()
+        drain_s = time.perf_counter() - t0
+        main_cpu, cpu = time.thread_time() - main0, time.process_time() - cpu0
+        workers1, busy = workers_cpu_s(pool), workers_busy_s(pool) - busy0
+        workers_cpu = sum(v - workers0.get(pid, 0.0) for pid, v in workers1.items())
+        if len(handles) != n or summary.succeeded != n:
+            raise AssertionError(f"{summary.succeeded} of {n} tasks succeeded")
+    return {"n": n, "enqueue_s": enqueue_s, "drain_s": drain_s, "main_cpu_s": main_cpu,
+            "process_cpu_s": cpu, "succeeded": summary.succeeded, "timings": timings,
+            "workers_cpu_s": workers_cpu, "workers_busy_s": busy,
+            "profiler": profiler}
+
+
+def report(r: dict[str, Any], target: str, top: int) -> str:
+    n, wall = r["n"], r["drain_s"]
+    stats = io.StringIO()
+    pstats.Stats(r["profiler"], stream=stats).sort_stats("tottime").print_stats(top)
+    lines = [f"# procqueue service on {n:,} tiny tasks ({target_kind(target)})", "",
+             f"`python bench/queue_profile.py {' '.join(sys.argv[1:])}` on "
+             f"{time.strftime('%Y-%m-%dT%H:%M:%S')}; serve(until_idle=True) in the profiling "
+             "process, 2 workers.", "",
+             f"- enqueue_many: {r['enqueue_s']:.3f} s ({n / r['enqueue_s']:,.0f} tasks/s)",
+             f"- drain (serve until idle): {wall:.3f} s ({n / wall:,.0f} tasks/s); "
+             f"succeeded {r['succeeded']:,}",
+             f"- end to end: {n / (wall + r['enqueue_s']):,.0f} tasks/s",
+             f"- CPU during the drain: service loop thread {r['main_cpu_s']:.3f} s "
+             f"({r['main_cpu_s'] / n * 1e6:.1f} us/task), the pool's other threads "
+             f"{r['process_cpu_s'] - r['main_cpu_s']:.3f} s "
+             f"({(r['process_cpu_s'] - r['main_cpu_s']) / n * 1e6:.1f} us/task), the "
+             f"workers {r['workers_cpu_s']:.2f} s ({r['workers_cpu_s'] / n * 1e6:.1f} us/task; "
+             f"{r['workers_busy_s']:.3f} s of it running tasks by their own clocks); "
+             f"{jobs_note(r, wall)}", "",
+             "## Store calls (wall clock, in the service loop)", "",
+             *r["timings"].table(n, wall), "",
+             f"## cProfile of the service loop thread (top {top} by own time)", "", "```",
+             stats.getvalue().strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def jobs_note(r: dict[str, Any], wall: float) -> str:
+    used = r["process_cpu_s"] + r["workers_cpu_s"]
+    return (f"in all {used:.2f} CPU-s of the {wall * os.cpu_count():.2f} the machine's "
+            f"{os.cpu_count()} CPUs had during the drain")
+
+
+def target_kind(target: str) -> str:
+    return "PostgreSQL" if target.startswith("postgres") else "SQLite"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=20_000)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--target", help="an SQLite file or postgresql:// URL (default: a temp file)")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="qbench-profile-"))
+    try:
+        target = args.target or str(scratch / "jobs.db")
+        result = profile(target, args.n, args.jobs)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    text = report(result, target, args.top)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"queue_tiny_{target_kind(target).lower()}"
+    (args.out / f"{name}.md").write_text(text)
+    result["profiler"].dump_stats(str(args.out / f"{name}.pstats"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
