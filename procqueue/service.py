@@ -142,6 +142,7 @@ class QueueService:
                     else:
                         self._wake_sent.clear()  # before draining: a later outcome writes again
                         _drain_pipe(self._pipe_r)
+                        self._record_done()  # places are free once recorded, not before
                         claim_due = claim_due or self._free() > 0
         finally:
             selector.close()
