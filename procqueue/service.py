@@ -41,7 +41,7 @@ from .taskqueue import TaskQueue
 
 POLL_S = 0.25  # claim again this often without a wake-up (others' tasks ending free limits)
 SPECS_REFRESH_S = 1.0  # re-read the queues' definitions (new queues, changed limits)
-FEED_S = 0.02  # hold enough tasks to keep each worker busy this long between claims
+FEED_S = 0.05  # hold enough tasks to keep each worker busy this long between claims
 MAX_DEPTH = 1024  # but at most this many per worker
 MIN_DEPTH = 2
 
@@ -214,9 +214,11 @@ class QueueService:
             by_timeout.setdefault(task.time_left_s, []).append(task)
         for time_left, batch in by_timeout.items():
             options: dict[str, Any] = {} if time_left is None else {"timeout": time_left}
+            # Chunks of at most a quarter of the batch per worker: a batch of a few long tasks
+            # must spread over the workers, not run one after another in a single chunk.
             outcomes = self.pool.imap_outcomes(
                 call_stored, [(t.function, t.payload) for t in batch], ordered=False,
-                star=True, **options)
+                star=True, chunksize=max(1, len(batch) // (4 * self.jobs)), **options)
             self._iterators.append(outcomes)
             for task in batch:
                 self._batch_of[task.id] = (outcomes, batch)
