@@ -39,10 +39,12 @@ TIMED = ("claim", "record", "counts", "heartbeat", "queue_specs")
 
 
 class Timings:
-    """Wall time, calls and items of each timed store method."""
+    """Wall time, calls and items of each timed store method, and when each call began."""
 
     def __init__(self) -> None:
         self.calls: dict[str, list[tuple[float, int]]] = {name: [] for name in TIMED}
+        self.events: list[tuple[float, float, str, int]] = []  # start, seconds, name, items
+        self.t0 = time.perf_counter()
 
     def wrap(self, store: Any) -> None:
         for name in TIMED:
@@ -53,7 +55,9 @@ class Timings:
         def timed(*args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             result = method(*args, **kwargs)
-            self.calls[name].append((time.perf_counter() - t0, items_of(name, args, result)))
+            seconds, items = time.perf_counter() - t0, items_of(name, args, result)
+            self.calls[name].append((seconds, items))
+            self.events.append((t0 - self.t0, seconds, name, items))
             return result
         return timed
 
@@ -69,6 +73,29 @@ class Timings:
                        f"{max(s for s, _ in calls) * 1e3:.1f} | {total:.3f} | "
                        f"{total / wall_s:.0%} | {total / tasks * 1e6:.1f} |")
         return out
+
+    def timeline(self) -> list[str]:
+        """Claims and records in order, each with the time the service spent since the last
+        one ended: ~250 ms (POLL_S) there is the service waiting for its poll instead of a
+        wake-up."""
+        out, last_end = [], None
+        for start, seconds, name, items in self.events:
+            if name not in ("claim", "record"):
+                continue
+            since = ("" if last_end is None
+                     else f", {(start - last_end) * 1e3:.0f} ms after the last")
+            out.append(f"{start * 1e3:8.1f} ms  {name:6s} {items:5d} tasks, "
+                       f"{seconds * 1e3:6.1f} ms{since}")
+            last_end = start + seconds
+        return out
+
+
+def start_bins(starts: list[float], t0: float, wall: float, bin_s: float = 0.05) -> list[int]:
+    """Task starts per bin_s from t0 (the tasks' own clocks)."""
+    bins = [0] * (int(wall / bin_s) + 1)
+    for s in starts:
+        bins[min(len(bins) - 1, max(0, int((s - t0) / bin_s)))] += 1
+    return bins
 
 
 def items_of(name: str, args: tuple[Any, ...], result: Any) -> int:
@@ -108,6 +135,7 @@ def profile(target: str, n: int, jobs: int) -> dict[str, Any]:
         profiler = cProfile.Profile()
         cpu0, main0 = time.process_time(), time.thread_time()
         workers0, busy0 = workers_cpu_s(pool), workers_busy_s(pool)
+        timings.t0, wall0 = time.perf_counter(), time.time()
         t0 = time.perf_counter()
         profiler.enable()
         summary = pool.serve(tq, queues=["bench"], until_idle=True)
@@ -118,9 +146,10 @@ def profile(target: str, n: int, jobs: int) -> dict[str, Any]:
         workers_cpu = sum(v - workers0.get(pid, 0.0) for pid, v in workers1.items())
         if len(handles) != n or summary.succeeded != n:
             raise AssertionError(f"{summary.succeeded} of {n} tasks succeeded")
+        bins = start_bins([h.get_result(timeout=0) for h in handles], wall0, drain_s)
     return {"n": n, "enqueue_s": enqueue_s, "drain_s": drain_s, "main_cpu_s": main_cpu,
             "process_cpu_s": cpu, "succeeded": summary.succeeded, "timings": timings,
-            "workers_cpu_s": workers_cpu, "workers_busy_s": busy,
+            "workers_cpu_s": workers_cpu, "workers_busy_s": busy, "bins": bins,
             "profiler": profiler}
 
 
@@ -145,6 +174,10 @@ def report(r: dict[str, Any], target: str, top: int) -> str:
              f"{jobs_note(r, wall)}", "",
              "## Store calls (wall clock, in the service loop)", "",
              *r["timings"].table(n, wall), "",
+             "## Task starts per 50 ms of the drain", "",
+             f"{sum(1 for b in r['bins'] if b == 0)} of {len(r['bins'])} bins without a start "
+             "(the workers idle):", "", "```", " ".join(str(b) for b in r["bins"]), "```", "",
+             "## Claims and records in order", "", "```", *r["timings"].timeline(), "```", "",
              f"## cProfile of the service loop thread (top {top} by own time)", "", "```",
              stats.getvalue().strip(), "```", ""]
     return "\n".join(lines)
