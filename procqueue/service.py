@@ -140,8 +140,10 @@ class QueueService:
                         waker.drain()
                         claim_due = True
                     else:
-                        self._wake_sent.clear()  # before draining: a later outcome writes again
+                        # Drain, then clear: a byte written between a clear and the drain would
+                        # be eaten with the flag left set, and no collector would write again.
                         _drain_pipe(self._pipe_r)
+                        self._wake_sent.clear()
                         self._record_done()  # places are free once recorded, not before
                         claim_due = claim_due or self._free() > 0
         finally:
