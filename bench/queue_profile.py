@@ -7,7 +7,9 @@ Pool(2).serve(until_idle=True), the service loop (this thread) under cProfile, a
 transactions timed one by one (wall clock around claim, record and the idle check: on 2 cores
 the wall time includes waiting for a CPU the workers and the pool's threads also want).  The
 pool's own threads (supervisor, result collectors) are reported by CPU only: the process's
-CPU minus this thread's.  Writes bench/results/profile/queue_tiny.md (and a .pstats file).
+CPU minus this thread's.  Then the store alone: N tasks claimed and recorded in batches by one
+thread with no workers, each SQL statement timed.  Writes
+bench/results/profile/queue_tiny_<store>.md (and a .pstats file).
 """
 
 from __future__ import annotations
@@ -189,6 +191,97 @@ def jobs_note(r: dict[str, Any], wall: float) -> str:
             f"{os.cpu_count()} CPUs had during the drain")
 
 
+# ---- the store alone: its SQL statements, one thread, no workers ---------------------------
+
+class _Rows:
+    """A SELECT's rows fetched at once (so the fetch is timed with its statement)."""
+
+    def __init__(self, rows: list[Any]) -> None:
+        self.rows = rows
+
+    def fetchall(self) -> list[Any]:
+        return self.rows
+
+    def fetchone(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    def __iter__(self) -> Any:
+        return iter(self.rows)
+
+
+class StatementTimings:
+    """Seconds per SQL statement (first 60 characters) and per commit of one store."""
+
+    def __init__(self, store: Any) -> None:
+        self.seconds: dict[str, float] = {}
+        x, many, write = store._x, store._many, store._write
+
+        def timed_x(cursor: Any, text: str, params: Any = ()) -> Any:
+            t0 = time.perf_counter()
+            result = x(cursor, text, params)
+            if text.lstrip().upper().startswith("SELECT"):
+                result = _Rows(result.fetchall())
+            self._add(text, time.perf_counter() - t0)
+            return result
+
+        def timed_many(cursor: Any, text: str, rows: Any) -> int:
+            t0 = time.perf_counter()
+            changed = many(cursor, text, rows)
+            self._add(text, time.perf_counter() - t0)
+            return int(changed)
+
+        @contextlib.contextmanager
+        def timed_write() -> Any:
+            with write() as cursor:
+                yield cursor
+                t0 = time.perf_counter()
+            self._add("COMMIT", time.perf_counter() - t0)
+
+        store._x, store._many, store._write = timed_x, timed_many, timed_write
+
+    def _add(self, text: str, seconds: float) -> None:
+        key = " ".join(text.split())[:60]
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+
+
+def store_alone(target: str, n: int, batch: int) -> tuple[float, float, dict[str, float]]:
+    """Claim and record n tasks in batches of `batch` with no workers: (claim s, record s,
+    seconds by statement)."""
+    import pickle
+
+    from procqueue import TaskQueue
+    from procqueue.store import Finished
+
+    with TaskQueue(target) as tq:
+        tq.define("bench")
+        tq.enqueue_many(queue_tasks.now, range(n), queue="bench")
+        store = tq.store
+        store.register_service("profile", ["bench"], 2)
+        timings = StatementTimings(store)
+        result, claim_s, record_s = pickle.dumps(1.0), 0.0, 0.0
+        for _ in range(-(-n // batch)):
+            t0 = time.perf_counter()
+            claimed = store.claim("profile", {"bench": batch}).tasks
+            t1 = time.perf_counter()
+            store.record("profile", [Finished(t.id, t.attempt, result, None, seconds=1e-5, pid=1)
+                                     for t in claimed])
+            claim_s, record_s = claim_s + t1 - t0, record_s + time.perf_counter() - t1
+        return claim_s, record_s, timings.seconds
+
+
+def store_report(target: str, n: int, batch: int) -> list[str]:
+    claim_s, record_s, by_statement = store_alone(target, n, batch)
+    lines = ["## The store alone: claim and record in one thread, no workers", "",
+             f"{n:,} tasks claimed {batch:,} at a time and recorded as succeeded right away: "
+             f"claim {claim_s / n * 1e6:.1f} us/task, record {record_s / n * 1e6:.1f} us/task "
+             f"(a ceiling of {n / (claim_s + record_s):,.0f} tasks/s for one service loop doing "
+             "nothing else).", "", "| statement | us per task |", "|---|---:|"]
+    for text, seconds in sorted(by_statement.items(), key=lambda kv: -kv[1]):
+        if seconds / n * 1e6 >= 0.05:
+            lines.append(f"| `{text}` | {seconds / n * 1e6:.2f} |")
+    return lines + [""]
+
+
 def target_kind(target: str) -> str:
     return "PostgreSQL" if target.startswith("postgres") else "SQLite"
 
@@ -200,15 +293,17 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--target", help="an SQLite file or postgresql:// URL (default: a temp file)")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--batch", type=int, default=2048, help="the store-alone claim size")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="qbench-profile-"))
     try:
         target = args.target or str(scratch / "jobs.db")
         result = profile(target, args.n, args.jobs)
+        alone = store_report(args.target or str(scratch / "alone.db"), args.n, args.batch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    text = report(result, target, args.top)
+    text = report(result, target, args.top) + "\n" + "\n".join(alone)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"queue_tiny_{target_kind(target).lower()}"
     (args.out / f"{name}.md").write_text(text)
