@@ -7,6 +7,7 @@
      │   ├─ WorkerExitedError      the task called sys.exit(); the worker survived
      │   ├─ TaskTimeoutError       it ran longer than its timeout (also a builtin TimeoutError)
      │   ├─ TaskCancelledError     cancelled, or the pool was terminated before it finished
+     │   ├─ ServiceLostError       the durable queue's worker service running it died, too often
      │   ├─ ArgumentSerializationError   its argument could not be pickled
      │   │                               (a PicklingError, a TypeError)
      │   ├─ ResultSerializationError     its result could not be pickled or unpickled
@@ -167,8 +168,13 @@ class TaskCancelledError(TaskFailed):
 
 
 class ServiceLostError(TaskFailed):
-    """The worker service running a durable queue's task died (SIGKILL, power loss) while it
-    ran, as many times as procqueue.store.sql.MAX_LOSSES allows: the task is not run again."""
+    """A durable queue's task whose worker service died (its heartbeat lapsed, or its process
+    is gone) each of the times it ran; the store stopped re-queueing it.  The store records
+    it by the name ``procqueue.errors.ServiceLostError``, so that name must not change."""
+
+    def __init__(self, message: str = "the worker service running the task died",
+                 **where: Any) -> None:
+        super().__init__(message, **where)
 
 
 class ArgumentSerializationError(TaskFailed, _pickle.PicklingError, TypeError):

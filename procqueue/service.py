@@ -26,6 +26,7 @@ import math
 import os
 import queue as queue_module
 import selectors
+import sys
 import threading
 import time
 import uuid
@@ -44,6 +45,7 @@ SPECS_REFRESH_S = 1.0  # re-read the queues' definitions (new queues, changed li
 FEED_S = 0.05  # hold enough tasks to keep each worker busy this long between claims
 MAX_DEPTH = 1024  # but at most this many per worker
 MIN_DEPTH = 2
+STORE_RETRY_S = 1.0  # a store that failed (busy, unreachable) is tried again this often
 
 
 class OutcomePool(Protocol):
@@ -94,6 +96,8 @@ class QueueService:
         self._iterators: list[Any] = []
         self._batch_of: dict[int, tuple[Any, list[ClaimedTask]]] = {}  # task id -> its call
         self._revoked: queue_module.SimpleQueue[set[int]] = queue_module.SimpleQueue()
+        self._unrecorded: list[Finished] = []
+        self._last_store_error = ""
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -120,25 +124,37 @@ class QueueService:
 
     def _loop(self, waker: Any) -> None:
         selector = selectors.DefaultSelector()
-        selector.register(waker, selectors.EVENT_READ, "store")
+        waker_fd = waker.fileno()
+        selector.register(waker_fd, selectors.EVENT_READ, "store")
         selector.register(self._pipe_r, selectors.EVENT_READ, "outcomes")
         claim_due, next_claim = True, 0.0
         try:
             while not self.stop.is_set():
-                self._drop_revoked()
-                self._record_done()
-                now = time.monotonic()
-                if claim_due or now >= next_claim:
-                    got_all, retry_in = self._claim()
-                    claim_due = got_all and self._free() > 0
-                    next_claim = now + (POLL_S if retry_in is None else min(POLL_S, retry_in))
-                    if self.until_idle and not self._held and not got_all and self._idle():
-                        return
+                try:
+                    self._drop_revoked()
+                    self._record_done()
+                    now = time.monotonic()
+                    if claim_due or now >= next_claim:
+                        got_all, retry_in = self._claim()
+                        claim_due = got_all and self._free() > 0
+                        next_claim = now + (POLL_S if retry_in is None
+                                            else min(POLL_S, retry_in))
+                        if (self.until_idle and not self._held and not got_all
+                                and self._idle()):
+                            return
+                except Exception as exc:  # the store is busy or unreachable: keep what we
+                    self._store_failed(exc)  # have (outcomes are kept), try again
+                    self.stop.wait(STORE_RETRY_S)
+                    continue
                 timeout = 0.0 if claim_due else max(0.0, next_claim - time.monotonic())
                 for key, _ in selector.select(timeout):
                     if key.data == "store":
                         waker.drain()
                         claim_due = True
+                        if waker.fileno() != waker_fd:  # PostgreSQL: listening again, anew
+                            selector.unregister(waker_fd)
+                            waker_fd = waker.fileno()
+                            selector.register(waker_fd, selectors.EVENT_READ, "store")
                     else:
                         # Drain, then clear: a byte written between a clear and the drain would
                         # be eaten with the flag left set, and no collector would write again.
@@ -148,6 +164,13 @@ class QueueService:
                         claim_due = claim_due or self._free() > 0
         finally:
             selector.close()
+
+    def _store_failed(self, exc: Exception) -> None:
+        text = f"{type(exc).__name__}: {exc}"
+        if text != self._last_store_error:
+            self._last_store_error = text
+            print(f"procqueue service {self.id}: the store failed ({text}); retrying every "
+                  f"{STORE_RETRY_S:g} s", file=sys.stderr)
 
     def _idle(self) -> bool:
         """No pending task left in the served queues (until_idle's end)."""
@@ -279,7 +302,7 @@ class QueueService:
     # ---- recording --------------------------------------------------------------------------
 
     def _record_done(self) -> None:
-        finished: list[Finished] = []
+        finished, self._unrecorded = self._unrecorded, []
         while True:
             try:
                 task, outcome = self._done.get_nowait()
@@ -289,7 +312,11 @@ class QueueService:
                 finished.append(self._finished(task, outcome))
         if not finished:
             return
-        applied = self.store.record(self.id, finished)
+        try:
+            applied = self.store.record(self.id, finished)
+        except Exception:
+            self._unrecorded = finished  # recorded at the next try (or fenced, if too late)
+            raise
         self.summary.dropped += len(finished) - applied
         for f in finished:
             task = self._held.pop(f.id)

@@ -3,11 +3,20 @@
 Every test runs under pytest-timeout (pyproject: timeout=60, method=thread, which dumps every
 thread's stack on a hang, like CPython's _fail_on_deadlock), and every test is checked for
 stray processes: after the test, the test process must have no children left.
+
+Queue-store tests take ``store_target`` and so run twice: on an SQLite file and on a fresh
+database of a real PostgreSQL server (pgserver), which is started once, the first time a test
+needs it, and stopped and deleted when the session ends.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
@@ -78,3 +87,60 @@ def tmp_shared(tmp_path):
     d = tmp_path / "shared"
     d.mkdir()
     return d
+
+
+# ---- stores: an SQLite file, or a database on a real PostgreSQL server ---------------------
+
+# Settings for a throwaway test server: no fsync (its data dies with the session).
+_TEST_SERVER_SETTINGS = ("fsync = off", "synchronous_commit = off", "full_page_writes = off")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[object]:
+    """A PostgreSQL server (pgserver) in a private temp directory, started the first time a
+    test asks for it, stopped and deleted at the end of the session."""
+    import psycopg
+
+    with warnings.catch_warnings():  # platformdirs warns, at import, of an unset XDG_RUNTIME_DIR
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+        import pgserver  # only when a PostgreSQL test runs
+
+    # Not under pytest's basetemp: pgserver (as root) opens the data folder's parents to its
+    # own system user, and pytest's folders are private.
+    folder = tempfile.mkdtemp(prefix="procqueue-pg-")
+    server = pgserver.get_server(os.path.join(folder, "data"), cleanup_mode="stop")
+    try:
+        with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+            for setting in _TEST_SERVER_SETTINGS:
+                conn.execute(f"ALTER SYSTEM SET {setting}")
+            conn.execute("SELECT pg_reload_conf()")
+        yield server
+    finally:
+        server.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> Iterator[str]:
+    """The URL of a new, empty database on the session's server, dropped after the test
+    (with its sessions: a test that failed half-way may leave connections open)."""
+    import psycopg
+
+    name = f"pq_{uuid.uuid4().hex[:16]}"
+    admin = postgres_server.get_uri()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        # FILE_COPY: with fsync off, copying template0's files is the quickest way (~50 ms)
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 STRATEGY FILE_COPY")
+    try:
+        yield postgres_server.get_uri(database=name)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_target(request, tmp_path) -> str:
+    """Where a queue store lives, once per kind: an SQLite file's path, a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "queue.db")
+    return request.getfixturevalue("postgres_url")

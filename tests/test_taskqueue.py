@@ -29,8 +29,9 @@ def ref(name: str) -> str:
 
 
 @pytest.fixture
-def tq(tmp_path):
-    queue = TaskQueue(tmp_path / "jobs.db")
+def tq(store_target):
+    """A TaskQueue on each store: an SQLite file, then a PostgreSQL database."""
+    queue = TaskQueue(store_target)
     yield queue
     queue.close()
 
@@ -349,3 +350,21 @@ def test_cancelling_a_running_task_kills_its_process_and_the_service_goes_on(tq,
     assert handle.status() is TaskStatus.CANCELLED
     with pytest.raises(procqueue.TaskCancelledError):
         handle.get_result()
+
+
+def test_a_store_that_fails_for_a_while_loses_no_outcome(tq, monkeypatch, capfd):
+    handles = tq.enqueue_many(ref("square"), range(20))
+    record, failures = tq.store.record, []
+
+    def flaky_record(service_id, outcomes):
+        if len(failures) < 2:
+            failures.append(len(outcomes))
+            raise OSError("disk I/O error (simulated)")
+        return record(service_id, outcomes)
+
+    monkeypatch.setattr(tq.store, "record", flaky_record)
+    summary = drain(tq)
+    assert len(failures) == 2
+    assert [h.get_result(timeout=5) for h in handles] == [x * x for x in range(20)]
+    assert summary.succeeded == 20
+    assert "the store failed (OSError: disk I/O error (simulated))" in capfd.readouterr().err

@@ -51,7 +51,7 @@ class SqlStore:
     def __init__(self, target: str) -> None:
         self.target = target
         self._local = threading.local()
-        self._all_connections: list[Any] = []
+        self._all_connections: list[tuple[int, Any]] = []  # (pid that opened it, connection)
         self._lock = threading.Lock()
         self._closed = False
         self.host = socket.gethostname()
@@ -91,7 +91,7 @@ class SqlStore:
             conn = self._connect()
             self._local.conn, self._local.pid = conn, os.getpid()
             with self._lock:
-                self._all_connections.append(conn)
+                self._all_connections.append((os.getpid(), conn))
         return conn
 
     @contextlib.contextmanager
@@ -102,7 +102,10 @@ class SqlStore:
         try:
             yield cursor
         except BaseException:
-            cursor.execute("ROLLBACK")
+            # the error is what matters; a failed ROLLBACK (a broken connection, a transaction
+            # SQLite already rolled back) would only hide it
+            with contextlib.suppress(Exception):
+                cursor.execute("ROLLBACK")
             raise
         cursor.execute("COMMIT")
 
@@ -133,9 +136,12 @@ class SqlStore:
         self._closed = True
         with self._lock:
             connections, self._all_connections = self._all_connections, []
-        for conn in connections:
-            with contextlib.suppress(Exception):
-                conn.close()
+        for pid, conn in connections:
+            # A forked child must not close what it inherited: closing a PostgreSQL
+            # connection tells the server to end the session the parent is still using.
+            if pid == os.getpid():
+                with contextlib.suppress(Exception):
+                    conn.close()
 
     def __enter__(self) -> "SqlStore":
         return self
@@ -146,10 +152,15 @@ class SqlStore:
     # ---- queues -----------------------------------------------------------------------------
 
     def define(self, spec: QueueSpec) -> None:
+        # An upsert, not DELETE + INSERT: PostgreSQL claims lock the queue's row, and a claim
+        # waiting for a row that is deleted meanwhile goes on without any lock.
         with self._write() as c:
-            self._x(c, "DELETE FROM queues WHERE name = ?", (spec.name,))
             self._x(c, "INSERT INTO queues (name, concurrency, worker_concurrency, rate_limit, "
-                       "rate_per, key_concurrency, retries) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       "rate_per, key_concurrency, retries) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                       "ON CONFLICT (name) DO UPDATE SET concurrency = excluded.concurrency, "
+                       "worker_concurrency = excluded.worker_concurrency, "
+                       "rate_limit = excluded.rate_limit, rate_per = excluded.rate_per, "
+                       "key_concurrency = excluded.key_concurrency, retries = excluded.retries",
                     (spec.name, spec.concurrency, spec.worker_concurrency, spec.rate_limit,
                      spec.rate_per, spec.key_concurrency, spec.retries))
 
@@ -164,32 +175,37 @@ class SqlStore:
         """Store the tasks in one transaction (durable when this returns); their ids.  A task
         whose dedup_id a pending or running task of its queue has gets that task's id."""
         now = time.time()
-        ids: list[int] = []
         with self._write() as c:
-            for queue in {t.queue for t in tasks}:
+            # in one order everywhere: two PostgreSQL enqueues creating the same new queues
+            # would otherwise each wait for the other's row
+            for queue in sorted({t.queue for t in tasks}):
                 self._x(c, "INSERT INTO queues (name) VALUES (?) ON CONFLICT DO NOTHING",
                         (queue,))
             if not any(task.dedup_id for task in tasks):
                 ids = self._insert_many(c, tasks, now)
             else:
-                ids = [self._insert_deduplicated(c, task, now) for task in tasks]
+                ids = [self._insert_or_find(c, task, now) for task in tasks]
         self.notify()
         return ids
 
-    def _insert_deduplicated(self, c: Any, task: NewTask, now: float) -> int:
-        new_id = self._insert_task(c, task, now)
-        if new_id is None:
+    def _insert_or_find(self, c: Any, task: NewTask, now: float) -> int:
+        """The new task's id, or that of the pending/running task holding its dedup_id."""
+        # In PostgreSQL (read committed) the task holding the dedup_id may finish between the
+        # refused insert and the look-up: then the insert is tried again.
+        for _ in range(3):
+            new_id = self._insert_task(c, task, now)
+            if new_id is not None:
+                return int(new_id)
             row = self._x(c, "SELECT id FROM tasks WHERE queue = ? AND dedup_id = ? "
                              "AND status IN ('pending', 'running')",
                           (task.queue, task.dedup_id)).fetchone()
-            if row is None:
-                raise StoreError(f"dedup_id {task.dedup_id!r} conflicts with no task")
-            new_id = row[0]
-        return int(new_id)
+            if row is not None:
+                return int(row[0])
+        raise StoreError(f"dedup_id {task.dedup_id!r} conflicts with no task")
 
     def _insert_many(self, c: Any, tasks: Sequence[NewTask], now: float) -> list[int]:
         """Insert tasks without dedup_ids (none can conflict); their ids in order."""
-        return [self._insert_deduplicated(c, task, now) for task in tasks]
+        return [self._insert_or_find(c, task, now) for task in tasks]
 
     # ---- services ---------------------------------------------------------------------------
 
@@ -211,11 +227,14 @@ class SqlStore:
 
     def deregister_service(self, service_id: str, release: Sequence[tuple[int, int]] = ()
                            ) -> None:
-        """Remove the service; put back the (id, attempt) tasks it still held, unrun."""
+        """Remove the service; put back the (id, attempt) tasks it still held, unrun.  Tasks
+        it still ran and did not release are put back as lost (as if it had died): once it is
+        gone, no lease check would ever find them."""
         with self._write() as c:
             self._release(c, service_id, release)
+            lost = self._put_back_lost(c, service_id, time.time())
             self._x(c, "DELETE FROM services WHERE id = ?", (service_id,))
-        if release:
+        if release or lost:
             self.notify()
 
     def release(self, service_id: str, tasks: Sequence[tuple[int, int]]) -> None:
@@ -230,7 +249,8 @@ class SqlStore:
         self._many(c, "UPDATE tasks SET status = 'pending', service = NULL, "
                       "attempts = attempts - 1 WHERE id = ? AND attempts = ? "
                       "AND service = ? AND status = 'running'",
-                   [(task_id, attempt, service_id) for task_id, attempt in tasks])
+                   [(task_id, attempt, service_id)
+                    for task_id, attempt in sorted(tasks)])  # id order: see _change
 
     def services(self) -> list[ServiceRecord]:
         rows = self._read(
@@ -256,21 +276,25 @@ class SqlStore:
     def claim(self, service_id: str, wants: dict[str, int]) -> Claim:
         """Take up to wants[queue] pending tasks of each queue for this service, within every
         queue's limits, highest priority first, then in enqueue order."""
-        now = time.time()
         claimed: list[ClaimedTask] = []
         expired: list[ClaimedTask] = []
         retry_at: float | None = None
         with self._write() as c:
-            self._requeue_lost(c, now)
+            self._requeue_lost(c, time.time())
             specs = {row[0]: QueueSpec(*row) for row in self._x(
                 c, "SELECT name, concurrency, worker_concurrency, rate_limit, rate_per, "
                    "key_concurrency, retries FROM queues").fetchall()}
-            for queue, want in wants.items():
+            # queues locked in name order: two PostgreSQL claims never wait for each other's
+            # locks in a cycle (a deadlock, which the server ends by failing one)
+            for queue, want in sorted(wants.items()):
                 spec = specs.get(queue)
                 if spec is None or want <= 0:
                     continue
                 self._lock_queue(c, queue)
-                ids, wait_until = self._claim_queue(c, spec, want, now)
+                # read after the lock: start times then grow in the order claims commit, so
+                # the starts a later claim counts in its rate window are all there
+                now = time.time()
+                ids, wait_until = self._claim_queue(c, service_id, spec, want, now)
                 if wait_until is not None:
                     retry_at = wait_until if retry_at is None else min(retry_at, wait_until)
                 if ids:
@@ -280,9 +304,13 @@ class SqlStore:
                                 and t.time_left_s <= 0]
         return Claim(claimed, expired, retry_at)
 
-    def _claim_queue(self, c: Any, spec: QueueSpec, want: int, now: float
+    def _claim_queue(self, c: Any, service_id: str, spec: QueueSpec, want: int, now: float
                      ) -> tuple[list[int], float | None]:
         running = None
+        if spec.worker_concurrency is not None:
+            mine = self._x(c, "SELECT COUNT(*) FROM tasks WHERE queue = ? AND service = ? AND "
+                              "status = 'running'", (spec.name, service_id)).fetchone()[0]
+            want = min(want, spec.worker_concurrency - mine)
         if spec.concurrency is not None:
             running = self._x(c, "SELECT COUNT(*) FROM tasks WHERE queue = ? AND "
                                  "status = 'running'", (spec.name,)).fetchone()[0]
@@ -319,14 +347,17 @@ class SqlStore:
         after: tuple[int, int] | None = None
         page = max(64, want * CANDIDATES_PER_PICK)
         while len(picked) < want:
+            # SKIP LOCKED (PostgreSQL): the rows a cancel is changing are passed over, and
+            # those picked stay locked until the claim commits
             if after is None:
                 rows = self._x(c, "SELECT id, key, priority FROM tasks WHERE queue = ? AND "
-                                  "status = 'pending' ORDER BY priority DESC, id LIMIT ?",
-                               (spec.name, page)).fetchall()
+                                  "status = 'pending' ORDER BY priority DESC, id LIMIT ?"
+                               + self._skip_locked(), (spec.name, page)).fetchall()
             else:
                 rows = self._x(c, "SELECT id, key, priority FROM tasks WHERE queue = ? AND "
                                   "status = 'pending' AND (priority < ? OR (priority = ? AND "
-                                  "id > ?)) ORDER BY priority DESC, id LIMIT ?",
+                                  "id > ?)) ORDER BY priority DESC, id LIMIT ?"
+                               + self._skip_locked(),
                                (spec.name, after[0], after[0], after[1], page)).fetchall()
             for task_id, key, priority in rows:
                 if key is None or busy.get(key, 0) < limit:
@@ -342,45 +373,59 @@ class SqlStore:
 
     def _start(self, c: Any, spec: QueueSpec, service_id: str, ids: list[int], now: float
                ) -> list[ClaimedTask]:
+        # only still-pending rows start: the picks lock them in PostgreSQL, and this guard keeps
+        # the promise whatever a future pick does
         got: list[ClaimedTask] = []
         for chunk in _chunks(ids, 500):
             marks = ", ".join("?" * len(chunk))
             self._x(c, f"UPDATE tasks SET status = 'running', service = ?, "
                        f"attempts = attempts + 1, started_at = ?, "
-                       f"deadline = COALESCE(deadline, ? + timeout_s) WHERE id IN ({marks})",
-                    (service_id, now, now, *chunk))
+                       f"deadline = COALESCE(deadline, ? + timeout_s) WHERE id IN ({marks}) "
+                       f"AND status = 'pending'", (service_id, now, now, *chunk))
             for row in self._x(c, f"SELECT id, queue, function, payload, label, key, attempts, "
-                                  f"deadline FROM tasks WHERE id IN ({marks}) ORDER BY "
-                                  f"priority DESC, id", chunk).fetchall():
+                                  f"deadline FROM tasks WHERE id IN ({marks}) AND "
+                                  f"status = 'running' AND service = ? AND started_at = ? "
+                                  f"ORDER BY priority DESC, id",
+                               (*chunk, service_id, now)).fetchall():
                 deadline = row[7]
                 got.append(ClaimedTask(row[0], row[1], row[2], bytes(row[3]), row[4], row[5],
                                        row[6], None if deadline is None else deadline - now))
         if spec.rate_limit is not None:
             self._many(c, "INSERT INTO starts (queue, at) VALUES (?, ?)",
-                       [(spec.name, now)] * len(ids))
+                       [(spec.name, now)] * len(got))
         return got
 
     def _requeue_lost(self, c: Any, now: float) -> None:
+        # SKIP LOCKED (PostgreSQL): a dead service is put away by one claim; another claim
+        # doing the same at once skips it instead of counting its tasks' loss twice
         dead = [row[0] for row in self._x(
-            c, "SELECT id FROM services WHERE heartbeat_at < ?", (now - LEASE_S,)).fetchall()]
+            c, "SELECT id FROM services WHERE heartbeat_at < ?" + self._skip_locked(),
+            (now - LEASE_S,)).fetchall()]
         for service_id, pid, started in self._x(
                 c, "SELECT id, pid, proc_started FROM services WHERE host = ? AND "
-                   "heartbeat_at < ? AND heartbeat_at >= ?",
+                   "heartbeat_at < ? AND heartbeat_at >= ?" + self._skip_locked(),
                 (self.host, now - LOCAL_CHECK_AFTER_S, now - LEASE_S)).fetchall():
             if not _process_alive(pid, started):
                 dead.append(service_id)
         if not dead:
             return
         for service_id in dead:
-            self._x(c, "UPDATE tasks SET status = 'failed', service = NULL, finished_at = ?, "
-                       "lost = lost + 1, error_type = 'procqueue.errors.ServiceLostError', "
-                       "error_message = ?, error_traceback = '', error = NULL "
-                       "WHERE service = ? AND status = 'running' AND lost + 1 >= ?",
-                    (now, f"the worker service running it died {MAX_LOSSES} times",
-                     service_id, MAX_LOSSES))
-            self._x(c, "UPDATE tasks SET status = 'pending', service = NULL, lost = lost + 1 "
-                       "WHERE service = ? AND status = 'running'", (service_id,))
-            self._x(c, "DELETE FROM services WHERE id = ?", (service_id,))
+            self._put_back_lost(c, service_id, now)
+
+    def _put_back_lost(self, c: Any, service_id: str, now: float) -> int:
+        """Remove a service; its running tasks go back to pending, one loss more each, or
+        fail with ServiceLostError at MAX_LOSSES; how many went back."""
+        self._x(c, "UPDATE tasks SET status = 'failed', service = NULL, finished_at = ?, "
+                   "lost = lost + 1, error_type = 'procqueue.errors.ServiceLostError', "
+                   "error_message = ?, error_traceback = '', error = NULL "
+                   "WHERE service = ? AND status = 'running' AND lost + 1 >= ?",
+                (now, f"the worker service running it died {MAX_LOSSES} times",
+                 service_id, MAX_LOSSES))
+        requeued = self._x(c, "UPDATE tasks SET status = 'pending', service = NULL, "
+                              "lost = lost + 1 WHERE service = ? AND status = 'running'",
+                           (service_id,)).rowcount
+        self._x(c, "DELETE FROM services WHERE id = ?", (service_id,))
+        return max(int(requeued), 0)
 
     def record(self, service_id: str, outcomes: Sequence[Finished]) -> int:
         """Record finished attempts in one transaction; how many were still this service's
@@ -389,6 +434,8 @@ class SqlStore:
         successes = [f for f in outcomes if f.error is None]
         failures = [f for f in outcomes if f.error is not None]
         with self._write() as c:
+            successes.sort(key=lambda f: f.id)  # in id order: see _change
+            failures.sort(key=lambda f: f.id)
             applied = self._many(
                 c, "UPDATE tasks SET status = 'succeeded', result = ?, finished_at = ?, "
                    "seconds = ?, pid = ?, attempts = attempts + ? WHERE id = ? AND "
@@ -451,13 +498,15 @@ class SqlStore:
 
     def _change(self, ids: Sequence[int], text: str, *, with_time: bool) -> list[int]:
         now = time.time()
-        changed: list[int] = []
+        changed: set[int] = set()
         with self._write() as c:
-            for task_id in ids:
+            # rows changed in id order, as record changes them: in PostgreSQL a cancel and a
+            # record locking the same rows in opposite orders would deadlock
+            for task_id in sorted(set(ids)):
                 params = (now, task_id) if with_time else (task_id,)
                 if self._x(c, text, params).rowcount:
-                    changed.append(task_id)
-        return changed
+                    changed.add(task_id)
+        return [task_id for task_id in dict.fromkeys(ids) if task_id in changed]
 
     def prune(self, older_than_s: float) -> int:
         """Delete finished tasks that ended more than older_than_s ago; how many."""

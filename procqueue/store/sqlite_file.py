@@ -112,13 +112,17 @@ def _check_kind(db: sqlite3.Connection, path: str, kind: str, version: int,
         "SELECT name FROM sqlite_master WHERE type = 'table'")}
     if not present:
         return  # a new, empty file
-    if "meta" not in present or not tables <= present:
+    if "meta" not in present:
         raise StoreFormatError(f"{path} is an SQLite file but not a procqueue {kind} "
                                f"(tables: {', '.join(sorted(present))})")
     meta = read_meta(db, path)
     stored_kind = meta.get("kind", kind)  # files of before the kind stamp are of their kind
+    # the kind first: a journal opened as a queue is named so, not listed by its tables
     if stored_kind != kind:
         raise StoreFormatError(f"{path} is a procqueue {stored_kind}, not a {kind}")
+    if not tables <= present:
+        raise StoreFormatError(f"{path} is an SQLite file but not a procqueue {kind} "
+                               f"(tables: {', '.join(sorted(present))})")
     stored_version = int(meta.get("schema_version", version))
     if stored_version > version:
         raise StoreFormatError(f"{path} has format {stored_version}, newer than this "
