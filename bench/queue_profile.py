@@ -1,6 +1,6 @@
 """Where a procqueue worker service's time goes on tiny tasks (issue #21's 10,000 tasks/s):
 
-    python bench/queue_profile.py [--n 20000] [--target jobs.db | postgresql://...]
+    python bench/queue_profile.py [--n 20000] [--pg | --target jobs.db | postgresql://...]
 
 Enqueues N `queue_tasks.now` tasks in one enqueue_many, then drains them in this process with
 Pool(2).serve(until_idle=True), the service loop (this thread) under cProfile, and the store's
@@ -286,21 +286,41 @@ def target_kind(target: str) -> str:
     return "PostgreSQL" if target.startswith("postgres") else "SQLite"
 
 
+def stores(args: argparse.Namespace, scratch: Path, stack: contextlib.ExitStack) -> Any:
+    """The store of the service run, then the store-alone run's (fresh ones unless --target)."""
+    if args.target:
+        while True:
+            yield args.target
+    if not args.pg:
+        yield str(scratch / "jobs.db")
+        yield str(scratch / "alone.db")
+        return
+    from queue_bench import pg_database, postgres
+
+    server = stack.enter_context(postgres(True))
+    for name in ("qprofile_service", "qprofile_alone"):
+        yield stack.enter_context(pg_database(server, name))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=20_000)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--target", help="an SQLite file or postgresql:// URL (default: a temp file)")
+    p.add_argument("--pg", action="store_true",
+                   help="on a PostgreSQL server started for the run (pgserver), stopped after")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--batch", type=int, default=2048, help="the store-alone claim size")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="qbench-profile-"))
     try:
-        target = args.target or str(scratch / "jobs.db")
-        result = profile(target, args.n, args.jobs)
-        alone = store_report(args.target or str(scratch / "alone.db"), args.n, args.batch)
+        with contextlib.ExitStack() as stack:
+            targets = stores(args, scratch, stack)
+            target = next(targets)
+            result = profile(target, args.n, args.jobs)
+            alone = store_report(next(targets), args.n, args.batch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     text = report(result, target, args.top) + "\n" + "\n".join(alone)
