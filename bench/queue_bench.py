@@ -60,6 +60,7 @@ ROWS = ["tiny", "latency", "cpu"]
 WARM_UP_TASKS = 5  # latency: tasks run (untimed) before measuring, service start included
 PAUSE_S = (0.005, 0.025)  # latency: random pause before each enqueue
 CELL_TIMEOUT_S = 900.0
+LEFTOVER_GRACE_S = 2.0  # a cell's processes still alive this long after it exited are reported
 TARGETS = {"tiny_e2e_tasks_per_s": 10_000, "cpu_efficiency_gap": 0.03, "latency_median_ms": 10.0}
 
 
@@ -276,10 +277,10 @@ def fresh_process(argv: list[str], timeout_s: float) -> dict[str, Any]:
                                                       env.get("PYTHONPATH")]))
     proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    left: list[int] = []
+    left: list[str] = []
     try:
         out, err = proc.communicate(timeout=timeout_s)
-        left = group_members(proc.pid)
+        left = stragglers(proc.pid)
     except subprocess.TimeoutExpired:
         kill_group(proc.pid)
         proc.communicate()
@@ -288,8 +289,28 @@ def fresh_process(argv: list[str], timeout_s: float) -> dict[str, Any]:
         kill_group(proc.pid)
     result = parse_cell_output(proc.returncode, out, err)
     if left:
-        result["left_behind"] = len(left)
+        result["left_behind"] = left
     return result
+
+
+def stragglers(pgid: int, grace_s: float = LEFTOVER_GRACE_S) -> list[str]:
+    """The command lines of group pgid's processes still alive grace_s after its leader
+    exited (a pool's helper process may take a moment to see its parent gone)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        members = group_members(pgid)
+        if not members or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return [command_line(pid) for pid in members]
+
+
+def command_line(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return f"pid {pid}"
+    return f"pid {pid}: " + raw.replace(b"\0", b" ").decode(errors="replace").strip()[:160]
 
 
 def parse_cell_output(returncode: int, out: str, err: str) -> dict[str, Any]:
@@ -325,18 +346,34 @@ def kill_group(pgid: int) -> None:
 
 def run_rounds(args: argparse.Namespace, iterations: int, pg_uri: str | None
                ) -> list[dict[str, Any]]:
-    """Every cell once per round, in an order shuffled with a fixed seed per round."""
+    """Every cell once per round (the cpu cells --cpu-repeat times), row after row, the cells
+    of a row in an order shuffled with a fixed seed: the cells whose figures are compared run
+    seconds apart, not minutes."""
     rows = []
     specs = cell_specs(args, iterations)
+    index = 0
     for round_no in range(1, args.repeat + 1):
-        order = list(specs)
-        random.Random(round_no).shuffle(order)
-        for index, spec in enumerate(order):
-            row = run_spec({**spec, "round": round_no}, pg_uri, index)
-            row["loadavg_1min"] = os.getloadavg()[0]
-            print(progress_line(row), file=sys.stderr, flush=True)
-            rows.append(row)
+        for group in row_groups(specs, args.cpu_repeat):
+            random.Random(round_no * 100 + index).shuffle(group)
+            for spec in group:
+                index += 1
+                row = run_spec({**spec, "round": round_no}, pg_uri, index)
+                row["loadavg_1min"] = os.getloadavg()[0]
+                print(progress_line(row), file=sys.stderr, flush=True)
+                rows.append(row)
     return rows
+
+
+def row_groups(specs: list[dict[str, Any]], cpu_repeat: int) -> list[list[dict[str, Any]]]:
+    """The specs of each row, in ROWS order; the cpu row's cells as cpu_repeat groups."""
+    groups = []
+    for name in ROWS:
+        mine = [s for s in specs if s["row"] == name]
+        if not mine:
+            continue
+        for rep in range(cpu_repeat if name == "cpu" else 1):
+            groups.append([{**s, "rep": rep} for s in mine])
+    return groups
 
 
 def progress_line(row: dict[str, Any]) -> str:
@@ -353,20 +390,20 @@ def spread(rows: list[dict[str, Any]], row: str, system: str, key: str) -> dict[
 
 
 def derive_cpu(rows: list[dict[str, Any]], jobs: int) -> None:
-    """Efficiency of each cpu cell against the serial loop of its round, and the queue's
-    efficiency against each map of its round."""
-    serial = {r["round"]: r["wall_s"] for r in rows
-              if r["row"] == "cpu" and r["system"] == "serial" and "wall_s" in r}
-    by_round: dict[int, dict[str, dict[str, Any]]] = {}
+    """Each cpu cell's efficiency (its tasks' calibrated time / (workers x wall)), and the
+    queue's against each map of the same group (cells seconds apart): the ratio of their
+    walls, which no baseline's noise enters."""
+    groups: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
     for r in rows:
-        if r["row"] == "cpu" and "wall_s" in r and r["round"] in serial:
-            r["efficiency"] = serial[r["round"]] / (jobs * r["wall_s"])
-            by_round.setdefault(r["round"], {})[r["system"]] = r
-    for cells in by_round.values():
+        if r["row"] == "cpu" and "wall_s" in r:
+            work_s = r["tasks"] * r["task_ms"] / 1000
+            r["efficiency"] = work_s / ((1 if r["system"] == "serial" else jobs) * r["wall_s"])
+            groups.setdefault((r["round"], r.get("rep", 0)), {})[r["system"]] = r
+    for cells in groups.values():
         queue = cells.get("procqueue-queue")
         for peer in ("procqueue-map", "mp-map"):
             if queue and peer in cells:
-                queue[f"vs_{peer}"] = queue["efficiency"] / cells[peer]["efficiency"]
+                queue[f"vs_{peer}"] = cells[peer]["wall_s"] / queue["wall_s"]
 
 
 def fmt(stats: dict[str, float], digits: int = 0, scale: float = 1.0) -> str:
@@ -383,9 +420,9 @@ def errors_of(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         if "error" in r:
             notes.append(f"- {r['row']} / {r['system']} round {r['round']}: {r['error']}")
-        if r.get("left_behind"):
-            notes.append(f"- {r['row']} / {r['system']} round {r['round']}: "
-                         f"{r['left_behind']} process(es) left behind, killed")
+        for straggler in r.get("left_behind", []):
+            notes.append(f"- {r['row']} / {r['system']} round {r['round']}: left behind "
+                         f"(killed): `{straggler}`")
     return notes
 
 
@@ -434,8 +471,7 @@ def cpu_table(rows: list[dict[str, Any]]) -> list[str]:
                       and "tasks" in r), "")
         vs = spread(rows, "cpu", "procqueue-queue", f"vs_{s}")
         out.append(f"| {CPU_LABELS[s]} | {tasks} | {fmt(spread(rows, 'cpu', s, 'wall_s'), 3)} | "
-                   f"{fmt(spread(rows, 'cpu', s, 'efficiency'), 3) if s != 'serial' else ''} | "
-                   f"{fmt(vs, 3)  if vs else ''} |")
+                   f"{fmt(spread(rows, 'cpu', s, 'efficiency'), 3)} | {fmt(vs, 3) if vs else ''} |")
     return out
 
 
@@ -486,9 +522,14 @@ def report(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Names
                   "poll); DBOS polls every 10 ms.", ""]
     if "cpu" in args.rows:
         lines += [f"## CPU-bound {args.cpu_ms} ms tasks", "", *cpu_table(rows), "",
-                  "efficiency = serial loop time / (workers x wall), the serial loop timed in the "
-                  "same round; the queue's wall covers `enqueue_many` and `serve(until_idle=True)` "
-                  "on a pool already warmed up (as the maps' pools are).", ""]
+                  f"{args.cpu_repeat} groups of cells per round, each group's cells run one "
+                  "after the other in a shuffled order. efficiency = tasks x "
+                  f"{args.cpu_ms} ms / (workers x wall), {args.cpu_ms} ms being the fixed work's "
+                  "time on an idle core (the suite's calibration: the fastest of 15 probes); the "
+                  "serial loop's 'efficiency' is how fast the machine ran that work meanwhile "
+                  "(1 process). queue / this = this wall / the queue's wall in the same group. "
+                  "The queue's wall covers `enqueue_many` and `serve(until_idle=True)` on a pool "
+                  "already warmed up (as the maps' pools are).", ""]
     lines += ["## Issue #21's targets (medians of this run)", "", *targets(rows), ""]
     problems = errors_of(rows)
     if problems:
@@ -527,6 +568,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=200, help="latency samples per system")
     p.add_argument("--cpu-tasks", type=int, default=400)
     p.add_argument("--cpu-ms", type=int, default=10)
+    p.add_argument("--cpu-repeat", type=int, default=2, help="cpu cells per round (2)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3, help="rounds (3)")
     p.add_argument("--rows", default=",".join(ROWS))
