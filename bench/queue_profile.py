@@ -1,6 +1,8 @@
-"""Where a procqueue worker service's time goes on tiny tasks (issue #21's 10,000 tasks/s):
+"""Where a procqueue worker service's time goes on tiny tasks (issue #21's 10,000 tasks/s),
+or on tasks of a few ms of CPU (--ms: its efficiency against Pool.map):
 
     python bench/queue_profile.py [--n 20000] [--pg | --target jobs.db | postgresql://...]
+    python bench/queue_profile.py --n 400 --ms 10
 
 Enqueues N `queue_tasks.now` tasks in one enqueue_many, then drains them in this process with
 Pool(2).serve(until_idle=True), the service loop (this thread) under cProfile, and the store's
@@ -123,14 +125,18 @@ def workers_busy_s(pool: Any) -> float:
     return sum(w.busy_s for w in pool.stats().workers)
 
 
-def profile(target: str, n: int, jobs: int) -> dict[str, Any]:
+def profile(target: str, n: int, jobs: int, iterations: int) -> dict[str, Any]:
+    """The service's drain of n tasks: `now` (tiny), or `spin_now(iterations)` if > 0."""
     from procqueue import Pool, TaskQueue
 
     with TaskQueue(target) as tq, Pool(jobs) as pool:
         tq.define("bench")
         pool.map(queue_tasks.warm, range(4 * jobs))
         t0 = time.perf_counter()
-        handles = tq.enqueue_many(queue_tasks.now, range(n), queue="bench")
+        if iterations:
+            handles = tq.enqueue_many(queue_tasks.spin_now, [iterations] * n, queue="bench")
+        else:
+            handles = tq.enqueue_many(queue_tasks.now, range(n), queue="bench")
         enqueue_s = time.perf_counter() - t0
         timings = Timings()
         timings.wrap(tq.store)
@@ -155,11 +161,11 @@ def profile(target: str, n: int, jobs: int) -> dict[str, Any]:
             "profiler": profiler}
 
 
-def report(r: dict[str, Any], target: str, top: int) -> str:
+def report(r: dict[str, Any], target: str, top: int, kind: str) -> str:
     n, wall = r["n"], r["drain_s"]
     stats = io.StringIO()
     pstats.Stats(r["profiler"], stream=stats).sort_stats("tottime").print_stats(top)
-    lines = [f"# procqueue service on {n:,} tiny tasks ({target_kind(target)})", "",
+    lines = [f"# procqueue service on {n:,} {kind} tasks ({target_kind(target)})", "",
              f"`python bench/queue_profile.py {' '.join(sys.argv[1:])}` on "
              f"{time.strftime('%Y-%m-%dT%H:%M:%S')}; serve(until_idle=True) in the profiling "
              "process, 2 workers.", "",
@@ -286,6 +292,18 @@ def target_kind(target: str) -> str:
     return "PostgreSQL" if target.startswith("postgres") else "SQLite"
 
 
+def iterations_for(ms: int) -> int:
+    """Iterations of the suite's busy loop worth `ms` on an idle core (0: tiny tasks)."""
+    if not ms:
+        return 0
+    import harness
+    from cases import busy
+
+    calibration = harness.load_or_calibrate(HERE / "results" / "suite" / "calibration.json",
+                                            busy, False)
+    return ms * int(calibration["iterations_per_ms"])
+
+
 def stores(args: argparse.Namespace, scratch: Path, stack: contextlib.ExitStack) -> Any:
     """The store of the service run, then the store-alone run's (fresh ones unless --target)."""
     if args.target:
@@ -312,6 +330,8 @@ def main() -> None:
                    help="on a PostgreSQL server started for the run (pgserver), stopped after")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--batch", type=int, default=2048, help="the store-alone claim size")
+    p.add_argument("--ms", type=int, default=0,
+                   help="tasks of this many ms of fixed work (calibrated) instead of tiny ones")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="qbench-profile-"))
@@ -319,13 +339,14 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
             targets = stores(args, scratch, stack)
             target = next(targets)
-            result = profile(target, args.n, args.jobs)
-            alone = store_report(next(targets), args.n, args.batch)
+            result = profile(target, args.n, args.jobs, iterations_for(args.ms))
+            alone = [] if args.ms else store_report(next(targets), args.n, args.batch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    text = report(result, target, args.top) + "\n" + "\n".join(alone)
+    kind = f"{args.ms}ms" if args.ms else "tiny"
+    text = report(result, target, args.top, kind.replace("ms", " ms")) + "\n" + "\n".join(alone)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"queue_tiny_{target_kind(target).lower()}"
+    name = f"queue_{kind}_{target_kind(target).lower()}"
     (args.out / f"{name}.md").write_text(text)
     result["profiler"].dump_stats(str(args.out / f"{name}.pstats"))
     print(text)

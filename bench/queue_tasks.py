@@ -30,6 +30,13 @@ def spin(iterations: int) -> int:
     return acc & 0xFF
 
 
+def spin_now(iterations: int) -> float:
+    """spin(iterations), returning the wall clock at its start (when the task began)."""
+    started = time.time()
+    spin(iterations)
+    return started
+
+
 def warm(x: int) -> int:
     """Warm-up function (pools are warmed with another function than the measured one)."""
     return x
