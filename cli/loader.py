@@ -7,13 +7,12 @@ it, and each worker starts without importing anything of the command line.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import sys
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
+
+import procqueue
 
 
 @dataclass(frozen=True)
@@ -32,8 +31,7 @@ class ScriptFunction:
         key = (self.path, self.module, self.name)
         fn = _LOADED.get(key)
         if fn is None:
-            module = _import_file(self.path) if self.path else importlib.import_module(
-                self.module or "")
+            module = procqueue.FunctionRef(self.path or self.module or "", self.name).module()
             fn = getattr(module, self.name, None)
             if not callable(fn):
                 # The parent's source check passes names it cannot see (star imports,
@@ -67,27 +65,6 @@ class NamedArguments:
 
 
 _LOADED: dict[tuple[str | None, str | None, str], Callable[[Any], Any]] = {}
-
-
-def _import_file(path: str) -> Any:
-    """Import a script by path under a private module name (so __name__ != "__main__")."""
-    name = f"_user_script_{zlib.crc32(path.encode()):08x}"  # (zlib: hashlib costs ~3 ms)
-    if name in sys.modules:
-        return sys.modules[name]
-    directory = os.path.dirname(path)
-    if directory not in sys.path:
-        sys.path.insert(0, directory)  # the script may import its neighbours
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
 
 
 @dataclass(frozen=True)

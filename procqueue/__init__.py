@@ -56,6 +56,7 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers; loaded lazily at run
     from .results import TaskOutcome as TaskOutcome
     from .taskqueue import TaskQueue as TaskQueue
     from .taskqueue import TaskHandle as TaskHandle
+    from .stored_call import FunctionRef as FunctionRef
     from .store import TaskStatus as TaskStatus
     from .store import TaskRecord as TaskRecord
     from .service import ServiceSummary as ServiceSummary
@@ -98,6 +99,7 @@ _LAZY = {
     "TaskOutcome": "results",
     "TaskQueue": "taskqueue",
     "TaskHandle": "taskqueue",
+    "FunctionRef": "stored_call",
     "TaskStatus": "store",
     "TaskRecord": "store",
     "ServiceSummary": "service",
@@ -134,6 +136,6 @@ __all__ = [
     "ArgumentSerializationError", "ResultSerializationError", "RemoteError",
     "RemoteTraceback", "PoolBrokenError", "InitializerError", "PoolClosedError",
     "start_fork_server", "__version__",
-    "TaskQueue", "TaskHandle", "TaskStatus", "TaskRecord", "ServiceSummary", "StoreError",
-    "StoreFormatError", "StoreUnsafeError",
+    "TaskQueue", "TaskHandle", "FunctionRef", "TaskStatus", "TaskRecord", "ServiceSummary",
+    "StoreError", "StoreFormatError", "StoreUnsafeError",
 ]

@@ -80,10 +80,15 @@ class FunctionRef:
             _LOADED[key] = fn
         return fn
 
+    def module(self) -> Any:
+        """Import the script or module (once per process); its own exceptions propagate."""
+        if self.target.endswith(".py"):
+            return _import_script(self.target)
+        return importlib.import_module(self.target)
+
     def _load(self) -> Callable[..., Any]:
         try:
-            module = (_import_script(self.target) if self.target.endswith(".py")
-                      else importlib.import_module(self.target))
+            module = self.module()
         except FunctionNotFoundError:
             raise
         except Exception as exc:

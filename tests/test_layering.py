@@ -14,8 +14,8 @@ PACKAGE = ROOT / "procqueue"
 
 # module -> the procqueue modules it may import (top-down order of DESIGN.md)
 ALLOWED: dict[str, set[str]] = {
-    "__init__": {"taskqueue", "service", "store", "pool", "errors", "results", "limits",
-                 "journal", "trace", "report", "stats", "scheduler", "fork_server"},
+    "__init__": {"taskqueue", "service", "store", "stored_call", "pool", "errors", "results",
+                 "limits", "journal", "trace", "report", "stats", "scheduler", "fork_server"},
     "pool": {"service", "taskqueue", "supervisor", "config", "results", "tasks", "errors",
              "protocol", "chunking", "admission", "journal", "trace", "scheduler",
              "affinity", "limits", "backends", "calls"},
