@@ -32,10 +32,10 @@ from procqueue import HaltPolicy
 
 from .inputs import SEPARATORS, Inputs, collect_inputs, collect_named_inputs, group_inputs
 from .loader import NamedArguments, WorkerStart
-from .output import JobLog, RecordWriter, input_text, logged_seqs, record_of
+from .output import JobLog, RecordWriter, input_text, line_of, logged_seqs, record_of
 from .progress import Progress
-from .script import (ScriptError, check_arguments, check_keyword_arguments, function_identity,
-                     resolve_script)
+from .script import (ScriptError, check_arguments, check_keyword_arguments,
+                     format_1_function_identity, function_identity, resolve_script)
 
 EXIT_OK = 0  # every input succeeded
 EXIT_FAILURES = 1  # some inputs failed
@@ -530,11 +530,13 @@ class JournalUnusable(click.ClickException):
 def _open_journal(path: str, fn: Any, items: Inputs, retry_failed: bool, force: bool
                   ) -> procqueue.Journal:
     try:
-        journal = procqueue.Journal.open(path, function_identity=function_identity(fn),
-                                         force=force, retry_failed=retry_failed)
+        journal = procqueue.Journal.open(
+            path, function_identity=function_identity(fn),
+            former_identities=(format_1_function_identity(fn),), force=force,
+            retry_failed=retry_failed)
     except procqueue.JournalError as exc:  # busy, written by another script, not a journal
         raise JournalUnusable(str(exc)) from None
-    done = sum(journal.lookup(procqueue.Journal.key_of(item)) is not None for item in items)
+    done = sum(journal.lookup(key) is not None for key in procqueue.Journal.keys_of(items))
     if done:
         click.echo(f"resuming: {done} of {len(items)} inputs already done, "
                    f"{len(items) - done} to run", err=True)
@@ -564,15 +566,17 @@ def report_command(trace: str, output: str, title: str | None) -> None:
 @cli.command("journal", short_help="Summarise a run journal, or export its records.")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--export", is_flag=True,
-              help="Write every input's record as JSON Lines to stdout [default: a summary].")
+              help="Write every input's record to stdout as `procqueue map` wrote it (JSON "
+                   "Lines, the input as given) [default: a summary].")
 @click.option("--slowest", type=click.IntRange(min=0), default=10, show_default=True,
               metavar="N", help="List the N slowest inputs in the summary (0: none).")
 def journal_command(path: str, export: bool, slowest: int) -> None:
     """Summarise a run journal (done, failed, slowest inputs), or --export its results."""
     try:
         with procqueue.Journal.read(path) as journal:
-            if export:
-                journal.export_jsonl(sys.stdout)
+            if export:  # the records `procqueue map` wrote, the input as given
+                for outcome in journal.outcomes():
+                    sys.stdout.write(line_of(record_of(outcome)) + "\n")
             else:
                 click.echo(str(journal.summary(slowest=slowest)))
     except procqueue.JournalError as exc:

@@ -69,6 +69,8 @@ def error_of(error: BaseException | None) -> dict[str, Any]:
         else None
     if isinstance(error, procqueue.WorkerCrashedError):
         message = str(error)  # names the pid, exit code or signal
+    elif isinstance(error, procqueue.RemoteError):
+        message = error.remote_message  # what the task raised, without its type name again
     return {"type": _type_name(error), "message": message or str(error),
             "traceback": traceback}
 

@@ -30,14 +30,37 @@ class ScriptError(click.ClickException):
 
 
 def function_identity(fn: ScriptFunction) -> str:
-    """Changes when the script's source or the function name changes (journal checks)."""
+    """Changes when the script's code or the function name changes (journal checks): the
+    script's syntax tree, so a comment, a blank line or a moved function is no change."""
+    return _identity(_syntax_tree(_source_of(fn)), fn)
+
+
+def format_1_function_identity(fn: ScriptFunction) -> str:
+    """function_identity as procqueue computed it before, from the script's bytes: a journal
+    stamped with it is this script's if its bytes are unchanged (Journal.open's
+    former_identities)."""
+    return _identity(_source_of(fn), fn)
+
+
+def _identity(code: bytes, fn: ScriptFunction) -> str:
+    return hashlib.sha256(code + b"\0" + fn.describe().encode()).hexdigest()
+
+
+def _source_of(fn: ScriptFunction) -> bytes:
     if fn.path:
-        source = Path(fn.path).read_bytes()
-    else:
-        spec = importlib.util.find_spec(fn.module or "")
-        origin = spec.origin if spec else None
-        source = Path(origin).read_bytes() if origin and Path(origin).is_file() else b""
-    return hashlib.sha256(source + b"\0" + fn.describe().encode()).hexdigest()
+        return Path(fn.path).read_bytes()
+    spec = importlib.util.find_spec(fn.module or "")
+    origin = spec.origin if spec else None
+    return Path(origin).read_bytes() if origin and Path(origin).is_file() else b""
+
+
+def _syntax_tree(source: bytes) -> bytes:
+    """The code of a Python source, without comments, layout or line numbers (a compiled
+    module's bytes are kept as they are)."""
+    try:
+        return ast.dump(ast.parse(source)).encode()
+    except (SyntaxError, ValueError):
+        return source
 
 
 def resolve_script(script: str, fn_name: str | None) -> ScriptFunction:

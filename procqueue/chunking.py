@@ -49,6 +49,17 @@ class ChunkSizer:
             self.mean_task_s = EWMA_WEIGHT * mean + (1 - EWMA_WEIGHT) * self.mean_task_s
         self.observed_tasks += tasks
 
+    def with_target(self, target_s: float) -> "ChunkSizer":
+        """A sizer for one call whose batches hold at most about `target_s` of work, starting
+        from what this one measured (a journaled call: what a worker finished but has not
+        sent when the run dies is lost).  A fixed chunksize is the caller's: kept."""
+        if self.fixed is not None or target_s >= self.target_s:
+            return self
+        sizer = ChunkSizer(self.processes, target_s=target_s, max_tasks=self.max_tasks)
+        sizer.mean_task_s = self.mean_task_s
+        sizer.observed_tasks = self.observed_tasks
+        return sizer
+
     def next_size(self, queued: int, workers: int | None = None) -> int:
         """How many of the `queued` tasks the next batch should take (at least 1); `workers`
         overrides `processes` where their number changes (a Dask cluster)."""

@@ -925,19 +925,20 @@ class _JournaledCall:
     that commits the others' outcomes before reporting them."""
 
     def __init__(self, journal: Journal, job: Job) -> None:
-        from .journal import JournalingSink
+        from .journal import BATCH_WORK_S, InputKeys, JournalingSink
 
         self.journal = journal
+        # Short batches: what a worker finished is sent at a batch's end, and lost until then.
+        job.sizer = job.sizer.with_target(BATCH_WORK_S)
+        self.input_keys = InputKeys()  # a repeated input is a task of its own each time
         self.keys: dict[int, str] = {}
         self.sink = JournalingSink(job.sink, journal, key_of_task=lambda t: self.keys.pop(t.index))
         job.sink = self.sink
 
     def replayed(self, index: int, item: Any) -> bool:
-        """Report the journaled outcome of `item` if it has one (True), else remember its
-        key for the outcome to come (False)."""
-        from .journal import key_of
-
-        key = key_of(item)
+        """Report the journaled outcome of `item` (the call's next input, in input order) if
+        it has one (True), else remember its key for the outcome to come (False)."""
+        key = self.input_keys.next_key(item)
         stored = self.journal.lookup(key)
         if stored is None:
             self.keys[index] = key
@@ -970,10 +971,11 @@ class _JournalHolder:
         with self.lock:
             if self.journal is None:
                 assert self.path is not None
-                from .journal import Journal, function_identity
+                from .journal import Journal, format_1_function_identity, function_identity
 
-                self.journal = Journal.open(self.path,
-                                            function_identity=function_identity(func))
+                self.journal = Journal.open(
+                    self.path, function_identity=function_identity(func),
+                    former_identities=(format_1_function_identity(func),))
                 self.owned = True
         return _JournaledCall(self.journal, job)
 

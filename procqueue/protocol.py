@@ -168,15 +168,22 @@ FromWorker = Union[Ready, InitFailed, BatchResults, BlockResults]
 
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
-    """An exception on its way back from a worker: the exception itself when it survives a
-    pickle round trip, else a RemoteError, plus the traceback text in both cases."""
+    """An exception on its way back from a worker, as plain data the caller can always read:
+    the exception's own pickle (a RemoteError's when it does not survive a round trip in the
+    worker), read apart, because its class may not be importable in the caller (a class of a
+    script that only the workers import); and its type name, message and traceback text, from
+    which the caller makes a RemoteError when that pickle does not load there."""
 
-    exception: BaseException
+    exception: bytes
+    type_name: str
+    message: str
     traceback_text: str
 
 
 # Values of these exact types pickle and unpickle anywhere, cannot be mutated behind our back
 # and are cheap to copy: a Block carries only such inputs, and such results travel in one pickle.
+SCRIPT_MODULE_PREFIX = "_procqueue_script_"  # stored_call imports scripts under this name
+
 PRIMITIVE_TYPES = frozenset({int, float, bool, str, bytes, complex, type(None)})
 
 
@@ -620,20 +627,23 @@ def capture_exception(exc: BaseException) -> bytes:
     """
     _keep_user_frames(exc)
     tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    type_name, message = _qualified_type_name(exc), _safe_str(exc)
     exc_for_wire = _strip_traceback(exc)
     try:
-        data = dumps(ErrorInfo(exc_for_wire, tb_text))
-        loads(data)  # the loads-check: the parent must never receive undecodable bytes
-        return data
+        blob = dumps(exc_for_wire)
+        loads(blob)  # the loads-check: custom __init__ signatures fail here, not in the caller
     except Exception:
-        remote = RemoteError(_qualified_type_name(exc), _safe_str(exc), tb_text)
-        return dumps(ErrorInfo(remote, tb_text))
+        blob = dumps(RemoteError(type_name, message, tb_text))
+    return dumps(ErrorInfo(blob, type_name, message, tb_text))
 
 
 def restore_exception(data: bytes) -> BaseException:
     """Decode an ErrorInfo into the exception to raise in the caller, remote traceback chained."""
     info: ErrorInfo = loads(data)
-    exc = info.exception
+    try:
+        exc: BaseException = loads(info.exception)
+    except Exception:  # its class is not importable here: keep its name, message and text
+        exc = RemoteError(info.type_name, info.message, info.traceback_text)
     if exc.__cause__ is None:
         exc.__cause__ = remote_traceback(info.traceback_text)
     if isinstance(exc, TaskFailed) and isinstance(exc, RemoteError) and not exc.traceback_text:
@@ -674,8 +684,9 @@ def _strip_traceback(exc: BaseException) -> BaseException:
 def _qualified_type_name(exc: BaseException) -> str:
     cls = type(exc)
     module = cls.__module__
+    # a script's classes: the private module name a worker imports it under says nothing
     return (cls.__qualname__ if module in ("builtins", "__main__")
-            else f"{module}.{cls.__qualname__}")
+            or module.startswith(SCRIPT_MODULE_PREFIX) else f"{module}.{cls.__qualname__}")
 
 
 def _safe_str(exc: BaseException) -> str:

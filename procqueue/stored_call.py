@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 PICKLE_PROTOCOL = 5
+SCRIPT_MODULE_PREFIX = "_procqueue_script_"  # (protocol.py names a script's classes by it)
 
 
 class FunctionNotFoundError(LookupError):
@@ -117,7 +118,7 @@ def _lookup(module: Any, qualname: str) -> Any:
 def _import_script(path: str) -> Any:
     if not os.path.isfile(path):
         raise FunctionNotFoundError(f"no such script: {path}")
-    name = f"_procqueue_script_{zlib.crc32(path.encode()):08x}"
+    name = f"{SCRIPT_MODULE_PREFIX}{zlib.crc32(path.encode()):08x}"
     if name in sys.modules:
         return sys.modules[name]
     directory = os.path.dirname(path)

@@ -155,6 +155,22 @@ def test_failing_inputs_get_error_records_and_exit_1(tmp_path, batch):
 
 
 @pytest.mark.timeout(60)
+def test_an_exception_class_of_the_script_fails_only_its_input(tmp_path):
+    # The command never imports the script, so the class does not unpickle there: the error
+    # keeps the class's name, the message and the traceback, and the pool goes on.
+    script = tmp_path / "own.py"
+    script.write_text("class Mine(Exception):\n    pass\n\n\ndef process(x):\n"
+                      "    if x == '2':\n        raise Mine(f'bad {x}')\n    return x\n")
+    run = procqueue("map", script, ":::", "1", "2", "3")
+    assert run.returncode == 1
+    recs = {r["input"]: r for r in records(run.stdout)}
+    assert recs["1"]["ok"] and recs["3"]["ok"]
+    error = recs["2"]["error"]
+    assert (error["type"], error["message"]) == ("Mine", "bad 2")
+    assert "raise Mine(f'bad {x}')" in error["traceback"]
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("args,message", [
     (["missing.py", "IN"], "script not found"),
     (["BAD", "IN"], "syntax error"),
@@ -683,7 +699,8 @@ def test_journal_resumes_without_recomputing(tmp_path, batch):
     assert sorted(log.read_text().split()) == ["a.txt", "b.txt", "c.dat", "d.txt"]
     summary = procqueue("journal", db)
     assert "done: 4" in summary.stdout
-    script.write_text(COUNTING.format(log=str(log)) + "\n# changed\n")
+    script.write_text(COUNTING.format(log=str(log)).replace("return os.path.basename(path)",
+                                                            "return path"))
     changed = procqueue("map", script, inputs, "--journal", db)
     assert changed.returncode == 2 and "different function" in changed.stderr
 

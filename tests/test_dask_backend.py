@@ -510,7 +510,8 @@ def test_own_local_cluster_is_started_and_shut_down_with_the_pool() -> None:
 # the warning of a pool dropped while running).  Every other public or multiprocessing-
 # compatible name must be DaskPool's own (test below), so a name added to Pool must be sorted.
 INHERITED_FROM_POOL = {"apply", "map", "map_async", "starmap", "starmap_async", "imap",
-                       "imap_unordered", "options", "_state", "_repopulate_pool", "__del__"}
+                       "imap_unordered", "options", "_state", "_repopulate_pool", "__del__",
+                       "serve"}
 MULTIPROCESSING_NAMES = {"_pool", "_repopulate_pool", "_state", "_check_running", "__new__",
                          "__init__", "__reduce__", "__del__", "__repr__", "__enter__",
                          "__exit__"}
@@ -709,3 +710,17 @@ def test_connects_by_address_to_dask_scheduler_and_worker_commands(tmp_path: Pat
         if worker is not None:
             _stop(worker)
         _stop(scheduler)
+
+
+def test_a_worker_service_runs_a_durable_queue_on_the_cluster(pool: DaskPool, tmp_path) -> None:
+    # Scale-out of the durable queues: the same Pool.serve, its tasks run by Dask workers.
+    tasks = Path(__file__).with_name("queue_tasks.py")
+    tq = procqueue.TaskQueue(tmp_path / "jobs.db")
+    handles = tq.enqueue_many(f"{tasks}:square", range(12))
+    failing = tq.enqueue(f"{tasks}:fail", 5)
+    summary = pool.serve(tq, until_idle=True)
+    assert [h.get_result(timeout=30) for h in handles] == [x * x for x in range(12)]
+    with pytest.raises(ValueError, match="bad input 5"):
+        failing.get_result(timeout=30)
+    assert (summary.succeeded, summary.failed) == (12, 1)
+    tq.close()

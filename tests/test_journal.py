@@ -274,11 +274,11 @@ def test_a_result_is_committed_before_it_is_reported(db: str) -> None:
 
 
 @pytest.mark.timeout(20)
-def test_commits_are_batched(db: str) -> None:
+def test_commits_of_tiny_tasks_are_batched(db: str) -> None:
     with Journal.open(db, function_identity="f:1", flush_interval_s=0.2) as journal:
         sink = JournalingSink(Collector(), journal)
-        for i in range(1000):
-            task, ok, value = outcome_of(i, True, i)
+        for i in range(1000):  # 1 us each: 1 ms of compute in all, under FLUSH_COMPUTE_S
+            task, ok, value = outcome_of(i, True, i, seconds=1e-6)
             sink.deliver(task, ok, value)
         sink.close()
         stats = journal.statistics()
@@ -294,6 +294,20 @@ def test_outcome_is_reported_within_the_flush_interval_without_flush(db: str) ->
         task, ok, value = outcome_of(0, True, 0)
         sink.deliver(task, ok, value)
         assert reported.wait(5.0)
+
+
+@pytest.mark.timeout(20)
+def test_a_commit_follows_as_soon_as_one_worker_finished_enough_compute(db: str) -> None:
+    reported = threading.Event()
+    # A flush interval of 60 s: only the compute of the outcomes can make the commit now.
+    with Journal.open(db, function_identity="f:1", flush_interval_s=60.0,
+                      flush_compute_s=0.005) as journal:
+        sink = JournalingSink(Collector(lambda task, *_: task.index == 1 and reported.set()),
+                              journal)
+        sink.deliver(*outcome_of(0, True, 0, seconds=0.003, pid=7))
+        sink.deliver(*outcome_of(1, True, 1, seconds=0.003, pid=7))  # 6 ms of worker 7's
+        assert reported.wait(10.0)
+        assert journal.statistics().outcomes_committed == 2
 
 
 @pytest.mark.timeout(20)
@@ -347,10 +361,43 @@ def test_export_writes_one_json_line_per_input_in_index_order(db: str) -> None:
         assert reader.export_jsonl(out) == 6
     records = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [r["index"] for r in records] == [0, 1, 2, 3, 4, 5]
-    assert records[0] == {"index": 0, "input": "'in-0'", "ok": True, "result": [0, "x"],
+    assert records[0] == {"index": 0, "input": "in-0", "ok": True, "result": [0, "x"],
                           "error": None, "attempts": 1, "seconds": 0.01, "pid": 123}
     assert records[2]["ok"] is False and records[2]["error"]["type"] == "KeyError"
     assert records[5]["result"] == "{1, 2}"
+
+
+@pytest.mark.timeout(20)
+def test_outcomes_give_every_input_as_given_with_its_result_or_error(db: str) -> None:
+    from procqueue import TaskOutcome
+
+    with Journal.open(db, function_identity="f:1") as journal:
+        deliver_all(journal, [outcome_of(1, False, KeyError("k"), item=("b", 2)),
+                              outcome_of(0, True, {"r": 1}, item=("a", 1)),
+                              outcome_of(2, True, 4, item="x" * 100_000)])  # too big to keep
+    with Journal.read(db) as reader:
+        outcomes = list(reader.outcomes())
+    assert all(isinstance(o, TaskOutcome) for o in outcomes)
+    assert [(o.index, o.input, o.ok, o.value) for o in outcomes[:2]] == [
+        (0, ("a", 1), True, {"r": 1}), (1, ("b", 2), False, None)]
+    assert isinstance(outcomes[1].error, KeyError) and outcomes[1].attempts == 1
+    assert outcomes[2].input.startswith("'xxx") and outcomes[2].value == 4  # its repr
+
+
+@pytest.mark.timeout(20)
+def test_a_journal_of_format_1_gets_the_input_column_when_a_run_opens_it(db: str) -> None:
+    import pickle
+
+    version_1_journal(db, "f:1", [(Journal.key_of("a"), 0, "'a'", "done", 1, pickle.dumps(1),
+                                   None)])
+    with Journal.read(db) as reader:  # read-only: as it is
+        assert [(o.input, o.value) for o in reader.outcomes()] == [("'a'", 1)]
+    with Journal.open(db, function_identity="f:1") as journal:
+        deliver_all(journal, [outcome_of(1, True, 2, item="b")])
+    with Journal.read(db) as reader:
+        assert [(o.input, o.value) for o in reader.outcomes()] == [("'a'", 1), ("b", 2)]
+    meta = dict(sqlite3.connect(db).execute("SELECT name, value FROM meta").fetchall())
+    assert meta["schema_version"] == "2"
 
 
 @pytest.mark.timeout(20)
@@ -376,12 +423,137 @@ def test_a_file_that_is_not_a_journal_is_refused(tmp_path: Path) -> None:
         Journal.read(str(tmp_path / "missing.db"))
 
 
+# The tables a journal of procqueue before the shared store layer had: no kind row in meta.
+VERSION_1_SCHEMA = """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE outcomes (
+    id INTEGER PRIMARY KEY, key TEXT NOT NULL, khash INTEGER NOT NULL, idx INTEGER NOT NULL,
+    input_repr TEXT NOT NULL, state TEXT NOT NULL CHECK (state IN ('done', 'failed')),
+    attempts INTEGER NOT NULL, result BLOB, result_repr TEXT, error_type TEXT,
+    error_message TEXT, error_traceback TEXT, error BLOB, seconds REAL NOT NULL, pid INTEGER,
+    finished_at REAL NOT NULL, committed_at REAL NOT NULL, runs INTEGER NOT NULL);
+CREATE INDEX outcomes_by_idx ON outcomes (idx);
+"""
+
+
+def version_1_journal(path: str, identity: str, rows: list[tuple[Any, ...]]) -> None:
+    """A journal file as procqueue wrote it before the store layer; rows are
+    (key, idx, input_repr, state, attempts, result pickle, error_type)."""
+    db = sqlite3.connect(path)
+    db.executescript(VERSION_1_SCHEMA)
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [
+        ("schema_version", "1"), ("function_identity", identity), ("created_at", "0.0")])
+    for n, (key, idx, input_repr, state, attempts, result, error_type) in enumerate(rows, 1):
+        db.execute("INSERT INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, NULL, "
+                   "0.5, 99, 1.0, 1.0, 1)",
+                   (n, key, int(key[:15], 16), idx, input_repr, state, attempts, result,
+                    error_type, None if error_type is None else "message",
+                    None if error_type is None else "Traceback ...\n"))
+    db.commit()
+    db.close()
+    os.chmod(path, 0o644)
+
+
+@pytest.mark.timeout(20)
+def test_a_journal_of_before_the_store_layer_still_opens(db: str) -> None:
+    import pickle
+
+    version_1_journal(db, "f:1", [(Journal.key_of(7), 0, "7", "done", 1, pickle.dumps(49),
+                                   None)])
+    with Journal.read(db) as reader:
+        assert reader.summary().done == 1
+    with Journal.open(db, function_identity="f:1") as journal:
+        stored = journal.lookup(Journal.key_of(7))
+        assert stored is not None and stored.ok and stored.value == 49
+        deliver_all(journal, [outcome_of(8, True, 64)])
+    with Journal.read(db) as reader:
+        assert reader.summary().done == 2
+
+
+@pytest.mark.timeout(20)
+def test_inputs_an_older_journal_kept_failed_without_running_are_pending_again(db: str) -> None:
+    version_1_journal(db, "f:1", [
+        (Journal.key_of(1), 0, "1", "failed", 0, None, "procqueue.errors.TaskCancelledError"),
+        (Journal.key_of(2), 1, "2", "failed", 1, None, "ValueError"),
+        (Journal.key_of(3), 2, "3", "failed", 1, None, "procqueue.errors.InitializerError")])
+    with Journal.open(db, function_identity="f:1") as journal:
+        assert journal.lookup(Journal.key_of(1)) is None  # it never ran: run it
+        assert journal.lookup(Journal.key_of(3)) is None  # the script did not load: run it
+        stored = journal.lookup(Journal.key_of(2))
+        assert stored is not None and not stored.ok  # a real failure stays one
+
+
+@pytest.mark.timeout(20)
+def test_the_journal_is_a_private_file_of_the_store_layer(db: str) -> None:
+    from procqueue.errors import StoreFormatError, StoreUnsafeError
+    from procqueue.journal import JournalError
+
+    Journal.open(db, function_identity="f:1").close()
+    assert os.stat(db).st_mode & 0o777 == 0o600  # its pickles are code we would run
+    meta = dict(sqlite3.connect(db).execute("SELECT name, value FROM meta").fetchall())
+    assert meta["kind"] == "journal"
+    os.chmod(db, 0o666)
+    with pytest.raises(JournalError) as info:  # what the CLI and existing callers catch
+        Journal.open(db, function_identity="f:1")
+    assert isinstance(info.value, StoreUnsafeError) and "chmod go-w" in str(info.value)
+    junk = Path(db + ".junk")
+    junk.write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(StoreFormatError):  # a journal's format error is a store's
+        Journal.open(str(junk), function_identity="f:1")
+
+
+@pytest.mark.timeout(20)
+def test_a_queue_store_is_not_taken_for_a_journal(tmp_path: Path) -> None:
+    from procqueue.store import open_store
+
+    path = str(tmp_path / "jobs.db")
+    open_store(path).close()
+    with pytest.raises(JournalFormatError) as info:
+        Journal.open(path, function_identity="f:1")
+    assert "journal" in str(info.value)
+
+
 def test_keys_depend_on_the_input_content_only() -> None:
     assert Journal.key_of((1, "a")) == Journal.key_of((1, "a"))
     assert Journal.key_of(1) != Journal.key_of(1.0) != Journal.key_of("1")
     lock = threading.Lock()  # unpicklable: keyed by its repr
     assert Journal.key_of(lock) == Journal.key_of(lock)
     assert len(Journal.key_of(lock)) == 64
+
+
+def test_every_occurrence_of_a_repeated_input_has_a_key_of_its_own() -> None:
+    keys = Journal.keys_of(["a", "b", "a", "a", "b"])
+    assert len(set(keys)) == 5
+    assert keys[0] == Journal.key_of("a") and keys[1] == Journal.key_of("b")
+    assert Journal.keys_of(["b", "a", "a"]) == [keys[1], keys[0], keys[2]]  # k-th with k-th
+
+
+SCRATCH = """
+LIMIT = {limit}
+
+def clip(x):
+    return min(x, LIMIT)
+
+def process(x):
+    return clip(x) * 2
+"""
+
+
+def scratch_function(source: str) -> Any:
+    """`process` of a module that is not importable (cloudpickle copies it by value)."""
+    namespace: dict[str, Any] = {"__name__": "procqueue_scratch_module"}
+    exec(compile(source, "scratch.py", "exec"), namespace)
+    return namespace["process"]
+
+
+def test_function_identity_is_the_code_not_comments_or_lines() -> None:
+    base = function_identity(scratch_function(SCRATCH.format(limit=10)))
+    commented = "# a comment\n\n\n" + SCRATCH.format(limit=10).replace(
+        "def clip(x):", "# why we clip\ndef clip(x):  # see above")
+    assert function_identity(scratch_function(commented)) == base
+    assert function_identity(scratch_function(SCRATCH.format(limit=11))) != base  # a global
+    changed_helper = SCRATCH.format(limit=10).replace("min(x, LIMIT)", "max(x, LIMIT)")
+    assert function_identity(scratch_function(changed_helper)) != base
 
 
 def test_function_identity_changes_with_the_code() -> None:

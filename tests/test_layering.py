@@ -44,7 +44,10 @@ ALLOWED: dict[str, set[str]] = {
     "fork_server": set(),
     "tasks": {"errors", "protocol"},
     "stats": {"tasks"},
-    "journal": {"errors", "protocol", "tasks"},
+    # the batch journal is one of the stores: it opens and encodes through procqueue.store
+    "journal": {"errors", "protocol", "tasks", "results", "store", "code_identity"},
+    # what code a function runs, hashed for the journal's same-function check
+    "code_identity": {"protocol"},
     "trace": {"stats"},
     "report": {"stats"},
     "protocol": {"errors"},

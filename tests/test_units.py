@@ -97,6 +97,16 @@ def test_fixed_chunksize_is_respected():
     assert sizer.next_size(3) == 3
 
 
+def test_a_call_may_take_shorter_batches_from_what_was_measured():
+    # A journaled call: what a worker finished but has not sent is lost with the run.
+    sizer = ChunkSizer(2)
+    sizer.observe(100, 100 * 0.001)  # 1 ms tasks: 25 to a batch of TARGET_BATCH_S
+    short = sizer.with_target(0.010)
+    assert short.next_size(10_000) == 10 and sizer.next_size(10_000) == 25
+    fixed = ChunkSizer(2, fixed=50)
+    assert fixed.with_target(0.010) is fixed  # the caller's chunksize is kept
+
+
 @pytest.mark.parametrize("processes,fixed", [(0, None), (2, 0)])
 def test_chunker_rejects_bad_arguments(processes, fixed):
     with pytest.raises(ValueError):
