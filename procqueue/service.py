@@ -132,7 +132,8 @@ class QueueService:
             while not self.stop.is_set():
                 try:
                     self._drop_revoked()
-                    self._record_done()
+                    if self._record_done() and self._free() > 0:
+                        claim_due = True  # places are free once recorded, not before
                     now = time.monotonic()
                     if claim_due or now >= next_claim:
                         got_all, retry_in = self._claim()
@@ -156,8 +157,10 @@ class QueueService:
                             waker_fd = waker.fileno()
                             selector.register(waker_fd, selectors.EVENT_READ, "store")
                     else:
-                        self._wake_sent.clear()  # before draining: a later outcome writes again
+                        # Drain, then clear: a byte written between a clear and the drain would
+                        # be eaten with the flag left set, and no collector would write again.
                         _drain_pipe(self._pipe_r)
+                        self._wake_sent.clear()
                         claim_due = claim_due or self._free() > 0
         finally:
             selector.close()
@@ -298,7 +301,8 @@ class QueueService:
 
     # ---- recording --------------------------------------------------------------------------
 
-    def _record_done(self) -> None:
+    def _record_done(self) -> int:
+        """Record the outcomes that came in; how many."""
         finished, self._unrecorded = self._unrecorded, []
         while True:
             try:
@@ -308,7 +312,7 @@ class QueueService:
             if task.id in self._held:  # else revoked, or put back: not ours to record
                 finished.append(self._finished(task, outcome))
         if not finished:
-            return
+            return 0
         try:
             applied = self.store.record(self.id, finished)
         except Exception:
@@ -325,6 +329,7 @@ class QueueService:
                 self.summary.failed += 1
         if any(spec.limited for spec in self._specs.values()):
             self.store.notify()  # places freed under a shared limit: other services may claim
+        return len(finished)
 
     def _finished(self, task: ClaimedTask, outcome: Any) -> Finished:
         if isinstance(outcome, BaseException):
