@@ -6,6 +6,7 @@ Everything goes through procqueue.TaskQueue and Pool.serve: nothing here touches
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -115,9 +116,13 @@ def enqueue_command(store: str, script: str, inputs: tuple[str, ...], fn_name: s
                     queue: str, glob: str | None, lines_file: str | None,
                     timeout: float | None, priority: int, retries: int | None) -> None:
     """Queue SCRIPT's function once per input of INPUTS (files, directories, or after :::
-    the inputs themselves, as for `procqueue map`) in STORE, and print the tasks' ids."""
+    the inputs themselves, as for `procqueue map`) in STORE, and print the tasks' ids.  Files
+    are queued as absolute paths: the worker services may run in another directory."""
     fn = resolve_script(script, fn_name)
     items = collect_inputs(inputs, glob, lines_file)
+    if not lines_file and not any(word.startswith(":::") for word in inputs):
+        # files and directories' files: a worker service may run in another directory
+        items = [os.path.abspath(item) if isinstance(item, str) else item for item in items]
     if items:
         check_arguments(fn, len(items[0]) if isinstance(items[0], tuple) else 1)
     tq = open_queue(store, create=True)

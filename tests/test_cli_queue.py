@@ -136,3 +136,15 @@ def test_a_worker_stopped_by_sigterm_puts_its_tasks_back(work):
     assert worker.returncode == 0, err
     record = json.loads(procqueue("result", "jobs.db", ids[0], cwd=work).stdout)
     assert record["status"] == "pending" and record["attempts"] == 0
+
+
+def test_file_inputs_are_queued_as_absolute_paths_for_services_elsewhere(work):
+    (work / "inputs").mkdir()
+    (work / "inputs" / "a.txt").write_text("x")
+    ids = procqueue("enqueue", "jobs.db", "job.py:score", "inputs", cwd=work).stdout.split()
+    elsewhere = work / "elsewhere"
+    elsewhere.mkdir()
+    procqueue("worker", str(work / "jobs.db"), "-j", "1", "--until-idle", cwd=elsewhere)
+    record = json.loads(procqueue("result", "jobs.db", ids[0], cwd=work).stdout)
+    assert record["input"] == repr(str(work / "inputs" / "a.txt"))
+    assert record["result"] == len(str(work / "inputs" / "a.txt"))
