@@ -103,11 +103,13 @@ def worker_command(store: str, jobs: int | None, queues: tuple[str, ...], until_
               help="The function to call [default: the one SCRIPT:NAME names, else 'process'].")
 @click.option("--queue", default="default", show_default=True, metavar="NAME",
               help="The queue to add the tasks to.")
-@click.option("--glob", metavar="PATTERN", help="Only files matching PATTERN in directories.")
+@click.option("--glob", metavar="PATTERN",
+              help="Only files matching PATTERN in directories [default: every file].")
 @click.option("--lines", "-a", "lines_file", metavar="FILE",
-              help="Read one input per line of FILE.")
+              help="Read one input per line of FILE [default: none].")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              metavar="SECONDS", help="Kill a task running longer (start to completion).")
+              metavar="SECONDS",
+              help="Kill a task running longer (start to completion) [default: no timeout].")
 @click.option("--priority", type=int, default=0, show_default=True,
               help="Higher runs first; equal priorities run in enqueue order.")
 @click.option("--retries", type=click.IntRange(min=0), default=None, metavar="N",
@@ -139,13 +141,15 @@ def enqueue_command(store: str, script: str, inputs: tuple[str, ...], fn_name: s
 @store_argument
 @click.argument("queue")
 @click.option("--concurrency", type=click.IntRange(min=1), default=None, metavar="K",
-              help="At most K tasks of the queue running at once, across every service.")
+              help="At most K tasks of the queue running at once, across every service "
+                   "[default: no limit].")
 @click.option("--worker-concurrency", type=click.IntRange(min=1), default=None, metavar="K",
-              help="At most K running at once in each worker service.")
+              help="At most K running at once in each worker service [default: no limit].")
 @click.option("--rate", metavar="L/P", default=None,
-              help="At most L task starts in any P seconds, across every service ('50/30s').")
+              help="At most L task starts in any P seconds, across every service ('50/30s') "
+                   "[default: no limit].")
 @click.option("--key-concurrency", type=click.IntRange(min=1), default=None, metavar="K",
-              help="At most K running at once per task key.")
+              help="At most K running at once per task key [default: no limit].")
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
               metavar="N", help="Run a task again after a worker crash, N times.")
 def define_command(store: str, queue: str, concurrency: int | None,
@@ -218,7 +222,8 @@ def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
 @click.argument("task_id", type=int)
 @click.option("--wait", is_flag=True, help="Wait until the task has ended.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
-              help="With --wait: give up after SECONDS (exit code 3).")
+              help="With --wait: give up after SECONDS (exit code 3) [default: wait as long as "
+                   "it takes].")
 def result_command(store: str, task_id: int, wait: bool, timeout: float | None) -> None:
     """Print task TASK_ID's record as one JSON line: status, input, result or error, attempts.
     Exit code 1 if the task failed or was cancelled."""
@@ -251,7 +256,8 @@ def cancel_command(store: str, task_ids: tuple[int, ...]) -> None:
 @click.argument("task_ids", nargs=-1, type=int)
 @click.option("--failed", "all_failed", is_flag=True,
               help="Every failed task of the store (or of --queue).")
-@click.option("--queue", default=None, metavar="NAME", help="With --failed: of this queue.")
+@click.option("--queue", default=None, metavar="NAME",
+              help="With --failed: of this queue [default: every queue].")
 def retry_command(store: str, task_ids: tuple[int, ...], all_failed: bool,
                   queue: str | None) -> None:
     """Put failed or cancelled tasks TASK_IDS back in their queue, to run from scratch."""
@@ -287,7 +293,8 @@ def _change(store: str, task_ids: tuple[int, ...], done: str, change: Any) -> No
 @click.command("prune", short_help="Delete tasks that ended long ago.")
 @store_argument
 @click.option("--older-than", required=True, metavar="DURATION",
-              help="Delete tasks that ended before this long ago: 90s, 15m, 12h, 7d, 2w.")
+              help="Delete tasks that ended before this long ago: 90s, 15m, 12h, 7d, 2w "
+                   "[default: none, it is required].")
 def prune_command(store: str, older_than: str) -> None:
     """Delete the succeeded, failed and cancelled tasks of STORE that ended before
     --older-than; pending and running tasks are never pruned."""
