@@ -144,3 +144,17 @@ def store_target(request, tmp_path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "queue.db")
     return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium driven over the DevTools protocol (tests/cdp_browser.py), for the
+    dashboard's tests; CI installs it (.ci/install-browser), elsewhere its absence skips."""
+    from cdp_browser import CHROMIUM, Browser
+
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/install-browser should have done it")
+        pytest.skip("needs headless Chromium: run .ci/install-browser (as root)")
+    with Browser(str(tmp_path / "profile")) as b:
+        yield b

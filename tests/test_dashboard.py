@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -20,7 +19,6 @@ from typing import Iterator
 
 import pytest
 
-from cdp_browser import CHROMIUM, Browser
 from procqueue import TaskQueue
 from procqueue.dashboard.guard import Guard
 
@@ -112,16 +110,6 @@ def dashboard(store: Path) -> Iterator[Served]:
         yield served
     finally:
         served.stop()
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Browser]:
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed: .ci/install-browser should have done it")
-        pytest.skip("needs headless Chromium: run .ci/install-browser (as root)")
-    with Browser(str(tmp_path / "profile")) as b:
-        yield b
 
 
 class Worker:

@@ -5,7 +5,6 @@ failures; figures that agree with the pool's own; bounded memory however long th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from cdp_browser import CHROMIUM, Browser
 from procqueue import Dashboard, Pool, TaskEvent, utilisation
 from procqueue.dashboard.batch_view import FAILURES_KEPT, TIMELINE_EVENTS, BatchView
 
@@ -94,16 +92,6 @@ def test_a_long_batch_keeps_bounded_buffers():
     assert len(snapshot["throughput"]["series"]) <= 300 / 2 + 1
     assert len(snapshot["failures"]) == FAILURES_KEPT
     assert snapshot["failures"][0]["input"] == "19990"  # newest first
-
-
-@pytest.fixture
-def browser(tmp_path):
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed: .ci/install-browser should have done it")
-        pytest.skip("needs headless Chromium: run .ci/install-browser (as root)")
-    with Browser(str(tmp_path / "profile")) as b:
-        yield b
 
 
 def test_map_dashboard_shows_workers_their_tasks_and_the_timeline_live(tmp_path: Path, browser):

@@ -553,13 +553,7 @@ class SqlStore:
 
     def ids(self, status: TaskStatus | None = None, queue: str | None = None,
             limit: int = 1000) -> list[int]:
-        where, params = [], []
-        if status is not None:
-            where.append("status = ?")
-            params.append(str(status))
-        if queue is not None:
-            where.append("queue = ?")
-            params.append(queue)
+        where, params = self._task_filter(status, queue, None)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         return [row[0] for row in self._read(f"SELECT id FROM tasks{clause} ORDER BY id "
                                              f"LIMIT ?", (*params, limit))]
