@@ -1,7 +1,7 @@
 """Issue #21's performance part: procqueue's durable task queue against huey and DBOS, side by
 side in one run.
 
-    python bench/queue_bench.py                        # every row, 3 rounds (~5 min on 2 cores)
+    python bench/queue_bench.py                        # every row, 3 rounds (~13 min on 2 cores)
     python bench/queue_bench.py --n 2000 --dbos-n 200 --samples 50 --cpu-tasks 100 --repeat 1
     python bench/queue_bench.py --rows tiny --systems procqueue-sqlite,huey
 
