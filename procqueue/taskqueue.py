@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from dataclasses import replace
 from typing import Any, Callable, Iterable, Sequence
 
 from .errors import TaskCancelledError
@@ -166,14 +165,14 @@ class TaskQueue:
         """One task per item, fn(item) (or fn(*item) with star=True), in one transaction;
         ``key`` maps an item to its concurrency key."""
         ref = str(FunctionRef.of(fn))
-        template = self._new_task(ref, (), {}, queue=queue, timeout=timeout,
-                                  priority=priority, retries=retries)  # checks the options once
+        t = self._new_task(ref, (), {}, queue=queue, timeout=timeout, priority=priority,
+                           retries=retries)  # checks the options once
         tasks = []
-        for item in items:
+        for item in items:  # (NewTask directly: dataclasses.replace costs ~10 us an item)
             args = tuple(item) if star else (item,)
-            tasks.append(replace(template, payload=pack_arguments(args, {}),
-                                 label=_label(args, {}),
-                                 key=None if key is None else str(key(item))))
+            tasks.append(NewTask(t.queue, t.function, pack_arguments(args, {}),
+                                 _label(args, {}), None if key is None else str(key(item)),
+                                 t.priority, None, t.timeout_s, t.retries))
         return [TaskHandle(self, task_id) for task_id in self.store.enqueue(tasks)]
 
     def _new_task(self, function: str, args: tuple[Any, ...], kwargs: dict[str, Any], *,
