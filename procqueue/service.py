@@ -42,7 +42,7 @@ from .taskqueue import TaskQueue
 
 POLL_S = 0.25  # claim again this often without a wake-up (others' tasks ending free limits)
 SPECS_REFRESH_S = 1.0  # re-read the queues' definitions (new queues, changed limits)
-FEED_S = 0.05  # hold enough tasks to keep each worker busy this long between claims
+FEED_S = 0.5  # hold enough tasks to keep each worker busy this long between claims
 MAX_DEPTH = 1024  # but at most this many per worker
 MIN_DEPTH = 2
 STORE_RETRY_S = 1.0  # a store that failed (busy, unreachable) is tried again this often
@@ -92,7 +92,8 @@ class QueueService:
         self._specs: dict[str, QueueSpec] = {}
         self._specs_at = 0.0
         self._rotation = 0
-        self._mean_s = 0.01  # measured run time per task (seeded at 10 ms)
+        self._mean_s = 1.0  # measured run time per task: seeded long, so a first claim of
+        # unknown tasks takes MIN_DEPTH per worker, not a pile other services could run
         self._iterators: list[Any] = []
         self._batch_of: dict[int, tuple[Any, list[ClaimedTask]]] = {}  # task id -> its call
         self._revoked: queue_module.SimpleQueue[set[int]] = queue_module.SimpleQueue()
@@ -132,12 +133,12 @@ class QueueService:
             while not self.stop.is_set():
                 try:
                     self._drop_revoked()
-                    if self._record_done() and self._free() > 0:
+                    if self._record_done() and self._worth_claiming():
                         claim_due = True  # places are free once recorded, not before
                     now = time.monotonic()
                     if claim_due or now >= next_claim:
                         got_all, retry_in = self._claim()
-                        claim_due = got_all and self._free() > 0
+                        claim_due = got_all and self._worth_claiming()
                         next_claim = now + (POLL_S if retry_in is None
                                             else min(POLL_S, retry_in))
                         if (self.until_idle and not self._held and not got_all
@@ -161,7 +162,7 @@ class QueueService:
                         # be eaten with the flag left set, and no collector would write again.
                         _drain_pipe(self._pipe_r)
                         self._wake_sent.clear()
-                        claim_due = claim_due or self._free() > 0
+                        claim_due = claim_due or self._worth_claiming()
         finally:
             selector.close()
 
@@ -196,6 +197,15 @@ class QueueService:
 
     def _free(self) -> int:
         return self._capacity(self._specs) - len(self._held)
+
+    def _worth_claiming(self) -> bool:
+        """Free places enough for a claim: any, under a limit (a place held back is a task
+        that waits); else half the places, so that one claim, one call into the pool and one
+        collector serve many tasks (per task they cost a worker ~1 ms of its CPU)."""
+        free = self._free()
+        if any(spec.limited for spec in self._specs.values()):
+            return free > 0
+        return free > 0 and free * 2 >= self._capacity(self._specs)
 
     def _wants(self, specs: dict[str, QueueSpec]) -> dict[str, int]:
         free = self._capacity(specs) - len(self._held)
