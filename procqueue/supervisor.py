@@ -48,7 +48,7 @@ from .scheduler import FailureKind, RetryPolicy, Scheduler
 from .stats import TaskEvent
 from .blocks import BlockRouter, Outcome, decode, explode_slot
 from .task_book import TaskBook
-from .timeouts import look_again_at, task_deadline, timeout_of, timing_task
+from .timeouts import task_deadline, timeout_of, timing_task, wake_times
 from .tasks import Block, Job, Task, TaskState
 from .worker_slots import Batch, Slot, SlotPhase, WorkerSlots
 
@@ -722,8 +722,7 @@ class Supervisor:
             out.append(slot.kill_deadline)
             if slot.phase is SlotPhase.DEAD and self._should_have_worker():
                 out.append(slot.respawn_at)
-            out.append(task_deadline(slot))
-            out.append(look_again_at(slot))
+            out.extend(wake_times(slot))
         return out
 
     def _on_deadlines(self, now: float) -> None:

@@ -60,29 +60,33 @@ def timing_task(slot: Slot) -> "tuple[Task, float] | None":
 def task_deadline(slot: Slot) -> float | None:
     """The monotonic time the task `slot` runs (or is stuck before) times out; None if it
     has no timeout or the slot runs nothing."""
+    return wake_times(slot)[0]
+
+
+def wake_times(slot: Slot) -> tuple[float | None, float | None]:
+    """(the task's deadline, when to look at the slot again before it) in one reading of the
+    slot: the supervisor asks for both on every turn of its loop, for every slot."""
     timing = timing_task(slot)
     if timing is None:
-        return None
+        return None, None
     task, started = timing
     timeout_s = timeout_of(task)
     if timeout_s is None:
-        return None
-    if slot.loading_function():  # (a warm-up, or the task's own function first)
+        return None, None
+    loading = slot.loading_function()
+    if loading:  # (a warm-up, or the task's own function first)
         timeout_s += FUNCTION_LOAD_GRACE_S  # its clock starts once its function is loaded
-    return started + timeout_s
+    running = slot.current_task()
+    marked = running is not None and running[0] == task.id and not loading
+    # Not marked started (or loading): nothing wakes the supervisor when its clock starts
+    # (the worker says nothing until the task finishes), so it looks again soon.
+    return started + timeout_s, None if marked else time.monotonic() + LOOK_AGAIN_S
 
 
 def look_again_at(slot: Slot) -> float | None:
     """When to look at a slot again whose task with a timeout has no clock of its own yet (its
-    worker loads its function, or has not marked it started): the clock starts then, and
-    nothing else wakes the supervisor (the worker says nothing until the task finishes)."""
-    timing = timing_task(slot)
-    if timing is None or timeout_of(timing[0]) is None:
-        return None
-    running = slot.current_task()
-    if running is not None and running[0] == timing[0].id and not slot.loading_function():
-        return None  # marked started: its deadline is its own
-    return time.monotonic() + LOOK_AGAIN_S
+    worker loads its function, or has not marked it started); None if it needs no look."""
+    return wake_times(slot)[1]
 
 
 def _median(values: "deque[float]") -> float:
