@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from process_checks import wait_gone
+
 PROCQUEUE = shutil.which("procqueue")
 
 SCRIPT = """
@@ -605,9 +607,7 @@ def test_ctrl_c_writes_finished_records_and_leaves_no_process(tmp_path, presses)
     assert sum(r["ok"] for r in recs) >= 4, (recs, err)
     assert "Traceback" not in err
     assert len(recs) == 20  # every input accounted for (ok, killed or never started)
-    time.sleep(0.5)
-    assert not [pid for pid in workers if psutil.pid_exists(pid)
-                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert wait_gone(workers, 2) == []
 
 
 DRAINED = """
@@ -643,9 +643,7 @@ def test_sighup_lets_running_tasks_finish_and_starts_no_other(tmp_path):
     assert all(recs[i]["attempts"] == 0 for i in set(recs) - started)  # never started
     assert "Traceback" not in err
     pids = [int((log / name).read_text()) for name in started]
-    time.sleep(0.5)
-    assert not [pid for pid in pids if psutil.pid_exists(pid)
-                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert wait_gone(pids, 2) == []
 
 
 @pytest.mark.timeout(90)
@@ -759,9 +757,7 @@ def test_sigterm_kills_running_tasks_now_and_exits_143(tmp_path):
     recs = records(out)
     assert len(recs) == 12 and sum(r["ok"] for r in recs) == 4
     assert "Traceback" not in err
-    time.sleep(0.5)
-    assert not [pid for pid in workers if psutil.pid_exists(pid)
-                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert wait_gone(workers, 2) == []
 
 
 @pytest.mark.timeout(60)
@@ -840,9 +836,7 @@ def test_first_ctrl_c_lets_running_tasks_finish_and_cancels_the_rest(tmp_path):
     for rec in recs:
         if rec["input"] not in starts:
             assert rec["attempts"] == 0 and rec["error"]["type"] == "TaskCancelledError"
-    time.sleep(0.5)
-    assert not [pid for _, pid in starts.values() if psutil.pid_exists(pid)
-                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert wait_gone((pid for _, pid in starts.values()), 2) == []
 
 
 @pytest.mark.timeout(60)

@@ -15,6 +15,8 @@ import time
 import psutil
 import pytest
 
+from process_checks import wait_gone
+
 pytest.importorskip("distributed")
 
 PROCQUEUE = shutil.which("procqueue")
@@ -72,9 +74,7 @@ def test_cluster_local_n_runs_the_batch_in_n_dask_worker_processes(batch):
     recs = check_batch_records(run, inputs)
     pids = {r["result"]["pid"] for r in recs if r["ok"]}
     assert 1 <= len(pids) <= 2 and run_pid_not_in(pids)
-    time.sleep(0.5)
-    assert not [pid for pid in pids if psutil.pid_exists(pid)
-                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]  # cluster shut down
+    assert wait_gone(pids, 5) == []  # the cluster was shut down
 
 
 def run_pid_not_in(pids):

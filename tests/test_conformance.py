@@ -36,12 +36,14 @@ import pickle
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import psutil
 import pytest
+
+from process_checks import wait_gone
 from conftest import dask_worker_pids, stray_children
 
 TestFn = TypeVar("TestFn", bound=Callable[..., None])
@@ -291,22 +293,6 @@ def _wait_for_files(directory: Path, pattern: str, count: int,
         files = sorted(directory.glob(pattern))
         if len(files) >= count or time.monotonic() > deadline:
             return files
-        time.sleep(0.02)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return True
-
-
-def _wait_gone(pids: Iterable[int], timeout_s: float) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alive = [pid for pid in pids if not _gone(pid)]
-        if not alive or time.monotonic() > deadline:
-            return alive
         time.sleep(0.02)
 
 
@@ -793,7 +779,7 @@ def test_context_exit_terminates_running_work(pool_cls: PoolFactory, tmp_path: P
     # __exit__ calls terminate(): a 60 s task must not hold it up.
     assert time.monotonic() - start < 5
     assert not result.ready() or not result.successful()
-    assert _wait_gone([worker_pid], 5) == []
+    assert wait_gone([worker_pid], 5) == []
     with pytest.raises(ValueError):
         pool.map(square, [1])
     pool.join()
@@ -810,7 +796,7 @@ def test_terminate_stops_running_work_promptly(pool_cls: PoolFactory, tmp_path: 
     pool.terminate()
     pool.join()
     assert time.monotonic() - start < 5
-    assert _wait_gone([worker_pid], 5) == []
+    assert wait_gone([worker_pid], 5) == []
 
 
 @pool_owns_workers
@@ -819,7 +805,7 @@ def test_join_after_close_returns_workers_gone(pool_cls: PoolFactory) -> None:
     pids = set(pool.map(getpid_task, range(10), 1))
     pool.close()
     pool.join()
-    assert _wait_gone(pids, 5) == []
+    assert wait_gone(pids, 5) == []
 
 
 # ---------------------------------------------------------------------------------------------

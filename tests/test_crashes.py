@@ -32,6 +32,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from process_checks import wait_gone
+
 N = 20  # inputs per row
 BAD = 7  # the faulty input
 DETECT_BOUND_S = 5.0  # generous: RELIABILITY.md promises <= 1 s, bench/ measures that
@@ -348,7 +350,7 @@ def test_fault_fails_only_its_task(fault, api, tmp_shared):
 
         # the crashed (or timed-out) worker is gone and replaced; the same pool runs new work
         if fault in CRASH_FAULTS or fault == "hang":
-            assert _wait_gone([fault_pid], 3) == [], f"worker {fault_pid} still alive"
+            assert wait_gone([fault_pid], 3) == [], f"worker {fault_pid} still alive"
         assert pool.map(square, range(10)) == [x * x for x in range(10)]
         assert pool.apply_async(square, (6,)).get(timeout=20) == 36
         assert pool.submit(square, 7).result(timeout=20) == 49
@@ -563,22 +565,6 @@ def _supervisor_script(main: str, shape: str) -> str:
     return _SCRIPT_COMMON + main
 
 
-def _gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def _wait_gone(pids, timeout_s):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alive = [pid for pid in pids if pid is not None and not _gone(pid)]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.02)
-
-
 def _start_script(tmp_path, source, directory):
     script = tmp_path / "supervisor_script.py"
     script.write_text(textwrap.dedent(source))
@@ -638,8 +624,8 @@ def test_sigkilled_supervisor_leaves_no_worker_behind(tmp_path, tmp_shared, shap
         assert len(workers) == 2, workers
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        alive_workers = _wait_gone(workers, 3.0)
-        alive_children = _wait_gone(grandchildren, 3.0)
+        alive_workers = wait_gone(workers, 3.0)
+        alive_children = wait_gone(grandchildren, 3.0)
         assert alive_workers == [], "workers alive 3 s after the supervisor was SIGKILLed"
         assert alive_children == [], "tasks' subprocesses alive 3 s after the supervisor died"
         time.sleep(1.0)
@@ -647,7 +633,7 @@ def test_sigkilled_supervisor_leaves_no_worker_behind(tmp_path, tmp_shared, shap
         assert started_after == started_before, "a task started after the supervisor died"
         assert not list(Path(tmp_shared).glob("finished-*"))
         # the rest of the tree (fork server, resource tracker) winds down too
-        assert _wait_gone(descendants, 10.0) == []
+        assert wait_gone(descendants, 10.0) == []
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -683,8 +669,8 @@ def test_sigint_reaches_the_caller_in_map_and_leaves_no_worker(tmp_path, tmp_sha
         assert "GOT-KEYBOARDINTERRUPT" in out, (out, err[-3000:])
         assert proc.returncode == 130, (proc.returncode, err[-3000:])
         assert took < DETECT_BOUND_S, f"exit took {took:.2f} s after SIGINT"
-        assert _wait_gone(workers, 2.0) == [], "workers alive after the caller exited"
-        assert _wait_gone(grandchildren, 2.0) == [], "tasks' subprocesses alive after exit"
+        assert wait_gone(workers, 2.0) == [], "workers alive after the caller exited"
+        assert wait_gone(grandchildren, 2.0) == [], "tasks' subprocesses alive after exit"
         assert len(list(Path(tmp_shared).glob("worker-*"))) == started_before, \
             "a task started after SIGINT"
         assert "Traceback" not in err, f"tracebacks printed on Ctrl-C:\n{err[-3000:]}"

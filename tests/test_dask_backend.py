@@ -21,8 +21,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
+
+from process_checks import wait_gone
 from conftest import dask_worker_pids, stray_children
 
 distributed = pytest.importorskip("distributed")
@@ -499,8 +500,7 @@ def test_own_local_cluster_is_started_and_shut_down_with_the_pool() -> None:
         assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]
         pids = _worker_pids(pool.client)
         assert len(pids) == 2 and os.getpid() not in pids
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                   for p in pids)
+    assert wait_gone(pids, 5) == []
 
 
 # ---- a DaskPool is a procqueue.Pool ------------------------------------------------------------

@@ -14,6 +14,8 @@ import time
 import psutil
 import pytest
 
+from process_checks import living, wait_gone
+
 from procqueue import Pool, TaskCancelledError, WorkerCrashedError
 
 
@@ -220,16 +222,6 @@ def _children_of_me():
             if "forkserver" not in " ".join(p.cmdline())]
 
 
-def _alive(pids):
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("how", ["terminate", "close_join", "context_exit", "garbage"])
@@ -237,7 +229,7 @@ def test_no_worker_outlives_the_pool(how):
     pool = Pool(2)
     pool.map(square, range(10))
     pids = [w.pid for w in pool.stats().workers]
-    assert len(_alive(pids)) == 2
+    assert len(living(pids)) == 2
     if how == "terminate":
         pool.terminate()
     elif how == "close_join":
@@ -250,10 +242,7 @@ def test_no_worker_outlives_the_pool(how):
         with pytest.warns(ResourceWarning, match="unclosed running multiprocessing pool"):
             del pool  # as multiprocessing.Pool, a running pool dropped says so
             gc.collect()
-    deadline = time.monotonic() + 3
-    while _alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert _alive(pids) == []
+    assert wait_gone(pids, 3) == []
 
 
 @pytest.mark.timeout(30)
@@ -365,10 +354,7 @@ def test_interpreter_exit_with_a_running_pool_is_prompt_and_leaves_no_worker(tmp
     assert time.monotonic() - started < 0.5 + 5.0
     pids = [int(p) for p in run.stdout.split()]
     assert len(pids) == 2
-    deadline = time.monotonic() + 2
-    while _alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert _alive(pids) == []
+    assert wait_gone(pids, 2) == []
 
 
 _SIGTERM_SCRIPT = """
@@ -398,10 +384,7 @@ def test_sigterm_of_the_supervisor_leaves_no_worker(tmp_path):
     assert len(pids) == 2
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=10)
-    deadline = time.monotonic() + 2  # the workers notice their supervisor is gone
-    while _alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert _alive(pids) == []
+    assert wait_gone(pids, 2) == []  # the workers notice their supervisor is gone
 
 
 def _breaking_input():
@@ -472,9 +455,7 @@ def test_start_fork_server_early_then_a_pool_uses_it_and_nothing_outlives_the_pr
     assert run.returncode == 0, run.stderr
     pids = [int(p) for p in run.stdout.split()]
     assert len(pids) == 3
-    alive = [pid for pid in pids if psutil.pid_exists(pid)
-             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-    assert not alive  # the server is stopped and waited for at exit
+    assert living(pids) == []  # the server is stopped and waited for at exit
 
 
 def _double(x):
@@ -533,8 +514,7 @@ def test_exit_after_start_fork_server_does_not_hang_on_a_forked_child(tmp_path):
         returncode = proc.wait(timeout=50)
         took = time.monotonic() - started
         child, server = (int(p) for p in pid_file.read_text().split())
-        server_left = psutil.pid_exists(server) \
-            and psutil.Process(server).status() != psutil.STATUS_ZOMBIE
+        server_left = bool(living([server]))
     finally:
         for pid in [int(pid_file.read_text().split()[0])] if pid_file.exists() else []:
             try:

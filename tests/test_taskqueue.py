@@ -12,8 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+
+from process_checks import wait_gone
 
 import procqueue
 from procqueue import Pool, TaskQueue, TaskStatus
@@ -339,9 +340,7 @@ def test_cancelling_a_running_task_kills_its_process_and_the_service_goes_on(tq,
             _wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60, "the task to run")
             pid = int(pid_file.read_text())
             assert tq.cancel(handle) == [handle.id]
-            _wait_for(lambda: not psutil.pid_exists(pid)
-                      or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10,
-                      "the cancelled task's process to die")
+            assert wait_gone([pid], 10) == [], "the cancelled task's process is alive"
             after = tq.enqueue(ref("square"), 4)
             assert after.get_result(timeout=30) == 16
         finally:
