@@ -83,6 +83,7 @@ class WorkerStats:
     rss_bytes: int  # resident memory, as last reported
     task: str | None = None  # a short repr of the input it runs now; None: idle
     task_s: float | None = None  # how long that task has been running
+    task_input: Any = None  # that input itself (a worker service maps it to its stored task)
 
 
 @dataclass(frozen=True)
@@ -882,12 +883,13 @@ class WorkerProcess:
 def _worker_stats(slot: Any) -> WorkerStats:
     w = slot.statistics()
     running = slot.running_input()
-    task, task_s = None, None
+    task, task_s, task_input = None, None, None
     if running is not None:
-        task = short_repr(running[0], RUNNING_REPR_CHARS)
+        task_input = running[0]
+        task = short_repr(task_input, RUNNING_REPR_CHARS)
         task_s = max(time.monotonic() - running[1], 0.0)
     return WorkerStats(w.slot, w.pid, w.cpus, w.tasks_done, w.busy_s, w.idle_s, w.restarts,
-                       w.last_exit, w.rss_bytes, task, task_s)
+                       w.last_exit, w.rss_bytes, task, task_s, task_input)
 
 
 def _pids(pool: Pool) -> list[int | None]:

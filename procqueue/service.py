@@ -10,7 +10,8 @@
     record(outcomes) ◄── one transaction per wake-up ◄── done
     wait: selector over the store's waker (an enqueue), the wake-up pipe (an outcome),
           and the next poll or rate-limit time
-    heartbeat thread: refreshes the lease every HEARTBEAT_S
+    heartbeat thread: refreshes the lease every HEARTBEAT_S, with a report of the workers
+          (pid, stored task running, CPU, memory, restarts) every WORKERS_REPORT_S
 
 How many tasks a service holds: with a limited queue, at most one per free worker (a task held
 here is one another service cannot run); otherwise enough to keep the workers fed between two
@@ -37,6 +38,7 @@ from .errors import (TaskFailed, TaskTimeoutError, WorkerCrashedError, remote_tr
                      remote_traceback_text)
 from .store import HEARTBEAT_S, ClaimedTask, Finished, QueueSpec, StoredError
 from .store.codec import error_columns
+from .process_meter import ProcessMeter
 from .stored_call import call_stored
 from .taskqueue import TaskQueue
 
@@ -46,6 +48,7 @@ FEED_S = 0.5  # hold enough tasks to keep each worker busy this long between cla
 MAX_DEPTH = 1024  # but at most this many per worker
 MIN_DEPTH = 2
 STORE_RETRY_S = 1.0  # a store that failed (busy, unreachable) is tried again this often
+WORKERS_REPORT_S = 1.0  # the heartbeat carries the workers' figures this often (dashboards)
 
 
 class OutcomePool(Protocol):
@@ -252,7 +255,7 @@ class QueueService:
             # Chunks of at most a quarter of the batch per worker: a batch of a few long tasks
             # must spread over the workers, not run one after another in a single chunk.
             outcomes = self.pool.imap_outcomes(
-                call_stored, [(t.function, t.payload) for t in batch], ordered=False,
+                call_stored, [(t.function, t.payload, t.id) for t in batch], ordered=False,
                 star=True, chunksize=max(1, len(batch) // (4 * self.jobs)), **options)
             self._iterators.append(outcomes)
             for task in batch:
@@ -359,9 +362,15 @@ class QueueService:
     # ---- the lease --------------------------------------------------------------------------
 
     def _beat(self) -> None:
+        meter, reported_at = ProcessMeter(), 0.0
         while not self.stop.wait(HEARTBEAT_S):
             try:
-                if not self.store.heartbeat(self.id):
+                workers = None
+                if time.monotonic() - reported_at >= WORKERS_REPORT_S:
+                    reported_at = time.monotonic()
+                    with contextlib.suppress(Exception):  # the lease matters, the figures not
+                        workers = self._workers_report(meter)
+                if not self.store.heartbeat(self.id, workers):
                     # Declared dead (paused past the lease): our tasks were given to others;
                     # stop, and let whoever runs us start a fresh service.
                     self.stop.set()
@@ -369,6 +378,29 @@ class QueueService:
                 self._check_still_held()
             except Exception:
                 continue  # a busy store: the next beat tries again within the lease
+
+    def _workers_report(self, meter: ProcessMeter) -> list[dict[str, Any]] | None:
+        """The pool's workers as a dashboard shows them; None for a pool without per-worker
+        statistics."""
+        stats = getattr(self.pool, "stats", None)
+        if stats is None:
+            return None
+        workers = stats().workers
+        report = []
+        for w in workers:
+            cpu, rss = meter.measure(w.pid)
+            running = w.task_input
+            task_id = running[2] if isinstance(running, tuple) and len(running) == 3 else None
+            held = self._held.get(task_id) if task_id is not None else None
+            report.append({
+                "slot": w.slot, "pid": w.pid, "task": task_id,
+                "label": None if held is None else held.label,  # (_held: read, atomic)
+                "task_started_at": None if w.task_s is None else time.time() - w.task_s,
+                "cpu_percent": None if cpu is None else round(cpu, 1),
+                "rss_bytes": rss or w.rss_bytes, "tasks_done": w.tasks_done,
+                "restarts": w.restarts, "last_exit": w.last_exit})
+        meter.keep_only(w.pid for w in workers)
+        return report
 
 
 def _attributed(error: BaseException, task: ClaimedTask, pid: int | None,

@@ -141,8 +141,10 @@ def pack_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     return pickle.dumps((args, kwargs), PICKLE_PROTOCOL)
 
 
-def call_stored(function: str, payload: bytes) -> bytes:
-    """Run a stored task in a worker: its function on its arguments; the result's pickle."""
+def call_stored(function: str, payload: bytes, task_id: int | None = None) -> bytes:
+    """Run a stored task in a worker: its function on its arguments; the result's pickle.
+    ``task_id`` is not used here: it travels with the call so that the pool's statistics
+    show which stored task each worker runs (service.py's report of its workers)."""
     fn = _LOADED.get(function) or FunctionRef.parse(function).resolve()
     args, kwargs = pickle.loads(payload)
     result = fn(*args, **kwargs)

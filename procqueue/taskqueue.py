@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 from .errors import TaskCancelledError
 from .limits import Rate
 from .store import (NewTask, QueueCounts, QueueSpec, ServiceRecord, SqlStore, TaskRecord,
+                    TimelineEntry,
                     TaskStatus, open_store)
 from .store.codec import rebuild_error, short_repr
 from .stored_call import FunctionRef, pack_arguments
@@ -234,6 +235,11 @@ class TaskQueue:
         if not bucket_s > 0:
             raise ValueError(f"bucket_s must be > 0, not {bucket_s!r}")
         return self.store.throughput(since, bucket_s)
+
+    def timeline(self, since: float, limit: int = 1000) -> list[TimelineEntry]:
+        """The last ``limit`` task attempts that ended since ``since`` (epoch seconds) in a
+        worker process, newest first, with when and in which process each ran."""
+        return self.store.timeline(since, limit)
 
     def busy_keys(self, queue: str, limit: int = 5) -> list[tuple[str, int]]:
         """The keys of ``queue`` with the most running tasks: (key, running), most first."""

@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import pytest
 
 from procqueue import TaskQueue
@@ -38,6 +39,13 @@ def first_run_fails(marker):
         open(marker, "w").close()
         raise RuntimeError(f"first run fails: {marker}")
     return "second run ok"
+
+def hold(path):
+    """Runs until the file at path exists (a minute at most)."""
+    deadline = time.time() + 60
+    while not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.05)
+    return os.getpid()
 '''
 
 
@@ -206,6 +214,39 @@ def test_a_failed_tasks_traceback_shows_and_retry_runs_it_again(store, dashboard
     assert page.wait_for(f"document.querySelector('{row}') === null")
     assert page.wait_for(f"document.querySelector('#tasks tr.task[data-task-id=\"{task_id}\"]')"
                          f"?.dataset.status === 'succeeded'")
+
+
+WORKER_ROW_OF_TASK = """Array.from(document.querySelectorAll('#workers tbody tr'))
+    .map((tr) => Array.from(tr.children).map((td) => td.textContent))
+    .find((cells) => cells[2].startsWith('#%d ')) || null"""
+TIMELINE_BARS = """Array.from(document.querySelector('#timeline canvas')?.bars || [])
+    .map((b) => [b.outcome, b.event[4], b.event[0]])"""
+
+
+def test_the_workers_and_the_timeline_show_which_process_runs_which_task(
+        store, dashboard, browser, worker):
+    release = store.parent / "release"
+    (task_id,) = enqueue(store, "hold", str(release))
+    page = browser.open(dashboard.url)
+    # the worker running it: named by its service, with the task's id and input, its pid
+    cells = page.wait_for(WORKER_ROW_OF_TASK % task_id)
+    name, pid, task = cells[0], int(cells[1]), cells[2]
+    assert name.endswith(f"{worker.proc.pid} · worker 0") or \
+        name.endswith(f"{worker.proc.pid} · worker 1"), cells
+    assert str(release) in task
+    assert worker.proc.pid in [p.pid for p in psutil.Process(pid).parents()]
+    # on the timeline: a running bar in that worker's row
+    assert page.wait_for(f"({TIMELINE_BARS}).some(([outcome, label, row]) => "
+                         f"outcome === 'running' && label.startsWith('#{task_id} ') && "
+                         f"row === {pid})")
+    release.touch()
+    # once it ends: an ok bar of it in the same row, and its worker idle
+    assert page.wait_for(f"({TIMELINE_BARS}).some(([outcome, label, row]) => "
+                         f"outcome === 'ok' && label.startsWith('#{task_id} ') && "
+                         f"row === {pid})")
+    assert page.wait_for(f"({WORKER_ROW_OF_TASK % task_id}) === null")
+    with TaskQueue(store, create=False) as tq:
+        assert tq.handle(task_id).get_result(timeout=10) == pid
 
 
 def test_cancel_on_a_pending_task_cancels_it(store, dashboard, browser):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from procqueue import Dashboard, TaskQueue, TaskStatus
+from procqueue import Dashboard, Pool, TaskQueue, TaskStatus
+from procqueue.dashboard.store_view import StoreView
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -123,6 +124,26 @@ def test_the_dashboard_stays_responsive_with_100000_tasks(tmp_path):
     # into Python; the snapshot's aggregates scan in SQL and pace the sampler (broadcast.py)
     assert max(took, took_deep, took_failed) < 5, (took, took_deep, took_failed)
     assert took_snapshot < 10, took_snapshot
+
+
+def test_the_store_timeline_draws_each_outcome_in_its_workers_row(tq):
+    ok = tq.enqueue(f"{TASKS}:square", 3)
+    failed = tq.enqueue(f"{TASKS}:fail", 4)
+    crashed = tq.enqueue(f"{TASKS}:crash", 5)
+    timed_out = tq.enqueue(f"{TASKS}:sleep_forever", 6, timeout=0.5)
+    with Pool(2, retries=0) as pool:
+        pool.serve(tq, until_idle=True)
+    view = StoreView(tq)
+    try:
+        timeline = view.snapshot()["timeline"]
+    finally:
+        view.close()
+    outcomes = {int(e[4].split()[0][1:]): e[3] for e in timeline["events"]}
+    assert outcomes == {ok.id: "ok", failed.id: "error", crashed.id: "crash",
+                        timed_out.id: "timeout"}
+    pids = {e[0] for e in timeline["events"]}
+    assert set(timeline["slots"]) == pids  # a row per worker process that ran one
+    assert all(timeline["labels"][str(pid)] == f"pid {pid}" for pid in pids)
 
 
 def test_a_store_that_cannot_be_read_is_said_not_fatal(tmp_path):

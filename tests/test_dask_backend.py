@@ -604,6 +604,10 @@ def test_every_pool_method_works_on_a_dask_pool_or_is_its_own(client: Any) -> No
             assert stats.state == "run" and stats.tasks_succeeded >= 16
             assert stats.workers and all(isinstance(w, procqueue.WorkerStats)
                                          for w in stats.workers)
+            # each worker's address and threads in their own fields (an idle worker runs no
+            # task: its task fields stay empty)
+            assert all(w.address.startswith("tcp://") and w.nthreads >= 1 and w.task is None
+                       and w.task_s is None for w in stats.workers), stats.workers
         assert pool.client is client
         assert pool._state == multiprocessing.pool.RUN and pool._pool == []
         pool._repopulate_pool()  # nothing to refill: Dask replaces its own workers

@@ -21,7 +21,9 @@ ALLOWED: dict[str, set[str]] = {
              "protocol", "chunking", "admission", "journal", "trace", "scheduler",
              "affinity", "limits", "backends", "calls"},
     # a worker service of a durable TaskQueue: runs stored tasks in a pool (duck-typed)
-    "service": {"taskqueue", "store", "stored_call", "errors"},
+    "service": {"taskqueue", "store", "stored_call", "process_meter", "errors"},
+    # CPU and memory of worker processes, for those who watch them (psutil only)
+    "process_meter": set(),
     # durable queues: calls -> stored tasks, stored outcomes -> results
     "taskqueue": {"store", "stored_call", "limits", "errors"},
     # what a worker runs for a stored task; light, no procqueue imports
@@ -194,8 +196,9 @@ def test_dask_backend_modules_import_only_modules_below_them(module: str) -> Non
 
 
 # The dashboard sits on top: it reads what the public layers offer (a TaskQueue, a pool's
-# statistics and event stream, the report's colours) and nothing below imports it.
-DASHBOARD_USES = {"taskqueue", "store", "stats", "report", "errors"}
+# statistics and event stream, the report's colours, the process meter) and nothing below
+# imports it.
+DASHBOARD_USES = {"taskqueue", "store", "stats", "report", "process_meter", "errors"}
 
 
 def test_the_dashboard_reads_only_the_layers_it_shows() -> None:

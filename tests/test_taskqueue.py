@@ -351,6 +351,82 @@ def test_cancelling_a_running_task_kills_its_process_and_the_service_goes_on(tq,
         handle.get_result()
 
 
+# ---- what dashboards read: the services' workers, the timeline ------------------------------
+
+def test_a_service_reports_each_worker_and_the_stored_task_it_runs(tq, tmp_path):
+    pid_file = tmp_path / "pid"
+    handle = tq.enqueue(ref("write_pid_then_sleep"), str(pid_file))
+    stop = threading.Event()
+    with Pool(2) as pool:
+        service = threading.Thread(target=pool.serve, args=(tq,), kwargs={"stop": stop})
+        service.start()
+        try:
+            _wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60, "the task to run")
+            pid = int(pid_file.read_text())
+
+            def running_report():
+                return next((w for s in tq.services() for w in s.workers
+                             if w["task"] == handle.id), None)
+            _wait_for(running_report, 10, "a report naming the running task")
+            report = running_report()
+            (record,) = tq.services()
+            assert report["pid"] == pid and record.pid == os.getpid()
+            assert str(pid_file) in report["label"]
+            assert report["task_started_at"] <= time.time()
+            assert report["rss_bytes"] > 0 and report["restarts"] == 0
+            assert sorted(w["slot"] for w in record.workers) == [0, 1]
+            assert {w["pid"] for w in record.workers} == {w.pid for w in pool.stats().workers}
+            tq.cancel(handle)
+            _wait_for(lambda: running_report() is None, 10, "the report to show it gone")
+        finally:
+            stop.set()
+            service.join(30)
+    assert tq.services() == []
+
+
+def test_the_timeline_has_each_finished_attempt_where_and_when_it_ran(tq):
+    since = time.time()
+    handles = tq.enqueue_many(ref("span"), [(i, 0.1) for i in range(6)], star=True)
+    failing = tq.enqueue(ref("fail"), 7)
+    drain(tq)
+    entries = {e.id: e for e in tq.timeline(since)}
+    assert set(entries) == {h.id for h in handles} | {failing.id}
+    for h in handles:
+        _, start, end, pid = h.get_result(timeout=5)
+        e = entries[h.id]
+        assert e.pid == pid and e.status is TaskStatus.SUCCEEDED and e.error is None
+        assert e.finished_at >= end and abs((e.finished_at - e.started_at) - (end - start)) < 0.05
+    assert entries[failing.id].error == "ValueError: bad input 7"
+    assert entries[failing.id].error_type == "ValueError"
+    assert [e.id for e in tq.timeline(since, limit=2)] == \
+        [e.id for e in sorted(entries.values(), key=lambda e: -e.finished_at)][:2]
+
+
+def test_a_store_made_before_the_workers_report_is_brought_up_to_date(tq):
+    tq.close()
+    _drop_services_column(tq.target, "workers")
+    with TaskQueue(tq.target) as reopened:  # opening adds the column back
+        reopened.store.register_service("s1", [], 2)
+        assert reopened.store.heartbeat("s1", [{"slot": 0, "pid": 1, "task": None}])
+        (record,) = reopened.services()
+        assert record.workers == ({"slot": 0, "pid": 1, "task": None},)
+
+
+def _drop_services_column(target: str, column: str) -> None:
+    if target.startswith("postgresql://"):
+        import psycopg
+        with psycopg.connect(target, autocommit=True) as conn:
+            conn.execute(f"ALTER TABLE procqueue.services DROP COLUMN {column}")
+    else:
+        import sqlite3
+        conn = sqlite3.connect(target)
+        try:
+            conn.execute(f"ALTER TABLE services DROP COLUMN {column}")
+            conn.commit()
+        finally:
+            conn.close()
+
+
 def test_a_store_that_fails_for_a_while_loses_no_outcome(tq, monkeypatch, capfd):
     handles = tq.enqueue_many(ref("square"), range(20))
     record, failures = tq.store.record, []

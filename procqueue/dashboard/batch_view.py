@@ -17,8 +17,7 @@ import threading
 import time
 from typing import Any, Protocol, Sequence
 
-import psutil
-
+from ..process_meter import ProcessMeter
 from ..report import COLOURS
 from ..stats import TaskEvent, Utilisation
 
@@ -53,7 +52,7 @@ class BatchView:
         self._last_end: float | None = None
         self._slots: set[int] = set()
         self._started = time.time()
-        self._processes: dict[int, psutil.Process] = {}  # pid -> process, for CPU use
+        self._meter = ProcessMeter()
 
     def attach(self, pool: WatchedPool) -> None:
         self.pool = pool
@@ -127,33 +126,13 @@ class BatchView:
             return []
         rows = []
         for w in stats.workers:
-            cpu, rss = self._measure(w.pid)
+            cpu, rss = self._meter.measure(w.pid)
             rows.append({"slot": w.slot, "pid": w.pid, "task": w.task, "task_s": w.task_s,
                          "cpu_percent": cpu, "rss_bytes": rss or w.rss_bytes,
                          "tasks_done": w.tasks_done, "restarts": w.restarts,
                          "last_exit": w.last_exit})
-        self._forget_processes({w.pid for w in stats.workers})
+        self._meter.keep_only(w.pid for w in stats.workers)
         return rows
-
-    def _measure(self, pid: int | None) -> tuple[float | None, int | None]:
-        """The worker's CPU use since the previous snapshot (None at the first: psutil
-        measures between two calls) and its resident memory now (the pool's figure is the
-        one its worker last reported, after a task)."""
-        if pid is None:
-            return None, None
-        process = self._processes.get(pid)
-        try:
-            if process is None:
-                process = self._processes[pid] = psutil.Process(pid)
-                process.cpu_percent(None)
-                return None, int(process.memory_info().rss)
-            return float(process.cpu_percent(None)), int(process.memory_info().rss)
-        except psutil.Error:
-            return None, None
-
-    def _forget_processes(self, alive: set[int | None]) -> None:
-        for pid in [p for p in self._processes if p not in alive]:
-            del self._processes[pid]
 
 
 def _window(elapsed_s: float) -> float:

@@ -221,8 +221,10 @@
   }
 
   function renderWorkers(workers) {
+    // a store's workers are named by service (host · service pid · slot); a pool's by slot
     sync($("workers").tBodies[0], workers.map((w) => el("tr", {dataset: {slot: w.slot}},
-      el("td", {text: `worker ${w.slot}`}), el("td", {class: "num", text: w.pid ?? "–"}),
+      el("td", {text: w.name ?? `worker ${w.slot}`}),
+      el("td", {class: "num", text: w.pid ?? "–"}),
       el("td", {class: "input", text: w.task ?? "idle"}),
       el("td", {class: "num", text: w.task_s === null ? "" : fmtDuration(w.task_s)}),
       el("td", {class: "num", text: w.cpu_percent === null ? "–" : `${Math.round(w.cpu_percent)}%`}),
@@ -326,7 +328,8 @@
     g.font = "11px system-ui, sans-serif";
     g.fillStyle = muted;
     g.textAlign = "start"; // the context keeps its state between redraws
-    slots.forEach((s, i) => g.fillText(`worker ${s}`, 0, i * TIMELINE_ROW + 15));
+    const labels = timeline.labels || {}; // a store's rows are worker processes, by pid
+    slots.forEach((s, i) => g.fillText(labels[s] ?? `worker ${s}`, 0, i * TIMELINE_ROW + 15));
     for (const frac of [0, 0.25, 0.5, 0.75, 1]) {
       const t = start + frac * span;
       g.fillStyle = line;
@@ -340,7 +343,7 @@
       const [slot, t0, t1, outcome] = event;
       const left = x(Math.max(t0, start));
       // a failure is often instantaneous: keep it visible
-      const w = Math.max(x(t1) - left, outcome === "ok" ? 1 : 4);
+      const w = Math.max(x(t1) - left, outcome === "ok" || outcome === "running" ? 1 : 4);
       const top = rowOf.get(slot) * TIMELINE_ROW + 3;
       g.fillStyle = colours[outcome] || "#999";
       g.fillRect(left, top, Math.max(w - 0.5, 0.5), TIMELINE_ROW - 6);
@@ -366,7 +369,8 @@
       tip.hidden = !bar;
       if (bar) {
         const [, t0, t1, outcome, label, attempt, pid, error] = bar.event;
-        tip.textContent = `${label} — ${fmtDuration(t1 - t0)}, attempt ${attempt}, ` +
+        const tries = attempt === null ? "" : `, attempt ${attempt}`; // (running: not known)
+        tip.textContent = `${label} — ${fmtDuration(t1 - t0)}${tries}, ` +
           `${outcome}${error ? `: ${error}` : ""} (pid ${pid})`;
         tip.style.left = `${Math.min(px + 12, box.width - 260)}px`;
         tip.style.top = `${py + 14}px`;

@@ -16,7 +16,9 @@ import concurrent.futures
 import time
 from typing import Any, Callable, TypeVar
 
-from ..store import QueueCounts, ServiceRecord, TaskRecord, TaskStatus
+from ..report import COLOURS
+from ..store import (QueueCounts, ServiceRecord, TaskRecord, TaskStatus, TimelineEntry,
+                     error_line)
 from ..taskqueue import TaskQueue
 
 PAGE_ROWS = 50
@@ -24,6 +26,13 @@ MAX_PAGE_ROWS = 500
 THROUGHPUT_WINDOW_S = 600.0  # the throughput chart covers the last ten minutes...
 THROUGHPUT_BUCKET_S = 10.0  # ...in bars of ten seconds
 BUSIEST_KEYS = 5  # per-key limits: the keys with the most running tasks shown
+TIMELINE_WINDOW_S = 60.0  # the timeline shows the attempts of the last minute...
+TIMELINE_ATTEMPTS = 1000  # ...at most this many (the last ones)
+TIMELINE_COLOURS = {**COLOURS, "running": "#5b8def"}
+# stored error types drawn as the batch timeline draws a crash and a timeout
+_OUTCOME_OF_ERROR = {"procqueue.errors.WorkerCrashedError": "crash",
+                     "procqueue.errors.WorkerExitedError": "crash",
+                     "procqueue.errors.TaskTimeoutError": "timeout"}
 MAX_ACTION_IDS = 1000  # ids one Retry or Cancel may name
 RESULT_MAX_CHARS = 10_000  # a task's result as the page shows it
 CALL_TIMEOUT_S = 60.0
@@ -74,9 +83,12 @@ class StoreView:
         return {"kind": self.kind, "title": self.title, "now": now,
                 "queues": [self._queue(c) for c in counts],
                 "services": [_service(s, now) for s in services],
+                "workers": [_worker(s, w, now) for s in services for w in s.workers],
                 "throughput": {"bucket_s": THROUGHPUT_BUCKET_S, "window_s": THROUGHPUT_WINDOW_S,
                                "series": [list(b) for b in self.tq.throughput(
-                                   since, THROUGHPUT_BUCKET_S)]}}
+                                   since, THROUGHPUT_BUCKET_S)]},
+                "timeline": _timeline(self.tq.timeline(now - TIMELINE_WINDOW_S,
+                                                       TIMELINE_ATTEMPTS), services, now)}
 
     def _queue(self, c: QueueCounts) -> dict[str, Any]:
         spec = c.spec
@@ -138,12 +150,54 @@ def _service(s: ServiceRecord, now: float) -> dict[str, Any]:
             "heartbeat_age_s": round(max(now - s.heartbeat_at, 0.0), 2)}
 
 
+def _worker(s: ServiceRecord, w: dict[str, Any], now: float) -> dict[str, Any]:
+    """A worker of a service, as the batch page's workers table shows one."""
+    since = w.get("task_started_at")
+    task = None if w.get("task") is None else f"#{w['task']} {w.get('label') or ''}".strip()
+    return {"slot": w.get("slot"), "name": f"{s.host} · {s.pid} · worker {w.get('slot')}",
+            "service": s.id, "pid": w.get("pid"), "task": task,
+            "task_s": None if since is None else max(now - since, 0.0),
+            "cpu_percent": w.get("cpu_percent"), "rss_bytes": w.get("rss_bytes"),
+            "tasks_done": w.get("tasks_done"), "restarts": w.get("restarts"),
+            "last_exit": w.get("last_exit")}
+
+
+def _timeline(finished: list[TimelineEntry], services: list[ServiceRecord], now: float
+              ) -> dict[str, Any]:
+    """The batch page's timeline, one row per worker process: the attempts that ended in the
+    last TIMELINE_WINDOW_S, and what each live worker runs now (from its service's report)."""
+    start = now - TIMELINE_WINDOW_S
+    events: list[list[Any]] = []
+    for e in finished:
+        outcome = "ok" if e.error_type is None else _OUTCOME_OF_ERROR.get(e.error_type, "error")
+        if e.status is TaskStatus.CANCELLED:
+            outcome = "cancelled"
+        events.append([e.pid, e.started_at, e.finished_at, outcome, f"#{e.id} {e.label}",
+                       e.attempts, e.pid, e.error])
+    rows: dict[int, str] = {}
+    for s in services:
+        for w in s.workers:
+            if w.get("pid") is None:
+                continue
+            rows[w["pid"]] = f"pid {w['pid']}"
+            if w.get("task") is not None and w.get("task_started_at") is not None:
+                events.append([w["pid"], w["task_started_at"], now, "running",
+                               f"#{w['task']} {w.get('label') or ''}", None, w["pid"], None])
+    for e in finished:
+        rows.setdefault(e.pid, f"pid {e.pid}")  # a worker since replaced, or of a gone service
+    if events:
+        start = max(start, min(event[1] for event in events))
+    return {"start": start, "end": now, "colours": TIMELINE_COLOURS,
+            "slots": sorted(rows), "labels": {str(pid): label for pid, label in rows.items()},
+            "events": events}
+
+
 def _row(r: TaskRecord) -> dict[str, Any]:
     return {"id": r.id, "queue": r.queue, "function": r.function, "input": r.label,
             "key": r.key, "status": str(r.status), "attempts": r.attempts,
             "enqueued_at": r.enqueued_at, "started_at": r.started_at,
             "finished_at": r.finished_at, "seconds": r.seconds, "pid": r.pid,
-            "error": None if r.error is None else _error_line(r.error.type_name,
+            "error": None if r.error is None else error_line(r.error.type_name,
                                                                r.error.message)}
 
 
@@ -152,11 +206,6 @@ def _detail(record: TaskRecord) -> dict[str, Any]:
     result = data.get("result")
     if result is not None and len(text := repr(result)) > RESULT_MAX_CHARS:
         data["result"] = text[:RESULT_MAX_CHARS] + "..."
-    data["error_line"] = None if record.error is None else _error_line(
+    data["error_line"] = None if record.error is None else error_line(
         record.error.type_name, record.error.message)
     return data
-
-
-def _error_line(type_name: str, message: str) -> str:
-    short = type_name.rsplit(".", 1)[-1]
-    return f"{short}: {message}" if message else short

@@ -13,12 +13,13 @@ from typing import cast
 
 from ..errors import StoreError
 from .records import (Claim, ClaimedTask, Finished, NewTask, QueueCounts, QueueSpec,
-                      ServiceRecord, StoredError, TaskRecord, TaskStatus)
+                      ServiceRecord, StoredError, TaskRecord, TaskStatus, TimelineEntry,
+                      error_line)
 from .sql import HEARTBEAT_S, LEASE_S, SqlStore
 
 __all__ = ["open_store", "SqlStore", "Claim", "ClaimedTask", "Finished", "NewTask",
            "QueueCounts", "QueueSpec", "ServiceRecord", "StoredError", "TaskRecord",
-           "TaskStatus", "HEARTBEAT_S", "LEASE_S"]
+           "TaskStatus", "TimelineEntry", "error_line", "HEARTBEAT_S", "LEASE_S"]
 
 
 def is_postgres_url(target: str) -> bool:

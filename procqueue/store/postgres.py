@@ -28,7 +28,7 @@ import psycopg
 
 from ..errors import StoreError, StoreFormatError
 from .records import NewTask
-from .sql import SCHEMA_VERSION, SqlStore
+from .sql import ADDED_COLUMNS, SCHEMA_VERSION, SqlStore
 
 KIND = "queue"
 SCHEMA = "procqueue"
@@ -95,7 +95,8 @@ CREATE_STATEMENTS = (
         started_at   DOUBLE PRECISION NOT NULL,
         heartbeat_at DOUBLE PRECISION NOT NULL,
         queues       TEXT NOT NULL,
-        jobs         INTEGER NOT NULL)""",
+        jobs         INTEGER NOT NULL,
+        workers      TEXT)""",
     "CREATE TABLE IF NOT EXISTS starts (queue TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)",
     "CREATE INDEX IF NOT EXISTS starts_by_queue ON starts (queue, at)",
 )
@@ -143,6 +144,7 @@ class PostgresStore(SqlStore):
                 (SCHEMA,)).fetchall()}
             if present:
                 self._check_schema(c, present)
+                self._add_missing_columns(c)
             else:  # no schema, or an empty one (made for us by an administrator)
                 for statement in CREATE_STATEMENTS:
                     c.execute(statement)
@@ -166,6 +168,17 @@ class PostgresStore(SqlStore):
         if not TABLES <= present:
             raise StoreFormatError(f"{self.shown}: the schema {SCHEMA} lacks the tables "
                                    f"{', '.join(sorted(TABLES - present))}")
+
+    def _add_missing_columns(self, c: Any) -> None:
+        """A schema made by an earlier procqueue gets the columns added since (checked first:
+        ALTER TABLE locks the table even when it changes nothing)."""
+        for table, added in ADDED_COLUMNS.items():
+            present = {row[0] for row in c.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = %s "
+                "AND table_name = %s", (SCHEMA, table)).fetchall()}
+            for name, kind in added:
+                if name not in present:
+                    c.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
 
     def _stamp(self, c: Any) -> None:
         for name, value in (("kind", KIND), ("schema_version", str(SCHEMA_VERSION))):

@@ -151,6 +151,25 @@ class ServiceRecord:
     queues: str  # comma-separated, "" for all
     jobs: int
     running: int
+    # its workers as it last reported them (about once a second): dicts with slot, pid, task
+    # (the stored task's id, None: idle), task_started_at (epoch seconds), cpu_percent,
+    # rss_bytes, tasks_done, restarts, last_exit; empty until its first report
+    workers: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    """A finished task attempt as a timeline draws it."""
+    id: int
+    service: str | None
+    pid: int  # the worker process that ran it
+    started_at: float  # when it started in that process (its end less its run time)
+    finished_at: float
+    status: TaskStatus  # succeeded, failed, or pending again (a failure to be retried)
+    label: str
+    attempts: int
+    error: str | None  # "Type: message" of a failure
+    error_type: str | None  # the failure's type, with its module
 
 
 @dataclass(frozen=True)
@@ -169,3 +188,9 @@ class Claim:
     tasks: list[ClaimedTask]
     expired: list[ClaimedTask]  # past their stored deadline: the service fails them unrun
     retry_at: float | None  # a rate limit held some back: claim again at this time
+
+
+def error_line(type_name: str, message: str) -> str:
+    """A stored error in one line, "Type: message" (the type without its module)."""
+    short = type_name.rsplit(".", 1)[-1]
+    return f"{short}: {message}" if message else short

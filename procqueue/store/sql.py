@@ -18,6 +18,7 @@ Where each promise is kept:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import threading
@@ -28,9 +29,12 @@ import psutil
 
 from ..errors import StoreError
 from .records import (Claim, ClaimedTask, Finished, NewTask, QueueCounts, QueueSpec,
-                      ServiceRecord, StoredError, TaskRecord, TaskStatus)
+                      ServiceRecord, StoredError, TaskRecord, TaskStatus, TimelineEntry,
+                      error_line)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # additions a version-1 reader ignores (a new column) keep the version
+# Columns added to the first format, which opening an older store adds: (name, type) by table.
+ADDED_COLUMNS = {"services": (("workers", "TEXT"),)}
 HEARTBEAT_S = 0.5  # a service refreshes its heartbeat this often...
 LEASE_S = 5.0  # ...and holds its tasks while the last one is younger than this
 LOCAL_CHECK_AFTER_S = 1.0  # a silent service on this host is checked by pid after this long
@@ -224,11 +228,17 @@ class SqlStore:
                     (service_id, self.host, os.getpid(), started, now, now, ",".join(queues),
                      jobs))
 
-    def heartbeat(self, service_id: str) -> bool:
-        """Refresh the lease; False if the service was declared dead (its tasks re-queued)."""
+    def heartbeat(self, service_id: str, workers: Sequence[dict[str, Any]] | None = None
+                  ) -> bool:
+        """Refresh the lease, and with ``workers`` the service's report of its workers (see
+        ServiceRecord.workers); False if the service was declared dead (its tasks re-queued)."""
         with self._write() as c:
-            c2 = self._x(c, "UPDATE services SET heartbeat_at = ? WHERE id = ?",
-                         (time.time(), service_id))
+            if workers is None:
+                c2 = self._x(c, "UPDATE services SET heartbeat_at = ? WHERE id = ?",
+                             (time.time(), service_id))
+            else:
+                c2 = self._x(c, "UPDATE services SET heartbeat_at = ?, workers = ? WHERE id = ?",
+                             (time.time(), json.dumps(list(workers)), service_id))
             return bool(c2.rowcount)
 
     def deregister_service(self, service_id: str, release: Sequence[tuple[int, int]] = ()
@@ -261,9 +271,11 @@ class SqlStore:
     def services(self) -> list[ServiceRecord]:
         rows = self._read(
             "SELECT s.id, s.host, s.pid, s.started_at, s.heartbeat_at, s.queues, s.jobs, "
-            "(SELECT COUNT(*) FROM tasks t WHERE t.service = s.id AND t.status = 'running') "
-            "FROM services s ORDER BY s.started_at")
-        return [ServiceRecord(*row) for row in rows]
+            "(SELECT COUNT(*) FROM tasks t WHERE t.service = s.id AND t.status = 'running'), "
+            "s.workers FROM services s ORDER BY s.started_at")
+        return [ServiceRecord(id_, host, pid, started, beat, queues, jobs, running,
+                              tuple(json.loads(workers or "[]")))
+                for id_, host, pid, started, beat, queues, jobs, running, workers in rows]
 
     def still_held(self, service_id: str, held: Sequence[int]) -> set[int]:
         """Which of these task ids are still running under this service (not cancelled)."""
@@ -611,6 +623,21 @@ class SqlStore:
             buckets.setdefault(int(bucket), [0, 0])[status == "failed"] += int(n)
         return [(bucket * bucket_ms / 1000, ok, failed)
                 for bucket, (ok, failed) in sorted(buckets.items())]
+
+    def timeline(self, since: float, limit: int) -> list[TimelineEntry]:
+        """The last ``limit`` attempts that ended since ``since`` in a worker process,
+        newest first: a timeline of the recent past (the tasks running now are in the
+        services' reports of their workers, ServiceRecord.workers)."""
+        rows = self._read(
+            "SELECT id, service, pid, finished_at - seconds, finished_at, status, label, "
+            "attempts, error_type, error_message FROM tasks WHERE finished_at >= ? AND "
+            "pid IS NOT NULL AND seconds IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
+            (since, limit))
+        return [TimelineEntry(row[0], row[1], row[2], row[3], row[4], TaskStatus(row[5]),
+                              row[6], row[7],
+                              None if row[8] is None else error_line(row[8], row[9] or ""),
+                              row[8])
+                for row in rows]
 
     def busy_keys(self, queue: str, limit: int = 5) -> list[tuple[str, int]]:
         """The keys with the most running tasks in ``queue``: (key, running), most first."""

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from ..errors import StoreUnsafeError
 
 from .records import NewTask
-from .sql import SCHEMA_VERSION, SqlStore
+from .sql import ADDED_COLUMNS, SCHEMA_VERSION, SqlStore
 from .sqlite_file import open_store_file
 
 KIND = "queue"
@@ -78,7 +78,8 @@ CREATE TABLE IF NOT EXISTS services (
     started_at   REAL NOT NULL,
     heartbeat_at REAL NOT NULL,
     queues       TEXT NOT NULL,
-    jobs         INTEGER NOT NULL
+    jobs         INTEGER NOT NULL,
+    workers      TEXT
 );
 CREATE TABLE IF NOT EXISTS starts (
     queue TEXT NOT NULL,
@@ -106,8 +107,14 @@ class SqliteStore(SqlStore):
         self._connection()
 
     def _connect(self) -> sqlite3.Connection:
-        return open_store_file(self.target, kind=KIND, version=SCHEMA_VERSION, schema=SCHEMA,
-                               tables=TABLES, durable=self.durable)
+        db = open_store_file(self.target, kind=KIND, version=SCHEMA_VERSION, schema=SCHEMA,
+                             tables=TABLES, durable=self.durable)
+        try:
+            _add_missing_columns(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def _begin_write(self, cursor: Any) -> None:
         cursor.execute("BEGIN IMMEDIATE")
@@ -187,3 +194,13 @@ class SocketWaker:
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         self._sock.close()
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """A store made by an earlier procqueue gets the columns added since (CREATE TABLE IF NOT
+    EXISTS leaves an existing table as it is)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(services)")}
+    for name, kind in ADDED_COLUMNS["services"]:
+        if name not in columns:
+            with contextlib.suppress(sqlite3.OperationalError):  # another process added it
+                db.execute(f"ALTER TABLE services ADD COLUMN {name} {kind}")

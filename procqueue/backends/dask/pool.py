@@ -432,7 +432,8 @@ def _worker_stats(client: Any, pids: dict[str, int], work: dict[str, tuple[int, 
         done, busy_s = work.get(address, (0, 0.0))
         rows.append(DaskWorkerStats(
             slot, pids.get(address), (), done, busy_s, 0.0, 0, None,
-            int(metrics.get("memory", 0) or 0), address, int(info.get("nthreads", 0))))
+            int(metrics.get("memory", 0) or 0), address=address,
+            nthreads=int(info.get("nthreads", 0))))
     return tuple(rows)
 
 
