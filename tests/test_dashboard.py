@@ -185,6 +185,10 @@ def test_the_counts_change_while_tasks_finish(store, dashboard, browser):
         f"the page showed no count between the first and the last: {seen}"
     assert services_seen, "the worker service never showed with its pid"
     assert page.wait_for(f"{count_cell('pending')} === '0'")
+    # the throughput chart draws a bucket once it is complete (10 s buckets for a store)
+    titles = page.wait_for("Array.from(document.querySelectorAll('#throughput rect title'))"
+                           ".map((t) => t.textContent).join('|') || null", timeout_s=30)
+    assert "succeeded" in titles
 
 
 def test_a_failed_tasks_traceback_shows_and_retry_runs_it_again(store, dashboard, browser,

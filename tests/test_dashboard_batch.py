@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from procqueue import Dashboard, Pool, TaskEvent, utilisation
-from procqueue.dashboard.batch_view import FAILURES_KEPT, TIMELINE_EVENTS, BatchView
+from procqueue.dashboard.batch_view import (FAILURES_KEPT, THROUGHPUT_BUCKET_S, THROUGHPUT_WINDOW_S,
+                                           TIMELINE_EVENTS, BatchView)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -89,7 +90,7 @@ def test_a_long_batch_keeps_bounded_buffers():
                                 "ValueError: x" if i % 10 == 0 else None))
     snapshot = view.snapshot()
     assert len(view._recent) == TIMELINE_EVENTS and len(view._failures) == FAILURES_KEPT
-    assert len(snapshot["throughput"]["series"]) <= 300 / 2 + 1
+    assert len(snapshot["throughput"]["series"]) <= THROUGHPUT_WINDOW_S / THROUGHPUT_BUCKET_S + 1
     assert len(snapshot["failures"]) == FAILURES_KEPT
     assert snapshot["failures"][0]["input"] == "19990"  # newest first
 

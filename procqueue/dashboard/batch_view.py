@@ -24,7 +24,7 @@ from ..stats import TaskEvent, Utilisation
 TIMELINE_EVENTS = 1000  # the timeline shows at most the last this many attempts...
 TIMELINE_WINDOW_S = 60.0  # ...of at most the last minute
 FAILURES_KEPT = 200
-THROUGHPUT_BUCKET_S = 2.0
+THROUGHPUT_BUCKET_S = 5.0  # the chart changes once per bucket: each redraw costs the browser
 THROUGHPUT_WINDOW_S = 300.0
 WINDOW_STEP_S = 30.0
 

@@ -242,13 +242,13 @@
     return last && last[0] >= current - bucket ? (last[1] + last[2]) / bucket : 0;
   }
 
-  function renderThroughput(throughput) {
+  function renderThroughput(throughput, current) {
     const {bucket_s: bucket, window_s: windowS, series} = throughput;
     // drawn at the width it is shown at, so that its text stays readable on a phone
     const W = Math.max(Math.min(chartWidth("throughput"), 1100), 300), H = 130;
     const left = 44, bottom = 18;
     const n = Math.round(windowS / bucket);
-    const end = Math.floor(serverNow() / bucket) * bucket + bucket;
+    const end = current * bucket; // the start of the bucket filling now
     const start = end - n * bucket;
     const byStart = new Map(series.map(([t, ok, failed]) => [Math.round(t / bucket), [ok, failed]]));
     let peak = 1;
@@ -669,10 +669,13 @@
     if (snap.workers) { show("workers-section", true); renderWorkers(snap.workers); }
     if (snap.throughput) {
       show("throughput-section", true);
-      // the bars move left once per bucket: redraw when the data or the bucket changed
+      // Complete buckets only (the one filling now would look like a drop): the chart then
+      // changes, and is redrawn, once per bucket, not at every update.
       const bucket = Math.floor(serverNow() / snap.throughput.bucket_s);
-      if (changed("throughput", [snap.throughput.series, bucket])) {
-        renderThroughput(snap.throughput);
+      const complete = snap.throughput.series.filter(
+        ([t]) => Math.floor(t / snap.throughput.bucket_s + 1e-9) < bucket);
+      if (changed("throughput", [complete, bucket])) {
+        renderThroughput({...snap.throughput, series: complete}, bucket);
       }
     }
     if (snap.timeline) { show("timeline-section", true); renderTimeline(snap.timeline); }
