@@ -129,6 +129,8 @@ def shoot_batch(out: Path) -> None:
         page = browser.open(dash.url)
         page.wait_for("document.querySelectorAll('#failures tbody tr[data-outcome]').length >= 2",
                       timeout_s=90)
+        # the throughput chart shows complete 5 s buckets: wait for its second bar
+        page.wait_for("document.querySelectorAll('#throughput rect').length >= 2", timeout_s=30)
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(str(out), max_height=SHOT_HEIGHT)
         print(f"wrote {out}", file=sys.stderr)

@@ -238,7 +238,9 @@
     const {bucket_s: bucket, series} = throughput;
     // the last complete bucket: the current one is still filling
     const current = Math.floor(serverNow() / bucket) * bucket;
-    const last = series.filter(([t]) => t < current).pop();
+    const complete = series.filter(([t]) => t < current);
+    if (!complete.length && series.length) return null; // it all began in this bucket: unknown
+    const last = complete.pop();
     return last && last[0] >= current - bucket ? (last[1] + last[2]) / bucket : 0;
   }
 
