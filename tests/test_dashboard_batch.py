@@ -99,7 +99,8 @@ def test_map_dashboard_shows_workers_their_tasks_and_the_timeline_live(tmp_path:
     (tmp_path / "batch.py").write_text(BATCH)
     run = subprocess.Popen(
         [sys.executable, "-c", "from procqueue.cli import main; main()", "map", "batch.py",
-         "-j", "2", "--dashboard", "-q", ":::", *map(str, range(40))],  # 40 x 0.3 s: ~6 s
+         "-j", "2", "--dashboard", "-q", ":::", *map(str, range(80))],  # 80 x 0.3 s: ~12 s,
+        # four updates of the page (every 3 s)
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert run.stderr is not None
@@ -143,7 +144,7 @@ def test_map_dashboard_shows_workers_their_tasks_and_the_timeline_live(tmp_path:
                                  "tr[data-outcome]')].map(r => r.cells[4].textContent)")
         assert "ValueError: no good: 3" in failures  # input 3 failed first: still listed
         done = page.wait_for("document.querySelector('[data-total=\"done\"] b').textContent")
-        assert done.endswith("/ 40") and int(done.split("/")[0]) < 40
+        assert done.endswith("/ 80") and int(done.split("/")[0]) < 80
         worker_pids = {int(p) for p in page.evaluate(
             "[...document.querySelectorAll('#workers tbody tr td:nth-child(2)')]"
             ".map(c => c.textContent)")}
@@ -152,6 +153,6 @@ def test_map_dashboard_shows_workers_their_tasks_and_the_timeline_live(tmp_path:
         if run.poll() is None:
             run.kill()
             run.communicate()
-    assert run.returncode == 1  # 4 inputs failed
+    assert run.returncode == 1  # 8 inputs failed
     records = [json.loads(line) for line in out.splitlines()]
-    assert len(records) == 40 and {r["worker"] for r in records} == worker_pids
+    assert len(records) == 80 and {r["worker"] for r in records} == worker_pids
