@@ -13,6 +13,7 @@ the pools do exactly the same computation, and makes runs comparable across days
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,13 @@ STARTUP_TASKS = 1
 
 
 def trivial(x: Any) -> Any:
+    return x
+
+
+def nap_1ms(x: Any) -> Any:
+    """1 ms of waiting and almost no CPU (bench/many_workers.py: what limits many workers
+    running it is the parent's cost per task)."""
+    time.sleep(0.001)
     return x
 
 
