@@ -15,6 +15,11 @@ import math
 # (bench/worker_gaps.py), so 1%; at 15 ms, 10 ms tasks went one per batch (2-3%).
 TARGET_BATCH_S = 0.025
 MIN_BATCH_S = 0.001  # guided shrinking stops at batches of this much work (see next_size)
+# The supervisor pays each batch a send and a receive (~0.1-0.4 ms of its time): with many
+# workers, 25 ms batches are more round trips a second than one supervisor thread makes.  So a
+# batch holds at least workers / MAX_BATCHES_PER_S of work: 2-16 workers keep TARGET_BATCH_S,
+# 64 get 128 ms batches (guided shrinking still spreads the tail over every worker).
+MAX_BATCHES_PER_S = 500
 MAX_BATCH_TASKS = 4096  # caps the memory and result latency of one batch
 EWMA_WEIGHT = 0.3  # weight of the newest observation of mean task time
 
@@ -23,7 +28,7 @@ class ChunkSizer:
     """Chooses the next batch size for one call (one function)."""
 
     __slots__ = ("processes", "fixed", "target_s", "max_tasks", "mean_task_s",
-                 "observed_tasks")
+                 "observed_tasks", "capped")
 
     def __init__(self, processes: int, fixed: int | None = None, *,
                  target_s: float = TARGET_BATCH_S, max_tasks: int = MAX_BATCH_TASKS) -> None:
@@ -37,6 +42,7 @@ class ChunkSizer:
         self.max_tasks = max_tasks
         self.mean_task_s: float | None = None
         self.observed_tasks = 0
+        self.capped = False  # target_s is a cap (with_target): many workers do not raise it
 
     def observe(self, tasks: int, busy_s: float) -> None:
         """Record that `tasks` tasks took `busy_s` seconds of worker time in total."""
@@ -58,6 +64,7 @@ class ChunkSizer:
         sizer = ChunkSizer(self.processes, target_s=target_s, max_tasks=self.max_tasks)
         sizer.mean_task_s = self.mean_task_s
         sizer.observed_tasks = self.observed_tasks
+        sizer.capped = True
         return sizer
 
     def next_size(self, queued: int, workers: int | None = None) -> int:
@@ -70,8 +77,10 @@ class ChunkSizer:
         if self.mean_task_s is None:
             return 1
         mean = max(self.mean_task_s, 1e-7)
+        workers = workers or self.processes
         # Shrinking a batch below MIN_BATCH_S of work gains less balance at the tail than
         # the extra round trips cost: tiny tasks end in a few ms-sized batches, not hundreds.
-        guided = max(math.ceil(queued / (2 * (workers or self.processes))),
-                     int(MIN_BATCH_S / mean))
-        return max(1, min(int(self.target_s / mean), guided, self.max_tasks, queued))
+        guided = max(math.ceil(queued / (2 * workers)), int(MIN_BATCH_S / mean))
+        target_s = self.target_s if self.capped else max(self.target_s,
+                                                         workers / MAX_BATCHES_PER_S)
+        return max(1, min(int(target_s / mean), guided, self.max_tasks, queued))

@@ -9,7 +9,8 @@ import pytest
 from procqueue import errors
 from procqueue.affinity import parse_cpu_list, plan_cpus, worker_thread_env
 from procqueue.admission import ConcurrencyGate
-from procqueue.chunking import MAX_BATCH_TASKS, MIN_BATCH_S, ChunkSizer
+from procqueue.chunking import (MAX_BATCH_TASKS, MAX_BATCHES_PER_S, MIN_BATCH_S, TARGET_BATCH_S,
+                                ChunkSizer)
 from procqueue.config import PoolConfig
 from procqueue.protocol import CallKind, capture_exception, restore_exception
 from procqueue.scheduler import FailureKind, RetryPolicy, Scheduler
@@ -77,6 +78,21 @@ def test_tiny_tasks_stop_shrinking_at_a_millisecond_of_work():
     floor = MIN_BATCH_S / 1e-6
     assert floor - 1 <= sizer.next_size(2000) <= floor  # guided alone would say 500
     assert sizer.next_size(600) == 600  # the last ms of work goes in one batch
+
+
+def test_many_workers_get_batches_that_keep_round_trips_per_second_bounded():
+    # one supervisor makes a few thousand round trips a second: with N workers of 1 ms tasks,
+    # a batch holds N / MAX_BATCHES_PER_S of work, so N workers cost it at most that many
+    at_1ms = [ChunkSizer(n) for n in (2, 64, 128)]
+    for sizer in at_1ms:
+        sizer.observe(1000, 1000 * 1e-3)
+    assert [s.next_size(1_000_000) for s in at_1ms] == [
+        round(TARGET_BATCH_S / 1e-3), round(64 / MAX_BATCHES_PER_S / 1e-3),
+        round(128 / MAX_BATCHES_PER_S / 1e-3)]
+    assert at_1ms[1].next_size(1000) <= 1000 / (2 * 64) + 1  # the tail still spreads
+    # a cap set for a journaled call (what a SIGKILL may lose) is not raised
+    capped = at_1ms[1].with_target(0.010)
+    assert capped.next_size(1_000_000) == 10
 
 
 def test_slow_tasks_travel_alone():
