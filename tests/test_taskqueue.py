@@ -3,6 +3,7 @@ services relies on, checked from the tasks' own records (when and where each ran
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -329,23 +331,35 @@ def test_results_are_stored_as_pickles_of_the_value(tq):
     assert pickle.loads(handle.record().result) == 81
 
 
-def test_cancelling_a_running_task_kills_its_process_and_the_service_goes_on(tq, tmp_path):
-    pid_file = tmp_path / "pid"
-    handle = tq.enqueue(ref("write_pid_then_sleep"), str(pid_file))
+@contextlib.contextmanager
+def serving(tq: TaskQueue, jobs: int = 2) -> Iterator[Pool]:
+    """A worker service of `tq` on a pool of `jobs`, in a thread, stopped on leaving."""
     stop = threading.Event()
-    with Pool(2) as pool:
+    with Pool(jobs) as pool:
         service = threading.Thread(target=pool.serve, args=(tq,), kwargs={"stop": stop})
         service.start()
         try:
-            _wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60, "the task to run")
-            pid = int(pid_file.read_text())
-            assert tq.cancel(handle) == [handle.id]
-            assert wait_gone([pid], 10) == [], "the cancelled task's process is alive"
-            after = tq.enqueue(ref("square"), 4)
-            assert after.get_result(timeout=30) == 16
+            yield pool
         finally:
             stop.set()
             service.join(30)
+
+
+def _pid_once_running(pid_file: Path) -> int:
+    """The pid a write_pid_then_sleep task wrote, once it runs."""
+    _wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60, "the task to run")
+    return int(pid_file.read_text())
+
+
+def test_cancelling_a_running_task_kills_its_process_and_the_service_goes_on(tq, tmp_path):
+    pid_file = tmp_path / "pid"
+    handle = tq.enqueue(ref("write_pid_then_sleep"), str(pid_file))
+    with serving(tq):
+        pid = _pid_once_running(pid_file)
+        assert tq.cancel(handle) == [handle.id]
+        assert wait_gone([pid], 10) == [], "the cancelled task's process is alive"
+        after = tq.enqueue(ref("square"), 4)
+        assert after.get_result(timeout=30) == 16
     assert handle.status() is TaskStatus.CANCELLED
     with pytest.raises(procqueue.TaskCancelledError):
         handle.get_result()
@@ -356,31 +370,23 @@ def test_cancelling_a_running_task_kills_its_process_and_the_service_goes_on(tq,
 def test_a_service_reports_each_worker_and_the_stored_task_it_runs(tq, tmp_path):
     pid_file = tmp_path / "pid"
     handle = tq.enqueue(ref("write_pid_then_sleep"), str(pid_file))
-    stop = threading.Event()
-    with Pool(2) as pool:
-        service = threading.Thread(target=pool.serve, args=(tq,), kwargs={"stop": stop})
-        service.start()
-        try:
-            _wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60, "the task to run")
-            pid = int(pid_file.read_text())
 
-            def running_report():
-                return next((w for s in tq.services() for w in s.workers
-                             if w["task"] == handle.id), None)
-            _wait_for(running_report, 10, "a report naming the running task")
-            report = running_report()
-            (record,) = tq.services()
-            assert report["pid"] == pid and record.pid == os.getpid()
-            assert str(pid_file) in report["label"]
-            assert report["task_started_at"] <= time.time()
-            assert report["rss_bytes"] > 0 and report["restarts"] == 0
-            assert sorted(w["slot"] for w in record.workers) == [0, 1]
-            assert {w["pid"] for w in record.workers} == {w.pid for w in pool.stats().workers}
-            tq.cancel(handle)
-            _wait_for(lambda: running_report() is None, 10, "the report to show it gone")
-        finally:
-            stop.set()
-            service.join(30)
+    def running_report():
+        return next((w for s in tq.services() for w in s.workers if w["task"] == handle.id),
+                    None)
+    with serving(tq) as pool:
+        pid = _pid_once_running(pid_file)
+        _wait_for(running_report, 10, "a report naming the running task")
+        report = running_report()
+        (record,) = tq.services()
+        assert report["pid"] == pid and record.pid == os.getpid()
+        assert str(pid_file) in report["label"]
+        assert report["task_started_at"] <= time.time()
+        assert report["rss_bytes"] > 0 and report["restarts"] == 0
+        assert sorted(w["slot"] for w in record.workers) == [0, 1]
+        assert {w["pid"] for w in record.workers} == {w.pid for w in pool.stats().workers}
+        tq.cancel(handle)
+        _wait_for(lambda: running_report() is None, 10, "the report to show it gone")
     assert tq.services() == []
 
 
