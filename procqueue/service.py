@@ -36,9 +36,9 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from .errors import (TaskFailed, TaskTimeoutError, WorkerCrashedError, remote_traceback,
                      remote_traceback_text)
+from .process_meter import ProcessMeter
 from .store import HEARTBEAT_S, ClaimedTask, Finished, QueueSpec, StoredError
 from .store.codec import error_columns
-from .process_meter import ProcessMeter
 from .stored_call import call_stored
 from .taskqueue import TaskQueue
 
