@@ -11,7 +11,8 @@
     wait: selector over the store's waker (an enqueue), the wake-up pipe (an outcome),
           and the next poll or rate-limit time
     heartbeat thread: refreshes the lease every HEARTBEAT_S, with a report of the workers
-          (pid, stored task running, CPU, memory, restarts) every WORKERS_REPORT_S
+          (pid, stored task running, CPU, memory, restarts): for dashboards, and so that a
+          death is charged only to the tasks that were running (store/sql.py _put_back_lost)
 
 How many tasks a service holds: with a limited queue, at most one per free worker (a task held
 here is one another service cannot run); otherwise enough to keep the workers fed between two
@@ -48,7 +49,6 @@ FEED_S = 0.5  # hold enough tasks to keep each worker busy this long between cla
 MAX_DEPTH = 1024  # but at most this many per worker
 MIN_DEPTH = 2
 STORE_RETRY_S = 1.0  # a store that failed (busy, unreachable) is tried again this often
-WORKERS_REPORT_S = 1.0  # the heartbeat carries the workers' figures this often (dashboards)
 
 
 class OutcomePool(Protocol):
@@ -362,14 +362,12 @@ class QueueService:
     # ---- the lease --------------------------------------------------------------------------
 
     def _beat(self) -> None:
-        meter, reported_at = ProcessMeter(), 0.0
+        meter = ProcessMeter()
         while not self.stop.wait(HEARTBEAT_S):
             try:
-                workers = None
-                if time.monotonic() - reported_at >= WORKERS_REPORT_S:
-                    reported_at = time.monotonic()
-                    with contextlib.suppress(Exception):  # the lease matters, the figures not
-                        workers = self._workers_report(meter)
+                workers = None  # not known: the store falls back to what was claimed when
+                with contextlib.suppress(Exception):  # the lease matters most
+                    workers = self._workers_report(meter)
                 if not self.store.heartbeat(self.id, workers):
                     # Declared dead (paused past the lease): our tasks were given to others;
                     # stop, and let whoever runs us start a fresh service.

@@ -438,6 +438,36 @@ def test_tasks_a_dying_service_claimed_since_its_last_heartbeat_count_no_loss(st
         TaskStatus.PENDING, store_sql.MAX_LOSSES + 1, 0)
 
 
+def test_a_dead_services_loss_is_charged_to_the_tasks_its_report_showed_running(stores,
+                                                                                 monkeypatch):
+    """A service reports its workers with each heartbeat: when it dies, only the tasks that
+    were running in a worker count a loss; those queued in its pool had no part in it."""
+    monkeypatch.setattr(store_sql, "LEASE_S", 0.1)
+    watcher = stores()
+    running_id, queued_id = watcher.enqueue([new_task("t"), new_task("u")])
+    for loss in (1, 2):
+        service = stores()
+        service.register_service(f"S{loss}", ["q"], 2)
+        claimed = {t.id for t in service.claim(f"S{loss}", {"q": 2}).tasks}
+        assert claimed == {running_id, queued_id}
+        assert service.heartbeat(f"S{loss}", [{"slot": 0, "pid": 1, "task": running_id},
+                                              {"slot": 1, "pid": 2, "task": None}])
+        wait_for(lambda: watcher.claim("watcher", {}).tasks == [] and
+                 watcher.get(running_id).status is TaskStatus.PENDING,
+                 f"the death of S{loss} noticed")
+        service.close()
+        assert (watcher.get(running_id).lost, watcher.get(queued_id).lost) == (loss, 0)
+    # a report with nothing running charges nothing, even for tasks claimed before the beat
+    service = stores()
+    service.register_service("S3", ["q"], 2)
+    assert len(service.claim("S3", {"q": 2}).tasks) == 2
+    assert service.heartbeat("S3", [{"slot": 0, "pid": 1, "task": None}])
+    wait_for(lambda: watcher.claim("watcher", {}).tasks == [] and
+             watcher.get(running_id).status is TaskStatus.PENDING, "the death of S3 noticed")
+    service.close()
+    assert (watcher.get(running_id).lost, watcher.get(queued_id).lost) == (2, 0)
+
+
 def _claim_and_vanish(target: str) -> None:
     """In a child: a service that claims a task, beats once, and dies without a word."""
     store = open_store(target)

@@ -401,11 +401,14 @@ def test_the_timeline_has_each_finished_attempt_where_and_when_it_ran(tq):
         _, start, end, pid = h.get_result(timeout=5)
         e = entries[h.id]
         assert e.pid == pid and e.status is TaskStatus.SUCCEEDED and e.error is None
-        assert e.finished_at >= end and abs((e.finished_at - e.started_at) - (end - start)) < 0.05
+        # its bar covers the task's own run; the pool's run time of a stored call also holds
+        # the call's unpickling (and, first in each worker, the import of its module)
+        run_s = e.finished_at - e.started_at
+        assert e.finished_at >= end and end - start - 0.005 <= run_s <= end - start + 2.0
     assert entries[failing.id].error == "ValueError: bad input 7"
     assert entries[failing.id].error_type == "ValueError"
     assert [e.id for e in tq.timeline(since, limit=2)] == \
-        [e.id for e in sorted(entries.values(), key=lambda e: -e.finished_at)][:2]
+        [e.id for e in sorted(entries.values(), key=lambda e: (-e.finished_at, -e.id))][:2]
 
 
 def test_a_store_made_before_the_workers_report_is_brought_up_to_date(tq):

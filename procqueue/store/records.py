@@ -151,7 +151,7 @@ class ServiceRecord:
     queues: str  # comma-separated, "" for all
     jobs: int
     running: int
-    # its workers as it last reported them (about once a second): dicts with slot, pid, task
+    # its workers as it last reported them (every heartbeat): dicts with slot, pid, task
     # (the stored task's id, None: idle), task_started_at (epoch seconds), cpu_percent,
     # rss_bytes, tasks_done, restarts, last_exit; empty until its first report
     workers: tuple[dict[str, Any], ...] = ()

@@ -230,15 +230,14 @@ class SqlStore:
 
     def heartbeat(self, service_id: str, workers: Sequence[dict[str, Any]] | None = None
                   ) -> bool:
-        """Refresh the lease, and with ``workers`` the service's report of its workers (see
-        ServiceRecord.workers); False if the service was declared dead (its tasks re-queued)."""
+        """Refresh the lease with the service's report of its workers now (see
+        ServiceRecord.workers; None: not known, a pool without per-worker statistics); False
+        if the service was declared dead (its tasks re-queued).  If it dies, the tasks the
+        report shows running are the ones charged a loss (see _put_back_lost)."""
+        report = None if workers is None else json.dumps(list(workers))
         with self._write() as c:
-            if workers is None:
-                c2 = self._x(c, "UPDATE services SET heartbeat_at = ? WHERE id = ?",
-                             (time.time(), service_id))
-            else:
-                c2 = self._x(c, "UPDATE services SET heartbeat_at = ?, workers = ? WHERE id = ?",
-                             (time.time(), json.dumps(list(workers)), service_id))
+            c2 = self._x(c, "UPDATE services SET heartbeat_at = ?, workers = ? WHERE id = ?",
+                         (time.time(), report, service_id))
             return bool(c2.rowcount)
 
     def deregister_service(self, service_id: str, release: Sequence[tuple[int, int]] = ()
@@ -435,16 +434,17 @@ class SqlStore:
         """Remove a service; its running tasks go back to pending, one loss more each, or
         fail with ServiceLostError at MAX_LOSSES; how many went back.
 
-        Of a service that died, a loss counts only against the tasks it heartbeat after
-        claiming.  Those it claimed since its last beat were most likely still queued in its
-        pool, unstarted; and after a death the first claim, often a restarted service's,
-        takes the put-back tasks first, so services dying soon after they start (a crash
-        loop) failed tasks that had run once or never (tests/test_queue_durability.py)."""
+        Of a service that died, a loss counts only against the tasks its last heartbeat
+        reported running in a worker: the others it held were queued in its pool, unstarted,
+        and had no part in its death.  After a death the first claim, often a restarted
+        service's, takes the put-back tasks first, so charging every held task failed tasks
+        that had never run once a few services in a row were killed
+        (tests/test_queue_durability.py).  A service whose report is not known (a pool
+        without per-worker statistics) charges the tasks it heartbeat after claiming."""
         counts = "1 = 1"  # a deregistering service ran what it did not release: all count
-        params: list[str] = []
+        params: list[Any] = []
         if died:
-            counts = "started_at < (SELECT heartbeat_at FROM services WHERE id = ?)"
-            params = [service_id]
+            counts, params = self._lost_with(c, service_id)
         self._x(c, f"UPDATE tasks SET status = 'failed', service = NULL, finished_at = ?, "
                    f"lost = lost + 1, error_type = 'procqueue.errors.ServiceLostError', "
                    f"error_message = ?, error_traceback = '', error = NULL "
@@ -457,6 +457,17 @@ class SqlStore:
                            (*params, service_id)).rowcount
         self._x(c, "DELETE FROM services WHERE id = ?", (service_id,))
         return max(int(requeued), 0)
+
+    def _lost_with(self, c: Any, service_id: str) -> tuple[str, list[Any]]:
+        """The condition (and its parameters) picking the tasks of a dead service charged a
+        loss: those its last report showed running, else those claimed before its last beat."""
+        row = self._x(c, "SELECT workers FROM services WHERE id = ?", (service_id,)).fetchone()
+        if row is None or row[0] is None:
+            return "started_at < (SELECT heartbeat_at FROM services WHERE id = ?)", [service_id]
+        running = sorted({w["task"] for w in json.loads(row[0]) if w.get("task") is not None})
+        if not running:
+            return "1 = 0", []
+        return f"id IN ({', '.join('?' * len(running))})", running
 
     def record(self, service_id: str, outcomes: Sequence[Finished]) -> int:
         """Record finished attempts in one transaction; how many were still this service's
@@ -631,7 +642,8 @@ class SqlStore:
         rows = self._read(
             "SELECT id, service, pid, finished_at - seconds, finished_at, status, label, "
             "attempts, error_type, error_message FROM tasks WHERE finished_at >= ? AND "
-            "pid IS NOT NULL AND seconds IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
+            "pid IS NOT NULL AND seconds IS NOT NULL ORDER BY finished_at DESC, id DESC "
+            "LIMIT ?",
             (since, limit))
         return [TimelineEntry(row[0], row[1], row[2], row[3], row[4], TaskStatus(row[5]),
                               row[6], row[7],
