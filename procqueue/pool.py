@@ -127,6 +127,10 @@ class Pool(PoolCalls):
             return pool
         return super().__new__(cls)
 
+    # stats() names the input each worker runs (WorkerStats.task_input): a worker service
+    # reports the stored task each runs, and its death is charged to those (service.py)
+    reports_running_inputs = True
+
     def __init__(self, processes: int | None = None,
                  initializer: Callable[..., object] | None = None, initargs: Iterable[Any] = (),
                  maxtasksperchild: int | None = None, context: Any = None, *,

@@ -378,10 +378,11 @@ class QueueService:
                 continue  # a busy store: the next beat tries again within the lease
 
     def _workers_report(self, meter: ProcessMeter) -> list[dict[str, Any]] | None:
-        """The pool's workers as a dashboard shows them; None for a pool without per-worker
-        statistics."""
+        """The pool's workers as a dashboard shows them, with the stored task each runs; None
+        for a pool that cannot say which input its workers run (then the store charges a
+        death to the tasks claimed before the last heartbeat instead)."""
         stats = getattr(self.pool, "stats", None)
-        if stats is None:
+        if stats is None or not getattr(self.pool, "reports_running_inputs", False):
             return None
         workers = stats().workers
         report = []

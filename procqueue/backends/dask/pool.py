@@ -82,6 +82,8 @@ class DaskPool(Pool):
     backend is accepted as procqueue.Pool(backend="dask", ...) passes it on.
     """
 
+    reports_running_inputs = False  # Dask does not say which item a worker runs
+
     def __new__(cls, *args: Any, **kwargs: Any) -> "DaskPool":
         # Not Pool.__new__, which picks the backend: a DaskPool is the Dask backend already.
         return object.__new__(cls)
