@@ -390,6 +390,14 @@ def test_a_service_whose_heartbeat_stops_has_its_tasks_requeued(stores, monkeypa
     assert b.get(task_id).attempts == 2
 
 
+def _dies_silently(service: SqlStore, watcher: SqlStore, task_id: int, what: str) -> None:
+    """`service` stops beating without a word; wait until the watcher's claims have found it
+    dead and put `task_id` back (or failed it), then close its connections."""
+    wait_for(lambda: watcher.claim("watcher", {}).tasks == [] and
+             watcher.get(task_id).status is not TaskStatus.RUNNING, what)
+    service.close()
+
+
 def test_a_task_whose_service_dies_max_losses_times_fails_with_service_lost(stores,
                                                                             monkeypatch):
     monkeypatch.setattr(store_sql, "LEASE_S", 0.1)
@@ -401,11 +409,7 @@ def test_a_task_whose_service_dies_max_losses_times_fails_with_service_lost(stor
         [task] = service.claim(f"S{loss}", {"q": 1}).tasks
         assert (task.id, task.attempt) == (task_id, loss)
         assert service.heartbeat(f"S{loss}")  # it beat with the task in hand (a loss counts)
-        # S<loss> dies silently; the watcher's claims find it
-        wait_for(lambda: watcher.claim("watcher", {}).tasks == [] and
-                 watcher.get(task_id).status is not TaskStatus.RUNNING,
-                 f"loss {loss} noticed")
-        service.close()
+        _dies_silently(service, watcher, task_id, f"loss {loss} noticed")
     record = watcher.get(task_id)
     assert (record.status, record.attempts, record.lost) == (
         TaskStatus.FAILED, store_sql.MAX_LOSSES, store_sql.MAX_LOSSES)
@@ -429,10 +433,7 @@ def test_tasks_a_dying_service_claimed_since_its_last_heartbeat_count_no_loss(st
         service.register_service(f"S{attempt}", ["q"], 1)
         [task] = service.claim(f"S{attempt}", {"q": 1}).tasks
         assert (task.id, task.attempt) == (task_id, attempt)
-        wait_for(lambda: watcher.claim("watcher", {}).tasks == [] and
-                 watcher.get(task_id).status is not TaskStatus.RUNNING,
-                 f"the death of S{attempt} noticed")
-        service.close()
+        _dies_silently(service, watcher, task_id, f"the death of S{attempt} noticed")
     record = watcher.get(task_id)
     assert (record.status, record.attempts, record.lost) == (
         TaskStatus.PENDING, store_sql.MAX_LOSSES + 1, 0)
@@ -452,19 +453,14 @@ def test_a_dead_services_loss_is_charged_to_the_tasks_its_report_showed_running(
         assert claimed == {running_id, queued_id}
         assert service.heartbeat(f"S{loss}", [{"slot": 0, "pid": 1, "task": running_id},
                                               {"slot": 1, "pid": 2, "task": None}])
-        wait_for(lambda: watcher.claim("watcher", {}).tasks == [] and
-                 watcher.get(running_id).status is TaskStatus.PENDING,
-                 f"the death of S{loss} noticed")
-        service.close()
+        _dies_silently(service, watcher, running_id, f"the death of S{loss} noticed")
         assert (watcher.get(running_id).lost, watcher.get(queued_id).lost) == (loss, 0)
     # a report with nothing running charges nothing, even for tasks claimed before the beat
     service = stores()
     service.register_service("S3", ["q"], 2)
     assert len(service.claim("S3", {"q": 2}).tasks) == 2
     assert service.heartbeat("S3", [{"slot": 0, "pid": 1, "task": None}])
-    wait_for(lambda: watcher.claim("watcher", {}).tasks == [] and
-             watcher.get(running_id).status is TaskStatus.PENDING, "the death of S3 noticed")
-    service.close()
+    _dies_silently(service, watcher, running_id, "the death of S3 noticed")
     assert (watcher.get(running_id).lost, watcher.get(queued_id).lost) == (2, 0)
 
 
