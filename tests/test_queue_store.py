@@ -186,19 +186,26 @@ def test_concurrency_holds_across_services_claiming_at_once(stores):
     claimed_ids: list[int] = []
     errors: list[BaseException] = []
     sampled: list[int] = []
-    done = threading.Event()
+    done, watching = threading.Event(), threading.Event()
 
     def watch() -> None:  # a third party reading the store meanwhile
-        watcher = stores()
-        while not done.is_set():
-            sampled.append(running(watcher))
-            time.sleep(0.001)
+        try:
+            watcher = stores()
+            running(watcher)  # its connection open (under load, that can take a while)...
+            watching.set()  # ...before the claims start, so that it samples while they run
+            while not done.is_set():
+                sampled.append(running(watcher))
+                time.sleep(0.001)
+        except BaseException as exc:  # reported by the test's thread
+            errors.append(exc)
+            watching.set()
 
     threads = [threading.Thread(target=_claim_and_finish,
                                 args=(store, service_id, seen, claimed_ids, errors))
                for service_id, store in services.items() for _ in range(2)]
     watcher = threading.Thread(target=watch)
     watcher.start()
+    assert watching.wait(30), "the watcher could not read the store"
     for thread in threads:
         thread.start()
     for thread in threads:
