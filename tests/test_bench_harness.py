@@ -2,7 +2,6 @@
 tree.  (Timings themselves are never asserted: they belong in bench/.)"""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import threading
@@ -11,17 +10,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-HARNESS = Path(__file__).resolve().parent.parent / "bench" / "harness.py"
+from bench_modules import load_bench_module
+
 linux_proc = pytest.mark.skipif(not Path("/proc/self/task").is_dir(),
                                 reason="walks /proc/PID/task/TID/children (Linux)")
 
 
 def _harness():
-    spec = importlib.util.spec_from_file_location("bench_harness", HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
-    spec.loader.exec_module(sys.modules[spec.name])
-    return sys.modules[spec.name]
+    return load_bench_module("harness.py")
 
 
 def _sleeper_with_grandchild() -> subprocess.Popen:

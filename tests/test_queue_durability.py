@@ -14,27 +14,21 @@ size (5,000 tasks, 20 kills); here 2,000 tasks of 5 ms and 10 kills, ~20 s each 
 """
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
+from bench_modules import load_bench_module
+
 from procqueue.store.sql import LEASE_S
 
-SOAK = Path(__file__).resolve().parent.parent / "bench" / "queue_soak.py"
 # a kill is detected this soon once a live service is there to claim (on this host its pid
 # check takes ~1 s; the lease, 5 s, bounds it anywhere), with room for a loaded machine
 DETECT_WITHIN_S = LEASE_S + 2.0
 
 
 def _soak():
-    spec = importlib.util.spec_from_file_location("bench_queue_soak", SOAK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
-    spec.loader.exec_module(sys.modules[spec.name])
-    return sys.modules[spec.name]
+    return load_bench_module("queue_soak.py")
 
 
 @pytest.fixture(scope="module")
