@@ -84,7 +84,7 @@ class RunBlock:
 @dataclass(frozen=True, slots=True)
 class LoadFunction:
     """Load a call's function before its tasks come (a gated call's warm-up, see
-    Supervisor._warm_up); answered by an empty final BatchResults of batch_id."""
+    Dispatcher._warm_up); answered by an empty final BatchResults of batch_id."""
 
     batch_id: int
     fn_id: int

@@ -17,7 +17,9 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
-from .admission import Gate, KeyHold, admit, earliest
+from .admission import (ConcurrencyGate, FreeMemoryGate, Gate, KeyHold, RateGateAdapter, admit,
+                        earliest, rate_gate_for)
+from .config import PoolConfig
 from .limits import FairQueue
 from .tasks import Block, Job, Task, TaskState, new_id
 
@@ -165,6 +167,18 @@ class JobQueue:
         return tasks
 
 
+def pool_gates(config: PoolConfig) -> tuple[Gate, ...]:
+    """The gates every task of the pool passes: its concurrency and its rate."""
+    gates: list[Gate] = []
+    if config.concurrency is not None:
+        gates.append(ConcurrencyGate(config.concurrency))
+    if config.rate is not None:
+        gates.append(RateGateAdapter(rate_gate_for(config.rate)))
+    if config.min_free_memory is not None:
+        gates.append(FreeMemoryGate(config.min_free_memory))
+    return tuple(gates)
+
+
 class Scheduler:
     """Queued tasks and the decision which may start now.  `pool_gates` apply to every task
     (the pool's concurrency and rate); each call adds its own (Job.gates, Job.keyed)."""
@@ -226,7 +240,7 @@ class Scheduler:
         return None
 
     def next_gated_job(self) -> Job | None:
-        """The call served next, if its tasks pass gates (see Supervisor._warm_up)."""
+        """The call served next, if its tasks pass gates (see Dispatcher._warm_up)."""
         for queue in self._queues.values():
             job = queue.job
             if queue.size and (self.pool_gates or job.gates or job.keyed):

@@ -7,11 +7,13 @@ retried or failed after a failure (the retry policy), and a call is halted when 
 policy says so (the book tells the supervisor, which alone can stop what runs).  It touches no
 file descriptor and no process, so a test drives it with fake result objects.
 
-    Supervisor ──accept / finish / fail / after_failure / on_skipped──► TaskBook
-        ▲                                                                  │ deliver()
-        └────────────── on_halt(job): cancel the call's running tasks ─────┤
-                                                                           ▼
-                                                          the call's sink (AsyncResult, ...)
+    Supervisor / Dispatcher / WorkerOutcomes / Canceller
+        │ accept, finish, fail, after_failure, on_skipped, write_off
+        ▼
+    TaskBook ──on_halt(job)──► the supervisor cancels the call's running tasks
+        │ deliver(), once per task
+        ▼
+    the call's sink (AsyncResult, MapResult, future, iterator)
 """
 
 from __future__ import annotations
@@ -199,7 +201,7 @@ class TaskBook:
         its result not sent yet."""
         if task.job.cancelled and started:
             # Its call was halted or cancelled while the worker held it finished, its result
-            # unsent (Supervisor._cancel_job); the killed worker did not get it out.
+            # unsent (Canceller._kill_tasks_of); the killed worker did not get it out.
             self.fail(task, TaskCancelledError(
                 "the task was cancelled: its worker was killed before it sent the result"))
             return

@@ -71,6 +71,16 @@ class OutcomeSink:
     # lifts on close() and closes on terminate(); None for a call given all its input.
     window: Any = None
 
+    def lift_window(self) -> None:
+        """close(): the call's input is fed to the end, whatever the consumer takes."""
+        if self.window is not None:
+            self.window.lift()
+
+    def stop_input(self) -> None:
+        """terminate(), or the caller dropped the iterator: no more input is fed."""
+        if self.window is not None:
+            self.window.close()
+
     def starting(self, task: "Task") -> bool:
         """The task is about to be sent to a worker; False: it was cancelled, skip it."""
         return True

@@ -17,11 +17,13 @@ from __future__ import annotations
 import enum
 import os
 import signal
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import InitializerError, describe_exit
 from .protocol import InitializerCall, OutOfBand, Stop, ToWorker, dumps
 from .tasks import Block, Job, Task
 from .worker import (BLOCK_POSITION, CURRENT_TASK, FDS_PER_MESSAGE, IDLE, REVOKED,
@@ -70,7 +72,7 @@ class Batch:
         self.block = block
 
     def unexploded_block(self) -> Block | None:
-        """The block whose inputs have no Tasks (see Supervisor._explode_dispatched)."""
+        """The block whose inputs have no Tasks (see blocks.explode_dispatched)."""
         block = self.block
         return block if block is not None and block.tasks is None else None
 
@@ -301,6 +303,17 @@ class WorkerSlots:
         slot.respawn_at = time.monotonic() + RESPAWN_BACKOFF_S * 2 ** (self.start_failures - 1)
         return self.start_failures >= INIT_FAILURE_LIMIT
 
+    def start_failure_error(self, exitcode: int | None) -> InitializerError:
+        """Why workers keep failing to start: the initializer's exception, else their exit."""
+        cause = self.last_init_error
+        if cause is not None:
+            error = InitializerError(
+                f"the worker initializer raised {type(cause).__name__}: {cause}")
+            error.__cause__ = cause
+            return error
+        return InitializerError(f"worker process failed to start: {describe_exit(exitcode)}"
+                                f"{_unimportable_main_hint(self.context)}")
+
     def due_for_recycling(self, slot: Slot) -> bool:
         """maxtasksperchild reached, or memory over max_memory_per_child (checked after a
         batch, as Celery does: the task that grew it has finished and reported)."""
@@ -408,6 +421,30 @@ class WorkerSlots:
             if slot.phase is not SlotPhase.DEAD:
                 self._signal_group(slot, signal.SIGKILL)
 
+    def retire_ready(self) -> bool:
+        """Retire every idle-able worker; False while one still runs its initializer (it is
+        retired once Ready, as multiprocessing.Pool lets it finish: its side effects are the
+        program's)."""
+        for slot in self.slots:
+            if slot.phase is SlotPhase.READY:
+                self.retire(slot)
+        return not any(slot.phase is SlotPhase.STARTING for slot in self.slots)
+
+    def all_dead(self) -> bool:
+        return all(slot.phase is SlotPhase.DEAD for slot in self.slots)
+
+    def kill_and_reap_all(self, timeout_s: float) -> None:
+        """Kill every live worker and wait up to `timeout_s` in all for them to be reaped."""
+        self.kill_all_now()
+        deadline = time.monotonic() + timeout_s
+        for slot in self.slots:
+            if slot.phase is not SlotPhase.DEAD and slot.process is not None:
+                slot.process.join(max(0.0, deadline - time.monotonic()))
+                try:
+                    self.reap(slot)
+                except Exception:
+                    pass
+
     def close(self) -> None:
         """After every worker is reaped: release the death pipe."""
         for end in (self._death_reader, self._death_writer):
@@ -415,3 +452,17 @@ class WorkerSlots:
                 end.close()
             except OSError:
                 pass
+
+
+def _unimportable_main_hint(context: Any) -> str:
+    """Why every worker of a script piped into Python (`python - < job.py`) dies at start:
+    the forkserver and spawn start methods re-import the program's main module in each
+    worker, from its __file__, which is then no file."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if (path is None or getattr(main, "__spec__", None) is not None or os.path.isfile(path)
+            or context.get_start_method() == "fork"):
+        return ""
+    return (f"; the program's main module ({path!r}) is not a file the workers can import "
+            "(the forkserver start method re-imports it in each worker): run the program from "
+            "a .py file, or pass context='fork'")

@@ -28,8 +28,19 @@ ALLOWED: dict[str, set[str]] = {
     "taskqueue": {"store", "stored_call", "limits", "errors"},
     # what a worker runs for a stored task; light, no procqueue imports
     "stored_call": set(),
-    "supervisor": {"worker_slots", "blocks", "task_book", "timeouts", "scheduler", "admission",
-                   "stats", "results", "tasks", "protocol", "errors", "config", "limits"},
+    # the loop only: detects events and sequences the parts below
+    "supervisor": {"inbox", "dispatch", "outcomes", "cancelling", "worker_slots", "blocks",
+                   "task_book", "timeouts", "scheduler", "tasks", "protocol", "errors",
+                   "config"},
+    # what caller threads post to the supervisor, and its wake-up pipe
+    "inbox": {"tasks"},
+    # ending tasks on request (cancel, halt, terminate): the book, and the workers holding them
+    "cancelling": {"outcomes", "blocks", "task_book", "worker_slots", "tasks", "errors"},
+    # what a worker's results, death or overrun mean for its tasks
+    "outcomes": {"blocks", "task_book", "timeouts", "worker_slots", "scheduler", "stats",
+                 "tasks", "protocol", "errors"},
+    # which queued work goes to which worker, and the message that carries it
+    "dispatch": {"task_book", "worker_slots", "scheduler", "tasks", "protocol", "config"},
     # when a running task times out: pure, reads a slot and its tasks
     "timeouts": {"worker_slots", "tasks"},
     # blocks' one home: reading and routing a block's report, exploding it into tasks

@@ -428,12 +428,12 @@ def test_a_supervisor_bug_that_loses_inputs_fails_the_call_instead_of_hanging(ap
     # The supervisor thread dies of an exception after taking a block of inputs off the
     # queue and before any worker has it: nothing records those inputs any more.  Their call
     # must still end, with the supervisor's error, and the pool must still shut down.
-    from procqueue.supervisor import Supervisor
+    from procqueue.dispatch import Dispatcher
 
     def lose_the_block(self, slot, block):
         raise RuntimeError("injected supervisor bug")
 
-    monkeypatch.setattr(Supervisor, "_send_block", lose_the_block)
+    monkeypatch.setattr(Dispatcher, "_send_block", lose_the_block)
     with Pool(2) as pool:
         call = getattr(pool, api)
         with pytest.raises(PoolBrokenError, match="injected supervisor bug"):

@@ -1,0 +1,143 @@
+"""Dispatch: which queued work goes to which worker, and the message that carries it.
+
+The supervisor calls Dispatcher.dispatch() once per turn of its loop.  The scheduler decides
+what may start now (limits, rate, keys: see scheduler.py and admission.py); this module
+decides which worker gets it (idle workers first, then one prefetched batch each) and sends
+it: a batch of tasks (RunTasks), a block of primitive inputs (RunBlock) or, before a gated
+call's first task, the function alone (LoadFunction, a warm-up).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from .config import PoolConfig
+from .protocol import LoadFunction, OutOfBand, RunBlock, RunTasks, dumps, wire_payload
+from .scheduler import Scheduler
+from .task_book import TaskBook
+from .tasks import Block, Job, Task, TaskState
+from .worker_slots import Batch, Slot, WorkerSlots
+
+# Tasks queued per worker below which nothing is prefetched (see Dispatcher.dispatch).
+PREFETCH_MIN_QUEUED_PER_WORKER = 8
+# Workers lost loading one function (a warm-up) before warm-ups of it stop.
+WARM_UP_CRASH_LIMIT = 2
+
+
+class Dispatcher:
+    def __init__(self, config: PoolConfig, book: TaskBook, workers: WorkerSlots) -> None:
+        self.config = config
+        self.book = book
+        self.scheduler: Scheduler = book.scheduler
+        self.workers = workers
+        self._batch_ids = iter(range(1, sys.maxsize))
+        self._warm_up_crashes: dict[int, int] = {}  # fn_id -> workers lost warming it up
+
+    def dispatch(self) -> None:
+        # Idle workers first, then one prefetched batch each, but not near the end of the
+        # queue: a prefetched batch stuck behind a slow task cannot move to a worker that
+        # has gone idle, and at the tail that idleness is what costs (skewed task times).
+        prefetch_ok = self.scheduler.queued >= PREFETCH_MIN_QUEUED_PER_WORKER * len(
+            self.workers.slots)
+        for want_batches in ((0, 1) if prefetch_ok else (0,)):
+            for slot in self.workers.slots:
+                while len(slot.batches) == want_batches and slot.can_take_batch():
+                    prefetch = want_batches > 0
+                    if self.scheduler.queued == 0 or not self._send_next_batch(slot, prefetch):
+                        break
+
+    def note_lost_warm_ups(self, slot: Slot) -> None:
+        """`slot`'s worker died: count the functions it died loading (warm-up batches)."""
+        for batch in slot.batches:
+            if not batch.tasks and batch.block is None:
+                fn_id = batch.job.fn_id
+                self._warm_up_crashes[fn_id] = self._warm_up_crashes.get(fn_id, 0) + 1
+
+    def _send_next_batch(self, slot: Slot, prefetch: bool) -> bool:
+        limit = self._task_budget(slot)
+        if limit <= 0:
+            return False
+        if not prefetch and self._warm_up(slot):
+            return True
+        taken = self.scheduler.next_batch(limit, time.monotonic(), prefetch=prefetch)
+        if isinstance(taken, Block):
+            self._send_block(slot, taken)
+            return True
+        if not taken:
+            return False  # nothing queued, or every queued task waits on a limit
+        tasks = [t for t in taken if self._may_start(t)]
+        if not tasks:
+            return True  # all were cancelled futures: look again
+        self._send_tasks(slot, tasks)
+        return True
+
+    def _send_tasks(self, slot: Slot, tasks: list[Task]) -> None:
+        job = tasks[0].job
+        batch = self._new_batch(slot, job, tasks)
+        for task in tasks:
+            task.move(TaskState.DISPATCHED)
+            task.attempts += 1
+            task.pid = slot.pid
+        oob = [t for t in tasks if isinstance(t.payload, OutOfBand)]
+        for task in oob:  # this worker maps it until it says otherwise, or exits
+            slot.lend(task)
+        message = RunTasks(batch.id, job.fn_id, self._function_for(slot, job), job.kind,
+                           tuple((t.id, wire_payload(t.payload)) for t in tasks),
+                           tuple(t.id for t in oob))
+        # A failed send surfaces as the worker's death (its sentinel).
+        self.workers.send(slot, message, tuple(_fd_of(t.payload) for t in oob))
+
+    def _send_block(self, slot: Slot, block: Block) -> None:
+        job = block.job
+        inputs = dumps(block.inputs)  # primitives only: cannot fail
+        batch = self._new_batch(slot, job, [], block, len(inputs))
+        self.workers.send(slot, RunBlock(batch.id, job.fn_id, self._function_for(slot, job),
+                                         job.kind, block.id, inputs, timed=job.timed_inputs))
+
+    def _warm_up(self, slot: Slot) -> bool:
+        """Before a gated call's first task goes to a worker, send that worker the function
+        alone.  A rate start is recorded at dispatch; loading the function (importing the
+        user's module) can take long enough that tasks admitted early would start late and
+        bunch up inside one window.  Warmed up, a task starts a pipe hop after admission."""
+        job = self.scheduler.next_gated_job()
+        if job is None or job.fn_id in slot.known_functions:
+            return False
+        if self._warm_up_crashes.get(job.fn_id, 0) >= WARM_UP_CRASH_LIMIT:
+            return False  # loading it kills workers: send it with tasks, which get charged
+        batch = self._new_batch(slot, job, [])
+        slot.known_functions.add(job.fn_id)
+        self.workers.send(slot, LoadFunction(batch.id, job.fn_id, job.fn_payload, job.kind))
+        return True
+
+    def _new_batch(self, slot: Slot, job: Job, tasks: list[Task], block: Block | None = None,
+                   payload_bytes: int = 0) -> Batch:
+        batch = Batch(next(self._batch_ids), job, tasks, block, payload_bytes)
+        slot.batches.append(batch)
+        return batch
+
+    def _function_for(self, slot: Slot, job: Job) -> bytes | None:
+        """The pickled function, unless this worker has loaded it already."""
+        if job.fn_id in slot.known_functions:
+            return None
+        slot.known_functions.add(job.fn_id)
+        return job.fn_payload
+
+    def _may_start(self, task: Task) -> bool:
+        if task.job.sink.starting(task):
+            return True
+        self.book.finish(task, TaskState.CANCELLED, False, None)  # its future was cancelled
+        return False
+
+    def _task_budget(self, slot: Slot) -> int:
+        """How many more tasks this worker may be given (maxtasksperchild)."""
+        limit = self.config.maxtasksperchild
+        if limit is None:
+            return sys.maxsize
+        return limit - slot.tasks_done - slot.tasks_held()
+
+
+def _fd_of(payload: Any) -> int:
+    assert isinstance(payload, OutOfBand)
+    return payload.fd

@@ -1,0 +1,200 @@
+"""What a worker's reports mean for its tasks: results, a death, a task past its deadline.
+
+The supervisor detects each event (a readable pipe, a sentinel, a deadline); this module
+decides what it does to the tasks concerned and hands each task's outcome to the task book:
+
+    BatchResults / BlockResults ──► on_results / on_block_results ─► book.succeed_all / fail
+    the worker died             ──► on_death: the task it was running is charged with the crash,
+                                    the others it held go back to the queue, uncharged
+    a task's deadline passed    ──► on_timeout: its worker is killed, the task charged
+
+and, when someone listens, reports each attempt as a TaskEvent (Pool(on_event=, trace=)).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any, Callable
+
+from .blocks import BlockRouter, Outcome, decode
+from .errors import TaskTimeoutError, WorkerCrashedError, describe_exit
+from .protocol import BatchResults, BlockResults, short_repr
+from .scheduler import FailureKind
+from .stats import EventListener, TaskEvent
+from .task_book import TaskBook
+from .tasks import Task, TaskState
+from .timeouts import timeout_of, timing_task
+from .worker_slots import Batch, Slot, SlotPhase, WorkerSlots
+
+
+class TaskEvents:
+    """One TaskEvent per task attempt to the pool's listener, if it has one."""
+
+    def __init__(self, listener: EventListener | None) -> None:
+        self.listener = listener
+
+    def emit(self, task: Task, slot: Slot, start_mono: float, end_mono: float, outcome: str,
+             error: BaseException | None) -> None:
+        if self.listener is None:
+            return
+        to_wall = time.time() - time.monotonic()
+        event = TaskEvent(task.job.id, task.index, short_repr(task.input), slot.index,
+                          task.pid, task.attempts, start_mono + to_wall, end_mono + to_wall,
+                          outcome, None if error is None else _error_text(error))
+        try:
+            self.listener(event)
+        except Exception:
+            traceback.print_exc()
+
+
+class WorkerOutcomes:
+    def __init__(self, book: TaskBook, workers: WorkerSlots, events: TaskEvents,
+                 may_retry: Callable[[], bool]) -> None:
+        """`may_retry`: whether a failed task may still run again (the pool takes work)."""
+        self.book = book
+        self.workers = workers
+        self.events = events
+        self.may_retry = may_retry
+        self.blocks = BlockRouter(book, self._on_outcome)
+
+    # ---- results -----------------------------------------------------------------------------
+
+    def on_results(self, slot: Slot, message: BatchResults) -> None:
+        for task_id in message.released:
+            slot.unlend(task_id)
+        batch = _batch_of(slot, message.batch_id)
+        if batch is None:
+            return  # results of a batch already written off (its task timed out)
+        pending = batch.pending
+        succeeded: list[tuple[Task, Any]] = []
+        for i, task_id in enumerate(message.task_ids):
+            task = pending.pop(task_id, None)
+            if task is not None:
+                status, value = decode(message.ok[i], message.payloads[i])
+                self._on_outcome(slot, task, status, value, message.seconds[i],
+                                 message.started[i], succeeded)
+        if succeeded:
+            self.book.succeed_all(batch.job, succeeded)
+        for task_id in message.skipped:
+            task = pending.pop(task_id, None)
+            if task is not None:
+                self.book.on_skipped(task)
+        self._after_results(slot, batch, message)
+
+    def on_block_results(self, slot: Slot, message: BlockResults) -> None:
+        batch = _batch_of(slot, message.batch_id)
+        if batch is None:
+            return  # results of a batch already written off
+        self.blocks.route(slot, batch, message)
+        self._after_results(slot, batch, message)
+
+    def _after_results(self, slot: Slot, batch: Batch, message: BatchResults | BlockResults
+                       ) -> None:
+        n = len(message)
+        slot.tasks_done += n
+        slot.tasks_done_total += n
+        busy_s = message.busy_s
+        slot.busy_s += busy_s
+        batch.job.sizer.observe(n, busy_s)
+        slot.rss_bytes = message.rss_bytes
+        if message.final:
+            slot.batches.remove(batch)
+            if slot.phase is SlotPhase.READY and (slot.retire_reason
+                                                  or self.workers.due_for_recycling(slot)):
+                # Takes no new batch (can_take_batch); exits once it has run what it holds.
+                if not slot.batches:
+                    self.workers.retire(slot)
+
+    def _on_outcome(self, slot: Slot, task: Task, status: Outcome, value: Any, seconds: float,
+                    started: float, succeeded: list[tuple[Task, Any]]) -> None:
+        """One task's reported outcome; a success joins `succeeded`, delivered with its batch."""
+        task.seconds = seconds
+        task.job.note_duration(seconds)
+        if task.state is not TaskState.DISPATCHED:
+            return  # already given an outcome (cancelled while running)
+        if status is Outcome.OK:
+            if self.events.listener is not None:
+                self.events.emit(task, slot, started, started + seconds, "ok", None)
+            succeeded.append((task, value))
+        elif status is Outcome.UNREADABLE:
+            self.book.fail(task, value)  # not the task's doing: no retry
+        else:
+            self.events.emit(task, slot, started, started + seconds, "error", value)
+            self.book.after_failure(task, FailureKind.EXCEPTION, value,
+                                    may_retry=self.may_retry())
+
+    # ---- a worker died -----------------------------------------------------------------------
+
+    def on_death(self, slot: Slot, running: tuple[int, float] | None, exitcode: int | None,
+                 phase: SlotPhase) -> None:
+        """Attribute a worker's death: the task it was running is charged with the crash;
+        every other task it held goes back to the front of the queue, uncharged, unless its
+        call was halted or cancelled: then it ends there, cancelled.  A worker being killed
+        (phase KILLING: a timeout, a cancel) was killed for a task already charged."""
+        held = [t for b in slot.batches for t in b.pending.values()]
+        began = started_ids(slot, running)  # finished, unsent, or the one it was running
+        slot.batches.clear()
+        culprit_id = running[0] if running else None
+        if culprit_id is None and held and phase is not SlotPhase.KILLING:
+            culprit_id = held[0].id  # it died before marking a task: charge the first it held
+        for task in reversed(held):  # reversed + front=True keeps their order
+            if task.state is not TaskState.DISPATCHED:
+                continue
+            if task.id == culprit_id and phase is not SlotPhase.KILLING:
+                error = crash_error(exitcode)
+                started = running[1] if running else time.monotonic()
+                self.events.emit(task, slot, started, time.monotonic(), "crash", error)
+                self.book.after_failure(task, FailureKind.CRASH, error,
+                                        may_retry=self.may_retry())
+            else:
+                self.book.write_off(task, started=task.id in began)
+
+    # ---- a task ran out of time --------------------------------------------------------------
+
+    def on_timeout(self, slot: Slot, now: float, kill_grace_s: float) -> None:
+        timing = timing_task(slot)
+        assert timing is not None, "a deadline passed on a slot that runs nothing"
+        task, started = timing
+        for batch in slot.batches:
+            batch.pending.pop(task.id, None)
+        task.seconds = now - started
+        timeout_s = timeout_of(task) or 0.0
+        how = "" if task.timeout_s is not None else \
+            f" ({task.job.timeout_factor:.0%} of the median task time)"
+        error = TaskTimeoutError(f"task timed out after {timeout_s:.3g} s{how}",
+                                 timeout_s=timeout_s)
+        self.workers.kill(slot, "timeout", kill_grace_s, now)
+        self.events.emit(task, slot, started, now, "timeout", error)
+        self.book.after_failure(task, FailureKind.TIMEOUT, error, may_retry=self.may_retry())
+
+
+def crash_error(exitcode: int | None) -> WorkerCrashedError:
+    error = WorkerCrashedError(
+        f"worker process died while running the task: {describe_exit(exitcode)}",
+        exitcode=exitcode, oom_suspected=exitcode == -9)
+    if exitcode == -9:
+        error.message += " (SIGKILL: the OOM killer is a common cause)"
+    return error
+
+
+def started_ids(slot: Slot, running: tuple[int, float] | None) -> set[int]:
+    """Ids of the tasks a worker has started: the one running now and those before it in its
+    batch (finished, their results not sent yet).  Tasks after it, and a prefetched batch,
+    wait in the worker's pipe."""
+    if running is None:
+        return set()
+    for batch in slot.batches:
+        ids = [t.id for t in batch.tasks]
+        if running[0] in ids:
+            return set(ids[:ids.index(running[0]) + 1])
+    return {running[0]}
+
+
+def _batch_of(slot: Slot, batch_id: int) -> Batch | None:
+    return next((b for b in slot.batches if b.id == batch_id), None)
+
+
+def _error_text(error: BaseException) -> str:
+    message = error.message if hasattr(error, "message") else str(error)
+    return f"{type(error).__name__}: {message}"
