@@ -41,6 +41,7 @@ class Canceller:
             del batch.pending[task.id]
             current = slot.current_task()
             if current is not None and current[0] == task.id:
+                task.attempts += 1
                 now = time.monotonic()
                 self.events.emit(task, slot, current[1], now, "cancelled", None)
                 self.workers.kill(slot, "cancelled", self.kill_grace_s, now)
@@ -74,10 +75,10 @@ class Canceller:
         for task in _held_of(slot, job):
             if task.id not in started:
                 _drop(slot, task)
-                task.attempts -= 1  # it never ran
                 self.book.finish(task, TaskState.CANCELLED, False,
                                  self.book.cancelled_error(task))
             elif running is not None and running[0] == task.id:
+                task.attempts += 1
                 error = TaskCancelledError("the task was cancelled while running")
                 self.events.emit(task, slot, running[1], now, "cancelled", error)
                 _drop(slot, task)
@@ -92,9 +93,13 @@ class Canceller:
         for slot in self.workers.slots:
             explode_slot(self.book, slot)
         self.book.tasks_of(self.book.scheduler.all_queued())  # registers blocks' inputs as tasks
+        running = {current[0] for current in (s.current_task() for s in self.workers.slots)
+                   if current is not None}
         for task in list(self.book.tasks.values()):
             if task.state.terminal:
                 continue
+            if task.id in running and task.state is TaskState.DISPATCHED:
+                task.attempts += 1  # it was running: an attempt, cut short
             for slot in self.workers.slots:
                 _drop(slot, task)
             if task.state is TaskState.QUEUED or task.state is TaskState.RETRY_WAIT:

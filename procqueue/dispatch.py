@@ -78,7 +78,6 @@ class Dispatcher:
         batch = self._new_batch(slot, job, tasks)
         for task in tasks:
             task.move(TaskState.DISPATCHED)
-            task.attempts += 1
             task.pid = slot.pid
         oob = [t for t in tasks if isinstance(t.payload, OutOfBand)]
         for task in oob:  # this worker maps it until it says otherwise, or exits

@@ -113,6 +113,7 @@ class WorkerOutcomes:
         task.job.note_duration(seconds)
         if task.state is not TaskState.DISPATCHED:
             return  # already given an outcome (cancelled while running)
+        task.attempts += 1  # it ran
         if status is Outcome.OK:
             if self.events.listener is not None:
                 self.events.emit(task, slot, started, started + seconds, "ok", None)
@@ -142,6 +143,7 @@ class WorkerOutcomes:
             if task.state is not TaskState.DISPATCHED:
                 continue
             if task.id == culprit_id and phase is not SlotPhase.KILLING:
+                task.attempts += 1  # it was running, or its worker died before saying which
                 error = crash_error(exitcode)
                 started = running[1] if running else time.monotonic()
                 self.events.emit(task, slot, started, time.monotonic(), "crash", error)
@@ -159,6 +161,7 @@ class WorkerOutcomes:
         for batch in slot.batches:
             batch.pending.pop(task.id, None)
         task.seconds = now - started
+        task.attempts += 1
         timeout_s = timeout_of(task) or 0.0
         how = "" if task.timeout_s is not None else \
             f" ({task.job.timeout_factor:.0%} of the median task time)"

@@ -92,7 +92,7 @@ class TaskBook:
         self.tasks[task.id] = task
         if running_pid is not None:
             task.move(TaskState.DISPATCHED)
-            task.attempts, task.pid = 1, running_pid
+            task.pid = running_pid
         return task
 
     def explode_queued(self, block: Block) -> list[Task]:
@@ -189,7 +189,6 @@ class TaskBook:
         """The worker did not start the task: its batch was revoked (a cancel)."""
         if task.state is not TaskState.DISPATCHED:
             return  # already given an outcome
-        task.attempts -= 1  # it never ran
         if task.job.cancelled:
             self.finish(task, TaskState.CANCELLED, False, self.cancelled_error(task))
         else:  # revoked for another task of its batch (a cancelled future): run it later
@@ -200,12 +199,13 @@ class TaskBook:
         task that killed it is charged elsewhere).  `started`: it had finished in that worker,
         its result not sent yet."""
         if task.job.cancelled and started:
+            task.attempts += 1  # it ran, and finished
             # Its call was halted or cancelled while the worker held it finished, its result
             # unsent (Canceller._kill_tasks_of); the killed worker did not get it out.
             self.fail(task, TaskCancelledError(
                 "the task was cancelled: its worker was killed before it sent the result"))
             return
-        task.attempts -= 1  # it never ran, or its run was not its fault
+        # Not counted as an attempt: it never ran, or its run was not its fault.
         if task.job.cancelled:  # and its call wants nothing more run
             self.finish(task, TaskState.CANCELLED, False, self.cancelled_error(task))
         else:

@@ -116,7 +116,10 @@ class Task:
         self.payload = payload  # pickled argument(s): bytes, or protocol.OutOfBand
         self.kind = job.kind
         self.state = TaskState.QUEUED
-        self.attempts = 0  # runs started
+        # Runs started, counted when the start is observed (a result, a crash or timeout
+        # charged to it, a kill while running), not at dispatch: a task sent to a worker
+        # and given back unrun (a revoke, another task's crash) has not been attempted.
+        self.attempts = 0
         self.pid: int | None = None  # worker of the latest attempt
         self.seconds = 0.0  # run time of the latest attempt
         self.input = input  # kept for errors and outcomes; its repr is made only on failure

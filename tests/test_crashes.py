@@ -679,3 +679,47 @@ def test_sigint_reaches_the_caller_in_map_and_leaves_no_worker(tmp_path, tmp_sha
             proc.kill()
             proc.communicate(timeout=10)
         _kill_leftovers(set(workers) | set(grandchildren))
+
+
+def fault_once_and_count(args):
+    """Records every run; the first run of input 2 kills its worker, of input 5 raises
+    ValueError, of input 8 hangs past the call's timeout; later runs succeed."""
+    directory, index = args
+    _record(directory, f"run{index}")
+    first = not Path(directory, f"faulted-{index}").exists()
+    Path(directory, f"faulted-{index}").touch()
+    if first and index == 2:
+        os._exit(3)
+    if first and index == 5:
+        raise ValueError("first run of 5")
+    if first and index == 8:
+        time.sleep(30)
+    return index
+
+
+@pytest.mark.timeout(60)
+def test_attempts_count_the_runs_that_started_and_nothing_else(tmp_shared):
+    # One worker, one batch: the inputs behind a crash or a timeout were sent to the worker
+    # and given back unrun; they count no attempt.  Each attempt has one event, numbered
+    # 1, 2...; only the faulty inputs run twice as attempts.  (A run that finished but whose
+    # result died with its worker is run again without counting: it was not its fault.)
+    pq = _procqueue()
+    from procqueue.errors import TaskTimeoutError
+
+    events = []
+    with pq.Pool(1, retries=1, retry_on=(ValueError, TaskTimeoutError),
+                 on_event=events.append) as pool:
+        items = [(str(tmp_shared), i) for i in range(10)]
+        outcomes = list(pool.imap_outcomes(fault_once_and_count, items, chunksize=10,
+                                           timeout=3))
+    assert [o.value for o in outcomes] == list(range(10))
+    for o in outcomes:
+        runs = len(list(tmp_shared.glob(f"run{o.index}-*")))
+        mine = [e.attempt for e in events if e.index == o.index]
+        assert mine == list(range(1, o.attempts + 1)), (o.index, o.attempts, mine)
+        assert runs >= o.attempts, (o.index, runs, o.attempts)
+    assert {o.index: o.attempts for o in outcomes if o.attempts != 1} == {2: 2, 5: 2, 8: 2}
+    assert len(list(tmp_shared.glob("run9-*"))) == 1  # sent twice, started once
+    outcome_of = {(e.index, e.attempt): e.outcome for e in events}
+    assert [outcome_of[i, 1] for i in (2, 5, 8)] == ["crash", "error", "timeout"]
+    assert all(e.outcome == "ok" for e in events if e.attempt == 2)

@@ -55,10 +55,15 @@ def make_tasks(job: Job, n: int) -> list[Task]:
 
 
 def dispatch(task: Task, pid: int = 42) -> None:
-    """What the supervisor does when it sends a task to a worker."""
+    """What the dispatcher does when it sends a task to a worker (no attempt yet: that is
+    counted when the start is observed, see ran())."""
     task.move(TaskState.DISPATCHED)
-    task.attempts += 1
     task.pid = pid
+
+
+def ran(task: Task) -> None:
+    """What WorkerOutcomes does when a result, crash or timeout shows the task started."""
+    task.attempts += 1
 
 
 def running(book: TaskBook, job: Job, n: int) -> list[Task]:
@@ -132,12 +137,14 @@ def test_a_crash_is_retried_while_attempts_are_left_then_fails() -> None:
     book.accept([task], {})
     book.scheduler.next_batch(1)
     dispatch(task)
+    ran(task)
     book.after_failure(task, FailureKind.CRASH, WorkerCrashedError(), may_retry=True)
     assert task.state is TaskState.RETRY_WAIT and book.retries == 1 and sink.outcomes == []
     (released,) = book.scheduler.release_due_retries(float("inf"))
     book.requeue(released)
     book.scheduler.next_batch(1)
     dispatch(task)
+    ran(task)
     crash = WorkerCrashedError()
     book.after_failure(task, FailureKind.CRASH, crash, may_retry=True)
     assert sink.outcomes == [(0, False, crash)] and crash.attempts == 2
@@ -152,6 +159,7 @@ def test_the_policy_decides_which_failures_are_retried(kind: FailureKind, error:
                                                        retried: bool) -> None:
     book, _ = make_book(retries=2, retry_on=(KeyError,))
     (task,) = running(book, make_job(RecordingSink()), 1)
+    ran(task)
     book.after_failure(task, kind, error, may_retry=True)
     assert (task.state is TaskState.RETRY_WAIT) is retried
     assert (task.state is TaskState.FAILED) is not retried
@@ -160,6 +168,7 @@ def test_the_policy_decides_which_failures_are_retried(kind: FailureKind, error:
 def test_nothing_is_retried_once_the_pool_takes_no_work() -> None:
     book, _ = make_book(retries=3)
     (task,) = running(book, make_job(RecordingSink()), 1)
+    ran(task)
     book.after_failure(task, FailureKind.CRASH, WorkerCrashedError(), may_retry=False)
     assert task.state is TaskState.FAILED and book.retries == 0
 
@@ -187,6 +196,7 @@ def test_cancelling_a_call_ends_what_waits_queued_or_in_backoff() -> None:
     book.accept(list(tasks), {})
     (first,) = book.scheduler.next_batch(1)
     dispatch(first)
+    ran(first)
     book.after_failure(first, FailureKind.CRASH, WorkerCrashedError(), may_retry=True)
     job.cancelled = True
     book.cancel_waiting(job)
@@ -228,7 +238,7 @@ def test_a_blocks_inputs_count_until_reported_and_become_tasks_when_needed() -> 
     assert book.block_inputs == 2 and book.succeeded == 1
     task = book.block_task(block, 1, running_pid=99)
     assert (task.index, task.input, task.state, task.attempts, task.pid) == (
-        11, "b", TaskState.DISPATCHED, 1, 99)
+        11, "b", TaskState.DISPATCHED, 0, 99)  # an attempt once its outcome shows it ran
     assert book.tasks[task.id] is task
 
 
