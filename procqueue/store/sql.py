@@ -13,21 +13,22 @@ Where each promise is kept:
   of services whose heartbeat is older than LEASE_S, or whose process is gone on this host;
 - no outcome recorded twice: ``record`` updates a task only while it is running, held by the
   reporting service, at the reported attempt (records.py: the fencing token).
+
+Beneath SqlStore, connections.py keeps a connection per thread and runs the transactions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
-import threading
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import psutil
 
 from ..errors import StoreError
+from .connections import SqlConnections, chunks
 from .records import (Claim, ClaimedTask, Finished, NewTask, QueueCounts, QueueSpec,
                       ServiceRecord, StoredError, TaskRecord, TaskStatus, TimelineEntry,
                       error_line)
@@ -52,33 +53,21 @@ _SUMMARY_COLUMNS = ("id, queue, function, label, key, priority, dedup_id, status
 _SEARCHED_COLUMNS = ("label", "function", "error_type", "error_message")
 
 
-class SqlStore:
+class SqlStore(SqlConnections):
     """A durable queue store (see records.py for the task's life).  Thread-safe: each thread
-    gets its own connection; a forked child opens new ones."""
-
-    dialect = "sql"
+    gets its own connection; a forked child opens new ones (connections.py)."""
 
     def __init__(self, target: str) -> None:
-        self.target = target
-        self._local = threading.local()
-        self._all_connections: list[tuple[int, Any]] = []  # (pid that opened it, connection)
-        self._lock = threading.Lock()
-        self._closed = False
+        super().__init__(target)
         self.host = socket.gethostname()
 
     # ---- dialect hooks ----------------------------------------------------------------------
 
-    def _connect(self) -> Any:
-        raise NotImplementedError
-
-    def _begin_write(self, cursor: Any) -> None:
-        raise NotImplementedError
-
     def _lock_queue(self, cursor: Any, queue: str) -> None:
         """Serialise claims of one queue (SQLite: the write lock already does)."""
 
-    def _sql(self, text: str) -> str:
-        return text
+    def _skip_locked(self) -> str:
+        return ""
 
     def _insert_task(self, cursor: Any, task: NewTask, now: float) -> int | None:
         """Insert; the new id, or None when a pending/running task has its dedup_id."""
@@ -90,74 +79,6 @@ class SqlStore:
     def waker(self, service_id: str) -> Any:
         """An object with fileno(), drain() and close() that wakes a service's loop."""
         raise NotImplementedError
-
-    # ---- connections and transactions ------------------------------------------------------
-
-    def _connection(self) -> Any:
-        if self._closed:
-            raise StoreError(f"the store {self.target} is closed")
-        conn = getattr(self._local, "conn", None)
-        if conn is None or getattr(self._local, "pid", None) != os.getpid():
-            conn = self._connect()
-            self._local.conn, self._local.pid = conn, os.getpid()
-            with self._lock:
-                self._all_connections.append((os.getpid(), conn))
-        return conn
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Any]:
-        conn = self._connection()
-        cursor = conn.cursor()
-        self._begin_write(cursor)
-        try:
-            yield cursor
-        except BaseException:
-            # the error is what matters; a failed ROLLBACK (a broken connection, a transaction
-            # SQLite already rolled back) would only hide it
-            with contextlib.suppress(Exception):
-                cursor.execute("ROLLBACK")
-            raise
-        cursor.execute("COMMIT")
-
-    def _x(self, cursor: Any, text: str, params: Sequence[Any] = ()) -> Any:
-        cursor.execute(self._sql(text), params)
-        return cursor
-
-    def _many(self, cursor: Any, text: str, rows: Iterable[Sequence[Any]]) -> int:
-        """executemany; the number of rows it changed."""
-        params = list(rows)
-        if not params:
-            return 0
-        cursor.executemany(self._sql(text), params)
-        return max(int(cursor.rowcount), 0)
-
-    def _read(self, text: str, params: Sequence[Any] = ()) -> list[Any]:
-        conn = self._connection()
-        cursor = conn.cursor()
-        try:
-            return list(self._x(cursor, text, params).fetchall())
-        finally:
-            self._end_read(conn)
-
-    def _end_read(self, conn: Any) -> None:
-        """PostgreSQL ends the read's implicit transaction; SQLite autocommits."""
-
-    def close(self) -> None:
-        self._closed = True
-        with self._lock:
-            connections, self._all_connections = self._all_connections, []
-        for pid, conn in connections:
-            # A forked child must not close what it inherited: closing a PostgreSQL
-            # connection tells the server to end the session the parent is still using.
-            if pid == os.getpid():
-                with contextlib.suppress(Exception):
-                    conn.close()
-
-    def __enter__(self) -> "SqlStore":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     # ---- queues -----------------------------------------------------------------------------
 
@@ -281,7 +202,7 @@ class SqlStore:
         if not held:
             return set()
         found: set[int] = set()
-        for chunk in _chunks(list(held), 500):
+        for chunk in chunks(list(held), 500):
             marks = ", ".join("?" * len(chunk))
             found.update(row[0] for row in self._read(
                 f"SELECT id FROM tasks WHERE id IN ({marks}) AND service = ? "
@@ -352,9 +273,6 @@ class SqlStore:
             return [row[0] for row in rows], wait_until
         return self._pick_by_key(c, spec, want), wait_until
 
-    def _skip_locked(self) -> str:
-        return ""
-
     def _pick_by_key(self, c: Any, spec: QueueSpec, want: int) -> list[int]:
         limit = spec.key_concurrency or 1
         busy: dict[str | None, int] = {row[0]: row[1] for row in self._x(
@@ -393,7 +311,7 @@ class SqlStore:
         # only still-pending rows start: the picks lock them in PostgreSQL, and this guard keeps
         # the promise whatever a future pick does
         got: list[ClaimedTask] = []
-        for chunk in _chunks(ids, 500):
+        for chunk in chunks(ids, 500):
             marks = ", ".join("?" * len(chunk))
             self._x(c, f"UPDATE tasks SET status = 'running', service = ?, "
                        f"attempts = attempts + 1, started_at = ?, "
@@ -512,7 +430,7 @@ class SqlStore:
 
     def statuses(self, ids: Sequence[int]) -> dict[int, TaskStatus]:
         found: dict[int, TaskStatus] = {}
-        for chunk in _chunks(list(ids), 500):
+        for chunk in chunks(list(ids), 500):
             marks = ", ".join("?" * len(chunk))
             found.update((row[0], TaskStatus(row[1])) for row in self._read(
                 f"SELECT id, status FROM tasks WHERE id IN ({marks})", chunk))
@@ -692,8 +610,3 @@ def _process_alive(pid: int, started: float) -> bool:
 def _like_escaped(text: str) -> str:
     """``text`` matched literally by LIKE ... ESCAPE '\\'."""
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
