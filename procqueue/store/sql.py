@@ -14,8 +14,11 @@ Where each promise is kept:
 - no outcome recorded twice: ``record`` updates a task only while it is running, held by the
   reporting service, at the reported attempt (records.py: the fencing token).
 
-SqlStore holds what changes the queues; beneath it, QueueViews (views.py) holds what handles
-and the dashboard read, and SqlConnections (connections.py) the connections and transactions.
+SqlStore is the services' side: they register, heartbeat, claim and record here, and a dead
+one's tasks are put back.  The rest it inherits from the modules beneath it: QueueChanges
+(changes.py) defines queues and enqueues, cancels, retries and prunes tasks; QueueViews
+(views.py) is what handles and the dashboard read; SqlConnections (connections.py) keeps a
+connection per thread and runs the transactions.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from typing import Any, Sequence
 
 import psutil
 
-from ..errors import StoreError
+from .changes import QueueChanges
 from .connections import chunks
-from .records import Claim, ClaimedTask, Finished, NewTask, QueueSpec
+from .records import Claim, ClaimedTask, Finished, QueueSpec
 from .views import QueueViews
 
 SCHEMA_VERSION = 1  # additions a version-1 reader ignores (a new column) keep the version
@@ -43,9 +46,10 @@ MAX_LOSSES = 3  # a task whose service died this many times while running it fai
 CANDIDATES_PER_PICK = 4  # with per-key limits, scan this many pending rows per task wanted
 
 
-class SqlStore(QueueViews):
-    """A durable queue store (see records.py for the task's life).  Thread-safe: each thread
-    gets its own connection; a forked child opens new ones (connections.py)."""
+class SqlStore(QueueChanges, QueueViews):
+    """A durable queue store (see records.py for the task's life): the services' side here,
+    the users' changes and the views inherited.  Thread-safe: each thread gets its own
+    connection; a forked child opens new ones (connections.py)."""
 
     def __init__(self, target: str) -> None:
         super().__init__(target)
@@ -59,69 +63,9 @@ class SqlStore(QueueViews):
     def _skip_locked(self) -> str:
         return ""
 
-    def _insert_task(self, cursor: Any, task: NewTask, now: float) -> int | None:
-        """Insert; the new id, or None when a pending/running task has its dedup_id."""
-        raise NotImplementedError
-
-    def notify(self) -> None:
-        """Wake the services waiting for work (after an enqueue or a retry committed)."""
-
     def waker(self, service_id: str) -> Any:
         """An object with fileno(), drain() and close() that wakes a service's loop."""
         raise NotImplementedError
-
-    # ---- queues -----------------------------------------------------------------------------
-
-    def define(self, spec: QueueSpec) -> None:
-        # An upsert, not DELETE + INSERT: PostgreSQL claims lock the queue's row, and a claim
-        # waiting for a row that is deleted meanwhile goes on without any lock.
-        with self._write() as c:
-            self._x(c, "INSERT INTO queues (name, concurrency, worker_concurrency, rate_limit, "
-                       "rate_per, key_concurrency, retries) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                       "ON CONFLICT (name) DO UPDATE SET concurrency = excluded.concurrency, "
-                       "worker_concurrency = excluded.worker_concurrency, "
-                       "rate_limit = excluded.rate_limit, rate_per = excluded.rate_per, "
-                       "key_concurrency = excluded.key_concurrency, retries = excluded.retries",
-                    (spec.name, spec.concurrency, spec.worker_concurrency, spec.rate_limit,
-                     spec.rate_per, spec.key_concurrency, spec.retries))
-
-    # ---- enqueue ----------------------------------------------------------------------------
-
-    def enqueue(self, tasks: Sequence[NewTask]) -> list[int]:
-        """Store the tasks in one transaction (durable when this returns); their ids.  A task
-        whose dedup_id a pending or running task of its queue has gets that task's id."""
-        now = time.time()
-        with self._write() as c:
-            # in one order everywhere: two PostgreSQL enqueues creating the same new queues
-            # would otherwise each wait for the other's row
-            for queue in sorted({t.queue for t in tasks}):
-                self._x(c, "INSERT INTO queues (name) VALUES (?) ON CONFLICT DO NOTHING",
-                        (queue,))
-            if not any(task.dedup_id for task in tasks):
-                ids = self._insert_many(c, tasks, now)
-            else:
-                ids = [self._insert_or_find(c, task, now) for task in tasks]
-        self.notify()
-        return ids
-
-    def _insert_or_find(self, c: Any, task: NewTask, now: float) -> int:
-        """The new task's id, or that of the pending/running task holding its dedup_id."""
-        # In PostgreSQL (read committed) the task holding the dedup_id may finish between the
-        # refused insert and the look-up: then the insert is tried again.
-        for _ in range(3):
-            new_id = self._insert_task(c, task, now)
-            if new_id is not None:
-                return int(new_id)
-            row = self._x(c, "SELECT id FROM tasks WHERE queue = ? AND dedup_id = ? "
-                             "AND status IN ('pending', 'running')",
-                          (task.queue, task.dedup_id)).fetchone()
-            if row is not None:
-                return int(row[0])
-        raise StoreError(f"dedup_id {task.dedup_id!r} conflicts with no task")
-
-    def _insert_many(self, c: Any, tasks: Sequence[NewTask], now: float) -> list[int]:
-        """Insert tasks without dedup_ids (none can conflict); their ids in order."""
-        return [self._insert_or_find(c, task, now) for task in tasks]
 
     # ---- services ---------------------------------------------------------------------------
 
@@ -171,7 +115,7 @@ class SqlStore(QueueViews):
                       "attempts = attempts - 1 WHERE id = ? AND attempts = ? "
                       "AND service = ? AND status = 'running'",
                    [(task_id, attempt, service_id)
-                    for task_id, attempt in sorted(tasks)])  # id order: see _change
+                    for task_id, attempt in sorted(tasks)])  # id order: see changes.py _change
 
     def still_held(self, service_id: str, held: Sequence[int]) -> set[int]:
         """Which of these task ids are still running under this service (not cancelled)."""
@@ -370,7 +314,7 @@ class SqlStore(QueueViews):
         successes = [f for f in outcomes if f.error is None]
         failures = [f for f in outcomes if f.error is not None]
         with self._write() as c:
-            successes.sort(key=lambda f: f.id)  # in id order: see _change
+            successes.sort(key=lambda f: f.id)  # in id order: see changes.py _change
             failures.sort(key=lambda f: f.id)
             applied = self._many(
                 c, "UPDATE tasks SET status = 'succeeded', result = ?, finished_at = ?, "
@@ -397,48 +341,6 @@ class SqlStore(QueueViews):
             if row is not None and f.attempt + f.runs - 1 <= row[0]:
                 left.add(f.id)
         return left
-
-    # ---- cancelling, retrying, pruning ------------------------------------------------------
-
-    def cancel(self, ids: Sequence[int]) -> list[int]:
-        """Cancel pending or running tasks; the ids that were.  A running task's service drops
-        it (and its process) when it next looks (within HEARTBEAT_S)."""
-        return self._change(ids, "UPDATE tasks SET status = 'cancelled', finished_at = ? "
-                                 "WHERE id = ? AND status IN ('pending', 'running')",
-                            with_time=True)
-
-    def retry(self, ids: Sequence[int]) -> list[int]:
-        """Put failed or cancelled tasks back to pending (a fresh start: attempts, deadline and
-        error cleared); the ids that were."""
-        changed = self._change(ids, "UPDATE tasks SET status = 'pending', attempts = 0, lost = 0, "
-                                    "service = NULL, started_at = NULL, finished_at = NULL, "
-                                    "deadline = NULL, error_type = NULL, error_message = NULL, "
-                                    "error_traceback = NULL, error = NULL, seconds = NULL, "
-                                    "pid = NULL WHERE id = ? AND status IN ('failed', "
-                                    "'cancelled')", with_time=False)
-        if changed:
-            self.notify()
-        return changed
-
-    def _change(self, ids: Sequence[int], text: str, *, with_time: bool) -> list[int]:
-        now = time.time()
-        changed: set[int] = set()
-        with self._write() as c:
-            # rows changed in id order, as record changes them: in PostgreSQL a cancel and a
-            # record locking the same rows in opposite orders would deadlock
-            for task_id in sorted(set(ids)):
-                params = (now, task_id) if with_time else (task_id,)
-                if self._x(c, text, params).rowcount:
-                    changed.add(task_id)
-        return [task_id for task_id in dict.fromkeys(ids) if task_id in changed]
-
-    def prune(self, older_than_s: float) -> int:
-        """Delete finished tasks that ended more than older_than_s ago; how many."""
-        with self._write() as c:
-            return int(self._x(c, "DELETE FROM tasks WHERE status IN ('succeeded', 'failed', "
-                                  "'cancelled') AND finished_at < ?",
-                               (time.time() - older_than_s,)).rowcount)
-
 
 def _failure_row(f: Finished, again: bool, now: float, service_id: str) -> tuple[Any, ...]:
     e = f.error

@@ -2,7 +2,7 @@
 
 Every view is one statement (connections.py ``_read``), bounded whatever the store holds: a
 page of records leaves out their results and tracebacks, and counts are grouped in the
-database.  The queue logic that changes tasks is in sql.py.
+database.  What changes tasks is in changes.py (their users) and sql.py (the services).
 """
 
 from __future__ import annotations
