@@ -13,24 +13,28 @@ Where each promise is kept:
   of services whose heartbeat is older than LEASE_S, or whose process is gone on this host;
 - no outcome recorded twice: ``record`` updates a task only while it is running, held by the
   reporting service, at the reported attempt (records.py: the fencing token).
+
+SqlStore is the services' side: they register, heartbeat, claim and record here, and a dead
+one's tasks are put back.  The rest it inherits from the modules beneath it: QueueChanges
+(changes.py) defines queues and enqueues, cancels, retries and prunes tasks; QueueViews
+(views.py) is what handles and the dashboard read; SqlConnections (connections.py) keeps a
+connection per thread and runs the transactions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
-import threading
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import psutil
 
-from ..errors import StoreError
-from .records import (Claim, ClaimedTask, Finished, NewTask, QueueCounts, QueueSpec,
-                      ServiceRecord, StoredError, TaskRecord, TaskStatus, TimelineEntry,
-                      error_line)
+from .changes import QueueChanges
+from .connections import chunks
+from .records import Claim, ClaimedTask, Finished, QueueSpec
+from .views import QueueViews
 
 SCHEMA_VERSION = 1  # additions a version-1 reader ignores (a new column) keep the version
 # Columns added to the first format, which opening an older store adds: (name, type) by table.
@@ -41,181 +45,27 @@ LOCAL_CHECK_AFTER_S = 1.0  # a silent service on this host is checked by pid aft
 MAX_LOSSES = 3  # a task whose service died this many times while running it fails
 CANDIDATES_PER_PICK = 4  # with per-key limits, scan this many pending rows per task wanted
 
-_TASK_COLUMNS = ("id, queue, function, label, key, priority, dedup_id, status, attempts, lost, "
-                 "timeout_s, retries, enqueued_at, started_at, finished_at, service, seconds, "
-                 "pid, result, error_type, error_message, error_traceback, error")
-# the same columns for a page of records: no result, traceback or pickled error, which can
-# be large (a page of them would be megabytes)
-_SUMMARY_COLUMNS = ("id, queue, function, label, key, priority, dedup_id, status, attempts, "
-                    "lost, timeout_s, retries, enqueued_at, started_at, finished_at, service, "
-                    "seconds, pid, NULL, error_type, error_message, NULL, NULL")
-_SEARCHED_COLUMNS = ("label", "function", "error_type", "error_message")
 
-
-class SqlStore:
-    """A durable queue store (see records.py for the task's life).  Thread-safe: each thread
-    gets its own connection; a forked child opens new ones."""
-
-    dialect = "sql"
+class SqlStore(QueueChanges, QueueViews):
+    """A durable queue store (see records.py for the task's life): the services' side here,
+    the users' changes and the views inherited.  Thread-safe: each thread gets its own
+    connection; a forked child opens new ones (connections.py)."""
 
     def __init__(self, target: str) -> None:
-        self.target = target
-        self._local = threading.local()
-        self._all_connections: list[tuple[int, Any]] = []  # (pid that opened it, connection)
-        self._lock = threading.Lock()
-        self._closed = False
+        super().__init__(target)
         self.host = socket.gethostname()
 
     # ---- dialect hooks ----------------------------------------------------------------------
 
-    def _connect(self) -> Any:
-        raise NotImplementedError
-
-    def _begin_write(self, cursor: Any) -> None:
-        raise NotImplementedError
-
     def _lock_queue(self, cursor: Any, queue: str) -> None:
         """Serialise claims of one queue (SQLite: the write lock already does)."""
 
-    def _sql(self, text: str) -> str:
-        return text
-
-    def _insert_task(self, cursor: Any, task: NewTask, now: float) -> int | None:
-        """Insert; the new id, or None when a pending/running task has its dedup_id."""
-        raise NotImplementedError
-
-    def notify(self) -> None:
-        """Wake the services waiting for work (after an enqueue or a retry committed)."""
+    def _skip_locked(self) -> str:
+        return ""
 
     def waker(self, service_id: str) -> Any:
         """An object with fileno(), drain() and close() that wakes a service's loop."""
         raise NotImplementedError
-
-    # ---- connections and transactions ------------------------------------------------------
-
-    def _connection(self) -> Any:
-        if self._closed:
-            raise StoreError(f"the store {self.target} is closed")
-        conn = getattr(self._local, "conn", None)
-        if conn is None or getattr(self._local, "pid", None) != os.getpid():
-            conn = self._connect()
-            self._local.conn, self._local.pid = conn, os.getpid()
-            with self._lock:
-                self._all_connections.append((os.getpid(), conn))
-        return conn
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Any]:
-        conn = self._connection()
-        cursor = conn.cursor()
-        self._begin_write(cursor)
-        try:
-            yield cursor
-        except BaseException:
-            # the error is what matters; a failed ROLLBACK (a broken connection, a transaction
-            # SQLite already rolled back) would only hide it
-            with contextlib.suppress(Exception):
-                cursor.execute("ROLLBACK")
-            raise
-        cursor.execute("COMMIT")
-
-    def _x(self, cursor: Any, text: str, params: Sequence[Any] = ()) -> Any:
-        cursor.execute(self._sql(text), params)
-        return cursor
-
-    def _many(self, cursor: Any, text: str, rows: Iterable[Sequence[Any]]) -> int:
-        """executemany; the number of rows it changed."""
-        params = list(rows)
-        if not params:
-            return 0
-        cursor.executemany(self._sql(text), params)
-        return max(int(cursor.rowcount), 0)
-
-    def _read(self, text: str, params: Sequence[Any] = ()) -> list[Any]:
-        conn = self._connection()
-        cursor = conn.cursor()
-        try:
-            return list(self._x(cursor, text, params).fetchall())
-        finally:
-            self._end_read(conn)
-
-    def _end_read(self, conn: Any) -> None:
-        """PostgreSQL ends the read's implicit transaction; SQLite autocommits."""
-
-    def close(self) -> None:
-        self._closed = True
-        with self._lock:
-            connections, self._all_connections = self._all_connections, []
-        for pid, conn in connections:
-            # A forked child must not close what it inherited: closing a PostgreSQL
-            # connection tells the server to end the session the parent is still using.
-            if pid == os.getpid():
-                with contextlib.suppress(Exception):
-                    conn.close()
-
-    def __enter__(self) -> "SqlStore":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    # ---- queues -----------------------------------------------------------------------------
-
-    def define(self, spec: QueueSpec) -> None:
-        # An upsert, not DELETE + INSERT: PostgreSQL claims lock the queue's row, and a claim
-        # waiting for a row that is deleted meanwhile goes on without any lock.
-        with self._write() as c:
-            self._x(c, "INSERT INTO queues (name, concurrency, worker_concurrency, rate_limit, "
-                       "rate_per, key_concurrency, retries) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                       "ON CONFLICT (name) DO UPDATE SET concurrency = excluded.concurrency, "
-                       "worker_concurrency = excluded.worker_concurrency, "
-                       "rate_limit = excluded.rate_limit, rate_per = excluded.rate_per, "
-                       "key_concurrency = excluded.key_concurrency, retries = excluded.retries",
-                    (spec.name, spec.concurrency, spec.worker_concurrency, spec.rate_limit,
-                     spec.rate_per, spec.key_concurrency, spec.retries))
-
-    def queue_specs(self) -> dict[str, QueueSpec]:
-        rows = self._read("SELECT name, concurrency, worker_concurrency, rate_limit, rate_per, "
-                          "key_concurrency, retries FROM queues ORDER BY name")
-        return {row[0]: QueueSpec(*row) for row in rows}
-
-    # ---- enqueue ----------------------------------------------------------------------------
-
-    def enqueue(self, tasks: Sequence[NewTask]) -> list[int]:
-        """Store the tasks in one transaction (durable when this returns); their ids.  A task
-        whose dedup_id a pending or running task of its queue has gets that task's id."""
-        now = time.time()
-        with self._write() as c:
-            # in one order everywhere: two PostgreSQL enqueues creating the same new queues
-            # would otherwise each wait for the other's row
-            for queue in sorted({t.queue for t in tasks}):
-                self._x(c, "INSERT INTO queues (name) VALUES (?) ON CONFLICT DO NOTHING",
-                        (queue,))
-            if not any(task.dedup_id for task in tasks):
-                ids = self._insert_many(c, tasks, now)
-            else:
-                ids = [self._insert_or_find(c, task, now) for task in tasks]
-        self.notify()
-        return ids
-
-    def _insert_or_find(self, c: Any, task: NewTask, now: float) -> int:
-        """The new task's id, or that of the pending/running task holding its dedup_id."""
-        # In PostgreSQL (read committed) the task holding the dedup_id may finish between the
-        # refused insert and the look-up: then the insert is tried again.
-        for _ in range(3):
-            new_id = self._insert_task(c, task, now)
-            if new_id is not None:
-                return int(new_id)
-            row = self._x(c, "SELECT id FROM tasks WHERE queue = ? AND dedup_id = ? "
-                             "AND status IN ('pending', 'running')",
-                          (task.queue, task.dedup_id)).fetchone()
-            if row is not None:
-                return int(row[0])
-        raise StoreError(f"dedup_id {task.dedup_id!r} conflicts with no task")
-
-    def _insert_many(self, c: Any, tasks: Sequence[NewTask], now: float) -> list[int]:
-        """Insert tasks without dedup_ids (none can conflict); their ids in order."""
-        return [self._insert_or_find(c, task, now) for task in tasks]
 
     # ---- services ---------------------------------------------------------------------------
 
@@ -265,23 +115,14 @@ class SqlStore:
                       "attempts = attempts - 1 WHERE id = ? AND attempts = ? "
                       "AND service = ? AND status = 'running'",
                    [(task_id, attempt, service_id)
-                    for task_id, attempt in sorted(tasks)])  # id order: see _change
-
-    def services(self) -> list[ServiceRecord]:
-        rows = self._read(
-            "SELECT s.id, s.host, s.pid, s.started_at, s.heartbeat_at, s.queues, s.jobs, "
-            "(SELECT COUNT(*) FROM tasks t WHERE t.service = s.id AND t.status = 'running'), "
-            "s.workers FROM services s ORDER BY s.started_at")
-        return [ServiceRecord(id_, host, pid, started, beat, queues, jobs, running,
-                              tuple(json.loads(workers or "[]")))
-                for id_, host, pid, started, beat, queues, jobs, running, workers in rows]
+                    for task_id, attempt in sorted(tasks)])  # id order: see changes.py _change
 
     def still_held(self, service_id: str, held: Sequence[int]) -> set[int]:
         """Which of these task ids are still running under this service (not cancelled)."""
         if not held:
             return set()
         found: set[int] = set()
-        for chunk in _chunks(list(held), 500):
+        for chunk in chunks(list(held), 500):
             marks = ", ".join("?" * len(chunk))
             found.update(row[0] for row in self._read(
                 f"SELECT id FROM tasks WHERE id IN ({marks}) AND service = ? "
@@ -352,9 +193,6 @@ class SqlStore:
             return [row[0] for row in rows], wait_until
         return self._pick_by_key(c, spec, want), wait_until
 
-    def _skip_locked(self) -> str:
-        return ""
-
     def _pick_by_key(self, c: Any, spec: QueueSpec, want: int) -> list[int]:
         limit = spec.key_concurrency or 1
         busy: dict[str | None, int] = {row[0]: row[1] for row in self._x(
@@ -393,7 +231,7 @@ class SqlStore:
         # only still-pending rows start: the picks lock them in PostgreSQL, and this guard keeps
         # the promise whatever a future pick does
         got: list[ClaimedTask] = []
-        for chunk in _chunks(ids, 500):
+        for chunk in chunks(ids, 500):
             marks = ", ".join("?" * len(chunk))
             self._x(c, f"UPDATE tasks SET status = 'running', service = ?, "
                        f"attempts = attempts + 1, started_at = ?, "
@@ -476,7 +314,7 @@ class SqlStore:
         successes = [f for f in outcomes if f.error is None]
         failures = [f for f in outcomes if f.error is not None]
         with self._write() as c:
-            successes.sort(key=lambda f: f.id)  # in id order: see _change
+            successes.sort(key=lambda f: f.id)  # in id order: see changes.py _change
             failures.sort(key=lambda f: f.id)
             applied = self._many(
                 c, "UPDATE tasks SET status = 'succeeded', result = ?, finished_at = ?, "
@@ -504,180 +342,11 @@ class SqlStore:
                 left.add(f.id)
         return left
 
-    # ---- reading, cancelling, retrying, pruning ------------------------------------------
-
-    def get(self, task_id: int) -> TaskRecord | None:
-        rows = self._read(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
-        return _task_record(rows[0]) if rows else None
-
-    def statuses(self, ids: Sequence[int]) -> dict[int, TaskStatus]:
-        found: dict[int, TaskStatus] = {}
-        for chunk in _chunks(list(ids), 500):
-            marks = ", ".join("?" * len(chunk))
-            found.update((row[0], TaskStatus(row[1])) for row in self._read(
-                f"SELECT id, status FROM tasks WHERE id IN ({marks})", chunk))
-        return found
-
-    def cancel(self, ids: Sequence[int]) -> list[int]:
-        """Cancel pending or running tasks; the ids that were.  A running task's service drops
-        it (and its process) when it next looks (within HEARTBEAT_S)."""
-        return self._change(ids, "UPDATE tasks SET status = 'cancelled', finished_at = ? "
-                                 "WHERE id = ? AND status IN ('pending', 'running')",
-                            with_time=True)
-
-    def retry(self, ids: Sequence[int]) -> list[int]:
-        """Put failed or cancelled tasks back to pending (a fresh start: attempts, deadline and
-        error cleared); the ids that were."""
-        changed = self._change(ids, "UPDATE tasks SET status = 'pending', attempts = 0, lost = 0, "
-                                    "service = NULL, started_at = NULL, finished_at = NULL, "
-                                    "deadline = NULL, error_type = NULL, error_message = NULL, "
-                                    "error_traceback = NULL, error = NULL, seconds = NULL, "
-                                    "pid = NULL WHERE id = ? AND status IN ('failed', "
-                                    "'cancelled')", with_time=False)
-        if changed:
-            self.notify()
-        return changed
-
-    def _change(self, ids: Sequence[int], text: str, *, with_time: bool) -> list[int]:
-        now = time.time()
-        changed: set[int] = set()
-        with self._write() as c:
-            # rows changed in id order, as record changes them: in PostgreSQL a cancel and a
-            # record locking the same rows in opposite orders would deadlock
-            for task_id in sorted(set(ids)):
-                params = (now, task_id) if with_time else (task_id,)
-                if self._x(c, text, params).rowcount:
-                    changed.add(task_id)
-        return [task_id for task_id in dict.fromkeys(ids) if task_id in changed]
-
-    def prune(self, older_than_s: float) -> int:
-        """Delete finished tasks that ended more than older_than_s ago; how many."""
-        with self._write() as c:
-            return int(self._x(c, "DELETE FROM tasks WHERE status IN ('succeeded', 'failed', "
-                                  "'cancelled') AND finished_at < ?",
-                               (time.time() - older_than_s,)).rowcount)
-
-    def counts(self) -> list[QueueCounts]:
-        specs = self.queue_specs()
-        by_queue: dict[str, dict[str, int]] = {name: {} for name in specs}
-        for queue, status, n in self._read("SELECT queue, status, COUNT(*) FROM tasks "
-                                           "GROUP BY queue, status"):
-            by_queue.setdefault(queue, {})[status] = n
-        now = time.time()
-        result = []
-        for name, counts in sorted(by_queue.items()):
-            spec = specs.get(name, QueueSpec(name))
-            starts = None
-            if spec.rate_per is not None:
-                starts = self._read("SELECT COUNT(*) FROM starts WHERE queue = ? AND at > ?",
-                                    (name, now - spec.rate_per))[0][0]
-            result.append(QueueCounts(spec, **counts, starts_in_window=starts))
-        return result
-
-    def ids(self, status: TaskStatus | None = None, queue: str | None = None,
-            limit: int = 1000) -> list[int]:
-        where, params = self._task_filter(status, queue, None)
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
-        return [row[0] for row in self._read(f"SELECT id FROM tasks{clause} ORDER BY id "
-                                             f"LIMIT ?", (*params, limit))]
-
-    # ---- views for people (the dashboard): bounded reads, whatever the store holds -------
-
-    def page(self, status: TaskStatus | None = None, queue: str | None = None,
-             search: str | None = None, before: int | None = None,
-             limit: int = 50) -> list[TaskRecord]:
-        """At most ``limit`` tasks, newest first, with ids below ``before`` (the last id of
-        the previous page: keyset paging, so a page costs the same at any depth), of one
-        status, one queue, and whose input, function or error contains ``search`` (any case).
-        Records without their result and traceback (get() has them): a page stays small."""
-        where, params = self._task_filter(status, queue, search)
-        if before is not None:
-            where.append("id < ?")
-            params.append(before)
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
-        rows = self._read(f"SELECT {_SUMMARY_COLUMNS} FROM tasks{clause} ORDER BY id DESC "
-                          f"LIMIT ?", (*params, limit))
-        return [_task_record(row) for row in rows]
-
-    def _task_filter(self, status: TaskStatus | None, queue: str | None,
-                     search: str | None) -> tuple[list[str], list[Any]]:
-        where: list[str] = []
-        params: list[Any] = []
-        if status is not None:
-            where.append("status = ?")
-            params.append(str(status))
-        if queue is not None:
-            where.append("queue = ?")
-            params.append(queue)
-        if search:
-            # LOWER on both sides: SQLite's LIKE ignores ASCII case, PostgreSQL's does not
-            pattern = "%" + _like_escaped(search.lower()) + "%"
-            where.append("(" + " OR ".join(
-                f"LOWER(COALESCE({column}, '')) LIKE ? ESCAPE '\\'"
-                for column in _SEARCHED_COLUMNS) + ")")
-            params += [pattern] * len(_SEARCHED_COLUMNS)
-        return where, params
-
-    def throughput(self, since: float, bucket_s: float) -> list[tuple[float, int, int]]:
-        """(bucket start, succeeded, failed) for the tasks that ended since ``since``, in
-        buckets of ``bucket_s`` seconds aligned on the epoch, oldest first (empty buckets
-        left out).  Tasks put back by retry() no longer count: they have not ended."""
-        bucket_ms = max(int(bucket_s * 1000), 1)
-        # integer milliseconds divided by an integer: floor in both dialects (a cast of a
-        # float rounds in PostgreSQL but truncates in SQLite)
-        rows = self._read("SELECT CAST(finished_at * 1000 AS BIGINT) / CAST(? AS BIGINT), "
-                          "status, COUNT(*) FROM tasks WHERE finished_at >= ? AND "
-                          "status IN ('succeeded', 'failed') GROUP BY 1, status",
-                          (bucket_ms, since))
-        buckets: dict[int, list[int]] = {}
-        for bucket, status, n in rows:
-            buckets.setdefault(int(bucket), [0, 0])[status == "failed"] += int(n)
-        return [(bucket * bucket_ms / 1000, ok, failed)
-                for bucket, (ok, failed) in sorted(buckets.items())]
-
-    def timeline(self, since: float, limit: int) -> list[TimelineEntry]:
-        """The last ``limit`` attempts that ended since ``since`` in a worker process,
-        newest first: a timeline of the recent past (the tasks running now are in the
-        services' reports of their workers, ServiceRecord.workers)."""
-        rows = self._read(
-            "SELECT id, service, pid, finished_at - seconds, finished_at, status, label, "
-            "attempts, error_type, error_message FROM tasks WHERE finished_at >= ? AND "
-            "pid IS NOT NULL AND seconds IS NOT NULL ORDER BY finished_at DESC, id DESC "
-            "LIMIT ?",
-            (since, limit))
-        return [TimelineEntry(row[0], row[1], row[2], row[3], row[4], TaskStatus(row[5]),
-                              row[6], row[7],
-                              None if row[8] is None else error_line(row[8], row[9] or ""),
-                              row[8])
-                for row in rows]
-
-    def busy_keys(self, queue: str, limit: int = 5) -> list[tuple[str, int]]:
-        """The keys with the most running tasks in ``queue``: (key, running), most first."""
-        rows = self._read("SELECT key, COUNT(*) FROM tasks WHERE queue = ? AND "
-                          "status = 'running' AND key IS NOT NULL GROUP BY key "
-                          "ORDER BY 2 DESC, key LIMIT ?", (queue, limit))
-        return [(row[0], int(row[1])) for row in rows]
-
-
 def _failure_row(f: Finished, again: bool, now: float, service_id: str) -> tuple[Any, ...]:
     e = f.error
     assert e is not None
     return ("pending" if again else "failed", None if again else now, f.seconds, f.pid,
             f.runs - 1, e.type_name, e.message, e.traceback, e.pickled, f.id, service_id, f.attempt)
-
-
-def _task_record(row: Sequence[Any]) -> TaskRecord:
-    (task_id, queue, function, label, key, priority, dedup_id, status, attempts, lost,
-     timeout_s, retries, enqueued_at, started_at, finished_at, service, seconds, pid, result,
-     error_type, error_message, error_traceback, error) = row
-    stored_error = None
-    if error_type is not None:
-        stored_error = StoredError(error_type, error_message or "", error_traceback or "",
-                                   None if error is None else bytes(error))
-    return TaskRecord(task_id, queue, function, label, key, priority, dedup_id,
-                      TaskStatus(status), attempts, lost, timeout_s, retries, enqueued_at,
-                      started_at, finished_at, service, seconds, pid,
-                      None if result is None else bytes(result), stored_error)
 
 
 def _process_alive(pid: int, started: float) -> bool:
@@ -687,13 +356,3 @@ def _process_alive(pid: int, started: float) -> bool:
         return False
     except psutil.Error:
         return True  # cannot tell: wait for the lease
-
-
-def _like_escaped(text: str) -> str:
-    """``text`` matched literally by LIKE ... ESCAPE '\\'."""
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
