@@ -34,6 +34,23 @@ EventListener = Callable[[TaskEvent], None]
 
 
 @dataclass(frozen=True)
+class SupervisorStatistics:
+    """A pool's counters at one moment (Pool.stats() builds on it)."""
+
+    state: str
+    processes: int
+    tasks_submitted: int
+    tasks_succeeded: int
+    tasks_failed: int
+    tasks_cancelled: int
+    tasks_queued: int
+    tasks_running: int
+    retries: int
+    worker_restarts: int
+    recycled_for_memory: int
+
+
+@dataclass(frozen=True)
 class Utilisation:
     """How busy a run kept its workers: the one definition behind `procqueue map --stats`
     and the HTML report, so that the two print the same efficiency for the same run."""

@@ -34,7 +34,6 @@ import threading
 import time
 import traceback
 import weakref
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from .blocks import explode_slot
@@ -48,6 +47,7 @@ from .outcomes import TaskEvents, WorkerOutcomes
 from .protocol import (BatchResults, BlockResults, InitFailed, InitializerCall, MemfdPool,
                        Ready, loads, restore_exception)
 from .scheduler import RetryPolicy, Scheduler, pool_gates
+from .stats import SupervisorStatistics
 from .task_book import TaskBook
 from .tasks import Job
 from .timeouts import task_deadline, wake_times
@@ -79,21 +79,6 @@ _STATE_MOVES = {
     SupervisorState.BROKEN: {SupervisorState.TERMINATING, SupervisorState.STOPPED},
     SupervisorState.STOPPED: set(),
 }
-
-
-@dataclass(frozen=True)
-class SupervisorStatistics:
-    state: str
-    processes: int
-    tasks_submitted: int
-    tasks_succeeded: int
-    tasks_failed: int
-    tasks_cancelled: int
-    tasks_queued: int
-    tasks_running: int
-    retries: int
-    worker_restarts: int
-    recycled_for_memory: int
 
 
 class Supervisor:

@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     # what a worker runs for a stored task; light, no procqueue imports
     "stored_call": set(),
     # the loop only: detects events and sequences the parts below
-    "supervisor": {"inbox", "dispatch", "outcomes", "cancelling", "worker_slots", "blocks",
+    "supervisor": {"inbox", "dispatch", "outcomes", "cancelling", "worker_slots", "blocks", "stats",
                    "task_book", "timeouts", "scheduler", "tasks", "protocol", "errors",
                    "config"},
     # what caller threads post to the supervisor, and its wake-up pipe
