@@ -45,7 +45,7 @@ from .inbox import (CancelJob, CancelTask, Close, CloseJob, Command, Inbox, Open
                     SubmitTasks, Terminate)
 from .outcomes import TaskEvents, WorkerOutcomes
 from .protocol import (BatchResults, BlockResults, InitFailed, InitializerCall, MemfdPool,
-                       Ready, loads, restore_exception)
+                       Ready, loads_message, restore_exception)
 from .scheduler import RetryPolicy, Scheduler, pool_gates
 from .stats import SupervisorStatistics
 from .task_book import TaskBook
@@ -240,7 +240,7 @@ class Supervisor:
         except (EOFError, OSError):
             self._unregister(slot.conn)
             return False
-        message = loads(data)
+        message = loads_message(data)
         match message:
             case BatchResults():
                 self.outcomes.on_results(slot, message)

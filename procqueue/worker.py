@@ -26,8 +26,8 @@ from .affinity import pin_current_process
 from .errors import (ArgumentSerializationError, RemoteError, WorkerExitedError)
 from .protocol import (UNMAPPED, BatchResults, BlockResults, CallKind, CallsFunction,
                        InitFailed, InitializerCall, LoadFunction, Ready, RunBlock, RunTasks, Stop,
-                       apply_call, capture_exception, dumps, dumps_plain_data, loads,
-                       loads_argument, unpicklable_result_error)
+                       apply_call, capture_exception, dumps, dumps_message, dumps_plain_data,
+                       loads, loads_argument, loads_message, unpicklable_result_error)
 
 # Slot state shared with the supervisor (an int64 array): the task now running and when
 # it started, written here before each item and read by the supervisor on a crash or a
@@ -78,7 +78,7 @@ def worker_main(conn: Any, slot_state: Any, cpus: tuple[int, ...], env: dict[str
     if initializer is not None and not _run_initializer(conn, initializer):
         conn.close()
         os._exit(INIT_FAILED_EXIT)
-    conn.send_bytes(dumps(Ready(os.getpid())))
+    conn.send_bytes(dumps_message(Ready(os.getpid())))
     serve(conn, slot_state)
 
 
@@ -86,7 +86,7 @@ def serve(conn: Any, slot_state: Any) -> None:
     functions: dict[int, Callable[..., Any]] = {}
     while True:
         try:
-            message = loads(conn.recv_bytes())
+            message = loads_message(conn.recv_bytes())
         except (EOFError, OSError):
             return  # the supervisor went away: nothing left to do
         match message:
@@ -99,7 +99,7 @@ def serve(conn: Any, slot_state: Any) -> None:
                 slot_state[STARTED_NS] = -time.monotonic_ns()  # loading: see STARTED_NS
                 _load_function(functions, message)  # its error, if any, comes with its tasks
                 slot_state[STARTED_NS] = 0
-                conn.send_bytes(dumps(_Columns(message.batch_id).message(final=True)))
+                conn.send_bytes(dumps_message(_Columns(message.batch_id).message(final=True)))
             case Stop():
                 return
             case _:
@@ -134,7 +134,8 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
         slot_state[CURRENT_TASK] = batch.items[0][0]
     fn, fn_error = _load_function(functions, batch)
     results = _Columns(batch_id)
-    UNSENT.send = lambda: conn.send_bytes(dumps(results.complete_rows().message(final=False)))
+    UNSENT.send = lambda: conn.send_bytes(
+        dumps_message(results.complete_rows().message(final=False)))
     last_flush = time.monotonic()
     for n, (task_id, payload) in enumerate(batch.items):
         if slot_state[REVOKED[0]] == batch_id or slot_state[REVOKED[1]] == batch_id:
@@ -149,7 +150,7 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
         results.add(task_id, ok, data, now - started, started)
         if now - last_flush >= FLUSH_INTERVAL_S:
             UNSENT.sending = True
-            conn.send_bytes(dumps(results.message(final=False)))
+            conn.send_bytes(dumps_message(results.message(final=False)))
             results = _Columns(batch_id)
             UNSENT.sending = False
             last_flush = now
@@ -158,7 +159,7 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
         _close_quietly(fd)
         UNMAPPED.append(task_id)
     UNSENT.sending = True
-    conn.send_bytes(dumps(results.message(final=True)))
+    conn.send_bytes(dumps_message(results.message(final=True)))
     UNSENT.clear()
 
 
@@ -306,7 +307,7 @@ class _BlockReport:
         seconds = None if self.seconds is None else self.seconds[:n]
         busy_s = sum(seconds) if seconds is not None else time.monotonic() - self.since
         errors = {p: e for p, e in self.errors.items() if p < end}
-        self.conn.send_bytes(dumps(_block_results(
+        self.conn.send_bytes(dumps_message(_block_results(
             self.batch_id, self.first, self.values[:n], errors, seconds, busy_s, False, -1)))
 
     def send(self, now: float, final: bool) -> None:
@@ -314,7 +315,7 @@ class _BlockReport:
         seconds = self.seconds
         busy_s = sum(seconds) if seconds is not None else now - self.since
         self.since = now
-        self.conn.send_bytes(dumps(_block_results(
+        self.conn.send_bytes(dumps_message(_block_results(
             self.batch_id, self.first, self.values, self.errors, seconds, busy_s, final,
             self.skipped if final else -1)))
         self.values.clear()
@@ -534,7 +535,7 @@ def _run_initializer(conn: Any, initializer: InitializerCall) -> bool:
     try:
         initializer()
     except BaseException as exc:  # noqa: BLE001 - reported once, to the caller
-        conn.send_bytes(dumps(InitFailed(capture_exception(exc))))
+        conn.send_bytes(dumps_message(InitFailed(capture_exception(exc))))
         return False
     return True
 

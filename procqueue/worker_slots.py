@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InitializerError, describe_exit
-from .protocol import InitializerCall, OutOfBand, Stop, ToWorker, dumps
+from .protocol import InitializerCall, OutOfBand, Stop, ToWorker, dumps_message
 from .tasks import Block, Job, Task
 from .worker import (BLOCK_POSITION, CURRENT_TASK, FDS_PER_MESSAGE, IDLE, REVOKED,
                      SLOT_STATE_SIZE, STARTED_NS, worker_main)
@@ -340,7 +340,7 @@ class WorkerSlots:
         """Send a message, then the descriptors of its out-of-band arguments; False if the
         worker's pipe is broken (it died: the sentinel will tell the supervisor soon)."""
         try:
-            slot.conn.send_bytes(dumps(message))
+            slot.conn.send_bytes(dumps_message(message))
             if fds:
                 self._send_fds(slot, fds)
         except (OSError, EOFError, ValueError):

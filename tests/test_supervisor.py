@@ -20,7 +20,7 @@ import pytest
 from procqueue.chunking import ChunkSizer
 from procqueue.config import PoolConfig
 from procqueue.errors import WorkerCrashedError
-from procqueue.protocol import CallKind, Ready, dumps, dumps_argument, pickled_function
+from procqueue.protocol import CallKind, Ready, dumps_argument, dumps_message, pickled_function
 from procqueue.supervisor import Close, SubmitTasks, Supervisor
 from procqueue.tasks import Job, Task, new_id
 from procqueue.worker import CURRENT_TASK, serve
@@ -57,7 +57,7 @@ class ThreadProcess:
 
     def _run(self, slot_state: Any) -> None:
         try:
-            self._conn.send_bytes(dumps(Ready(self.pid)))
+            self._conn.send_bytes(dumps_message(Ready(self.pid)))
             serve(self._conn, slot_state)  # returns on Stop, or on EOF of its pipe
             self._end(0)
         except (OSError, EOFError, ValueError):  # its pipe was closed under it: killed

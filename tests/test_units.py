@@ -428,7 +428,7 @@ def test_a_sigterm_mid_input_sends_only_the_inputs_that_are_complete():
     # input whose value is in but not its run time, or whose error is set but not its
     # placeholder value, must not be sent (it runs again), and no failure may go as a success.
     from procqueue import worker
-    from procqueue.protocol import loads
+    from procqueue.protocol import loads, loads_message
 
     pipe = _Pipe()
     report = worker._BlockReport(pipe, [0] * worker.SLOT_STATE_SIZE, batch_id=7, timed=True)
@@ -437,7 +437,7 @@ def test_a_sigterm_mid_input_sends_only_the_inputs_that_are_complete():
     report.errors.update({11: b"error of 11", 13: b"error of 13, before its placeholder"})
     report.seconds.extend([0.1, 0.2])
     report.send_unsent()
-    (message,) = [loads(data) for data in pipe.sent]
+    (message,) = [loads_message(data) for data in pipe.sent]
     assert (message.batch_id, message.first, message.count, message.final) == (7, 10, 2, False)
     assert message.errors == {11: b"error of 11"}
     assert loads(message.values) == ["a", None] and message.seconds == [0.1, 0.2]
@@ -450,3 +450,22 @@ def test_a_sigterm_mid_input_sends_only_the_inputs_that_are_complete():
     empty = worker._BlockReport(pipe, [0] * worker.SLOT_STATE_SIZE, batch_id=8, timed=False)
     empty.send_unsent()
     assert len(pipe.sent) == 1  # nothing complete: nothing sent
+
+
+def test_every_wire_message_reads_back_as_sent():
+    from procqueue.protocol import (BatchResults, BlockResults, CallKind, InitFailed,
+                                    LoadFunction, Ready, RunBlock, RunTasks, Stop,
+                                    dumps_message, loads_message)
+
+    messages = [
+        RunTasks(1, 2, b"fn", CallKind.STAR, ((3, b"a"), (4, b"b")), (4,)),
+        RunBlock(5, 2, None, CallKind.ONE, 6, b"inputs", timed=False),
+        LoadFunction(7, 2, b"fn", CallKind.ARGS_KWARGS), Stop(), Ready(1234), InitFailed(b"e"),
+        BatchResults(1, [3], [False], [b"err"], [0.5], [9.0], True, 2**31, [4], [3]),
+        BlockResults(5, 10, [b"x", None], {11: b"err"}, 2, [0.1, 0.2], 0.3, False, 7, 12),
+    ]
+    for message in messages:
+        back = loads_message(dumps_message(message))
+        assert type(back) is type(message) and back == message
+        if hasattr(message, "kind"):
+            assert back.kind is message.kind  # the enum member, not its int
