@@ -257,6 +257,18 @@ def test_lazy_input_is_streamed_with_a_bounded_number_in_flight(pool: DaskPool) 
     assert pool.map(square, [5]) == [25]
 
 
+def test_imap_runs_the_inputs_taken_before_its_iterator_raised_then_raises(
+        pool: DaskPool) -> None:
+    def inputs() -> Iterator[int]:
+        yield from (1, 2, 3)
+        raise ZeroDivisionError("the inputs broke")
+
+    results = pool.imap(square, inputs())
+    assert [results.next(timeout=20) for _ in range(3)] == [1, 4, 9]
+    with pytest.raises(ZeroDivisionError, match="the inputs broke"):
+        results.next(timeout=20)
+
+
 # ---- errors ------------------------------------------------------------------------------------
 
 def test_exception_keeps_type_and_message_with_remote_traceback(pool: DaskPool) -> None:

@@ -385,38 +385,56 @@ class DaskPool(Pool):
 
     def _start_input_feed(self, call: _Call, stream: ResultStream, iterable: Iterable[Any]) -> None:
         self._driver.post(_Open(call))
-        feeder = threading.Thread(target=self._feed_inputs, args=(call, stream, iter(iterable)),
+        inputs = _Inputs(iter(iterable))
+        feeder = threading.Thread(target=self._feed_inputs, args=(call, stream, inputs),
                                   name=f"procqueue-dask-feeder-{call.id}", daemon=True)
         feeder.start()
 
-    def _feed_inputs(self, call: _Call, stream: ResultStream, iterator: Iterator[Any]) -> None:
+    def _feed_inputs(self, call: _Call, stream: ResultStream, inputs: "_Inputs") -> None:
         """Feeder thread: take inputs while the window has room, hand them over in groups."""
         window = stream.window
         assert window is not None
-        count, input_error = 0, None
+        count, error = 0, None
         try:
-            while True:
+            while not inputs.exhausted:
                 places = window.acquire(FEED_GROUP_MAX)
                 if not places:
                     break  # the window closed: terminate, cancel, or the iterator was dropped
-                group: list[_Item] = []
-                try:
-                    while len(group) < places:
-                        group.append(self._make_item(call, count, next(iterator)))
-                        count += 1
-                except StopIteration:
-                    pass
-                if places > len(group):
-                    window.release(places - len(group))
+                values = inputs.take(places)
+                if places > len(values):
+                    window.release(places - len(values))
+                group = [self._make_item(call, i, value) for i, value in enumerate(values, count)]
+                count += len(values)
                 if group:
                     self._driver.post(_Submit(call, group))
-                if len(group) < places:
-                    break
-        except BaseException as exc:  # the user's iterable raised: what it gave still runs
-            input_error = exc
+        except BaseException as exc:  # a bug of ours: the inputs handed over so far still run
+            error = exc
         finally:
-            stream.input_finished(count, input_error)
+            stream.input_finished(count, inputs.error or error)
             self._driver.post(_InputDone(call))
+
+
+class _Inputs:
+    """A feeder's view of a lazy call's iterator: the inputs it gave, and whether and how it
+    ended.  An exception of the user's iterator ends it, and is kept so that the inputs
+    taken before it still run (as in the local pool) and the error is raised after them."""
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self.iterator = iterator
+        self.exhausted = False
+        self.error: BaseException | None = None  # what the user's iterator raised
+
+    def take(self, places: int) -> list[Any]:
+        values: list[Any] = []
+        try:
+            while len(values) < places:
+                values.append(next(self.iterator))
+        except StopIteration:
+            self.exhausted = True
+        except BaseException as exc:  # noqa: BLE001 - the user's iterator: reported in order
+            self.error = exc
+            self.exhausted = True
+        return values
 
 
 def _worker_stats(client: Any, pids: dict[str, int], work: dict[str, tuple[int, float]]
