@@ -33,6 +33,13 @@ class TaskEvent:
 EventListener = Callable[[TaskEvent], None]
 
 
+def event_error_text(error: BaseException) -> str:
+    """What TaskEvent.error says of an exception: "TypeName: message" (procqueue's errors
+    keep their message without the annotations str() adds)."""
+    message = getattr(error, "message", None)
+    return f"{type(error).__name__}: {message if message is not None else error}"
+
+
 @dataclass(frozen=True)
 class Utilisation:
     """How busy a run kept its workers: the one definition behind `procqueue map --stats`
