@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from itertools import chain
 from typing import (TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, Mapping,
-                    Sequence, cast)
+                    Protocol, Sequence, cast)
 
 from .admission import ConcurrencyGate, Gate, RateGateAdapter, SemaphoreGate, rate_gate_for
 from .calls import PoolCalls, errors_mode
@@ -140,10 +140,7 @@ class Pool(PoolCalls):
                  trace: "str | os.PathLike[str] | None" = None, **options: Any) -> None:
         self._state = PoolState.RUN
         self._owner_pid = os.getpid()
-        self._journal = _JournalHolder(journal)
-        self._trace = TraceWriter(trace) if trace is not None else None
-        if self._trace is not None:
-            options["on_event"] = _both(self._trace, options.get("on_event"))
+        options["on_event"] = self._open_run_records(journal, trace, options.get("on_event"))
         self._config = PoolConfig.build(processes, initializer, initargs, maxtasksperchild,
                                         context, **options)
         initializer_call = None
@@ -168,6 +165,21 @@ class Pool(PoolCalls):
         self._finalizer = weakref.finalize(self, _shutdown, self._supervisor, self._journal,
                                            self._trace)
         _POOLS_OF_THIS_PROCESS.add(self)
+
+    def _open_run_records(self, journal: "str | os.PathLike[str] | Journal | None",
+                          trace: "str | os.PathLike[str] | None",
+                          on_event: Callable[[Any], None] | None
+                          ) -> Callable[[Any], None] | None:
+        """Keep the records of this pool's run in its front end, whatever runs the tasks (the
+        supervisor, or a DaskPool's driver): the journal its map/imap calls consult and feed
+        (self._journal.for_call) and the trace of its task events (self._trace), closed with
+        the pool.  Returns the listener the backend gives each TaskEvent: on_event, the
+        trace's, both, or None."""
+        self._journal = _JournalHolder(journal)
+        self._trace = TraceWriter(trace) if trace is not None else None
+        if self._trace is None:
+            return on_event
+        return _both(self._trace, on_event)
 
     @staticmethod
     def check_options(processes: int | None = None, **options: Any) -> None:
@@ -937,11 +949,19 @@ def _both(first: Callable[[Any], None], second: Callable[[Any], None] | None
     return both
 
 
+class _JournaledWork(Protocol):
+    """What _JournaledCall changes of a call: where its outcomes go and how its batches are
+    sized (a local pool's Job, or a DaskPool's call)."""
+
+    sink: Any
+    sizer: ChunkSizer
+
+
 class _JournaledCall:
     """One map/imap call of a journaled pool: which inputs are done already, and the sink
     that commits the others' outcomes before reporting them."""
 
-    def __init__(self, journal: Journal, job: Job) -> None:
+    def __init__(self, journal: Journal, job: _JournaledWork) -> None:
         from .journal import BATCH_WORK_S, InputKeys, JournalingSink
 
         self.journal = journal
@@ -982,7 +1002,7 @@ class _JournalHolder:
         self.owned = False
         self.lock = threading.Lock()
 
-    def for_call(self, func: Callable[..., Any], job: Job) -> _JournaledCall | None:
+    def for_call(self, func: Callable[..., Any], job: _JournaledWork) -> _JournaledCall | None:
         if self.path is None and self.journal is None:
             return None
         with self.lock:

@@ -33,6 +33,13 @@ class TaskEvent:
 EventListener = Callable[[TaskEvent], None]
 
 
+def event_error_text(error: BaseException) -> str:
+    """What TaskEvent.error says of an exception: "TypeName: message" (procqueue's errors
+    keep their message without the annotations str() adds)."""
+    message = getattr(error, "message", None)
+    return f"{type(error).__name__}: {message if message is not None else error}"
+
+
 @dataclass(frozen=True)
 class SupervisorStatistics:
     """A pool's counters at one moment (Pool.stats() builds on it)."""

@@ -122,6 +122,20 @@ def span(directory: str, item: Any, hold_s: float, fail: bool = False) -> Any:
     return item
 
 
+def logged_square(args: tuple[str, int]) -> int:
+    """x * x; each call leaves a file of its own in `directory`: the calls that ran, counted."""
+    directory, x = args
+    Path(directory, f"{x}-{os.getpid()}-{time.monotonic_ns()}").touch()
+    if x == 3:
+        raise KeyError(f"no {x}")
+    return x * x
+
+
+def calls_in(directory: Path) -> list[int]:
+    """The inputs logged_square ran for, one entry per call, sorted."""
+    return sorted(int(p.name.split("-")[0]) for p in directory.iterdir())
+
+
 def spans_in(directory: str | Path) -> list[tuple[str, float, float]]:
     """(item repr, start, end) of every recorded run."""
     rows = [p.read_text().split("\t") for p in Path(directory).iterdir()]
@@ -255,6 +269,18 @@ def test_lazy_input_is_streamed_with_a_bounded_number_in_flight(pool: DaskPool) 
     assert stats.tasks_running <= len(taken)
     del results  # dropping the iterator stops its feeding
     assert pool.map(square, [5]) == [25]
+
+
+def test_imap_runs_the_inputs_taken_before_its_iterator_raised_then_raises(
+        pool: DaskPool) -> None:
+    def inputs() -> Iterator[int]:
+        yield from (1, 2, 3)
+        raise ZeroDivisionError("the inputs broke")
+
+    results = pool.imap(square, inputs())
+    assert [results.next(timeout=20) for _ in range(3)] == [1, 4, 9]
+    with pytest.raises(ZeroDivisionError, match="the inputs broke"):
+        results.next(timeout=20)
 
 
 # ---- errors ------------------------------------------------------------------------------------
@@ -418,14 +444,137 @@ def test_key_concurrency_k_allows_k_of_a_key_and_a_failing_key_fails_its_item(
     assert values[1:] == [1, 4]
 
 
+# ---- the run's records: events, trace, journal ------------------------------------------------
+
+def test_on_event_gets_one_event_per_input_with_its_outcome_and_its_workers_times(
+        client: Any, tmp_path: Path) -> None:
+    events: list[procqueue.TaskEvent] = []
+    items = [(str(tmp_path), i, 0.05, i == 3) for i in range(6)]  # input 3 raises
+    before = time.time()
+    with DaskPool(client=client, on_event=events.append) as pool:
+        values = pool.starmap(span, items, errors="return")
+    after = time.time()
+    assert isinstance(values[3], ValueError)
+    assert sorted(e.index for e in events) == list(range(6))  # exactly one each
+    by_index = {e.index: e for e in events}
+    assert [by_index[i].outcome for i in range(6)] == ["ok"] * 3 + ["error"] + ["ok"] * 2
+    assert by_index[3].error == "ValueError: failing 3"
+    assert all(e.error is None for e in events if e.outcome == "ok")
+    assert len({e.job for e in events}) == 1 and all(e.attempt == 1 for e in events)
+    assert all(e.input_repr.endswith(f", {e.index}, 0.05, {e.index == 3})") for e in events)
+    assert {e.pid for e in events} <= _worker_pids(client)
+    # a slot is a Dask worker thread, numbered per pool: one per single-threaded worker here
+    assert {e.slot for e in events} <= set(range(WORKERS))
+    assert len({(e.slot, e.pid) for e in events}) == len({e.slot for e in events})
+    # the times are the item's own run, measured in its worker
+    runs = {item: (start, end) for item, start, end in spans_in(tmp_path)}
+    for e in events:
+        start, end = runs[repr(e.index)]
+        assert before <= e.start_s <= start + 0.001 and end - 0.001 <= e.end_s <= after
+        assert e.seconds - (end - start) < 0.05
+
+
+def test_every_attempt_gets_an_event_retries_and_timeouts_included(client: Any) -> None:
+    events: list[procqueue.TaskEvent] = []
+    with DaskPool(client=client, timeout=0.5, retries=1, retry_on=(KeyError,),
+                  on_event=events.append) as pool:
+        values = pool.map(fail_on_three, range(5), errors="return")
+        outcomes = list(pool.imap_outcomes(spin_or_sleep, ["a", "spin"]))
+    assert isinstance(values[3], KeyError) and not outcomes[1].ok
+    mapped, timed = sorted({e.job for e in events})
+    attempts = sorted((e.index, e.attempt, e.outcome) for e in events if e.job == mapped)
+    assert attempts == [(0, 1, "ok"), (1, 1, "ok"), (2, 1, "ok"), (3, 1, "error"),
+                        (3, 2, "error"), (4, 1, "ok")]
+    spun = sorted((e for e in events if e.job == timed), key=lambda e: e.index)
+    assert [e.outcome for e in spun] == ["ok", "timeout"]
+    assert spun[1].error is not None and spun[1].error.startswith(
+        "TaskTimeoutError: task timed out after 0.5 s")
+    assert spun[1].seconds >= 0.5
+
+
+@pytest.mark.timeout(120)
+def test_an_item_that_kills_its_worker_gets_one_crash_event() -> None:
+    # On a LocalCluster of its own: on this 2-core machine under load, a second series of
+    # worker kills on the shared cluster could leave it with no worker at all (the scheduler
+    # drops live workers whose results it failed to gather, and their nannies leave them down)
+    events: list[procqueue.TaskEvent] = []
+    with DaskPool(WORKERS, on_event=events.append) as pool:
+        values = pool.starmap(exit_worker_on, [(x, 5) for x in range(8)], chunksize=4,
+                              errors="return")
+    error = values[5]
+    assert isinstance(error, WorkerCrashedError)
+    assert sorted(e.index for e in events) == list(range(8))  # lost chunks' runs: no events
+    crash = next(e for e in events if e.index == 5)
+    assert crash.outcome == "crash" and crash.attempt == error.attempts
+    assert crash.slot == -1  # Dask does not say which thread of the dead worker ran it
+    assert crash.error is not None and crash.error.startswith("WorkerCrashedError: Dask worker")
+    assert all(e.outcome == "ok" for e in events if e.index != 5)
+
+
+def test_a_trace_of_a_dask_run_reads_back_as_its_events(client: Any, tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    events: list[procqueue.TaskEvent] = []
+    pool = DaskPool(client=client, trace=str(path), on_event=events.append)
+    pool.map(fail_on_three, range(6), errors="return")
+    pool.close()
+    pool.join()  # writes the trace, as the local pool's join does
+    document = json.loads(path.read_text())
+    rows = {e["args"]["name"] for e in document["traceEvents"] if e["name"] == "thread_name"}
+    assert rows == {f"worker {e.slot}" for e in events}
+    traced = {e.index: e for e in procqueue.load_trace(path)}
+    assert sorted(traced) == list(range(6)) and len(events) == 6
+    for e in events:
+        t = traced[e.index]
+        assert (t.job, t.input_repr, t.slot, t.pid, t.attempt, t.outcome, t.error) == (
+            e.job, e.input_repr, e.slot, e.pid, e.attempt, e.outcome, e.error)
+        assert abs(t.start_s - e.start_s) < 1e-5 and abs(t.end_s - e.end_s) < 1e-5
+    assert traced[3].outcome == "error" and "no 3" in (traced[3].error or "")
+
+
+def _comparable(values: list[Any]) -> list[Any]:
+    """Results, with each exception as its type and arguments (objects never compare equal)."""
+    return [(type(v).__name__, v.args) if isinstance(v, BaseException) else v for v in values]
+
+
+@pytest.mark.parametrize("api", ["map", "imap"])
+def test_a_journaled_dask_run_skips_the_inputs_an_earlier_run_finished(
+        client: Any, tmp_path: Path, api: str) -> None:
+    calls, db = tmp_path / "calls", str(tmp_path / "run.db")
+    calls.mkdir()
+
+    def run(xs: Iterable[int], events: list[procqueue.TaskEvent] | None = None) -> list[Any]:
+        items = [(str(calls), x) for x in xs]
+        with DaskPool(client=client, journal=db,
+                      on_event=None if events is None else events.append) as pool:
+            if api == "map":
+                return pool.map(logged_square, items, errors="return")
+            return list(pool.imap(logged_square, iter(items), errors="return"))
+
+    expected = _comparable([KeyError("no 3") if x == 3 else x * x for x in range(20)])
+    assert _comparable(run(range(10))) == expected[:10]
+    assert calls_in(calls) == list(range(10))
+    events: list[procqueue.TaskEvent] = []
+    assert _comparable(run(range(20), events)) == expected  # done ones reported again, in order
+    assert calls_in(calls) == list(range(20))  # 0-9 (3 failed) were not run again
+    assert sorted(e.index for e in events) == list(range(10, 20))
+    with procqueue.Journal.read(db) as journal:
+        summary = journal.summary()
+    assert (summary.done, summary.failed, summary.pending) == (19, 1, 0)
+    assert _comparable(run(range(20))) == expected  # all done: nothing runs at all
+    assert calls_in(calls) == list(range(20))
+
+
 # ---- options -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("option, value", [
-    ("journal", "run.sqlite"), ("trace", "trace.json"), ("queues", {}),
-    ("on_event", print), ("max_memory_per_child", "1G"), ("min_free_memory", "1G"),
+@pytest.mark.parametrize("option, value, reason", [
+    ("queues", {}, "gates of the local supervisor"),
+    ("max_memory_per_child", "1G", "recycles this machine's worker processes"),
+    ("min_free_memory", "1G", "this machine's free memory"),
 ])
-def test_local_only_pool_options_are_refused_by_name(client: Any, option: str, value: Any) -> None:
-    with pytest.raises(TypeError, match=f"{option} not supported on the Dask backend"):
+def test_local_only_pool_options_are_refused_by_name_with_the_reason(
+        client: Any, option: str, value: Any, reason: str) -> None:
+    with pytest.raises(TypeError, match=f"{option} not supported on the Dask backend: "
+                                        f"{option}: [^;]*{reason}"):
         DaskPool(client=client, **{option: value})
     with pytest.raises(TypeError, match="not supported on the Dask backend"):
         procqueue.Pool(backend="dask", client=client, **{option: value})
@@ -563,8 +712,8 @@ def test_a_dask_pool_made_by_procqueue_pool_is_initialised_once(
             assert len(_driver_threads() - before) == 1  # one driver, hence one pool's setup
             assert type(pool) is DaskPool and pool.apply(square, (4,)) == 16
     calls.clear()
-    with pytest.raises(TypeError, match="journal not supported"):
-        procqueue.Pool(backend="dask", client=client, journal="x.sqlite")
+    with pytest.raises(TypeError, match="max_memory_per_child not supported"):
+        procqueue.Pool(backend="dask", client=client, max_memory_per_child="1G")
     assert len(calls) == 1
 
 
@@ -619,7 +768,9 @@ def test_every_pool_method_works_on_a_dask_pool_or_is_its_own(client: Any) -> No
 
         DaskPool.check_options(2, timeout=5, rate="5/s", retries=0, backend="dask")
         pool.check_options(worker_env={"A": "1"}, pin=True, journal=None)
-        for bad, error in (({"timeout": "300%"}, ValueError), ({"journal": "x"}, TypeError),
+        pool.check_options(journal="run.db", trace="trace.json", on_event=print)
+        for bad, error in (({"timeout": "300%"}, ValueError), ({"queues": {}}, TypeError),
+                           ({"on_event": 3}, TypeError), ({"trace": 3}, TypeError),
                            ({"retry_on": 3}, TypeError), ({"backend": "ray"}, ValueError),
                            ({"processes": 0}, ValueError), ({"nope": 1}, TypeError)):
             with pytest.raises(error):

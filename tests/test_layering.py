@@ -134,12 +134,16 @@ def test_cli_uses_only_the_public_api() -> None:
 # objects, the wire format, the errors, the configuration values, the usable-CPU count and the
 # limits' value objects and bookkeeping (Rate, KeyedLimit, FairQueue); never the local
 # supervisor's machinery (supervisor, worker_slots, task_book, worker, scheduler, admission).
+# stats: a backend reports each task attempt as the local supervisor does, a stats.TaskEvent
+# (what Pool(on_event=...) and the trace receive).
 BACKEND_SHARED = {"affinity", "calls", "chunking", "config", "errors", "limits", "protocol",
-                  "results", "tasks"}
+                  "results", "stats", "tasks"}
 # The one way up: a DaskPool is a procqueue.Pool (isinstance holds), so dask/pool.py takes its
 # base class and the values and types of the Pool API from the pool module - these names only.
+# _JournaledCall: a call's journal is the front end's (Pool's code, shared by both pools), and
+# DaskPool's calls hand it their inputs; the backend itself never touches the journal.
 BACKEND_POOL_NAMES = {"dask/pool.py": {"BACKENDS", "CallOptions", "Pool", "PoolState",
-                                       "PoolStats", "WorkerStats"}}
+                                       "PoolStats", "WorkerStats", "_JournaledCall"}}
 
 # The Dask backend's package: module -> the modules of the package it may import, bottom up
 # (what runs in a Dask worker imports nothing of the driver's side).

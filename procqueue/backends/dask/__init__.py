@@ -18,8 +18,8 @@ done | retry | failed) changes in one thread, and each item gets exactly one ``d
 deadlines: its ``__next__`` polls every 100 ms.)
 
 Items travel in chunks: one Dask task (worker_side.run_chunk) runs a list of items and
-returns one row per item (ok, the pickled result or the pickled ErrorInfo, seconds), so a
-failing item fails only itself and an unpicklable result is that item's error.  Chunks are
+returns one row per item (ok, the pickled result or the pickled ErrorInfo, seconds, start),
+so a failing item fails only itself and an unpicklable result is that item's error.  Chunks are
 sized from measured item times (about pool.TARGET_CHUNK_S of work each, smaller at the tail)
 unless the call fixes ``chunksize``.  At most driver.INFLIGHT_CHUNKS_PER_THREAD chunks per
 Dask worker thread are submitted at once; lazy inputs (imap*) are read by a feeder thread

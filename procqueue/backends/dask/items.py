@@ -129,13 +129,15 @@ class _Call:
 
 
 class _Chunk:
-    __slots__ = ("key", "call", "items", "future")
+    __slots__ = ("key", "call", "items", "future", "submitted_s")
 
-    def __init__(self, key: str, call: _Call, items: list[_Item], future: Any) -> None:
+    def __init__(self, key: str, call: _Call, items: list[_Item], future: Any,
+                 submitted_s: float) -> None:
         self.key = key
         self.call = call
         self.items = items
         self.future = future
+        self.submitted_s = submitted_s  # wall-clock seconds since the epoch
 
 
 # ---- driver commands: everything that changes item state is one of these -----------------------

@@ -1,12 +1,15 @@
 """The checks of a DaskPool's options and of each call's options.
 
 The local pool's options that have no meaning on Dask are accepted and ignored, so that code
-written for it runs unchanged; the ones the Dask backend does not implement are refused by
-name, so that nobody believes they hold; the rest is checked with the local pool's rules.
+written for it runs unchanged; the ones tied to this machine's worker processes are refused
+by name, so that nobody believes they hold; the rest is checked with the local pool's rules.
+(journal=, trace= and on_event= are the front end's, kept by the pool as the local pool keeps
+them, and the backend only reports each attempt: they are checked here, not refused.)
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, NamedTuple
 
 from ...errors import exception_types
@@ -29,14 +32,20 @@ def check_pool_options(processes: Any = None, initializer: Any = None, initargs:
                        address: Any = None, client: Any = None,
                        retries: Any = DEFAULT_CRASH_RETRIES, retry_on: Any = (),
                        timeout: Any = None, chunksize: Any = None, concurrency: Any = None,
-                       rate: Any = None, worker_env: Any = None, **options: Any) -> PoolOptions:
+                       rate: Any = None, worker_env: Any = None, journal: Any = None,
+                       trace: Any = None, on_event: Any = None, **options: Any) -> PoolOptions:
     """Every check of DaskPool's arguments, in one place so that DaskPool() and
     DaskPool.check_options() raise the same errors; nothing is started or connected to.
-    (initargs and context are named only to be accepted: context has no meaning on Dask.)"""
+    (initargs and context are named only to be accepted: context has no meaning on Dask;
+    journal is checked where the pool opens it, as in the local pool.)"""
     _check_options(processes, retries, timeout, chunksize, concurrency, address, client)
     _check_local_options(maxtasksperchild, options)
     if initializer is not None and not callable(initializer):
         raise TypeError("initializer must be a callable")
+    if on_event is not None and not callable(on_event):
+        raise TypeError("on_event must be a callable taking a TaskEvent")
+    if trace is not None:
+        os.fspath(trace)  # TypeError unless a path, as the trace's writer would raise
     return PoolOptions(Rate.of(rate), _check_worker_env(worker_env), exception_types(retry_on))
 
 
@@ -71,10 +80,16 @@ def _check_timeout(timeout: Any) -> None:
 # local pool runs unchanged, and ignored (maxtasksperchild and context are positional).
 # pin: the worker processes are the cluster's, placed by whoever started them.
 _IGNORED_POOL_OPTIONS = frozenset({"pin"})
-# Options of the local Pool that the Dask backend does not implement: refused by name, so
-# that nobody believes they hold.
-_LOCAL_ONLY_POOL_OPTIONS = frozenset({"queues", "journal", "trace", "on_event",
-                                      "max_memory_per_child", "min_free_memory"})
+# Options of the local Pool the Dask backend does not implement, with the reason the error
+# gives: refused by name, so that nobody believes they hold.
+_LOCAL_ONLY_POOL_OPTIONS = {
+    "queues": "named queues are gates of the local supervisor, not implemented on Dask "
+              "(per-call concurrency= is cluster-wide there)",
+    "max_memory_per_child": "it recycles this machine's worker processes by their memory "
+                            "(on Dask, the nanny restarts a worker over its --memory-limit)",
+    "min_free_memory": "it admits tasks by this machine's free memory (on Dask, a worker "
+                       "pauses near its --memory-limit)",
+}
 
 
 def _check_local_options(maxtasksperchild: Any, options: dict[str, Any]) -> None:
@@ -82,11 +97,12 @@ def _check_local_options(maxtasksperchild: Any, options: dict[str, Any]) -> None
                                          or not isinstance(maxtasksperchild, int)
                                          or maxtasksperchild < 1):
         raise ValueError("maxtasksperchild must be a positive int or None")
-    refused = sorted(_given(options) & _LOCAL_ONLY_POOL_OPTIONS)
+    refused = sorted(_given(options) & set(_LOCAL_ONLY_POOL_OPTIONS))
     if refused:
+        reasons = "; ".join(f"{name}: {_LOCAL_ONLY_POOL_OPTIONS[name]}" for name in refused)
         raise TypeError(f"Pool option(s) {', '.join(refused)} not supported on the Dask "
-                        "backend (see docs/dask.md)")
-    unknown = sorted(set(options) - _IGNORED_POOL_OPTIONS - _LOCAL_ONLY_POOL_OPTIONS)
+                        f"backend: {reasons} (see docs/dask.md)")
+    unknown = sorted(set(options) - _IGNORED_POOL_OPTIONS - set(_LOCAL_ONLY_POOL_OPTIONS))
     if unknown:
         raise TypeError(f"unexpected Pool option(s): {', '.join(unknown)}")
 

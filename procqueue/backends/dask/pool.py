@@ -7,34 +7,45 @@ procqueue.Pool (isinstance holds, and code typed for a Pool accepts it) that run
 local pool's machinery: it overrides what the local pool does with its supervisor and keeps
 what holds for any pool.  Its stats() are a DaskPoolStats with DaskWorkerStats rows: a
 PoolStats and WorkerStats, with the fields a Dask cluster can fill and a few of its own.
+
+The records of a run are the front end's, as in the local pool, and kept with Pool's own
+code: the journal of map/imap calls (Pool._open_run_records, then each call's
+_JournaledCall: inputs done in an earlier run are replayed by the caller or the feeder, never
+sent to Dask, and outcomes are committed before they are reported) and the trace; the
+driver only gives the listener one TaskEvent per attempt (driver.py).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import uuid
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 from ...calls import errors_mode
 from ...chunking import ChunkSizer
 from ...errors import InitializerError, PoolClosedError, argument_error
 from ...limits import Rate
 # The one import of the local pool's module: a DaskPool is a procqueue.Pool (its base class,
-# state values, stats types and per-call options), and uses none of its machinery.
-from ...pool import BACKENDS, CallOptions, Pool, PoolState, PoolStats, WorkerStats
+# state values, stats types and per-call options, and the front end's journal of a call), and
+# uses none of its machinery.
+from ...pool import BACKENDS, CallOptions, Pool, PoolState, PoolStats, WorkerStats, _JournaledCall
 from ...protocol import CallKind, pickled_function
 from ...results import (ApplyResult, IMapIterator, MapResult, OutcomeIterator,
                         ResultStream, TaskFuture, Window)
-from .cluster import CLOSE_TIMEOUT_S, _Resources, _WorkerSetup
+from .cluster import CLOSE_TIMEOUT_S, _close_quietly, _Resources, _WorkerSetup
 from .driver import _Driver
 from .items import (_CancelCall, _Call, _Close, _InputDone, _Item, _Open, _Submit,
                     _Terminate, _dumps_item)
 from .options import DEFAULT_CRASH_RETRIES, _call_options, check_pool_options
 from .worker_side import FUNCTION_CACHE_SIZE, RateSpec, _distributed
+
+if TYPE_CHECKING:
+    from ...stats import TaskEvent
 
 TARGET_CHUNK_S = 0.2  # a Dask task costs ~1-3 ms of scheduling: aim for chunks of 200 ms
 MAX_CHUNK_ITEMS = 10_000  # caps one chunk's memory and result latency
@@ -77,9 +88,11 @@ class DaskPool(Pool):
     `per` seconds, cluster-wide (see worker_side._RateWindow).  worker_env: set in every
     worker while the pool is open (and in the processes of a LocalCluster the pool starts).
     processes is the size of the LocalCluster the pool starts; with address= or client= the
-    cluster is what it is, and processes is ignored.  maxtasksperchild, context and pin have
-    no meaning on Dask and are ignored; the local pool's other options are refused by name.
-    backend is accepted as procqueue.Pool(backend="dask", ...) passes it on.
+    cluster is what it is, and processes is ignored.  journal, trace and on_event work as
+    on the local pool (a TaskEvent's slot is a Dask worker thread; see docs/dask.md).
+    maxtasksperchild, context and pin have no meaning on Dask and are ignored; the local
+    pool's other options are refused by name.  backend is accepted as
+    procqueue.Pool(backend="dask", ...) passes it on.
     """
 
     reports_running_inputs = False  # Dask does not say which item a worker runs
@@ -96,14 +109,18 @@ class DaskPool(Pool):
                  retry_on: type[BaseException] | Iterable[type[BaseException]] = (),
                  timeout: float | None = None, chunksize: int | None = None,
                  concurrency: int | None = None, rate: Rate | str | None = None,
-                 worker_env: Mapping[str, str] | None = None, **options: Any) -> None:
+                 worker_env: Mapping[str, str] | None = None,
+                 journal: Any = None,  # a path or a procqueue.Journal, as Pool's journal=
+                 trace: "str | os.PathLike[str] | None" = None,
+                 on_event: Callable[[TaskEvent], None] | None = None, **options: Any) -> None:
         # Pool.__init__ is never called: it starts the local supervisor and its workers.
         _check_backend(backend)
         checked = check_pool_options(
             processes, initializer, initargs, maxtasksperchild, context, address=address,
             client=client, retries=retries, retry_on=retry_on, timeout=timeout,
             chunksize=chunksize, concurrency=concurrency, rate=rate, worker_env=worker_env,
-            **options)
+            journal=journal, trace=trace, on_event=on_event, **options)
+        listener = self._open_run_records(journal, trace, on_event)  # opens no file yet
         env = checked.worker_env
         self._state = PoolState.RUN
         self._retries = retries
@@ -120,15 +137,16 @@ class DaskPool(Pool):
             self._rate = self._rate_gate(checked.rate)
             self._install_worker_setup(env, initializer, tuple(initargs))
             self._driver = _Driver(self._client, self._token, retries, checked.retry_on,
-                                   self._resources.allowed_failures())
+                                   self._resources.allowed_failures(), listener)
         except BaseException:
             self._resources.close()
             raise
         self._driver.thread.start()
         # Under Pool's name, which Pool.__del__ reads (a pool dropped while running says so);
         # typed with gradual parameters, as Pool's own finalizer takes other arguments.
+        records = (self._journal.close,) + (() if self._trace is None else (self._trace.close,))
         finalizer: weakref.finalize[..., Any] = weakref.finalize(
-            self, _shutdown, self._driver, self._resources)
+            self, _shutdown, self._driver, self._resources, records)
         self._finalizer = finalizer
 
     @staticmethod
@@ -222,10 +240,11 @@ class DaskPool(Pool):
         call = self._call(func, CallKind.STAR if star else CallKind.ONE, stream, chunksize,
                           options)
         post = self._driver.post
+        journal = self._journaled(func, call)
         iterator = OutcomeIterator(
             stream, self, on_abandon=lambda: post(_CancelCall(call, False, True)),
             on_cancel=lambda kill: post(_CancelCall(call, kill, False)))
-        self._start_input_feed(call, stream, iterable)
+        self._start_input_feed(call, stream, iterable, journal)
         return iterator
 
     def stats(self) -> DaskPoolStats:
@@ -351,10 +370,30 @@ class DaskPool(Pool):
                 item.error = exc
         return item
 
-    def _post_items(self, call: _Call, values: Iterable[Any]) -> list[_Item]:
-        items = [self._make_item(call, i, v) for i, v in enumerate(values)]
-        self._driver.post(_Submit(call, items))
+    def _post_items(self, call: _Call, values: Iterable[Any],
+                    journal: _JournaledCall | None = None) -> list[_Item]:
+        items = self._items_to_run(call, 0, values, journal)
+        self._driver.post(_Submit(call, items))  # (none left: the driver forgets the call)
         return items
+
+    def _items_to_run(self, call: _Call, start: int, values: Iterable[Any],
+                      journal: _JournaledCall | None) -> list[_Item]:
+        """The items of inputs start, start+1, ...: one per input, except the inputs an
+        earlier run journaled, whose stored outcomes the journal reports instead (in input
+        order: a repeated input is an input of its own each time)."""
+        return [self._make_item(call, i, value) for i, value in enumerate(values, start)
+                if journal is None or not journal.replayed(i, value)]
+
+    def _journaled(self, func: Callable[..., Any], call: _Call) -> _JournaledCall | None:
+        """The journal of a map/imap call (None: the pool has none), which opens the pool's
+        journal at its first call; if it refuses the call (JournalMismatchError...), the
+        call's own semaphore goes with it."""
+        try:
+            return self._journal.for_call(func, call)
+        except BaseException:
+            for limit in call.owned_limits:
+                _close_quietly(limit)
+            raise
 
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
                    chunksize: int | None, kind: CallKind, callback: Any = None,
@@ -367,7 +406,10 @@ class DaskPool(Pool):
                            return_errors=errors == "return")
         if values:
             call = self._call(func, kind, result, chunksize, options)
-            self._post_items(call, values)
+            journal = self._journaled(func, call)
+            if journal is not None:
+                journal.journal.set_total(len(values))
+            self._post_items(call, values, journal)
         return result
 
     def _imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None,
@@ -376,47 +418,72 @@ class DaskPool(Pool):
         errors = errors_mode(errors, options)
         stream = ResultStream(ordered, Window(self._window_size()))
         call = self._call(func, CallKind.ONE, stream, chunksize, options)
+        journal = self._journaled(func, call)
         post = self._driver.post
         iterator = IMapIterator(stream, self,
                                 on_abandon=lambda: post(_CancelCall(call, False, True)),
                                 return_errors=errors == "return")
-        self._start_input_feed(call, stream, iterable)
+        self._start_input_feed(call, stream, iterable, journal)
         return iterator
 
-    def _start_input_feed(self, call: _Call, stream: ResultStream, iterable: Iterable[Any]) -> None:
+    def _start_input_feed(self, call: _Call, stream: ResultStream, iterable: Iterable[Any],
+                          journal: _JournaledCall | None) -> None:
         self._driver.post(_Open(call))
-        feeder = threading.Thread(target=self._feed_inputs, args=(call, stream, iter(iterable)),
+        inputs = _Inputs(iter(iterable))
+        feeder = threading.Thread(target=self._feed_inputs, args=(call, stream, inputs, journal),
                                   name=f"procqueue-dask-feeder-{call.id}", daemon=True)
         feeder.start()
 
-    def _feed_inputs(self, call: _Call, stream: ResultStream, iterator: Iterator[Any]) -> None:
-        """Feeder thread: take inputs while the window has room, hand them over in groups."""
+    def _feed_inputs(self, call: _Call, stream: ResultStream, inputs: "_Inputs",
+                     journal: _JournaledCall | None) -> None:
+        """Feeder thread: take inputs while the window has room, hand them over in groups.
+        A journaled input holds its place in the window as an item would, until its
+        replayed outcome is consumed."""
         window = stream.window
         assert window is not None
-        count, input_error = 0, None
+        count, error = 0, None
         try:
-            while True:
+            while not inputs.exhausted:
                 places = window.acquire(FEED_GROUP_MAX)
                 if not places:
                     break  # the window closed: terminate, cancel, or the iterator was dropped
-                group: list[_Item] = []
-                try:
-                    while len(group) < places:
-                        group.append(self._make_item(call, count, next(iterator)))
-                        count += 1
-                except StopIteration:
-                    pass
-                if places > len(group):
-                    window.release(places - len(group))
+                values = inputs.take(places)
+                if places > len(values):
+                    window.release(places - len(values))
+                group = self._items_to_run(call, count, values, journal)
+                count += len(values)
                 if group:
                     self._driver.post(_Submit(call, group))
-                if len(group) < places:
-                    break
-        except BaseException as exc:  # the user's iterable raised: what it gave still runs
-            input_error = exc
+        except BaseException as exc:  # a journal that cannot be read: the inputs so far run
+            error = exc
         finally:
-            stream.input_finished(count, input_error)
+            if journal is not None:
+                journal.journal.set_total(count)
+            stream.input_finished(count, inputs.error or error)
             self._driver.post(_InputDone(call))
+
+
+class _Inputs:
+    """A feeder's view of a lazy call's iterator: the inputs it gave, and whether and how it
+    ended.  An exception of the user's iterator ends it, and is kept so that the inputs
+    taken before it still run (as in the local pool) and the error is raised after them."""
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self.iterator = iterator
+        self.exhausted = False
+        self.error: BaseException | None = None  # what the user's iterator raised
+
+    def take(self, places: int) -> list[Any]:
+        values: list[Any] = []
+        try:
+            while len(values) < places:
+                values.append(next(self.iterator))
+        except StopIteration:
+            self.exhausted = True
+        except BaseException as exc:  # noqa: BLE001 - the user's iterator: reported in order
+            self.error = exc
+            self.exhausted = True
+        return values
 
 
 def _worker_stats(client: Any, pids: dict[str, int], work: dict[str, tuple[int, float]]
@@ -439,13 +506,19 @@ def _worker_stats(client: Any, pids: dict[str, int], work: dict[str, tuple[int, 
     return tuple(rows)
 
 
-def _shutdown(driver: _Driver, resources: _Resources) -> None:
-    """Terminate the driver (if still running) and release the cluster (finalizer: GC,
-    terminate, join, interpreter exit)."""
+def _shutdown(driver: _Driver, resources: _Resources,
+              records: tuple[Callable[[], None], ...]) -> None:
+    """Terminate the driver (if still running), close the run's records (the journal's last
+    outcomes are committed and reported, the trace is written) and release the cluster
+    (finalizer: GC, terminate, join, interpreter exit)."""
     if not driver.stopped.is_set():
         driver.post(_Terminate())
         driver.stopped.wait(CLOSE_TIMEOUT_S)
-    resources.close()
+    try:
+        for close in records:
+            close()
+    finally:
+        resources.close()
 
 
 def _check_backend(backend: Any) -> None:

@@ -1,7 +1,7 @@
 """What runs inside a Dask worker process, and nothing of the driver's side.
 
 run_chunk is one Dask task: it runs a chunk's items in order and returns one row per item
-(ok, the pickled result or ErrorInfo, seconds), so a failing item fails only itself.  Around
+(ok, the pickled result or ErrorInfo, seconds, start), so a failing item fails only itself.  Around
 it: the worker's cache of unpickled functions, an item's call (the worker.run_item
 contract), per-item timeouts (_TimedRun watching an _ItemThread), the concurrency leases a
 chunk holds, and the worker's side of a pool's cluster-wide rate window (_RateWindow).  Dask
@@ -23,7 +23,7 @@ import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from ...errors import (ArgumentSerializationError, RemoteError, TaskTimeoutError,
                        WorkerExitedError)
@@ -45,7 +45,19 @@ RATE_RELEASE_MARGIN_S = START_SKEW_MARGIN_S
 _functions: OrderedDict[int, Callable[..., Any]] = OrderedDict()
 _function_errors: dict[int, bytes] = {}  # fn_id -> pickled ErrorInfo (unpickling failed here)
 
-Row = tuple[bool, bytes, float]  # (ok, pickled result or ErrorInfo, seconds) of one item
+# One item's outcome: (ok, pickled result or ErrorInfo, seconds it ran, when it started in
+# wall-clock seconds since the epoch, by this worker's clock)
+Row = tuple[bool, bytes, float, float]
+
+
+class ChunkReport(NamedTuple):
+    """What run_chunk returns: where the chunk ran (the worker's pid and address, and the
+    ident of the worker thread that ran it) and one row per item, in order."""
+
+    pid: int
+    address: str
+    thread: int
+    rows: list[Row]
 
 
 @dataclass(frozen=True)
@@ -60,10 +72,10 @@ class RateSpec:
 
 def run_chunk(fn_id: int, fn_payload: bytes, kind: int, payloads: list[bytes],
               timeout_s: float | None, limits: tuple[Any, ...],
-              rate: RateSpec | None = None) -> tuple[int, str, list[Row]]:
+              rate: RateSpec | None = None) -> ChunkReport:
     """One Dask task: run the items in order, each one's outcome a row.  Holds every
     distributed.Semaphore in `limits` while it runs; each item takes a start from the
-    pool's rate gate (if any) right before it runs.  Returns (pid, worker address, rows)."""
+    pool's rate gate (if any) right before it runs."""
     fn, fn_error = _load_function(fn_id, fn_payload)
     call_kind = CallKind(kind)
     gate = None if rate is None else _rate_window(rate)
@@ -74,7 +86,7 @@ def run_chunk(fn_id: int, fn_payload: bytes, kind: int, payloads: list[bytes],
             rows = [_run_item(fn, fn_error, call_kind, p, gate) for p in payloads]
         else:
             rows = _TimedRun(fn, fn_error, call_kind, payloads, timeout_s, gate).run()
-    return os.getpid(), _worker_address(), rows
+    return ChunkReport(os.getpid(), _worker_address(), threading.get_ident(), rows)
 
 
 def _acquire_lease(semaphore: Any) -> None:
@@ -237,7 +249,13 @@ def _run_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallK
         gate.take()
     started = time.monotonic()  # after the rate gate: waiting for a start is not run time
     ok, data = _call_item(fn, fn_error, kind, payload)
-    return ok, data, time.monotonic() - started
+    return ok, data, time.monotonic() - started, _wall_time(started)
+
+
+def _wall_time(monotonic_s: float) -> float:
+    """A time.monotonic() reading as wall-clock seconds since the epoch (what TaskEvents
+    carry; durations are measured on the monotonic clock, which no clock step moves)."""
+    return monotonic_s + (time.time() - time.monotonic())
 
 
 def _call_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKind,
@@ -276,11 +294,12 @@ def _call_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: Call
         return False, capture_exception(unpicklable_result_error(value, exc))
 
 
-def _timeout_row(timeout_s: float, seconds: float, abandoned: bool) -> Row:
+def _timeout_row(timeout_s: float, started: float, abandoned: bool) -> Row:
+    """The row of an item that ran past its timeout, from its start (time.monotonic())."""
     how = ("; it is blocked outside Python and keeps running in an abandoned thread of the "
            "Dask worker" if abandoned else "")
     error = TaskTimeoutError(f"task timed out after {timeout_s:.3g} s{how}", timeout_s=timeout_s)
-    return False, capture_exception(error), seconds
+    return False, capture_exception(error), time.monotonic() - started, _wall_time(started)
 
 
 class _ItemThread:
@@ -317,13 +336,13 @@ class _ItemThread:
                     self.current = i
                 self.events.put(("start", i, started))
                 ok, data = _call_item(run.fn, run.fn_error, run.kind, run.payloads[i])
-                row: Row = (ok, data, time.monotonic() - started)
+                row: Row = (ok, data, time.monotonic() - started, _wall_time(started))
                 with self.lock:
                     self.current = None
             except _Interrupt:
                 with self.lock:
                     self.current = None
-                row = _timeout_row(run.timeout_s, time.monotonic() - started, False)
+                row = _timeout_row(run.timeout_s, started, False)
             self.events.put(("done", i, row))
 
     def interrupt(self, i: int) -> None:
@@ -367,8 +386,7 @@ class _TimedRun:
                     interrupted, deadline = True, time.monotonic() + TIMEOUT_GRACE_S
                     continue
                 items.abandoned = True
-                self.rows[current] = _timeout_row(self.timeout_s, time.monotonic() - started,
-                                                  True)
+                self.rows[current] = _timeout_row(self.timeout_s, started, True)
                 return current + 1
             if what == "error":
                 raise value  # fails the chunk, as a failing lease does without a timeout
