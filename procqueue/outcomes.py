@@ -21,7 +21,7 @@ from .blocks import BlockRouter, Outcome, decode
 from .errors import TaskTimeoutError, WorkerCrashedError, describe_exit
 from .protocol import BatchResults, BlockResults, short_repr
 from .scheduler import FailureKind
-from .stats import EventListener, TaskEvent
+from .stats import EventListener, TaskEvent, event_error_text
 from .task_book import TaskBook
 from .tasks import Task, TaskState
 from .timeouts import timeout_of, timing_task
@@ -41,7 +41,7 @@ class TaskEvents:
         to_wall = time.time() - time.monotonic()
         event = TaskEvent(task.job.id, task.index, short_repr(task.input), slot.index,
                           task.pid, task.attempts, start_mono + to_wall, end_mono + to_wall,
-                          outcome, None if error is None else _error_text(error))
+                          outcome, None if error is None else event_error_text(error))
         try:
             self.listener(event)
         except Exception:
@@ -197,7 +197,3 @@ def started_ids(slot: Slot, running: tuple[int, float] | None) -> set[int]:
 def _batch_of(slot: Slot, batch_id: int) -> Batch | None:
     return next((b for b in slot.batches if b.id == batch_id), None)
 
-
-def _error_text(error: BaseException) -> str:
-    message = error.message if hasattr(error, "message") else str(error)
-    return f"{type(error).__name__}: {message}"
