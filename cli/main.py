@@ -409,8 +409,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     if dashboard and cluster is not None:
         raise click.UsageError("--dashboard watches this machine's pool: not with --cluster")
     if cluster is not None:  # before the journal is opened: refused options create nothing
-        jobs = _use_cluster(cluster, jobs, pool_options, call_options,
-                            journal=journal_path is not None, trace=trace_path is not None)
+        jobs = _use_cluster(cluster, jobs, pool_options, call_options)
     if dry_run:  # every option checked, nothing created or started
         for item in items:
             click.echo(input_text(item))
@@ -423,8 +422,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     if joblog_path:  # first: an unwritable path stops the run before anything else is opened
         joblog = JobLog(_open_output(joblog_path, "--joblog", append=seqs is not None),
                         fn.describe(), seqs)
-        if cluster is None:  # Dask takes no on_event: start times are then estimated
-            pool_options["on_event"] = joblog.on_event
+        pool_options["on_event"] = joblog.on_event
     journal = _open_journal(journal_path, fn, items, retry_failed, force) if journal_path else None
     if journal is not None:
         pool_options["journal"] = journal
@@ -656,18 +654,18 @@ def _parse_timeout(text: str) -> float | str:
     return seconds
 
 
-# Pool options that exist only on this machine's processes (shared memory, /proc, files
-# written by the supervisor): refused with --cluster rather than silently dropped.
+# Pool options that exist only on this machine's processes (shared memory, /proc): refused
+# with --cluster rather than silently dropped.  (--journal and --trace are written here, by
+# the pool's front end, from the Dask workers' outcomes and events.)
 _LOCAL_ONLY = {"max_memory_per_child": "--max-memory-per-child", "min_free_memory": "--memfree",
-               "journal": "--journal", "trace": "--trace", "limit": "--limit"}
+               "limit": "--limit"}
 
 
 def _use_cluster(cluster: str, jobs: int | None, pool_options: dict[str, Any],
-                 call_options: dict[str, Any], *, journal: bool, trace: bool) -> int | None:
+                 call_options: dict[str, Any]) -> int | None:
     """--cluster: a Dask scheduler address, or local:N (a LocalCluster of N processes).
     Changes the options in place; returns the worker count to ask for."""
-    given = set(pool_options) | set(call_options) | ({"journal"} if journal else set()) \
-        | ({"trace"} if trace else set())
+    given = set(pool_options) | set(call_options)
     refused = [flag for name, flag in _LOCAL_ONLY.items() if name in given]
     if isinstance(pool_options.get("timeout"), str):
         refused.append("--timeout N%")
@@ -826,7 +824,7 @@ def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | Non
         click.echo(f"procqueue: {never_ran} of {len(items)} inputs never ran (their records "
                    "have attempts 0 and error TaskCancelledError)", err=True)
     wall_s = time.monotonic() - started
-    if stats:
+    if events is not None:  # --stats
         _print_stats(len(items), failed, never_ran, retries_used, pool_stats, wall_s, events)
     if interrupts.signal is not None:
         return EXIT_BY_SIGNAL[interrupts.signal]
@@ -865,11 +863,9 @@ def _note_halt(progress: Progress, halt: HaltPolicy) -> None:
 
 
 def _recording_events(pool_options: dict[str, Any]
-                       ) -> tuple[dict[str, Any], list[procqueue.TaskEvent] | None]:
+                       ) -> tuple[dict[str, Any], list[procqueue.TaskEvent]]:
     """--stats: also collect the task events, from which the efficiency is computed as in the
-    HTML report (procqueue.utilisation).  Dask reports no events: then None."""
-    if "backend" in pool_options or "address" in pool_options:
-        return pool_options, None
+    HTML report (procqueue.utilisation)."""
     events: list[procqueue.TaskEvent] = []
     listener = pool_options.get("on_event")  # --joblog's
 
@@ -883,7 +879,7 @@ def _recording_events(pool_options: dict[str, Any]
 
 def _print_stats(total: int, failed: int, never_ran: int, retries: int,
                  pool_stats: procqueue.PoolStats, wall_s: float,
-                 events: list[procqueue.TaskEvent] | None) -> None:
+                 events: list[procqueue.TaskEvent]) -> None:
     lines = [
         f"tasks:           {total}",
         f"succeeded:       {total - failed}",
@@ -894,17 +890,13 @@ def _print_stats(total: int, failed: int, never_ran: int, retries: int,
         f"workers:         {pool_stats.processes}",
         f"wall time:       {wall_s:.2f} s (the whole run, starting the workers included)",
     ]
-    if events is None:
-        lines.append("efficiency:      unknown (--cluster: Dask reports no task start times)")
-    else:
-        use = procqueue.utilisation(events)
-        lines += [
-            f"task span:       {use.span_s:.2f} s (first task start to last task end)",
-            f"busy time:       {use.busy_s:.2f} s (every task attempt, on "
-            f"{use.workers} worker(s))",
-            f"efficiency:      {use.efficiency:.0%} (busy time / (workers that ran tasks "
-            "x task span), as in `procqueue report`)",
-        ]
+    use = procqueue.utilisation(events)
+    lines += [
+        f"task span:       {use.span_s:.2f} s (first task start to last task end)",
+        f"busy time:       {use.busy_s:.2f} s (every task attempt, on {use.workers} worker(s))",
+        f"efficiency:      {use.efficiency:.0%} (busy time / (workers that ran tasks "
+        "x task span), as in `procqueue report`)",
+    ]
     click.echo("\n".join(lines), err=True)
 
 

@@ -126,7 +126,7 @@ def test_cluster_address_uses_a_running_scheduler_and_its_workers(batch, tmp_pat
     (["--cluster", "nowhere"], "give tcp://HOST:PORT or local:N"),
     (["--cluster", "local:0"], "local:N with N >= 1"),
     (["--cluster", "local:2", "-j", "3"], "disagree"),
-    (["--cluster", "local:2", "--journal", "run.db"], "--journal cannot be used with --cluster"),
+    (["--cluster", "local:2", "--limit", "gpu=1"], "--limit cannot be used with --cluster"),
     (["--cluster", "local:2", "--timeout", "300%"], "--timeout N% cannot be used"),
 ])
 def test_cluster_usage_errors_exit_2(batch, tmp_path, extra, message):
@@ -136,3 +136,45 @@ def test_cluster_usage_errors_exit_2(batch, tmp_path, extra, message):
     assert message in run.stderr and "Traceback" not in run.stderr
     assert run.stdout == ""
     assert not (tmp_path / "run.db").exists()  # a refused run leaves nothing behind
+
+
+COUNTING_SCRIPT = SCRIPT + """
+def counted(path):
+    # one file per call, in ran/ beside the inputs' directory: how often each input ran
+    ran = os.path.join(os.path.dirname(os.path.dirname(path)), "ran")
+    name = os.path.basename(path) + "-" + os.urandom(4).hex()
+    with open(os.path.join(ran, name), "w"):
+        pass
+    return process(path)
+"""
+
+
+@pytest.mark.timeout(150)
+def test_cluster_run_keeps_a_journal_trace_joblog_and_stats_and_resumes(batch, tmp_path):
+    script, inputs = batch
+    script.write_text(COUNTING_SCRIPT)
+    ran_dir = inputs.parent / "ran"
+    ran_dir.mkdir()
+    args = ("map", f"{script}:counted", inputs, "--cluster", "local:2", "--journal",
+            tmp_path / "run.db", "--trace", tmp_path / "trace.json", "--joblog",
+            tmp_path / "jobs.log", "--stats")
+    first = procqueue(*args)
+    check_batch_records(first, inputs)
+    assert "efficiency:" in first.stderr and "unknown" not in first.stderr
+    assert len(list(ran_dir.iterdir())) == 13  # each input once
+    import procqueue as pq
+    events = pq.load_trace(tmp_path / "trace.json")
+    assert sorted(e.input_repr for e in events) == sorted(repr(str(p)) for p in inputs.iterdir())
+    assert all(e.end_s >= e.start_s > 0 for e in events)
+    log = (tmp_path / "jobs.log").read_text().splitlines()
+    assert len(log) == 1 + 13  # a header and a line per input
+    # Run again: every input's outcome is in the journal, so nothing runs; with
+    # --retry-failed, only the one that failed runs again.
+    second = procqueue(*args[:-3])  # no joblog or stats this time
+    assert second.returncode == 1, second.stderr
+    assert records(second.stdout) == records(first.stdout)
+    assert len(list(ran_dir.iterdir())) == 13
+    third = procqueue(*args[:-3], "--retry-failed")
+    assert third.returncode == 1, third.stderr
+    assert sum(p.name.startswith("bad.txt-") for p in ran_dir.iterdir()) == 2
+    assert len(list(ran_dir.iterdir())) == 14
