@@ -180,7 +180,8 @@ class Block:
 
 class Job:
     """One API call (a map, an imap, one apply_async or submit): its function, how to call
-    it, its per-call options, and the sink its outcomes go to."""
+    it, its per-call options, and the sink its outcomes go to.  What the call was given is
+    set here, once (the pool makes Jobs); the rest is the supervisor's tally."""
 
     __slots__ = ("id", "fn_id", "fn_payload", "kind", "sink", "timeout_s",
                  "sizer", "cancelled", "gates", "keyed", "key_fn", "timeout_factor",
@@ -190,7 +191,8 @@ class Job:
     def __init__(self, job_id: int, fn_id: int, fn_payload: bytes, kind: "CallKind",
                  sink: OutcomeSink, *, timeout_s: float | None,
                  sizer: Any, gates: tuple[Any, ...] = (), keyed: Any = None,
-                 key_fn: Any = None) -> None:
+                 key_fn: Any = None, timeout_factor: float | None = None, halt: Any = None,
+                 single_task: bool = False, timed_inputs: bool = True) -> None:
         self.id = job_id
         self.fn_id = fn_id
         self.fn_payload = fn_payload
@@ -198,33 +200,32 @@ class Job:
         self.sink = sink
         self.timeout_s = timeout_s
         self.sizer = sizer
-        self.cancelled = False
         self.gates = gates  # admission gates of this call (its Limit, queue, concurrency)
         self.keyed = keyed  # KeyedLimit when the call has a key= (per-key concurrency)
         self.key_fn = key_fn  # input -> its concurrency key (run in the caller's thread)
-        self.timeout_factor: float | None = None  # relative timeout: x median task time
+        self.timeout_factor = timeout_factor  # relative timeout: x median task time
+        self.halt = halt  # scheduler.HaltPolicy: stop the call after enough failures
+        self.single_task = single_task  # submit()/apply_async(): never cancelled as a call
+        # Whether each input's own run time reaches the sink (imap_outcomes reports it); map
+        # and imap need only the total, and their blocks then run without a clock per input.
+        self.timed_inputs = timed_inputs
+        # ---- the supervisor's, as the call runs
+        self.cancelled = False
         # Recent run times, newest last: kept only for a relative timeout (made at the first
         # one: one object fewer per submit() call for the garbage collector to walk).
         self.durations: deque[float] | None = None
-        self.halt: Any = None  # scheduler.HaltPolicy: stop the call after enough failures
         self.failures = 0  # tasks of this call that failed (for halt)
         self.successes = 0  # ... and that succeeded (for a success= or done= halt)
         self.submitted = 0  # tasks of this call accepted by the supervisor (for halt's N%)
-        self.single_task = False  # submit()/apply_async(): one task, never cancelled as a call
-        # Whether each input's own run time reaches the sink (imap_outcomes reports it); map
-        # and imap need only the total, and their blocks then run without a clock per input.
-        self.timed_inputs = True
 
     def sibling(self, job_id: int, sink: OutcomeSink) -> "Job":
-        """A new call of the same function with the same options, for another sink."""
-        job = Job(job_id, self.fn_id, self.fn_payload, self.kind, sink,
-                  timeout_s=self.timeout_s, sizer=self.sizer,
-                  gates=self.gates, keyed=self.keyed, key_fn=self.key_fn)
-        job.timeout_factor = self.timeout_factor
-        job.halt = self.halt
-        job.single_task = self.single_task
-        job.timed_inputs = self.timed_inputs
-        return job
+        """A new call of the same function with the same options, for another sink: every
+        other argument of __init__ is copied."""
+        return Job(job_id, self.fn_id, self.fn_payload, self.kind, sink,
+                   timeout_s=self.timeout_s, sizer=self.sizer,
+                   gates=self.gates, keyed=self.keyed, key_fn=self.key_fn,
+                   timeout_factor=self.timeout_factor, halt=self.halt,
+                   single_task=self.single_task, timed_inputs=self.timed_inputs)
 
     def note_duration(self, seconds: float) -> None:
         """A task of this call ran `seconds` (remembered where a relative timeout needs it)."""
