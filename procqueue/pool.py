@@ -20,13 +20,15 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from itertools import chain
-from typing import (TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, Mapping,
-                    Protocol, Sequence, cast)
+from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Protocol,
+                    Sequence, cast)
 
 from .admission import ConcurrencyGate, Gate, RateGateAdapter, SemaphoreGate, rate_gate_for
-from .calls import PoolCalls, errors_mode
+from .call_options import NO_CALL, NO_OPTIONS, ParsedCall, parse_call, parse_timeout, parsed
+from .call_options import CallOptions as CallOptions
+from .calls import PoolCalls
 from .chunking import ChunkSizer
-from .config import PoolConfig, fork_instead_of_default, parse_relative_timeout
+from .config import PoolConfig, fork_instead_of_default
 from .errors import PoolClosedError, argument_error
 from .limits import KeyedLimit, Limit, LimitHandle, Rate
 from .affinity import worker_thread_env
@@ -36,7 +38,6 @@ from .results import (ApplyResult, ArgumentMemory, IMapIterator, MapResult,
                       OutcomeIterator, ResultStream, TaskFuture, Window)
 from .supervisor import (CancelJob, Close, CloseJob, OpenJob, SubmitTasks,
                          Supervisor, SupervisorStatistics, Terminate)
-from .scheduler import HaltPolicy
 from .tasks import Block, Job, OutcomeSink, Task, new_id
 from .trace import TraceWriter
 
@@ -156,6 +157,7 @@ class Pool(PoolCalls):
         self._single_jobs: OrderedDict[int, tuple[Any, Job]] = OrderedDict()
         self._argument_memory = ArgumentMemory(ARGUMENT_MEMORY_AHEAD, 2 * self._processes)
         self._limits: dict[str, LimitHandle] = {}  # named machine-wide limits, by name
+        self._default_timeout = parse_timeout(self._config.timeout_s)  # (seconds, factor)
         self._queue_gates = {name: _queue_gates(name, spec)
                              for name, spec in (queues or {}).items()}
         self._supervisor.start()
@@ -216,7 +218,7 @@ class Pool(PoolCalls):
                     error_callback: Callable[[BaseException], object] | None = None,
                     **options: Any) -> ApplyResult:
         self._check_running()
-        call = CallOptions.build(options)
+        call = parse_call(options)
         result = ApplyResult(self, callback, error_callback)
         job = self._single_task_job(func, result, call)
         self._submit(job, [(tuple(args), dict(kwds or {}))])
@@ -306,10 +308,10 @@ class Pool(PoolCalls):
         """One TaskOutcome per input (result or error, attempts, seconds, worker pid), in
         input order or, with ordered=False, in completion order.  Never raises for a task."""
         self._check_running()
-        call = CallOptions.build(options)
+        call = parse_call(options, chunksize=chunksize)
         stream = ResultStream(ordered, self._window())
         kind = CallKind.STAR if star else CallKind.ONE
-        job = self._job(func, kind, stream, chunksize, call)
+        job = self._job(func, kind, stream, call)
         self._supervisor.watch(stream)
         journal = self._journal.for_call(func, job)
         post = self._supervisor.post
@@ -352,11 +354,12 @@ class Pool(PoolCalls):
         if broken is not None:
             raise broken
 
-    def _submit_call(self, call: "CallOptions", fn: Callable[..., Any], args: tuple[Any, ...],
+    def _submit_call(self, call: CallOptions, fn: Callable[..., Any], args: tuple[Any, ...],
                      kwargs: dict[str, Any]) -> TaskFuture:
+        """submit(), with the options of a PoolView (validated when it was made)."""
         self._check_running()
         future = TaskFuture(keepalive=self)
-        job = self._single_task_job(fn, future, call)
+        job = self._single_task_job(fn, future, parsed(call))
         errors: dict[int, BaseException] = {}
         task = self._make_task(job, 0, (args, kwargs), errors)
         future.cancel_via(self._supervisor, task)
@@ -368,13 +371,13 @@ class Pool(PoolCalls):
                    error_callback: Any = None, *, errors: str, options: dict[str, Any]
                    ) -> MapResult:
         self._check_running()
-        errors = errors_mode(errors, options)
-        call = CallOptions.build(options)
+        call = parse_call(options, errors=errors)
         items = iterable if isinstance(iterable, (list, tuple)) else list(iterable)
         result = MapResult(self, len(items), callback, error_callback,
-                           return_errors=errors == "return")
+                           return_errors=call.return_errors)
         if items:
-            job = self._job(func, kind, result, chunksize, call)
+            call = call.with_chunksize(chunksize)
+            job = self._job(func, kind, result, call)
             job.timed_inputs = False
             self._supervisor.watch(result)
             journal = self._journal.for_call(func, job)
@@ -386,34 +389,34 @@ class Pool(PoolCalls):
     def _imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None,
               *, ordered: bool, errors: str, options: dict[str, Any]) -> IMapIterator:
         self._check_running()
-        errors = errors_mode(errors, options)
-        call = CallOptions.build(options)
+        call = parse_call(options, chunksize=chunksize, errors=errors)
         stream = ResultStream(ordered, self._window())
-        job = self._job(func, CallKind.ONE, stream, chunksize, call)
+        job = self._job(func, CallKind.ONE, stream, call)
         job.timed_inputs = False
         self._supervisor.watch(stream)
         journal = self._journal.for_call(func, job)
         post = self._supervisor.post
         iterator = IMapIterator(stream, self, lambda: post(CancelJob(job, False, True)),
-                                return_errors=errors == "return")
+                                return_errors=call.return_errors)
         # Whole chunks only where one fits in the window: a partial chunk holds its places,
         # and one larger than the window could never be completed.
-        whole = chunksize if chunksize is not None and chunksize <= self._window_size() else 1
+        whole = (call.chunksize if call.chunksize is not None
+                 and call.chunksize <= self._window_size() else 1)
         self._start_feeder(job, stream, iterable, journal, whole_chunks=whole)
         return iterator
 
-    def _single_task_job(self, func: Callable[..., Any], sink: Any, call: "CallOptions") -> Job:
+    def _single_task_job(self, func: Callable[..., Any], sink: Any, call: ParsedCall) -> Job:
         """The Job of a submit() or apply_async() call.  Without per-call options it is a
         copy of the first such call's (what _job works out depends on the function and the
         pool only): programs submit many thousands of these."""
-        copyable = call is NO_OPTIONS
+        copyable = call is NO_CALL
         if copyable:
             with self._functions_lock:
                 hit = self._single_jobs.get(id(func))
                 if hit is not None and hit[0] is func:
                     self._single_jobs.move_to_end(id(func))
                     return hit[1].sibling(new_id(), sink)
-        job = self._job(func, CallKind.ARGS_KWARGS, sink, None, call, cache=True)
+        job = self._job(func, CallKind.ARGS_KWARGS, sink, call, cache=True)
         job.single_task = True
         if copyable:
             with self._functions_lock:
@@ -428,34 +431,27 @@ class Pool(PoolCalls):
     def _window_size(self) -> int:
         return max(WINDOW_TASKS_MIN, WINDOW_TASKS_PER_WORKER * self._processes)
 
-    def _job(self, func: Callable[..., Any], kind: CallKind, sink: Any,
-             chunksize: int | None, call: "CallOptions", *, cache: bool = False) -> Job:
+    def _job(self, func: Callable[..., Any], kind: CallKind, sink: Any, call: ParsedCall, *,
+             cache: bool = False) -> Job:
         if not callable(func):
             raise TypeError(f"{func!r} is not callable")
-        if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
-                                      or chunksize < 1):
-            raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
         fn_id, payload = self._pickled_function(func, cache)
-        halt = HaltPolicy.parse(call.halt) if call.halt is not None else None
-        fixed = chunksize or self._config.chunksize
-        if call.rate_limited or self._config.rate is not None or halt is not None:
+        fixed = call.chunksize or self._config.chunksize
+        if call.options.rate_limited or self._config.rate is not None or call.halt is not None:
             # a rate counts starts, a halt stops starts: a batch must not start early ones
             fixed = fixed or 1
         sizer = self._sizer(fn_id, fixed)
         keyed: KeyedLimit[Any] | None = None
-        if call.key is not None:
-            keyed = KeyedLimit(call.key_concurrency or 1)
-        timeout = call.timeout if call.timeout is not None else self._config.timeout_s
-        factor = parse_relative_timeout(timeout)
-        timeout_s = None if factor is not None or timeout is None else float(timeout)
+        if call.options.key is not None:
+            keyed = KeyedLimit(call.options.key_concurrency or 1)
+        timeout_s, factor = ((call.timeout_s, call.timeout_factor) if call.sets_timeout
+                             else self._default_timeout)
         # a fixed chunksize lives in the sizer, which always answers it
-        job = Job(new_id(), fn_id, payload, kind, sink, timeout_s=timeout_s, sizer=sizer,
-                  gates=self._gates_for(call), keyed=keyed, key_fn=call.key)
-        job.timeout_factor = factor
-        job.halt = halt
-        return job
+        return Job(new_id(), fn_id, payload, kind, sink, timeout_s=timeout_s, sizer=sizer,
+                   gates=self._gates_for(call.options), keyed=keyed, key_fn=call.options.key,
+                   timeout_factor=factor, halt=call.halt)
 
-    def _gates_for(self, call: "CallOptions") -> tuple[Gate, ...]:
+    def _gates_for(self, call: CallOptions) -> tuple[Gate, ...]:
         gates: list[Gate] = []
         if call.concurrency is not None:
             gates.append(ConcurrencyGate(call.concurrency))
@@ -746,59 +742,6 @@ def _queue_gates(name: str, spec: Queue) -> tuple[Gate, ...]:
     return tuple(gates)
 
 
-@dataclass(frozen=True)
-class CallOptions:
-    """Per-call options (keyword-only on every call, or through pool.options(...))."""
-
-    limit: Limit | None = None  # a machine-wide named limit shared with other processes
-    queue: str | None = None  # one of the pool's named queues
-    concurrency: int | None = None  # at most this many of this call's tasks at once
-    key: Callable[[Any], Hashable] | None = None  # input -> concurrency key
-    key_concurrency: int | None = None  # at most this many running per key (default 1)
-    timeout: float | str | None = None  # per-task seconds, or '300%' of the median so far
-    halt: str | None = None  # 'soon,fail=N', 'now,success=1', 'soon,done=N%'... (GNU parallel)
-
-    @classmethod
-    def build(cls, options: dict[str, Any]) -> "CallOptions":
-        if not options:
-            return NO_OPTIONS  # frozen: one shared instance, as Pool._single_task_job expects
-        unknown = set(options) - {f.name for f in fields(cls)}
-        if unknown:
-            raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-        call = cls(**options)
-        call.validate()
-        return call
-
-    def validate(self) -> None:
-        if self.limit is not None and not isinstance(self.limit, Limit):
-            raise TypeError(f"limit must be a procqueue.Limit, not {self.limit!r}")
-        if self.key is not None and not callable(self.key):
-            raise TypeError("key must be a callable mapping an input to its key")
-        if self.key_concurrency is not None and self.key is None:
-            raise ValueError("key_concurrency needs key=")
-        for name in ("concurrency", "key_concurrency"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ValueError(f"{name} must be an int >= 1, not {value!r}")
-        if self.halt is not None:
-            HaltPolicy.parse(self.halt)
-        if self.timeout is not None and parse_relative_timeout(self.timeout) is None and not (
-                isinstance(self.timeout, (int, float)) and self.timeout > 0):
-            raise ValueError(f"timeout must be > 0 seconds or a percentage, not {self.timeout!r}")
-
-    @property
-    def rate_limited(self) -> bool:
-        return self.limit is not None and self.limit.rate is not None
-
-    def merged(self, options: dict[str, Any]) -> "CallOptions":
-        return CallOptions.build({**{f.name: getattr(self, f.name) for f in fields(self)
-                                     if getattr(self, f.name) is not None}, **options})
-
-
-NO_OPTIONS = CallOptions()
-
-
 class _NoSink(OutcomeSink):
     """The sink of a Job kept only to be copied (Pool._single_task_job): never fed."""
 
@@ -827,10 +770,10 @@ class PoolView:
 
     def _with(self, name: str) -> Callable[..., Any]:
         method = getattr(self._pool, name)
-        call = self._call
+        given = self._call.given()
 
         def bound(*args: Any, **kwargs: Any) -> Any:
-            return method(*args, **{**_as_kwargs(call), **kwargs})
+            return method(*args, **{**given, **kwargs})
         return bound
 
     def __getattr__(self, name: str) -> Any:
@@ -841,11 +784,6 @@ class PoolView:
 
 _VIEW_METHODS = frozenset({"apply", "apply_async", "map", "map_async", "starmap",
                            "starmap_async", "imap", "imap_unordered", "imap_outcomes"})
-
-
-def _as_kwargs(call: CallOptions) -> dict[str, Any]:
-    return {f.name: getattr(call, f.name) for f in fields(call)
-            if getattr(call, f.name) is not None}
 
 
 def _payload_bytes(payload: Any) -> int:

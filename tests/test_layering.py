@@ -18,8 +18,10 @@ ALLOWED: dict[str, set[str]] = {
                  "limits", "journal", "trace", "report", "stats", "scheduler", "fork_server",
                  "dashboard"},
     "pool": {"service", "taskqueue", "supervisor", "config", "results", "tasks", "errors",
-             "protocol", "chunking", "admission", "journal", "trace", "scheduler",
-             "affinity", "limits", "backends", "calls"},
+             "protocol", "chunking", "admission", "journal", "trace", "affinity", "limits",
+             "backends", "calls", "call_options"},
+    # per-call options (chunksize, errors=, limit=, halt=...), parsed and validated once
+    "call_options": {"calls", "config", "scheduler", "limits"},
     # a worker service of a durable TaskQueue: runs stored tasks in a pool (duck-typed)
     "service": {"taskqueue", "store", "stored_call", "process_meter", "errors"},
     # CPU and memory of worker processes, for those who watch them (psutil only)

@@ -1,0 +1,146 @@
+"""Per-call options: everything one call of a pool is given besides its function and inputs,
+parsed and validated here, once per call.
+
+    map(f, xs, chunksize, errors=, **options) ──► parse_call ──► ParsedCall (frozen) ──► Pool._job
+    pool.options(**options)                   ──► CallOptions.build ──► PoolView ──► parsed()
+
+CallOptions is the public, as-given form of the keyword-only options (limit=, queue=, ...): a
+PoolView keeps one and passes it on as keywords.  ParsedCall adds what a call gives outside
+them (chunksize, errors=) and the parsed forms (a HaltPolicy, a timeout in seconds or as a
+multiple of the median), which is all the pool's front end reads.  No other module checks a
+per-call option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, Hashable
+
+from .calls import errors_mode
+from .config import parse_relative_timeout
+from .limits import Limit
+from .scheduler import HaltPolicy
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """Per-call options (keyword-only on every call, or through pool.options(...))."""
+
+    limit: Limit | None = None  # a machine-wide named limit shared with other processes
+    queue: str | None = None  # one of the pool's named queues
+    concurrency: int | None = None  # at most this many of this call's tasks at once
+    key: Callable[[Any], Hashable] | None = None  # input -> concurrency key
+    key_concurrency: int | None = None  # at most this many running per key (default 1)
+    timeout: float | str | None = None  # per-task seconds, or '300%' of the median so far
+    halt: str | None = None  # 'soon,fail=N', 'now,success=1', 'soon,done=N%'... (GNU parallel)
+
+    @classmethod
+    def build(cls, options: dict[str, Any]) -> "CallOptions":
+        """The options, validated (a PoolView checks them when it is made, not at its first
+        call); no options at all is NO_OPTIONS."""
+        return parse_call(options).options
+
+    def validate(self) -> None:
+        """Raise the ValueError or TypeError a call with these options would raise."""
+        parsed(self)
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.limit is not None and self.limit.rate is not None
+
+    def given(self) -> dict[str, Any]:
+        """The options set (not None), as the keywords of a call."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None}
+
+    def merged(self, options: dict[str, Any]) -> "CallOptions":
+        return CallOptions.build({**self.given(), **options})
+
+
+NO_OPTIONS = CallOptions()  # frozen: one shared instance, so "no options" is an identity test
+
+
+@dataclass(frozen=True)
+class ParsedCall:
+    """One call's options, validated and parsed."""
+
+    options: CallOptions = NO_OPTIONS  # as given (halt and timeout unparsed)
+    chunksize: int | None = None  # inputs per batch, fixed by the call; None: the pool's
+    return_errors: bool = False  # errors='return' (or return_exceptions=True)
+    halt: HaltPolicy | None = None  # options.halt parsed; 'never' is None
+    timeout_s: float | None = None  # options.timeout in seconds from each task's start...
+    timeout_factor: float | None = None  # ...or as a multiple of the median run time ('300%')
+
+    def with_chunksize(self, chunksize: Any) -> "ParsedCall":
+        """This call with a chunksize, validated: map takes it only for an input that is not
+        empty, as multiprocessing.Pool ignores the chunksize of an empty one."""
+        _check_chunksize(chunksize)
+        return self if chunksize is None else replace(self, chunksize=chunksize)
+
+    @property
+    def sets_timeout(self) -> bool:
+        """Whether the call sets its tasks' timeout (if not, the pool's applies)."""
+        return self.options.timeout is not None
+
+
+# The parse of a call with no options: submit() and plain calls take it without a step of parsing
+NO_CALL = ParsedCall()
+
+
+def parse_call(options: dict[str, Any], *, chunksize: Any = None,
+               errors: str | None = None) -> ParsedCall:
+    """A call's keyword-only `options` (and its `chunksize` and `errors`), validated and
+    parsed.  `errors` is None for a call that has no errors= (apply_async, submit,
+    imap_outcomes): return_exceptions= is then an unknown option, as any other."""
+    return_errors = errors is not None and errors_mode(errors, options) == "return"
+    if not options:
+        return parsed(NO_OPTIONS, chunksize, return_errors)
+    unknown = set(options) - {f.name for f in fields(CallOptions)}
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    return parsed(CallOptions(**options), chunksize, return_errors)
+
+
+def parsed(options: CallOptions, chunksize: Any = None,
+           return_errors: bool = False) -> ParsedCall:
+    """`options` validated and parsed (pool.options(...).submit(): they come as CallOptions)."""
+    if options is NO_OPTIONS and chunksize is None and not return_errors:
+        return NO_CALL
+    _check_admission(options)
+    halt = HaltPolicy.parse(options.halt) if options.halt is not None else None
+    timeout_s, timeout_factor = parse_timeout(options.timeout)
+    _check_chunksize(chunksize)
+    return ParsedCall(options, chunksize, return_errors, halt, timeout_s, timeout_factor)
+
+
+def parse_timeout(timeout: Any) -> tuple[float | None, float | None]:
+    """(seconds, factor) of a timeout: a number of seconds from each task's start, or '300%'
+    of the median run time so far (both None: no timeout)."""
+    factor = parse_relative_timeout(timeout)  # a string not like '300%' raises ValueError
+    if factor is not None or timeout is None:
+        return None, factor
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout must be > 0 seconds or a percentage, not {timeout!r}")
+    return float(timeout), None
+
+
+def _check_admission(options: CallOptions) -> None:
+    """limit=, key=, concurrency= and key_concurrency=: what admits a call's tasks."""
+    if options.limit is not None and not isinstance(options.limit, Limit):
+        raise TypeError(f"limit must be a procqueue.Limit, not {options.limit!r}")
+    if options.key is not None and not callable(options.key):
+        raise TypeError("key must be a callable mapping an input to its key")
+    if options.key_concurrency is not None and options.key is None:
+        raise ValueError("key_concurrency needs key=")
+    for name in ("concurrency", "key_concurrency"):
+        value = getattr(options, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"{name} must be an int >= 1, not {value!r}")
+
+
+def _check_chunksize(chunksize: Any) -> None:
+    # ValueError whatever is wrong with it, in multiprocessing.Pool.imap's words
+    if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
+                                  or chunksize < 1):
+        raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
