@@ -1,7 +1,7 @@
 """Per-call options: everything one call of a pool is given besides its function and inputs,
 parsed and validated here, once per call.
 
-    map(f, xs, chunksize, errors=, **options) ──► parse_call ──► ParsedCall (frozen) ──► Pool._job
+    map(f, xs, chunksize, errors=, **options) ──► parse_call ──► ParsedCall (frozen) ──► JobMaker
     pool.options(**options)                   ──► CallOptions.build ──► PoolView ──► parsed()
 
 CallOptions is the public, as-given form of the keyword-only options (limit=, queue=, ...): a

@@ -17,28 +17,28 @@ import threading
 import time
 import warnings
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from itertools import chain
 from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Protocol,
                     Sequence, cast)
 
-from .admission import ConcurrencyGate, Gate, RateGateAdapter, SemaphoreGate, rate_gate_for
-from .call_options import NO_CALL, NO_OPTIONS, ParsedCall, parse_call, parse_timeout, parsed
+from .admission import ConcurrencyGate, Gate, RateGateAdapter, rate_gate_for
+from .call_options import NO_OPTIONS, parse_call, parsed
 from .call_options import CallOptions as CallOptions
 from .calls import PoolCalls
 from .chunking import ChunkSizer
 from .config import PoolConfig, fork_instead_of_default
 from .errors import PoolClosedError, argument_error
-from .limits import KeyedLimit, Limit, LimitHandle, Rate
+from .job_maker import JobMaker
+from .limits import Rate
 from .affinity import worker_thread_env
 from .protocol import (PRIMITIVE_TYPES, CallKind, InitializerCall, OutOfBand, dumps_argument,
-                       pickled_function, shared_only_by_inheritance, short_repr)
+                       shared_only_by_inheritance, short_repr)
 from .results import (ApplyResult, ArgumentMemory, IMapIterator, MapResult,
                       OutcomeIterator, ResultStream, TaskFuture, Window)
 from .supervisor import (CancelJob, Close, CloseJob, OpenJob, SubmitTasks,
                          Supervisor, SupervisorStatistics, Terminate)
-from .tasks import Block, Job, OutcomeSink, Task, new_id
+from .tasks import Block, Job, Task, new_id
 from .trace import TraceWriter
 
 if TYPE_CHECKING:  # imported when a pool first uses a journal: sqlite3 and json cost ~6 ms
@@ -50,7 +50,6 @@ if TYPE_CHECKING:  # imported when a pool first uses a journal: sqlite3 and json
 # imap over an endless generator), per worker, with a floor for small pools.
 WINDOW_TASKS_PER_WORKER = 512
 WINDOW_TASKS_MIN = 2048
-FUNCTION_CACHE_SIZE = 256  # functions whose pickled form a pool keeps (submit/apply_async)
 TERMINATE_WAIT_S = 5.0  # terminate() returns once the workers are gone, or after this
 SPAWN_WAIT_S = 10.0  # Pool() waits this long at most for its workers to be spawned
 SUBMIT_GROUP_TASKS = 4096  # map posts its tasks to the supervisor in groups of this many...
@@ -150,16 +149,9 @@ class Pool(PoolCalls):
         self._supervisor = Supervisor(self._config, initializer_call,
                                       worker_thread_env(self._config.worker_env))
         self._processes = self._config.processes
-        self._functions: OrderedDict[int, tuple[Any, int, bytes]] = OrderedDict()
-        self._functions_lock = threading.Lock()
-        self._sizers: OrderedDict[int, ChunkSizer] = OrderedDict()  # by fn_id
-        # id(func) -> (func, a Job to copy): submit()/apply_async() without options
-        self._single_jobs: OrderedDict[int, tuple[Any, Job]] = OrderedDict()
         self._argument_memory = ArgumentMemory(ARGUMENT_MEMORY_AHEAD, 2 * self._processes)
-        self._limits: dict[str, LimitHandle] = {}  # named machine-wide limits, by name
-        self._default_timeout = parse_timeout(self._config.timeout_s)  # (seconds, factor)
-        self._queue_gates = {name: _queue_gates(name, spec)
-                             for name, spec in (queues or {}).items()}
+        self._jobs = JobMaker(self._config, {name: _queue_gates(name, spec)
+                                             for name, spec in (queues or {}).items()})
         self._supervisor.start()
         # Like multiprocessing.Pool, return with the worker processes started.
         self._supervisor.spawned.wait(SPAWN_WAIT_S)
@@ -220,7 +212,7 @@ class Pool(PoolCalls):
         self._check_running()
         call = parse_call(options)
         result = ApplyResult(self, callback, error_callback)
-        job = self._single_task_job(func, result, call)
+        job = self._jobs.single_task_job(func, result, call)
         self._submit(job, [(tuple(args), dict(kwds or {}))])
         return result
 
@@ -311,7 +303,7 @@ class Pool(PoolCalls):
         call = parse_call(options, chunksize=chunksize)
         stream = ResultStream(ordered, self._window())
         kind = CallKind.STAR if star else CallKind.ONE
-        job = self._job(func, kind, stream, call)
+        job = self._jobs.job(func, kind, stream, call)
         self._supervisor.watch(stream)
         journal = self._journal.for_call(func, job)
         post = self._supervisor.post
@@ -359,7 +351,7 @@ class Pool(PoolCalls):
         """submit(), with the options of a PoolView (validated when it was made)."""
         self._check_running()
         future = TaskFuture(keepalive=self)
-        job = self._single_task_job(fn, future, parsed(call))
+        job = self._jobs.single_task_job(fn, future, parsed(call))
         errors: dict[int, BaseException] = {}
         task = self._make_task(job, 0, (args, kwargs), errors)
         future.cancel_via(self._supervisor, task)
@@ -377,8 +369,7 @@ class Pool(PoolCalls):
                            return_errors=call.return_errors)
         if items:
             call = call.with_chunksize(chunksize)
-            job = self._job(func, kind, result, call)
-            job.timed_inputs = False
+            job = self._jobs.job(func, kind, result, call, timed_inputs=False)
             self._supervisor.watch(result)
             journal = self._journal.for_call(func, job)
             if journal is not None:
@@ -391,8 +382,7 @@ class Pool(PoolCalls):
         self._check_running()
         call = parse_call(options, chunksize=chunksize, errors=errors)
         stream = ResultStream(ordered, self._window())
-        job = self._job(func, CallKind.ONE, stream, call)
-        job.timed_inputs = False
+        job = self._jobs.job(func, CallKind.ONE, stream, call, timed_inputs=False)
         self._supervisor.watch(stream)
         journal = self._journal.for_call(func, job)
         post = self._supervisor.post
@@ -405,110 +395,11 @@ class Pool(PoolCalls):
         self._start_feeder(job, stream, iterable, journal, whole_chunks=whole)
         return iterator
 
-    def _single_task_job(self, func: Callable[..., Any], sink: Any, call: ParsedCall) -> Job:
-        """The Job of a submit() or apply_async() call.  Without per-call options it is a
-        copy of the first such call's (what _job works out depends on the function and the
-        pool only): programs submit many thousands of these."""
-        copyable = call is NO_CALL
-        if copyable:
-            with self._functions_lock:
-                hit = self._single_jobs.get(id(func))
-                if hit is not None and hit[0] is func:
-                    self._single_jobs.move_to_end(id(func))
-                    return hit[1].sibling(new_id(), sink)
-        job = self._job(func, CallKind.ARGS_KWARGS, sink, call, cache=True)
-        job.single_task = True
-        if copyable:
-            with self._functions_lock:
-                self._single_jobs[id(func)] = (func, job.sibling(0, _NO_SINK))
-                while len(self._single_jobs) > FUNCTION_CACHE_SIZE:
-                    self._single_jobs.popitem(last=False)
-        return job
-
     def _window(self) -> Window:
         return Window(self._window_size())
 
     def _window_size(self) -> int:
         return max(WINDOW_TASKS_MIN, WINDOW_TASKS_PER_WORKER * self._processes)
-
-    def _job(self, func: Callable[..., Any], kind: CallKind, sink: Any, call: ParsedCall, *,
-             cache: bool = False) -> Job:
-        if not callable(func):
-            raise TypeError(f"{func!r} is not callable")
-        fn_id, payload = self._pickled_function(func, cache)
-        fixed = call.chunksize or self._config.chunksize
-        if call.options.rate_limited or self._config.rate is not None or call.halt is not None:
-            # a rate counts starts, a halt stops starts: a batch must not start early ones
-            fixed = fixed or 1
-        sizer = self._sizer(fn_id, fixed)
-        keyed: KeyedLimit[Any] | None = None
-        if call.options.key is not None:
-            keyed = KeyedLimit(call.options.key_concurrency or 1)
-        timeout_s, factor = ((call.timeout_s, call.timeout_factor) if call.sets_timeout
-                             else self._default_timeout)
-        # a fixed chunksize lives in the sizer, which always answers it
-        return Job(new_id(), fn_id, payload, kind, sink, timeout_s=timeout_s, sizer=sizer,
-                   gates=self._gates_for(call.options), keyed=keyed, key_fn=call.options.key,
-                   timeout_factor=factor, halt=call.halt)
-
-    def _gates_for(self, call: CallOptions) -> tuple[Gate, ...]:
-        gates: list[Gate] = []
-        if call.concurrency is not None:
-            gates.append(ConcurrencyGate(call.concurrency))
-        if call.queue is not None:
-            if call.queue not in self._queue_gates:
-                raise ValueError(f"unknown queue {call.queue!r}; this pool has "
-                                 f"{sorted(self._queue_gates) or 'no named queues'}")
-            gates.extend(self._queue_gates[call.queue])
-        if call.limit is not None:
-            gates.extend(self._limit_gates(call.limit))
-        return tuple(gates)
-
-    def _limit_gates(self, limit: Limit) -> tuple[Gate, ...]:
-        """A named machine-wide limit, opened once per pool."""
-        with self._functions_lock:
-            handle = self._limits.get(limit.name)
-            if handle is None:
-                handle = self._limits[limit.name] = limit.open()
-            elif handle.limit != limit:
-                raise ValueError(f"limit {limit.name!r} is already open in this pool as "
-                                 f"{handle.limit}, not {limit}")
-        gates: list[Gate] = []
-        if handle.semaphore is not None:
-            gates.append(SemaphoreGate(handle.semaphore))
-        if handle.rate_gate is not None:
-            gates.append(RateGateAdapter(handle.rate_gate))
-        return tuple(gates)
-
-    def _sizer(self, fn_id: int, fixed: int | None) -> ChunkSizer:
-        """Calls of one function share what was measured of it (adaptive chunking), unless
-        the call fixes its chunksize."""
-        if fixed is not None:
-            return ChunkSizer(self._processes, fixed)
-        with self._functions_lock:
-            sizer = self._sizers.get(fn_id)
-            if sizer is None:
-                sizer = self._sizers[fn_id] = ChunkSizer(self._processes)
-                while len(self._sizers) > FUNCTION_CACHE_SIZE:
-                    self._sizers.popitem(last=False)
-            return sizer
-
-    def _pickled_function(self, func: Callable[..., Any], cache: bool) -> tuple[int, bytes]:
-        """cloudpickle the function (lambdas, closures, __main__ functions all work).  Its id
-        is a hash of the bytes, so workers unpickle each distinct function once."""
-        if cache:
-            with self._functions_lock:
-                hit = self._functions.get(id(func))
-                if hit is not None and hit[0] is func:
-                    self._functions.move_to_end(id(func))
-                    return hit[1], hit[2]
-        fn_id, payload = pickled_function(func)
-        if cache:
-            with self._functions_lock:
-                self._functions[id(func)] = (func, fn_id, payload)
-                while len(self._functions) > FUNCTION_CACHE_SIZE:
-                    self._functions.popitem(last=False)
-        return fn_id, payload
 
     def _make_task(self, job: Job, index: int, item: Any,
                    errors: dict[int, BaseException]) -> Task:
@@ -740,19 +631,6 @@ def _queue_gates(name: str, spec: Queue) -> tuple[Gate, ...]:
         rate = Rate.parse(spec.rate) if isinstance(spec.rate, str) else spec.rate
         gates.append(RateGateAdapter(rate_gate_for(rate)))
     return tuple(gates)
-
-
-class _NoSink(OutcomeSink):
-    """The sink of a Job kept only to be copied (Pool._single_task_job): never fed."""
-
-    def starting(self, task: Task) -> bool:
-        raise AssertionError("a template job has no tasks")
-
-    def deliver(self, task: Task, ok: bool, value: Any) -> None:
-        raise AssertionError("a template job has no tasks")
-
-
-_NO_SINK = _NoSink()
 
 
 class PoolView:

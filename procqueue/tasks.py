@@ -181,7 +181,7 @@ class Block:
 class Job:
     """One API call (a map, an imap, one apply_async or submit): its function, how to call
     it, its per-call options, and the sink its outcomes go to.  What the call was given is
-    set here, once (the pool makes Jobs); the rest is the supervisor's tally."""
+    set here, once (job_maker.JobMaker makes Jobs); the rest is the supervisor's tally."""
 
     __slots__ = ("id", "fn_id", "fn_payload", "kind", "sink", "timeout_s",
                  "sizer", "cancelled", "gates", "keyed", "key_fn", "timeout_factor",

@@ -19,7 +19,10 @@ ALLOWED: dict[str, set[str]] = {
                  "dashboard"},
     "pool": {"service", "taskqueue", "supervisor", "config", "results", "tasks", "errors",
              "protocol", "chunking", "admission", "journal", "trace", "affinity", "limits",
-             "backends", "calls", "call_options"},
+             "backends", "calls", "call_options", "job_maker"},
+    # a call's Job from its parsed options, and what a pool keeps across calls (caches)
+    "job_maker": {"call_options", "admission", "chunking", "config", "limits", "protocol",
+                  "tasks"},
     # per-call options (chunksize, errors=, limit=, halt=...), parsed and validated once
     "call_options": {"calls", "config", "scheduler", "limits"},
     # a worker service of a durable TaskQueue: runs stored tasks in a pool (duck-typed)

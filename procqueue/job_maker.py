@@ -1,0 +1,179 @@
+"""JobMaker: a call's Job, from its function, its parsed options and what a pool keeps
+across calls.
+
+A Job (tasks.Job) is one call's function, pickled, with how to call it and what admits and
+sizes its batches.  Some of that outlives the call, so a pool keeps it here, for its most
+recent FUNCTION_CACHE_SIZE functions:
+
+    pickled functions     submit()/apply_async() pickle a function once, not once per call
+    chunk sizers          calls of one function share what was measured of it (chunking.py)
+    single-task templates a submit() without options copies the first such call's Job
+    open limits           a named machine-wide Limit is opened once per pool, by name
+
+Every value this module reads of a call was validated by call_options.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Generic, Hashable, Mapping, TypeVar
+
+from .admission import ConcurrencyGate, Gate, RateGateAdapter, SemaphoreGate
+from .call_options import NO_CALL, ParsedCall, parse_timeout
+from .chunking import ChunkSizer
+from .config import PoolConfig
+from .limits import KeyedLimit, Limit, LimitHandle
+from .protocol import CallKind, pickled_function
+from .tasks import Job, OutcomeSink, Task, new_id
+
+FUNCTION_CACHE_SIZE = 256  # functions whose pickled form, sizer and template a pool keeps
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class _Recent(Generic[K, V]):
+    """The FUNCTION_CACHE_SIZE most recently used entries: a program that makes functions
+    on the fly (a lambda per call) keeps a bounded cache.  Not locked: JobMaker's lock is."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> V:
+        self._entries[key] = value
+        while len(self._entries) > FUNCTION_CACHE_SIZE:
+            self._entries.popitem(last=False)
+        return value
+
+
+class JobMaker:
+    """Makes the Jobs of one pool's calls (any thread)."""
+
+    def __init__(self, config: PoolConfig, queue_gates: Mapping[str, tuple[Gate, ...]]) -> None:
+        self._config = config
+        self._queue_gates = dict(queue_gates)  # the pool's named queues, by name
+        self._default_timeout = parse_timeout(config.timeout_s)  # (seconds, factor)
+        self._lock = threading.Lock()
+        # Keyed by id(function), with the function kept: an id reused by another function
+        # after the first was collected is never a hit.
+        self._functions: _Recent[int, tuple[Any, tuple[int, bytes]]] = _Recent()
+        self._templates: _Recent[int, tuple[Any, Job]] = _Recent()
+        self._sizers: _Recent[int, ChunkSizer] = _Recent()  # by fn_id (the pickle's hash)
+        self._limits: dict[str, LimitHandle] = {}  # named machine-wide limits, by name
+
+    def job(self, func: Callable[..., Any], kind: CallKind, sink: OutcomeSink,
+            call: ParsedCall, *, cache: bool = False, timed_inputs: bool = True,
+            single_task: bool = False) -> Job:
+        """The Job of one call of `func`; `cache`: keep its pickled form for the next call.
+        timed_inputs=False: only the total run time reaches the sink (map, imap)."""
+        if not callable(func):
+            raise TypeError(f"{func!r} is not callable")
+        fn_id, payload = self._pickled_function(func, cache)
+        fixed = call.chunksize or self._config.chunksize
+        if call.options.rate_limited or self._config.rate is not None or call.halt is not None:
+            # a rate counts starts, a halt stops starts: a batch must not start early ones
+            fixed = fixed or 1
+        sizer = self._sizer(fn_id, fixed)  # a fixed chunksize lives in it, which answers it
+        options = call.options
+        keyed: KeyedLimit[Any] | None = None
+        if options.key is not None:
+            keyed = KeyedLimit(options.key_concurrency or 1)
+        timeout_s, factor = ((call.timeout_s, call.timeout_factor) if call.sets_timeout
+                             else self._default_timeout)
+        return Job(new_id(), fn_id, payload, kind, sink, timeout_s=timeout_s, sizer=sizer,
+                   gates=self._gates(call), keyed=keyed, key_fn=options.key,
+                   timeout_factor=factor, halt=call.halt, single_task=single_task,
+                   timed_inputs=timed_inputs)
+
+    def single_task_job(self, func: Callable[..., Any], sink: OutcomeSink,
+                        call: ParsedCall) -> Job:
+        """The Job of a submit() or apply_async() call.  Without per-call options it is a
+        copy of the first such call's (what job() works out depends on the function and the
+        pool only): programs submit many thousands of these."""
+        copyable = call is NO_CALL
+        if copyable:
+            with self._lock:
+                hit = self._templates.get(id(func))
+            if hit is not None and hit[0] is func:
+                return hit[1].sibling(new_id(), sink)
+        job = self.job(func, CallKind.ARGS_KWARGS, sink, call, cache=True, single_task=True)
+        if copyable:
+            with self._lock:
+                self._templates.put(id(func), (func, job.sibling(0, _NO_SINK)))
+        return job
+
+    def _gates(self, call: ParsedCall) -> tuple[Gate, ...]:
+        """The admission gates of a call: its own concurrency, its queue's, its Limit's."""
+        options = call.options
+        gates: list[Gate] = []
+        if options.concurrency is not None:
+            gates.append(ConcurrencyGate(options.concurrency))
+        if options.queue is not None:
+            if options.queue not in self._queue_gates:
+                raise ValueError(f"unknown queue {options.queue!r}; this pool has "
+                                 f"{sorted(self._queue_gates) or 'no named queues'}")
+            gates.extend(self._queue_gates[options.queue])
+        if options.limit is not None:
+            gates.extend(self._limit_gates(options.limit))
+        return tuple(gates)
+
+    def _limit_gates(self, limit: Limit) -> tuple[Gate, ...]:
+        """A named machine-wide limit, opened once per pool."""
+        with self._lock:
+            handle = self._limits.get(limit.name)
+            if handle is None:
+                handle = self._limits[limit.name] = limit.open()
+            elif handle.limit != limit:
+                raise ValueError(f"limit {limit.name!r} is already open in this pool as "
+                                 f"{handle.limit}, not {limit}")
+        gates: list[Gate] = []
+        if handle.semaphore is not None:
+            gates.append(SemaphoreGate(handle.semaphore))
+        if handle.rate_gate is not None:
+            gates.append(RateGateAdapter(handle.rate_gate))
+        return tuple(gates)
+
+    def _sizer(self, fn_id: int, fixed: int | None) -> ChunkSizer:
+        """Calls of one function share what was measured of it (adaptive chunking), unless
+        the call fixes its chunksize."""
+        if fixed is not None:
+            return ChunkSizer(self._config.processes, fixed)
+        with self._lock:
+            sizer = self._sizers.get(fn_id)
+            if sizer is None:
+                sizer = self._sizers.put(fn_id, ChunkSizer(self._config.processes))
+            return sizer
+
+    def _pickled_function(self, func: Callable[..., Any], cache: bool) -> tuple[int, bytes]:
+        """cloudpickle the function (lambdas, closures, __main__ functions all work).  Its id
+        is a hash of the bytes, so workers unpickle each distinct function once."""
+        if cache:
+            with self._lock:
+                hit = self._functions.get(id(func))
+            if hit is not None and hit[0] is func:
+                return hit[1]
+        pickled = pickled_function(func)
+        if cache:
+            with self._lock:
+                self._functions.put(id(func), (func, pickled))
+        return pickled
+
+
+class _NoSink(OutcomeSink):
+    """The sink of a Job kept only to be copied (JobMaker.single_task_job): never fed."""
+
+    def starting(self, task: Task) -> bool:
+        raise AssertionError("a template job has no tasks")
+
+    def deliver(self, task: Task, ok: bool, value: Any) -> None:
+        raise AssertionError("a template job has no tasks")
+
+
+_NO_SINK = _NoSink()
