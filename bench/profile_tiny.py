@@ -5,14 +5,14 @@
 cProfile only sees the thread that enabled it, and procqueue's work in the parent is spread
 over three threads: the caller (pickling inputs for map, building futures, consuming results),
 the supervisor (`Supervisor._run`: select, dispatch, result routing) and, for imap, a feeder
-thread (`Pool._feed`: pickling inputs lazily).  So this script gives each thread its own
+thread (`feeder.Feeder.run`: pickling inputs lazily).  So this script gives each thread its own
 cProfile.Profile:
 
   * caller:     enabled around the timed call in the main thread;
   * supervisor: `Supervisor._step` is wrapped so the supervisor thread enables its own profiler
                 at the first step after the timed call starts and disables it at the first
                 step after it ends (the warm-up and pool start-up are not in the profile);
-  * feeder:     `Pool._feed` is wrapped whole (a feeder lives only as long as its call).
+  * feeder:     `Feeder.run` is wrapped whole (a feeder lives only as long as its call).
 
 Each thread's functions are reported by tottime, in microseconds per task, plus the thread's
 CPU on its own CPU clock (unprofiled figure from a separate, unprofiled run of the same call,
@@ -45,7 +45,7 @@ _lock = threading.Lock()
 
 
 def _install_thread_profilers() -> None:
-    from procqueue import pool as pool_mod
+    from procqueue import feeder as feeder_mod
     from procqueue import supervisor as sup_mod
 
     original_step = sup_mod.Supervisor._step
@@ -63,7 +63,7 @@ def _install_thread_profilers() -> None:
 
     sup_mod.Supervisor._step = step  # type: ignore[method-assign]
 
-    original_feed = pool_mod.Pool._feed
+    original_feed = feeder_mod.Feeder.run
 
     def feed(self: Any, *args: Any, **kwargs: Any) -> None:
         if not PROFILING.is_set():
@@ -77,7 +77,7 @@ def _install_thread_profilers() -> None:
         finally:
             profiler.disable()
 
-    pool_mod.Pool._feed = feed  # type: ignore[method-assign]
+    feeder_mod.Feeder.run = feed  # type: ignore[method-assign]
 
 
 def call_for(pool: Any, api: str) -> Callable[[list[int]], list[Any]]:

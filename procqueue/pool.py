@@ -1,11 +1,18 @@
-"""Pool: the multiprocessing.Pool API (plus submit and imap_outcomes) over a Supervisor.
+"""Pool: the multiprocessing.Pool API (plus submit, options, imap_outcomes and serve) over a
+Supervisor.  This module is the front end; what it drives lives below it:
 
-Each call becomes a Job (function pickled once, how to call it, where outcomes go) and one
-Task per input, or, for the primitive inputs of a plain map/imap call, Blocks of consecutive
-inputs (tasks.Block: no per-input bookkeeping until an input needs it); they are posted to the
-supervisor thread, which owns them from then on.
-Lists (map, starmap) are submitted at once; iterables (imap*) are fed lazily by a feeder
-thread with a bounded window, so an endless generator runs in bounded memory.
+    a call ──► call_options.parse_call ──► JobMaker.job ──► JournalHolder.for_call
+           │   (options validated once)    (its Job; the     (journaled: the Job's sink
+           │                                pool's caches)    then commits first)
+           ├─► list (map, starmap, apply_async): Submitter.submit, in groups, now
+           └─► iterable (imap*): a feeder thread (feeder.py), lazily, in a bounded window
+                                  │
+                 Tasks, or Blocks of primitive inputs (submission.py) ──► the supervisor
+                 thread, which owns them from then on; outcomes reach the call's result
+                 object (results.py) from there
+
+Also here: what code written for multiprocessing.Pool reads (_state, _pool, pickling
+refused), the pool's stats(), named queues (Queue) and per-call option views (PoolView).
 """
 
 from __future__ import annotations
@@ -18,46 +25,40 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass, fields, replace
-from itertools import chain
-from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Protocol,
-                    Sequence, cast)
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from .admission import ConcurrencyGate, Gate, RateGateAdapter, rate_gate_for
-from .call_options import NO_OPTIONS, parse_call, parsed
+from .call_options import NO_OPTIONS, ParsedCall, parse_call, parsed
 from .call_options import CallOptions as CallOptions
 from .calls import PoolCalls
-from .chunking import ChunkSizer
 from .config import PoolConfig, fork_instead_of_default
-from .errors import PoolClosedError, argument_error
+from .errors import PoolClosedError
+from .feeder import start_feeder, window_size
 from .job_maker import JobMaker
 from .limits import Rate
 from .affinity import worker_thread_env
-from .protocol import (PRIMITIVE_TYPES, CallKind, InitializerCall, OutOfBand, dumps_argument,
-                       shared_only_by_inheritance, short_repr)
+from .pool_journal import JournaledCall, JournalHolder
+from .protocol import CallKind, InitializerCall, shared_only_by_inheritance, short_repr
 from .results import (ApplyResult, ArgumentMemory, IMapIterator, MapResult,
                       OutcomeIterator, ResultStream, TaskFuture, Window)
-from .supervisor import (CancelJob, Close, CloseJob, OpenJob, SubmitTasks,
-                         Supervisor, SupervisorStatistics, Terminate)
-from .tasks import Block, Job, Task, new_id
+from .submission import Submitter
+from .supervisor import (CancelJob, Close, SubmitTasks, Supervisor, SupervisorStatistics,
+                         Terminate)
 from .trace import TraceWriter
 
-if TYPE_CHECKING:  # imported when a pool first uses a journal: sqlite3 and json cost ~6 ms
+if TYPE_CHECKING:  # imported when a pool first uses them: sqlite3 and json cost ~6 ms
     from .journal import Journal
     from .service import ServiceSummary
     from .taskqueue import TaskQueue
 
-# Inputs a lazy call may have taken whose results were not consumed yet (bounded memory for
-# imap over an endless generator), per worker, with a floor for small pools.
-WINDOW_TASKS_PER_WORKER = 512
-WINDOW_TASKS_MIN = 2048
+ARGUMENT_MEMORY_AHEAD = 256 * 2**20  # big-argument bytes a feeder copies ahead of the workers
 TERMINATE_WAIT_S = 5.0  # terminate() returns once the workers are gone, or after this
 SPAWN_WAIT_S = 10.0  # Pool() waits this long at most for its workers to be spawned
-SUBMIT_GROUP_TASKS = 4096  # map posts its tasks to the supervisor in groups of this many...
-SUBMIT_GROUP_BYTES = 4 * 2**20  # ...or of this many argument bytes, whichever comes first
-FEED_GROUP_MAX = 256  # inputs a feeder submits in one go at most
-ARGUMENT_MEMORY_AHEAD = 256 * 2**20  # big-argument bytes a feeder copies ahead of the workers
 RUNNING_REPR_CHARS = 200  # stats(): a worker's running input, as people read it
-FEED_GROUP_MAX_WAIT_S = 0.002  # a group stops growing once its first input waited this long
+
+# The journal of a call, under the name the Dask backend takes from this module (it journals
+# its calls through the same front end: backends/dask/pool.py)
+_JournaledCall = JournaledCall
 
 
 BACKENDS = ("local", "dask")
@@ -152,6 +153,7 @@ class Pool(PoolCalls):
         self._argument_memory = ArgumentMemory(ARGUMENT_MEMORY_AHEAD, 2 * self._processes)
         self._jobs = JobMaker(self._config, {name: _queue_gates(name, spec)
                                              for name, spec in (queues or {}).items()})
+        self._submitter = Submitter(self._supervisor, self._config, self._argument_memory)
         self._supervisor.start()
         # Like multiprocessing.Pool, return with the worker processes started.
         self._supervisor.spawned.wait(SPAWN_WAIT_S)
@@ -169,7 +171,7 @@ class Pool(PoolCalls):
         (self._journal.for_call) and the trace of its task events (self._trace), closed with
         the pool.  Returns the listener the backend gives each TaskEvent: on_event, the
         trace's, both, or None."""
-        self._journal = _JournalHolder(journal)
+        self._journal = JournalHolder(journal)
         self._trace = TraceWriter(trace) if trace is not None else None
         if self._trace is None:
             return on_event
@@ -201,8 +203,8 @@ class Pool(PoolCalls):
 
     # ---- multiprocessing.Pool API (apply, map, imap... in calls.PoolCalls) ------------------
     # Every call also takes the keyword-only per-call options of CallOptions (limit=, queue=,
-    # concurrency=, key=, key_concurrency=, timeout=).  submit() cannot (its **kwargs are the
-    # function's): use pool.options(...).submit(...).
+    # concurrency=, key=, key_concurrency=, timeout=, halt=), parsed once by call_options.
+    # submit() cannot (its **kwargs are the function's): use pool.options(...).submit(...).
 
     def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
                     kwds: Mapping[str, Any] | None = None,
@@ -213,7 +215,7 @@ class Pool(PoolCalls):
         call = parse_call(options)
         result = ApplyResult(self, callback, error_callback)
         job = self._jobs.single_task_job(func, result, call)
-        self._submit(job, [(tuple(args), dict(kwds or {}))])
+        self._submitter.submit(job, [(tuple(args), dict(kwds or {}))])
         return result
 
     def close(self) -> None:
@@ -310,7 +312,7 @@ class Pool(PoolCalls):
         iterator = OutcomeIterator(
             stream, self, on_abandon=lambda: post(CancelJob(job, False, True)),
             on_cancel=lambda kill: post(CancelJob(job, kill, False)))
-        self._start_feeder(job, stream, iterable, journal)
+        start_feeder(self._submitter, job, stream, iterable, journal)
         return iterator
 
     def serve(self, queue: "TaskQueue", queues: Sequence[str] | None = None, *,
@@ -353,8 +355,8 @@ class Pool(PoolCalls):
         future = TaskFuture(keepalive=self)
         job = self._jobs.single_task_job(fn, future, parsed(call))
         errors: dict[int, BaseException] = {}
-        task = self._make_task(job, 0, (args, kwargs), errors)
-        future.cancel_via(self._supervisor, task)
+        task = self._submitter.make_task(job, 0, (args, kwargs), errors)
+        future.cancel_via(self._supervisor, task)  # before the supervisor can finish it
         self._supervisor.post(SubmitTasks([task], errors))
         return future
 
@@ -374,7 +376,7 @@ class Pool(PoolCalls):
             journal = self._journal.for_call(func, job)
             if journal is not None:
                 journal.journal.set_total(len(items))
-            self._submit(job, items, journal)
+            self._submitter.submit(job, items, journal)
         return result
 
     def _imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None,
@@ -388,227 +390,21 @@ class Pool(PoolCalls):
         post = self._supervisor.post
         iterator = IMapIterator(stream, self, lambda: post(CancelJob(job, False, True)),
                                 return_errors=call.return_errors)
-        # Whole chunks only where one fits in the window: a partial chunk holds its places,
-        # and one larger than the window could never be completed.
-        whole = (call.chunksize if call.chunksize is not None
-                 and call.chunksize <= self._window_size() else 1)
-        self._start_feeder(job, stream, iterable, journal, whole_chunks=whole)
+        start_feeder(self._submitter, job, stream, iterable, journal,
+                     whole_chunks=self._whole_chunks(call))
         return iterator
+
+    def _whole_chunks(self, call: ParsedCall) -> int:
+        """Inputs an imap feeds at a time: its chunksize where a chunk fits in the window (a
+        partial chunk holds its places; one larger than the window could never complete)."""
+        chunksize = call.chunksize
+        return chunksize if chunksize is not None and chunksize <= self._window_size() else 1
 
     def _window(self) -> Window:
         return Window(self._window_size())
 
     def _window_size(self) -> int:
-        return max(WINDOW_TASKS_MIN, WINDOW_TASKS_PER_WORKER * self._processes)
-
-    def _make_task(self, job: Job, index: int, item: Any,
-                   errors: dict[int, BaseException]) -> Task:
-        """A Task for one input; a problem with the input (it cannot be pickled, its key
-        function raises) becomes that task's error, never the whole call's."""
-        try:
-            payload = dumps_argument(item, self._supervisor.memfds)
-        except Exception as exc:
-            error = argument_error(f"the task's argument could not be pickled: {exc!r}; "
-                                   "make sure every argument is picklable", exc)
-            return self._failed_task(job, index, item, error, errors)
-        if isinstance(payload, OutOfBand):
-            self._argument_memory.hold(payload.size)
-            payload.on_close = self._argument_memory.release
-        task = Task(new_id(), job, index, payload, item)
-        if job.key_fn is not None:
-            try:
-                task.key = job.key_fn(item)
-                hash(task.key)
-            except Exception as exc:
-                errors[task.id] = exc
-        return task
-
-    def _failed_task(self, job: Job, index: int, item: Any, error: BaseException,
-                     errors: dict[int, BaseException]) -> Task:
-        task = Task(new_id(), job, index, b"", item)
-        errors[task.id] = error
-        return task
-
-    def _blocks_allowed(self, job: Job, journal: "_JournaledCall | None") -> bool:
-        """Whether the call's primitive inputs may travel in Blocks: only where no per-task
-        machinery would see them (timeouts, gates, keys, halt, journal, events, recycling)."""
-        config = self._config
-        return (hasattr(job.sink, "deliver_run") and job.kind is not CallKind.ARGS_KWARGS
-                and journal is None and not job.gates and job.keyed is None
-                and job.timeout_s is None and job.timeout_factor is None and job.halt is None
-                and config.on_event is None and config.maxtasksperchild is None
-                and not self._supervisor.scheduler.pool_gates)
-
-    def _submit(self, job: Job, items: "list[Any] | tuple[Any, ...]",
-                journal: "_JournaledCall | None" = None) -> list[Task | Block]:
-        """Pickle and submit the inputs, posting them in groups so that workers start on the
-        first ones while the caller is still pickling the rest (big arguments)."""
-        post = self._supervisor.post
-        blocks = self._blocks_allowed(job, journal)
-        submitted: list[Task | Block] = []
-        for start in range(0, len(items), SUBMIT_GROUP_TASKS):
-            chunk = items[start:start + SUBMIT_GROUP_TASKS]
-            for group, errors in self._groups(job, start, chunk, journal, blocks):
-                post(SubmitTasks(group, errors))
-                submitted += group
-        return submitted
-
-    def _groups(self, job: Job, start: int, chunk: "list[Any] | tuple[Any, ...]",
-                journal: "_JournaledCall | None", blocks: bool
-                ) -> Iterator[tuple[list[Task | Block], dict[int, BaseException]]]:
-        """Entries for inputs start, start+1, ... (`chunk`), in groups of at most
-        SUBMIT_GROUP_BYTES argument bytes.  A chunk of primitive inputs is one Block, checked
-        without a Python step per input; otherwise each input is a Task, or joins a Block."""
-        if blocks and _primitive_run(chunk):
-            yield [Block(new_id(), job, start, list(chunk))], {}
-            return
-        group: list[Task | Block] = []
-        errors: dict[int, BaseException] = {}
-        block: Block | None = None
-        group_bytes = 0
-        for i, item in enumerate(chunk, start):
-            if journal is not None and journal.replayed(i, item):
-                continue  # done in an earlier run: its journaled outcome was reported
-            if blocks and _primitive(item):
-                block = _join_block(group, block, job, i, item)
-                continue
-            block = None
-            task = self._make_task(job, i, item, errors)
-            group.append(task)
-            group_bytes += _payload_bytes(task.payload)
-            if group_bytes >= SUBMIT_GROUP_BYTES:
-                yield group, errors
-                group, errors, block, group_bytes = [], {}, None, 0
-        if group:
-            yield group, errors
-
-    def _start_feeder(self, job: Job, stream: ResultStream, iterable: Iterable[Any],
-                      journal: "_JournaledCall | None" = None, whole_chunks: int = 1) -> None:
-        self._supervisor.post(OpenJob(job))
-        source = _InputSource(iterable)
-        feeder = threading.Thread(target=self._feed,
-                                  args=(job, stream, source, journal, whole_chunks),
-                                  name=f"procqueue-feeder-{job.id}", daemon=True)
-        feeder.start()
-
-    def _feed(self, job: Job, stream: ResultStream, source: "_InputSource",
-              journal: "_JournaledCall | None" = None, whole_chunks: int = 1) -> None:
-        """Feeder thread: take inputs while the window has room and submit them in groups.
-        With whole_chunks=N > 1 (imap's explicit chunksize), inputs are submitted N at a time,
-        as multiprocessing.Pool does, so that an error of the input iterator drops the chunk
-        it cut short, as there: imap yields the results of the whole chunks before it, then
-        raises the error."""
-        window = stream.window
-        assert window is not None
-        post = self._supervisor.post
-        blocks = self._blocks_allowed(job, journal)
-        count = 0
-        held: list[Any] = []  # inputs of a chunk not complete yet (whole_chunks > 1)
-        input_error: BaseException | None = None
-        try:
-            while not source.exhausted:
-                most = self._argument_memory.room(FEED_GROUP_MAX, window.closed)
-                places = window.acquire(most)
-                if not places:
-                    break  # the window closed: terminate, or the iterator was dropped
-                items = source.take(places)
-                if places > len(items):  # replayed outcomes hold their place like tasks
-                    window.release(places - len(items))
-                if whole_chunks > 1 and source.sequence is None:  # (a list cannot raise)
-                    items, held = _whole_chunks(held, items, whole_chunks, source)
-                for group, errors in self._groups(job, count, items, journal, blocks):
-                    post(SubmitTasks(group, errors))
-                count += len(items)
-            input_error = source.error  # the inputs taken before it still run
-        except BaseException as exc:  # e.g. a key function or pickling bug of ours
-            input_error = source.error or exc
-        finally:
-            if held:
-                window.release(len(held))
-            if journal is not None:
-                journal.journal.set_total(count)
-            stream.input_finished(count, input_error)
-            post(CloseJob(job))
-
-
-class _InputSource:
-    """A feeder's view of imap's iterable.  A list, tuple or range is sliced (no Python step
-    per input); any other iterable is advanced item by item, and a group stops growing once
-    its first item waited FEED_GROUP_MAX_WAIT_S, so a slow generator's items are still
-    submitted one by one, as soon as each arrives."""
-
-    def __init__(self, iterable: Iterable[Any]) -> None:
-        # exact types: a subclass may iterate differently from how it slices
-        self.sequence = (cast("list[Any] | tuple[Any, ...] | range", iterable)
-                         if type(iterable) in (list, tuple, range) else None)
-        self.iterator = iter(iterable) if self.sequence is None else None
-        self.position = 0
-        self.exhausted = False
-        self.error: BaseException | None = None  # what the user's iterable raised
-
-    def take(self, places: int) -> "list[Any] | tuple[Any, ...]":
-        if self.sequence is not None:
-            items = self.sequence[self.position:self.position + places]
-            self.position += len(items)
-            self.exhausted = self.position >= len(self.sequence)
-            return items if type(items) is not range else list(items)
-        return self._next_items(places)
-
-    def _next_items(self, places: int) -> list[Any]:
-        assert self.iterator is not None
-        items: list[Any] = []
-        deadline = time.monotonic() + FEED_GROUP_MAX_WAIT_S
-        try:
-            while len(items) < places:
-                items.append(next(self.iterator))
-                if time.monotonic() > deadline:
-                    break
-        except StopIteration:
-            self.exhausted = True
-        except BaseException as exc:  # the user's iterable raised
-            self.error = exc
-            self.exhausted = True
-        return items
-
-
-def _whole_chunks(held: list[Any], items: "list[Any] | tuple[Any, ...]", chunk: int,
-                  source: _InputSource) -> tuple[list[Any], list[Any]]:
-    """(inputs to submit now, inputs held back): whole chunks of `chunk` inputs, and the last,
-    shorter one once the input has ended without an error."""
-    taken = held + list(items)
-    if source.exhausted and source.error is None:
-        return taken, []
-    cut = len(taken) - len(taken) % chunk
-    return taken[:cut], taken[cut:]
-
-
-def _primitive_run(items: "list[Any] | tuple[Any, ...]") -> bool:
-    """Whether every input is primitive (see _primitive), checked at C speed: map's list of
-    numbers or paths becomes Blocks without a Python step per input."""
-    kinds = set(map(type, items))
-    if kinds <= PRIMITIVE_TYPES:
-        return True
-    if kinds == {tuple}:  # starmap: the parts of each argument tuple
-        return set(map(type, chain.from_iterable(items))) <= PRIMITIVE_TYPES
-    return False
-
-
-def _primitive(item: Any) -> bool:
-    """An input a Block may carry: of a primitive type, or a tuple of such (starmap)."""
-    kind = type(item)
-    if kind in PRIMITIVE_TYPES:
-        return True
-    return kind is tuple and all(type(part) in PRIMITIVE_TYPES for part in item)
-
-
-def _join_block(group: list[Task | Block], block: Block | None, job: Job, index: int,
-                item: Any) -> Block:
-    """Add input `index` to `block`, the last entry of `group`, or to a new block there."""
-    if block is None:
-        block = Block(new_id(), job, index, [])
-        group.append(block)
-    block.inputs.append(item)
-    return block
+        return window_size(self._processes)
 
 
 @dataclass(frozen=True)
@@ -662,12 +458,6 @@ class PoolView:
 
 _VIEW_METHODS = frozenset({"apply", "apply_async", "map", "map_async", "starmap",
                            "starmap_async", "imap", "imap_unordered", "imap_outcomes"})
-
-
-def _payload_bytes(payload: Any) -> int:
-    if isinstance(payload, OutOfBand):
-        return payload.size
-    return len(payload)
 
 
 class WorkerProcess:
@@ -744,7 +534,7 @@ def _disown_pools_after_fork() -> None:
 os.register_at_fork(after_in_child=_disown_pools_after_fork)
 
 
-def _shutdown(supervisor: Supervisor, journal: "_JournalHolder",
+def _shutdown(supervisor: Supervisor, journal: JournalHolder,
               trace: TraceWriter | None) -> None:
     """Terminate and wait for the workers to be gone (finalizer: GC, terminate, exit)."""
     supervisor.post(Terminate())
@@ -763,77 +553,3 @@ def _both(first: Callable[[Any], None], second: Callable[[Any], None] | None
         first(event)
         second(event)
     return both
-
-
-class _JournaledWork(Protocol):
-    """What _JournaledCall changes of a call: where its outcomes go and how its batches are
-    sized (a local pool's Job, or a DaskPool's call)."""
-
-    sink: Any
-    sizer: ChunkSizer
-
-
-class _JournaledCall:
-    """One map/imap call of a journaled pool: which inputs are done already, and the sink
-    that commits the others' outcomes before reporting them."""
-
-    def __init__(self, journal: Journal, job: _JournaledWork) -> None:
-        from .journal import BATCH_WORK_S, InputKeys, JournalingSink
-
-        self.journal = journal
-        # Short batches: what a worker finished is sent at a batch's end, and lost until then.
-        job.sizer = job.sizer.with_target(BATCH_WORK_S)
-        self.input_keys = InputKeys()  # a repeated input is a task of its own each time
-        self.keys: dict[int, str] = {}
-        self.sink = JournalingSink(job.sink, journal, key_of_task=lambda t: self.keys.pop(t.index))
-        job.sink = self.sink
-
-    def replayed(self, index: int, item: Any) -> bool:
-        """Report the journaled outcome of `item` (the call's next input, in input order) if
-        it has one (True), else remember its key for the outcome to come (False)."""
-        key = self.input_keys.next_key(item)
-        stored = self.journal.lookup(key)
-        if stored is None:
-            self.keys[index] = key
-            return False
-        self.sink.replay(index, item, stored)
-        return True
-
-
-class _JournalHolder:
-    """The pool's journal: a Journal the caller passed (theirs to close), or a path opened
-    at the first map/imap call (the function's identity is known only then) and closed with
-    the pool."""
-
-    def __init__(self, journal: "str | os.PathLike[str] | Journal | None") -> None:
-        self.path: str | None = None
-        self.journal: Journal | None = None
-        if journal is not None:
-            from .journal import Journal
-
-            if isinstance(journal, Journal):
-                self.journal = journal
-            else:
-                self.path = os.fspath(journal)
-        self.owned = False
-        self.lock = threading.Lock()
-
-    def for_call(self, func: Callable[..., Any], job: _JournaledWork) -> _JournaledCall | None:
-        if self.path is None and self.journal is None:
-            return None
-        with self.lock:
-            if self.journal is None:
-                assert self.path is not None
-                from .journal import Journal, format_1_function_identity, function_identity
-
-                self.journal = Journal.open(
-                    self.path, function_identity=function_identity(func),
-                    former_identities=(format_1_function_identity(func),))
-                self.owned = True
-        return _JournaledCall(self.journal, job)
-
-    def close(self) -> None:
-        with self.lock:
-            if self.owned and self.journal is not None:
-                self.journal.close()
-                self.owned = False

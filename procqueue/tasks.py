@@ -148,10 +148,10 @@ class Block:
     together: the same outcome per input as Tasks give, without a Task per input (tiny tasks
     spend most of their time on that bookkeeping).  Only calls without per-task machinery
     (timeouts, gates, keys, halt, journal, events) get them, and only for immutable primitive
-    inputs (see Pool._blocks_allowed).  A block is never retried or cancelled as a whole: whatever
-    is not plain success (an input that fails, a crash, a cancel, terminate) first turns the
-    block's unreported inputs into Tasks (TaskBook.explode_queued for a queued block,
-    blocks.explode_dispatched for a running one), and the Task machinery takes it from
+    inputs (see Submitter.blocks_allowed).  A block is never retried or cancelled as a whole:
+    whatever is not plain success (an input that fails, a crash, a cancel, terminate) first
+    turns the block's unreported inputs into Tasks (TaskBook.explode_queued for a queued
+    block, blocks.explode_dispatched for a running one), and the Task machinery takes it from
     there."""
 
     __slots__ = ("id", "job", "start", "inputs", "reported", "tasks")
@@ -181,7 +181,9 @@ class Block:
 class Job:
     """One API call (a map, an imap, one apply_async or submit): its function, how to call
     it, its per-call options, and the sink its outcomes go to.  What the call was given is
-    set here, once (job_maker.JobMaker makes Jobs); the rest is the supervisor's tally."""
+    set here, once (job_maker.JobMaker makes Jobs), but for a journaled call's sink and sizer,
+    replaced before its first input is submitted (pool_journal.JournaledCall); the rest is
+    the supervisor's tally."""
 
     __slots__ = ("id", "fn_id", "fn_payload", "kind", "sink", "timeout_s",
                  "sizer", "cancelled", "gates", "keyed", "key_fn", "timeout_factor",

@@ -220,11 +220,11 @@ def pair(a, b):
     (["ab", "cd"], True),
 ])
 def test_primitive_runs_are_recognised_without_a_python_step_per_input(items, primitive):
-    from procqueue.pool import _primitive, _primitive_run
+    from procqueue import submission
 
-    assert _primitive_run(items) is primitive
+    assert submission.primitive_run(items) is primitive
     if primitive:
-        assert all(_primitive(x) for x in items)
+        assert all(submission.primitive(x) for x in items)
 
 
 def add(a, b):

@@ -17,9 +17,16 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": {"taskqueue", "service", "store", "stored_call", "pool", "errors", "results",
                  "limits", "journal", "trace", "report", "stats", "scheduler", "fork_server",
                  "dashboard"},
-    "pool": {"service", "taskqueue", "supervisor", "config", "results", "tasks", "errors",
-             "protocol", "chunking", "admission", "journal", "trace", "affinity", "limits",
-             "backends", "calls", "call_options", "job_maker"},
+    "pool": {"service", "taskqueue", "supervisor", "config", "results", "errors", "protocol",
+             "admission", "journal", "trace", "affinity", "limits", "backends", "calls",
+             "call_options", "job_maker", "submission", "feeder", "pool_journal"},
+    # the feeder thread of a lazy call (imap*): takes inputs as its window has room
+    "feeder": {"submission", "pool_journal", "inbox", "results", "tasks"},
+    # a call's inputs as Tasks and Blocks, posted to the supervisor in groups
+    "submission": {"pool_journal", "supervisor", "inbox", "config", "results", "tasks",
+                   "protocol", "errors"},
+    # a pool's journal as its calls use it: opened at the first call, replay, committing sink
+    "pool_journal": {"journal", "chunking"},
     # a call's Job from its parsed options, and what a pool keeps across calls (caches)
     "job_maker": {"call_options", "admission", "chunking", "config", "limits", "protocol",
                   "tasks"},

@@ -1,0 +1,153 @@
+"""Submitter: a call's inputs as the entries the supervisor takes, posted in groups.
+
+    inputs ──► Submitter.groups ──► a run of primitive inputs: one Block (no step per input)
+                                ├─► any other input: a Task (its argument pickled here)
+                                └─► journaled already: replayed (pool_journal.py), not sent
+           ──► SubmitTasks(group, errors) ──► the supervisor, group by group
+
+Groups hold at most SUBMIT_GROUP_BYTES of arguments, so workers start on the first inputs
+while the caller (map) or the feeder (imap, feeder.py) still pickles the rest.  A problem
+with one input (it cannot be pickled, its key function raises) is that task's error, posted
+with its group, never the whole call's.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any, Iterator
+
+from .config import PoolConfig
+from .errors import argument_error
+from .inbox import SubmitTasks
+from .pool_journal import JournaledCall
+from .protocol import PRIMITIVE_TYPES, CallKind, OutOfBand, dumps_argument
+from .results import ArgumentMemory
+from .supervisor import Supervisor
+from .tasks import Block, Job, Task, new_id
+
+SUBMIT_GROUP_TASKS = 4096  # map posts its tasks to the supervisor in groups of this many...
+SUBMIT_GROUP_BYTES = 4 * 2**20  # ...or of this many argument bytes, whichever comes first
+
+Entries = list[Task | Block]  # what one SubmitTasks carries
+Errors = dict[int, BaseException]  # task id -> the error it fails with, unsent
+
+
+class Submitter:
+    """Turns one pool's inputs into Tasks and Blocks and posts them (any thread)."""
+
+    def __init__(self, supervisor: Supervisor, config: PoolConfig,
+                 argument_memory: ArgumentMemory) -> None:
+        self.supervisor = supervisor
+        self.post = supervisor.post
+        self.config = config
+        # bytes of big arguments (memfds) held for tasks not started yet: the feeder waits
+        # for room (feeder.py) and each task gives its argument's bytes back at its outcome
+        self.argument_memory = argument_memory
+
+    def submit(self, job: Job, items: "list[Any] | tuple[Any, ...]",
+               journal: JournaledCall | None = None) -> Entries:
+        """Pickle and submit the inputs, posting them in groups so that workers start on the
+        first ones while the caller is still pickling the rest (big arguments)."""
+        blocks = self.blocks_allowed(job, journal)
+        submitted: Entries = []
+        for start in range(0, len(items), SUBMIT_GROUP_TASKS):
+            chunk = items[start:start + SUBMIT_GROUP_TASKS]
+            for group, errors in self.groups(job, start, chunk, journal, blocks):
+                self.post(SubmitTasks(group, errors))
+                submitted += group
+        return submitted
+
+    def blocks_allowed(self, job: Job, journal: JournaledCall | None) -> bool:
+        """Whether the call's primitive inputs may travel in Blocks: only where no per-task
+        machinery would see them (timeouts, gates, keys, halt, journal, events, recycling)."""
+        config = self.config
+        return (hasattr(job.sink, "deliver_run") and job.kind is not CallKind.ARGS_KWARGS
+                and journal is None and not job.gates and job.keyed is None
+                and job.timeout_s is None and job.timeout_factor is None and job.halt is None
+                and config.on_event is None and config.maxtasksperchild is None
+                and not self.supervisor.scheduler.pool_gates)
+
+    def groups(self, job: Job, start: int, chunk: "list[Any] | tuple[Any, ...]",
+               journal: JournaledCall | None, blocks: bool) -> Iterator[tuple[Entries, Errors]]:
+        """Entries for inputs start, start+1, ... (`chunk`), in groups of at most
+        SUBMIT_GROUP_BYTES argument bytes.  A chunk of primitive inputs is one Block, checked
+        without a Python step per input; otherwise each input is a Task, or joins a Block."""
+        if blocks and primitive_run(chunk):
+            yield [Block(new_id(), job, start, list(chunk))], {}
+            return
+        group: Entries = []
+        errors: Errors = {}
+        block: Block | None = None
+        group_bytes = 0
+        for i, item in enumerate(chunk, start):
+            if journal is not None and journal.replayed(i, item):
+                continue  # done in an earlier run: its journaled outcome was reported
+            if blocks and primitive(item):
+                block = _join_block(group, block, job, i, item)
+                continue
+            block = None
+            task = self.make_task(job, i, item, errors)
+            group.append(task)
+            group_bytes += _payload_bytes(task.payload)
+            if group_bytes >= SUBMIT_GROUP_BYTES:
+                yield group, errors
+                group, errors, block, group_bytes = [], {}, None, 0
+        if group:
+            yield group, errors
+
+    def make_task(self, job: Job, index: int, item: Any, errors: Errors) -> Task:
+        """A Task for one input; a problem with the input (it cannot be pickled, its key
+        function raises) becomes that task's error, never the whole call's."""
+        try:
+            payload = dumps_argument(item, self.supervisor.memfds)
+        except Exception as exc:
+            error = argument_error(f"the task's argument could not be pickled: {exc!r}; "
+                                   "make sure every argument is picklable", exc)
+            task = Task(new_id(), job, index, b"", item)
+            errors[task.id] = error
+            return task
+        if isinstance(payload, OutOfBand):
+            self.argument_memory.hold(payload.size)
+            payload.on_close = self.argument_memory.release
+        task = Task(new_id(), job, index, payload, item)
+        if job.key_fn is not None:
+            try:
+                task.key = job.key_fn(item)
+                hash(task.key)
+            except Exception as exc:
+                errors[task.id] = exc
+        return task
+
+
+def primitive_run(items: "list[Any] | tuple[Any, ...]") -> bool:
+    """Whether every input is primitive (see primitive), checked at C speed: map's list of
+    numbers or paths becomes Blocks without a Python step per input."""
+    kinds = set(map(type, items))
+    if kinds <= PRIMITIVE_TYPES:
+        return True
+    if kinds == {tuple}:  # starmap: the parts of each argument tuple
+        return set(map(type, chain.from_iterable(items))) <= PRIMITIVE_TYPES
+    return False
+
+
+def primitive(item: Any) -> bool:
+    """An input a Block may carry: of a primitive type, or a tuple of such (starmap)."""
+    kind = type(item)
+    if kind in PRIMITIVE_TYPES:
+        return True
+    return kind is tuple and all(type(part) in PRIMITIVE_TYPES for part in item)
+
+
+def _join_block(group: Entries, block: Block | None, job: Job, index: int, item: Any) -> Block:
+    """Add input `index` to `block`, the last entry of `group`, or to a new block there."""
+    if block is None:
+        block = Block(new_id(), job, index, [])
+        group.append(block)
+    block.inputs.append(item)
+    return block
+
+
+def _payload_bytes(payload: Any) -> int:
+    if isinstance(payload, OutOfBand):
+        return payload.size
+    return len(payload)
