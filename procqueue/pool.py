@@ -42,8 +42,9 @@ from .protocol import CallKind, InitializerCall, shared_only_by_inheritance, sho
 from .results import (ApplyResult, ArgumentMemory, IMapIterator, MapResult,
                       OutcomeIterator, ResultStream, TaskFuture, Window)
 from .submission import Submitter
-from .supervisor import (CancelJob, Close, SubmitTasks, Supervisor, SupervisorStatistics,
-                         Terminate)
+from .inbox import CancelJob, Close, SubmitTasks, Terminate
+from .stats import SupervisorStatistics
+from .supervisor import Supervisor
 from .trace import TraceWriter
 
 if TYPE_CHECKING:  # imported when a pool first uses them: sqlite3 and json cost ~6 ms

@@ -53,9 +53,6 @@ from .tasks import Job
 from .timeouts import task_deadline, wake_times
 from .worker_slots import Slot, SlotPhase, WorkerSlots
 
-__all__ = ["CancelJob", "CancelTask", "Close", "CloseJob", "Command", "OpenJob", "SubmitTasks",
-           "Supervisor", "SupervisorState", "SupervisorStatistics", "Terminate"]
-
 STOP_WORKERS_TIMEOUT_S = 1.0  # close(): how long retiring workers get before being killed
 REUSABLE_MEMFD_BYTES = 64 * 2**20  # finished big arguments' memfds kept for reuse, at most
 

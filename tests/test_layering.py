@@ -17,8 +17,8 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": {"taskqueue", "service", "store", "stored_call", "pool", "errors", "results",
                  "limits", "journal", "trace", "report", "stats", "scheduler", "fork_server",
                  "dashboard"},
-    "pool": {"service", "taskqueue", "supervisor", "config", "results", "errors", "protocol",
-             "admission", "journal", "trace", "affinity", "limits", "backends", "calls",
+    "pool": {"service", "taskqueue", "supervisor", "inbox", "stats", "config", "results", "errors",
+             "protocol", "admission", "journal", "trace", "affinity", "limits", "backends", "calls",
              "call_options", "job_maker", "submission", "feeder", "pool_journal"},
     # the feeder thread of a lazy call (imap*): takes inputs as its window has room
     "feeder": {"submission", "pool_journal", "inbox", "results", "tasks"},

@@ -21,7 +21,8 @@ from procqueue.chunking import ChunkSizer
 from procqueue.config import PoolConfig
 from procqueue.errors import WorkerCrashedError
 from procqueue.protocol import CallKind, Ready, dumps_argument, dumps_message, pickled_function
-from procqueue.supervisor import Close, SubmitTasks, Supervisor
+from procqueue.inbox import Close, SubmitTasks
+from procqueue.supervisor import Supervisor
 from procqueue.tasks import Job, Task, new_id
 from procqueue.worker import CURRENT_TASK, serve
 from procqueue.worker_slots import Slot, WorkerSlots
