@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .affinity import plan_cpus, usable_cpu_count
-from .errors import TaskTimeoutError, exception_types
+from .errors import exception_types
 from .fork_server import (FALLBACK_START_METHOD, default_start_method,
                           preload_worker_in_fork_server, program_start_method)
 from .limits import Rate
@@ -30,8 +30,6 @@ class PoolConfig:
     chunksize: int | None = None
     worker_env: dict[str, str] = field(default_factory=dict)
     cpus: tuple[tuple[int, ...], ...] = ()
-    retry_backoff_s: float = 0.05  # first retry delay; doubles per attempt, with jitter
-    retry_backoff_max_s: float = 5.0
     kill_grace_s: float = 0.5  # SIGTERM -> SIGKILL grace for a timed-out or cancelled task
     on_event: Callable[[Any], None] | None = None  # gets a stats.TaskEvent per task attempt
     max_memory_per_child: int | None = None  # bytes: recycle a worker whose RSS exceeds it
@@ -82,9 +80,6 @@ class PoolConfig:
             concurrency=concurrency, rate=rate, max_memory_per_child=max_memory,
             min_free_memory=min_free,
         )
-
-    def retries_on_timeout(self) -> bool:
-        return any(issubclass(TaskTimeoutError, t) for t in self.retry_on)
 
 
 def fork_instead_of_default() -> Any | None:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from .blocks import BlockRouter, Outcome, decode
 from .errors import TaskTimeoutError, WorkerCrashedError, describe_exit
 from .protocol import BatchResults, BlockResults, short_repr
-from .scheduler import FailureKind
+from .retry import FailureKind
 from .stats import EventListener, TaskEvent, event_error_text
 from .task_book import TaskBook
 from .tasks import Task, TaskState

@@ -9,10 +9,8 @@ does not wait behind the whole remaining batch.  Time is passed in (`now`), neve
 
 from __future__ import annotations
 
-import enum
 import heapq
 import math
-import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
@@ -22,12 +20,6 @@ from .admission import (ConcurrencyGate, FreeMemoryGate, Gate, KeyHold, RateGate
 from .config import PoolConfig
 from .limits import FairQueue
 from .tasks import Block, Job, Task, TaskState, new_id
-
-
-class FailureKind(enum.Enum):
-    CRASH = "crash"  # the worker died while running it
-    TIMEOUT = "timeout"  # it ran past its timeout
-    EXCEPTION = "exception"  # it raised
 
 
 HALT_LEGACY = {"1": "soon,fail=1", "2": "now,fail=1"}  # GNU parallel's --halt 1 / --halt 2
@@ -91,29 +83,6 @@ class HaltPolicy:
     def __str__(self) -> str:
         value = f"{self.count}" if self.count is not None else f"{self.percent:g}%"
         return f"{'now' if self.now else 'soon'},{self.kind}={value}"
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    retries: int  # extra attempts after the first
-    retry_on: tuple[type[BaseException], ...]  # exception types that are retried
-    backoff_s: float  # delay before the first retry
-    backoff_max_s: float
-    retry_timeouts: bool
-
-    def should_retry(self, task: Task, kind: FailureKind, error: BaseException | None) -> bool:
-        if task.attempts > self.retries:
-            return False
-        if kind is FailureKind.CRASH:
-            return True
-        if kind is FailureKind.TIMEOUT:
-            return self.retry_timeouts
-        return error is not None and isinstance(error, self.retry_on)
-
-    def backoff(self, attempts: int) -> float:
-        """Exponential backoff with full jitter (attempts >= 1 runs so far)."""
-        ceiling = min(self.backoff_max_s, self.backoff_s * (2 ** max(attempts - 1, 0)))
-        return float(ceiling / 2 + random.uniform(0, ceiling / 2))
 
 
 class JobQueue:

@@ -46,7 +46,8 @@ from .inbox import (CancelJob, CancelTask, Close, CloseJob, Command, Inbox, Open
 from .outcomes import TaskEvents, WorkerOutcomes
 from .protocol import (BatchResults, BlockResults, InitFailed, InitializerCall, MemfdPool,
                        Ready, loads_message, restore_exception)
-from .scheduler import RetryPolicy, Scheduler, pool_gates
+from .retry import RetryPolicy
+from .scheduler import Scheduler, pool_gates
 from .stats import SupervisorStatistics
 from .task_book import TaskBook
 from .tasks import Job
@@ -89,8 +90,7 @@ class Supervisor:
             maxtasksperchild=config.maxtasksperchild,
             max_memory_per_child=config.max_memory_per_child)
         self.memfds = MemfdPool(REUSABLE_MEMFD_BYTES)  # big arguments' memfds, for reuse
-        policy = RetryPolicy(config.retries, config.retry_on, config.retry_backoff_s,
-                             config.retry_backoff_max_s, config.retries_on_timeout())
+        policy = RetryPolicy(config.retries, config.retry_on)
         self.book = TaskBook(Scheduler(pool_gates(config)), policy, self._halt)
         self.scheduler = self.book.scheduler
         self.dispatcher = Dispatcher(config, self.book, self.workers)

@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 from .errors import TaskCancelledError, annotate
 from .protocol import OutOfBand, dumps_argument, short_repr
-from .scheduler import FailureKind, RetryPolicy, Scheduler
+from .retry import FailureKind, RetryPolicy
+from .scheduler import Scheduler
 from .tasks import Block, Job, Task, TaskState, new_id
 
 
@@ -181,7 +182,8 @@ class TaskBook:
                       may_retry: bool) -> None:
         """A task raised, timed out or crashed its worker: retried after a backoff if the
         policy says so (and `may_retry`: the pool still runs work), else failed."""
-        if may_retry and not task.job.cancelled and self.policy.should_retry(task, kind, error):
+        if may_retry and not task.job.cancelled and self.policy.should_retry(
+                task.attempts, kind, error):
             self.retries += 1
             task.move(TaskState.RETRY_WAIT)
             self.scheduler.wait_for_retry(

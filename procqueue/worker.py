@@ -23,11 +23,12 @@ from multiprocessing import parent_process
 from typing import Any, Callable
 
 from .affinity import pin_current_process
-from .errors import (ArgumentSerializationError, RemoteError, WorkerExitedError)
+from .errors import ArgumentSerializationError
+from .item_run import error_of, run_item, unpicklable_result
 from .protocol import (UNMAPPED, BatchResults, BlockResults, CallKind, CallsFunction,
                        InitFailed, InitializerCall, LoadFunction, Ready, RunBlock, RunTasks, Stop,
                        apply_call, capture_exception, dumps, dumps_message, dumps_plain_data,
-                       loads, loads_argument, loads_message, unpicklable_result_error)
+                       loads, loads_message)
 
 # Slot state shared with the supervisor (an int64 array): the task now running and when
 # it started, written here before each item and read by the supervisor on a crash or a
@@ -215,7 +216,7 @@ def _run_timed(report: "_BlockReport", call: Callable[..., Any], inputs: list[An
         try:
             append(call(arg))
         except BaseException as exc:  # noqa: BLE001 - one input's error, as run_item makes it
-            errors[position] = _error_of(exc)  # before its placeholder: see send_unsent
+            errors[position] = error_of(exc)  # before its placeholder: see send_unsent
             append(None)
         now = clock()
         seconds.append(now - started)
@@ -240,7 +241,7 @@ def _run_untimed(report: "_BlockReport", call: Callable[..., Any], inputs: list[
             try:
                 append(call(inputs[position]))
             except BaseException as exc:  # noqa: BLE001 - one input's error, as in run_item
-                errors[position] = _error_of(exc)  # before its placeholder: see send_unsent
+                errors[position] = error_of(exc)  # before its placeholder: see send_unsent
                 append(None)
         if end == n:
             return
@@ -324,14 +325,6 @@ class _BlockReport:
             seconds.clear()
 
 
-def _error_of(exc: BaseException) -> bytes:
-    if isinstance(exc, SystemExit):
-        return _exited(exc)
-    if isinstance(exc, Exception):
-        return capture_exception(exc)
-    return _wrapped(exc)  # KeyboardInterrupt, GeneratorExit ...: never re-raise those
-
-
 def _block_results(batch_id: int, first: int, values: list[Any], errors: dict[int, bytes],
                    seconds: list[float] | None, busy_s: float, final: bool, skipped: int
                    ) -> BlockResults:
@@ -348,7 +341,7 @@ def _block_results(batch_id: int, first: int, values: list[Any], errors: dict[in
                 packed.append(dumps(value))
             except BaseException as exc:  # noqa: BLE001 - fails only this input
                 packed.append(None)
-                errors[first + i] = _unpicklable_result(value, exc)
+                errors[first + i] = unpicklable_result(value, exc)
     return BlockResults(batch_id, first, packed, errors, len(values), seconds, busy_s, final,
                         current_rss_bytes(), skipped)
 
@@ -462,32 +455,6 @@ def current_rss_bytes() -> int:
         return 0
 
 
-def run_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKind,
-             payload: bytes, fds: dict[int, int], task_id: int) -> tuple[bool, bytes]:
-    """Run one item: (True, pickled result) or (False, pickled ErrorInfo)."""
-    if fn is None:
-        assert fn_error is not None
-        return False, fn_error
-    try:
-        arg = loads_argument(payload, fds, task_id)
-    except BaseException as exc:  # noqa: BLE001 - any unpickling failure is this task's error
-        error = ArgumentSerializationError(f"could not unpickle the task's argument: {exc!r}")
-        error.__cause__ = exc
-        return False, capture_exception(error)
-    try:
-        value = apply_call(fn, kind, arg)
-    except SystemExit as exc:
-        return False, _exited(exc)
-    except Exception as exc:
-        return False, capture_exception(exc)
-    except BaseException as exc:  # KeyboardInterrupt, GeneratorExit ...: never re-raise those
-        return False, _wrapped(exc)
-    try:
-        return True, dumps(value)
-    except BaseException as exc:  # noqa: BLE001 - an unpicklable result fails only this task
-        return False, _unpicklable_result(value, exc)
-
-
 def _load_function(functions: dict[int, Callable[..., Any]], batch: CallsFunction
                    ) -> tuple[Callable[..., Any] | None, bytes | None]:
     fn = functions.get(batch.fn_id)
@@ -512,23 +479,6 @@ def _load_function(functions: dict[int, Callable[..., Any]], batch: CallsFunctio
         functions.pop(next(iter(functions)))
     functions[batch.fn_id] = fn
     return fn, None
-
-
-def _exited(exc: SystemExit) -> bytes:
-    error = WorkerExitedError(f"task called sys.exit({exc.code!r})", code=exc.code)
-    error.__cause__ = exc
-    return capture_exception(error)
-
-
-def _wrapped(exc: BaseException) -> bytes:
-    import traceback
-
-    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return capture_exception(RemoteError(type(exc).__name__, str(exc), tb_text))
-
-
-def _unpicklable_result(value: Any, exc: BaseException) -> bytes:
-    return capture_exception(unpicklable_result_error(value, exc))
 
 
 def _run_initializer(conn: Any, initializer: InitializerCall) -> bool:

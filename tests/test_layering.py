@@ -42,6 +42,7 @@ ALLOWED: dict[str, set[str]] = {
     "stored_call": set(),
     # the loop only: detects events and sequences the parts below
     "supervisor": {"inbox", "dispatch", "outcomes", "cancelling", "worker_slots", "blocks", "stats",
+                   "retry",
                    "task_book", "timeouts", "scheduler", "tasks", "protocol", "errors",
                    "config"},
     # what caller threads post to the supervisor, and its wake-up pipe
@@ -49,7 +50,7 @@ ALLOWED: dict[str, set[str]] = {
     # ending tasks on request (cancel, halt, terminate): the book, and the workers holding them
     "cancelling": {"outcomes", "blocks", "task_book", "worker_slots", "tasks", "errors"},
     # what a worker's results, death or overrun mean for its tasks
-    "outcomes": {"blocks", "task_book", "timeouts", "worker_slots", "scheduler", "stats",
+    "outcomes": {"blocks", "task_book", "timeouts", "worker_slots", "retry", "stats",
                  "tasks", "protocol", "errors"},
     # which queued work goes to which worker, and the message that carries it
     "dispatch": {"task_book", "worker_slots", "scheduler", "tasks", "protocol", "config"},
@@ -58,9 +59,13 @@ ALLOWED: dict[str, set[str]] = {
     # blocks' one home: reading and routing a block's report, exploding it into tasks
     "blocks": {"task_book", "worker_slots", "tasks", "protocol"},
     # the task book keeps tasks' books and decides what follows an outcome: no processes
-    "task_book": {"scheduler", "tasks", "protocol", "errors"},
+    "task_book": {"retry", "scheduler", "tasks", "protocol", "errors"},
+    # which failures run again, and the backoff: shared by every backend
+    "retry": {"errors"},
     "worker_slots": {"worker", "protocol", "affinity", "errors", "tasks"},
-    "worker": {"protocol", "affinity", "errors"},
+    "worker": {"item_run", "protocol", "affinity", "errors"},
+    # one item's run as every backend's workers report it: result or error, never a raise
+    "item_run": {"protocol", "errors"},
     "scheduler": {"config", "admission", "tasks", "limits", "errors", "chunking"},
     "admission": {"limits", "errors"},
     "chunking": set(),
@@ -143,13 +148,14 @@ def test_cli_uses_only_the_public_api() -> None:
 
 
 # A backend may use the shared task model and mechanisms: the call surface, the result
-# objects, the wire format, the errors, the configuration values, the usable-CPU count and the
-# limits' value objects and bookkeeping (Rate, KeyedLimit, FairQueue); never the local
-# supervisor's machinery (supervisor, worker_slots, task_book, worker, scheduler, admission).
+# objects, the wire format, one item's run in a worker (item_run), the retry policy, the
+# errors, the configuration values, the usable-CPU count and the limits' value objects and
+# bookkeeping (Rate, KeyedLimit, FairQueue); never the local supervisor's machinery
+# (supervisor, worker_slots, task_book, worker, scheduler, admission).
 # stats: a backend reports each task attempt as the local supervisor does, a stats.TaskEvent
 # (what Pool(on_event=...) and the trace receive).
-BACKEND_SHARED = {"affinity", "calls", "chunking", "config", "errors", "limits", "protocol",
-                  "results", "stats", "tasks"}
+BACKEND_SHARED = {"affinity", "calls", "chunking", "config", "errors", "item_run", "limits",
+                  "protocol", "results", "retry", "stats", "tasks"}
 # The one way up: a DaskPool is a procqueue.Pool (isinstance holds), so dask/pool.py takes its
 # base class and the values and types of the Pool API from the pool module - these names only.
 # _JournaledCall: a call's journal is the front end's (Pool's code, shared by both pools), and

@@ -11,7 +11,8 @@ import pytest
 from procqueue.chunking import ChunkSizer
 from procqueue.errors import TaskCancelledError, WorkerCrashedError
 from procqueue.protocol import CallKind
-from procqueue.scheduler import FailureKind, HaltPolicy, RetryPolicy, Scheduler
+from procqueue.retry import FailureKind, RetryPolicy
+from procqueue.scheduler import HaltPolicy, Scheduler
 from procqueue.task_book import TaskBook
 from procqueue.tasks import Block, Job, Task, TaskState, new_id
 
@@ -39,7 +40,7 @@ class RecordingSink:
 def make_book(retries: int = 0, retry_on: tuple[type[BaseException], ...] = ()
               ) -> tuple[TaskBook, list[Job]]:
     halted: list[Job] = []
-    policy = RetryPolicy(retries, retry_on, 0.0, 0.0, False)
+    policy = RetryPolicy(retries, retry_on, 0.0, 0.0)
     return TaskBook(Scheduler(), policy, halted.append), halted
 
 

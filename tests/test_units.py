@@ -14,7 +14,9 @@ from procqueue.chunking import (MAX_BATCH_TASKS, MAX_BATCHES_PER_S, MIN_BATCH_S,
                                 ChunkSizer)
 from procqueue.config import PoolConfig
 from procqueue.protocol import CallKind, capture_exception, restore_exception
-from procqueue.scheduler import FailureKind, RetryPolicy, Scheduler
+from procqueue.errors import TaskTimeoutError
+from procqueue.retry import FailureKind, RetryPolicy
+from procqueue.scheduler import Scheduler
 from procqueue.tasks import IllegalTransition, Job, Task, TaskState
 
 
@@ -188,7 +190,7 @@ def test_retry_waits_for_its_backoff():
 
 
 def _policy(retries=1, retry_on=(), timeouts=False):
-    return RetryPolicy(retries, retry_on, 0.05, 1.0, timeouts)
+    return RetryPolicy(retries, retry_on + ((TaskTimeoutError,) if timeouts else ()), 0.05, 1.0)
 
 
 @pytest.mark.parametrize("kind,error,retry_on,timeouts,expected", [
@@ -200,19 +202,16 @@ def _policy(retries=1, retry_on=(), timeouts=False):
     (FailureKind.TIMEOUT, None, (), True, True),
 ])
 def test_retry_policy_table(kind, error, retry_on, timeouts, expected):
-    task = make_tasks(make_job(), 1)[0]
-    task.attempts = 1
-    assert _policy(1, retry_on, timeouts).should_retry(task, kind, error) is expected
+    assert _policy(1, retry_on, timeouts).should_retry(1, kind, error) is expected
 
 
 def test_retries_are_bounded():
-    task = make_tasks(make_job(), 1)[0]
-    task.attempts = 3
-    assert not _policy(retries=2).should_retry(task, FailureKind.CRASH, None)
+    assert _policy(retries=2).should_retry(2, FailureKind.CRASH, None)
+    assert not _policy(retries=2).should_retry(3, FailureKind.CRASH, None)
 
 
 def test_backoff_grows_and_is_capped():
-    policy = RetryPolicy(10, (), 0.1, 1.0, False)
+    policy = RetryPolicy(10, (), 0.1, 1.0)
     for attempts in range(1, 10):
         delay = policy.backoff(attempts)
         ceiling = min(1.0, 0.1 * 2 ** (attempts - 1))

@@ -18,7 +18,6 @@ import itertools
 import math
 import pickle
 import queue
-import random
 import threading
 import time
 import traceback
@@ -28,6 +27,7 @@ from typing import Any, Callable, NamedTuple
 from ...errors import (PoolBrokenError, RemoteError, TaskCancelledError, TaskTimeoutError,
                        WorkerCrashedError, annotate)
 from ...protocol import restore_exception, short_repr, unreadable_result_error
+from ...retry import FailureKind, RetryPolicy
 from ...stats import TaskEvent, event_error_text
 from .cluster import _close_quietly
 from .items import (Command, _CancelCall, _CancelItem, _Call, _Chunk, _ChunkDone, _Close,
@@ -36,8 +36,6 @@ from .worker_side import ChunkReport, run_chunk
 
 INFLIGHT_CHUNKS_PER_THREAD = 2  # submitted chunks per worker thread: one running, one waiting
 NTHREADS_REFRESH_S = 2.0  # how often the cluster's thread count is asked for (it may scale)
-RETRY_BACKOFF_S = 0.05  # first retry delay; doubles per attempt, with jitter
-RETRY_BACKOFF_MAX_S = 5.0
 
 
 class _Counters:
@@ -69,8 +67,7 @@ class _Driver:
                  on_event: Callable[[TaskEvent], None] | None = None) -> None:
         self.client = client
         self.token = token
-        self.retries = retries
-        self.retry_on = retry_on
+        self.policy = RetryPolicy(retries, retry_on)  # the local pool's, see retry.py
         self.allowed_failures = allowed_failures
         self.inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self.calls: dict[int, _Call] = {}  # calls with work left, in submission order
@@ -359,8 +356,7 @@ class _Driver:
             # from the chunk's submission to now, cover them all (one event for them all)
             self._emit(item, _Run(_Slots.UNKNOWN, chunk.submitted_s, time.time()), "crash",
                        error)
-            if self.state == "running" and not item.call.cancelled \
-                    and item.crash_runs <= self.retries:
+            if self._may_retry(item, item.crash_runs, FailureKind.CRASH, error):
                 self._retry(item)
             else:
                 self._fail(item, error)
@@ -387,16 +383,21 @@ class _Driver:
         self._mark_ready(call)
 
     def _after_failure(self, item: _Item, error: BaseException) -> None:
-        if self.state == "running" and not item.call.cancelled \
-                and item.attempts <= self.retries and isinstance(error, self.retry_on):
+        kind = FailureKind.TIMEOUT if isinstance(error, TaskTimeoutError) \
+            else FailureKind.EXCEPTION
+        if self._may_retry(item, item.attempts, kind, error):
             self._retry(item)
         else:
             self._fail(item, error)
 
+    def _may_retry(self, item: _Item, runs: int, kind: FailureKind, error: BaseException
+                   ) -> bool:
+        return self.state == "running" and not item.call.cancelled \
+            and self.policy.should_retry(runs, kind, error)
+
     def _retry(self, item: _Item) -> None:
         self.counts.retries += 1
-        ceiling = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_S * 2 ** max(item.attempts - 1, 0))
-        due = time.monotonic() + ceiling / 2 + random.uniform(0, ceiling / 2)
+        due = time.monotonic() + self.policy.backoff(item.attempts)
         heapq.heappush(self.retry_heap, (due, next(self.retry_seq), item))
 
     def _requeue_due_retries(self) -> None:

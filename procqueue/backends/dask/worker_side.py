@@ -2,8 +2,8 @@
 
 run_chunk is one Dask task: it runs a chunk's items in order and returns one row per item
 (ok, the pickled result or ErrorInfo, seconds, start), so a failing item fails only itself.  Around
-it: the worker's cache of unpickled functions, an item's call (the worker.run_item
-contract), per-item timeouts (_TimedRun watching an _ItemThread), the concurrency leases a
+it: the worker's cache of unpickled functions, an item's call (the shared
+item_run.run_item), per-item timeouts (_TimedRun watching an _ItemThread), the concurrency leases a
 chunk holds, and the worker's side of a pool's cluster-wide rate window (_RateWindow).  Dask
 workers unpickle run_chunk, seal_rate_window and close_rate_window by reference
 (procqueue.backends.dask.worker_side.<name>), so procqueue must be importable there
@@ -20,16 +20,14 @@ import pickle
 import queue
 import threading
 import time
-import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple
 
-from ...errors import (ArgumentSerializationError, RemoteError, TaskTimeoutError,
-                       WorkerExitedError)
+from ...errors import ArgumentSerializationError, TaskTimeoutError
+from ...item_run import run_item
 from ...limits import START_SKEW_MARGIN_S
-from ...protocol import (CallKind, apply_call, capture_exception, dumps,
-                         unpicklable_result_error)
+from ...protocol import CallKind, capture_exception
 
 TIMEOUT_GRACE_S = 1.0  # after interrupting a timed-out item, wait this long before abandoning it
 FUNCTION_CACHE_SIZE = 64  # functions a Dask worker keeps unpickled, by fn_id
@@ -260,38 +258,11 @@ def _wall_time(monotonic_s: float) -> float:
 
 def _call_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKind,
                payload: bytes) -> tuple[bool, bytes]:
-    """The worker.run_item contract: (True, pickled result) or (False, pickled ErrorInfo);
-    never raises for the item's own failure (SystemExit included)."""
-    if fn is None:
-        assert fn_error is not None
-        return False, fn_error
-    try:
-        arg = pickle.loads(payload)
-    except _Interrupt:
-        raise
-    except BaseException as exc:  # noqa: BLE001
-        error = ArgumentSerializationError(f"could not unpickle the task's argument: {exc!r}")
-        error.__cause__ = exc
-        return False, capture_exception(error)
-    try:
-        value = apply_call(fn, kind, arg)
-    except _Interrupt:
-        raise
-    except SystemExit as exc:
-        exited = WorkerExitedError(f"task called sys.exit({exc.code!r})", code=exc.code)
-        exited.__cause__ = exc
-        return False, capture_exception(exited)
-    except Exception as exc:
-        return False, capture_exception(exc)
-    except BaseException as exc:  # KeyboardInterrupt, GeneratorExit: never re-raised
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return False, capture_exception(RemoteError(type(exc).__name__, str(exc), tb))
-    try:
-        return True, dumps(value)
-    except _Interrupt:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - an unpicklable result fails only its item
-        return False, capture_exception(unpicklable_result_error(value, exc))
+    """The shared run_item (the local workers' too); the timeout interrupt goes up."""
+    return run_item(fn, fn_error, kind, payload, _NO_FDS, 0, passthrough=(_Interrupt,))
+
+
+_NO_FDS: dict[int, int] = {}  # a Dask item's argument never travels out of band
 
 
 def _timeout_row(timeout_s: float, started: float, abandoned: bool) -> Row:
