@@ -21,7 +21,9 @@ ALLOWED: dict[str, set[str]] = {
              "protocol", "admission", "journal", "trace", "affinity", "limits", "backends", "calls",
              "call_options", "job_maker", "submission", "feeder", "pool_journal"},
     # the feeder thread of a lazy call (imap*): takes inputs as its window has room
-    "feeder": {"submission", "pool_journal", "inbox", "results", "tasks"},
+    "feeder": {"input_feed", "submission", "pool_journal", "inbox", "results", "tasks"},
+    # a lazy call's feeding loop, the same for every backend
+    "input_feed": {"results"},
     # a call's inputs as Tasks and Blocks, posted to the supervisor in groups
     "submission": {"pool_journal", "supervisor", "inbox", "config", "results", "tasks",
                    "protocol", "errors"},
@@ -148,14 +150,15 @@ def test_cli_uses_only_the_public_api() -> None:
 
 
 # A backend may use the shared task model and mechanisms: the call surface, the result
-# objects, the wire format, one item's run in a worker (item_run), the retry policy, the
-# errors, the configuration values, the usable-CPU count and the limits' value objects and
-# bookkeeping (Rate, KeyedLimit, FairQueue); never the local supervisor's machinery
-# (supervisor, worker_slots, task_book, worker, scheduler, admission).
+# objects, the wire format, a lazy call's feeding loop (input_feed), one item's run in a
+# worker (item_run), the retry policy, the errors, the configuration values, the usable-CPU
+# count and the limits' value objects and bookkeeping (Rate, KeyedLimit, FairQueue); never the
+# local supervisor's machinery (supervisor, worker_slots, task_book, worker, scheduler,
+# admission).
 # stats: a backend reports each task attempt as the local supervisor does, a stats.TaskEvent
 # (what Pool(on_event=...) and the trace receive).
-BACKEND_SHARED = {"affinity", "calls", "chunking", "config", "errors", "item_run", "limits",
-                  "protocol", "results", "retry", "stats", "tasks"}
+BACKEND_SHARED = {"affinity", "calls", "chunking", "config", "errors", "input_feed", "item_run",
+                  "limits", "protocol", "results", "retry", "stats", "tasks"}
 # The one way up: a DaskPool is a procqueue.Pool (isinstance holds), so dask/pool.py takes its
 # base class and the values and types of the Pool API from the pool module - these names only.
 # _JournaledCall: a call's journal is the front end's (Pool's code, shared by both pools), and

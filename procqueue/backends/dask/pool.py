@@ -24,11 +24,12 @@ import uuid
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from ...calls import errors_mode
 from ...chunking import ChunkSizer
 from ...errors import InitializerError, PoolClosedError, argument_error
+from ...input_feed import InputFeed, Inputs, window_size
 from ...limits import Rate
 # The one import of the local pool's module: a DaskPool is a procqueue.Pool (its base class,
 # state values, stats types and per-call options, and the front end's journal of a call), and
@@ -49,9 +50,6 @@ if TYPE_CHECKING:
 
 TARGET_CHUNK_S = 0.2  # a Dask task costs ~1-3 ms of scheduling: aim for chunks of 200 ms
 MAX_CHUNK_ITEMS = 10_000  # caps one chunk's memory and result latency
-WINDOW_ITEMS_PER_THREAD = 512  # lazy calls: inputs taken but not consumed, per worker thread
-WINDOW_ITEMS_MIN = 2048
-FEED_GROUP_MAX = 256  # inputs a feeder hands to the driver in one command at most
 
 
 @dataclass(frozen=True)
@@ -351,7 +349,7 @@ class DaskPool(Pool):
             raise error from exc
 
     def _window_size(self) -> int:
-        return max(WINDOW_ITEMS_MIN, WINDOW_ITEMS_PER_THREAD * self._driver.threads())
+        return window_size(self._driver.threads())  # a worker thread runs an item at a time
 
     def _make_item(self, call: _Call, index: int, value: Any) -> _Item:
         """An item for one input; a problem with the input (it cannot be pickled, its key
@@ -428,62 +426,21 @@ class DaskPool(Pool):
 
     def _start_input_feed(self, call: _Call, stream: ResultStream, iterable: Iterable[Any],
                           journal: _JournaledCall | None) -> None:
+        """The local pool's feeding loop (input_feed.InputFeed), handing the driver items; a
+        journaled input holds its place in the window, as an item would, until its replayed
+        outcome is consumed."""
         self._driver.post(_Open(call))
-        inputs = _Inputs(iter(iterable))
-        feeder = threading.Thread(target=self._feed_inputs, args=(call, stream, inputs, journal),
-                                  name=f"procqueue-dask-feeder-{call.id}", daemon=True)
+
+        def submit(first: int, values: Inputs) -> None:
+            group = self._items_to_run(call, first, values, journal)
+            if group:
+                self._driver.post(_Submit(call, group))
+
+        feed = InputFeed(stream, iterable, submit, lambda: self._driver.post(_InputDone(call)),
+                         count_known=None if journal is None else journal.journal.set_total)
+        feeder = threading.Thread(target=feed.run, name=f"procqueue-dask-feeder-{call.id}",
+                                  daemon=True)
         feeder.start()
-
-    def _feed_inputs(self, call: _Call, stream: ResultStream, inputs: "_Inputs",
-                     journal: _JournaledCall | None) -> None:
-        """Feeder thread: take inputs while the window has room, hand them over in groups.
-        A journaled input holds its place in the window as an item would, until its
-        replayed outcome is consumed."""
-        window = stream.window
-        assert window is not None
-        count, error = 0, None
-        try:
-            while not inputs.exhausted:
-                places = window.acquire(FEED_GROUP_MAX)
-                if not places:
-                    break  # the window closed: terminate, cancel, or the iterator was dropped
-                values = inputs.take(places)
-                if places > len(values):
-                    window.release(places - len(values))
-                group = self._items_to_run(call, count, values, journal)
-                count += len(values)
-                if group:
-                    self._driver.post(_Submit(call, group))
-        except BaseException as exc:  # a journal that cannot be read: the inputs so far run
-            error = exc
-        finally:
-            if journal is not None:
-                journal.journal.set_total(count)
-            stream.input_finished(count, inputs.error or error)
-            self._driver.post(_InputDone(call))
-
-
-class _Inputs:
-    """A feeder's view of a lazy call's iterator: the inputs it gave, and whether and how it
-    ended.  An exception of the user's iterator ends it, and is kept so that the inputs
-    taken before it still run (as in the local pool) and the error is raised after them."""
-
-    def __init__(self, iterator: Iterator[Any]) -> None:
-        self.iterator = iterator
-        self.exhausted = False
-        self.error: BaseException | None = None  # what the user's iterator raised
-
-    def take(self, places: int) -> list[Any]:
-        values: list[Any] = []
-        try:
-            while len(values) < places:
-                values.append(next(self.iterator))
-        except StopIteration:
-            self.exhausted = True
-        except BaseException as exc:  # noqa: BLE001 - the user's iterator: reported in order
-            self.error = exc
-            self.exhausted = True
-        return values
 
 
 def _worker_stats(client: Any, pids: dict[str, int], work: dict[str, tuple[int, float]]
