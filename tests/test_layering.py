@@ -171,7 +171,8 @@ BACKEND_POOL_NAMES = {"dask/pool.py": {"BACKENDS", "CallOptions", "Pool", "PoolS
 DASK_ALLOWED: dict[str, set[str]] = {
     "__init__": {"cluster", "pool", "worker_side"},
     "pool": {"cluster", "driver", "items", "options", "worker_side"},
-    "driver": {"cluster", "items", "worker_side"},
+    "driver": {"cluster", "events", "items", "worker_side"},
+    "events": {"items"},
     "options": {"items"},
     "cluster": {"worker_side"},
     "items": {"worker_side"},

@@ -8,7 +8,7 @@ package docstring for the whole data flow.
 
 With a listener (DaskPool(on_event=...) or trace=), each attempt an item ran gets one
 TaskEvent, given in this thread before its outcome is delivered, as the local supervisor
-does: its times are the worker's, its slot the Dask worker thread that ran it (see _Slots).
+does: its times are the worker's, its slot the Dask worker thread that ran it (events.py).
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 from ...errors import (PoolBrokenError, RemoteError, TaskCancelledError, TaskTimeoutError,
                        WorkerCrashedError, annotate)
 from ...protocol import restore_exception, short_repr, unreadable_result_error
 from ...retry import FailureKind, RetryPolicy
-from ...stats import TaskEvent, event_error_text
+from ...stats import TaskEvent
 from .cluster import _close_quietly
+from .events import _Events, _Run, _Slots
 from .items import (Command, _CancelCall, _CancelItem, _Call, _Chunk, _ChunkDone, _Close,
                     _InputDone, _Item, _Open, _Submit, _Terminate)
 from .worker_side import ChunkReport, run_chunk
@@ -42,21 +43,6 @@ class _Counters:
     def __init__(self) -> None:
         self.submitted = self.succeeded = self.failed = self.cancelled = 0
         self.retries = self.lost_chunks = self.chunks = 0
-
-
-class _Slots:
-    """The slot numbers of a pool's TaskEvents: one per Dask worker thread (worker address,
-    thread ident), 0, 1, 2... in the order this pool first saw each finish a chunk.  A
-    thread, not a worker process, is the unit that runs one item at a time, so a trace's
-    rows never overlap, even on workers with several threads."""
-
-    UNKNOWN = -1  # an item whose worker died with it: Dask does not say which thread ran it
-
-    def __init__(self) -> None:
-        self.numbers: dict[tuple[str, int], int] = {}
-
-    def of(self, address: str, thread: int) -> int:
-        return self.numbers.setdefault((address, thread), len(self.numbers))
 
 
 class _Driver:
@@ -82,8 +68,7 @@ class _Driver:
         self.broken_error: BaseException | None = None
         self.worker_pids: dict[str, int] = {}  # Dask worker address -> pid, as seen in results
         self.worker_work: dict[str, tuple[int, float]] = {}  # address -> (items run, busy s)
-        self.on_event = on_event  # gets a TaskEvent per attempt (called in this thread)
-        self.slots = _Slots()
+        self.events = _Events(on_event)  # a TaskEvent per attempt (called in this thread)
         self._nthreads = 0
         self._nthreads_at = -math.inf
         self.stopped = threading.Event()
@@ -284,14 +269,12 @@ class _Driver:
         except Exception as exc:  # fetching the result failed (the worker left meanwhile)
             self._on_chunk_error(chunk, exc)
             return
-        listening = self.on_event is not None
-        slot = self.slots.of(report.address, report.thread)
         busy = 0.0
         for item, (ok, data, seconds, started_s) in zip(chunk.items, report.rows, strict=True):
             busy += seconds
             item.seconds, item.pid = seconds, report.pid
             if not item.done:
-                run = _Run(slot, started_s, started_s + seconds) if listening else _UNHEARD
+                run = self.events.run(report.address, report.thread, started_s, seconds)
                 self._on_row(item, ok, data, run)
         chunk.call.sizer.observe(len(report.rows), busy)
         if report.address:
@@ -299,36 +282,22 @@ class _Driver:
             done, busy_s = self.worker_work.get(report.address, (0, 0.0))
             self.worker_work[report.address] = (done + len(report.rows), busy_s + busy)
 
-    def _on_row(self, item: _Item, ok: bool, data: bytes, run: "_Run") -> None:
+    def _on_row(self, item: _Item, ok: bool, data: bytes, run: _Run) -> None:
         if ok:
             try:
                 value = pickle.loads(data)
             except BaseException as exc:  # noqa: BLE001 - fails only this item
                 unreadable = unreadable_result_error(exc, len(data))
-                self._emit(item, run, "error", unreadable)
+                self.events.emit(item, run, "error", unreadable)
                 self._fail(item, unreadable)
                 return
-            self._emit(item, run, "ok", None)
+            self.events.emit(item, run, "ok", None)
             self._finish(item, True, value)
         else:
             error = restore_exception(data)
-            self._emit(item, run, "timeout" if isinstance(error, TaskTimeoutError) else "error",
-                       error)
+            outcome = "timeout" if isinstance(error, TaskTimeoutError) else "error"
+            self.events.emit(item, run, outcome, error)
             self._after_failure(item, error)
-
-    def _emit(self, item: _Item, run: "_Run", outcome: str,
-              error: BaseException | None) -> None:
-        """Give the listener the TaskEvent of the attempt `run` of `item` (see the module
-        docstring); a listener that raises is reported and changes nothing."""
-        if self.on_event is None:
-            return
-        event = TaskEvent(item.call.id, item.index, short_repr(item.input), run.slot,
-                          item.pid, item.attempts, run.start_s, run.end_s, outcome,
-                          None if error is None else event_error_text(error))
-        try:
-            self.on_event(event)
-        except Exception:
-            traceback.print_exc()
 
     def _on_chunk_error(self, chunk: _Chunk, exc: BaseException | None) -> None:
         if _is_killed_worker(exc):
@@ -354,8 +323,8 @@ class _Driver:
             error = self._crash_error(item, exc)
             # Dask says neither when the runs started nor on which thread: the driver's times,
             # from the chunk's submission to now, cover them all (one event for them all)
-            self._emit(item, _Run(_Slots.UNKNOWN, chunk.submitted_s, time.time()), "crash",
-                       error)
+            run = _Run(_Slots.UNKNOWN, chunk.submitted_s, time.time())
+            self.events.emit(item, run, "crash", error)
             if self._may_retry(item, item.crash_runs, FailureKind.CRASH, error):
                 self._retry(item)
             else:
@@ -521,18 +490,6 @@ class _Driver:
         queued = sum(len(c.pending) for c in list(self.calls.values())) + len(self.retry_heap)
         running = sum(len(c.items) for c in list(self.inflight.values()))
         return queued, running
-
-
-class _Run(NamedTuple):
-    """Where and when one attempt of an item ran, as its TaskEvent says: the slot (see
-    _Slots) and wall-clock start and end, in seconds since the epoch."""
-
-    slot: int
-    start_s: float
-    end_s: float
-
-
-_UNHEARD = _Run(_Slots.UNKNOWN, 0.0, 0.0)  # the run of an item when no one listens: unused
 
 
 def _alive(items: list[_Item]) -> list[_Item]:
