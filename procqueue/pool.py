@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from .admission import ConcurrencyGate, Gate, RateGateAdapter, rate_gate_for
-from .call_options import NO_OPTIONS, ParsedCall, parse_call, parsed
+from .call_options import NO_CALL, NO_OPTIONS, ParsedCall, parse_call, parsed
 from .call_options import CallOptions as CallOptions
 from .calls import PoolCalls
 from .config import PoolConfig, fork_instead_of_default
@@ -354,7 +354,8 @@ class Pool(PoolCalls):
         """submit(), with the options of a PoolView (validated when it was made)."""
         self._check_running()
         future = TaskFuture(keepalive=self)
-        job = self._jobs.single_task_job(fn, future, parsed(call))
+        job = self._jobs.single_task_job(fn, future,
+                                         NO_CALL if call is NO_OPTIONS else parsed(call))
         errors: dict[int, BaseException] = {}
         task = self._submitter.make_task(job, 0, (args, kwargs), errors)
         future.cancel_via(self._supervisor, task)  # before the supervisor can finish it
