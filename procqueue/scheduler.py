@@ -1,4 +1,4 @@
-"""Decisions: which queued tasks form the next batch, and what follows a failure.  No
+"""Decisions: which queued tasks form the next batch (and a call's halt policy).  No
 processes, pipes or files: admission asks the gates (admission.py), which may touch
 shared-memory semaphores and, for a memory gate, read psutil's figures.
 
