@@ -13,13 +13,11 @@ import threading
 from typing import Any, Iterable
 
 from .inbox import CloseJob, OpenJob, SubmitTasks
-from .input_feed import InputFeed, Inputs, window_size
+from .input_feed import InputFeed, Inputs
 from .pool_journal import JournaledCall
 from .results import ResultStream
 from .submission import Submitter
 from .tasks import Job
-
-__all__ = ["Feeder", "start_feeder", "window_size"]
 
 
 def start_feeder(submitter: Submitter, job: Job, stream: ResultStream, iterable: Iterable[Any],

@@ -33,7 +33,8 @@ from .call_options import CallOptions as CallOptions
 from .calls import PoolCalls
 from .config import PoolConfig, fork_instead_of_default
 from .errors import PoolClosedError
-from .feeder import start_feeder, window_size
+from .feeder import start_feeder
+from .input_feed import window_size
 from .job_maker import JobMaker
 from .limits import Rate
 from .affinity import worker_thread_env

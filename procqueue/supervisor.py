@@ -50,7 +50,7 @@ from .retry import RetryPolicy
 from .scheduler import Scheduler, pool_gates
 from .stats import SupervisorStatistics
 from .task_book import TaskBook
-from .tasks import Job
+from .tasks import Job, Task
 from .timeouts import task_deadline, wake_times
 from .worker_slots import Slot, SlotPhase, WorkerSlots
 
@@ -126,7 +126,7 @@ class Supervisor:
         with self._watched_lock:
             self._watched.add(sink)
 
-    def cancel_task(self, task: Any, running: bool) -> None:
+    def cancel_task(self, task: Task, running: bool) -> None:
         """A submit() future's cancel(): any thread, even a signal handler."""
         self.post(CancelTask(task, running))
 

@@ -19,7 +19,7 @@ ALLOWED: dict[str, set[str]] = {
                  "dashboard"},
     "pool": {"service", "taskqueue", "supervisor", "inbox", "stats", "config", "results", "errors",
              "protocol", "admission", "journal", "trace", "affinity", "limits", "backends", "calls",
-             "call_options", "job_maker", "submission", "feeder", "pool_journal"},
+             "call_options", "job_maker", "submission", "feeder", "input_feed", "pool_journal"},
     # the feeder thread of a lazy call (imap*): takes inputs as its window has room
     "feeder": {"input_feed", "submission", "pool_journal", "inbox", "results", "tasks"},
     # a lazy call's feeding loop, the same for every backend
