@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from .admission import (ConcurrencyGate, FreeMemoryGate, Gate, KeyHold, RateGateAdapter, admit,
                         earliest, rate_gate_for)
 from .config import PoolConfig
-from .limits import FairQueue
+from .limits.keyed import KeyedFifo
 from .tasks import Block, Job, Task, TaskState, new_id
 
 
@@ -85,27 +85,15 @@ class HaltPolicy:
         return f"{'now' if self.now else 'soon'},{self.kind}={value}"
 
 
-class JobQueue:
+class JobQueue(KeyedFifo[Any, "Task | Block"]):
     """The queued tasks of one call: FIFO, or, for a keyed call, FIFO within each key and
-    round-robin across keys (one key with 10,000 tasks cannot starve a key with 5)."""
+    round-robin across keys (one key with 10,000 tasks cannot starve a key with 5).  The
+    scheduler also appends groups and blocks to `fifo` directly, and counts a block as its
+    number of inputs in `size` (see enqueue_all)."""
 
     def __init__(self, job: Job) -> None:
+        super().__init__(keyed=job.keyed is not None)
         self.job = job
-        self.fifo: deque[Task | Block] = deque()
-        self.by_key: FairQueue[Any, Task] | None = FairQueue() if job.keyed else None
-        self.size = 0
-
-    def push(self, task: Task, front: bool) -> None:
-        self.size += 1
-        if self.by_key is not None:
-            if front:
-                self.by_key.push_front(task.key, task)
-            else:
-                self.by_key.push(task.key, task)
-        elif front:
-            self.fifo.appendleft(task)
-        else:
-            self.fifo.append(task)
 
     def pop(self) -> Task:
         """Next task (FIFO queue of a gated call: never holds blocks)."""
@@ -117,23 +105,9 @@ class JobQueue:
     def pop_startable_key(self) -> Task | None:
         """Next task whose key is under its cap (keyed queue only)."""
         assert self.by_key is not None and self.job.keyed is not None
-        got = self.by_key.pop_next(self.job.keyed.can_start)
-        if got is None:
-            return None
-        self.size -= 1
-        return got.item
-
-    def drain(self) -> list[Task | Block]:
-        tasks: list[Task | Block]
-        if self.by_key is not None:
-            tasks = []
-            while (got := self.by_key.pop_next()) is not None:
-                tasks.append(got.item)
-        else:
-            tasks = list(self.fifo)
-            self.fifo.clear()
-        self.size = 0
-        return tasks
+        task = self.pop_startable(self.job.keyed.can_start)
+        assert task is None or isinstance(task, Task)
+        return task
 
 
 def pool_gates(config: PoolConfig) -> tuple[Gate, ...]:
@@ -167,7 +141,7 @@ class Scheduler:
             queue = self._queues[job.id] = JobQueue(job)
             if front:  # a retried task's call goes first, so the retry does not wait
                 self._queues.move_to_end(job.id, last=False)
-        queue.push(task, front)
+        queue.push(task, task.key, front)
         self.queued += 1
         self._queued_by_fn[job.fn_id] = self._queued_by_fn.get(job.fn_id, 0) + 1
 
@@ -301,7 +275,7 @@ class Scheduler:
                 continue
             granted, wait, held = admit(gates, 1, now)
             if not granted:
-                queue.push(task, front=True)
+                queue.push(task, task.key, front=True)
                 self._count_in(job)
                 self._note_wait(now, wait)
                 break

@@ -139,3 +139,25 @@ def test_scheduling_with_key_concurrency_one_is_fair_and_in_order() -> None:
 def test_keyed_limit_validation(cap: object, error: type[Exception]) -> None:
     with pytest.raises(error, match="concurrency_per_key must be"):
         KeyedLimit(cap)  # type: ignore[arg-type]
+
+
+def test_a_calls_queue_is_fifo_without_keys_and_fair_across_keys_with_them():
+    from procqueue.limits.keyed import KeyedFifo
+
+    plain: KeyedFifo[str, int] = KeyedFifo(keyed=False)
+    for item in (1, 2, 3):
+        plain.push(item, "ignored")
+    plain.push(0, "ignored", front=True)  # a task given back goes first
+    assert len(plain) == 4
+    assert [plain.pop_startable(lambda key: False) for _ in range(2)] == [0, 1]  # no caps
+    assert plain.drain() == [2, 3] and len(plain) == 0
+    assert plain.pop_startable(lambda key: True) is None
+
+    keyed: KeyedFifo[str, str] = KeyedFifo(keyed=True)
+    for item in ("a1", "a2", "a3", "b1"):
+        keyed.push(item, item[0])
+    assert keyed.pop_startable(lambda key: True) == "a1"
+    assert keyed.pop_startable(lambda key: True) == "b1"  # round robin across keys
+    assert keyed.pop_startable(lambda key: key != "a") is None  # "a" is at its cap
+    keyed.push("a0", "a", front=True)
+    assert keyed.drain() == ["a0", "a2", "a3"] and len(keyed) == 0

@@ -169,3 +169,58 @@ class FairQueue(Generic[K, T]):
         else:
             del self._queues[key]
         return QueuedItem(key, item)
+
+
+class KeyedFifo(Generic[K, T]):
+    """The waiting items of one call: FIFO, or, for a call with keys, a FairQueue (FIFO
+    within a key, round robin across keys).  The local scheduler's queue of a call and the
+    Dask driver's both are one.  `size`: what waits, as its owner counts it (push counts
+    one; the local scheduler also puts blocks in `fifo` itself and counts their inputs)."""
+
+    def __init__(self, keyed: bool) -> None:
+        self.fifo: deque[T] = deque()
+        self.by_key: FairQueue[K, T] | None = FairQueue() if keyed else None
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def push(self, item: T, key: K, front: bool = False) -> None:
+        """Queue `item` (of `key`, where the queue has keys), at the back or the front."""
+        self.size += 1
+        by_key = self.by_key
+        if by_key is not None:
+            if front:
+                by_key.push_front(key, item)
+            else:
+                by_key.push(key, item)
+        elif front:
+            self.fifo.appendleft(item)
+        else:
+            self.fifo.append(item)
+
+    def pop_startable(self, can_start: Callable[[K], bool]) -> T | None:
+        """The next item that may start now: the FIFO's first, or, with keys, the next of a
+        key under its cap (`can_start`); None if none may."""
+        if self.by_key is None:
+            if not self.fifo:
+                return None
+            self.size -= 1
+            return self.fifo.popleft()
+        got = self.by_key.pop_next(can_start)
+        if got is None:
+            return None
+        self.size -= 1
+        return got.item
+
+    def drain(self) -> list[T]:
+        """Every waiting item, whatever its key, in the order they would have been served."""
+        if self.by_key is None:
+            items = list(self.fifo)
+            self.fifo.clear()
+        else:
+            items = []
+            while (got := self.by_key.pop_next()) is not None:
+                items.append(got.item)
+        self.size = 0
+        return items

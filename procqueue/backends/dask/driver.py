@@ -152,7 +152,7 @@ class _Driver:
             elif call.cancelled:
                 self._finish(item, False, self._cancelled_error(item, "before it started"))
             else:
-                call.pending.push(item)
+                call.pending.push(item, item.key)
         self._mark_ready(call)
         self._forget_if_finished(call)
 
@@ -196,7 +196,7 @@ class _Driver:
             if item.done:
                 continue  # cancelled while it waited
             if item.isolate and items:
-                call.pending.push(item, front=True)
+                call.pending.push(item, item.key, front=True)
                 break  # an isolated item runs alone
             if not call.sink.starting(item):  # its Future was cancelled while queued
                 self._finish(item, False, None)
@@ -348,7 +348,7 @@ class _Driver:
             if call.cancelled or self.state != "running":
                 self._finish(item, False, self._cancelled_error(item, "before it finished"))
             else:
-                call.pending.push(item, front=True)
+                call.pending.push(item, item.key, front=True)
         self._mark_ready(call)
 
     def _after_failure(self, item: _Item, error: BaseException) -> None:
@@ -378,7 +378,7 @@ class _Driver:
             if item.call.cancelled or self.state != "running":
                 self._finish(item, False, self._cancelled_error(item, "before its retry"))
                 continue
-            item.call.pending.push(item, front=True)
+            item.call.pending.push(item, item.key, front=True)
             self._mark_ready(item.call)
 
     def _fail(self, item: _Item, error: BaseException) -> None:

@@ -11,12 +11,12 @@ callbacks post them to the driver's inbox, and only the driver thread applies th
 from __future__ import annotations
 
 import pickle
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ...chunking import ChunkSizer
-from ...limits import FairQueue, KeyedLimit
+from ...limits import KeyedLimit
+from ...limits.keyed import KeyedFifo
 from ...protocol import CallKind
 from .worker_side import RateSpec
 
@@ -55,48 +55,22 @@ class _KeySpec:
     per_key: int
 
 
-class _Pending:
-    """A call's items waiting for a chunk: FIFO, or for a keyed call FIFO within each key and
-    round robin across keys (the local pool's FairQueue), handing out only items whose key is
-    under its cap, so a key with many items neither starves nor blocks the others."""
+class _Pending(KeyedFifo[Any, "_Item"]):
+    """A call's items waiting for a chunk: the local pool's queue of a call (KeyedFifo), its
+    keyed call handing out only items whose key is under its cap, so a key with many items
+    neither starves nor blocks the others."""
 
     def __init__(self, keyed: KeyedLimit[Any] | None) -> None:
+        super().__init__(keyed=keyed is not None)
         self.keyed = keyed
-        self.fifo: deque[_Item] = deque()
-        self.by_key: FairQueue[Any, _Item] | None = None if keyed is None else FairQueue()
-
-    def __len__(self) -> int:
-        return len(self.fifo) if self.by_key is None else len(self.by_key)
-
-    def push(self, item: _Item, front: bool = False) -> None:
-        if self.by_key is not None:
-            if front:
-                self.by_key.push_front(item.key, item)
-            else:
-                self.by_key.push(item.key, item)
-        elif front:
-            self.fifo.appendleft(item)
-        else:
-            self.fifo.append(item)
 
     def pop(self) -> _Item | None:
         """The next item that may start now (its key under its cap); None if none may."""
-        if self.by_key is None:
-            return self.fifo.popleft() if self.fifo else None
-        assert self.keyed is not None
-        got = self.by_key.pop_next(self.keyed.can_start)
-        return None if got is None else got.item
+        return self.pop_startable(_always if self.keyed is None else self.keyed.can_start)
 
-    def drain(self) -> list[_Item]:
-        """Every waiting item, whatever its key."""
-        if self.by_key is None:
-            items = list(self.fifo)
-            self.fifo.clear()
-            return items
-        drained = []
-        while (got := self.by_key.pop_next()) is not None:
-            drained.append(got.item)
-        return drained
+
+def _always(key: Any) -> bool:
+    return True
 
 
 class _Call:
