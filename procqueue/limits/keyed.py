@@ -199,7 +199,7 @@ class KeyedFifo(Generic[K, T]):
         else:
             self.fifo.append(item)
 
-    def pop_startable(self, can_start: Callable[[K], bool]) -> T | None:
+    def pop_startable(self, can_start: Callable[[K], bool] = _always) -> T | None:
         """The next item that may start now: the FIFO's first, or, with keys, the next of a
         key under its cap (`can_start`); None if none may."""
         if self.by_key is None:

@@ -66,11 +66,9 @@ class _Pending(KeyedFifo[Any, "_Item"]):
 
     def pop(self) -> _Item | None:
         """The next item that may start now (its key under its cap); None if none may."""
-        return self.pop_startable(_always if self.keyed is None else self.keyed.can_start)
-
-
-def _always(key: Any) -> bool:
-    return True
+        if self.keyed is None:
+            return self.pop_startable()
+        return self.pop_startable(self.keyed.can_start)
 
 
 class _Call:
