@@ -107,9 +107,9 @@ class RecordWriter:
         self._flushed_at = float("-inf")
         self._error: OSError | None = None
         self._closed = threading.Event()
-        self._flusher = threading.Thread(target=self._flush_periodically, daemon=True,
-                                         name="procqueue-cli-flush")
-        self._flusher.start()
+        # Started by the first record left unflushed, not here: the pool made after this
+        # writer forks its fork server from the program only while it has one thread.
+        self._flusher: threading.Thread | None = None
 
     def write(self, record: dict[str, Any]) -> None:
         line = line_of(record) + "\n"
@@ -122,11 +122,16 @@ class RecordWriter:
             if self._before_write is not None \
                     or time.monotonic() - self._flushed_at >= self._interval_s:
                 self._flush()
+            elif self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_periodically, daemon=True,
+                                                 name="procqueue-cli-flush")
+                self._flusher.start()
 
     def close(self) -> None:
         """Stop the flusher and flush the rest (the stream itself stays open)."""
         self._closed.set()
-        self._flusher.join()
+        if self._flusher is not None:
+            self._flusher.join()
         with self._lock:
             self._raise_pending()
             self._flush()

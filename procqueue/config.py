@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from .affinity import plan_cpus, usable_cpu_count
 from .errors import exception_types
+from .program_fork import ProgramForkContext
 from .fork_server import (FALLBACK_START_METHOD, default_start_method,
                           preload_worker_in_fork_server, program_start_method)
 from .limits import Rate
@@ -95,6 +96,11 @@ def resolve_context(context: Any) -> Any:
     """None -> our default; a start-method name -> that context; a context object as is."""
     if context is None:
         context = default_start_method()
+        if context == "forkserver":
+            # multiprocessing's shared server is the fallback where the program cannot be
+            # forked: its workers get the same preload as ever
+            preload_worker_in_fork_server(multiprocessing.get_context("forkserver"))
+            return ProgramForkContext()
     if isinstance(context, str):
         resolved = multiprocessing.get_context(context)
         if context == "forkserver":

@@ -116,6 +116,7 @@ class Supervisor:
     # ---- any thread ------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.workers.open_fork_server()  # while this thread may be the program's only one
         self._thread.start()
 
     def post(self, command: Command) -> None:

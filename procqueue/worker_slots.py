@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InitializerError, describe_exit
+from .program_fork import ProgramForkContext
 from .protocol import InitializerCall, OutOfBand, Stop, ToWorker, dumps_message
 from .tasks import Block, Job, Task
 from .worker import (BLOCK_POSITION, CURRENT_TASK, FDS_PER_MESSAGE, IDLE, REVOKED,
@@ -445,13 +446,21 @@ class WorkerSlots:
                 except Exception:
                     pass
 
+    def open_fork_server(self) -> None:
+        """Before the supervisor's thread starts: fork this pool's own fork server from the
+        program while it may still have one thread (program_fork.py)."""
+        if isinstance(self.context, ProgramForkContext):
+            self.context.start_server()
+
     def close(self) -> None:
-        """After every worker is reaped: release the death pipe."""
+        """After every worker is reaped: release the death pipe and this pool's fork server."""
         for end in (self._death_reader, self._death_writer):
             try:
                 end.close()
             except OSError:
                 pass
+        if isinstance(self.context, ProgramForkContext):
+            self.context.stop_server()
 
 
 def _unimportable_main_hint(context: Any) -> str:

@@ -50,10 +50,11 @@ def batch(tmp_path):
     return script, inputs
 
 
-def procqueue(*args, stdin=None, timeout=60, cwd=None):
+def procqueue(*args, stdin=None, timeout=60, cwd=None, env=None):
     assert PROCQUEUE, "the procqueue command is not installed (pip install -e .)"
     return subprocess.run([PROCQUEUE, *map(str, args)], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd)
+                          text=True, timeout=timeout, cwd=cwd,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def records(stdout):
@@ -382,14 +383,17 @@ def test_several_input_sources_call_the_function_with_each_combination(tmp_path)
 
 @pytest.mark.timeout(60)
 def test_a_worker_starts_without_importing_the_command_line(tmp_path):
-    # A worker loads only the user's script: click and the command's modules (argument
-    # parsing, output, progress) would add tens of ms to each worker's start.
+    # A worker of multiprocessing's shared fork server (the command forks its own from itself
+    # unless it has threads or the switch is off) loads only the user's script: click and the
+    # command's modules (argument parsing, output, progress) would add tens of ms to each
+    # worker's start.
     script = tmp_path / "probe.py"
     script.write_text("import sys\n"
                       "def process(x):\n"
                       "    return sorted(m for m in sys.modules\n"
                       "                  if m == 'click' or m.startswith('procqueue.cli.'))\n")
-    run = procqueue("map", script, "-j", "2", ":::", "a", "b")
+    run = procqueue("map", script, "-j", "2", ":::", "a", "b",
+                    env={"PROCQUEUE_FORK_PROGRAM": "0"})
     assert run.returncode == 0, run.stderr
     assert [r["result"] for r in records(run.stdout)] == [["procqueue.cli.loader"]] * 2
 

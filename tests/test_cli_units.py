@@ -357,22 +357,6 @@ def test_bad_jobs_are_usage_errors(text):
         JobsType().convert(text, None, None)
 
 
-@pytest.mark.parametrize("args, early", [
-    (["map", "job.py", "in/"], True),
-    (["map", "job.py", "in/", "-j", "3", "--unordered"], True),
-    (["map", "job.py", "in/", "--cluster", "local:2"], False),  # Dask: no fork server
-    (["map", "job.py", "in/", "--cluster=local:2"], False),
-    (["map", "--help"], False),
-    (["map", "job.py", "in/", "--dry-run"], False),
-    (["--version"], False),
-    ([], False),
-])
-def test_the_fork_server_starts_early_only_for_a_local_run(args, early):
-    from procqueue.cli import _runs_a_local_pool
-
-    assert _runs_a_local_pool(args) is early
-
-
 ARITIES = """
 import functools
 def one(a): ...

@@ -64,7 +64,7 @@ ALLOWED: dict[str, set[str]] = {
     "task_book": {"retry", "scheduler", "tasks", "protocol", "errors"},
     # which failures run again, and the backoff: shared by every backend
     "retry": {"errors"},
-    "worker_slots": {"worker", "protocol", "affinity", "errors", "tasks"},
+    "worker_slots": {"worker", "protocol", "affinity", "errors", "tasks", "program_fork"},
     "worker": {"item_run", "protocol", "affinity", "errors"},
     # one item's run as every backend's workers report it: result or error, never a raise
     "item_run": {"protocol", "errors"},
@@ -73,8 +73,10 @@ ALLOWED: dict[str, set[str]] = {
     "chunking": set(),
     "calls": {"protocol", "results"},
     "results": {"tasks", "errors"},
-    "config": {"affinity", "limits", "errors", "fork_server"},
+    "config": {"affinity", "limits", "errors", "fork_server", "program_fork"},
     "fork_server": set(),
+    # a pool's own fork server, forked from the program when it has one thread
+    "program_fork": set(),
     "tasks": {"errors", "protocol"},
     "stats": {"tasks"},
     # the batch journal is one of the stores: it opens and encodes through procqueue.store

@@ -1,0 +1,319 @@
+"""A pool's own fork server, forked from the program itself when that is safe.
+
+The default start method is forkserver (fork_server.py): workers are forked from a clean,
+single-threaded server, never from the program, whose supervisor thread (and any thread of
+its own) may hold a lock at the moment of a fork.  Starting multiprocessing's server costs a
+fresh interpreter and its imports (~150-250 ms), which a short script, a test that makes many
+pools and the `procqueue` command pay on every run.
+
+When a pool is created in a program that has exactly one thread (checked in /proc, so threads
+started by C libraries count too), no lock can be held by anyone else: forking the program at
+that moment is as safe as a fresh interpreter, and takes a few milliseconds.  That fork
+becomes this pool's fork server, made before the pool's supervisor thread starts and stopped
+after its last worker is reaped.  The pool's workers (and their replacements after a crash)
+are forked from it, through multiprocessing's own forkserver protocol and server loop, so a
+worker starts exactly as under forkserver: the program's main module is imported again in
+it (the server forgets its copy), the program's signal handlers are not inherited, and the
+server keeps none of the program's pipes or sockets (a child's EOF, a peer's hang-up, the
+pool's own "the supervisor died" pipe all keep working).  What a worker does see is the state
+of other modules as the program had it when the pool was made, as under multiprocessing's
+fork start method.
+
+Where it is not safe (threads exist: another pool is running, numpy's BLAS threads, a web
+server), not worth it (a program so big that each worker's copy-on-write view of it would
+blur the memory figures the pool recycles workers on), not needed (multiprocessing's shared
+server already runs: procqueue.start_fork_server(), an earlier pool) or switched off
+(PROCQUEUE_FORK_PROGRAM=0), the pool uses multiprocessing's shared fork server, as before.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import stat
+import sys
+import types
+from multiprocessing import forkserver, popen_forkserver, reduction, spawn
+from multiprocessing.context import ForkServerContext, ForkServerProcess, set_spawning_popen
+from typing import Any
+
+# multiprocessing's internals this module drives, untyped in typeshed
+from multiprocessing import connection as _connection, util as _util  # noqa: I001
+connection: Any = _connection
+util: Any = _util
+_ForkServer: Any = forkserver.ForkServer
+_ForkServerPopen: Any = popen_forkserver.Popen
+
+# Above this resident size the program is not forked: a worker forked from a fork of it would
+# report (and be recycled on) the program's memory as its own.  A fresh interpreter with
+# procqueue loaded is ~40 MiB; a script with a few libraries loaded stays well under this.
+MAX_PROGRAM_RSS_BYTES = 256 * 2**20
+STOP_WAIT_S = 2.0  # how long to wait for a stopped server to exit (it exits at once)
+
+# Programs that must never have their pool's server forked from them set this to "0".
+ENV_SWITCH = "PROCQUEUE_FORK_PROGRAM"
+
+_SERVERS: dict[int, "ProgramForkServer"] = {}  # id -> server, looked up by _launch
+_KEPT_MAINS: list[types.ModuleType] = []  # in a server: the program's main module, kept alive
+
+
+def program_has_one_thread() -> bool:
+    """Whether this process has exactly one OS thread now (Python's and C libraries')."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def program_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return sys.maxsize
+
+
+def why_not_fork_program() -> str | None:
+    """None if the program may be forked into a fork server now, else why not."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return f"{ENV_SWITCH}=0"
+    if not sys.platform.startswith("linux"):
+        return "not Linux"
+    if not program_has_one_thread():
+        return "the program has other threads"
+    if program_rss_bytes() > MAX_PROGRAM_RSS_BYTES:
+        return "the program is too big"
+    return None
+
+
+class ProgramForkServer(_ForkServer):  # type: ignore[misc]
+    """One pool's fork server: multiprocessing's server loop, in a fork of the program."""
+
+    _forkserver_pid: int | None
+    _forkserver_alive_fd: int | None
+
+    @property
+    def running(self) -> bool:
+        return self._forkserver_pid is not None
+
+    def start(self) -> bool:
+        """Fork the server now if that is safe (call before the pool starts any thread);
+        False if not, and then the pool uses multiprocessing's shared server."""
+        if self.running:
+            return True
+        if _shared_server_runs() or why_not_fork_program() is not None:
+            return False
+        listener = socket.socket(socket.AF_UNIX)
+        alive_r, alive_w = os.pipe()
+        try:
+            address = connection.arbitrary_address("AF_UNIX")
+            listener.bind(address)
+            os.chmod(address, 0o600)
+            listener.listen()
+            pid = os.fork()
+            if pid == 0:
+                _serve(listener.fileno(), alive_r)  # never returns
+        except BaseException:
+            os.close(alive_w)
+            raise
+        finally:
+            listener.close()
+            os.close(alive_r)
+        self._forkserver_address = address
+        self._forkserver_alive_fd = alive_w
+        self._forkserver_pid = pid
+        _SERVERS[id(self)] = self
+        return True
+
+    def ensure_running(self) -> None:
+        """The server is made by start() only: one that died is not replaced by a fresh
+        interpreter here (its workers' launches fail and the pool reports them)."""
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+
+    def stop(self) -> None:
+        """After the pool's last worker is reaped: close the "alive" pipe, kill the server and
+        reap it.  Idempotent."""
+        pid, alive_fd = self._forkserver_pid, self._forkserver_alive_fd
+        self._forkserver_pid = None
+        self._forkserver_alive_fd = None
+        _SERVERS.pop(id(self), None)
+        if pid is None:
+            return
+        if alive_fd is not None:
+            os.close(alive_fd)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _reap(pid)
+        address = self._forkserver_address
+        self._forkserver_address = None
+        if isinstance(address, str):
+            try:
+                os.unlink(address)
+            except OSError:
+                pass
+
+
+def _shared_server_runs() -> bool:
+    """multiprocessing's server already runs (start_fork_server(), an earlier pool that could
+    not fork the program): it costs nothing more, so the pool uses it."""
+    return getattr(forkserver._forkserver, "_forkserver_pid", None) is not None
+
+
+def _reap(pid: int) -> None:
+    import time
+
+    deadline = time.monotonic() + STOP_WAIT_S
+    pause = 0.0002
+    try:
+        while not os.waitpid(pid, os.WNOHANG)[0] and time.monotonic() < deadline:
+            time.sleep(pause)
+            pause = min(2 * pause, 0.005)
+    except ChildProcessError:
+        pass
+
+
+# ---- in the forked server --------------------------------------------------------------------
+
+def _serve(listener_fd: int, alive_r: int) -> None:
+    """The child side of start(): become a clean fork server, then run multiprocessing's."""
+    code = 0
+    try:
+        _drop_pipes_and_sockets(keep={0, 1, 2, listener_fd, alive_r})
+        _reset_signal_handlers()
+        _forget_main_module()
+        forkserver.main(listener_fd, alive_r, [])
+    except SystemExit:
+        pass  # the "alive" pipe closed: the program and every worker are gone
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)  # nothing of the program's (atexit, finalizers) runs here
+
+
+def _drop_pipes_and_sockets(keep: set[int]) -> None:
+    """Point every inherited pipe and socket at /dev/null, so this server (and the workers
+    forked from it) holds no end of the program's: a child process it feeds sees EOF, a peer
+    sees a hang-up, and the pool's death pipe tells its workers when the program dies.
+    dup2, not close: the descriptor numbers stay taken, so a Python object still holding one
+    can never close a descriptor opened later under the same number.  Regular files and
+    terminals stay open (a logging handler's file keeps working, as after a fork)."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd in keep or fd == null:
+                continue
+            try:
+                mode = os.fstat(fd).st_mode
+            except OSError:
+                continue  # listdir's own descriptor, closed by now
+            if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or not (
+                    stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISDIR(mode)):
+                inheritable = os.get_inheritable(fd)
+                os.dup2(null, fd, inheritable=inheritable)
+    finally:
+        os.close(null)
+
+
+def _reset_signal_handlers() -> None:
+    """As in a fresh interpreter: the program's own handlers are not the workers'."""
+    fresh: dict[int, Any] = {signal.SIGINT: signal.default_int_handler,
+                             signal.SIGPIPE: signal.SIG_IGN, signal.SIGXFSZ: signal.SIG_IGN}
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            current = signal.getsignal(sig)
+            wanted = fresh.get(sig, signal.SIG_DFL)
+            if current is not None and current != wanted:
+                signal.signal(sig, wanted)
+        except (OSError, ValueError):
+            pass
+
+
+def _forget_main_module() -> None:
+    """Each worker imports the program's main module again, as under forkserver (functions
+    and classes defined there exist; its `if __name__ == "__main__":` block does not run), so
+    a pool behaves the same whichever server it got.  The program's copy stays referenced:
+    dropping it could run finalizers of objects that belong to the program."""
+    main = sys.modules.get("__main__")
+    if main is not None:
+        _KEPT_MAINS.append(main)
+    sys.modules["__main__"] = types.ModuleType("__main__")
+
+
+# ---- the context a pool uses ----------------------------------------------------------------
+
+class _Popen(_ForkServerPopen):  # type: ignore[misc]
+    """Launch through the pool's own server when it runs, else multiprocessing's."""
+
+    def _launch(self, process_obj: Any) -> None:
+        server = _SERVERS.get(getattr(process_obj, "_procqueue_server", -1))
+        if server is None or not server.running:
+            super()._launch(process_obj)
+            return
+        prepared = io.BytesIO()
+        set_spawning_popen(self)
+        try:
+            reduction.dump(spawn.get_preparation_data(process_obj._name), prepared)
+            reduction.dump(process_obj, prepared)
+        finally:
+            set_spawning_popen(None)
+        self.sentinel, data_w = server.connect_to_new_process(self._fds)
+        # The child reads its parent's liveness from a copy of this pipe's write end.
+        parent_w = os.dup(data_w)
+        self.finalizer = util.Finalize(self, util.close_fds, (parent_w, self.sentinel))
+        with open(data_w, "wb", closefd=True) as pipe:
+            pipe.write(prepared.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class _Process(ForkServerProcess):
+    _start_method = "forkserver"
+
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        return _Popen(process_obj)
+
+
+class ProgramForkContext(ForkServerContext):
+    """The forkserver context of one pool, whose server start() forks from the program
+    (see the module docstring); processes go to multiprocessing's shared server when it
+    could not."""
+
+    _name = "forkserver"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.server = ProgramForkServer()
+
+    def start_server(self) -> bool:
+        return self.server.start()
+
+    def stop_server(self) -> None:
+        self.server.stop()
+
+    def Process(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]  # noqa: N802
+        """multiprocessing's Process class here is a factory: each process notes its pool's
+        server (by a number that pickles, as the process object goes to the worker)."""
+        process: Any = _Process(*args, **kwargs)
+        process._procqueue_server = id(self.server)
+        return process
+
+    def __reduce__(self) -> Any:
+        # A pool's settings may travel (a Dask worker, a service): there, a plain forkserver.
+        return (_plain_forkserver_context, ())
+
+
+def _plain_forkserver_context() -> Any:
+    import multiprocessing
+
+    return multiprocessing.get_context("forkserver")
+

@@ -1,0 +1,185 @@
+"""A pool made in a one-thread program forks its own fork server from the program
+(procqueue/program_fork.py); with other threads it uses multiprocessing's shared one.  Either
+way a worker must start as under forkserver, and nothing may outlive the pool or the program.
+
+The test process itself has pytest-timeout's thread, so these run small programs of their own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from process_checks import wait_gone
+
+PRELUDE = textwrap.dedent("""\
+    import json, os, signal, subprocess, sys, threading, time
+    import psutil
+    import procqueue
+
+    VALUE = "module"
+
+    def parent_cmdline(_):
+        return psutil.Process(os.getppid()).cmdline()
+
+    def seen(_):
+        return [VALUE, "GUARD_ONLY" in globals(),
+                signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL]
+
+    def crash(x):
+        if x == 1:
+            os._exit(3)
+        return x
+
+    def our_children():
+        # multiprocessing's resource tracker lives until the program exits, as ever
+        return [p.pid for p in psutil.Process().children(recursive=True)
+                if p.status() != psutil.STATUS_ZOMBIE
+                and "resource_tracker" not in " ".join(p.cmdline())]
+
+    def hold_threads():
+        # A second thread, as a web server or a library's would be
+        threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    """)
+
+
+def run_program(tmp_path, body: str, *, threaded: bool, timeout: float = 60) -> dict:
+    script = tmp_path / "program.py"
+    setup = "    hold_threads()\n" if threaded else ""
+    script.write_text(PRELUDE + 'if __name__ == "__main__":\n' + setup
+                      + textwrap.indent(textwrap.dedent(body), "    "))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=timeout, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("threaded", [False, True], ids=["one-thread", "threads"])
+def test_workers_come_from_a_fork_of_the_program_only_when_it_has_one_thread(tmp_path, threaded):
+    out = run_program(tmp_path, """
+        with procqueue.Pool(2) as pool:
+            parents = pool.map(parent_cmdline, range(4))
+        pool.join()
+        print(json.dumps({"me": psutil.Process().cmdline(), "parents": parents,
+                          "left": our_children()}))
+        """, threaded=threaded)
+    if threaded:
+        assert all("multiprocessing.forkserver" in " ".join(p) for p in out["parents"])
+    else:
+        assert out["parents"] == [out["me"]] * 4
+    # The pool's own server is stopped with it (multiprocessing's shared one lives on, as
+    # ever, until the program exits)
+    assert threaded or out["left"] == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("threaded", [False, True], ids=["one-thread", "threads"])
+def test_a_worker_starts_as_under_forkserver_whichever_server_forked_it(tmp_path, threaded):
+    # The main module is imported again in the worker (its guarded block does not run) and
+    # the program's own signal handlers are not the worker's.
+    out = run_program(tmp_path, """
+        VALUE = "guard"
+        GUARD_ONLY = 1
+        signal.signal(signal.SIGUSR1, lambda *a: None)
+        with procqueue.Pool(2) as pool:
+            print(json.dumps({"seen": pool.map(seen, range(2))}))
+        """, threaded=threaded)
+    assert out["seen"] == [["module", False, True]] * 2
+
+
+@pytest.mark.timeout(60)
+def test_the_fork_server_holds_no_pipe_of_the_program(tmp_path):
+    # A child process the program feeds must see EOF when the program closes its stdin,
+    # while the pool (and its server, a fork of the program) still runs.
+    out = run_program(tmp_path, """
+        cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        with procqueue.Pool(2) as pool:
+            pool.map(seen, range(2))
+            cat.stdin.close()
+            try:
+                code = cat.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                cat.kill()
+                code = "no EOF"
+        print(json.dumps({"cat": code}))
+        """, threaded=False)
+    assert out["cat"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_crashed_worker_is_replaced_from_the_programs_fork(tmp_path):
+    out = run_program(tmp_path, """
+        with procqueue.Pool(2, retries=0) as pool:
+            results = []
+            for x in range(3):
+                try:
+                    results.append(pool.apply(crash, (x,)))
+                except procqueue.WorkerCrashedError as exc:
+                    results.append(f"crashed {exc.exitcode}")
+            parents = pool.map(parent_cmdline, range(4))
+        print(json.dumps({"results": results, "me": psutil.Process().cmdline(),
+                          "parents": parents}))
+        """, threaded=False)
+    assert out["results"] == [0, "crashed 3", 2]
+    assert out["parents"] == [out["me"]] * 4
+
+
+@pytest.mark.timeout(60)
+def test_two_pools_one_after_the_other_each_fork_their_own_server(tmp_path):
+    out = run_program(tmp_path, """
+        pids = []
+        for _ in range(2):
+            with procqueue.Pool(1) as pool:
+                pids.append(pool.apply(os.getppid))
+            pool.join()
+        print(json.dumps({"servers": pids, "left": our_children()}))
+        """, threaded=False)
+    assert out["servers"][0] != out["servers"][1] and out["left"] == []
+
+
+@pytest.mark.timeout(60)
+def test_nothing_outlives_a_sigkilled_program_whose_server_is_its_fork(tmp_path):
+    script = tmp_path / "program.py"
+    script.write_text(PRELUDE + textwrap.dedent("""\
+        if __name__ == "__main__":
+            pool = procqueue.Pool(2)
+            pool.map(seen, range(2))
+            family = [p.pid for p in psutil.Process().children(recursive=True)]
+            print(json.dumps(family), flush=True)
+            pool.map_async(time.sleep, [30, 30])
+            time.sleep(60)
+        """))
+    program = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                               text=True, cwd=tmp_path)
+    try:
+        family = json.loads(program.stdout.readline())
+        assert len(family) >= 3  # the server and two workers
+        time.sleep(0.3)  # the sleeps have started
+    finally:
+        os.kill(program.pid, signal.SIGKILL)
+        program.wait()
+        program.stdout.close()
+    assert wait_gone(family, timeout_s=15) == []
+
+
+@pytest.mark.timeout(60)
+def test_the_switch_turns_the_programs_fork_off(tmp_path):
+    script = tmp_path / "program.py"
+    script.write_text(PRELUDE + textwrap.dedent("""\
+        if __name__ == "__main__":
+            with procqueue.Pool(1) as pool:
+                print(json.dumps(pool.apply(parent_cmdline, (0,))))
+        """))
+    env = {**os.environ, "PROCQUEUE_FORK_PROGRAM": "0"}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "multiprocessing.forkserver" in " ".join(json.loads(run.stdout))
+
