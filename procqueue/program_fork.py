@@ -112,6 +112,7 @@ class ProgramForkServer(_ForkServer):  # type: ignore[misc]
             listener.bind(address)
             os.chmod(address, 0o600)
             listener.listen()
+            _flush_std_streams()
             pid = os.fork()
             if pid == 0:
                 _serve(listener.fileno(), alive_r)  # never returns
@@ -157,6 +158,17 @@ class ProgramForkServer(_ForkServer):  # type: ignore[misc]
                 os.unlink(address)
             except OSError:
                 pass
+
+
+def _flush_std_streams() -> None:
+    """What the program printed but has not flushed would be in the fork's buffers too, and
+    could come out once more from the server or a worker."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _shared_server_runs() -> bool:

@@ -32,6 +32,10 @@ PRELUDE = textwrap.dedent("""\
         return [VALUE, "GUARD_ONLY" in globals(),
                 signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL]
 
+    def shout(x):
+        sys.stdout.write(f"task {x}\\n")  # one write: lines of two workers do not mix
+        sys.stdout.flush()
+
     def crash(x):
         if x == 1:
             os._exit(3)
@@ -111,6 +115,28 @@ def test_the_fork_server_holds_no_pipe_of_the_program(tmp_path):
         print(json.dumps({"cat": code}))
         """, threaded=False)
     assert out["cat"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_what_the_program_printed_before_the_pool_comes_out_once(tmp_path):
+    # stdout is a pipe here (and buffered: no PYTHONUNBUFFERED), so the line waits in the
+    # program's buffer when the server is forked; a worker that prints and flushes must not
+    # write it again
+    script = tmp_path / "program.py"
+    script.write_text(PRELUDE + textwrap.dedent("""\
+        if __name__ == "__main__":
+            print("before the pool")
+            with procqueue.Pool(2, maxtasksperchild=1) as pool:
+                pool.map(shout, range(6))
+            print("after the pool")
+        """))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines.count("before the pool") == 1 and lines[0] == "before the pool"
+    assert sorted(lines[1:-1]) == [f"task {i}" for i in range(6)]
 
 
 @pytest.mark.timeout(60)
