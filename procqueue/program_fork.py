@@ -98,6 +98,20 @@ class ProgramForkServer(_ForkServer):  # type: ignore[misc]
     def running(self) -> bool:
         return self._forkserver_pid is not None
 
+    def serves(self) -> bool:
+        """Running and alive.  A server that died (the OOM killer, a stray kill) is stopped
+        here, so the pool's next workers come from multiprocessing's shared server."""
+        pid = self._forkserver_pid
+        if pid is None:
+            return False
+        try:
+            exited = os.waitpid(pid, os.WNOHANG)[0] != 0
+        except ChildProcessError:
+            exited = True
+        if exited:
+            self._forget()  # reaped already: its pid may be someone else's now
+        return not exited
+
     def start(self) -> bool:
         """Fork the server now if that is safe (call before the pool starts any thread);
         False if not, and then the pool uses multiprocessing's shared server."""
@@ -106,16 +120,24 @@ class ProgramForkServer(_ForkServer):  # type: ignore[misc]
         if _shared_server_runs() or why_not_fork_program() is not None:
             return False
         listener = socket.socket(socket.AF_UNIX)
-        alive_r, alive_w = os.pipe()
+        try:
+            alive_r, alive_w = os.pipe()
+        except OSError:
+            listener.close()
+            return False
         try:
             address = connection.arbitrary_address("AF_UNIX")
             listener.bind(address)
-            os.chmod(address, 0o600)
+            if not util.is_abstract_socket_namespace(address):
+                os.chmod(address, 0o600)
             listener.listen()
             _flush_std_streams()
             pid = os.fork()
             if pid == 0:
                 _serve(listener.fileno(), alive_r)  # never returns
+        except OSError:  # no process or descriptor to spare: the shared server may do
+            os.close(alive_w)
+            return False
         except BaseException:
             os.close(alive_w)
             raise
@@ -138,26 +160,29 @@ class ProgramForkServer(_ForkServer):  # type: ignore[misc]
     def stop(self) -> None:
         """After the pool's last worker is reaped: close the "alive" pipe, kill the server and
         reap it.  Idempotent."""
-        pid, alive_fd = self._forkserver_pid, self._forkserver_alive_fd
-        self._forkserver_pid = None
-        self._forkserver_alive_fd = None
-        _SERVERS.pop(id(self), None)
+        pid = self._forget()
         if pid is None:
             return
-        if alive_fd is not None:
-            os.close(alive_fd)
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         _reap(pid)
+
+    def _forget(self) -> int | None:
+        """Drop this process's hold on the server; returns its pid if it had one."""
+        pid, alive_fd = self._forkserver_pid, self._forkserver_alive_fd
         address = self._forkserver_address
-        self._forkserver_address = None
-        if isinstance(address, str):
+        self._forkserver_pid = self._forkserver_alive_fd = self._forkserver_address = None
+        _SERVERS.pop(id(self), None)
+        if alive_fd is not None:
+            os.close(alive_fd)
+        if isinstance(address, str) and not util.is_abstract_socket_namespace(address):
             try:
                 os.unlink(address)
             except OSError:
                 pass
+        return pid
 
 
 def _flush_std_streams() -> None:
@@ -268,7 +293,7 @@ class _Popen(_ForkServerPopen):  # type: ignore[misc]
 
     def _launch(self, process_obj: Any) -> None:
         server = _SERVERS.get(getattr(process_obj, "_procqueue_server", -1))
-        if server is None or not server.running:
+        if server is None or not server.serves():
             super()._launch(process_obj)
             return
         prepared = io.BytesIO()

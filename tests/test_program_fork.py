@@ -158,6 +158,22 @@ def test_a_crashed_worker_is_replaced_from_the_programs_fork(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_a_pool_whose_server_was_killed_goes_on_with_the_shared_server(tmp_path):
+    # Killing the server takes its workers with it (they die with their parent); the pool
+    # replaces them from multiprocessing's shared server and every task still has a result.
+    out = run_program(tmp_path, """
+        with procqueue.Pool(2, retries=2) as pool:
+            server = pool.apply(os.getppid)
+            os.kill(server, signal.SIGKILL)
+            results = pool.map(abs, range(-20, 0))
+            parents = pool.map(parent_cmdline, range(4))
+        print(json.dumps({"results": results, "parents": parents}))
+        """, threaded=False)
+    assert out["results"] == list(range(20, 0, -1))
+    assert all("multiprocessing.forkserver" in " ".join(p) for p in out["parents"])
+
+
+@pytest.mark.timeout(60)
 def test_two_pools_one_after_the_other_each_fork_their_own_server(tmp_path):
     out = run_program(tmp_path, """
         pids = []
