@@ -46,12 +46,12 @@ from .submission import Submitter
 from .inbox import CancelJob, Close, SubmitTasks, Terminate
 from .stats import SupervisorStatistics
 from .supervisor import Supervisor
-from .trace import TraceWriter
 
 if TYPE_CHECKING:  # imported when a pool first uses them: sqlite3 and json cost ~6 ms
     from .journal import Journal
     from .service import ServiceSummary
     from .taskqueue import TaskQueue
+    from .trace import TraceWriter
 
 ARGUMENT_MEMORY_AHEAD = 256 * 2**20  # big-argument bytes a feeder copies ahead of the workers
 TERMINATE_WAIT_S = 5.0  # terminate() returns once the workers are gone, or after this
@@ -174,9 +174,12 @@ class Pool(PoolCalls):
         the pool.  Returns the listener the backend gives each TaskEvent: on_event, the
         trace's, both, or None."""
         self._journal = JournalHolder(journal)
-        self._trace = TraceWriter(trace) if trace is not None else None
-        if self._trace is None:
+        self._trace: TraceWriter | None = None
+        if trace is None:
             return on_event
+        from .trace import TraceWriter  # here: json and tempfile cost ~4 ms at import
+
+        self._trace = TraceWriter(trace)
         return _both(self._trace, on_event)
 
     @staticmethod
