@@ -36,7 +36,6 @@ from .errors import PoolClosedError
 from .feeder import start_feeder
 from .input_feed import window_size
 from .job_maker import JobMaker
-from .limits import Rate
 from .affinity import worker_thread_env
 from .pool_journal import JournaledCall, JournalHolder
 from .protocol import CallKind, InitializerCall, shared_only_by_inheritance, short_repr
@@ -51,6 +50,7 @@ if TYPE_CHECKING:  # imported when a pool first uses them: sqlite3 and json cost
     from .journal import Journal
     from .service import ServiceSummary
     from .taskqueue import TaskQueue
+    from .limits import Rate
     from .trace import TraceWriter
 
 ARGUMENT_MEMORY_AHEAD = 256 * 2**20  # big-argument bytes a feeder copies ahead of the workers
@@ -430,6 +430,8 @@ def _queue_gates(name: str, spec: Queue) -> tuple[Gate, ...]:
     if spec.concurrency is not None:
         gates.append(ConcurrencyGate(spec.concurrency))
     if spec.rate is not None:
+        from .limits import Rate  # here: see limits/__init__
+
         rate = Rate.parse(spec.rate) if isinstance(spec.rate, str) else spec.rate
         gates.append(RateGateAdapter(rate_gate_for(rate)))
     return tuple(gates)
