@@ -75,6 +75,8 @@ class PoolState(str, enum.Enum):
 
 @dataclass(frozen=True)
 class WorkerStats:
+    """One worker slot's figures in a PoolStats snapshot."""
+
     slot: int  # a worker position: its process may have been replaced
     pid: int | None  # the current process
     cpus: tuple[int, ...]  # pinned to

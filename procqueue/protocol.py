@@ -99,16 +99,20 @@ class LoadFunction:
 
 @dataclass(slots=True)
 class Stop:
-    pass
+    """The worker's last message: it exits (0) after the messages sent before it."""
 
 
 @dataclass(slots=True)
 class Ready:
+    """The worker started and ran its initializer."""
+
     pid: int
 
 
 @dataclass(slots=True)
 class InitFailed:
+    """The worker's initializer raised; the worker exits."""
+
     error: bytes  # pickled ErrorInfo
 
 

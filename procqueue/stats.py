@@ -14,6 +14,8 @@ OUTCOMES = ("ok", "error", "crash", "timeout", "cancelled")
 
 @dataclass(frozen=True)
 class TaskEvent:
+    """One task attempt: which task, where it ran, when, and how it ended."""
+
     job: int  # which call (map, imap, submit...) the task belongs to
     index: int  # position in that call's input
     input_repr: str
