@@ -14,13 +14,18 @@ that only a release of ours can help (None), which the supervisor sees as a fini
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from .limits import START_SKEW_MARGIN_S, KeyedLimit, Rate, RateGate, Semaphore
+from .limits import START_SKEW_MARGIN_S
+
+if TYPE_CHECKING:  # the gates' objects are made by whoever uses a limit (see limits/__init__)
+    from .limits import KeyedLimit, Rate, RateGate, Semaphore
 
 
 def rate_gate_for(rate: Rate) -> RateGate:
     """A pool-local rate gate for `rate` (see START_SKEW_MARGIN_S)."""
+    from .limits import RateGate
+
     return RateGate(rate.limit, rate.period_s + START_SKEW_MARGIN_S)
 
 class Gate(Protocol):
@@ -99,7 +104,7 @@ class SemaphoreGate:
 
     def wait_s(self, now: float) -> float | None:
         # Other processes release without telling us: look again shortly.
-        return float(Semaphore.retry_interval_s)
+        return float(self.semaphore.retry_interval_s)
 
 
 class RateGateAdapter:

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Generic, Hashable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Hashable, Mapping, TypeVar
 
 from .admission import ConcurrencyGate, Gate, RateGateAdapter, SemaphoreGate
 from .call_options import NO_CALL, ParsedCall, parse_timeout
 from .chunking import ChunkSizer
 from .config import PoolConfig
-from .limits import KeyedLimit, Limit, LimitHandle
+from .limits.keyed import KeyedLimit
 from .protocol import CallKind, pickled_function
 from .tasks import Job, OutcomeSink, Task, new_id
+
+if TYPE_CHECKING:  # a call's named Limit: see limits/__init__
+    from .limits import Limit, LimitHandle
 
 FUNCTION_CACHE_SIZE = 256  # functions whose pickled form, sizer and template a pool keeps
 

@@ -36,7 +36,6 @@ from .errors import PoolClosedError
 from .feeder import start_feeder
 from .input_feed import window_size
 from .job_maker import JobMaker
-from .limits import Rate
 from .affinity import worker_thread_env
 from .pool_journal import JournaledCall, JournalHolder
 from .protocol import CallKind, InitializerCall, shared_only_by_inheritance, short_repr
@@ -46,12 +45,13 @@ from .submission import Submitter
 from .inbox import CancelJob, Close, SubmitTasks, Terminate
 from .stats import SupervisorStatistics
 from .supervisor import Supervisor
-from .trace import TraceWriter
 
 if TYPE_CHECKING:  # imported when a pool first uses them: sqlite3 and json cost ~6 ms
     from .journal import Journal
     from .service import ServiceSummary
     from .taskqueue import TaskQueue
+    from .limits import Rate
+    from .trace import TraceWriter
 
 ARGUMENT_MEMORY_AHEAD = 256 * 2**20  # big-argument bytes a feeder copies ahead of the workers
 TERMINATE_WAIT_S = 5.0  # terminate() returns once the workers are gone, or after this
@@ -75,6 +75,8 @@ class PoolState(str, enum.Enum):
 
 @dataclass(frozen=True)
 class WorkerStats:
+    """One worker slot's figures in a PoolStats snapshot."""
+
     slot: int  # a worker position: its process may have been replaced
     pid: int | None  # the current process
     cpus: tuple[int, ...]  # pinned to
@@ -174,9 +176,12 @@ class Pool(PoolCalls):
         the pool.  Returns the listener the backend gives each TaskEvent: on_event, the
         trace's, both, or None."""
         self._journal = JournalHolder(journal)
-        self._trace = TraceWriter(trace) if trace is not None else None
-        if self._trace is None:
+        self._trace: TraceWriter | None = None
+        if trace is None:
             return on_event
+        from .trace import TraceWriter  # here: json and tempfile cost ~4 ms at import
+
+        self._trace = TraceWriter(trace)
         return _both(self._trace, on_event)
 
     @staticmethod
@@ -427,6 +432,8 @@ def _queue_gates(name: str, spec: Queue) -> tuple[Gate, ...]:
     if spec.concurrency is not None:
         gates.append(ConcurrencyGate(spec.concurrency))
     if spec.rate is not None:
+        from .limits import Rate  # here: see limits/__init__
+
         rate = Rate.parse(spec.rate) if isinstance(spec.rate, str) else spec.rate
         gates.append(RateGateAdapter(rate_gate_for(rate)))
     return tuple(gates)

@@ -24,6 +24,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class KeyedLimitStatistics:
+    """A KeyedLimit's counts at one moment."""
+
     concurrency_per_key: int
     running: int  # over all keys
     active_keys: int  # keys with at least one running
@@ -92,6 +94,8 @@ class QueuedItem(Generic[K, T]):
 
 @dataclass(frozen=True)
 class FairQueueStatistics:
+    """A FairQueue's sizes at one moment."""
+
     queued: int  # items over all keys
     keys: int  # keys with at least one queued item
     longest_key_queue: int  # items queued under the busiest key
