@@ -39,7 +39,7 @@ from systems import SLOW_ON_TINY, SLOW_TINY_TASKS, SYSTEMS, UNORDERED_APIS  # no
 DEFAULT_OUT = HERE / "results" / "suite"
 WARM_UP_TASKS_PER_WORKER = 4
 PEERS_EXCLUDED_FROM_BEST = {("tiny", "mp", "map")}  # mp.map pre-chunks a list: judged apart
-IMPORTS = {"procqueue": ["procqueue"], "mp": ["multiprocessing.pool"],
+IMPORTS = {"procqueue": ["procqueue", "procqueue.pool"], "mp": ["multiprocessing.pool"],
            "ppe": ["concurrent.futures.process"], "loky": ["loky"], "mpire": ["mpire"],
            "joblib": ["joblib", "joblib.externals.loky"], "serial": []}
 
