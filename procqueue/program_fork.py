@@ -47,8 +47,8 @@ _ForkServer: Any = forkserver.ForkServer
 _ForkServerPopen: Any = popen_forkserver.Popen
 
 # Above this resident size the program is not forked: a worker forked from a fork of it would
-# report (and be recycled on) the program's memory as its own.  A fresh interpreter with
-# procqueue loaded is ~40 MiB; a script with a few libraries loaded stays well under this.
+# report (and be recycled on) the program's memory as its own.  A worker of a small script
+# is ~20 MiB resident either way; a script with a few libraries loaded stays well under this.
 MAX_PROGRAM_RSS_BYTES = 256 * 2**20
 STOP_WAIT_S = 2.0  # how long to wait for a stopped server to exit (it exits at once)
 
@@ -259,17 +259,23 @@ def _drop_pipes_and_sockets(keep: set[int]) -> None:
 
 
 def _reset_signal_handlers() -> None:
-    """As in a fresh interpreter: the program's own handlers are not the workers'."""
-    fresh: dict[int, Any] = {signal.SIGINT: signal.default_int_handler,
-                             signal.SIGPIPE: signal.SIG_IGN, signal.SIGXFSZ: signal.SIG_IGN}
+    """As in the fresh interpreter multiprocessing would start: the program's own Python
+    handlers are not the workers' (SIGINT raises KeyboardInterrupt again, SIGPIPE and SIGXFSZ
+    are ignored as at any interpreter's start).  An ignored signal stays ignored, as it would
+    across an exec (`nohup`)."""
     signal.set_wakeup_fd(-1)
     for sig in signal.valid_signals():
         if sig in (signal.SIGKILL, signal.SIGSTOP):
             continue
         try:
             current = signal.getsignal(sig)
-            wanted = fresh.get(sig, signal.SIG_DFL)
-            if current is not None and current != wanted:
+            if sig in (signal.SIGPIPE, signal.SIGXFSZ):
+                wanted: Any = signal.SIG_IGN
+            elif callable(current) and current is not signal.default_int_handler:
+                wanted = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            else:
+                continue
+            if current != wanted:
                 signal.signal(sig, wanted)
         except (OSError, ValueError):
             pass

@@ -30,7 +30,8 @@ PRELUDE = textwrap.dedent("""\
 
     def seen(_):
         return [VALUE, "GUARD_ONLY" in globals(),
-                signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL]
+                signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL,
+                signal.getsignal(signal.SIGHUP) == signal.SIG_IGN]
 
     def shout(x):
         sys.stdout.write(f"task {x}\\n")  # one write: lines of two workers do not mix
@@ -86,16 +87,18 @@ def test_workers_come_from_a_fork_of_the_program_only_when_it_has_one_thread(tmp
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("threaded", [False, True], ids=["one-thread", "threads"])
 def test_a_worker_starts_as_under_forkserver_whichever_server_forked_it(tmp_path, threaded):
-    # The main module is imported again in the worker (its guarded block does not run) and
-    # the program's own signal handlers are not the worker's.
+    # The main module is imported again in the worker (its guarded block does not run), the
+    # program's own signal handlers are not the worker's, and a signal it ignores stays
+    # ignored (as across the exec of a fresh interpreter: nohup).
     out = run_program(tmp_path, """
         VALUE = "guard"
         GUARD_ONLY = 1
         signal.signal(signal.SIGUSR1, lambda *a: None)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         with procqueue.Pool(2) as pool:
             print(json.dumps({"seen": pool.map(seen, range(2))}))
         """, threaded=threaded)
-    assert out["seen"] == [["module", False, True]] * 2
+    assert out["seen"] == [["module", False, True, True]] * 2
 
 
 @pytest.mark.timeout(60)
