@@ -25,11 +25,15 @@ unless the call fixes ``chunksize``.  At most driver.INFLIGHT_CHUNKS_PER_THREAD 
 Dask worker thread are submitted at once; lazy inputs (imap*) are read by a feeder thread
 through the same bounded Window as the local pool.
 
-Limits, each enforced where it holds for the whole cluster:
-  * concurrency (pool or call): a distributed.Semaphore lease held by each chunk while it runs;
-  * rate (pool): each item takes a lease of a distributed.Semaphore(max_leases=limit) right
-    before it runs, in the worker, and gives it back `per` seconds later: a sliding window
-    over every worker (worker_side._RateWindow);
+Limits, each enforced where it holds for the whole cluster (cluster_limits.py):
+  * concurrency (pool, named queue, call, named Limit): a distributed.Semaphore lease held by
+    each chunk while it runs;
+  * rate (pool, named queue, named Limit): each item takes a lease of a
+    distributed.Semaphore(max_leases=limit) right before it runs, in the worker, and gives it
+    back `per` seconds after it started: a sliding window over every worker
+    (worker_side._RateWindow);
+  * a named Limit's semaphores are named after it, not after the pool, so every pool on the
+    cluster using that name shares them, and no pool closes them;
   * key / key_concurrency (call): counted here, by the driver, which sees every item of the
     call: an item holds its key from the moment it is put in a chunk to that chunk's end, and
     keyed items wait in a FairQueue (round robin across keys, items._Pending), as in the
@@ -49,6 +53,7 @@ Modules, each importing only those before it in this list:
   items        the driver's data: items, calls, pending queues, chunks, driver commands
   cluster      what the pool holds on the cluster: client, LocalCluster, plugin, semaphores
   options      the checks of the pool's and each call's options
+  cluster_limits  the semaphores and rate windows of the pool, its queues, its calls, Limits
   driver       the driver thread
   pool         DaskPool and its stats
 """

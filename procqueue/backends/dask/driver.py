@@ -233,7 +233,7 @@ class _Driver:
         key = f"procqueue-{self.token}-{call.id}-{next(self.chunk_ids)}"
         payloads = [item.payload for item in items]
         future = self.client.submit(run_chunk, call.fn_id, call.fn_payload, int(call.kind),
-                                    payloads, call.timeout_s, call.limits, call.rate, key=key,
+                                    payloads, call.timeout_s, call.limits, call.rates, key=key,
                                     pure=False)
         chunk = _Chunk(key, call, items, future, time.time())
         for item in items:

@@ -76,8 +76,8 @@ class _Call:
 
     def __init__(self, call_id: int, fn_id: int, fn_payload: bytes, kind: CallKind, sink: Any,
                  *, timeout_s: float | None, limits: tuple[Any, ...],
-                 sizer: ChunkSizer, rate: RateSpec | None = None,
-                 keys: _KeySpec | None = None) -> None:
+                 sizer: ChunkSizer, rates: tuple[RateSpec, ...] = (),
+                 owned_limits: tuple[Any, ...] = (), keys: _KeySpec | None = None) -> None:
         self.id = call_id
         self.fn_id = fn_id
         self.fn_payload = fn_payload
@@ -85,9 +85,9 @@ class _Call:
         self.sink = sink
         self.timeout_s = timeout_s
         self.limits = limits  # distributed.Semaphore objects held by each of its chunks
-        self.owned_limits: tuple[Any, ...] = ()  # this call's own, closed when it ends
+        self.owned_limits = owned_limits  # this call's own, closed when it ends
         self.sizer = sizer
-        self.rate = rate  # the pool's rate gate, taken by each item where it runs
+        self.rates = rates  # rate windows each item takes a start from, where it runs
         self.key_fn = None if keys is None else keys.fn
         self.keyed: KeyedLimit[Any] | None = None if keys is None else KeyedLimit(keys.per_key)
         self.pending = _Pending(self.keyed)
