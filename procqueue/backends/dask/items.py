@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ...chunking import ChunkSizer
+from ...errors import argument_error
 from ...limits import KeyedLimit
 from ...limits.keyed import KeyedFifo
 from ...protocol import CallKind
@@ -160,6 +161,24 @@ class _Terminate:
 
 Command = (_Submit | _Open | _InputDone | _ChunkDone | _CancelCall | _CancelItem | _Close
            | _Terminate)
+
+
+def _make_item(call: _Call, index: int, value: Any) -> _Item:
+    """An item for one input; a problem with the input (it cannot be pickled, its key
+    function raises) becomes that item's error, never the whole call's."""
+    try:
+        item = _Item(call, index, value, _dumps_item(value))
+    except Exception as exc:
+        error = argument_error(f"the task's argument could not be pickled: {exc!r}; "
+                               "make sure every argument is picklable", exc)
+        return _Item(call, index, value, None, error)
+    if call.key_fn is not None:
+        try:
+            item.key = call.key_fn(value)
+            hash(item.key)
+        except Exception as exc:
+            item.error = exc
+    return item
 
 
 def _dumps_item(item: Any) -> bytes:

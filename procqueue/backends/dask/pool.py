@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from ...calls import errors_mode
 from ...chunking import ChunkSizer
-from ...errors import InitializerError, PoolClosedError, argument_error
+from ...errors import InitializerError, PoolClosedError
 from ...input_feed import InputFeed, Inputs, window_size
 from ...limits import Rate
 # The one import of the local pool's module: a DaskPool is a procqueue.Pool (its base class,
@@ -43,7 +43,7 @@ from .cluster import CLOSE_TIMEOUT_S, _close_quietly, _Resources, _WorkerSetup
 from .cluster_limits import ClusterLimits
 from .driver import _Driver
 from .items import (_CancelCall, _Call, _Close, _InputDone, _Item, _Open, _Submit,
-                    _Terminate, _dumps_item)
+                    _Terminate, _make_item)
 from .options import DEFAULT_CRASH_RETRIES, _call_options, check_pool_options
 from .worker_side import FUNCTION_CACHE_SIZE
 
@@ -230,7 +230,7 @@ class DaskPool(Pool):
         self._check_running()
         future = TaskFuture(keepalive=self)
         call = self._call(fn, CallKind.ARGS_KWARGS, future, 1, options)
-        item = self._make_item(call, 0, (args, kwargs))
+        item = _make_item(call, 0, (args, kwargs))
         future.cancel_via(self._driver, item)  # before the driver can deliver its outcome
         self._driver.post(_Submit(call, [item]))
         return future
@@ -255,11 +255,11 @@ class DaskPool(Pool):
         """A snapshot of item counts and the cluster's workers."""
         d = self._driver
         queued, running = d.statistics()
-        workers = _worker_stats(self._client, dict(d.worker_pids), dict(d.worker_work))
+        workers = _worker_stats(self._client, dict(d.workers.pids), dict(d.workers.work))
         return DaskPoolStats(
             self._state_name(), sum(w.nthreads for w in workers), d.counts.submitted,
             d.counts.succeeded, d.counts.failed, d.counts.cancelled, queued, running,
-            d.counts.retries, d.counts.lost_chunks, 0, workers, d.counts.chunks)
+            d.counts.retries, d.counts.lost_chunks, 0, workers, d.chunks.submitted)
 
     statistics = stats
 
@@ -335,23 +335,6 @@ class DaskPool(Pool):
     def _window_size(self) -> int:
         return window_size(self._driver.threads())  # a worker thread runs an item at a time
 
-    def _make_item(self, call: _Call, index: int, value: Any) -> _Item:
-        """An item for one input; a problem with the input (it cannot be pickled, its key
-        function raises) becomes that item's error, never the whole call's."""
-        try:
-            item = _Item(call, index, value, _dumps_item(value))
-        except Exception as exc:
-            error = argument_error(f"the task's argument could not be pickled: {exc!r}; "
-                                   "make sure every argument is picklable", exc)
-            return _Item(call, index, value, None, error)
-        if call.key_fn is not None:
-            try:
-                item.key = call.key_fn(value)
-                hash(item.key)
-            except Exception as exc:
-                item.error = exc
-        return item
-
     def _post_items(self, call: _Call, values: Iterable[Any],
                     journal: _JournaledCall | None = None) -> list[_Item]:
         items = self._items_to_run(call, 0, values, journal)
@@ -363,7 +346,7 @@ class DaskPool(Pool):
         """The items of inputs start, start+1, ...: one per input, except the inputs an
         earlier run journaled, whose stored outcomes the journal reports instead (in input
         order: a repeated input is an input of its own each time)."""
-        return [self._make_item(call, i, value) for i, value in enumerate(values, start)
+        return [_make_item(call, i, value) for i, value in enumerate(values, start)
                 if journal is None or not journal.replayed(i, value)]
 
     def _journaled(self, func: Callable[..., Any], call: _Call) -> _JournaledCall | None:
