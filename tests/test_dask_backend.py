@@ -444,6 +444,83 @@ def test_key_concurrency_k_allows_k_of_a_key_and_a_failing_key_fails_its_item(
     assert values[1:] == [1, 4]
 
 
+def _spans(directory: Path) -> list[tuple[float, float]]:
+    return [(start, end) for _, start, end in spans_in(directory)]
+
+
+@pytest.mark.timeout(60)
+def test_a_named_queue_holds_its_concurrency_across_workers_and_calls(client: Any,
+                                                                    tmp_path: Path) -> None:
+    io_a, io_b, plain = (tmp_path / name for name in ("io_a", "io_b", "plain"))
+    for directory in (io_a, io_b, plain):
+        directory.mkdir()
+    queues = {"io": procqueue.Queue(concurrency=1)}
+    with DaskPool(client=client, queues=queues) as pool:
+        # two calls in the queue at once: the queue's limit is theirs together
+        calls = [pool.starmap_async(span, [(str(directory), i, 0.1) for i in range(3)],
+                                    chunksize=1, queue="io") for directory in (io_a, io_b)]
+        assert [call.get(timeout=30) for call in calls] == [[0, 1, 2]] * 2
+        # a call without queue= is not held by it
+        pool.starmap(span, [(str(plain), i, 0.3) for i in range(4)], chunksize=1)
+        with pytest.raises(ValueError, match=r"unknown queue 'nope'; this pool has \['io'\]"):
+            pool.map(square, [1], queue="nope")
+    assert len(_spans(io_a)) == len(_spans(io_b)) == 3
+    assert max_overlap(_spans(io_a) + _spans(io_b)) == 1
+    assert max_overlap(_spans(plain)) == 2
+    assert client.run_on_scheduler(_procqueue_semaphores) == {}
+    with DaskPool(client=client) as pool:
+        with pytest.raises(ValueError, match="this pool has no named queues"):
+            pool.map(square, [1], queue="io")
+    with pytest.raises(TypeError, match="queue 'io' must be a procqueue.Queue, not 2"):
+        DaskPool(client=client, queues={"io": 2})
+
+
+@pytest.mark.timeout(60)
+def test_a_named_queue_holds_its_rate_under_the_pools_own(client: Any, tmp_path: Path) -> None:
+    slow, plain = tmp_path / "slow", tmp_path / "plain"
+    slow.mkdir()
+    plain.mkdir()
+    queues = {"slow": procqueue.Queue(rate="4/0.5s")}
+    with DaskPool(client=client, rate="50/0.5s", queues=queues) as pool:
+        started = time.monotonic()
+        pool.starmap(span, [(str(slow), i, 0.02) for i in range(12)], queue="slow")
+        queued_s = time.monotonic() - started
+        pool.starmap(span, [(str(plain), i, 0.02) for i in range(12)])
+    slow_starts = [start for start, _ in _spans(slow)]
+    assert len(slow_starts) == 12 and max_starts_in_window(slow_starts, 0.5) <= 4
+    assert queued_s >= 1.0  # 12 starts at 4 per 0.5 s: the third window opens after 1 s
+    # the call without queue= only has the pool's rate: more than 4 of its starts in 0.5 s
+    assert max_starts_in_window([start for start, _ in _spans(plain)], 0.5) > 4
+    assert client.run_on_scheduler(_procqueue_semaphores) == {}
+
+
+@pytest.mark.timeout(60)
+def test_a_named_limit_is_shared_by_the_pools_on_a_cluster(client: Any, tmp_path: Path) -> None:
+    # The shared cluster has 2 worker threads: a concurrency of 1 is what they can show.
+    name = f"pq-dask-{os.getpid()}-{time.monotonic_ns()}"
+    limit = procqueue.Limit(name, concurrency=1, rate=procqueue.Rate(3, per=0.5))
+    directories = [tmp_path / "a", tmp_path / "b"]
+    for directory in directories:
+        directory.mkdir()
+    with DaskPool(client=client) as a, DaskPool(client=client) as b:
+        calls = [pool.starmap_async(span, [(str(directory), i, 0.1) for i in range(6)],
+                                    chunksize=1, limit=limit)
+                 for pool, directory in zip((a, b), directories)]
+        assert [call.get(timeout=30) for call in calls] == [list(range(6))] * 2
+        with pytest.raises(ValueError, match=f"limit '{name}' is already open in this pool"):
+            a.map(square, [1], limit=procqueue.Limit(name, concurrency=2))
+    spans = _spans(directories[0]) + _spans(directories[1])
+    assert len(spans) == 12 and max_overlap(spans) == 1
+    assert max_starts_in_window([start for start, _ in spans], 0.5) <= 3
+    with DaskPool(client=client) as other:  # another program giving the name other values
+        with pytest.raises(ValueError, match=f"limit '{name}' is open on this cluster with "
+                                             "other values"):
+            other.map(square, [1], limit=procqueue.Limit(name, concurrency=2))
+        with pytest.raises(TypeError, match="limit must be a procqueue.Limit"):
+            other.map(square, [1], limit=name)
+        assert other.map(square, [3], limit=limit) == [9]  # the same values: shared still
+
+
 # ---- the run's records: events, trace, journal ------------------------------------------------
 
 def test_on_event_gets_one_event_per_input_with_its_outcome_and_its_workers_times(
@@ -567,7 +644,6 @@ def test_a_journaled_dask_run_skips_the_inputs_an_earlier_run_finished(
 # ---- options -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("option, value, reason", [
-    ("queues", {}, "gates of the local supervisor"),
     ("max_memory_per_child", "1G", "recycles this machine's worker processes"),
     ("min_free_memory", "1G", "this machine's free memory"),
 ])
@@ -587,11 +663,8 @@ def test_unknown_pool_option_is_a_type_error_and_meaningless_ones_are_accepted(c
         DaskPool(client=client, maxtasksperchild=0)
     with DaskPool(2, None, (), 5, "spawn", client=client, pin=False) as pool:
         assert pool.map(square, [3]) == [9]
-        refused: dict[str, Any] = {"limit": procqueue.Limit("pq-dask-test", concurrency=1),
-                                   "queue": "io", "halt": "now,fail=1"}
-        for option, value in refused.items():
-            with pytest.raises(TypeError, match="not supported on the Dask backend"):
-                pool.map(square, [1], **{option: value})
+        with pytest.raises(TypeError, match="not supported on the Dask backend: halt"):
+            pool.map(square, [1], halt="now,fail=1")
         # None means "not set", as in the local pool: code passing the defaults runs
         assert pool.map(square, [2], limit=None, queue=None, halt=None) == [4]
     with DaskPool(client=client, journal=None, trace=None, queues=None, on_event=None) as pool:
@@ -769,7 +842,7 @@ def test_every_pool_method_works_on_a_dask_pool_or_is_its_own(client: Any) -> No
         DaskPool.check_options(2, timeout=5, rate="5/s", retries=0, backend="dask")
         pool.check_options(worker_env={"A": "1"}, pin=True, journal=None)
         pool.check_options(journal="run.db", trace="trace.json", on_event=print)
-        for bad, error in (({"timeout": "300%"}, ValueError), ({"queues": {}}, TypeError),
+        for bad, error in (({"timeout": "300%"}, ValueError), ({"queues": {"io": 2}}, TypeError),
                            ({"on_event": 3}, TypeError), ({"trace": 3}, TypeError),
                            ({"retry_on": 3}, TypeError), ({"backend": "ray"}, ValueError),
                            ({"processes": 0}, ValueError), ({"nope": 1}, TypeError)):

@@ -165,15 +165,20 @@ BACKEND_SHARED = {"affinity", "calls", "chunking", "config", "errors", "input_fe
 # base class and the values and types of the Pool API from the pool module - these names only.
 # _JournaledCall: a call's journal is the front end's (Pool's code, shared by both pools), and
 # DaskPool's calls hand it their inputs; the backend itself never touches the journal.
+# Queue: a DaskPool's queues= are the local pool's procqueue.Queue values.
 BACKEND_POOL_NAMES = {"dask/pool.py": {"BACKENDS", "CallOptions", "Pool", "PoolState",
-                                       "PoolStats", "WorkerStats", "_JournaledCall"}}
+                                       "PoolStats", "Queue", "WorkerStats", "_JournaledCall"},
+                      "dask/options.py": {"Queue"}}
 
 # The Dask backend's package: module -> the modules of the package it may import, bottom up
 # (what runs in a Dask worker imports nothing of the driver's side).
 DASK_ALLOWED: dict[str, set[str]] = {
     "__init__": {"cluster", "pool", "worker_side"},
-    "pool": {"cluster", "driver", "items", "options", "worker_side"},
-    "driver": {"cluster", "events", "items", "worker_side"},
+    "pool": {"cluster", "cluster_limits", "driver", "items", "options", "worker_side"},
+    "cluster_limits": {"cluster", "options", "worker_side"},
+    "driver": {"chunks", "cluster", "events", "items", "outcomes", "worker_side"},
+    "chunks": {"items", "worker_side"},
+    "outcomes": {"items", "worker_side"},
     "events": {"items"},
     "options": {"items"},
     "cluster": {"worker_side"},

@@ -10,6 +10,7 @@
                                                                 in the driver thread only
 
     pool.py                     driver.py (its commands: items.py)              worker_side.py
+                                  chunks.py: dispatch; outcomes.py: a chunk's rows
 
 One driver thread per pool (driver._Driver) blocks in one ``inbox.get()``: caller commands
 and Dask's done callbacks both arrive there, so every item's life (pending → in a chunk →
@@ -21,15 +22,19 @@ Items travel in chunks: one Dask task (worker_side.run_chunk) runs a list of ite
 returns one row per item (ok, the pickled result or the pickled ErrorInfo, seconds, start),
 so a failing item fails only itself and an unpicklable result is that item's error.  Chunks are
 sized from measured item times (about pool.TARGET_CHUNK_S of work each, smaller at the tail)
-unless the call fixes ``chunksize``.  At most driver.INFLIGHT_CHUNKS_PER_THREAD chunks per
+unless the call fixes ``chunksize``.  At most chunks.INFLIGHT_CHUNKS_PER_THREAD chunks per
 Dask worker thread are submitted at once; lazy inputs (imap*) are read by a feeder thread
 through the same bounded Window as the local pool.
 
-Limits, each enforced where it holds for the whole cluster:
-  * concurrency (pool or call): a distributed.Semaphore lease held by each chunk while it runs;
-  * rate (pool): each item takes a lease of a distributed.Semaphore(max_leases=limit) right
-    before it runs, in the worker, and gives it back `per` seconds later: a sliding window
-    over every worker (worker_side._RateWindow);
+Limits, each enforced where it holds for the whole cluster (cluster_limits.py):
+  * concurrency (pool, named queue, call, named Limit): a distributed.Semaphore lease held by
+    each chunk while it runs;
+  * rate (pool, named queue, named Limit): each item takes a lease of a
+    distributed.Semaphore(max_leases=limit) right before it runs, in the worker, and gives it
+    back `per` seconds after it started: a sliding window over every worker
+    (worker_side._RateWindow);
+  * a named Limit's semaphores are named after it, not after the pool, so every pool on the
+    cluster using that name shares them, and no pool closes them;
   * key / key_concurrency (call): counted here, by the driver, which sees every item of the
     call: an item holds its key from the moment it is put in a chunk to that chunk's end, and
     keyed items wait in a FairQueue (round robin across keys, items._Pending), as in the
@@ -49,6 +54,9 @@ Modules, each importing only those before it in this list:
   items        the driver's data: items, calls, pending queues, chunks, driver commands
   cluster      what the pool holds on the cluster: client, LocalCluster, plugin, semaphores
   options      the checks of the pool's and each call's options
+  cluster_limits  the semaphores and rate windows of the pool, its queues, its calls, Limits
+  chunks       pending items into chunks, chunks into Dask tasks, the chunks in flight
+  outcomes     a returned chunk read: each row's outcome, a failed or crashed chunk's error
   driver       the driver thread
   pool         DaskPool and its stats
 """

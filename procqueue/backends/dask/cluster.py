@@ -2,9 +2,10 @@
 
 _Resources opens the client (or a LocalCluster of our own) and closes, at the end, what the
 pool put there: its semaphores, the workers' rate windows, the worker setup plugin, the client
-and cluster it started.  _WorkerSetup is that plugin (worker_env, then the initializer, in
-every worker present and future).  cluster_config holds the scheduler settings the procqueue
-semantics need; require_distributed tells whether the dask extra is installed.
+and cluster it started (a named Limit's semaphores are the cluster's: only let go of).
+_WorkerSetup is that plugin (worker_env, then the initializer, in every worker present and
+future).  cluster_config holds the scheduler settings the procqueue semantics need;
+require_distributed tells whether the dask extra is installed.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class _WorkerSetup:
 class _Resources:
     """What a DaskPool holds on the cluster and must give back: the client (closed only if
     we opened it), the LocalCluster we started, the worker setup plugin, the semaphores and
-    the workers' rate windows."""
+    the workers' rate windows; and what it only uses, the named Limits' semaphores."""
 
     def __init__(self, client: Any, cluster: Any, owns_client: bool) -> None:
         self.client = client
@@ -78,6 +79,7 @@ class _Resources:
         self.owns_client = owns_client
         self.plugin_name: str | None = None
         self.limits: tuple[Any, ...] = ()  # distributed.Semaphore objects, closed at the end
+        self.shared: tuple[Any, ...] = ()  # named Limits' semaphores: left open, let go of
         self.rate_names: list[str] = []  # rate semaphores whose worker windows close first
         self.closed = False
 
@@ -126,6 +128,8 @@ class _Resources:
         self._give_back_rate_leases()
         for limit in self.limits:
             _close_quietly(limit)
+        for shared in self.shared:
+            _stop_refreshing(shared)
         if self.plugin_name is not None and not self.owns_client:
             with contextlib.suppress(Exception):  # a shared cluster outlives us: unregister
                 self.client.unregister_worker_plugin(self.plugin_name)
@@ -170,6 +174,14 @@ async def _close_nannies(nannies: list[Any], grace_s: float) -> None:
 
     await asyncio.gather(*(nanny.close(timeout=grace_s) for nanny in nannies),
                          return_exceptions=True)
+
+
+def _stop_refreshing(semaphore: Any) -> None:
+    """Let go of a semaphore the pool does not close: its lease refresher (a callback on the
+    client's loop, holding it) stops, as Semaphore.close() stops it."""
+    refresh = getattr(semaphore, "refresh_callback", None)  # none if no lease timeout
+    if refresh is not None:
+        refresh.stop()
 
 
 def _close_quietly(limit: Any) -> None:

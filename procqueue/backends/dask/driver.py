@@ -1,10 +1,10 @@
 """The driver thread (_Driver): the one owner of every item of a DaskPool.
 
 It blocks in one ``inbox.get()``, applies the commands callers and Dask's done callbacks post
-there (items.py), puts pending items into chunks and submits them to Dask as run_chunk tasks
-(worker_side.py), and turns each chunk's rows into exactly one outcome per item: delivered,
-retried after a backoff, re-run alone after a lost worker, failed or cancelled.  See the
-package docstring for the whole data flow.
+there (items.py), has pending items put into chunks and submitted to Dask as run_chunk tasks
+(chunks.py), and turns each chunk's rows, as outcomes.py reads them, into exactly one outcome
+per item: delivered, retried after a backoff, re-run alone after a lost worker, failed or
+cancelled.  See the package docstring for the whole data flow.
 
 With a listener (DaskPool(on_event=...) or trace=), each attempt an item ran gets one
 TaskEvent, given in this thread before its outcome is delivered, as the local supervisor
@@ -15,34 +15,30 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
-import pickle
 import queue
 import threading
 import time
 import traceback
-from collections import deque
 from typing import Any, Callable
 
-from ...errors import (PoolBrokenError, RemoteError, TaskCancelledError, TaskTimeoutError,
-                       WorkerCrashedError, annotate)
-from ...protocol import restore_exception, short_repr, unreadable_result_error
+from ...errors import PoolBrokenError, TaskCancelledError, TaskTimeoutError, annotate
+from ...protocol import short_repr
 from ...retry import FailureKind, RetryPolicy
 from ...stats import TaskEvent
+from .chunks import _Dispatch
 from .cluster import _close_quietly
 from .events import _Events, _Run, _Slots
 from .items import (Command, _CancelCall, _CancelItem, _Call, _Chunk, _ChunkDone, _Close,
                     _InputDone, _Item, _Open, _Submit, _Terminate)
-from .worker_side import ChunkReport, run_chunk
-
-INFLIGHT_CHUNKS_PER_THREAD = 2  # submitted chunks per worker thread: one running, one waiting
-NTHREADS_REFRESH_S = 2.0  # how often the cluster's thread count is asked for (it may scale)
+from .outcomes import (WorkerTally, cancelled_error, chunk_failure, crash_error,
+                       is_killed_worker, read_row)
+from .worker_side import ChunkReport
 
 
 class _Counters:
     def __init__(self) -> None:
         self.submitted = self.succeeded = self.failed = self.cancelled = 0
-        self.retries = self.lost_chunks = self.chunks = 0
+        self.retries = self.lost_chunks = 0
 
 
 class _Driver:
@@ -57,20 +53,16 @@ class _Driver:
         self.allowed_failures = allowed_failures
         self.inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self.calls: dict[int, _Call] = {}  # calls with work left, in submission order
-        self.ready: deque[_Call] = deque()  # calls with pending items (round robin)
-        self.inflight: dict[str, _Chunk] = {}
+        self.chunks = _Dispatch(client, token, self.post)  # chunks in flight, calls ready
+        self.inflight = self.chunks.inflight  # by Dask key
         self.retry_heap: list[tuple[float, int, _Item]] = []
         self.retry_seq = itertools.count()
-        self.chunk_ids = itertools.count(1)
         self.counts = _Counters()
         self.closing = False
         self.state = "running"
         self.broken_error: BaseException | None = None
-        self.worker_pids: dict[str, int] = {}  # Dask worker address -> pid, as seen in results
-        self.worker_work: dict[str, tuple[int, float]] = {}  # address -> (items run, busy s)
+        self.workers = WorkerTally()  # what each Dask worker ran, as its chunks said
         self.events = _Events(on_event)  # a TaskEvent per attempt (called in this thread)
-        self._nthreads = 0
-        self._nthreads_at = -math.inf
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"procqueue-dask-{token}",
                                        daemon=True)
@@ -94,7 +86,8 @@ class _Driver:
                     except queue.Empty:
                         break
                 self._requeue_due_retries()
-                self._dispatch()
+                if self.state == "running":
+                    self.chunks.fill(drop=lambda item: self._finish(item, False, None))
                 self._maybe_stop()
         except BaseException:  # a procqueue bug: never leave a caller waiting forever
             self._break(PoolBrokenError("procqueue dask driver failed:\n" + traceback.format_exc()))
@@ -140,7 +133,7 @@ class _Driver:
         if self.closing and self.state == "running" and not self.calls and not self.inflight:
             self.state = "stopped"
 
-    # ---- submission and dispatch -----------------------------------------------------------
+    # ---- submission (chunks: chunks.py) ---------------------------------------------------
 
     def _on_submit(self, call: _Call, items: list[_Item]) -> None:
         self.calls[call.id] = call
@@ -150,99 +143,14 @@ class _Driver:
             if item.error is not None:
                 self._fail(item, item.error)
             elif call.cancelled:
-                self._finish(item, False, self._cancelled_error(item, "before it started"))
+                self._finish(item, False, cancelled_error(item, "before it started"))
             else:
                 call.pending.push(item, item.key)
-        self._mark_ready(call)
+        self.chunks.mark_ready(call)
         self._forget_if_finished(call)
 
-    def _mark_ready(self, call: _Call) -> None:
-        if call.pending and call not in self.ready:
-            self.ready.append(call)
-
-    def _capacity(self) -> int:
-        now = time.monotonic()
-        if now - self._nthreads_at > NTHREADS_REFRESH_S:
-            try:
-                self._nthreads = sum(self.client.nthreads().values())
-            except Exception:  # the scheduler is unreachable for a moment: keep the last count
-                pass
-            self._nthreads_at = now
-        return INFLIGHT_CHUNKS_PER_THREAD * max(1, self._nthreads)
-
     def threads(self) -> int:
-        return max(1, self._nthreads)
-
-    def _dispatch(self) -> None:
-        if self.state != "running" or not self.ready:
-            return
-        room = self._capacity() - len(self.inflight)
-        while room > 0 and self.ready:
-            call = self.ready.popleft()
-            items = self._take_chunk(call)
-            if items:
-                self._submit_chunk(call, items)
-                room -= 1
-                self._mark_ready(call)
-            # else every waiting key is at its cap: a chunk that ends marks the call ready
-
-    def _take_chunk(self, call: _Call) -> list[_Item]:
-        size = call.sizer.next_size(len(call.pending), workers=self.threads())
-        items: list[_Item] = []
-        while len(items) < size:
-            item = call.pending.pop()
-            if item is None:
-                break
-            if item.done:
-                continue  # cancelled while it waited
-            if item.isolate and items:
-                call.pending.push(item, item.key, front=True)
-                break  # an isolated item runs alone
-            if not call.sink.starting(item):  # its Future was cancelled while queued
-                self._finish(item, False, None)
-                continue
-            self._hold_key(item)
-            items.append(item)
-            if item.isolate:
-                break
-        return items
-
-    def _hold_key(self, item: _Item) -> None:
-        """Count the item as running under its key from now to its chunk's end: a chunk in
-        flight may be running any of its items, so the cap holds for the items that run."""
-        keyed = item.call.keyed
-        if keyed is not None:
-            keyed.started(item.key)
-            item.key_held = True
-
-    def _release_key(self, item: _Item) -> None:
-        keyed = item.call.keyed
-        if item.key_held and keyed is not None:
-            item.key_held = False
-            keyed.finished(item.key)
-            self._mark_ready(item.call)
-
-    def _forget_chunk(self, chunk: _Chunk) -> None:
-        """The chunk is no longer in flight (done, lost, cancelled): its items' keys free."""
-        self.inflight.pop(chunk.key, None)
-        for item in chunk.items:
-            item.chunk = None
-            self._release_key(item)
-
-    def _submit_chunk(self, call: _Call, items: list[_Item]) -> None:
-        key = f"procqueue-{self.token}-{call.id}-{next(self.chunk_ids)}"
-        payloads = [item.payload for item in items]
-        future = self.client.submit(run_chunk, call.fn_id, call.fn_payload, int(call.kind),
-                                    payloads, call.timeout_s, call.limits, call.rate, key=key,
-                                    pure=False)
-        chunk = _Chunk(key, call, items, future, time.time())
-        for item in items:
-            item.attempts += 1
-            item.chunk = chunk
-        self.inflight[key] = chunk
-        self.counts.chunks += 1
-        post = self.post
-        future.add_done_callback(lambda f: post(_ChunkDone(f)))
+        return self.chunks.threads()
 
     # ---- outcomes ---------------------------------------------------------------------------
 
@@ -250,7 +158,7 @@ class _Driver:
         chunk = self.inflight.get(future.key)
         if chunk is None:
             return  # cancelled or terminated before it finished
-        self._forget_chunk(chunk)
+        self.chunks.forget(chunk)
         status = future.status
         if status == "finished":
             self._on_rows(chunk, future)
@@ -260,7 +168,7 @@ class _Driver:
             self._requeue_uncharged(chunk)
         else:  # cancelled by Dask (scheduler restart, client reconnect)
             for item in _alive(chunk.items):
-                self._finish(item, False, self._cancelled_error(item, "by Dask"))
+                self._finish(item, False, cancelled_error(item, "by Dask"))
         future.release()
 
     def _on_rows(self, chunk: _Chunk, future: Any) -> None:
@@ -277,37 +185,24 @@ class _Driver:
                 run = self.events.run(report.address, report.thread, started_s, seconds)
                 self._on_row(item, ok, data, run)
         chunk.call.sizer.observe(len(report.rows), busy)
-        if report.address:
-            self.worker_pids[report.address] = report.pid
-            done, busy_s = self.worker_work.get(report.address, (0, 0.0))
-            self.worker_work[report.address] = (done + len(report.rows), busy_s + busy)
+        self.workers.record(report, busy)
 
     def _on_row(self, item: _Item, ok: bool, data: bytes, run: _Run) -> None:
-        if ok:
-            try:
-                value = pickle.loads(data)
-            except BaseException as exc:  # noqa: BLE001 - fails only this item
-                unreadable = unreadable_result_error(exc, len(data))
-                self.events.emit(item, run, "error", unreadable)
-                self._fail(item, unreadable)
-                return
-            self.events.emit(item, run, "ok", None)
-            self._finish(item, True, value)
-        else:
-            error = restore_exception(data)
-            outcome = "timeout" if isinstance(error, TaskTimeoutError) else "error"
-            self.events.emit(item, run, outcome, error)
-            self._after_failure(item, error)
+        row = read_row(ok, data)
+        self.events.emit(item, run, row.outcome, None if row.outcome == "ok" else row.value)
+        if row.outcome == "ok":
+            self._finish(item, True, row.value)
+        elif row.task_error:
+            self._after_failure(item, row.value)
+        else:  # its result could not be read here: no run would read it either
+            self._fail(item, row.value)
 
     def _on_chunk_error(self, chunk: _Chunk, exc: BaseException | None) -> None:
-        if _is_killed_worker(exc):
+        if is_killed_worker(exc):
             self._on_lost_worker(chunk, exc)
             return
         for item in _alive(chunk.items):
-            error = RemoteError(type(exc).__name__, f"the Dask task running this item failed: "
-                                f"{exc}; is procqueue installed on every Dask worker?")
-            error.__cause__ = exc
-            self._fail(item, error)
+            self._fail(item, chunk_failure(exc))
 
     def _on_lost_worker(self, chunk: _Chunk, exc: Any) -> None:
         """Dask re-ran the chunk until `allowed_failures`: split it so that the next worker
@@ -320,7 +215,7 @@ class _Driver:
         for item in alive:
             item.crash_runs += self.allowed_failures + 1
             item.attempts += self.allowed_failures  # Dask's own re-runs
-            error = self._crash_error(item, exc)
+            error = crash_error(item, exc, self.workers.pids, self.allowed_failures)
             # Dask says neither when the runs started nor on which thread: the driver's times,
             # from the chunk's submission to now, cover them all (one event for them all)
             run = _Run(_Slots.UNKNOWN, chunk.submitted_s, time.time())
@@ -330,26 +225,16 @@ class _Driver:
             else:
                 self._fail(item, error)
 
-    def _crash_error(self, item: _Item, exc: Any) -> WorkerCrashedError:
-        address = getattr(getattr(exc, "last_worker", None), "address", "?")
-        item.pid = self.worker_pids.get(address)
-        error = WorkerCrashedError(
-            f"Dask worker {address} died while running the task, {item.crash_runs} time(s) "
-            f"(distributed.scheduler.allowed-failures={self.allowed_failures}); a SIGKILL "
-            "(the OOM killer is a common cause), os._exit or a segfault", exitcode=None)
-        error.__cause__ = exc
-        return error
-
     def _requeue_uncharged(self, chunk: _Chunk, isolate: bool = False) -> None:
         call = chunk.call
         for item in reversed(_alive(chunk.items)):
             item.attempts -= 1  # its run was not its fault (or it never ran)
             item.isolate = item.isolate or isolate
             if call.cancelled or self.state != "running":
-                self._finish(item, False, self._cancelled_error(item, "before it finished"))
+                self._finish(item, False, cancelled_error(item, "before it finished"))
             else:
                 call.pending.push(item, item.key, front=True)
-        self._mark_ready(call)
+        self.chunks.mark_ready(call)
 
     def _after_failure(self, item: _Item, error: BaseException) -> None:
         kind = FailureKind.TIMEOUT if isinstance(error, TaskTimeoutError) \
@@ -376,10 +261,10 @@ class _Driver:
             if item.done:
                 continue
             if item.call.cancelled or self.state != "running":
-                self._finish(item, False, self._cancelled_error(item, "before its retry"))
+                self._finish(item, False, cancelled_error(item, "before its retry"))
                 continue
             item.call.pending.push(item, item.key, front=True)
-            self._mark_ready(item.call)
+            self.chunks.mark_ready(item.call)
 
     def _fail(self, item: _Item, error: BaseException) -> None:
         annotate(error, index=item.index, input_repr=short_repr(item.input), pid=item.pid,
@@ -413,19 +298,13 @@ class _Driver:
             for limit in call.owned_limits:
                 _close_quietly(limit)
 
-    def _cancelled_error(self, item: _Item, when: str) -> TaskCancelledError:
-        error = TaskCancelledError(f"the task was cancelled {when}")
-        annotate(error, index=item.index, input_repr=short_repr(item.input), pid=item.pid,
-                 attempts=item.attempts)
-        return error
-
     # ---- cancel / terminate ---------------------------------------------------------------
 
     def _cancel_call(self, call: _Call, kill_running: bool, quiet: bool) -> None:
         call.cancelled = True
         _close_window(call)
         for item in call.pending.drain():
-            self._finish(item, False, self._cancelled_error(item, "before it started"))
+            self._finish(item, False, cancelled_error(item, "before it started"))
         if kill_running:
             for chunk in [c for c in self.inflight.values() if c.call is call]:
                 self._kill_chunk(chunk, "while running")
@@ -433,19 +312,19 @@ class _Driver:
     def _cancel_item(self, item: _Item, running: bool) -> None:
         chunk = item.chunk
         if chunk is not None and running and len(_alive(chunk.items)) == 1:
-            self._forget_chunk(chunk)
+            self.chunks.forget(chunk)
             self.client.cancel(chunk.future, force=True)
         self._finish(item, False, None)
 
     def _kill_chunk(self, chunk: _Chunk, when: str) -> None:
         """Forget a chunk in flight (Dask cannot stop its thread: it runs on, unread)."""
-        self._forget_chunk(chunk)
+        self.chunks.forget(chunk)
         try:
             self.client.cancel(chunk.future, force=True)
         except Exception:
             pass
         for item in _alive(chunk.items):
-            self._finish(item, False, self._cancelled_error(item, when))
+            self._finish(item, False, cancelled_error(item, when))
 
     def _terminate(self) -> None:
         self.state = "terminating"
@@ -456,11 +335,11 @@ class _Driver:
         for call in list(self.calls.values()):
             for item in call.pending.drain():
                 self._finish(item, False,
-                             self._cancelled_error(item, "before it started: the pool was "
+                             cancelled_error(item, "before it started: the pool was "
                                                    "terminated"))
         while self.retry_heap:
             item = heapq.heappop(self.retry_heap)[2]
-            self._finish(item, False, self._cancelled_error(item, "while waiting to retry"))
+            self._finish(item, False, cancelled_error(item, "while waiting to retry"))
         for call in list(self.calls.values()):
             call.open = False
             self._forget_if_finished(call)
@@ -469,7 +348,7 @@ class _Driver:
     def _break(self, error: BaseException) -> None:
         self.broken_error = error
         for chunk in list(self.inflight.values()):
-            self._forget_chunk(chunk)
+            self.chunks.forget(chunk)
             for item in _alive(chunk.items):
                 self._finish_quietly(item, error)
         for call in list(self.calls.values()):
@@ -500,11 +379,3 @@ def _close_window(call: _Call) -> None:
     window = getattr(call.sink, "window", None)
     if window is not None:
         window.close()
-
-
-def _is_killed_worker(exc: Any) -> bool:
-    try:
-        from distributed.scheduler import KilledWorker
-    except ImportError:
-        return False
-    return isinstance(exc, KilledWorker)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ...chunking import ChunkSizer
+from ...errors import argument_error
 from ...limits import KeyedLimit
 from ...limits.keyed import KeyedFifo
 from ...protocol import CallKind
@@ -76,8 +77,8 @@ class _Call:
 
     def __init__(self, call_id: int, fn_id: int, fn_payload: bytes, kind: CallKind, sink: Any,
                  *, timeout_s: float | None, limits: tuple[Any, ...],
-                 sizer: ChunkSizer, rate: RateSpec | None = None,
-                 keys: _KeySpec | None = None) -> None:
+                 sizer: ChunkSizer, rates: tuple[RateSpec, ...] = (),
+                 owned_limits: tuple[Any, ...] = (), keys: _KeySpec | None = None) -> None:
         self.id = call_id
         self.fn_id = fn_id
         self.fn_payload = fn_payload
@@ -85,9 +86,9 @@ class _Call:
         self.sink = sink
         self.timeout_s = timeout_s
         self.limits = limits  # distributed.Semaphore objects held by each of its chunks
-        self.owned_limits: tuple[Any, ...] = ()  # this call's own, closed when it ends
+        self.owned_limits = owned_limits  # this call's own, closed when it ends
         self.sizer = sizer
-        self.rate = rate  # the pool's rate gate, taken by each item where it runs
+        self.rates = rates  # rate windows each item takes a start from, where it runs
         self.key_fn = None if keys is None else keys.fn
         self.keyed: KeyedLimit[Any] | None = None if keys is None else KeyedLimit(keys.per_key)
         self.pending = _Pending(self.keyed)
@@ -160,6 +161,24 @@ class _Terminate:
 
 Command = (_Submit | _Open | _InputDone | _ChunkDone | _CancelCall | _CancelItem | _Close
            | _Terminate)
+
+
+def _make_item(call: _Call, index: int, value: Any) -> _Item:
+    """An item for one input; a problem with the input (it cannot be pickled, its key
+    function raises) becomes that item's error, never the whole call's."""
+    try:
+        item = _Item(call, index, value, _dumps_item(value))
+    except Exception as exc:
+        error = argument_error(f"the task's argument could not be pickled: {exc!r}; "
+                               "make sure every argument is picklable", exc)
+        return _Item(call, index, value, None, error)
+    if call.key_fn is not None:
+        try:
+            item.key = call.key_fn(value)
+            hash(item.key)
+        except Exception as exc:
+            item.error = exc
+    return item
 
 
 def _dumps_item(item: Any) -> bytes:

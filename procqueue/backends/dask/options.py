@@ -13,10 +13,19 @@ import os
 from typing import Any, Mapping, NamedTuple
 
 from ...errors import exception_types
-from ...limits import Rate
+from ...limits import Limit, Rate
+# A pool's queues= are procqueue.Queue values, the local pool's, checked by its rules here.
+from ...pool import Queue
 from .items import _KeySpec
 
 DEFAULT_CRASH_RETRIES = 1  # as the local pool: one re-run covers a one-off OOM kill
+
+
+class QueueSpec(NamedTuple):
+    """A named queue's limits (a procqueue.Queue, checked, its rate parsed)."""
+
+    concurrency: int | None
+    rate: Rate | None
 
 
 class PoolOptions(NamedTuple):
@@ -25,6 +34,17 @@ class PoolOptions(NamedTuple):
     rate: Rate | None
     worker_env: dict[str, str]
     retry_on: tuple[type[BaseException], ...]
+    queues: dict[str, QueueSpec]
+
+
+class CallSettings(NamedTuple):
+    """One call's checked options, as the pool uses them."""
+
+    timeout_s: float | None
+    concurrency: int | None
+    keys: _KeySpec | None
+    queue: Any  # the name of one of the pool's queues (checked by the pool, which has them)
+    limit: Limit | None  # a named limit, shared by every pool on the cluster using its name
 
 
 def check_pool_options(processes: Any = None, initializer: Any = None, initargs: Any = (),
@@ -33,7 +53,8 @@ def check_pool_options(processes: Any = None, initializer: Any = None, initargs:
                        retries: Any = DEFAULT_CRASH_RETRIES, retry_on: Any = (),
                        timeout: Any = None, chunksize: Any = None, concurrency: Any = None,
                        rate: Any = None, worker_env: Any = None, journal: Any = None,
-                       trace: Any = None, on_event: Any = None, **options: Any) -> PoolOptions:
+                       trace: Any = None, on_event: Any = None, queues: Any = None,
+                       **options: Any) -> PoolOptions:
     """Every check of DaskPool's arguments, in one place so that DaskPool() and
     DaskPool.check_options() raise the same errors; nothing is started or connected to.
     (initargs and context are named only to be accepted: context has no meaning on Dask;
@@ -46,7 +67,8 @@ def check_pool_options(processes: Any = None, initializer: Any = None, initargs:
         raise TypeError("on_event must be a callable taking a TaskEvent")
     if trace is not None:
         os.fspath(trace)  # TypeError unless a path, as the trace's writer would raise
-    return PoolOptions(Rate.of(rate), _check_worker_env(worker_env), exception_types(retry_on))
+    return PoolOptions(Rate.of(rate), _check_worker_env(worker_env), exception_types(retry_on),
+                       _check_queues(queues))
 
 
 def _check_options(processes: Any, retries: Any, timeout: Any, chunksize: Any,
@@ -83,8 +105,6 @@ _IGNORED_POOL_OPTIONS = frozenset({"pin"})
 # Options of the local Pool the Dask backend does not implement, with the reason the error
 # gives: refused by name, so that nobody believes they hold.
 _LOCAL_ONLY_POOL_OPTIONS = {
-    "queues": "named queues are gates of the local supervisor, not implemented on Dask "
-              "(per-call concurrency= is cluster-wide there)",
     "max_memory_per_child": "it recycles this machine's worker processes by their memory "
                             "(on Dask, the nanny restarts a worker over its --memory-limit)",
     "min_free_memory": "it admits tasks by this machine's free memory (on Dask, a worker "
@@ -113,6 +133,21 @@ def _given(options: dict[str, Any]) -> set[str]:
     return {name for name, value in options.items() if value is not None}
 
 
+def _check_queues(queues: Any) -> dict[str, QueueSpec]:
+    """queues= with the local pool's rules: a mapping of names to procqueue.Queue."""
+    if queues is None:
+        return {}
+    if not isinstance(queues, Mapping):
+        raise TypeError(f"queues must be a mapping of names to procqueue.Queue, not {queues!r}")
+    return {name: _queue_spec(name, spec) for name, spec in queues.items()}
+
+
+def _queue_spec(name: Any, spec: Any) -> QueueSpec:
+    if not isinstance(spec, Queue):
+        raise TypeError(f"queue {name!r} must be a procqueue.Queue, not {spec!r}")
+    return QueueSpec(_check_count("concurrency", spec.concurrency), Rate.of(spec.rate))
+
+
 def _check_worker_env(env: Any) -> dict[str, str]:
     if env is None:
         return {}
@@ -124,14 +159,16 @@ def _check_worker_env(env: Any) -> dict[str, str]:
     return dict(env)
 
 
-_CALL_OPTIONS = frozenset({"timeout", "concurrency", "key", "key_concurrency"})
-_LOCAL_ONLY_CALL_OPTIONS = frozenset({"limit", "queue", "halt"})
+_CALL_OPTIONS = frozenset({"timeout", "concurrency", "key", "key_concurrency", "queue",
+                           "limit"})
+# halt= is counted by the local supervisor as outcomes arrive; on Dask, the caller counts them
+# and cancels the rest (as the procqueue command does with --cluster).
+_LOCAL_ONLY_CALL_OPTIONS = frozenset({"halt"})
 
 
-def _call_options(options: dict[str, Any], default_timeout_s: float | None
-                  ) -> tuple[float | None, int | None, _KeySpec | None]:
-    """(timeout_s, concurrency, per-key limit) of one call; the local pool's other per-call
-    options are refused by name rather than silently ignored."""
+def _call_options(options: dict[str, Any], default_timeout_s: float | None) -> CallSettings:
+    """One call's options, checked; the local pool's other per-call options are refused by
+    name rather than silently ignored."""
     unsupported = _given(options) & _LOCAL_ONLY_CALL_OPTIONS
     if unsupported:
         raise TypeError(f"not supported on the Dask backend: {', '.join(sorted(unsupported))}")
@@ -141,7 +178,15 @@ def _call_options(options: dict[str, Any], default_timeout_s: float | None
     timeout = options.get("timeout", default_timeout_s)
     _check_timeout(timeout)
     concurrency = _check_count("concurrency", options.get("concurrency"))
-    return (None if timeout is None else float(timeout)), concurrency, _key_spec(options)
+    return CallSettings(None if timeout is None else float(timeout), concurrency,
+                        _key_spec(options), options.get("queue"),
+                        _check_limit(options.get("limit")))
+
+
+def _check_limit(limit: Any) -> Limit | None:
+    if limit is not None and not isinstance(limit, Limit):
+        raise TypeError(f"limit must be a procqueue.Limit, not {limit!r}")
+    return limit
 
 
 def _key_spec(options: dict[str, Any]) -> _KeySpec | None:

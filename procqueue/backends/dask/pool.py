@@ -28,22 +28,24 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from ...calls import errors_mode
 from ...chunking import ChunkSizer
-from ...errors import InitializerError, PoolClosedError, argument_error
+from ...errors import InitializerError, PoolClosedError
 from ...input_feed import InputFeed, Inputs, window_size
 from ...limits import Rate
 # The one import of the local pool's module: a DaskPool is a procqueue.Pool (its base class,
 # state values, stats types and per-call options, and the front end's journal of a call), and
 # uses none of its machinery.
-from ...pool import BACKENDS, CallOptions, Pool, PoolState, PoolStats, WorkerStats, _JournaledCall
+from ...pool import (BACKENDS, CallOptions, Pool, PoolState, PoolStats, Queue, WorkerStats,
+                     _JournaledCall)
 from ...protocol import CallKind, pickled_function
 from ...results import (ApplyResult, IMapIterator, MapResult, OutcomeIterator,
                         ResultStream, TaskFuture, Window)
 from .cluster import CLOSE_TIMEOUT_S, _close_quietly, _Resources, _WorkerSetup
+from .cluster_limits import ClusterLimits
 from .driver import _Driver
 from .items import (_CancelCall, _Call, _Close, _InputDone, _Item, _Open, _Submit,
-                    _Terminate, _dumps_item)
+                    _Terminate, _make_item)
 from .options import DEFAULT_CRASH_RETRIES, _call_options, check_pool_options
-from .worker_side import FUNCTION_CACHE_SIZE, RateSpec, _distributed
+from .worker_side import FUNCTION_CACHE_SIZE
 
 if TYPE_CHECKING:
     from ...stats import TaskEvent
@@ -83,14 +85,17 @@ class DaskPool(Pool):
     per-item seconds (interrupts Python code; see docs/dask.md for what cannot be).
     concurrency: at most this many items of the pool running at once, cluster-wide (a
     distributed.Semaphore).  rate (a Rate or "50/30s"): at most `limit` item starts in any
-    `per` seconds, cluster-wide (see worker_side._RateWindow).  worker_env: set in every
+    `per` seconds, cluster-wide (see worker_side._RateWindow).  queues: named queues, each
+    with its concurrency and rate, cluster-wide, for the calls made with queue=name; a call's
+    limit= (a named procqueue.Limit) is shared with every pool on the cluster using its name
+    (see cluster_limits).  worker_env: set in every
     worker while the pool is open (and in the processes of a LocalCluster the pool starts).
     processes is the size of the LocalCluster the pool starts; with address= or client= the
     cluster is what it is, and processes is ignored.  journal, trace and on_event work as
     on the local pool (a TaskEvent's slot is a Dask worker thread; see docs/dask.md).
     maxtasksperchild, context and pin have no meaning on Dask and are ignored; the local
-    pool's other options are refused by name.  backend is accepted as
-    procqueue.Pool(backend="dask", ...) passes it on.
+    pool's other options (tied to this machine) and per-call halt= are refused by name.
+    backend is accepted as procqueue.Pool(backend="dask", ...) passes it on.
     """
 
     reports_running_inputs = False  # Dask does not say which item a worker runs
@@ -107,6 +112,7 @@ class DaskPool(Pool):
                  retry_on: type[BaseException] | Iterable[type[BaseException]] = (),
                  timeout: float | None = None, chunksize: int | None = None,
                  concurrency: int | None = None, rate: Rate | str | None = None,
+                 queues: Mapping[str, Queue] | None = None,
                  worker_env: Mapping[str, str] | None = None,
                  journal: Any = None,  # a path or a procqueue.Journal, as Pool's journal=
                  trace: "str | os.PathLike[str] | None" = None,
@@ -116,8 +122,8 @@ class DaskPool(Pool):
         checked = check_pool_options(
             processes, initializer, initargs, maxtasksperchild, context, address=address,
             client=client, retries=retries, retry_on=retry_on, timeout=timeout,
-            chunksize=chunksize, concurrency=concurrency, rate=rate, worker_env=worker_env,
-            journal=journal, trace=trace, on_event=on_event, **options)
+            chunksize=chunksize, concurrency=concurrency, rate=rate, queues=queues,
+            worker_env=worker_env, journal=journal, trace=trace, on_event=on_event, **options)
         listener = self._open_run_records(journal, trace, on_event)  # opens no file yet
         env = checked.worker_env
         self._state = PoolState.RUN
@@ -131,8 +137,8 @@ class DaskPool(Pool):
         self._resources = _Resources.open(processes, address, client, retries, env)
         self._client = self._resources.client
         try:
-            self._semaphores = self._pool_limits(concurrency)
-            self._rate = self._rate_gate(checked.rate)
+            self._limits = ClusterLimits(self._resources, self._token, concurrency,
+                                         checked.rate, checked.queues)
             self._install_worker_setup(env, initializer, tuple(initargs))
             self._driver = _Driver(self._client, self._token, retries, checked.retry_on,
                                    self._resources.allowed_failures(), listener)
@@ -224,7 +230,7 @@ class DaskPool(Pool):
         self._check_running()
         future = TaskFuture(keepalive=self)
         call = self._call(fn, CallKind.ARGS_KWARGS, future, 1, options)
-        item = self._make_item(call, 0, (args, kwargs))
+        item = _make_item(call, 0, (args, kwargs))
         future.cancel_via(self._driver, item)  # before the driver can deliver its outcome
         self._driver.post(_Submit(call, [item]))
         return future
@@ -249,11 +255,11 @@ class DaskPool(Pool):
         """A snapshot of item counts and the cluster's workers."""
         d = self._driver
         queued, running = d.statistics()
-        workers = _worker_stats(self._client, dict(d.worker_pids), dict(d.worker_work))
+        workers = _worker_stats(self._client, dict(d.workers.pids), dict(d.workers.work))
         return DaskPoolStats(
             self._state_name(), sum(w.nthreads for w in workers), d.counts.submitted,
             d.counts.succeeded, d.counts.failed, d.counts.cancelled, queued, running,
-            d.counts.retries, d.counts.lost_chunks, 0, workers, d.counts.chunks)
+            d.counts.retries, d.counts.lost_chunks, 0, workers, d.chunks.submitted)
 
     statistics = stats
 
@@ -278,22 +284,22 @@ class DaskPool(Pool):
               chunksize: int | None, options: dict[str, Any]) -> _Call:
         if not callable(func):
             raise TypeError(f"{func!r} is not callable")
-        timeout_s, concurrency, keys = _call_options(options, self._timeout_s)
+        settings = _call_options(options, self._timeout_s)
         fn_id, payload = pickled_function(func)
         fixed = chunksize if chunksize is not None else self._chunksize
         if fixed is not None and (isinstance(fixed, bool) or not isinstance(fixed, int)
                                   or fixed < 1):
             raise ValueError("Chunksize must be 1+")
+        call_id = next(self._ids)
+        # last: a call refused before here leaves no semaphore of its own behind
+        gates = self._limits.for_call(call_id, settings.concurrency, settings.queue,
+                                      settings.limit)
         # Under a rate, chunks keep their adaptive size: each item takes its start where it
         # runs, so a chunk cannot start its items early (the local pool's batches can).
         # (A fixed chunksize lives in the sizer, which always answers it.)
-        call = _Call(next(self._ids), fn_id, payload, kind, sink, timeout_s=timeout_s,
-                     limits=self._semaphores, sizer=self._sizer(fn_id, fixed), rate=self._rate,
-                     keys=keys)
-        if concurrency is not None:
-            own = self._semaphore(concurrency, f"call{call.id}")
-            call.limits, call.owned_limits = self._semaphores + (own,), (own,)
-        return call
+        return _Call(call_id, fn_id, payload, kind, sink, timeout_s=settings.timeout_s,
+                     limits=gates.semaphores, sizer=self._sizer(fn_id, fixed), rates=gates.rates,
+                     owned_limits=gates.owned, keys=settings.keys)
 
     def _sizer(self, fn_id: int, fixed: int | None) -> ChunkSizer:
         if fixed is not None:
@@ -306,28 +312,6 @@ class DaskPool(Pool):
                 while len(self._sizers) > FUNCTION_CACHE_SIZE:
                     self._sizers.popitem(last=False)
             return sizer
-
-    def _semaphore(self, max_leases: int, what: str) -> Any:
-        return _distributed().Semaphore(
-            max_leases=max_leases, name=f"procqueue-{self._token}-{what}",
-            scheduler_rpc=self._client.scheduler, loop=self._client.loop)
-
-    def _pool_limits(self, concurrency: int | None) -> tuple[Any, ...]:
-        if concurrency is None:
-            return ()
-        limit = self._semaphore(concurrency, "pool")
-        self._resources.limits += (limit,)
-        return (limit,)
-
-    def _rate_gate(self, rate: Rate | None) -> RateSpec | None:
-        """The pool's rate as its chunks carry it; the semaphore behind it is closed with the
-        pool, after the workers gave its leases back (_Resources.close)."""
-        if rate is None:
-            return None
-        semaphore = self._semaphore(rate.limit, "rate")
-        self._resources.limits += (semaphore,)
-        self._resources.rate_names.append(semaphore.name)
-        return RateSpec(semaphore.name, rate.limit, rate.period_s)
 
     def _install_worker_setup(self, env: dict[str, str],
                               initializer: Callable[..., object] | None,
@@ -351,23 +335,6 @@ class DaskPool(Pool):
     def _window_size(self) -> int:
         return window_size(self._driver.threads())  # a worker thread runs an item at a time
 
-    def _make_item(self, call: _Call, index: int, value: Any) -> _Item:
-        """An item for one input; a problem with the input (it cannot be pickled, its key
-        function raises) becomes that item's error, never the whole call's."""
-        try:
-            item = _Item(call, index, value, _dumps_item(value))
-        except Exception as exc:
-            error = argument_error(f"the task's argument could not be pickled: {exc!r}; "
-                                   "make sure every argument is picklable", exc)
-            return _Item(call, index, value, None, error)
-        if call.key_fn is not None:
-            try:
-                item.key = call.key_fn(value)
-                hash(item.key)
-            except Exception as exc:
-                item.error = exc
-        return item
-
     def _post_items(self, call: _Call, values: Iterable[Any],
                     journal: _JournaledCall | None = None) -> list[_Item]:
         items = self._items_to_run(call, 0, values, journal)
@@ -379,7 +346,7 @@ class DaskPool(Pool):
         """The items of inputs start, start+1, ...: one per input, except the inputs an
         earlier run journaled, whose stored outcomes the journal reports instead (in input
         order: a repeated input is an input of its own each time)."""
-        return [self._make_item(call, i, value) for i, value in enumerate(values, start)
+        return [_make_item(call, i, value) for i, value in enumerate(values, start)
                 if journal is None or not journal.replayed(i, value)]
 
     def _journaled(self, func: Callable[..., Any], call: _Call) -> _JournaledCall | None:

@@ -4,7 +4,8 @@ run_chunk is one Dask task: it runs a chunk's items in order and returns one row
 (ok, the pickled result or ErrorInfo, seconds, start), so a failing item fails only itself.  Around
 it: the worker's cache of unpickled functions, an item's call (the shared
 item_run.run_item), per-item timeouts (_TimedRun watching an _ItemThread), the concurrency leases a
-chunk holds, and the worker's side of a pool's cluster-wide rate window (_RateWindow).  Dask
+chunk holds, and the worker's side of the cluster-wide rate windows (_RateWindow: the pool's,
+a named queue's, a named Limit's) an item takes its start from (_Starts).  Dask
 workers unpickle run_chunk, seal_rate_window and close_rate_window by reference
 (procqueue.backends.dask.worker_side.<name>), so procqueue must be importable there
 (docs/dask.md); this module imports only the shared task model, so that a worker loads no
@@ -60,23 +61,25 @@ class ChunkReport(NamedTuple):
 
 @dataclass(frozen=True)
 class RateSpec:
-    """A pool's cluster-wide rate gate, as a chunk carries it: the distributed.Semaphore's
-    name, `limit` starts in any `period_s` seconds."""
+    """A cluster-wide rate window, as a chunk carries it: the distributed.Semaphore's name,
+    `limit` starts in any `period_s` seconds.  shared: a named Limit's window, which outlives
+    the pool (other pools and programs take starts from it), so no pool seals or closes it."""
 
     name: str
     limit: int
     period_s: float
+    shared: bool = False
 
 
 def run_chunk(fn_id: int, fn_payload: bytes, kind: int, payloads: list[bytes],
               timeout_s: float | None, limits: tuple[Any, ...],
-              rate: RateSpec | None = None) -> ChunkReport:
+              rates: tuple[RateSpec, ...] = ()) -> ChunkReport:
     """One Dask task: run the items in order, each one's outcome a row.  Holds every
-    distributed.Semaphore in `limits` while it runs; each item takes a start from the
-    pool's rate gate (if any) right before it runs."""
+    distributed.Semaphore in `limits` while it runs; each item takes a start from every
+    rate window in `rates` right before it runs."""
     fn, fn_error = _load_function(fn_id, fn_payload)
     call_kind = CallKind(kind)
-    gate = None if rate is None else _rate_window(rate)
+    gate = _Starts([_rate_window(rate) for rate in rates]) if rates else None
     with contextlib.ExitStack() as stack:
         for limit in limits:
             stack.enter_context(_lease(limit))
@@ -103,22 +106,23 @@ def _lease(semaphore: Any) -> Iterator[None]:
 
 
 class _RateWindow:
-    """This worker's side of a pool's cluster-wide rate gate: at most `limit` item starts in
-    any `period_s` seconds, over every worker.
+    """This worker's side of a cluster-wide rate window (a pool's, a named queue's or a named
+    Limit's): at most `limit` item starts in any `period_s` seconds, over every worker.
 
-    A sliding window made of a distributed.Semaphore(max_leases=limit): each start takes a
-    lease and gives it back `period_s` seconds after it was granted - not when the item ends,
-    and whatever the item does (raise, time out, run for an hour).  The leases held at any
-    moment are then exactly the starts of the last `period_s` seconds, so no window of
-    `period_s` seconds can hold more than `limit` starts.  Only durations are measured, each
+    A sliding window made of a distributed.Semaphore(max_leases=limit): each start holds a
+    lease from its grant to `period_s` seconds after its item started (the grant itself when
+    the item has no other window to wait for) - not until the item ends, and whatever the
+    item does (raise, time out, run for an hour).  The leases held at any moment then cover
+    every start of the last `period_s` seconds, so no window of `period_s` seconds can hold
+    more than `limit` starts.  Only durations are measured, each
     on one machine, so worker clocks need not agree.
 
     A worker that dies takes its lease refreshes with it: the scheduler frees its leases after
     distributed.scheduler.locks.lease-timeout (30 s by default), which narrows the window for
     that long but never widens it.
 
-    take() runs in item threads; the release timers and the counts live on the worker's event
-    loop (one thread, no lock)."""
+    acquire() and start_now() run in item threads; the release timers and the counts live on
+    the worker's event loop (one thread, no lock)."""
 
     def __init__(self, spec: RateSpec, worker: Any) -> None:
         self.loop = worker.loop  # a tornado IOLoop: add_callback is its thread-safe entry
@@ -130,15 +134,22 @@ class _RateWindow:
         self.sealed = False  # the pool is ending: no item may start any more
         self.closed = False  # the pool ended: every lease was given back (event loop only)
 
-    def take(self) -> None:
-        """Block until a start is granted; its lease goes back `period_s` seconds later.
-        RuntimeError if the pool ended meanwhile: its item must not start."""
+    def acquire(self) -> None:
+        """Block until a lease is granted; it is held until start_now() says when the item
+        starts.  RuntimeError if the pool ended meanwhile: its item must not start."""
         _acquire_lease(self.semaphore)
         if self.sealed:  # granted by a lease the ending pool gave back: not a start
             self.semaphore.release()
             raise RuntimeError("the pool ended while this item waited for its start")
+
+    def start_now(self) -> None:
+        """The item starts now: its lease goes back `period_s` seconds from now."""
         due = time.monotonic() + self.period_s + RATE_RELEASE_MARGIN_S
         self.loop.add_callback(self._arm, due)
+
+    def give_back_unused(self) -> None:
+        """A lease granted to an item that will not start (another window refused it)."""
+        self.semaphore.release()
 
     def _arm(self, due: float) -> Any:
         if self.closed:
@@ -171,6 +182,31 @@ class _RateWindow:
             refresh.stop()
 
 
+class _Starts:
+    """The rate windows an item takes its start from (the pool's, its queue's, its Limit's).
+    A lease granted early counts from the item's real start, after the last window granted
+    one: a lease held while the item waited for another window must not leave its window
+    before the start it stands for does."""
+
+    def __init__(self, windows: list[_RateWindow]) -> None:
+        self.windows = windows
+
+    def take(self) -> None:
+        """Block until every window grants a start; RuntimeError (every lease given back)
+        if a pool ended meanwhile."""
+        granted: list[_RateWindow] = []
+        try:
+            for window in self.windows:
+                window.acquire()
+                granted.append(window)
+        except BaseException:
+            for window in granted:
+                window.give_back_unused()
+            raise
+        for window in granted:
+            window.start_now()
+
+
 _rate_windows: dict[str, _RateWindow] = {}  # by RateSpec.name, for the pool's lifetime
 _rate_windows_lock = threading.Lock()
 
@@ -190,7 +226,7 @@ def _rate_window(spec: RateSpec) -> _RateWindow:
 def seal_rate_window(name: str) -> None:
     """Run on every worker (client.run) when a pool with a rate ends, before any of them
     gives its leases back: a lease given back on one worker must not let an item of the
-    ending pool start on another."""
+    ending pool start on another.  (Never for a named Limit's window: it outlives pools.)"""
     with _rate_windows_lock:
         window = _rate_windows.get(name)
     if window is not None:
@@ -242,7 +278,7 @@ class _Interrupt(BaseException):
 
 
 def _run_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKind,
-              payload: bytes, gate: _RateWindow | None) -> Row:
+              payload: bytes, gate: _Starts | None) -> Row:
     if gate is not None:
         gate.take()
     started = time.monotonic()  # after the rate gate: waiting for a start is not run time
@@ -331,7 +367,7 @@ class _TimedRun:
     extension), its thread is abandoned and the next items run on a fresh one."""
 
     def __init__(self, fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKind,
-                 payloads: list[bytes], timeout_s: float, gate: _RateWindow | None) -> None:
+                 payloads: list[bytes], timeout_s: float, gate: _Starts | None) -> None:
         self.fn, self.fn_error, self.kind = fn, fn_error, kind
         self.payloads = payloads
         self.timeout_s = timeout_s
