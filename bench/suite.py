@@ -56,7 +56,9 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     for module in IMPORTS[system.name]:
         importlib.import_module(module)  # imports are not the pool's start-up cost
     if workload.name == "startup":
-        _, m = harness.measure_call(lambda: system.startup(jobs, workload.fn))
+        # No memory sampler: its thread would make procqueue's pool use the shared fork
+        # server (a program with threads is not forked: procqueue/program_fork.py)
+        _, m = harness.measure_call(lambda: system.startup(jobs, workload.fn), sample_rss=False)
         return _row(spec, len(xs), m)
     prepared = system.prepare(api, xs)
     system.open(jobs)
