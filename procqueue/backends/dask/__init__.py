@@ -2,7 +2,7 @@
 
     caller threads              driver thread (owns every item's state)                   Dask
     ──────────────              ───────────────────────────────────────                   ────
-    map / submit ─► _Submit ─┐
+    map / submit ─► _Submit ─┐  (a DaskJob and its DaskTasks: procqueue.tasks' Job and Task)
     imap feeder  ─► _Submit ─┤  inbox ─► apply ─► dispatch ── client.submit(run_chunk) ─► scheduler
     cancel/close ─► _Cancel…─┤    ▲                                                        │
                              │    └─── _ChunkDone(future) ◄─ future.add_done_callback ◄─ worker
@@ -13,10 +13,15 @@
                                   chunks.py: dispatch; outcomes.py: a chunk's rows
 
 One driver thread per pool (driver._Driver) blocks in one ``inbox.get()``: caller commands
-and Dask's done callbacks both arrive there, so every item's life (pending → in a chunk →
-done | retry | failed) changes in one thread, and each item gets exactly one ``deliver``.
+and Dask's done callbacks both arrive there, so every item's life changes in one thread.
 (distributed.as_completed could not also wait for new submissions, cancellations and retry
 deadlines: its ``__next__`` polls every 100 ms.)
+
+An item is a procqueue Task (items.DaskTask) and a call a Job (items.DaskJob): the local
+pool's task model, whose state machine (procqueue.tasks) every move goes through - QUEUED
+while pending, DISPATCHED in a chunk, RETRY_WAIT during a backoff, back to QUEUED when its
+chunk lost a worker, then one of DONE, FAILED, CANCELLED - so each item gets exactly one
+``deliver``, and a move off that table raises IllegalTransition.
 
 Items travel in chunks: one Dask task (worker_side.run_chunk) runs a list of items and
 returns one row per item (ok, the pickled result or the pickled ErrorInfo, seconds, start),
@@ -51,7 +56,8 @@ Faults:
 
 Modules, each importing only those before it in this list:
   worker_side  what runs inside a Dask worker: run_chunk, timeouts, leases, rate windows
-  items        the driver's data: items, calls, pending queues, chunks, driver commands
+  items        the driver's data: items (DaskTask), calls (DaskJob), pending queues, chunks,
+               driver commands
   cluster      what the pool holds on the cluster: client, LocalCluster, plugin, semaphores
   options      the checks of the pool's and each call's options
   cluster_limits  the semaphores and rate windows of the pool, its queues, its calls, Limits

@@ -3,7 +3,8 @@
 _Dispatch holds the chunks in flight and the calls with items waiting for one.  Each round
 the driver asks it to fill the room the cluster has (INFLIGHT_CHUNKS_PER_THREAD chunks per
 Dask worker thread): the calls take turns (round robin), each turn one chunk of the size its
-sizer gives, items whose key is at its cap stay behind.  Only the driver thread calls it.
+sizer gives, items whose key is at its cap stay behind.  An item submitted in a chunk moves
+from QUEUED to DISPATCHED.  Only the driver thread calls it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from .items import _Call, _Chunk, _ChunkDone, _Item, Command
+from ...tasks import TaskState
+from .items import Command, DaskJob, DaskTask, _Chunk, _ChunkDone
 from .worker_side import run_chunk
 
 INFLIGHT_CHUNKS_PER_THREAD = 2  # submitted chunks per worker thread: one running, one waiting
@@ -28,14 +30,14 @@ class _Dispatch:
         self.client = client
         self.token = token
         self.post = post  # the driver's inbox: a chunk's end comes back as _ChunkDone
-        self.ready: deque[_Call] = deque()  # calls with pending items (round robin)
+        self.ready: deque[DaskJob] = deque()  # calls with pending items (round robin)
         self.inflight: dict[str, _Chunk] = {}
         self.chunk_ids = itertools.count(1)
         self.submitted = 0  # chunks submitted to Dask, ever
         self._nthreads = 0
         self._nthreads_at = -math.inf
 
-    def mark_ready(self, call: _Call) -> None:
+    def mark_ready(self, call: DaskJob) -> None:
         if call.pending and call not in self.ready:
             self.ready.append(call)
 
@@ -43,7 +45,7 @@ class _Dispatch:
         """The Dask worker threads of the cluster, as last asked (at least 1)."""
         return max(1, self._nthreads)
 
-    def fill(self, drop: Callable[[_Item], None]) -> None:
+    def fill(self, drop: Callable[[DaskTask], None]) -> None:
         """Submit chunks until the cluster has its share in flight or no call has an item
         that may start; `drop` ends an item whose Future was cancelled while it waited."""
         if not self.ready:
@@ -75,14 +77,14 @@ class _Dispatch:
             self._nthreads_at = now
         return INFLIGHT_CHUNKS_PER_THREAD * self.threads()
 
-    def _take_chunk(self, call: _Call, drop: Callable[[_Item], None]) -> list[_Item]:
+    def _take_chunk(self, call: DaskJob, drop: Callable[[DaskTask], None]) -> list[DaskTask]:
         size = call.sizer.next_size(len(call.pending), workers=self.threads())
-        items: list[_Item] = []
+        items: list[DaskTask] = []
         while len(items) < size:
             item = call.pending.pop()
             if item is None:
                 break
-            if item.done:
+            if item.state.terminal:
                 continue  # cancelled while it waited
             if item.isolate and items:
                 call.pending.push(item, item.key, front=True)
@@ -96,29 +98,30 @@ class _Dispatch:
                 break
         return items
 
-    def _hold_key(self, item: _Item) -> None:
+    def _hold_key(self, item: DaskTask) -> None:
         """Count the item as running under its key from now to its chunk's end: a chunk in
         flight may be running any of its items, so the cap holds for the items that run."""
-        keyed = item.call.keyed
+        keyed = item.job.keyed
         if keyed is not None:
             keyed.started(item.key)
             item.key_held = True
 
-    def _release_key(self, item: _Item) -> None:
-        keyed = item.call.keyed
+    def _release_key(self, item: DaskTask) -> None:
+        keyed = item.job.keyed
         if item.key_held and keyed is not None:
             item.key_held = False
             keyed.finished(item.key)
-            self.mark_ready(item.call)
+            self.mark_ready(item.job)
 
-    def _submit(self, call: _Call, items: list[_Item]) -> None:
+    def _submit(self, call: DaskJob, items: list[DaskTask]) -> None:
         key = f"procqueue-{self.token}-{call.id}-{next(self.chunk_ids)}"
         payloads = [item.payload for item in items]
         future = self.client.submit(run_chunk, call.fn_id, call.fn_payload, int(call.kind),
-                                    payloads, call.timeout_s, call.limits, call.rates, key=key,
-                                    pure=False)
+                                    payloads, call.timeout_s, call.semaphores, call.rates,
+                                    key=key, pure=False)
         chunk = _Chunk(key, call, items, future, time.time())
         for item in items:
+            item.move(TaskState.DISPATCHED)
             item.attempts += 1
             item.chunk = chunk
         self.inflight[key] = chunk

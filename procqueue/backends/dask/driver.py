@@ -4,7 +4,9 @@ It blocks in one ``inbox.get()``, applies the commands callers and Dask's done c
 there (items.py), has pending items put into chunks and submitted to Dask as run_chunk tasks
 (chunks.py), and turns each chunk's rows, as outcomes.py reads them, into exactly one outcome
 per item: delivered, retried after a backoff, re-run alone after a lost worker, failed or
-cancelled.  See the package docstring for the whole data flow.
+cancelled.  Each is a move of the item's Task (procqueue.tasks), so the state machine that
+guards the local pool's tasks guards these.  See the package docstring for the whole data
+flow.
 
 With a listener (DaskPool(on_event=...) or trace=), each attempt an item ran gets one
 TaskEvent, given in this thread before its outcome is delivered, as the local supervisor
@@ -25,11 +27,12 @@ from ...errors import PoolBrokenError, TaskCancelledError, TaskTimeoutError, ann
 from ...protocol import short_repr
 from ...retry import FailureKind, RetryPolicy
 from ...stats import TaskEvent
+from ...tasks import TaskState
 from .chunks import _Dispatch
 from .cluster import _close_quietly
 from .events import _Events, _Run, _Slots
-from .items import (Command, _CancelCall, _CancelItem, _Call, _Chunk, _ChunkDone, _Close,
-                    _InputDone, _Item, _Open, _Submit, _Terminate)
+from .items import (Command, DaskJob, DaskTask, _CancelCall, _CancelItem, _Chunk, _ChunkDone,
+                    _Close, _InputDone, _Open, _Submit, _Terminate)
 from .outcomes import (WorkerTally, cancelled_error, chunk_failure, crash_error,
                        is_killed_worker, read_row)
 from .worker_side import ChunkReport
@@ -39,6 +42,14 @@ class _Counters:
     def __init__(self) -> None:
         self.submitted = self.succeeded = self.failed = self.cancelled = 0
         self.retries = self.lost_chunks = 0
+
+    def ended(self, state: TaskState) -> None:
+        if state is TaskState.DONE:
+            self.succeeded += 1
+        elif state is TaskState.CANCELLED:
+            self.cancelled += 1
+        else:
+            self.failed += 1
 
 
 class _Driver:
@@ -52,10 +63,10 @@ class _Driver:
         self.policy = RetryPolicy(retries, retry_on)  # the local pool's, see retry.py
         self.allowed_failures = allowed_failures
         self.inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
-        self.calls: dict[int, _Call] = {}  # calls with work left, in submission order
+        self.calls: dict[int, DaskJob] = {}  # calls with work left, in submission order
         self.chunks = _Dispatch(client, token, self.post)  # chunks in flight, calls ready
         self.inflight = self.chunks.inflight  # by Dask key
-        self.retry_heap: list[tuple[float, int, _Item]] = []
+        self.retry_heap: list[tuple[float, int, DaskTask]] = []
         self.retry_seq = itertools.count()
         self.counts = _Counters()
         self.closing = False
@@ -67,7 +78,7 @@ class _Driver:
         self.thread = threading.Thread(target=self._run, name=f"procqueue-dask-{token}",
                                        daemon=True)
 
-    def cancel_task(self, item: _Item, running: bool) -> None:
+    def cancel_task(self, item: DaskTask, running: bool) -> None:
         """A submit() future's cancel()."""
         self.post(_CancelItem(item, running))
 
@@ -135,7 +146,7 @@ class _Driver:
 
     # ---- submission (chunks: chunks.py) ---------------------------------------------------
 
-    def _on_submit(self, call: _Call, items: list[_Item]) -> None:
+    def _on_submit(self, call: DaskJob, items: list[DaskTask]) -> None:
         self.calls[call.id] = call
         call.outstanding += len(items)
         self.counts.submitted += len(items)
@@ -181,13 +192,13 @@ class _Driver:
         for item, (ok, data, seconds, started_s) in zip(chunk.items, report.rows, strict=True):
             busy += seconds
             item.seconds, item.pid = seconds, report.pid
-            if not item.done:
+            if not item.state.terminal:
                 run = self.events.run(report.address, report.thread, started_s, seconds)
                 self._on_row(item, ok, data, run)
         chunk.call.sizer.observe(len(report.rows), busy)
         self.workers.record(report, busy)
 
-    def _on_row(self, item: _Item, ok: bool, data: bytes, run: _Run) -> None:
+    def _on_row(self, item: DaskTask, ok: bool, data: bytes, run: _Run) -> None:
         row = read_row(ok, data)
         self.events.emit(item, run, row.outcome, None if row.outcome == "ok" else row.value)
         if row.outcome == "ok":
@@ -233,10 +244,11 @@ class _Driver:
             if call.cancelled or self.state != "running":
                 self._finish(item, False, cancelled_error(item, "before it finished"))
             else:
+                item.move(TaskState.QUEUED)
                 call.pending.push(item, item.key, front=True)
         self.chunks.mark_ready(call)
 
-    def _after_failure(self, item: _Item, error: BaseException) -> None:
+    def _after_failure(self, item: DaskTask, error: BaseException) -> None:
         kind = FailureKind.TIMEOUT if isinstance(error, TaskTimeoutError) \
             else FailureKind.EXCEPTION
         if self._may_retry(item, item.attempts, kind, error):
@@ -244,12 +256,13 @@ class _Driver:
         else:
             self._fail(item, error)
 
-    def _may_retry(self, item: _Item, runs: int, kind: FailureKind, error: BaseException
+    def _may_retry(self, item: DaskTask, runs: int, kind: FailureKind, error: BaseException
                    ) -> bool:
-        return self.state == "running" and not item.call.cancelled \
+        return self.state == "running" and not item.job.cancelled \
             and self.policy.should_retry(runs, kind, error)
 
-    def _retry(self, item: _Item) -> None:
+    def _retry(self, item: DaskTask) -> None:
+        item.move(TaskState.RETRY_WAIT)
         self.counts.retries += 1
         due = time.monotonic() + self.policy.backoff(item.attempts)
         heapq.heappush(self.retry_heap, (due, next(self.retry_seq), item))
@@ -258,34 +271,30 @@ class _Driver:
         now = time.monotonic()
         while self.retry_heap and self.retry_heap[0][0] <= now:
             item = heapq.heappop(self.retry_heap)[2]
-            if item.done:
+            if item.state.terminal:
                 continue
-            if item.call.cancelled or self.state != "running":
+            if item.job.cancelled or self.state != "running":
                 self._finish(item, False, cancelled_error(item, "before its retry"))
                 continue
-            item.call.pending.push(item, item.key, front=True)
-            self.chunks.mark_ready(item.call)
+            item.move(TaskState.QUEUED)
+            item.job.pending.push(item, item.key, front=True)
+            self.chunks.mark_ready(item.job)
 
-    def _fail(self, item: _Item, error: BaseException) -> None:
+    def _fail(self, item: DaskTask, error: BaseException) -> None:
         annotate(error, index=item.index, input_repr=short_repr(item.input), pid=item.pid,
                  attempts=item.attempts)
         self._finish(item, False, error)
 
-    def _finish(self, item: _Item, ok: bool, value: Any) -> None:
-        """The only place an item gets its outcome; value None with not ok: a cancelled
-        Future (it knows already)."""
-        if item.done:
+    def _finish(self, item: DaskTask, ok: bool, value: Any) -> None:
+        """The only place an item gets its outcome, its move to a terminal state; value None
+        with not ok: a cancelled Future (it knows already)."""
+        if item.state.terminal:
             return
-        item.done = True
+        item.move(_terminal_state(ok, value))
         item.payload = None
-        call = item.call
+        call = item.job
         call.outstanding -= 1
-        if ok:
-            self.counts.succeeded += 1
-        elif isinstance(value, TaskCancelledError) or value is None:
-            self.counts.cancelled += 1
-        else:
-            self.counts.failed += 1
+        self.counts.ended(item.state)
         if value is not None or ok:
             try:
                 call.sink.deliver(item, ok, value)
@@ -293,23 +302,23 @@ class _Driver:
                 traceback.print_exc()
         self._forget_if_finished(call)
 
-    def _forget_if_finished(self, call: _Call) -> None:
+    def _forget_if_finished(self, call: DaskJob) -> None:
         if call.finished and self.calls.pop(call.id, None) is not None:
             for limit in call.owned_limits:
                 _close_quietly(limit)
 
     # ---- cancel / terminate ---------------------------------------------------------------
 
-    def _cancel_call(self, call: _Call, kill_running: bool, quiet: bool) -> None:
+    def _cancel_call(self, call: DaskJob, kill_running: bool, quiet: bool) -> None:
         call.cancelled = True
-        _close_window(call)
+        call.sink.stop_input()
         for item in call.pending.drain():
             self._finish(item, False, cancelled_error(item, "before it started"))
         if kill_running:
             for chunk in [c for c in self.inflight.values() if c.call is call]:
                 self._kill_chunk(chunk, "while running")
 
-    def _cancel_item(self, item: _Item, running: bool) -> None:
+    def _cancel_item(self, item: DaskTask, running: bool) -> None:
         chunk = item.chunk
         if chunk is not None and running and len(_alive(chunk.items)) == 1:
             self.chunks.forget(chunk)
@@ -329,7 +338,7 @@ class _Driver:
     def _terminate(self) -> None:
         self.state = "terminating"
         for call in list(self.calls.values()):
-            _close_window(call)
+            call.sink.stop_input()
         for chunk in list(self.inflight.values()):
             self._kill_chunk(chunk, "while running: the pool was terminated")
         for call in list(self.calls.values()):
@@ -352,13 +361,13 @@ class _Driver:
             for item in _alive(chunk.items):
                 self._finish_quietly(item, error)
         for call in list(self.calls.values()):
-            _close_window(call)
+            call.sink.stop_input()
             for item in call.pending.drain():
                 self._finish_quietly(item, error)
         for _, _, item in self.retry_heap:
             self._finish_quietly(item, error)
 
-    def _finish_quietly(self, item: _Item, error: BaseException) -> None:
+    def _finish_quietly(self, item: DaskTask, error: BaseException) -> None:
         try:
             self._finish(item, False, PoolBrokenError(str(error)))
         except Exception:
@@ -371,11 +380,13 @@ class _Driver:
         return queued, running
 
 
-def _alive(items: list[_Item]) -> list[_Item]:
-    return [item for item in items if not item.done]
+def _alive(items: list[DaskTask]) -> list[DaskTask]:
+    return [item for item in items if not item.state.terminal]
 
 
-def _close_window(call: _Call) -> None:
-    window = getattr(call.sink, "window", None)
-    if window is not None:
-        window.close()
+def _terminal_state(ok: bool, value: Any) -> TaskState:
+    if ok:
+        return TaskState.DONE
+    if value is None or isinstance(value, TaskCancelledError):
+        return TaskState.CANCELLED
+    return TaskState.FAILED

@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple
 
 from ...protocol import short_repr
 from ...stats import TaskEvent, event_error_text
-from .items import _Item
+from .items import DaskTask
 
 
 class _Slots:
@@ -53,12 +53,12 @@ class _Events:
             return _UNHEARD
         return _Run(self.slots.of(address, thread), started_s, started_s + seconds)
 
-    def emit(self, item: _Item, run: _Run, outcome: str, error: BaseException | None) -> None:
+    def emit(self, item: DaskTask, run: _Run, outcome: str, error: BaseException | None) -> None:
         """Give the listener the TaskEvent of the attempt `run` of `item`; a listener that
         raises is reported and changes nothing."""
         if self.listener is None:
             return
-        event = TaskEvent(item.call.id, item.index, short_repr(item.input), run.slot,
+        event = TaskEvent(item.job.id, item.index, short_repr(item.input), run.slot,
                           item.pid, item.attempts, run.start_s, run.end_s, outcome,
                           None if error is None else event_error_text(error))
         try:

@@ -1,11 +1,15 @@
 """The driver's data: what it owns and what it is told.
 
-_Item is one input of one call (what the result sinks see as a task), _Call one API call
-(map, imap, submit...) with its function, its sink and its limits, _Pending a call's items
-waiting for a chunk (FIFO, or fair across keys), _Chunk the items of one Dask task in
-flight.  The commands (_Submit, _Open, _InputDone, _ChunkDone, _CancelCall, _CancelItem,
-_Close, _Terminate) are everything that changes an item's state: callers and Dask's done
-callbacks post them to the driver's inbox, and only the driver thread applies them.
+The task model is the local pool's (procqueue.tasks): an item, one input of one call, is a
+DaskTask, a procqueue Task whose life is TaskState's state machine, so the guarantee of
+exactly one outcome per task, checked by Task.move, covers Dask too; a call (map, imap,
+submit...) is a DaskJob, a procqueue Job.  Each adds only what the cluster needs: a task its
+chunk and crash tally, a job its semaphores, rate windows and pending queue.  _Pending is a
+call's items waiting for a chunk (FIFO, or fair across keys), _Chunk the items of one Dask
+task in flight.  The commands (_Submit, _Open, _InputDone, _ChunkDone, _CancelCall,
+_CancelItem, _Close, _Terminate) are everything that changes an item's state: callers and
+Dask's done callbacks post them to the driver's inbox, and only the driver thread applies
+them.
 """
 
 from __future__ import annotations
@@ -19,31 +23,28 @@ from ...errors import argument_error
 from ...limits import KeyedLimit
 from ...limits.keyed import KeyedFifo
 from ...protocol import CallKind
+from ...tasks import Job, OutcomeSink, Task, new_id
 from .worker_side import RateSpec
 
 
-class _Item:
-    """One input of one call; what the result sinks see as a task (index, input, attempts,
-    seconds, pid)."""
+class DaskTask(Task):
+    """One input of one call: a procqueue Task, whose state only Task.move changes (QUEUED
+    while pending, DISPATCHED while in a chunk in flight, RETRY_WAIT during a backoff, then
+    exactly one of DONE, FAILED, CANCELLED: its outcome delivered), plus where it stands on
+    the cluster.  `attempts` counts the chunks it was sent in, less those that lost it
+    through no fault of its own."""
 
-    __slots__ = ("call", "index", "input", "payload", "error", "attempts", "seconds", "pid",
-                 "done", "isolate", "crash_runs", "chunk", "key", "key_held")
+    __slots__ = ("error", "isolate", "crash_runs", "chunk", "key_held")
 
-    def __init__(self, call: "_Call", index: int, item: Any, payload: bytes | None,
+    job: "DaskJob"  # narrowed: the driver reads the Dask fields of its call
+
+    def __init__(self, job: "DaskJob", index: int, value: Any, payload: bytes | None,
                  error: BaseException | None = None) -> None:
-        self.call = call
-        self.index = index
-        self.input = item
-        self.payload = payload
+        super().__init__(new_id(), job, index, payload, value)
         self.error = error  # set when the input could not be pickled: fails at once
-        self.attempts = 0  # runs started
-        self.seconds = 0.0  # run time of the last attempt
-        self.pid: int | None = None  # Dask worker process of the last attempt
-        self.done = False  # its one outcome was delivered
         self.isolate = False  # run alone: its chunk lost a worker, find out who did it
         self.crash_runs = 0  # runs that ended with the worker's death
         self.chunk: "_Chunk | None" = None  # in flight in this chunk
-        self.key: Any = None  # its concurrency key (calls with key=)
         self.key_held = False  # counted as running under its key (from chunk to chunk end)
 
 
@@ -56,7 +57,7 @@ class _KeySpec:
     per_key: int
 
 
-class _Pending(KeyedFifo[Any, "_Item"]):
+class _Pending(KeyedFifo[Any, DaskTask]):
     """A call's items waiting for a chunk: the local pool's queue of a call (KeyedFifo), its
     keyed call handing out only items whose key is under its cap, so a key with many items
     neither starves nor blocks the others."""
@@ -65,36 +66,33 @@ class _Pending(KeyedFifo[Any, "_Item"]):
         super().__init__(keyed=keyed is not None)
         self.keyed = keyed
 
-    def pop(self) -> _Item | None:
+    def pop(self) -> DaskTask | None:
         """The next item that may start now (its key under its cap); None if none may."""
         if self.keyed is None:
             return self.pop_startable()
         return self.pop_startable(self.keyed.can_start)
 
 
-class _Call:
-    """One API call (map, imap, submit...): its function, how to call it, its sink."""
+class DaskJob(Job):
+    """One API call (map, imap, submit...): a procqueue Job (its function, how to call it, its
+    sink, its sizer, its per-key limit), plus what the cluster holds for it and the driver's
+    tally of its items."""
 
-    def __init__(self, call_id: int, fn_id: int, fn_payload: bytes, kind: CallKind, sink: Any,
-                 *, timeout_s: float | None, limits: tuple[Any, ...],
+    __slots__ = ("semaphores", "owned_limits", "rates", "pending", "open", "outstanding")
+
+    def __init__(self, job_id: int, fn_id: int, fn_payload: bytes, kind: CallKind,
+                 sink: OutcomeSink, *, timeout_s: float | None, semaphores: tuple[Any, ...],
                  sizer: ChunkSizer, rates: tuple[RateSpec, ...] = (),
                  owned_limits: tuple[Any, ...] = (), keys: _KeySpec | None = None) -> None:
-        self.id = call_id
-        self.fn_id = fn_id
-        self.fn_payload = fn_payload
-        self.kind = kind
-        self.sink = sink
-        self.timeout_s = timeout_s
-        self.limits = limits  # distributed.Semaphore objects held by each of its chunks
+        keyed: KeyedLimit[Any] | None = None if keys is None else KeyedLimit(keys.per_key)
+        super().__init__(job_id, fn_id, fn_payload, kind, sink, timeout_s=timeout_s,
+                         sizer=sizer, keyed=keyed, key_fn=None if keys is None else keys.fn)
+        self.semaphores = semaphores  # distributed.Semaphore objects held by each chunk
         self.owned_limits = owned_limits  # this call's own, closed when it ends
-        self.sizer = sizer
         self.rates = rates  # rate windows each item takes a start from, where it runs
-        self.key_fn = None if keys is None else keys.fn
-        self.keyed: KeyedLimit[Any] | None = None if keys is None else KeyedLimit(keys.per_key)
-        self.pending = _Pending(self.keyed)
+        self.pending = _Pending(keyed)
         self.open = False  # a feeder may still add items
         self.outstanding = 0  # items without an outcome yet
-        self.cancelled = False
 
     @property
     def finished(self) -> bool:
@@ -104,7 +102,7 @@ class _Call:
 class _Chunk:
     __slots__ = ("key", "call", "items", "future", "submitted_s")
 
-    def __init__(self, key: str, call: _Call, items: list[_Item], future: Any,
+    def __init__(self, key: str, call: DaskJob, items: list[DaskTask], future: Any,
                  submitted_s: float) -> None:
         self.key = key
         self.call = call
@@ -117,18 +115,18 @@ class _Chunk:
 
 @dataclass(frozen=True)
 class _Submit:
-    call: _Call
-    items: list[_Item]
+    call: DaskJob
+    items: list[DaskTask]
 
 
 @dataclass(frozen=True)
 class _Open:
-    call: _Call
+    call: DaskJob
 
 
 @dataclass(frozen=True)
 class _InputDone:
-    call: _Call
+    call: DaskJob
 
 
 @dataclass(frozen=True)
@@ -138,14 +136,14 @@ class _ChunkDone:
 
 @dataclass(frozen=True)
 class _CancelCall:
-    call: _Call
+    call: DaskJob
     kill_running: bool
     quiet: bool  # the consumer is gone: nobody reads the cancelled outcomes
 
 
 @dataclass(frozen=True)
 class _CancelItem:
-    item: _Item
+    item: DaskTask
     running: bool
 
 
@@ -163,15 +161,15 @@ Command = (_Submit | _Open | _InputDone | _ChunkDone | _CancelCall | _CancelItem
            | _Terminate)
 
 
-def _make_item(call: _Call, index: int, value: Any) -> _Item:
+def _make_item(call: DaskJob, index: int, value: Any) -> DaskTask:
     """An item for one input; a problem with the input (it cannot be pickled, its key
     function raises) becomes that item's error, never the whole call's."""
     try:
-        item = _Item(call, index, value, _dumps_item(value))
+        item = DaskTask(call, index, value, _dumps_item(value))
     except Exception as exc:
         error = argument_error(f"the task's argument could not be pickled: {exc!r}; "
                                "make sure every argument is picklable", exc)
-        return _Item(call, index, value, None, error)
+        return DaskTask(call, index, value, None, error)
     if call.key_fn is not None:
         try:
             item.key = call.key_fn(value)

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from ...errors import (RemoteError, TaskCancelledError, TaskTimeoutError, WorkerCrashedError,
                        annotate)
 from ...protocol import restore_exception, short_repr, unreadable_result_error
-from .items import _Item
+from .items import DaskTask
 from .worker_side import ChunkReport
 
 
@@ -46,7 +46,7 @@ def chunk_failure(exc: BaseException | None) -> RemoteError:
     return error
 
 
-def crash_error(item: _Item, exc: Any, worker_pids: dict[str, int],
+def crash_error(item: DaskTask, exc: Any, worker_pids: dict[str, int],
                 allowed_failures: int) -> WorkerCrashedError:
     """The error of an item that killed its Dask worker every time it ran; sets its pid."""
     address = getattr(getattr(exc, "last_worker", None), "address", "?")
@@ -59,7 +59,7 @@ def crash_error(item: _Item, exc: Any, worker_pids: dict[str, int],
     return error
 
 
-def cancelled_error(item: _Item, when: str) -> TaskCancelledError:
+def cancelled_error(item: DaskTask, when: str) -> TaskCancelledError:
     error = TaskCancelledError(f"the task was cancelled {when}")
     annotate(error, index=item.index, input_repr=short_repr(item.input), pid=item.pid,
              attempts=item.attempts)

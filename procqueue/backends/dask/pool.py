@@ -42,7 +42,7 @@ from ...results import (ApplyResult, IMapIterator, MapResult, OutcomeIterator,
 from .cluster import CLOSE_TIMEOUT_S, _close_quietly, _Resources, _WorkerSetup
 from .cluster_limits import ClusterLimits
 from .driver import _Driver
-from .items import (_CancelCall, _Call, _Close, _InputDone, _Item, _Open, _Submit,
+from .items import (DaskJob, DaskTask, _CancelCall, _Close, _InputDone, _Open, _Submit,
                     _Terminate, _make_item)
 from .options import DEFAULT_CRASH_RETRIES, _call_options, check_pool_options
 from .worker_side import FUNCTION_CACHE_SIZE
@@ -281,7 +281,7 @@ class DaskPool(Pool):
         return self._state.value.lower()
 
     def _call(self, func: Callable[..., Any], kind: CallKind, sink: Any,
-              chunksize: int | None, options: dict[str, Any]) -> _Call:
+              chunksize: int | None, options: dict[str, Any]) -> DaskJob:
         if not callable(func):
             raise TypeError(f"{func!r} is not callable")
         settings = _call_options(options, self._timeout_s)
@@ -297,9 +297,9 @@ class DaskPool(Pool):
         # Under a rate, chunks keep their adaptive size: each item takes its start where it
         # runs, so a chunk cannot start its items early (the local pool's batches can).
         # (A fixed chunksize lives in the sizer, which always answers it.)
-        return _Call(call_id, fn_id, payload, kind, sink, timeout_s=settings.timeout_s,
-                     limits=gates.semaphores, sizer=self._sizer(fn_id, fixed), rates=gates.rates,
-                     owned_limits=gates.owned, keys=settings.keys)
+        return DaskJob(call_id, fn_id, payload, kind, sink, timeout_s=settings.timeout_s,
+                       semaphores=gates.semaphores, sizer=self._sizer(fn_id, fixed),
+                       rates=gates.rates, owned_limits=gates.owned, keys=settings.keys)
 
     def _sizer(self, fn_id: int, fixed: int | None) -> ChunkSizer:
         if fixed is not None:
@@ -335,21 +335,21 @@ class DaskPool(Pool):
     def _window_size(self) -> int:
         return window_size(self._driver.threads())  # a worker thread runs an item at a time
 
-    def _post_items(self, call: _Call, values: Iterable[Any],
-                    journal: _JournaledCall | None = None) -> list[_Item]:
+    def _post_items(self, call: DaskJob, values: Iterable[Any],
+                    journal: _JournaledCall | None = None) -> list[DaskTask]:
         items = self._items_to_run(call, 0, values, journal)
         self._driver.post(_Submit(call, items))  # (none left: the driver forgets the call)
         return items
 
-    def _items_to_run(self, call: _Call, start: int, values: Iterable[Any],
-                      journal: _JournaledCall | None) -> list[_Item]:
+    def _items_to_run(self, call: DaskJob, start: int, values: Iterable[Any],
+                      journal: _JournaledCall | None) -> list[DaskTask]:
         """The items of inputs start, start+1, ...: one per input, except the inputs an
         earlier run journaled, whose stored outcomes the journal reports instead (in input
         order: a repeated input is an input of its own each time)."""
         return [_make_item(call, i, value) for i, value in enumerate(values, start)
                 if journal is None or not journal.replayed(i, value)]
 
-    def _journaled(self, func: Callable[..., Any], call: _Call) -> _JournaledCall | None:
+    def _journaled(self, func: Callable[..., Any], call: DaskJob) -> _JournaledCall | None:
         """The journal of a map/imap call (None: the pool has none), which opens the pool's
         journal at its first call; if it refuses the call (JournalMismatchError...), the
         call's own semaphore goes with it."""
@@ -391,7 +391,7 @@ class DaskPool(Pool):
         self._start_input_feed(call, stream, iterable, journal)
         return iterator
 
-    def _start_input_feed(self, call: _Call, stream: ResultStream, iterable: Iterable[Any],
+    def _start_input_feed(self, call: DaskJob, stream: ResultStream, iterable: Iterable[Any],
                           journal: _JournaledCall | None) -> None:
         """The local pool's feeding loop (input_feed.InputFeed), handing the driver items; a
         journaled input holds its place in the window, as an item would, until its replayed
