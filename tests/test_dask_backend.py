@@ -521,6 +521,192 @@ def test_a_named_limit_is_shared_by_the_pools_on_a_cluster(client: Any, tmp_path
         assert other.map(square, [3], limit=limit) == [9]  # the same values: shared still
 
 
+def hold_until(directory: str, item: Any, release: str) -> Any:
+    """Record that `item` started (a file of its own), then run until `release` exists."""
+    Path(directory, f"{item}-{time.monotonic_ns()}").touch()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return item
+
+
+def _named_limit_leases(dask_scheduler: Any, name: str) -> dict[str, int]:
+    """The leases held on a named Limit's semaphores (its concurrency's and its rate's)."""
+    extension = dask_scheduler.extensions["semaphores"]
+    prefix = f"procqueue.limit.{name}"
+    return {key: len(extension.leases.get(key, {})) for key in extension.max_leases
+            if str(key) in (prefix, f"{prefix}.rate")}
+
+
+def _executing_total(client: Any) -> int:
+    return sum(client.run(_executing).values())
+
+
+def _unique_limit_name() -> str:
+    return f"pq-dask-{os.getpid()}-{time.monotonic_ns()}"
+
+
+@pytest.mark.timeout(60)
+def test_a_terminated_pools_items_waiting_for_a_named_limit_never_start(
+        client: Any, tmp_path: Path) -> None:
+    name = _unique_limit_name()
+    limit = procqueue.Limit(name, concurrency=1)
+    ran_a, ran_b, release = tmp_path / "a", tmp_path / "b", tmp_path / "release"
+    ran_a.mkdir()
+    ran_b.mkdir()
+    with DaskPool(client=client) as a:
+        held = a.apply_async(hold_until, (str(ran_a), "a", str(release)), limit=limit)
+        try:
+            _wait_for(lambda: any(ran_a.iterdir()))  # a holds the Limit's one lease
+            # b also waits on a semaphore of its own: a mix of gates, the Limit's taken last
+            b = DaskPool(client=client, concurrency=2)
+            waiting = b.starmap_async(hold_until,
+                                      [(str(ran_b), i, str(release)) for i in range(4)],
+                                      chunksize=1, limit=limit)
+            _wait_for(lambda: _executing_total(client) == 2)  # b's chunk waits on the worker
+            b.terminate()
+            # b's chunk stops waiting although a still holds the lease it waited for
+            _wait_for(lambda: _executing_total(client) == 1, timeout_s=10)
+            assert client.run_on_scheduler(_named_limit_leases, name=name) == {
+                f"procqueue.limit.{name}": 1}
+        finally:
+            release.touch()  # whatever failed, the workers are not held for the next test
+        assert held.get(timeout=30) == "a"
+    _wait_for(lambda: _executing_total(client) == 0, timeout_s=10)
+    with pytest.raises(Exception):
+        waiting.get(timeout=5)
+    assert not any(ran_b.iterdir())  # none of b's items ever started
+    # no lease of b's was left on the shared semaphore: another pool gets the whole Limit
+    assert client.run_on_scheduler(_named_limit_leases, name=name) == {
+        f"procqueue.limit.{name}": 0}
+    with DaskPool(client=client) as c:
+        assert c.map(square, range(4), chunksize=1, limit=limit) == [0, 1, 4, 9]
+    assert client.run_on_scheduler(_procqueue_semaphores) == {}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("timeout", [None, 30.0], ids=["untimed", "timed"])
+def test_a_terminated_pools_items_waiting_for_a_named_limits_start_never_start(
+        client: Any, tmp_path: Path, timeout: float | None) -> None:
+    name = _unique_limit_name()
+    limit = procqueue.Limit(name, rate=procqueue.Rate(1, per=30))
+    ran_a, ran_b = tmp_path / "a", tmp_path / "b"
+    ran_a.mkdir()
+    ran_b.mkdir()
+    with DaskPool(client=client) as a:  # a's one item takes the window's one start
+        assert a.starmap(span, [(str(ran_a), "a", 0.0)], limit=limit) == ["a"]
+    # b's items wait for a start the window gives in 30 s, under b's own rate too
+    b = DaskPool(client=client, rate="10/s", timeout=timeout)
+    waiting = b.starmap_async(span, [(str(ran_b), i, 0.0) for i in range(4)], chunksize=1,
+                              limit=limit)
+    _wait_for(lambda: _executing_total(client) == 2)
+    b.terminate()
+    _wait_for(lambda: _executing_total(client) == 0, timeout_s=10)
+    with pytest.raises(Exception):
+        waiting.get(timeout=5)
+    assert not any(ran_b.iterdir())
+    # only a's start holds the window: b's waits gave back whatever they were granted
+    assert client.run_on_scheduler(_named_limit_leases, name=name) == {
+        f"procqueue.limit.{name}.rate": 1}
+    assert client.run_on_scheduler(_procqueue_semaphores) == {}
+
+
+def _has_cancelled_task(dask_worker: Any) -> bool:
+    """The worker was told a task it runs is no longer wanted (it cannot stop it)."""
+    return any(ts.state == "cancelled" for ts in dask_worker.state.tasks.values())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("timeout", [None, 30.0], ids=["untimed", "timed"])
+def test_a_terminated_pools_running_chunk_starts_none_of_its_later_items(
+        client: Any, tmp_path: Path, timeout: float | None) -> None:
+    release = tmp_path / "release"
+    pool = DaskPool(client=client, timeout=timeout)  # no limit: nothing to wait for
+    try:
+        pool.starmap_async(hold_until, [(str(tmp_path), i, str(release)) for i in range(3)],
+                           chunksize=3)
+        _wait_for(lambda: any(p.name.startswith("0-") for p in tmp_path.iterdir()))
+        pool.terminate()
+        _wait_for(lambda: any(client.run(_has_cancelled_task).values()), timeout_s=10)
+    finally:
+        release.touch()
+    _wait_for(lambda: _executing_total(client) == 0, timeout_s=10)
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir() if p != release] == ["0"]
+
+
+class _FakeTask:
+    """A worker's TaskState, as _Abandoned reads it."""
+
+    state = "executing"
+
+
+class _FakeSemaphore:
+    """Times out `polls` times, then grants; the task is cancelled at poll `cancel_at`."""
+
+    def __init__(self, task: _FakeTask, polls: int, cancel_at: int) -> None:
+        self.task, self.polls, self.cancel_at = task, polls, cancel_at
+        self.asked = self.released = 0
+
+    def acquire(self, timeout: float) -> bool:
+        self.asked += 1
+        if self.asked == self.cancel_at:
+            self.task.state = "cancelled"
+        return self.asked > self.polls
+
+    def release(self) -> None:
+        self.released += 1
+
+
+class _FakeWindow:
+    """A worker's rate window that grants at once, cancelling the task if told to."""
+
+    def __init__(self, task: _FakeTask, cancel_on_grant: bool = False) -> None:
+        self.task, self.cancel_on_grant = task, cancel_on_grant
+        self.started = self.given_back = 0
+
+    def acquire(self, unwanted: Any) -> None:
+        if self.cancel_on_grant:
+            self.task.state = "cancelled"
+
+    def start_now(self) -> None:
+        self.started += 1
+
+    def give_back_unused(self) -> None:
+        self.given_back += 1
+
+
+def test_a_lease_wait_ends_holding_nothing_once_its_chunk_is_cancelled() -> None:
+    from procqueue.backends.dask import worker_side
+
+    task = _FakeTask()
+    semaphore = _FakeSemaphore(task, polls=5, cancel_at=2)
+    with pytest.raises(RuntimeError, match="the pool ended while this item waited"):
+        with worker_side._lease(semaphore, worker_side._Unwanted(task)):
+            pytest.fail("the chunk ran under a lease it never got")
+    assert (semaphore.asked, semaphore.released) == (2, 0)
+    # granted as the chunk is cancelled: the lease is held and given back, no item starts
+    task = _FakeTask()
+    granted = _FakeSemaphore(task, polls=0, cancel_at=1)
+    unwanted = worker_side._Unwanted(task)
+    with pytest.raises(RuntimeError, match="the pool ended"):
+        with worker_side._lease(granted, unwanted):
+            worker_side._Starts([], unwanted).take()
+    assert granted.released == 1
+
+
+def test_a_start_granted_as_the_chunk_is_cancelled_is_given_back_unused() -> None:
+    from procqueue.backends.dask import worker_side
+
+    task = _FakeTask()
+    windows = [_FakeWindow(task), _FakeWindow(task, cancel_on_grant=True)]
+    starts = worker_side._Starts(windows, worker_side._Unwanted(task))  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="the pool ended while this item waited for its start"):
+        starts.take()
+    assert [(w.started, w.given_back) for w in windows] == [(0, 1), (0, 1)]
+    # outside a Dask task, a chunk is always wanted
+    assert not worker_side._Unwanted.of_this_task()()
+
+
 # ---- the run's records: events, trace, journal ------------------------------------------------
 
 def test_on_event_gets_one_event_per_input_with_its_outcome_and_its_workers_times(

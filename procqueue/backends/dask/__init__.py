@@ -39,7 +39,9 @@ Limits, each enforced where it holds for the whole cluster (cluster_limits.py):
     back `per` seconds after it started: a sliding window over every worker
     (worker_side._RateWindow);
   * a named Limit's semaphores are named after it, not after the pool, so every pool on the
-    cluster using that name shares them, and no pool closes them;
+    cluster using that name shares them, and no pool closes them; a chunk's wait on them
+    (or on any lease or start) ends instead when its pool lets go of the chunk, which the
+    worker sees on its own (worker_side._Unwanted), and then none of its items starts;
   * key / key_concurrency (call): counted here, by the driver, which sees every item of the
     call: an item holds its key from the moment it is put in a chunk to that chunk's end, and
     keyed items wait in a FairQueue (round robin across keys, items._Pending), as in the

@@ -11,7 +11,8 @@ chunk holds while it runs, and the rate windows each item takes its start from.
 
 What a pool owns is closed with it (cluster._Resources).  No pool closes a named Limit's
 semaphores: other pools and programs may be using them, and they stay on the scheduler as a
-local Limit's shared memory stays on its machine.
+local Limit's shared memory stays on its machine.  A chunk of an ended pool still waiting on
+them stops anyway, when the worker learns its task was cancelled (worker_side._Unwanted).
 
 A chunk takes its leases in one order (the pool's, the queue's, the call's, the Limit's):
 the only lease two pools share comes last, so no two chunks wait on each other in a cycle.

@@ -5,7 +5,8 @@ run_chunk is one Dask task: it runs a chunk's items in order and returns one row
 it: the worker's cache of unpickled functions, an item's call (the shared
 item_run.run_item), per-item timeouts (_TimedRun watching an _ItemThread), the concurrency leases a
 chunk holds, and the worker's side of the cluster-wide rate windows (_RateWindow: the pool's,
-a named queue's, a named Limit's) an item takes its start from (_Starts).  Dask
+a named queue's, a named Limit's) an item takes its start from (_Starts), which no item of a
+pool that let go of its chunk gets (_Unwanted).  Dask
 workers unpickle run_chunk, seal_rate_window and close_rate_window by reference
 (procqueue.backends.dask.worker_side.<name>), so procqueue must be importable there
 (docs/dask.md); this module imports only the shared task model, so that a worker loads no
@@ -35,6 +36,8 @@ FUNCTION_CACHE_SIZE = 64  # functions a Dask worker keeps unpickled, by fn_id
 # A lease wait asks the scheduler again this often (seconds), so that a wait on a semaphore
 # its pool closed meanwhile (terminate) ends with an error instead of holding the worker
 # thread forever: the scheduler forgets the waiters of a closed semaphore without waking them.
+# Between two asks it also looks whether its pool let go of the chunk (_Unwanted): a named
+# Limit's semaphore outlives every pool, so only that tells its waiter to stop.
 LEASE_POLL_S = 1.0
 # A start's rate lease is given back this much later than `per` seconds after it was granted
 # (seconds): the item itself starts a moment after the grant (as START_SKEW_MARGIN_S does
@@ -79,10 +82,11 @@ def run_chunk(fn_id: int, fn_payload: bytes, kind: int, payloads: list[bytes],
     rate window in `rates` right before it runs."""
     fn, fn_error = _load_function(fn_id, fn_payload)
     call_kind = CallKind(kind)
-    gate = _Starts([_rate_window(rate) for rate in rates]) if rates else None
+    unwanted = _Unwanted.of_this_task()
+    gate = _Starts([_rate_window(rate) for rate in rates], unwanted)
     with contextlib.ExitStack() as stack:
         for limit in limits:
-            stack.enter_context(_lease(limit))
+            stack.enter_context(_lease(limit, unwanted))
         if timeout_s is None:
             rows = [_run_item(fn, fn_error, call_kind, p, gate) for p in payloads]
         else:
@@ -90,15 +94,56 @@ def run_chunk(fn_id: int, fn_payload: bytes, kind: int, payloads: list[bytes],
     return ChunkReport(os.getpid(), _worker_address(), threading.get_ident(), rows)
 
 
-def _acquire_lease(semaphore: Any) -> None:
-    """Block until the distributed.Semaphore grants a lease (see LEASE_POLL_S)."""
+class _PoolEnded(RuntimeError):
+    """The chunk's pool ended (or cancelled it) before an item of it could start: the chunk
+    fails, unread, and none of its later items starts."""
+
+
+class _Unwanted:
+    """Whether the pool has let go of this chunk.  A named Limit's semaphores and rate
+    window are never closed, so a wait on them cannot learn of the pool's end from them.
+    But every end of a pool (terminate(), the end of `with`, garbage collection, a broken
+    pool) and a cancel cancel or drop the chunk's future, and the scheduler then tells the
+    worker, which marks the task it cannot stop "cancelled" (distributed's worker state
+    machine): the word of the pool's end is already on the worker, with nothing to create
+    on the scheduler or remove from it.  Reading it is an attribute read, no round trip, so
+    it is checked before every item and between a lease wait's polls.  Outside a Dask task
+    (no worker) a chunk is always wanted."""
+
+    def __init__(self, task: Any) -> None:
+        self.task = task  # the worker's TaskState of the running chunk, or None
+
+    @classmethod
+    def of_this_task(cls) -> "_Unwanted":
+        """Called in the Dask task's thread: the item threads of a timed run have no
+        worker context of their own, so they share the state captured here."""
+        try:
+            worker = _distributed().get_worker()
+            return cls(worker.state.tasks.get(worker.get_current_task()))
+        except (ValueError, KeyError, AttributeError):
+            return cls(None)
+
+    def __call__(self) -> bool:
+        return self.task is not None and self.task.state == "cancelled"
+
+    def check(self, what: str) -> None:
+        if self():
+            raise _PoolEnded(f"the pool ended while this item waited for {what}")
+
+
+_ALWAYS_WANTED = _Unwanted(None)
+
+
+def _acquire_lease(semaphore: Any, unwanted: _Unwanted = _ALWAYS_WANTED) -> None:
+    """Block until the distributed.Semaphore grants a lease (see LEASE_POLL_S);
+    _PoolEnded, holding no lease, if the chunk's pool lets go of it meanwhile."""
     while not semaphore.acquire(timeout=LEASE_POLL_S):
-        pass
+        unwanted.check("its lease")
 
 
 @contextlib.contextmanager
-def _lease(semaphore: Any) -> Iterator[None]:
-    _acquire_lease(semaphore)
+def _lease(semaphore: Any, unwanted: _Unwanted = _ALWAYS_WANTED) -> Iterator[None]:
+    _acquire_lease(semaphore, unwanted)
     try:
         yield
     finally:
@@ -134,10 +179,10 @@ class _RateWindow:
         self.sealed = False  # the pool is ending: no item may start any more
         self.closed = False  # the pool ended: every lease was given back (event loop only)
 
-    def acquire(self) -> None:
+    def acquire(self, unwanted: _Unwanted = _ALWAYS_WANTED) -> None:
         """Block until a lease is granted; it is held until start_now() says when the item
         starts.  RuntimeError if the pool ended meanwhile: its item must not start."""
-        _acquire_lease(self.semaphore)
+        _acquire_lease(self.semaphore, unwanted)
         if self.sealed:  # granted by a lease the ending pool gave back: not a start
             self.semaphore.release()
             raise RuntimeError("the pool ended while this item waited for its start")
@@ -183,22 +228,28 @@ class _RateWindow:
 
 
 class _Starts:
-    """The rate windows an item takes its start from (the pool's, its queue's, its Limit's).
+    """What an item waits for right before it starts: a start from each rate window of its
+    chunk (the pool's, its queue's, its Limit's; maybe none), and its pool still wanting it.
     A lease granted early counts from the item's real start, after the last window granted
     one: a lease held while the item waited for another window must not leave its window
     before the start it stands for does."""
 
-    def __init__(self, windows: list[_RateWindow]) -> None:
+    def __init__(self, windows: list[_RateWindow], unwanted: _Unwanted) -> None:
         self.windows = windows
+        self.unwanted = unwanted
 
     def take(self) -> None:
         """Block until every window grants a start; RuntimeError (every lease given back)
-        if a pool ended meanwhile."""
+        if a pool ended meanwhile, before or while it waited, or as the last lease came."""
+        self.unwanted.check("its start")
+        if not self.windows:
+            return
         granted: list[_RateWindow] = []
         try:
             for window in self.windows:
-                window.acquire()
+                window.acquire(self.unwanted)
                 granted.append(window)
+            self.unwanted.check("its start")  # a start granted too late: not a start
         except BaseException:
             for window in granted:
                 window.give_back_unused()
@@ -278,9 +329,8 @@ class _Interrupt(BaseException):
 
 
 def _run_item(fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKind,
-              payload: bytes, gate: _Starts | None) -> Row:
-    if gate is not None:
-        gate.take()
+              payload: bytes, gate: _Starts) -> Row:
+    gate.take()
     started = time.monotonic()  # after the rate gate: waiting for a start is not run time
     ok, data = _call_item(fn, fn_error, kind, payload)
     return ok, data, time.monotonic() - started, _wall_time(started)
@@ -331,12 +381,11 @@ class _ItemThread:
         for i in range(self.start, len(run.payloads)):
             if self.abandoned:
                 return
-            if run.gate is not None:
-                try:
-                    run.gate.take()  # before the item's clock: its timeout counts from here
-                except Exception as exc:  # the pool's semaphore is gone (terminated)
-                    self.events.put(("error", i, exc))
-                    return
+            try:
+                run.gate.take()  # before the item's clock: its timeout counts from here
+            except Exception as exc:  # the pool ended (or its semaphore is gone)
+                self.events.put(("error", i, exc))
+                return
             started = time.monotonic()
             try:
                 with self.lock:
@@ -367,7 +416,7 @@ class _TimedRun:
     extension), its thread is abandoned and the next items run on a fresh one."""
 
     def __init__(self, fn: Callable[..., Any] | None, fn_error: bytes | None, kind: CallKind,
-                 payloads: list[bytes], timeout_s: float, gate: _Starts | None) -> None:
+                 payloads: list[bytes], timeout_s: float, gate: _Starts) -> None:
         self.fn, self.fn_error, self.kind = fn, fn_error, kind
         self.payloads = payloads
         self.timeout_s = timeout_s
