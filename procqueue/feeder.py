@@ -15,6 +15,7 @@ from typing import Any, Iterable
 from .inbox import CloseJob, OpenJob, SubmitTasks
 from .input_feed import InputFeed, Inputs
 from .pool_journal import JournaledCall
+from .program_fork import note_thread_ending
 from .results import ResultStream
 from .submission import Submitter
 from .tasks import Job
@@ -47,7 +48,10 @@ class Feeder:
 
     def run(self) -> None:
         """The feeder thread."""
-        self.feed.run()
+        try:
+            self.feed.run()
+        finally:
+            note_thread_ending()
 
     def _submit(self, first: int, items: Inputs) -> None:
         submitter = self.submitter

@@ -34,6 +34,8 @@ import signal
 import socket
 import stat
 import sys
+import threading
+import time
 import types
 from multiprocessing import forkserver, popen_forkserver, reduction, spawn
 from multiprocessing.context import ForkServerContext, ForkServerProcess, set_spawning_popen
@@ -55,16 +57,37 @@ STOP_WAIT_S = 2.0  # how long to wait for a stopped server to exit (it exits at 
 # Programs that must never have their pool's server forked from them set this to "0".
 ENV_SWITCH = "PROCQUEUE_FORK_PROGRAM"
 
+# How long a pool being made waits for procqueue's own threads that have ended to be gone from
+# the kernel's list (they go within a millisecond or so; a loaded machine may take longer).
+THREAD_EXIT_WAIT_S = 0.2
+
+_ENDING_THREADS: set[int] = set()  # native ids of procqueue threads past their last line
 _SERVERS: dict[int, "ProgramForkServer"] = {}  # id -> server, looked up by _launch
 _KEPT_MAINS: list[types.ModuleType] = []  # in a server: the program's main module, kept alive
 
 
+def note_thread_ending() -> None:
+    """The last call of a procqueue thread (a pool's supervisor, a feeder).  Thread.join()
+    returns before the OS thread is gone, so a pool made right after another one's join()
+    would still see it in /proc: program_has_one_thread() waits a moment for these only."""
+    _ENDING_THREADS.add(threading.get_native_id())
+
+
 def program_has_one_thread() -> bool:
     """Whether this process has exactly one OS thread now (Python's and C libraries')."""
-    try:
-        return len(os.listdir("/proc/self/task")) == 1
-    except OSError:
-        return False
+    deadline = time.monotonic() + THREAD_EXIT_WAIT_S
+    while True:
+        try:
+            tasks = {int(name) for name in os.listdir("/proc/self/task")}
+        except (OSError, ValueError):
+            return False
+        others = tasks - {threading.get_native_id()}
+        _ENDING_THREADS.intersection_update(others)  # forget those gone (their ids recycle)
+        if not others:
+            return True
+        if not others <= _ENDING_THREADS or time.monotonic() > deadline:
+            return False
+        time.sleep(0.0005)
 
 
 def program_rss_bytes() -> int:
@@ -203,8 +226,6 @@ def _shared_server_runs() -> bool:
 
 
 def _reap(pid: int) -> None:
-    import time
-
     deadline = time.monotonic() + STOP_WAIT_S
     pause = 0.0002
     try:

@@ -44,6 +44,7 @@ from .errors import PoolBrokenError, TaskCancelledError, describe_exit
 from .inbox import (CancelJob, CancelTask, Close, CloseJob, Command, Inbox, OpenJob,
                     SubmitTasks, Terminate)
 from .outcomes import TaskEvents, WorkerOutcomes
+from .program_fork import note_thread_ending
 from .protocol import (BatchResults, BlockResults, InitFailed, InitializerCall, MemfdPool,
                        Ready, loads_message, restore_exception)
 from .retry import RetryPolicy
@@ -178,6 +179,7 @@ class Supervisor:
         finally:
             self._release_everything()
             self.spawned.set()
+            note_thread_ending()
 
     def _step(self) -> None:
         timeout = self._seconds_until_next_deadline(time.monotonic())

@@ -21,7 +21,8 @@ ALLOWED: dict[str, set[str]] = {
              "protocol", "admission", "journal", "trace", "affinity", "limits", "backends", "calls",
              "call_options", "job_maker", "submission", "feeder", "input_feed", "pool_journal"},
     # the feeder thread of a lazy call (imap*): takes inputs as its window has room
-    "feeder": {"input_feed", "submission", "pool_journal", "inbox", "results", "tasks"},
+    "feeder": {"input_feed", "submission", "pool_journal", "inbox", "results", "tasks",
+               "program_fork"},
     # a lazy call's feeding loop, the same for every backend
     "input_feed": {"results"},
     # a call's inputs as Tasks and Blocks, posted to the supervisor in groups
@@ -44,6 +45,7 @@ ALLOWED: dict[str, set[str]] = {
     "stored_call": set(),
     # the loop only: detects events and sequences the parts below
     "supervisor": {"inbox", "dispatch", "outcomes", "cancelling", "worker_slots", "blocks", "stats",
+                   "program_fork",
                    "retry",
                    "task_book", "timeouts", "scheduler", "tasks", "protocol", "errors",
                    "config"},

@@ -179,14 +179,17 @@ def test_a_pool_whose_server_was_killed_goes_on_with_the_shared_server(tmp_path)
 @pytest.mark.timeout(60)
 def test_two_pools_one_after_the_other_each_fork_their_own_server(tmp_path):
     out = run_program(tmp_path, """
-        pids = []
+        pids, parents = [], []
         for _ in range(2):
             with procqueue.Pool(1) as pool:
                 pids.append(pool.apply(os.getppid))
-            pool.join()
-        print(json.dumps({"servers": pids, "left": our_children()}))
+                parents.append(pool.apply(parent_cmdline, (0,)))
+            pool.join()  # the second pool is made right after: the first one's thread is gone
+        print(json.dumps({"servers": pids, "parents": parents,
+                          "me": psutil.Process().cmdline(), "left": our_children()}))
         """, threaded=False)
     assert out["servers"][0] != out["servers"][1] and out["left"] == []
+    assert out["parents"] == [out["me"]] * 2  # both forks of the program
 
 
 @pytest.mark.timeout(60)
