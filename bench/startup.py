@@ -88,12 +88,15 @@ def run_cell(python: str, script: Path, env: dict[str, str], cwd: Path) -> dict[
 
 
 def run_command(python: str, folder: Path, env: dict[str, str]) -> dict[str, float]:
-    """`procqueue map` on one input, from outside (the command's whole run)."""
+    """`procqueue map` on one input, from outside (the command's whole run), with the
+    console script installed beside `python`."""
     (folder / "one").mkdir(exist_ok=True)
     (folder / "one" / "a.txt").write_text("hello\n")
     (folder / "job.py").write_text("def process(path):\n    return len(open(path).read())\n")
-    command = [python, "-c", "import sys; from procqueue.cli import main; "
-               "sys.argv[0] = 'procqueue'; main()", "map", "job.py", "one", "-j", "2", "-q"]
+    # The installed console script, as users run it: its main module is a file, so the
+    # pool gets the default start method a script gets (under `python -c` it would be fork)
+    script = os.path.join(os.path.dirname(python), "procqueue")
+    command = [python, script, "map", "job.py", "one", "-j", "2", "-q"]
     start = time.perf_counter()
     run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=folder,
                          timeout=120)
