@@ -177,8 +177,10 @@ def render(rows: dict[str, list[dict[str, float]]], commands: dict[str, list[flo
         return f"{1e3 * statistics.median(values):.0f}"
 
     ours = rows["procqueue"]
+    python = "" if args.python == sys.executable else f" --python {args.python}"
+    before = f" --before-python {args.before_python}" if args.before_python else ""
     lines = [f"Start-up, cold, {JOBS} workers: `python3 bench/startup.py --rounds {args.rounds}"
-             f"{' --before-python ' + args.before_python if args.before_python else ''}` "
+             f"{python}{before}` "
              f"({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load "
              f"{os.getloadavg()[0]:.1f} at the end). Medians in ms; `python -c pass` takes "
              f"{1e3 * bare:.0f} ms here.", "",
