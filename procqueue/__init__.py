@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 # Light (multiprocessing only); installs the hook that tells a start method the program chose
 # with multiprocessing.set_start_method() from one multiprocessing fixed by itself.
 from . import fork_server as fork_server
+from .lazy import lazy_getattr
 
 if TYPE_CHECKING:  # explicit re-exports for type checkers; loaded lazily at run time
     from .journal import Journal as Journal
@@ -111,15 +112,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'procqueue' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(globals(), _LAZY)
 
 
 def __dir__() -> list[str]:

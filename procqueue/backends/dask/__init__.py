@@ -73,6 +73,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ...lazy import lazy_getattr
+
 if TYPE_CHECKING:  # explicit re-exports for type checkers; loaded lazily at run time
     from .cluster import cluster_config as cluster_config
     from .cluster import require_distributed as require_distributed
@@ -100,15 +102,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(globals(), _LAZY)
 
 
 def __dir__() -> list[str]:
