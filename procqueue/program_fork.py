@@ -320,9 +320,18 @@ class _Popen(_ForkServerPopen):  # type: ignore[misc]
 
     def _launch(self, process_obj: Any) -> None:
         server = _SERVERS.get(getattr(process_obj, "_procqueue_server", -1))
-        if server is None or not server.serves():
-            super()._launch(process_obj)
-            return
+        if server is not None and server.serves():
+            try:
+                self._launch_through(server, process_obj)
+                return
+            except (OSError, EOFError):
+                # It died after serves() looked (killed, and not yet a zombie then): it is
+                # going, so stop it and start this worker from the shared server instead.
+                self._forget_attempt()
+                server.stop()
+        super()._launch(process_obj)
+
+    def _launch_through(self, server: ProgramForkServer, process_obj: Any) -> None:
         prepared = io.BytesIO()
         set_spawning_popen(self)
         try:
@@ -337,6 +346,12 @@ class _Popen(_ForkServerPopen):  # type: ignore[misc]
         with open(data_w, "wb", closefd=True) as pipe:
             pipe.write(prepared.getbuffer())
         self.pid = forkserver.read_signed(self.sentinel)
+
+    def _forget_attempt(self) -> None:
+        if getattr(self, "finalizer", None) is not None:
+            self.finalizer()  # closes the sentinel and the copy of the data pipe
+        self.finalizer = None
+        self.sentinel = None
 
 
 class _Process(ForkServerProcess):

@@ -167,13 +167,16 @@ def test_a_pool_whose_server_was_killed_goes_on_with_the_shared_server(tmp_path)
     out = run_program(tmp_path, """
         with procqueue.Pool(2, retries=2) as pool:
             server = pool.apply(os.getppid)
+            workers = [psutil.Process(w.pid) for w in pool.stats().workers]
             os.kill(server, signal.SIGKILL)
+            # SIGKILL takes effect a moment later: the old workers could still run the tasks
+            psutil.wait_procs(workers, timeout=10)
             results = pool.map(abs, range(-20, 0))
             parents = pool.map(parent_cmdline, range(4))
         print(json.dumps({"results": results, "parents": parents}))
         """, threaded=False)
     assert out["results"] == list(range(20, 0, -1))
-    assert all("multiprocessing.forkserver" in " ".join(p) for p in out["parents"])
+    assert all("multiprocessing.forkserver" in " ".join(p) for p in out["parents"]), out
 
 
 @pytest.mark.timeout(60)
