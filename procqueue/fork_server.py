@@ -228,6 +228,11 @@ def _stop_fork_server(server: Any) -> None:
         return
     server._forkserver_pid = server._forkserver_alive_fd = None
     os.close(alive_fd)
+    kill_and_reap(pid)
+
+
+def kill_and_reap(pid: int) -> None:
+    """SIGKILL a fork server (our child) and wait for it, at most STOP_WAIT_S."""
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:

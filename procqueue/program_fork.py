@@ -41,6 +41,8 @@ from multiprocessing import forkserver, popen_forkserver, reduction, spawn
 from multiprocessing.context import ForkServerContext, ForkServerProcess, set_spawning_popen
 from typing import Any
 
+from .fork_server import kill_and_reap
+
 # multiprocessing's internals this module drives, untyped in typeshed
 from multiprocessing import connection as _connection, util as _util  # noqa: I001
 connection: Any = _connection
@@ -52,7 +54,6 @@ _ForkServerPopen: Any = popen_forkserver.Popen
 # report (and be recycled on) the program's memory as its own.  A worker of a small script
 # is ~20 MiB resident either way; a script with a few libraries loaded stays well under this.
 MAX_PROGRAM_RSS_BYTES = 256 * 2**20
-STOP_WAIT_S = 2.0  # how long to wait for a stopped server to exit (it exits at once)
 
 # Programs that must never have their pool's server forked from them set this to "0".
 ENV_SWITCH = "PROCQUEUE_FORK_PROGRAM"
@@ -174,8 +175,9 @@ class ProgramForkServer(_ForkServer):  # type: ignore[misc]
         return True
 
     def ensure_running(self) -> None:
-        """The server is made by start() only: one that died is not replaced by a fresh
-        interpreter here (its workers' launches fail and the pool reports them)."""
+        """The server is made by start() only: once it is gone, _Popen starts the pool's
+        workers from multiprocessing's shared server instead.  Only the resource tracker,
+        whose descriptor every launch passes on, is started here."""
         from multiprocessing import resource_tracker
 
         resource_tracker.ensure_running()
@@ -184,13 +186,8 @@ class ProgramForkServer(_ForkServer):  # type: ignore[misc]
         """After the pool's last worker is reaped: close the "alive" pipe, kill the server and
         reap it.  Idempotent."""
         pid = self._forget()
-        if pid is None:
-            return
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        _reap(pid)
+        if pid is not None:
+            kill_and_reap(pid)
 
     def _forget(self) -> int | None:
         """Drop this process's hold on the server; returns its pid if it had one."""
@@ -223,17 +220,6 @@ def _shared_server_runs() -> bool:
     """multiprocessing's server already runs (start_fork_server(), an earlier pool that could
     not fork the program): it costs nothing more, so the pool uses it."""
     return getattr(forkserver._forkserver, "_forkserver_pid", None) is not None
-
-
-def _reap(pid: int) -> None:
-    deadline = time.monotonic() + STOP_WAIT_S
-    pause = 0.0002
-    try:
-        while not os.waitpid(pid, os.WNOHANG)[0] and time.monotonic() < deadline:
-            time.sleep(pause)
-            pause = min(2 * pause, 0.005)
-    except ChildProcessError:
-        pass
 
 
 # ---- in the forked server --------------------------------------------------------------------

@@ -78,7 +78,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"affinity", "limits", "errors", "fork_server", "program_fork"},
     "fork_server": set(),
     # a pool's own fork server, forked from the program when it has one thread
-    "program_fork": set(),
+    "program_fork": {"fork_server"},
     "tasks": {"errors", "protocol"},
     "stats": {"tasks"},
     # the batch journal is one of the stores: it opens and encodes through procqueue.store
