@@ -13,11 +13,11 @@ becomes this pool's fork server, made before the pool's supervisor thread starts
 after its last worker is reaped.  The pool's workers (and their replacements after a crash)
 are forked from it, through multiprocessing's own forkserver protocol and server loop, so a
 worker starts exactly as under forkserver: the program's main module is imported again in
-it (the server forgets its copy), the program's signal handlers are not inherited, and the
-server keeps none of the program's pipes or sockets (a child's EOF, a peer's hang-up, the
-pool's own "the supervisor died" pipe all keep working).  What a worker does see is the state
-of other modules as the program had it when the pool was made, as under multiprocessing's
-fork start method.
+it (the server forgets its copy), the program's signal handlers are not inherited, numpy's
+global random state is drawn afresh in each worker, and the server keeps none of the
+program's pipes or sockets (a child's EOF, a peer's hang-up, the pool's own "the supervisor
+died" pipe all keep working).  What a worker does see is the state of other modules as the
+program had it when the pool was made, as under multiprocessing's fork start method.
 
 Where it is not safe (threads exist: another pool is running, numpy's BLAS threads, a web
 server), not worth it (a program so big that each worker's copy-on-write view of it would
@@ -231,6 +231,7 @@ def _serve(listener_fd: int, alive_r: int) -> None:
         _drop_pipes_and_sockets(keep={0, 1, 2, listener_fd, alive_r})
         _reset_signal_handlers()
         _forget_main_module()
+        os.register_at_fork(after_in_child=_fresh_random_state)
         forkserver.main(listener_fd, alive_r, [])
     except SystemExit:
         pass  # the "alive" pipe closed: the program and every worker are gone
@@ -285,6 +286,19 @@ def _reset_signal_handlers() -> None:
             if current != wanted:
                 signal.signal(sig, wanted)
         except (OSError, ValueError):
+            pass
+
+
+def _fresh_random_state() -> None:
+    """In each worker, right after its fork (before it imports the script again): numpy's
+    global random state, copied from the program, is drawn afresh, as a worker that imported
+    numpy itself would have it; otherwise every worker would draw the same numbers.  (Python's
+    random module reseeds itself at fork; a seed the script sets at import still applies.)"""
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        try:
+            numpy_random.seed()
+        except Exception:  # noqa: BLE001 - a broken numpy is the script's to find, not ours
             pass
 
 

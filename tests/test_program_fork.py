@@ -180,6 +180,39 @@ def test_a_pool_whose_server_was_killed_goes_on_with_the_shared_server(tmp_path)
 
 
 @pytest.mark.timeout(60)
+def test_workers_forked_from_the_programs_fork_draw_their_own_random_numbers(tmp_path):
+    # numpy's global random state is made when numpy is imported, and fork copies it: without
+    # a fresh draw every worker would produce the same "random" numbers.  One BLAS thread, so
+    # that importing numpy starts no thread and the program is forked.
+    script = tmp_path / "program.py"
+    script.write_text(PRELUDE + textwrap.dedent("""\
+        import hashlib
+        import numpy
+
+        def rng_state(_):
+            time.sleep(0.2)  # both workers take one
+            state = numpy.random.get_state()[1].tobytes()
+            return os.getpid(), hashlib.sha1(state).hexdigest(), parent_cmdline(0)
+
+        if __name__ == "__main__":
+            mine = rng_state(0)[1]
+            with procqueue.Pool(2) as pool:
+                rows = pool.map(rng_state, range(2), chunksize=1)
+            print(json.dumps({"mine": mine, "rows": rows, "me": psutil.Process().cmdline()}))
+        """))
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.splitlines()[-1])
+    assert [row[2] for row in out["rows"]] == [out["me"]] * 2  # the fork path was taken
+    assert out["rows"][0][0] != out["rows"][1][0]  # two workers
+    states = {row[1] for row in out["rows"]}
+    assert len(states) == 2 and out["mine"] not in states
+
+
+@pytest.mark.timeout(60)
 def test_two_pools_one_after_the_other_each_fork_their_own_server(tmp_path):
     out = run_program(tmp_path, """
         pids, parents = [], []
