@@ -385,14 +385,3 @@ class ProgramForkContext(ForkServerContext):
         process: Any = _Process(*args, **kwargs)
         process._procqueue_server = id(self.server)
         return process
-
-    def __reduce__(self) -> Any:
-        # A pool's settings may travel (a Dask worker, a service): there, a plain forkserver.
-        return (_plain_forkserver_context, ())
-
-
-def _plain_forkserver_context() -> Any:
-    import multiprocessing
-
-    return multiprocessing.get_context("forkserver")
-
