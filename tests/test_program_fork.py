@@ -54,15 +54,22 @@ PRELUDE = textwrap.dedent("""\
     """)
 
 
-def run_program(tmp_path, body: str, *, threaded: bool, timeout: float = 60) -> dict:
+def run_script(tmp_path, source: str, env: dict | None = None) -> str:
+    """Run PRELUDE + source as a program of its own; its stdout (it must exit 0)."""
     script = tmp_path / "program.py"
-    setup = "    hold_threads()\n" if threaded else ""
-    script.write_text(PRELUDE + 'if __name__ == "__main__":\n' + setup
-                      + textwrap.indent(textwrap.dedent(body), "    "))
+    script.write_text(PRELUDE + textwrap.dedent(source))
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=timeout, cwd=tmp_path)
+                         timeout=60, cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout.splitlines()[-1])
+    return run.stdout
+
+
+def run_program(tmp_path, body: str, *, threaded: bool) -> dict:
+    """Run `body` under the program's main guard; the JSON object it printed last."""
+    setup = "    hold_threads()\n" if threaded else ""
+    stdout = run_script(tmp_path, 'if __name__ == "__main__":\n' + setup
+                        + textwrap.indent(textwrap.dedent(body), "    "))
+    return json.loads(stdout.splitlines()[-1])
 
 
 @pytest.mark.timeout(60)
@@ -125,19 +132,14 @@ def test_what_the_program_printed_before_the_pool_comes_out_once(tmp_path):
     # stdout is a pipe here (and buffered: no PYTHONUNBUFFERED), so the line waits in the
     # program's buffer when the server is forked; a worker that prints and flushes must not
     # write it again
-    script = tmp_path / "program.py"
-    script.write_text(PRELUDE + textwrap.dedent("""\
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    lines = run_script(tmp_path, """\
         if __name__ == "__main__":
             print("before the pool")
             with procqueue.Pool(2, maxtasksperchild=1) as pool:
                 pool.map(shout, range(6))
             print("after the pool")
-        """))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=60, cwd=tmp_path, env=env)
-    assert run.returncode == 0, run.stderr
-    lines = run.stdout.splitlines()
+        """, env).splitlines()
     assert lines.count("before the pool") == 1 and lines[0] == "before the pool"
     assert sorted(lines[1:-1]) == [f"task {i}" for i in range(6)]
 
@@ -184,8 +186,9 @@ def test_workers_forked_from_the_programs_fork_draw_their_own_random_numbers(tmp
     # numpy's global random state is made when numpy is imported, and fork copies it: without
     # a fresh draw every worker would produce the same "random" numbers.  One BLAS thread, so
     # that importing numpy starts no thread and the program is forked.
-    script = tmp_path / "program.py"
-    script.write_text(PRELUDE + textwrap.dedent("""\
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
+    stdout = run_script(tmp_path, """\
         import hashlib
         import numpy
 
@@ -199,13 +202,8 @@ def test_workers_forked_from_the_programs_fork_draw_their_own_random_numbers(tmp
             with procqueue.Pool(2) as pool:
                 rows = pool.map(rng_state, range(2), chunksize=1)
             print(json.dumps({"mine": mine, "rows": rows, "me": psutil.Process().cmdline()}))
-        """))
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=60, cwd=tmp_path, env=env)
-    assert run.returncode == 0, run.stderr
-    out = json.loads(run.stdout.splitlines()[-1])
+        """, env)
+    out = json.loads(stdout.splitlines()[-1])
     assert [row[2] for row in out["rows"]] == [out["me"]] * 2  # the fork path was taken
     assert out["rows"][0][0] != out["rows"][1][0]  # two workers
     states = {row[1] for row in out["rows"]}
@@ -255,15 +253,10 @@ def test_nothing_outlives_a_sigkilled_program_whose_server_is_its_fork(tmp_path)
 
 @pytest.mark.timeout(60)
 def test_the_switch_turns_the_programs_fork_off(tmp_path):
-    script = tmp_path / "program.py"
-    script.write_text(PRELUDE + textwrap.dedent("""\
+    stdout = run_script(tmp_path, """\
         if __name__ == "__main__":
             with procqueue.Pool(1) as pool:
                 print(json.dumps(pool.apply(parent_cmdline, (0,))))
-        """))
-    env = {**os.environ, "PROCQUEUE_FORK_PROGRAM": "0"}
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=60, cwd=tmp_path, env=env)
-    assert run.returncode == 0, run.stderr
-    assert "multiprocessing.forkserver" in " ".join(json.loads(run.stdout))
+        """, {**os.environ, "PROCQUEUE_FORK_PROGRAM": "0"})
+    assert "multiprocessing.forkserver" in " ".join(json.loads(stdout))
 
