@@ -159,7 +159,14 @@ class Page:
         """The first truthy value of ``expression``, evaluated every ``every_s``."""
         deadline = time.monotonic() + timeout_s
         while True:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except BrowserError as exc:
+                # The page navigated while it was asked (what some waits wait for): ask the
+                # new page at the next turn.
+                if "navigated or closed" not in str(exc) and "context" not in str(exc):
+                    raise
+                value = None
             if value:
                 return value
             if time.monotonic() > deadline:
