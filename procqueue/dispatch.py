@@ -113,7 +113,7 @@ class Dispatcher:
     def _new_batch(self, slot: Slot, job: Job, tasks: list[Task], block: Block | None = None,
                    payload_bytes: int = 0) -> Batch:
         batch = Batch(next(self._batch_ids), job, tasks, block, payload_bytes)
-        slot.batches.append(batch)
+        slot.add_batch(batch)
         return batch
 
     def _function_for(self, slot: Slot, job: Job) -> bytes | None:

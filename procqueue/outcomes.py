@@ -99,7 +99,7 @@ class WorkerOutcomes:
         batch.job.sizer.observe(n, busy_s)
         slot.rss_bytes = message.rss_bytes
         if message.final:
-            slot.batches.remove(batch)
+            slot.end_batch(batch)
             if slot.phase is SlotPhase.READY and (slot.retire_reason
                                                   or self.workers.due_for_recycling(slot)):
                 # Takes no new batch (can_take_batch); exits once it has run what it holds.
@@ -135,7 +135,7 @@ class WorkerOutcomes:
         (phase KILLING: a timeout, a cancel) was killed for a task already charged."""
         held = [t for b in slot.batches for t in b.pending.values()]
         began = started_ids(slot, running)  # finished, unsent, or the one it was running
-        slot.batches.clear()
+        slot.drop_batches()
         culprit_id = running[0] if running else None
         if culprit_id is None and held and phase is not SlotPhase.KILLING:
             culprit_id = held[0].id  # it died before marking a task: charge the first it held

@@ -34,7 +34,7 @@ import threading
 import time
 import traceback
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .blocks import explode_slot
 from .cancelling import Canceller
@@ -322,21 +322,25 @@ class Supervisor:
     # ---- deadlines ---------------------------------------------------------------------------
 
     def _seconds_until_next_deadline(self, now: float) -> float | None:
-        deadlines = [d for d in self._deadlines() if d is not None]
-        if not deadlines:
-            return None
-        return max(0.0, min(deadlines) - now)
+        soonest = min(self._deadlines(), default=None)
+        return None if soonest is None else max(0.0, soonest - now)
 
-    def _deadlines(self) -> list[float | None]:
-        out: list[float | None] = [self.scheduler.next_retry_at(), self._stop_deadline]
-        if self.scheduler.queued and self._takes_work():
-            out.append(self.scheduler.admission_wait_until)
+    def _deadlines(self) -> Iterator[float]:
+        """Every time something is due.  Asked at every turn of the loop, so a slot with
+        nothing due (most of them, with many workers) costs a few attribute reads."""
+        for due in (self.scheduler.next_retry_at(), self._stop_deadline):
+            if due is not None:
+                yield due
+        if self.scheduler.queued and self._takes_work() \
+                and self.scheduler.admission_wait_until is not None:
+            yield self.scheduler.admission_wait_until
         for slot in self.workers.slots:
-            out.append(slot.kill_deadline)
+            if slot.kill_deadline is not None:
+                yield slot.kill_deadline
             if slot.phase is SlotPhase.DEAD and self._should_have_worker():
-                out.append(slot.respawn_at)
-            out.extend(wake_times(slot))
-        return out
+                yield slot.respawn_at
+            if slot.timed_batches:
+                yield from (due for due in wake_times(slot) if due is not None)
 
     def _on_deadlines(self, now: float) -> None:
         for task in self.scheduler.release_due_retries(now):
@@ -347,7 +351,7 @@ class Supervisor:
             if slot.phase is SlotPhase.DEAD and self._should_have_worker() \
                     and now >= slot.respawn_at:
                 self._respawn(slot)
-            if self._past_task_deadline(slot, now):
+            if slot.timed_batches and self._past_task_deadline(slot, now):
                 self.outcomes.on_timeout(slot, now, self.config.kill_grace_s)
 
     def _past_task_deadline(self, slot: Slot, now: float) -> bool:

@@ -229,6 +229,10 @@ class Job:
                    timeout_factor=self.timeout_factor, halt=self.halt,
                    single_task=self.single_task, timed_inputs=self.timed_inputs)
 
+    def may_time_out(self) -> bool:
+        """Whether a task of this call can have a timeout (a task's timeout is its call's)."""
+        return self.timeout_s is not None or self.timeout_factor is not None
+
     def note_duration(self, seconds: float) -> None:
         """A task of this call ran `seconds` (remembered where a relative timeout needs it)."""
         if self.timeout_factor is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from .tasks import Job, Task
+from .tasks import Task
 from .worker_slots import Slot, SlotPhase
 
 MIN_DURATIONS_FOR_RELATIVE = 3  # finished tasks needed before a relative timeout applies
@@ -66,7 +66,7 @@ def task_deadline(slot: Slot) -> float | None:
 def wake_times(slot: Slot) -> tuple[float | None, float | None]:
     """(the task's deadline, when to look at the slot again before it) in one reading of the
     slot: the supervisor asks for both on every turn of its loop, for every slot."""
-    if not any(_may_time_out(batch.job) for batch in slot.batches):
+    if not slot.timed_batches:
         return None, None  # the common case, asked for every slot at every turn: no reads
     timing = timing_task(slot)
     if timing is None:
@@ -89,11 +89,6 @@ def look_again_at(slot: Slot) -> float | None:
     """When to look at a slot again whose task with a timeout has no clock of its own yet (its
     worker loads its function, or has not marked it started); None if it needs no look."""
     return wake_times(slot)[1]
-
-
-def _may_time_out(job: Job) -> bool:
-    """Whether a task of this call can have a timeout (a task's timeout is its call's)."""
-    return job.timeout_s is not None or job.timeout_factor is not None
 
 
 def _median(values: "deque[float]") -> float:

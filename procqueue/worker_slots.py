@@ -105,7 +105,10 @@ class Slot:
         self.conn: Any = None
         self.pid: int | None = None
         self.state = context.RawArray("q", SLOT_STATE_SIZE)  # see worker.py
-        self.batches: deque[Batch] = deque()
+        self.batches: deque[Batch] = deque()  # changed only through add_batch, end_batch...
+        # ... and drop_batches, which count those of calls with a timeout: the supervisor asks
+        # every slot for its deadlines at every turn, and most hold none
+        self.timed_batches = 0
         self.known_functions: set[int] = set()
         # out-of-band arguments sent to the current process that it may still map, by task
         self.lent: dict[int, list[Any]] = {}
@@ -131,6 +134,20 @@ class Slot:
     @property
     def accepts_work(self) -> bool:
         return self.phase is SlotPhase.READY
+
+    def add_batch(self, batch: Batch) -> None:
+        self.batches.append(batch)
+        self.timed_batches += batch.job.may_time_out()
+
+    def end_batch(self, batch: Batch) -> None:
+        """`batch` has reported its last result."""
+        self.batches.remove(batch)
+        self.timed_batches -= batch.job.may_time_out()
+
+    def drop_batches(self) -> None:
+        """The process is gone (or new): it holds nothing."""
+        self.batches.clear()
+        self.timed_batches = 0
 
     def tasks_held(self) -> int:
         return sum(b.inputs_held() for b in self.batches)
@@ -265,7 +282,7 @@ class WorkerSlots:
         child_end.close()
         slot.move(SlotPhase.STARTING)
         slot.process, slot.conn, slot.pid = process, parent_end, process.pid
-        slot.batches.clear()
+        slot.drop_batches()
         slot.known_functions.clear()
         slot.tasks_done = 0
         slot.kill_deadline = None

@@ -35,7 +35,7 @@ def ready_slot_running(task: Task, *, started: bool, started_at: float = 0.0) ->
     slot.move(SlotPhase.READY)
     task.move(TaskState.DISPATCHED)
     batch = Batch(1, task.job, [task])
-    slot.batches.append(batch)
+    slot.add_batch(batch)
     slot.state[CURRENT_TASK] = task.id if started else IDLE
     slot.state[STARTED_NS] = int(started_at * 1e9)
     return slot, batch
@@ -79,7 +79,7 @@ def test_a_slot_that_runs_nothing_now_has_no_deadline(phase: SlotPhase) -> None:
 def test_no_deadline_for_a_task_without_a_timeout_or_a_slot_without_batches() -> None:
     slot, _ = ready_slot_running(make_task(), started=True, started_at=time.monotonic())
     assert task_deadline(slot) is None
-    slot.batches.clear()
+    slot.drop_batches()
     assert task_deadline(slot) is None
 
 
