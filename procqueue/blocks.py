@@ -139,6 +139,8 @@ def _hand_run(slot: Slot, block: Block, position: int, values: list[Any],
     """Successes of the block's inputs from `position` on, to the call's sink at once."""
     if not values:
         return  # a final message with nothing left to report (a flush sent it all)
+    if seconds is not None:
+        block.job.note_durations(seconds)  # (a failed input's: on_outcome notes it)
     try:
         block.job.sink.deliver_run(block.start + position,
                                    block.inputs[position:position + len(values)], values,

@@ -93,7 +93,8 @@ class Dispatcher:
         inputs = dumps(block.inputs)  # primitives only: cannot fail
         batch = self._new_batch(slot, job, [], block, len(inputs))
         self.workers.send(slot, RunBlock(batch.id, job.fn_id, self._function_for(slot, job),
-                                         job.kind, block.id, inputs, timed=job.timed_inputs))
+                                         job.kind, block.id, inputs,
+                                         timed=job.timed_inputs or job.may_time_out()))
 
     def _warm_up(self, slot: Slot) -> bool:
         """Before a gated call's first task goes to a worker, send that worker the function

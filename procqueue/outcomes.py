@@ -17,14 +17,14 @@ import time
 import traceback
 from typing import Any, Callable
 
-from .blocks import BlockRouter, Outcome, decode
+from .blocks import BlockRouter, Outcome, decode, explode_dispatched
 from .errors import TaskTimeoutError, WorkerCrashedError, describe_exit
 from .protocol import BatchResults, BlockResults, short_repr
 from .retry import FailureKind
 from .stats import EventListener, TaskEvent, event_error_text
 from .task_book import TaskBook
 from .tasks import Task, TaskState
-from .timeouts import timeout_of, timing_task
+from .timeouts import timeout_of, timing_of
 from .worker_slots import Batch, Slot, SlotPhase, WorkerSlots
 
 
@@ -155,9 +155,7 @@ class WorkerOutcomes:
     # ---- a task ran out of time --------------------------------------------------------------
 
     def on_timeout(self, slot: Slot, now: float, kill_grace_s: float) -> None:
-        timing = timing_task(slot)
-        assert timing is not None, "a deadline passed on a slot that runs nothing"
-        task, started = timing
+        task, started = self._timed_task(slot)
         for batch in slot.batches:
             batch.pending.pop(task.id, None)
         task.seconds = now - started
@@ -170,6 +168,18 @@ class WorkerOutcomes:
         self.workers.kill(slot, "timeout", kill_grace_s, now)
         self.events.emit(task, slot, started, now, "timeout", error)
         self.book.after_failure(task, FailureKind.TIMEOUT, error, may_retry=self.may_retry())
+
+    def _timed_task(self, slot: Slot) -> tuple[Task, float]:
+        """The task timed on `slot` and when its clock started.  An input of a block has no
+        Task: its block is exploded first (its worker is about to be killed, and its other
+        unreported inputs then go back to the queue as any task it held would)."""
+        timing = timing_of(slot)
+        assert timing is not None, "a deadline passed on a slot that runs nothing"
+        if timing.item_id not in timing.batch.pending:
+            explode_dispatched(self.book, slot, timing.batch)
+            timing = timing_of(slot)
+            assert timing is not None
+        return timing.batch.pending[timing.item_id], timing.started
 
 
 def crash_error(exitcode: int | None) -> WorkerCrashedError:

@@ -20,6 +20,8 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from .protocol import CallKind
 
 
@@ -235,8 +237,11 @@ class Job:
 
     def note_duration(self, seconds: float) -> None:
         """A task of this call ran `seconds` (remembered where a relative timeout needs it)."""
+        self.note_durations((seconds,))
+
+    def note_durations(self, seconds: "Iterable[float]") -> None:
         if self.timeout_factor is None:
             return
         if self.durations is None:
             self.durations = deque(maxlen=RECENT_DURATIONS)
-        self.durations.append(seconds)
+        self.durations.extend(seconds)

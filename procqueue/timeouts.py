@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import NamedTuple
 
-from .tasks import Task
-from .worker_slots import Slot, SlotPhase
+from .tasks import Job, Task
+from .worker_slots import Batch, Slot, SlotPhase
 
 MIN_DURATIONS_FOR_RELATIVE = 3  # finished tasks needed before a relative timeout applies
 MIN_RELATIVE_TIMEOUT_S = 1.0  # a relative timeout never kills a task younger than this
@@ -29,32 +30,56 @@ def timeout_of(task: Task) -> float | None:
     """Seconds a task may run: its absolute timeout, or a multiple of the median run time
     of its call so far (once MIN_DURATIONS_FOR_RELATIVE are known; never under
     MIN_RELATIVE_TIMEOUT_S, so scheduling noise never kills a healthy short task)."""
-    if task.timeout_s is not None:
-        return task.timeout_s
-    job = task.job
+    return task.timeout_s if task.timeout_s is not None else _relative_timeout(task.job)
+
+
+def call_timeout(job: Job) -> float | None:
+    """timeout_of for any input of the call `job` (a task's timeout is its call's)."""
+    return job.timeout_s if job.timeout_s is not None else _relative_timeout(job)
+
+
+def _relative_timeout(job: Job) -> float | None:
     if job.timeout_factor is None or job.durations is None \
             or len(job.durations) < MIN_DURATIONS_FOR_RELATIVE:
         return None
     return max(MIN_RELATIVE_TIMEOUT_S, job.timeout_factor * _median(job.durations))
 
 
-def timing_task(slot: Slot) -> "tuple[Task, float] | None":
-    """The task whose timeout runs on `slot` and when its clock started: the task the worker
-    marked started, in whichever of the slot's batches it is (an earlier batch may still look
-    pending while its results wait in the pipe), else the first batch's first task, from
-    UNSTARTED_GRACE_S after the batch's send (a worker stuck before reaching it); None if the
-    slot runs nothing."""
+class Timing(NamedTuple):
+    """What is timed on a slot: a task, or an input of a block that has no Task (the block's
+    id stands for the input running; outcomes.on_timeout makes it a Task when it times out)."""
+
+    job: Job
+    item_id: int  # the task's id, or the block's
+    started: float  # when its clock started (monotonic)
+    batch: Batch
+
+
+def timing_of(slot: Slot) -> Timing | None:
+    """What is timed on `slot`: the task or block input the worker marked started, in
+    whichever of the slot's batches it is (an earlier batch may still look pending while its
+    results wait in the pipe), else the first batch's first item, from UNSTARTED_GRACE_S after
+    the batch's send (a worker stuck before reaching it); None if the slot runs nothing."""
     if not slot.batches or slot.phase not in (SlotPhase.READY, SlotPhase.RETIRING):
         return None
     running = slot.current_task()
-    batch = slot.batches[0]
     if running is not None:
         for candidate in slot.batches:
-            task = candidate.pending.get(running[0])
-            if task is not None:
-                return task, max(running[1], candidate.sent_at)
+            if running[0] in candidate.pending or _runs_unexploded(candidate, running[0]):
+                return Timing(candidate.job, running[0], max(running[1], candidate.sent_at),
+                              candidate)
+    batch = slot.batches[0]
+    unstarted = batch.sent_at + UNSTARTED_GRACE_S
     first = next(iter(batch.pending.values()), None)
-    return None if first is None else (first, batch.sent_at + UNSTARTED_GRACE_S)
+    if first is not None:
+        return Timing(batch.job, first.id, unstarted, batch)
+    block = batch.unexploded_block()
+    return None if block is None else Timing(batch.job, block.id, unstarted, batch)
+
+
+def _runs_unexploded(batch: Batch, item_id: int) -> bool:
+    block = batch.unexploded_block()
+    return block is not None and block.id == item_id
 
 
 def task_deadline(slot: Slot) -> float | None:
@@ -68,21 +93,22 @@ def wake_times(slot: Slot) -> tuple[float | None, float | None]:
     slot: the supervisor asks for both on every turn of its loop, for every slot."""
     if not slot.timed_batches:
         return None, None  # the common case, asked for every slot at every turn: no reads
-    timing = timing_task(slot)
+    timing = timing_of(slot)
     if timing is None:
         return None, None
-    task, started = timing
-    timeout_s = timeout_of(task)
+    timeout_s = call_timeout(timing.job)
     if timeout_s is None:
         return None, None
     loading = slot.loading_function()
     if loading:  # (a warm-up, or the task's own function first)
         timeout_s += FUNCTION_LOAD_GRACE_S  # its clock starts once its function is loaded
     running = slot.current_task()
-    marked = running is not None and running[0] == task.id and not loading
+    marked = running is not None and running[0] == timing.item_id and not loading
     # Not marked started (or loading): nothing wakes the supervisor when its clock starts
-    # (the worker says nothing until the task finishes), so it looks again soon.
-    return started + timeout_s, None if marked else time.monotonic() + LOOK_AGAIN_S
+    # (the worker says nothing until the task finishes), so it looks again soon.  A block's
+    # next input starts unannounced too, but later: the deadline of the input running now is
+    # the soonest the block can have, and at it the supervisor reads the slot again.
+    return timing.started + timeout_s, None if marked else time.monotonic() + LOOK_AGAIN_S
 
 
 def look_again_at(slot: Slot) -> float | None:

@@ -204,17 +204,22 @@ def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
 # runs about once per REVOKE_CHECK_S, not per input.
 
 def _run_timed(report: "_BlockReport", call: Callable[..., Any], inputs: list[Any]) -> None:
-    """Each input's own run time is reported (imap_outcomes: it is in each outcome)."""
+    """Each input's own run time is reported (imap_outcomes: it is in each outcome), and its
+    start is in the slot's STARTED_NS, where the supervisor times a call with a timeout."""
     append, errors, seconds = report.values.append, report.errors, report.seconds
     assert seconds is not None
-    slot_state, position_slot, clock = report.slot_state, BLOCK_POSITION, time.monotonic
+    slot_state, clock = report.slot_state, time.monotonic_ns
+    position_slot, started_slot = BLOCK_POSITION, STARTED_NS
     now = check_at = clock()
     for position, arg in enumerate(inputs):
         if now >= check_at:
-            next_check = report.check(position, now)
+            next_check = report.check(position, now / 1e9)
             if next_check is None:
                 return
-            check_at = next_check
+            check_at = int(next_check * 1e9)
+        # The start before the position: Slot.current_task reads them the other way round,
+        # so it never pairs an input with the start of the one before it (an early timeout).
+        slot_state[started_slot] = now
         slot_state[position_slot] = position
         started = now
         try:
@@ -223,7 +228,7 @@ def _run_timed(report: "_BlockReport", call: Callable[..., Any], inputs: list[An
             errors[position] = error_of(exc)  # before its placeholder: see send_unsent
             append(None)
         now = clock()
-        seconds.append(now - started)
+        seconds.append((now - started) / 1e9)
 
 
 def _run_untimed(report: "_BlockReport", call: Callable[..., Any], inputs: list[Any]) -> None:

@@ -208,13 +208,14 @@ class Slot:
         """(task id, monotonic start time) of the task running now, or None if idle.  In a
         block, the id is the block's, or once it is exploded, the running input's task."""
         task_id = self.state[CURRENT_TASK]
+        position = self.state[BLOCK_POSITION]  # before the start: see worker._run_timed
         started_ns = self.state[STARTED_NS]
         if task_id == IDLE:
             return None
         for batch in tuple(self.batches):
             block = batch.block
             if block is not None and block.id == task_id:
-                task = block.tasks[self.state[BLOCK_POSITION]] if block.tasks else None
+                task = block.tasks[position] if block.tasks else None
                 if task is not None:
                     task_id = task.id
                 break

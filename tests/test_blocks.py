@@ -164,6 +164,43 @@ def test_a_crash_in_a_block_is_retried_and_no_input_is_lost_or_duplicated(tmp_pa
     assert stats.worker_restarts == 1 and stats.retries == 1
 
 
+def hang_at_bad(args):
+    i, directory = args
+    Path(directory, f"ran-{i}-{time.monotonic_ns()}").touch()
+    if i == BAD:
+        time.sleep(60)
+    return i
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["map", "imap_outcomes"])
+def test_an_input_that_hangs_in_a_timed_block_times_out_alone(tmp_path, monkeypatch, api):
+    # A timeout does not keep inputs out of blocks (issue #24): the block's worker marks each
+    # input's start, and the one past its deadline becomes a Task then.  Inputs before it
+    # keep their results (not run again), those after it run once in the next worker.
+    from procqueue.dispatch import Dispatcher
+
+    sent_blocks = []
+    send_block = Dispatcher._send_block
+    monkeypatch.setattr(Dispatcher, "_send_block",
+                        lambda self, slot, block: (sent_blocks.append(len(block)),
+                                                   send_block(self, slot, block)))
+    items = [(i, str(tmp_path)) for i in range(N)]
+    with procqueue.Pool(1, timeout=1, retries=0) as pool:
+        if api == "map":
+            values = pool.map(hang_at_bad, items, chunksize=CHUNK, errors="return")
+        else:
+            outcomes = list(pool.imap_outcomes(hang_at_bad, items, chunksize=CHUNK))
+            assert [o.index for o in outcomes] == list(range(N))
+            values = [o.value if o.ok else o.error for o in outcomes]
+        assert pool.map(echo, [1, 2]) == [1, 2]  # a new worker took over
+    assert sent_blocks[0] == N  # every input went in one block
+    assert isinstance(values[BAD], errors.TaskTimeoutError) and values[BAD].index == BAD
+    assert [v for i, v in enumerate(values) if i != BAD] == [i for i in range(N) if i != BAD]
+    runs = sorted(int(f.split("-")[1]) for f in os.listdir(tmp_path))
+    assert runs == list(range(N))  # each input ran exactly once
+
+
 def echo(x):
     return x
 
