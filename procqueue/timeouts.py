@@ -53,6 +53,7 @@ class Timing(NamedTuple):
     item_id: int  # the task's id, or the block's
     started: float  # when its clock started (monotonic)
     batch: Batch
+    marked: bool  # the worker marked it started (else its clock is a guess: see timing_of)
 
 
 def timing_of(slot: Slot) -> Timing | None:
@@ -67,14 +68,14 @@ def timing_of(slot: Slot) -> Timing | None:
         for candidate in slot.batches:
             if running[0] in candidate.pending or _runs_unexploded(candidate, running[0]):
                 return Timing(candidate.job, running[0], max(running[1], candidate.sent_at),
-                              candidate)
+                              candidate, True)
     batch = slot.batches[0]
     unstarted = batch.sent_at + UNSTARTED_GRACE_S
     first = next(iter(batch.pending.values()), None)
     if first is not None:
-        return Timing(batch.job, first.id, unstarted, batch)
+        return Timing(batch.job, first.id, unstarted, batch, False)
     block = batch.unexploded_block()
-    return None if block is None else Timing(batch.job, block.id, unstarted, batch)
+    return None if block is None else Timing(batch.job, block.id, unstarted, batch, False)
 
 
 def _runs_unexploded(batch: Batch, item_id: int) -> bool:
@@ -102,8 +103,7 @@ def wake_times(slot: Slot) -> tuple[float | None, float | None]:
     loading = slot.loading_function()
     if loading:  # (a warm-up, or the task's own function first)
         timeout_s += FUNCTION_LOAD_GRACE_S  # its clock starts once its function is loaded
-    running = slot.current_task()
-    marked = running is not None and running[0] == timing.item_id and not loading
+    marked = timing.marked and not loading
     # Not marked started (or loading): nothing wakes the supervisor when its clock starts
     # (the worker says nothing until the task finishes), so it looks again soon.  A block's
     # next input starts unannounced too, but later: the deadline of the input running now is

@@ -109,6 +109,7 @@ class Slot:
         # ... and drop_batches, which count those of calls with a timeout: the supervisor asks
         # every slot for its deadlines at every turn, and most hold none
         self.timed_batches = 0
+        self.batch_changes = 0  # counts every change of `batches` (see Supervisor._read_wakes)
         self.known_functions: set[int] = set()
         # out-of-band arguments sent to the current process that it may still map, by task
         self.lent: dict[int, list[Any]] = {}
@@ -138,16 +139,19 @@ class Slot:
     def add_batch(self, batch: Batch) -> None:
         self.batches.append(batch)
         self.timed_batches += batch.job.may_time_out()
+        self.batch_changes += 1
 
     def end_batch(self, batch: Batch) -> None:
         """`batch` has reported its last result."""
         self.batches.remove(batch)
         self.timed_batches -= batch.job.may_time_out()
+        self.batch_changes += 1
 
     def drop_batches(self) -> None:
         """The process is gone (or new): it holds nothing."""
         self.batches.clear()
         self.timed_batches = 0
+        self.batch_changes += 1
 
     def tasks_held(self) -> int:
         return sum(b.inputs_held() for b in self.batches)

@@ -195,6 +195,18 @@ def test_per_call_timeout_overrides_the_pools():
 
 
 @pytest.mark.timeout(30)
+def test_a_short_timeout_behind_a_long_one_on_the_same_worker_still_fires():
+    # The supervisor keeps a slot's deadline between readings (many workers, many turns); the
+    # second task's own, much sooner, deadline must replace the first's once it runs.
+    with Pool(1) as pool:
+        first = pool.apply_async(sleep_for, (0.3,), timeout=60)
+        second = pool.apply_async(sleep_for, (60,), timeout=0.5)
+        assert first.get(timeout=20) == 0.3
+        with pytest.raises(TaskTimeoutError):
+            second.get(timeout=20)
+
+
+@pytest.mark.timeout(30)
 def test_cancelling_a_running_future_kills_its_worker():
     with Pool(1) as pool:
         running = pool.submit(sleep_for, 60)
