@@ -305,7 +305,3 @@ def prune_command(store: str, older_than: str) -> None:
     finally:
         tq.close()
     click.echo(f"pruned {removed} task(s)", err=True)
-
-
-COMMANDS = (worker_command, enqueue_command, define_command, status_command, result_command,
-            cancel_command, retry_command, prune_command)

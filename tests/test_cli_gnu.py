@@ -3,6 +3,7 @@ options, unreadable directories, empty input, bad options and paths, a script th
 import, a closed stdout, a full disk, `timeout -s INT`, the bar sharing a terminal, help."""
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 
 # The module: `procqueue.cli.main` is also the name of the command's entry-point function.
@@ -305,7 +307,9 @@ def test_help_names_units_and_defaults_and_cuts_nothing() -> None:
     assert "RANGE" not in text and "INTEGER" not in text and "FLOAT" not in text
     assert "never kills a task younger than 1 s" in " ".join(text.split())
     assert "--slowest N" in procqueue("journal", "--help").stdout
-    for command in cli_main.cli.commands.values():
+    ctx = click.Context(cli_main.cli)
+    for command in map(functools.partial(cli_main.cli.get_command, ctx),
+                       cli_main.cli.list_commands(ctx)):
         for param in command.params:
             if getattr(param, "is_flag", False) or param.name == "help" \
                     or param.param_type_name != "option":
