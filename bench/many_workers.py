@@ -34,11 +34,13 @@ import harness  # noqa: E402
 from cases import nap_1ms, warm  # noqa: E402
 
 SLOW_API_TASKS = 20_000
-# (system, api) -> what the cell calls; "per-task options": a timeout on each task, which
-# sends every input as its own task (no blocks) through the per-task machinery
+# (system, api) -> what the cell calls.  Per-task options: a timeout on each task (its inputs
+# still travel in blocks: a timed block marks each input's start); a concurrency cap and a
+# key (gates and keys count each start: every input is a Task of its own).
 APIS: list[tuple[str, str]] = [
     ("procqueue", "map"), ("procqueue", "imap"), ("procqueue", "submit"),
-    ("procqueue", "imap+timeout"), ("mp", "map"), ("mp", "imap"), ("joblib", "parallel"),
+    ("procqueue", "imap+timeout"), ("procqueue", "imap+concurrency"), ("procqueue", "imap+key"),
+    ("mp", "map"), ("mp", "imap"), ("joblib", "parallel"),
     ("ppe", "submit"), ("loky", "submit")]
 SLOW_APIS = {("procqueue", "submit"), ("ppe", "submit"), ("loky", "submit"),
              ("joblib", "parallel")}
@@ -55,7 +57,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     system = _system(system_name)
     system.open(jobs)
     try:
-        call = _caller(system, api)
+        call = _caller(system, api, jobs)
         call(warm, list(range(WARM_TASKS_PER_WORKER * jobs)))  # every worker started
         results, m = harness.measure_call(lambda: call(nap_1ms, xs), system.supervisor_thread,
                                           sample_rss=False)
@@ -82,6 +84,10 @@ def _measured_task_s(samples: int = 500) -> float:
     return statistics.median(took)
 
 
+def key_of(x: int) -> int:
+    return x % 1024  # 1,024 keys, up to 4 tasks of each at once: never the bottleneck
+
+
 def _system(name: str) -> Any:
     import systems
 
@@ -89,9 +95,12 @@ def _system(name: str) -> Any:
             "ppe": systems.Ppe, "loky": systems.Loky}[name]()
 
 
-def _caller(system: Any, api: str) -> Any:
-    if api == "imap+timeout":
-        view = system.pool.options(timeout=60)
+def _caller(system: Any, api: str, jobs: int) -> Any:
+    options = {"imap+timeout": {"timeout": 60},
+               "imap+concurrency": {"concurrency": jobs},  # caps nothing: costs only
+               "imap+key": {"key": key_of, "key_concurrency": 4}}.get(api)
+    if options is not None:
+        view = system.pool.options(**options)
         return lambda fn, xs: list(view.imap(fn, xs))
     return lambda fn, xs: system.call(api, fn, xs)
 

@@ -2,7 +2,10 @@
 
 A task starts only when every gate on its path grants it: the pool's concurrency and rate, its
 call's named machine-wide Limit (semaphore and/or rate), its named queue's concurrency and rate,
-and its key's concurrency.  Gates count tasks, never batches: a batch of k tasks takes k starts.
+and its key's concurrency.  Rate gates count starts: a batch of k tasks takes k of them.  A call
+under concurrency limits only takes one permit per batch (BatchHold: a worker runs one task at a
+time); where a rate or a key counts its tasks too, each task takes its own permits, and a batch
+only its share of them (batch_share).
 
 Two kinds of gate: refundable ones (concurrency counters, semaphores) hold a permit while the
 attempt runs and give it back when the attempt ends; rate gates record a start, which cannot be
@@ -31,6 +34,10 @@ def rate_gate_for(rate: Rate) -> RateGate:
 class Gate(Protocol):
     refundable: bool
 
+    @property
+    def capacity(self) -> int | None:
+        """Refundable gates: how many permits there are in all, where known (batch_share)."""
+
     def take(self, n: int, now: float) -> int:
         """Take up to n starts; returns how many were taken."""
 
@@ -56,6 +63,7 @@ class ConcurrencyGate:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"concurrency must be an int >= 1, not {limit!r}")
         self.limit = limit
+        self.capacity = limit
         self.running = 0
         self.max_running = 0  # the most ever running at once (statistics)
 
@@ -85,6 +93,7 @@ class SemaphoreGate:
 
     def __init__(self, semaphore: Semaphore) -> None:
         self.semaphore = semaphore
+        self.capacity = semaphore.value  # (other processes may hold some)
 
     def take(self, n: int, now: float) -> int:
         taken = 0
@@ -111,6 +120,7 @@ class RateGateAdapter:
     """At most L starts in any P-second window (local, or shared by name)."""
 
     refundable = False
+    capacity: None = None
 
     def __init__(self, gate: RateGate) -> None:
         self.gate = gate
@@ -140,6 +150,7 @@ class FreeMemoryGate:
     start has not allocated its memory yet, so the next one is judged after a short look."""
 
     refundable = False
+    capacity: None = None
     recheck_s = 0.1  # how often a refused start looks at free memory again
 
     def __init__(self, min_free_bytes: int) -> None:
@@ -198,6 +209,16 @@ def admit(gates: tuple[Gate, ...], n: int,
     return k, None, tuple(taken)
 
 
+def batch_share(gates: tuple[Gate, ...], workers: int) -> int | None:
+    """The most tasks one batch may take through `gates`, or None for no cap.  A batch holds
+    a permit per task until that task ends, even while it waits behind the others in its
+    worker; so batches sized for throughput left the other workers idle under a concurrency
+    limit (1 ms tasks, 64 workers, concurrency=64: one batch of 64 held every permit).  At
+    most capacity // workers each, every worker can have a share."""
+    caps = [gate.capacity for gate in gates if gate.capacity is not None]
+    return max(1, min(caps) // workers) if caps else None
+
+
 def earliest(a: float | None, b: float | None) -> float | None:
     if a is None:
         return b
@@ -207,8 +228,28 @@ def earliest(a: float | None, b: float | None) -> float | None:
 
 
 __all__ = ["Gate", "ConcurrencyGate", "SemaphoreGate", "RateGateAdapter", "KeyHold",
-           "FreeMemoryGate", "admit",
+           "FreeMemoryGate", "admit", "batch_share", "BatchHold",
            "earliest", "rate_gate_for"]
+
+
+class BatchHold:
+    """One permit of each of a call's concurrency gates, held by the tasks of one batch
+    together and given back when the last of them ends.  A worker runs its batch's tasks one
+    at a time, so counting running batches keeps "at most K at once" while a batch holds as
+    many tasks as its size wants (a permit per task made a batch take its worker's share of
+    them: one task per batch, a round trip each, when K was near the number of workers)."""
+
+    __slots__ = ("gates", "left")
+
+    def __init__(self, gates: tuple[Gate, ...], tasks: int) -> None:
+        self.gates = gates
+        self.left = tasks  # tasks of the batch whose attempt has not ended
+
+    def release(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            for gate in self.gates:
+                gate.release()
 
 
 class KeyHold:

@@ -15,8 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from .admission import (ConcurrencyGate, FreeMemoryGate, Gate, KeyHold, RateGateAdapter, admit,
-                        earliest, rate_gate_for)
+from .admission import (BatchHold, ConcurrencyGate, FreeMemoryGate, Gate, KeyHold,
+                        RateGateAdapter, admit, batch_share, earliest, rate_gate_for)
 from .config import PoolConfig
 from .limits.keyed import KeyedFifo
 from .tasks import Block, Job, Task, TaskState, new_id
@@ -126,8 +126,9 @@ class Scheduler:
     """Queued tasks and the decision which may start now.  `pool_gates` apply to every task
     (the pool's concurrency and rate); each call adds its own (Job.gates, Job.keyed)."""
 
-    def __init__(self, pool_gates: tuple[Gate, ...] = ()) -> None:
+    def __init__(self, pool_gates: tuple[Gate, ...] = (), workers: int = 1) -> None:
         self.pool_gates = pool_gates
+        self.workers = workers  # the pool's processes, among whom a gate's permits are shared
         self._queues: OrderedDict[int, JobQueue] = OrderedDict()
         self._retry_heap: list[tuple[float, int, Task]] = []
         self._queued_by_fn: dict[int, int] = {}  # fn_id -> queued tasks (guided chunk share)
@@ -239,11 +240,15 @@ class Scheduler:
         return batch if block is None else block
 
     def _admit_from(self, queue: JobQueue, size: int, now: float) -> list[Task]:
+        gates = self.pool_gates + queue.job.gates
+        if queue.by_key is None and not gates:
+            return self._take_ungated(queue, size)
+        if queue.by_key is None and all(gate.refundable for gate in gates):
+            return self._admit_as_one(queue, gates, size, now)
+        # Each task takes its own permits: a batch takes its share of them only
+        size = min(size, batch_share(gates, self.workers) or size)
         if queue.by_key is not None:
             return self._admit_keyed(queue, size, now)
-        gates = self.pool_gates + queue.job.gates
-        if not gates:
-            return self._take_ungated(queue, size)
         tasks: list[Task] = []
         while queue.size and len(tasks) < size:
             wanted = min(size - len(tasks), queue.size)
@@ -259,6 +264,24 @@ class Scheduler:
                     continue
                 task.holds = held
                 tasks.append(task)
+        return tasks
+
+    def _admit_as_one(self, queue: JobQueue, gates: tuple[Gate, ...], size: int, now: float
+                      ) -> list[Task]:
+        """A batch of up to `size` tasks that takes one permit of each gate (concurrency
+        limits only: see BatchHold), released when the last of them ends."""
+        granted, wait, held = admit(gates, 1, now)
+        if not granted:
+            self._note_wait(now, wait)
+            return []
+        tasks = self._take_ungated(queue, size)
+        if not tasks:  # the rest were cancelled while queued
+            for gate in held:
+                gate.put_back(1)
+            return []
+        hold = (BatchHold(held, len(tasks)),)
+        for task in tasks:
+            task.holds = hold
         return tasks
 
     def _admit_keyed(self, queue: JobQueue, size: int, now: float) -> list[Task]:

@@ -93,7 +93,7 @@ class Supervisor:
             max_memory_per_child=config.max_memory_per_child)
         self.memfds = MemfdPool(REUSABLE_MEMFD_BYTES)  # big arguments' memfds, for reuse
         policy = RetryPolicy(config.retries, config.retry_on)
-        self.book = TaskBook(Scheduler(pool_gates(config)), policy, self._halt)
+        self.book = TaskBook(Scheduler(pool_gates(config), config.processes), policy, self._halt)
         self.scheduler = self.book.scheduler
         self.dispatcher = Dispatcher(config, self.book, self.workers)
         events = TaskEvents(config.on_event)

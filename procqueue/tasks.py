@@ -133,9 +133,10 @@ class Task:
     def move(self, new: TaskState) -> None:
         if new not in _ALLOWED[self.state]:
             raise IllegalTransition(f"task {self.id}: {self.state.name} -> {new.name}")
-        if self.holds and self.state is TaskState.DISPATCHED:
+        if self.holds and new is not TaskState.DISPATCHED:
             # Leaving DISPATCHED ends the attempt: whatever admitted it is given back here,
-            # the one place every attempt passes, so no permit can leak.
+            # the one place every attempt passes, so no permit can leak (nor one admitted but
+            # not started: its Future was cancelled between admission and dispatch).
             holds, self.holds = self.holds, ()
             for hold in holds:
                 hold.release()

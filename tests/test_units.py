@@ -9,13 +9,14 @@ import pytest
 
 from procqueue import errors
 from procqueue.affinity import parse_cpu_list, plan_cpus, worker_thread_env
-from procqueue.admission import ConcurrencyGate
+from procqueue.admission import ConcurrencyGate, RateGateAdapter, rate_gate_for
 from procqueue.chunking import (MAX_BATCH_TASKS, MAX_BATCHES_PER_S, MIN_BATCH_S, TARGET_BATCH_S,
                                 ChunkSizer)
 from procqueue.config import PoolConfig
 from procqueue.protocol import CallKind, capture_exception, restore_exception
 from procqueue.errors import TaskTimeoutError
 from procqueue.retry import FailureKind, RetryPolicy
+from procqueue.limits import Rate
 from procqueue.scheduler import Scheduler
 from procqueue.tasks import IllegalTransition, Job, Task, TaskState
 
@@ -156,6 +157,57 @@ def test_calls_are_served_fifo_and_batches_hold_one_call():
     assert [t.job.id for t in sched.next_batch(100)] == [2, 2, 2]
     assert sched.next_batch(100) == []
     assert sched.queued == 0
+
+
+def _gated_scheduler(gates, workers, pool_gates):
+    sched = Scheduler(gates if pool_gates else (), workers)
+    job = make_job(chunksize=100, processes=workers)
+    if not pool_gates:
+        job.gates = gates
+    tasks = make_tasks(job, 1000)
+    for task in tasks:
+        sched.enqueue(task)
+    return sched, tasks
+
+
+@pytest.mark.parametrize("pool_gates", [False, True])
+def test_a_batch_under_concurrency_limits_holds_one_permit_until_its_last_task_ends(pool_gates):
+    # A worker runs its batch one task at a time: a batch is one task running.  A permit per
+    # task made a batch sized for 1 ms tasks (100 here) take every permit of concurrency=64
+    # and leave 63 of 64 workers idle.
+    gate = ConcurrencyGate(64)
+    sched, _ = _gated_scheduler((gate,), 64, pool_gates)
+    batch = sched.next_batch(1000, 0.0)
+    assert len(batch) == 100 and gate.running == 1
+    for task in batch:
+        task.move(TaskState.DISPATCHED)
+    for task in batch[:-1]:
+        task.move(TaskState.DONE)
+    assert gate.running == 1
+    batch[-1].move(TaskState.FAILED)
+    assert gate.running == 0
+
+
+@pytest.mark.parametrize("limit, workers, per_batch", [(64, 64, 1), (256, 64, 4), (3, 8, 1),
+                                                       (1000, 2, 100)])
+def test_a_batch_that_takes_a_permit_per_task_takes_its_share(limit, workers, per_batch):
+    # With a rate gate too, each task takes its own permits (a rate counts starts).
+    gate = ConcurrencyGate(limit)
+    rate = RateGateAdapter(rate_gate_for(Rate(10**6, 1.0)))
+    sched, _ = _gated_scheduler((gate, rate), workers, pool_gates=False)
+    assert len(sched.next_batch(1000, 0.0)) == per_batch
+    assert gate.running == per_batch
+
+
+def test_a_task_admitted_then_cancelled_before_it_starts_gives_its_permit_back():
+    # Its Future was cancelled between admission and dispatch (Dispatcher._may_start).
+    gate = ConcurrencyGate(1)
+    rate = RateGateAdapter(rate_gate_for(Rate(10**6, 1.0)))
+    sched, _ = _gated_scheduler((gate, rate), 1, pool_gates=False)
+    [task] = sched.next_batch(1, 0.0)
+    assert gate.running == 1
+    task.move(TaskState.CANCELLED)
+    assert gate.running == 0
 
 
 def test_retried_task_goes_to_the_front():
