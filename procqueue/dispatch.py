@@ -124,7 +124,7 @@ class Dispatcher:
         return job.fn_payload
 
     def _may_start(self, task: Task) -> bool:
-        if task.job.sink.starting(task):
+        if task.sink.starting(task):
             return True
         self.book.finish(task, TaskState.CANCELLED, False, None)  # its future was cancelled
         return False

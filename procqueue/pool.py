@@ -222,7 +222,10 @@ class Pool(PoolCalls):
         call = parse_call(options)
         result = ApplyResult(self, callback, error_callback)
         job = self._jobs.single_task_job(func, result, call)
-        self._submitter.submit(job, [(tuple(args), dict(kwds or {}))])
+        errors: dict[int, BaseException] = {}
+        task = self._submitter.make_task(job, 0, (tuple(args), dict(kwds or {})), errors,
+                                         result)
+        self._supervisor.post(SubmitTasks([task], errors))
         return result
 
     def close(self) -> None:
@@ -363,7 +366,7 @@ class Pool(PoolCalls):
         job = self._jobs.single_task_job(fn, future,
                                          NO_CALL if call is NO_OPTIONS else parsed(call))
         errors: dict[int, BaseException] = {}
-        task = self._submitter.make_task(job, 0, (args, kwargs), errors)
+        task = self._submitter.make_task(job, 0, (args, kwargs), errors, future)
         future.cancel_via(self._supervisor, task)  # before the supervisor can finish it
         self._supervisor.post(SubmitTasks([task], errors))
         return future

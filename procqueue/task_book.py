@@ -140,7 +140,7 @@ class TaskBook:
         if value is None and not ok:
             return
         try:
-            task.job.sink.deliver(task, ok, value)
+            task.sink.deliver(task, ok, value)
         except Exception:
             traceback.print_exc()
 
@@ -159,16 +159,17 @@ class TaskBook:
         self.succeeded += len(delivered)
         if job.halt is not None and delivered:  # a halting call's batches are one task each
             self.maybe_halt(job, successes=len(delivered))
-        # A batch of submit() calls holds several jobs (one per call): one by one, then.
-        if all(task.job is job for task, _ in delivered):
+        # A batch of submit() calls has a sink per call: one by one, then.
+        sink = job.sink
+        if all(task.sink is sink for task, _ in delivered):
             try:
-                job.sink.deliver_all(delivered)
+                sink.deliver_all(delivered)
             except Exception:
                 traceback.print_exc()
             return
         for task, value in delivered:
             try:
-                task.job.sink.deliver(task, True, value)
+                task.sink.deliver(task, True, value)
             except Exception:
                 traceback.print_exc()
 

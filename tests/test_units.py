@@ -2,7 +2,6 @@
 retry policy, the wire's exception capture, CPU planning and config validation."""
 from __future__ import annotations
 
-import inspect
 import pickle
 
 import pytest
@@ -53,17 +52,6 @@ def test_task_cannot_skip_dispatch_to_done():
     task = make_tasks(make_job(), 1)[0]
     with pytest.raises(IllegalTransition):
         task.move(TaskState.DONE)
-
-
-def test_a_jobs_sibling_is_given_everything_its_job_was_given():
-    """Job.sibling copies each argument of Job.__init__ (a submit() without options copies
-    its function's first Job): one left out would be lost on every copy."""
-    settings = [name for name in inspect.signature(Job.__init__).parameters
-                if name not in ("self", "job_id", "sink")]
-    given = {name: object() for name in settings}  # a value no default equals
-    job = Job(1, sink=_Sink(), **given)
-    copy = job.sibling(2, _Sink())
-    assert {name: getattr(copy, name) for name in settings} == given
 
 
 # ---- chunking ---------------------------------------------------------------------------
