@@ -42,7 +42,7 @@ from .protocol import CallKind, InitializerCall, shared_only_by_inheritance, sho
 from .results import (ApplyResult, ArgumentMemory, IMapIterator, MapResult,
                       OutcomeIterator, ResultStream, TaskFuture, Window)
 from .submission import Submitter
-from .inbox import CancelJob, Close, SubmitTasks, Terminate
+from .inbox import CancelJob, Close, Terminate
 from .stats import SupervisorStatistics
 from .supervisor import Supervisor
 
@@ -225,7 +225,7 @@ class Pool(PoolCalls):
         errors: dict[int, BaseException] = {}
         task = self._submitter.make_task(job, 0, (tuple(args), dict(kwds or {})), errors,
                                          result)
-        self._supervisor.post(SubmitTasks([task], errors))
+        self._submitter.post_single(task, errors)
         return result
 
     def close(self) -> None:
@@ -368,7 +368,7 @@ class Pool(PoolCalls):
         errors: dict[int, BaseException] = {}
         task = self._submitter.make_task(job, 0, (args, kwargs), errors, future)
         future.cancel_via(self._supervisor, task)  # before the supervisor can finish it
-        self._supervisor.post(SubmitTasks([task], errors))
+        self._submitter.post_single(task, errors)
         return future
 
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any],

@@ -57,6 +57,11 @@ class Submitter:
                 submitted += group
         return submitted
 
+    def post_single(self, task: Task, errors: Errors) -> None:
+        """The task of a submit() or apply_async() call (made by make_task): posted alone
+        (see inbox.Posted), unless its argument already failed."""
+        self.post(SubmitTasks([task], errors) if errors else task)
+
     def blocks_allowed(self, job: Job, journal: JournaledCall | None) -> bool:
         """Whether the call's primitive inputs may travel in Blocks: only where no per-task
         machinery would see them (timeouts, gates, keys, halt, journal, events, recycling)."""

@@ -14,6 +14,7 @@ from procqueue.chunking import (MAX_BATCH_TASKS, MAX_BATCHES_PER_S, MIN_BATCH_S,
 from procqueue.config import PoolConfig
 from procqueue.protocol import CallKind, capture_exception, restore_exception
 from procqueue.errors import TaskTimeoutError
+from procqueue.inbox import Close, Inbox, SubmitTasks
 from procqueue.retry import FailureKind, RetryPolicy
 from procqueue.scheduler import Scheduler
 from procqueue.tasks import IllegalTransition, Job, Task, TaskState
@@ -52,6 +53,23 @@ def test_task_cannot_skip_dispatch_to_done():
     task = make_tasks(make_job(), 1)[0]
     with pytest.raises(IllegalTransition):
         task.move(TaskState.DONE)
+
+
+# ---- inbox ------------------------------------------------------------------------------
+
+def test_inbox_joins_tasks_posted_alone_with_submits_in_posting_order():
+    """A submit() posts its Task alone; the supervisor takes each run of them and of
+    SubmitTasks as one SubmitTasks, in order, and never across another command."""
+    inbox = Inbox()
+    try:
+        t = make_tasks(make_job(), 5)
+        error = ValueError("not picklable")
+        for posted in (t[0], SubmitTasks([t[1]], {t[1].id: error}), t[2], Close(), t[3], t[4]):
+            inbox.post(posted)
+        taken = inbox.take_all()
+    finally:
+        inbox.close()
+    assert taken == [SubmitTasks(t[:3], {t[1].id: error}), Close(), SubmitTasks(t[3:], {})]
 
 
 # ---- chunking ---------------------------------------------------------------------------
