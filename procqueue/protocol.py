@@ -623,10 +623,6 @@ def _memfd_with(raws: list[memoryview], total: int, memfds: MemfdPool | None) ->
     return fd
 
 
-def wire_payload(payload: bytes | OutOfBand) -> bytes:
-    return payload.wire if isinstance(payload, OutOfBand) else payload
-
-
 UNMAPPED: list[int] = []  # worker side: tasks whose argument is no longer mapped here
 
 
