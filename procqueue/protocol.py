@@ -305,8 +305,8 @@ def dumps(obj: Any) -> bytes:
     return pickle.dumps(obj, PICKLE_PROTOCOL)
 
 
-def loads(data: bytes) -> Any:
-    return pickle.loads(data)
+# pickle's own, not a function calling it: one Python call less for each result read
+loads: Callable[[bytes], Any] = pickle.loads
 
 
 def dumps_function(fn: Any) -> bytes:

@@ -154,14 +154,15 @@ class TaskBook:
         """finish(task, DONE, ...) for a batch's successes, delivered to their sink at once
         (one lock and one wake-up of a waiting consumer per batch, not per task)."""
         delivered: list[tuple[Task, Any]] = []
-        for task, value in succeeded:
+        for pair in succeeded:
+            task = pair[0]
             if task.state is not TaskState.DISPATCHED:
                 continue  # given another outcome meanwhile (a halt read more results)
             task.move(TaskState.DONE)
             del self.tasks[task.id]
             if isinstance(task.payload, OutOfBand):
                 task.payload.finish()
-            delivered.append((task, value))
+            delivered.append(pair)  # the same pair: no tuple made per task
         self.succeeded += len(delivered)
         if job.halt is not None and delivered:  # a halting call's batches are one task each
             self.maybe_halt(job, successes=len(delivered))
