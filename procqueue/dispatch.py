@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from .config import PoolConfig
-from .protocol import LoadFunction, OutOfBand, RunBlock, RunTasks, dumps, wire_payload
+from .protocol import LoadFunction, OutOfBand, RunBlock, RunTasks, dumps
 from .scheduler import Scheduler
 from .task_book import TaskBook
 from .tasks import Block, Job, Task, TaskState
@@ -76,15 +76,20 @@ class Dispatcher:
     def _send_tasks(self, slot: Slot, tasks: list[Task]) -> None:
         job = tasks[0].job
         batch = self._new_batch(slot, job, tasks)
-        for task in tasks:
+        pid = slot.pid
+        payloads: list[tuple[int, bytes]] = []
+        oob: list[Task] = []
+        for task in tasks:  # one pass: the tasks of many submit() calls travel together
             task.move(TaskState.DISPATCHED)
-            task.pid = slot.pid
-        oob = [t for t in tasks if isinstance(t.payload, OutOfBand)]
-        for task in oob:  # this worker maps it until it says otherwise, or exits
-            slot.lend(task)
+            task.pid = pid
+            payload = task.payload
+            if isinstance(payload, OutOfBand):
+                slot.lend(task)  # this worker maps it until it says otherwise, or exits
+                oob.append(task)
+                payload = payload.wire
+            payloads.append((task.id, payload))
         message = RunTasks(batch.id, job.fn_id, self._function_for(slot, job), job.kind,
-                           tuple((t.id, wire_payload(t.payload)) for t in tasks),
-                           tuple(t.id for t in oob))
+                           tuple(payloads), tuple(t.id for t in oob))
         # A failed send surfaces as the worker's death (its sentinel).
         self.workers.send(slot, message, tuple(_fd_of(t.payload) for t in oob))
 
@@ -125,7 +130,7 @@ class Dispatcher:
         return job.fn_payload
 
     def _may_start(self, task: Task) -> bool:
-        if task.job.sink.starting(task):
+        if task.sink.starting(task):
             return True
         self.book.finish(task, TaskState.CANCELLED, False, None)  # its future was cancelled
         return False

@@ -5,10 +5,10 @@ A Job (tasks.Job) is one call's function, pickled, with how to call it and what 
 sizes its batches.  Some of that outlives the call, so a pool keeps it here, for its most
 recent FUNCTION_CACHE_SIZE functions:
 
-    pickled functions     submit()/apply_async() pickle a function once, not once per call
-    chunk sizers          calls of one function share what was measured of it (chunking.py)
-    single-task templates a submit() without options copies the first such call's Job
-    open limits           a named machine-wide Limit is opened once per pool, by name
+    pickled functions   submit()/apply_async() pickle a function once, not once per call
+    chunk sizers        calls of one function share what was measured of it (chunking.py)
+    shared Jobs         submit()/apply_async() calls of a function without options share one
+    open limits         a named machine-wide Limit is opened once per pool, by name
 
 Every value this module reads of a call was validated by call_options.py.
 """
@@ -67,7 +67,9 @@ class JobMaker:
         # Keyed by id(function), with the function kept: an id reused by another function
         # after the first was collected is never a hit.
         self._functions: _Recent[int, tuple[Any, tuple[int, bytes]]] = _Recent()
-        self._templates: _Recent[int, tuple[Any, Job]] = _Recent()
+        # The Job that the option-less submit() calls of a function share, and the last used
+        self._shared: _Recent[int, tuple[Any, Job]] = _Recent()
+        self._last_shared: tuple[Any, Job] | None = None
         self._sizers: _Recent[int, ChunkSizer] = _Recent()  # by fn_id (the pickle's hash)
         self._limits: dict[str, LimitHandle] = {}  # named machine-wide limits, by name
 
@@ -97,20 +99,39 @@ class JobMaker:
 
     def single_task_job(self, func: Callable[..., Any], sink: OutcomeSink,
                         call: ParsedCall) -> Job:
-        """The Job of a submit() or apply_async() call.  Without per-call options it is a
-        copy of the first such call's (what job() works out depends on the function and the
-        pool only): programs submit many thousands of these."""
-        copyable = call is NO_CALL
-        if copyable:
-            with self._lock:
-                hit = self._templates.get(id(func))
-            if hit is not None and hit[0] is func:
-                return hit[1].sibling(new_id(), sink)
-        job = self.job(func, CallKind.ARGS_KWARGS, sink, call, cache=True, single_task=True)
-        if copyable:
-            with self._lock:
-                self._templates.put(id(func), (func, job.sibling(0, _NO_SINK)))
+        """The Job of a submit() or apply_async() call, whose Task is then made with the
+        call's `sink` (Task(sink=)).  Programs submit many thousands of these: without
+        per-call options, the calls of one function share one Job, made at the first one
+        (what job() works out depends on the function and the pool only), unless per-call
+        state of a Job would show (see _shareable)."""
+        if call is not NO_CALL:
+            return self.job(func, CallKind.ARGS_KWARGS, sink, call, cache=True,
+                            single_task=True)
+        last = self._last_shared  # lock-free: one function submitted in a loop
+        if last is not None and last[0] is func:
+            return last[1]
+        with self._lock:
+            hit = self._shared.get(id(func))
+        if hit is not None and hit[0] is func:
+            self._last_shared = hit
+            return hit[1]
+        job = self.job(func, CallKind.ARGS_KWARGS, _NO_SINK, call, cache=True,
+                       single_task=True)
+        if not self._shareable(job):
+            job.sink = sink
+            return job
+        shared = (func, job)
+        with self._lock:
+            self._shared.put(id(func), shared)
+        self._last_shared = shared
         return job
+
+    def _shareable(self, job: Job) -> bool:
+        """Whether calls may share `job`: nothing of it is per call but its tally, which only
+        a halt policy (none without options) and a relative timeout (the median of the
+        call's own run times) read, and its id, which only events show (TaskEvent.job)."""
+        return job.timeout_factor is None and job.halt is None \
+            and self._config.on_event is None
 
     def _gates(self, call: ParsedCall) -> tuple[Gate, ...]:
         """The admission gates of a call: its own concurrency, its queue's, its Limit's."""
@@ -170,13 +191,14 @@ class JobMaker:
 
 
 class _NoSink(OutcomeSink):
-    """The sink of a Job kept only to be copied (JobMaker.single_task_job): never fed."""
+    """The sink of a Job that calls share (JobMaker.single_task_job): never fed, as each
+    of its tasks carries its own call's sink."""
 
     def starting(self, task: Task) -> bool:
-        raise AssertionError("a template job has no tasks")
+        raise AssertionError("a shared job's tasks have sinks of their own")
 
     def deliver(self, task: Task, ok: bool, value: Any) -> None:
-        raise AssertionError("a template job has no tasks")
+        raise AssertionError("a shared job's tasks have sinks of their own")
 
 
 _NO_SINK = _NoSink()

@@ -68,12 +68,13 @@ class WorkerOutcomes:
             return  # results of a batch already written off (its task timed out)
         pending = batch.pending
         succeeded: list[tuple[Task, Any]] = []
-        for i, task_id in enumerate(message.task_ids):
+        for task_id, ok, payload, seconds, started in zip(
+                message.task_ids, message.ok, message.payloads, message.seconds,
+                message.started):
             task = pending.pop(task_id, None)
             if task is not None:
-                status, value = decode(message.ok[i], message.payloads[i])
-                self._on_outcome(slot, task, status, value, message.seconds[i],
-                                 message.started[i], succeeded)
+                status, value = decode(ok, payload)
+                self._on_outcome(slot, task, status, value, seconds, started, succeeded)
         if succeeded:
             self.book.succeed_all(batch.job, succeeded)
         for task_id in message.skipped:

@@ -42,7 +42,7 @@ from .protocol import CallKind, InitializerCall, shared_only_by_inheritance, sho
 from .results import (ApplyResult, ArgumentMemory, IMapIterator, MapResult,
                       OutcomeIterator, ResultStream, TaskFuture, Window)
 from .submission import Submitter
-from .inbox import CancelJob, Close, SubmitTasks, Terminate
+from .inbox import CancelJob, Close, Terminate
 from .stats import SupervisorStatistics
 from .supervisor import Supervisor
 
@@ -222,7 +222,10 @@ class Pool(PoolCalls):
         call = parse_call(options)
         result = ApplyResult(self, callback, error_callback)
         job = self._jobs.single_task_job(func, result, call)
-        self._submitter.submit(job, [(tuple(args), dict(kwds or {}))])
+        errors: dict[int, BaseException] = {}
+        task = self._submitter.make_task(job, 0, (tuple(args), dict(kwds or {})), errors,
+                                         result)
+        self._submitter.post_single(task, errors)
         return result
 
     def close(self) -> None:
@@ -363,9 +366,9 @@ class Pool(PoolCalls):
         job = self._jobs.single_task_job(fn, future,
                                          NO_CALL if call is NO_OPTIONS else parsed(call))
         errors: dict[int, BaseException] = {}
-        task = self._submitter.make_task(job, 0, (args, kwargs), errors)
+        task = self._submitter.make_task(job, 0, (args, kwargs), errors, future)
         future.cancel_via(self._supervisor, task)  # before the supervisor can finish it
-        self._supervisor.post(SubmitTasks([task], errors))
+        self._submitter.post_single(task, errors)
         return future
 
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any],

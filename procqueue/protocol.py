@@ -305,8 +305,8 @@ def dumps(obj: Any) -> bytes:
     return pickle.dumps(obj, PICKLE_PROTOCOL)
 
 
-def loads(data: bytes) -> Any:
-    return pickle.loads(data)
+# pickle's own, not a function calling it: one Python call less for each result read
+loads: Callable[[bytes], Any] = pickle.loads
 
 
 def dumps_function(fn: Any) -> bytes:
@@ -621,10 +621,6 @@ def _memfd_with(raws: list[memoryview], total: int, memfds: MemfdPool | None) ->
         os.close(fd)
         raise
     return fd
-
-
-def wire_payload(payload: bytes | OutOfBand) -> bytes:
-    return payload.wire if isinstance(payload, OutOfBand) else payload
 
 
 UNMAPPED: list[int] = []  # worker side: tasks whose argument is no longer mapped here

@@ -583,9 +583,6 @@ class TaskFuture(concurrent.futures.Future, OutcomeSink):  # type: ignore[type-a
 
     # ---- the OutcomeSink of its task (the supervisor's thread) ----------------------------
 
-    def starting(self, task: Task) -> bool:
-        # False if the future was cancelled while queued: then the task must not run.
-        return self.start()
 
     def deliver(self, task: Task, ok: bool, value: Any) -> None:
         # The task is over: drop the pool, the task, its call and their inputs, which callers
@@ -594,8 +591,9 @@ class TaskFuture(concurrent.futures.Future, OutcomeSink):  # type: ignore[type-a
         self._keepalive = self._canceller = self._task = None
         self._finish(ok, value)
 
-    def start(self) -> bool:
-        """set_running_or_notify_cancel() taking one lock in the common case; True also when
+    def starting(self, task: Task) -> bool:
+        """set_running_or_notify_cancel() taking one lock in the common case: False if the
+        future was cancelled while queued (then the task must not run); True also when
         already RUNNING (a retried or re-queued task starts again)."""
         if self._cond is None:
             with _LAZY_LOCK:

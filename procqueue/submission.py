@@ -23,7 +23,7 @@ from .pool_journal import JournaledCall
 from .protocol import PRIMITIVE_TYPES, CallKind, OutOfBand, dumps_argument
 from .results import ArgumentMemory
 from .supervisor import Supervisor
-from .tasks import Block, Job, Task, new_id
+from .tasks import Block, Job, OutcomeSink, Task, new_id
 
 SUBMIT_GROUP_TASKS = 4096  # map posts its tasks to the supervisor in groups of this many...
 SUBMIT_GROUP_BYTES = 4 * 2**20  # ...or of this many argument bytes, whichever comes first
@@ -56,6 +56,11 @@ class Submitter:
                 self.post(SubmitTasks(group, errors))
                 submitted += group
         return submitted
+
+    def post_single(self, task: Task, errors: Errors) -> None:
+        """The task of a submit() or apply_async() call (made by make_task): posted alone
+        (see inbox.Posted), unless its argument already failed."""
+        self.post(SubmitTasks([task], errors) if errors else task)
 
     def blocks_allowed(self, job: Job, journal: JournaledCall | None) -> bool:
         """Whether the call's primitive inputs may travel in Blocks: only where no per-task
@@ -97,21 +102,23 @@ class Submitter:
         if group:
             yield group, errors
 
-    def make_task(self, job: Job, index: int, item: Any, errors: Errors) -> Task:
-        """A Task for one input; a problem with the input (it cannot be pickled, its key
-        function raises) becomes that task's error, never the whole call's."""
+    def make_task(self, job: Job, index: int, item: Any, errors: Errors,
+                  sink: OutcomeSink | None = None) -> Task:
+        """A Task for one input, its outcome for `sink` (default: its call's); a problem with
+        the input (it cannot be pickled, its key function raises) becomes that task's error,
+        never the whole call's."""
         try:
             payload = dumps_argument(item, self.supervisor.memfds)
         except Exception as exc:
             error = argument_error(f"the task's argument could not be pickled: {exc!r}; "
                                    "make sure every argument is picklable", exc)
-            task = Task(new_id(), job, index, b"", item)
+            task = Task(new_id(), job, index, b"", item, sink)
             errors[task.id] = error
             return task
         if isinstance(payload, OutOfBand):
             self.argument_memory.hold(payload.size)
             payload.on_close = self.argument_memory.release
-        task = Task(new_id(), job, index, payload, item)
+        task = Task(new_id(), job, index, payload, item, sink)
         if job.key_fn is not None:
             try:
                 task.key = job.key_fn(item)

@@ -108,6 +108,7 @@ class Supervisor:
         self._watched: weakref.WeakSet[Any] = weakref.WeakSet()
         self._watched_lock = threading.Lock()
         self._inbox = Inbox()
+        self.post = self._inbox.post  # any thread (the inbox's own: one call less per post)
         self._selector = selectors.DefaultSelector()
         self._stop_deadline: float | None = None
         # Each timed slot's (task deadline, look-again time) as last read (see _read_wakes)
@@ -122,9 +123,6 @@ class Supervisor:
     def start(self) -> None:
         self.workers.open_fork_server()  # while this thread may be the program's only one
         self._thread.start()
-
-    def post(self, command: Command) -> None:
-        self._inbox.post(command)
 
     def watch(self, sink: Any) -> None:
         """A many-input call's sink, to abort(error) if the supervisor fails (any thread)."""

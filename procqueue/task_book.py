@@ -47,25 +47,20 @@ class TaskBook:
         """Register a call's new tasks and blocks and queue them; a task whose argument
         already failed (`errors`, by task id) fails at once.  With `refusal` (the pool takes
         no more work: terminated or broken) every one of them is cancelled with it."""
-        for entry in entries:
-            if isinstance(entry, Block):
-                self.block_inputs += len(entry)
         if refusal is not None:
-            for task in self.tasks_of(entries):
-                self.submitted += 1
-                self.tasks[task.id] = task
-                self.finish(task, TaskState.CANCELLED, False, refusal)
+            self._refuse(entries, refusal)
             return
         accepted: list[Task | Block] = []
-        for entry in entries:
+        tasks = self.tasks
+        for entry in entries:  # one pass: a run of submit() calls comes as one group
             if isinstance(entry, Block):
                 self._accept_block(entry, accepted)
                 continue
             task = entry
             self.submitted += 1
             task.job.submitted += 1
-            self.tasks[task.id] = task
-            if task.id in errors:
+            tasks[task.id] = task
+            if errors and task.id in errors:
                 self.fail(task, errors[task.id])
             elif task.job.cancelled:
                 self.finish(task, TaskState.CANCELLED, False, self.cancelled_error(task))
@@ -73,7 +68,18 @@ class TaskBook:
                 accepted.append(task)
         self.scheduler.enqueue_all(accepted)
 
+    def _refuse(self, entries: list[Task | Block], refusal: BaseException) -> None:
+        """The pool takes no more work: every entry is registered and cancelled."""
+        for entry in entries:
+            if isinstance(entry, Block):
+                self.block_inputs += len(entry)  # given back as it explodes into tasks
+        for task in self.tasks_of(entries):
+            self.submitted += 1
+            self.tasks[task.id] = task
+            self.finish(task, TaskState.CANCELLED, False, refusal)
+
     def _accept_block(self, block: Block, accepted: list[Task | Block]) -> None:
+        self.block_inputs += len(block)
         self.submitted += len(block)
         block.job.submitted += len(block)
         if block.job.cancelled:
@@ -140,7 +146,7 @@ class TaskBook:
         if value is None and not ok:
             return
         try:
-            task.job.sink.deliver(task, ok, value)
+            task.sink.deliver(task, ok, value)
         except Exception:
             traceback.print_exc()
 
@@ -148,27 +154,29 @@ class TaskBook:
         """finish(task, DONE, ...) for a batch's successes, delivered to their sink at once
         (one lock and one wake-up of a waiting consumer per batch, not per task)."""
         delivered: list[tuple[Task, Any]] = []
-        for task, value in succeeded:
+        for pair in succeeded:
+            task = pair[0]
             if task.state is not TaskState.DISPATCHED:
                 continue  # given another outcome meanwhile (a halt read more results)
             task.move(TaskState.DONE)
             del self.tasks[task.id]
             if isinstance(task.payload, OutOfBand):
                 task.payload.finish()
-            delivered.append((task, value))
+            delivered.append(pair)  # the same pair: no tuple made per task
         self.succeeded += len(delivered)
         if job.halt is not None and delivered:  # a halting call's batches are one task each
             self.maybe_halt(job, successes=len(delivered))
-        # A batch of submit() calls holds several jobs (one per call): one by one, then.
-        if all(task.job is job for task, _ in delivered):
+        # A batch of submit() calls has a sink per call: one by one, then.
+        sink = job.sink
+        if all(task.sink is sink for task, _ in delivered):
             try:
-                job.sink.deliver_all(delivered)
+                sink.deliver_all(delivered)
             except Exception:
                 traceback.print_exc()
             return
         for task, value in delivered:
             try:
-                task.job.sink.deliver(task, True, value)
+                task.sink.deliver(task, True, value)
             except Exception:
                 traceback.print_exc()
 

@@ -107,13 +107,16 @@ class OutcomeSink:
 class Task:
     """One call of the user's function on one input."""
 
-    __slots__ = ("id", "job", "index", "payload", "kind", "state", "attempts", "pid",
+    __slots__ = ("id", "job", "sink", "index", "payload", "kind", "state", "attempts", "pid",
                  "seconds", "input", "not_before", "timeout_s", "key", "holds")
 
     def __init__(self, task_id: int, job: "Job", index: int, payload: Any,
-                 input: Any) -> None:
+                 input: Any, sink: OutcomeSink | None = None) -> None:
         self.id = task_id
         self.job = job
+        # Where its outcome goes: its call's sink, or its own where calls share a Job (the
+        # submit() calls of one function: see JobMaker.single_task_job).
+        self.sink = job.sink if sink is None else sink
         self.index = index  # position in its call's input
         self.payload = payload  # pickled argument(s): bytes, or protocol.OutOfBand
         self.kind = job.kind
@@ -183,10 +186,11 @@ class Block:
 
 class Job:
     """One API call (a map, an imap, one apply_async or submit): its function, how to call
-    it, its per-call options, and the sink its outcomes go to.  What the call was given is
-    set here, once (job_maker.JobMaker makes Jobs), but for a journaled call's sink and sizer,
-    replaced before its first input is submitted (pool_journal.JournaledCall); the rest is
-    the supervisor's tally."""
+    it, its per-call options, and the sink its outcomes go to (option-less submit() calls of
+    one function share one Job, their tasks carrying their own sinks: see Task.sink).  What
+    the call was given is set here, once (job_maker.JobMaker makes Jobs), but for a journaled
+    call's sink and sizer, replaced before its first input is submitted
+    (pool_journal.JournaledCall); the rest is the supervisor's tally."""
 
     __slots__ = ("id", "fn_id", "fn_payload", "kind", "sink", "timeout_s",
                  "sizer", "cancelled", "gates", "keyed", "key_fn", "timeout_factor",
@@ -222,15 +226,6 @@ class Job:
         self.failures = 0  # tasks of this call that failed (for halt)
         self.successes = 0  # ... and that succeeded (for a success= or done= halt)
         self.submitted = 0  # tasks of this call accepted by the supervisor (for halt's N%)
-
-    def sibling(self, job_id: int, sink: OutcomeSink) -> "Job":
-        """A new call of the same function with the same options, for another sink: every
-        other argument of __init__ is copied."""
-        return Job(job_id, self.fn_id, self.fn_payload, self.kind, sink,
-                   timeout_s=self.timeout_s, sizer=self.sizer,
-                   gates=self.gates, keyed=self.keyed, key_fn=self.key_fn,
-                   timeout_factor=self.timeout_factor, halt=self.halt,
-                   single_task=self.single_task, timed_inputs=self.timed_inputs)
 
     def may_time_out(self) -> bool:
         """Whether a task of this call can have a timeout (a task's timeout is its call's)."""

@@ -649,3 +649,43 @@ def test_the_pool_state_reads_as_multiprocessing_pools_does():
     pool.terminate()
     pool.join()
     assert pool._state == multiprocessing.pool.TERMINATE and "state=TERMINATE" in repr(pool)
+
+
+def _nap_then_double(x):
+    time.sleep(0.2)
+    if x == 3:
+        raise ValueError(f"bad input {x}")
+    return 2 * x
+
+
+@pytest.mark.timeout(60)
+def test_each_submit_of_one_function_has_its_own_outcome_cancel_and_error():
+    """The option-less submit() calls of one function share a Job (JobMaker.single_task_job):
+    cancelling one future, running or queued, or one call failing, touches no other call."""
+    with Pool(2) as pool:
+        futures = [pool.submit(_nap_then_double, i) for i in range(8)]
+        applied = pool.apply_async(_nap_then_double, (7,))
+        deadline = time.monotonic() + 20
+        while not futures[0].running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert futures[0].cancel()  # running: its worker is killed
+        assert futures[6].cancel()  # queued: it never runs
+        assert [f.result(timeout=30) for f in futures[1:3]] == [2, 4]
+        with pytest.raises(ValueError, match="bad input 3") as raised:
+            futures[3].result(timeout=30)
+        assert raised.value.index == 0 and raised.value.input_repr == "((3,), {})"
+        assert [f.result(timeout=30) for f in (futures[4], futures[5], futures[7])] == [8, 10, 14]
+        assert applied.get(timeout=30) == 14
+        assert futures[0].cancelled() and futures[6].cancelled()
+        assert pool.submit(_nap_then_double, 1).result(timeout=30) == 2  # the pool goes on
+        stats = pool.stats()
+    assert (stats.tasks_succeeded, stats.tasks_failed, stats.tasks_cancelled) == (7, 1, 2)
+
+
+@pytest.mark.timeout(60)
+def test_events_tell_each_submit_call_apart():
+    """A TaskEvent names its call (TaskEvent.job): submit() calls then do not share a Job."""
+    events = []
+    with Pool(2, on_event=events.append) as pool:
+        assert [pool.submit(square, i).result(timeout=30) for i in range(3)] == [0, 1, 4]
+    assert len({e.job for e in events}) == 3

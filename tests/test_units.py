@@ -2,7 +2,6 @@
 retry policy, the wire's exception capture, CPU planning and config validation."""
 from __future__ import annotations
 
-import inspect
 import pickle
 
 import pytest
@@ -15,6 +14,7 @@ from procqueue.chunking import (MAX_BATCH_TASKS, MAX_BATCHES_PER_S, MIN_BATCH_S,
 from procqueue.config import PoolConfig
 from procqueue.protocol import CallKind, capture_exception, restore_exception
 from procqueue.errors import TaskTimeoutError
+from procqueue.inbox import Close, Inbox, SubmitTasks
 from procqueue.retry import FailureKind, RetryPolicy
 from procqueue.limits import Rate
 from procqueue.scheduler import Scheduler
@@ -56,15 +56,21 @@ def test_task_cannot_skip_dispatch_to_done():
         task.move(TaskState.DONE)
 
 
-def test_a_jobs_sibling_is_given_everything_its_job_was_given():
-    """Job.sibling copies each argument of Job.__init__ (a submit() without options copies
-    its function's first Job): one left out would be lost on every copy."""
-    settings = [name for name in inspect.signature(Job.__init__).parameters
-                if name not in ("self", "job_id", "sink")]
-    given = {name: object() for name in settings}  # a value no default equals
-    job = Job(1, sink=_Sink(), **given)
-    copy = job.sibling(2, _Sink())
-    assert {name: getattr(copy, name) for name in settings} == given
+# ---- inbox ------------------------------------------------------------------------------
+
+def test_inbox_joins_tasks_posted_alone_with_submits_in_posting_order():
+    """A submit() posts its Task alone; the supervisor takes each run of them and of
+    SubmitTasks as one SubmitTasks, in order, and never across another command."""
+    inbox = Inbox()
+    try:
+        t = make_tasks(make_job(), 5)
+        error = ValueError("not picklable")
+        for posted in (t[0], SubmitTasks([t[1]], {t[1].id: error}), t[2], Close(), t[3], t[4]):
+            inbox.post(posted)
+        taken = inbox.take_all()
+    finally:
+        inbox.close()
+    assert taken == [SubmitTasks(t[:3], {t[1].id: error}), Close(), SubmitTasks(t[3:], {})]
 
 
 # ---- chunking ---------------------------------------------------------------------------
