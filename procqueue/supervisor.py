@@ -34,7 +34,7 @@ import threading
 import time
 import traceback
 import weakref
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator
 
 from .blocks import explode_slot
 from .cancelling import Canceller
@@ -52,12 +52,11 @@ from .scheduler import Scheduler, pool_gates
 from .stats import SupervisorStatistics
 from .task_book import TaskBook
 from .tasks import Job, Task
-from .timeouts import task_deadline, wake_times
+from .timeouts import TimedSlots, task_deadline
 from .worker_slots import Slot, SlotPhase, WorkerSlots
 
 STOP_WORKERS_TIMEOUT_S = 1.0  # close(): how long retiring workers get before being killed
 REUSABLE_MEMFD_BYTES = 64 * 2**20  # finished big arguments' memfds kept for reuse, at most
-REREAD_WAKES_S = 0.05  # a timed slot's deadlines are read again at least this often
 
 
 class SupervisorState(enum.Enum):
@@ -111,8 +110,7 @@ class Supervisor:
         self.post = self._inbox.post  # any thread (the inbox's own: one call less per post)
         self._selector = selectors.DefaultSelector()
         self._stop_deadline: float | None = None
-        # Each timed slot's (task deadline, look-again time) as last read (see _read_wakes)
-        self._wakes: dict[Slot, _Wakes] = {}
+        self._timed = TimedSlots()  # the slots running calls with a timeout, as last read
         self.spawned = threading.Event()  # the first workers exist (they may still be starting)
         self.stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="procqueue-supervisor",
@@ -323,7 +321,7 @@ class Supervisor:
     # ---- deadlines ---------------------------------------------------------------------------
 
     def _seconds_until_next_deadline(self, now: float) -> float | None:
-        self._read_wakes(now)
+        self._timed.read(self.workers.slots, now)
         soonest = min(self._deadlines(), default=None)
         return None if soonest is None else max(0.0, soonest - now)
 
@@ -341,27 +339,7 @@ class Supervisor:
                 yield slot.kill_deadline
             if slot.phase is SlotPhase.DEAD and self._should_have_worker():
                 yield slot.respawn_at
-        for wakes in self._wakes.values():
-            yield from (due for due in wakes.times if due is not None)
-
-    def _read_wakes(self, now: float) -> None:
-        """Each timed slot's (task deadline, look-again time).  Reading a slot (its shared
-        state, its batches: ~5 us) at each of the loop's hundreds of turns a second was most
-        of a timed call's cost in this thread with many workers, so a reading is kept until
-        one of its times comes, the slot's batches change, or REREAD_WAKES_S passes.  A
-        deadline that comes sooner without any of those (a relative timeout whose median
-        shrank) is seen within REREAD_WAKES_S, at a turn."""
-        wakes: dict[Slot, _Wakes] = {}
-        for slot in self.workers.slots:
-            if not slot.timed_batches:
-                continue
-            kept = self._wakes.get(slot)
-            if kept is None or now >= kept.reread_at or kept.batch_changes != slot.batch_changes:
-                times = wake_times(slot)
-                reread_at = min(due for due in (*times, now + REREAD_WAKES_S) if due is not None)
-                kept = _Wakes(times, reread_at, slot.batch_changes)
-            wakes[slot] = kept
-        self._wakes = wakes
+        yield from self._timed.wake_times()
 
     def _on_deadlines(self, now: float) -> None:
         for task in self.scheduler.release_due_retries(now):
@@ -376,9 +354,7 @@ class Supervisor:
                 self.outcomes.on_timeout(slot, now, self.config.kill_grace_s)
 
     def _past_task_deadline(self, slot: Slot, now: float) -> bool:
-        # As last read (_read_wakes): a task that started since has a later deadline.
-        kept = self._wakes.get(slot)
-        deadline = None if kept is None else kept.times[0]
+        deadline = self._timed.deadline_of(slot)  # as last read
         if deadline is None or now < deadline:
             return False
         # What the worker sent before the deadline counts first: a task that finished and
@@ -428,12 +404,6 @@ class Supervisor:
         self._selector.close()
         self._inbox.close()
         self.stopped.set()
-
-
-class _Wakes(NamedTuple):
-    times: tuple[float | None, float | None]  # timeouts.wake_times of the slot
-    reread_at: float  # when to read the slot again at the latest
-    batch_changes: int  # the slot's as it was read (a change: read it again)
 
 
 def _handler(method: Callable[[Slot], Any], slot: Slot) -> Callable[[Any], None]:

@@ -2,14 +2,15 @@
 of its call so far (GNU parallel's --timeout 300%), counted from when its worker marked it
 started, or, for a task sent but never marked started, from UNSTARTED_GRACE_S after it was
 sent (a worker stuck before reaching it); a worker still loading the task's function has
-FUNCTION_LOAD_GRACE_S more.  Pure: reads a slot and its tasks, changes nothing; the supervisor asks
-for the deadlines and kills what is past them."""
+FUNCTION_LOAD_GRACE_S more.  Reads slots and their tasks and changes nothing of them; the
+supervisor asks for the deadlines (TimedSlots keeps its readings between turns) and kills what is
+past them.  A block of inputs is timed as its tasks would be: its worker marks each input's start."""
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 from .tasks import Job, Task
 from .worker_slots import Batch, Slot, SlotPhase
@@ -27,18 +28,16 @@ LOOK_AGAIN_S = 0.05  # a task's clock not started yet: the supervisor looks agai
 
 
 def timeout_of(task: Task) -> float | None:
-    """Seconds a task may run: its absolute timeout, or a multiple of the median run time
-    of its call so far (once MIN_DURATIONS_FOR_RELATIVE are known; never under
-    MIN_RELATIVE_TIMEOUT_S, so scheduling noise never kills a healthy short task)."""
-    return task.timeout_s if task.timeout_s is not None else _relative_timeout(task.job)
+    """Seconds a task may run (its call's: see call_timeout)."""
+    return call_timeout(task.job)
 
 
 def call_timeout(job: Job) -> float | None:
-    """timeout_of for any input of the call `job` (a task's timeout is its call's)."""
-    return job.timeout_s if job.timeout_s is not None else _relative_timeout(job)
-
-
-def _relative_timeout(job: Job) -> float | None:
+    """Seconds any input of the call `job` may run: its absolute timeout, or a multiple of
+    the median run time of the call so far (once MIN_DURATIONS_FOR_RELATIVE are known; never
+    under MIN_RELATIVE_TIMEOUT_S, so scheduling noise never kills a healthy short task)."""
+    if job.timeout_s is not None:
+        return job.timeout_s
     if job.timeout_factor is None or job.durations is None \
             or len(job.durations) < MIN_DURATIONS_FOR_RELATIVE:
         return None
@@ -115,6 +114,49 @@ def look_again_at(slot: Slot) -> float | None:
     """When to look at a slot again whose task with a timeout has no clock of its own yet (its
     worker loads its function, or has not marked it started); None if it needs no look."""
     return wake_times(slot)[1]
+
+
+class _Reading(NamedTuple):
+    times: tuple[float | None, float | None]  # wake_times of the slot
+    reread_at: float  # when to read the slot again at the latest
+    batch_changes: int  # the slot's, as it was read (a change: read it again)
+
+
+class TimedSlots:
+    """The supervisor's reading of each slot that runs a call with a timeout: its wake
+    times.  Reading a slot (its shared state, its batches: ~5 us) at each of the loop's
+    hundreds of turns a second was most of a timed call's cost in the supervisor with many
+    workers, so a reading is kept until one of its times comes, the slot's batches change, or
+    REREAD_S passes.  A deadline that comes sooner without any of those (a relative timeout
+    whose median shrank) is seen within REREAD_S, at a turn of the loop.  A task that started
+    since the reading has a later deadline than the one read."""
+
+    REREAD_S = 0.05
+
+    def __init__(self) -> None:
+        self._readings: dict[Slot, _Reading] = {}
+
+    def read(self, slots: list[Slot], now: float) -> None:
+        """At the start of a turn: read again what is due (see the class)."""
+        readings: dict[Slot, _Reading] = {}
+        for slot in slots:
+            if not slot.timed_batches:
+                continue
+            kept = self._readings.get(slot)
+            if kept is None or now >= kept.reread_at or kept.batch_changes != slot.batch_changes:
+                times = wake_times(slot)
+                reread_at = min(due for due in (*times, now + self.REREAD_S) if due is not None)
+                kept = _Reading(times, reread_at, slot.batch_changes)
+            readings[slot] = kept
+        self._readings = readings
+
+    def wake_times(self) -> Iterator[float]:
+        for reading in self._readings.values():
+            yield from (due for due in reading.times if due is not None)
+
+    def deadline_of(self, slot: Slot) -> float | None:
+        reading = self._readings.get(slot)
+        return None if reading is None else reading.times[0]
 
 
 def _median(values: "deque[float]") -> float:
