@@ -583,7 +583,6 @@ class TaskFuture(concurrent.futures.Future, OutcomeSink):  # type: ignore[type-a
 
     # ---- the OutcomeSink of its task (the supervisor's thread) ----------------------------
 
-
     def deliver(self, task: Task, ok: bool, value: Any) -> None:
         # The task is over: drop the pool, the task, its call and their inputs, which callers
         # holding many futures would keep alive (and the garbage collector would walk).

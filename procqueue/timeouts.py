@@ -3,8 +3,8 @@ of its call so far (GNU parallel's --timeout 300%), counted from when its worker
 started, or, for a task sent but never marked started, from UNSTARTED_GRACE_S after it was
 sent (a worker stuck before reaching it); a worker still loading the task's function has
 FUNCTION_LOAD_GRACE_S more.  Reads slots and their tasks and changes nothing of them; the
-supervisor asks for the deadlines (TimedSlots keeps its readings between turns) and kills what is
-past them.  A block of inputs is timed as its tasks would be: its worker marks each input's start."""
+supervisor asks for the deadlines (TimedSlots keeps its readings between turns) and kills what
+is past them.  A block's inputs are timed as tasks are: its worker marks each input's start."""
 
 from __future__ import annotations
 

@@ -109,7 +109,7 @@ class Slot:
         # ... and drop_batches, which count those of calls with a timeout: the supervisor asks
         # every slot for its deadlines at every turn, and most hold none
         self.timed_batches = 0
-        self.batch_changes = 0  # counts every change of `batches` (see Supervisor._read_wakes)
+        self.batch_changes = 0  # counts every change of `batches` (see timeouts.TimedSlots)
         self.known_functions: set[int] = set()
         # out-of-band arguments sent to the current process that it may still map, by task
         self.lent: dict[int, list[Any]] = {}
