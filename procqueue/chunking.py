@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from .protocol import REPORT_INTERVAL_S
+
 # Aim for batches of about 25 ms of work: a batch costs its worker ~150-250 us to report
 # (bench/worker_gaps.py), so 1%; at 15 ms, 10 ms tasks went one per batch (2-3%).
 TARGET_BATCH_S = 0.025
@@ -67,6 +69,22 @@ class ChunkSizer:
         sizer.capped = True
         return sizer
 
+    def report_interval_s(self) -> float:
+        """How often a worker sends what a batch of this call has finished while it runs
+        (RunTasks.report_s): twice the work the batch was sized for, at least
+        REPORT_INTERVAL_S.  A batch then reports once, at its end, unless it runs far longer
+        than expected: with many workers, batches of 128 ms sent three reports each at 50 ms,
+        a message each way per report (~3 us of a worker's and 2 of the supervisor's CPU per
+        1 ms task at 64 workers).  A chunksize of the caller's keeps REPORT_INTERVAL_S: how
+        long its batches run is not known."""
+        if self.fixed is not None:
+            return REPORT_INTERVAL_S
+        return max(REPORT_INTERVAL_S, 2 * self._target_s(self.processes))
+
+    def _target_s(self, workers: int) -> float:
+        """The work a batch is sized for (see MAX_BATCHES_PER_S)."""
+        return self.target_s if self.capped else max(self.target_s, workers / MAX_BATCHES_PER_S)
+
     def next_size(self, queued: int, workers: int | None = None) -> int:
         """How many of the `queued` tasks the next batch should take (at least 1); `workers`
         overrides `processes` where their number changes (a Dask cluster)."""
@@ -81,6 +99,4 @@ class ChunkSizer:
         # Shrinking a batch below MIN_BATCH_S of work gains less balance at the tail than
         # the extra round trips cost: tiny tasks end in a few ms-sized batches, not hundreds.
         guided = max(math.ceil(queued / (2 * workers)), int(MIN_BATCH_S / mean))
-        target_s = self.target_s if self.capped else max(self.target_s,
-                                                         workers / MAX_BATCHES_PER_S)
-        return max(1, min(int(target_s / mean), guided, self.max_tasks, queued))
+        return max(1, min(int(self._target_s(workers) / mean), guided, self.max_tasks, queued))

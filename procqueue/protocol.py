@@ -8,10 +8,10 @@ can only break its own channel, and the supervisor always knows which tasks that
         |  <------------- InitFailed(error)   ---- |   (or this, then the worker exits)
         |  ---- RunTasks(batch_id, fn, items) ---> |   fn's bytes only when new to this worker
         |                                          |   for each item: slot_state[CURRENT] = task id
-        |  <---- BatchResults(partial ...)  ------ |   every FLUSH_INTERVAL_S while a batch runs
+        |  <---- BatchResults(partial ...)  ------ |   every report_s while a batch runs
         |  <---- BatchResults(final=True) -------- |
         |  ---- RunBlock(block id, inputs) ------> |   a Block: its inputs in one pickle
-        |  <---- BlockResults(first, values ...) -- |   partial every FLUSH_INTERVAL_S, then final
+        |  <---- BlockResults(first, values ...) -- |   partial every report_s, then final
         |  ---- LoadFunction(batch_id, fn) ------> |   a gated call's warm-up: load fn, no task
         |  <---- BatchResults(final=True) -------- |   (empty)
         |  ---- Stop() ----------------------------> |   the worker exits 0
@@ -57,6 +57,10 @@ class CallKind(enum.IntEnum):
     ARGS_KWARGS = 3  # fn(*args, **kwargs)   apply, submit
 
 
+# While a batch runs, its worker sends what it finished at least this often (RunTasks.report_s;
+# chunking.ChunkSizer.report_interval_s raises it for batches sized to run longer).
+REPORT_INTERVAL_S = 0.05
+
 # The messages are not frozen dataclasses: a frozen __init__ sets each field through
 # object.__setattr__, five times the cost of a plain one, on every message read.  Nothing
 # changes a message after it is made.
@@ -71,6 +75,7 @@ class RunTasks:
     kind: CallKind
     items: tuple[tuple[int, bytes], ...]  # (task id, pickled payload)
     oob_task_ids: tuple[int, ...] = ()  # tasks whose big buffers follow as file descriptors
+    report_s: float = REPORT_INTERVAL_S  # send what is done at least this often meanwhile
 
 
 @dataclass(slots=True)
@@ -84,6 +89,7 @@ class RunBlock:
     block_id: int
     inputs: bytes  # the pickled list of the block's (primitive) inputs
     timed: bool = True  # report each input's run time, or (False) only their total
+    report_s: float = REPORT_INTERVAL_S  # as RunTasks
 
 
 @dataclass(slots=True)

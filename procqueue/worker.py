@@ -25,10 +25,10 @@ from typing import Any, Callable
 from .affinity import pin_current_process
 from .errors import ArgumentSerializationError
 from .item_run import error_of, run_item, unpicklable_result
-from .protocol import (UNMAPPED, BatchResults, BlockResults, CallKind, CallsFunction,
-                       InitFailed, InitializerCall, LoadFunction, Ready, RunBlock, RunTasks, Stop,
-                       apply_call, capture_exception, dumps, dumps_message, dumps_plain_data,
-                       loads, loads_message)
+from .protocol import (REPORT_INTERVAL_S, UNMAPPED, BatchResults, BlockResults, CallKind,
+                       CallsFunction, InitFailed, InitializerCall, LoadFunction, Ready, RunBlock,
+                       RunTasks, Stop, apply_call, capture_exception, dumps, dumps_message,
+                       dumps_plain_data, loads, loads_message)
 
 # Slot state shared with the supervisor (an int64 array): the task now running and when
 # it started, written here before each item and read by the supervisor on a crash or a
@@ -46,7 +46,6 @@ SLOT_STATE_SIZE = 5
 IDLE = -1  # CURRENT_TASK between batches; a REVOKED entry with nothing revoked
 
 INIT_FAILED_EXIT = 70  # exit code after a failed initializer (EX_SOFTWARE)
-FLUSH_INTERVAL_S = 0.05  # send the results of a long batch at least this often
 # A block's inputs look at the revoked batch ids (and whether to send what is done) this often
 # at most.  A look costs a worker ~10 us right after a task (its caches went cold while the task
 # ran): at 1 ms, one look per 1 ms input was 1% of the work.  A revoked call's inputs stop
@@ -153,7 +152,7 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
         now = time.monotonic()
         started = started_ns / 1e9
         results.add(task_id, ok, data, now - started, started)
-        if now - last_flush >= FLUSH_INTERVAL_S:
+        if now - last_flush >= batch.report_s:
             UNSENT.sending = True
             conn.send_bytes(dumps_message(results.message(final=False)))
             results = _Columns(batch_id)
@@ -178,7 +177,7 @@ def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
     fn, fn_error = _load_function(functions, batch)
     slot_state[STARTED_NS] = time.monotonic_ns()
     inputs = loads(blob)
-    report = _BlockReport(conn, slot_state, batch.batch_id, batch.timed)
+    report = _BlockReport(conn, slot_state, batch.batch_id, batch.timed, batch.report_s)
     UNSENT.send = report.send_unsent
     if fn is None:  # each input fails with why the function could not be loaded
         assert fn_error is not None
@@ -270,9 +269,10 @@ def _inputs_per_look(last: int, ran: int, elapsed_s: float) -> int:
 
 class _BlockReport:
     """What a block has run and not yet sent, and the periodic look at the slot: a revoked
-    batch stops the block; results are sent at least every FLUSH_INTERVAL_S."""
+    batch stops the block; results are sent at least every `report_s`."""
 
-    def __init__(self, conn: Any, slot_state: Any, batch_id: int, timed: bool) -> None:
+    def __init__(self, conn: Any, slot_state: Any, batch_id: int, timed: bool,
+                 report_s: float = REPORT_INTERVAL_S) -> None:
         self.conn = conn
         self.slot_state = slot_state
         self.batch_id = batch_id
@@ -283,7 +283,8 @@ class _BlockReport:
         self.since = time.monotonic()  # untimed: values ran from then on
         self.skipped = -1
         self.revoke_check_at = self.since  # before the first input
-        self.flush_at = self.since + FLUSH_INTERVAL_S
+        self.report_s = report_s
+        self.flush_at = self.since + report_s
 
     def add_seconds(self, seconds: float) -> None:
         if self.seconds is not None:
@@ -302,7 +303,7 @@ class _BlockReport:
             self.send(now, final=False)
             self.first = position
             UNSENT.sending = False
-            self.flush_at = now + FLUSH_INTERVAL_S
+            self.flush_at = now + self.report_s
         return min(self.revoke_check_at, self.flush_at)
 
     def send_unsent(self) -> None:
@@ -427,7 +428,7 @@ UNSENT = _Unsent()
 def _send_unsent_then_die(signum: int, frame: Any) -> None:
     """SIGTERM (a timeout, a cancel, a halt, or a kill from outside): send what the batch has
     finished first, then die of the signal as before.  Without this, the inputs it ran before
-    the one being killed (up to FLUSH_INTERVAL_S of work) would be run again elsewhere."""
+    the one being killed (up to its batch's report_s of work) would be run again elsewhere."""
     # Another SIGTERM may come while this runs (a timeout, then the halt it causes), and
     # Python then runs this handler again inside this one: that run must not end us half-way
     # through the message.  (If it comes before the flag is set, that run does it all.)

@@ -144,6 +144,16 @@ def test_a_call_may_take_shorter_batches_from_what_was_measured():
     assert fixed.with_target(0.010) is fixed  # the caller's chunksize is kept
 
 
+def test_a_batch_reports_what_it_finished_once_unless_it_runs_far_longer_than_sized():
+    from procqueue.protocol import REPORT_INTERVAL_S
+
+    few, many = ChunkSizer(2), ChunkSizer(64)
+    assert few.report_interval_s() == REPORT_INTERVAL_S  # 25 ms batches
+    assert many.report_interval_s() == pytest.approx(2 * 64 / MAX_BATCHES_PER_S)  # 128 ms
+    assert many.with_target(0.010).report_interval_s() == REPORT_INTERVAL_S  # a journaled call
+    assert ChunkSizer(64, fixed=1000).report_interval_s() == REPORT_INTERVAL_S  # unknown length
+
+
 @pytest.mark.parametrize("processes,fixed", [(0, None), (2, 0)])
 def test_chunker_rejects_bad_arguments(processes, fixed):
     with pytest.raises(ValueError):
