@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 
-from .protocol import REPORT_INTERVAL_S
-
 # Aim for batches of about 25 ms of work: a batch costs its worker ~150-250 us to report
 # (bench/worker_gaps.py), so 1%; at 15 ms, 10 ms tasks went one per batch (2-3%).
 TARGET_BATCH_S = 0.025
@@ -22,6 +20,9 @@ MIN_BATCH_S = 0.001  # guided shrinking stops at batches of this much work (see 
 # batch holds at least workers / MAX_BATCHES_PER_S of work: 2-16 workers keep TARGET_BATCH_S,
 # 64 get 128 ms batches (guided shrinking still spreads the tail over every worker).
 MAX_BATCHES_PER_S = 500
+# While a batch runs, its worker sends what it finished at least this often (see
+# report_interval_s): what a crash loses and how late imap sees results
+MIN_REPORT_S = 0.05
 MAX_BATCH_TASKS = 4096  # caps the memory and result latency of one batch
 EWMA_WEIGHT = 0.3  # weight of the newest observation of mean task time
 
@@ -72,14 +73,14 @@ class ChunkSizer:
     def report_interval_s(self) -> float:
         """How often a worker sends what a batch of this call has finished while it runs
         (RunTasks.report_s): twice the work the batch was sized for, at least
-        REPORT_INTERVAL_S.  A batch then reports once, at its end, unless it runs far longer
+        MIN_REPORT_S.  A batch then reports once, at its end, unless it runs far longer
         than expected: with many workers, batches of 128 ms sent three reports each at 50 ms,
         a message each way per report (~3 us of a worker's and 2 of the supervisor's CPU per
-        1 ms task at 64 workers).  A chunksize of the caller's keeps REPORT_INTERVAL_S: how
+        1 ms task at 64 workers).  A chunksize of the caller's keeps MIN_REPORT_S: how
         long its batches run is not known."""
         if self.fixed is not None:
-            return REPORT_INTERVAL_S
-        return max(REPORT_INTERVAL_S, 2 * self._target_s(self.processes))
+            return MIN_REPORT_S
+        return max(MIN_REPORT_S, 2 * self._target_s(self.processes))
 
     def _target_s(self, workers: int) -> float:
         """The work a batch is sized for (see MAX_BATCHES_PER_S)."""

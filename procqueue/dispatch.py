@@ -89,8 +89,8 @@ class Dispatcher:
                 payload = payload.wire
             payloads.append((task.id, payload))
         message = RunTasks(batch.id, job.fn_id, self._function_for(slot, job), job.kind,
-                           tuple(payloads), tuple(t.id for t in oob),
-                           job.sizer.report_interval_s())
+                           tuple(payloads), job.sizer.report_interval_s(),
+                           tuple(t.id for t in oob))
         # A failed send surfaces as the worker's death (its sentinel).
         self.workers.send(slot, message, tuple(_fd_of(t.payload) for t in oob))
 
@@ -100,8 +100,8 @@ class Dispatcher:
         batch = self._new_batch(slot, job, [], block, len(inputs))
         self.workers.send(slot, RunBlock(batch.id, job.fn_id, self._function_for(slot, job),
                                          job.kind, block.id, inputs,
-                                         timed=job.timed_inputs or job.may_time_out(),
-                                         report_s=job.sizer.report_interval_s()))
+                                         job.sizer.report_interval_s(),
+                                         timed=job.timed_inputs or job.may_time_out()))
 
     def _warm_up(self, slot: Slot) -> bool:
         """Before a gated call's first task goes to a worker, send that worker the function

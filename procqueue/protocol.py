@@ -57,10 +57,6 @@ class CallKind(enum.IntEnum):
     ARGS_KWARGS = 3  # fn(*args, **kwargs)   apply, submit
 
 
-# While a batch runs, its worker sends what it finished at least this often (RunTasks.report_s;
-# chunking.ChunkSizer.report_interval_s raises it for batches sized to run longer).
-REPORT_INTERVAL_S = 0.05
-
 # The messages are not frozen dataclasses: a frozen __init__ sets each field through
 # object.__setattr__, five times the cost of a plain one, on every message read.  Nothing
 # changes a message after it is made.
@@ -74,8 +70,8 @@ class RunTasks:
     fn_payload: bytes | None  # cloudpickled function; None when this worker already has fn_id
     kind: CallKind
     items: tuple[tuple[int, bytes], ...]  # (task id, pickled payload)
+    report_s: float  # send what is done at least this often while it runs (ChunkSizer)
     oob_task_ids: tuple[int, ...] = ()  # tasks whose big buffers follow as file descriptors
-    report_s: float = REPORT_INTERVAL_S  # send what is done at least this often meanwhile
 
 
 @dataclass(slots=True)
@@ -88,8 +84,8 @@ class RunBlock:
     kind: CallKind
     block_id: int
     inputs: bytes  # the pickled list of the block's (primitive) inputs
+    report_s: float  # as RunTasks
     timed: bool = True  # report each input's run time, or (False) only their total
-    report_s: float = REPORT_INTERVAL_S  # as RunTasks
 
 
 @dataclass(slots=True)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from .affinity import pin_current_process
 from .errors import ArgumentSerializationError
 from .item_run import error_of, run_item, unpicklable_result
-from .protocol import (REPORT_INTERVAL_S, UNMAPPED, BatchResults, BlockResults, CallKind,
+from .protocol import (UNMAPPED, BatchResults, BlockResults, CallKind,
                        CallsFunction, InitFailed, InitializerCall, LoadFunction, Ready, RunBlock,
                        RunTasks, Stop, apply_call, capture_exception, dumps, dumps_message,
                        dumps_plain_data, loads, loads_message)
@@ -272,7 +272,7 @@ class _BlockReport:
     batch stops the block; results are sent at least every `report_s`."""
 
     def __init__(self, conn: Any, slot_state: Any, batch_id: int, timed: bool,
-                 report_s: float = REPORT_INTERVAL_S) -> None:
+                 report_s: float) -> None:
         self.conn = conn
         self.slot_state = slot_state
         self.batch_id = batch_id

@@ -145,13 +145,13 @@ def test_a_call_may_take_shorter_batches_from_what_was_measured():
 
 
 def test_a_batch_reports_what_it_finished_once_unless_it_runs_far_longer_than_sized():
-    from procqueue.protocol import REPORT_INTERVAL_S
+    from procqueue.chunking import MIN_REPORT_S
 
     few, many = ChunkSizer(2), ChunkSizer(64)
-    assert few.report_interval_s() == REPORT_INTERVAL_S  # 25 ms batches
+    assert few.report_interval_s() == MIN_REPORT_S  # 25 ms batches
     assert many.report_interval_s() == pytest.approx(2 * 64 / MAX_BATCHES_PER_S)  # 128 ms
-    assert many.with_target(0.010).report_interval_s() == REPORT_INTERVAL_S  # a journaled call
-    assert ChunkSizer(64, fixed=1000).report_interval_s() == REPORT_INTERVAL_S  # unknown length
+    assert many.with_target(0.010).report_interval_s() == MIN_REPORT_S  # a journaled call
+    assert ChunkSizer(64, fixed=1000).report_interval_s() == MIN_REPORT_S  # unknown length
 
 
 @pytest.mark.parametrize("processes,fixed", [(0, None), (2, 0)])
@@ -510,7 +510,8 @@ def test_a_sigterm_mid_input_sends_only_the_inputs_that_are_complete():
     from procqueue.protocol import loads, loads_message
 
     pipe = _Pipe()
-    report = worker._BlockReport(pipe, [0] * worker.SLOT_STATE_SIZE, batch_id=7, timed=True)
+    report = worker._BlockReport(pipe, [0] * worker.SLOT_STATE_SIZE, batch_id=7, timed=True,
+                                  report_s=1.0)
     report.first = 10
     report.values.extend(["a", None, "c"])  # positions 10, 11 (failed), 12 (no time yet)
     report.errors.update({11: b"error of 11", 13: b"error of 13, before its placeholder"})
@@ -526,7 +527,8 @@ def test_a_sigterm_mid_input_sends_only_the_inputs_that_are_complete():
     columns.task_ids.append(2)  # `add` interrupted after its first column
     rows = columns.complete_rows()
     assert (rows.task_ids, rows.ok, rows.payloads, rows.seconds) == ([1], [True], [b"one"], [0.1])
-    empty = worker._BlockReport(pipe, [0] * worker.SLOT_STATE_SIZE, batch_id=8, timed=False)
+    empty = worker._BlockReport(pipe, [0] * worker.SLOT_STATE_SIZE, batch_id=8, timed=False,
+                                 report_s=1.0)
     empty.send_unsent()
     assert len(pipe.sent) == 1  # nothing complete: nothing sent
 
@@ -537,8 +539,8 @@ def test_every_wire_message_reads_back_as_sent():
                                     dumps_message, loads_message)
 
     messages = [
-        RunTasks(1, 2, b"fn", CallKind.STAR, ((3, b"a"), (4, b"b")), (4,)),
-        RunBlock(5, 2, None, CallKind.ONE, 6, b"inputs", timed=False),
+        RunTasks(1, 2, b"fn", CallKind.STAR, ((3, b"a"), (4, b"b")), 0.25, (4,)),
+        RunBlock(5, 2, None, CallKind.ONE, 6, b"inputs", 0.05, timed=False),
         LoadFunction(7, 2, b"fn", CallKind.ARGS_KWARGS), Stop(), Ready(1234), InitFailed(b"e"),
         BatchResults(1, [3], [False], [b"err"], [0.5], [9.0], True, 2**31, [4], [3]),
         BlockResults(5, 10, [b"x", None], {11: b"err"}, 2, [0.1, 0.2], 0.3, False, 7, 12),
