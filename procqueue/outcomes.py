@@ -87,11 +87,8 @@ class WorkerOutcomes:
         batch = _batch_of(slot, message.batch_id)
         if batch is None:
             return  # results of a batch already written off
-        # The batch ends (a block under a concurrency limit gives its permit back) before its
-        # last results go out, as a task's permits are given back before its outcome is
-        # delivered: whoever the results wake finds the limit free.
-        self._after_results(slot, batch, message)
         self.blocks.route(slot, batch, message)
+        self._after_results(slot, batch, message)
 
     def _after_results(self, slot: Slot, batch: Batch, message: BatchResults | BlockResults
                        ) -> None:
