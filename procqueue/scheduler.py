@@ -223,7 +223,7 @@ class Scheduler:
                            max_tasks)
             if queue.fifo and isinstance(queue.fifo[0], Block):
                 if not batch:  # a block travels alone
-                    block = self._take_block(queue, size)
+                    block = self._admit_block(queue, size, now)
                     if queue.size == 0:
                         emptied.append(job_id)
                 break
@@ -306,6 +306,21 @@ class Scheduler:
             task.holds = held + (KeyHold(job.keyed, task.key),)
             tasks.append(task)
         return tasks
+
+    def _admit_block(self, queue: JobQueue, size: int, now: float) -> Block | None:
+        """The next block of the queue, holding one permit of each of its concurrency gates
+        (only calls under concurrency limits alone travel in blocks: Submitter.blocks_allowed),
+        or None if a gate refuses."""
+        gates = self.pool_gates + queue.job.gates
+        if not gates:
+            return self._take_block(queue, size)
+        granted, wait, held = admit(gates, 1, now)
+        if not granted:
+            self._note_wait(now, wait)
+            return None
+        block = self._take_block(queue, size)
+        block.hold = BatchHold(held, 1)
+        return block
 
     def _take_block(self, queue: JobQueue, size: int) -> Block:
         """The block at the head of the queue, cut to `size` inputs, or joined with the

@@ -64,15 +64,16 @@ class Submitter:
 
     def blocks_allowed(self, job: Job, journal: JournaledCall | None) -> bool:
         """Whether the call's primitive inputs may travel in Blocks: only where no per-task
-        machinery would see them (gates, keys, halt, journal, events, recycling).  Timeouts
+        machinery would see them (rates, keys, halt, journal, events, recycling).  Timeouts
         do not need a Task per input: a timed block marks each input's start in its slot, and
-        the input whose deadline passes becomes a Task then (outcomes.on_timeout)."""
+        the input whose deadline passes becomes a Task then (outcomes.on_timeout).  Nor do
+        concurrency limits: a block runs one input at a time, and holds one permit."""
         config = self.config
+        gates = self.supervisor.scheduler.pool_gates + job.gates
         return (hasattr(job.sink, "deliver_run") and job.kind is not CallKind.ARGS_KWARGS
-                and journal is None and not job.gates and job.keyed is None
-                and job.halt is None
-                and config.on_event is None and config.maxtasksperchild is None
-                and not self.supervisor.scheduler.pool_gates)
+                and journal is None and all(gate.refundable for gate in gates)
+                and job.keyed is None and job.halt is None
+                and config.on_event is None and config.maxtasksperchild is None)
 
     def groups(self, job: Job, start: int, chunk: "list[Any] | tuple[Any, ...]",
                journal: JournaledCall | None, blocks: bool) -> Iterator[tuple[Entries, Errors]]:

@@ -400,6 +400,7 @@ class Supervisor:
         self.memfds.close()
         for slot in self.workers.slots:  # dead now: what they mapped can be closed
             slot.unlend_all()
+            slot.drop_batches()  # and the permits their blocks held given back
         self.workers.close()
         self._selector.close()
         self._inbox.close()

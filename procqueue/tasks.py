@@ -153,14 +153,15 @@ class Block:
     """A run of fresh inputs of one call, at consecutive indices, that travel, run and report
     together: the same outcome per input as Tasks give, without a Task per input (tiny tasks
     spend most of their time on that bookkeeping).  Only calls without per-task machinery
-    (timeouts, gates, keys, halt, journal, events) get them, and only for immutable primitive
-    inputs (see Submitter.blocks_allowed).  A block is never retried or cancelled as a whole:
-    whatever is not plain success (an input that fails, a crash, a cancel, terminate) first
-    turns the block's unreported inputs into Tasks (TaskBook.explode_queued for a queued
-    block, blocks.explode_dispatched for a running one), and the Task machinery takes it from
-    there."""
+    (rates, keys, halt, journal, events) get them, and only for immutable primitive inputs
+    (see Submitter.blocks_allowed); under concurrency limits a running block holds one permit
+    (`hold`, given back when its batch ends: Slot.end_batch, Slot.drop_batches).  A block is
+    never retried or cancelled as a whole: whatever is not plain success (an input that fails,
+    a crash, a cancel, terminate) first turns the block's unreported inputs into Tasks
+    (TaskBook.explode_queued for a queued block, blocks.explode_dispatched for a running one),
+    and the Task machinery takes it from there."""
 
-    __slots__ = ("id", "job", "start", "inputs", "reported", "tasks")
+    __slots__ = ("id", "job", "start", "inputs", "reported", "tasks", "hold")
 
     def __init__(self, block_id: int, job: "Job", start: int, inputs: list[Any]) -> None:
         self.id = block_id
@@ -169,6 +170,7 @@ class Block:
         self.inputs = inputs
         self.reported = 0  # inputs [0, reported) have their outcome (results come in order)
         self.tasks: list[Task | None] | None = None  # once exploded: position -> its Task
+        self.hold: Any = None  # admission.BatchHold of its call's concurrency limits, if any
 
     def __len__(self) -> int:
         return len(self.inputs)

@@ -82,6 +82,14 @@ class Batch:
         return len(self.pending) + (len(block) - block.reported if block is not None else 0)
 
 
+def _give_back_permit(batch: Batch) -> None:
+    """A block's batch has ended (or its worker is gone): the permit the block held."""
+    block = batch.block
+    if block is not None and block.hold is not None:
+        hold, block.hold = block.hold, None
+        hold.release()
+
+
 @dataclass(frozen=True)
 class SlotStatistics:
     slot: int
@@ -146,9 +154,12 @@ class Slot:
         self.batches.remove(batch)
         self.timed_batches -= batch.job.may_time_out()
         self.batch_changes += 1
+        _give_back_permit(batch)
 
     def drop_batches(self) -> None:
         """The process is gone (or new): it holds nothing."""
+        for batch in self.batches:
+            _give_back_permit(batch)
         self.batches.clear()
         self.timed_batches = 0
         self.batch_changes += 1

@@ -180,3 +180,53 @@ def test_permit_of_a_sigkilled_program_is_reclaimed(tmp_path, limit_name):
         sem.release()
     finally:
         sem.close()
+
+
+def record_or_crash_once(spec):
+    """spec: "directory|i" (a string: such inputs travel in blocks).  Input 5 kills its worker
+    the first time it runs."""
+    directory, i = spec.rsplit("|", 1)
+    marker = os.path.join(directory, "crashed")
+    if i == "5" and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(3)
+    start = time.time()
+    time.sleep(0.01)
+    return int(i), start, time.time()
+
+
+@pytest.mark.timeout(60)
+def test_blocks_under_a_named_limit_hold_one_permit_each_and_give_it_back(
+        tmp_path, limit_name, monkeypatch):
+    # Calls under concurrency limits alone travel in blocks (issue #24): a block runs one input
+    # at a time and holds one permit until its batch ends, whatever ends it (its results,
+    # a crash of its worker, terminate).
+    from procqueue import Limit
+    from procqueue.dispatch import Dispatcher
+
+    sent_blocks = []
+    send_block = Dispatcher._send_block
+    monkeypatch.setattr(Dispatcher, "_send_block",
+                        lambda self, slot, block: (sent_blocks.append(len(block)),
+                                                   send_block(self, slot, block)))
+    specs = [f"{tmp_path}|{i}" for i in range(40)]
+    limit = Limit(limit_name, concurrency=2)
+    sem = Semaphore(limit_name, 2)
+    try:
+        with Pool(3, retries=1) as pool:
+            results = pool.map(record_or_crash_once, specs, chunksize=10, limit=limit)
+            assert [x for x, _, _ in results] == list(range(40))
+            assert max_overlap(spans_of(results)) <= 2
+            assert sent_blocks and max(sent_blocks) == 10
+            assert sem.statistics().held == 0  # the crashed block's permit came back too
+            running = pool.map_async(record, range(200), chunksize=20, limit=limit)
+            deadline = time.monotonic() + 20
+            while sem.statistics().held == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            pool.terminate()
+        pool.join()
+        with pytest.raises(Exception):
+            running.get(timeout=10)
+        assert sem.statistics().held == 0
+    finally:
+        sem.close()
