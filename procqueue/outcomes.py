@@ -87,8 +87,11 @@ class WorkerOutcomes:
         batch = _batch_of(slot, message.batch_id)
         if batch is None:
             return  # results of a batch already written off
-        self.blocks.route(slot, batch, message)
+        # The batch ends (a block under a concurrency limit gives its permit back) before its
+        # last results go out, as a task's permits are given back before its outcome is
+        # delivered: whoever the results wake finds the limit free.
         self._after_results(slot, batch, message)
+        self.blocks.route(slot, batch, message)
 
     def _after_results(self, slot: Slot, batch: Batch, message: BatchResults | BlockResults
                        ) -> None:
