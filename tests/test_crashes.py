@@ -573,7 +573,15 @@ def _start_script(tmp_path, source, directory):
         [str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return subprocess.Popen([sys.executable, str(script), str(directory)], cwd=str(REPO_ROOT),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_sigint_as_in_a_terminal)
+
+
+def _sigint_as_in_a_terminal():
+    """The script starts with SIGINT at its default, as a terminal's foreground job does, so
+    that Python turns Ctrl-C into KeyboardInterrupt.  A non-interactive shell starts its
+    background jobs (`.ci/run ... &`) with SIGINT ignored, the ignoring is inherited across
+    exec, and Python then leaves SIGINT ignored: the SIGINT tests would wait in vain."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_workers(directory, count, proc, timeout_s=20.0):
