@@ -14,16 +14,19 @@ import time
 from typing import Any
 
 from .config import PoolConfig
-from .protocol import LoadFunction, OutOfBand, RunBlock, RunTasks, dumps
+from .protocol import (CallKind, LoadFunction, OutOfBand, RunBlock, RunTasks, dumps,
+                       primitive_run)
 from .scheduler import Scheduler
 from .task_book import TaskBook
-from .tasks import Block, Job, Task, TaskState
+from .tasks import Block, Job, Task, TaskState, new_id
 from .worker_slots import Batch, Slot, WorkerSlots
 
 # Tasks queued per worker below which nothing is prefetched (see Dispatcher.dispatch).
 PREFETCH_MIN_QUEUED_PER_WORKER = 8
 # Workers lost loading one function (a warm-up) before warm-ups of it stop.
 WARM_UP_CRASH_LIMIT = 2
+# Tasks of one batch from which they travel as a block (see _task_block_inputs).
+TASK_BLOCK_MIN = 2
 
 
 class Dispatcher:
@@ -75,6 +78,10 @@ class Dispatcher:
 
     def _send_tasks(self, slot: Slot, tasks: list[Task]) -> None:
         job = tasks[0].job
+        as_block = task_block_inputs(self.config, job, tasks)
+        if as_block is not None:
+            self._send_task_block(slot, job, tasks, *as_block)
+            return
         batch = self._new_batch(slot, job, tasks)
         pid = slot.pid
         payloads: list[tuple[int, bytes]] = []
@@ -102,6 +109,20 @@ class Dispatcher:
                                          job.kind, block.id, inputs,
                                          job.sizer.report_interval_s(),
                                          timed=job.timed_inputs or job.may_time_out()))
+
+    def _send_task_block(self, slot: Slot, job: Job, tasks: list[Task], kind: CallKind,
+                         inputs: list[Any]) -> None:
+        block = Block(new_id(), job, 0, inputs)
+        block.tasks = list(tasks)  # exploded from the start: results go to the tasks
+        batch = self._new_batch(slot, job, tasks, block)
+        pid = slot.pid
+        for task in tasks:
+            task.move(TaskState.DISPATCHED)
+            task.pid = pid
+        self.workers.send(slot, RunBlock(batch.id, job.fn_id, self._function_for(slot, job),
+                                         kind, block.id, dumps(inputs),
+                                         job.sizer.report_interval_s(), timed=True,
+                                         each_revocable=True))
 
     def _warm_up(self, slot: Slot) -> bool:
         """Before a gated call's first task goes to a worker, send that worker the function
@@ -143,6 +164,30 @@ class Dispatcher:
         if limit is None:
             return sys.maxsize
         return limit - slot.tasks_done - slot.tasks_held()
+
+
+def task_block_inputs(config: PoolConfig, job: Job, tasks: list[Task]
+                      ) -> tuple[CallKind, list[Any]] | None:
+    """(the kind to call them with, their inputs) where `tasks` may travel as one block:
+    several tasks of one call (the submit() calls of one function share one) whose inputs
+    are primitives.  The worker then unpickles the inputs and pickles the results once, not
+    once per task, and the results are read here at once; each task keeps its own outcome,
+    cancel and crash attribution (the block is sent exploded: Block.tasks), and the worker
+    looks at the revoked batches before each input (RunBlock.each_revocable).  Not for what
+    a task batch does that a block does not: a timeout's clock (timeouts.py), the events'
+    start times, recycling, halting."""
+    if len(tasks) < TASK_BLOCK_MIN or job.may_time_out() or job.halt is not None:
+        return None
+    if config.on_event is not None or config.maxtasksperchild is not None:
+        return None
+    if any(task.job is not job for task in tasks):
+        return None
+    kind, inputs = job.kind, [task.input for task in tasks]
+    if kind is CallKind.ARGS_KWARGS:  # submit() calls: (args, kwargs) each
+        if any(kwargs for _, kwargs in inputs):
+            return None
+        kind, inputs = CallKind.STAR, [args for args, _ in inputs]  # f(*args), as a starmap
+    return (kind, inputs) if primitive_run(inputs) else None
 
 
 def _fd_of(payload: Any) -> int:

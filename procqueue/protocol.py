@@ -40,6 +40,7 @@ import traceback
 import types
 import weakref
 from dataclasses import dataclass, field, fields
+from itertools import chain
 from operator import attrgetter
 from typing import Any, Callable, Union
 
@@ -86,6 +87,9 @@ class RunBlock:
     inputs: bytes  # the pickled list of the block's (primitive) inputs
     report_s: float  # as RunTasks
     timed: bool = True  # report each input's run time, or (False) only their total
+    # Each input is a task that may be cancelled alone (a batch of submit() calls sent as a
+    # block): the revoked batch ids are looked at before each input, as RunTasks does.
+    each_revocable: bool = False
 
 
 @dataclass(slots=True)
@@ -243,6 +247,25 @@ class ErrorInfo:
 SCRIPT_MODULE_PREFIX = "_procqueue_script_"  # stored_call imports scripts under this name
 
 PRIMITIVE_TYPES = frozenset({int, float, bool, str, bytes, complex, type(None)})
+
+
+def primitive(item: Any) -> bool:
+    """An input a Block may carry: of a primitive type, or a tuple of such (starmap)."""
+    kind = type(item)
+    if kind in PRIMITIVE_TYPES:
+        return True
+    return kind is tuple and all(type(part) in PRIMITIVE_TYPES for part in item)
+
+
+def primitive_run(items: "list[Any] | tuple[Any, ...]") -> bool:
+    """Whether every input is primitive (see primitive), checked at C speed: map's list of
+    numbers or paths becomes Blocks without a Python step per input."""
+    kinds = set(map(type, items))
+    if kinds <= PRIMITIVE_TYPES:
+        return True
+    if kinds == {tuple}:  # starmap: the parts of each argument tuple
+        return set(map(type, chain.from_iterable(items))) <= PRIMITIVE_TYPES
+    return False
 
 
 class _NeedsAClass(Exception):

@@ -13,14 +13,13 @@ with its group, never the whole call's.
 
 from __future__ import annotations
 
-from itertools import chain
 from typing import Any, Iterator
 
 from .config import PoolConfig
 from .errors import argument_error
 from .inbox import SubmitTasks
 from .pool_journal import JournaledCall
-from .protocol import PRIMITIVE_TYPES, CallKind, OutOfBand, dumps_argument
+from .protocol import CallKind, OutOfBand, dumps_argument, primitive, primitive_run
 from .results import ArgumentMemory
 from .supervisor import Supervisor
 from .tasks import Block, Job, OutcomeSink, Task, new_id
@@ -127,25 +126,6 @@ class Submitter:
             except Exception as exc:
                 errors[task.id] = exc
         return task
-
-
-def primitive_run(items: "list[Any] | tuple[Any, ...]") -> bool:
-    """Whether every input is primitive (see primitive), checked at C speed: map's list of
-    numbers or paths becomes Blocks without a Python step per input."""
-    kinds = set(map(type, items))
-    if kinds <= PRIMITIVE_TYPES:
-        return True
-    if kinds == {tuple}:  # starmap: the parts of each argument tuple
-        return set(map(type, chain.from_iterable(items))) <= PRIMITIVE_TYPES
-    return False
-
-
-def primitive(item: Any) -> bool:
-    """An input a Block may carry: of a primitive type, or a tuple of such (starmap)."""
-    kind = type(item)
-    if kind in PRIMITIVE_TYPES:
-        return True
-    return kind is tuple and all(type(part) in PRIMITIVE_TYPES for part in item)
 
 
 def _join_block(group: Entries, block: Block | None, job: Job, index: int, item: Any) -> Block:

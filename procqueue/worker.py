@@ -177,7 +177,8 @@ def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
     fn, fn_error = _load_function(functions, batch)
     slot_state[STARTED_NS] = time.monotonic_ns()
     inputs = loads(blob)
-    report = _BlockReport(conn, slot_state, batch.batch_id, batch.timed, batch.report_s)
+    report = _BlockReport(conn, slot_state, batch.batch_id, batch.timed, batch.report_s,
+                          0.0 if batch.each_revocable else REVOKE_CHECK_S)
     UNSENT.send = report.send_unsent
     if fn is None:  # each input fails with why the function could not be loaded
         assert fn_error is not None
@@ -190,7 +191,8 @@ def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
                 report.add_seconds(0.0)
     else:
         call = fn if batch.kind is CallKind.ONE else partial(apply_call, fn, batch.kind)
-        run = _run_timed if batch.timed else _run_untimed
+        # (the untimed loop looks at the slot between stretches of inputs, not before each)
+        run = _run_timed if batch.timed or batch.each_revocable else _run_untimed
         run(report, call, inputs)
     slot_state[CURRENT_TASK] = IDLE
     UNSENT.sending = True
@@ -268,11 +270,11 @@ def _inputs_per_look(last: int, ran: int, elapsed_s: float) -> int:
 
 
 class _BlockReport:
-    """What a block has run and not yet sent, and the periodic look at the slot: a revoked
-    batch stops the block; results are sent at least every `report_s`."""
+    """What a block has run and not yet sent, and the look at the slot every `look_s` (0: before
+    each input): a revoked batch stops the block; results are sent at least every `report_s`."""
 
     def __init__(self, conn: Any, slot_state: Any, batch_id: int, timed: bool,
-                 report_s: float) -> None:
+                 report_s: float, look_s: float = REVOKE_CHECK_S) -> None:
         self.conn = conn
         self.slot_state = slot_state
         self.batch_id = batch_id
@@ -283,6 +285,7 @@ class _BlockReport:
         self.since = time.monotonic()  # untimed: values ran from then on
         self.skipped = -1
         self.revoke_check_at = self.since  # before the first input
+        self.look_s = look_s
         self.report_s = report_s
         self.flush_at = self.since + report_s
 
@@ -297,7 +300,7 @@ class _BlockReport:
             if _revoked(self.slot_state, self.batch_id):
                 self.skipped = position
                 return None
-            self.revoke_check_at = now + REVOKE_CHECK_S
+            self.revoke_check_at = now + self.look_s
         if now >= self.flush_at:
             UNSENT.sending = True
             self.send(now, final=False)

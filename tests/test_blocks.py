@@ -19,6 +19,8 @@ import pytest
 import procqueue
 from procqueue import errors
 from procqueue.chunking import ChunkSizer
+from procqueue.config import PoolConfig
+from procqueue.dispatch import task_block_inputs
 from procqueue.protocol import CallKind
 from procqueue.results import MapResult, ResultStream
 from procqueue.scheduler import Scheduler
@@ -257,11 +259,11 @@ def pair(a, b):
     (["ab", "cd"], True),
 ])
 def test_primitive_runs_are_recognised_without_a_python_step_per_input(items, primitive):
-    from procqueue import submission
+    from procqueue import protocol
 
-    assert submission.primitive_run(items) is primitive
+    assert protocol.primitive_run(items) is primitive
     if primitive:
-        assert all(submission.primitive(x) for x in items)
+        assert all(protocol.primitive(x) for x in items)
 
 
 def add(a, b):
@@ -494,3 +496,142 @@ def test_runs_taken_whole_by_imap_keep_order_and_next_timeout():
     assert it.next(0) == "E"
     with pytest.raises(StopIteration):
         it.next(0)
+
+
+# ---- tasks sent as a block: many submit() calls, each its own outcome ----------------------
+
+def record_run(i, directory):
+    """Records each run; input BAD kills its worker on its first run only."""
+    Path(directory, f"ran-{i}-{time.monotonic_ns()}").touch()
+    if i == BAD and not Path(directory, "crashed").exists():
+        Path(directory, "crashed").touch()
+        os._exit(3)
+    if i == BAD + 1:
+        raise ValueError(f"bad {i}")
+    return i
+
+
+def _measure_record_run(pool, tmp_path):
+    """A few calls first: until the pool has timed a function, its batches hold one task."""
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    assert [pool.submit(record_run, -1, str(warm)).result(timeout=30) for _ in range(3)] \
+        == [-1] * 3
+
+
+def _count_task_blocks(monkeypatch):
+    """How many batches of tasks went to workers as blocks (Dispatcher._send_task_block)."""
+    from procqueue.dispatch import Dispatcher
+
+    sent = []
+    send = Dispatcher._send_task_block
+
+    def counting(self, slot, job, tasks, kind, inputs):
+        sent.append(len(tasks))
+        return send(self, slot, job, tasks, kind, inputs)
+
+    monkeypatch.setattr(Dispatcher, "_send_task_block", counting)
+    return sent
+
+
+@pytest.mark.timeout(60)
+def test_submit_calls_sent_as_a_block_keep_their_own_outcomes_through_a_crash(
+        tmp_path, monkeypatch):
+    """Submit() calls of plain arguments travel to a worker several at a time as one block.
+    A crash inside it is charged to the call that was running (retried once here), an error
+    to its own call; every other call gets its result.  (Calls that finished in the crashed
+    worker before their results were sent run again, uncharged, as in a batch of tasks.)"""
+    sent = _count_task_blocks(monkeypatch)
+    with procqueue.Pool(1, retries=1) as pool:
+        _measure_record_run(pool, tmp_path)
+        blocker = pool.submit(time.sleep, 0.3)  # the rest queue up behind it: full batches
+        futures = [pool.submit(record_run, i, str(tmp_path)) for i in range(N)]
+        blocker.result(timeout=30)
+        outcomes = [f.exception(timeout=30) or f.result() for f in futures]
+        stats = pool.stats()
+    assert max(sent) > 1, "no batch of these calls went as a block"
+    assert str(outcomes[BAD + 1]) == f"bad {BAD + 1}"
+    assert [o for i, o in enumerate(outcomes) if i != BAD + 1] == \
+        [i for i in range(N) if i != BAD + 1]
+    runs = [int(p.name.split("-")[1]) for p in tmp_path.glob("ran-*")]
+    assert set(runs) == set(range(N)) and runs.count(BAD) == 2
+    assert max(runs.count(i) for i in range(N)) <= 2
+    assert stats.worker_restarts == 1 and stats.retries == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_crash_in_a_block_of_submit_calls_names_the_call_and_the_exit(tmp_path, monkeypatch):
+    sent = _count_task_blocks(monkeypatch)
+    with procqueue.Pool(1, retries=0) as pool:  # the crash is the call's outcome
+        _measure_record_run(pool, tmp_path)
+        blocker = pool.submit(time.sleep, 0.3)
+        futures = [pool.submit(record_run, i, str(tmp_path)) for i in range(N)]
+        blocker.result(timeout=30)
+        crash = futures[BAD].exception(timeout=30)
+        rest = [f.result(timeout=30) for i, f in enumerate(futures) if i not in (BAD, BAD + 1)]
+    assert max(sent) > 1
+    assert isinstance(crash, errors.WorkerCrashedError) and crash.exitcode == 3
+    assert crash.pid is not None and crash.input_repr == f"(({BAD}, {str(tmp_path)!r}), {{}})"
+    assert rest == [i for i in range(N) if i not in (BAD, BAD + 1)]
+
+
+@pytest.mark.parametrize("kind, items, expected", [
+    (CallKind.ARGS_KWARGS, [((1,), {}), ((2, "b"), {})], (CallKind.STAR, [(1,), (2, "b")])),
+    (CallKind.ARGS_KWARGS, [((1,), {}), ((2,), {"y": 1})], None),  # keyword arguments
+    (CallKind.ARGS_KWARGS, [((1,), {}), (([2],), {})], None),  # a list: mutable, not plain
+    (CallKind.ARGS_KWARGS, [((1,), {})], None),  # one task: nothing to share
+    (CallKind.ONE, [1, "a", None], (CallKind.ONE, [1, "a", None])),
+    (CallKind.ONE, [1, {"a": 1}], None),
+    (CallKind.STAR, [(1, 2), (3, 4)], (CallKind.STAR, [(1, 2), (3, 4)])),
+])
+def test_which_batches_of_tasks_travel_as_blocks(kind, items, expected):
+    job = Job(1, 1, b"", kind, None, timeout_s=None, sizer=ChunkSizer(1, None))
+    tasks = [Task(i, job, i, b"", item) for i, item in enumerate(items)]
+    assert task_block_inputs(PoolConfig(processes=1), job, tasks) == expected
+
+
+def test_tasks_with_a_timeout_or_of_several_calls_do_not_travel_as_blocks():
+    config = PoolConfig(processes=1)
+    timed = Job(1, 1, b"", CallKind.ONE, None, timeout_s=5.0, sizer=ChunkSizer(1, None))
+    assert task_block_inputs(config, timed, [Task(i, timed, i, b"", i) for i in (1, 2)]) is None
+    a, b = _job(job_id=2), _job(job_id=3)
+    assert task_block_inputs(config, a, [Task(1, a, 0, b"", 1), Task(2, b, 0, b"", 2)]) is None
+    assert task_block_inputs(config, a, [Task(1, a, 0, b"", 1), Task(2, a, 0, b"", 2)]) == \
+        (CallKind.ONE, [1, 2])
+    events = PoolConfig(processes=1, on_event=print)
+    assert task_block_inputs(events, a, [Task(1, a, 0, b"", 1), Task(2, a, 0, b"", 2)]) is None
+
+
+def note_start(i, directory):
+    path = Path(directory, f"ran-{i}")
+    assert not path.exists(), f"{i} started twice"
+    path.touch()
+    time.sleep(0.002)
+    return i
+
+
+@pytest.mark.timeout(60)
+def test_a_cancelled_submit_call_inside_a_block_in_the_workers_pipe_never_starts(
+        tmp_path, monkeypatch):
+    """cancel() returned True: the call must not run, though its block is in the worker's
+    pipe (the worker looks at the revoked batches before each input of such a block); the
+    rest of the block runs, each call once."""
+    sent = _count_task_blocks(monkeypatch)
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    with procqueue.Pool(1) as pool:
+        assert [pool.submit(note_start, -k, str(warm)).result(timeout=30) for k in range(3)] \
+            == [0, -1, -2]
+        blocker = pool.submit(time.sleep, 0.5)
+        futures = [pool.submit(note_start, i, str(tmp_path)) for i in range(N)]
+        deadline = time.monotonic() + 10
+        while not sent and time.monotonic() < deadline:  # a block waits behind the sleep
+            time.sleep(0.005)
+        assert sent and not blocker.done(), "no block was prefetched behind the running call"
+        cancelled = [futures[i].cancel() for i in (0, 1, N - 1)]
+        blocker.result(timeout=30)
+        results = {i: f.result(timeout=30) for i, f in enumerate(futures) if not f.cancelled()}
+    assert cancelled == [True, True, True]
+    assert results == {i: i for i in range(2, N - 1)}
+    ran = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("ran-*"))
+    assert ran == list(range(2, N - 1))

@@ -533,6 +533,32 @@ def test_a_sigterm_mid_input_sends_only_the_inputs_that_are_complete():
     assert len(pipe.sent) == 1  # nothing complete: nothing sent
 
 
+@pytest.mark.parametrize("each_revocable, ran", [(True, [0, 1, 2, 3]), (False, list(range(8)))])
+def test_a_block_of_tasks_looks_at_the_revoked_batches_before_each_input(each_revocable, ran):
+    # A batch of submit() calls travels as a block whose tasks may be cancelled one by one:
+    # revoked while input 3 runs, such a block starts no input after it.  A map's block
+    # looks every REVOKE_CHECK_S only (its call is cancelled whole, and a look costs).
+    from procqueue import worker
+    from procqueue.protocol import CallKind, RunBlock, dumps, loads_message
+
+    state = [0] * worker.SLOT_STATE_SIZE
+    started = []
+
+    def task(i):
+        started.append(i)
+        if i == 3:
+            state[worker.REVOKED[0]] = 9  # what the supervisor's revoke writes
+        return i
+
+    pipe = _Pipe()
+    message = RunBlock(9, 1, None, CallKind.ONE, 2, dumps(list(range(8))), 1.0, timed=True,
+                       each_revocable=each_revocable)
+    worker.run_block(pipe, state, {1: task}, message)
+    (report,) = [loads_message(data) for data in pipe.sent]
+    assert started == ran
+    assert report.final and report.skipped == (4 if each_revocable else -1)
+
+
 def test_every_wire_message_reads_back_as_sent():
     from procqueue.protocol import (BatchResults, BlockResults, CallKind, InitFailed,
                                     LoadFunction, Ready, RunBlock, RunTasks, Stop,
@@ -541,6 +567,7 @@ def test_every_wire_message_reads_back_as_sent():
     messages = [
         RunTasks(1, 2, b"fn", CallKind.STAR, ((3, b"a"), (4, b"b")), 0.25, (4,)),
         RunBlock(5, 2, None, CallKind.ONE, 6, b"inputs", 0.05, timed=False),
+        RunBlock(5, 2, None, CallKind.STAR, 6, b"inputs", 0.05, True, each_revocable=True),
         LoadFunction(7, 2, b"fn", CallKind.ARGS_KWARGS), Stop(), Ready(1234), InitFailed(b"e"),
         BatchResults(1, [3], [False], [b"err"], [0.5], [9.0], True, 2**31, [4], [3]),
         BlockResults(5, 10, [b"x", None], {11: b"err"}, 2, [0.1, 0.2], 0.3, False, 7, 12),
