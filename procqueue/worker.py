@@ -83,7 +83,15 @@ def worker_main(conn: Any, slot_state: Any, cpus: tuple[int, ...], env: dict[str
         conn.close()
         os._exit(INIT_FAILED_EXIT)
     conn.send_bytes(dumps_message(Ready(os.getpid())))
-    serve(conn, slot_state)
+    serve(conn, _int64_view(slot_state))
+
+
+def _int64_view(slot_state: Any) -> Any:
+    """The slot's shared int64 array as a memoryview of the same memory.  A block writes its
+    running position into it before each input, right after the input before it ran (cold
+    caches): a memoryview's store is a short C path, a ctypes array's goes through its type's
+    lookups (N=64 `map`: ~1 us of a worker's CPU per input, perf)."""
+    return memoryview(slot_state).cast("B").cast("q")
 
 
 def serve(conn: Any, slot_state: Any) -> None:
