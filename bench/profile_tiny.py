@@ -89,7 +89,13 @@ def call_for(pool: Any, api: str) -> Callable[[list[int]], list[Any]]:
         return lambda xs: list(pool.imap_unordered(trivial, xs))
     if api == "submit":
         return lambda xs: [f.result() for f in [pool.submit(trivial, x) for x in xs]]
+    if api == "imap+key":  # bench/many_workers.py's keyed cell: 1,024 keys, 4 at once each
+        return lambda xs: list(pool.imap(trivial, xs, key=key_of, key_concurrency=4))
     raise ValueError(api)
+
+
+def key_of(x: int) -> int:
+    return x % 1024
 
 
 def unprofiled(api: str, tasks: int, jobs: int) -> harness.Measurement:
