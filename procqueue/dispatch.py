@@ -3,8 +3,9 @@
 The supervisor calls Dispatcher.dispatch() once per turn of its loop.  The scheduler decides
 what may start now (limits, rate, keys: see scheduler.py and admission.py); this module
 decides which worker gets it (idle workers first, then one prefetched batch each) and sends
-it: a batch of tasks (RunTasks), a block of primitive inputs (RunBlock) or, before a gated
-call's first task, the function alone (LoadFunction, a warm-up).
+it: a batch of tasks (RunTasks), a block of primitive inputs (RunBlock; a batch of tasks with
+primitive inputs goes as one too, each keeping its Task: task_block_inputs) or, before a
+gated call's first task, the function alone (LoadFunction, a warm-up).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .worker_slots import Batch, Slot, WorkerSlots
 PREFETCH_MIN_QUEUED_PER_WORKER = 8
 # Workers lost loading one function (a warm-up) before warm-ups of it stop.
 WARM_UP_CRASH_LIMIT = 2
-# Tasks of one batch from which they travel as a block (see _task_block_inputs).
+# Tasks of one batch from which they travel as a block (see task_block_inputs).
 TASK_BLOCK_MIN = 2
 
 
