@@ -12,7 +12,9 @@ the APIs that manage a few thousand tasks a second at most SLOW_API_TASKS.
 
 Efficiency = tasks x (one task's measured run time) / (N x wall): 1.0 when every worker was
 busy all along.  The task's run time is measured in each cell (time.sleep(0.001) takes a
-little more than 1 ms), so it is not counted against the pool.  Prints a table and writes
+little more than 1 ms), so it is not counted against the pool.  Each cell's line also gives
+the CPU per task of the parent and of the workers (their sum, over 2 cores here, is what the
+sleeping workers' wake-ups compete with).  Prints a table and writes
 bench/results/many_workers.md (and .json).
 """
 
@@ -59,8 +61,10 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         call = _caller(system, api, jobs)
         call(warm, list(range(WARM_TASKS_PER_WORKER * jobs)))  # every worker started
+        workers_before = _descendants_cpu_s()
         results, m = harness.measure_call(lambda: call(nap_1ms, xs), system.supervisor_thread,
                                           sample_rss=False)
+        workers_s = _descendants_cpu_s() - workers_before
     finally:
         system.close()
     if sorted(results) != xs:
@@ -71,7 +75,25 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
             "parent_cpu_us_per_task": m.parent_cpu_s / tasks * 1e6,
             "supervisor_cpu_us_per_task": None if m.supervisor_cpu_s is None
             else m.supervisor_cpu_s / tasks * 1e6,
+            "workers_cpu_us_per_task": workers_s / tasks * 1e6,
             "loadavg_1min": os.getloadavg()[0]}
+
+
+def _descendants_cpu_s() -> float:
+    """CPU time so far of this process's descendants (the pool's workers and servers), from
+    /proc/PID/task/*/schedstat: nanoseconds, where psutil's cpu_times counts 10 ms ticks (a
+    1 ms task's few µs would round away).  A process that exits meanwhile drops out."""
+    import psutil
+
+    total_ns = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            for tid in os.listdir(f"/proc/{child.pid}/task"):
+                with open(f"/proc/{child.pid}/task/{tid}/schedstat") as stat:
+                    total_ns += int(stat.read().split()[0])
+        except OSError:
+            continue
+    return total_ns / 1e9
 
 
 def _measured_task_s(samples: int = 500) -> float:
@@ -136,7 +158,8 @@ def main() -> None:
                 rows.append(row)
                 shown = row.get("error") or (f"efficiency {row['efficiency']:.3f}, "
                                              f"{row['tasks_per_s']:,.0f} tasks/s, parent "
-                                             f"{row['parent_cpu_us_per_task']:.1f} us/task")
+                                             f"{row['parent_cpu_us_per_task']:.1f} us/task, "
+                                             f"workers {row['workers_cpu_us_per_task']:.1f}")
                 print(f"round {round_ + 1} N={jobs:<4} {system}:{api:<14} {shown}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
