@@ -338,9 +338,17 @@ def test_halt_on_success_stops_early_and_exits_0(tmp_path):
 @pytest.mark.timeout(60)
 def test_halt_does_not_wait_for_a_slow_first_input_in_ordered_output(tmp_path):
     # records come in input order, but the halt must act when the failure happens
+    # ('bad' fails once 'slow' has started: on a loaded machine the worker given 'slow' may
+    # not have started it yet when 'bad' fails, and a halt then rightly never runs it)
     script = tmp_path / "job.py"
-    script.write_text("import time\ndef process(x):\n    if x == 'slow':\n"
+    started = tmp_path / "slow-started"
+    script.write_text("import os, time\ndef process(x):\n    if x == 'slow':\n"
+                      f"        open({str(started)!r}, 'w').close()\n"
                       "        time.sleep(120)\n    if x == 'bad':\n"
+                      "        deadline = time.monotonic() + 20\n"
+                      f"        while not os.path.exists({str(started)!r}) "
+                      "and time.monotonic() < deadline:\n"
+                      "            time.sleep(0.01)\n"
                       "        raise ValueError(x)\n    return x\n")
     run = procqueue("map", script, "-j", "2", "--halt", "now,fail=1", "--retries", "0",
                     ":::", "slow", "bad", "c", "d", timeout=40)
