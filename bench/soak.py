@@ -1,10 +1,13 @@
 """Soak run (not in CI): many tasks with a fraction of faults; nothing may be lost.
 
-    python bench/soak.py [--tasks 200000] [--fault-rate 0.01] [--jobs 2]
+    python bench/soak.py [--tasks 200000] [--fault-rate 0.01] [--jobs 2] [--api submit]
 
 Faults are split between exceptions and worker crashes (os._exit).  Checks that every input
 has exactly one outcome, that healthy inputs have the right value and faulty ones the right
 error, and reports restarts and the throughput cost of the faults against a fault-free run.
+`--api imap_outcomes` (the default) runs the inputs as one call (they travel in blocks);
+`--api submit` makes a submit() call per input, a future each (the calls of one function
+travel several at a time as blocks of tasks).
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import argparse
 import os
 import random
 import time
+from collections.abc import Iterator
+from concurrent.futures import as_completed
 
 from procqueue import Pool, WorkerCrashedError
 
@@ -25,22 +30,27 @@ def task(args):
     return x * 2
 
 
-def run(n: int, rate: float, jobs: int, seed: int) -> dict[str, float]:
+def task_of_two(x, fault):
+    return task((x, fault))
+
+
+def run(n: int, rate: float, jobs: int, seed: int, api: str = "imap_outcomes"
+        ) -> dict[str, float]:
     rng = random.Random(seed)
     inputs = [(i, rng.choice(["raise", "crash"]) if rng.random() < rate else None)
               for i in range(n)]
     seen = [0] * n
     started = time.perf_counter()
     with Pool(jobs, retries=0) as pool:
-        for outcome in pool.imap_outcomes(task, inputs, ordered=False):
-            i, fault = inputs[outcome.index]
-            seen[outcome.index] += 1
+        for index, ok, value in _outcomes(pool, api, inputs):
+            i, fault = inputs[index]
+            seen[index] += 1
             if fault is None:
-                assert outcome.ok and outcome.value == i * 2, outcome
+                assert ok and value == i * 2, (index, value)
             elif fault == "raise":
-                assert isinstance(outcome.error, ValueError), outcome
+                assert isinstance(value, ValueError), (index, value)
             else:
-                assert isinstance(outcome.error, WorkerCrashedError), outcome
+                assert isinstance(value, WorkerCrashedError), (index, value)
         stats = pool.stats()
     wall = time.perf_counter() - started
     assert seen == [1] * n, "an input had no outcome or more than one"
@@ -48,16 +58,30 @@ def run(n: int, rate: float, jobs: int, seed: int) -> dict[str, float]:
             "faults": sum(1 for _, f in inputs if f)}
 
 
+def _outcomes(pool: Pool, api: str, inputs: list) -> Iterator[tuple[int, bool, object]]:
+    """(input index, ok, value or error) of each input, as they come."""
+    if api == "imap_outcomes":
+        for outcome in pool.imap_outcomes(task, inputs, ordered=False):
+            yield outcome.index, outcome.ok, outcome.value if outcome.ok else outcome.error
+        return
+    futures = {pool.submit(task_of_two, *args): index for index, args in enumerate(inputs)}
+    for future in as_completed(futures):
+        error = future.exception()
+        yield futures[future], error is None, future.result() if error is None else error
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=200_000)
     parser.add_argument("--fault-rate", type=float, default=0.01)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--api", choices=("imap_outcomes", "submit"), default="imap_outcomes")
     args = parser.parse_args()
-    clean = run(args.tasks, 0.0, args.jobs, seed=1)
-    faulty = run(args.tasks, args.fault_rate, args.jobs, seed=1)
-    print(f"{args.tasks} tasks, {faulty['faults']} faults ({args.fault_rate:.1%}), "
-          f"{args.jobs} workers: every input had exactly one outcome, all correct")
+    clean = run(args.tasks, 0.0, args.jobs, seed=1, api=args.api)
+    faulty = run(args.tasks, args.fault_rate, args.jobs, seed=1, api=args.api)
+    print(f"{args.tasks} tasks through {args.api}, {faulty['faults']} faults "
+          f"({args.fault_rate:.1%}), {args.jobs} workers: every input had exactly one "
+          "outcome, all correct")
     print(f"fault-free: {clean['wall_s']:.1f} s ({clean['tasks_per_s']:,.0f} tasks/s)")
     print(f"with faults: {faulty['wall_s']:.1f} s ({faulty['tasks_per_s']:,.0f} tasks/s), "
           f"{faulty['restarts']} worker restarts, throughput cost "
