@@ -47,6 +47,14 @@ def busy(iterations: int) -> int:
     return acc & 0xFF
 
 
+def busy_timed(iterations: int) -> tuple[int, float]:
+    """busy() and the seconds it took inside the worker (bench/scaling.py: the share of the
+    workers' time spent in the task, whatever speed the machine's cores run at)."""
+    t0 = time.perf_counter()
+    result = busy(iterations)
+    return result, time.perf_counter() - t0
+
+
 def array_sum(a: Any) -> float:
     return float(a.sum())
 
