@@ -92,7 +92,7 @@ class JobQueue(KeyedFifo[Any, "Task | Block"]):
     number of inputs in `size` (see enqueue_all)."""
 
     def __init__(self, job: Job) -> None:
-        super().__init__(keyed=job.keyed is not None)
+        super().__init__(keyed=job.keyed is not None, limit=job.keyed)
         self.job = job
 
     def pop(self) -> Task:

@@ -161,3 +161,74 @@ def test_a_calls_queue_is_fifo_without_keys_and_fair_across_keys_with_them():
     assert keyed.pop_startable(lambda key: key != "a") is None  # "a" is at its cap
     keyed.push("a0", "a", front=True)
     assert keyed.drain() == ["a0", "a2", "a3"] and len(keyed) == 0
+
+
+def test_a_parked_key_leaves_the_rotation_until_its_limit_frees_it() -> None:
+    """With many keys at their cap, a pop must not look at each of them again: a parked
+    queue asks about a blocked key once, then not until KeyedLimit frees the key."""
+    from procqueue.limits.keyed import KeyedFifo
+
+    limit: KeyedLimit[str] = KeyedLimit(1)
+    queue: KeyedFifo[str, str] = KeyedFifo(keyed=True, limit=limit)
+    for key in ("a", "b", "c"):
+        queue.push(f"{key}1", key)
+        queue.push(f"{key}2", key)
+    asked: list[str] = []
+
+    def can_start(key: str) -> bool:
+        asked.append(key)
+        return limit.can_start(key)
+
+    started = []
+    while (item := queue.pop_startable(can_start)) is not None:
+        limit.started(item[0])
+        started.append(item)
+    assert started == ["a1", "b1", "c1"]
+    assert len(queue) == 3 and queue.by_key is not None
+    stats = queue.by_key.statistics()
+    assert (stats.queued, stats.keys, stats.longest_key_queue) == (3, 3, 1)
+    assert queue.by_key.queued("b") == 1
+    asked.clear()
+    assert queue.pop_startable(can_start) is None
+    assert asked == []  # every key parked: none asked about again
+    limit.finished("b")  # b drops below its cap: back in the rotation, first
+    assert queue.pop_startable(can_start) == "b2"
+    assert asked == ["b"]
+    queue.push("a3", "a")  # a parked key's new items wait with it, in order
+    queue.push("a0", "a", front=True)
+    assert queue.drain() == ["a0", "c2", "a2", "a3"] and len(queue) == 0  # round robin
+
+
+def test_keyed_limit_tells_when_a_key_drops_below_its_cap() -> None:
+    limit: KeyedLimit[str] = KeyedLimit(2)
+    freed: list[str] = []
+    limit.when_free(freed.append)
+    for _ in range(2):
+        limit.started("k")
+    limit.started("other")
+    limit.finished("other")  # never at its cap: nothing to tell
+    limit.finished("k")  # 2 -> 1: may start again
+    limit.finished("k")  # 1 -> 0: it already could
+    assert freed == ["k"]
+    limit.when_free(None)
+    limit.started("k")
+    limit.started("k")
+    limit.finished("k")
+    assert freed == ["k"]
+
+
+def test_removing_a_parked_keys_item_and_the_fair_order_after_unparking() -> None:
+    limit: KeyedLimit[str] = KeyedLimit(1)
+    fair: FairQueue[str, int] = FairQueue(parks=True)
+    limit.when_free(fair.unpark)
+    for key in ("a", "b", "c"):
+        fair.push(key, 1)
+    limit.started("a")
+    popped = fair.pop_next(limit.can_start)
+    assert popped == QueuedItem("b", 1)  # a is parked, b served
+    assert fair.remove("a", 1) and fair.queued("a") == 0 and len(fair) == 1
+    fair.push("a", 2)  # a's queue was emptied: a joins again, parked or not
+    limit.finished("a")
+    assert [fair.pop_next(limit.can_start) for _ in range(2)] == [
+        QueuedItem("c", 1), QueuedItem("a", 2)]
+    assert fair.pop_next(limit.can_start) is None

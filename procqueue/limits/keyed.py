@@ -8,7 +8,10 @@ that may not start now (``can_start(key)`` is False) is skipped but keeps its pl
 is served first once it may start again.
 
 Both are used by one thread (the scheduler's); they take no locks.  ``pop_next`` costs
-O(number of keys skipped), i.e. of keys with queued items that are at their cap.
+O(number of keys skipped), i.e. of keys with queued items that are at their cap; a queue that
+parks (``FairQueue(parks=True)``, tied to its KeyedLimit by KeyedFifo) takes such keys out of
+the rotation until their limit frees them, so each pop costs O(1) however many keys are at
+their cap (with many workers, most of them are: a call with 1,024 keys of 4 on 128 workers).
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ class KeyedLimit(Generic[K]):
             raise ValueError(f"concurrency_per_key must be >= 1; got {concurrency_per_key}")
         self._cap = concurrency_per_key
         self._running: dict[K, int] = {}
+        self._on_free: Callable[[K], None] | None = None
+
+    def when_free(self, callback: Callable[[K], None] | None) -> None:
+        """Call `callback(key)` whenever a key at its cap drops below it (one callback: the
+        last one given; None for none)."""
+        self._on_free = callback
 
     @property
     def concurrency_per_key(self) -> int:
@@ -73,6 +82,8 @@ class KeyedLimit(Generic[K]):
             del self._running[key]  # forget idle keys: memory stays O(active keys)
         else:
             self._running[key] = count - 1
+        if count == self._cap and self._on_free is not None:
+            self._on_free(key)
 
     def statistics(self) -> KeyedLimitStatistics:
         counts = self._running.values()
@@ -106,16 +117,23 @@ def _always(key: object) -> bool:
 
 
 class FairQueue(Generic[K, T]):
-    """Waiting items per key: FIFO within a key, round-robin across keys."""
+    """Waiting items per key: FIFO within a key, round-robin across keys.
 
-    def __init__(self) -> None:
+    With `parks`, a key that `pop_next` finds unable to start leaves the rotation (it is
+    parked, its items kept) until `unpark(key)` brings it back to the front: the owner must
+    call `unpark` when the key may start again (KeyedLimit.when_free), or its items wait for
+    ever."""
+
+    def __init__(self, parks: bool = False) -> None:
         # Insertion order is the rotation order: the front key is served next.
         self._queues: OrderedDict[K, deque[T]] = OrderedDict()
+        self._parked: dict[K, deque[T]] = {}
+        self._parks = parks
         self._size = 0
 
     def push(self, key: K, item: T) -> None:
         """Queue `item` at the back of `key`'s queue; a new key joins the back of the rotation."""
-        queue = self._queues.get(key)
+        queue = self._queue_of(key)
         if queue is None:
             queue = self._queues[key] = deque()
         queue.append(item)
@@ -124,7 +142,7 @@ class FairQueue(Generic[K, T]):
     def push_front(self, key: K, item: T) -> None:
         """Put `item` back at the front of `key`'s queue (it was popped but could not start);
         a key not queued any more goes back to the front of the rotation."""
-        queue = self._queues.get(key)
+        queue = self._queue_of(key)
         if queue is None:
             queue = self._queues[key] = deque()
             self._queues.move_to_end(key, last=False)
@@ -134,14 +152,33 @@ class FairQueue(Generic[K, T]):
     def pop_next(self, can_start: Callable[[K], bool] = _always) -> QueuedItem[K, T] | None:
         """The oldest item of the first key in the rotation for which `can_start(key)`;
         that key moves to the back.  None if no queued key may start."""
-        for key in self._queues:
-            if can_start(key):
-                return self._pop_from(key)
-        return None
+        blocked: list[K] = []
+        try:
+            for key in self._queues:
+                if can_start(key):
+                    return self._pop_from(key)
+                if self._parks:
+                    blocked.append(key)
+            return None
+        finally:
+            for key in blocked:  # out of the rotation until unpark(key)
+                self._parked[key] = self._queues.pop(key)
+
+    def unpark(self, key: K) -> None:
+        """`key` may start again: back to the front of the rotation, if it was parked."""
+        queue = self._parked.pop(key, None)
+        if queue is not None:
+            self._queues[key] = queue
+            self._queues.move_to_end(key, last=False)
+
+    def unpark_all(self) -> None:
+        """Every parked key back at the front, in the order they were parked."""
+        for key in reversed(list(self._parked)):
+            self.unpark(key)
 
     def remove(self, key: K, item: T) -> bool:
         """Take out the queued `item` (compared by identity), e.g. on cancellation."""
-        queue = self._queues.get(key)
+        queue = self._queue_of(key)
         if queue is None:
             return False
         for index, queued in enumerate(queue):
@@ -149,20 +186,26 @@ class FairQueue(Generic[K, T]):
                 del queue[index]
                 self._size -= 1
                 if not queue:
-                    del self._queues[key]
+                    self._queues.pop(key, None)
+                    self._parked.pop(key, None)
                 return True
         return False
 
     def queued(self, key: K) -> int:
-        queue = self._queues.get(key)
+        queue = self._queue_of(key)
         return 0 if queue is None else len(queue)
 
     def __len__(self) -> int:
         return self._size
 
     def statistics(self) -> FairQueueStatistics:
-        longest = max((len(queue) for queue in self._queues.values()), default=0)
-        return FairQueueStatistics(self._size, len(self._queues), longest)
+        queues = [*self._queues.values(), *self._parked.values()]
+        longest = max((len(queue) for queue in queues), default=0)
+        return FairQueueStatistics(self._size, len(queues), longest)
+
+    def _queue_of(self, key: K) -> deque[T] | None:
+        queue = self._queues.get(key)
+        return self._parked.get(key) if queue is None else queue
 
     def _pop_from(self, key: K) -> QueuedItem[K, T]:
         queue = self._queues[key]
@@ -181,9 +224,14 @@ class KeyedFifo(Generic[K, T]):
     Dask driver's both are one.  `size`: what waits, as its owner counts it (push counts
     one; the local scheduler also puts blocks in `fifo` itself and counts their inputs)."""
 
-    def __init__(self, keyed: bool) -> None:
+    def __init__(self, keyed: bool, limit: KeyedLimit[K] | None = None) -> None:
         self.fifo: deque[T] = deque()
-        self.by_key: FairQueue[K, T] | None = FairQueue() if keyed else None
+        self.by_key: FairQueue[K, T] | None = None
+        if keyed:
+            # Tied to the call's limit, a key at its cap is parked until the limit frees it
+            self.by_key = FairQueue(parks=limit is not None)
+            if limit is not None:
+                limit.when_free(self.by_key.unpark)
         self.size = 0
 
     def __len__(self) -> int:
@@ -224,6 +272,7 @@ class KeyedFifo(Generic[K, T]):
             self.fifo.clear()
         else:
             items = []
+            self.by_key.unpark_all()
             while (got := self.by_key.pop_next()) is not None:
                 items.append(got.item)
         self.size = 0

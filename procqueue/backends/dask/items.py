@@ -63,7 +63,7 @@ class _Pending(KeyedFifo[Any, DaskTask]):
     neither starves nor blocks the others."""
 
     def __init__(self, keyed: KeyedLimit[Any] | None) -> None:
-        super().__init__(keyed=keyed is not None)
+        super().__init__(keyed=keyed is not None, limit=keyed)
         self.keyed = keyed
 
     def pop(self) -> DaskTask | None:
