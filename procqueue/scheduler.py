@@ -288,6 +288,7 @@ class Scheduler:
         job = queue.job
         assert job.keyed is not None
         gates = self.pool_gates + job.gates
+        size = min(size, queue.batch_share(self.workers) or size)
         tasks: list[Task] = []
         while queue.size and len(tasks) < size:
             task = queue.pop_startable_key()

@@ -429,6 +429,34 @@ def test_key_concurrency_never_exceeds_k_per_key_and_keys_share_fairly(client: A
     assert sum(1 for s, _ in by_key["big"] if s < last_small) <= 5
 
 
+def meet_another(folder: str, x: int) -> bool:
+    """Waits (at most 5 s) until another item is running too: True if it met one; x < 0
+    returns at once (teaches the pool that the function is short)."""
+    if x < 0:
+        return True
+    (Path(folder) / f"started-{x}").touch()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if len(list(Path(folder).iterdir())) >= 2:
+            return True
+        time.sleep(0.002)
+    return False
+
+
+@pytest.mark.timeout(60)
+def test_short_items_of_few_keys_still_spread_over_the_workers(client: Any,
+                                                               tmp_path: Path) -> None:
+    """A chunk holds its items' places under their keys while they run one after another:
+    chunks sized for short items took both keys' places into one chunk, so the call ran on
+    one worker.  Each worker thread gets its share: the two items meet."""
+    folder = str(tmp_path)
+    with DaskPool(client=client) as pool:
+        assert all(pool.starmap(meet_another, [(folder, -1)] * 2000))  # short: big chunks
+        met = pool.starmap(meet_another, [(folder, x) for x in range(WORKERS)],
+                           key=lambda args: args[1], key_concurrency=1)
+    assert met == [True] * WORKERS
+
+
 @pytest.mark.timeout(30)
 def test_key_concurrency_k_allows_k_of_a_key_and_a_failing_key_fails_its_item(
         client: Any, tmp_path: Path) -> None:

@@ -118,6 +118,35 @@ def test_key_concurrency_and_fairness_between_keys():
     assert big_before <= 6
 
 
+def meet_another(spec):
+    """A task that waits (at most 5 s) until another task is running too: True if it met one.
+    (folder, x) with x < 0 returns at once (teaches the pool that the function is short)."""
+    folder, x = spec
+    if x < 0:
+        return True
+    open(os.path.join(folder, f"started-{x}"), "w").close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if len(os.listdir(folder)) >= 2:
+            return True
+        time.sleep(0.002)
+    return False
+
+
+@pytest.mark.timeout(60)
+def test_short_tasks_of_few_keys_still_spread_over_the_workers(tmp_path):
+    """A batch holds its tasks' places under their keys until each ends, while they run one
+    after another in its worker: batches sized for short tasks took every key's place into
+    one worker and ran a keyed call on one worker at a time (4 keys of 1 on 4 workers ran
+    at a quarter of the speed).  Each worker gets its share: the first tasks meet."""
+    folder = str(tmp_path)
+    with Pool(4) as pool:
+        assert all(pool.map(meet_another, [(folder, -1)] * 2000))  # short: big batches
+        met = pool.map(meet_another, [(folder, x) for x in range(4)],
+                       key=lambda spec: spec[1] % 4, key_concurrency=1)
+    assert met == [True] * 4
+
+
 @pytest.mark.timeout(30)
 def test_per_call_options_do_not_collide_with_task_kwargs():
     def kw(limit=None, timeout=None):

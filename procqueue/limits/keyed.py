@@ -164,6 +164,11 @@ class FairQueue(Generic[K, T]):
             for key in blocked:  # out of the rotation until unpark(key)
                 self._parked[key] = self._queues.pop(key)
 
+    def rotating_keys(self) -> int:
+        """Keys with queued items in the rotation (not parked): each may start one more at
+        least, unless it reached its cap since it was last looked at."""
+        return len(self._queues)
+
     def unpark(self, key: K) -> None:
         """`key` may start again: back to the front of the rotation, if it was parked."""
         queue = self._parked.pop(key, None)
@@ -227,6 +232,7 @@ class KeyedFifo(Generic[K, T]):
     def __init__(self, keyed: bool, limit: KeyedLimit[K] | None = None) -> None:
         self.fifo: deque[T] = deque()
         self.by_key: FairQueue[K, T] | None = None
+        self.limit = limit
         if keyed:
             # Tied to the call's limit, a key at its cap is parked until the limit frees it
             self.by_key = FairQueue(parks=limit is not None)
@@ -236,6 +242,17 @@ class KeyedFifo(Generic[K, T]):
 
     def __len__(self) -> int:
         return self.size
+
+    def batch_share(self, workers: int) -> int | None:
+        """The most items one batch (or chunk) of a keyed call may take, or None for no cap.
+        A batch holds its items' places under their keys until each ends, though they run
+        one after another in its worker; sized for short tasks, one batch took every place
+        of a few keys and the call ran on one worker at a time.  At most the places of the
+        keys that may start // workers each, every worker can have a share."""
+        if self.by_key is None or self.limit is None:
+            return None
+        places = self.by_key.rotating_keys() * self.limit.concurrency_per_key
+        return max(1, places // max(1, workers))
 
     def push(self, item: T, key: K, front: bool = False) -> None:
         """Queue `item` (of `key`, where the queue has keys), at the back or the front."""

@@ -78,7 +78,9 @@ class _Dispatch:
         return INFLIGHT_CHUNKS_PER_THREAD * self.threads()
 
     def _take_chunk(self, call: DaskJob, drop: Callable[[DaskTask], None]) -> list[DaskTask]:
-        size = call.sizer.next_size(len(call.pending), workers=self.threads())
+        threads = self.threads()
+        size = call.sizer.next_size(len(call.pending), workers=threads)
+        size = min(size, call.pending.batch_share(threads) or size)
         items: list[DaskTask] = []
         while len(items) < size:
             item = call.pending.pop()
