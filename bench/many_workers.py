@@ -38,10 +38,12 @@ from cases import nap_1ms, warm  # noqa: E402
 SLOW_API_TASKS = 20_000
 # (system, api) -> what the cell calls.  Per-task options: a timeout on each task (its inputs
 # still travel in blocks: a timed block marks each input's start); a concurrency cap and a
-# key (gates and keys count each start: every input is a Task of its own).
+# key (gates and keys count each start: every input is a Task of its own); few keys: N keys
+# of one task at once each, exactly the places N workers need.
 APIS: list[tuple[str, str]] = [
     ("procqueue", "map"), ("procqueue", "imap"), ("procqueue", "submit"),
     ("procqueue", "imap+timeout"), ("procqueue", "imap+concurrency"), ("procqueue", "imap+key"),
+    ("procqueue", "imap+fewkeys"),
     ("mp", "map"), ("mp", "imap"), ("joblib", "parallel"),
     ("ppe", "submit"), ("loky", "submit")]
 SLOW_APIS = {("procqueue", "submit"), ("ppe", "submit"), ("loky", "submit"),
@@ -120,7 +122,8 @@ def _system(name: str) -> Any:
 def _caller(system: Any, api: str, jobs: int) -> Any:
     options = {"imap+timeout": {"timeout": 60},
                "imap+concurrency": {"concurrency": jobs},  # caps nothing: costs only
-               "imap+key": {"key": key_of, "key_concurrency": 4}}.get(api)
+               "imap+key": {"key": key_of, "key_concurrency": 4},
+               "imap+fewkeys": {"key": lambda x: x % jobs, "key_concurrency": 1}}.get(api)
     if options is not None:
         view = system.pool.options(**options)
         return lambda fn, xs: list(view.imap(fn, xs))

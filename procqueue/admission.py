@@ -241,8 +241,8 @@ class BatchHold:
 
     __slots__ = ("gates", "left")
 
-    def __init__(self, gates: tuple[Gate, ...], tasks: int) -> None:
-        self.gates = gates
+    def __init__(self, gates: tuple[Gate | KeyHold, ...], tasks: int) -> None:
+        self.gates = gates  # or a key's place (KeyHold): one per key a batch has tasks of
         self.left = tasks  # tasks of the batch whose attempt has not ended
 
     def release(self) -> None:

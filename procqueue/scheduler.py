@@ -102,6 +102,12 @@ class JobQueue(KeyedFifo[Any, "Task | Block"]):
         assert isinstance(task, Task)
         return task
 
+    def pop_key(self, key: Any) -> Task | None:
+        """Next task of `key`, at its cap or not (keyed queue only)."""
+        task = self.pop_of(key)
+        assert task is None or isinstance(task, Task)
+        return task
+
     def pop_startable_key(self) -> Task | None:
         """Next task whose key is under its cap (keyed queue only)."""
         assert self.by_key is not None and self.job.keyed is not None
@@ -285,12 +291,19 @@ class Scheduler:
         return tasks
 
     def _admit_keyed(self, queue: JobQueue, size: int, now: float) -> list[Task]:
+        """Tasks of a keyed call, each under its key's cap.  A worker runs its batch's tasks
+        one at a time, so a batch holds one place per key it has tasks of (shared by them,
+        given back when the last of them ends), takes new places only up to its share
+        (KeyedFifo.batch_share: a batch took every place of a few keys and the call ran on
+        one worker), and fills the rest of its size with more tasks of the keys it holds."""
         job = queue.job
-        assert job.keyed is not None
+        keyed = job.keyed
+        assert keyed is not None
         gates = self.pool_gates + job.gates
-        size = min(size, queue.batch_share(self.workers) or size)
+        places = queue.batch_share(self.workers) or size
+        by_key: dict[Any, list[Task]] = {}
         tasks: list[Task] = []
-        while queue.size and len(tasks) < size:
+        while queue.size and len(tasks) < size and len(by_key) < places:
             task = queue.pop_startable_key()
             if task is None:
                 break  # every queued key is at its cap: a finishing task will wake us
@@ -303,10 +316,38 @@ class Scheduler:
                 self._count_in(job)
                 self._note_wait(now, wait)
                 break
-            job.keyed.started(task.key)
-            task.holds = held + (KeyHold(job.keyed, task.key),)
+            task.holds = held
+            if task.key not in by_key:
+                keyed.started(task.key)
+                by_key[task.key] = []
+            by_key[task.key].append(task)
             tasks.append(task)
+        if not gates:  # under gates each task takes its own permits: no more than admitted
+            self._add_tasks_of_held_keys(queue, by_key, tasks, size)
+        for key, of_key in by_key.items():
+            hold = BatchHold((KeyHold(keyed, key),), len(of_key))
+            for task in of_key:
+                task.holds += (hold,)
         return tasks
+
+    def _add_tasks_of_held_keys(self, queue: JobQueue, by_key: dict[Any, list[Task]],
+                                tasks: list[Task], size: int) -> None:
+        """Up to `size` tasks in all: the next queued tasks of the keys in `by_key`, round
+        robin, taking no new place (they run after the batch's others of their key)."""
+        added = True
+        while added and len(tasks) < size:
+            added = False
+            for key, of_key in by_key.items():
+                task = queue.pop_key(key)
+                if task is None:
+                    continue
+                added = True
+                self._count_out(queue.job, 1)
+                if task.state is TaskState.QUEUED:
+                    of_key.append(task)
+                    tasks.append(task)
+                    if len(tasks) >= size:
+                        return
 
     def _admit_block(self, queue: JobQueue, size: int, now: float) -> Block | None:
         """The next block of the queue, holding one permit of each of its concurrency gates

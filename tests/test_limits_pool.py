@@ -147,6 +147,28 @@ def test_short_tasks_of_few_keys_still_spread_over_the_workers(tmp_path):
     assert met == [True] * 4
 
 
+def record_short(item):
+    start = time.time()
+    time.sleep(0.001)
+    return item, start, time.time()
+
+
+@pytest.mark.timeout(60)
+def test_batches_of_short_keyed_tasks_keep_each_key_under_its_cap():
+    """A batch holds one place per key it has tasks of, shared by them (they run one after
+    another in its worker): however batches are filled, no key ever runs more than its cap
+    at once, and every task has exactly one outcome."""
+    items = [(key, i) for i in range(300) for key in ("a", "b")]
+    with Pool(4) as pool:
+        pool.map(record_short, [("warm", i) for i in range(2000)])  # short: big batches
+        results = pool.map(record_short, items, key=lambda item: item[0], key_concurrency=2)
+    assert [item for item, _, _ in results] == items
+    for key in ("a", "b"):
+        spans = [(start, end) for (k, _), start, end in results if k == key]
+        assert max_overlap(spans) <= 2
+    assert max_overlap([(start, end) for _, start, end in results]) >= 2  # not one at a time
+
+
 @pytest.mark.timeout(30)
 def test_per_call_options_do_not_collide_with_task_kwargs():
     def kw(limit=None, timeout=None):

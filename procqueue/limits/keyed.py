@@ -164,6 +164,19 @@ class FairQueue(Generic[K, T]):
             for key in blocked:  # out of the rotation until unpark(key)
                 self._parked[key] = self._queues.pop(key)
 
+    def pop_of(self, key: K) -> T | None:
+        """The oldest item of `key` (in the rotation or parked), or None; the rotation does
+        not change."""
+        queue = self._queue_of(key)
+        if not queue:
+            return None
+        item = queue.popleft()
+        self._size -= 1
+        if not queue:
+            self._queues.pop(key, None)
+            self._parked.pop(key, None)
+        return item
+
     def rotating_keys(self) -> int:
         """Keys with queued items in the rotation (not parked): each may start one more at
         least, unless it reached its cap since it was last looked at."""
@@ -281,6 +294,14 @@ class KeyedFifo(Generic[K, T]):
             return None
         self.size -= 1
         return got.item
+
+    def pop_of(self, key: K) -> T | None:
+        """The next item of `key`, whether or not it may start (keyed queue only)."""
+        assert self.by_key is not None
+        item = self.by_key.pop_of(key)
+        if item is not None:
+            self.size -= 1
+        return item
 
     def drain(self) -> list[T]:
         """Every waiting item, whatever its key, in the order they would have been served."""
