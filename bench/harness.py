@@ -21,6 +21,7 @@ its thread's CPU clock (`time.pthread_getcpuclockid`), so per-task supervisor co
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -235,6 +236,26 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def cell_arguments(parser: Any, *, workers: list[int], rounds: int, ideal_s: float,
+                   out: Path) -> None:
+    """The options of the scripts whose cells are (system, API, N workers): many_workers.py,
+    scaling.py."""
+    parser.add_argument("--workers", type=int, nargs="+", default=workers)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--ideal-s", type=float, default=ideal_s)
+    parser.add_argument("--only", nargs="*", default=None, help="system:api cells to run")
+    parser.add_argument("--cell", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=out)
+
+
+def save_results(out: Path, raw: dict[str, Any], report: str) -> None:
+    """The report at `out` (markdown, printed too) and the raw rows beside it (.json)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    out.write_text(report)
+    print(report)
 
 
 # ---- statistics over repeats ----------------------------------------------------------------

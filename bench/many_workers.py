@@ -134,12 +134,8 @@ def _caller(system: Any, api: str, jobs: int) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[8, 32, 64, 128])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--ideal-s", type=float, default=1.5)
-    parser.add_argument("--only", nargs="*", default=None, help="system:api cells to run")
-    parser.add_argument("--cell", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "many_workers.md")
+    harness.cell_arguments(parser, workers=[8, 32, 64, 128], rounds=2, ideal_s=1.5,
+                           out=HERE / "results" / "many_workers.md")
     args = parser.parse_args()
     if args.cell:
         print(json.dumps(run_cell(json.loads(args.cell))))
@@ -164,10 +160,7 @@ def main() -> None:
                                              f"{row['parent_cpu_us_per_task']:.1f} us/task, "
                                              f"workers {row['workers_cpu_us_per_task']:.1f}")
                 print(f"round {round_ + 1} N={jobs:<4} {system}:{api:<14} {shown}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    args.out.write_text(_report(rows, env, args))
-    print(args.out.read_text())
+    harness.save_results(args.out, {"env": env, "rows": rows}, _report(rows, env, args))
 
 
 def _report(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Namespace) -> str:

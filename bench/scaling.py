@@ -73,13 +73,9 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    harness.cell_arguments(parser, workers=[1, 2, 4, 8, 16], rounds=1, ideal_s=0.8,
+                           out=HERE / "results" / "scaling.md")
     parser.add_argument("--workloads", nargs="+", default=list(TASK_MS), choices=list(TASK_MS))
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--ideal-s", type=float, default=0.8)
-    parser.add_argument("--only", nargs="*", default=None, help="system:api cells to run")
-    parser.add_argument("--cell", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "scaling.md")
     args = parser.parse_args()
     if args.cell:
         print(json.dumps(run_cell(json.loads(args.cell))))
@@ -105,11 +101,8 @@ def main() -> None:
                         f"{row['parent_cpu_us_per_task']:.1f} us/task")
                     print(f"round {round_ + 1} {workload} N={jobs:<3} {system}:{api:<9} {shown}",
                           flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(
-        json.dumps({"env": env, "per_ms": per_ms, "rows": rows}, indent=1))
-    args.out.write_text(_report(rows, env, args))
-    print(args.out.read_text())
+    harness.save_results(args.out, {"env": env, "per_ms": per_ms, "rows": rows},
+                         _report(rows, env, args))
 
 
 def _report(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Namespace) -> str:
