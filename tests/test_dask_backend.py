@@ -457,6 +457,24 @@ def test_short_items_of_few_keys_still_spread_over_the_workers(client: Any,
     assert met == [True] * WORKERS
 
 
+@pytest.mark.timeout(60)
+def test_chunks_of_short_keyed_items_keep_each_key_under_its_cap(client: Any,
+                                                                  tmp_path: Path) -> None:
+    """A chunk holds one place per key it has items of (they run one after another): many
+    short items of two keys of 1 each, on two worker threads, never run two of a key at once,
+    and each runs exactly once."""
+    folder = str(tmp_path)
+    items = [(folder, (key, i), 0.001) for i in range(150) for key in ("a", "b")]
+    with DaskPool(client=client) as pool:
+        assert all(pool.starmap(meet_another, [(folder + "-warm", -1)] * 2000))  # short
+        done = pool.starmap(span, items, key=lambda args: args[1][0], key_concurrency=1)
+    assert done == [item for _, item, _ in items]
+    runs = spans_in(tmp_path)
+    assert sorted(item for item, _, _ in runs) == sorted(repr(item) for _, item, _ in items)
+    for key in ("a", "b"):
+        assert max_overlap([(s, e) for item, s, e in runs if repr(key) in item]) == 1
+
+
 @pytest.mark.timeout(30)
 def test_key_concurrency_k_allows_k_of_a_key_and_a_failing_key_fails_its_item(
         client: Any, tmp_path: Path) -> None:

@@ -78,12 +78,18 @@ class _Dispatch:
         return INFLIGHT_CHUNKS_PER_THREAD * self.threads()
 
     def _take_chunk(self, call: DaskJob, drop: Callable[[DaskTask], None]) -> list[DaskTask]:
+        """Up to the sizer's size of the call's items.  A chunk runs its items one at a time,
+        so it holds one place per key it has items of, takes new places only up to its
+        share (KeyedFifo.batch_share), then takes more items of the keys it holds."""
         threads = self.threads()
         size = call.sizer.next_size(len(call.pending), workers=threads)
-        size = min(size, call.pending.batch_share(threads) or size)
+        places = call.pending.batch_share(threads) or size
+        held: set[Any] = set()  # the keys whose place this chunk holds
         items: list[DaskTask] = []
         while len(items) < size:
-            item = call.pending.pop()
+            item = call.pending.pop() if len(held) < places else None
+            if item is None and held:
+                item = _next_of(call, held)
             if item is None:
                 break
             if item.state.terminal:
@@ -94,18 +100,20 @@ class _Dispatch:
             if not call.sink.starting(item):  # its Future was cancelled while queued
                 drop(item)
                 continue
-            self._hold_key(item)
+            self._hold_key(item, held)
             items.append(item)
             if item.isolate:
                 break
         return items
 
-    def _hold_key(self, item: DaskTask) -> None:
-        """Count the item as running under its key from now to its chunk's end: a chunk in
-        flight may be running any of its items, so the cap holds for the items that run."""
+    def _hold_key(self, item: DaskTask, held: set[Any]) -> None:
+        """Count the item's key as running from now to its chunk's end, once per chunk (its
+        first item of the key holds the place: a chunk in flight may be running any of its
+        items, one at a time)."""
         keyed = item.job.keyed
-        if keyed is not None:
+        if keyed is not None and item.key not in held:
             keyed.started(item.key)
+            held.add(item.key)
             item.key_held = True
 
     def _release_key(self, item: DaskTask) -> None:
@@ -130,3 +138,12 @@ class _Dispatch:
         self.submitted += 1
         post = self.post
         future.add_done_callback(lambda f: post(_ChunkDone(f)))
+
+
+def _next_of(call: DaskJob, keys: set[Any]) -> DaskTask | None:
+    """The next pending item of any of `keys`, at its cap or not."""
+    for key in keys:
+        item = call.pending.pop_of(key)
+        if item is not None:
+            return item
+    return None
