@@ -308,12 +308,19 @@ def annotate(exc: BaseException, *, index: int | None, input_repr: str | None,
     return exc
 
 
+def key_function_error(exc: Exception, index: int, input_repr: str) -> Exception:
+    """The exception a call's key= function raised for one input, as that input's error: a
+    note names the input (its type and message stay what the function raised)."""
+    exc.add_note(f"[procqueue] raised by the key function for input {index}: {input_repr}")
+    return exc
+
+
 __all__ = [
     "ProcqueueError", "TaskFailed", "WorkerCrashedError", "WorkerExitedError",
     "TaskTimeoutError", "TaskCancelledError", "ServiceLostError", "ArgumentSerializationError",
     "ResultSerializationError", "RemoteError", "PoolBrokenError", "InitializerError",
     "PoolClosedError", "RemoteTraceback", "remote_traceback", "remote_traceback_text",
-    "argument_error", "signal_name", "describe_exit", "annotate",
+    "argument_error", "signal_name", "describe_exit", "annotate", "key_function_error",
 ]
 
 

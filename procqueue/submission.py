@@ -16,10 +16,11 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from .config import PoolConfig
-from .errors import argument_error
+from .errors import argument_error, key_function_error
 from .inbox import SubmitTasks
 from .pool_journal import JournaledCall
-from .protocol import CallKind, OutOfBand, dumps_argument, primitive, primitive_run
+from .protocol import (CallKind, OutOfBand, dumps_argument, primitive, primitive_run,
+                       short_repr)
 from .results import ArgumentMemory
 from .supervisor import Supervisor
 from .tasks import Block, Job, OutcomeSink, Task, new_id
@@ -124,7 +125,7 @@ class Submitter:
                 task.key = job.key_fn(item)
                 hash(task.key)
             except Exception as exc:
-                errors[task.id] = exc
+                errors[task.id] = key_function_error(exc, index, short_repr(item))
         return task
 
 

@@ -487,6 +487,7 @@ def test_key_concurrency_k_allows_k_of_a_key_and_a_failing_key_fails_its_item(
     assert max_overlap([(s, e) for _, s, e in spans_in(tmp_path)]) <= 2
     error: Any = values[0]  # annotated by procqueue with its index
     assert error.index == 0 and isinstance(values[0], ZeroDivisionError)
+    assert error.__notes__ == ["[procqueue] raised by the key function for input 0: 0"]
     assert values[1:] == [1, 4]
 
 

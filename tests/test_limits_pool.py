@@ -170,6 +170,20 @@ def test_batches_of_short_keyed_tasks_keep_each_key_under_its_cap():
 
 
 @pytest.mark.timeout(30)
+def test_a_failing_key_function_fails_its_input_alone_and_names_it():
+    with Pool(2) as pool:
+        values = pool.map(abs, [4, 0, -2], key=lambda x: 1 // x, errors="return")
+        with pytest.raises(ZeroDivisionError) as raised:
+            pool.map(abs, [4, 0, -2], key=lambda x: 1 // x)
+    assert values[0] == 4 and values[2] == 2
+    error = values[1]
+    assert isinstance(error, ZeroDivisionError) and error.index == 1
+    assert error.__notes__ == ["[procqueue] raised by the key function for input 1: 0"]
+    assert str(error) == "integer division or modulo by zero"  # its message stays its own
+    assert raised.value.__notes__ == error.__notes__
+
+
+@pytest.mark.timeout(30)
 def test_per_call_options_do_not_collide_with_task_kwargs():
     def kw(limit=None, timeout=None):
         return limit, timeout

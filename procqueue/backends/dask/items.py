@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ...chunking import ChunkSizer
-from ...errors import argument_error
+from ...errors import argument_error, key_function_error
 from ...limits import KeyedLimit
 from ...limits.keyed import KeyedFifo
-from ...protocol import CallKind
+from ...protocol import CallKind, short_repr
 from ...tasks import Job, OutcomeSink, Task, new_id
 from .worker_side import RateSpec
 
@@ -175,7 +175,7 @@ def _make_item(call: DaskJob, index: int, value: Any) -> DaskTask:
             item.key = call.key_fn(value)
             hash(item.key)
         except Exception as exc:
-            item.error = exc
+            item.error = key_function_error(exc, index, short_repr(value))
     return item
 
 
