@@ -172,6 +172,41 @@ def test_permit_of_a_reused_pid_is_reclaimed(shm_name: str) -> None:
         sem.unlink()
 
 
+def test_a_holder_stays_alive_when_the_kernels_boot_time_steps(
+        shm_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's boot time (/proc/stat btime, which psutil adds to start times) steps by a
+    second when the wall clock is adjusted; a holder identified with it then looked dead, and
+    a forked child took the permit its live parent held (a CI failure of 2026-12-04)."""
+    psutil_linux = pytest.importorskip("psutil._pslinux")
+    sem = Semaphore(shm_name, 1)
+    try:
+        assert sem.acquire_nowait()
+        stepped = psutil_linux.boot_time() + 1.0
+        monkeypatch.setattr(psutil_linux, "boot_time", lambda: stepped)
+        assert _shm.is_alive(_shm.current_identity())
+        child = multiprocessing.get_context("fork").Process(
+            target=_forked_child_sees_parents_permit, args=(sem,))
+        child.start()
+        child.join(CHILD_TIMEOUT_S)
+        assert child.exitcode == 0  # the step is inherited: the child still sees the holder
+    finally:
+        sem.close()
+        sem.unlink()
+
+
+def test_an_identity_written_by_an_earlier_procqueue_is_still_read() -> None:
+    """Earlier versions wrote start times since the epoch (psutil's create_time)."""
+    import psutil
+
+    me = _shm.ProcessIdentity(os.getpid(), psutil.Process().create_time())
+    assert _shm.is_alive(me)
+    assert _shm.is_alive(_shm.ProcessIdentity(me.pid, me.start_time + 1.0))  # a btime step
+    assert not _shm.is_alive(_shm.ProcessIdentity(me.pid, me.start_time - 1000.0))  # reused
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    assert not _shm.is_alive(_shm.ProcessIdentity(exited.pid, me.start_time))
+
+
 def _forked_child_sees_parents_permit(sem: Semaphore) -> None:
     took = sem.acquire_nowait()
     sem.close()  # must not release the parent's permit: it is not this process's

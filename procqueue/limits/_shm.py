@@ -82,9 +82,17 @@ HEADER_SIZE = _HEADER.size  # 32 bytes; bodies start here
 # open() retries when another process unlinks the file between our open() and flock().
 _OPEN_ATTEMPTS = 100
 
-# psutil derives start times from clock ticks (10 ms) plus the boot time, so two readings of
-# one process may differ by rounding; a reused pid belongs to a process started much later.
+# A holder is its pid and its start time, so that a reused pid differs.  The start time is
+# /proc/PID/stat's, in seconds since boot: it never changes.  psutil's create_time adds the
+# kernel's boot time (/proc/stat btime), whole seconds that step when the wall clock is
+# adjusted (NTP, a VM's clock), so a holder identified by it looked dead to a later reader
+# and lost its permit to whoever reclaimed it.  Start times below _SINCE_BOOT_MAX_S are since
+# boot; an identity written by an earlier procqueue (seconds since the epoch) is still read,
+# with room for one such step.
 _START_TIME_TOLERANCE_S = 0.05
+_EPOCH_START_TIME_TOLERANCE_S = 1.5
+_SINCE_BOOT_MAX_S = 1e9  # 31 years of uptime
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 class SegmentKind(enum.IntEnum):
@@ -355,15 +363,45 @@ def current_identity() -> ProcessIdentity:
     """This process's identity (cached, and recomputed in a forked child)."""
     global _current
     if _current is None or _current.pid != os.getpid():
-        import psutil  # here, not at import: a pool without limits never needs it (~8 ms)
+        pid = os.getpid()
+        since_boot = _started_since_boot(pid)
+        if since_boot is None:  # no /proc (not Linux): psutil's start time, since the epoch
+            import psutil  # here, not at import: a pool without limits never needs it (~8 ms)
 
-        _current = ProcessIdentity(os.getpid(), float(psutil.Process().create_time()))
+            _current = ProcessIdentity(pid, float(psutil.Process(pid).create_time()))
+        else:
+            _current = ProcessIdentity(pid, since_boot[1])
     return _current
 
 
 def is_alive(holder: ProcessIdentity) -> bool:
     """False once the process has exited (zombies included: a SIGKILLed child its parent has
     not reaped yet holds nothing) or its pid now belongs to another process."""
+    if holder.start_time < _SINCE_BOOT_MAX_S:
+        try:
+            found = _started_since_boot(holder.pid)
+        except PermissionError:
+            return True  # it exists and we may not look closer: assume the holder lives
+        if found is None:
+            return False
+        state, start_time = found
+        return state != "Z" and abs(start_time - holder.start_time) <= _START_TIME_TOLERANCE_S
+    return _is_alive_by_epoch_start(holder)
+
+
+def _started_since_boot(pid: int) -> tuple[str, float] | None:
+    """(state letter, start time in seconds since boot) of process `pid` from /proc, None if
+    there is no such process (or no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            line = stat.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = line.rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
+    return fields[0].decode(), int(fields[19]) / _CLOCK_TICKS  # fields 3 and 22 of stat
+
+
+def _is_alive_by_epoch_start(holder: ProcessIdentity) -> bool:
     import psutil
 
     try:
@@ -375,8 +413,8 @@ def is_alive(holder: ProcessIdentity) -> bool:
     except psutil.NoSuchProcess:
         return False
     except psutil.AccessDenied:
-        return True  # it exists and we may not look closer: assume the holder lives
-    return abs(start_time - holder.start_time) <= _START_TIME_TOLERANCE_S
+        return True
+    return abs(start_time - holder.start_time) <= _EPOCH_START_TIME_TOLERANCE_S
 
 
 # -- typed views over the bodies (callers hold Segment.locked()) --------------------------
