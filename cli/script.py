@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import ast
 import enum
-import hashlib
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import click
@@ -43,15 +42,22 @@ def format_1_function_identity(fn: ScriptFunction) -> str:
 
 
 def _identity(code: bytes, fn: ScriptFunction) -> str:
+    import hashlib  # only with a journal: not on every run's start
+
     return hashlib.sha256(code + b"\0" + fn.describe().encode()).hexdigest()
 
 
 def _source_of(fn: ScriptFunction) -> bytes:
     if fn.path:
-        return Path(fn.path).read_bytes()
+        return _read_bytes(fn.path)
     spec = importlib.util.find_spec(fn.module or "")
     origin = spec.origin if spec else None
-    return Path(origin).read_bytes() if origin and Path(origin).is_file() else b""
+    return _read_bytes(origin) if origin and os.path.isfile(origin) else b""
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _syntax_tree(source: bytes) -> bytes:
@@ -66,21 +72,20 @@ def _syntax_tree(source: bytes) -> bytes:
 def resolve_script(script: str, fn_name: str | None) -> ScriptFunction:
     """Check SCRIPT and the function in the parent, without executing the script.  SCRIPT is
     a file (`job.py`), a file and its function (`job.py:score`) or `module:function`."""
-    path = Path(script)
-    if path.is_file():
+    if os.path.isfile(script):
         name = fn_name or "process"
-        _check_source_defines(path, name)
-        return ScriptFunction(name, path=str(path.resolve()))
+        _check_source_defines(script, name)
+        return ScriptFunction(name, path=os.path.realpath(script))
     head, colon, tail = script.rpartition(":")
-    if colon and Path(head).is_file():  # job.py:score
+    if colon and os.path.isfile(head):  # job.py:score
         name = fn_name or tail or "process"
-        _check_source_defines(Path(head), name)
-        return ScriptFunction(name, path=str(Path(head).resolve()))
+        _check_source_defines(head, name)
+        return ScriptFunction(name, path=os.path.realpath(head))
     if colon and not head.endswith(".py") and head:
         name = fn_name or tail or "process"
         _check_module_defines(head, name)
         return ScriptFunction(name, module=head)
-    if path.exists() or (colon and Path(head).exists()):
+    if os.path.exists(script) or (colon and os.path.exists(head)):
         raise ScriptError(f"script {script!r} is not a file")
     raise ScriptError(f"script not found: {script!r} (give a path to a .py file, "
                       f"file.py:function or module:function)")
@@ -136,7 +141,7 @@ def _plain_def_arguments(fn: ScriptFunction) -> ast.arguments | None:
     if fn.path is None:
         return None
     try:
-        tree = ast.parse(Path(fn.path).read_bytes(), filename=fn.path)
+        tree = ast.parse(_read_bytes(fn.path), filename=fn.path)
     except (OSError, SyntaxError, ValueError):
         return None  # checked before: cannot happen unless the file changed meanwhile
     bindings = [node for node in tree.body if fn.name in _names_bound_by(node)]
@@ -164,9 +169,9 @@ def _names_bound_by(node: ast.stmt) -> set[str]:
     return names
 
 
-def _check_source_defines(path: Path, name: str) -> None:
+def _check_source_defines(path: str, name: str) -> None:
     try:
-        tree = ast.parse(path.read_bytes(), filename=str(path))
+        tree = ast.parse(_read_bytes(path), filename=path)
     except SyntaxError as exc:
         where = f"{exc.filename or path}:{exc.lineno}" if exc.lineno else str(path)
         raise ScriptError(f"syntax error in the script at {where}: {exc.msg}") from None
@@ -280,5 +285,5 @@ def _check_module_defines(module: str, name: str) -> None:
         raise ScriptError(f"cannot find module {module!r}: {exc}") from None
     if spec is None:
         raise ScriptError(f"cannot find module {module!r}")
-    if spec.origin and spec.origin.endswith(".py") and Path(spec.origin).is_file():
-        _check_source_defines(Path(spec.origin), name)
+    if spec.origin and spec.origin.endswith(".py") and os.path.isfile(spec.origin):
+        _check_source_defines(spec.origin, name)
