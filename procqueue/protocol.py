@@ -336,13 +336,16 @@ loads: Callable[[bytes], Any] = pickle.loads
 
 def dumps_function(fn: Any) -> bytes:
     """Pickle a task function (or an (initializer, initargs) pair) for the workers."""
-    # imported lazily: workers unpickle cloudpickle output without it loaded first
-    import cloudpickle
-
     if isinstance(fn, tuple):
         fn = tuple(_main_function_by_reference(part) for part in fn)
     else:
         fn = _main_function_by_reference(fn)
+    named = _pickled_by_reference(fn)
+    if named is not None:
+        return named
+    # imported lazily: workers unpickle cloudpickle output without it loaded first
+    import cloudpickle
+
     try:
         return bytes(cloudpickle.dumps(fn, PICKLE_PROTOCOL))
     except Exception:
@@ -355,6 +358,31 @@ def dumps_function(fn: Any) -> bytes:
         except Exception:
             pass
         raise
+
+
+def _pickled_by_reference(fn: Any) -> bytes | None:
+    """Plain pickle's bytes for `fn` when they are exactly cloudpickle's, else None.
+
+    cloudpickle names importable functions and classes by reference, as pickle does (the same
+    bytes); it copies by value only what pickle cannot name (lambdas, closures, classes made at
+    run time: pickle refuses those), what `__main__` defines, and modules registered with
+    register_pickle_by_value.  A module-level function, a builtin or the command line's
+    script function thus skip importing cloudpickle in the program: ~10 ms of a cold pool's
+    first call (it loads uuid, platform, hashlib)."""
+    parts = fn if isinstance(fn, tuple) else (fn,)
+    if any(isinstance(part, _MainFunction) for part in parts):
+        return None  # its copy by value is cloudpickle's
+    loaded = sys.modules.get("cloudpickle")
+    if loaded is not None and loaded.list_registry_pickle_by_value():
+        return None
+    try:
+        payload = pickle.dumps(fn, PICKLE_PROTOCOL)
+    except Exception:
+        return None
+    # Something of `__main__` named by reference (an instance of a class the script defines):
+    # cloudpickle would copy its class by value.  The name in the bytes can only be a
+    # reference or a string: either way cloudpickle decides, as before.
+    return None if b"__main__" in payload else payload
 
 
 class InitializerCall:
@@ -409,10 +437,18 @@ def pickled_function(func: Any) -> tuple[int, bytes]:
         raise argument_error(
             f"the function {getattr(func, '__qualname__', func)!r} cannot be pickled: "
             f"{exc!r}; make sure it and everything it refers to are picklable", exc) from exc
-    import hashlib  # here: workers (and the fork server) never need it (~3 ms to import)
-
-    fn_id = int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") >> 1
+    fn_id = int.from_bytes(_blake2b(payload, digest_size=8).digest(), "little") >> 1
     return fn_id, payload
+
+
+def _blake2b(data: bytes, digest_size: int) -> Any:
+    """hashlib.blake2b, which is _blake2's: imported from there, the program does not load
+    hashlib and OpenSSL with it (~3 ms of a cold pool's first call); workers never need it."""
+    try:
+        from _blake2 import blake2b
+    except ImportError:  # an interpreter built without it: hashlib has one then
+        from hashlib import blake2b
+    return blake2b(data, digest_size=digest_size)
 
 
 class _MainFunction:

@@ -577,3 +577,76 @@ def test_every_wire_message_reads_back_as_sent():
         assert type(back) is type(message) and back == message
         if hasattr(message, "kind"):
             assert back.kind is message.kind  # the enum member, not its int
+
+
+# ---- how a task function travels to the workers ------------------------------------------
+# cloudpickle names importable functions by reference, as pickle does; procqueue uses plain
+# pickle then (no cloudpickle import in the program: ~10 ms of a cold pool's first call), and
+# must give the same bytes (journals identify a function by them) and keep cloudpickle's
+# copies by value wherever it would make one.
+
+def test_importable_functions_are_sent_as_cloudpickle_would_name_them():
+    import cloudpickle
+    import os.path
+
+    from procqueue.cli.loader import ScriptFunction, WorkerStart
+    from procqueue.protocol import dumps_function
+
+    script = ScriptFunction("process", path="/tmp/job.py")
+    for fn in (abs, os.path.join, script, (WorkerStart(script, prints_to_stderr=True), ())):
+        assert dumps_function(fn) == cloudpickle.dumps(fn, 5)
+
+
+def test_a_class_of_main_and_a_module_registered_by_value_are_still_copied_by_value(tmp_path,
+                                                                                    monkeypatch):
+    import sys
+    import types
+
+    import cloudpickle
+
+    from procqueue.protocol import dumps_function
+
+    main = types.ModuleType("__main__")
+    exec("class Scale:\n    def __call__(self, x):\n        return 3 * x\n", main.__dict__)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    scale = main.Scale()
+    assert pickle.dumps(scale, 5) != cloudpickle.dumps(scale, 5)  # pickle would name it
+    assert pickle.loads(dumps_function(scale)) is not scale and dumps_function(scale) == \
+        cloudpickle.dumps(scale, 5)
+
+    (tmp_path / "by_value_mod.py").write_text("def triple(x):\n    return 3 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import by_value_mod
+
+    cloudpickle.register_pickle_by_value(by_value_mod)
+    try:
+        payload = dumps_function(by_value_mod.triple)
+    finally:
+        cloudpickle.unregister_pickle_by_value(by_value_mod)
+    assert payload != pickle.dumps(by_value_mod.triple, 5)
+    monkeypatch.delitem(sys.modules, "by_value_mod")
+    assert pickle.loads(payload)(2) == 6  # a copy: found without its module
+
+
+POOL_OF_NAMED_FUNCTIONS = """\
+import os.path, sys
+from procqueue import Pool
+if __name__ == "__main__":
+    with Pool(2) as pool:
+        print(pool.map(os.path.basename, ["/a/b", "/c/d"]), pool.apply(abs, (-3,)))
+        print("cloudpickle" in sys.modules)
+        print(pool.map(lambda x: 2 * x, [1, 2]))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_runs_named_functions_without_loading_cloudpickle_and_lambdas_with_it(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "named.py"
+    script.write_text(POOL_OF_NAMED_FUNCTIONS)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=50)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["['b', 'd'] 3", "False", "[2, 4]"]
