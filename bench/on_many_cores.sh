@@ -8,6 +8,8 @@
 #
 #     OUT=/tmp/cores bash bench/on_many_cores.sh
 #     SCALING_WORKERS="1 2" MANY_WORKERS="8" bash bench/on_many_cores.sh   # a quick try
+#     PHASES="many startup" MANY_ONLY="procqueue:imap+key mp:map" bash bench/on_many_cores.sh
+# With an earlier procqueue's wheel in .whl/before/, startup.py shows it beside this one.
 set -u
 OUT=${OUT:-/tmp/on_many_cores}
 mkdir -p "$OUT"
@@ -35,6 +37,16 @@ if ! { python3 -m venv --without-pip /tmp/pq-venv &&
     PY=python3
 fi
 
+# An earlier procqueue for startup.py's before/after columns, when its wheel is in .whl/before/
+BEFORE=
+if compgen -G ".whl/before/*.whl" > /dev/null; then
+    if python3 -m venv --without-pip /tmp/pq-before && python3 -m pip --python \
+            /tmp/pq-before/bin/python install -q --no-index --no-deps --no-cache-dir \
+            .whl/before/*.whl $(ls .whl/*.whl | grep -v '/procqueue-') >> "$log" 2>&1; then
+        BEFORE=/tmp/pq-before/bin/python
+    fi
+fi
+
 say "smoke"
 timeout 60 "$PY" -c '
 import psutil
@@ -56,8 +68,9 @@ fi
 
 if phase many; then
     say "many workers"
-    timeout 170 "$PY" bench/many_workers.py --workers ${MANY_WORKERS:-16 64 128} --rounds 1 \
-        --ideal-s 1.0 --out "$OUT/many_workers.md" 2>&1 | tee -a "$log"
+    timeout ${MANY_LIMIT_S:-170} "$PY" bench/many_workers.py --workers ${MANY_WORKERS:-16 64 128} \
+        --rounds 1 --ideal-s 1.0 ${MANY_ONLY:+--only $MANY_ONLY} --out "$OUT/many_workers.md" \
+        2>&1 | tee -a "$log"
 fi
 
 if phase startup; then
@@ -65,7 +78,8 @@ if phase startup; then
     # from elsewhere: in the checkout, `python -c "import procqueue.cli"` would find the
     # tree's procqueue/ (which has no cli/) before the installed one
     repo=$PWD
-    (cd /tmp && timeout 80 "$PY" "$repo/bench/startup.py" --rounds 5 --python "$PY" \
-        --out "$OUT/startup.md") 2>&1 | tee -a "$log"
+    (cd /tmp && timeout 100 "$PY" "$repo/bench/startup.py" --rounds ${STARTUP_ROUNDS:-5} \
+        --python "$PY" ${BEFORE:+--before-python $BEFORE} --out "$OUT/startup.md") 2>&1 \
+        | tee -a "$log"
 fi
 say "done"

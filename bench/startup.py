@@ -12,8 +12,9 @@ interpreter; use a venv with procqueue and the peers installed, no PYTHONPATH tr
 `procqueue-before` cells with `--before-python` (a venv with the earlier procqueue installed);
 `procqueue-shared` is procqueue with the program's fork switched off (PROCQUEUE_FORK_PROGRAM=0:
 multiprocessing's shared fork server, a fresh interpreter).  `procqueue map` on one input is
-timed from outside too.  Medians per cell; the ratio column is procqueue's total over each
-system's, within a round.
+timed from outside too, beside its floor: a click command that runs the same input on the
+standard library's fork pool and nothing else (FLOOR_COMMAND).  Medians per cell; the ratio
+column is procqueue's total over each system's, within a round.
 """
 
 from __future__ import annotations
@@ -106,6 +107,45 @@ def run_command(python: str, folder: Path, env: dict[str, str]) -> dict[str, flo
     return {"process": wall}
 
 
+# The least a command like `procqueue map` can take here: a click command that imports the
+# script's function and runs its one input on the standard library's fork pool (no fork
+# server, no supervisor, no checks), then prints the record.
+FLOOR_COMMAND = """\
+import importlib.util, json, multiprocessing, os, sys
+import click
+
+@click.command()
+@click.argument("script")
+@click.argument("folder")
+@click.option("-j", "jobs", type=int, default=2)
+def main(script, folder, jobs):
+    spec = importlib.util.spec_from_file_location("job", script)
+    job = importlib.util.module_from_spec(spec)
+    sys.modules["job"] = job
+    spec.loader.exec_module(job)
+    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder))
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        for path, result in zip(paths, pool.imap(job.process, paths)):
+            print(json.dumps({"input": path, "ok": True, "result": result}))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def run_floor_command(python: str, folder: Path, env: dict[str, str]) -> float:
+    """FLOOR_COMMAND on the one input of run_command, whole process."""
+    script = folder / "floor_command.py"
+    script.write_text(FLOOR_COMMAND)
+    start = time.perf_counter()
+    run = subprocess.run([python, str(script), "job.py", "one", "-j", "2"], capture_output=True,
+                         text=True, env=env, cwd=folder, timeout=120)
+    wall = time.perf_counter() - start
+    if run.returncode != 0 or '"ok": true' not in run.stdout:
+        raise RuntimeError(f"floor command: {run.stderr.strip()[-400:]}")
+    return wall
+
+
 def bare_interpreter(python: str, env: dict[str, str]) -> float:
     start = time.perf_counter()
     subprocess.run([python, "-c", "pass"], env=env, check=True)
@@ -153,6 +193,7 @@ def main() -> None:
     cells += [(peer, peer, args.python, envs["procqueue"][1]) for peer in peers]
     rows: dict[str, list[dict[str, float]]] = {name: [] for name, _, _, _ in cells}
     commands: dict[str, list[float]] = {name: [] for name in envs}
+    commands["click + multiprocessing fork pool (the floor)"] = []
     bare: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -164,6 +205,9 @@ def main() -> None:
                 rows[name].append(run_cell(python, scripts[system], env, folder))
             for name, (python, env) in envs.items():
                 commands[name].append(run_command(python, folder, env)["process"])
+            python, env = envs["procqueue"]
+            commands["click + multiprocessing fork pool (the floor)"].append(
+                run_floor_command(python, folder, env))
             print(f"round {round_no + 1}/{args.rounds} done", file=sys.stderr)
     table = render(rows, commands, statistics.median(bare), args)
     print(table)
