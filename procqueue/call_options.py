@@ -13,28 +13,44 @@ per-call option.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Callable, Hashable
 
 from .calls import errors_mode
 from .config import parse_relative_timeout
+from .records import FrozenRecord, replaced
 from .scheduler import HaltPolicy
 
 if TYPE_CHECKING:
     from .limits import Limit
 
 
-@dataclass(frozen=True)
-class CallOptions:
+class CallOptions(FrozenRecord):
     """Per-call options (keyword-only on every call, or through pool.options(...))."""
 
-    limit: Limit | None = None  # a machine-wide named limit shared with other processes
-    queue: str | None = None  # one of the pool's named queues
-    concurrency: int | None = None  # at most this many of this call's tasks at once
-    key: Callable[[Any], Hashable] | None = None  # input -> concurrency key
-    key_concurrency: int | None = None  # at most this many running per key (default 1)
-    timeout: float | str | None = None  # per-task seconds, or '300%' of the median so far
-    halt: str | None = None  # 'soon,fail=N', 'now,success=1', 'soon,done=N%'... (GNU parallel)
+    # __match_args__ as Record sets it, spelled out for mypy (a caller's `case CallOptions(...)`)
+    _fields = __match_args__ = ("limit", "queue", "concurrency", "key", "key_concurrency",
+                                "timeout", "halt")
+
+    limit: Limit | None  # a machine-wide named limit shared with other processes
+    queue: str | None  # one of the pool's named queues
+    concurrency: int | None  # at most this many of this call's tasks at once
+    key: Callable[[Any], Hashable] | None  # input -> concurrency key
+    key_concurrency: int | None  # at most this many running per key (default 1)
+    timeout: float | str | None  # per-task seconds, or '300%' of the median so far
+    halt: str | None  # 'soon,fail=N', 'now,success=1', 'soon,done=N%'... (GNU parallel)
+
+    def __init__(self, limit: Limit | None = None, queue: str | None = None,
+                 concurrency: int | None = None, key: Callable[[Any], Hashable] | None = None,
+                 key_concurrency: int | None = None, timeout: float | str | None = None,
+                 halt: str | None = None) -> None:
+        set_ = object.__setattr__
+        set_(self, "limit", limit)
+        set_(self, "queue", queue)
+        set_(self, "concurrency", concurrency)
+        set_(self, "key", key)
+        set_(self, "key_concurrency", key_concurrency)
+        set_(self, "timeout", timeout)
+        set_(self, "halt", halt)
 
     @classmethod
     def build(cls, options: dict[str, Any]) -> "CallOptions":
@@ -52,8 +68,8 @@ class CallOptions:
 
     def given(self) -> dict[str, Any]:
         """The options set (not None), as the keywords of a call."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if getattr(self, f.name) is not None}
+        return {name: getattr(self, name) for name in self._fields
+                if getattr(self, name) is not None}
 
     def merged(self, options: dict[str, Any]) -> "CallOptions":
         return CallOptions.build({**self.given(), **options})
@@ -62,24 +78,35 @@ class CallOptions:
 NO_OPTIONS = CallOptions()  # frozen: one shared instance, so "no options" is an identity test
 
 
-# eq and repr not generated: nothing compares, hashes or prints one, and each generated
-# method costs ~0.2 ms when procqueue.pool is imported.
-@dataclass(frozen=True, eq=False, repr=False)
-class ParsedCall:
+# eq=False: compared and hashed by identity, as before (nothing compares or hashes one).
+class ParsedCall(FrozenRecord, eq=False):
     """One call's options, validated and parsed."""
 
-    options: CallOptions = NO_OPTIONS  # as given (halt and timeout unparsed)
-    chunksize: int | None = None  # inputs per batch, fixed by the call; None: the pool's
-    return_errors: bool = False  # errors='return' (or return_exceptions=True)
-    halt: HaltPolicy | None = None  # options.halt parsed; 'never' is None
-    timeout_s: float | None = None  # options.timeout in seconds from each task's start...
-    timeout_factor: float | None = None  # ...or as a multiple of the median run time ('300%')
+    _fields = ("options", "chunksize", "return_errors", "halt", "timeout_s", "timeout_factor")
+
+    options: CallOptions  # as given (halt and timeout unparsed)
+    chunksize: int | None  # inputs per batch, fixed by the call; None: the pool's
+    return_errors: bool  # errors='return' (or return_exceptions=True)
+    halt: HaltPolicy | None  # options.halt parsed; 'never' is None
+    timeout_s: float | None  # options.timeout in seconds from each task's start...
+    timeout_factor: float | None  # ...or as a multiple of the median run time ('300%')
+
+    def __init__(self, options: CallOptions = NO_OPTIONS, chunksize: int | None = None,
+                 return_errors: bool = False, halt: HaltPolicy | None = None,
+                 timeout_s: float | None = None, timeout_factor: float | None = None) -> None:
+        set_ = object.__setattr__
+        set_(self, "options", options)
+        set_(self, "chunksize", chunksize)
+        set_(self, "return_errors", return_errors)
+        set_(self, "halt", halt)
+        set_(self, "timeout_s", timeout_s)
+        set_(self, "timeout_factor", timeout_factor)
 
     def with_chunksize(self, chunksize: Any) -> "ParsedCall":
         """This call with a chunksize, validated: map takes it only for an input that is not
         empty, as multiprocessing.Pool ignores the chunksize of an empty one."""
         _check_chunksize(chunksize)
-        return self if chunksize is None else replace(self, chunksize=chunksize)
+        return self if chunksize is None else replaced(self, chunksize=chunksize)
 
     @property
     def sets_timeout(self) -> bool:
@@ -99,7 +126,7 @@ def parse_call(options: dict[str, Any], *, chunksize: Any = None,
     return_errors = errors is not None and errors_mode(errors, options) == "return"
     if not options:
         return parsed(NO_OPTIONS, chunksize, return_errors)
-    unknown = set(options) - {f.name for f in fields(CallOptions)}
+    unknown = set(options) - set(CallOptions._fields)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
     return parsed(CallOptions(**options), chunksize, return_errors)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.context
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from .affinity import plan_cpus, usable_cpu_count
 from .errors import exception_types
 from .program_fork import ProgramForkContext
+from .records import FrozenRecord
 from .fork_server import (FALLBACK_START_METHOD, default_start_method,
                           preload_worker_in_fork_server, program_start_method)
 
@@ -19,30 +19,63 @@ if TYPE_CHECKING:
 DEFAULT_CRASH_RETRIES = 1  # issue #2: one retry on a fresh worker covers a one-off OOM kill
 
 
-# eq and repr not generated: nothing compares, hashes or prints one, and each generated
-# method costs ~0.2 ms when procqueue.pool is imported.
-@dataclass(frozen=True, eq=False, repr=False)
-class PoolConfig:
+# eq=False: compared and hashed by identity, as before (nothing compares or hashes one, and
+# its context and worker_env are no values to compare).
+class PoolConfig(FrozenRecord, eq=False):
     """Every knob of a pool, validated once by build()."""
 
+    _fields = ("processes", "initializer", "initargs", "maxtasksperchild", "context", "pin",
+               "retries", "retry_on", "timeout_s", "chunksize", "worker_env", "cpus",
+               "kill_grace_s", "on_event", "max_memory_per_child", "min_free_memory",
+               "concurrency", "rate")
+
     processes: int
-    initializer: Callable[..., object] | None = None
-    initargs: tuple[Any, ...] = ()
-    maxtasksperchild: int | None = None
-    context: Any = None  # a multiprocessing context, resolved in __post_init__
-    pin: bool = True
-    retries: int = DEFAULT_CRASH_RETRIES
-    retry_on: tuple[type[BaseException], ...] = ()
-    timeout_s: float | str | None = None  # seconds, or '300%' of the median task time
-    chunksize: int | None = None
-    worker_env: dict[str, str] = field(default_factory=dict)
-    cpus: tuple[tuple[int, ...], ...] = ()
-    kill_grace_s: float = 0.5  # SIGTERM -> SIGKILL grace for a timed-out or cancelled task
-    on_event: Callable[[Any], None] | None = None  # gets a stats.TaskEvent per task attempt
-    max_memory_per_child: int | None = None  # bytes: recycle a worker whose RSS exceeds it
-    min_free_memory: int | None = None  # bytes: start a task only while this much is free
-    concurrency: int | None = None  # at most this many tasks running at once (< processes)
-    rate: Rate | None = None  # at most rate.limit task starts in any rate.per seconds
+    initializer: Callable[..., object] | None
+    initargs: tuple[Any, ...]
+    maxtasksperchild: int | None
+    context: Any  # a multiprocessing context, resolved by build()
+    pin: bool
+    retries: int
+    retry_on: tuple[type[BaseException], ...]
+    timeout_s: float | str | None  # seconds, or '300%' of the median task time
+    chunksize: int | None
+    worker_env: dict[str, str]
+    cpus: tuple[tuple[int, ...], ...]
+    kill_grace_s: float  # SIGTERM -> SIGKILL grace for a timed-out or cancelled task
+    on_event: Callable[[Any], None] | None  # gets a stats.TaskEvent per task attempt
+    max_memory_per_child: int | None  # bytes: recycle a worker whose RSS exceeds it
+    min_free_memory: int | None  # bytes: start a task only while this much is free
+    concurrency: int | None  # at most this many tasks running at once (< processes)
+    rate: Rate | None  # at most rate.limit task starts in any rate.per seconds
+
+    def __init__(self, processes: int, initializer: Callable[..., object] | None = None,
+                 initargs: tuple[Any, ...] = (), maxtasksperchild: int | None = None,
+                 context: Any = None, pin: bool = True, retries: int = DEFAULT_CRASH_RETRIES,
+                 retry_on: tuple[type[BaseException], ...] = (),
+                 timeout_s: float | str | None = None, chunksize: int | None = None,
+                 worker_env: dict[str, str] | None = None, cpus: tuple[tuple[int, ...], ...] = (),
+                 kill_grace_s: float = 0.5, on_event: Callable[[Any], None] | None = None,
+                 max_memory_per_child: int | None = None, min_free_memory: int | None = None,
+                 concurrency: int | None = None, rate: Rate | None = None) -> None:
+        set_ = object.__setattr__
+        set_(self, "processes", processes)
+        set_(self, "initializer", initializer)
+        set_(self, "initargs", initargs)
+        set_(self, "maxtasksperchild", maxtasksperchild)
+        set_(self, "context", context)
+        set_(self, "pin", pin)
+        set_(self, "retries", retries)
+        set_(self, "retry_on", retry_on)
+        set_(self, "timeout_s", timeout_s)
+        set_(self, "chunksize", chunksize)
+        set_(self, "worker_env", {} if worker_env is None else worker_env)  # each its own
+        set_(self, "cpus", cpus)
+        set_(self, "kill_grace_s", kill_grace_s)
+        set_(self, "on_event", on_event)
+        set_(self, "max_memory_per_child", max_memory_per_child)
+        set_(self, "min_free_memory", min_free_memory)
+        set_(self, "concurrency", concurrency)
+        set_(self, "rate", rate)
 
     @classmethod
     def build(cls, processes: int | None = None, initializer: Callable[..., object] | None = None,

@@ -24,8 +24,7 @@ import threading
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 from .admission import ConcurrencyGate, Gate, RateGateAdapter, rate_gate_for
 from .call_options import NO_CALL, NO_OPTIONS, ParsedCall, parse_call, parsed
@@ -39,6 +38,7 @@ from .job_maker import JobMaker
 from .affinity import worker_thread_env
 from .pool_journal import JournaledCall, JournalHolder
 from .protocol import CallKind, InitializerCall, shared_only_by_inheritance, short_repr
+from .records import FrozenRecord, Record, replaced
 from .results import (ApplyResult, ArgumentMemory, IMapIterator, MapResult,
                       OutcomeIterator, ResultStream, TaskFuture, Window)
 from .submission import Submitter
@@ -73,9 +73,15 @@ class PoolState(str, enum.Enum):
     TERMINATE = "TERMINATE"
 
 
-@dataclass(frozen=True)
-class WorkerStats:
+class WorkerStats(FrozenRecord):
     """One worker slot's figures in a PoolStats snapshot."""
+
+    # typed as Record's: DaskWorkerStats's fields extend these.  __match_args__ as Record sets
+    # it, spelled out for mypy (a caller's `case WorkerStats(...)`)
+    _fields: ClassVar[tuple[str, ...]]
+    _fields = __match_args__ = ("slot", "pid", "cpus", "tasks_done", "busy_s", "idle_s",
+                                "restarts", "last_exit", "rss_bytes", "task", "task_s",
+                                "task_input")
 
     slot: int  # a worker position: its process may have been replaced
     pid: int | None  # the current process
@@ -86,16 +92,55 @@ class WorkerStats:
     restarts: int  # processes replaced in this slot (crash, timeout, recycling)
     last_exit: str | None  # how the previous process ended ("exit code 0", "killed by SIGKILL")
     rss_bytes: int  # resident memory, as last reported
-    task: str | None = None  # a short repr of the input it runs now; None: idle
-    task_s: float | None = None  # how long that task has been running
-    task_input: Any = None  # that input itself (a worker service maps it to its stored task)
+    task: str | None  # a short repr of the input it runs now; None: idle
+    task_s: float | None  # how long that task has been running
+    task_input: Any  # that input itself (a worker service maps it to its stored task)
+
+    def __init__(self, slot: int, pid: int | None, cpus: tuple[int, ...], tasks_done: int,
+                 busy_s: float, idle_s: float, restarts: int, last_exit: str | None,
+                 rss_bytes: int, task: str | None = None, task_s: float | None = None,
+                 task_input: Any = None) -> None:
+        set_ = object.__setattr__
+        set_(self, "slot", slot)
+        set_(self, "pid", pid)
+        set_(self, "cpus", cpus)
+        set_(self, "tasks_done", tasks_done)
+        set_(self, "busy_s", busy_s)
+        set_(self, "idle_s", idle_s)
+        set_(self, "restarts", restarts)
+        set_(self, "last_exit", last_exit)
+        set_(self, "rss_bytes", rss_bytes)
+        set_(self, "task", task)
+        set_(self, "task_s", task_s)
+        set_(self, "task_input", task_input)
 
 
-@dataclass(frozen=True)
 class PoolStats(SupervisorStatistics):
     """A snapshot: the supervisor's task and worker counts, and each worker's figures."""
 
-    workers: tuple[WorkerStats, ...] = ()
+    _fields = (*SupervisorStatistics._fields, "workers")
+
+    workers: tuple[WorkerStats, ...]
+
+    def __init__(self, state: str, processes: int, tasks_submitted: int, tasks_succeeded: int,
+                 tasks_failed: int, tasks_cancelled: int, tasks_queued: int, tasks_running: int,
+                 retries: int, worker_restarts: int, recycled_for_memory: int,
+                 workers: tuple[WorkerStats, ...] = ()) -> None:
+        super().__init__(state, processes, tasks_submitted, tasks_succeeded, tasks_failed,
+                         tasks_cancelled, tasks_queued, tasks_running, retries, worker_restarts,
+                         recycled_for_memory)
+        object.__setattr__(self, "workers", workers)
+
+    # SupervisorStatistics is compared and hashed by identity (eq=False); the snapshot users
+    # see compares, hashes and prints by its fields, as the dataclass it was did
+    def __eq__(self, other: object) -> bool:
+        return Record.__eq__(self, other)
+
+    def __hash__(self) -> int:
+        return FrozenRecord.__hash__(self)
+
+    def __repr__(self) -> str:
+        return Record.__repr__(self)
 
 
 class Pool(PoolCalls):
@@ -205,7 +250,7 @@ class Pool(PoolCalls):
                     return InitializerCall.args_at_process_start(initializer, config.initargs)
             # Code written for multiprocessing.Pool on Linux passes initargs its fork workers
             # inherit (a Lock, Value or Queue, an open connection): so do ours, then.
-            self._config = replace(config, context=fork)
+            self._config = replaced(config, context=fork)
         return InitializerCall.inherited(initializer, config.initargs)
 
     # ---- multiprocessing.Pool API (apply, map, imap... in calls.PoolCalls) ------------------
@@ -341,7 +386,7 @@ class Pool(PoolCalls):
         """A snapshot of task counts and per-worker figures."""
         s = self._supervisor.statistics()
         workers = tuple(_worker_stats(slot) for slot in self._supervisor.workers.slots)
-        return PoolStats(**{f.name: getattr(s, f.name) for f in fields(s)}, workers=workers)
+        return PoolStats(**{name: getattr(s, name) for name in s._fields}, workers=workers)
 
     statistics = stats
 
@@ -418,14 +463,19 @@ class Pool(PoolCalls):
         return window_size(self._processes)
 
 
-@dataclass(frozen=True)
-class Queue:
+class Queue(FrozenRecord):
     """A named queue inside one pool: its own concurrency and rate, sharing the workers.
     ``Pool(8, queues={"io": Queue(concurrency=2, rate=Rate(10, per=1))})`` then
     ``pool.map(f, items, queue="io")``."""
 
-    concurrency: int | None = None
-    rate: Rate | str | None = None
+    _fields = __match_args__ = ("concurrency", "rate")  # see WorkerStats
+
+    concurrency: int | None
+    rate: Rate | str | None
+
+    def __init__(self, concurrency: int | None = None, rate: Rate | str | None = None) -> None:
+        object.__setattr__(self, "concurrency", concurrency)
+        object.__setattr__(self, "rate", rate)
 
 
 def _queue_gates(name: str, spec: Queue) -> tuple[Gate, ...]:

@@ -39,13 +39,13 @@ import threading
 import traceback
 import types
 import weakref
-from dataclasses import dataclass, field, fields
 from itertools import chain
 from operator import attrgetter
 from typing import Any, Callable, Union
 
 from .errors import (RemoteError, ResultSerializationError, TaskFailed, argument_error,
                      remote_traceback)
+from .records import FrozenRecord, Record
 
 PICKLE_PROTOCOL = 5
 
@@ -58,13 +58,16 @@ class CallKind(enum.IntEnum):
     ARGS_KWARGS = 3  # fn(*args, **kwargs)   apply, submit
 
 
-# The messages are not frozen dataclasses: a frozen __init__ sets each field through
+# The messages are not frozen records: a frozen __init__ sets each field through
 # object.__setattr__, five times the cost of a plain one, on every message read.  Nothing
-# changes a message after it is made.
+# changes a message after it is made.  Their `_fields` order is the order of the values on the
+# wire (see _Codec) and of their __init__'s parameters.
 
-@dataclass(slots=True)
-class RunTasks:
+class RunTasks(Record):
     """Run these tasks of one call in order; each gets its row in BatchResults."""
+
+    __slots__ = ("batch_id", "fn_id", "fn_payload", "kind", "items", "report_s", "oob_task_ids")
+    _fields = __slots__
 
     batch_id: int
     fn_id: int
@@ -72,12 +75,26 @@ class RunTasks:
     kind: CallKind
     items: tuple[tuple[int, bytes], ...]  # (task id, pickled payload)
     report_s: float  # send what is done at least this often while it runs (ChunkSizer)
-    oob_task_ids: tuple[int, ...] = ()  # tasks whose big buffers follow as file descriptors
+    oob_task_ids: tuple[int, ...]  # tasks whose big buffers follow as file descriptors
+
+    def __init__(self, batch_id: int, fn_id: int, fn_payload: bytes | None, kind: CallKind,
+                 items: tuple[tuple[int, bytes], ...], report_s: float,
+                 oob_task_ids: tuple[int, ...] = ()) -> None:
+        self.batch_id = batch_id
+        self.fn_id = fn_id
+        self.fn_payload = fn_payload
+        self.kind = kind
+        self.items = items
+        self.report_s = report_s
+        self.oob_task_ids = oob_task_ids
 
 
-@dataclass(slots=True)
-class RunBlock:
+class RunBlock(Record):
     """Run a block's inputs in order (tasks.Block); they are reported by BlockResults."""
+
+    __slots__ = ("batch_id", "fn_id", "fn_payload", "kind", "block_id", "inputs", "report_s",
+                 "timed", "each_revocable")
+    _fields = __slots__
 
     batch_id: int
     fn_id: int
@@ -86,46 +103,86 @@ class RunBlock:
     block_id: int
     inputs: bytes  # the pickled list of the block's (primitive) inputs
     report_s: float  # as RunTasks
-    timed: bool = True  # report each input's run time, or (False) only their total
+    timed: bool  # report each input's run time, or (False) only their total
     # Each input is a task that may be cancelled alone (a batch of submit() calls sent as a
     # block): the revoked batch ids are looked at before each input, as RunTasks does.
-    each_revocable: bool = False
+    each_revocable: bool
+
+    def __init__(self, batch_id: int, fn_id: int, fn_payload: bytes | None, kind: CallKind,
+                 block_id: int, inputs: bytes, report_s: float, timed: bool = True,
+                 each_revocable: bool = False) -> None:
+        self.batch_id = batch_id
+        self.fn_id = fn_id
+        self.fn_payload = fn_payload
+        self.kind = kind
+        self.block_id = block_id
+        self.inputs = inputs
+        self.report_s = report_s
+        self.timed = timed
+        self.each_revocable = each_revocable
 
 
-@dataclass(slots=True)
-class LoadFunction:
+class LoadFunction(Record):
     """Load a call's function before its tasks come (a gated call's warm-up, see
     Dispatcher._warm_up); answered by an empty final BatchResults of batch_id."""
+
+    __slots__ = ("batch_id", "fn_id", "fn_payload", "kind")
+    _fields = __slots__
 
     batch_id: int
     fn_id: int
     fn_payload: bytes
     kind: CallKind
 
+    def __init__(self, batch_id: int, fn_id: int, fn_payload: bytes, kind: CallKind) -> None:
+        self.batch_id = batch_id
+        self.fn_id = fn_id
+        self.fn_payload = fn_payload
+        self.kind = kind
 
-@dataclass(slots=True)
-class Stop:
+
+class Stop(Record):
     """The worker's last message: it exits (0) after the messages sent before it."""
 
+    __slots__ = ()
+    _fields = __slots__
 
-@dataclass(slots=True)
-class Ready:
+    def __init__(self) -> None:
+        pass
+
+
+class Ready(Record):
     """The worker started and ran its initializer."""
+
+    __slots__ = ("pid",)
+    _fields = __slots__
 
     pid: int
 
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
 
-@dataclass(slots=True)
-class InitFailed:
+
+class InitFailed(Record):
     """The worker's initializer raised; the worker exits."""
+
+    # __match_args__ as Record sets it, spelled out for mypy: it checks `case InitFailed(error):`
+    # (supervisor.py) with it, and does not see __init_subclass__
+    __slots__ = _fields = __match_args__ = ("error",)
 
     error: bytes  # pickled ErrorInfo
 
+    def __init__(self, error: bytes) -> None:
+        self.error = error
 
-@dataclass(slots=True)
-class BatchResults:
+
+class BatchResults(Record):
     """Results of some items of one batch, column by column (lists of primitives pickle far
     faster than one object per item).  Entry i of each list belongs to task_ids[i]."""
+
+    __slots__ = ("batch_id", "task_ids", "ok", "payloads", "seconds", "started", "final",
+                 "rss_bytes", "skipped", "released")
+    _fields = __slots__
 
     batch_id: int
     task_ids: list[int]
@@ -134,10 +191,25 @@ class BatchResults:
     seconds: list[float]  # run time of each item in the worker
     started: list[float]  # time.monotonic() when each item started (one clock machine-wide)
     final: bool  # True: the batch is complete, the worker is idle or on its next batch
-    rss_bytes: int = 0  # the worker's resident memory when it sent this (worker recycling)
-    skipped: list[int] = field(default_factory=list)  # not started: their batch was revoked
+    rss_bytes: int  # the worker's resident memory when it sent this (worker recycling)
+    skipped: list[int]  # not started: their batch was revoked
     # tasks whose out-of-band argument this worker no longer maps (see MemfdPool)
-    released: list[int] = field(default_factory=list)
+    released: list[int]
+
+    def __init__(self, batch_id: int, task_ids: list[int], ok: list[bool], payloads: list[bytes],
+                 seconds: list[float], started: list[float], final: bool, rss_bytes: int = 0,
+                 skipped: list[int] | None = None, released: list[int] | None = None) -> None:
+        self.batch_id = batch_id
+        self.task_ids = task_ids
+        self.ok = ok
+        self.payloads = payloads
+        self.seconds = seconds
+        self.started = started
+        self.final = final
+        self.rss_bytes = rss_bytes
+        # None: a new list for each message, never one list shared by all as a default
+        self.skipped = [] if skipped is None else skipped
+        self.released = [] if released is None else released
 
     def __len__(self) -> int:
         return len(self.task_ids)
@@ -147,12 +219,15 @@ class BatchResults:
         return sum(self.seconds)
 
 
-@dataclass(slots=True)
-class BlockResults:
+class BlockResults(Record):
     """Results of consecutive inputs of a block, from position `first` on.  The values are
     one pickle of the list when they are plain data (see dumps_plain_data: it always
     unpickles), else one pickle per value, so a value the caller cannot unpickle fails only
     its input."""
+
+    __slots__ = ("batch_id", "first", "values", "errors", "count", "seconds", "busy_s", "final",
+                 "rss_bytes", "skipped")
+    _fields = __slots__
 
     batch_id: int
     first: int  # position in the block of the first input reported here
@@ -162,8 +237,22 @@ class BlockResults:
     seconds: list[float] | None  # run time of each, where the batch was `timed`
     busy_s: float  # their run time in all
     final: bool
-    rss_bytes: int = 0
-    skipped: int = -1  # the batch was revoked: inputs from this position on never started
+    rss_bytes: int
+    skipped: int  # the batch was revoked: inputs from this position on never started
+
+    def __init__(self, batch_id: int, first: int, values: bytes | list[bytes | None],
+                 errors: dict[int, bytes], count: int, seconds: list[float] | None,
+                 busy_s: float, final: bool, rss_bytes: int = 0, skipped: int = -1) -> None:
+        self.batch_id = batch_id
+        self.first = first
+        self.values = values
+        self.errors = errors
+        self.count = count
+        self.seconds = seconds
+        self.busy_s = busy_s
+        self.final = final
+        self.rss_bytes = rss_bytes
+        self.skipped = skipped
 
     def __len__(self) -> int:
         return self.count
@@ -184,15 +273,15 @@ FromWorker = Union[Ready, InitFailed, BatchResults, BlockResults]
 # ---- the messages' encoding ----------------------------------------------------------------
 #
 # A message travels as (tag, its field values), its CallKind as a plain int.  Pickling the
-# dataclass itself named its class (a global: ~4 us each way) and the CallKind enum (~10 us
-# each way) and walked fields() in __getstate__: 10-20 us per message each way, against 2-4
+# message object itself named its class (a global: ~4 us each way) and the CallKind enum (~10 us
+# each way) and walked its fields in __getstate__: 10-20 us per message each way, against 2-4
 # us for the tuple, and every batch pays it four times (two messages, each both ways).
 
 class _Codec:
     __slots__ = ("tag", "cls", "values", "kind_at")
 
-    def __init__(self, tag: int, cls: type) -> None:
-        names = [f.name for f in fields(cls)]
+    def __init__(self, tag: int, cls: type[Record]) -> None:
+        names = list(cls._fields)
         self.tag = tag
         self.cls = cls
         self.values: Callable[[Any], tuple[Any, ...]] = (
@@ -226,20 +315,29 @@ def loads_message(data: bytes) -> Any:
     return codec.cls(*values)
 
 
-# eq and repr not generated: nothing compares, hashes or prints one, and each generated
-# method costs ~0.2 ms when procqueue.pool is imported.
-@dataclass(frozen=True, slots=True, eq=False, repr=False)
-class ErrorInfo:
+# Compared and hashed by identity (eq=False), as it always was: nothing compares or hashes one.
+class ErrorInfo(FrozenRecord, eq=False):
     """An exception on its way back from a worker, as plain data the caller can always read:
     the exception's own pickle (a RemoteError's when it does not survive a round trip in the
     worker), read apart, because its class may not be importable in the caller (a class of a
     script that only the workers import); and its type name, message and traceback text, from
     which the caller makes a RemoteError when that pickle does not load there."""
 
+    __slots__ = ("exception", "type_name", "message", "traceback_text")
+    _fields = __slots__
+
     exception: bytes
     type_name: str
     message: str
     traceback_text: str
+
+    def __init__(self, exception: bytes, type_name: str, message: str,
+                 traceback_text: str) -> None:
+        set_ = object.__setattr__  # frozen: FrozenRecord's __setattr__ refuses
+        set_(self, "exception", exception)
+        set_(self, "type_name", type_name)
+        set_(self, "message", message)
+        set_(self, "traceback_text", traceback_text)
 
 
 # Values of these exact types pickle and unpickle anywhere, cannot be mutated behind our back

@@ -20,17 +20,21 @@ import multiprocessing.pool as mp_pool
 import sys
 import threading
 from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Generic, Self, TypeVar
 
+from .records import FrozenRecord
 from .tasks import OutcomeSink, Task
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class TaskOutcome:
+class TaskOutcome(FrozenRecord):
     """The one outcome of one input: its result or its error, and how it ran."""
+
+    # __match_args__ as Record sets it, spelled out for mypy: a caller's `case TaskOutcome(i, x,
+    # ok, ...)` is checked with it, as on the dataclass
+    _fields = __match_args__ = ("index", "input", "ok", "value", "error", "attempts", "seconds",
+                                "pid")
 
     index: int
     input: Any
@@ -40,6 +44,18 @@ class TaskOutcome:
     attempts: int  # runs started (0: it never ran)
     seconds: float  # run time of the last attempt
     pid: int | None  # worker pid of the last attempt
+
+    def __init__(self, index: int, input: Any, ok: bool, value: Any, error: BaseException | None,
+                 attempts: int, seconds: float, pid: int | None) -> None:
+        set_ = object.__setattr__  # frozen: FrozenRecord's __setattr__ refuses
+        set_(self, "index", index)
+        set_(self, "input", input)
+        set_(self, "ok", ok)
+        set_(self, "value", value)
+        set_(self, "error", error)
+        set_(self, "attempts", attempts)
+        set_(self, "seconds", seconds)
+        set_(self, "pid", pid)
 
 
 def _report_callback_error(kind: str) -> None:

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import enum
 import random
-from dataclasses import dataclass
-
 from .errors import TaskTimeoutError
+from .records import FrozenRecord
 
 RETRY_BACKOFF_S = 0.05  # the wait before the first retry; doubles per attempt, with jitter
 RETRY_BACKOFF_MAX_S = 5.0
@@ -25,16 +24,25 @@ class FailureKind(enum.Enum):
     EXCEPTION = "exception"  # it raised
 
 
-# eq and repr not generated: nothing compares, hashes or prints one, and each generated
-# method costs ~0.2 ms when procqueue.pool is imported.
-@dataclass(frozen=True, eq=False, repr=False)
-class RetryPolicy:
+# eq=False: compared and hashed by identity, as before (nothing compares or hashes one).
+class RetryPolicy(FrozenRecord, eq=False):
     """Which failed attempts run again, and after what backoff."""
+
+    _fields = ("retries", "retry_on", "backoff_s", "backoff_max_s")
 
     retries: int  # extra attempts after the first
     retry_on: tuple[type[BaseException], ...]  # exception types that are retried
-    backoff_s: float = RETRY_BACKOFF_S  # delay before the first retry
-    backoff_max_s: float = RETRY_BACKOFF_MAX_S
+    backoff_s: float  # delay before the first retry
+    backoff_max_s: float
+
+    def __init__(self, retries: int, retry_on: tuple[type[BaseException], ...],
+                 backoff_s: float = RETRY_BACKOFF_S,
+                 backoff_max_s: float = RETRY_BACKOFF_MAX_S) -> None:
+        set_ = object.__setattr__
+        set_(self, "retries", retries)
+        set_(self, "retry_on", retry_on)
+        set_(self, "backoff_s", backoff_s)
+        set_(self, "backoff_max_s", backoff_max_s)
 
     @property
     def retry_timeouts(self) -> bool:

@@ -12,31 +12,41 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 from .admission import (BatchHold, ConcurrencyGate, FreeMemoryGate, Gate, KeyHold,
                         RateGateAdapter, admit, batch_share, earliest, rate_gate_for)
 from .config import PoolConfig
 from .limits.keyed import KeyedFifo
+from .records import FrozenRecord
 from .tasks import Block, Job, Task, TaskState, new_id
 
 
 HALT_LEGACY = {"1": "soon,fail=1", "2": "now,fail=1"}  # GNU parallel's --halt 1 / --halt 2
 
 
-@dataclass(frozen=True)
-class HaltPolicy:
+class HaltPolicy(FrozenRecord):
     """GNU parallel's --halt for one call: once `count` of its inputs (or `percent` % of
     them) have failed (kind "fail"), succeeded ("success") or ended either way ("done"),
     start no more of its tasks; `now` also kills the running ones."""
 
+    # __match_args__ as Record sets it, spelled out for mypy (a caller's `case HaltPolicy(...)`)
+    _fields = __match_args__ = ("now", "kind", "count", "percent")
+
     now: bool
-    kind: str = "fail"
-    count: int | None = None
-    percent: float | None = None
+    kind: str
+    count: int | None
+    percent: float | None
 
     FORMS = "never, soon|now,fail|success|done=N or =N%, or GNU parallel's 0, 1, 2"
+
+    def __init__(self, now: bool, kind: str = "fail", count: int | None = None,
+                 percent: float | None = None) -> None:
+        set_ = object.__setattr__
+        set_(self, "now", now)
+        set_(self, "kind", kind)
+        set_(self, "count", count)
+        set_(self, "percent", percent)
 
     @classmethod
     def parse(cls, text: str) -> "HaltPolicy | None":

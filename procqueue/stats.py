@@ -6,15 +6,19 @@ hot path pays nothing otherwise.  Times are wall-clock seconds since the epoch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, ClassVar, Iterable
+
+from .records import FrozenRecord
 
 OUTCOMES = ("ok", "error", "crash", "timeout", "cancelled")
 
 
-@dataclass(frozen=True)
-class TaskEvent:
+class TaskEvent(FrozenRecord):
     """One task attempt: which task, where it ran, when, and how it ended."""
+
+    # __match_args__ as Record sets it, spelled out for mypy (a caller's `case TaskEvent(...)`)
+    _fields = __match_args__ = ("job", "index", "input_repr", "slot", "pid", "attempt",
+                                "start_s", "end_s", "outcome", "error")
 
     job: int  # which call (map, imap, submit...) the task belongs to
     index: int  # position in that call's input
@@ -26,6 +30,21 @@ class TaskEvent:
     end_s: float
     outcome: str  # one of OUTCOMES
     error: str | None  # "TypeName: message" when outcome is not ok
+
+    def __init__(self, job: int, index: int, input_repr: str, slot: int, pid: int | None,
+                 attempt: int, start_s: float, end_s: float, outcome: str,
+                 error: str | None) -> None:
+        set_ = object.__setattr__  # frozen: FrozenRecord's __setattr__ refuses
+        set_(self, "job", job)
+        set_(self, "index", index)
+        set_(self, "input_repr", input_repr)
+        set_(self, "slot", slot)
+        set_(self, "pid", pid)
+        set_(self, "attempt", attempt)
+        set_(self, "start_s", start_s)
+        set_(self, "end_s", end_s)
+        set_(self, "outcome", outcome)
+        set_(self, "error", error)
 
     @property
     def seconds(self) -> float:
@@ -42,11 +61,16 @@ def event_error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {message if message is not None else error}"
 
 
-# eq and repr not generated (~0.2 ms each at import): what users see is the PoolStats the
-# pool makes of it, which has its own.
-@dataclass(frozen=True, eq=False, repr=False)
-class SupervisorStatistics:
+# Compared and hashed by identity (eq=False), as it always was: what users see is the
+# PoolStats the pool makes of it, which compares its own way.
+class SupervisorStatistics(FrozenRecord, eq=False):
     """A pool's counters at one moment (Pool.stats() builds on it)."""
+
+    # typed as Record's: PoolStats's fields extend these
+    _fields: ClassVar[tuple[str, ...]] = (
+        "state", "processes", "tasks_submitted", "tasks_succeeded", "tasks_failed",
+        "tasks_cancelled", "tasks_queued", "tasks_running", "retries", "worker_restarts",
+        "recycled_for_memory")
 
     state: str
     processes: int
@@ -60,15 +84,37 @@ class SupervisorStatistics:
     worker_restarts: int
     recycled_for_memory: int
 
+    def __init__(self, state: str, processes: int, tasks_submitted: int, tasks_succeeded: int,
+                 tasks_failed: int, tasks_cancelled: int, tasks_queued: int, tasks_running: int,
+                 retries: int, worker_restarts: int, recycled_for_memory: int) -> None:
+        set_ = object.__setattr__  # frozen: FrozenRecord's __setattr__ refuses
+        set_(self, "state", state)
+        set_(self, "processes", processes)
+        set_(self, "tasks_submitted", tasks_submitted)
+        set_(self, "tasks_succeeded", tasks_succeeded)
+        set_(self, "tasks_failed", tasks_failed)
+        set_(self, "tasks_cancelled", tasks_cancelled)
+        set_(self, "tasks_queued", tasks_queued)
+        set_(self, "tasks_running", tasks_running)
+        set_(self, "retries", retries)
+        set_(self, "worker_restarts", worker_restarts)
+        set_(self, "recycled_for_memory", recycled_for_memory)
 
-@dataclass(frozen=True)
-class Utilisation:
+
+class Utilisation(FrozenRecord):
     """How busy a run kept its workers: the one definition behind `procqueue map --stats`
     and the HTML report, so that the two print the same efficiency for the same run."""
+
+    _fields = __match_args__ = ("workers", "busy_s", "span_s")  # see TaskEvent
 
     workers: int  # worker slots that ran at least one task attempt
     busy_s: float  # run time of every task attempt: failed ones and retries included
     span_s: float  # from the first attempt's start to the last attempt's end
+
+    def __init__(self, workers: int, busy_s: float, span_s: float) -> None:
+        object.__setattr__(self, "workers", workers)
+        object.__setattr__(self, "busy_s", busy_s)
+        object.__setattr__(self, "span_s", span_s)
 
     @property
     def efficiency(self) -> float:

@@ -20,12 +20,12 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 from .errors import InitializerError, describe_exit
 from .program_fork import ProgramForkContext
 from .protocol import InitializerCall, OutOfBand, Stop, ToWorker, dumps_message
+from .records import FrozenRecord
 from .tasks import Block, Job, Task
 from .worker import (BLOCK_POSITION, CURRENT_TASK, FDS_PER_MESSAGE, IDLE, REVOKED,
                      SLOT_STATE_SIZE, STARTED_NS, worker_main)
@@ -90,8 +90,10 @@ def _give_back_permit(batch: Batch) -> None:
         hold.release()
 
 
-@dataclass(frozen=True)
-class SlotStatistics:
+class SlotStatistics(FrozenRecord):
+    _fields = ("slot", "pid", "cpus", "phase", "tasks_done", "busy_s", "idle_s", "restarts",
+               "last_exit", "rss_bytes")
+
     slot: int
     pid: int | None
     cpus: tuple[int, ...]
@@ -102,6 +104,21 @@ class SlotStatistics:
     restarts: int
     last_exit: str | None
     rss_bytes: int
+
+    def __init__(self, slot: int, pid: int | None, cpus: tuple[int, ...], phase: str,
+                 tasks_done: int, busy_s: float, idle_s: float, restarts: int,
+                 last_exit: str | None, rss_bytes: int) -> None:
+        set_ = object.__setattr__
+        set_(self, "slot", slot)
+        set_(self, "pid", pid)
+        set_(self, "cpus", cpus)
+        set_(self, "phase", phase)
+        set_(self, "tasks_done", tasks_done)
+        set_(self, "busy_s", busy_s)
+        set_(self, "idle_s", idle_s)
+        set_(self, "restarts", restarts)
+        set_(self, "last_exit", last_exit)
+        set_(self, "rss_bytes", rss_bytes)
 
 
 class Slot:

@@ -17,9 +17,10 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": {"taskqueue", "service", "store", "stored_call", "pool", "errors", "results",
                  "limits", "journal", "trace", "report", "stats", "scheduler", "fork_server",
                  "dashboard", "lazy"},
-    "pool": {"service", "taskqueue", "supervisor", "inbox", "stats", "config", "results", "errors",
-             "protocol", "admission", "journal", "trace", "affinity", "limits", "backends", "calls",
-             "call_options", "job_maker", "submission", "feeder", "input_feed", "pool_journal"},
+    "pool": {"records", "service", "taskqueue", "supervisor", "inbox", "stats", "config",
+             "results", "errors", "protocol", "admission", "journal", "trace", "affinity",
+             "limits", "backends", "calls", "call_options", "job_maker", "submission", "feeder",
+             "input_feed", "pool_journal"},
     # the feeder thread of a lazy call (imap*): takes inputs as its window has room
     "feeder": {"input_feed", "submission", "pool_journal", "inbox", "results", "tasks",
                "program_fork"},
@@ -34,7 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     "job_maker": {"call_options", "admission", "chunking", "config", "limits", "protocol",
                   "tasks"},
     # per-call options (chunksize, errors=, limit=, halt=...), parsed and validated once
-    "call_options": {"calls", "config", "scheduler", "limits"},
+    "call_options": {"records", "calls", "config", "scheduler", "limits"},
     # a worker service of a durable TaskQueue: runs stored tasks in a pool (duck-typed)
     "service": {"taskqueue", "store", "stored_call", "process_meter", "errors"},
     # CPU and memory of worker processes, for those who watch them (psutil only)
@@ -65,33 +66,36 @@ ALLOWED: dict[str, set[str]] = {
     # the task book keeps tasks' books and decides what follows an outcome: no processes
     "task_book": {"retry", "scheduler", "tasks", "protocol", "errors"},
     # which failures run again, and the backoff: shared by every backend
-    "retry": {"errors"},
-    "worker_slots": {"worker", "protocol", "affinity", "errors", "tasks", "program_fork"},
+    "retry": {"records", "errors"},
+    "worker_slots": {"records", "worker", "protocol", "affinity", "errors", "tasks",
+                     "program_fork"},
     "worker": {"item_run", "protocol", "affinity", "errors"},
     # one item's run as every backend's workers report it: result or error, never a raise
     "item_run": {"protocol", "errors"},
-    "scheduler": {"config", "admission", "tasks", "limits", "errors", "chunking"},
+    "scheduler": {"records", "config", "admission", "tasks", "limits", "errors", "chunking"},
     "admission": {"limits", "errors"},
     "chunking": set(),
     "calls": {"protocol", "results"},
-    "results": {"tasks", "errors"},
-    "config": {"affinity", "limits", "errors", "fork_server", "program_fork"},
+    "results": {"records", "tasks", "errors"},
+    "config": {"records", "affinity", "limits", "errors", "fork_server", "program_fork"},
     "fork_server": set(),
     # a pool's own fork server, forked from the program when it has one thread
     "program_fork": {"fork_server"},
     "tasks": {"errors", "protocol"},
-    "stats": {"tasks"},
+    "stats": {"records", "tasks"},
     # the batch journal is one of the stores: it opens and encodes through procqueue.store
     "journal": {"errors", "protocol", "tasks", "results", "store", "code_identity"},
     # what code a function runs, hashed for the journal's same-function check
     "code_identity": {"protocol"},
     "trace": {"stats"},
     "report": {"stats"},
-    "protocol": {"errors"},
+    "protocol": {"records", "errors"},
     "affinity": {"errors"},
     "errors": set(),
     # PEP 562 lazy exports of a package
     "lazy": set(),
+    # small value types (repr, ==, frozen) without importing dataclasses
+    "records": set(),
 }
 
 
@@ -128,13 +132,14 @@ def test_every_module_is_in_the_layering() -> None:
     assert modules <= set(ALLOWED), f"unlisted modules: {sorted(modules - set(ALLOWED))}"
 
 
-def test_limits_package_imports_only_errors() -> None:
+def test_limits_package_imports_only_errors_and_the_base_modules() -> None:
     for path in (PACKAGE / "limits").glob("*.py"):
         tree = ast.parse(path.read_text())
         # level 2 ("from ..x import") reaches out of limits/ into procqueue/
         outside = {n.module.split(".")[0] for n in ast.walk(tree)
                    if isinstance(n, ast.ImportFrom) and n.level == 2 and n.module}
-        assert outside <= {"errors", "lazy"}, f"limits/{path.name} imports {sorted(outside)}"
+        assert outside <= {"errors", "lazy", "records"}, \
+            f"limits/{path.name} imports {sorted(outside)}"
 
 
 def test_cli_uses_only_the_public_api() -> None:

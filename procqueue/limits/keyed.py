@@ -18,21 +18,33 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from ..records import FrozenRecord
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class KeyedLimitStatistics:
+class KeyedLimitStatistics(FrozenRecord):
     """A KeyedLimit's counts at one moment."""
+
+    # __match_args__ as Record sets it, spelled out for mypy (a caller's `case X(a, b):`)
+    _fields = __match_args__ = ("concurrency_per_key", "running", "active_keys",
+                                "saturated_keys")
 
     concurrency_per_key: int
     running: int  # over all keys
     active_keys: int  # keys with at least one running
     saturated_keys: int  # keys at their cap
+
+    def __init__(self, concurrency_per_key: int, running: int, active_keys: int,
+                 saturated_keys: int) -> None:
+        set_ = object.__setattr__
+        set_(self, "concurrency_per_key", concurrency_per_key)
+        set_(self, "running", running)
+        set_(self, "active_keys", active_keys)
+        set_(self, "saturated_keys", saturated_keys)
 
 
 class KeyedLimit(Generic[K]):
@@ -95,21 +107,33 @@ class KeyedLimit(Generic[K]):
         )
 
 
-@dataclass(frozen=True)
-class QueuedItem(Generic[K, T]):
+class QueuedItem(FrozenRecord, Generic[K, T]):
     """What `FairQueue.pop_next` hands out: the item and the key it was queued under."""
+
+    _fields = __match_args__ = ("key", "item")  # see KeyedLimitStatistics
 
     key: K
     item: T
 
+    def __init__(self, key: K, item: T) -> None:
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "item", item)
 
-@dataclass(frozen=True)
-class FairQueueStatistics:
+
+class FairQueueStatistics(FrozenRecord):
     """A FairQueue's sizes at one moment."""
+
+    _fields = __match_args__ = ("queued", "keys", "longest_key_queue")  # see KeyedLimitStatistics
 
     queued: int  # items over all keys
     keys: int  # keys with at least one queued item
     longest_key_queue: int  # items queued under the busiest key
+
+    def __init__(self, queued: int, keys: int, longest_key_queue: int) -> None:
+        set_ = object.__setattr__
+        set_(self, "queued", queued)
+        set_(self, "keys", keys)
+        set_(self, "longest_key_queue", longest_key_queue)
 
 
 def _always(key: object) -> bool:

@@ -23,7 +23,6 @@ import threading
 import uuid
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from ...calls import errors_mode
@@ -54,24 +53,46 @@ TARGET_CHUNK_S = 0.2  # a Dask task costs ~1-3 ms of scheduling: aim for chunks 
 MAX_CHUNK_ITEMS = 10_000  # caps one chunk's memory and result latency
 
 
-@dataclass(frozen=True)
+# Records (procqueue/records.py) as their bases are: a dataclass would not see the fields of
+# a base that is not one.
 class DaskWorkerStats(WorkerStats):
     """One Dask worker, as the scheduler reports it: the WorkerStats fields it can fill (cpus
     empty, idle_s and restarts 0, last_exit None), its address and its thread count."""
 
-    address: str = ""
-    nthreads: int = 0
+    _fields = (*WorkerStats._fields, "address", "nthreads")
+
+    address: str
+    nthreads: int
+
+    def __init__(self, slot: int, pid: int | None, cpus: tuple[int, ...], tasks_done: int,
+                 busy_s: float, idle_s: float, restarts: int, last_exit: str | None,
+                 rss_bytes: int, task: str | None = None, task_s: float | None = None,
+                 task_input: Any = None, address: str = "", nthreads: int = 0) -> None:
+        super().__init__(slot, pid, cpus, tasks_done, busy_s, idle_s, restarts, last_exit,
+                         rss_bytes, task, task_s, task_input)
+        object.__setattr__(self, "address", address)
+        object.__setattr__(self, "nthreads", nthreads)
 
 
-@dataclass(frozen=True)
 class DaskPoolStats(PoolStats):
     """The PoolStats fields (same names and meaning) for a DaskPool, where processes counts
     the Dask worker threads in the cluster, tasks_running the items in chunks submitted to
     Dask (running or waiting there), worker_restarts the chunks Dask lost with a worker and
     state is "run", "close" or "terminate"; plus the chunks (Dask tasks) submitted."""
 
-    workers: tuple[DaskWorkerStats, ...] = ()
-    chunks_submitted: int = 0
+    _fields = (*PoolStats._fields, "chunks_submitted")
+
+    workers: tuple[DaskWorkerStats, ...]
+    chunks_submitted: int
+
+    def __init__(self, state: str, processes: int, tasks_submitted: int, tasks_succeeded: int,
+                 tasks_failed: int, tasks_cancelled: int, tasks_queued: int, tasks_running: int,
+                 retries: int, worker_restarts: int, recycled_for_memory: int,
+                 workers: tuple[DaskWorkerStats, ...] = (), chunks_submitted: int = 0) -> None:
+        super().__init__(state, processes, tasks_submitted, tasks_succeeded, tasks_failed,
+                         tasks_cancelled, tasks_queued, tasks_running, retries, worker_restarts,
+                         recycled_for_memory, workers)
+        object.__setattr__(self, "chunks_submitted", chunks_submitted)
 
 
 class DaskPool(Pool):
@@ -221,8 +242,8 @@ class DaskPool(Pool):
     def _submit_call(self, call: CallOptions, fn: Callable[..., Any], args: tuple[Any, ...],
                      kwargs: dict[str, Any]) -> TaskFuture:
         """pool.options(...).submit(...) (Pool.options's view): submit() with its options."""
-        options = {f.name: getattr(call, f.name) for f in fields(call)
-                   if getattr(call, f.name) is not None}
+        options = {name: getattr(call, name) for name in call._fields
+                   if getattr(call, name) is not None}
         return self._submit_with(options, fn, args, kwargs)
 
     def _submit_with(self, options: dict[str, Any], fn: Callable[..., Any],
