@@ -38,7 +38,7 @@ from .job_maker import JobMaker
 from .affinity import worker_thread_env
 from .pool_journal import JournaledCall, JournalHolder
 from .protocol import CallKind, InitializerCall, shared_only_by_inheritance, short_repr
-from .records import FrozenRecord, Record, replaced
+from .records import FrozenRecord, replaced
 from .results import (ApplyResult, ArgumentMemory, IMapIterator, MapResult,
                       OutcomeIterator, ResultStream, TaskFuture, Window)
 from .submission import Submitter
@@ -130,17 +130,6 @@ class PoolStats(SupervisorStatistics):
                          tasks_cancelled, tasks_queued, tasks_running, retries, worker_restarts,
                          recycled_for_memory)
         object.__setattr__(self, "workers", workers)
-
-    # SupervisorStatistics is compared and hashed by identity (eq=False); the snapshot users
-    # see compares, hashes and prints by its fields, as the dataclass it was did
-    def __eq__(self, other: object) -> bool:
-        return Record.__eq__(self, other)
-
-    def __hash__(self) -> int:
-        return FrozenRecord.__hash__(self)
-
-    def __repr__(self) -> str:
-        return Record.__repr__(self)
 
 
 class Pool(PoolCalls):

@@ -43,12 +43,18 @@ class Record:
 
     def __init_subclass__(cls, eq: bool = True, **kwargs: Any) -> None:
         """`class Config(FrozenRecord, eq=False)`: compared and hashed by identity, as a
-        dataclass(eq=False) (one that holds dicts or contexts nobody compares)."""
+        dataclass(eq=False) (one that holds dicts or contexts nobody compares).  Each class
+        decides for itself, as each @dataclass did: a subclass of such a class compares by
+        its fields again unless it says eq=False too."""
         super().__init_subclass__(**kwargs)
         setattr(cls, "__match_args__", cls._fields)  # `case Ready(pid):`, as on a dataclass
         if not eq:
             setattr(cls, "__eq__", object.__eq__)
             setattr(cls, "__hash__", object.__hash__)
+        elif cls.__eq__ is object.__eq__ and "__eq__" not in cls.__dict__:
+            setattr(cls, "__eq__", Record.__eq__)
+            setattr(cls, "__hash__", FrozenRecord.__hash__ if issubclass(cls, FrozenRecord)
+                    else None)
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
