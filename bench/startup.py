@@ -98,13 +98,18 @@ def run_command(python: str, folder: Path, env: dict[str, str]) -> dict[str, flo
     # pool gets the default start method a script gets (under `python -c` it would be fork)
     script = os.path.join(os.path.dirname(python), "procqueue")
     command = [python, script, "map", "job.py", "one", "-j", "2", "-q"]
+    return {"process": timed_one_input("procqueue map", command, folder, env)}
+
+
+def timed_one_input(name: str, command: list[str], folder: Path, env: dict[str, str]) -> float:
+    """The whole run of a command that writes one record for the input in one/."""
     start = time.perf_counter()
     run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=folder,
                          timeout=120)
     wall = time.perf_counter() - start
     if run.returncode != 0 or '"ok": true' not in run.stdout:
-        raise RuntimeError(f"procqueue map: {run.stderr.strip()[-400:]}")
-    return {"process": wall}
+        raise RuntimeError(f"{name}: {run.stderr.strip()[-400:]}")
+    return wall
 
 
 # The least a command like `procqueue map` can take here: a click command that imports the
@@ -137,13 +142,8 @@ def run_floor_command(python: str, folder: Path, env: dict[str, str]) -> float:
     """FLOOR_COMMAND on the one input of run_command, whole process."""
     script = folder / "floor_command.py"
     script.write_text(FLOOR_COMMAND)
-    start = time.perf_counter()
-    run = subprocess.run([python, str(script), "job.py", "one", "-j", "2"], capture_output=True,
-                         text=True, env=env, cwd=folder, timeout=120)
-    wall = time.perf_counter() - start
-    if run.returncode != 0 or '"ok": true' not in run.stdout:
-        raise RuntimeError(f"floor command: {run.stderr.strip()[-400:]}")
-    return wall
+    return timed_one_input("floor command", [python, str(script), "job.py", "one", "-j", "2"],
+                           folder, env)
 
 
 def bare_interpreter(python: str, env: dict[str, str]) -> float:
