@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Iterable
 
-from .inbox import CloseJob, OpenJob, SubmitTasks
+from .inbox import CloseJob, OpenJob
 from .input_feed import InputFeed, Inputs
 from .pool_journal import JournaledCall
 from .program_fork import note_thread_ending
@@ -59,4 +59,4 @@ class Feeder:
             self._blocks = submitter.blocks_allowed(self.job, self.journal)
         for group, errors in submitter.groups(self.job, first, items, self.journal,
                                               self._blocks):
-            submitter.post(SubmitTasks(group, errors))
+            submitter.post_group(group, errors)

@@ -1,15 +1,18 @@
-"""What caller threads post to the supervisor, and how they wake it.
+"""What caller threads post to the supervisor, how they wake it, and when they let it run.
 
 Caller threads (the Pool API, feeders, a future's cancel(), even a signal handler) never touch
 task state: they append a Command to the Inbox and write one byte to its wake-up pipe, which
 the supervisor's select() watches (one byte until the supervisor drains it, not one per
-post).  The supervisor thread alone takes the commands out.
+post).  The supervisor thread alone takes the commands out.  Threads that post tasks step
+aside while a turn of the supervisor runs long (SupervisorTurn), so that it gets the GIL.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import time
 from collections import deque
 from typing import NamedTuple
 
@@ -113,6 +116,71 @@ def _joined_submits(first: SubmitTasks | Task, commands: "deque[Posted]") -> Sub
             tasks += more.tasks
             errors.update(more.errors)
     return SubmitTasks(tasks, errors)
+
+
+TURN_PATIENCE_MIN_S = 0.001  # callers let a turn of a many-worker pool run this long
+TURN_WAIT_S = 0.02  # the longest a caller waits for one turn
+_HAS_GIL = getattr(sys, "_is_gil_enabled", lambda: True)()  # False: a free-threaded build
+
+
+class SupervisorTurn:
+    """Caller threads step aside while a turn of the supervisor's loop runs long.
+
+    CPython hands the GIL from a thread that runs Python without pause (a loop of submit()
+    calls, a feeder making tasks) to one that waits for it only after the switch interval
+    (5 ms).  The supervisor gives the GIL up at every read and write of its turn, and such a
+    caller takes it each time: the supervisor then gets one system call done per 5 ms while
+    the workers wait for their next batch (64 workers of 1 ms tasks, 96,000 submit() calls in
+    a loop: the first result came after 0.5 s, when the loop ended).  So a caller thread about
+    to post first waits, without the GIL, for a turn older than `patience_s` to end.
+
+    patience_s: how long a turn may run before a worker is likely to wait on it.  A worker
+    holds about a batch of work (chunking.TARGET_BATCH_S, 25 ms) and N workers' batches end
+    at spread-out times, one every 25 ms / N: 12.5 ms with 2 workers, where the caller's wait
+    would mostly cost it time (its work and the supervisor's overlap at every system call),
+    1 ms (the floor) from 25 workers up.  Never in the supervisor's own thread (a done-callback
+    that submits), at most TURN_WAIT_S per turn (a turn held up by a callback that blocks),
+    and not where the interpreter has no GIL."""
+
+    def __init__(self, patience_s: float) -> None:
+        self.patience_s = patience_s
+        self._lock = threading.Lock()  # held by the supervisor through each turn
+        self.running = False
+        self.number = 0
+        self.started = 0.0
+        self.supervisor_thread = 0  # its ident, set when the thread starts
+        self._not_waited_for = -1  # the number of a turn a caller waited TURN_WAIT_S for
+
+    @classmethod
+    def for_workers(cls, workers: int, batch_s: float) -> "SupervisorTurn":
+        """The turn of a supervisor of `workers` workers, each fed batches of `batch_s`."""
+        return cls(max(TURN_PATIENCE_MIN_S, batch_s / max(workers, 1)))
+
+    def begin(self) -> None:
+        """Supervisor thread: a turn starts (its select() returned)."""
+        self._lock.acquire()
+        self.number += 1
+        self.started = time.monotonic()
+        self.running = True
+
+    def end(self) -> None:
+        """Supervisor thread: the turn is over."""
+        self.running = False
+        self._lock.release()
+
+    def step_aside(self) -> None:
+        """Any thread, holding no lock the supervisor may need: wait for a long turn to end."""
+        if (not self.running or not _HAS_GIL
+                or time.monotonic() - self.started < self.patience_s
+                or threading.get_ident() == self.supervisor_thread):
+            return
+        number = self.number
+        if number == self._not_waited_for:
+            return
+        if self._lock.acquire(timeout=TURN_WAIT_S):
+            self._lock.release()
+        else:
+            self._not_waited_for = number
 
 
 class WakeupPipe:

@@ -253,6 +253,7 @@ class Pool(PoolCalls):
                     error_callback: Callable[[BaseException], object] | None = None,
                     **options: Any) -> ApplyResult:
         self._check_running()
+        self._submitter.step_aside()
         call = parse_call(options)
         result = ApplyResult(self, callback, error_callback)
         job = self._jobs.single_task_job(func, result, call)
@@ -396,6 +397,7 @@ class Pool(PoolCalls):
                      kwargs: dict[str, Any]) -> TaskFuture:
         """submit(), with the options of a PoolView (validated when it was made)."""
         self._check_running()
+        self._submitter.step_aside()  # before anything is made: Ctrl-C there leaves nothing
         future = TaskFuture(keepalive=self)
         job = self._jobs.single_task_job(fn, future,
                                          NO_CALL if call is NO_OPTIONS else parsed(call))

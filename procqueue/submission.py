@@ -39,6 +39,8 @@ class Submitter:
                  argument_memory: ArgumentMemory) -> None:
         self.supervisor = supervisor
         self.post = supervisor.post
+        # caller threads wait for a long supervisor turn before they post (inbox.py)
+        self.step_aside = supervisor.turn.step_aside
         self.config = config
         # bytes of big arguments (memfds) held for tasks not started yet: the feeder waits
         # for room (feeder.py) and each task gives its argument's bytes back at its outcome
@@ -53,13 +55,19 @@ class Submitter:
         for start in range(0, len(items), SUBMIT_GROUP_TASKS):
             chunk = items[start:start + SUBMIT_GROUP_TASKS]
             for group, errors in self.groups(job, start, chunk, journal, blocks):
-                self.post(SubmitTasks(group, errors))
+                self.post_group(group, errors)
                 submitted += group
         return submitted
 
+    def post_group(self, group: Entries, errors: Errors) -> None:
+        """A group of a call's inputs (made by groups()), once a long supervisor turn is over."""
+        self.step_aside()
+        self.post(SubmitTasks(group, errors))
+
     def post_single(self, task: Task, errors: Errors) -> None:
         """The task of a submit() or apply_async() call (made by make_task): posted alone
-        (see inbox.Posted), unless its argument already failed."""
+        (see inbox.Posted), unless its argument already failed.  The caller stepped aside
+        (step_aside) before it made the task."""
         self.post(SubmitTasks([task], errors) if errors else task)
 
     def blocks_allowed(self, job: Job, journal: JournaledCall | None) -> bool:

@@ -38,11 +38,12 @@ from typing import Any, Callable, Iterator
 
 from .blocks import explode_slot
 from .cancelling import Canceller
+from .chunking import TARGET_BATCH_S
 from .config import PoolConfig
 from .dispatch import Dispatcher
 from .errors import PoolBrokenError, TaskCancelledError, describe_exit
 from .inbox import (CancelJob, CancelTask, Close, CloseJob, Command, Inbox, OpenJob,
-                    SubmitTasks, Terminate)
+                    SubmitTasks, SupervisorTurn, Terminate)
 from .outcomes import TaskEvents, WorkerOutcomes
 from .program_fork import note_thread_ending
 from .protocol import (BatchResults, BlockResults, InitFailed, InitializerCall, MemfdPool,
@@ -107,6 +108,8 @@ class Supervisor:
         self._watched: weakref.WeakSet[Any] = weakref.WeakSet()
         self._watched_lock = threading.Lock()
         self._inbox = Inbox()
+        # caller threads step aside while a long turn runs
+        self.turn = SupervisorTurn.for_workers(config.processes, TARGET_BATCH_S)
         self.post = self._inbox.post  # any thread (the inbox's own: one call less per post)
         self._selector = selectors.DefaultSelector()
         self._stop_deadline: float | None = None
@@ -160,6 +163,7 @@ class Supervisor:
         self.state = new
 
     def _run(self) -> None:
+        self.turn.supervisor_thread = threading.get_ident()
         try:
             self._selector.register(self._inbox.wakeup.reader, selectors.EVENT_READ,
                                     self._on_wakeup)
@@ -182,13 +186,18 @@ class Supervisor:
 
     def _step(self) -> None:
         timeout = self._seconds_until_next_deadline(time.monotonic())
-        for key, _ in self._selector.select(timeout):
-            key.data(key)
-        now = time.monotonic()
-        self._on_deadlines(now)
-        if self._takes_work():
-            self.dispatcher.dispatch()
-        self._check_progress_of_shutdown(now)
+        events = self._selector.select(timeout)
+        self.turn.begin()
+        try:
+            for key, _ in events:
+                key.data(key)
+            now = time.monotonic()
+            self._on_deadlines(now)
+            if self._takes_work():
+                self.dispatcher.dispatch()
+            self._check_progress_of_shutdown(now)
+        finally:
+            self.turn.end()
 
     def _on_wakeup(self, key: Any) -> None:
         for command in self._inbox.take_all():

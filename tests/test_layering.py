@@ -49,7 +49,8 @@ ALLOWED: dict[str, set[str]] = {
                    "program_fork",
                    "retry",
                    "task_book", "timeouts", "scheduler", "tasks", "protocol", "errors",
-                   "config"},
+                   "config",
+                   "chunking"},  # a batch's length: how long callers let a turn run
     # what caller threads post to the supervisor, and its wake-up pipe
     "inbox": {"tasks"},
     # ending tasks on request (cancel, halt, terminate): the book, and the workers holding them
