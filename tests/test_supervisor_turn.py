@@ -131,10 +131,11 @@ def test_a_caller_waits_at_most_once_for_a_turn_that_does_not_end(
     assert (waits_in_first_turn, lock.acquires[me]) == (1, 2)
 
 
-def test_patience_is_a_batch_shared_by_the_workers_with_a_floor() -> None:
-    """A worker holds about a batch, and N workers' batches end one every batch / N."""
-    assert SupervisorTurn.for_workers(2, 0.025).patience_s == pytest.approx(0.0125)
-    assert SupervisorTurn.for_workers(8, 0.025).patience_s == pytest.approx(0.003125)
+def test_patience_is_two_batches_shared_by_the_workers_with_a_floor() -> None:
+    """A worker holds one to two batches, and one of N workers is down to its last every
+    2 batches / N."""
+    assert SupervisorTurn.for_workers(2, 0.025).patience_s == pytest.approx(0.025)
+    assert SupervisorTurn.for_workers(8, 0.025).patience_s == pytest.approx(0.00625)
     assert SupervisorTurn.for_workers(64, 0.025).patience_s == inbox.TURN_PATIENCE_MIN_S
 
 
