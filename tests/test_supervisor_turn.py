@@ -159,3 +159,40 @@ def test_a_done_callback_in_the_supervisor_thread_can_submit(long_waits: None) -
             time.sleep(0.01)
         assert threads and threads[0] != threading.current_thread().name
         assert resubmitted[0].result(timeout=10) == 7
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def test_threads_that_always_step_aside_get_every_result_once() -> None:
+    """Every turn counts as long: four threads posting through submit(), apply_async(), a
+    map and a lazy imap at once (its feeder steps aside too) get each result exactly once."""
+    with Pool(4) as pool:
+        pool._supervisor.turn.patience_s = 0.0
+        out: dict[str, list[int]] = {}
+        xs = list(range(2000))
+
+        def by_submit() -> None:
+            out["submit"] = [f.result(timeout=30) for f in [pool.submit(square, x) for x in xs]]
+
+        def by_apply_async() -> None:
+            results = [pool.apply_async(square, (x,)) for x in xs]
+            out["apply_async"] = [r.get(timeout=30) for r in results]
+
+        def by_map() -> None:
+            out["map"] = pool.map(square, xs, chunksize=1)
+
+        def by_imap() -> None:
+            out["imap"] = list(pool.imap(square, iter(xs)))
+
+        threads = [threading.Thread(target=f)
+                   for f in (by_submit, by_apply_async, by_map, by_imap)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert out == {name: [x * x for x in xs]
+                       for name in ("submit", "apply_async", "map", "imap")}
+        stats = pool.stats()
+        assert (stats.tasks_succeeded, stats.tasks_failed) == (4 * len(xs), 0)
