@@ -1,7 +1,7 @@
 """Soak run (not in CI): many tasks with a fraction of faults; nothing may be lost.
 
     python bench/soak.py [--tasks 200000] [--fault-rate 0.01] [--jobs 2]
-                         [--api imap_outcomes|submit|keyed]
+                         [--api imap_outcomes|submit|keyed] [--keys 5] [--per-key 2]
 
 Faults are split between exceptions and worker crashes (os._exit).  Checks that every input
 has exactly one outcome, that healthy inputs have the right value and faulty ones the right
@@ -9,8 +9,9 @@ error, and reports restarts and the throughput cost of the faults against a faul
 `--api imap_outcomes` (the default) runs the inputs as one call (they travel in blocks);
 `--api submit` makes a submit() call per input, a future each (the calls of one function
 travel several at a time as blocks of tasks); `--api keyed` runs them as one call with a key
-(5 keys, 2 at once each: a batch holds one place per key, shared by its tasks of that key),
-and also checks from each input's recorded start and end that no key ran more than 2 at once.
+(--keys 5 keys, --per-key 2 at once each: a batch holds one place per key, shared by its tasks
+of that key; with many keys, busy workers get keyed batches ahead too), and also checks from
+each input's recorded start and end that no key ran more than its cap at once.
 """
 from __future__ import annotations
 
@@ -103,13 +104,17 @@ def _most_at_once(spans: list[tuple[float, float]]) -> int:
 
 
 def main() -> None:
+    global KEYS, PER_KEY  # read by run() and the key function
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=200_000)
     parser.add_argument("--fault-rate", type=float, default=0.01)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--api", choices=("imap_outcomes", "submit", "keyed"),
                         default="imap_outcomes")
+    parser.add_argument("--keys", type=int, default=KEYS)
+    parser.add_argument("--per-key", type=int, default=PER_KEY)
     args = parser.parse_args()
+    KEYS, PER_KEY = args.keys, args.per_key
     clean = run(args.tasks, 0.0, args.jobs, seed=1, api=args.api)
     faulty = run(args.tasks, args.fault_rate, args.jobs, seed=1, api=args.api)
     print(f"{args.tasks} tasks through {args.api}, {faulty['faults']} faults "

@@ -16,7 +16,7 @@ from procqueue.protocol import CallKind, capture_exception, restore_exception
 from procqueue.errors import TaskTimeoutError
 from procqueue.inbox import Close, Inbox, SubmitTasks
 from procqueue.retry import FailureKind, RetryPolicy
-from procqueue.limits import Rate
+from procqueue.limits import KeyedLimit, Rate
 from procqueue.scheduler import Scheduler
 from procqueue.tasks import IllegalTransition, Job, Task, TaskState
 
@@ -213,6 +213,35 @@ def test_a_batch_that_takes_a_permit_per_task_takes_its_share(limit, workers, pe
     sched, _ = _gated_scheduler((gate, rate), workers, pool_gates=False)
     assert len(sched.next_batch(1000, 0.0)) == per_batch
     assert gate.running == per_batch
+
+
+def _keyed_scheduler(keys, per_key, workers, tasks_per_key=4):
+    sched = Scheduler((), workers)
+    job = make_job(chunksize=8, processes=workers)
+    job.keyed = KeyedLimit(per_key)
+    for i, task in enumerate(make_tasks(job, keys * tasks_per_key)):
+        task.key = i % keys
+        sched.enqueue(task)
+    return sched, job.keyed
+
+
+@pytest.mark.parametrize("keys, per_key, running, ahead", [
+    (1024, 4, 64, True),  # 4,096 places, 64 taken: plenty to spare
+    (64, 1, 32, False),  # the 32 free places are what the 32 idle workers need
+    (64, 1, 64, False)])  # every key at its cap
+def test_a_busy_worker_gets_a_keyed_batch_ahead_only_while_keys_have_places_to_spare(
+        keys, per_key, running, ahead):
+    """A prefetched batch waits behind its worker's running one while holding its keys'
+    places: taken where the keys have at least two places per worker to spare, not where a
+    worker about to go idle would find none."""
+    sched, limit = _keyed_scheduler(keys, per_key, workers=64)
+    for _ in range(running):
+        assert sched.next_batch(8, 0.0)
+    batch = sched.next_batch(8, 0.0, prefetch=True)
+    assert bool(batch) == ahead
+    held = {task.key for task in batch}
+    assert all(limit.running(key) <= per_key for key in range(keys))
+    assert all(limit.running(key) >= 1 for key in held)
 
 
 def test_a_task_admitted_then_cancelled_before_it_starts_gives_its_permit_back():
