@@ -83,6 +83,9 @@ class Dispatcher:
         if as_block is not None:
             self._send_task_block(slot, job, tasks, *as_block)
             return
+        for task in tasks:
+            if task.payload is None:  # a primitive input, not pickled by the caller
+                task.payload = dumps(task.input)
         batch = self._new_batch(slot, job, tasks)
         pid = slot.pid
         payloads: list[tuple[int, bytes]] = []
@@ -115,13 +118,14 @@ class Dispatcher:
                          inputs: list[Any]) -> None:
         block = Block(new_id(), job, 0, inputs)
         block.tasks = list(tasks)  # exploded from the start: results go to the tasks
-        batch = self._new_batch(slot, job, tasks, block)
+        data = dumps(inputs)
+        batch = self._new_batch(slot, job, tasks, block, len(data))
         pid = slot.pid
         for task in tasks:
             task.move(TaskState.DISPATCHED)
             task.pid = pid
         self.workers.send(slot, RunBlock(batch.id, job.fn_id, self._function_for(slot, job),
-                                         kind, block.id, dumps(inputs),
+                                         kind, block.id, data,
                                          job.sizer.report_interval_s(), timed=True,
                                          each_revocable=True))
 

@@ -1,7 +1,8 @@
 """Submitter: a call's inputs as the entries the supervisor takes, posted in groups.
 
     inputs ──► Submitter.groups ──► a run of primitive inputs: one Block (no step per input)
-                                ├─► any other input: a Task (its argument pickled here)
+                                ├─► any other input: a Task (its argument pickled here,
+                                │   unless primitive: then with its batch, when sent)
                                 └─► journaled already: replayed (pool_journal.py), not sent
            ──► SubmitTasks(group, errors) ──► the supervisor, group by group
 
@@ -115,7 +116,14 @@ class Submitter:
                   sink: OutcomeSink | None = None) -> Task:
         """A Task for one input, its outcome for `sink` (default: its call's); a problem with
         the input (it cannot be pickled, its key function raises) becomes that task's error,
-        never the whole call's."""
+        never the whole call's.  A primitive input is not pickled here: a batch of such
+        tasks travels as one block of inputs (dispatch.task_block_inputs), and any other
+        batch pickles it when sent (Dispatcher._send_tasks)."""
+        if primitive(item):
+            task = Task(new_id(), job, index, None, item, sink)
+            if job.key_fn is not None:
+                self._key_task(task, item, errors)
+            return task
         try:
             payload = dumps_argument(item, self.supervisor.memfds)
         except Exception as exc:
@@ -129,12 +137,18 @@ class Submitter:
             payload.on_close = self.argument_memory.release
         task = Task(new_id(), job, index, payload, item, sink)
         if job.key_fn is not None:
-            try:
-                task.key = job.key_fn(item)
-                hash(task.key)
-            except Exception as exc:
-                errors[task.id] = key_function_error(exc, index, short_repr(item))
+            self._key_task(task, item, errors)
         return task
+
+    @staticmethod
+    def _key_task(task: Task, item: Any, errors: Errors) -> None:
+        """The task's concurrency key, from its call's key function; its error if that
+        raises or the key cannot be hashed."""
+        try:
+            task.key = task.job.key_fn(item)
+            hash(task.key)
+        except Exception as exc:
+            errors[task.id] = key_function_error(exc, task.index, short_repr(item))
 
 
 def _join_block(group: Entries, block: Block | None, job: Job, index: int, item: Any) -> Block:
@@ -147,6 +161,9 @@ def _join_block(group: Entries, block: Block | None, job: Job, index: int, item:
 
 
 def _payload_bytes(payload: Any) -> int:
+    """Argument bytes pickled here (a primitive input's, None, are pickled when sent)."""
+    if payload is None:
+        return 0
     if isinstance(payload, OutOfBand):
         return payload.size
     return len(payload)

@@ -118,7 +118,9 @@ class Task:
         # submit() calls of one function: see JobMaker.single_task_job).
         self.sink = job.sink if sink is None else sink
         self.index = index  # position in its call's input
-        self.payload = payload  # pickled argument(s): bytes, or protocol.OutOfBand
+        # pickled argument(s): bytes, protocol.OutOfBand, or None for a primitive input not
+        # pickled yet (Submitter.make_task; pickled when sent, Dispatcher._send_tasks)
+        self.payload = payload
         self.kind = job.kind
         self.state = TaskState.QUEUED
         # Runs started, counted when the start is observed (a result, a crash or timeout

@@ -69,7 +69,9 @@ class Batch:
         self.tasks = tasks  # a block's: empty until it is exploded into tasks
         self.pending: dict[int, Task] = {t.id: t for t in tasks}  # no result yet
         self.sent_at = time.monotonic()
-        self.payload_bytes = sum(len(t.payload) for t in tasks) + block_bytes
+        # What went on the wire: the block's inputs, or the tasks' own pickled arguments
+        self.payload_bytes = (block_bytes if block is not None
+                              else sum(len(t.payload) for t in tasks))
         self.block = block
 
     def unexploded_block(self) -> Block | None:

@@ -169,6 +169,30 @@ def test_batches_of_short_keyed_tasks_keep_each_key_under_its_cap():
     assert max_overlap([(start, end) for _, start, end in results]) >= 2  # not one at a time
 
 
+def echo(value):
+    return value
+
+
+MIXED_INPUTS = [1, "x" * 200_000, b"\x00\xff" * 10, None, 2.5, True, 3j, (1, "a"), -7,
+                {"not": "primitive"}, [1, 2], 2**70]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("options", [{"key": lambda v: type(v).__name__, "key_concurrency": 1},
+                                     {"timeout": 30}, {"halt": "soon,fail=5"}],
+                         ids=["key", "timeout", "halt"])
+def test_calls_that_make_a_task_per_input_carry_every_kind_of_input(options):
+    """Such calls pickle a primitive input with its batch (or alone when it travels alone),
+    any other input in the caller: runs of each, mixed in one batch, and under a rate gate
+    one per batch, all arrive as given."""
+    with Pool(2) as pool:
+        assert pool.map(echo, MIXED_INPUTS, **options) == MIXED_INPUTS
+        assert list(pool.imap(echo, MIXED_INPUTS * 50, **options)) == MIXED_INPUTS * 50
+        assert pool.starmap(max, [(1, 2), (3.5, -1), ("a", "b")], **options) == [2, 3.5, "b"]
+    with Pool(2, rate=Rate(1000, per=1.0)) as pool:
+        assert pool.map(echo, MIXED_INPUTS, key=lambda v: 0, key_concurrency=2) == MIXED_INPUTS
+
+
 @pytest.mark.timeout(30)
 def test_a_failing_key_function_fails_its_input_alone_and_names_it():
     with Pool(2) as pool:
