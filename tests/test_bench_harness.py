@@ -62,3 +62,22 @@ def test_tree_walk_finds_children_grandchildren_and_those_forked_by_other_thread
                 proc.kill()
             child.kill()
             child.wait()
+
+
+def test_worker_idle_splits_each_workers_idle_time_by_when_it_happened() -> None:
+    """bench/worker_idle.py: two workers over a 10 s call; the shares of 2 x 10 s add up to
+    one and each gap lands in the part of the call it happened in."""
+    idle_parts = load_bench_module("worker_idle.py").idle_parts
+    # worker 1: .2 s before its first task, gaps of .1 (ramp: the first 1 s), .5 (steady)
+    # and .5 (tail: the last 1 s), .2 s after its last; worker 2 busy all along
+    stamps = [(1, 0.2, 0.5), (1, 0.6, 5.0), (1, 5.5, 9.0), (1, 9.5, 9.8), (2, 0.0, 10.0)]
+    parts = idle_parts(stamps, 0.0, 10.0, jobs=2)
+    assert parts["busy"] == pytest.approx((0.3 + 4.4 + 3.5 + 0.3 + 10.0) / 20)
+    assert parts["start"] == pytest.approx(0.2 / 20)
+    assert parts["ramp"] == pytest.approx(0.1 / 20)
+    assert parts["steady"] == pytest.approx(0.5 / 20)
+    assert parts["tail"] == pytest.approx(0.5 / 20)
+    assert parts["end"] == pytest.approx(0.2 / 20)
+    total = sum(parts[p] for p in ("busy", "start", "ramp", "steady", "tail", "end"))
+    assert total == pytest.approx(1.0)
+    assert idle_parts(stamps[:4], 0.0, 10.0, jobs=2)["start"] == pytest.approx(10.2 / 20)
