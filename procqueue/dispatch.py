@@ -65,7 +65,10 @@ class Dispatcher:
             return False
         if not prefetch and self._warm_up(slot):
             return True
-        taken = self.scheduler.next_batch(limit, time.monotonic(), prefetch=prefetch)
+        # a prefetched batch runs after the worker's running one (see Scheduler.next_batch)
+        after = slot.batches[-1].tasks if prefetch and slot.batches else ()
+        taken = self.scheduler.next_batch(limit, time.monotonic(), prefetch=prefetch,
+                                          after=after)
         if isinstance(taken, Block):
             self._send_block(slot, taken)
             return True

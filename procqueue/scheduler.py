@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Sequence
 
 from .admission import (BatchHold, ConcurrencyGate, FreeMemoryGate, Gate, KeyHold,
                         RateGateAdapter, admit, batch_share, earliest, rate_gate_for)
@@ -130,6 +130,24 @@ class JobQueue(KeyedFifo[Any, "Task | Block"]):
             return True
         return (self.batch_share(workers) or 0) >= 2
 
+    def held_places(self, after: Sequence[Task]) -> dict[Any, BatchHold] | None:
+        """The places of this call's keys that the tasks `after` hold (a worker's running
+        batch), by key, where a batch for that worker may take more tasks of those keys in
+        them: only while no other key of the call may start, so that a worker keeping its
+        keys takes no turn from a key waiting for one (round robin across keys)."""
+        keyed = self.job.keyed
+        if keyed is None or not after or self.by_key is None \
+                or self.by_key.has_startable(keyed.can_start):
+            return None
+        held: dict[Any, BatchHold] = {}
+        for task in after:
+            for hold in task.holds:
+                if isinstance(hold, BatchHold) and hold.left > 0 and len(hold.gates) == 1:
+                    place = hold.gates[0]
+                    if isinstance(place, KeyHold) and place.keyed is keyed:
+                        held[place.key] = hold
+        return held
+
     def pop_startable_key(self) -> Task | None:
         """Next task whose key is under its cap (keyed queue only)."""
         assert self.by_key is not None and self.job.keyed is not None
@@ -221,8 +239,8 @@ class Scheduler:
                 return None
         return None
 
-    def next_batch(self, max_tasks: int, now: float = 0.0, *, prefetch: bool = False
-                   ) -> list[Task] | Block:
+    def next_batch(self, max_tasks: int, now: float = 0.0, *, prefetch: bool = False,
+                   after: Sequence[Task] = ()) -> list[Task] | Block:
         """The next batch of at most `max_tasks` tasks that every gate admits, all of one
         function.  Calls are served FIFO; a call held back by its own limits does not hold
         back the calls behind it.  Ungated calls of one function share batches (many
@@ -230,9 +248,11 @@ class Scheduler:
 
         A prefetch (a batch for a worker that is still busy) is never taken from a gated
         call: it would hold permits while it waits, and a rate start would be recorded
-        before the task really starts.  From a keyed call, only while its keys have places
-        to spare (JobQueue.may_prefetch).  A batch is either tasks or one Block (inputs of one
-        call, split to the batch size or merged with the blocks that follow it)."""
+        before the task really starts.  From a keyed call: new places while its keys have
+        places to spare (JobQueue.may_prefetch), else more tasks of the keys whose places
+        the worker's running batch (`after`) holds, once no other key may start
+        (JobQueue.held_places).  A batch is either tasks or one Block (inputs of one call,
+        split to the batch size or merged with the blocks that follow it)."""
         if prefetch and self.pool_gates:
             return []
         self.admission_wait_until = None
@@ -245,11 +265,21 @@ class Scheduler:
             job = queue.job
             if first is not None and not _same_batch(first, job, self.pool_gates):
                 break
-            if prefetch and (job.gates or not queue.may_prefetch(self.workers)):
+            held = None
+            if prefetch and job.gates:
                 continue
+            if prefetch and not queue.may_prefetch(self.workers):
+                held = queue.held_places(after)
+                if not held:
+                    continue
             if first is None:
                 size = min(job.sizer.next_size(self._queued_by_fn.get(job.fn_id, 0)),
                            max_tasks)
+            if held:
+                batch = self._extend_held_places(queue, held, size)
+                if queue.size == 0:
+                    emptied.append(job_id)
+                break
             if queue.fifo and isinstance(queue.fifo[0], Block):
                 if not batch:  # a block travels alone
                     block = self._admit_block(queue, size, now)
@@ -351,6 +381,21 @@ class Scheduler:
             hold = BatchHold((KeyHold(keyed, key),), len(of_key))
             for task in of_key:
                 task.holds += (hold,)
+        return tasks
+
+    def _extend_held_places(self, queue: JobQueue, held: dict[Any, BatchHold], size: int
+                            ) -> list[Task]:
+        """Up to `size` more tasks of the keys in `held`, each joining its key's place in the
+        batch the worker is running (they run after that batch's, on the same worker, so the
+        place is given back only when the last of them ends)."""
+        by_key: dict[Any, list[Task]] = {key: [] for key in held}
+        tasks: list[Task] = []
+        self._add_tasks_of_held_keys(queue, by_key, tasks, size)
+        for key, of_key in by_key.items():
+            hold = held[key]
+            hold.left += len(of_key)
+            for task in of_key:
+                task.holds = (hold,)
         return tasks
 
     def _add_tasks_of_held_keys(self, queue: JobQueue, by_key: dict[Any, list[Task]],

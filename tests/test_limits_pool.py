@@ -169,6 +169,23 @@ def test_batches_of_short_keyed_tasks_keep_each_key_under_its_cap():
     assert max_overlap([(start, end) for _, start, end in results]) >= 2  # not one at a time
 
 
+@pytest.mark.timeout(60)
+def test_workers_that_keep_their_keys_places_still_run_each_key_one_at_a_time():
+    """As many keys of one as workers: every place is held, so a busy worker's next batch
+    takes more tasks of its own keys in their places.  Each key still runs one task at a
+    time (from each task's recorded start and end), every task has exactly one outcome, and
+    the keys run side by side."""
+    with Pool(4) as pool:
+        pool.map(record_short, [("warm", i) for i in range(2000)])  # short: big batches
+        items = [(key, i) for i in range(250) for key in range(4)]
+        results = list(pool.imap(record_short, items, key=lambda item: item[0],
+                                 key_concurrency=1))
+    assert [item for item, _, _ in results] == items
+    for key in range(4):
+        assert max_overlap([(start, end) for (k, _), start, end in results if k == key]) == 1
+    assert max_overlap([(start, end) for _, start, end in results]) >= 3
+
+
 def echo(value):
     return value
 

@@ -244,6 +244,37 @@ def test_a_busy_worker_gets_a_keyed_batch_ahead_only_while_keys_have_places_to_s
     assert all(limit.running(key) >= 1 for key in held)
 
 
+def test_a_busy_worker_gets_more_of_the_keys_it_holds_once_no_other_key_may_start():
+    """64 keys of one on 64 workers: every place is held, so a batch ahead for a busy worker
+    takes more tasks of its own keys, in their places (they run after its batch's, on the
+    same worker): no new place is taken, and each place is given back only when the last
+    task in it ends."""
+    sched, limit = _keyed_scheduler(64, 1, workers=64, tasks_per_key=16)
+    running = [sched.next_batch(8, 0.0) for _ in range(64)]
+    assert all(running) and all(limit.running(key) == 1 for key in range(64))
+    mine = running[5]
+    ahead = sched.next_batch(8, 0.0, prefetch=True, after=mine)
+    assert ahead and {t.key for t in ahead} == {t.key for t in mine}
+    assert all(limit.running(key) == 1 for key in range(64))  # no place more
+    for task in mine + ahead:
+        task.move(TaskState.DISPATCHED)
+    for task in mine:
+        task.move(TaskState.DONE)
+    key = mine[0].key
+    assert limit.running(key) == 1  # its later tasks still run in that place
+    for task in ahead:
+        task.move(TaskState.DONE)
+    assert limit.running(key) == 0
+
+
+def test_a_worker_keeps_no_keys_place_while_another_key_waits_for_one():
+    # 65 keys of one on 64 workers: one key may start, so a busy worker's batch ahead does
+    # not hold on to its keys (round robin), and one place to spare is not enough to take
+    sched, _ = _keyed_scheduler(65, 1, workers=64, tasks_per_key=16)
+    running = [sched.next_batch(8, 0.0) for _ in range(64)]
+    assert sched.next_batch(8, 0.0, prefetch=True, after=running[0]) == []
+
+
 def test_a_task_admitted_then_cancelled_before_it_starts_gives_its_permit_back():
     # Its Future was cancelled between admission and dispatch (Dispatcher._may_start).
     gate = ConcurrencyGate(1)

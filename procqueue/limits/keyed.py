@@ -176,11 +176,20 @@ class FairQueue(Generic[K, T]):
     def pop_next(self, can_start: Callable[[K], bool] = _always) -> QueuedItem[K, T] | None:
         """The oldest item of the first key in the rotation for which `can_start(key)`;
         that key moves to the back.  None if no queued key may start."""
+        key = self._first_startable(can_start)
+        return None if key is None else self._pop_from(key)
+
+    def has_startable(self, can_start: Callable[[K], bool]) -> bool:
+        """Whether a key in the rotation may start (`can_start`); the keys found unable to
+        are parked on the way, as pop_next parks them."""
+        return self._first_startable(can_start) is not None
+
+    def _first_startable(self, can_start: Callable[[K], bool]) -> K | None:
         blocked: list[K] = []
         try:
             for key in self._queues:
                 if can_start(key):
-                    return self._pop_from(key)
+                    return key
                 if self._parks:
                     blocked.append(key)
             return None
