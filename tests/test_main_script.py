@@ -182,10 +182,29 @@ def test_a_program_without_the_main_guard_runs_as_with_multiprocessing(tmp_path,
     assert runs == 1
 
 
+# Returns once both workers run a task of it, so both have imported the script by then (a
+# worker still starting when the pool ends is stopped before its import: a count of imports
+# without this depended on the second worker's start beating the work's end).
+MEET = """
+def meet(i):
+    import time
+    open(f"met-{i}", "w").close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not all(os.path.exists(f"met-{j}") for j in (0, 1)):
+        time.sleep(0.005)
+    return os.getpid()
+"""
+
+
 def test_a_guarded_script_keeps_the_fork_server(tmp_path):
     # forked from the clean, single-threaded fork server, not from this threaded program
-    out, runs = run_habits(tmp_path,
-                           HABITS_IN_A_FUNCTION + 'if __name__ == "__main__":\n    run()\n')
+    run = HABITS_RUN.replace(
+        "    worker_parent = pool.apply(os.getppid)\n",
+        "    worker_parent = pool.apply(os.getppid)\n"
+        "    assert len(set(pool.map(meet, [0, 1], chunksize=1))) == 2\n")
+    assert run != HABITS_RUN
+    source = HABITS + MEET + "\ndef run():" + textwrap.indent(run, "    ") + "\n"
+    out, runs = run_habits(tmp_path, source + 'if __name__ == "__main__":\n    run()\n')
     assert out == {"x": [0, 10, 20, 30, 50, 60], "ours": True, "parent_is_us": False}
     assert runs == 3  # the script, and each worker's import of it
 
