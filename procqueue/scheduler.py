@@ -204,17 +204,19 @@ class Scheduler:
             queue = self._queues.get(job.id) or self._tail_lane(job)
             if queue is None:
                 queue = self._queues[job.id] = JobQueue(job)
+            group = tasks[start:end]
             if queue.by_key is not None:  # a keyed call: tasks only
-                for task in tasks[start:end]:
+                push = queue.push
+                for task in group:
                     assert isinstance(task, Task)
-                    self.enqueue(task)
+                    push(task, task.key)
+                n = len(group)
             else:
-                group = tasks[start:end]
                 queue.fifo.extend(group)
                 n = sum(len(t) if isinstance(t, Block) else 1 for t in group)
                 queue.size += n
-                self.queued += n
-                self._queued_by_fn[job.fn_id] = self._queued_by_fn.get(job.fn_id, 0) + n
+            self.queued += n
+            self._queued_by_fn[job.fn_id] = self._queued_by_fn.get(job.fn_id, 0) + n
             start = end
 
     def _tail_lane(self, job: Job) -> JobQueue | None:
@@ -356,25 +358,30 @@ class Scheduler:
         places = queue.batch_share(self.workers) or size
         by_key: dict[Any, list[Task]] = {}
         tasks: list[Task] = []
+        popped = 0  # counted out of the queue once, after the loop
         while queue.size and len(tasks) < size and len(by_key) < places:
             task = queue.pop_startable_key()
             if task is None:
                 break  # every queued key is at its cap: a finishing task will wake us
-            self._count_out(job, 1)
+            popped += 1
             if task.state is not TaskState.QUEUED:
                 continue
-            granted, wait, held = admit(gates, 1, now)
-            if not granted:
-                queue.push(task, task.key, front=True)
-                self._count_in(job)
-                self._note_wait(now, wait)
-                break
-            task.holds = held
-            if task.key not in by_key:
+            if gates:
+                granted, wait, held = admit(gates, 1, now)
+                if not granted:
+                    queue.push(task, task.key, front=True)
+                    popped -= 1
+                    self._note_wait(now, wait)
+                    break
+                task.holds = held
+            of_key = by_key.get(task.key)
+            if of_key is None:
                 keyed.started(task.key)
-                by_key[task.key] = []
-            by_key[task.key].append(task)
+                of_key = by_key[task.key] = []
+            of_key.append(task)
             tasks.append(task)
+        if popped:
+            self._count_out(job, popped)
         if not gates:  # under gates each task takes its own permits: no more than admitted
             self._add_tasks_of_held_keys(queue, by_key, tasks, size)
         for key, of_key in by_key.items():
@@ -488,10 +495,6 @@ class Scheduler:
     def _note_wait(self, now: float, wait: float | None) -> None:
         if wait is not None:
             self.admission_wait_until = earliest(self.admission_wait_until, now + wait)
-
-    def _count_in(self, job: Job) -> None:
-        self.queued += 1
-        self._queued_by_fn[job.fn_id] = self._queued_by_fn.get(job.fn_id, 0) + 1
 
     def _count_out(self, job: Job, n: int) -> None:
         self.queued -= n

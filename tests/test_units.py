@@ -275,6 +275,20 @@ def test_a_worker_keeps_no_keys_place_while_another_key_waits_for_one():
     assert sched.next_batch(8, 0.0, prefetch=True, after=running[0]) == []
 
 
+def test_a_keyed_task_its_gate_refuses_goes_back_to_the_queue_and_is_counted_there():
+    # A rate of 3 starts under 10 keys: a batch takes 3; the refused task is queued again,
+    # first of its key, and the counts (what the dispatcher and the batch sizes read) agree.
+    sched, limit = _keyed_scheduler(10, 1, workers=1, tasks_per_key=1)
+    job = next(iter(sched._queues.values())).job
+    job.gates = (RateGateAdapter(rate_gate_for(Rate(3, 60.0))),)
+    first = sched.next_batch(8, 0.0)
+    assert [t.key for t in first] == [0, 1, 2]
+    assert sched.queued == 7
+    assert sched.next_batch(8, 0.0) == []  # the rate is spent: nothing starts
+    assert sched.queued == 7 and sched.admission_wait_until is not None
+    assert all(limit.running(key) == (1 if key < 3 else 0) for key in range(10))
+
+
 def test_a_task_admitted_then_cancelled_before_it_starts_gives_its_permit_back():
     # Its Future was cancelled between admission and dispatch (Dispatcher._may_start).
     gate = ConcurrencyGate(1)

@@ -177,6 +177,11 @@ class FairQueue(Generic[K, T]):
         """The oldest item of the first key in the rotation for which `can_start(key)`;
         that key moves to the back.  None if no queued key may start."""
         key = self._first_startable(can_start)
+        return None if key is None else QueuedItem(key, self._pop_from(key))
+
+    def pop_next_item(self, can_start: Callable[[K], bool] = _always) -> T | None:
+        """pop_next's item alone (the scheduler's path: one task per start, no record)."""
+        key = self._first_startable(can_start)
         return None if key is None else self._pop_from(key)
 
     def has_startable(self, can_start: Callable[[K], bool]) -> bool:
@@ -258,7 +263,7 @@ class FairQueue(Generic[K, T]):
         queue = self._queues.get(key)
         return self._parked.get(key) if queue is None else queue
 
-    def _pop_from(self, key: K) -> QueuedItem[K, T]:
+    def _pop_from(self, key: K) -> T:
         queue = self._queues[key]
         item = queue.popleft()
         self._size -= 1
@@ -266,7 +271,7 @@ class FairQueue(Generic[K, T]):
             self._queues.move_to_end(key)
         else:
             del self._queues[key]
-        return QueuedItem(key, item)
+        return item
 
 
 class KeyedFifo(Generic[K, T]):
@@ -322,11 +327,11 @@ class KeyedFifo(Generic[K, T]):
                 return None
             self.size -= 1
             return self.fifo.popleft()
-        got = self.by_key.pop_next(can_start)
-        if got is None:
+        item = self.by_key.pop_next_item(can_start)
+        if item is None:
             return None
         self.size -= 1
-        return got.item
+        return item
 
     def pop_of(self, key: K) -> T | None:
         """The next item of `key`, whether or not it may start (keyed queue only)."""
