@@ -119,7 +119,8 @@ class Submitter:
         never the whole call's.  A primitive input is not pickled here: a batch of such
         tasks travels as one block of inputs (dispatch.task_block_inputs), and any other
         batch pickles it when sent (Dispatcher._send_tasks)."""
-        if primitive(item):
+        # (a submit() call's (args, kwargs) is never one: not looked at, a step per call less)
+        if job.kind is not CallKind.ARGS_KWARGS and primitive(item):
             task = Task(new_id(), job, index, None, item, sink)
             if job.key_fn is not None:
                 self._key_task(task, item, errors)
