@@ -9,25 +9,53 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import procqueue
 
 
-@dataclass(frozen=True)
-class ScriptFunction:
+class _Value:
+    """Compared, hashed and shown by its `__slots__`, as the frozen dataclasses these were:
+    without importing dataclasses and building each class's methods, which took ~2.5 ms of
+    every `procqueue map`'s start (issue #24).  Sent to the workers by pickle, which restores
+    the slots."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({shown})"
+
+
+class ScriptFunction(_Value):
     """A picklable reference to the user's function: `path` (a file) or `module`, and the
     function's name.  Calling it loads the script once per process, then calls the function."""
 
+    __slots__ = ("name", "path", "module")
     name: str
-    path: str | None = None
-    module: str | None = None
+    path: str | None
+    module: str | None
+
+    def __init__(self, name: str, path: str | None = None, module: str | None = None) -> None:
+        self.name = name
+        self.path = path
+        self.module = module
 
     def __call__(self, *args: Any) -> Any:
         return self.resolve()(*args)  # several arguments: a combination of input sources
 
-    def resolve(self) -> Callable[[Any], Any]:
+    def resolve(self) -> Callable[..., Any]:
         key = (self.path, self.module, self.name)
         fn = _LOADED.get(key)
         if fn is None:
@@ -46,13 +74,17 @@ class ScriptFunction:
         return f"{self.path or self.module}:{self.name}"
 
 
-@dataclass(frozen=True)
-class NamedArguments:
+class NamedArguments(_Value):
     """The user's function called with keyword arguments named by a header (GNU parallel's
     --header): each input row's columns, in the header's order."""
 
+    __slots__ = ("function", "names")
     function: ScriptFunction
     names: tuple[str, ...]
+
+    def __init__(self, function: ScriptFunction, names: tuple[str, ...]) -> None:
+        self.function = function
+        self.names = names
 
     def __call__(self, *values: Any) -> Any:
         if len(values) != len(self.names):
@@ -64,19 +96,24 @@ class NamedArguments:
         return self.function.describe()
 
 
-_LOADED: dict[tuple[str | None, str | None, str], Callable[[Any], Any]] = {}
+_LOADED: dict[tuple[str | None, str | None, str], Callable[..., Any]] = {}
 
 
-@dataclass(frozen=True)
-class WorkerStart:
+class WorkerStart(_Value):
     """The initializer of `procqueue map`'s workers: send the script's prints to stderr while
     the records go to stdout, and load the script's function.  A script that fails to import
     then fails the pool's start, once (the pool does not respawn a failing initializer in a
     loop), which the command reports as a usage error with the script's traceback, instead of
     one identical error record per input."""
 
+    __slots__ = ("function", "prints_to_stderr")
     function: ScriptFunction | NamedArguments
-    prints_to_stderr: bool = False
+    prints_to_stderr: bool
+
+    def __init__(self, function: ScriptFunction | NamedArguments,
+                 prints_to_stderr: bool = False) -> None:
+        self.function = function
+        self.prints_to_stderr = prints_to_stderr
 
     def __call__(self) -> None:
         if self.prints_to_stderr:

@@ -14,7 +14,6 @@ import enum
 import importlib
 import importlib.util
 import os
-from dataclasses import dataclass
 from typing import Any, cast
 
 import click
@@ -203,17 +202,17 @@ _LITERALS = (ast.Constant, ast.List, ast.Tuple, ast.Set, ast.Dict, ast.ListComp,
              ast.DictComp, ast.GeneratorExp, ast.JoinedStr, ast.BinOp, ast.Compare)
 
 
-@dataclass
 class TopLevelNames:
     """The names a module binds at top level, and whether it may bind others we cannot see
     (`from x import *`, a module `__getattr__`, `globals()[...] = ...`)."""
 
-    bound: dict[str, Binding]
-    dynamic: bool = False
+    def __init__(self) -> None:
+        self.bound: dict[str, Binding] = {}
+        self.dynamic = False
 
     @classmethod
     def of(cls, tree: ast.Module) -> TopLevelNames:
-        names = cls({})
+        names = cls()
         names._visit(tree.body)
         return names
 

@@ -23,10 +23,12 @@ DEFAULT_START_METHOD = "forkserver" if sys.platform.startswith("linux") else "sp
 # multiprocessing's own default (see default_start_method).
 FALLBACK_START_METHOD = "fork" if DEFAULT_START_METHOD == "forkserver" else None
 
-# psutil: each worker pins itself with it at start (imported in the server, not per worker);
-# multiprocessing.sharedctypes: a worker's slot state arrives as a RawArray.
-FORK_SERVER_PRELOAD = ("procqueue.worker", "cloudpickle", "psutil",
-                       "multiprocessing.sharedctypes")
+# What each worker imports as it starts, imported once in its fork server instead: ctypes for
+# prctl(PR_SET_PDEATHSIG) (worker._die_with_parent), pkgutil for runpy, which imports the
+# program's main module again in the worker.
+WORKER_START_MODULES = ("ctypes", "pkgutil")
+# psutil: each worker pins itself with it at start where os.sched_setaffinity is missing.
+FORK_SERVER_PRELOAD = ("procqueue.worker", "cloudpickle", "psutil") + WORKER_START_MODULES
 FORK_SERVER_PRELOAD_CLI = FORK_SERVER_PRELOAD + ("procqueue.cli.loader",)
 FORK_SERVER_PRELOAD_FULL = FORK_SERVER_PRELOAD + ("procqueue.pool",)
 STOP_WAIT_S = 2.0  # at exit, how long to wait for a fork server start_fork_server() started

@@ -41,7 +41,7 @@ from multiprocessing import forkserver, popen_forkserver, reduction, spawn
 from multiprocessing.context import ForkServerContext, ForkServerProcess, set_spawning_popen
 from typing import Any
 
-from .fork_server import kill_and_reap
+from .fork_server import WORKER_START_MODULES, kill_and_reap
 
 # multiprocessing's internals this module drives, untyped in typeshed
 from multiprocessing import connection as _connection, util as _util  # noqa: I001
@@ -232,6 +232,7 @@ def _serve(listener_fd: int, alive_r: int) -> None:
         _reset_signal_handlers()
         _forget_main_module()
         os.register_at_fork(after_in_child=_fresh_random_state)
+        _import_what_workers_import_at_start()
         forkserver.main(listener_fd, alive_r, [])
     except SystemExit:
         pass  # the "alive" pipe closed: the program and every worker are gone
@@ -239,6 +240,15 @@ def _serve(listener_fd: int, alive_r: int) -> None:
         code = 1
     finally:
         os._exit(code)  # nothing of the program's (atexit, finalizers) runs here
+
+
+def _import_what_workers_import_at_start() -> None:
+    """Once here, while the program goes on making its pool, rather than in every worker."""
+    for module in WORKER_START_MODULES:
+        try:
+            __import__(module)
+        except ImportError:  # ctypes may be missing from a minimal Python; workers do without
+            pass
 
 
 def _drop_pipes_and_sockets(keep: set[int]) -> None:

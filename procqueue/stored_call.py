@@ -17,8 +17,9 @@ import os
 import pickle
 import sys
 import zlib
-from dataclasses import dataclass
 from typing import Any, Callable
+
+from .records import FrozenRecord
 
 PICKLE_PROTOCOL = 5
 SCRIPT_MODULE_PREFIX = "_procqueue_script_"  # (protocol.py names a script's classes by it)
@@ -28,12 +29,16 @@ class FunctionNotFoundError(LookupError):
     """A stored task's function cannot be loaded (the task fails with this; the service goes on)."""
 
 
-@dataclass(frozen=True)
-class FunctionRef:
+class FunctionRef(FrozenRecord):
     """``module:qualname`` or ``path.py:qualname``."""
 
+    _fields = __match_args__ = ("target", "qualname")
     target: str  # a module name, or an absolute path ending in .py
     qualname: str
+
+    def __init__(self, target: str, qualname: str) -> None:
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "qualname", qualname)
 
     @classmethod
     def parse(cls, text: str) -> "FunctionRef":

@@ -12,14 +12,13 @@ EOF.  Kept light to import: the fork server or spawn imports this module for eve
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
 import threading
 import time
 from functools import partial
-from multiprocessing import parent_process
+from multiprocessing import heap, parent_process
 from typing import Any, Callable
 
 from .affinity import pin_current_process
@@ -83,15 +82,27 @@ def worker_main(conn: Any, slot_state: Any, cpus: tuple[int, ...], env: dict[str
         conn.close()
         os._exit(INIT_FAILED_EXIT)
     conn.send_bytes(dumps_message(Ready(os.getpid())))
-    serve(conn, _int64_view(slot_state))
+    serve(conn, slot_state_view(slot_state))
 
 
-def _int64_view(slot_state: Any) -> Any:
-    """The slot's shared int64 array as a memoryview of the same memory.  A block writes its
+def new_slot_state() -> Any:
+    """A slot's state (SLOT_STATE_SIZE int64 fields, zeroed) in shared memory: a block of
+    multiprocessing's shared heap, which a worker maps by its arguments (the heap's file
+    descriptor goes with them, as a RawArray's would).  Not a ctypes RawArray: the program
+    would import ctypes for it (~2.5 ms of every pool's start, issue #24)."""
+    memory = heap.BufferWrapper(SLOT_STATE_SIZE * 8)
+    view = slot_state_view(memory)
+    for field in range(SLOT_STATE_SIZE):  # the heap reuses freed blocks
+        view[field] = 0
+    return memory
+
+
+def slot_state_view(memory: Any) -> Any:
+    """The slot's state as a memoryview of int64s over the shared memory.  A block writes its
     running position into it before each input, right after the input before it ran (cold
     caches): a memoryview's store is a short C path, a ctypes array's goes through its type's
     lookups (N=64 `map`: ~1 us of a worker's CPU per input, perf)."""
-    return memoryview(slot_state).cast("B").cast("q")
+    return memory.create_memoryview().cast("q")
 
 
 def serve(conn: Any, slot_state: Any) -> None:
@@ -533,6 +544,8 @@ def _die_with_parent() -> None:
         death_signal = PARENT_DIED_SIGNAL
         signal.signal(death_signal, _on_parent_death)
     try:
+        import ctypes  # here: the pool's program never needs it (the fork server preloads it)
+
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
     except (OSError, AttributeError):

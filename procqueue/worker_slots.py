@@ -27,8 +27,8 @@ from .program_fork import ProgramForkContext
 from .protocol import InitializerCall, OutOfBand, Stop, ToWorker, dumps_message
 from .records import FrozenRecord
 from .tasks import Block, Job, Task
-from .worker import (BLOCK_POSITION, CURRENT_TASK, FDS_PER_MESSAGE, IDLE, REVOKED,
-                     SLOT_STATE_SIZE, STARTED_NS, worker_main)
+from .worker import (BLOCK_POSITION, CURRENT_TASK, FDS_PER_MESSAGE, IDLE, REVOKED, STARTED_NS,
+                     new_slot_state, slot_state_view, worker_main)
 
 # A prefetched batch waits in the worker's socket buffer while it finishes the current one,
 # so a worker is never idle waiting for the supervisor.  Only small batches are prefetched:
@@ -131,7 +131,8 @@ class Slot:
         self.process: Any = None
         self.conn: Any = None
         self.pid: int | None = None
-        self.state = context.RawArray("q", SLOT_STATE_SIZE)  # see worker.py
+        self.shared_state = new_slot_state()  # goes to the worker process
+        self.state = slot_state_view(self.shared_state)  # fields: see worker.py
         self.batches: deque[Batch] = deque()  # changed only through add_batch, end_batch...
         # ... and drop_batches, which count those of calls with a timeout: the supervisor asks
         # every slot for its deadlines at every turn, and most hold none
@@ -330,7 +331,7 @@ class WorkerSlots:
         and writes `child_end` the same way: see tests/test_supervisor.py)."""
         process = self.context.Process(
             target=worker_main,
-            args=(child_end, slot.state, slot.cpus if self.pin else (), self.env,
+            args=(child_end, slot.shared_state, slot.cpus if self.pin else (), self.env,
                   self.initializer, self._death_reader, self._fds_to_close_in_child(parent_end)),
             name=f"procqueue-worker-{slot.index}",
             daemon=False,  # daemonic processes may not have children; tasks may want some

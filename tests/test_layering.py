@@ -43,7 +43,7 @@ ALLOWED: dict[str, set[str]] = {
     # durable queues: calls -> stored tasks, stored outcomes -> results
     "taskqueue": {"store", "stored_call", "limits", "errors"},
     # what a worker runs for a stored task; light, no procqueue imports
-    "stored_call": set(),
+    "stored_call": {"records"},
     # the loop only: detects events and sequences the parts below
     "supervisor": {"inbox", "dispatch", "outcomes", "cancelling", "worker_slots", "blocks", "stats",
                    "program_fork",

@@ -2,6 +2,7 @@
 retry policy, the wire's exception capture, CPU planning and config validation."""
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
@@ -711,6 +712,47 @@ if __name__ == "__main__":
         print("cloudpickle" in sys.modules)
         print(pool.map(lambda x: 2 * x, [1, 2]))
 """
+
+
+# A pool's program, and the `procqueue` command, start without these (issue #24): ctypes
+# (~2.5 ms) was the slot state's RawArray, dataclasses (~2.5 ms) the command's value types.
+HEAVY_START_MODULES = ("ctypes", "dataclasses", "multiprocessing.sharedctypes")
+
+POOL_THEN_MODULES = """\
+import sys
+from procqueue import Pool
+HEAVY = {heavy!r}
+if __name__ == "__main__":
+    with Pool(2) as pool:
+        assert pool.map(abs, [-1, -2]) == [1, 2]
+    if sys.argv[1:] == ["command"]:
+        sys.argv = ["procqueue", "map", sys.argv[0], "--fn", "double", ":::", "1", "2"]
+        from procqueue.cli.main import main
+        try:
+            main()
+        except SystemExit as finished:
+            assert finished.code == 0, finished.code
+    print(sorted(name for name in HEAVY if name in sys.modules), file=sys.stderr)
+
+def double(x):
+    return 2 * int(x)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("what", ["pool", "command"])
+def test_a_pool_and_the_command_start_without_ctypes_or_dataclasses(tmp_path, what):
+    import subprocess
+    import sys
+
+    script = tmp_path / "light.py"
+    script.write_text(POOL_THEN_MODULES.format(heavy=HEAVY_START_MODULES))
+    run = subprocess.run([sys.executable, str(script), what], capture_output=True, text=True,
+                         timeout=50)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.splitlines()[-1] == "[]", run.stderr
+    if what == "command":
+        assert [json.loads(line)["result"] for line in run.stdout.splitlines()] == [2, 4]
 
 
 @pytest.mark.timeout(60)
