@@ -143,6 +143,7 @@ class ProgramForkServer(_ForkServer):  # type: ignore[misc]
             return True
         if _shared_server_runs() or why_not_fork_program() is not None:
             return False
+        _start_resource_tracker_off_stdout()
         listener = socket.socket(socket.AF_UNIX)
         try:
             alive_r, alive_w = os.pipe()
@@ -203,6 +204,36 @@ class ProgramForkServer(_ForkServer):  # type: ignore[misc]
             except OSError:
                 pass
         return pid
+
+
+def _start_resource_tracker_off_stdout() -> None:
+    """Start multiprocessing's resource tracker (every launch passes its descriptor on) with
+    its stdin and stdout on /dev/null.  Started as multiprocessing starts it, it would hold
+    the program's stdout open until it exits, after the program: a reader of the program's
+    output (`procqueue map ... | jq`, `$(...)`) got its end of file ~12 ms after the
+    program had ended (a one-input `procqueue map` piped: 119 ms against 107 to /dev/null).
+    It keeps stderr, where it warns of resources it cleaned up.  Called while the program has
+    one thread, so nothing else writes to stdout while it points at /dev/null."""
+    from multiprocessing import resource_tracker
+
+    if getattr(resource_tracker._resource_tracker, "_fd", None) is not None:
+        return  # running already (or inherited): nothing to start
+    _flush_std_streams()
+    saved: dict[int, int] = {}
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in (0, 1):
+            try:
+                saved[fd] = os.dup(fd)
+            except OSError:  # closed in this program: the tracker gets none either way
+                continue
+            os.dup2(null, fd)
+        resource_tracker.ensure_running()
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(null)
 
 
 def _flush_std_streams() -> None:

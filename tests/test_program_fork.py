@@ -128,6 +128,24 @@ def test_the_fork_server_holds_no_pipe_of_the_program(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_the_resource_tracker_holds_neither_stdin_nor_stdout_of_the_program(tmp_path):
+    # The tracker outlives the program: holding its stdout, it kept a reader of the output
+    # (`procqueue map ... | jq`) waiting after the program had ended.  Its stderr it keeps,
+    # for its warnings.  The program's own stdout works on, before and after.
+    out = run_program(tmp_path, """
+        print("before", flush=True)
+        from multiprocessing import resource_tracker
+        with procqueue.Pool(2) as pool:
+            assert pool.map(abs, [-1]) == [1]
+        tracker = psutil.Process(resource_tracker._resource_tracker._pid)
+        print(json.dumps({fd: os.readlink(f"/proc/{tracker.pid}/fd/{fd}") for fd in (0, 1, 2)}
+                         | {"me": os.readlink("/proc/self/fd/1")}))
+        """, threaded=False)
+    assert out["0"] == out["1"] == os.devnull
+    assert out["2"] != os.devnull and out["me"] != os.devnull
+
+
+@pytest.mark.timeout(60)
 def test_what_the_program_printed_before_the_pool_comes_out_once(tmp_path):
     # stdout is a pipe here (and buffered: no PYTHONUNBUFFERED), so the line waits in the
     # program's buffer when the server is forked; a worker that prints and flushes must not
