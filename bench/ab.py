@@ -9,8 +9,9 @@ pair alternates), so a neighbour stealing the CPU for a while hits both versions
 workload it prints the median figure of each version and their ratio B/A (> 1: B better).
 
 Workloads (2 workers, the figures of bench/suite.py): tiny imap / map / submit (tasks per
-second, 50,000 trivial calls; 5,000 for submit) and cpu_1ms map (efficiency = serial time /
-(workers x wall time), 2,000 calibrated 1 ms tasks).
+second, 50,000 trivial calls; 5,000 for submit), cpu_1ms map (efficiency = serial time /
+(workers x wall time), 2,000 calibrated 1 ms tasks) and, when named, uneven_map (the same
+efficiency on bench/cases.py's uneven inputs: 1 ms tasks with 0.5% of 200 ms among them).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ CELL = r"""
 import json, sys, time
 sys.path.insert(0, {bench!r})
 import procqueue
-from cases import busy, trivial, warm
+from cases import busy, make_uneven, trivial, warm
 from harness import calibrate_iterations_per_ms
 
 workload = {workload!r}
@@ -52,11 +53,12 @@ with procqueue.Pool({jobs}) as pool:
         figure = n / wall
     else:
         per_ms = calibrate_iterations_per_ms(busy)
-        inputs = [per_ms] * 2000
         start = time.perf_counter()
-        for x in inputs[:200]:
-            busy(x)
-        serial = (time.perf_counter() - start) * 10
+        for _ in range(200):
+            busy(per_ms)
+        ms_of_work = (time.perf_counter() - start) / 200  # what 1 ms of inputs takes now
+        inputs = [per_ms] * 2000 if workload == "cpu_1ms_map" else make_uneven(1.0, per_ms).inputs
+        serial = ms_of_work * sum(inputs) / per_ms
         start = time.perf_counter()
         pool.map(busy, inputs)
         wall = time.perf_counter() - start
@@ -94,7 +96,7 @@ def main() -> None:
     for workload in workloads:
         a = statistics.median(figures[("A", workload)])
         b = statistics.median(figures[("B", workload)])
-        unit = "" if workload.startswith("cpu") else "/s"
+        unit = "" if workload.startswith(("cpu", "uneven")) else "/s"
         shown = (lambda v: f"{v:.3f}") if not unit else (lambda v: f"{v:,.0f}{unit}")
         print(f"| {workload} | {shown(a)} | {shown(b)} | {b / a:.3f} |")
 

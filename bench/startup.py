@@ -102,13 +102,18 @@ def run_command(python: str, folder: Path, env: dict[str, str]) -> dict[str, flo
 
 
 def timed_one_input(name: str, command: list[str], folder: Path, env: dict[str, str]) -> float:
-    """The whole run of a command that writes one record for the input in one/."""
-    start = time.perf_counter()
-    run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=folder,
-                         timeout=120)
-    wall = time.perf_counter() - start
-    if run.returncode != 0 or '"ok": true' not in run.stdout:
-        raise RuntimeError(f"{name}: {run.stderr.strip()[-400:]}")
+    """The whole run of a command that writes one record for the input in one/, until its
+    output's reader has the end of it (as `procqueue map ... | jq` would).  stderr goes to a
+    file: multiprocessing's resource tracker keeps it open after the program has ended, so
+    a pipe there would time the tracker's exit too, which no output reader waits for."""
+    with tempfile.TemporaryFile("w+") as errors:
+        start = time.perf_counter()
+        run = subprocess.run(command, stdout=subprocess.PIPE, stderr=errors, text=True,
+                             env=env, cwd=folder, timeout=120)
+        wall = time.perf_counter() - start
+        if run.returncode != 0 or '"ok": true' not in run.stdout:
+            errors.seek(0)
+            raise RuntimeError(f"{name}: {errors.read().strip()[-400:]}")
     return wall
 
 
