@@ -2,9 +2,10 @@
 
 A batch (chunk) costs a round trip, a few tens of microseconds; a task may cost a microsecond.
 So tiny tasks travel in batches that take about TARGET_BATCH_S to run, while no batch takes
-more than a 1/(2*workers) share of what is queued: batches shrink as the input runs out, and the
-slow tail is spread over all workers instead of sitting in one big last chunk.  Until a task
-of this call has been measured, batches hold one task.  Pure: no I/O, no clock.
+more than a 1/(2*workers) share of what is queued: batches shrink as the input runs out (down
+to a floor of work that keeps the supervisor's round trips a second bounded), and the slow
+tail is spread over all workers instead of sitting in one big last chunk.  Until a task of
+this function has been measured, batches hold one task.  Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ MIN_BATCH_S = 0.001  # guided shrinking stops at batches of this much work (see 
 # batch holds at least workers / MAX_BATCHES_PER_S of work: 2-16 workers keep TARGET_BATCH_S,
 # 64 get 128 ms batches (guided shrinking still spreads the tail over every worker).
 MAX_BATCHES_PER_S = 500
+# ... and as the input runs out, guided shrinking stops where the batches would ask for more
+# round trips a second than this: workers / TAIL_MAX_BATCHES_PER_S of work (1 ms up to 4
+# workers, 16 ms at 64).  Shrinking to 1 ms batches at 64 workers asked the supervisor for
+# 64,000 round trips a second, and the workers waited for it through the last 10% of a
+# `map` (bench/worker_idle.py, 2 cores: 1.3-3.5% of their time, 0.2-0.4% with this floor);
+# the price is the end's balance, at most one such batch per worker.
+TAIL_MAX_BATCHES_PER_S = 8 * MAX_BATCHES_PER_S
 # While a batch runs, its worker sends what it finished at least this often (see
 # report_interval_s): what a crash loses and how late imap sees results
 MIN_REPORT_S = 0.05
@@ -46,6 +54,11 @@ class ChunkSizer:
         self.mean_task_s: float | None = None
         self.observed_tasks = 0
         self.capped = False  # target_s is a cap (with_target): many workers do not raise it
+
+    @property
+    def probing(self) -> bool:
+        """No task of this function has been measured yet: its batches hold one task."""
+        return self.fixed is None and self.mean_task_s is None
 
     def observe(self, tasks: int, busy_s: float) -> None:
         """Record that `tasks` tasks took `busy_s` seconds of worker time in total."""
@@ -97,7 +110,8 @@ class ChunkSizer:
             return 1
         mean = max(self.mean_task_s, 1e-7)
         workers = workers or self.processes
-        # Shrinking a batch below MIN_BATCH_S of work gains less balance at the tail than
-        # the extra round trips cost: tiny tasks end in a few ms-sized batches, not hundreds.
-        guided = max(math.ceil(queued / (2 * workers)), int(MIN_BATCH_S / mean))
+        # Shrinking a batch below this much work gains less balance at the tail than the extra
+        # round trips cost: tiny tasks end in a few ms-sized batches, not hundreds.
+        floor_s = max(MIN_BATCH_S, workers / TAIL_MAX_BATCHES_PER_S)
+        guided = max(math.ceil(queued / (2 * workers)), int(floor_s / mean))
         return max(1, min(int(self._target_s(workers) / mean), guided, self.max_tasks, queued))

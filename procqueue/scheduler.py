@@ -250,11 +250,15 @@ class Scheduler:
 
         A prefetch (a batch for a worker that is still busy) is never taken from a gated
         call: it would hold permits while it waits, and a rate start would be recorded
-        before the task really starts.  From a keyed call: new places while its keys have
-        places to spare (JobQueue.may_prefetch), else more tasks of the keys whose places
-        the worker's running batch (`after`) holds, once no other key may start
-        (JobQueue.held_places).  A batch is either tasks or one Block (inputs of one call,
-        split to the batch size or merged with the blocks that follow it)."""
+        before the task really starts.  Nor from a call whose function is still being
+        probed (batches of one task until one is measured): its first results are waiting by
+        the time a pass over every worker has been made, and a second pass of one-task
+        batches only put off the sized ones (N=64: each worker idled ~2 passes, not 1).
+        From a keyed call: new places while its keys have places to spare
+        (JobQueue.may_prefetch), else more tasks of the keys whose places the worker's
+        running batch (`after`) holds, once no other key may start (JobQueue.held_places).
+        A batch is either tasks or one Block (inputs of one call, split to the batch size or
+        merged with the blocks that follow it)."""
         if prefetch and self.pool_gates:
             return []
         self.admission_wait_until = None
@@ -268,7 +272,7 @@ class Scheduler:
             if first is not None and not _same_batch(first, job, self.pool_gates):
                 break
             held = None
-            if prefetch and job.gates:
+            if prefetch and (job.gates or job.sizer.probing):
                 continue
             if prefetch and not queue.may_prefetch(self.workers):
                 held = queue.held_places(after)

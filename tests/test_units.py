@@ -11,7 +11,7 @@ from procqueue import errors
 from procqueue.affinity import parse_cpu_list, plan_cpus, worker_thread_env
 from procqueue.admission import ConcurrencyGate, RateGateAdapter, rate_gate_for
 from procqueue.chunking import (MAX_BATCH_TASKS, MAX_BATCHES_PER_S, MIN_BATCH_S, TARGET_BATCH_S,
-                                ChunkSizer)
+                                TAIL_MAX_BATCHES_PER_S, ChunkSizer)
 from procqueue.config import PoolConfig
 from procqueue.protocol import CallKind, capture_exception, restore_exception
 from procqueue.errors import TaskTimeoutError
@@ -111,10 +111,28 @@ def test_many_workers_get_batches_that_keep_round_trips_per_second_bounded():
     assert [s.next_size(1_000_000) for s in at_1ms] == [
         round(TARGET_BATCH_S / 1e-3), round(64 / MAX_BATCHES_PER_S / 1e-3),
         round(128 / MAX_BATCHES_PER_S / 1e-3)]
-    assert at_1ms[1].next_size(1000) <= 1000 / (2 * 64) + 1  # the tail still spreads
+    # the tail still spreads over the workers, in batches no smaller than keep the round
+    # trips a second bounded there too: 16 ms of work each at 64 workers
+    assert at_1ms[1].next_size(20_000) <= 20_000 / (2 * 64) + 1
+    assert at_1ms[1].next_size(1000) == round(64 / TAIL_MAX_BATCHES_PER_S / 1e-3) == 16
+    assert at_1ms[1].next_size(10) == 10
     # a cap set for a journaled call (what a SIGKILL may lose) is not raised
     capped = at_1ms[1].with_target(0.010)
     assert capped.next_size(1_000_000) == 10
+
+
+def test_the_tail_floor_grows_with_the_workers_and_stays_a_millisecond_for_few():
+    # 64 workers shrinking to 1 ms batches asked one supervisor for 64,000 round trips a
+    # second in the tail; up to 4 workers keep the 1 ms floor (at most 4,000 a second)
+    floor_ms = {n: max(MIN_BATCH_S, n / TAIL_MAX_BATCHES_PER_S) * 1e3 for n in (2, 4, 16, 64)}
+    assert floor_ms == {2: 1.0, 4: 1.0, 16: 4.0, 64: 16.0}
+    sizes = {}
+    for workers in floor_ms:
+        sizer = ChunkSizer(workers)
+        sizer.observe(1000, 1000 * 1e-4)  # 0.1 ms tasks
+        sizes[workers] = sizer.next_size(200)  # near the end of the input
+    # guided shrinking (200 / 2N) where it asks for more work than the floor, else the floor
+    assert sizes == {2: 50, 4: 25, 16: 40, 64: 160}
 
 
 def test_slow_tasks_travel_alone():
@@ -481,6 +499,22 @@ def test_calls_of_one_function_share_a_batch_of_the_functions_size():
     for i, job in enumerate(jobs):
         sched.enqueue(Task(10 + i, job, 0, b"", i))
     assert len(sched.next_batch(100)) == 2  # guided: ceil(6 queued / (2 * 2 workers))
+
+
+def test_a_function_still_probed_gets_no_batch_ahead():
+    # While no task of the function is measured its batches hold one task; a second pass of
+    # those to busy workers (prefetch) only put off the sized batches its first results allow
+    for fixed in (None, 10):
+        sched = Scheduler()
+        sizer = ChunkSizer(2, fixed)
+        job = Job(1, 7, b"", CallKind.ONE, _Sink(), timeout_s=None, sizer=sizer)
+        for i in range(100):
+            sched.enqueue(Task(i, job, i, b"", i))
+        ahead = sched.next_batch(100, prefetch=True)
+        assert len(ahead) == (0 if fixed is None else 10)  # a chunksize given: no probing
+        assert len(sched.next_batch(100)) == (1 if fixed is None else 10)  # an idle worker
+        sizer.observe(10, 10 * 1e-3)
+        assert len(sched.next_batch(100, prefetch=True)) == (25 if fixed is None else 10)
 
 
 def test_consecutive_single_task_calls_share_a_queue_and_calls_stay_fifo():
