@@ -22,12 +22,13 @@ MIN_BATCH_S = 0.001  # guided shrinking stops at batches of this much work (see 
 # 64 get 128 ms batches (guided shrinking still spreads the tail over every worker).
 MAX_BATCHES_PER_S = 500
 # ... and as the input runs out, guided shrinking stops where the batches would ask for more
-# round trips a second than this: workers / TAIL_MAX_BATCHES_PER_S of work (1 ms up to 4
-# workers, 16 ms at 64).  Shrinking to 1 ms batches at 64 workers asked the supervisor for
+# round trips a second than this: workers / TAIL_MAX_BATCHES_PER_S of work (1 ms up to 8
+# workers, 8 ms at 64).  Shrinking to 1 ms batches at 64 workers asked the supervisor for
 # 64,000 round trips a second, and the workers waited for it through the last 10% of a
-# `map` (bench/worker_idle.py, 2 cores: 1.3-3.5% of their time, 0.2-0.4% with this floor);
-# the price is the end's balance, at most one such batch per worker.
-TAIL_MAX_BATCHES_PER_S = 8 * MAX_BATCHES_PER_S
+# `map` (bench/worker_idle.py, 2 cores: 1.3-3.5% of their time, 0.3-0.8% with this floor).
+# The price is the end's balance, at most one such batch per worker: a floor twice as high
+# (4,000 a second) gave back at the end what it saved in the tail.
+TAIL_MAX_BATCHES_PER_S = 16 * MAX_BATCHES_PER_S
 # While a batch runs, its worker sends what it finished at least this often (see
 # report_interval_s): what a crash loses and how late imap sees results
 MIN_REPORT_S = 0.05

@@ -112,10 +112,10 @@ def test_many_workers_get_batches_that_keep_round_trips_per_second_bounded():
         round(TARGET_BATCH_S / 1e-3), round(64 / MAX_BATCHES_PER_S / 1e-3),
         round(128 / MAX_BATCHES_PER_S / 1e-3)]
     # the tail still spreads over the workers, in batches no smaller than keep the round
-    # trips a second bounded there too: 16 ms of work each at 64 workers
+    # trips a second bounded there too: 8 ms of work each at 64 workers
     assert at_1ms[1].next_size(20_000) <= 20_000 / (2 * 64) + 1
-    assert at_1ms[1].next_size(1000) == round(64 / TAIL_MAX_BATCHES_PER_S / 1e-3) == 16
-    assert at_1ms[1].next_size(10) == 10
+    assert at_1ms[1].next_size(1000) == round(64 / TAIL_MAX_BATCHES_PER_S / 1e-3) == 8
+    assert at_1ms[1].next_size(5) == 5  # never more than what is queued
     # a cap set for a journaled call (what a SIGKILL may lose) is not raised
     capped = at_1ms[1].with_target(0.010)
     assert capped.next_size(1_000_000) == 10
@@ -123,16 +123,16 @@ def test_many_workers_get_batches_that_keep_round_trips_per_second_bounded():
 
 def test_the_tail_floor_grows_with_the_workers_and_stays_a_millisecond_for_few():
     # 64 workers shrinking to 1 ms batches asked one supervisor for 64,000 round trips a
-    # second in the tail; up to 4 workers keep the 1 ms floor (at most 4,000 a second)
-    floor_ms = {n: max(MIN_BATCH_S, n / TAIL_MAX_BATCHES_PER_S) * 1e3 for n in (2, 4, 16, 64)}
-    assert floor_ms == {2: 1.0, 4: 1.0, 16: 4.0, 64: 16.0}
+    # second in the tail; up to 8 workers keep the 1 ms floor (at most 8,000 a second)
+    floor_ms = {n: max(MIN_BATCH_S, n / TAIL_MAX_BATCHES_PER_S) * 1e3 for n in (2, 8, 16, 64)}
+    assert floor_ms == {2: 1.0, 8: 1.0, 16: 2.0, 64: 8.0}
     sizes = {}
     for workers in floor_ms:
         sizer = ChunkSizer(workers)
         sizer.observe(1000, 1000 * 1e-4)  # 0.1 ms tasks
         sizes[workers] = sizer.next_size(200)  # near the end of the input
     # guided shrinking (200 / 2N) where it asks for more work than the floor, else the floor
-    assert sizes == {2: 50, 4: 25, 16: 40, 64: 160}
+    assert sizes == {2: 50, 8: 13, 16: 20, 64: 80}
 
 
 def test_slow_tasks_travel_alone():
