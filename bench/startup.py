@@ -12,8 +12,9 @@ interpreter; use a venv with procqueue and the peers installed, no PYTHONPATH tr
 `procqueue-before` cells with `--before-python` (a venv with the earlier procqueue installed);
 `procqueue-shared` is procqueue with the program's fork switched off (PROCQUEUE_FORK_PROGRAM=0:
 multiprocessing's shared fork server, a fresh interpreter).  `procqueue map` on one input is
-timed from outside too (until its output's reader has the end of it), beside its floor: a click command that runs the same input on the
-standard library's fork pool and nothing else (FLOOR_COMMAND).  Medians per cell; the ratio
+timed from outside too (until its output's reader has the end of it), beside its floor: a
+click command that runs the same input on the standard library's fork pool and nothing else
+(FLOOR_COMMAND).  Medians per cell; the ratio
 column is procqueue's total over each system's, within a round.
 """
 
