@@ -146,6 +146,26 @@ def test_the_resource_tracker_holds_neither_stdin_nor_stdout_of_the_program(tmp_
 
 
 @pytest.mark.timeout(60)
+def test_a_program_with_stdin_and_stdout_closed_still_gets_its_pool(tmp_path):
+    # A daemon-like program: the resource tracker's start has no stdin or stdout to point at
+    # /dev/null and put back
+    script = tmp_path / "closed.py"
+    script.write_text(PRELUDE + textwrap.dedent("""\
+        if __name__ == "__main__":
+            os.close(0)
+            os.close(1)
+            with procqueue.Pool(2) as pool:
+                got = pool.map(abs, [-1, -2, -3])
+            sys.stderr.write(json.dumps(got) + "\\n")
+        """))
+    run = subprocess.run([sys.executable, str(script)], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stderr.splitlines()[-1]) == [1, 2, 3]
+
+
+@pytest.mark.timeout(60)
 def test_what_the_program_printed_before_the_pool_comes_out_once(tmp_path):
     # stdout is a pipe here (and buffered: no PYTHONUNBUFFERED), so the line waits in the
     # program's buffer when the server is forked; a worker that prints and flushes must not
