@@ -241,6 +241,13 @@ class Scheduler:
                 return None
         return None
 
+    def next_call_probing(self) -> bool:
+        """Whether the call served next has a function no task of which is measured yet
+        (its batches hold one task: ChunkSizer.probing)."""
+        for queue in self._queues.values():
+            return bool(queue.job.sizer.probing)
+        return False
+
     def next_batch(self, max_tasks: int, now: float = 0.0, *, prefetch: bool = False,
                    after: Sequence[Task] = ()) -> list[Task] | Block:
         """The next batch of at most `max_tasks` tasks that every gate admits, all of one

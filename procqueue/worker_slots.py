@@ -124,7 +124,7 @@ class SlotStatistics(FrozenRecord):
 
 
 class Slot:
-    def __init__(self, index: int, cpus: tuple[int, ...], context: Any) -> None:
+    def __init__(self, index: int, cpus: tuple[int, ...]) -> None:
         self.index = index
         self.cpus = cpus
         self.phase = SlotPhase.DEAD
@@ -299,7 +299,7 @@ class WorkerSlots:
         self.initializer = initializer
         self.maxtasksperchild = maxtasksperchild
         self.max_memory_per_child = max_memory_per_child  # bytes
-        self.slots = [Slot(i, cpus, context) for i, cpus in enumerate(cpu_plan)]
+        self.slots = [Slot(i, cpus) for i, cpus in enumerate(cpu_plan)]
         self.restarts = 0  # processes replaced, in every slot
         self.recycled_for_memory = 0
         self.start_failures = 0  # consecutive: a worker that gets Ready resets it

@@ -4,7 +4,6 @@ finished and never under a second, and a task sent but never marked started from
 after its send."""
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections import deque
 
@@ -30,7 +29,7 @@ def make_task(timeout_s: float | None = None, factor: float | None = None,
 
 def ready_slot_running(task: Task, *, started: bool, started_at: float = 0.0) -> tuple[Slot,
                                                                                         Batch]:
-    slot = Slot(0, (), multiprocessing.get_context("fork"))
+    slot = Slot(0, ())
     slot.move(SlotPhase.STARTING)
     slot.move(SlotPhase.READY)
     task.move(TaskState.DISPATCHED)

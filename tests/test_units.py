@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from typing import Any
 
 import pytest
 
@@ -515,6 +516,61 @@ def test_a_function_still_probed_gets_no_batch_ahead():
         assert len(sched.next_batch(100)) == (1 if fixed is None else 10)  # an idle worker
         sizer.observe(10, 10 * 1e-3)
         assert len(sched.next_batch(100, prefetch=True)) == (25 if fixed is None else 10)
+
+
+class _WorkerEnd:
+    """A worker's pipe as the dispatcher sees it: what was sent, and whether it answered."""
+
+    def __init__(self, answers: bool) -> None:
+        self.sent: list[Any] = []
+        self.answers = answers
+
+    def poll(self) -> bool:
+        return self.answers and bool(self.sent)
+
+
+class _Workers:
+    def __init__(self, n: int, answering: set[int]) -> None:
+        from procqueue.worker_slots import Slot, SlotPhase
+
+        self.slots = [Slot(i, ()) for i in range(n)]
+        for slot in self.slots:
+            slot.phase = SlotPhase.READY
+            slot.pid = 1000 + slot.index
+            slot.conn = _WorkerEnd(slot.index in answering)
+
+    def send(self, slot: Any, message: Any, fds: tuple[int, ...] = ()) -> bool:
+        slot.conn.sent.append(message)
+        return True
+
+
+@pytest.mark.parametrize("answering", [set(), {0}])
+def test_a_pass_of_one_task_probes_stops_when_the_first_probed_worker_answers(answering):
+    # While no task of the function is measured, every idle worker would get a one-task
+    # batch; once the first of them has a result to read, the pass stops so the supervisor
+    # reads it, and the workers not served yet get batches sized from it
+    from procqueue.dispatch import Dispatcher
+    from procqueue.task_book import TaskBook
+
+    sched = Scheduler()
+    book = TaskBook(sched, RetryPolicy(0, (), 0.0, 0.0), lambda job: None)
+    workers = _Workers(8, answering)
+    dispatcher = Dispatcher(PoolConfig.build(8), book, workers)  # type: ignore[arg-type]
+    sizer = ChunkSizer(8)
+    job = Job(1, 7, b"", CallKind.ONE, _Sink(), timeout_s=None, sizer=sizer)
+    for i in range(10_000):
+        sched.enqueue(Task(i, job, i, b"", i))
+    dispatcher.dispatch()
+    served = [len(slot.batches) for slot in workers.slots]
+    if not answering:  # a slow function: every worker gets its probe, none a second one
+        assert served == [1] * 8
+        return
+    assert served == [1] + [0] * 7
+    sizer.observe(1, 1e-3)  # what the supervisor's loop does with the answer
+    dispatcher.dispatch()
+    sizes = [len(batch.tasks) for slot in workers.slots[1:] for batch in slot.batches]
+    assert sizes and all(size > 1 for size in sizes)  # sized, not probes
+    assert len(workers.slots[0].batches) == 2  # and the answering worker a batch ahead
 
 
 def test_consecutive_single_task_calls_share_a_queue_and_calls_stay_fifo():
