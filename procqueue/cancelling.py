@@ -69,24 +69,17 @@ class Canceller:
         if not _held_of(slot, job):
             return
         self.read_sent_results(slot)  # computed results are kept, not killed
-        running = slot.current_task()
-        started = started_ids(slot, running)
-        now = time.monotonic()
+        started = started_ids(slot, slot.current_task())
         for task in _held_of(slot, job):
             if task.id not in started:
                 _drop(slot, task)
                 self.book.finish(task, TaskState.CANCELLED, False,
                                  self.book.cancelled_error(task))
-            elif running is not None and running[0] == task.id:
-                task.attempts += 1
-                error = TaskCancelledError("the task was cancelled while running")
-                self.events.emit(task, slot, running[1], now, "cancelled", error)
-                _drop(slot, task)
-                self.book.fail(task, error)
-            # else it finished in the worker and its result is not sent yet: the SIGTERM below
-            # has the worker send it first (worker._send_unsent_then_die); if it does not
-            # arrive, WorkerOutcomes.on_death settles the task.
-        self.workers.kill(slot, "cancelled", self.kill_grace_s, now)
+        # A started task is left to the worker's death: the one running may have returned
+        # since its slot said so, and the SIGTERM has the worker send what it finished
+        # (worker._send_unsent_then_die).  A result that arrives is kept; a task still without
+        # one when the worker is gone is ended by WorkerOutcomes.on_death, cancelled.
+        self.workers.kill(slot, "cancelled", self.kill_grace_s, time.monotonic())
 
     def fail_everything(self, error: BaseException) -> None:
         """terminate() or a broken pool: every task without an outcome gets `error` (a copy)."""

@@ -18,7 +18,7 @@ import traceback
 from typing import Any, Callable
 
 from .blocks import BlockRouter, Outcome, decode, explode_dispatched
-from .errors import TaskTimeoutError, WorkerCrashedError, describe_exit
+from .errors import TaskCancelledError, TaskTimeoutError, WorkerCrashedError, describe_exit
 from .protocol import BatchResults, BlockResults, short_repr
 from .retry import FailureKind
 from .stats import EventListener, TaskEvent, event_error_text
@@ -153,6 +153,13 @@ class WorkerOutcomes:
                 self.events.emit(task, slot, started, time.monotonic(), "crash", error)
                 self.book.after_failure(task, FailureKind.CRASH, error,
                                         may_retry=self.may_retry())
+            elif running is not None and task.id == running[0] and task.job.cancelled:
+                # Killed while running it, for its call's cancel or halt (Canceller).
+                task.attempts += 1
+                cancelled = TaskCancelledError("the task was cancelled while running")
+                self.events.emit(task, slot, running[1], time.monotonic(), "cancelled",
+                                 cancelled)
+                self.book.fail(task, cancelled)
             else:
                 self.book.write_off(task, started=task.id in began)
 

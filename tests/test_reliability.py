@@ -115,6 +115,37 @@ def test_halt_now_keeps_the_results_of_inputs_that_had_finished(tmp_path):
     assert _runs(tmp_path) == {"a": 1, "b": 1, "c": 1, "d": 1, "hang": 1}
 
 
+def finish_despite_sigterm_or_fail_once_it_runs(spec):
+    directory, name = spec.split("|")
+    started = os.path.join(directory, "slow-started")
+    if name == "bad":
+        deadline = time.monotonic() + 10
+        while not os.path.exists(started) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise ValueError("bad input")
+    # The halt's SIGTERM comes while this still runs; ignored, the worker dies only of the
+    # SIGKILL after the grace: the window between a task's return and its worker's death, wide.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    open(started, "w").close()
+    time.sleep(0.4)
+    return name
+
+
+@pytest.mark.timeout(60)
+def test_halt_now_keeps_the_result_of_a_task_that_returned_before_its_worker_died(tmp_path):
+    # "bad" fails while "slow" runs in the other worker: the halt kills "slow"'s worker, but
+    # "slow" returns before the kill takes effect.  Its result was computed: it is kept, not
+    # replaced by TaskCancelledError (a journal would run it again, a second time).
+    specs = [f"{tmp_path}|slow", f"{tmp_path}|bad"]
+    with Pool(2, retries=0) as pool:
+        outcomes = list(pool.imap_outcomes(finish_despite_sigterm_or_fail_once_it_runs, specs,
+                                           chunksize=1, halt="now,fail=1"))
+    slow, bad = outcomes
+    assert slow.pid != bad.pid  # the premise: they ran side by side
+    assert isinstance(bad.error, ValueError)
+    assert (slow.ok, slow.value, slow.attempts) == (True, "slow", 1), slow.error
+
+
 def crash_after_a_while_or_count(spec):
     directory, name = spec.split("|")
     with open(os.path.join(directory, name), "a") as f:
