@@ -146,6 +146,37 @@ def test_the_resource_tracker_holds_neither_stdin_nor_stdout_of_the_program(tmp_
 
 
 @pytest.mark.timeout(60)
+def test_the_resource_tracker_removes_what_a_killed_program_s_worker_left(tmp_path):
+    # The tracker is started by the pool (at low priority, without site): it must still do
+    # its one job.  A worker makes a shared memory segment and keeps it registered; the
+    # program is then SIGKILLed, and the tracker, seeing every holder of its pipe gone,
+    # unlinks the segment.
+    script = tmp_path / "leak.py"
+    script.write_text(PRELUDE + textwrap.dedent("""\
+        from multiprocessing import shared_memory
+
+        def leak(_):
+            segment = shared_memory.SharedMemory(create=True, size=4096)
+            segment.close()  # unmapped, not unlinked: still registered with the tracker
+            return segment.name
+
+        if __name__ == "__main__":
+            with procqueue.Pool(1) as pool:
+                name = pool.apply(leak, (0,))
+            print(json.dumps({"name": name}), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    segment = "/dev/shm/" + json.loads(run.stdout)["name"].lstrip("/")
+    deadline = time.monotonic() + 20
+    while os.path.exists(segment) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(segment), "the resource tracker left the segment behind"
+
+
+@pytest.mark.timeout(60)
 def test_a_program_with_stdin_and_stdout_closed_still_gets_its_pool(tmp_path):
     # A daemon-like program: the resource tracker's start has no stdin or stdout to point at
     # /dev/null and put back
