@@ -86,8 +86,7 @@ class JobsType(click.ParamType):
         if isinstance(value, int):
             return value
         text = str(value).strip()
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
+        cpus = _usable_cpus()
         try:
             if text.endswith("%"):
                 jobs = round(cpus * float(text[:-1]) / 100)
@@ -102,6 +101,19 @@ class JobsType(click.ParamType):
         if jobs < 1 and not text.startswith(("+", "-")) and not text.endswith("%"):
             self.fail(f"{value!r}: give at least 1 (or 0 for every usable CPU)", param, ctx)
         return max(1, jobs)
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
+def _workers_for(jobs: int | None, inputs: int) -> int:
+    """-j's workers (usable CPUs by default), but no more than there are inputs, as GNU
+    parallel starts no more jobs than it has: a worker with nothing to run would only be
+    forked, pinned, made to import the script and stopped (on a 64-CPU machine, 64 of them
+    for a batch of 3 files)."""
+    return max(1, min(jobs if jobs is not None else _usable_cpus(), inputs))
 
 
 class HaltPolicyError(click.BadParameter):
@@ -257,8 +269,8 @@ def cli() -> None:
 @click.option("-j", "--jobs", "-P", "--max-procs", "jobs", type=JobsType(), default=None,
               metavar="N|N%|+N|-N|0",
               help="Worker processes: N, a percentage of the usable CPUs, usable CPUs plus or "
-                   "minus N, or 0 for all usable CPUs (GNU parallel's forms) "
-                   "[default: usable CPUs].")
+                   "minus N, or 0 for all usable CPUs (GNU parallel's forms); never more "
+                   "than there are inputs [default: usable CPUs].")
 @click.option("--cluster", metavar="ADDRESS|local:N",
               help="Run on Dask distributed: a scheduler address (tcp://host:8786), or local:N "
                    "for a LocalCluster of N worker processes (needs procqueue[dask]) "
@@ -793,6 +805,8 @@ def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | Non
     pool_options, events = _recording_events(pool_options) if stats else (pool_options, None)
     retries_used = 0
     pool_options = feeding(pool_options, dashboard)
+    if "backend" not in pool_options and "address" not in pool_options:
+        jobs = _workers_for(jobs, len(items))
     with procqueue.Pool(jobs, maxtasksperchild=max_tasks_per_child, **pool_options) as pool, \
             serving(dashboard, pool):
         progress.restarts = lambda: pool.stats().worker_restarts

@@ -304,6 +304,22 @@ def test_a_usage_error_after_the_early_fork_server_start_leaves_no_process(tmp_p
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("jobs", [["-j", "8"], []], ids=["-j 8", "default"])
+def test_no_more_workers_start_than_there_are_inputs(tmp_path, jobs):
+    # As GNU parallel (`parallel -j 8 ::: a b` runs two jobs): a worker with no input to run
+    # would only be started and stopped.  Each task counts the workers its server forked.
+    script = tmp_path / "job.py"
+    script.write_text("import os, psutil\n"
+                      "def process(x):\n"
+                      "    return len(psutil.Process(os.getppid()).children())\n")
+    run = procqueue("map", script, *jobs, "--stats", ":::", "a", "b")
+    assert run.returncode == 0, run.stderr
+    usable = min(2, len(os.sched_getaffinity(0))) if not jobs else 2
+    assert [r["result"] for r in records(run.stdout)] == [usable, usable]
+    assert f"workers:         {usable}\n" in run.stderr
+
+
+@pytest.mark.timeout(60)
 def test_halt_now_reports_inputs_that_never_ran(tmp_path, batch):
     script, inputs = batch
     (inputs / "0-raise.txt").write_text("x")  # sorts first
