@@ -155,13 +155,29 @@ class WorkerOutcomes:
                                         may_retry=self.may_retry())
             elif running is not None and task.id == running[0] and task.job.cancelled:
                 # Killed while running it, for its call's cancel or halt (Canceller).
-                task.attempts += 1
-                cancelled = TaskCancelledError("the task was cancelled while running")
-                self.events.emit(task, slot, running[1], time.monotonic(), "cancelled",
-                                 cancelled)
-                self.book.fail(task, cancelled)
+                self._end_cancelled_while_running(slot, task, running[1])
             else:
                 self.book.write_off(task, started=task.id in began)
+
+    def on_kill_escalated(self, slot: Slot) -> None:
+        """The worker let its SIGTERM's grace pass: the task of a cancelled call it still runs
+        sends no result now.  It ends here, not when the SIGKILLed worker is reaped (which a
+        process stuck in the kernel can put off)."""
+        running = slot.current_task()
+        if running is None:
+            return
+        for batch in slot.batches:
+            task = batch.pending.get(running[0])
+            if task is not None and task.job.cancelled:
+                del batch.pending[task.id]
+                self._end_cancelled_while_running(slot, task, running[1])
+                return
+
+    def _end_cancelled_while_running(self, slot: Slot, task: Task, started: float) -> None:
+        task.attempts += 1
+        cancelled = TaskCancelledError("the task was cancelled while running")
+        self.events.emit(task, slot, started, time.monotonic(), "cancelled", cancelled)
+        self.book.fail(task, cancelled)
 
     # ---- a task ran out of time --------------------------------------------------------------
 

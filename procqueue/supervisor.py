@@ -356,6 +356,7 @@ class Supervisor:
         for slot in self.workers.slots:
             if slot.kill_deadline is not None and now >= slot.kill_deadline:
                 self.workers.escalate(slot)
+                self.outcomes.on_kill_escalated(slot)
             if slot.phase is SlotPhase.DEAD and self._should_have_worker() \
                     and now >= slot.respawn_at:
                 self._respawn(slot)

@@ -146,6 +146,36 @@ def test_halt_now_keeps_the_result_of_a_task_that_returned_before_its_worker_die
     assert (slow.ok, slow.value, slow.attempts) == (True, "slow", 1), slow.error
 
 
+def hold_despite_sigterm_or_fail_once_it_runs(spec):
+    directory, name = spec.split("|")
+    started = os.path.join(directory, "hold-started")
+    if name == "bad":
+        deadline = time.monotonic() + 10
+        while not os.path.exists(started) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise ValueError("bad input")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    open(started, "w").close()
+    time.sleep(30)
+    return name
+
+
+@pytest.mark.timeout(60)
+def test_halt_now_cancels_a_task_that_ignores_sigterm_after_the_kill_grace(tmp_path):
+    # The halt's SIGTERM is ignored: after the grace the worker is SIGKILLed, and the task
+    # ends cancelled (it ran: one attempt), without waiting for the task's own 30 s.
+    specs = [f"{tmp_path}|hold", f"{tmp_path}|bad"]
+    began = time.monotonic()
+    with Pool(2, retries=0) as pool:
+        hold, bad = pool.imap_outcomes(hold_despite_sigterm_or_fail_once_it_runs, specs,
+                                       chunksize=1, halt="now,fail=1")
+        assert isinstance(bad.error, ValueError)
+        assert isinstance(hold.error, TaskCancelledError) and hold.attempts == 1
+        assert "while running" in str(hold.error)
+        assert time.monotonic() - began < 15
+        assert pool.map(abs, [-1]) == [1]  # a fresh worker took the killed one's place
+
+
 def crash_after_a_while_or_count(spec):
     directory, name = spec.split("|")
     with open(os.path.join(directory, name), "a") as f:
