@@ -69,6 +69,7 @@ def worker_main(conn: Any, slot_state: Any, cpus: tuple[int, ...], env: dict[str
     """Process entry point (multiprocessing Process target)."""
     for fd in inherited_fds:  # fork start method only: the supervisor's ends of other pipes
         _close_quietly(fd)
+    _let_go_of_the_fork_server()
     _become_process_group_leader()
     _die_with_parent()
     _watch_supervisor(death_reader)
@@ -520,6 +521,21 @@ def _run_initializer(conn: Any, initializer: InitializerCall) -> bool:
         conn.send_bytes(dumps_message(InitFailed(capture_exception(exc))))
         return False
     return True
+
+
+def _let_go_of_the_fork_server() -> None:
+    """multiprocessing hands each process its fork server forks the server's "alive"
+    descriptor (for children of its own), and the server runs until every holder has closed
+    it.  Held by the workers, it kept the server up after the supervisor died, and with it
+    the workers' parent-death signal unsent: a worker stuck in C code (the GIL held, so its
+    watchdog thread cannot run) then outlived the program.  A pool made in a worker starts
+    a server of its own."""
+    forkserver = sys.modules.get("multiprocessing.forkserver")  # None: not forked by one
+    server: Any = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None and getattr(server, "_forkserver_pid", None) is None:
+        server._forkserver_alive_fd = server._forkserver_address = None
+        _close_quietly(fd)
 
 
 def _become_process_group_leader() -> None:

@@ -653,6 +653,53 @@ def test_sigkilled_supervisor_leaves_no_worker_behind(tmp_path, tmp_shared, shap
             pass
 
 
+GIL_HELD_TASK = """
+import re
+
+def stuck_in_c(i):
+    # Catastrophic backtracking: minutes inside the regex engine, which never lets go of
+    # the GIL, so a worker's own watchdog thread cannot run while this does.
+    Path(D, f"worker-{os.getpid()}-{i}").write_text(f"{os.getpid()} {os.getpid()}")
+    re.match(r"(a+)+b", "a" * 40)
+    Path(D, f"finished-{i}").write_text("")
+    return i
+
+"""
+
+GIL_HELD_POOL = """
+with Pool(2) as pool:
+    results = [pool.apply_async(stuck_in_c, (i,)) for i in range(2)]
+    for r in results:
+        r.get()
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("shape", ["guarded", "unguarded"])
+def test_sigkilled_supervisor_leaves_no_worker_stuck_in_c_code_behind(tmp_path, tmp_shared,
+                                                                      shape):
+    # The workers' watchdog threads cannot run (the GIL is held), nor can a Python signal
+    # handler: what kills them must be the kernel's, on their parent's death.
+    _procqueue()
+    source = _supervisor_script(GIL_HELD_POOL, shape)
+    proc = _start_script(tmp_path, source.replace(_SCRIPT_COMMON, _SCRIPT_COMMON + GIL_HELD_TASK),
+                         tmp_shared)
+    workers: set[int] = set()
+    try:
+        _wait_for_workers(tmp_shared, 2, proc)
+        workers, _ = _pids_from(Path(tmp_shared).glob("worker-*"))
+        descendants = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert wait_gone(workers, 3.0) == [], "workers alive 3 s after the supervisor died"
+        assert wait_gone(descendants, 10.0) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        _kill_leftovers(workers)
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("shape", ["guarded", "unguarded"])
 def test_sigint_reaches_the_caller_in_map_and_leaves_no_worker(tmp_path, tmp_shared, shape):
