@@ -115,59 +115,53 @@ def test_halt_now_keeps_the_results_of_inputs_that_had_finished(tmp_path):
     assert _runs(tmp_path) == {"a": 1, "b": 1, "c": 1, "d": 1, "hang": 1}
 
 
-def finish_despite_sigterm_or_fail_once_it_runs(spec):
-    directory, name = spec.split("|")
-    started = os.path.join(directory, "slow-started")
+def _wait_for(path):
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def ignore_sigterm_for_a_while_or_fail_once_it_runs(spec):
+    """"bad" raises once the other input runs; the other ignores SIGTERM (the halt's), so
+    only the SIGKILL after the grace can end its worker, and returns the seconds given after
+    "bad" raised."""
+    directory, name, seconds = spec.split("|")
+    started, raising = os.path.join(directory, "started"), os.path.join(directory, "raising")
     if name == "bad":
-        deadline = time.monotonic() + 10
-        while not os.path.exists(started) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_for(started)
+        open(raising, "w").close()
         raise ValueError("bad input")
-    # The halt's SIGTERM comes while this still runs; ignored, the worker dies only of the
-    # SIGKILL after the grace: the window between a task's return and its worker's death, wide.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     open(started, "w").close()
-    time.sleep(0.4)
+    _wait_for(raising)
+    time.sleep(float(seconds))
     return name
 
 
 @pytest.mark.timeout(60)
 def test_halt_now_keeps_the_result_of_a_task_that_returned_before_its_worker_died(tmp_path):
     # "bad" fails while "slow" runs in the other worker: the halt kills "slow"'s worker, but
-    # "slow" returns before the kill takes effect.  Its result was computed: it is kept, not
-    # replaced by TaskCancelledError (a journal would run it again, a second time).
-    specs = [f"{tmp_path}|slow", f"{tmp_path}|bad"]
+    # "slow" returns 0.25 s after, before the kill takes effect (0.5 s grace): the window
+    # between a task's return and its worker's death, made wide.  Its result was computed: it
+    # is kept, not replaced by TaskCancelledError (a journal would run it again).
+    specs = [f"{tmp_path}|slow|0.25", f"{tmp_path}|bad|0"]
     with Pool(2, retries=0) as pool:
-        outcomes = list(pool.imap_outcomes(finish_despite_sigterm_or_fail_once_it_runs, specs,
-                                           chunksize=1, halt="now,fail=1"))
+        outcomes = list(pool.imap_outcomes(ignore_sigterm_for_a_while_or_fail_once_it_runs,
+                                           specs, chunksize=1, halt="now,fail=1"))
     slow, bad = outcomes
     assert slow.pid != bad.pid  # the premise: they ran side by side
     assert isinstance(bad.error, ValueError)
     assert (slow.ok, slow.value, slow.attempts) == (True, "slow", 1), slow.error
 
 
-def hold_despite_sigterm_or_fail_once_it_runs(spec):
-    directory, name = spec.split("|")
-    started = os.path.join(directory, "hold-started")
-    if name == "bad":
-        deadline = time.monotonic() + 10
-        while not os.path.exists(started) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        raise ValueError("bad input")
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    open(started, "w").close()
-    time.sleep(30)
-    return name
-
-
 @pytest.mark.timeout(60)
 def test_halt_now_cancels_a_task_that_ignores_sigterm_after_the_kill_grace(tmp_path):
     # The halt's SIGTERM is ignored: after the grace the worker is SIGKILLed, and the task
     # ends cancelled (it ran: one attempt), without waiting for the task's own 30 s.
-    specs = [f"{tmp_path}|hold", f"{tmp_path}|bad"]
+    specs = [f"{tmp_path}|hold|30", f"{tmp_path}|bad|0"]
     began = time.monotonic()
     with Pool(2, retries=0) as pool:
-        hold, bad = pool.imap_outcomes(hold_despite_sigterm_or_fail_once_it_runs, specs,
+        hold, bad = pool.imap_outcomes(ignore_sigterm_for_a_while_or_fail_once_it_runs, specs,
                                        chunksize=1, halt="now,fail=1")
         assert isinstance(bad.error, ValueError)
         assert isinstance(hold.error, TaskCancelledError) and hold.attempts == 1
