@@ -312,11 +312,30 @@ def _serve(listener_fd: int, alive_r: int) -> None:
         _import_what_workers_import_at_start()
         forkserver.main(listener_fd, alive_r, [])
     except SystemExit:
-        pass  # the "alive" pipe closed: the program and every worker are gone
+        pass  # the "alive" pipe closed: the program is gone, or its pool has stopped
     except BaseException:
         code = 1
     finally:
+        _kill_workers_left()
         os._exit(code)  # nothing of the program's (atexit, finalizers) runs here
+
+
+def _kill_workers_left() -> None:
+    """Before the server goes: every worker it forked that is still there (the program died
+    under it) is killed with its process group, a task's own subprocesses included.  The
+    workers' parent-death signal would kill each worker alone, and possibly before the
+    worker's watchdog thread had killed its group."""
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as children:
+            pids = [int(pid) for pid in children.read().split()]
+    except (OSError, ValueError):
+        return  # no such file (an old kernel): the parent-death signal alone, as before
+    for pid in pids:
+        for kill in (os.killpg, os.kill):  # a worker leads its group once it has started
+            try:
+                kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _import_what_workers_import_at_start() -> None:
