@@ -578,10 +578,12 @@ _POOLS_OF_THIS_PROCESS: "weakref.WeakSet[Pool]" = weakref.WeakSet()
 def _disown_pools_after_fork() -> None:
     """In a child forked from a process with pools (os.fork, or a fork worker): their copies
     have no supervisor thread, so a call would wait forever.  They are closed here, and never
-    shut down from here (their workers are the parent's)."""
+    shut down from here (their workers are the parent's), and the child lets go of what tells
+    their workers that the parent lives (WorkerSlots.let_go_after_fork)."""
     for pool in list(_POOLS_OF_THIS_PROCESS):
         pool._state = PoolState.TERMINATE
         pool._finalizer.detach()
+        pool._supervisor.workers.let_go_after_fork()
     _POOLS_OF_THIS_PROCESS.clear()
 
 

@@ -175,6 +175,15 @@ class ProgramForkServer(_ForkServer):  # type: ignore[misc]
         _SERVERS[id(self)] = self
         return True
 
+    def let_go_after_fork(self) -> None:
+        """In a child forked from the program: forget the server (it is the program's, not
+        this child's to stop) and point this child's copy of its "alive" pipe at /dev/null."""
+        fd = self._forkserver_alive_fd
+        self._forkserver_pid = self._forkserver_alive_fd = self._forkserver_address = None
+        _SERVERS.pop(id(self), None)
+        if fd is not None:
+            null_over(fd)
+
     def ensure_running(self) -> None:
         """The server is made by start() only: once it is gone, _Popen starts the pool's
         workers from multiprocessing's shared server instead.  Only the resource tracker,
@@ -280,6 +289,20 @@ def _spawn_resource_tracker() -> None:
         os.setpriority(os.PRIO_PROCESS, pid, 19)
     except OSError:  # gone already, or not ours to renice: it runs as multiprocessing's would
         pass
+
+
+def null_over(fd: int) -> None:
+    """Point `fd` at /dev/null: the pipe end it held is let go, its number stays taken."""
+    try:
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.dup2(null, fd, inheritable=os.get_inheritable(fd))
+    except OSError:
+        pass
+    finally:
+        os.close(null)
 
 
 def _flush_std_streams() -> None:

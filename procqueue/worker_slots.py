@@ -23,7 +23,7 @@ from collections import deque
 from typing import Any
 
 from .errors import InitializerError, describe_exit
-from .program_fork import ProgramForkContext
+from .program_fork import ProgramForkContext, null_over
 from .protocol import InitializerCall, OutOfBand, Stop, ToWorker, dumps_message
 from .records import FrozenRecord
 from .tasks import Block, Job, Task
@@ -498,6 +498,19 @@ class WorkerSlots:
                     self.reap(slot)
                 except Exception:
                     pass
+
+    def let_go_after_fork(self) -> None:
+        """In a child forked from the pool's process: its copies of the death pipe's writing
+        end and of the fork server's "alive" pipe would keep the workers and the server up
+        after the pool's process died, as long as this child lives (a helper process the
+        program forked, or a fork worker of another pool).  Pointed at /dev/null, not closed:
+        the numbers stay taken (a fork worker closes its inherited ones by number)."""
+        try:
+            null_over(self._death_writer.fileno())
+        except (OSError, ValueError):  # closed already: the pool had stopped
+            pass
+        if isinstance(self.context, ProgramForkContext):
+            self.context.server.let_go_after_fork()
 
     def open_fork_server(self) -> None:
         """Before the supervisor's thread starts: fork this pool's own fork server from the

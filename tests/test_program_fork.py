@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 
+import psutil
 import pytest
 
 from process_checks import wait_gone
@@ -174,6 +175,56 @@ def test_the_resource_tracker_removes_what_a_killed_program_s_worker_left(tmp_pa
     while os.path.exists(segment) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not os.path.exists(segment), "the resource tracker left the segment behind"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("threaded", [False, True], ids=["one-thread", "threads"])
+def test_a_process_the_program_forked_does_not_keep_the_workers_up(tmp_path, threaded):
+    # The program forks a helper (os.fork) while its pool runs, then is SIGKILLed.  The
+    # helper's copies of the pool's pipes must not keep the workers (and the fork server)
+    # alive: they go with the program, the helper lives on.
+    script = tmp_path / "helper.py"
+    script.write_text(PRELUDE + textwrap.dedent("""\
+        def hold(_):
+            time.sleep(60)
+
+        if __name__ == "__main__":
+            if len(sys.argv) > 1:
+                hold_threads()
+            pool = procqueue.Pool(2)
+            for i in range(2):
+                pool.apply_async(hold, (i,))
+            time.sleep(0.5)  # both workers run a task
+            helper = os.fork()
+            if helper == 0:
+                time.sleep(30)
+                os._exit(0)
+            # (multiprocessing's resource tracker lives as long as the helper: it is not ours)
+            tree = [p.pid for p in psutil.Process().children(recursive=True)
+                    if p.pid != helper and "resource_tracker" not in " ".join(p.cmdline())]
+            print(json.dumps({"helper": helper, "tree": tree}), flush=True)
+            time.sleep(60)
+        """))
+    proc = subprocess.Popen([sys.executable, str(script), *(["threads"] if threaded else [])],
+                            stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    helper = None
+    try:
+        out = json.loads(proc.stdout.readline())
+        helper, tree = out["helper"], out["tree"]
+        assert len(tree) >= 3  # two workers and their fork server
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert wait_gone(tree, 5.0) == [], "the pool's processes outlived the program"
+        assert psutil.pid_exists(helper)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if helper is not None:
+            try:
+                os.kill(helper, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.mark.timeout(60)
