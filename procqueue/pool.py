@@ -583,7 +583,10 @@ def _disown_pools_after_fork() -> None:
     for pool in list(_POOLS_OF_THIS_PROCESS):
         pool._state = PoolState.TERMINATE
         pool._finalizer.detach()
-        pool._supervisor.workers.let_go_after_fork()
+        try:
+            pool._supervisor.workers.let_go_after_fork()
+        except Exception:  # noqa: BLE001 - a fork handler must not fail the fork's child
+            pass
     _POOLS_OF_THIS_PROCESS.clear()
 
 

@@ -255,7 +255,7 @@ def _spawn_resource_tracker() -> None:
     it has nothing to do until a resource is registered (messages wait in its pipe) or the
     program ends.  So it runs without site (-S: multiprocessing is in the standard library;
     a venv's .pth files cost milliseconds more) and at the lowest priority (nice 19: a
-    2-CPU machine's one-input `procqueue map`, 20 alternating runs: ~5 ms less).  Where
+    2-CPU machine's one-input `procqueue map`, 30-50 alternating runs: ~3 ms less).  Where
     multiprocessing's tracker is not laid out as this expects, its own start is used."""
     from multiprocessing import resource_tracker
 
