@@ -377,22 +377,17 @@ def _drop_pipes_and_sockets(keep: set[int]) -> None:
     dup2, not close: the descriptor numbers stay taken, so a Python object still holding one
     can never close a descriptor opened later under the same number.  Regular files and
     terminals stay open (a logging handler's file keeps working, as after a fork)."""
-    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
-            if fd in keep or fd == null:
-                continue
-            try:
-                mode = os.fstat(fd).st_mode
-            except OSError:
-                continue  # listdir's own descriptor, closed by now
-            if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or not (
-                    stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISDIR(mode)):
-                inheritable = os.get_inheritable(fd)
-                os.dup2(null, fd, inheritable=inheritable)
-    finally:
-        os.close(null)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd in keep:
+            continue
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            continue  # listdir's own descriptor, closed by now
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or not (
+                stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISDIR(mode)):
+            null_over(fd)
 
 
 def _reset_signal_handlers() -> None:

@@ -244,9 +244,8 @@ class Scheduler:
     def next_call_probing(self) -> bool:
         """Whether the call served next has a function no task of which is measured yet
         (its batches hold one task: ChunkSizer.probing)."""
-        for queue in self._queues.values():
-            return bool(queue.job.sizer.probing)
-        return False
+        queue = next(iter(self._queues.values()), None)
+        return queue is not None and queue.job.sizer.probing
 
     def next_batch(self, max_tasks: int, now: float = 0.0, *, prefetch: bool = False,
                    after: Sequence[Task] = ()) -> list[Task] | Block:
