@@ -22,8 +22,12 @@ from .task_book import TaskBook
 from .tasks import Block, Job, Task, TaskState, new_id
 from .worker_slots import Batch, Slot, WorkerSlots
 
-# Tasks queued per worker below which nothing is prefetched (see Dispatcher.dispatch).
+# Tasks queued per worker below which nothing is prefetched (see Dispatcher.dispatch); with
+# a chunksize the caller fixed, chunks left once the idle workers have theirs: with fewer, a
+# chunk sent ahead could wait behind a slow one while another worker had nothing left to
+# take (multiprocessing's workers take the next chunk when they are free).
 PREFETCH_MIN_QUEUED_PER_WORKER = 8
+PREFETCH_MIN_CHUNKS_PER_WORKER = 2
 # Workers lost loading one function (a warm-up) before warm-ups of it stop.
 WARM_UP_CRASH_LIMIT = 2
 # Tasks of one batch from which they travel as a block (see task_block_inputs).
@@ -45,19 +49,28 @@ class Dispatcher:
         # has gone idle, and at the tail that idleness is what costs (skewed task times).
         prefetch_ok = self.scheduler.queued >= PREFETCH_MIN_QUEUED_PER_WORKER * len(
             self.workers.slots)
+        chunks_floor = self._fixed_chunks_floor()
         # (no result is read during a pass, so a function probed at its start stays so)
         probing = self.scheduler.next_call_probing()
         first_probed: Slot | None = None
         for want_batches in ((0, 1) if prefetch_ok else (0,)):
+            prefetch = want_batches > 0
             for slot in self.workers.slots:
                 while len(slot.batches) == want_batches and slot.can_take_batch():
-                    prefetch = want_batches > 0
+                    if prefetch and self.scheduler.queued < chunks_floor:
+                        return  # the last chunks go to the workers that finish first
                     if self.scheduler.queued == 0 or not self._send_next_batch(slot, prefetch):
                         break
                     if probing:
                         first_probed = first_probed or slot
                         if _has_answered(first_probed):
                             return  # see _has_answered
+
+    def _fixed_chunks_floor(self) -> int:
+        """Tasks that must still be queued for a batch ahead of a chunksize the caller fixed:
+        such batches do not shrink as the input runs out (sized ones do, see chunking.py)."""
+        chunk = self.scheduler.next_call_chunksize() or 0
+        return PREFETCH_MIN_CHUNKS_PER_WORKER * chunk * len(self.workers.slots)
 
     def note_lost_warm_ups(self, slot: Slot) -> None:
         """`slot`'s worker died: count the functions it died loading (warm-up batches)."""

@@ -247,6 +247,11 @@ class Scheduler:
         queue = next(iter(self._queues.values()), None)
         return queue is not None and queue.job.sizer.probing
 
+    def next_call_chunksize(self) -> int | None:
+        """The chunksize the caller fixed for the call served next, if any."""
+        queue = next(iter(self._queues.values()), None)
+        return None if queue is None else queue.job.sizer.fixed
+
     def next_batch(self, max_tasks: int, now: float = 0.0, *, prefetch: bool = False,
                    after: Sequence[Task] = ()) -> list[Task] | Block:
         """The next batch of at most `max_tasks` tasks that every gate admits, all of one

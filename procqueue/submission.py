@@ -53,8 +53,9 @@ class Submitter:
         first ones while the caller is still pickling the rest (big arguments)."""
         blocks = self.blocks_allowed(job, journal)
         submitted: Entries = []
-        for start in range(0, len(items), SUBMIT_GROUP_TASKS):
-            chunk = items[start:start + SUBMIT_GROUP_TASKS]
+        group_tasks = _whole_chunks_of(SUBMIT_GROUP_TASKS, job.sizer.fixed)
+        for start in range(0, len(items), group_tasks):
+            chunk = items[start:start + group_tasks]
             for group, errors in self.groups(job, start, chunk, journal, blocks):
                 self.post_group(group, errors)
                 submitted += group
@@ -159,6 +160,17 @@ def _join_block(group: Entries, block: Block | None, job: Job, index: int, item:
         group.append(block)
     block.inputs.append(item)
     return block
+
+
+def _whole_chunks_of(tasks: int, chunksize: int | None) -> int:
+    """`tasks` rounded up to whole chunks of a chunksize the caller fixed.  The supervisor
+    may dispatch a group before the next one is posted: a group that ended inside a chunk
+    sent that chunk's head as a short batch and its rest later, to another worker or
+    behind another chunk (`map(f, range(8000), chunksize=1000)` on 8 workers ran two
+    chunks on one worker and took twice as long)."""
+    if not chunksize:
+        return tasks
+    return -(-tasks // chunksize) * chunksize
 
 
 def _payload_bytes(payload: Any) -> int:

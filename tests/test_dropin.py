@@ -294,3 +294,41 @@ def test_imap_over_a_generator_with_any_chunksize_completes(chunksize: int) -> N
     with Pool(2) as pool:
         assert list(pool.imap(square, numbers(10_000), chunksize)) == [
             x * x for x in range(10_000)]
+
+
+# ---- 7. a fixed chunksize cuts the input as multiprocessing's does ----------------------------
+
+def pid_of(x: int) -> int:
+    return os.getpid()
+
+
+@pytest.mark.timeout(60)
+def test_each_chunk_of_a_fixed_chunksize_runs_whole_in_one_worker() -> None:
+    # More inputs than the pool posts to its supervisor in one go (4,096): a chunk that
+    # straddled two posts went out as two batches, often to two workers, and the workers
+    # that got the short pieces ran out of work while others still had whole chunks.
+    n, chunksize = 40_000, 2_500
+    for _ in range(4):  # whether a post is dispatched before the next one is a race
+        with Pool(4) as pool:  # (likelier while the workers are still starting)
+            pids = pool.map(pid_of, range(n), chunksize=chunksize)
+        for start in range(0, n, chunksize):
+            assert len(set(pids[start:start + chunksize])) == 1, (
+                f"the chunk at {start} was split")
+
+
+def slow_first_chunk(x: int) -> int:
+    time.sleep(0.1 if x < 10 else 0.01)  # inputs 0-9, the first chunk: 1 s; the others 0.1 s
+    return os.getpid()
+
+
+@pytest.mark.timeout(60)
+def test_no_chunk_waits_behind_a_slow_one_while_another_worker_has_nothing_to_do() -> None:
+    # multiprocessing's workers take the next chunk when they are free.  A chunk sent ahead
+    # to the busy worker with the slow first chunk waited there for a second while the other
+    # worker, done with its own, sat idle.
+    with Pool(2) as pool:
+        pool.map(abs, range(8))  # both workers running
+        pids = pool.map(slow_first_chunk, range(40), chunksize=10)
+    slow_worker = pids[0]
+    assert pids[:10] == [slow_worker] * 10
+    assert slow_worker not in pids[10:], "a chunk waited behind the slow one"
