@@ -22,10 +22,11 @@ from .tasks import Job
 
 
 def start_feeder(submitter: Submitter, job: Job, stream: ResultStream, iterable: Iterable[Any],
-                 journal: JournaledCall | None = None, whole_chunks: int = 1) -> None:
-    """Open the call in the supervisor and start its feeder thread."""
+                 journal: JournaledCall | None = None, whole_chunks: int = 1,
+                 drop_cut_chunk: bool = False) -> None:
+    """Open the call in the supervisor and start its feeder thread (see InputFeed)."""
     submitter.post(OpenJob(job))
-    feeder = Feeder(submitter, job, stream, iterable, journal, whole_chunks)
+    feeder = Feeder(submitter, job, stream, iterable, journal, whole_chunks, drop_cut_chunk)
     thread = threading.Thread(target=feeder.run, name=f"procqueue-feeder-{job.id}",
                               daemon=True)
     thread.start()
@@ -36,7 +37,7 @@ class Feeder:
 
     def __init__(self, submitter: Submitter, job: Job, stream: ResultStream,
                  iterable: Iterable[Any], journal: JournaledCall | None,
-                 whole_chunks: int) -> None:
+                 whole_chunks: int, drop_cut_chunk: bool) -> None:
         self.submitter = submitter
         self.job = job
         self.journal = journal
@@ -44,7 +45,8 @@ class Feeder:
         self.feed = InputFeed(
             stream, iterable, self._submit, lambda: submitter.post(CloseJob(job)),
             count_known=None if journal is None else journal.journal.set_total,
-            room=submitter.argument_memory.room, whole_chunks=whole_chunks)
+            room=submitter.argument_memory.room, whole_chunks=whole_chunks,
+            drop_cut_chunk=drop_cut_chunk)
 
     def run(self) -> None:
         """The feeder thread."""

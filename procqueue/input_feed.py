@@ -21,6 +21,9 @@ from .results import ResultStream, Window
 
 WINDOW_TASKS_PER_WORKER = 512  # inputs taken but not consumed, per worker (process or thread)
 WINDOW_TASKS_MIN = 2048  # ... with a floor for small pools
+# ... and, with a chunksize the caller fixed, room for this many chunks per worker: one
+# running, one sent ahead, and what must be queued for a batch to go ahead (dispatch.py).
+WINDOW_CHUNKS_PER_WORKER = 4
 FEED_GROUP_MAX = 256  # inputs a feeder submits in one go at most
 FEED_GROUP_MAX_WAIT_S = 0.002  # a group stops growing once its first input waited this long
 
@@ -29,8 +32,9 @@ FEED_GROUP_MAX_WAIT_S = 0.002  # a group stops growing once its first input wait
 Inputs: TypeAlias = "list[Any] | tuple[Any, ...]"
 
 
-def window_size(workers: int) -> int:
-    return max(WINDOW_TASKS_MIN, WINDOW_TASKS_PER_WORKER * workers)
+def window_size(workers: int, chunksize: int | None = None) -> int:
+    return max(WINDOW_TASKS_MIN, WINDOW_TASKS_PER_WORKER * workers,
+               WINDOW_CHUNKS_PER_WORKER * workers * (chunksize or 0))
 
 
 class InputFeed:
@@ -41,17 +45,18 @@ class InputFeed:
     finish(): after the stream was told the count: the backend has every input.
     room(most, closed): how many inputs the next group may take, at most `most` (the local
     pool bounds the big arguments copied ahead; closed() says the window has closed).
-    With whole_chunks=N > 1 (imap's explicit chunksize), inputs are submitted N at a time,
-    as multiprocessing.Pool does, so that an error of the input iterator drops the chunk it
-    cut short, as there: imap yields the results of the whole chunks before it, then raises
-    the error."""
+    With whole_chunks=N > 1 (an explicit chunksize), inputs are submitted N at a time, as
+    multiprocessing.Pool does: the supervisor, which may dispatch a group before the next one
+    arrives, never sends a chunk cut short.  With drop_cut_chunk (imap), an error of the
+    input iterator drops the chunk it cut short, as there: imap yields the results of the
+    whole chunks before it, then raises the error."""
 
     def __init__(self, stream: ResultStream, iterable: Iterable[Any],
                  submit: Callable[[int, Inputs], None],
                  finish: Callable[[], None], *,
                  count_known: Callable[[int], None] | None = None,
                  room: Callable[[int, Callable[[], bool]], int] | None = None,
-                 whole_chunks: int = 1) -> None:
+                 whole_chunks: int = 1, drop_cut_chunk: bool = False) -> None:
         assert stream.window is not None  # a lazy call's stream has a window
         self.stream = stream
         self.window: Window = stream.window
@@ -61,6 +66,7 @@ class InputFeed:
         self.count_known = count_known
         self.room = room
         self.whole_chunks = whole_chunks
+        self.drop_cut_chunk = drop_cut_chunk
         self.count = 0  # inputs submitted so far
         self.held: list[Any] = []  # inputs of a chunk not complete yet (whole_chunks > 1)
 
@@ -92,8 +98,9 @@ class InputFeed:
             items = source.take(places)
             if places > len(items):  # replayed outcomes hold their place like tasks
                 window.release(places - len(items))
-            if self.whole_chunks > 1 and source.sequence is None:  # (a list cannot raise)
-                items, self.held = _whole_chunks(self.held, items, self.whole_chunks, source)
+            if self.whole_chunks > 1:
+                items, self.held = _whole_chunks(self.held, items, self.whole_chunks, source,
+                                                 self.drop_cut_chunk)
             if items:
                 self.submit(self.count, items)
             self.count += len(items)
@@ -139,12 +146,12 @@ class InputSource:
         return items
 
 
-def _whole_chunks(held: list[Any], items: Inputs, chunk: int,
-                  source: InputSource) -> tuple[list[Any], list[Any]]:
+def _whole_chunks(held: list[Any], items: Inputs, chunk: int, source: InputSource,
+                  drop_cut_chunk: bool) -> tuple[list[Any], list[Any]]:
     """(inputs to submit now, inputs held back): whole chunks of `chunk` inputs, and the last,
-    shorter one once the input has ended without an error."""
+    shorter one once the input has ended (unless an error cut it and drop_cut_chunk)."""
     taken = held + list(items)
-    if source.exhausted and source.error is None:
+    if source.exhausted and (source.error is None or not drop_cut_chunk):
         return taken, []
     cut = len(taken) - len(taken) % chunk
     return taken[:cut], taken[cut:]

@@ -348,7 +348,7 @@ class Pool(PoolCalls):
         input order or, with ordered=False, in completion order.  Never raises for a task."""
         self._check_running()
         call = parse_call(options, chunksize=chunksize)
-        stream = ResultStream(ordered, self._window())
+        stream = ResultStream(ordered, self._window(call))
         kind = CallKind.STAR if star else CallKind.ONE
         job = self._jobs.job(func, kind, stream, call)
         self._supervisor.watch(stream)
@@ -357,7 +357,8 @@ class Pool(PoolCalls):
         iterator = OutcomeIterator(
             stream, self, on_abandon=lambda: post(CancelJob(job, False, True)),
             on_cancel=lambda kill: post(CancelJob(job, kill, False)))
-        start_feeder(self._submitter, job, stream, iterable, journal)
+        start_feeder(self._submitter, job, stream, iterable, journal,
+                     whole_chunks=self._whole_chunks(call))
         return iterator
 
     def serve(self, queue: "TaskQueue", queues: Sequence[str] | None = None, *,
@@ -430,7 +431,7 @@ class Pool(PoolCalls):
               *, ordered: bool, errors: str, options: dict[str, Any]) -> IMapIterator:
         self._check_running()
         call = parse_call(options, chunksize=chunksize, errors=errors)
-        stream = ResultStream(ordered, self._window())
+        stream = ResultStream(ordered, self._window(call))
         job = self._jobs.job(func, CallKind.ONE, stream, call, timed_inputs=False)
         self._supervisor.watch(stream)
         journal = self._journal.for_call(func, job)
@@ -438,20 +439,21 @@ class Pool(PoolCalls):
         iterator = IMapIterator(stream, self, lambda: post(CancelJob(job, False, True)),
                                 return_errors=call.return_errors)
         start_feeder(self._submitter, job, stream, iterable, journal,
-                     whole_chunks=self._whole_chunks(call))
+                     whole_chunks=self._whole_chunks(call), drop_cut_chunk=True)
         return iterator
 
     def _whole_chunks(self, call: ParsedCall) -> int:
-        """Inputs an imap feeds at a time: its chunksize where a chunk fits in the window (a
-        partial chunk holds its places; one larger than the window could never complete)."""
-        chunksize = call.chunksize
-        return chunksize if chunksize is not None and chunksize <= self._window_size() else 1
+        """Inputs a lazy call feeds at a time: its chunksize where a chunk fits in the window
+        (a partial chunk holds its places; one larger than the window could never complete)."""
+        chunksize = call.chunksize or self._config.chunksize
+        fits = chunksize is not None and chunksize <= self._window_size(call)
+        return chunksize if fits and chunksize is not None else 1
 
-    def _window(self) -> Window:
-        return Window(self._window_size())
+    def _window(self, call: ParsedCall) -> Window:
+        return Window(self._window_size(call))
 
-    def _window_size(self) -> int:
-        return window_size(self._processes)
+    def _window_size(self, call: ParsedCall) -> int:
+        return window_size(self._processes, call.chunksize or self._config.chunksize)
 
 
 class Queue(FrozenRecord):

@@ -2,6 +2,7 @@
 hit (issue #19).  CPython's own Pool tests run in test_cpython_pool.py."""
 from __future__ import annotations
 
+import collections
 import gc
 import multiprocessing
 import multiprocessing.pool
@@ -332,3 +333,30 @@ def test_no_chunk_waits_behind_a_slow_one_while_another_worker_has_nothing_to_do
     slow_worker = pids[0]
     assert pids[:10] == [slow_worker] * 10
     assert slow_worker not in pids[10:], "a chunk waited behind the slow one"
+
+
+def nap_then_pid(x: int) -> int:
+    time.sleep(0.0005)
+    return os.getpid()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["imap", "imap_unordered"])
+@pytest.mark.parametrize("inputs", ["range", "generator"])
+def test_imap_with_a_chunksize_gives_each_free_worker_a_whole_chunk(api: str,
+                                                                    inputs: str) -> None:
+    # Four chunks of 1,000 inputs on four workers: imap fed a range in groups of 256, which
+    # could go out as pieces of chunks, and only two whole chunks fitted its input window
+    # (2,048 inputs): the others waited for the first ones' results while workers sat idle.
+    workers, chunksize = 4, 1_000
+    items = range(workers * chunksize)
+    if inputs == "generator":
+        items = (x for x in items)
+    with Pool(workers) as pool:
+        pool.map(abs, range(4 * workers))  # every worker running
+        pids = list(getattr(pool, api)(nap_then_pid, items, chunksize=chunksize))
+    if api == "imap":  # (imap_unordered's results come in completion order)
+        for start in range(0, len(pids), chunksize):
+            assert len(set(pids[start:start + chunksize])) == 1, f"the chunk at {start} split"
+    assert sorted(collections.Counter(pids).values()) == [chunksize] * workers, (
+        "the chunks did not run one in each worker")

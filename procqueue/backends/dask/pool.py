@@ -353,7 +353,7 @@ class DaskPool(Pool):
             error.__cause__ = exc
             raise error from exc
 
-    def _window_size(self) -> int:
+    def _window_size(self, call: Any = None) -> int:
         return window_size(self._driver.threads())  # a worker thread runs an item at a time
 
     def _post_items(self, call: DaskJob, values: Iterable[Any],
