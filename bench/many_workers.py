@@ -41,7 +41,8 @@ SLOW_API_TASKS = 20_000
 # key (gates and keys count each start: every input is a Task of its own); few keys: N keys
 # of one task at once each, exactly the places N workers need.
 APIS: list[tuple[str, str]] = [
-    ("procqueue", "map"), ("procqueue", "imap"), ("procqueue", "submit"),
+    ("procqueue", "map"), ("procqueue", "map+unpinned"), ("procqueue", "imap"),
+    ("procqueue", "submit"),
     ("procqueue", "imap+timeout"), ("procqueue", "imap+concurrency"), ("procqueue", "imap+key"),
     ("procqueue", "imap+fewkeys"),
     ("mp", "map"), ("mp", "imap"), ("joblib", "parallel"),
@@ -61,7 +62,10 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     xs = list(range(tasks))
     task_s = _measured_task_s()
     system = _system(system_name)
-    system.open(jobs)
+    if api.endswith("+unpinned"):  # more workers than CPUs: the kernel places each wake-up
+        system.open(jobs, pin=False)
+    else:
+        system.open(jobs)
     try:
         call = _caller(system, api, jobs)
         call(warm, list(range(WARM_TASKS_PER_WORKER * jobs)))  # every worker started
@@ -129,7 +133,7 @@ def _caller(system: Any, api: str, jobs: int) -> Any:
     if options is not None:
         view = system.pool.options(**options)
         return lambda fn, xs: list(view.imap(fn, xs))
-    return lambda fn, xs: system.call(api, fn, xs)
+    return lambda fn, xs: system.call(api.removesuffix("+unpinned"), fn, xs)
 
 
 # ---- the run --------------------------------------------------------------------------------

@@ -66,10 +66,10 @@ class Procqueue(System):
     name, apis = "procqueue", ("map", "imap", "imap_unordered", "submit")
     supervisor_thread = "procqueue-supervisor"
 
-    def open(self, workers: int) -> None:
+    def open(self, workers: int, **options: Any) -> None:
         from procqueue import Pool
 
-        self.pool = Pool(workers)
+        self.pool = Pool(workers, **options)
 
     def call(self, api: str, fn: Callable[[Any], Any], xs: list[Any]) -> list[Any]:
         pool = self.pool
