@@ -23,10 +23,11 @@ from .tasks import Job
 
 def start_feeder(submitter: Submitter, job: Job, stream: ResultStream, iterable: Iterable[Any],
                  journal: JournaledCall | None = None, whole_chunks: int = 1,
-                 drop_cut_chunk: bool = False) -> None:
+                 wait_for_whole_chunks: bool = False) -> None:
     """Open the call in the supervisor and start its feeder thread (see InputFeed)."""
     submitter.post(OpenJob(job))
-    feeder = Feeder(submitter, job, stream, iterable, journal, whole_chunks, drop_cut_chunk)
+    feeder = Feeder(submitter, job, stream, iterable, journal, whole_chunks,
+                    wait_for_whole_chunks)
     thread = threading.Thread(target=feeder.run, name=f"procqueue-feeder-{job.id}",
                               daemon=True)
     thread.start()
@@ -37,7 +38,7 @@ class Feeder:
 
     def __init__(self, submitter: Submitter, job: Job, stream: ResultStream,
                  iterable: Iterable[Any], journal: JournaledCall | None,
-                 whole_chunks: int, drop_cut_chunk: bool) -> None:
+                 whole_chunks: int, wait_for_whole_chunks: bool) -> None:
         self.submitter = submitter
         self.job = job
         self.journal = journal
@@ -46,7 +47,7 @@ class Feeder:
             stream, iterable, self._submit, lambda: submitter.post(CloseJob(job)),
             count_known=None if journal is None else journal.journal.set_total,
             room=submitter.argument_memory.room, whole_chunks=whole_chunks,
-            drop_cut_chunk=drop_cut_chunk)
+            wait_for_whole_chunks=wait_for_whole_chunks)
 
     def run(self) -> None:
         """The feeder thread."""

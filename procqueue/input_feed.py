@@ -45,18 +45,20 @@ class InputFeed:
     finish(): after the stream was told the count: the backend has every input.
     room(most, closed): how many inputs the next group may take, at most `most` (the local
     pool bounds the big arguments copied ahead; closed() says the window has closed).
-    With whole_chunks=N > 1 (an explicit chunksize), inputs are submitted N at a time, as
-    multiprocessing.Pool does: the supervisor, which may dispatch a group before the next one
-    arrives, never sends a chunk cut short.  With drop_cut_chunk (imap), an error of the
-    input iterator drops the chunk it cut short, as there: imap yields the results of the
-    whole chunks before it, then raises the error."""
+    With whole_chunks=N > 1 (an explicit chunksize), a list, tuple or range is submitted N
+    inputs at a time: the supervisor, which may dispatch a group before the next one arrives,
+    never sends a chunk cut short.  So is an iterator's input with wait_for_whole_chunks
+    (imap), as multiprocessing.Pool does, and an error of the input iterator drops the chunk
+    it cut short, as there: imap yields the results of the whole chunks before it, then
+    raises the error.  Without it (imap_outcomes, the command line), an iterator's inputs are
+    not held back for the rest of their chunk."""
 
     def __init__(self, stream: ResultStream, iterable: Iterable[Any],
                  submit: Callable[[int, Inputs], None],
                  finish: Callable[[], None], *,
                  count_known: Callable[[int], None] | None = None,
                  room: Callable[[int, Callable[[], bool]], int] | None = None,
-                 whole_chunks: int = 1, drop_cut_chunk: bool = False) -> None:
+                 whole_chunks: int = 1, wait_for_whole_chunks: bool = False) -> None:
         assert stream.window is not None  # a lazy call's stream has a window
         self.stream = stream
         self.window: Window = stream.window
@@ -66,7 +68,7 @@ class InputFeed:
         self.count_known = count_known
         self.room = room
         self.whole_chunks = whole_chunks
-        self.drop_cut_chunk = drop_cut_chunk
+        self.wait_for_whole_chunks = wait_for_whole_chunks
         self.count = 0  # inputs submitted so far
         self.held: list[Any] = []  # inputs of a chunk not complete yet (whole_chunks > 1)
 
@@ -98,9 +100,9 @@ class InputFeed:
             items = source.take(places)
             if places > len(items):  # replayed outcomes hold their place like tasks
                 window.release(places - len(items))
-            if self.whole_chunks > 1:
-                items, self.held = _whole_chunks(self.held, items, self.whole_chunks, source,
-                                                 self.drop_cut_chunk)
+            if self.whole_chunks > 1 and (source.sequence is not None
+                                          or self.wait_for_whole_chunks):
+                items, self.held = _whole_chunks(self.held, items, self.whole_chunks, source)
             if items:
                 self.submit(self.count, items)
             self.count += len(items)
@@ -146,12 +148,12 @@ class InputSource:
         return items
 
 
-def _whole_chunks(held: list[Any], items: Inputs, chunk: int, source: InputSource,
-                  drop_cut_chunk: bool) -> tuple[list[Any], list[Any]]:
+def _whole_chunks(held: list[Any], items: Inputs, chunk: int,
+                  source: InputSource) -> tuple[list[Any], list[Any]]:
     """(inputs to submit now, inputs held back): whole chunks of `chunk` inputs, and the last,
-    shorter one once the input has ended (unless an error cut it and drop_cut_chunk)."""
+    shorter one once the input has ended without an error."""
     taken = held + list(items)
-    if source.exhausted and (source.error is None or not drop_cut_chunk):
+    if source.exhausted and source.error is None:
         return taken, []
     cut = len(taken) - len(taken) % chunk
     return taken[:cut], taken[cut:]

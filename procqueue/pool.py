@@ -439,7 +439,7 @@ class Pool(PoolCalls):
         iterator = IMapIterator(stream, self, lambda: post(CancelJob(job, False, True)),
                                 return_errors=call.return_errors)
         start_feeder(self._submitter, job, stream, iterable, journal,
-                     whole_chunks=self._whole_chunks(call), drop_cut_chunk=True)
+                     whole_chunks=self._whole_chunks(call), wait_for_whole_chunks=True)
         return iterator
 
     def _whole_chunks(self, call: ParsedCall) -> int:
