@@ -150,10 +150,9 @@ def _report(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Name
             ratios = [f"{w / walls[0]:.2f}" if w is not None and walls[0] else ""
                       for w in walls[1:]]
             lines.append(f"| {shape} | `{api}` | " + " | ".join(shown + ratios) + " |")
-    errors = [r for r in rows if "error" in r]
-    if errors:
-        lines += ["", "Cells that failed: " + "; ".join(
-            f"{r['system']} {r['shape']} {r['api']}: {r['error']}" for r in errors)]
+    failed = harness.failed_cells(rows, lambda r: f"{r['system']} {r['shape']} {r['api']}")
+    if failed:
+        lines += ["", failed]
     return "\n".join(lines) + "\n"
 
 

@@ -258,6 +258,15 @@ def save_results(out: Path, raw: dict[str, Any], report: str) -> None:
     print(report)
 
 
+def failed_cells(rows: list[dict[str, Any]], describe: Callable[[dict[str, Any]], str]
+                 ) -> str | None:
+    """The report's line naming the cells that failed (`describe` names one), or None."""
+    errors = [r for r in rows if "error" in r]
+    if not errors:
+        return None
+    return "Cells that failed: " + "; ".join(f"{describe(r)}: {r['error']}" for r in errors)
+
+
 # ---- statistics over repeats ----------------------------------------------------------------
 
 def spread(values: Iterable[float]) -> dict[str, float]:

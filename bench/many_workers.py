@@ -198,10 +198,9 @@ def _report(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Name
                       f"{statistics.median(r['tasks_per_s'] for r in mine):,.0f}",
                       f"{statistics.median(r['parent_cpu_us_per_task'] for r in mine):.1f}"]
         lines.append(f"| {system} `{api}` | " + " | ".join(cells) + " |")
-    errors = [r for r in rows if "error" in r]
-    if errors:
-        lines += ["", "Cells that failed: " + "; ".join(
-            f"{r['system']}:{r['api']} N={r['jobs']}: {r['error']}" for r in errors)]
+    failed = harness.failed_cells(rows, lambda r: f"{r['system']}:{r['api']} N={r['jobs']}")
+    if failed:
+        lines += ["", failed]
     return "\n".join(lines) + "\n"
 
 

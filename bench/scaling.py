@@ -129,11 +129,10 @@ def _report(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Name
         task_ms = [statistics.median(r["task_ms"] for r in _cells(rows, workload, n)) for n in ns]
         lines += ["| one task's time, ms (median of the cells) | "
                   + " | ".join(f"{t:.2f}" for t in task_ms) + " |", ""]
-    errors = [r for r in rows if "error" in r]
-    if errors:
-        lines += ["Cells that failed: " + "; ".join(
-            f"{r['system']}:{r['api']} {r['workload']} N={r['jobs']}: {r['error']}"
-            for r in errors), ""]
+    failed = harness.failed_cells(
+        rows, lambda r: f"{r['system']}:{r['api']} {r['workload']} N={r['jobs']}")
+    if failed:
+        lines += [failed, ""]
     return "\n".join(lines)
 
 

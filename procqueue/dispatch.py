@@ -49,9 +49,10 @@ class Dispatcher:
         # has gone idle, and at the tail that idleness is what costs (skewed task times).
         prefetch_ok = self.scheduler.queued >= PREFETCH_MIN_QUEUED_PER_WORKER * len(
             self.workers.slots)
-        chunks_floor = self._fixed_chunks_floor()
+        sizer = self.scheduler.next_call_sizer()
+        chunks_floor = self._fixed_chunks_floor(None if sizer is None else sizer.fixed)
         # (no result is read during a pass, so a function probed at its start stays so)
-        probing = self.scheduler.next_call_probing()
+        probing = sizer is not None and sizer.probing
         first_probed: Slot | None = None
         for want_batches in ((0, 1) if prefetch_ok else (0,)):
             prefetch = want_batches > 0
@@ -66,11 +67,10 @@ class Dispatcher:
                         if _has_answered(first_probed):
                             return  # see _has_answered
 
-    def _fixed_chunks_floor(self) -> int:
+    def _fixed_chunks_floor(self, chunksize: int | None) -> int:
         """Tasks that must still be queued for a batch ahead of a chunksize the caller fixed:
         such batches do not shrink as the input runs out (sized ones do, see chunking.py)."""
-        chunk = self.scheduler.next_call_chunksize() or 0
-        return PREFETCH_MIN_CHUNKS_PER_WORKER * chunk * len(self.workers.slots)
+        return PREFETCH_MIN_CHUNKS_PER_WORKER * (chunksize or 0) * len(self.workers.slots)
 
     def note_lost_warm_ups(self, slot: Slot) -> None:
         """`slot`'s worker died: count the functions it died loading (warm-up batches)."""

@@ -445,15 +445,20 @@ class Pool(PoolCalls):
     def _whole_chunks(self, call: ParsedCall) -> int:
         """Inputs a lazy call feeds at a time: its chunksize where a chunk fits in the window
         (a partial chunk holds its places; one larger than the window could never complete)."""
-        chunksize = call.chunksize or self._config.chunksize
-        fits = chunksize is not None and chunksize <= self._window_size(call)
-        return chunksize if fits and chunksize is not None else 1
+        chunksize = self._fixed_chunksize(call)
+        if chunksize is None or chunksize > self._window_size(call):
+            return 1
+        return chunksize
 
     def _window(self, call: ParsedCall) -> Window:
         return Window(self._window_size(call))
 
     def _window_size(self, call: ParsedCall) -> int:
-        return window_size(self._processes, call.chunksize or self._config.chunksize)
+        return window_size(self._processes, self._fixed_chunksize(call))
+
+    def _fixed_chunksize(self, call: ParsedCall) -> int | None:
+        """The call's chunksize, or the pool's (None: batches sized from measured times)."""
+        return call.chunksize or self._config.chunksize
 
 
 class Queue(FrozenRecord):

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from .admission import (BatchHold, ConcurrencyGate, FreeMemoryGate, Gate, KeyHold,
                         RateGateAdapter, admit, batch_share, earliest, rate_gate_for)
+from .chunking import ChunkSizer
 from .config import PoolConfig
 from .limits.keyed import KeyedFifo
 from .records import FrozenRecord
@@ -241,16 +242,11 @@ class Scheduler:
                 return None
         return None
 
-    def next_call_probing(self) -> bool:
-        """Whether the call served next has a function no task of which is measured yet
-        (its batches hold one task: ChunkSizer.probing)."""
+    def next_call_sizer(self) -> ChunkSizer | None:
+        """The batch sizer of the call served next (whether its function is still probed,
+        the chunksize its caller fixed), None when nothing is queued."""
         queue = next(iter(self._queues.values()), None)
-        return queue is not None and queue.job.sizer.probing
-
-    def next_call_chunksize(self) -> int | None:
-        """The chunksize the caller fixed for the call served next, if any."""
-        queue = next(iter(self._queues.values()), None)
-        return None if queue is None else queue.job.sizer.fixed
+        return None if queue is None else queue.job.sizer
 
     def next_batch(self, max_tasks: int, now: float = 0.0, *, prefetch: bool = False,
                    after: Sequence[Task] = ()) -> list[Task] | Block:
