@@ -23,6 +23,10 @@ from .records import FrozenRecord
 from .tasks import Block, Job, Task, TaskState, new_id
 
 
+# Batches a worker holds at once: the one it runs and one sent ahead (Dispatcher.dispatch);
+# a keyed batch holds its keys' places all along (JobQueue.batch_share).
+BATCHES_HELD_PER_WORKER = 2
+
 HALT_LEGACY = {"1": "soon,fail=1", "2": "now,fail=1"}  # GNU parallel's --halt 1 / --halt 2
 
 
@@ -366,7 +370,7 @@ class Scheduler:
         keyed = job.keyed
         assert keyed is not None
         gates = self.pool_gates + job.gates
-        places = queue.batch_share(self.workers) or size
+        places = queue.batch_share(self.workers, BATCHES_HELD_PER_WORKER) or size
         by_key: dict[Any, list[Task]] = {}
         tasks: list[Task] = []
         popped = 0  # counted out of the queue once, after the loop

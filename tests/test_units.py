@@ -235,9 +235,9 @@ def test_a_batch_that_takes_a_permit_per_task_takes_its_share(limit, workers, pe
     assert gate.running == per_batch
 
 
-def _keyed_scheduler(keys, per_key, workers, tasks_per_key=4):
+def _keyed_scheduler(keys, per_key, workers, tasks_per_key=4, batch_size=8):
     sched = Scheduler((), workers)
-    job = make_job(chunksize=8, processes=workers)
+    job = make_job(chunksize=batch_size, processes=workers)
     job.keyed = KeyedLimit(per_key)
     for i, task in enumerate(make_tasks(job, keys * tasks_per_key)):
         task.key = i % keys
@@ -262,6 +262,18 @@ def test_a_busy_worker_gets_a_keyed_batch_ahead_only_while_keys_have_places_to_s
     held = {task.key for task in batch}
     assert all(limit.running(key) <= per_key for key in range(keys))
     assert all(limit.running(key) >= 1 for key in held)
+
+
+def test_many_keys_leave_places_for_a_batch_ahead_of_every_worker():
+    """1,024 keys of 4 on 64 workers: a worker holds two batches at once (its running one and
+    one sent ahead), and a keyed batch holds a place of each key it has tasks of.  The first
+    batches must leave places for the batches ahead: taking every place at once left each
+    worker waiting for a round trip after every batch."""
+    sched, limit = _keyed_scheduler(1024, 4, workers=64, tasks_per_key=32, batch_size=100)
+    running = [sched.next_batch(100, 0.0) for _ in range(64)]
+    ahead = [sched.next_batch(100, 0.0, prefetch=True) for _ in range(64)]
+    assert all(running) and all(ahead)
+    assert all(limit.running(key) <= 4 for key in range(1024))
 
 
 def test_a_busy_worker_gets_more_of_the_keys_it_holds_once_no_other_key_may_start():

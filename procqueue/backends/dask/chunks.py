@@ -83,7 +83,7 @@ class _Dispatch:
         share (KeyedFifo.batch_share), then takes more items of the keys it holds."""
         threads = self.threads()
         size = call.sizer.next_size(len(call.pending), workers=threads)
-        places = call.pending.batch_share(threads) or size
+        places = call.pending.batch_share(threads, INFLIGHT_CHUNKS_PER_THREAD) or size
         held: set[Any] = set()  # the keys whose place this chunk holds
         items: list[DaskTask] = []
         while len(items) < size:
