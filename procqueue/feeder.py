@@ -13,7 +13,7 @@ import threading
 from typing import Any, Iterable
 
 from .inbox import CloseJob, OpenJob
-from .input_feed import InputFeed, Inputs
+from .input_feed import FeedWatch, InputFeed, Inputs
 from .pool_journal import JournaledCall
 from .program_fork import note_thread_ending
 from .results import ResultStream
@@ -21,13 +21,18 @@ from .submission import Submitter
 from .tasks import Job
 
 
+def new_feed_watch() -> FeedWatch:
+    """The watch of a pool's iterator-fed calls (see input_feed.FeedWatch)."""
+    return FeedWatch(thread_ending=note_thread_ending)
+
+
 def start_feeder(submitter: Submitter, job: Job, stream: ResultStream, iterable: Iterable[Any],
                  journal: JournaledCall | None = None, whole_chunks: int = 1,
-                 wait_for_whole_chunks: bool = False) -> None:
+                 wait_for_whole_chunks: bool = False, watch: FeedWatch | None = None) -> None:
     """Open the call in the supervisor and start its feeder thread (see InputFeed)."""
     submitter.post(OpenJob(job))
     feeder = Feeder(submitter, job, stream, iterable, journal, whole_chunks,
-                    wait_for_whole_chunks)
+                    wait_for_whole_chunks, watch)
     thread = threading.Thread(target=feeder.run, name=f"procqueue-feeder-{job.id}",
                               daemon=True)
     thread.start()
@@ -38,7 +43,8 @@ class Feeder:
 
     def __init__(self, submitter: Submitter, job: Job, stream: ResultStream,
                  iterable: Iterable[Any], journal: JournaledCall | None,
-                 whole_chunks: int, wait_for_whole_chunks: bool) -> None:
+                 whole_chunks: int, wait_for_whole_chunks: bool,
+                 watch: FeedWatch | None) -> None:
         self.submitter = submitter
         self.job = job
         self.journal = journal
@@ -47,7 +53,7 @@ class Feeder:
             stream, iterable, self._submit, lambda: submitter.post(CloseJob(job)),
             count_known=None if journal is None else journal.journal.set_total,
             room=submitter.argument_memory.room, whole_chunks=whole_chunks,
-            wait_for_whole_chunks=wait_for_whole_chunks)
+            wait_for_whole_chunks=wait_for_whole_chunks, watch=watch)
 
     def run(self) -> None:
         """The feeder thread."""

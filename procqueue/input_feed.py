@@ -10,10 +10,18 @@ local supervisor, items for the Dask driver) is the backend's `submit`.
 A call has at most its window's size of inputs taken whose outcomes were not consumed yet.
 An exception of the user's iterable ends the input: the inputs taken before it still run,
 and the consumer meets the error after their outcomes (as with multiprocessing.Pool.imap).
+
+An iterator's inputs are gathered into groups, and the feeder cannot hand a group over while
+it waits inside the iterator for the next input.  So a watch thread (FeedWatch, one per pool)
+hands over what a group has gathered once the iterator has given nothing for a look or two
+(FEED_STALL_CHECK_S): an input never waits for the next one to be produced, as in
+multiprocessing.Pool.imap, where a generator that waits for the results of the inputs it
+gave (a feedback loop) works.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable, Iterable, TypeAlias, cast
 
@@ -26,6 +34,9 @@ WINDOW_TASKS_MIN = 2048  # ... with a floor for small pools
 WINDOW_CHUNKS_PER_WORKER = 4
 FEED_GROUP_MAX = 256  # inputs a feeder submits in one go at most
 FEED_GROUP_MAX_WAIT_S = 0.002  # a group stops growing once its first input waited this long
+# How often the watch looks at an iterator's group: inputs gathered while the iterator gives
+# nothing for a whole look are handed over then (at most ~2 looks after they were produced).
+FEED_STALL_CHECK_S = 0.002
 
 
 # a group of inputs, as InputSource.take gives them
@@ -51,14 +62,16 @@ class InputFeed:
     (imap), as multiprocessing.Pool does, and an error of the input iterator drops the chunk
     it cut short, as there: imap yields the results of the whole chunks before it, then
     raises the error.  Without it (imap_outcomes, the command line), an iterator's inputs are
-    not held back for the rest of their chunk."""
+    not held back for the rest of their chunk, nor for the next input: `watch` looks at the
+    feed (see FeedWatch; without one, the feed has a watch of its own)."""
 
     def __init__(self, stream: ResultStream, iterable: Iterable[Any],
                  submit: Callable[[int, Inputs], None],
                  finish: Callable[[], None], *,
                  count_known: Callable[[int], None] | None = None,
                  room: Callable[[int, Callable[[], bool]], int] | None = None,
-                 whole_chunks: int = 1, wait_for_whole_chunks: bool = False) -> None:
+                 whole_chunks: int = 1, wait_for_whole_chunks: bool = False,
+                 watch: "FeedWatch | None" = None) -> None:
         assert stream.window is not None  # a lazy call's stream has a window
         self.stream = stream
         self.window: Window = stream.window
@@ -71,17 +84,28 @@ class InputFeed:
         self.wait_for_whole_chunks = wait_for_whole_chunks
         self.count = 0  # inputs submitted so far
         self.held: list[Any] = []  # inputs of a chunk not complete yet (whole_chunks > 1)
+        self.watch = watch
+        # An iterator's inputs taken for the group being gathered, of which the watch has
+        # submitted the first `handed`; one submit at a time (the feeder's or the watch's),
+        # under `handover`, so that inputs go in order and `count` is theirs.
+        self.handover = threading.Lock()
+        self.group: list[Any] = []
+        self.handed = 0
+        self.watched = False  # the watch may submit (under handover)
+        self.watch_error: BaseException | None = None
 
     def run(self) -> None:
         """Feed until the input ends or the window closes, then tell the stream how many
         inputs there were (and the backend, through finish)."""
         input_error: BaseException | None = None
+        stop_watch = self._watched()
         try:
             self._feed()
             input_error = self.source.error  # the inputs taken before it still run
         except BaseException as exc:  # e.g. a key function, a journal, a bug of ours
             input_error = self.source.error or exc
         finally:
+            stop_watch()  # before the count is told: no input is submitted after it
             if self.held:
                 self.window.release(len(self.held))
             if self.count_known is not None:
@@ -97,22 +121,142 @@ class InputFeed:
             places = window.acquire(most)
             if not places:
                 break  # the window closed: terminate, cancel, or the iterator was dropped
-            items = source.take(places)
-            if places > len(items):  # replayed outcomes hold their place like tasks
-                window.release(places - len(items))
-            if self.whole_chunks > 1 and (source.sequence is not None
-                                          or self.wait_for_whole_chunks):
+            if source.sequence is not None:
+                items: Inputs = source.take(places)
+                taken = len(items)
+            else:
+                items, taken = self._take_from_iterator(places)
+            if places > taken:  # the input ended
+                window.release(places - taken)
+            if self._holds_whole_chunks():
                 items, self.held = _whole_chunks(self.held, items, self.whole_chunks, source)
             if items:
-                self.submit(self.count, items)
-            self.count += len(items)
+                with self.handover:
+                    self._submit_now(items)
+
+    def _holds_whole_chunks(self) -> bool:
+        return self.whole_chunks > 1 and (self.source.sequence is not None
+                                          or self.wait_for_whole_chunks)
+
+    def _take_from_iterator(self, places: int) -> tuple[list[Any], int]:
+        """(the inputs of the group the watch did not submit, how many were taken)."""
+        self.source.take_into(self.group, places)
+        with self.handover:
+            if self.watch_error is not None:
+                raise self.watch_error
+            group, handed = self.group, self.handed
+            self.group, self.handed = [], 0
+        return group[handed:], len(group)
+
+    def _submit_now(self, items: Inputs) -> None:
+        """Under `handover`."""
+        self.submit(self.count, items)
+        self.count += len(items)
+
+    # ---- the watch: an iterator's gathered inputs, handed over while it is slow -------------
+
+    def _watched(self) -> Callable[[], None]:
+        """Have the feed watched where inputs could wait for the next one; returns how to
+        stop (after which the watch submits nothing)."""
+        if self.source.sequence is not None or self._holds_whole_chunks():
+            return lambda: None
+        own = self.watch is None
+        watch = FeedWatch() if self.watch is None else self.watch
+        self.watched = True
+        watch.add(self)
+
+        def unwatch() -> None:
+            with self.handover:
+                self.watched = False
+            watch.remove(self)
+            if own:
+                watch.close()
+        return unwatch
+
+    def hand_over_stalled(self, looked_at: tuple[list[Any] | None, int]
+                          ) -> tuple[list[Any] | None, int]:
+        """The watch's look: submit the group's inputs not submitted yet if it has not grown
+        since the last look (the iterator is slow, or waits for something); returns this
+        look.  A failure to submit is the feeder's to raise (it ends the input)."""
+        with self.handover:
+            group, size = self.group, len(self.group)
+            if not self.watched or self.watch_error is not None:
+                return group, size
+            if (group, size) == looked_at and size > self.handed and not self.window.closed():
+                items = group[self.handed:size]
+                self.handed = size
+                try:
+                    self._submit_now(items)
+                except BaseException as exc:  # noqa: BLE001 - raised by the feeder
+                    self.watch_error = exc
+            return group, size
+
+
+class FeedWatch:
+    """A thread that looks at the iterator-fed calls it is given (InputFeed.hand_over_stalled)
+    every FEED_STALL_CHECK_S, and waits without looking while it has none.  One per pool,
+    started with its first such call and stopped by close(): a thread per call made each
+    imap over a generator ~0.15 ms longer.  `thread_ending` is called as the thread ends."""
+
+    def __init__(self, thread_ending: Callable[[], None] | None = None) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._looks: dict[InputFeed, tuple[list[Any] | None, int]] = {}
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._thread_ending = thread_ending
+
+    def add(self, feed: InputFeed) -> None:
+        with self._cond:
+            if self._closed:
+                return  # the pool is shutting down: its calls end
+            self._looks[feed] = (None, 0)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="procqueue-feed-watch")
+                self._thread.start()
+            self._cond.notify()
+
+    def remove(self, feed: InputFeed) -> None:
+        with self._cond:
+            self._looks.pop(feed, None)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self) -> None:
+        try:
+            while self._wait_for_the_next_look():
+                with self._cond:
+                    looks = list(self._looks.items())
+                for feed, looked_at in looks:
+                    look = feed.hand_over_stalled(looked_at)
+                    with self._cond:
+                        if feed in self._looks:
+                            self._looks[feed] = look
+        finally:
+            if self._thread_ending is not None:
+                self._thread_ending()
+
+    def _wait_for_the_next_look(self) -> bool:
+        """Wait while there is nothing to look at, then a look's interval; False once closed."""
+        with self._cond:
+            while not self._looks and not self._closed:
+                self._cond.wait()
+            if not self._closed:
+                self._cond.wait(FEED_STALL_CHECK_S)
+            return not self._closed
 
 
 class InputSource:
     """A feeder's view of imap's iterable.  A list, tuple or range is sliced (no Python step
     per input); any other iterable is advanced item by item, and a group stops growing once
-    its first item waited FEED_GROUP_MAX_WAIT_S, so a slow generator's items are still
-    submitted one by one, as soon as each arrives."""
+    its first item waited FEED_GROUP_MAX_WAIT_S (what it gathered while the iterator is slow
+    is handed over by the feed's watch)."""
 
     def __init__(self, iterable: Iterable[Any]) -> None:
         # exact types: a subclass may iterate differently from how it slices
@@ -124,20 +268,23 @@ class InputSource:
         self.error: BaseException | None = None  # what the user's iterable raised
 
     def take(self, places: int) -> Inputs:
-        if self.sequence is not None:
-            items = self.sequence[self.position:self.position + places]
-            self.position += len(items)
-            self.exhausted = self.position >= len(self.sequence)
-            return items if type(items) is not range else list(items)
-        return self._next_items(places)
+        """A list's, tuple's or range's next `places` inputs (an iterator's: take_into)."""
+        assert self.sequence is not None
+        items = self.sequence[self.position:self.position + places]
+        self.position += len(items)
+        self.exhausted = self.position >= len(self.sequence)
+        return items if type(items) is not range else list(items)
 
-    def _next_items(self, places: int) -> list[Any]:
-        assert self.iterator is not None
-        items: list[Any] = []
+    def take_into(self, items: list[Any], places: int) -> None:
+        """An iterator's next inputs, appended to `items` one by one (another thread may take
+        them from it meanwhile: each append is one step) until it holds `places`."""
+        iterator = self.iterator
+        assert iterator is not None
+        append = items.append
         deadline = time.monotonic() + FEED_GROUP_MAX_WAIT_S
         try:
             while len(items) < places:
-                items.append(next(self.iterator))
+                append(next(iterator))
                 if time.monotonic() > deadline:
                     break
         except StopIteration:
@@ -145,7 +292,6 @@ class InputSource:
         except BaseException as exc:  # noqa: BLE001 - the user's iterable: reported in order
             self.error = exc
             self.exhausted = True
-        return items
 
 
 def _whole_chunks(held: list[Any], items: Inputs, chunk: int,

@@ -32,8 +32,8 @@ from .call_options import CallOptions as CallOptions
 from .calls import PoolCalls
 from .config import PoolConfig, fork_instead_of_default
 from .errors import PoolClosedError
-from .feeder import start_feeder
-from .input_feed import window_size
+from .feeder import new_feed_watch, start_feeder
+from .input_feed import FeedWatch, window_size
 from .job_maker import JobMaker
 from .affinity import worker_thread_env
 from .pool_journal import JournaledCall, JournalHolder
@@ -192,12 +192,13 @@ class Pool(PoolCalls):
         self._jobs = JobMaker(self._config, {name: _queue_gates(name, spec)
                                              for name, spec in (queues or {}).items()})
         self._submitter = Submitter(self._supervisor, self._config, self._argument_memory)
+        self._feed_watch = new_feed_watch()  # for the calls fed from iterators
         self._supervisor.start()
         # Like multiprocessing.Pool, return with the worker processes started.
         self._supervisor.spawned.wait(SPAWN_WAIT_S)
         # Terminate on garbage collection and at interpreter exit, without keeping self alive.
         self._finalizer = weakref.finalize(self, _shutdown, self._supervisor, self._journal,
-                                           self._trace)
+                                           self._trace, self._feed_watch)
         _POOLS_OF_THIS_PROCESS.add(self)
 
     def _open_run_records(self, journal: "str | os.PathLike[str] | Journal | None",
@@ -279,6 +280,7 @@ class Pool(PoolCalls):
         if self._state is PoolState.RUN:
             raise ValueError("Pool is still running")
         self._supervisor.join()
+        self._feed_watch.close()
         self._journal.close()
         if self._trace is not None:
             self._trace.close()
@@ -358,7 +360,7 @@ class Pool(PoolCalls):
             stream, self, on_abandon=lambda: post(CancelJob(job, False, True)),
             on_cancel=lambda kill: post(CancelJob(job, kill, False)))
         start_feeder(self._submitter, job, stream, iterable, journal,
-                     whole_chunks=self._whole_chunks(call))
+                     whole_chunks=self._whole_chunks(call), watch=self._feed_watch)
         return iterator
 
     def serve(self, queue: "TaskQueue", queues: Sequence[str] | None = None, *,
@@ -439,7 +441,8 @@ class Pool(PoolCalls):
         iterator = IMapIterator(stream, self, lambda: post(CancelJob(job, False, True)),
                                 return_errors=call.return_errors)
         start_feeder(self._submitter, job, stream, iterable, journal,
-                     whole_chunks=self._whole_chunks(call), wait_for_whole_chunks=True)
+                     whole_chunks=self._whole_chunks(call), wait_for_whole_chunks=True,
+                     watch=self._feed_watch)
         return iterator
 
     def _whole_chunks(self, call: ParsedCall) -> int:
@@ -601,10 +604,11 @@ os.register_at_fork(after_in_child=_disown_pools_after_fork)
 
 
 def _shutdown(supervisor: Supervisor, journal: JournalHolder,
-              trace: TraceWriter | None) -> None:
+              trace: TraceWriter | None, feed_watch: FeedWatch) -> None:
     """Terminate and wait for the workers to be gone (finalizer: GC, terminate, exit)."""
     supervisor.post(Terminate())
     supervisor.join(TERMINATE_WAIT_S)
+    feed_watch.close()
     journal.close()
     if trace is not None:
         trace.close()

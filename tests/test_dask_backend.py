@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import pickle
+import queue
 import signal
 import subprocess
 import sys
@@ -281,6 +282,24 @@ def test_imap_runs_the_inputs_taken_before_its_iterator_raised_then_raises(
     assert [results.next(timeout=20) for _ in range(3)] == [1, 4, 9]
     with pytest.raises(ZeroDivisionError, match="the inputs broke"):
         results.next(timeout=20)
+
+
+def test_imap_sends_each_input_as_it_comes_so_a_generator_may_wait_for_results(
+        pool: DaskPool) -> None:
+    # A feedback loop: each input is the last result plus one (it hung while an iterator's
+    # input waited for the next one to be produced before it was handed over).
+    fed_back: "queue.Queue[int]" = queue.Queue()
+
+    def feedback() -> Iterator[int]:
+        yield 2
+        for _ in range(3):
+            yield fed_back.get(timeout=20)
+
+    results = []
+    for result in pool.imap(square, feedback()):
+        results.append(result)
+        fed_back.put(result + 1)
+    assert results == [4, 25, 676, 458329]
 
 
 # ---- errors ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import gc
 import multiprocessing
 import multiprocessing.pool
 import os
+import queue
 import subprocess
 import sys
 import textwrap
@@ -360,3 +361,55 @@ def test_imap_with_a_chunksize_gives_each_free_worker_a_whole_chunk(api: str,
             assert len(set(pids[start:start + chunksize])) == 1, f"the chunk at {start} split"
     assert sorted(collections.Counter(pids).values()) == [chunksize] * workers, (
         "the chunks did not run one in each worker")
+
+
+# ---- 8. an iterator's input starts as soon as it is produced --------------------------------
+
+def _results_of(pool: Pool, api: str, items: Any) -> Any:
+    if api == "imap_outcomes":
+        return (outcome.value for outcome in pool.imap_outcomes(square, items))
+    return getattr(pool, api)(square, items)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["imap", "imap_unordered", "imap_outcomes"])
+def test_a_generator_may_wait_for_the_results_of_the_inputs_it_gave(api: str) -> None:
+    # A feedback loop: each input is the last result plus one.  The feeder gathered an
+    # iterator's inputs in groups and handed a group over only once the next input came,
+    # so the first input waited for the second, which waited for the first's result: the
+    # loop hung (multiprocessing.Pool.imap sends each input as it is produced).
+    fed_back: "queue.Queue[int]" = queue.Queue()
+
+    def feedback() -> Any:
+        yield 2
+        for _ in range(4):
+            yield fed_back.get(timeout=20)  # raises Empty: ends the input with an error
+
+    results = []
+    with Pool(2) as pool:
+        for result in _results_of(pool, api, feedback()):
+            results.append(result)
+            fed_back.put(result + 1)
+    assert results == [4, 25, 676, 458329, 210066388900]
+
+
+@pytest.mark.timeout(60)
+def test_each_input_of_a_slow_generator_starts_before_the_next_is_produced() -> None:
+    # A producer that makes an input every 0.3 s (a sensor, `tail -f`): each input's task
+    # starts before the next input exists, not one input late.
+    produced: list[float] = []
+
+    def slowly() -> Any:
+        for x in range(4):
+            produced.append(time.monotonic())
+            yield x
+            time.sleep(0.3)
+
+    with Pool(2) as pool:
+        starts = [start for start, _ in pool.imap(stamp_start, slowly())]
+    for x in range(3):
+        assert starts[x] < produced[x + 1], f"input {x} started after input {x + 1} was made"
+
+
+def stamp_start(x: int) -> tuple[float, int]:
+    return time.monotonic(), x

@@ -93,6 +93,28 @@ def test_workers_come_from_a_fork_of_the_program_only_when_it_has_one_thread(tmp
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("ending", ["with", "close-join"])
+def test_a_pool_that_fed_a_generator_leaves_no_thread_behind(tmp_path, ending):
+    # imap over an iterator is watched by a thread of the pool (input_feed.FeedWatch): it
+    # must end with the pool, or the next pool of a one-thread program is not forked from it
+    # (and a thread would outlive the pool).
+    end = ("pool.terminate()" if ending == "with" else "pool.close()\n        pool.join()")
+    out = run_program(tmp_path, f"""
+        pool = procqueue.Pool(2)
+        list(pool.imap(seen, (x for x in range(3))))
+        list(pool.imap_unordered(seen, iter(range(3))))
+        {end}
+        threads = threading.active_count()
+        with procqueue.Pool(2) as pool:
+            parents = pool.map(parent_cmdline, range(4))
+        print(json.dumps({{"me": psutil.Process().cmdline(), "parents": parents,
+                          "threads": threads}}))
+        """, threaded=False)
+    assert out["threads"] == 1
+    assert out["parents"] == [out["me"]] * 4
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("threaded", [False, True], ids=["one-thread", "threads"])
 def test_a_worker_starts_as_under_forkserver_whichever_server_forked_it(tmp_path, threaded):
     # The main module is imported again in the worker (its guarded block does not run), the
