@@ -199,7 +199,9 @@ class FeedWatch:
     imap over a generator ~0.15 ms longer.  `thread_ending` is called as the thread ends."""
 
     def __init__(self, thread_ending: Callable[[], None] | None = None) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # reentrant: the pool's finalizer (close) may run in this thread, from a collection
+        # of garbage while it holds the lock
+        self._cond = threading.Condition(threading.RLock())
         self._looks: dict[InputFeed, tuple[list[Any] | None, int]] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
