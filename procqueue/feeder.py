@@ -28,14 +28,17 @@ def new_feed_watch() -> FeedWatch:
 
 def start_feeder(submitter: Submitter, job: Job, stream: ResultStream, iterable: Iterable[Any],
                  journal: JournaledCall | None = None, whole_chunks: int = 1,
-                 wait_for_whole_chunks: bool = False, watch: FeedWatch | None = None) -> None:
-    """Open the call in the supervisor and start its feeder thread (see InputFeed)."""
+                 wait_for_whole_chunks: bool = False, watch: FeedWatch | None = None
+                 ) -> InputFeed:
+    """Open the call in the supervisor and start its feeder thread (see InputFeed); returns
+    the feed (InputFeed.stop_taking, for a cancel)."""
     submitter.post(OpenJob(job))
     feeder = Feeder(submitter, job, stream, iterable, journal, whole_chunks,
                     wait_for_whole_chunks, watch)
     thread = threading.Thread(target=feeder.run, name=f"procqueue-feeder-{job.id}",
                               daemon=True)
     thread.start()
+    return feeder.feed
 
 
 class Feeder:

@@ -93,6 +93,7 @@ class InputFeed:
         self.handed = 0
         self.watched = False  # the watch may submit (under handover)
         self.watch_error: BaseException | None = None
+        self.cut = False  # the call was cancelled: an iterator's input ends here (stop_taking)
 
     def run(self) -> None:
         """Feed until the input ends or the window closes, then tell the stream how many
@@ -108,14 +109,32 @@ class InputFeed:
             stop_watch()  # before the count is told: no input is submitted after it
             if self.held:
                 self.window.release(len(self.held))
-            if self.count_known is not None:
-                self.count_known(self.count)
-            self.stream.input_finished(self.count, input_error)
+            with self.handover:
+                if not self.cut:  # (else told already, by stop_taking)
+                    self.cut = True
+                    if self.count_known is not None:
+                        self.count_known(self.count)
+                    self.stream.input_finished(self.count, input_error)
+                    self.finish()
+
+    def stop_taking(self) -> None:
+        """The call was cancelled: an iterator's input ends with the inputs submitted so far,
+        now, though the feeder may be waiting inside the iterator for one that never comes
+        (stdin still open), so that the consumer gets their outcomes and no more; what the
+        iterator gives from now on is not taken.  A list's inputs are all reported still
+        (each comes out cancelled).  Light enough for a signal handler: no submit here."""
+        if self.source.sequence is not None:
+            return
+        with self.handover:
+            if self.cut:
+                return
+            self.cut = True
+            self.stream.input_finished(self.count)
             self.finish()
 
     def _feed(self) -> None:
         window, source = self.window, self.source
-        while not source.exhausted:
+        while not source.exhausted and not self.cut:
             most = FEED_GROUP_MAX if self.room is None else self.room(FEED_GROUP_MAX,
                                                                        window.closed)
             places = window.acquire(most)
@@ -132,7 +151,8 @@ class InputFeed:
                 items, self.held = _whole_chunks(self.held, items, self.whole_chunks, source)
             if items:
                 with self.handover:
-                    self._submit_now(items)
+                    if not self.cut:
+                        self._submit_now(items)
 
     def _holds_whole_chunks(self) -> bool:
         return self.whole_chunks > 1 and (self.source.sequence is not None
@@ -177,10 +197,13 @@ class InputFeed:
                           ) -> tuple[list[Any] | None, int]:
         """The watch's look: submit the group's inputs not submitted yet if it has not grown
         since the last look (the iterator is slow, or waits for something); returns this
-        look.  A failure to submit is the feeder's to raise (it ends the input)."""
+        look.  A failure to submit is the feeder's to raise (it ends the input).  A call that
+        halted ends its input here (stop_taking)."""
+        if self.stream.input_cut:
+            self.stop_taking()
         with self.handover:
             group, size = self.group, len(self.group)
-            if not self.watched or self.watch_error is not None:
+            if not self.watched or self.watch_error is not None or self.cut:
                 return group, size
             if (group, size) == looked_at and size > self.handed and not self.window.closed():
                 items = group[self.handed:size]

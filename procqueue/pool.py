@@ -356,11 +356,15 @@ class Pool(PoolCalls):
         self._supervisor.watch(stream)
         journal = self._journal.for_call(func, job)
         post = self._supervisor.post
+
+        def cancel(kill: bool) -> None:
+            post(CancelJob(job, kill, False))
+            feed.stop_taking()  # the iterator may never give another input
+
         iterator = OutcomeIterator(
-            stream, self, on_abandon=lambda: post(CancelJob(job, False, True)),
-            on_cancel=lambda kill: post(CancelJob(job, kill, False)))
-        start_feeder(self._submitter, job, stream, iterable, journal,
-                     whole_chunks=self._whole_chunks(call), watch=self._feed_watch)
+            stream, self, on_abandon=lambda: post(CancelJob(job, False, True)), on_cancel=cancel)
+        feed = start_feeder(self._submitter, job, stream, iterable, journal,
+                            whole_chunks=self._whole_chunks(call), watch=self._feed_watch)
         return iterator
 
     def serve(self, queue: "TaskQueue", queues: Sequence[str] | None = None, *,

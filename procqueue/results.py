@@ -327,6 +327,10 @@ class ResultStream(OutcomeSink):
         self._length: int | None = None  # known once the input is exhausted
         self._input_error: BaseException | None = None
         self._aborted: BaseException | None = None  # see abort
+        self.input_cut = False  # see cut_input
+
+    def cut_input(self) -> None:
+        self.input_cut = True
 
     def starting(self, task: Task) -> bool:
         return True

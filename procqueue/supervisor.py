@@ -231,6 +231,7 @@ class Supervisor:
         """The book's verdict: the call reached its halt policy."""
         assert job.halt is not None
         self.canceller.cancel_job(job, kill_running=job.halt.now)
+        job.sink.cut_input()
 
     # ---- worker events -----------------------------------------------------------------------
 

@@ -83,6 +83,10 @@ class OutcomeSink:
         if self.window is not None:
             self.window.close()
 
+    def cut_input(self) -> None:
+        """The call halted: a lazy call's iterator may end with the inputs taken so far
+        (input_feed.InputFeed.stop_taking, done by its watch: not in the supervisor's thread)."""
+
     def starting(self, task: "Task") -> bool:
         """The task is about to be sent to a worker; False: it was cancelled, skip it."""
         return True

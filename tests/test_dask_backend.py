@@ -302,6 +302,28 @@ def test_imap_sends_each_input_as_it_comes_so_a_generator_may_wait_for_results(
     assert results == [4, 25, 676, 458329]
 
 
+def test_cancelling_a_call_whose_generator_waits_ends_it_with_what_it_took(
+        pool: DaskPool) -> None:
+    release = threading.Event()
+
+    def inputs() -> Iterator[int]:
+        yield from (1, 2)
+        release.wait(30)  # an input that never comes in time
+        yield 3
+
+    try:
+        outcomes = pool.imap_outcomes(square, inputs())
+        first = [next(outcomes).value for _ in range(2)]
+        outcomes.cancel()
+        began = time.monotonic()
+        rest = list(outcomes)
+        waited = time.monotonic() - began
+    finally:
+        release.set()
+    assert first == [1, 4] and rest == []
+    assert waited < 15, f"the cancelled call waited {waited:.1f} s for its generator"
+
+
 # ---- errors ------------------------------------------------------------------------------------
 
 def test_exception_keeps_type_and_message_with_remote_traceback(pool: DaskPool) -> None:

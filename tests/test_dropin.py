@@ -413,3 +413,45 @@ def test_each_input_of_a_slow_generator_starts_before_the_next_is_produced() -> 
 
 def stamp_start(x: int) -> tuple[float, int]:
     return time.monotonic(), x
+
+
+def _inputs_then_wait(inputs: list[Any], release: threading.Event) -> Any:
+    yield from inputs
+    release.wait(30)  # an input that never comes in time (stdin still open)
+    yield "late"
+
+
+@pytest.mark.timeout(60)
+def test_cancelling_a_call_whose_generator_waits_ends_it_with_what_it_took() -> None:
+    # imap_outcomes(...).cancel() ended the call only once the generator gave its next input
+    # (`tail -f | procqueue map`, Ctrl-C: the command waited for the next line).
+    release = threading.Event()
+    try:
+        with Pool(2) as pool:
+            outcomes = pool.imap_outcomes(square, _inputs_then_wait([1, 2, 3], release))
+            first = [next(outcomes).value for _ in range(3)]
+            outcomes.cancel()
+            began = time.monotonic()
+            rest = list(outcomes)
+            waited = time.monotonic() - began
+    finally:
+        release.set()
+    assert first == [1, 4, 9] and rest == []
+    assert waited < 15, f"the cancelled call waited {waited:.1f} s for its generator"
+
+
+@pytest.mark.timeout(60)
+def test_a_halted_call_whose_generator_waits_ends_with_what_it_took() -> None:
+    release = threading.Event()
+    try:
+        with Pool(2) as pool:
+            began = time.monotonic()
+            outcomes = list(pool.imap_outcomes(fail_on_three, _inputs_then_wait([1, 3], release),
+                                               halt="now,fail=1"))
+            waited = time.monotonic() - began
+    finally:
+        release.set()
+    # (input 1 may be killed by the halt, "now", if it still runs: either way it has its one
+    # outcome; the input the generator had not given is not one of the call's)
+    assert [o.input for o in outcomes] == [1, 3] and not outcomes[1].ok
+    assert waited < 15, f"the halted call waited {waited:.1f} s for its generator"

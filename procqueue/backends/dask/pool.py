@@ -266,10 +266,15 @@ class DaskPool(Pool):
                           options)
         post = self._driver.post
         journal = self._journaled(func, call)
+
+        def cancel(kill: bool) -> None:
+            post(_CancelCall(call, kill, False))
+            feed.stop_taking()  # the iterator may never give another input
+
         iterator = OutcomeIterator(
             stream, self, on_abandon=lambda: post(_CancelCall(call, False, True)),
-            on_cancel=lambda kill: post(_CancelCall(call, kill, False)))
-        self._start_input_feed(call, stream, iterable, journal)
+            on_cancel=cancel)
+        feed = self._start_input_feed(call, stream, iterable, journal)
         return iterator
 
     def stats(self) -> DaskPoolStats:
@@ -413,7 +418,7 @@ class DaskPool(Pool):
         return iterator
 
     def _start_input_feed(self, call: DaskJob, stream: ResultStream, iterable: Iterable[Any],
-                          journal: _JournaledCall | None) -> None:
+                          journal: _JournaledCall | None) -> InputFeed:
         """The local pool's feeding loop (input_feed.InputFeed), handing the driver items; a
         journaled input holds its place in the window, as an item would, until its replayed
         outcome is consumed."""
@@ -429,6 +434,7 @@ class DaskPool(Pool):
         feeder = threading.Thread(target=feed.run, name=f"procqueue-dask-feeder-{call.id}",
                                   daemon=True)
         feeder.start()
+        return feed
 
 
 def _worker_stats(client: Any, pids: dict[str, int], work: dict[str, tuple[int, float]]
