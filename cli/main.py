@@ -31,7 +31,8 @@ import click
 import procqueue
 from procqueue import HaltPolicy
 
-from .inputs import SEPARATORS, Inputs, collect_inputs, collect_named_inputs, group_inputs
+from .inputs import (SEPARATORS, Inputs, StreamedInputs, collect_inputs, collect_named_inputs,
+                     group_inputs, stdin_inputs)
 from .loader import NamedArguments, WorkerStart
 from .batch_dashboard import batch_dashboard, feeding, serving
 from .output import JobLog, RecordWriter, input_text, line_of, logged_seqs, record_of
@@ -108,12 +109,13 @@ def _usable_cpus() -> int:
         os.cpu_count() or 1)
 
 
-def _workers_for(jobs: int | None, inputs: int) -> int:
-    """-j's workers (usable CPUs by default), but no more than there are inputs, as GNU
-    parallel starts no more jobs than it has: a worker with nothing to run would only be
-    forked, pinned, made to import the script and stopped (on a 64-CPU machine, 64 of them
-    for a batch of 3 files)."""
-    return max(1, min(jobs if jobs is not None else _usable_cpus(), inputs))
+def _workers_for(jobs: int | None, inputs: int | None) -> int:
+    """-j's workers (usable CPUs by default), but no more than there are inputs (None: not
+    known yet), as GNU parallel starts no more jobs than it has: a worker with nothing to run
+    would only be forked, pinned, made to import the script and stopped (on a 64-CPU
+    machine, 64 of them for a batch of 3 files)."""
+    workers = jobs if jobs is not None else _usable_cpus()
+    return max(1, workers if inputs is None else min(workers, inputs))
 
 
 class HaltPolicyError(click.BadParameter):
@@ -416,6 +418,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     fn = resolve_script(script, fn_name)
     call: Any = fn
     unreadable: list[str] = []  # directories of inputs that could not be read (on stderr)
+    items: Inputs | StreamedInputs
     if header is not None:
         if max_args is not None and max_args > 1:
             raise click.UsageError("--header names one row's columns: it does not go with -N")
@@ -423,17 +426,24 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                                             link=link, unreadable=unreadable)
         check_keyword_arguments(fn, names)
         call = NamedArguments(fn, names)
+    elif inputs == ("-",) and lines_file is None and _may_stream(
+            max_args, resume or resume_failed, journal_path, dry_run, dashboard, null, halt,
+            cluster):
+        items = stdin_inputs(colsep=colsep)
     else:
         items = collect_inputs(inputs, glob, lines_file, null=null, colsep=colsep, link=link,
                                unreadable=unreadable)
     if max_args is not None and max_args > 1:
+        assert not isinstance(items, StreamedInputs)
         items = group_inputs(items, max_args)
     if items and header is None:
-        check_arguments(fn, len(items[0]) if isinstance(items[0], tuple) else 1,
+        first = _first_input(items)
+        check_arguments(fn, len(first) if isinstance(first, tuple) else 1,
                         None if max_args is None or max_args == 1 else
                         f"-N {max_args} gives it {{count}} per call")
     seqs = None
     if resume or resume_failed:
+        assert not isinstance(items, StreamedInputs)
         seqs, items = _resumed(items, joblog_path, journal_path, resume_failed, quiet)
     halt_policy = parse_halt(halt)
     pool_options = _pool_options(timeout, retries, no_pin, max_memory_per_child, memfree,
@@ -459,7 +469,10 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
         joblog = JobLog(_open_output(joblog_path, "--joblog", append=seqs is not None),
                         fn.describe(), seqs)
         pool_options["on_event"] = joblog.on_event
-    journal = _open_journal(journal_path, fn, items, retry_failed, force) if journal_path else None
+    journal = None
+    if journal_path:
+        assert not isinstance(items, StreamedInputs)
+        journal = _open_journal(journal_path, fn, items, retry_failed, force)
     if journal is not None:
         pool_options["journal"] = journal
     if trace_path:
@@ -469,7 +482,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     pool_options["initializer"] = WorkerStart(
         call, prints_to_stderr=output is None and "address" not in pool_options)
     output_name = f"--output {output!r}" if output else "stdout"
-    watch = batch_dashboard(f"map {script}", len(items), dashboard_host,
+    watch = batch_dashboard(f"map {script}", _count(items), dashboard_host,
                             dashboard_port) if dashboard else None
     try:
         code = run(call, items, jobs, max_tasks_per_child, chunksize, not unordered, pool_options,
@@ -496,6 +509,27 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
 
 
 NO_INPUT = "give at least one INPUT (a file, a directory, or -), or pipe inputs into stdin"
+
+
+def _may_stream(max_args: int | None, resuming: bool, journal_path: str | None,
+                dry_run: bool, dashboard: bool, null: bool, halt: str | None,
+                cluster: str | None) -> bool:
+    """Whether a run of stdin's lines may start before stdin ends (cli.inputs.stdin_inputs):
+    not where the inputs must all be known first (-N's groups, a resumed run's or a journal's
+    count, --dry-run's list, the dashboard's total, a --halt percentage), nor with -0 (its
+    inputs may hold newlines) or --cluster."""
+    percent = halt is not None and "%" in halt
+    return (max_args in (None, 1) and not resuming and journal_path is None and not dry_run
+            and not dashboard and not null and not percent and cluster is None)
+
+
+def _first_input(items: "Inputs | StreamedInputs") -> Any:
+    return items.first if isinstance(items, StreamedInputs) else items[0]
+
+
+def _count(items: "Inputs | StreamedInputs") -> int:
+    assert not isinstance(items, StreamedInputs)
+    return len(items)
 
 
 def _script_failure(script: str, error: BaseException) -> str:
@@ -777,14 +811,17 @@ def _parse(parse: Callable[[str], Any], text: str, hint: str) -> Any:
         raise click.BadParameter(str(exc), param_hint=hint) from None
 
 
-def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | None,
+def run(fn: Any, items: "Inputs | StreamedInputs", jobs: int | None,
+        max_tasks_per_child: int | None,
         chunksize: int | None, ordered: bool, pool_options: dict[str, Any],
         call_options: dict[str, Any], halt: HaltPolicy | None, grace_s: float | None,
         stream: TextIO, quiet: bool, stats: bool, bar: bool = False,
         joblog: JobLog | None = None, output_name: str = "stdout",
         dashboard: procqueue.Dashboard | None = None) -> int:
     """Run the batch; returns the exit code."""
-    progress = Progress(len(items), sys.stderr,
+    # (None: stdin's lines, still coming; no percentage goes with them, see _may_stream)
+    total = None if isinstance(items, StreamedInputs) else len(items)
+    progress = Progress(total, sys.stderr,
                         enabled=(bar or sys.stderr.isatty()) and not quiet)
     # Records and the bar on one terminal: each record clears the bar's line first.
     writer = RecordWriter(stream, before_write=progress.clear
@@ -797,7 +834,8 @@ def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | Non
         and "address" not in pool_options
     if pool_halts:
         assert halt is not None
-        call_options = {**call_options, "halt": str(halt.of_total(len(items)))}
+        call_options = {**call_options,
+                        "halt": str(halt if total is None else halt.of_total(total))}
     halted = False
     failed = never_ran = done = 0
     stopped = 0  # inputs the halt cancelled or killed (never_ran among them)
@@ -806,14 +844,14 @@ def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | Non
     retries_used = 0
     pool_options = feeding(pool_options, dashboard)
     if "backend" not in pool_options and "address" not in pool_options:
-        jobs = _workers_for(jobs, len(items))
+        jobs = _workers_for(jobs, total)
     with procqueue.Pool(jobs, maxtasksperchild=max_tasks_per_child, **pool_options) as pool, \
             serving(dashboard, pool):
         progress.restarts = lambda: pool.stats().worker_restarts
         interrupts.running = lambda: pool.stats().tasks_running
         # Several input sources (GNU parallel's ::: a b ::: 1 2): a combination is a tuple,
         # and the function gets its parts as arguments, as the command would in parallel.
-        star = bool(items) and isinstance(items[0], tuple)
+        star = bool(items) and isinstance(_first_input(items), tuple)
         outcomes = pool.imap_outcomes(fn, items, ordered=ordered, chunksize=chunksize,
                                       star=star, **call_options)
         interrupts.install(outcomes)
@@ -844,10 +882,14 @@ def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | Non
                     stopped += halted and cancelled
                 ran_failed, succeeded = failed - never_ran, done - failed
                 if not pool_halts and halt is not None and not halted \
-                        and halt.reached(ran_failed, succeeded, len(items)):
+                        and halt.reached(ran_failed, succeeded, done if total is None else total):
                     halted = True
                     _note_halt(progress, halt)
                     outcomes.cancel(kill_running=halt.now)
+            if total is None and pool_halts and halt is not None and not halted \
+                    and halt.reached(failed - never_ran, done - failed, done):
+                halted = True  # stdin's lines ended at the halt, none was left to cancel
+                _note_halt(progress, halt)
         finally:
             try:
                 writer.close()
@@ -858,12 +900,13 @@ def run(fn: Any, items: Inputs, jobs: int | None, max_tasks_per_child: int | Non
     progress.close()
     if output_error is not None:
         return _output_failed(output_error, output_name)
+    total = done if total is None else total
     if never_ran and (halted or interrupts.signal is not None):
-        click.echo(f"procqueue: {never_ran} of {len(items)} inputs never ran (their records "
+        click.echo(f"procqueue: {never_ran} of {total} inputs never ran (their records "
                    "have attempts 0 and error TaskCancelledError)", err=True)
     wall_s = time.monotonic() - started
     if events is not None:  # --stats
-        _print_stats(len(items), failed, never_ran, retries_used, pool_stats, wall_s, events)
+        _print_stats(total, failed, never_ran, retries_used, pool_stats, wall_s, events)
     if interrupts.signal is not None:
         return EXIT_BY_SIGNAL[interrupts.signal]
     if halted and halt is not None and halt.kind != "fail":

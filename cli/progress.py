@@ -11,9 +11,9 @@ BAR_WIDTH = 28  # characters
 
 
 class Progress:
-    def __init__(self, total: int, stream: TextIO, enabled: bool,
+    def __init__(self, total: int | None, stream: TextIO, enabled: bool,
                  restarts: Callable[[], int] = lambda: 0) -> None:
-        self.total = total
+        self.total = total  # None: not known (stdin's lines, still coming): no bar, no eta
         self.restarts = restarts  # live worker restarts (pool.stats), read at each redraw
         self.stream = stream
         self.enabled = enabled
@@ -53,6 +53,11 @@ class Progress:
     def _draw(self, now: float) -> None:
         elapsed = max(now - self.started, 1e-9)
         rate = self.done / elapsed
+        if self.total is None:
+            self.stream.write(f"\r\x1b[K{self.done} done  {rate:.0f} it/s  failed: {self.failed}"
+                              f"  restarts: {self.restarts()}")
+            self.stream.flush()
+            return
         fraction = self.done / self.total if self.total else 1.0
         filled = int(BAR_WIDTH * fraction)
         left = (self.total - self.done) / rate if rate > 0 else 0.0

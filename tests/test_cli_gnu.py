@@ -11,6 +11,7 @@ import pty
 import re
 import select
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -369,3 +370,78 @@ def test_no_inputs_and_stdin_a_terminal_is_a_usage_error_not_a_wait(echo: Path) 
         os.close(slave)
         os.close(master)
     assert run.returncode == 2 and "give at least one INPUT" in run.stderr
+
+
+# ---- stdin that is still being written: each line runs as it comes (tail -f | parallel) ------
+
+def read_line(proc: subprocess.Popen[bytes], timeout_s: float) -> bytes:
+    """The next line of the command's stdout, or b"" if none came within timeout_s."""
+    assert proc.stdout is not None
+    line = b""
+    deadline = time.monotonic() + timeout_s
+    while not line.endswith(b"\n") and time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 0.1)[0]:
+            byte = os.read(proc.stdout.fileno(), 1)
+            if not byte:
+                break
+            line += byte
+    return line
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("options, line, expected", [
+    ([], b"a\n", "A"),
+    (["--colsep", ","], b"a,b\n", "A+B")])
+def test_a_line_piped_in_runs_before_stdin_ends(tmp_path: Path, options: list[str],
+                                                 line: bytes, expected: str) -> None:
+    # The command read stdin to its end before the first input started: a producer that is
+    # still writing (`tail -f log | procqueue map ...`) got nothing back until it closed.
+    script = tmp_path / "up.py"
+    script.write_text("def process(*parts):\n    return '+'.join(parts).upper()\n")
+    proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-j", "2", *options],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(line)
+        proc.stdin.flush()
+        first = read_line(proc, 30)
+        assert first, "no record while stdin was still open"
+        assert json.loads(first)["result"] == expected
+        proc.stdin.write(line.replace(b"a", b"c"))
+        proc.stdin.close()
+        rest = read_line(proc, 30)
+        assert proc.wait(30) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert json.loads(rest)["result"] == expected.replace("A", "C")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("how", ["ctrl-c", "halt"])
+def test_a_run_on_stdin_still_open_ends_at_ctrl_c_or_a_halt(tmp_path: Path, how: str) -> None:
+    # Stopped while its producer still writes, the run ends then (it waited for the next
+    # line, or stdin's end, before it could tell every input's outcome).
+    script = tmp_path / "job.py"
+    script.write_text("def process(x):\n    if x == 'bad':\n        raise ValueError(x)\n"
+                      "    return x\n")
+    halt = ["--halt", "now,fail=1"] if how == "halt" else []
+    proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-j", "1", *halt],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(b"a\n" if how == "ctrl-c" else b"a\nbad\n")
+        proc.stdin.flush()
+        assert json.loads(read_line(proc, 30))["input"] == "a"
+        if how == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+        code = proc.wait(20)  # stdin stays open
+        stderr = proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code == (130 if how == "ctrl-c" else 1), stderr
+    if how == "halt":
+        assert "--halt now,fail=1 reached" in stderr
