@@ -138,8 +138,10 @@ class InputFeed:
             most = FEED_GROUP_MAX if self.room is None else self.room(FEED_GROUP_MAX,
                                                                        window.closed)
             places = window.acquire(most)
-            if not places:
-                break  # the window closed: terminate, cancel, or the iterator was dropped
+            # the window closed (terminate, cancel, the iterator dropped), or the call was
+            # cancelled while the feeder waited for room
+            if not places or self.cut:
+                break
             if source.sequence is not None:
                 items: Inputs = source.take(places)
                 taken = len(items)
@@ -259,7 +261,10 @@ class FeedWatch:
                 with self._cond:
                     looks = list(self._looks.items())
                 for feed, looked_at in looks:
-                    look = feed.hand_over_stalled(looked_at)
+                    try:
+                        look = feed.hand_over_stalled(looked_at)
+                    except BaseException as exc:  # noqa: BLE001 - that feed's to raise
+                        feed.watch_error, look = exc, looked_at
                     with self._cond:
                         if feed in self._looks:
                             self._looks[feed] = look
