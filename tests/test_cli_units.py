@@ -218,6 +218,19 @@ def test_progress_bar_shows_failures_and_restarts():
     assert "4/4" in last and "failed: 1" in last and "restarts: 2" in last
 
 
+
+def test_progress_without_a_total_counts_what_is_done():
+    # stdin's lines still coming (a streamed run): no total, so no bar, fraction or eta
+    from procqueue.cli.progress import Progress
+
+    out = io.StringIO()
+    bar = Progress(None, out, enabled=True, restarts=lambda: 0)
+    for ok in (True, False, True):
+        bar.update(ok)
+        bar.clear()  # as a record written to the same terminal does: the next update draws
+    last = out.getvalue().split("\r\x1b[K")[-2]
+    assert last.startswith("3 done") and "failed: 1" in last and "eta" not in last
+
 # ---- script checks: what the parent can tell from the source alone ----------------------------
 
 @pytest.mark.parametrize("source", [
