@@ -429,7 +429,10 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     elif inputs == ("-",) and lines_file is None and _may_stream(
             max_args, resume or resume_failed, journal_path, dry_run, dashboard, null, halt,
             cluster):
-        items = stdin_inputs(colsep=colsep)
+        try:
+            items = stdin_inputs(colsep=colsep)  # waits for stdin's first line
+        except KeyboardInterrupt:
+            raise Interrupted() from None
     else:
         items = collect_inputs(inputs, glob, lines_file, null=null, colsep=colsep, link=link,
                                unreadable=unreadable)
