@@ -434,8 +434,11 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
         except KeyboardInterrupt:
             raise Interrupted() from None
     else:
-        items = collect_inputs(inputs, glob, lines_file, null=null, colsep=colsep, link=link,
-                               unreadable=unreadable)
+        try:  # (stdin to its end, a big tree of directories)
+            items = collect_inputs(inputs, glob, lines_file, null=null, colsep=colsep,
+                                   link=link, unreadable=unreadable)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
     if max_args is not None and max_args > 1:
         assert not isinstance(items, StreamedInputs)
         items = group_inputs(items, max_args)
