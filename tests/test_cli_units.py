@@ -357,6 +357,28 @@ def test_a_flush_error_is_raised_by_close_not_lost():
         writer.close()
 
 
+
+def test_records_reach_a_write_through_stream_together_not_one_write_each():
+    # PYTHONUNBUFFERED=1 (common in containers) makes stdout write each write() through: a
+    # write(2) per record, 200,000 records in 3.2 s instead of 1.9.
+    from procqueue.cli.output import RecordWriter
+
+    class WriteCounter(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            return super().write(text)
+
+    stream = WriteCounter()
+    writer = RecordWriter(stream, interval_s=3600)
+    for i in range(100):
+        writer.write({"input": str(i), "ok": True, "result": i})
+    writer.close()
+    assert stream.writes == 2  # the first record at once, the other 99 at the close
+    assert [json.loads(line)["result"] for line in stream.getvalue().splitlines()] == list(
+        range(100))
+
 @pytest.mark.parametrize("text,cpus,jobs", [
     ("3", 8, 3), ("0", 8, 8), ("50%", 8, 4), ("100%", 2, 2), ("10%", 2, 1), ("+1", 8, 9),
     ("-2", 8, 6), ("-20", 8, 1),
