@@ -419,6 +419,10 @@ def test_a_line_piped_in_runs_before_stdin_ends(tmp_path: Path, options: list[st
     assert json.loads(rest)["result"] == expected.replace("A", "C")
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 READ_SYSCALL = {"x86_64": "0", "aarch64": "63"}.get(platform.machine())
 
 
@@ -446,9 +450,11 @@ def test_a_run_on_stdin_still_open_ends_at_ctrl_c_or_a_halt(tmp_path: Path, how:
     script.write_text("def process(x):\n    if x == 'bad':\n        raise ValueError(x)\n"
                       "    return x\n")
     halt = ["--halt", "now,fail=1"] if how == "halt" else []
+    # (SIGINT as a terminal's foreground job has it: a test run in the background, as `cmd &`
+    # in a script, would pass its SIGINT on ignored, and Python then keeps it so)
     proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-j", "1", *halt],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=default_sigint)
     assert proc.stdin is not None and proc.stderr is not None
     try:
         if how == "ctrl-c before a line":
