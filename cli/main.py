@@ -409,7 +409,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     stdin lines, which no INPUTS also reads unless it is a terminal; after ::: the inputs
     themselves, after :::: files of inputs, as in GNU parallel) and write one JSON line per
     input.  Several input sources (::: a b ::: 1 2) give every combination, passed as that
-    many arguments; :::+ pairs a source with the one before."""
+    many arguments; :::+ pairs a source with the one before.  stdin's lines run as they
+    come while it is still being written (tail -f log | procqueue map job.py)."""
     if keep_order and unordered:
         raise click.UsageError("--keep-order and --unordered contradict each other")
     from_stdin = not inputs and lines_file is None
