@@ -234,6 +234,7 @@ class FeedWatch:
         self._looks: dict[InputFeed, tuple[list[Any] | None, int]] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._closing = threading.Event()  # cuts a look's interval short: close() joins
         self._thread_ending = thread_ending
 
     def add(self, feed: InputFeed) -> None:
@@ -254,6 +255,7 @@ class FeedWatch:
     def close(self) -> None:
         with self._cond:
             self._closed = True
+            self._closing.set()
             self._cond.notify()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -263,7 +265,7 @@ class FeedWatch:
         interval = FEED_STALL_CHECK_S
         try:
             while self._wait_for_feeds():
-                time.sleep(interval)
+                self._closing.wait(interval)
                 pending = self._look_at_each()
                 interval = FEED_STALL_CHECK_S if pending else min(2 * interval,
                                                                   FEED_LOOK_MAX_S)
