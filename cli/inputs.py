@@ -11,7 +11,7 @@ import re
 import select
 import sys
 import time
-from typing import Callable, Iterable, Iterator, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import click
 
@@ -267,7 +267,7 @@ class _FdAfter(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: "bytearray | memoryview") -> int:  # type: ignore[override]
+    def readinto(self, buffer: Any) -> int:  # a writable buffer (bytearray, memoryview)
         if self._head:
             n = min(len(buffer), len(self._head))
             buffer[:n] = self._head[:n]
