@@ -223,7 +223,8 @@ class InputFeed:
 
 class FeedWatch:
     """A thread that looks at the iterator-fed calls it is given (InputFeed.hand_over_stalled)
-    every FEED_STALL_CHECK_S, and waits without looking while it has none.  One per pool,
+    every FEED_STALL_CHECK_S, less often while none holds inputs to hand over (up to
+    FEED_LOOK_MAX_S), and waits without looking while it has none.  One per pool,
     started with its first such call and stopped by close(): a thread per call made each
     imap over a generator ~0.15 ms longer.  `thread_ending` is called as the thread ends."""
 
@@ -265,7 +266,8 @@ class FeedWatch:
         interval = FEED_STALL_CHECK_S
         try:
             while self._wait_for_feeds():
-                self._closing.wait(interval)
+                if self._closing.wait(interval):
+                    break  # closed: the pool's calls are over, nothing is submitted any more
                 pending = self._look_at_each()
                 interval = FEED_STALL_CHECK_S if pending else min(2 * interval,
                                                                   FEED_LOOK_MAX_S)
