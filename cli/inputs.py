@@ -177,7 +177,12 @@ def _lines_of(path: str, null: bool, stdin: TextIO | None,
 def _items(stream: TextIO, null: bool) -> list[str]:
     if null:
         return [item for item in stream.read().split("\0") if item]
-    return [line.rstrip("\r\n") for line in stream if line.strip()]
+    return list(_lines(stream))
+
+
+def _lines(stream: Iterable[str]) -> Iterator[str]:
+    """A stream's non-blank lines, without their line endings, as they are read."""
+    return (line.rstrip("\r\n") for line in stream if line.strip())
 
 
 def _files_under(directory: str, glob: str | None,
@@ -232,10 +237,8 @@ def stdin_inputs(stdin: TextIO | None = None, colsep: str | None = None,
                             encoding=stream.encoding, errors=stream.errors)
     if ended:
         return collect_inputs(["-"], stdin=text, colsep=colsep)
-    split = _column_splitter(colsep)
-    lines: Iterator[str | Row] = (
-        line.rstrip("\r\n") if colsep is None else split(line.rstrip("\r\n"))
-        for line in text if line.strip())
+    lines: Iterator[str | Row] = (_lines(text) if colsep is None
+                                  else map(_column_splitter(colsep), _lines(text)))
     first = next(lines, None)
     if first is None:
         return []

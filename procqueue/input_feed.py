@@ -94,31 +94,38 @@ class InputFeed:
         self.handover = threading.Lock()
         self.group: list[Any] = []
         self.handed = 0
-        self.watched = False  # the watch may submit (under handover)
         self.watch_error: BaseException | None = None
-        self.cut = False  # the call was cancelled: an iterator's input ends here (stop_taking)
+        # the input has ended here (run, or stop_taking on a cancel): nothing more is
+        # submitted, by the feeder or the watch
+        self.cut = False
 
     def run(self) -> None:
         """Feed until the input ends or the window closes, then tell the stream how many
         inputs there were (and the backend, through finish)."""
         input_error: BaseException | None = None
-        stop_watch = self._watched()
+        unwatch = self._watched()
         try:
             self._feed()
             input_error = self.source.error  # the inputs taken before it still run
         except BaseException as exc:  # e.g. a key function, a journal, a bug of ours
             input_error = self.source.error or exc
         finally:
-            stop_watch()  # before the count is told: no input is submitted after it
-            if self.held:
-                self.window.release(len(self.held))
-            with self.handover:
-                if not self.cut:  # (else told already, by stop_taking)
-                    self.cut = True
-                    if self.count_known is not None:
-                        self.count_known(self.count)
-                    self.stream.input_finished(self.count, input_error)
-                    self.finish()
+            try:
+                self._tell_the_end(input_error)
+            finally:
+                unwatch()  # after `cut`: a look under way submits nothing more
+
+    def _tell_the_end(self, input_error: BaseException | None) -> None:
+        """The input has ended: how many inputs there were, to the stream and the backend."""
+        if self.held:
+            self.window.release(len(self.held))
+        with self.handover:
+            if not self.cut:  # (else told already, by stop_taking)
+                self.cut = True
+                if self.count_known is not None:
+                    self.count_known(self.count)
+                self.stream.input_finished(self.count, input_error)
+                self.finish()
 
     def stop_taking(self) -> None:
         """The call was cancelled: an iterator's input ends with the inputs submitted so far,
@@ -182,17 +189,14 @@ class InputFeed:
 
     def _watched(self) -> Callable[[], None]:
         """Have the feed watched where inputs could wait for the next one; returns how to
-        stop (after which the watch submits nothing)."""
+        stop (once `cut`: by then the watch submits nothing)."""
         if self.source.sequence is not None or self._holds_whole_chunks():
             return lambda: None
         own = self.watch is None
         watch = FeedWatch() if self.watch is None else self.watch
-        self.watched = True
         watch.add(self)
 
         def unwatch() -> None:
-            with self.handover:
-                self.watched = False
             watch.remove(self)
             if own:
                 watch.close()
@@ -209,7 +213,7 @@ class InputFeed:
             self.stop_taking()
         with self.handover:
             group, size = self.group, len(self.group)
-            if not self.watched or self.watch_error is not None or self.cut:
+            if self.watch_error is not None or self.cut:
                 return (group, size), False
             if (group, size) == looked_at and size > self.handed and not self.window.closed():
                 items = group[self.handed:size]

@@ -81,7 +81,7 @@ class JobMaker:
         if not callable(func):
             raise TypeError(f"{func!r} is not callable")
         fn_id, payload = self._pickled_function(func, cache)
-        fixed = call.chunksize or self._config.chunksize
+        fixed = self.fixed_chunksize(call)
         if call.options.rate_limited or self._config.rate is not None or call.halt is not None:
             # a rate counts starts, a halt stops starts: a batch must not start early ones
             fixed = fixed or 1
@@ -163,6 +163,10 @@ class JobMaker:
         if handle.rate_gate is not None:
             gates.append(RateGateAdapter(handle.rate_gate))
         return tuple(gates)
+
+    def fixed_chunksize(self, call: ParsedCall) -> int | None:
+        """The call's chunksize, or the pool's (None: batches sized from measured times)."""
+        return call.chunksize or self._config.chunksize
 
     def _sizer(self, fn_id: int, fixed: int | None) -> ChunkSizer:
         """Calls of one function share what was measured of it (adaptive chunking), unless

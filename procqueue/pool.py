@@ -452,7 +452,7 @@ class Pool(PoolCalls):
     def _whole_chunks(self, call: ParsedCall) -> int:
         """Inputs a lazy call feeds at a time: its chunksize where a chunk fits in the window
         (a partial chunk holds its places; one larger than the window could never complete)."""
-        chunksize = self._fixed_chunksize(call)
+        chunksize = self._jobs.fixed_chunksize(call)
         if chunksize is None or chunksize > self._window_size(call):
             return 1
         return chunksize
@@ -461,11 +461,7 @@ class Pool(PoolCalls):
         return Window(self._window_size(call))
 
     def _window_size(self, call: ParsedCall) -> int:
-        return window_size(self._processes, self._fixed_chunksize(call))
-
-    def _fixed_chunksize(self, call: ParsedCall) -> int | None:
-        """The call's chunksize, or the pool's (None: batches sized from measured times)."""
-        return call.chunksize or self._config.chunksize
+        return window_size(self._processes, self._jobs.fixed_chunksize(call))
 
 
 class Queue(FrozenRecord):
