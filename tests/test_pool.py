@@ -302,6 +302,19 @@ def test_every_start_method_works(method):
         assert pool.map(square, range(10)) == [x * x for x in range(10)]
 
 
+@pytest.mark.timeout(60)
+def test_map_takes_ranges_as_they_are_in_groups_and_in_order():
+    # a range is not made into a list first: its inputs are made group by group (4,096 at a
+    # time), so the offsets of later groups, steps, negative steps and chunksizes must hold
+    with Pool(2) as pool:
+        for inputs, chunksize in [(range(5, 30_000, 3), None), (range(20_000, -3, -2), 1000),
+                                  (range(7, 7), None), (range(9000), 4000)]:
+            assert pool.map(square, inputs, chunksize) == [x * x for x in inputs]
+        result = pool.starmap_async(pow, range(3))  # not argument tuples: each input fails
+        with pytest.raises(TypeError):
+            result.get(timeout=30)
+
+
 @pytest.mark.timeout(30)
 def test_results_in_submission_or_completion_order():
     with Pool(2) as pool:
