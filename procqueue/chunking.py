@@ -16,15 +16,11 @@ import math
 # (bench/worker_gaps.py), so 1%; at 15 ms, 10 ms tasks went one per batch (2-3%).
 TARGET_BATCH_S = 0.025
 MIN_BATCH_S = 0.001  # guided shrinking stops at batches of this much work (see next_size)
-# The supervisor pays each batch a send and a receive (~0.1-0.4 ms of its time), and the
-# worker as much (cold caches: 64 workers of 1 ms tasks share 2 cores' caches): with many
-# workers, 25 ms batches are more round trips a second than one supervisor thread makes, and
-# the CPU each batch costs delays the wake-up of the sleeping workers.  So a batch holds at
-# least workers / MAX_BATCHES_PER_S of work: up to 5 workers keep TARGET_BATCH_S, 64 get 320 ms
-# batches (guided shrinking still spreads the tail over every worker).  At 500 a second (128
-# ms at 64 workers) the parent spent 1.5-1.9 us and the workers 9.5-11 us of CPU per 1 ms
-# task, against 0.9-1.4 and 7.8-10.6 at 200 (bench/README.md, 2026-12-05).
-MAX_BATCHES_PER_S = 200
+# The supervisor pays each batch a send and a receive (~0.1-0.4 ms of its time): with many
+# workers, 25 ms batches are more round trips a second than one supervisor thread makes.  So a
+# batch holds at least workers / MAX_BATCHES_PER_S of work: 2-16 workers keep TARGET_BATCH_S,
+# 64 get 128 ms batches (guided shrinking still spreads the tail over every worker).
+MAX_BATCHES_PER_S = 500
 # ... and as the input runs out, guided shrinking stops where the batches would ask for more
 # round trips a second than this: workers / TAIL_MAX_BATCHES_PER_S of work (1 ms up to 8
 # workers, 8 ms at 64).  Shrinking to 1 ms batches at 64 workers asked the supervisor for
@@ -32,7 +28,7 @@ MAX_BATCHES_PER_S = 200
 # `map` (bench/worker_idle.py, 2 cores: 1.3-3.5% of their time, 0.3-0.8% with this floor).
 # The price is the end's balance, at most one such batch per worker: a floor twice as high
 # (4,000 a second) gave back at the end what it saved in the tail.
-TAIL_MAX_BATCHES_PER_S = 8000
+TAIL_MAX_BATCHES_PER_S = 16 * MAX_BATCHES_PER_S
 # While a batch runs, its worker sends what it finished at least this often (see
 # report_interval_s): what a crash loses and how late imap sees results
 MIN_REPORT_S = 0.05
@@ -94,8 +90,8 @@ class ChunkSizer:
         MIN_REPORT_S.  A batch then reports once, at its end, unless it runs far longer
         than expected: with many workers, batches of 128 ms sent three reports each at 50 ms,
         a message each way per report (~3 us of a worker's and 2 of the supervisor's CPU per
-        1 ms task at 64 workers, whose batches now run 320 ms).  A chunksize of the caller's
-        keeps MIN_REPORT_S: how long its batches run is not known."""
+        1 ms task at 64 workers).  A chunksize of the caller's keeps MIN_REPORT_S: how
+        long its batches run is not known."""
         if self.fixed is not None:
             return MIN_REPORT_S
         return max(MIN_REPORT_S, 2 * self._target_s(self.processes))
