@@ -17,7 +17,7 @@ from .input_feed import FeedWatch, InputFeed, Inputs
 from .pool_journal import JournaledCall
 from .program_fork import note_thread_ending
 from .results import ResultStream
-from .submission import Submitter, let_the_supervisor_start
+from .submission import Submitter
 from .tasks import Job
 
 
@@ -72,5 +72,3 @@ class Feeder:
         for group, errors in submitter.groups(self.job, first, items, self.journal,
                                               self._blocks):
             submitter.post_group(group, errors)
-        if first == 0:
-            let_the_supervisor_start()
