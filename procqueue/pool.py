@@ -420,10 +420,7 @@ class Pool(PoolCalls):
                    ) -> MapResult:
         self._check_running()
         call = parse_call(options, errors=errors)
-        # a range stays one: its inputs are made group by group as they are posted (making
-        # 96,000 of them first held the first input back 4 ms; multiprocessing's map too
-        # takes a range as it is)
-        items = iterable if isinstance(iterable, (list, tuple, range)) else list(iterable)
+        items = iterable if isinstance(iterable, (list, tuple)) else list(iterable)
         result = MapResult(self, len(items), callback, error_callback,
                            return_errors=call.return_errors)
         if items:

@@ -39,7 +39,6 @@ import threading
 import traceback
 import types
 import weakref
-from collections.abc import Sequence
 from itertools import chain
 from operator import attrgetter
 from typing import Any, Callable, Union
@@ -356,7 +355,7 @@ def primitive(item: Any) -> bool:
     return kind is tuple and all(type(part) in PRIMITIVE_TYPES for part in item)
 
 
-def primitive_run(items: Sequence[Any]) -> bool:
+def primitive_run(items: "list[Any] | tuple[Any, ...]") -> bool:
     """Whether every input is primitive (see primitive), checked at C speed: map's list of
     numbers or paths becomes Blocks without a Python step per input."""
     kinds = set(map(type, items))

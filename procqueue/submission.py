@@ -14,8 +14,6 @@ with its group, never the whole call's.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
 from typing import Any, Iterator
 
 from .config import PoolConfig
@@ -49,10 +47,10 @@ class Submitter:
         # for room (feeder.py) and each task gives its argument's bytes back at its outcome
         self.argument_memory = argument_memory
 
-    def submit(self, job: Job, items: Sequence[Any],
+    def submit(self, job: Job, items: "list[Any] | tuple[Any, ...]",
                journal: JournaledCall | None = None) -> Entries:
-        """Pickle and submit the inputs (a list, a tuple or a range), posting them in groups so
-        that workers start on the first ones while the caller is still pickling the rest."""
+        """Pickle and submit the inputs, posting them in groups so that workers start on the
+        first ones while the caller is still pickling the rest (big arguments)."""
         blocks = self.blocks_allowed(job, journal)
         submitted: Entries = []
         group_tasks = _whole_chunks_of(SUBMIT_GROUP_TASKS, job.sizer.fixed)
@@ -61,8 +59,6 @@ class Submitter:
             for group, errors in self.groups(job, start, chunk, journal, blocks):
                 self.post_group(group, errors)
                 submitted += group
-            if start == 0 and len(items) > group_tasks:
-                _let_the_supervisor_start()
         return submitted
 
     def post_group(self, group: Entries, errors: Errors) -> None:
@@ -89,7 +85,7 @@ class Submitter:
                 and job.keyed is None and job.halt is None
                 and config.on_event is None and config.maxtasksperchild is None)
 
-    def groups(self, job: Job, start: int, chunk: Sequence[Any],
+    def groups(self, job: Job, start: int, chunk: "list[Any] | tuple[Any, ...]",
                journal: JournaledCall | None, blocks: bool) -> Iterator[tuple[Entries, Errors]]:
         """Entries for inputs start, start+1, ... (`chunk`), in groups of at most
         SUBMIT_GROUP_BYTES argument bytes.  A chunk of primitive inputs is one Block, checked
@@ -164,15 +160,6 @@ def _join_block(group: Entries, block: Block | None, job: Job, index: int, item:
         group.append(block)
     block.inputs.append(item)
     return block
-
-
-def _let_the_supervisor_start() -> None:
-    """Hand the GIL to the supervisor thread, which the first group woke: it waits for the
-    GIL, and would get it only when the caller blocks or after the switch interval (5 ms),
-    by when the caller has posted every group.  A 96,000-input map on 64 workers started its
-    first input 7 ms after the call and its workers a median 16 ms after (0.9 and 9 ms with
-    this).  time.sleep(0) releases the GIL for the thread waiting on it."""
-    time.sleep(0)
 
 
 def _whole_chunks_of(tasks: int, chunksize: int | None) -> int:
