@@ -304,8 +304,8 @@ def test_every_start_method_works(method):
 
 @pytest.mark.timeout(60)
 def test_map_takes_ranges_as_they_are_in_groups_and_in_order():
-    # a range is not made into a list first: its inputs are made group by group (4,096 at a
-    # time), so the offsets of later groups, steps, negative steps and chunksizes must hold
+    # map posts its inputs to the supervisor in groups (4,096 at a time): the offsets of later
+    # groups, steps, negative steps and chunksizes must hold, as multiprocessing's map keeps them
     with Pool(2) as pool:
         for inputs, chunksize in [(range(5, 30_000, 3), None), (range(20_000, -3, -2), 1000),
                                   (range(7, 7), None), (range(9000), 4000)]:
