@@ -303,7 +303,7 @@ def test_every_start_method_works(method):
 
 
 @pytest.mark.timeout(60)
-def test_map_takes_ranges_as_they_are_in_groups_and_in_order():
+def test_map_over_ranges_of_several_groups_keeps_every_input_in_order():
     # map posts its inputs to the supervisor in groups (4,096 at a time): the offsets of later
     # groups, steps, negative steps and chunksizes must hold, as multiprocessing's map keeps them
     with Pool(2) as pool:
