@@ -68,6 +68,24 @@ def dask_worker_pids(cluster) -> set[int]:
     return pids
 
 
+def inputs_then_wait(inputs: list, release) -> Iterator:
+    """A generator that gives `inputs`, then waits for `release` (an input that never comes
+    in time: stdin still open), then gives "late"."""
+    yield from inputs
+    release.wait(30)
+    yield "late"
+
+
+def cancel_after(outcomes, n: int) -> tuple[list, list, float]:
+    """The values of an imap_outcomes call's first `n` outcomes, then cancel it: (those
+    values, the outcomes that still came, seconds the rest took)."""
+    first = [next(outcomes).value for _ in range(n)]
+    outcomes.cancel()
+    began = time.monotonic()
+    rest = list(outcomes)
+    return first, rest, time.monotonic() - began
+
+
 @pytest.fixture(autouse=True)
 def no_stray_processes():
     """A test that leaves a child process behind fails (and the child is killed)."""

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from process_checks import wait_gone
-from conftest import dask_worker_pids, stray_children
+from conftest import cancel_after, dask_worker_pids, inputs_then_wait, stray_children
 
 distributed = pytest.importorskip("distributed")
 
@@ -305,19 +305,9 @@ def test_imap_sends_each_input_as_it_comes_so_a_generator_may_wait_for_results(
 def test_cancelling_a_call_whose_generator_waits_ends_it_with_what_it_took(
         pool: DaskPool) -> None:
     release = threading.Event()
-
-    def inputs() -> Iterator[int]:
-        yield from (1, 2)
-        release.wait(30)  # an input that never comes in time
-        yield 3
-
     try:
-        outcomes = pool.imap_outcomes(square, inputs())
-        first = [next(outcomes).value for _ in range(2)]
-        outcomes.cancel()
-        began = time.monotonic()
-        rest = list(outcomes)
-        waited = time.monotonic() - began
+        outcomes = pool.imap_outcomes(square, inputs_then_wait([1, 2], release))
+        first, rest, waited = cancel_after(outcomes, 2)
     finally:
         release.set()
     assert first == [1, 4] and rest == []

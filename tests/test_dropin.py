@@ -415,25 +415,19 @@ def stamp_start(x: int) -> tuple[float, int]:
     return time.monotonic(), x
 
 
-def _inputs_then_wait(inputs: list[Any], release: threading.Event) -> Any:
-    yield from inputs
-    release.wait(30)  # an input that never comes in time (stdin still open)
-    yield "late"
-
-
 @pytest.mark.timeout(60)
 def test_cancelling_a_call_whose_generator_waits_ends_it_with_what_it_took() -> None:
     # imap_outcomes(...).cancel() ended the call only once the generator gave its next input
     # (`tail -f | procqueue map`, Ctrl-C: the command waited for the next line).
+    # (imported here: scripts of this module's tests import it from the repository root,
+    # where conftest is not a module)
+    from conftest import cancel_after, inputs_then_wait
+
     release = threading.Event()
     try:
         with Pool(2) as pool:
-            outcomes = pool.imap_outcomes(square, _inputs_then_wait([1, 2, 3], release))
-            first = [next(outcomes).value for _ in range(3)]
-            outcomes.cancel()
-            began = time.monotonic()
-            rest = list(outcomes)
-            waited = time.monotonic() - began
+            outcomes = pool.imap_outcomes(square, inputs_then_wait([1, 2, 3], release))
+            first, rest, waited = cancel_after(outcomes, 3)
     finally:
         release.set()
     assert first == [1, 4, 9] and rest == []
@@ -442,11 +436,13 @@ def test_cancelling_a_call_whose_generator_waits_ends_it_with_what_it_took() -> 
 
 @pytest.mark.timeout(60)
 def test_a_halted_call_whose_generator_waits_ends_with_what_it_took() -> None:
+    from conftest import inputs_then_wait  # (see the test above)
+
     release = threading.Event()
     try:
         with Pool(2) as pool:
             began = time.monotonic()
-            outcomes = list(pool.imap_outcomes(fail_on_three, _inputs_then_wait([1, 3], release),
+            outcomes = list(pool.imap_outcomes(fail_on_three, inputs_then_wait([1, 3], release),
                                                halt="now,fail=1"))
             waited = time.monotonic() - began
     finally:
