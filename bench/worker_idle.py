@@ -13,10 +13,19 @@ Shares of N x wall (they add up to 1 with `busy`, the tasks' own run time):
   * tail     gaps between tasks in the last 10% (shrinking batches, no prefetch);
   * end      from each worker's last task to the call's end (the tail's balance, results).
 
+And how late the tasks' own sleeps ended (part of `busy`): `late` is the time each task took
+beyond its 1 ms, `late_tail` the part of it in tasks that started in the last 10%.  With
+more workers than cores, a sleeping worker's wake-up waits while its core runs someone
+else's burst of CPU (a batch's report and the next batch's set-up in a worker, a supervisor
+turn), so the pool's own CPU shows up as late tasks, not as idle time.
+
 Systems as in many_workers.py: procqueue `map`, `imap`, `imap+key` (1,024 keys of 4),
 `imap+fewkeys` (N keys of 1) and multiprocessing's fork `Pool.map` (chunksize = len / (4 x
-N)).  Each cell runs in a fresh interpreter, its pool warmed up first; cells are interleaved
-round by round.
+N)).  Not run unless named: `mp:map+burst`, multiprocessing's `map` whose workers spin
+BURST_S of CPU before every BURST_EVERY-th input (outside the task's stamps), as a
+procqueue worker does at each block boundary at N=64 on 2 cores: what such bursts cost
+the other workers' tasks.  Each cell runs in a fresh interpreter, its pool warmed up
+first; cells are interleaved round by round.
 """
 
 from __future__ import annotations
@@ -37,7 +46,14 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 CELLS = ("procqueue:map", "procqueue:imap", "procqueue:imap+key", "procqueue:imap+fewkeys",
          "mp:map")
 PARTS = ("start", "ramp", "steady", "tail", "end")
+LATENESS = ("late", "late_tail")
 EDGE_SHARE = 0.10  # the ramp and the tail: the first and last 10% of the wall time
+TASK_S = 0.001  # what each task asks for: time.sleep(0.001)
+# mp:map+burst: a procqueue worker's CPU around each block at N=64 on 2 cores, ~70-84
+# inputs (thread_time inside a worker, bench/README.md 2026-12-05: 170-290 us)
+BURST_S = 0.0002
+BURST_EVERY = 75
+_inputs_run = 0
 
 
 def stamped_nap(x: int) -> tuple[int, float, float]:
@@ -45,6 +61,17 @@ def stamped_nap(x: int) -> tuple[int, float, float]:
     started = time.perf_counter()
     time.sleep(0.001)
     return os.getpid(), started, time.perf_counter()
+
+
+def bursty_stamped_nap(x: int) -> tuple[int, float, float]:
+    """stamped_nap, with BURST_S of CPU before every BURST_EVERY-th input of this worker."""
+    global _inputs_run
+    _inputs_run += 1
+    if _inputs_run % BURST_EVERY == 0:
+        spin_until = time.perf_counter() + BURST_S
+        while time.perf_counter() < spin_until:
+            pass
+    return stamped_nap(x)
 
 
 def warm(x: int) -> int:
@@ -71,6 +98,8 @@ def run_cell(cell: str, jobs: int, tasks: int) -> dict[str, Any]:
         began = time.perf_counter()
         if api == "map":
             stamps = pool.map(stamped_nap, xs)
+        elif api == "map+burst":
+            stamps = pool.map(bursty_stamped_nap, xs)
         elif api == "imap":
             stamps = list(pool.imap(stamped_nap, xs))
         elif api == "imap+key":
@@ -86,18 +115,24 @@ def run_cell(cell: str, jobs: int, tasks: int) -> dict[str, Any]:
 
 
 def idle_parts(stamps: list[tuple[int, float, float]], began: float, ended: float,
-               jobs: int) -> dict[str, float]:
-    """The shares of jobs x wall: busy, and idle split by when it happened (see PARTS)."""
+               jobs: int, task_s: float = TASK_S) -> dict[str, float]:
+    """The shares of jobs x wall: busy, and idle split by when it happened (see PARTS);
+    and the tasks' time beyond `task_s` (see LATENESS)."""
     wall = ended - began
     ramp_end, tail_start = began + EDGE_SHARE * wall, ended - EDGE_SHARE * wall
     by_worker: dict[int, list[tuple[float, float]]] = {}
     for pid, start, end in stamps:
         by_worker.setdefault(pid, []).append((start, end))
-    parts = dict.fromkeys(PARTS, 0.0)
+    parts = dict.fromkeys(PARTS + LATENESS, 0.0)
     busy = 0.0
     for spans in by_worker.values():
         spans.sort()
         busy += sum(end - start for start, end in spans)
+        for start, end in spans:
+            late = max(0.0, end - start - task_s)
+            parts["late"] += late
+            if start >= tail_start:
+                parts["late_tail"] += late
         parts["start"] += spans[0][0] - began
         parts["end"] += ended - spans[-1][1]
         for (_, end), (start, _) in zip(spans, spans[1:]):
@@ -135,15 +170,18 @@ def main() -> None:
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
                 print(f"round {round_no + 1} N={jobs:<4} {cell:20} busy {row['busy']:.3f} " +
-                      " ".join(f"{p} {row[p]:.3f}" for p in PARTS), flush=True)
-    lines = ["| N | cell | busy | " + " | ".join(PARTS) + " |",
-             "|---|---|---|" + "---|" * len(PARTS)]
+                      " ".join(f"{p} {row[p]:.3f}" for p in PARTS + LATENESS) +
+                      f" wall {row['wall_s']:.3f} s", flush=True)
+    columns = ("busy", *PARTS, *LATENESS)
+    lines = ["| N | cell | " + " | ".join(columns) + " | tasks/s |",
+             "|---|---|" + "---|" * (len(columns) + 1)]
     for jobs in args.workers:
         for cell in args.only:
             mine = [r for r in rows if r["cell"] == cell and r["jobs"] == jobs]
-            figures = [statistics.median(r[p] for r in mine) for p in ("busy", *PARTS)]
-            lines.append(f"| {jobs} | {cell} | " + " | ".join(f"{f:.3f}" for f in figures)
-                         + " |")
+            figures = [statistics.median(r[p] for r in mine) for p in columns]
+            figures.append(statistics.median(r["tasks"] / r["wall_s"] for r in mine))
+            lines.append(f"| {jobs} | {cell} | " + " | ".join(f"{f:.3f}" for f in figures[:-1])
+                         + f" | {figures[-1]:,.0f} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

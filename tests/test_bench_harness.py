@@ -81,3 +81,18 @@ def test_worker_idle_splits_each_workers_idle_time_by_when_it_happened() -> None
     total = sum(parts[p] for p in ("busy", "start", "ramp", "steady", "tail", "end"))
     assert total == pytest.approx(1.0)
     assert idle_parts(stamps[:4], 0.0, 10.0, jobs=2)["start"] == pytest.approx(10.2 / 20)
+
+
+def test_worker_idle_counts_how_late_the_tasks_ended_and_how_much_of_it_in_the_tail() -> None:
+    """bench/worker_idle.py: a task's time beyond what it asked for is `late`, the part of it
+    in tasks that started in the last 10% of the call is also `late_tail`; a task that took
+    less than it asked for counts nothing."""
+    idle_parts = load_bench_module("worker_idle.py").idle_parts
+    # one worker, a 20 s call (its last 10%: from 18 s), tasks that ask for 1 s: 0.5 s late
+    # at the start, one on time, one that ended early, 0.5 s late before the tail and
+    # 0.25 s late in it
+    stamps = [(1, 0.0, 1.5), (1, 2.0, 3.0), (1, 4.0, 4.8), (1, 16.0, 17.5), (1, 18.5, 19.75)]
+    parts = idle_parts(stamps, 0.0, 20.0, jobs=1, task_s=1.0)
+    assert parts["late"] == pytest.approx((0.5 + 0.5 + 0.25) / 20)
+    assert parts["late_tail"] == pytest.approx(0.25 / 20)
+    assert parts["busy"] == pytest.approx((1.5 + 1.0 + 0.8 + 1.5 + 1.25) / 20)
