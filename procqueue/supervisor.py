@@ -193,9 +193,9 @@ class Supervisor:
             for key, _ in events:
                 key.data(key)
             now = time.monotonic()
-            # Nothing was due before the turn until due_at.  What the turn's events made due
-            # (a kill's grace, a respawn) is in the next turn's due_at, at the latest now: that
-            # turn's select does not wait.  (A look at every slot at every turn was 9-12% of the
+            # Before due_at nothing is due.  What this turn's events make due (a kill's grace,
+            # a respawn) is in the next turn's due_at; if that has come already, the next
+            # select does not wait.  (A look at every slot at every turn was 9-12% of the
             # supervisor's CPU with 64-128 workers: bench/README.md.)
             if due_at is not None and now >= due_at:
                 self._on_deadlines(now)
