@@ -185,9 +185,9 @@ class Supervisor:
             note_thread_ending()
 
     def _step(self) -> None:
-        due_at = self._next_deadline(time.monotonic())
-        events = self._selector.select(None if due_at is None else
-                                       max(0.0, due_at - time.monotonic()))
+        before = time.monotonic()
+        due_at = self._next_deadline(before)
+        events = self._selector.select(None if due_at is None else max(0.0, due_at - before))
         self.turn.begin()
         try:
             for key, _ in events:
