@@ -120,6 +120,7 @@ def _joined_submits(first: SubmitTasks | Task, commands: "deque[Posted]") -> Sub
 
 TURN_PATIENCE_MIN_S = 0.001  # the least patience: a pool of many workers
 TURN_WAIT_S = 0.02  # the longest a caller waits for one turn
+HAND_OVER_POLL_S = 0.0001  # how often a caller handing over looks whether the turn began
 _HAS_GIL = getattr(sys, "_is_gil_enabled", lambda: True)()  # False: a free-threaded build
 
 
@@ -169,6 +170,24 @@ class SupervisorTurn:
         """Supervisor thread: the turn is over."""
         self.running = False
         self._lock.release()
+
+    def hand_over(self, posted_in: int) -> None:
+        """Any thread that has just posted the first part of a call and has more of it to
+        make (the rest of a map's inputs): wait, without the GIL, for the turn that takes the
+        post to begin and end.  Woken by the post, the supervisor would otherwise wait for the
+        GIL until this thread has made all of it (or the switch interval has passed): a map
+        of 96,000 numbers on 64 workers gave the workers their first batches 3-8 ms after the
+        call instead of 0.4-1.5 (bench/README.md).  `posted_in`: `number` read before the
+        post.  At most TURN_WAIT_S for each of the two waits."""
+        if not _HAS_GIL or threading.get_ident() == self.supervisor_thread:
+            return
+        deadline = time.monotonic() + TURN_WAIT_S
+        while self.number == posted_in:  # no turn has begun since the post
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(HAND_OVER_POLL_S)
+        if self._lock.acquire(timeout=TURN_WAIT_S):
+            self._lock.release()
 
     def step_aside(self) -> None:
         """Any thread, holding no lock the supervisor may need: wait for a long turn to end."""

@@ -196,3 +196,67 @@ def test_threads_that_always_step_aside_get_every_result_once() -> None:
                        for name in ("submit", "apply_async", "map", "imap")}
         stats = pool.stats()
         assert (stats.tasks_succeeded, stats.tasks_failed) == (4 * len(xs), 0)
+
+
+def test_a_caller_handing_over_waits_for_the_turn_after_its_post_to_begin_and_end(
+        long_waits: None) -> None:
+    turn, order = SupervisorTurn(patience_s=60.0), []
+
+    def supervisor() -> None:  # woken by the post, it gets the GIL a little later
+        time.sleep(0.1)
+        turn.begin()
+        order.append("begin")
+        time.sleep(0.1)
+        order.append("end")
+        turn.end()
+
+    posted_in = turn.number
+    thread = threading.Thread(target=supervisor)
+    thread.start()
+    turn.hand_over(posted_in)
+    order.append("caller went on")
+    thread.join(10)
+    assert order == ["begin", "end", "caller went on"]
+
+
+def test_a_caller_handing_over_to_a_supervisor_that_never_turns_gives_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inbox, "TURN_WAIT_S", 0.05)
+    turn = SupervisorTurn(patience_s=0.0)
+    turn.hand_over(turn.number)  # no turn begins: returns after TURN_WAIT_S, not never
+
+
+def test_the_supervisor_thread_never_hands_over_to_itself(long_waits: None) -> None:
+    turn = SupervisorTurn(patience_s=0.0)
+    went_on = threading.Event()
+
+    def supervisor() -> None:  # a done-callback that calls map() with many inputs
+        turn.supervisor_thread = threading.get_ident()
+        turn.hand_over(turn.number)
+        went_on.set()
+
+    thread = threading.Thread(target=supervisor)
+    thread.start()
+    assert went_on.wait(10)
+    thread.join(10)
+
+
+def test_a_map_slow_to_make_starts_its_workers_before_making_the_rest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no patience (as a pool of many workers has little), the map's first group of
+    inputs is dispatched before its second is posted, and every input has its result."""
+    with Pool(2) as pool:
+        pool._supervisor.turn.patience_s = 0.0
+        slots = pool._supervisor.workers.slots
+        pool.map(square, range(10))  # warm: the workers run
+        dispatched_before_post: list[bool] = []
+        post = pool._submitter.post
+
+        def noting_post(command: Any) -> None:
+            dispatched_before_post.append(any(slot.batches for slot in slots))
+            post(command)
+
+        monkeypatch.setattr(pool._submitter, "post", noting_post)
+        xs = list(range(3 * 4096))
+        assert pool.map(square, xs) == [x * x for x in xs]
+        assert dispatched_before_post[:2] == [False, True]
