@@ -161,7 +161,11 @@ class SupervisorTurn:
 
     def begin(self) -> None:
         """Supervisor thread: a turn starts (its select() returned)."""
-        self._lock.acquire()
+        if not self._lock.acquire(timeout=TURN_WAIT_S):
+            # A caller took it and never gave it back: Ctrl-C landed between its acquire and
+            # its release.  Waiting would hang the pool; a fresh lock serves the next waits.
+            self._lock = threading.Lock()
+            self._lock.acquire()
         self.number += 1
         self.started = time.monotonic()
         self.running = True
@@ -186,8 +190,7 @@ class SupervisorTurn:
             if time.monotonic() >= deadline:
                 return
             time.sleep(HAND_OVER_POLL_S)
-        if self._lock.acquire(timeout=TURN_WAIT_S):
-            self._lock.release()
+        self._wait_for_the_end()
 
     def step_aside(self) -> None:
         """Any thread, holding no lock the supervisor may need: wait for a long turn to end."""
@@ -198,10 +201,16 @@ class SupervisorTurn:
         number = self.number
         if number == self._not_waited_for:
             return
+        if not self._wait_for_the_end():
+            self._not_waited_for = number
+
+    def _wait_for_the_end(self) -> bool:
+        """Wait, without the GIL, for the turn running now to end (at most TURN_WAIT_S);
+        whether it did."""
         if self._lock.acquire(timeout=TURN_WAIT_S):
             self._lock.release()
-        else:
-            self._not_waited_for = number
+            return True
+        return False
 
 
 class WakeupPipe:

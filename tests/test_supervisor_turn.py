@@ -260,3 +260,32 @@ def test_a_map_slow_to_make_starts_its_workers_before_making_the_rest(
         xs = list(range(3 * 4096))
         assert pool.map(square, xs) == [x * x for x in xs]
         assert dispatched_before_post[:2] == [False, True]
+
+
+def test_a_turn_lock_a_caller_never_gave_back_does_not_stop_the_supervisor(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C between a waiting caller's acquire and release leaves the lock taken: the
+    supervisor's next turns still begin and end, and callers wait for them again."""
+    monkeypatch.setattr(inbox, "TURN_WAIT_S", 0.05)
+    turn, order = SupervisorTurn(patience_s=0.0), []
+    assert turn._lock.acquire()  # taken, never released
+    turns_done = threading.Event()
+
+    def supervisor() -> None:
+        turn.supervisor_thread = threading.get_ident()
+        for _ in range(3):
+            turn.begin()
+            turn.end()
+        turns_done.set()
+
+    thread = threading.Thread(target=supervisor, daemon=True)  # stuck for good if it fails
+    thread.start()
+    assert turns_done.wait(10)
+    thread.join(10)
+    monkeypatch.setattr(inbox, "TURN_WAIT_S", 60.0)
+    supervisor_ = SupervisorStandIn(turn, order)
+    threading.Timer(0.02, supervisor_.finish.set).start()
+    turn.step_aside()  # waits for the stand-in's turn on the fresh lock
+    order.append("caller went on")
+    supervisor_.stop()
+    assert order == ["end", "caller went on"]
