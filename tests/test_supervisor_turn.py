@@ -95,14 +95,19 @@ def test_no_caller_waits_when_no_turn_runs(long_waits: None) -> None:
     turn.step_aside()  # either would wait the minute
 
 
-def test_the_supervisor_thread_never_waits_for_its_own_turn(long_waits: None) -> None:
+@pytest.mark.parametrize("wait", ["step_aside", "hand_over"])
+def test_the_supervisor_thread_never_waits_for_its_own_turn(long_waits: None, wait: str
+                                                            ) -> None:
     turn = SupervisorTurn(patience_s=0.0)
     went_on = threading.Event()
 
-    def supervisor() -> None:  # e.g. a done-callback that calls submit() inside a turn
+    def supervisor() -> None:  # a done-callback that calls submit() or map() inside a turn
         turn.supervisor_thread = threading.get_ident()
         turn.begin()
-        turn.step_aside()
+        if wait == "step_aside":
+            turn.step_aside()
+        else:
+            turn.hand_over(turn.number)
         went_on.set()
         turn.end()
 
@@ -224,21 +229,6 @@ def test_a_caller_handing_over_to_a_supervisor_that_never_turns_gives_up(
     monkeypatch.setattr(inbox, "TURN_WAIT_S", 0.05)
     turn = SupervisorTurn(patience_s=0.0)
     turn.hand_over(turn.number)  # no turn begins: returns after TURN_WAIT_S, not never
-
-
-def test_the_supervisor_thread_never_hands_over_to_itself(long_waits: None) -> None:
-    turn = SupervisorTurn(patience_s=0.0)
-    went_on = threading.Event()
-
-    def supervisor() -> None:  # a done-callback that calls map() with many inputs
-        turn.supervisor_thread = threading.get_ident()
-        turn.hand_over(turn.number)
-        went_on.set()
-
-    thread = threading.Thread(target=supervisor)
-    thread.start()
-    assert went_on.wait(10)
-    thread.join(10)
 
 
 def test_a_map_slow_to_make_starts_its_workers_before_making_the_rest(
