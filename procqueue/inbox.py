@@ -180,8 +180,8 @@ class SupervisorTurn:
         make (the rest of a map's inputs): wait, without the GIL, for the turn that takes the
         post to begin and end.  Woken by the post, the supervisor would otherwise wait for the
         GIL until this thread has made all of it (or the switch interval has passed): a map
-        of 96,000 numbers on 64 workers gave the workers their first batches 3-8 ms after the
-        call instead of 0.4-1.5 (bench/README.md).  `posted_in`: `number` read before the
+        of 96,000 numbers on 64 workers sent its first batch 3.4-5.4 ms after the call
+        instead of 0.35-1.2 (bench/README.md).  `posted_in`: `number` read before the
         post.  At most TURN_WAIT_S for each of the two waits."""
         if not _HAS_GIL or threading.get_ident() == self.supervisor_thread:
             return
