@@ -169,7 +169,7 @@ def test_a_batch_reports_what_it_finished_once_unless_it_runs_far_longer_than_si
 
     few, many = ChunkSizer(2), ChunkSizer(64)
     assert few.report_interval_s() == MIN_REPORT_S  # 25 ms batches
-    assert many.report_interval_s() == pytest.approx(2 * 64 / MAX_BATCHES_PER_S)  # 128 ms
+    assert many.report_interval_s() == pytest.approx(2 * 64 / MAX_BATCHES_PER_S)  # 256 ms
     assert many.with_target(0.010).report_interval_s() == MIN_REPORT_S  # a journaled call
     assert ChunkSizer(64, fixed=1000).report_interval_s() == MIN_REPORT_S  # unknown length
 
