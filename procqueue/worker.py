@@ -69,6 +69,7 @@ def worker_main(conn: Any, slot_state: Any, cpus: tuple[int, ...], env: dict[str
     """Process entry point (multiprocessing Process target)."""
     for fd in inherited_fds:  # fork start method only: the supervisor's ends of other pipes
         _close_quietly(fd)
+    _stdin_from_devnull()
     _let_go_of_the_fork_server()
     _become_process_group_leader()
     _die_with_parent()
@@ -521,6 +522,25 @@ def _run_initializer(conn: Any, initializer: InitializerCall) -> bool:
         conn.send_bytes(dumps_message(InitFailed(capture_exception(exc))))
         return False
     return True
+
+
+def _stdin_from_devnull() -> None:
+    """Point descriptor 0 at /dev/null: a task, or a program it runs without a stdin of its
+    own, reads end of file, as GNU parallel's jobs do.  It was the program's stdin: in
+    `seq 20 | procqueue map job.py`, a task running `cat` took input lines that then never
+    ran.  (multiprocessing replaces sys.stdin alone, which leaves subprocesses the pipe.)"""
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        if null != 0:
+            os.dup2(null, 0)
+    except OSError:
+        pass
+    finally:
+        if null != 0:
+            os.close(null)
 
 
 def _let_go_of_the_fork_server() -> None:

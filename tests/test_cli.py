@@ -105,6 +105,36 @@ def test_no_inputs_reads_piped_stdin_as_gnu_parallel(batch):
     assert nothing.stderr.strip() == "procqueue: no inputs" and not nothing.stdout
 
 
+@pytest.mark.timeout(60)
+def test_a_task_reading_stdin_takes_none_of_the_streamed_inputs(tmp_path):
+    # GNU parallel gives its jobs /dev/null as stdin: a task running `cat` (or ffmpeg, ssh)
+    # must not swallow input lines that then never run
+    script = tmp_path / "reader.py"
+    script.write_text("import subprocess\n"
+                      "def process(x):\n"
+                      "    if x == 'first':\n"
+                      "        return subprocess.run(['cat'], capture_output=True, text=True,\n"
+                      "                              timeout=20).stdout\n"
+                      "    return x\n")
+    proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-j", "2", "-q"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdin.write("first\n")
+    proc.stdin.flush()
+    time.sleep(0.5)  # past inputs.STDIN_END_WAIT_S: the run starts on what came
+    rest = [f"line{i}" for i in range(20)]
+    for line in rest:  # one at a time, as a slow producer's: each read could be the task's
+        proc.stdin.write(f"{line}\n")
+        proc.stdin.flush()
+        time.sleep(0.03)
+    proc.stdin.close()
+    proc.stdin = None  # communicate() must not flush it
+    out, err = proc.communicate(timeout=50)
+    assert proc.returncode == 0, err
+    assert [(r["input"], r["result"]) for r in records(out)] == [
+        ("first", ""), *[(x, x) for x in rest]]
+
+
 def test_file_colon_function_and_a_function_defined_under_try(tmp_path, batch):
     _, inputs = batch
     script = tmp_path / "alt.py"

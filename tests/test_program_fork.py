@@ -132,6 +132,32 @@ def test_a_worker_starts_as_under_forkserver_whichever_server_forked_it(tmp_path
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("threaded", [False, True], ids=["one-thread", "threads"])
+def test_a_task_reads_end_of_file_from_stdin_and_the_program_keeps_its_own(tmp_path, threaded):
+    # A task, or a program it runs without a stdin of its own, must not take the program's
+    # input (`seq 20 | procqueue map job.py`, a task running `cat`: lines lost)
+    script = tmp_path / "reader.py"
+    script.write_text(PRELUDE + textwrap.dedent(f"""\
+        def read_stdin(_):
+            raw = os.read(0, 100)
+            child = subprocess.run(["cat"], capture_output=True, timeout=20).stdout
+            return [raw.decode(), child.decode()]
+
+        if __name__ == "__main__":
+            if {threaded}:
+                hold_threads()
+            with procqueue.Pool(2) as pool:
+                tasks = pool.map(read_stdin, range(2))
+            print(json.dumps({{"tasks": tasks, "program": sys.stdin.read()}}))
+        """))
+    run = subprocess.run([sys.executable, str(script)], input="line 1\nline 2\n",
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.splitlines()[-1])
+    assert out == {"tasks": [["", ""], ["", ""]], "program": "line 1\nline 2\n"}
+
+
+@pytest.mark.timeout(60)
 def test_the_fork_server_holds_no_pipe_of_the_program(tmp_path):
     # A child process the program feeds must see EOF when the program closes its stdin,
     # while the pool (and its server, a fork of the program) still runs.
