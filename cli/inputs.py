@@ -168,7 +168,9 @@ def _lines_of(path: str, null: bool, stdin: TextIO | None,
     if path == "-":
         return _items(stdin or sys.stdin, null)
     try:
-        with open(path, encoding="utf-8", newline="" if null else None) as f:
+        # surrogateescape: a name that is not UTF-8 (find's output) passes through as on stdin
+        with open(path, encoding="utf-8", errors="surrogateescape",
+                  newline="" if null else None) as f:
             return _items(f, null)
     except OSError as exc:
         raise InputError(f"cannot read {what} {path!r}: {exc.strerror}") from None

@@ -20,6 +20,7 @@ import ast
 import builtins
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -31,11 +32,12 @@ import click
 import procqueue
 from procqueue import HaltPolicy
 
-from .inputs import (SEPARATORS, Inputs, StreamedInputs, collect_inputs, collect_named_inputs,
-                     group_inputs, stdin_inputs)
+from .inputs import (ARG_FILES, SEPARATORS, Inputs, StreamedInputs, collect_inputs,
+                     collect_named_inputs, group_inputs, stdin_inputs)
 from .loader import NamedArguments, WorkerStart
 from .batch_dashboard import batch_dashboard, feeding, serving
-from .output import JobLog, RecordWriter, input_text, line_of, logged_seqs, record_of
+from .output import (JobLog, OpenedAtFirstWrite, RecordWriter, input_text, line_of, logged_seqs,
+                     record_of)
 from .progress import Progress
 from .script import (ScriptError, check_arguments, check_keyword_arguments,
                      format_1_function_identity, function_identity, resolve_script)
@@ -280,9 +282,10 @@ def cli() -> None:
 @click.option("--glob", metavar="PATTERN",
               help="Only files of directories matching PATTERN (a shell glob, against the "
                    "file's name or its path under the directory) [default: every file].")
-@click.option("--lines", "-a", "--arg-file", "lines_file", metavar="FILE",
+@click.option("--lines", "-a", "--arg-file", "arg_files", metavar="FILE", multiple=True,
               help="Also take one input per line of FILE, blank lines skipped (GNU parallel's "
-                   "-a; '-' as an INPUT reads stdin) [default: none].")
+                   "-a; '-' as an INPUT reads stdin); each further -a is another input "
+                   "source, as :::: FILE [default: none].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Write the JSON Lines to FILE [default: stdout].")
 @click.option("--unordered", is_flag=True,
@@ -392,7 +395,8 @@ def cli() -> None:
 @click.option("--dashboard-port", type=click.IntRange(0, 65535), default=0, metavar="N",
               help="With --dashboard: the port to listen on [default: a free one].")
 def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs: int | None,
-                cluster: str | None, glob: str | None, lines_file: str | None, output: str | None,
+                cluster: str | None, glob: str | None, arg_files: tuple[str, ...],
+                output: str | None,
                 unordered: bool, keep_order: bool, timeout: str | None, retries: int | None,
                 no_pin: bool, max_tasks_per_child: int | None, max_memory_per_child: str | None,
                 memfree: str | None, chunksize: int | None, concurrency: int | None,
@@ -413,9 +417,14 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     come while it is still being written (tail -f log | procqueue map job.py)."""
     if keep_order and unordered:
         raise click.UsageError("--keep-order and --unordered contradict each other")
+    if output == "-":
+        output = None  # stdout, as without -o
+    lines_file = arg_files[0] if arg_files else None
     from_stdin = not inputs and lines_file is None
     if from_stdin:
         inputs = _stdin_if_piped()
+    for path in arg_files[1:]:  # GNU parallel: each -a is an input source of its own
+        inputs += (ARG_FILES, path)
     fn = resolve_script(script, fn_name)
     call: Any = fn
     unreadable: list[str] = []  # directories of inputs that could not be read (on stderr)
@@ -473,7 +482,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
         sys.exit(EXIT_FAILURES if unreadable else EXIT_OK)
     joblog = None
     if joblog_path:  # first: an unwritable path stops the run before anything else is opened
-        joblog = JobLog(_open_output(joblog_path, "--joblog", append=seqs is not None),
+        joblog = JobLog(_output_stream(joblog_path, append=seqs is not None),
                         fn.describe(), seqs)
         pool_options["on_event"] = joblog.on_event
     journal = None
@@ -484,7 +493,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
         pool_options["journal"] = journal
     if trace_path:
         pool_options["trace"] = trace_path
-    stream = _open_output(output) if output else sys.stdout
+    stream = _output_stream(output) if output else sys.stdout
     # A remote worker's stdout is not ours: its prints stay there.
     pool_options["initializer"] = WorkerStart(
         call, prints_to_stderr=output is None and "address" not in pool_options)
@@ -509,7 +518,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
         if output:
             _close_quietly(stream)  # closed above, or an error is on its way already
         if joblog is not None:
-            joblog.stream.close()
+            _close_joblog(joblog)
         if journal is not None:
             journal.close()
     sys.exit(EXIT_FAILURES if unreadable and code == EXIT_OK else code)
@@ -553,6 +562,13 @@ def _close_output(stream: TextIO, output_name: str) -> None:
         stream.close()
     except OSError as exc:  # its last records could not be flushed
         raise OutputUnusable(f"cannot write {output_name}: {exc.strerror or exc}") from None
+
+
+def _close_joblog(joblog: JobLog) -> None:
+    try:
+        joblog.close()
+    except OSError as exc:  # its last lines could not be written (a full disk)
+        click.echo(f"procqueue: cannot write --joblog: {exc.strerror or exc}", err=True)
 
 
 def _close_quietly(stream: TextIO) -> None:
@@ -605,11 +621,12 @@ def _resumed(items: Inputs, joblog_path: str | None, journal_path: str | None,
     return seqs, cast(Inputs, [items[seq - 1] for seq in seqs])
 
 
-def _open_output(path: str, option: str = "--output", append: bool = False) -> TextIO:
-    try:
-        return open(path, "a" if append else "w", encoding="utf-8")
-    except OSError as exc:
-        raise OutputUnusable(f"cannot write {option} {path!r}: {exc.strerror}") from None
+def _output_stream(path: str, append: bool = False) -> TextIO:
+    """Where the run's lines go: '-' is stdout, as in GNU parallel; a file is opened at its
+    first line (OpenedAtFirstWrite)."""
+    if path == "-":
+        return sys.stdout
+    return cast(TextIO, OpenedAtFirstWrite(path, append))
 
 
 class JournalUnusable(click.ClickException):
@@ -694,7 +711,8 @@ def _pool_options(timeout: str | None, retries: int | None, no_pin: bool,
         try:
             procqueue.Pool.check_options(**{name: value})
         except (ValueError, TypeError) as exc:
-            raise click.BadParameter(str(exc), param_hint=_POOL_OPTION_FLAGS.get(name)) from None
+            message = str(exc).removeprefix(f"{name}: ")  # the flag is named instead
+            raise click.BadParameter(message, param_hint=_POOL_OPTION_FLAGS.get(name)) from None
     return options
 
 
@@ -709,6 +727,8 @@ def _rate_or_delay(rate: str | None, delay: str | None) -> str | None:
         return rate
     if rate is not None:
         raise click.UsageError("give --rate or --delay, not both")
+    if re.fullmatch(r"\s*(0+\.?0*|\.0+)\s*(ms|s|m|h)?\s*", delay):
+        return None  # --delay 0: no delay, as in GNU parallel
     one_per = f"1/{delay.strip()}"
     try:
         procqueue.Rate.parse(one_per)
@@ -834,6 +854,7 @@ def run(fn: Any, items: "Inputs | StreamedInputs", jobs: int | None,
     writer = RecordWriter(stream, before_write=progress.clear
                           if progress.enabled and _same_terminal(stream, sys.stderr) else None)
     output_error: OSError | None = None
+    failing_output = output_name  # what output_error was met writing
     interrupts = Interrupts(progress, grace_s)
     # The local pool halts the call itself, as soon as a task ends (not when its record comes
     # up in input order); Dask takes no halt=, so there this loop counts and cancels.
@@ -870,12 +891,14 @@ def run(fn: Any, items: "Inputs | StreamedInputs", jobs: int | None,
                 record = record_of(outcome)
                 try:
                     writer.write(record)  # may turn a non-JSON result into the record's error
+                    if joblog is not None:
+                        failing_output = "--joblog"
+                        joblog.write(outcome, recorded_ok=record["ok"])
+                        failing_output = output_name
                 except OSError as exc:  # the reader went away, the disk is full: stop now
                     output_error = exc
                     outcomes.cancel(kill_running=True)
                     break
-                if joblog is not None:
-                    joblog.write(outcome)
                 progress.update(record["ok"])
                 retries_used += max(outcome.attempts - 1, 0)
                 if not record["ok"]:
@@ -906,7 +929,7 @@ def run(fn: Any, items: "Inputs | StreamedInputs", jobs: int | None,
         pool_stats = pool.stats()
     progress.close()
     if output_error is not None:
-        return _output_failed(output_error, output_name)
+        return _output_failed(output_error, failing_output)
     total = done if total is None else total
     if never_ran and (halted or interrupts.signal is not None):
         click.echo(f"procqueue: {never_ran} of {total} inputs never ran (their records "
@@ -916,9 +939,11 @@ def run(fn: Any, items: "Inputs | StreamedInputs", jobs: int | None,
         _print_stats(total, failed, never_ran, retries_used, pool_stats, wall_s, events)
     if interrupts.signal is not None:
         return EXIT_BY_SIGNAL[interrupts.signal]
+    if halted and halt is not None and halt.kind == "success":
+        return EXIT_OK  # what was looked for was found (GNU parallel exits 0 then)
     if halted and halt is not None and halt.kind != "fail":
-        # The inputs a success= or done= halt stopped are what the user asked for: GNU
-        # parallel exits 0 then, unless some input failed on its own.
+        # The inputs a done= halt stopped are what the user asked for: exit 0 then, unless
+        # some input failed on its own.
         failed -= stopped
     return EXIT_FAILURES if failed else EXIT_OK
 

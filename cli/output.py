@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from typing import Any, Callable, TextIO
@@ -39,12 +40,15 @@ def line_of(record: dict[str, Any]) -> str:
     except (TypeError, ValueError, OverflowError) as exc:
         value = record.pop("result", None)
         record["ok"] = False
+        after = {key: record.pop(key) for key in ("attempts", "seconds", "worker")
+                 if key in record}  # "error" goes where "result" was, as in every record
         record["error"] = {
             "type": "ResultNotJSONSerializable",
             "message": f"the result of type {type(value).__qualname__} is not "
                        f"JSON-serialisable: {exc}",
             "traceback": "",
         }
+        record.update(after)
         return json.dumps(record, default=repr)
 
 
@@ -86,35 +90,69 @@ def _type_name(error: BaseException) -> str:
 FLUSH_INTERVAL_S = 0.1  # a written record reaches the file within about this time
 
 
-class RecordWriter:
-    """Writes records as JSON Lines, whole lines only.  A flush per record costs the CPU the
-    workers need when tasks are tiny, so a record is flushed at once only if the previous
-    flush is FLUSH_INTERVAL_S old; otherwise a background thread flushes it within
-    FLUSH_INTERVAL_S, so the last record before a long task does not wait for the next one.
-    The lines wait here, not in the stream's buffer, which may write each through at once
-    (PYTHONUNBUFFERED=1, common in containers: a write(2) per record, 200,000 records 3.2 s
-    against 1.9).  A write error met by that thread (a closed pipe) is raised by the next
-    write() or by close()."""
+class OpenedAtFirstWrite:
+    """An output file opened (truncated, or appended to) at its first write, not before: a
+    run that ends before any input ran (the script does not load in the workers, Ctrl-C at
+    the start) leaves the file of an earlier run as it was.  The path was checked writable
+    before the run (main._check_writable); an error opening it now is the first write's."""
+
+    def __init__(self, path: str, append: bool = False) -> None:
+        self.path = path
+        self.append = append
+        self._stream: TextIO | None = None
+
+    def _opened(self) -> TextIO:
+        if self._stream is None:
+            self._stream = open(self.path, "a" if self.append else "w", encoding="utf-8")
+        return self._stream
+
+    def write(self, text: str) -> int:
+        return self._opened().write(text)
+
+    def flush(self) -> None:
+        if self._stream is not None:
+            self._stream.flush()
+
+    def tell(self) -> int:
+        return self._opened().tell()
+
+    def isatty(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+
+
+class LineWriter:
+    """Writes whole lines to a stream.  A flush per line costs the CPU the workers need when
+    tasks are tiny, so a line is flushed at once only if the previous flush is
+    FLUSH_INTERVAL_S old; otherwise a background thread flushes it within FLUSH_INTERVAL_S,
+    so the last line before a long task does not wait for the next one (and a run killed
+    with SIGKILL leaves all but its last ~0.1 s on disk).  The lines wait here, not in the
+    stream's buffer, which may write each through at once (PYTHONUNBUFFERED=1, common in
+    containers: a write(2) per record, 200,000 records 3.2 s against 1.9).  A write error met
+    by that thread (a closed pipe) is raised by the next write() or by close()."""
 
     def __init__(self, stream: TextIO, interval_s: float = FLUSH_INTERVAL_S,
                  before_write: Callable[[], None] | None = None) -> None:
         self.stream = stream
         self._interval_s = interval_s
-        # A terminal shared with the progress bar: clear it, then show each record at once.
+        # A terminal shared with the progress bar: clear it, then show each line at once.
         self._before_write = before_write
-        self._lock = threading.Lock()  # one of write() and the flusher at a time
+        self._lock = threading.Lock()  # one of write_line() and the flusher at a time
         self._lines: list[str] = []  # written, not yet handed to the stream
-        # time.monotonic() of the last flush; -inf so the first record is flushed at once even
+        # time.monotonic() of the last flush; -inf so the first line is flushed at once even
         # when the clock (uptime on Linux) is younger than the interval
         self._flushed_at = float("-inf")
         self._error: OSError | None = None
         self._closed = threading.Event()
-        # Started by the first record left unflushed, not here: the pool made after this
+        # Started by the first line left unflushed, not here: the pool made after this
         # writer forks its fork server from the program only while it has one thread.
         self._flusher: threading.Thread | None = None
 
-    def write(self, record: dict[str, Any]) -> None:
-        line = line_of(record) + "\n"
+    def write_line(self, line: str) -> None:
+        """`line` ends with a newline."""
         with self._lock:
             self._raise_pending()
             if self._before_write is not None:
@@ -160,13 +198,22 @@ class RecordWriter:
             raise error
 
 
+class RecordWriter(LineWriter):
+    """Writes records as JSON Lines (line_of), flushed as LineWriter flushes."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.write_line(line_of(record) + "\n")
+
+
 class JobLog:
     """GNU parallel's --joblog: a tab-separated line per input that ran, in the order the
-    records are written.  Exitval is 0 for a result, 1 for a raised exception, the exit code
-    of a worker that exited, -1 with Signal set for one killed by a signal (and for a timeout
-    or a task killed by a halt or Ctrl-C: Signal 15, as parallel logs them); Command is the
-    function and the input.  Inputs that
-    never started have no line (parallel logs only jobs it ran)."""
+    records are written.  Exitval is 0 for a result, 1 for a raised exception (or a result the
+    record could not hold), the code of a worker that exited or called sys.exit (1 for a
+    message or none, as a shell's exit), 0 with Signal set for a worker killed by a signal (as
+    parallel computes them from a wait status), -1 with Signal 15 for a timeout or a task
+    killed by a halt or Ctrl-C (parallel's kills); Command is the function and the input.
+    Inputs that never started have no line (parallel logs only jobs it ran).  Lines are
+    flushed as records are (LineWriter): a run killed with SIGKILL leaves what it logged."""
 
     HEADER = "Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n"
 
@@ -175,26 +222,44 @@ class JobLog:
         self.command = command
         self.seqs = seqs  # a resumed run: the Seq (position among all inputs) of each input
         self.starts: dict[int, float] = {}  # input index -> wall start of its last attempt
-        if _empty(stream):  # a new log; a resumed one is appended to
-            stream.write(self.HEADER)
-            stream.flush()
+        self.lines = LineWriter(stream)
+        self._headed = False  # the header is written with the first line (OpenedAtFirstWrite)
 
     def on_event(self, event: procqueue.TaskEvent) -> None:
         """Pool(on_event=...): called in the supervisor thread before the outcome is out."""
         self.starts[event.index] = event.start_s
 
-    def write(self, outcome: procqueue.TaskOutcome) -> None:
+    def write(self, outcome: procqueue.TaskOutcome, recorded_ok: bool | None = None) -> None:
+        """The line of `outcome`; `recorded_ok` is what its record says (a result that is not
+        JSON made the record an error: the log must say so too, or --resume-failed would
+        skip that input)."""
         if outcome.attempts == 0:
             return
-        start = self.starts.pop(outcome.index, time.time() - outcome.seconds)
+        now = time.time()
+        start = self.starts.pop(outcome.index, now - outcome.seconds)
+        # A task killed while it ran (a halt, Ctrl-C) has no run time of its own: its time
+        # until it was killed, as parallel logs it
+        runtime = outcome.seconds or max(now - start, 0.0)
         exitval, signal_number = _exit_fields(outcome)
+        if recorded_ok is False and outcome.ok:
+            exitval = 1
         command = f"{self.command} {input_text(outcome.input)}"
         command = command.replace("\t", " ").replace("\n", " ")
-        # Buffered, flushed at close: a flush per input would cost the CPU the workers need
-        # (as for the records, see RecordWriter).
         seq = self.seqs[outcome.index] if self.seqs is not None else outcome.index + 1
-        self.stream.write(f"{seq}\t:\t{start:.3f}\t{outcome.seconds:8.3f}\t0\t0\t"
-                          f"{exitval}\t{signal_number}\t{command}\n")
+        if not self._headed:
+            self._headed = True
+            if self.stream is sys.stdout or _empty(self.stream):  # a resumed file is appended to
+                self.lines.write_line(self.HEADER)
+        self.lines.write_line(f"{seq}\t:\t{start:.3f}\t{runtime:8.3f}\t0\t0\t"
+                              f"{exitval}\t{signal_number}\t{command}\n")
+
+    def close(self) -> None:
+        """Flush what is logged and close the log's stream (not stdout's: `--joblog -`)."""
+        try:
+            self.lines.close()
+        finally:
+            if self.stream is not sys.stdout:
+                self.stream.close()
 
 
 def _empty(stream: TextIO) -> bool:
@@ -230,7 +295,10 @@ def _exit_fields(outcome: procqueue.TaskOutcome) -> tuple[int, int]:
     if outcome.ok:
         return 0, 0
     if isinstance(error, procqueue.WorkerCrashedError) and error.exitcode is not None:
-        return (-1, -error.exitcode) if error.exitcode < 0 else (error.exitcode, 0)
+        return (0, -error.exitcode) if error.exitcode < 0 else (error.exitcode, 0)
+    if isinstance(error, procqueue.WorkerExitedError):
+        code = error.code
+        return (code if isinstance(code, int) and code > 0 else 1), 0
     if isinstance(error, (procqueue.TaskTimeoutError, procqueue.TaskCancelledError)):
         return -1, 15  # killed (a timeout, a halt now, Ctrl-C), as parallel logs its kills
     return 1, 0

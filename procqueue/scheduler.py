@@ -27,7 +27,9 @@ from .tasks import Block, Job, Task, TaskState, new_id
 # a keyed batch holds its keys' places all along (JobQueue.batch_share).
 BATCHES_HELD_PER_WORKER = 2
 
-HALT_LEGACY = {"1": "soon,fail=1", "2": "now,fail=1"}  # GNU parallel's --halt 1 / --halt 2
+# GNU parallel's older --halt values: 1 and 2 halt on a failure, -1 and -2 on a success
+HALT_LEGACY = {"1": "soon,fail=1", "2": "now,fail=1", "-1": "soon,success=1",
+               "-2": "now,success=1"}
 
 
 class HaltPolicy(FrozenRecord):
@@ -43,7 +45,7 @@ class HaltPolicy(FrozenRecord):
     count: int | None
     percent: float | None
 
-    FORMS = "never, soon|now,fail|success|done=N or =N%, or GNU parallel's 0, 1, 2"
+    FORMS = "never, soon|now,fail|success|done=N or =N%, or GNU parallel's 0, 1, 2, -1, -2, N%"
 
     def __init__(self, now: bool, kind: str = "fail", count: int | None = None,
                  percent: float | None = None) -> None:
@@ -56,10 +58,13 @@ class HaltPolicy(FrozenRecord):
     @classmethod
     def parse(cls, text: str) -> "HaltPolicy | None":
         """'soon,fail=3', 'now,fail=10%', 'now,success=1', 'soon,done=50%'; 'never' or '0'
-        is None; '1' and '2' are parallel's soon,fail=1 and now,fail=1."""
+        is None; '1' and '2' are parallel's soon,fail=1 and now,fail=1, '-1' and '-2' its
+        soon,success=1 and now,success=1, and a bare 'N%' its soon,fail=N%."""
         if text in ("never", "0"):
             return None
         text = HALT_LEGACY.get(text, text)
+        if text.endswith("%") and "," not in text:
+            text = f"soon,fail={text}"
         when, _, rule = text.partition(",")
         kind, equals, value = rule.partition("=")
         if when not in ("soon", "now") or kind not in ("fail", "success", "done") \

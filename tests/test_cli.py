@@ -370,12 +370,16 @@ def test_halt_on_success_stops_early_and_exits_0(tmp_path):
     inputs.mkdir()
     for i in range(8):
         (inputs / f"slow-{i}.txt").write_text("x")  # 0.3 s each
-    run = procqueue("map", script, inputs, "-j", "1", "--halt", "now,success=1")
+    # A failure before the success does not change the exit code (GNU parallel's: the idiom
+    # "try each mirror until one works")
+    (inputs / "0-raise.txt").write_text("x")  # sorts first
+    run = procqueue("map", script, inputs, "-j", "1", "--retries", "0",
+                    "--halt", "now,success=1")
     assert run.returncode == 0, run.stderr
     recs = records(run.stdout)
-    assert len(recs) == 8  # every input has a record
-    assert recs[0]["ok"]
-    never_ran = [r for r in recs if not r["ok"]]
+    assert len(recs) == 9  # every input has a record
+    assert recs[0]["error"]["type"] == "ValueError" and recs[1]["ok"]
+    never_ran = [r for r in recs[1:] if not r["ok"]]
     assert len(never_ran) >= 4
     assert all(r["error"]["type"] in ("TaskCancelledError",) for r in never_ran)
     assert "--halt now,success=1 reached" in run.stderr
@@ -588,6 +592,82 @@ def test_joblog_in_gnu_parallels_format(tmp_path):
     assert all(abs(float(row[2]) - time.time()) < 60 for row in rows.values())
     assert procqueue("map", script, "--joblog", tmp_path / "no" / "dir.tsv", ":::", "a"
                      ).returncode == 2
+
+
+@pytest.mark.timeout(60)
+def test_joblog_exit_values_follow_the_records(tmp_path):
+    # as parallel derives them from a wait status: sys.exit(3) is 3, a SIGKILL 0 with Signal
+    # 9; a result JSON cannot hold fails its record, so its line says 1 (--resume-failed
+    # must run it again)
+    script = tmp_path / "job.py"
+    script.write_text("import os, signal, sys\ndef process(x):\n"
+                      "    if x == 'exit3':\n        sys.exit(3)\n"
+                      "    if x == 'kill':\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+                      "    if x == 'bytes':\n        return b'x'\n    return x\n")
+    joblog = tmp_path / "jobs.tsv"
+    inputs = [":::", "a", "exit3", "kill", "bytes"]
+    run = procqueue("map", script, "--joblog", joblog, "--retries", "0", "-q", *inputs)
+    assert run.returncode == 1
+    recs = records(run.stdout)
+    assert list(recs[3]) == ["input", "ok", "error", "attempts", "seconds", "worker"]
+    assert recs[3]["error"]["type"] == "ResultNotJSONSerializable"
+    rows = [line.split("\t") for line in joblog.read_text().splitlines()[1:]]
+    assert {row[8].rsplit(" ", 1)[1]: (row[6], row[7]) for row in rows} == {
+        "a": ("0", "0"), "exit3": ("3", "0"), "kill": ("0", "9"), "bytes": ("1", "0")}
+    again = procqueue("map", script, "--joblog", joblog, "--resume-failed", "--retries", "0",
+                      "-q", *inputs)
+    assert [r["input"] for r in records(again.stdout)] == ["exit3", "kill", "bytes"]
+
+
+@pytest.mark.timeout(60)
+def test_joblog_and_records_reach_their_files_while_the_run_goes_on(tmp_path):
+    # a run killed with SIGKILL keeps what it logged, so --resume does not run it again
+    script = tmp_path / "job.py"
+    script.write_text("import time\ndef process(x):\n    time.sleep(float(x))\n"
+                      "    return x\n")
+    joblog, out = tmp_path / "jobs.tsv", tmp_path / "out.jsonl"
+    inputs = [":::", "0.05", "0.05", "0.05", "0.05", "60", "60"]
+    proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-j", "2", "-q", "--joblog",
+                             str(joblog), "-o", str(out), *inputs], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (
+                joblog.exists() and len(joblog.read_text().splitlines()) == 5
+                and out.exists() and len(out.read_text().splitlines()) == 4):
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert len(out.read_text().splitlines()) == 4
+    assert [line.split("\t")[0] for line in joblog.read_text().splitlines()] == [
+        "Seq", "1", "2", "3", "4"]
+    resumed = procqueue("map", script, "--joblog", joblog, "--resume", "-q",
+                        *inputs[:-2], "0", "0")
+    assert [r["input"] for r in records(resumed.stdout)] == ["0", "0"]
+
+
+@pytest.mark.timeout(60)
+def test_a_script_that_does_not_load_leaves_an_earlier_runs_files_alone(tmp_path):
+    script = tmp_path / "broken.py"
+    script.write_text("raise RuntimeError('broken at import')\ndef process(x):\n    return x\n")
+    out, joblog = tmp_path / "out.jsonl", tmp_path / "jobs.tsv"
+    out.write_text("precious records\n")
+    joblog.write_text("precious log\n")
+    run = procqueue("map", script, "-o", out, "--joblog", joblog, ":::", "a")
+    assert run.returncode == 2 and "broken at import" in run.stderr
+    assert out.read_text() == "precious records\n" and joblog.read_text() == "precious log\n"
+
+
+@pytest.mark.timeout(60)
+def test_dash_as_output_or_joblog_is_stdout(tmp_path, batch):
+    script, _ = batch
+    run = procqueue("map", script, "--fn", "shout", "-o", "-", "--joblog", "-", ":::", "x",
+                    cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert [json.loads(line)["result"] for line in lines if line.startswith("{")] == ["X"]
+    assert [line.split("\t")[0] for line in lines if not line.startswith("{")] == ["Seq", "1"]
+    assert not (tmp_path / "-").exists()
 
 
 @pytest.mark.timeout(60)

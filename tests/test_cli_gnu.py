@@ -473,3 +473,44 @@ def test_a_run_on_stdin_still_open_ends_at_ctrl_c_or_a_halt(tmp_path: Path, how:
     assert code == (130 if how.startswith("ctrl-c") else 1), stderr
     if how == "halt":
         assert "--halt now,fail=1 reached" in stderr
+
+
+# ---- 12. GNU parallel's spellings: several -a, --delay 0, names that are not UTF-8 -----------
+
+@pytest.mark.timeout(60)
+def test_each_arg_file_is_an_input_source_of_its_own(echo: Path, tmp_path: Path) -> None:
+    (tmp_path / "l.txt").write_text("l1\nl2\n")
+    (tmp_path / "m.txt").write_text("m1\nm2\n")
+    run = procqueue("map", echo, "-q", "-a", tmp_path / "l.txt", "-a", tmp_path / "m.txt")
+    assert run.returncode == 0, run.stderr
+    assert [r["input"] for r in records(run.stdout)] == [
+        ["l1", "m1"], ["l1", "m2"], ["l2", "m1"], ["l2", "m2"]]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("delay", ["0", "0s", "0.0"])
+def test_a_delay_of_zero_is_no_delay(echo: Path, delay: str) -> None:
+    run = procqueue("map", echo, "-q", "--delay", delay, ":::", "a", "b")
+    assert run.returncode == 0, run.stderr
+    assert [r["result"] for r in records(run.stdout)] == [["a"], ["b"]]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["::::", "-a", "-0"])
+def test_a_file_of_inputs_that_is_not_utf8_passes_names_through(echo: Path, tmp_path: Path,
+                                                              how: str) -> None:
+    # as stdin's lines do: the name's bytes come back as surrogate escapes, not a crash
+    names = tmp_path / "names.bin"
+    names.write_bytes(b"caf\xe9.txt\0plain\0" if how == "-0" else b"caf\xe9.txt\nplain\n")
+    args = ["-0", "::::", names] if how == "-0" else [how, names] if how == "-a" \
+        else ["::::", names]
+    run = procqueue("map", echo, "-q", *args)
+    assert run.returncode == 0, run.stderr
+    assert [r["input"] for r in records(run.stdout)] == ["caf\udce9.txt", "plain"]
+
+
+@pytest.mark.timeout(60)
+def test_a_bad_size_names_the_flag_not_the_pools_parameter(echo: Path) -> None:
+    run = procqueue("map", echo, "--memfree", "lots", ":::", "a")
+    assert run.returncode == 2
+    assert "--memfree" in run.stderr and "min_free_memory" not in run.stderr

@@ -184,10 +184,14 @@ def test_gnu_parallel_numeric_halt_forms():
     assert HaltPolicy.parse("0") is None
     assert HaltPolicy.parse("1") == HaltPolicy(now=False, kind="fail", count=1)
     assert HaltPolicy.parse("2") == HaltPolicy(now=True, kind="fail", count=1)
+    assert HaltPolicy.parse("-1") == HaltPolicy(now=False, kind="success", count=1)
+    assert HaltPolicy.parse("-2") == HaltPolicy(now=True, kind="success", count=1)
+    assert HaltPolicy.parse("50%") == HaltPolicy(now=False, kind="fail", percent=50.0)
 
 
 @pytest.mark.parametrize("text", ["later,fail=1", "soon,fail=0", "now,fail=0%", "now,fail=150%",
-                                  "soon,failures=1", "soon", "3", "now,success="])
+                                  "soon,failures=1", "soon", "3", "now,success=", "-3",
+                                  "150%"])
 def test_bad_halt_policy(text):
     assert parse_halt(None) is None and parse_halt("never") is None
     with pytest.raises(click.BadParameter):
