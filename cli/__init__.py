@@ -35,6 +35,8 @@ def _exit_without_teardown(finished: SystemExit) -> None:
 
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with that descriptor closed
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed or broken stream: the ordinary exit reports

@@ -138,5 +138,9 @@ def _script_frames(tb: Any) -> Any:
 def send_prints_to_stderr() -> None:
     """Worker initializer while the records go to stdout: they own file descriptor 1, so what
     the script prints (at import or per input) goes to stderr instead of into the JSON Lines."""
-    sys.stdout.flush()
-    os.dup2(2, 1)
+    if sys.stdout is not None:  # None: the program was started with stdout closed
+        sys.stdout.flush()
+    try:
+        os.dup2(2, 1)
+    except OSError:  # stderr closed too: prints go nowhere, as in the program itself
+        pass

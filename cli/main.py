@@ -468,6 +468,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     for path, flag in ((output, "--output"), (journal_path, "--journal"),
                        (trace_path, "--trace"), (joblog_path, "--joblog")):
         _check_writable(path, flag)
+    if (output is None or joblog_path == "-") and sys.stdout is None:
+        raise OutputUnusable("cannot write stdout: it is closed (give -o FILE)")
     if dashboard and cluster is not None:
         raise click.UsageError("--dashboard watches this machine's pool: not with --cluster")
     if cluster is not None:  # before the journal is opened: refused options create nothing

@@ -245,8 +245,11 @@ def _start_resource_tracker_off_stdout() -> None:
         os.close(null)
 
 
-# The tracker's command, as multiprocessing runs it (resource_tracker.ensure_running).
-_TRACKER_COMMAND = "from multiprocessing.resource_tracker import main;main(%d)"
+# The tracker's command, as multiprocessing runs it (resource_tracker.ensure_running), but
+# deaf to a hang-up of the program's process group (a closed terminal): the program may go on
+# after one, and the tracker's death would leave what it tracks behind.
+_TRACKER_COMMAND = ("import signal;signal.signal(signal.SIGHUP, signal.SIG_IGN);"
+                    "from multiprocessing.resource_tracker import main;main(%d)")
 
 
 def _spawn_resource_tracker() -> None:
@@ -330,6 +333,7 @@ def _serve(listener_fd: int, alive_r: int) -> None:
     try:
         _drop_pipes_and_sockets(keep={0, 1, 2, listener_fd, alive_r})
         _reset_signal_handlers()
+        _outlive_a_hang_up()
         _forget_main_module()
         os.register_at_fork(after_in_child=_fresh_random_state)
         _import_what_workers_import_at_start()
@@ -411,6 +415,19 @@ def _reset_signal_handlers() -> None:
                 signal.signal(sig, wanted)
         except (OSError, ValueError):
             pass
+
+
+def _outlive_a_hang_up() -> None:
+    """A hang-up sent to the program's process group (its terminal or ssh session closed)
+    must not end this server: its workers would die with it (their parent-death signal)
+    while the program may go on waiting for their results (`procqueue map` lets running
+    tasks finish on SIGHUP).  The server still goes when the program does (its "alive"
+    pipe).  A worker forked from it gets the program's own SIGHUP disposition back."""
+    programs = signal.getsignal(signal.SIGHUP)
+    if programs == signal.SIG_IGN:
+        return  # ignored by the program already (nohup): the workers keep it ignored too
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGHUP, programs))
 
 
 def _fresh_random_state() -> None:

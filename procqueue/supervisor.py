@@ -300,7 +300,7 @@ class Supervisor:
     def _on_start_failure(self, slot: Slot, exitcode: int | None) -> None:
         if not self._takes_work():
             return  # killed while starting, by terminate() or a break: no failure to count
-        if self.workers.start_failed(slot):  # else it is respawned after a backoff
+        if self.workers.start_failed(slot, exitcode):  # else it is respawned after a backoff
             self._break(self.workers.start_failure_error(exitcode))
 
     def _respawn(self, slot: Slot) -> None:

@@ -27,8 +27,8 @@ from .program_fork import ProgramForkContext, null_over
 from .protocol import InitializerCall, OutOfBand, Stop, ToWorker, dumps_message
 from .records import FrozenRecord
 from .tasks import Block, Job, Task
-from .worker import (BLOCK_POSITION, CURRENT_TASK, FDS_PER_MESSAGE, IDLE, REVOKED, STARTED_NS,
-                     new_slot_state, slot_state_view, worker_main)
+from .worker import (BLOCK_POSITION, CURRENT_TASK, FDS_PER_MESSAGE, IDLE, INIT_FAILED_EXIT,
+                     REVOKED, STARTED_NS, new_slot_state, slot_state_view, worker_main)
 
 # A prefetched batch waits in the worker's socket buffer while it finishes the current one,
 # so a worker is never idle waiting for the supervisor.  Only small batches are prefetched:
@@ -350,9 +350,14 @@ class WorkerSlots:
             slot.move(SlotPhase.READY)
             self.start_failures = 0
 
-    def start_failed(self, slot: Slot) -> bool:
+    def start_failed(self, slot: Slot, exitcode: int | None) -> bool:
         """A worker died before Ready: respawn it after a growing backoff; True once
-        INIT_FAILURE_LIMIT starts in a row failed (the pool must not respawn in a loop)."""
+        INIT_FAILURE_LIMIT starts in a row failed (the pool must not respawn in a loop), or
+        at once where the initializer raised: as with concurrent.futures, a failing
+        initializer (a script that does not import, for the command) is one error, and its
+        side effects do not run three times."""
+        if exitcode == INIT_FAILED_EXIT and self.last_init_error is not None:
+            return True
         self.start_failures += 1
         slot.respawn_at = time.monotonic() + RESPAWN_BACKOFF_S * 2 ** (self.start_failures - 1)
         return self.start_failures >= INIT_FAILURE_LIMIT

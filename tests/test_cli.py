@@ -759,16 +759,23 @@ def process(item):
 
 
 @pytest.mark.timeout(60)
-def test_sighup_lets_running_tasks_finish_and_starts_no_other(tmp_path):
-    # The terminal went away: as GNU parallel, no new inputs, the running ones complete.
+@pytest.mark.parametrize("to", ["command", "group"])
+def test_sighup_lets_running_tasks_finish_and_starts_no_other(tmp_path, to):
+    # The terminal went away: as GNU parallel, no new inputs, the running ones complete.  A
+    # terminal (or ssh) hangs up the whole process group: the pool's fork server and the
+    # resource tracker are in it, and the workers must not die with them.
     script, log = _script_logging_to_a_folder(tmp_path, DRAINED, "drained.py")
     proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-j", "2", ":::",
                              *map(str, range(20))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=to == "group")
     deadline = time.monotonic() + 20
     while len(list(log.iterdir())) < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGHUP)  # both workers are in 1 s tasks
+    if to == "group":  # both workers are in 1 s tasks
+        os.killpg(proc.pid, signal.SIGHUP)
+    else:
+        proc.send_signal(signal.SIGHUP)
     signalled = time.monotonic()
     out, err = proc.communicate(timeout=20)
     assert time.monotonic() - signalled < 5  # not the 10 s the whole batch takes

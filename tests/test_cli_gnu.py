@@ -514,3 +514,20 @@ def test_a_bad_size_names_the_flag_not_the_pools_parameter(echo: Path) -> None:
     run = procqueue("map", echo, "--memfree", "lots", ":::", "a")
     assert run.returncode == 2
     assert "--memfree" in run.stderr and "min_free_memory" not in run.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_closed_stdout_is_one_line_and_exit_2_unless_the_records_go_to_a_file(
+        echo: Path, tmp_path: Path) -> None:
+    def closed_stdout(*args: Any) -> subprocess.CompletedProcess[str]:
+        command = " ".join([PROCQUEUE, "map", str(echo), *args, ">&-"])
+        return subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                              timeout=60, stdin=subprocess.DEVNULL)
+
+    run = closed_stdout(":::", "a", "b")
+    assert run.returncode == 2
+    assert run.stderr.strip() == "Error: cannot write stdout: it is closed (give -o FILE)"
+    out = tmp_path / "out.jsonl"
+    run = closed_stdout("-o", str(out), ":::", "a", "b")
+    assert run.returncode == 0 and run.stderr == ""
+    assert [r["result"] for r in records(out.read_text())] == [["a"], ["b"]]

@@ -403,10 +403,11 @@ def test_failing_initializer_raises_initializer_error_promptly(api, tmp_shared):
     assert elapsed < DETECT_BOUND_S, f"InitializerError after {elapsed:.2f} s"
     text = str(info.value) + str(info.value.__cause__)
     assert "init failed on purpose" in text, text
-    # bounded respawn: no fork storm
+    # no respawn after the initializer raised (as concurrent.futures): at most once in each
+    # of the two first workers (its side effects, a script's import, do not run again)
     time.sleep(0.5)
     runs = len(list(tmp_shared.glob("init-*")))
-    assert 1 <= runs <= 10, f"the initializer ran {runs} times"
+    assert 1 <= runs <= 2, f"the initializer ran {runs} times"
 
 
 # ---------------------------------------------------------------------------------------------
