@@ -18,6 +18,8 @@ from typing import Any, cast
 
 import click
 
+import procqueue
+
 from .loader import ScriptFunction as ScriptFunction
 
 
@@ -74,12 +76,12 @@ def resolve_script(script: str, fn_name: str | None) -> ScriptFunction:
     if os.path.isfile(script):
         name = fn_name or "process"
         _check_source_defines(script, name)
-        return ScriptFunction(name, path=os.path.realpath(script))
+        return _file_function(name, script)
     head, colon, tail = script.rpartition(":")
     if colon and os.path.isfile(head):  # job.py:score
         name = fn_name or tail or "process"
         _check_source_defines(head, name)
-        return ScriptFunction(name, path=os.path.realpath(head))
+        return _file_function(name, head)
     if colon and not head.endswith(".py") and head:
         name = fn_name or tail or "process"
         _check_module_defines(head, name)
@@ -88,6 +90,15 @@ def resolve_script(script: str, fn_name: str | None) -> ScriptFunction:
         raise ScriptError(f"script {script!r} is not a file")
     raise ScriptError(f"script not found: {script!r} (give a path to a .py file, "
                       f"file.py:function or module:function)")
+
+
+def _file_function(name: str, script: str) -> ScriptFunction:
+    path = os.path.realpath(script)
+    # A FunctionRef made here lets this process import the script by the private name the
+    # workers import it under, when a result's class (a dataclass) comes from it: the record
+    # then says the result is not JSON, not that a module could not be found.
+    procqueue.FunctionRef(path, name)
+    return ScriptFunction(name, path=path)
 
 
 def check_arguments(fn: ScriptFunction, count: int, given: str | None = None) -> None:

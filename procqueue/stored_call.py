@@ -39,6 +39,8 @@ class FunctionRef(FrozenRecord):
     def __init__(self, target: str, qualname: str) -> None:
         object.__setattr__(self, "target", target)
         object.__setattr__(self, "qualname", qualname)
+        if target.endswith(".py"):
+            _importable_on_demand(target)
 
     @classmethod
     def parse(cls, text: str) -> "FunctionRef":
@@ -120,10 +122,44 @@ def _lookup(module: Any, qualname: str) -> Any:
     return value
 
 
+def _script_module_name(path: str) -> str:
+    return f"{SCRIPT_MODULE_PREFIX}{zlib.crc32(path.encode()):08x}"
+
+
+_SCRIPTS: dict[str, str] = {}  # a script's private module name -> its path (_ScriptFinder)
+
+
+class _ScriptFinder:
+    """Finds a script's private module by its name, for a process that made a FunctionRef to
+    it but never ran it: a result whose class the script defines (a dataclass) is pickled by
+    that name in the worker, and unpickling it here imports the script then, once, instead of
+    failing with "No module named '_procqueue_script_...'"."""
+
+    @staticmethod
+    def find_spec(name: str, path: Any = None, target: Any = None) -> Any:
+        script = _SCRIPTS.get(name)
+        if script is None or not os.path.isfile(script):
+            return None
+        directory = os.path.dirname(script)
+        if directory not in sys.path:
+            sys.path.insert(0, directory)  # the script may import its neighbours
+        return importlib.util.spec_from_file_location(name, script)
+
+
+def _importable_on_demand(path: str) -> None:
+    """Let `path`'s private module be imported by name in this process (see _ScriptFinder)."""
+    name = _script_module_name(path)
+    if name in _SCRIPTS:
+        return
+    if not _SCRIPTS:
+        sys.meta_path.append(_ScriptFinder)
+    _SCRIPTS[name] = path
+
+
 def _import_script(path: str) -> Any:
     if not os.path.isfile(path):
         raise FunctionNotFoundError(f"no such script: {path}")
-    name = f"{SCRIPT_MODULE_PREFIX}{zlib.crc32(path.encode()):08x}"
+    name = _script_module_name(path)
     if name in sys.modules:
         return sys.modules[name]
     directory = os.path.dirname(path)

@@ -600,23 +600,29 @@ def test_joblog_exit_values_follow_the_records(tmp_path):
     # 9; a result JSON cannot hold fails its record, so its line says 1 (--resume-failed
     # must run it again)
     script = tmp_path / "job.py"
-    script.write_text("import os, signal, sys\ndef process(x):\n"
+    script.write_text("import dataclasses, os, signal, sys\n"
+                      "@dataclasses.dataclass\nclass Point:\n    x: int\n"
+                      "def process(x):\n"
                       "    if x == 'exit3':\n        sys.exit(3)\n"
                       "    if x == 'kill':\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+                      "    if x == 'point':\n        return Point(1)\n"
                       "    if x == 'bytes':\n        return b'x'\n    return x\n")
     joblog = tmp_path / "jobs.tsv"
-    inputs = [":::", "a", "exit3", "kill", "bytes"]
+    inputs = [":::", "a", "exit3", "kill", "bytes", "point"]
     run = procqueue("map", script, "--joblog", joblog, "--retries", "0", "-q", *inputs)
     assert run.returncode == 1
     recs = records(run.stdout)
     assert list(recs[3]) == ["input", "ok", "error", "attempts", "seconds", "worker"]
-    assert recs[3]["error"]["type"] == "ResultNotJSONSerializable"
+    # (a class of the script's own is as any object JSON cannot hold)
+    assert [r["error"]["type"] for r in recs[3:]] == ["ResultNotJSONSerializable"] * 2
+    assert "type Point" in recs[4]["error"]["message"]
     rows = [line.split("\t") for line in joblog.read_text().splitlines()[1:]]
     assert {row[8].rsplit(" ", 1)[1]: (row[6], row[7]) for row in rows} == {
-        "a": ("0", "0"), "exit3": ("3", "0"), "kill": ("0", "9"), "bytes": ("1", "0")}
+        "a": ("0", "0"), "exit3": ("3", "0"), "kill": ("0", "9"), "bytes": ("1", "0"),
+        "point": ("1", "0")}
     again = procqueue("map", script, "--joblog", joblog, "--resume-failed", "--retries", "0",
                       "-q", *inputs)
-    assert [r["input"] for r in records(again.stdout)] == ["exit3", "kill", "bytes"]
+    assert [r["input"] for r in records(again.stdout)] == ["exit3", "kill", "bytes", "point"]
 
 
 @pytest.mark.timeout(60)

@@ -126,6 +126,18 @@ def test_an_unpicklable_result_fails_its_task_clearly(tq):
         handle.get_result(timeout=5)
 
 
+def test_a_result_of_a_class_the_script_defines_comes_back(tq, tmp_path):
+    # the worker pickles it by the script's private module name; the handle's process, which
+    # never ran the script, imports it by that name on demand
+    script = tmp_path / "shapes.py"
+    script.write_text("import dataclasses\n\n@dataclasses.dataclass\nclass Point:\n"
+                      "    x: int\n    y: int\n\ndef point(x):\n    return Point(x, -x)\n")
+    handle = tq.enqueue(f"{script}:point", 3)
+    drain(tq)
+    got = handle.get_result(timeout=5)
+    assert type(got).__name__ == "Point" and (got.x, got.y) == (3, -3)
+
+
 def test_a_lambda_cannot_be_enqueued(tq):
     with pytest.raises(ValueError, match="top level of a module or script"):
         tq.enqueue(lambda x: x, 1)
