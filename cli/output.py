@@ -83,8 +83,10 @@ def _type_name(error: BaseException) -> str:
     if isinstance(error, procqueue.RemoteError):
         return error.type_name
     cls = type(error)
+    # (a script's own classes: the private name it is imported under says nothing)
     return cls.__qualname__ if cls.__module__ in ("builtins", "__main__") or \
-        cls.__module__.startswith("procqueue") else f"{cls.__module__}.{cls.__qualname__}"
+        cls.__module__.startswith(("procqueue", "_procqueue_script_")) \
+        else f"{cls.__module__}.{cls.__qualname__}"
 
 
 FLUSH_INTERVAL_S = 0.1  # a written record reaches the file within about this time

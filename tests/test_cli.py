@@ -189,8 +189,8 @@ def test_failing_inputs_get_error_records_and_exit_1(tmp_path, batch):
 
 @pytest.mark.timeout(60)
 def test_an_exception_class_of_the_script_fails_only_its_input(tmp_path):
-    # The command never imports the script, so the class does not unpickle there: the error
-    # keeps the class's name, the message and the traceback, and the pool goes on.
+    # The error keeps the class's name (not the private module the workers import the script
+    # under), the message and the traceback, and the pool goes on.
     script = tmp_path / "own.py"
     script.write_text("class Mine(Exception):\n    pass\n\n\ndef process(x):\n"
                       "    if x == '2':\n        raise Mine(f'bad {x}')\n    return x\n")
