@@ -441,12 +441,19 @@ class Pool(PoolCalls):
         job = self._jobs.job(func, CallKind.ONE, stream, call, timed_inputs=False)
         self._supervisor.watch(stream)
         journal = self._journal.for_call(func, job)
-        post = self._supervisor.post
-        iterator = IMapIterator(stream, self, lambda: post(CancelJob(job, False, True)),
-                                return_errors=call.return_errors)
-        start_feeder(self._submitter, job, stream, iterable, journal,
-                     whole_chunks=self._whole_chunks(call), wait_for_whole_chunks=True,
-                     watch=self._feed_watch)
+
+        def abandon() -> None:
+            # Dropped before its end, the iterator leaves its call running, results discarded,
+            # as multiprocessing does (code that never reads imap's results relies on its
+            # inputs running): a list's inputs to the end, an iterator's (which may be
+            # endless) those taken so far.
+            stream.discard()
+            feed.stop_taking()  # (nothing for a list)
+
+        iterator = IMapIterator(stream, self, abandon, return_errors=call.return_errors)
+        feed = start_feeder(self._submitter, job, stream, iterable, journal,
+                            whole_chunks=self._whole_chunks(call), wait_for_whole_chunks=True,
+                            watch=self._feed_watch)
         return iterator
 
     def _whole_chunks(self, call: ParsedCall) -> int:

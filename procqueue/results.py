@@ -327,6 +327,7 @@ class ResultStream(OutcomeSink):
         self._length: int | None = None  # known once the input is exhausted
         self._input_error: BaseException | None = None
         self._aborted: BaseException | None = None  # see abort
+        self._discarding = False  # see discard
         self.input_cut = False  # see cut_input
 
     def cut_input(self) -> None:
@@ -338,7 +339,9 @@ class ResultStream(OutcomeSink):
     def deliver(self, task: Task, ok: bool, value: Any) -> None:
         done = (task.index, task.input, ok, value, task.attempts, task.seconds, task.pid)
         with self._cond:
-            if self.ordered:
+            if self._discarding:
+                self._drop(1)
+            elif self.ordered:
                 self._by_index[task.index] = done
                 if task.index == self._next_index:
                     self._cond.notify()
@@ -350,7 +353,9 @@ class ResultStream(OutcomeSink):
         """deliver() of many successes: one lock, one wake-up."""
         dones = [(t.index, t.input, True, v, t.attempts, t.seconds, t.pid) for t, v in succeeded]
         with self._cond:
-            if self.ordered:
+            if self._discarding:
+                self._drop(len(dones))
+            elif self.ordered:
                 by_index = self._by_index
                 for done in dones:
                     by_index[done[0]] = done
@@ -365,13 +370,33 @@ class ResultStream(OutcomeSink):
         """Successes of inputs first, first+1, ...: one entry, one lock, one wake-up."""
         run = _Run(first, inputs, values, seconds, pid)
         with self._cond:
-            if self.ordered:
+            if self._discarding:
+                self._drop(len(run))
+            elif self.ordered:
                 self._by_index[first] = run
                 if first == self._next_index:
                     self._cond.notify()
             else:
                 self._arrived.append(run)
                 self._cond.notify()
+
+    def discard(self) -> None:
+        """The caller dropped its iterator before the end (imap, imap_unordered): as with
+        multiprocessing, every input of the call still runs (close() and join() wait for
+        them); results are dropped as they come, each giving its place in the window back, so
+        that the feeder goes on taking inputs."""
+        with self._cond:
+            self._discarding = True
+            held = [*self._by_index.values(), *self._arrived]
+            unread = len(self._run) - self._run.taken if self._run is not None else 0
+            self._by_index.clear()
+            self._arrived.clear()
+            self._run = None
+            self._drop(unread + sum(len(e) if isinstance(e, _Run) else 1 for e in held))
+
+    def _drop(self, places: int) -> None:  # with self._cond held
+        self._unreleased += places
+        self._give_back_places()
 
     def abort(self, error: BaseException) -> None:
         """The pool can no longer deliver the rest (its supervisor failed): what was delivered
@@ -625,7 +650,19 @@ class TaskFuture(concurrent.futures.Future, OutcomeSink):  # type: ignore[type-a
             if self._state in _STARTABLE:
                 self._state = _RUNNING
                 return True
-        return self.set_running_or_notify_cancel()  # cancelled while queued: False
+        self._notify_cancelled()  # cancelled while queued
+        return False
+
+    def _notify_cancelled(self) -> None:
+        """What set_running_or_notify_cancel() does for a cancelled future, once, whoever comes
+        first (cancel() or the supervisor): CANCELLED_AND_NOTIFIED, and wait() and
+        as_completed() told.  A plain CANCELLED future is not done for them."""
+        with self._condition:
+            if self._state != _CANCELLED:
+                return
+            self._state = _CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
 
     def _finish(self, ok: bool, value: Any) -> None:
         if self._cond is None:
@@ -693,7 +730,8 @@ class TaskFuture(concurrent.futures.Future, OutcomeSink):  # type: ignore[type-a
         if not self.running() or not hooked:
             cancelled = super().cancel()
             if cancelled and hooked:
-                canceller.cancel_task(task, False)
+                canceller.cancel_task(task, False)  # taken out of the queue: it never starts
+                self._notify_cancelled()
             return cancelled
         with self._condition:
             if self._state != _RUNNING:
@@ -715,7 +753,8 @@ _RUNNING = concurrent.futures._base.RUNNING
 _FINISHED = concurrent.futures._base.FINISHED
 _CANCELLED_AND_NOTIFIED = concurrent.futures._base.CANCELLED_AND_NOTIFIED
 _STARTABLE = (_PENDING, _RUNNING)
-_CANCELLED_STATES = (concurrent.futures._base.CANCELLED, _CANCELLED_AND_NOTIFIED)
+_CANCELLED = concurrent.futures._base.CANCELLED
+_CANCELLED_STATES = (_CANCELLED, _CANCELLED_AND_NOTIFIED)
 _DONE = (*_CANCELLED_STATES, _FINISHED)
 _STATE_NAMES = getattr(concurrent.futures._base, "_STATE_TO_DESCRIPTION_MAP", {})
 _LAZY_LOCK = threading.Lock()  # makes TaskFutures' conditions; guards changes made without one

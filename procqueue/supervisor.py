@@ -331,6 +331,10 @@ class Supervisor:
         for job in self._open_jobs.values():
             job.sink.stop_input()
         self.canceller.fail_everything(error)
+        # A lazy call whose feeder is still inside the caller's iterable (a slow generator)
+        # has inputs that will never come: its consumer gets `error` once it has taken what
+        # was delivered, instead of waiting for them.
+        self._abort_watched(error)
         self.workers.kill_all_now()
         self._stop_deadline = time.monotonic() + STOP_WORKERS_TIMEOUT_S
 

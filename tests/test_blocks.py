@@ -317,26 +317,37 @@ def test_cancel_inside_blocks_gives_every_input_one_outcome(fn, n, chunksize, le
         + stats.tasks_cancelled == n
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("fn, n, chunksize, least", CANCELS, ids=["20ms", "0.6ms"])
-def test_an_abandoned_imap_stops_inside_its_blocks(fn, n, chunksize, least):
-    # imap's blocks run untimed (no clock per input): they still look for a revoke.
-    import gc
+def nap_failing_at_0(x):
+    if x == 0:
+        raise ValueError("input 0")
+    return nap(x)
 
+
+def spin_failing_at_0(x):
+    if x == 0:
+        raise ValueError("input 0")
+    return spin(x)
+
+
+HALTS = [(nap_failing_at_0, 200, 50, 50), (spin_failing_at_0, 2000, 1000, 1000)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fn, n, chunksize, least", HALTS, ids=["20ms", "0.6ms"])
+def test_a_halt_stops_imap_inside_its_blocks(fn, n, chunksize, least):
+    # imap's blocks run untimed (no clock per input): they still look for a revoke
     with procqueue.Pool(2) as pool:
-        it = pool.imap(fn, range(n), chunksize=chunksize)
-        assert next(it) == 0
-        del it
-        gc.collect()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            stats = pool.stats()
-            ended = stats.tasks_succeeded + stats.tasks_failed + stats.tasks_cancelled
-            if stats.tasks_submitted == n and ended == n:
+        it = pool.imap(fn, range(n), chunksize=chunksize, halt="soon,fail=1")
+        outcomes = []
+        while True:
+            try:
+                outcomes.append(type(next(it)).__name__)
+            except StopIteration:
                 break
-            time.sleep(0.02)
-    assert stats.tasks_submitted == ended == n
-    assert stats.tasks_cancelled >= least
+            except Exception as exc:  # noqa: BLE001 - each input's own outcome
+                outcomes.append(type(exc).__name__)
+    assert len(outcomes) == n and outcomes[0] == "ValueError"
+    assert outcomes.count("TaskCancelledError") >= least
 
 
 @pytest.mark.timeout(60)

@@ -86,7 +86,7 @@ def test_imap_over_endless_generator_is_lazy_and_bounded():
 
 
 @pytest.mark.timeout(30)
-def test_dropping_an_imap_iterator_stops_its_input_so_join_returns():
+def test_dropping_an_imap_iterator_stops_taking_from_an_iterator_so_join_returns():
     source = CountingInput()
     pool = Pool(2)
     it = pool.imap_unordered(square, source)
@@ -95,6 +95,63 @@ def test_dropping_an_imap_iterator_stops_its_input_so_join_returns():
     pool.close()
     pool.join()  # would hang forever if the endless input were still being fed
     assert source.taken < 50_000
+
+
+def touch(path):
+    open(path, "w").close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["never-read", "break", "partly-read"])
+def test_a_dropped_imap_iterator_still_runs_every_input_of_a_list(tmp_path, how):
+    # As with multiprocessing: code that never reads imap's results (or stops reading) relies
+    # on its inputs running; close() and join() wait for them
+    paths = [str(tmp_path / f"f{i}") for i in range(3000)]  # more than imap's window
+    pool = Pool(2)
+    if how == "never-read":
+        pool.imap_unordered(touch, paths, 1)
+    elif how == "break":
+        for _ in pool.imap(touch, paths):
+            break
+    else:
+        it = pool.imap(touch, paths)
+        for _ in range(3):
+            next(it)
+        del it
+    gc.collect()
+    pool.close()
+    pool.join()
+    assert sum(os.path.exists(p) for p in paths) == len(paths)
+    stats = pool.stats()
+    assert stats.tasks_succeeded == len(paths) and stats.tasks_cancelled == 0
+
+
+def slow_inputs():
+    yield 1
+    time.sleep(5)  # a slow producer (a socket, stdin)
+    yield 2
+
+
+@pytest.mark.timeout(30)
+def test_terminate_wakes_an_imap_consumer_whose_input_is_slow_to_come():
+    pool = Pool(2)
+    it = pool.imap(square, slow_inputs())
+    assert next(it) == 1
+    seen = []
+
+    def consume():
+        try:
+            seen.extend(it)
+        except TaskCancelledError as exc:
+            seen.append(exc)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    time.sleep(0.2)  # (the consumer waits for input 2, which the feeder waits for)
+    pool.terminate()
+    consumer.join(3)
+    assert not consumer.is_alive() and isinstance(seen[-1], TaskCancelledError)
+    pool.join()
 
 
 @pytest.mark.timeout(30)

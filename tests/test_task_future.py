@@ -88,6 +88,25 @@ def test_cancelled_while_queued_never_starts_and_tells_the_pool():
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["as_completed", "wait"])
+def test_a_future_cancelled_while_queued_is_done_for_wait_and_as_completed(how):
+    # The pool takes it out of its queue, so it never reaches set_running_or_notify_cancel()
+    # through a start: cancel() itself must tell the waiters, or they wait forever
+    future, _ = bound_future()
+    other, _ = bound_future()
+    other.starting("the task")
+    other.deliver("the task", True, 1)
+    assert future.cancel()
+    if how == "as_completed":
+        assert set(concurrent.futures.as_completed([future, other], timeout=5)) == {
+            future, other}
+    else:
+        done, pending = concurrent.futures.wait([future, other], timeout=5)
+        assert done == {future, other} and not pending
+    assert not future.starting("the task")  # the supervisor's late look changes nothing
+
+
+@pytest.mark.timeout(30)
 def test_cancelling_a_running_future_asks_the_pool_to_kill_it():
     future, canceller = bound_future()
     future.starting("the task")
