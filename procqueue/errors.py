@@ -232,9 +232,10 @@ class ResultSerializationError(TaskFailed, _MaybeEncodingError):
         self.value = value_repr
 
 
-class RemoteError(TaskFailed):
+class RemoteError(TaskFailed, _MaybeEncodingError):
     """A task raised an exception that cannot be pickled or unpickled.  Keeps its type name,
-    message and traceback text; the traceback is also the ``__cause__``."""
+    message and traceback text; the traceback is also the ``__cause__``.  A
+    MaybeEncodingError, as multiprocessing.Pool raises for an exception it cannot send."""
 
     def __init__(self, type_name: str = "Exception", message: str = "",
                  traceback_text: str = "", **where: Any) -> None:
@@ -242,6 +243,9 @@ class RemoteError(TaskFailed):
         self.type_name = type_name
         self.remote_message = message
         self.traceback_text = traceback_text
+        # MaybeEncodingError's attributes: what went wrong, and the repr of the "result"
+        self.exc = "the exception could not travel from the worker"
+        self.value = f"{type_name}({message!r})"
 
 
 class PoolBrokenError(ProcqueueError, _BrokenProcessPool):
@@ -291,10 +295,12 @@ def annotate(exc: BaseException, *, index: int | None, input_repr: str | None,
     `.pid`, `.attempts`) and as a line of its remote traceback, printed right above it.  Its
     type, message and notes stay what the task raised: `except ValueError` and
     `pytest.raises(ValueError, match="^bad item 3$")` see what they see with
-    multiprocessing.Pool."""
+    multiprocessing.Pool.  An attribute the exception has of its own stays its own
+    (psutil.NoSuchProcess's `.pid` is the process it looked for, not the worker)."""
+    own = not isinstance(exc, TaskFailed)
     for name, value in (("index", index), ("input_repr", input_repr), ("pid", pid),
                         ("attempts", attempts)):
-        if not isinstance(exc, TaskFailed) or getattr(exc, name, None) is None:
+        if (own and not hasattr(exc, name)) or (not own and getattr(exc, name, None) is None):
             try:
                 setattr(exc, name, value)
             except (AttributeError, TypeError):  # exceptions with __slots__ or read-only attrs

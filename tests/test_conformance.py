@@ -881,6 +881,18 @@ def test_an_unpicklable_result_raises_maybe_encoding_error(pool_cls: PoolFactory
         assert pool.map(square, [3]) == [9]  # the pool goes on
 
 
+def raise_holding_a_lock(_: Any) -> None:
+    raise ValueError(threading.Lock())
+
+
+def test_an_exception_that_cannot_be_pickled_raises_maybe_encoding_error(
+        pool_cls: PoolFactory) -> None:
+    with pool_cls(1) as pool:
+        with pytest.raises(multiprocessing.pool.MaybeEncodingError):
+            pool.map(raise_holding_a_lock, [1])
+        assert pool.map(square, [3]) == [9]  # the pool goes on
+
+
 def test_an_unpicklable_argument_raises_a_pickling_error(pool_cls: PoolFactory) -> None:
     # multiprocessing raises pickle's own error (TypeError for a lock); procqueue's
     # ArgumentSerializationError is a pickle.PicklingError

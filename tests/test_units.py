@@ -449,6 +449,19 @@ def test_annotate_keeps_type_message_and_notes_and_names_the_input_in_the_cause(
     assert "'five'" not in exc.__cause__.tb_text  # the bare traceback, as the worker sent it
 
 
+class _LookedForAProcess(Exception):
+    def __init__(self, pid):
+        super().__init__(f"no process {pid}")
+        self.pid = pid  # as psutil.NoSuchProcess
+
+
+def test_annotate_leaves_an_attribute_the_exception_has_of_its_own():
+    exc = restore_exception(_raise(_LookedForAProcess(999999)))
+    exc = errors.annotate(exc, index=5, input_repr="'five'", pid=9, attempts=1)
+    assert exc.pid == 999999 and exc.index == 5
+    assert "in worker pid 9" in exc.__cause__.tb  # the worker is still named
+
+
 def test_argument_error_is_a_type_error_and_the_error_pickling_raised():
     error = errors.argument_error("cannot pickle", RuntimeError("no"), index=2, input_repr="x")
     assert isinstance(error, errors.ArgumentSerializationError)
