@@ -124,7 +124,9 @@ class InputFeed:
                 self.cut = True
                 if self.count_known is not None:
                     self.count_known(self.count)
-                self.stream.input_finished(self.count, input_error)
+                # (not exhausted: the window closed, the pool terminated or broke)
+                self.stream.input_finished(self.count, input_error,
+                                           complete=self.source.exhausted)
                 self.finish()
 
     def stop_taking(self) -> None:

@@ -328,6 +328,7 @@ class ResultStream(OutcomeSink):
         self._input_error: BaseException | None = None
         self._aborted: BaseException | None = None  # see abort
         self._discarding = False  # see discard
+        self._input_complete = True  # see input_finished
         self.input_cut = False  # see cut_input
 
     def cut_input(self) -> None:
@@ -405,11 +406,14 @@ class ResultStream(OutcomeSink):
             self._aborted = error
             self._cond.notify_all()
 
-    def input_finished(self, length: int, error: BaseException | None = None) -> None:
-        """The feeder reached the end of the input (or the input raised `error`)."""
+    def input_finished(self, length: int, error: BaseException | None = None,
+                       complete: bool = True) -> None:
+        """The feeder reached the end of the input (or the input raised `error`); not
+        `complete`: it stopped before the end (the pool was terminated or broke)."""
         with self._cond:
             self._length = length
             self._input_error = error
+            self._input_complete = complete
             self._cond.notify_all()
 
     def next_done(self, timeout: float | None = None) -> _Done:
@@ -434,6 +438,9 @@ class ResultStream(OutcomeSink):
                     if self._input_error is not None:
                         error, self._input_error = self._input_error, None
                         raise error
+                    if self._aborted is not None and not self._input_complete:
+                        # what the pool's end cut off is no success: say why it ended
+                        raise self._aborted
                     raise StopIteration
                 if self._aborted is not None:
                     raise self._aborted

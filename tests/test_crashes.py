@@ -410,6 +410,31 @@ def test_failing_initializer_raises_initializer_error_promptly(api, tmp_shared):
     assert 1 <= runs <= 2, f"the initializer ran {runs} times"
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("api", ["imap", "imap_outcomes"])
+def test_a_lazy_call_fed_after_the_pool_broke_raises_and_never_just_ends(
+        api, tmp_shared, monkeypatch):
+    # The feeder (a thread) starts late, as on a loaded machine: it finds the window closed by
+    # the break and stops with nothing fed.  An empty, successful end would look like a call
+    # with no inputs (the command exited 0 for a script that does not import).
+    from procqueue import input_feed
+
+    feed = input_feed.InputFeed._feed
+
+    def late(self):
+        time.sleep(0.5)  # the workers' initializer has failed by then
+        feed(self)
+
+    monkeypatch.setattr(input_feed.InputFeed, "_feed", late)
+    pq = _procqueue()
+    errors = _errors()
+    with pq.Pool(2, initializer=failing_init, initargs=(str(tmp_shared),)) as pool:
+        results = getattr(pool, api)(square, range(5))
+        time.sleep(1.5)  # the consumer comes after the feeder has stopped
+        with pytest.raises(errors.InitializerError):
+            list(results)
+
+
 # ---------------------------------------------------------------------------------------------
 # Retries: how many times a task runs
 # ---------------------------------------------------------------------------------------------
@@ -530,9 +555,14 @@ from procqueue import Pool
 
 D = sys.argv[1]
 
+def announce(i, child):
+    # Written whole, then renamed: the test reads each worker-* file as soon as it appears
+    Path(D, f".worker-{os.getpid()}-{i}").write_text(f"{os.getpid()} {child}")
+    os.replace(Path(D, f".worker-{os.getpid()}-{i}"), Path(D, f"worker-{os.getpid()}-{i}"))
+
 def work(i):
     child = subprocess.Popen(["sleep", "60"])      # a task's own subprocess
-    Path(D, f"worker-{os.getpid()}-{i}").write_text(f"{os.getpid()} {child.pid}")
+    announce(i, child.pid)
     time.sleep(60)
     Path(D, f"finished-{i}").write_text("")        # must never happen
     child.kill()
@@ -660,7 +690,7 @@ import re
 def stuck_in_c(i):
     # Catastrophic backtracking: minutes inside the regex engine, which never lets go of
     # the GIL, so a worker's own watchdog thread cannot run while this does.
-    Path(D, f"worker-{os.getpid()}-{i}").write_text(f"{os.getpid()} {os.getpid()}")
+    announce(i, os.getpid())
     re.match(r"(a+)+b", "a" * 40)
     Path(D, f"finished-{i}").write_text("")
     return i
