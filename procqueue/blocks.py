@@ -79,6 +79,10 @@ class BlockRouter:
     def route(self, slot: Slot, batch: Batch, message: BlockResults) -> None:
         block = batch.block
         assert block is not None
+        if message.skipped >= 0 and block.tasks is None and message.skipped < len(block):
+            # The worker gave back the inputs it had not reached (give_back.py: one of them
+            # runs long): they become tasks, queued again for any worker
+            explode_dispatched(self.book, slot, batch)
         if block.tasks is None and not message.errors and isinstance(message.values, bytes):
             self._deliver_successes(slot, block, message)  # the hot path: tiny tasks
         elif block.tasks is None:

@@ -81,6 +81,8 @@ class WorkerOutcomes:
             task = pending.pop(task_id, None)
             if task is not None:
                 self.book.on_skipped(task)
+        if message.skipped and not batch.job.cancelled:
+            slot.gave_back = True  # (see Slot.gave_back)
         self._after_results(slot, batch, message)
 
     def on_block_results(self, slot: Slot, message: BlockResults) -> None:
@@ -90,6 +92,8 @@ class WorkerOutcomes:
         # The batch ends (a block under a concurrency limit gives its permit back) before its
         # last results go out, as a task's permits are given back before its outcome is
         # delivered: whoever the results wake finds the limit free.
+        if message.skipped >= 0 and not batch.job.cancelled:
+            slot.gave_back = True  # (see Slot.gave_back)
         self._after_results(slot, batch, message)
         self.blocks.route(slot, batch, message)
 

@@ -23,11 +23,12 @@ from typing import Any, Callable
 
 from .affinity import pin_current_process
 from .errors import ArgumentSerializationError
+from .give_back import HeldWork
 from .item_run import error_of, run_item, unpicklable_result
 from .protocol import (UNMAPPED, BatchResults, BlockResults, CallKind,
                        CallsFunction, InitFailed, InitializerCall, LoadFunction, Ready, RunBlock,
                        RunTasks, Stop, apply_call, capture_exception, dumps, dumps_message,
-                       dumps_plain_data, loads, loads_message)
+                       dumps_plain_data, loads)
 
 # Slot state shared with the supervisor (an int64 array): the task now running and when
 # it started, written here before each item and read by the supervisor on a crash or a
@@ -45,6 +46,7 @@ SLOT_STATE_SIZE = 5
 IDLE = -1  # CURRENT_TASK between batches; a REVOKED entry with nothing revoked
 
 INIT_FAILED_EXIT = 70  # exit code after a failed initializer (EX_SOFTWARE)
+EXIT_GRACE_S = 1.0  # a worker's exit after its last batch waits this long for a task's threads
 # A block's inputs look at the revoked batch ids (and whether to send what is done) this often
 # at most.  A look costs a worker ~10 us right after a task (its caches went cold while the task
 # ran): at 1 ms, one look per 1 ms input was 1% of the work.  A revoked call's inputs stop
@@ -85,6 +87,7 @@ def worker_main(conn: Any, slot_state: Any, cpus: tuple[int, ...], env: dict[str
         os._exit(INIT_FAILED_EXIT)
     conn.send_bytes(dumps_message(Ready(os.getpid())))
     serve(conn, slot_state_view(slot_state))
+    _exit_within(EXIT_GRACE_S)
 
 
 def new_slot_state() -> Any:
@@ -109,17 +112,20 @@ def slot_state_view(memory: Any) -> Any:
 
 def serve(conn: Any, slot_state: Any) -> None:
     functions: dict[int, Callable[..., Any]] = {}
+    held = HeldWork(conn, _receive_fds, UNSENT, slot_state, BLOCK_POSITION)
     while True:
+        _exit_if_forked()
         try:
-            message = loads_message(conn.recv_bytes())
+            message, fds = held.next_message()
         except (EOFError, OSError):
             return  # the supervisor went away: nothing left to do
         match message:
             case RunTasks():
-                fds = _receive_fds(conn, message.oob_task_ids)
-                run_batch(conn, slot_state, functions, message, fds)
+                if fds is None:
+                    fds = _receive_fds(conn, message.oob_task_ids)
+                run_batch(conn, slot_state, functions, message, fds, held)
             case RunBlock():
-                run_block(conn, slot_state, functions, message)
+                run_block(conn, slot_state, functions, message, held)
             case LoadFunction():
                 slot_state[STARTED_NS] = -time.monotonic_ns()  # loading: see STARTED_NS
                 _load_function(functions, message)  # its error, if any, comes with its tasks
@@ -149,8 +155,12 @@ def _receive_fds(conn: Any, task_ids: tuple[int, ...]) -> dict[int, int]:
 
 
 def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any]],
-              batch: RunTasks, fds: dict[int, int] | None = None) -> None:
+              batch: RunTasks, fds: dict[int, int] | None = None,
+              held: HeldWork | None = None) -> None:
+    """Run a batch's tasks in order.  Each starts under `held.lock`: a task that runs long
+    has the tasks behind it given back (give_back.py), and those never start here."""
     fds = fds or {}
+    held = held or HeldWork(conn, _receive_fds, UNSENT, slot_state, BLOCK_POSITION)
     batch_id = batch.batch_id
     if batch.items and not _revoked(slot_state, batch_id):
         # a crash while unpickling the function is charged to the first task; its clock
@@ -158,39 +168,50 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
         slot_state[STARTED_NS] = -time.monotonic_ns()
         slot_state[CURRENT_TASK] = batch.items[0][0]
     fn, fn_error = _load_function(functions, batch)
-    results = _Columns(batch_id)
+    held.begin_tasks(batch, _Columns(batch_id), partial(_Columns, batch_id), keep_all=bool(fds))
     UNSENT.send = lambda: conn.send_bytes(
-        dumps_message(results.complete_rows().message(final=False)))
+        dumps_message(held.results.complete_rows().message(final=False)))
     last_flush = time.monotonic()
     for n, (task_id, payload) in enumerate(batch.items):
-        if slot_state[REVOKED[0]] == batch_id or slot_state[REVOKED[1]] == batch_id:
-            results.skipped = [t for t, _ in batch.items[n:]]
-            break
-        started_ns = time.monotonic_ns()
-        slot_state[STARTED_NS] = started_ns  # time first: see module docstring
-        slot_state[CURRENT_TASK] = task_id
+        with held.lock:
+            if slot_state[REVOKED[0]] == batch_id or slot_state[REVOKED[1]] == batch_id:
+                given = held.given_back_from
+                held.results.skipped = [t for t, _ in batch.items[n:given]]
+                break
+            if not held.start(n):
+                break  # the rest went back
+            started_ns = time.monotonic_ns()
+            slot_state[STARTED_NS] = started_ns  # time first: see module docstring
+            slot_state[CURRENT_TASK] = task_id
         ok, data = run_item(fn, fn_error, batch.kind, payload, fds, task_id)
+        _exit_if_forked()
         now = time.monotonic()
         started = started_ns / 1e9
-        results.add(task_id, ok, data, now - started, started)
-        if now - last_flush >= batch.report_s:
-            UNSENT.sending = True
-            conn.send_bytes(dumps_message(results.message(final=False)))
-            results = _Columns(batch_id)
-            UNSENT.sending = False
-            last_flush = now
+        with held.lock:
+            held.looked_at = None
+            held.results.add(task_id, ok, data, now - started, started)
+            if now - last_flush >= batch.report_s:
+                UNSENT.sending = True
+                conn.send_bytes(dumps_message(held.results.message(final=False)))
+                held.results = _Columns(batch_id)
+                UNSENT.sending = False
+                last_flush = now
     slot_state[CURRENT_TASK] = IDLE
     for task_id, fd in fds.items():  # arguments never mapped (skipped, or no function)
         _close_quietly(fd)
         UNMAPPED.append(task_id)
-    UNSENT.sending = True
-    conn.send_bytes(dumps_message(results.message(final=True)))
-    UNSENT.clear()
+    with held.lock:
+        UNSENT.sending = True
+        conn.send_bytes(dumps_message(held.results.message(final=True)))
+        UNSENT.clear()
+        held.end_locked()
 
 
 def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any]],
-              batch: RunBlock) -> None:
-    """Run a block's inputs in order; the slot's BLOCK_POSITION says which one is running."""
+              batch: RunBlock, held: HeldWork | None = None) -> None:
+    """Run a block's inputs in order; the slot's BLOCK_POSITION says which one is running.
+    Its looks also go through `held` (give_back.py): the inputs behind one that runs long
+    go back to the supervisor."""
     block_id, blob = batch.block_id, batch.inputs
     slot_state[BLOCK_POSITION] = 0
     slot_state[STARTED_NS] = -time.monotonic_ns()  # negative: loading (see STARTED_NS)
@@ -198,8 +219,11 @@ def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
     fn, fn_error = _load_function(functions, batch)
     slot_state[STARTED_NS] = time.monotonic_ns()
     inputs = loads(blob)
+    held = held or HeldWork(conn, _receive_fds, UNSENT, slot_state, BLOCK_POSITION)
     report = _BlockReport(conn, slot_state, batch.batch_id, batch.timed, batch.report_s,
-                          0.0 if batch.each_revocable else REVOKE_CHECK_S)
+                          0.0 if batch.each_revocable else REVOKE_CHECK_S, held)
+    timed = batch.timed or batch.each_revocable
+    held.begin_block(batch, len(inputs), timed, report.send_done_before)
     UNSENT.send = report.send_unsent
     if fn is None:  # each input fails with why the function could not be loaded
         assert fn_error is not None
@@ -213,12 +237,14 @@ def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
     else:
         call = fn if batch.kind is CallKind.ONE else partial(apply_call, fn, batch.kind)
         # (the untimed loop looks at the slot between stretches of inputs, not before each)
-        run = _run_timed if batch.timed or batch.each_revocable else _run_untimed
+        run = _run_timed if timed else _run_untimed
         run(report, call, inputs)
     slot_state[CURRENT_TASK] = IDLE
-    UNSENT.sending = True
-    report.send(time.monotonic(), final=True)
-    UNSENT.clear()
+    with held.lock:
+        UNSENT.sending = True
+        report.send(time.monotonic(), final=True)
+        UNSENT.clear()
+        held.end_locked()
 
 
 # A tiny input takes a fraction of a microsecond: the two loops below are the whole cost of a
@@ -263,7 +289,7 @@ def _run_untimed(report: "_BlockReport", call: Callable[..., Any], inputs: list[
     slot_state, position_slot, clock = report.slot_state, BLOCK_POSITION, time.monotonic
     n, start, stretch = len(inputs), 0, 1
     looked_at = clock()
-    if report.check(0, looked_at) is None:  # revoked before it started
+    if report.check(0, looked_at, until=min(n, stretch)) is None:  # revoked before it started
         return
     while start < n:
         end = min(n, start + stretch)
@@ -277,9 +303,9 @@ def _run_untimed(report: "_BlockReport", call: Callable[..., Any], inputs: list[
         if end == n:
             return
         now = clock()
-        if report.check(end, now) is None:
-            return
         stretch = _inputs_per_look(stretch, end - start, now - looked_at)
+        if report.check(end, now, until=min(n, end + stretch)) is None:
+            return
         start, looked_at = end, now
 
 
@@ -295,7 +321,9 @@ class _BlockReport:
     each input): a revoked batch stops the block; results are sent at least every `report_s`."""
 
     def __init__(self, conn: Any, slot_state: Any, batch_id: int, timed: bool,
-                 report_s: float, look_s: float = REVOKE_CHECK_S) -> None:
+                 report_s: float, look_s: float = REVOKE_CHECK_S,
+                 held: HeldWork | None = None) -> None:
+        self.held = held
         self.conn = conn
         self.slot_state = slot_state
         self.batch_id = batch_id
@@ -314,9 +342,27 @@ class _BlockReport:
         if self.seconds is not None:
             self.seconds.append(seconds)
 
-    def check(self, position: int, now: float) -> float | None:
-        """Before input `position`: None if the batch was revoked (the rest never starts),
-        else when to look again."""
+    def check(self, position: int, now: float, until: int | None = None) -> float | None:
+        """Before input `position` (the next look before input `until`, if known): None if
+        the batch was revoked, or its inputs from `position` on went back (give_back.py):
+        the rest never starts here; else when to look again."""
+        held = self.held
+        if held is None:
+            return self._check(position, now)
+        # This look first, then whether the watching thread is deciding or has given inputs
+        # back (give_back.py: it claims, then reads the look), so no lock in the common case
+        held.looked_at, held.until = now, position if until is None else until
+        if not held.claimed and held.given_back_from is None:
+            return self._check(position, now)
+        with held.lock:  # (its thread sends on the same pipe)
+            given_back_from = held.given_back_from
+            if given_back_from is not None and position >= given_back_from:
+                self.skipped = position
+                return None
+            return self._check(position, now)
+
+    def _check(self, position: int, now: float) -> float | None:
+        _exit_if_forked()
         if now >= self.revoke_check_at:
             if _revoked(self.slot_state, self.batch_id):
                 self.skipped = position
@@ -329,6 +375,30 @@ class _BlockReport:
             UNSENT.sending = False
             self.flush_at = now + self.report_s
         return min(self.revoke_check_at, self.flush_at)
+
+    def send_done_before(self, position: int) -> None:
+        """From give_back.py's thread, while input `position` runs long (the loop is inside
+        that input's call): send the inputs done before it.  Trimmed in place, at the front:
+        the loop appends that input's value and run time behind them when it returns."""
+        n = min(position - self.first, len(self.values))
+        if self.seconds is not None:
+            n = min(n, len(self.seconds))
+        if n <= 0:
+            return
+        end = self.first + n
+        seconds = None if self.seconds is None else self.seconds[:n]
+        now = time.monotonic()
+        busy_s = sum(seconds) if seconds is not None else now - self.since
+        # (list() copies the items at once: the loop may be adding an error meanwhile)
+        errors = {p: e for p, e in list(self.errors.items()) if p < end}
+        self.conn.send_bytes(dumps_message(_block_results(
+            self.batch_id, self.first, self.values[:n], errors, seconds, busy_s, False, -1)))
+        del self.values[:n]
+        if self.seconds is not None:
+            del self.seconds[:n]
+        for p in errors:
+            del self.errors[p]
+        self.first, self.since = end, now
 
     def send_unsent(self) -> None:
         """From the SIGTERM handler, between any two bytecodes of the loops above: the inputs
@@ -347,6 +417,7 @@ class _BlockReport:
 
     def send(self, now: float, final: bool) -> None:
         """What ran since the last send; the lists are emptied in place (the loops hold them)."""
+        _exit_if_forked()
         seconds = self.seconds
         busy_s = sum(seconds) if seconds is not None else now - self.since
         self.since = now
@@ -522,6 +593,33 @@ def _run_initializer(conn: Any, initializer: InitializerCall) -> bool:
         conn.send_bytes(dumps_message(InitFailed(capture_exception(exc))))
         return False
     return True
+
+
+def _exit_if_forked() -> None:
+    """A task that forked, and whose child returned from it instead of ending (no os._exit),
+    comes back here in that child: it must not go on with the worker's loop (running the
+    worker's batch again, sending on the worker's pipe, reading its next batch)."""
+    if os.getpid() != UNSENT.pid:
+        os._exit(0)
+
+
+def _exit_within(seconds: float) -> None:
+    """After the last batch (Stop, or the supervisor gone): the interpreter's exit waits for
+    the threads a task left running (not daemon threads), which would keep a recycled or
+    closed worker, and the pool waiting for it, there for ever.  So the exit has `seconds`,
+    then the process ends anyway; what was printed is flushed first."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def leave() -> None:
+        time.sleep(seconds)
+        os._exit(0)
+
+    threading.Thread(target=leave, name="procqueue-exit", daemon=True).start()
 
 
 def _stdin_from_devnull() -> None:

@@ -138,6 +138,9 @@ class Slot:
         # every slot for its deadlines at every turn, and most hold none
         self.timed_batches = 0
         self.batch_changes = 0  # counts every change of `batches` (see timeouts.TimedSlots)
+        # The worker gave back what waited behind a task that runs long (give_back.py): it
+        # takes no batch ahead until it has ended what it holds, or it would get them back
+        self.gave_back = False
         self.known_functions: set[int] = set()
         # out-of-band arguments sent to the current process that it may still map, by task
         self.lent: dict[int, list[Any]] = {}
@@ -172,6 +175,7 @@ class Slot:
     def end_batch(self, batch: Batch) -> None:
         """`batch` has reported its last result."""
         self.batches.remove(batch)
+        self.gave_back = self.gave_back and bool(self.batches)
         self.timed_batches -= batch.job.may_time_out()
         self.batch_changes += 1
         _give_back_permit(batch)
@@ -183,6 +187,7 @@ class Slot:
         self.batches.clear()
         self.timed_batches = 0
         self.batch_changes += 1
+        self.gave_back = False
 
     def tasks_held(self) -> int:
         return sum(b.inputs_held() for b in self.batches)
@@ -194,6 +199,8 @@ class Slot:
             return False
         if not self.batches:
             return True
+        if self.gave_back:
+            return False
         # Prefetch only small batches (see PREFETCH_MAX_BYTES).
         running = self.batches[-1]
         return running.payload_bytes <= PREFETCH_MAX_BYTES

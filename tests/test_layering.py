@@ -70,7 +70,9 @@ ALLOWED: dict[str, set[str]] = {
     "retry": {"records", "errors"},
     "worker_slots": {"records", "worker", "protocol", "affinity", "errors", "tasks",
                      "program_fork"},
-    "worker": {"item_run", "protocol", "affinity", "errors"},
+    "worker": {"item_run", "give_back", "protocol", "affinity", "errors"},
+    # in a worker: what waits behind a task that runs long goes back to the supervisor
+    "give_back": {"protocol"},
     # one item's run as every backend's workers report it: result or error, never a raise
     "item_run": {"protocol", "errors"},
     "scheduler": {"records", "config", "admission", "tasks", "limits", "errors", "chunking"},

@@ -759,3 +759,35 @@ def test_events_tell_each_submit_call_apart():
     with Pool(2, on_event=events.append) as pool:
         assert [pool.submit(square, i).result(timeout=30) for i in range(3)] == [0, 1, 4]
     assert len({e.job for e in events}) == 3
+
+
+def leave_a_thread_running(x):
+    threading.Thread(target=time.sleep, args=(60,)).start()  # not a daemon thread
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_whose_task_left_a_thread_running_is_still_recycled():
+    # its interpreter's exit would wait for that thread for ever (and the pool for the worker)
+    with Pool(2, maxtasksperchild=1) as pool:
+        assert list(pool.imap(leave_a_thread_running, range(6))) == list(range(6))
+        pool.close()
+        pool.join()
+
+
+def fork_and_return(x):
+    pid = os.fork()  # the child returns too, into the worker's code
+    if pid:
+        os.waitpid(pid, 0)
+        return ("parent", x)
+    return ("child", x)
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_that_returns_from_the_task_ends_there():
+    # it must not go on with the worker's loop: send on its pipe, run its next tasks
+    with Pool(2) as pool:
+        assert pool.map(fork_and_return, range(6)) == [("parent", x) for x in range(6)]
+        assert pool.map(square, range(50)) == [x * x for x in range(50)]
+        futures = [pool.submit(fork_and_return, x) for x in range(4)]
+        assert [f.result(timeout=30) for f in futures] == [("parent", x) for x in range(4)]
