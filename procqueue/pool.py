@@ -614,7 +614,11 @@ def _shutdown(supervisor: Supervisor, journal: JournalHolder,
               trace: TraceWriter | None, feed_watch: FeedWatch) -> None:
     """Terminate and wait for the workers to be gone (finalizer: GC, terminate, exit)."""
     supervisor.post(Terminate())
-    supervisor.join(TERMINATE_WAIT_S)
+    if not supervisor.join(TERMINATE_WAIT_S):
+        # The supervisor is stuck (a callback of the caller's that waits on this pool, say):
+        # its workers are killed from here, so none outlives the pool (nor holds the
+        # program's exit, which waits for its children)
+        supervisor.workers.kill_all_now()
     feed_watch.close()
     journal.close()
     if trace is not None:

@@ -791,3 +791,16 @@ def test_a_forked_child_that_returns_from_the_task_ends_there():
         assert pool.map(square, range(50)) == [x * x for x in range(50)]
         futures = [pool.submit(fork_and_return, x) for x in range(4)]
         assert [f.result(timeout=30) for f in futures] == [("parent", x) for x in range(4)]
+
+
+@pytest.mark.timeout(60)
+def test_terminate_kills_the_workers_even_when_a_callback_holds_the_supervisor():
+    # A callback runs in the supervisor's thread; one that waits on the pool itself (a
+    # deadlock multiprocessing warns of) must not leave the workers behind the pool
+    pool = Pool(2)
+    pool.apply_async(square, (1,), callback=lambda r: pool.apply(square, (r,)))
+    pool.apply_async(sleep_forever, (0,))
+    time.sleep(0.5)
+    workers = [w.pid for w in pool.stats().workers]
+    pool.terminate()
+    assert wait_gone(workers, 5.0) == []
