@@ -42,6 +42,21 @@ class PoolCalls(multiprocessing.pool.Pool):
               *, ordered: bool, errors: str, options: dict[str, Any]) -> IMapIterator:
         raise NotImplementedError
 
+    @staticmethod
+    def _apply_arguments(func: Callable[..., Any], args: Iterable[Any],
+                         kwds: Mapping[str, Any] | None, result: ApplyResult
+                         ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """apply_async's (args, kwargs); None once `result` failed with why they cannot be
+        called (func not callable, args not iterable, kwds not a mapping): multiprocessing
+        finds out in the worker, so get() raises it and error_callback gets it, not the call."""
+        try:
+            if not callable(func):
+                raise TypeError(f"{type(func).__name__!r} object is not callable")
+            return tuple(args), dict(kwds or {})
+        except TypeError as exc:
+            result.abort(exc)
+            return None
+
     # ---- multiprocessing.Pool's names, in terms of those -----------------------------------
 
     def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),

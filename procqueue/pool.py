@@ -257,10 +257,12 @@ class Pool(PoolCalls):
         self._submitter.step_aside()
         call = parse_call(options)
         result = ApplyResult(self, callback, error_callback)
+        arguments = self._apply_arguments(func, args, kwds, result)
+        if arguments is None:
+            return result
         job = self._jobs.single_task_job(func, result, call)
         errors: dict[int, BaseException] = {}
-        task = self._submitter.make_task(job, 0, (tuple(args), dict(kwds or {})), errors,
-                                         result)
+        task = self._submitter.make_task(job, 0, arguments, errors, result)
         self._submitter.post_single(task, errors)
         return result
 

@@ -881,6 +881,21 @@ def test_an_unpicklable_result_raises_maybe_encoding_error(pool_cls: PoolFactory
         assert pool.map(square, [3]) == [9]  # the pool goes on
 
 
+@pytest.mark.parametrize("bad", ["args", "kwds", "func"])
+def test_apply_async_with_a_bad_call_fails_through_get_and_error_callback(
+        pool_cls: PoolFactory, bad: str) -> None:
+    # multiprocessing finds out in the worker: the call itself returns a result
+    call: dict[str, Any] = {"args": 5} if bad == "args" else {"kwds": [1]} if bad == "kwds" \
+        else {}
+    errors: list[BaseException] = []
+    with pool_cls(1) as pool:
+        result = pool.apply_async(None if bad == "func" else square, error_callback=errors.append,
+                                  **call)
+        with pytest.raises(TypeError):
+            result.get(timeout=30)
+        assert [type(e) for e in errors] == [TypeError]
+
+
 def raise_holding_a_lock(_: Any) -> None:
     raise ValueError(threading.Lock())
 

@@ -190,8 +190,11 @@ class DaskPool(Pool):
                     **options: Any) -> ApplyResult:
         self._check_running()
         result = ApplyResult(self, callback, error_callback)
+        arguments = self._apply_arguments(func, args, kwds, result)
+        if arguments is None:
+            return result
         call = self._call(func, CallKind.ARGS_KWARGS, result, 1, options)
-        self._post_items(call, [(tuple(args), dict(kwds or {}))])
+        self._post_items(call, [arguments])
         return result
 
     def close(self) -> None:
