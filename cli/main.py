@@ -19,12 +19,14 @@ from __future__ import annotations
 import ast
 import builtins
 import importlib
+import contextlib
 import os
 import re
 import signal
 import sys
 import threading
 import time
+import traceback
 from typing import Any, Callable, TextIO, cast
 
 import click
@@ -475,6 +477,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     if cluster is not None:  # before the journal is opened: refused options create nothing
         jobs = _use_cluster(cluster, jobs, pool_options, call_options)
     if dry_run:  # every option checked, nothing created or started
+        _check_script_loads(script, call)
         for item in items:
             click.echo(input_text(item))
         sys.exit(EXIT_FAILURES if unreadable else EXIT_OK)
@@ -548,6 +551,24 @@ def _first_input(items: "Inputs | StreamedInputs") -> Any:
 def _count(items: "Inputs | StreamedInputs") -> int:
     assert not isinstance(items, StreamedInputs)
     return len(items)
+
+
+def _check_script_loads(script: str, call: Any) -> None:
+    """--dry-run: import the script here, as each worker would (its prints to stderr: stdout
+    holds the list of inputs); a script that fails to import is the usage error a run gives."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            WorkerStart(call)()
+    except Exception as exc:
+        # the script's own frames: procqueue's loading and the import machinery say nothing
+        ours = (os.path.dirname(procqueue.__file__), os.path.dirname(__file__))
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None and (
+                tb.tb_frame.f_code.co_filename.startswith(ours)
+                or tb.tb_frame.f_code.co_filename.startswith("<frozen ")):
+            tb = tb.tb_next
+        text = "".join(traceback.format_exception(exc.with_traceback(tb))).rstrip()
+        raise ScriptError(f"script {script!r} failed to load:\n{text}") from None
 
 
 def _script_failure(script: str, error: BaseException) -> str:

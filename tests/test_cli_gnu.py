@@ -195,6 +195,20 @@ def test_a_script_that_fails_to_import_is_a_usage_error_with_its_traceback_once(
     assert "procqueue/worker.py" not in run.stderr
 
 
+@pytest.mark.timeout(60)
+def test_dry_run_finds_a_script_that_fails_to_import(tmp_path: Path) -> None:
+    script = tmp_path / "broken.py"
+    script.write_text("print('imported')\nraise RuntimeError('broken at import')\n\n"
+                      "def process(x):\n    return x\n")
+    run = procqueue("map", script, "--dry-run", ":::", "a")
+    assert run.returncode == 2 and run.stdout == ""  # its print went to stderr
+    assert run.stderr.count("Traceback") == 1 and "broken at import" in run.stderr
+    assert "procqueue/" not in run.stderr  # the script's own frames only
+    script.write_text("def process(x):\n    return x\n")
+    good = procqueue("map", script, "--dry-run", ":::", "a", "b")
+    assert (good.returncode, good.stdout) == (0, "a\nb\n")
+
+
 # ---- 6. the output going away or filling up -------------------------------------------------
 
 @pytest.mark.timeout(60)
