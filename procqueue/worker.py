@@ -19,6 +19,7 @@ import threading
 import time
 from functools import partial
 from multiprocessing import heap, parent_process
+from multiprocessing import util as mp_util
 from typing import Any, Callable
 
 from .affinity import pin_current_process
@@ -608,12 +609,10 @@ def _exit_within(seconds: float) -> None:
     the threads a task left running (not daemon threads), which would keep a recycled or
     closed worker, and the pool waiting for it, there for ever.  So the exit has `seconds`,
     then the process ends anyway; what was printed is flushed first."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):
-            pass
+    try:
+        mp_util._flush_std_streams()  # type: ignore[attr-defined]
+    except OSError:  # a closed pipe: nothing to do about it now
+        pass
 
     def leave() -> None:
         time.sleep(seconds)
