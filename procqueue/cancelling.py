@@ -96,7 +96,7 @@ class Canceller:
             for slot in self.workers.slots:
                 _drop(slot, task)
             if task.state is TaskState.QUEUED or task.state is TaskState.RETRY_WAIT:
-                self.book.finish(task, TaskState.CANCELLED, False, _copy_error(error))
+                self.book.cancel_with(task, _copy_error(error))
             else:
                 self.book.fail(task, _copy_error(error))
         self.book.scheduler.all_retry_waiting()

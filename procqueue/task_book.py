@@ -241,6 +241,13 @@ class TaskBook:
 
     # ---- cancelling --------------------------------------------------------------------------
 
+    def cancel_with(self, task: Task, error: BaseException) -> None:
+        """End a task that never started with `error` (terminate, a broken pool), which then
+        names the task and its input, as any task's error does."""
+        annotate(error, index=task.index, input_repr=short_repr(task.input), pid=None,
+                 attempts=task.attempts)
+        self.finish(task, TaskState.CANCELLED, False, error)
+
     def cancelled_error(self, task: Task) -> TaskCancelledError:
         error = TaskCancelledError("the task was cancelled before it started")
         annotate(error, index=task.index, input_repr=short_repr(task.input), pid=None,

@@ -804,3 +804,16 @@ def test_terminate_kills_the_workers_even_when_a_callback_holds_the_supervisor()
     workers = [w.pid for w in pool.stats().workers]
     pool.terminate()
     assert wait_gone(workers, 5.0) == []
+
+
+@pytest.mark.timeout(60)
+def test_tasks_terminate_cancels_before_they_start_name_their_input():
+    pool = Pool(1)
+    results = [pool.apply_async(sleep_forever, (f"item-{i}",)) for i in range(3)]
+    time.sleep(0.3)
+    pool.terminate()
+    for i, result in enumerate(results):
+        with pytest.raises(TaskCancelledError) as error:
+            result.get(timeout=30)
+        assert f"item-{i}" in error.value.input_repr and f"item-{i}" in str(error.value)
+    pool.join()
