@@ -38,7 +38,9 @@ class HeldWork:
     thread read from the pipe and kept for the serve loop, in order."""
 
     def __init__(self, conn: Any, receive_fds: Callable[[Any, tuple[int, ...]], dict[int, int]],
-                 unsent: Any, slot_state: Any = None, position_field: int = 0) -> None:
+                 unsent: Any, slot_state: Any = None, position_field: int = 0,
+                 watch: bool = True) -> None:
+        self._watching = watch  # False: a batch run on its own (no serve loop), no thread
         self.conn = conn
         self._receive_fds = receive_fds
         self._unsent = unsent  # the SIGTERM handler's view (worker.UNSENT): no send over it
@@ -106,7 +108,8 @@ class HeldWork:
         self.looked_at, self.given_back_from, self._keep_all = None, None, False
 
     def _start_watching(self) -> None:
-        if self._thread is None:  # (at the first batch: not on the way to the worker's Ready)
+        # (at the first batch: not on the way to the worker's Ready)
+        if self._thread is None and self._watching:
             self._thread = threading.Thread(target=self._watch, name="procqueue-give-back",
                                             daemon=True)
             self._thread.start()

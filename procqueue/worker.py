@@ -161,7 +161,8 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
     """Run a batch's tasks in order.  Each starts under `held.lock`: a task that runs long
     has the tasks behind it given back (give_back.py), and those never start here."""
     fds = fds or {}
-    held = held or HeldWork(conn, _receive_fds, UNSENT, slot_state, BLOCK_POSITION)
+    held = held or HeldWork(conn, _receive_fds, UNSENT, slot_state, BLOCK_POSITION,
+                          watch=False)
     batch_id = batch.batch_id
     if batch.items and not _revoked(slot_state, batch_id):
         # a crash while unpickling the function is charged to the first task; its clock
@@ -220,7 +221,8 @@ def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
     fn, fn_error = _load_function(functions, batch)
     slot_state[STARTED_NS] = time.monotonic_ns()
     inputs = loads(blob)
-    held = held or HeldWork(conn, _receive_fds, UNSENT, slot_state, BLOCK_POSITION)
+    held = held or HeldWork(conn, _receive_fds, UNSENT, slot_state, BLOCK_POSITION,
+                          watch=False)
     report = _BlockReport(conn, slot_state, batch.batch_id, batch.timed, batch.report_s,
                           0.0 if batch.each_revocable else REVOKE_CHECK_S, held)
     timed = batch.timed or batch.each_revocable
