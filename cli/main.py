@@ -559,7 +559,7 @@ def _check_script_loads(script: str, call: Any) -> None:
     try:
         with contextlib.redirect_stdout(sys.stderr):
             WorkerStart(call)()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # (sys.exit at a script's top level too)
         # the script's own frames: procqueue's loading and the import machinery say nothing
         ours = (os.path.dirname(procqueue.__file__), os.path.dirname(__file__))
         tb = exc.__traceback__

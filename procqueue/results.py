@@ -99,7 +99,9 @@ class ApplyResult(mp_pool.ApplyResult[Any], OutcomeSink):
         self._keepalive = None
 
     def abort(self, error: BaseException) -> None:
-        """The pool can no longer give this call its outcome (its supervisor failed)."""
+        """The pool can no longer give this call its outcome (it was terminated or broke,
+        or its supervisor failed), or the call cannot be made (see
+        PoolCalls._apply_arguments): `error` is its outcome, if it has none yet."""
         if not self.ready():
             self._set(False, error)
 
@@ -400,8 +402,9 @@ class ResultStream(OutcomeSink):
         self._give_back_places()
 
     def abort(self, error: BaseException) -> None:
-        """The pool can no longer deliver the rest (its supervisor failed): what was delivered
-        is still yielded, then `error` is raised instead of waiting."""
+        """The pool can no longer deliver the rest (it was terminated or broke, or its
+        supervisor failed): what was delivered is still yielded, then `error` is raised
+        instead of waiting (see input_finished)."""
         with self._cond:
             self._aborted = error
             self._cond.notify_all()
