@@ -287,3 +287,22 @@ def _shadowed_in_working_directory() -> bool:
     local = os.path.join(os.getcwd(), "procqueue", "__init__.py")
     ours = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__init__.py")
     return os.path.isfile(local) and os.path.realpath(local) != os.path.realpath(ours)
+
+
+def null_over(fd: int) -> None:
+    """Point `fd` at /dev/null: the pipe end it held is let go, its number stays taken (a
+    closed one is taken then, inheritable)."""
+    try:
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        try:
+            inheritable = os.get_inheritable(fd)
+        except OSError:  # closed
+            inheritable = True
+        os.dup2(null, fd, inheritable=inheritable)
+    except OSError:
+        pass
+    finally:
+        os.close(null)

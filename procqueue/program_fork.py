@@ -41,7 +41,7 @@ from multiprocessing import forkserver, popen_forkserver, reduction, spawn
 from multiprocessing.context import ForkServerContext, ForkServerProcess, set_spawning_popen
 from typing import Any
 
-from .fork_server import WORKER_START_MODULES, kill_and_reap
+from .fork_server import WORKER_START_MODULES, kill_and_reap, null_over
 
 # multiprocessing's internals this module drives, untyped in typeshed
 from multiprocessing import connection as _connection, util as _util  # noqa: I001
@@ -292,20 +292,6 @@ def _spawn_resource_tracker() -> None:
         os.setpriority(os.PRIO_PROCESS, pid, 19)
     except OSError:  # gone already, or not ours to renice: it runs as multiprocessing's would
         pass
-
-
-def null_over(fd: int) -> None:
-    """Point `fd` at /dev/null: the pipe end it held is let go, its number stays taken."""
-    try:
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.dup2(null, fd, inheritable=os.get_inheritable(fd))
-    except OSError:
-        pass
-    finally:
-        os.close(null)
 
 
 def _flush_std_streams() -> None:

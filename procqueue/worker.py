@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from .affinity import pin_current_process
 from .errors import ArgumentSerializationError
+from .fork_server import null_over
 from .give_back import HeldWork
 from .item_run import error_of, run_item, unpicklable_result
 from .protocol import (UNMAPPED, BatchResults, BlockResults, CallKind,
@@ -72,7 +73,11 @@ def worker_main(conn: Any, slot_state: Any, cpus: tuple[int, ...], env: dict[str
     """Process entry point (multiprocessing Process target)."""
     for fd in inherited_fds:  # fork start method only: the supervisor's ends of other pipes
         _close_quietly(fd)
-    _stdin_from_devnull()
+    # stdin on /dev/null: a task, or a program it runs without a stdin of its own, reads end
+    # of file, as GNU parallel's jobs do.  It was the program's stdin: in `seq 20 | procqueue
+    # map job.py`, a task running `cat` took input lines that then never ran.
+    # (multiprocessing replaces sys.stdin alone, which leaves subprocesses the pipe.)
+    null_over(0)
     _let_go_of_the_fork_server()
     _become_process_group_leader()
     _die_with_parent()
@@ -621,25 +626,6 @@ def _exit_within(seconds: float) -> None:
         os._exit(0)
 
     threading.Thread(target=leave, name="procqueue-exit", daemon=True).start()
-
-
-def _stdin_from_devnull() -> None:
-    """Point descriptor 0 at /dev/null: a task, or a program it runs without a stdin of its
-    own, reads end of file, as GNU parallel's jobs do.  It was the program's stdin: in
-    `seq 20 | procqueue map job.py`, a task running `cat` took input lines that then never
-    ran.  (multiprocessing replaces sys.stdin alone, which leaves subprocesses the pipe.)"""
-    try:
-        null = os.open(os.devnull, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        if null != 0:
-            os.dup2(null, 0)
-    except OSError:
-        pass
-    finally:
-        if null != 0:
-            os.close(null)
 
 
 def _let_go_of_the_fork_server() -> None:

@@ -23,7 +23,8 @@ from collections import deque
 from typing import Any
 
 from .errors import InitializerError, describe_exit
-from .program_fork import ProgramForkContext, null_over
+from .fork_server import null_over
+from .program_fork import ProgramForkContext
 from .protocol import InitializerCall, OutOfBand, Stop, ToWorker, dumps_message
 from .records import FrozenRecord
 from .tasks import Block, Job, Task

@@ -69,8 +69,8 @@ ALLOWED: dict[str, set[str]] = {
     # which failures run again, and the backoff: shared by every backend
     "retry": {"records", "errors"},
     "worker_slots": {"records", "worker", "protocol", "affinity", "errors", "tasks",
-                     "program_fork"},
-    "worker": {"item_run", "give_back", "protocol", "affinity", "errors"},
+                     "program_fork", "fork_server"},
+    "worker": {"item_run", "give_back", "protocol", "affinity", "errors", "fork_server"},
     # in a worker: what waits behind a task that runs long goes back to the supervisor
     "give_back": {"protocol"},
     # one item's run as every backend's workers report it: result or error, never a raise
