@@ -60,7 +60,9 @@ def error_of(exc: BaseException) -> bytes:
     if isinstance(exc, Exception):
         return capture_exception(exc)
     tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return capture_exception(RemoteError(type(exc).__name__, str(exc), tb_text))
+    wrapped = RemoteError(type(exc).__name__, str(exc), tb_text)
+    wrapped.__cause__ = exc  # the task's own frames, in the remote traceback the caller sees
+    return capture_exception(wrapped)
 
 
 def unpicklable_result(value: Any, exc: BaseException) -> bytes:

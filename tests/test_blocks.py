@@ -117,6 +117,8 @@ def test_a_fault_inside_a_block_fails_only_its_input(fault, api, tmp_path):
         ran_bad = [p.name for p in tmp_path.iterdir() if p.name.startswith(f"ran-{BAD}-")]
         assert len(ran_bad) == 1, ran_bad  # retries=0: the faulty input ran once
         assert error.pid == int(ran_bad[0].split("-")[2])
+        if fault in ("raise", "sysexit", "keyboard_interrupt"):  # the task's own frames
+            assert 'in faulty\n' in errors.remote_traceback_text(error.__cause__)
         if fault == "exit3":
             assert error.exitcode == 3 and "exit code 3" in str(error)
         if fault == "sigkill":
