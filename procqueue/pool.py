@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Se
 from .admission import ConcurrencyGate, Gate, RateGateAdapter, rate_gate_for
 from .call_options import NO_CALL, NO_OPTIONS, ParsedCall, parse_call, parsed
 from .call_options import CallOptions as CallOptions
-from .calls import PoolCalls
+from .calls import PoolCalls, not_callable
 from .config import PoolConfig, fork_instead_of_default
 from .errors import PoolClosedError
 from .feeder import new_feed_watch, start_feeder
@@ -408,6 +408,9 @@ class Pool(PoolCalls):
         self._check_running()
         self._submitter.step_aside()  # before anything is made: Ctrl-C there leaves nothing
         future = TaskFuture(keepalive=self)
+        if not callable(fn):
+            future.set_exception(not_callable(fn))
+            return future
         job = self._jobs.single_task_job(fn, future,
                                          NO_CALL if call is NO_OPTIONS else parsed(call))
         errors: dict[int, BaseException] = {}

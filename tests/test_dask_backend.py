@@ -328,6 +328,12 @@ def test_exception_keeps_type_and_message_with_remote_traceback(pool: DaskPool) 
         pool.submit(fail_on_three, 3).result(timeout=20)
 
 
+def test_submit_of_something_not_callable_fails_its_future(pool: DaskPool) -> None:
+    future = pool.submit(None, 3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="'NoneType' object is not callable"):
+        future.result(timeout=20)
+
+
 def test_failing_item_fails_only_itself_in_its_chunk(pool: DaskPool) -> None:
     values = pool.map(fail_on_three, range(8), chunksize=8, errors="return")
     assert isinstance(values[3], KeyError)

@@ -753,6 +753,18 @@ def test_each_submit_of_one_function_has_its_own_outcome_cancel_and_error():
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("make", [Pool, concurrent.futures.ProcessPoolExecutor])
+def test_submit_of_something_not_callable_fails_its_future_not_the_call(make):
+    """ProcessPoolExecutor finds out in the worker: the future carries the TypeError."""
+    with make(1) as pool:
+        future = pool.submit(None, 3)
+        with pytest.raises(TypeError, match="'NoneType' object is not callable"):
+            future.result(timeout=30)
+        assert concurrent.futures.wait([future], timeout=30).done == {future}
+        assert pool.submit(square, 3).result(timeout=30) == 9  # the pool goes on
+
+
+@pytest.mark.timeout(60)
 def test_events_tell_each_submit_call_apart():
     """A TaskEvent names its call (TaskEvent.job): submit() calls then do not share a Job."""
     events = []

@@ -25,7 +25,7 @@ import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from ...calls import errors_mode
+from ...calls import errors_mode, not_callable
 from ...chunking import ChunkSizer
 from ...errors import InitializerError, PoolClosedError
 from ...input_feed import InputFeed, Inputs, window_size
@@ -253,6 +253,9 @@ class DaskPool(Pool):
                      args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskFuture:
         self._check_running()
         future = TaskFuture(keepalive=self)
+        if not callable(fn):
+            future.set_exception(not_callable(fn))
+            return future
         call = self._call(fn, CallKind.ARGS_KWARGS, future, 1, options)
         item = _make_item(call, 0, (args, kwargs))
         future.cancel_via(self._driver, item)  # before the driver can deliver its outcome
