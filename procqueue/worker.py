@@ -55,7 +55,9 @@ EXIT_GRACE_S = 1.0  # a worker's exit after its last batch waits this long for a
 # starting within this long.
 REVOKE_CHECK_S = 0.01
 UNTIMED_CHECK_MAX = 256  # an untimed block looks at the clock at least every this many inputs
-FUNCTION_CACHE_SIZE = 64  # functions a worker keeps unpickled, by fn_id
+# Functions a worker keeps unpickled, by fn_id, the oldest dropped first: the supervisor drops
+# them from the worker's known functions in the same order (worker_slots.KnownFunctions)
+FUNCTION_CACHE_SIZE = 64
 FDS_PER_MESSAGE = 200  # descriptors per SCM_RIGHTS message (the kernel allows 253)
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -572,6 +574,10 @@ def _load_function(functions: dict[int, Callable[..., Any]], batch: CallsFunctio
                    ) -> tuple[Callable[..., Any] | None, bytes | None]:
     fn = functions.get(batch.fn_id)
     if fn is not None:
+        if batch.fn_payload is not None:
+            # Sent again: the supervisor counts it as the newest (KnownFunctions), so must we,
+            # or we would drop it while it believes we have it.
+            functions[batch.fn_id] = functions.pop(batch.fn_id)
         return fn, None
     failed = _failed_functions.get(batch.fn_id)
     if failed is not None:

@@ -28,8 +28,9 @@ from .program_fork import ProgramForkContext
 from .protocol import InitializerCall, OutOfBand, Stop, ToWorker, dumps_message
 from .records import FrozenRecord
 from .tasks import Block, Job, Task
-from .worker import (BLOCK_POSITION, CURRENT_TASK, FDS_PER_MESSAGE, IDLE, INIT_FAILED_EXIT,
-                     REVOKED, STARTED_NS, new_slot_state, slot_state_view, worker_main)
+from .worker import (BLOCK_POSITION, CURRENT_TASK, FDS_PER_MESSAGE, FUNCTION_CACHE_SIZE, IDLE,
+                     INIT_FAILED_EXIT, REVOKED, STARTED_NS, new_slot_state, slot_state_view,
+                     worker_main)
 
 # A prefetched batch waits in the worker's socket buffer while it finishes the current one,
 # so a worker is never idle waiting for the supervisor.  Only small batches are prefetched:
@@ -93,6 +94,31 @@ def _give_back_permit(batch: Batch) -> None:
         hold.release()
 
 
+class KnownFunctions:
+    """The functions a worker holds loaded, which it is sent without their bytes.  The worker
+    keeps the last FUNCTION_CACHE_SIZE it was sent, dropping the oldest first; this set
+    drops the same ones, so a function the worker no longer has comes with its bytes again.
+    (A function that failed to load is not in the worker's cache but stays known: the worker
+    remembers the failure, and its cache then lags this set, which is the safe way round.)"""
+
+    __slots__ = ("_ids",)
+
+    def __init__(self) -> None:
+        self._ids: dict[int, None] = {}  # in the order they were sent
+
+    def __contains__(self, fn_id: int) -> bool:
+        return fn_id in self._ids
+
+    def add(self, fn_id: int) -> None:
+        """`fn_id`'s bytes are on their way to the worker."""
+        self._ids[fn_id] = None
+        if len(self._ids) > FUNCTION_CACHE_SIZE:
+            del self._ids[next(iter(self._ids))]
+
+    def clear(self) -> None:
+        self._ids.clear()
+
+
 class SlotStatistics(FrozenRecord):
     _fields = ("slot", "pid", "cpus", "phase", "tasks_done", "busy_s", "idle_s", "restarts",
                "last_exit", "rss_bytes")
@@ -142,7 +168,7 @@ class Slot:
         # The worker gave back what waited behind a task that runs long (give_back.py): it
         # takes no batch ahead until it has ended what it holds, or it would get them back
         self.gave_back = False
-        self.known_functions: set[int] = set()
+        self.known_functions = KnownFunctions()
         # out-of-band arguments sent to the current process that it may still map, by task
         self.lent: dict[int, list[Any]] = {}
         self.tasks_done = 0  # by the current process (maxtasksperchild)

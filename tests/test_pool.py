@@ -752,6 +752,24 @@ def test_each_submit_of_one_function_has_its_own_outcome_cancel_and_error():
     assert (stats.tasks_succeeded, stats.tasks_failed, stats.tasks_cancelled) == (7, 1, 2)
 
 
+def _adder(k):
+    def add(x):
+        return x + k
+    return add
+
+
+@pytest.mark.timeout(60)
+def test_more_distinct_functions_than_a_worker_keeps_all_run_again_later():
+    """A closure per call: the worker drops the oldest of the functions it keeps; those come
+    back with their bytes (it raised "procqueue bug: worker has no function")."""
+    functions = [_adder(k) for k in range(80)]
+    with Pool(1) as pool:
+        for _ in range(2):
+            assert [pool.submit(f, 1).result(timeout=30) for f in functions] == \
+                [k + 1 for k in range(80)]
+            assert [pool.map(f, [1, 2])[1] for f in functions] == [k + 2 for k in range(80)]
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("make", [Pool, concurrent.futures.ProcessPoolExecutor])
 def test_submit_of_something_not_callable_fails_its_future_not_the_call(make):

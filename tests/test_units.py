@@ -6,7 +6,9 @@ import json
 import pickle
 from typing import Any
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
 from procqueue import errors
 from procqueue.affinity import parse_cpu_list, plan_cpus, worker_thread_env
@@ -881,3 +883,35 @@ def test_a_pool_runs_named_functions_without_loading_cloudpickle_and_lambdas_wit
                          timeout=50)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == ["['b', 'd'] 3", "False", "[2, 4]"]
+
+
+# ---- the functions a worker holds: what the supervisor sends without bytes -----------------
+
+@pytest.mark.timeout(60)
+@hypothesis.settings(max_examples=200, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(uses=st.lists(st.integers(0, 100), max_size=400),
+                  failing=st.sets(st.integers(0, 100), max_size=10))
+def test_a_worker_has_every_function_the_supervisor_sends_it_without_bytes(
+        uses: list[int], failing: set[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """More distinct functions than a worker keeps (a closure per call): the supervisor's
+    KnownFunctions and the worker's cache drop the same ones, so a function sent without its
+    bytes is always there, or its load's failure is.  A failed load lags the worker's cache
+    behind the supervisor's set; a function sent again then counts as the newest in both."""
+    from procqueue import worker
+    from procqueue.protocol import LoadFunction
+    from procqueue.worker_slots import KnownFunctions
+    monkeypatch.setattr(worker, "_failed_functions", {})  # each example sets it anew
+    known, functions = KnownFunctions(), {}
+    for fn_id in uses:
+        payload = None
+        if fn_id not in known:
+            known.add(fn_id)
+            payload = b"not a pickle" if fn_id in failing else pickle.dumps(len)
+        fn, error = worker._load_function(functions, LoadFunction(0, fn_id, payload,
+                                                                  CallKind.ONE))
+        if fn_id in failing:
+            assert fn is None and b"could not unpickle" in error
+        else:
+            assert fn is len, restore_exception(error)
+    assert len(functions) <= worker.FUNCTION_CACHE_SIZE
