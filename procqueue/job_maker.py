@@ -16,6 +16,7 @@ Every value this module reads of a call was validated by call_options.py.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Generic, Hashable, Mapping, TypeVar
 
@@ -55,6 +56,67 @@ class _Recent(Generic[K, V]):
             self._entries.popitem(last=False)
         return value
 
+    def peek(self, key: K) -> V | None:
+        return self._entries.get(key)
+
+    def discard(self, key: K) -> None:
+        self._entries.pop(key, None)
+
+
+class _Kept:
+    """A strong reference called as a weak one is: for callables that take no weak reference
+    (builtins), which live as long as their module anyway."""
+
+    __slots__ = ("_obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
+
+    def __call__(self) -> Any:
+        return self._obj
+
+
+def _reference(func: Any, on_gone: Callable[[Any], object] | None = None
+               ) -> Callable[[], Any]:
+    try:
+        return weakref.ref(func, on_gone)
+    except TypeError:
+        return _Kept(func)
+
+
+class _ByFunction(Generic[V]):
+    """What a pool keeps for its most recent functions, by identity, without keeping them
+    alive: a bound method holds its object, which the program expects freed once its calls
+    are over, as ProcessPoolExecutor and multiprocessing free it (CPython's futures tests,
+    test_no_stale_references); a closure per call would keep what it closes over.  An entry
+    goes when its function does.  Not locked: JobMaker's lock is."""
+
+    def __init__(self) -> None:
+        self._recent: _Recent[int, tuple[Callable[[], Any], V]] = _Recent()
+        # ids of functions collected: appended by weakref callbacks (in whatever thread the
+        # collection ran, maybe holding JobMaker's lock), so read only by get() and put()
+        self._gone: list[int] = []
+
+    def get(self, func: Any) -> V | None:
+        self._drop_gone()
+        hit = self._recent.get(id(func))
+        return hit[1] if hit is not None and hit[0]() is func else None
+
+    def put(self, func: Any, value: V) -> None:
+        self._drop_gone()
+        key, gone = id(func), self._gone
+
+        def on_gone(_: Any) -> None:
+            gone.append(key)
+        self._recent.put(key, (_reference(func, on_gone), value))
+
+    def _drop_gone(self) -> None:
+        while self._gone:
+            key = self._gone.pop()
+            entry = self._recent.peek(key)
+            if entry is not None and entry[0]() is None:  # not a new function of that id
+                self._recent.discard(key)
+
 
 class JobMaker:
     """Makes the Jobs of one pool's calls (any thread)."""
@@ -66,10 +128,10 @@ class JobMaker:
         self._lock = threading.Lock()
         # Keyed by id(function), with the function kept: an id reused by another function
         # after the first was collected is never a hit.
-        self._functions: _Recent[int, tuple[Any, tuple[int, bytes]]] = _Recent()
+        self._functions: _ByFunction[tuple[int, bytes]] = _ByFunction()
         # The Job that the option-less submit() calls of a function share, and the last used
-        self._shared: _Recent[int, tuple[Any, Job]] = _Recent()
-        self._last_shared: tuple[Any, Job] | None = None
+        self._shared: _ByFunction[Job] = _ByFunction()
+        self._last_shared: tuple[Callable[[], Any], Job] | None = None
         self._sizers: _Recent[int, ChunkSizer] = _Recent()  # by fn_id (the pickle's hash)
         self._limits: dict[str, LimitHandle] = {}  # named machine-wide limits, by name
 
@@ -108,22 +170,21 @@ class JobMaker:
             return self.job(func, CallKind.ARGS_KWARGS, sink, call, cache=True,
                             single_task=True)
         last = self._last_shared  # lock-free: one function submitted in a loop
-        if last is not None and last[0] is func:
+        if last is not None and last[0]() is func:
             return last[1]
         with self._lock:
-            hit = self._shared.get(id(func))
-        if hit is not None and hit[0] is func:
-            self._last_shared = hit
-            return hit[1]
+            hit = self._shared.get(func)
+        if hit is not None:
+            self._last_shared = (_reference(func), hit)
+            return hit
         job = self.job(func, CallKind.ARGS_KWARGS, _NO_SINK, call, cache=True,
                        single_task=True)
         if not self._shareable(job):
             job.sink = sink
             return job
-        shared = (func, job)
         with self._lock:
-            self._shared.put(id(func), shared)
-        self._last_shared = shared
+            self._shared.put(func, job)
+        self._last_shared = (_reference(func), job)
         return job
 
     def _shareable(self, job: Job) -> bool:
@@ -184,13 +245,13 @@ class JobMaker:
         is a hash of the bytes, so workers unpickle each distinct function once."""
         if cache:
             with self._lock:
-                hit = self._functions.get(id(func))
-            if hit is not None and hit[0] is func:
-                return hit[1]
+                hit = self._functions.get(func)
+            if hit is not None:
+                return hit
         pickled = pickled_function(func)
         if cache:
             with self._lock:
-                self._functions.put(id(func), (func, pickled))
+                self._functions.put(func, pickled)
         return pickled
 
 

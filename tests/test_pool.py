@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 
 import psutil
 import pytest
@@ -750,6 +751,36 @@ def test_each_submit_of_one_function_has_its_own_outcome_cancel_and_error():
         assert pool.submit(_nap_then_double, 1).result(timeout=30) == 2  # the pool goes on
         stats = pool.stats()
     assert (stats.tasks_succeeded, stats.tasks_failed, stats.tasks_cancelled) == (7, 1, 2)
+
+
+class _Holder:
+    def __init__(self):
+        self.data = bytearray(1 << 20)
+
+    def size(self, extra=0):
+        return len(self.data) + extra
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["submit", "apply_async", "map", "imap"])
+def test_a_bound_methods_object_is_freed_once_its_call_is_over(api):
+    """As ProcessPoolExecutor and multiprocessing (CPython's test_no_stale_references): the
+    pool's caches of functions do not keep them, nor what they hold, alive."""
+    with Pool(2) as pool:
+        refs = []
+        for _ in range(5):
+            holder = _Holder()
+            refs.append(weakref.ref(holder))
+            if api == "submit":
+                assert pool.submit(holder.size).result(timeout=30) == 1 << 20
+            elif api == "apply_async":
+                assert pool.apply_async(holder.size).get(timeout=30) == 1 << 20
+            else:
+                assert list(getattr(pool, api)(holder.size, [1])) == [(1 << 20) + 1]
+            del holder
+        gc.collect()
+        assert [r() for r in refs] == [None] * 5
+        assert pool.submit(square, 3).result(timeout=30) == 9
 
 
 def _adder(k):
