@@ -57,6 +57,7 @@ class WorkerOutcomes:
         self.events = events
         self.may_retry = may_retry
         self.blocks = BlockRouter(book, self._on_outcome)
+        self.oom_kills = OomKills()
 
     # ---- results -----------------------------------------------------------------------------
 
@@ -152,7 +153,8 @@ class WorkerOutcomes:
                 continue
             if task.id == culprit_id and phase is not SlotPhase.KILLING:
                 task.attempts += 1  # it was running, or its worker died before saying which
-                error = crash_error(exitcode)
+                error = crash_error(exitcode, self.oom_kills.killed_since_last_look()
+                                    if exitcode == -9 else None)
                 started = running[1] if running else time.monotonic()
                 self.events.emit(task, slot, started, time.monotonic(), "crash", error)
                 self.book.after_failure(task, FailureKind.CRASH, error,
@@ -213,12 +215,46 @@ class WorkerOutcomes:
         return timing.batch.pending[timing.item_id], timing.started
 
 
-def crash_error(exitcode: int | None) -> WorkerCrashedError:
+class OomKills:
+    """Whether the kernel's OOM killer has killed a process since the last look: the count in
+    /proc/vmstat (Linux 4.13+, machine-wide, cgroups' OOM kills included).  A SIGKILL is only
+    suspected of being the OOM killer's when that count moved (another process's OOM kill at
+    the same moment can still make it a false suspicion); where the count cannot be read,
+    every SIGKILL is suspected, as the hint says which is a common cause."""
+
+    def __init__(self, path: str = "/proc/vmstat") -> None:
+        self._path = path
+        self._seen = self._count()
+
+    def _count(self) -> int | None:
+        try:
+            with open(self._path, "rb") as vmstat:
+                for line in vmstat:
+                    if line.startswith(b"oom_kill "):
+                        return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
+    def killed_since_last_look(self) -> bool | None:
+        """True/False, or None where the count cannot be read."""
+        now = self._count()
+        if now is None or self._seen is None:
+            self._seen = now
+            return None
+        moved, self._seen = now > self._seen, now
+        return moved
+
+
+def crash_error(exitcode: int | None, oom_killed: bool | None = None) -> WorkerCrashedError:
+    """`oom_killed`: whether the OOM killer acted meanwhile (OomKills), None if unknown."""
+    suspected = exitcode == -9 and oom_killed is not False
     error = WorkerCrashedError(
         f"worker process died while running the task: {describe_exit(exitcode)}",
-        exitcode=exitcode, oom_suspected=exitcode == -9)
-    if exitcode == -9:
-        error.message += " (SIGKILL: the OOM killer is a common cause)"
+        exitcode=exitcode, oom_suspected=suspected)
+    if suspected:
+        error.message += (" (the kernel's OOM killer killed a process then: out of memory?)"
+                          if oom_killed else " (SIGKILL: the OOM killer is a common cause)")
     return error
 
 

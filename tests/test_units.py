@@ -915,3 +915,21 @@ def test_a_worker_has_every_function_the_supervisor_sends_it_without_bytes(
         else:
             assert fn is len, restore_exception(error)
     assert len(functions) <= worker.FUNCTION_CACHE_SIZE
+
+
+def test_a_sigkill_is_suspected_of_being_the_oom_killers_only_when_its_count_moved(tmp_path):
+    from procqueue.outcomes import OomKills, crash_error
+    vmstat = tmp_path / "vmstat"
+    vmstat.write_text("pgfault 10\noom_kill 4\n")
+    kills = OomKills(str(vmstat))
+    assert kills.killed_since_last_look() is False
+    vmstat.write_text("pgfault 12\noom_kill 5\n")
+    assert kills.killed_since_last_look() is True
+    assert kills.killed_since_last_look() is False  # counted once
+    error = crash_error(-9, True)
+    assert error.oom_suspected and "OOM killer killed a process" in str(error)
+    error = crash_error(-9, False)
+    assert not error.oom_suspected and "OOM" not in str(error)
+    assert crash_error(-9, None).oom_suspected  # cannot tell: the hint stays
+    assert not crash_error(3, None).oom_suspected
+    assert OomKills(str(tmp_path / "missing")).killed_since_last_look() is None
