@@ -47,6 +47,10 @@ class CancelTask(NamedTuple):
     running: bool = False  # it may be running: kill its worker if so
 
 
+class Interrupt(NamedTuple):
+    last_job_id: int  # the calls made before the caller's Ctrl-C: their ids are at most this
+
+
 class Close(NamedTuple):
     pass
 
@@ -55,7 +59,8 @@ class Terminate(NamedTuple):
     pass
 
 
-Command = SubmitTasks | OpenJob | CloseJob | CancelJob | CancelTask | Close | Terminate
+Command = (SubmitTasks | OpenJob | CloseJob | CancelJob | CancelTask | Interrupt | Close
+           | Terminate)
 # What is posted: a Command, or a Task alone, which stands for SubmitTasks([task], {}) (a
 # submit() call posts one task, and a tuple and a list per call were a tenth of its cost).
 Posted = Command | Task

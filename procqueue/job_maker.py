@@ -187,6 +187,15 @@ class JobMaker:
         self._last_shared = (_reference(func), job)
         return job
 
+    def forget_shared_jobs(self) -> int:
+        """The Jobs made so far are being cancelled (a Ctrl-C: Pool._on_keyboard_interrupt):
+        later calls get new ones, which nothing cancelled.  Returns an id no Job made so far
+        exceeds, and every later one does."""
+        with self._lock:
+            self._shared = _ByFunction()
+            self._last_shared = None
+            return new_id()
+
     def _shareable(self, job: Job) -> bool:
         """Whether calls may share `job`: nothing of it is per call but its tally, which only
         a halt policy (none without options) and a relative timeout (the median of the

@@ -42,7 +42,7 @@ from .records import FrozenRecord, replaced
 from .results import (ApplyResult, ArgumentMemory, IMapIterator, MapResult,
                       OutcomeIterator, ResultStream, TaskFuture, Window)
 from .submission import Submitter
-from .inbox import CancelJob, Close, Terminate
+from .inbox import CancelJob, Close, Interrupt, Terminate
 from .stats import SupervisorStatistics
 from .supervisor import Supervisor
 
@@ -276,6 +276,15 @@ class Pool(PoolCalls):
         """Stop now: unfinished tasks fail with TaskCancelledError, workers are killed."""
         self._state = PoolState.TERMINATE
         self._finalizer()
+
+    def _on_keyboard_interrupt(self) -> None:
+        """A KeyboardInterrupt (Ctrl-C) left one of this pool's waits (results.py): the calls
+        made so far end now, their running tasks killed, and none of their tasks starts
+        after it (the supervisor's _interrupt); the pool takes new calls, so a program that
+        catches it (a notebook's interrupted cell) can go on with it."""
+        if self._state is PoolState.TERMINATE:
+            return
+        self._supervisor.post(Interrupt(self._jobs.forget_shared_jobs()))
 
     def join(self) -> None:
         """Wait for the workers to exit; call close() or terminate() first."""

@@ -114,7 +114,11 @@ class ApplyResult(mp_pool.ApplyResult[Any], OutcomeSink):
         return self._success
 
     def wait(self, timeout: float | None = None) -> None:
-        self._event.wait(timeout)
+        try:
+            self._event.wait(timeout)
+        except KeyboardInterrupt:
+            _interrupted(self._keepalive)
+            raise
 
     def get(self, timeout: float | None = None) -> Any:
         self.wait(timeout)
@@ -126,6 +130,14 @@ class ApplyResult(mp_pool.ApplyResult[Any], OutcomeSink):
 
 
 AsyncResult = ApplyResult
+
+
+def _interrupted(pool: Any) -> None:
+    """Ctrl-C (a KeyboardInterrupt) while the caller waited on `pool`'s work: the pool stops
+    the calls made so far (Pool._on_keyboard_interrupt), then the interrupt goes on up."""
+    stop = getattr(pool, "_on_keyboard_interrupt", None)
+    if stop is not None:
+        stop()
 
 
 class MapResult(ApplyResult, mp_pool.MapResult[Any]):
@@ -512,6 +524,9 @@ class _StreamIterator(Generic[T]):
             self._finished = True
             self._keepalive = None
             raise
+        except KeyboardInterrupt:
+            _interrupted(self._keepalive)
+            raise
 
     def _convert(self, done: _Done) -> T:
         raise NotImplementedError
@@ -727,12 +742,22 @@ class TaskFuture(concurrent.futures.Future, OutcomeSink):  # type: ignore[type-a
     def result(self, timeout: float | None = None) -> Any:
         if self._state == _FINISHED and self._exception is None:
             return self._result  # its fields were set before its state
-        return super().result(timeout)
+        keepalive = self._keepalive
+        try:
+            return super().result(timeout)
+        except KeyboardInterrupt:
+            _interrupted(keepalive)
+            raise
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._state == _FINISHED:
             return self._exception
-        return super().exception(timeout)
+        keepalive = self._keepalive
+        try:
+            return super().exception(timeout)
+        except KeyboardInterrupt:
+            _interrupted(keepalive)
+            raise
 
     def cancel(self) -> bool:
         task, canceller = self._task, self._canceller  # dropped when the task ends

@@ -535,6 +535,10 @@ class Scheduler:
             self._count_out(job, n)
         return [t for t in tasks if isinstance(t, Block) or t.state is TaskState.QUEUED]
 
+    def queued_jobs(self) -> list[Job]:
+        """The calls with tasks or blocks in the queue."""
+        return [queue.job for queue in self._queues.values()]
+
     def all_queued(self) -> list[Task | Block]:
         tasks = [t for q in self._queues.values() for t in q.drain()
                  if isinstance(t, Block) or t.state is TaskState.QUEUED]

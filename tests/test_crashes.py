@@ -809,3 +809,63 @@ def test_attempts_count_the_runs_that_started_and_nothing_else(tmp_shared):
     outcome_of = {(e.index, e.attempt): e.outcome for e in events}
     assert [outcome_of[i, 1] for i in (2, 5, 8)] == ["crash", "error", "timeout"]
     assert all(e.outcome == "ok" for e in events if e.attempt == 2)
+
+
+CAUGHT_CTRL_C = r'''
+import os, signal, sys, threading, time
+from pathlib import Path
+from procqueue import Pool
+
+D, API = sys.argv[1], sys.argv[2]
+
+def slow(i):
+    Path(D, f"start-{i}").write_text(str(time.time()))
+    time.sleep(3)
+    Path(D, f"end-{i}").write_text(str(time.time()))
+    return i
+
+def ctrl_c_once_two_run():
+    while len(list(Path(D).glob("start-*"))) < 2:
+        time.sleep(0.01)
+    Path(D, "sigint").write_text(str(time.time()))
+    os.kill(os.getpid(), signal.SIGINT)
+
+if __name__ == "__main__":
+    pool = Pool(2, retries=0)
+    threading.Thread(target=ctrl_c_once_two_run, daemon=True).start()
+    try:
+        if API == "map":
+            pool.map(slow, range(6), chunksize=1)
+        elif API == "imap_unordered":
+            list(pool.imap_unordered(slow, range(6), chunksize=1))
+        else:
+            [f.result() for f in [pool.submit(slow, i) for i in range(6)]]
+        print("NO-INTERRUPT")
+    except KeyboardInterrupt:
+        print("INTERRUPTED", flush=True)
+    print("AFTER", pool.map(abs, [-1, -2]), pool.submit(abs, -3).result(), flush=True)
+    time.sleep(3.5)  # as long as a task: one left running would end meanwhile
+    pool.terminate()
+'''
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["map", "imap_unordered", "submit"])
+def test_a_ctrl_c_the_program_catches_stops_the_calls_and_the_pool_goes_on(tmp_path, api):
+    """RELIABILITY.md's Ctrl-C row, for a program that survives its KeyboardInterrupt (saves
+    what it has, a notebook's interrupted cell): no task starts after the signal, the running
+    ones are killed, and the pool runs new calls."""
+    script = tmp_path / "caught.py"
+    script.write_text(CAUGHT_CTRL_C)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), api], env=env,
+                          capture_output=True, text=True, timeout=50,
+                          preexec_fn=_sigint_as_in_a_terminal)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["INTERRUPTED", "AFTER [1, 2] 3"], proc.stderr[-3000:]
+    signalled = float((tmp_path / "sigint").read_text())
+    started = {p.name: float(p.read_text()) for p in tmp_path.glob("start-*")}
+    assert len(started) == 2, started  # the two running when it came; none after
+    assert all(t < signalled for t in started.values())
+    assert list(tmp_path.glob("end-*")) == []  # the running ones were killed
