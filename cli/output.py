@@ -212,10 +212,12 @@ class JobLog:
     records are written.  Exitval is 0 for a result, 1 for a raised exception (or a result the
     record could not hold), the code of a worker that exited or called sys.exit (1 for a
     message or none, as a shell's exit), 0 with Signal set for a worker killed by a signal (as
-    parallel computes them from a wait status), -1 with Signal 15 for a timeout or a task
-    killed by a halt or Ctrl-C (parallel's kills); Command is the function and the input.
-    Inputs that never started have no line (parallel logs only jobs it ran).  Lines are
-    flushed as records are (LineWriter): a run killed with SIGKILL leaves what it logged."""
+    parallel computes them from a wait status), -1 with Signal 15 for a timeout (parallel's
+    kill); Command is the function and the input.  Inputs that never started have no line
+    (parallel logs only jobs it ran), nor have those the run itself killed when it stopped
+    (Ctrl-C, SIGTERM, a halt now: TaskCancelledError), as parallel does not log the jobs it
+    kills so: --resume runs them again.  Lines are flushed as records are (LineWriter): a run
+    killed with SIGKILL leaves what it logged."""
 
     HEADER = "Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n"
 
@@ -235,12 +237,12 @@ class JobLog:
         """The line of `outcome`; `recorded_ok` is what its record says (a result that is not
         JSON made the record an error: the log must say so too, or --resume-failed would
         skip that input)."""
-        if outcome.attempts == 0:
-            return
+        if outcome.attempts == 0 or isinstance(outcome.error, procqueue.TaskCancelledError):
+            self.starts.pop(outcome.index, None)
+            return  # never ran, or killed by the run's own stop: --resume runs it again
         now = time.time()
         start = self.starts.pop(outcome.index, now - outcome.seconds)
-        # A task killed while it ran (a halt, Ctrl-C) has no run time of its own: its time
-        # until it was killed, as parallel logs it
+        # A task that ends without a run time of its own: its time until it ended
         runtime = outcome.seconds or max(now - start, 0.0)
         exitval, signal_number = _exit_fields(outcome)
         if recorded_ok is False and outcome.ok:
@@ -301,7 +303,7 @@ def _exit_fields(outcome: procqueue.TaskOutcome) -> tuple[int, int]:
     if isinstance(error, procqueue.WorkerExitedError):
         code = error.code
         return (code if isinstance(code, int) and code > 0 else 1), 0
-    if isinstance(error, (procqueue.TaskTimeoutError, procqueue.TaskCancelledError)):
-        return -1, 15  # killed (a timeout, a halt now, Ctrl-C), as parallel logs its kills
+    if isinstance(error, procqueue.TaskTimeoutError):
+        return -1, 15  # killed by --timeout, as parallel logs its kills
     return 1, 0
 

@@ -571,6 +571,57 @@ def test_resume_and_resume_failed_from_the_joblog_as_gnu_parallel(tmp_path):
                      tmp_path / "j.db", ":::", "a").returncode == 2
 
 
+KILLED_BY_THE_STOP = """
+import os, time
+def process(x):
+    if x == "slow":  # runs until released (the resumed run releases it at once)
+        open({started!r}, "w").close()
+        while not os.path.exists({release!r}):
+            time.sleep(0.01)
+    if x == "bad":  # fails once "slow" is running
+        while not os.path.exists({started!r}):
+            time.sleep(0.01)
+        raise ValueError(x)
+    return x
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("stop", ["halt now", "SIGTERM"])
+def test_joblog_leaves_out_tasks_the_run_killed_so_resume_runs_them(tmp_path, stop):
+    # As GNU parallel, which does not log the jobs it kills itself (Ctrl-C, SIGTERM, halt
+    # now): a killed input was not done, and --resume must run it again.
+    started, release = tmp_path / "started", tmp_path / "release"
+    script = tmp_path / "job.py"
+    script.write_text(KILLED_BY_THE_STOP.format(started=str(started), release=str(release)))
+    joblog = tmp_path / "jobs.tsv"
+    command = [PROCQUEUE, "map", str(script), "-q", "--joblog", str(joblog)]
+    if stop == "halt now":
+        inputs = [":::", "slow", "bad", "later"]
+        first = procqueue(*command[1:], "-j", "2", "--halt", "now,fail=1", *inputs)
+        assert first.returncode == 1, first.stderr
+    else:
+        inputs = [":::", "slow", "later"]
+        proc = subprocess.Popen([*command, "-j", "1", *inputs], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 143, err
+        first = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    recs = {r["input"]: r for r in records(first.stdout)}
+    assert recs["slow"]["error"]["type"] == "TaskCancelledError"  # the record stays
+    logged = [line.split("\t")[8].rsplit(" ", 1)[1]
+              for line in joblog.read_text().splitlines()[1:]] if joblog.exists() else []
+    assert "slow" not in logged
+    release.touch()
+    resumed = procqueue(*command[1:], "--resume", *inputs)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["input"] for r in records(resumed.stdout)] == ["slow", "later"]
+
+
 @pytest.mark.timeout(60)
 def test_joblog_in_gnu_parallels_format(tmp_path):
     script = tmp_path / "job.py"
