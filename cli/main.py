@@ -38,8 +38,8 @@ from .inputs import (ARG_FILES, SEPARATORS, Inputs, StreamedInputs, collect_inpu
                      collect_named_inputs, group_inputs, stdin_inputs)
 from .loader import NamedArguments, WorkerStart
 from .batch_dashboard import batch_dashboard, feeding, serving
-from .output import (JobLog, OpenedAtFirstWrite, RecordWriter, input_text, line_of, logged_seqs,
-                     record_of)
+from .output import (JobLog, OpenedAtFirstWrite, RecordWriter, forgiving_stderr, input_text,
+                     line_of, logged_seqs, record_of)
 from .progress import Progress
 from .script import (ScriptError, check_arguments, check_keyword_arguments,
                      format_1_function_identity, function_identity, resolve_script)
@@ -1037,6 +1037,7 @@ def _print_stats(total: int, failed: int, never_ran: int, retries: int,
 
 
 def main() -> None:
+    forgiving_stderr()  # a message that cannot be written must not fail the run
     cli(prog_name="procqueue")
 
 

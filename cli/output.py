@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -307,3 +308,78 @@ def _exit_fields(outcome: procqueue.TaskOutcome) -> tuple[int, int]:
         return -1, 15  # killed by --timeout, as parallel logs its kills
     return 1, 0
 
+
+
+class ForgivingStderr:
+    """The command's sys.stderr: a message that cannot be written (the terminal went away
+    with a SIGHUP, the `tee` of `2>&1 | tee log` died at the Ctrl-C, the reader of --bar
+    closed its end) is dropped, and so is every later one, instead of failing the run: its
+    records and its exit code are what count.  Notes written in signal handlers, the progress
+    bar, warnings and error messages all go through it (click.echo(err=True) too)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.failed = False  # a write failed: nothing more is written
+
+    @property
+    def encoding(self) -> str:
+        return self.stream.encoding
+
+    @property
+    def errors(self) -> str | None:
+        return self.stream.errors
+
+    def write(self, text: str) -> int:
+        if not self.failed:
+            try:
+                self.stream.write(text)
+            except (OSError, ValueError):  # EIO, EPIPE; ValueError: closed
+                self.failed = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.failed:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.failed = True
+
+    def isatty(self) -> bool:
+        try:
+            return not self.failed and self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+
+def forgiving_stderr() -> None:
+    """Make sys.stderr a ForgivingStderr.  A program started with stderr closed (`2>&-`, a
+    daemon's; sys.stderr is None) writes its messages to /dev/null instead, put on file
+    descriptor 2 first, so that no file the run opens later takes that number (what the
+    workers would write to stderr would land in it)."""
+    stream = sys.stderr
+    if stream is None:
+        stream = _devnull_as_stderr()
+    if not isinstance(stream, ForgivingStderr):
+        sys.stderr = ForgivingStderr(stream)  # type: ignore[assignment]
+
+
+def _devnull_as_stderr() -> TextIO:
+    try:
+        os.fstat(2)
+    except OSError:  # closed: /dev/null takes its place
+        fd = os.open(os.devnull, os.O_WRONLY)
+        if fd != 2:
+            os.dup2(fd, 2)
+            os.close(fd)
+        return open(2, "w", closefd=False)
+    return open(os.devnull, "w")  # (descriptor 2 is open, but not as sys.stderr)

@@ -545,3 +545,58 @@ def test_a_closed_stdout_is_one_line_and_exit_2_unless_the_records_go_to_a_file(
     run = closed_stdout("-o", str(out), ":::", "a", "b")
     assert run.returncode == 0 and run.stderr == ""
     assert [r["result"] for r in records(out.read_text())] == [["a"], ["b"]]
+
+
+# ---- a stderr that cannot be written fails no record and keeps the exit code -----------------
+
+STOPPABLE = """
+import os, time
+def process(x):
+    if x == "bad":
+        raise ValueError(x)
+    if x == "slow":  # runs until the test stops the run
+        open({started!r}, "w").close()
+        time.sleep(60)
+    return x
+"""
+
+
+def unwritable_stderr(how: str) -> dict[str, Any]:
+    """Popen arguments giving the command a stderr it cannot write: closed (`2>&-`), or a
+    pipe whose reader is gone (`2>&1 | tee` after tee died, a closed reader of --bar)."""
+    if how == "closed":
+        return {"preexec_fn": lambda: os.close(2)}
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    return {"stderr": write_end, "pass_fds": (write_end,)}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["closed", "reader gone"])
+def test_a_stderr_that_cannot_be_written_loses_no_record_and_keeps_the_exit_code(
+        tmp_path: Path, how: str) -> None:
+    started = tmp_path / "started"
+    script = tmp_path / "job.py"
+    script.write_text(STOPPABLE.format(started=str(started)))
+    out = tmp_path / "out.jsonl"
+    # a failure's run, with the bar (and the "failed" counts) on stderr
+    kwargs = unwritable_stderr(how)
+    run = subprocess.run([PROCQUEUE, "map", str(script), "-j", "2", "--bar", "-o", str(out),
+                          ":::", "a", "bad", "b"], stdin=subprocess.DEVNULL, timeout=60,
+                         **kwargs)
+    if "stderr" in kwargs:
+        os.close(kwargs["stderr"])
+    assert run.returncode == 1
+    assert [r["ok"] for r in records(out.read_text())] == [True, False, True]
+    # a SIGTERM, whose note ("killing the running tasks") cannot be written
+    kwargs = unwritable_stderr(how)
+    proc = subprocess.Popen([PROCQUEUE, "map", str(script), "-j", "2", "--bar", "-o", str(out),
+                             ":::", "a", "slow"], stdin=subprocess.DEVNULL, **kwargs)
+    if "stderr" in kwargs:
+        os.close(kwargs["stderr"])
+    deadline = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 143
+    assert [r["input"] for r in records(out.read_text())] == ["a", "slow"]
