@@ -46,8 +46,9 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
     As in GNU parallel, each ':::' or '::::' starts another input source, and several
     sources give every combination of their inputs (the first source varies slowest), as
     tuples: `::: a b ::: 1 2` is ('a', '1'), ('a', '2'), ('b', '1'), ('b', '2').  ':::+'
-    and '::::+' link a source to the one before instead: their inputs pair up one to one
-    (a shorter source wraps around); `link` (GNU parallel's --link) links every source so.
+    and '::::+' link a source to the one before instead: their inputs pair up one to one, as
+    many as the shorter source has; `link` (GNU parallel's --link) links every source so, a
+    shorter source wrapping around.
     One source gives its items as strings.
 
     With `colsep` (a regular expression, GNU parallel's --colsep), every input is a row of
@@ -59,7 +60,8 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
     if len(sources) == 1 and colsep is None:
         return sources[0]
     split = _column_splitter(colsep)
-    return _combinations([[split(item) for item in source] for source in sources], linked)
+    return _combinations([[split(item) for item in source] for source in sources], linked,
+                         wrap=link)
 
 
 def _gather_sources(inputs: Iterable[str], glob: str | None, lines_file: str | None,
@@ -118,7 +120,8 @@ def collect_named_inputs(inputs: Iterable[str], glob: str | None = None,
                              f"so it cannot name a keyword argument")
     if len(set(names)) != len(names):
         raise InputError(f"--header: column names repeat: {', '.join(names)}")
-    rows = _combinations([[split(item) for item in source[1:]] for source in sources], linked)
+    rows = _combinations([[split(item) for item in source[1:]] for source in sources], linked,
+                         wrap=link)
     return rows, tuple(names)
 
 
@@ -139,21 +142,25 @@ def _column_splitter(colsep: str | None) -> Callable[[str], tuple[str, ...]]:
     return lambda item: tuple(pattern.split(item))
 
 
-def _combinations(sources: list[list[Row]], linked: list[bool]) -> list[Row]:
+def _combinations(sources: list[list[Row]], linked: list[bool], wrap: bool = False
+                  ) -> list[Row]:
     groups: list[list[list[Row]]] = []  # sources linked together
     for source, link in zip(sources, linked):
         if link and groups:
             groups[-1].append(source)
         else:
             groups.append([source])
-    rows = [_linked_rows(group) for group in groups]
+    rows = [_linked_rows(group, wrap) for group in groups]
     return [sum(parts, ()) for parts in itertools.product(*rows)]
 
 
-def _linked_rows(group: list[list[Row]]) -> list[Row]:
+def _linked_rows(group: list[list[Row]], wrap: bool) -> list[Row]:
+    """Linked sources' rows, one to one.  As in GNU parallel, the shortest source decides
+    how many (:::+, ::::+), or, with `wrap` (--link), the longest, the shorter ones starting
+    over."""
     if not all(group):
         return []  # an empty source: no combination
-    n = max(len(source) for source in group)
+    n = (max if wrap else min)(len(source) for source in group)
     return [sum((source[i % len(source)] for source in group), ()) for i in range(n)]
 
 

@@ -376,7 +376,8 @@ def cli() -> None:
                    "header].")
 @click.option("--link", "--xapply", "link", is_flag=True,
               help="Pair the input sources one to one instead of combining them (GNU "
-                   "parallel's --link: ::: a b ::: 1 2 gives (a, 1), (b, 2); as :::+).")
+                   "parallel's --link: ::: a b ::: 1 2 gives (a, 1), (b, 2)), a shorter source "
+                   "starting over (:::+ pairs so too, but stops at the shorter source).")
 @click.option("-N", "-n", "--max-args", "max_args", type=click.IntRange(min=1), default=None,
               metavar="N",
               help="Pass N inputs per call, as N arguments (GNU parallel's -N: ::: a b c d "
@@ -415,7 +416,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     stdin lines, which no INPUTS also reads unless it is a terminal; after ::: the inputs
     themselves, after :::: files of inputs, as in GNU parallel) and write one JSON line per
     input.  Several input sources (::: a b ::: 1 2) give every combination, passed as that
-    many arguments; :::+ pairs a source with the one before.  stdin's lines run as they
+    many arguments; :::+ pairs a source with the one before (as many pairs as the
+    shorter has).  stdin's lines run as they
     come while it is still being written (tail -f log | procqueue map job.py)."""
     if keep_order and unordered:
         raise click.UsageError("--keep-order and --unordered contradict each other")

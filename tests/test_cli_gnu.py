@@ -600,3 +600,22 @@ def test_a_stderr_that_cannot_be_written_loses_no_record_and_keeps_the_exit_code
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 143
     assert [r["input"] for r in records(out.read_text())] == ["a", "slow"]
+
+
+# ---- linked input sources, as GNU parallel links them ----------------------------------------
+
+@pytest.mark.timeout(60)
+def test_plus_linked_sources_stop_at_the_shorter_while_link_starts_it_over(echo: Path,
+                                                                             tmp_path: Path
+                                                                             ) -> None:
+    # parallel echo ::: a b c :::+ 1 2  ->  a 1, b 2 ("values do not wrap" with :::+)
+    plus = procqueue("map", echo, "-q", ":::", "a", "b", "c", ":::+", "1", "2")
+    assert plus.returncode == 0, plus.stderr
+    assert [r["input"] for r in records(plus.stdout)] == [["a", "1"], ["b", "2"]]
+    (tmp_path / "f1").write_text("a\nb\n")
+    (tmp_path / "f2").write_text("1\n2\n3\n")
+    files = procqueue("map", echo, "-q", "::::", tmp_path / "f1", "::::+", tmp_path / "f2")
+    assert [r["input"] for r in records(files.stdout)] == [["a", "1"], ["b", "2"]]
+    # parallel --link echo ::: a b c ::: 1 2  ->  a 1, b 2, c 1
+    link = procqueue("map", echo, "-q", "--link", ":::", "a", "b", "c", ":::", "1", "2")
+    assert [r["input"] for r in records(link.stdout)] == [["a", "1"], ["b", "2"], ["c", "1"]]

@@ -55,12 +55,13 @@ def test_several_input_sources_give_every_combination_as_gnu_parallel_does(tmp_p
     assert collect_inputs([":::", "a", "b", ":::"]) == []  # an empty source: no combination
 
 
-def test_linked_input_sources_pair_up_and_the_shorter_wraps_around():
+def test_linked_input_sources_pair_up_as_many_as_the_shorter_has():
     # parallel echo ::: a b c :::+ 1 2 3  ->  a 1, b 2, c 3
     assert collect_inputs([":::", "a", "b", "c", ":::+", "1", "2", "3"]) == [
         ("a", "1"), ("b", "2"), ("c", "3")]
+    # parallel echo ::: a b c :::+ 1 2  ->  a 1, b 2 (no wrapping: that is --link's)
     assert collect_inputs([":::", "a", "b", "c", ":::+", "1", "2"]) == [
-        ("a", "1"), ("b", "2"), ("c", "1")]
+        ("a", "1"), ("b", "2")]
     assert collect_inputs([":::", "x", "y", ":::", "a", "b", ":::+", "1", "2"]) == [
         ("x", "a", "1"), ("x", "b", "2"), ("y", "a", "1"), ("y", "b", "2")]
 
