@@ -68,15 +68,20 @@ def _gather_sources(inputs: Iterable[str], glob: str | None, lines_file: str | N
                     stdin: TextIO | None, null: bool, link: bool,
                     unreadable: list[str] | None = None
                     ) -> tuple[list[list[str]], list[bool]]:
-    """The input sources (see collect_inputs), and which are linked to the one before."""
+    """The input sources (see collect_inputs), and which are linked to the one before.  Blank
+    lines of stdin and of files of inputs are skipped, except in linked sources: there each
+    line is kept (a blank one as an empty input), so that line i of one source stays paired
+    with line i of the other."""
     sources: list[list[str]] = [[]]  # the first: INPUT paths, stdin, --lines
     linked = [False]
+    lined = [True]  # holds lines of stdin or of files (not ::: words, kept as they are)
     mode = "paths"
     for spec in inputs:
         if spec in SEPARATORS:
             mode = "literal" if spec.rstrip("+") == LITERALS else "arg-files"
             sources.append([])
             linked.append(spec.endswith("+"))
+            lined.append(mode == "arg-files")
         elif mode == "literal":
             sources[-1].append(spec)
         elif mode == "arg-files":
@@ -91,10 +96,13 @@ def _gather_sources(inputs: Iterable[str], glob: str | None, lines_file: str | N
             raise InputError(f"input not found: {spec!r}")
     if lines_file is not None:
         sources[0] += _lines_of(lines_file, null, stdin, what="--lines file")
-    if not sources[0] and len(sources) > 1:  # only ::: / :::: sources
-        del sources[0], linked[0]
+    if not any(map(str.strip, sources[0])) and len(sources) > 1:  # only ::: / :::: sources
+        del sources[0], linked[0], lined[0]
     if link:
         linked = [False] + [True] * (len(sources) - 1)
+    in_link = [here or (i + 1 < len(linked) and linked[i + 1]) for i, here in enumerate(linked)]
+    sources = [[item for item in source if item.strip()] if lines and not kept else source
+               for source, lines, kept in zip(sources, lined, in_link)]
     return sources, linked
 
 
@@ -184,9 +192,11 @@ def _lines_of(path: str, null: bool, stdin: TextIO | None,
 
 
 def _items(stream: TextIO, null: bool) -> list[str]:
+    """The inputs of a stream: NUL-separated ones (empty ones skipped), or every line, blank
+    ones too (_gather_sources skips those where no source is linked)."""
     if null:
         return [item for item in stream.read().split("\0") if item]
-    return list(_lines(stream))
+    return [line.rstrip("\r\n") for line in stream]
 
 
 def _lines(stream: Iterable[str]) -> Iterator[str]:

@@ -285,9 +285,10 @@ def cli() -> None:
               help="Only files of directories matching PATTERN (a shell glob, against the "
                    "file's name or its path under the directory) [default: every file].")
 @click.option("--lines", "-a", "--arg-file", "arg_files", metavar="FILE", multiple=True,
-              help="Also take one input per line of FILE, blank lines skipped (GNU parallel's "
-                   "-a; '-' as an INPUT reads stdin); each further -a is another input "
-                   "source, as :::: FILE [default: none].")
+              help="Also take one input per line of FILE, blank lines skipped (kept as empty "
+                   "inputs where sources are linked: --link, ::::+) (GNU parallel's -a; '-' as "
+                   "an INPUT reads stdin); each further -a is another input source, as :::: "
+                   "FILE [default: none].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Write the JSON Lines to FILE [default: stdout].")
 @click.option("--unordered", is_flag=True,

@@ -619,3 +619,23 @@ def test_plus_linked_sources_stop_at_the_shorter_while_link_starts_it_over(echo:
     # parallel --link echo ::: a b c ::: 1 2  ->  a 1, b 2, c 1
     link = procqueue("map", echo, "-q", "--link", ":::", "a", "b", "c", ":::", "1", "2")
     assert [r["input"] for r in records(link.stdout)] == [["a", "1"], ["b", "2"], ["c", "1"]]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["::::+", "--link -a -a"])
+def test_a_blank_line_of_a_linked_file_is_an_empty_input_so_rows_stay_paired(
+        echo: Path, tmp_path: Path, how: str) -> None:
+    # parallel echo {1}={2} :::: names ::::+ labels  ->  img1=cat, img2=, img3=dog
+    names, labels = tmp_path / "names", tmp_path / "labels"
+    names.write_text("img1\nimg2\nimg3\n")
+    labels.write_text("cat\n\ndog\n")
+    if how == "::::+":
+        run = procqueue("map", echo, "-q", "::::", names, "::::+", labels)
+    else:
+        run = procqueue("map", echo, "-q", "--link", "-a", names, "-a", labels)
+    assert run.returncode == 0, run.stderr
+    assert [r["input"] for r in records(run.stdout)] == [
+        ["img1", "cat"], ["img2", ""], ["img3", "dog"]]
+    # not linked: a blank line is no input, as before
+    crossed = procqueue("map", echo, "-q", "::::", labels, ":::", "x")
+    assert [r["input"] for r in records(crossed.stdout)] == [["cat", "x"], ["dog", "x"]]
