@@ -68,23 +68,31 @@ def _gather_sources(inputs: Iterable[str], glob: str | None, lines_file: str | N
                     stdin: TextIO | None, null: bool, link: bool,
                     unreadable: list[str] | None = None
                     ) -> tuple[list[list[str]], list[bool]]:
-    """The input sources (see collect_inputs), and which are linked to the one before.  Blank
-    lines of stdin and of files of inputs are skipped, except in linked sources: there each
-    line is kept (a blank one as an empty input), so that line i of one source stays paired
-    with line i of the other."""
+    """The input sources (see collect_inputs), and which are linked to the one before.  Each
+    file after '::::' is a source of its own, as in GNU parallel (`:::: f1 f2` combines them;
+    after '::::+' each is linked to the one before).  Blank lines of stdin and of files of
+    inputs are skipped, except in linked sources: there each line is kept (a blank one as an
+    empty input), so that line i of one source stays paired with line i of the other."""
     sources: list[list[str]] = [[]]  # the first: INPUT paths, stdin, --lines
     linked = [False]
     lined = [True]  # holds lines of stdin or of files (not ::: words, kept as they are)
     mode = "paths"
+    files = 0  # files of inputs after the last '::::'
     for spec in inputs:
         if spec in SEPARATORS:
             mode = "literal" if spec.rstrip("+") == LITERALS else "arg-files"
             sources.append([])
             linked.append(spec.endswith("+"))
             lined.append(mode == "arg-files")
+            files = 0
         elif mode == "literal":
             sources[-1].append(spec)
         elif mode == "arg-files":
+            if files:  # another file: another source, linked as the first after '::::+'
+                sources.append([])
+                linked.append(linked[-1])
+                lined.append(True)
+            files += 1
             sources[-1] += _lines_of(spec, null, stdin)
         elif spec == "-":
             sources[-1] += _items(stdin or sys.stdin, null)

@@ -639,3 +639,19 @@ def test_a_blank_line_of_a_linked_file_is_an_empty_input_so_rows_stay_paired(
     # not linked: a blank line is no input, as before
     crossed = procqueue("map", echo, "-q", "::::", labels, ":::", "x")
     assert [r["input"] for r in records(crossed.stdout)] == [["cat", "x"], ["dog", "x"]]
+
+
+@pytest.mark.timeout(60)
+def test_each_file_after_four_colons_is_an_input_source_of_its_own(echo: Path,
+                                                                   tmp_path: Path) -> None:
+    # parallel echo :::: f1 f2  ->  a 1, a 2, a 3, b 1, b 2, b 3 (as :::: f1 :::: f2)
+    f1, f2 = tmp_path / "f1", tmp_path / "f2"
+    f1.write_text("a\nb\n")
+    f2.write_text("1\n2\n3\n")
+    run = procqueue("map", echo, "-q", "::::", f1, f2)
+    assert run.returncode == 0, run.stderr
+    assert [r["input"] for r in records(run.stdout)] == [
+        [x, n] for x in "ab" for n in "123"]
+    # parallel echo ::: x y ::::+ f1 f2  ->  x a 1, y b 2 (each file linked to the one before)
+    linked = procqueue("map", echo, "-q", ":::", "x", "y", "::::+", f1, f2)
+    assert [r["input"] for r in records(linked.stdout)] == [["x", "a", "1"], ["y", "b", "2"]]
