@@ -38,8 +38,8 @@ from .inputs import (ARG_FILES, SEPARATORS, Inputs, StreamedInputs, collect_inpu
                      collect_named_inputs, group_inputs, stdin_inputs)
 from .loader import NamedArguments, WorkerStart
 from .batch_dashboard import batch_dashboard, feeding, serving
-from .output import (JobLog, OpenedAtFirstWrite, RecordWriter, forgiving_stderr, input_text,
-                     line_of, logged_seqs, record_of)
+from .output import (JobLog, LoggedJob, OpenedAtFirstWrite, RecordWriter, forgiving_stderr,
+                     input_text, joblog_command, line_of, logged_jobs, record_of)
 from .progress import Progress
 from .script import (ScriptError, check_arguments, check_keyword_arguments,
                      format_1_function_identity, function_identity, resolve_script)
@@ -356,8 +356,9 @@ def cli() -> None:
                    "--joblog format (Seq, Starttime, JobRuntime, Exitval, Signal, ...) "
                    "[default: no log].")
 @click.option("--resume", is_flag=True,
-              help="With --joblog: skip the inputs an earlier run logged there, append the "
-                   "rest (GNU parallel's --resume).")
+              help="With --joblog: skip the inputs an earlier run logged there (by position: "
+                   "give the same inputs, or it is refused), append the rest (GNU parallel's "
+                   "--resume).")
 @click.option("--resume-failed", is_flag=True,
               help="With --joblog: as --resume, but run the logged inputs that failed again.")
 @click.option("--will-cite", "--no-notice", "will_cite", is_flag=True, hidden=True,
@@ -465,7 +466,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     seqs = None
     if resume or resume_failed:
         assert not isinstance(items, StreamedInputs)
-        seqs, items = _resumed(items, joblog_path, journal_path, resume_failed, quiet)
+        seqs, items = _resumed(items, joblog_path, journal_path, resume_failed, quiet,
+                               fn.describe())
     halt_policy = parse_halt(halt)
     pool_options = _pool_options(timeout, retries, no_pin, max_memory_per_child, memfree,
                                  concurrency, _rate_or_delay(rate, delay))
@@ -631,20 +633,45 @@ def _stdin_if_piped() -> tuple[str, ...]:
     return ("-",)
 
 
+class JobLogOfOtherInputs(click.ClickException):
+    """--resume with a --joblog whose Command for a Seq is not the input at that position."""
+
+    exit_code = EXIT_USAGE
+
+
 def _resumed(items: Inputs, joblog_path: str | None, journal_path: str | None,
-             failed_too: bool, quiet: bool) -> tuple[list[int], Inputs]:
+             failed_too: bool, quiet: bool, command: str) -> tuple[list[int], Inputs]:
     """--resume / --resume-failed: the inputs an earlier run's joblog does not show done, and
-    their Seq (position among all the inputs) for the log."""
+    their Seq (position among all the inputs) for the log.  As GNU parallel, the log says
+    which inputs ran by their position; inputs that are not those the log was written for
+    are refused (JobLogOfOtherInputs) rather than silently matched by position."""
     if joblog_path is None:
         raise click.UsageError("--resume and --resume-failed read --joblog FILE: give it")
     if journal_path is not None:
         raise click.UsageError("--resume goes with --joblog; a --journal run resumes by itself")
-    done = logged_seqs(joblog_path, successes_only=failed_too)
+    jobs = logged_jobs(joblog_path)
+    _check_same_inputs(jobs, items, command, joblog_path)
+    done = {job.seq for job in jobs if job.ok or not failed_too}
     seqs = [i + 1 for i in range(len(items)) if i + 1 not in done]
     if done and not quiet:
         click.echo(f"procqueue: {len(items) - len(seqs)} of {len(items)} inputs are done "
                    f"in {joblog_path}: skipped", err=True)
     return seqs, cast(Inputs, [items[seq - 1] for seq in seqs])
+
+
+def _check_same_inputs(jobs: list[LoggedJob], items: Inputs, command: str, path: str) -> None:
+    """Each logged Seq's Command must be the input at that position now (the function's name
+    may differ: a script given by another path)."""
+    for job in sorted(jobs):
+        if job.seq > len(items):
+            continue
+        now = joblog_command(command, items[job.seq - 1])[len(command) + 1:]
+        logged = job.command.removeprefix(command + " ") \
+            if job.command.startswith(command + " ") else job.command
+        if logged != now and not (logged is job.command and logged.endswith(" " + now)):
+            raise JobLogOfOtherInputs(
+                f"--resume: the inputs changed since {path} was written: Seq {job.seq} is "
+                f"{logged!r} there but {now!r} now (give the same inputs, or another --joblog)")
 
 
 def _output_stream(path: str, append: bool = False) -> TextIO:

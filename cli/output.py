@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, NamedTuple, TextIO
 
 import procqueue
 
@@ -248,8 +248,7 @@ class JobLog:
         exitval, signal_number = _exit_fields(outcome)
         if recorded_ok is False and outcome.ok:
             exitval = 1
-        command = f"{self.command} {input_text(outcome.input)}"
-        command = command.replace("\t", " ").replace("\n", " ")
+        command = joblog_command(self.command, outcome.input)
         seq = self.seqs[outcome.index] if self.seqs is not None else outcome.index + 1
         if not self._headed:
             self._headed = True
@@ -274,25 +273,37 @@ def _empty(stream: TextIO) -> bool:
         return True
 
 
-def logged_seqs(path: str, successes_only: bool) -> set[int]:
-    """The Seq numbers a --joblog written by an earlier run holds, as GNU parallel's --resume
-    reads them: every input that ran, or (--resume-failed) those that succeeded, so that the
-    failed ones run again.  No file yet: none."""
+def joblog_command(command: str, item: Any) -> str:
+    """The Command column of `item`'s line: the function and the input, on one line."""
+    return f"{command} {input_text(item)}".replace("\t", " ").replace("\n", " ")
+
+
+class LoggedJob(NamedTuple):
+    """A line of a --joblog written by an earlier run."""
+
+    seq: int  # position of the input among all the inputs, from 1
+    ok: bool  # Exitval and Signal 0
+    command: str  # the function and the input (joblog_command)
+
+
+def logged_jobs(path: str) -> list[LoggedJob]:
+    """The lines of a --joblog written by an earlier run, as GNU parallel's --resume reads
+    them.  No file yet: none."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()[1:]
+        with open(path, encoding="utf-8", newline="\n") as f:  # (a \r stays in its Command)
+            lines = f.read().split("\n")[1:]
     except FileNotFoundError:
-        return set()
-    seqs = set()
+        return []
+    jobs = []
     for line in lines:
         fields = line.split("\t")
         try:
             seq, exitval, signal_number = int(fields[0]), int(fields[6]), int(fields[7])
         except (IndexError, ValueError):
-            continue  # a line cut short when the earlier run was killed
-        if not successes_only or (exitval == 0 and signal_number == 0):
-            seqs.add(seq)
-    return seqs
+            continue  # a line cut short when the earlier run was killed (or the last, empty)
+        jobs.append(LoggedJob(seq, exitval == 0 and signal_number == 0,
+                              "\t".join(fields[8:])))
+    return jobs
 
 
 def _exit_fields(outcome: procqueue.TaskOutcome) -> tuple[int, int]:

@@ -623,6 +623,29 @@ def test_joblog_leaves_out_tasks_the_run_killed_so_resume_runs_them(tmp_path, st
 
 
 @pytest.mark.timeout(60)
+def test_resume_refuses_a_joblog_written_for_other_inputs(tmp_path):
+    # --resume matches the log by position (Seq): inputs that changed would be skipped
+    # silently (here "c" would be taken as done, being where "a" was)
+    script = tmp_path / "job.py"
+    script.write_text("def process(x):\n    return x\n")
+    joblog = tmp_path / "jobs.tsv"
+    assert procqueue("map", script, "--joblog", joblog, "-q", ":::", "a", "b").returncode == 0
+    logged = joblog.read_text()
+    changed = procqueue("map", script, "--joblog", joblog, "--resume", "-q",
+                        ":::", "c", "a", "b")
+    assert changed.returncode == 2 and changed.stdout == ""
+    assert changed.stderr.splitlines() == [
+        f"Error: --resume: the inputs changed since {joblog} was written: Seq 1 is 'a' there "
+        "but 'c' now (give the same inputs, or another --joblog)"]
+    assert joblog.read_text() == logged
+    # the same inputs, more after them, the script named by another path: resumed
+    more = procqueue("map", "job.py", "--joblog", joblog, "--resume", "-q",
+                     ":::", "a", "b", "c", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr
+    assert [r["input"] for r in records(more.stdout)] == ["c"]
+
+
+@pytest.mark.timeout(60)
 def test_joblog_in_gnu_parallels_format(tmp_path):
     script = tmp_path / "job.py"
     script.write_text("import os\ndef process(x):\n    if x == 'boom':\n"
