@@ -38,8 +38,8 @@ from .inputs import (ARG_FILES, SEPARATORS, Inputs, StreamedInputs, collect_inpu
                      collect_named_inputs, group_inputs, stdin_inputs)
 from .loader import NamedArguments, WorkerStart
 from .batch_dashboard import batch_dashboard, feeding, serving
-from .output import (JobLog, LoggedJob, OpenedAtFirstWrite, RecordWriter, forgiving_stderr,
-                     input_text, joblog_command, line_of, logged_jobs, record_of)
+from .output import (JobLog, LoggedJob, OpenedAtFirstWrite, RecordWriter, dry_run_text,
+                     forgiving_stderr, joblog_command, line_of, logged_jobs, record_of)
 from .progress import Progress
 from .script import (ScriptError, check_arguments, check_keyword_arguments,
                      format_1_function_identity, function_identity, resolve_script)
@@ -364,8 +364,9 @@ def cli() -> None:
 @click.option("--will-cite", "--no-notice", "will_cite", is_flag=True, hidden=True,
               help="Accepted for GNU parallel scripts (no notice is ever printed).")
 @click.option("--dry-run", is_flag=True,
-              help="Check SCRIPT and its function, print the inputs one per line, run nothing "
-                   "(GNU parallel's --dry-run).")
+              help="Check SCRIPT and its function, print the inputs one call per line (each "
+                   "argument shell-quoted where needed: 'b c' 1), run nothing (GNU parallel's "
+                   "--dry-run).")
 @click.option("--colsep", metavar="REGEX",
               help="Split each input into columns at REGEX and pass one argument per column "
                    "(GNU parallel's --colsep; e.g. --colsep , :::: pairs.csv) [default: one "
@@ -484,7 +485,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     if dry_run:  # every option checked, nothing created or started
         _check_script_loads(script, call)
         for item in items:
-            click.echo(input_text(item))
+            click.echo(dry_run_text(item))
         sys.exit(EXIT_FAILURES if unreadable else EXIT_OK)
     if not items:  # as GNU parallel: nothing to do is no error (`find ... | procqueue map`)
         if not quiet:

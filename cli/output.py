@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import threading
 import time
@@ -29,6 +30,33 @@ def input_text(item: Any) -> str:
     """An input as a command line would show it: a combination of several input sources
     (a tuple) as its parts separated by spaces, as GNU parallel writes them."""
     return " ".join(item) if isinstance(item, tuple) else str(item)
+
+
+def dry_run_text(item: Any) -> str:
+    """An input as --dry-run shows it, on one line: each argument quoted as a shell would need
+    it (shlex.quote: ['b c', '1'] is `'b c' 1`, as GNU parallel's dry run writes it), one
+    holding a newline or another control character in bash's $'...' form, so that every
+    call stays on a line of its own."""
+    return " ".join(map(_shell_word, item if isinstance(item, tuple) else (str(item),)))
+
+
+def _shell_word(text: str) -> str:
+    if text.isprintable():
+        return shlex.quote(text)
+    escaped = "".join(_C_ESCAPES.get(c, c if c.isprintable() else _hex_escape(c))
+                      for c in text)
+    return f"$'{escaped}'"
+
+
+_C_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _hex_escape(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8 (surrogateescape): that byte
+        code -= 0xDC00
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 \
+        else f"\\U{code:08x}"
 
 
 def line_of(record: dict[str, Any]) -> str:

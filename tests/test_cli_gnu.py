@@ -655,3 +655,14 @@ def test_each_file_after_four_colons_is_an_input_source_of_its_own(echo: Path,
     # parallel echo ::: x y ::::+ f1 f2  ->  x a 1, y b 2 (each file linked to the one before)
     linked = procqueue("map", echo, "-q", ":::", "x", "y", "::::+", f1, f2)
     assert [r["input"] for r in records(linked.stdout)] == [["x", "a", "1"], ["y", "b", "2"]]
+
+
+@pytest.mark.timeout(60)
+def test_dry_run_quotes_each_argument_so_every_call_reads_back_as_it_is(echo: Path) -> None:
+    # parallel --dry-run echo ::: a 'b c' ::: 1 2  ->  echo a 1 ... echo 'b c' 1
+    run = procqueue("map", echo, "--dry-run", ":::", "a", "b c", ":::", "1", "2")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["a 1", "a 2", "'b c' 1", "'b c' 2"]
+    # a newline inside an input stays on its call's line; an empty input shows as ''
+    run = procqueue("map", echo, "--dry-run", ":::", "x\ny", "", "it's")
+    assert run.stdout.splitlines() == ["$'x\\ny'", "''", "'it'\"'\"'s'"]
