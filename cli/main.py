@@ -517,6 +517,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                    joblog, output_name, watch)
         if output:
             _close_output(stream, output_name)
+        if joblog is not None:
+            _close_output(joblog, "--joblog")
     except KeyboardInterrupt:  # while the pool starts or stops: no handler of ours yet
         raise Interrupted() from None
     except ImportError as exc:  # --cluster without the dask extra
@@ -528,8 +530,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     finally:
         if output:
             _close_quietly(stream)  # closed above, or an error is on its way already
-        if joblog is not None:
-            _close_joblog(joblog)
+        if joblog is not None:  # closed above, or an error is on its way already (said once)
+            _close_quietly(joblog)
         if journal is not None:
             journal.close()
     sys.exit(EXIT_FAILURES if unreadable and code == EXIT_OK else code)
@@ -586,24 +588,17 @@ def _script_failure(script: str, error: BaseException) -> str:
     return f"script {script!r} failed to load in the workers:\n{traceback.rstrip()}"
 
 
-def _close_output(stream: TextIO, output_name: str) -> None:
+def _close_output(stream: TextIO | JobLog, output_name: str) -> None:
     try:
         stream.close()
-    except OSError as exc:  # its last records could not be flushed
+    except OSError as exc:  # its last records (or joblog lines) could not be flushed
         raise OutputUnusable(f"cannot write {output_name}: {exc.strerror or exc}") from None
 
 
-def _close_joblog(joblog: JobLog) -> None:
-    try:
-        joblog.close()
-    except OSError as exc:  # its last lines could not be written (a full disk)
-        click.echo(f"procqueue: cannot write --joblog: {exc.strerror or exc}", err=True)
-
-
-def _close_quietly(stream: TextIO) -> None:
+def _close_quietly(stream: TextIO | JobLog) -> None:
     try:
         stream.close()
-    except OSError:
+    except (OSError, ValueError):  # (ValueError: a second close of a file that failed)
         pass
 
 

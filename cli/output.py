@@ -257,6 +257,7 @@ class JobLog:
         self.starts: dict[int, float] = {}  # input index -> wall start of its last attempt
         self.lines = LineWriter(stream)
         self._headed = False  # the header is written with the first line (OpenedAtFirstWrite)
+        self._closed = False
 
     def on_event(self, event: procqueue.TaskEvent) -> None:
         """Pool(on_event=...): called in the supervisor thread before the outcome is out."""
@@ -286,7 +287,11 @@ class JobLog:
                               f"{exitval}\t{signal_number}\t{command}\n")
 
     def close(self) -> None:
-        """Flush what is logged and close the log's stream (not stdout's: `--joblog -`)."""
+        """Flush what is logged and close the log's stream (not stdout's: `--joblog -`); a
+        second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.lines.close()
         finally:

@@ -238,8 +238,14 @@ def test_a_reader_that_goes_away_ends_the_run_quietly_with_141(tmp_path: Path) -
 
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full on this system")
-@pytest.mark.parametrize("where", ["-o", "stdout"])
+@pytest.mark.parametrize("where", ["-o", "stdout", "--joblog"])
 def test_a_full_disk_is_one_line_naming_the_output(echo: Path, where: str) -> None:
+    if where == "--joblog":
+        run = procqueue("map", echo, "-q", "--joblog", "/dev/full", ":::", "a", "b")
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.strip().splitlines() == [
+            "Error: cannot write --joblog: No space left on device"]
+        return
     if where == "-o":
         run = procqueue("map", echo, "-q", "-o", "/dev/full", ":::", "a", "b")
     else:
