@@ -462,8 +462,7 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     if items and header is None:
         first = _first_input(items)
         check_arguments(fn, len(first) if isinstance(first, tuple) else 1,
-                        None if max_args is None or max_args == 1 else
-                        f"-N {max_args} gives it {{count}} per call")
+                        _arguments_given_by(max_args, colsep))
     seqs = None
     if resume or resume_failed:
         assert not isinstance(items, StreamedInputs)
@@ -538,6 +537,17 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
 
 
 NO_INPUT = "give at least one INPUT (a file, a directory, or -), or pipe inputs into stdin"
+
+
+def _arguments_given_by(max_args: int | None, colsep: str | None) -> str | None:
+    """What gives the function its arguments, for check_arguments' message (None: the input
+    sources)."""
+    if max_args is not None and max_args > 1:
+        return f"-N {max_args} gives it {{count}} per call"
+    if colsep is not None:  # the columns, whether of one input source or of several
+        return (f"the first input's columns (--colsep {colsep!r}) give it {{count}} per call "
+                "(one argument per column)")
+    return None
 
 
 def _may_stream(max_args: int | None, resuming: bool, journal_path: str | None,

@@ -672,3 +672,16 @@ def test_dry_run_quotes_each_argument_so_every_call_reads_back_as_it_is(echo: Pa
     # a newline inside an input stays on its call's line; an empty input shows as ''
     run = procqueue("map", echo, "--dry-run", ":::", "x\ny", "", "it's")
     assert run.stdout.splitlines() == ["$'x\\ny'", "''", "'it'\"'\"'s'"]
+
+
+@pytest.mark.timeout(60)
+def test_an_arity_error_under_colsep_counts_columns_not_input_sources(tmp_path: Path) -> None:
+    script = tmp_path / "two.py"
+    script.write_text("def process(x, y):\n    return [x, y]\n")
+    table = tmp_path / "t.csv"
+    table.write_text("a,b,c\n")
+    run = procqueue("map", script, "--colsep", ",", "::::", table)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"Error: {script}:process takes 2 positional arguments, but the first input's columns "
+        "(--colsep ',') give it 3 per call (one argument per column)"]
