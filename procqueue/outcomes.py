@@ -155,8 +155,10 @@ class WorkerOutcomes:
                 task.attempts += 1  # it was running, or its worker died before saying which
                 error = crash_error(exitcode, self.oom_kills.killed_since_last_look()
                                     if exitcode == -9 else None)
-                started = running[1] if running else time.monotonic()
-                self.events.emit(task, slot, started, time.monotonic(), "crash", error)
+                now = time.monotonic()
+                started = running[1] if running else now
+                task.seconds = now - started  # how long it ran before the crash
+                self.events.emit(task, slot, started, now, "crash", error)
                 self.book.after_failure(task, FailureKind.CRASH, error,
                                         may_retry=self.may_retry())
             elif running is not None and task.id == running[0] and task.job.cancelled:
@@ -181,8 +183,10 @@ class WorkerOutcomes:
 
     def _end_cancelled_while_running(self, slot: Slot, task: Task, started: float) -> None:
         task.attempts += 1
+        now = time.monotonic()
+        task.seconds = now - started  # how long it ran before it was killed
         cancelled = TaskCancelledError("the task was cancelled while running")
-        self.events.emit(task, slot, started, time.monotonic(), "cancelled", cancelled)
+        self.events.emit(task, slot, started, now, "cancelled", cancelled)
         self.book.fail(task, cancelled)
 
     # ---- a task ran out of time --------------------------------------------------------------

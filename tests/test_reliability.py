@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -191,11 +192,34 @@ def test_inputs_of_a_cancelled_call_held_by_a_worker_that_crashes_never_run(tmp_
         while not (tmp_path / "crash").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         outcomes.cancel(kill_running=False)
-        got = [(type(o.error).__name__, o.attempts) for o in outcomes]
+        ended = list(outcomes)
+        got = [(type(o.error).__name__, o.attempts) for o in ended]
         assert pool.map(abs, [-1]) == [1]
     assert got == [("WorkerCrashedError", 1), ("TaskCancelledError", 0),
                    ("TaskCancelledError", 0)]
+    assert ended[0].seconds >= 0.4  # it ran 0.5 s before it crashed (the record says so)
     assert sorted(os.listdir(tmp_path)) == ["crash"]
+
+
+@pytest.mark.timeout(60)
+def test_a_task_killed_by_a_cancel_says_how_long_it_ran(tmp_path):
+    specs = [f"{tmp_path}|hang"]
+    with Pool(1, retries=0) as pool:
+        outcomes = pool.imap_outcomes(count_then_sleep, specs)
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "hang").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        outcomes.cancel(kill_running=True)
+        (ended,) = list(outcomes)
+    assert isinstance(ended.error, TaskCancelledError) and ended.attempts == 1
+    assert 0.4 <= ended.seconds < 20
+
+
+def count_then_sleep(spec):
+    directory, name = spec.split("|")
+    Path(directory, name).write_text("x")
+    time.sleep(30)
 
 
 @pytest.mark.parametrize("case", ["worker", "forked_by_a_task", "signalled_again"])
