@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import pickle as _pickle
 import signal as _signal
+from concurrent.futures import CancelledError as _CancelledError
 from concurrent.futures.process import BrokenProcessPool as _BrokenProcessPool
 from typing import TYPE_CHECKING, Any
 
@@ -163,8 +164,10 @@ class TaskTimeoutError(TaskFailed, TimeoutError):
         self.timeout_s = timeout_s
 
 
-class TaskCancelledError(TaskFailed):
-    """The task was cancelled, or the pool was terminated before it finished."""
+class TaskCancelledError(TaskFailed, _CancelledError):
+    """The task was cancelled, or the pool was terminated before it finished.  A
+    concurrent.futures.CancelledError, so `except CancelledError` around a future's result()
+    catches it as it catches a cancelled future's."""
 
 
 class ServiceLostError(TaskFailed):

@@ -22,6 +22,7 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Generic, Self, TypeVar
 
+from .errors import TaskCancelledError
 from .records import FrozenRecord
 from .tasks import OutcomeSink, Task
 
@@ -658,6 +659,12 @@ class TaskFuture(concurrent.futures.Future, OutcomeSink):  # type: ignore[type-a
         # holding many futures would keep alive (and the garbage collector would walk).
         # Before the result is set, so a caller woken by it finds them released.
         self._keepalive = self._canceller = self._task = None
+        if not ok and isinstance(value, TaskCancelledError) and self._state == _PENDING:
+            # It never started (terminate(), a Ctrl-C): cancelled, as ProcessPoolExecutor's
+            # shutdown(cancel_futures=True) leaves the futures it never started.
+            if concurrent.futures.Future.cancel(self):
+                self._notify_cancelled()
+                return
         self._finish(ok, value)
 
     def starting(self, task: Task) -> bool:

@@ -306,13 +306,20 @@ def test_no_worker_outlives_the_pool(how):
 @pytest.mark.timeout(30)
 def test_terminate_kills_running_tasks_promptly_and_fails_them():
     pool = Pool(2)
-    futures = [pool.submit(sleep_forever, i) for i in range(4)]
+    futures = [pool.submit(sleep_forever, i) for i in range(8)]
     time.sleep(0.3)
     started = time.monotonic()
     pool.terminate()
     assert time.monotonic() - started < 2.0
+    # those that ran fail; those that never started are cancelled, as the futures of
+    # ProcessPoolExecutor.shutdown(cancel_futures=True): `except CancelledError` takes both
+    assert not futures[0].cancelled() and futures[-1].cancelled()
     for fut in futures:
-        assert isinstance(fut.exception(timeout=5), TaskCancelledError)
+        assert fut.cancelled() or isinstance(fut.exception(timeout=5), TaskCancelledError)
+    for fut in futures:
+        with pytest.raises(concurrent.futures.CancelledError):
+            fut.result(timeout=5)
+    assert concurrent.futures.wait(futures, timeout=5).not_done == set()
 
 
 @pytest.mark.timeout(30)
