@@ -37,9 +37,10 @@ from .input_feed import FeedWatch, window_size
 from .job_maker import JobMaker
 from .affinity import worker_thread_env
 from .pool_journal import JournaledCall, JournalHolder
+from .program_fork import note_thread_ending
 from .protocol import CallKind, InitializerCall, shared_only_by_inheritance, short_repr
 from .records import FrozenRecord, replaced
-from .results import (ApplyResult, ArgumentMemory, IMapIterator, MapResult,
+from .results import (ApplyResult, ArgumentMemory, CallbackRunner, IMapIterator, MapResult,
                       OutcomeIterator, ResultStream, TaskFuture, Window)
 from .submission import Submitter
 from .inbox import CancelJob, Close, Interrupt, Terminate
@@ -55,6 +56,9 @@ if TYPE_CHECKING:  # imported when a pool first uses them: sqlite3 and json cost
 
 ARGUMENT_MEMORY_AHEAD = 256 * 2**20  # big-argument bytes a feeder copies ahead of the workers
 TERMINATE_WAIT_S = 5.0  # terminate() returns once the workers are gone, or after this
+# ... and once the callbacks of what it ended have run, or after this: one that waits for ever
+# goes on in its own (daemon) thread
+CALLBACKS_AT_TERMINATE_S = 1.0
 SPAWN_WAIT_S = 10.0  # Pool() waits this long at most for its workers to be spawned
 RUNNING_REPR_CHARS = 200  # stats(): a worker's running input, as people read it
 
@@ -193,12 +197,15 @@ class Pool(PoolCalls):
                                              for name, spec in (queues or {}).items()})
         self._submitter = Submitter(self._supervisor, self._config, self._argument_memory)
         self._feed_watch = new_feed_watch()  # for the calls fed from iterators
+        self._callback_runner = CallbackRunner(f"procqueue-callbacks-{id(self):x}",
+                                               thread_ending=note_thread_ending)
         self._supervisor.start()
         # Like multiprocessing.Pool, return with the worker processes started.
         self._supervisor.spawned.wait(SPAWN_WAIT_S)
         # Terminate on garbage collection and at interpreter exit, without keeping self alive.
         self._finalizer = weakref.finalize(self, _shutdown, self._supervisor, self._journal,
-                                           self._trace, self._feed_watch)
+                                           self._trace, self._feed_watch,
+                                           self._callback_runner)
         _POOLS_OF_THIS_PROCESS.add(self)
 
     def _open_run_records(self, journal: "str | os.PathLike[str] | Journal | None",
@@ -291,6 +298,10 @@ class Pool(PoolCalls):
         if self._state is PoolState.RUN:
             raise ValueError("Pool is still running")
         self._supervisor.join()
+        # as multiprocessing: every callback has run (after terminate() not for ever: one may
+        # wait on a result whose callback is queued behind it)
+        self._callback_runner.finish(None if self._state is PoolState.CLOSE
+                                     else CALLBACKS_AT_TERMINATE_S)
         self._feed_watch.close()
         self._journal.close()
         if self._trace is not None:
@@ -625,14 +636,18 @@ os.register_at_fork(after_in_child=_disown_pools_after_fork)
 
 
 def _shutdown(supervisor: Supervisor, journal: JournalHolder,
-              trace: TraceWriter | None, feed_watch: FeedWatch) -> None:
+              trace: TraceWriter | None, feed_watch: FeedWatch,
+              callbacks: CallbackRunner) -> None:
     """Terminate and wait for the workers to be gone (finalizer: GC, terminate, exit)."""
     supervisor.post(Terminate())
     if not supervisor.join(TERMINATE_WAIT_S):
-        # The supervisor is stuck (a callback of the caller's that waits on this pool, say):
-        # its workers are killed from here, so none outlives the pool (nor holds the
-        # program's exit, which waits for its children)
+        # The supervisor is stuck (an on_event listener that waits on this pool, say): its
+        # workers are killed from here, so none outlives the pool (nor holds the program's
+        # exit, which waits for its children)
         supervisor.workers.kill_all_now()
+    # the error callbacks of what terminate() cancelled; one stuck waiting on this pool
+    # is left to its daemon thread
+    callbacks.finish(CALLBACKS_AT_TERMINATE_S)
     feed_watch.close()
     journal.close()
     if trace is not None:

@@ -20,6 +20,7 @@ import multiprocessing.pool as mp_pool
 import sys
 import threading
 from collections import deque
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Generic, Self, TypeVar
 
 from .errors import TaskCancelledError
@@ -64,6 +65,75 @@ def _report_callback_error(kind: str) -> None:
     print(f"procqueue: exception in {kind} (ignored): {exc!r}", file=sys.stderr)
 
 
+class CallbackRunner:
+    """Runs a pool's result callbacks (apply_async's and map_async's callback and
+    error_callback, a submit() future's done-callbacks) in a thread of their own, in the order
+    their results came, so that a callback that is slow, or that waits on another result of
+    its pool, does not hold the thread that delivered it: the supervisor's, which also reads
+    the workers' results, notices their deaths and times their tasks out.  The thread starts
+    at the first callback; finish() runs what is queued and ends it (a pool's join()).  A
+    callback that waits on a result whose own callback is queued behind it waits for ever, as
+    under multiprocessing, whose result handler thread runs them all."""
+
+    def __init__(self, name: str, thread_ending: Callable[[], None] | None = None) -> None:
+        self._name = name
+        self._thread_ending = thread_ending  # told when the thread is about to end
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[Callable[[], None] | None] = deque()  # None: end the thread
+        self._unfinished = 0  # queued or running callbacks
+        self._thread: threading.Thread | None = None
+
+    def run(self, callback: Callable[[], None]) -> None:
+        """Run `callback` (which reports its own errors) in the runner's thread."""
+        if self._thread is not None and threading.current_thread() is self._thread:
+            callback()  # a callback's own result (a submit() from a callback, say)
+            return
+        with self._cond:
+            self._queue.append(callback)
+            self._unfinished += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def finish(self, timeout: float | None = None) -> bool:
+        """Run the callbacks queued so far (waiting at most `timeout`), then end the thread;
+        False if one was still running then (it stays with its daemon thread)."""
+        with self._cond:
+            thread = self._thread
+            if thread is None or threading.current_thread() is thread:
+                return True  # nothing ever ran, or a callback finishing its own pool
+            done = self._cond.wait_for(lambda: self._unfinished == 0, timeout)
+            if not done:
+                return False
+            self._queue.append(None)
+            self._thread = None
+            self._cond.notify_all()
+        thread.join()
+        return True
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                callback = self._queue.popleft()
+            if callback is None:
+                if self._thread_ending is not None:
+                    self._thread_ending()
+                return
+            try:
+                callback()
+            finally:
+                with self._cond:
+                    self._unfinished -= 1
+                    self._cond.notify_all()
+
+
+def callback_runner_of(pool: Any) -> CallbackRunner | None:
+    return getattr(pool, "_callback_runner", None)
+
+
 # The classes below subclass multiprocessing's own result classes so that code checking
 # isinstance(r, multiprocessing.pool.AsyncResult) keeps working; none of multiprocessing's
 # machinery is used: every method a caller reaches is defined here, and its __init__ (which
@@ -79,6 +149,7 @@ class ApplyResult(mp_pool.ApplyResult[Any], OutcomeSink):
         self._error_callback = error_callback
         self._success = False
         self._value: Any = None
+        self._settled = False  # has its outcome (ready() once its callback has run too)
         self._keepalive = keepalive  # the pool must outlive its pending results
 
     def starting(self, task: Task) -> bool:
@@ -88,14 +159,22 @@ class ApplyResult(mp_pool.ApplyResult[Any], OutcomeSink):
         self._set(ok, value)
 
     def _set(self, ok: bool, value: Any) -> None:
+        self._settled = True
         self._success, self._value = ok, value
-        try:
-            if ok and self._callback is not None:
-                self._callback(value)
-            elif not ok and self._error_callback is not None:
-                self._error_callback(value)
-        except Exception:
-            _report_callback_error("callback")
+        callback = self._callback if ok else self._error_callback
+        runner = callback_runner_of(self._keepalive) if callback is not None else None
+        if runner is None:
+            self._call_back_then_be_ready(callback, value)
+        else:  # as multiprocessing: get() returns once the callback has run
+            runner.run(partial(self._call_back_then_be_ready, callback, value))
+
+    def _call_back_then_be_ready(self, callback: Callable[[Any], object] | None,
+                                 value: Any) -> None:
+        if callback is not None:
+            try:
+                callback(value)
+            except Exception:
+                _report_callback_error("callback")
         self._event.set()
         self._keepalive = None
 
@@ -103,7 +182,7 @@ class ApplyResult(mp_pool.ApplyResult[Any], OutcomeSink):
         """The pool can no longer give this call its outcome (it was terminated or broke,
         or its supervisor failed), or the call cannot be made (see
         PoolCalls._apply_arguments): `error` is its outcome, if it has none yet."""
-        if not self.ready():
+        if not self._settled:
             self._set(False, error)
 
     def ready(self) -> bool:
@@ -166,7 +245,7 @@ class MapResult(ApplyResult, mp_pool.MapResult[Any]):
             self._errors[i] = value
         self._done[i] = 1
         self._remaining -= 1
-        if self.ready():
+        if self._settled:
             return
         if self._first_open >= i:
             self._advance()
@@ -182,7 +261,7 @@ class MapResult(ApplyResult, mp_pool.MapResult[Any]):
         self._values[first:end] = values
         self._done[first:end] = b"\x01" * n
         self._remaining -= n
-        if self.ready():
+        if self._settled:
             return
         if self._first_open >= first:
             self._advance()
@@ -629,6 +708,7 @@ class TaskFuture(concurrent.futures.Future, OutcomeSink):  # type: ignore[type-a
         self._keepalive = keepalive  # the pool, while the task is not over
         self._canceller: Any = None  # cancel_task(task, running) of whoever runs the task
         self._task: Any = None
+        self._runner = callback_runner_of(keepalive)  # where the pool's outcome calls back
 
     @property
     def _condition(self) -> threading.Condition:
@@ -662,10 +742,26 @@ class TaskFuture(concurrent.futures.Future, OutcomeSink):  # type: ignore[type-a
         if not ok and isinstance(value, TaskCancelledError) and self._state == _PENDING:
             # It never started (terminate(), a Ctrl-C): cancelled, as ProcessPoolExecutor's
             # shutdown(cancel_futures=True) leaves the futures it never started.
-            if concurrent.futures.Future.cancel(self):
+            with self._condition:
+                cancelled = self._state == _PENDING
+                if cancelled:
+                    self._state = _CANCELLED
+                    self._condition.notify_all()
+            if cancelled:
                 self._notify_cancelled()
+                self._call_back()
                 return
         self._finish(ok, value)
+
+    def _call_back(self) -> None:
+        """The done-callbacks, for an outcome the pool gave: in its callback thread."""
+        if not self._done_callbacks:
+            return
+        runner = self._runner
+        if runner is None:
+            self._invoke_callbacks()  # type: ignore[attr-defined]  # Future's own helper
+        else:
+            runner.run(self._invoke_callbacks)  # type: ignore[attr-defined]
 
     def starting(self, task: Task) -> bool:
         """set_running_or_notify_cancel() taking one lock in the common case: False if the
@@ -723,7 +819,7 @@ class TaskFuture(concurrent.futures.Future, OutcomeSink):  # type: ignore[type-a
                 else:
                     waiter.add_exception(self)
             self._condition.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]  # Future's own helper
+        self._call_back()
 
     # ---- reads that need no lock (one attribute read is atomic) ---------------------------
 

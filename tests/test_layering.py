@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "pool": {"records", "service", "taskqueue", "supervisor", "inbox", "stats", "config",
              "results", "errors", "protocol", "admission", "journal", "trace", "affinity",
              "limits", "backends", "calls", "call_options", "job_maker", "submission", "feeder",
-             "input_feed", "pool_journal"},
+             "input_feed", "pool_journal", "program_fork"},
     # the feeder thread of a lazy call (imap*): takes inputs as its window has room
     "feeder": {"input_feed", "submission", "pool_journal", "inbox", "results", "tasks",
                "program_fork"},

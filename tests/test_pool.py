@@ -862,16 +862,53 @@ def test_a_forked_child_that_returns_from_the_task_ends_there():
 
 
 @pytest.mark.timeout(60)
-def test_terminate_kills_the_workers_even_when_a_callback_holds_the_supervisor():
-    # A callback runs in the supervisor's thread; one that waits on the pool itself (a
-    # deadlock multiprocessing warns of) must not leave the workers behind the pool
-    pool = Pool(2)
-    pool.apply_async(square, (1,), callback=lambda r: pool.apply(square, (r,)))
-    pool.apply_async(sleep_forever, (0,))
-    time.sleep(0.5)
-    workers = [w.pid for w in pool.stats().workers]
-    pool.terminate()
-    assert wait_gone(workers, 5.0) == []
+def test_a_callback_may_wait_on_its_own_pool():
+    # multiprocessing runs callbacks in the thread that delivers results, so there one that
+    # waits on its pool waits for ever; here they run in a thread of their own
+    seen = []
+    with Pool(2) as pool:
+        result = pool.apply_async(square, (3,),
+                                  callback=lambda r: seen.append(pool.apply(square, (r,))))
+        future = pool.submit(square, 4)
+        future.add_done_callback(lambda f: seen.append(pool.submit(square, f.result()).result()))
+        assert result.get(timeout=30) == 9 and future.result(timeout=30) == 16
+        pool.close()
+        pool.join()  # as multiprocessing: every callback has run
+    assert sorted(seen) == [81, 256]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["apply_async", "map_async", "submit"])
+def test_a_callback_that_blocks_holds_back_no_other_outcome(api):
+    """A callback runs outside the supervisor's thread: while one blocks, other results
+    still come, a crash is still seen, and terminate() still ends the pool."""
+    release, entered = threading.Event(), threading.Event()
+
+    def blocking(_):
+        entered.set()
+        release.wait(30)
+
+    pool = Pool(2, retries=0)
+    try:
+        if api == "apply_async":
+            pool.apply_async(square, (1,), callback=blocking)
+        elif api == "map_async":
+            pool.map_async(square, [1, 2], callback=blocking)
+        else:
+            pool.submit(square, 1).add_done_callback(blocking)
+        assert entered.wait(30)
+        assert pool.submit(square, 5).result(timeout=10) == 25
+        assert pool.apply_async(square, (6,)).get(timeout=10) == 36
+        with pytest.raises(WorkerCrashedError):
+            pool.submit(os._exit, 3).result(timeout=10)
+        workers = [w.pid for w in pool.stats().workers]
+        started = time.monotonic()
+        pool.terminate()
+        assert time.monotonic() - started < 4.0
+        assert wait_gone(workers, 5.0) == []
+    finally:
+        release.set()
+        pool.terminate()
 
 
 @pytest.mark.timeout(60)

@@ -22,6 +22,7 @@ import os
 import threading
 import uuid
 import weakref
+from functools import partial
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
@@ -36,7 +37,7 @@ from ...limits import Rate
 from ...pool import (BACKENDS, CallOptions, Pool, PoolState, PoolStats, Queue, WorkerStats,
                      _JournaledCall)
 from ...protocol import CallKind, pickled_function
-from ...results import (ApplyResult, IMapIterator, MapResult, OutcomeIterator,
+from ...results import (ApplyResult, CallbackRunner, IMapIterator, MapResult, OutcomeIterator,
                         ResultStream, TaskFuture, Window)
 from .cluster import CLOSE_TIMEOUT_S, _close_quietly, _Resources, _WorkerSetup
 from .cluster_limits import ClusterLimits
@@ -167,9 +168,12 @@ class DaskPool(Pool):
             self._resources.close()
             raise
         self._driver.thread.start()
+        # the driver's thread delivers outcomes; the callbacks run in this one (results.py)
+        self._callback_runner = runner = CallbackRunner(f"procqueue-dask-callbacks-{id(self):x}")
         # Under Pool's name, which Pool.__del__ reads (a pool dropped while running says so);
         # typed with gradual parameters, as Pool's own finalizer takes other arguments.
-        records = (self._journal.close,) + (() if self._trace is None else (self._trace.close,))
+        records = (partial(runner.finish, CLOSE_TIMEOUT_S), self._journal.close) + (
+            () if self._trace is None else (self._trace.close,))
         finalizer: weakref.finalize[..., Any] = weakref.finalize(
             self, _shutdown, self._driver, self._resources, records)
         self._finalizer = finalizer
