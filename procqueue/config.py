@@ -27,7 +27,7 @@ class PoolConfig(FrozenRecord, eq=False):
     _fields = ("processes", "initializer", "initargs", "maxtasksperchild", "context", "pin",
                "retries", "retry_on", "timeout_s", "chunksize", "worker_env", "cpus",
                "kill_grace_s", "on_event", "max_memory_per_child", "min_free_memory",
-               "concurrency", "rate")
+               "concurrency", "rate", "init_timeout_s")
 
     processes: int
     initializer: Callable[..., object] | None
@@ -47,6 +47,7 @@ class PoolConfig(FrozenRecord, eq=False):
     min_free_memory: int | None  # bytes: start a task only while this much is free
     concurrency: int | None  # at most this many tasks running at once (< processes)
     rate: Rate | None  # at most rate.limit task starts in any rate.per seconds
+    init_timeout_s: float | None  # a worker's initializer running longer breaks the pool
 
     def __init__(self, processes: int, initializer: Callable[..., object] | None = None,
                  initargs: tuple[Any, ...] = (), maxtasksperchild: int | None = None,
@@ -56,7 +57,8 @@ class PoolConfig(FrozenRecord, eq=False):
                  worker_env: dict[str, str] | None = None, cpus: tuple[tuple[int, ...], ...] = (),
                  kill_grace_s: float = 0.5, on_event: Callable[[Any], None] | None = None,
                  max_memory_per_child: int | None = None, min_free_memory: int | None = None,
-                 concurrency: int | None = None, rate: Rate | None = None) -> None:
+                 concurrency: int | None = None, rate: Rate | None = None,
+                 init_timeout_s: float | None = None) -> None:
         set_ = object.__setattr__
         set_(self, "processes", processes)
         set_(self, "initializer", initializer)
@@ -76,6 +78,7 @@ class PoolConfig(FrozenRecord, eq=False):
         set_(self, "min_free_memory", min_free_memory)
         set_(self, "concurrency", concurrency)
         set_(self, "rate", rate)
+        set_(self, "init_timeout_s", init_timeout_s)
 
     @classmethod
     def build(cls, processes: int | None = None, initializer: Callable[..., object] | None = None,
@@ -111,6 +114,11 @@ class PoolConfig(FrozenRecord, eq=False):
             rate = Rate.of(rate)
         max_memory = parse_bytes("max_memory_per_child", options.pop("max_memory_per_child", None))
         min_free = parse_bytes("min_free_memory", options.pop("min_free_memory", None))
+        init_timeout_s = options.pop("init_timeout", None)
+        if init_timeout_s is not None and (isinstance(init_timeout_s, bool) or not isinstance(
+                init_timeout_s, (int, float)) or not init_timeout_s > 0):
+            raise ValueError(f"init_timeout must be a number of seconds > 0, not "
+                             f"{init_timeout_s!r}")
         on_event = options.pop("on_event", None)
         if on_event is not None and not callable(on_event):
             raise TypeError("on_event must be a callable taking a TaskEvent")
@@ -122,7 +130,7 @@ class PoolConfig(FrozenRecord, eq=False):
             retries=retries, retry_on=retry_on, timeout_s=timeout_s, chunksize=chunksize,
             worker_env=worker_env, cpus=tuple(plan_cpus(processes)), on_event=on_event,
             concurrency=concurrency, rate=rate, max_memory_per_child=max_memory,
-            min_free_memory=min_free,
+            min_free_memory=min_free, init_timeout_s=init_timeout_s,
         )
 
 

@@ -145,7 +145,9 @@ class Pool(PoolCalls):
     Extra keyword-only options: pin (pin each worker to a CPU, default True), retries
     (re-runs of a task whose worker crashed, default 1), retry_on (exception types that are
     retried too; add TaskTimeoutError to retry timeouts), timeout (per-task seconds, from the
-    task's start), chunksize (None: adaptive), worker_env (extra environment for workers).
+    task's start), chunksize (None: adaptive), worker_env (extra environment for workers),
+    init_timeout (seconds a worker's initializer may run before the pool breaks with an
+    InitializerError; default: no limit).
     """
 
     def __new__(cls, *args: Any, backend: str = "local", address: str | None = None,

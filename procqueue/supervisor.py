@@ -41,7 +41,7 @@ from .cancelling import Canceller
 from .chunking import TARGET_BATCH_S
 from .config import PoolConfig
 from .dispatch import Dispatcher
-from .errors import PoolBrokenError, TaskCancelledError, describe_exit
+from .errors import InitializerError, PoolBrokenError, TaskCancelledError, describe_exit
 from .inbox import (CancelJob, CancelTask, Close, CloseJob, Command, Inbox, Interrupt, OpenJob,
                     SubmitTasks, SupervisorTurn, Terminate)
 from .outcomes import TaskEvents, WorkerOutcomes
@@ -90,7 +90,8 @@ class Supervisor:
         self.workers = workers if workers is not None else WorkerSlots(
             config.context, list(config.cpus), config.pin, env, initializer,
             maxtasksperchild=config.maxtasksperchild,
-            max_memory_per_child=config.max_memory_per_child)
+            max_memory_per_child=config.max_memory_per_child,
+            init_timeout_s=config.init_timeout_s)
         self.memfds = MemfdPool(REUSABLE_MEMFD_BYTES)  # big arguments' memfds, for reuse
         policy = RetryPolicy(config.retries, config.retry_on)
         self.book = TaskBook(Scheduler(pool_gates(config), config.processes), policy, self._halt)
@@ -375,6 +376,8 @@ class Supervisor:
                 yield slot.kill_deadline
             if slot.phase is SlotPhase.DEAD and self._should_have_worker():
                 yield slot.respawn_at
+            if slot.phase is SlotPhase.STARTING and slot.init_deadline is not None:
+                yield slot.init_deadline
         yield from self._timed.wake_times()
 
     def _on_deadlines(self, now: float) -> None:
@@ -387,6 +390,12 @@ class Supervisor:
             if slot.phase is SlotPhase.DEAD and self._should_have_worker() \
                     and now >= slot.respawn_at:
                 self._respawn(slot)
+            if slot.phase is SlotPhase.STARTING and slot.init_deadline is not None \
+                    and now >= slot.init_deadline and self._takes_work():
+                # a hanging initializer: one clear error for every call, not a wait for ever
+                self._break(InitializerError(
+                    f"the initializer did not finish within init_timeout="
+                    f"{self.workers.init_timeout_s:g} s (worker pid {slot.pid})"))
             if self._past_task_deadline(slot, now):
                 self.outcomes.on_timeout(slot, now, self.config.kill_grace_s)
 

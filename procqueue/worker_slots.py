@@ -181,6 +181,7 @@ class Slot:
         # (pid, exit code) of the last processes of this slot that were reaped (Pool._pool)
         self.exits: deque[tuple[int | None, int | None]] = deque(maxlen=8)
         self.respawn_at = 0.0  # DEAD: not before this monotonic time (backoff)
+        self.init_deadline: float | None = None  # STARTING: Ready by then (init_timeout)
         self.rss_bytes = 0  # the worker's resident memory, as it last reported
         self.retire_reason: str | None = None
         self.created_at = time.monotonic()  # the slot (not its current process)
@@ -326,8 +327,10 @@ class WorkerSlots:
     def __init__(self, context: Any, cpu_plan: list[tuple[int, ...]], pin: bool,
                  env: dict[str, str], initializer: InitializerCall | None, *,
                  maxtasksperchild: int | None = None,
-                 max_memory_per_child: int | None = None) -> None:
+                 max_memory_per_child: int | None = None,
+                 init_timeout_s: float | None = None) -> None:
         self.context = context
+        self.init_timeout_s = init_timeout_s  # a worker not Ready by then is a failed start
         self.pin = pin
         self.env = env
         self.initializer = initializer
@@ -351,6 +354,8 @@ class WorkerSlots:
         process = self._start_process(slot, child_end, parent_end)
         child_end.close()
         slot.move(SlotPhase.STARTING)
+        slot.init_deadline = (None if self.init_timeout_s is None
+                              else time.monotonic() + self.init_timeout_s)
         slot.process, slot.conn, slot.pid = process, parent_end, process.pid
         slot.drop_batches()
         slot.known_functions.clear()

@@ -869,3 +869,32 @@ def test_a_ctrl_c_the_program_catches_stops_the_calls_and_the_pool_goes_on(tmp_p
     assert len(started) == 2, started  # the two running when it came; none after
     assert all(t < signalled for t in started.values())
     assert list(tmp_path.glob("end-*")) == []  # the running ones were killed
+
+
+def hang_in_initializer():
+    time.sleep(300)
+
+
+@pytest.mark.timeout(60)
+def test_an_initializer_past_init_timeout_breaks_the_pool_with_one_error():
+    from procqueue import InitializerError, Pool
+    pool = Pool(2, initializer=hang_in_initializer, init_timeout=0.5)
+    try:
+        future = pool.submit(abs, -1)
+        started = time.monotonic()
+        with pytest.raises(InitializerError, match=r"init_timeout=0.5 s \(worker pid \d+\)"):
+            pool.map(abs, [-1, -2], timeout=1)
+        assert time.monotonic() - started < 5
+        assert isinstance(future.exception(timeout=10), InitializerError)
+        workers = [w.pid for w in pool.stats().workers if w.pid is not None]
+    finally:
+        pool.terminate()
+    assert wait_gone(workers, 5.0) == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("bad", [0, -1, "5", True])
+def test_init_timeout_must_be_seconds(bad):
+    from procqueue import Pool
+    with pytest.raises(ValueError, match="init_timeout"):
+        Pool(1, init_timeout=bad)
