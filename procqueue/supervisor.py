@@ -376,7 +376,7 @@ class Supervisor:
                 yield slot.kill_deadline
             if slot.phase is SlotPhase.DEAD and self._should_have_worker():
                 yield slot.respawn_at
-            if slot.phase is SlotPhase.STARTING and slot.init_deadline is not None:
+            if slot.init_deadline is not None and slot.phase is SlotPhase.STARTING:
                 yield slot.init_deadline
         yield from self._timed.wake_times()
 
@@ -390,7 +390,7 @@ class Supervisor:
             if slot.phase is SlotPhase.DEAD and self._should_have_worker() \
                     and now >= slot.respawn_at:
                 self._respawn(slot)
-            if slot.phase is SlotPhase.STARTING and slot.init_deadline is not None \
+            if slot.init_deadline is not None and slot.phase is SlotPhase.STARTING \
                     and now >= slot.init_deadline and self._takes_work():
                 # a hanging initializer: one clear error for every call, not a wait for ever
                 self._break(InitializerError(
