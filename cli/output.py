@@ -353,7 +353,6 @@ def _exit_fields(outcome: procqueue.TaskOutcome) -> tuple[int, int]:
     return 1, 0
 
 
-
 class ForgivingStderr:
     """The command's sys.stderr: a message that cannot be written (the terminal went away
     with a SIGHUP, the `tee` of `2>&1 | tee log` died at the Ctrl-C, the reader of --bar
