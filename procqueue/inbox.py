@@ -49,6 +49,7 @@ class CancelTask(NamedTuple):
 
 class Interrupt(NamedTuple):
     last_job_id: int  # the calls made before the caller's Ctrl-C: their ids are at most this
+    kill_running: bool = True  # False: their running tasks finish (shutdown(cancel_futures))
 
 
 class Close(NamedTuple):

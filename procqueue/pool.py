@@ -295,6 +295,19 @@ class Pool(PoolCalls):
             return
         self._supervisor.post(Interrupt(self._jobs.forget_shared_jobs()))
 
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """concurrent.futures.Executor.shutdown, for code written for ProcessPoolExecutor:
+        no more work is taken (close()); cancel_futures: every task not yet started is
+        cancelled (its future cancelled(), a map's result TaskCancelledError), those running
+        finish; wait: return once all has ended and the workers are gone (join())."""
+        if self._state is PoolState.RUN:
+            if cancel_futures:
+                self._supervisor.post(Interrupt(self._jobs.forget_shared_jobs(),
+                                                kill_running=False))
+            self.close()
+        if wait:
+            self.join()
+
     def join(self) -> None:
         """Wait for the workers to exit; call close() or terminate() first."""
         if self._state is PoolState.RUN:

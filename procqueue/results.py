@@ -217,7 +217,10 @@ def _interrupted(pool: Any) -> None:
     the calls made so far (Pool._on_keyboard_interrupt), then the interrupt goes on up."""
     stop = getattr(pool, "_on_keyboard_interrupt", None)
     if stop is not None:
-        stop()
+        try:
+            stop()
+        except Exception:  # the interrupt is what the caller must get
+            _report_callback_error("stopping the pool's calls at a Ctrl-C")
 
 
 class MapResult(ApplyResult, mp_pool.MapResult[Any]):

@@ -226,8 +226,8 @@ class Supervisor:
                     job.sink.stop_input()
             case CancelTask(task, running):
                 self.canceller.cancel_task(task, running)
-            case Interrupt(last_job_id):
-                self._interrupt(last_job_id)
+            case Interrupt(last_job_id, kill_running):
+                self._interrupt(last_job_id, kill_running)
             case Close():
                 if self.state is SupervisorState.RUNNING:
                     self._move(SupervisorState.CLOSING)
@@ -236,18 +236,19 @@ class Supervisor:
             case Terminate():
                 self._terminate()
 
-    def _interrupt(self, last_job_id: int) -> None:
+    def _interrupt(self, last_job_id: int, kill_running: bool) -> None:
         """Ctrl-C in a caller waiting on the pool (a KeyboardInterrupt out of get(), an imap,
         a future's result()): every call made before it ends now, as a halt now ends one (its
         queued tasks cancelled, its running ones killed, what they finished kept), and the
-        pool goes on taking calls.  Calls made since (a later id) are left alone."""
+        pool goes on taking calls.  Calls made since (a later id) are left alone.  Without
+        kill_running (shutdown(cancel_futures=True)) running tasks finish."""
         jobs = {job.id: job for job in self.scheduler.queued_jobs()}
         jobs.update(self._open_jobs)
         jobs.update((t.job.id, t.job) for t in self.book.tasks.values() if not t.state.terminal)
         jobs.update((b.job.id, b.job) for slot in self.workers.slots for b in slot.batches)
         for job in jobs.values():
             if job.id <= last_job_id and not job.cancelled:
-                self.canceller.cancel_job(job, kill_running=True)
+                self.canceller.cancel_job(job, kill_running)
                 job.sink.cut_input()
 
     def _halt(self, job: Job) -> None:

@@ -1234,3 +1234,12 @@ def test_a_worker_service_runs_a_durable_queue_on_the_cluster(pool: DaskPool, tm
         os.close(service._pipe_r)
         os.close(service._pipe_w)
     tq.close()
+
+
+def test_shutdown_waits_for_submitted_work(client: Any) -> None:
+    pool = DaskPool(client=client)
+    futures = [pool.submit(square, i) for i in range(4)]
+    pool.shutdown()
+    assert [f.result(timeout=5) for f in futures] == [0, 1, 4, 9]
+    with pytest.raises(PoolClosedError):
+        pool.submit(square, 1)

@@ -922,3 +922,28 @@ def test_tasks_terminate_cancels_before_they_start_name_their_input():
             result.get(timeout=30)
         assert f"item-{i}" in error.value.input_repr and f"item-{i}" in str(error.value)
     pool.join()
+
+
+def _nap(x):
+    time.sleep(0.3)
+    return x
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("make", [Pool, concurrent.futures.ProcessPoolExecutor])
+@pytest.mark.parametrize("cancel_futures", [False, True])
+def test_shutdown_as_a_process_pool_executors(make, cancel_futures):
+    """Code written for ProcessPoolExecutor calls shutdown(): it waits for what was
+    submitted, or (cancel_futures) cancels what has not started while the running finish."""
+    pool = make(1)
+    futures = [pool.submit(_nap, i) for i in range(8)]
+    assert futures[0].result(timeout=30) == 0  # started, so it finishes either way
+    pool.shutdown(wait=True, cancel_futures=cancel_futures)
+    assert all(f.done() for f in futures)
+    if cancel_futures:
+        assert futures[-1].cancelled()
+        assert all(f.cancelled() or f.result() == i for i, f in enumerate(futures))
+    else:
+        assert [f.result() for f in futures] == list(range(8))
+    with pytest.raises(RuntimeError if make is not Pool else ValueError):
+        pool.submit(_nap, 1)

@@ -213,6 +213,20 @@ class DaskPool(Pool):
         self._state = PoolState.TERMINATE
         self._finalizer()
 
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Pool.shutdown: close(), then (wait) join().  cancel_futures is the local pool's
+        only: on a cluster, terminate() cancels what has not finished."""
+        if cancel_futures:
+            raise NotImplementedError("shutdown(cancel_futures=True) is not supported by the "
+                                      "Dask backend; terminate() cancels what has not finished")
+        self.close()
+        if wait:
+            self.join()
+
+    def _on_keyboard_interrupt(self) -> None:
+        """The local pool stops its calls at a Ctrl-C; on a cluster they go on, as before
+        (terminate() stops them)."""
+
     def join(self) -> None:
         """Wait for the submitted work (after close) and release the cluster."""
         if self._state is PoolState.RUN:
