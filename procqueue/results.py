@@ -698,6 +698,7 @@ class TaskFuture(concurrent.futures.Future, OutcomeSink):  # type: ignore[type-a
     """
 
     _cond: threading.Condition | None = None  # made at the first need
+    _runner: CallbackRunner | None = None  # the pool's, once a done-callback is added
     _waiters: Any = ()  # Future's lists: empty until the condition is made, real lists then
     _done_callbacks: Any = ()
 
@@ -711,7 +712,6 @@ class TaskFuture(concurrent.futures.Future, OutcomeSink):  # type: ignore[type-a
         self._keepalive = keepalive  # the pool, while the task is not over
         self._canceller: Any = None  # cancel_task(task, running) of whoever runs the task
         self._task: Any = None
-        self._runner = callback_runner_of(keepalive)  # where the pool's outcome calls back
 
     @property
     def _condition(self) -> threading.Condition:
@@ -755,6 +755,11 @@ class TaskFuture(concurrent.futures.Future, OutcomeSink):  # type: ignore[type-a
                 self._call_back()
                 return
         self._finish(ok, value)
+
+    def add_done_callback(self, fn: Callable[[Any], object]) -> None:
+        if self._runner is None:
+            self._runner = callback_runner_of(self._keepalive)  # (None once it is over)
+        super().add_done_callback(fn)
 
     def _call_back(self) -> None:
         """The done-callbacks, for an outcome the pool gave: in its callback thread."""

@@ -94,29 +94,21 @@ def _give_back_permit(batch: Batch) -> None:
         hold.release()
 
 
-class KnownFunctions:
+class KnownFunctions(dict[int, None]):
     """The functions a worker holds loaded, which it is sent without their bytes.  The worker
     keeps the last FUNCTION_CACHE_SIZE it was sent, dropping the oldest first; this set
     drops the same ones, so a function the worker no longer has comes with its bytes again.
     (A function that failed to load is not in the worker's cache but stays known: the worker
-    remembers the failure, and its cache then lags this set, which is the safe way round.)"""
+    remembers the failure, and its cache then lags this set, which is the safe way round.)
+    A dict in the order they were sent, whose `in` (asked at every batch) is the dict's own."""
 
-    __slots__ = ("_ids",)
-
-    def __init__(self) -> None:
-        self._ids: dict[int, None] = {}  # in the order they were sent
-
-    def __contains__(self, fn_id: int) -> bool:
-        return fn_id in self._ids
+    __slots__ = ()
 
     def add(self, fn_id: int) -> None:
         """`fn_id`'s bytes are on their way to the worker."""
-        self._ids[fn_id] = None
-        if len(self._ids) > FUNCTION_CACHE_SIZE:
-            del self._ids[next(iter(self._ids))]
-
-    def clear(self) -> None:
-        self._ids.clear()
+        self[fn_id] = None
+        if len(self) > FUNCTION_CACHE_SIZE:
+            del self[next(iter(self))]
 
 
 class SlotStatistics(FrozenRecord):

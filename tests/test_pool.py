@@ -865,16 +865,33 @@ def test_a_forked_child_that_returns_from_the_task_ends_there():
 def test_a_callback_may_wait_on_its_own_pool():
     # multiprocessing runs callbacks in the thread that delivers results, so there one that
     # waits on its pool waits for ever; here they run in a thread of their own
+    seen, both = [], threading.Event()
+
+    def note(value):
+        seen.append(value)
+        if len(seen) == 2:
+            both.set()
+
+    with Pool(2) as pool:
+        result = pool.apply_async(square, (3,), callback=lambda r: note(pool.apply(square, (r,))))
+        future = pool.submit(square, 4)
+        future.add_done_callback(lambda f: note(pool.submit(square, f.result()).result()))
+        assert result.get(timeout=30) == 9  # as multiprocessing: after its callback ran
+        assert 81 in seen
+        assert future.result(timeout=30) == 16  # (a future's callbacks may run after this)
+        assert both.wait(30)
+    assert sorted(seen) == [81, 256]
+
+
+@pytest.mark.timeout(60)
+def test_join_after_close_returns_once_every_callback_has_run():
     seen = []
     with Pool(2) as pool:
-        result = pool.apply_async(square, (3,),
-                                  callback=lambda r: seen.append(pool.apply(square, (r,))))
-        future = pool.submit(square, 4)
-        future.add_done_callback(lambda f: seen.append(pool.submit(square, f.result()).result()))
-        assert result.get(timeout=30) == 9 and future.result(timeout=30) == 16
+        for i in range(20):
+            pool.apply_async(square, (i,), callback=lambda r: (time.sleep(0.01), seen.append(r)))
         pool.close()
-        pool.join()  # as multiprocessing: every callback has run
-    assert sorted(seen) == [81, 256]
+        pool.join()
+        assert sorted(seen) == [i * i for i in range(20)]
 
 
 @pytest.mark.timeout(60)
