@@ -124,6 +124,8 @@ class CallbackRunner:
                 return
             try:
                 callback()
+            except BaseException:  # noqa: BLE001 - a done-callback's sys.exit(): reported,
+                _report_callback_error("callback")  # and the callbacks after it still run
             finally:
                 with self._cond:
                     self._unfinished -= 1
@@ -173,7 +175,7 @@ class ApplyResult(mp_pool.ApplyResult[Any], OutcomeSink):
         if callback is not None:
             try:
                 callback(value)
-            except Exception:
+            except BaseException:  # noqa: BLE001 - sys.exit() in a callback ends no program
                 _report_callback_error("callback")
         self._event.set()
         self._keepalive = None

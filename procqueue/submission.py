@@ -149,7 +149,9 @@ class Submitter:
             return task
         try:
             payload = dumps_argument(item, self.supervisor.memfds)
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise  # a Ctrl-C while pickling is the caller's, not the argument's
+        except BaseException as exc:  # noqa: BLE001 - even a __reduce__ calling sys.exit()
             error = argument_error(f"the task's argument could not be pickled: {exc!r}; "
                                    "make sure every argument is picklable", exc)
             task = Task(new_id(), job, index, b"", item, sink)

@@ -964,3 +964,47 @@ def test_shutdown_as_a_process_pool_executors(make, cancel_futures):
         assert [f.result() for f in futures] == list(range(8))
     with pytest.raises(RuntimeError if make is not Pool else ValueError):
         pool.submit(_nap, 1)
+
+
+class _ExitAtPickle:
+    def __reduce__(self):
+        raise SystemExit(0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["submit", "apply_async", "map"])
+def test_an_argument_whose_pickling_calls_sys_exit_fails_its_task_not_the_caller(api):
+    """loky's crash matrix: the future fails with a PicklingError; SystemExit must not
+    escape into the program."""
+    import pickle
+    with Pool(2) as pool:
+        with pytest.raises(pickle.PicklingError):
+            if api == "submit":
+                pool.submit(id, _ExitAtPickle()).result(timeout=30)
+            elif api == "apply_async":
+                pool.apply_async(id, (_ExitAtPickle(),)).get(timeout=30)
+            else:
+                pool.map(id, [1, _ExitAtPickle(), 3])
+        assert pool.map(square, [2, 3]) == [4, 9]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("raised", [SystemExit, KeyboardInterrupt])
+def test_a_callback_that_raises_sys_exit_stops_no_later_callback(raised):
+    """loky's test_callback_crash_on_submit: the callback thread goes on; its own result is
+    ready (get() waits for the callback), later callbacks run, close()+join() returns."""
+    def bad(_):
+        raise raised
+
+    later = []
+    with Pool(2) as pool:
+        first = pool.apply_async(square, (2,), callback=bad)
+        pool.submit(square, 3).add_done_callback(bad)
+        assert first.get(timeout=30) == 4
+        second = pool.apply_async(square, (5,), callback=later.append)
+        assert second.get(timeout=30) == 25 and later == [25]
+        future = pool.submit(square, 6)
+        future.add_done_callback(lambda f: later.append(f.result()))
+        pool.close()
+        pool.join()
+    assert later == [25, 36]

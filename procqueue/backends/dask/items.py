@@ -166,7 +166,9 @@ def _make_item(call: DaskJob, index: int, value: Any) -> DaskTask:
     function raises) becomes that item's error, never the whole call's."""
     try:
         item = DaskTask(call, index, value, _dumps_item(value))
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise  # a Ctrl-C while pickling is the caller's, not the argument's
+    except BaseException as exc:  # noqa: BLE001 - even a __reduce__ calling sys.exit()
         error = argument_error(f"the task's argument could not be pickled: {exc!r}; "
                                "make sure every argument is picklable", exc)
         return DaskTask(call, index, value, None, error)
