@@ -147,8 +147,10 @@ class Supervisor:
         # Running: started in a worker (not a task waiting in a worker's pipe behind one).
         running = sum(s.is_running_a_task() for s in self.workers.slots)
         book = self.book
+        # a pool that broke says so after its loop has stopped too (whatever broke it)
+        state = SupervisorState.BROKEN if self.broken_error is not None else self.state
         return SupervisorStatistics(
-            self.state.value, len(self.workers.slots), book.submitted, book.succeeded,
+            state.value, len(self.workers.slots), book.submitted, book.succeeded,
             book.failed, book.cancelled, self.scheduler.queued, running, book.retries,
             self.workers.restarts, self.workers.recycled_for_memory)
 

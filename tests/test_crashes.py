@@ -898,3 +898,25 @@ def test_init_timeout_must_be_seconds(bad):
     from procqueue import Pool
     with pytest.raises(ValueError, match="init_timeout"):
         Pool(1, init_timeout=bad)
+
+
+def init_raises():
+    raise ValueError("no config")
+
+
+def init_exits():
+    os._exit(5)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("initializer", [init_raises, init_exits])
+def test_a_pool_an_initializer_broke_says_broken_however_it_failed(initializer):
+    from procqueue import InitializerError, Pool
+    with Pool(2, initializer=initializer) as pool:
+        with pytest.raises(InitializerError):
+            pool.map(abs, range(3))
+        assert pool.stats().state == "broken"
+        workers = [w.pid for w in pool.stats().workers if w.pid is not None]
+        assert wait_gone(workers, 5.0) == []
+        pool._supervisor._thread.join(5)  # its loop has stopped: still "broken"
+        assert pool.stats().state == "broken"
