@@ -174,6 +174,7 @@ class Slot:
         self.exits: deque[tuple[int | None, int | None]] = deque(maxlen=8)
         self.respawn_at = 0.0  # DEAD: not before this monotonic time (backoff)
         self.init_deadline: float | None = None  # STARTING: Ready by then (init_timeout)
+        self.strays: list[Any] = []  # KILLING: its tasks' processes out of its group
         self.rss_bytes = 0  # the worker's resident memory, as it last reported
         self.retire_reason: str | None = None
         self.created_at = time.monotonic()  # the slot (not its current process)
@@ -462,6 +463,7 @@ class WorkerSlots:
         if slot.phase is not SlotPhase.KILLING:
             slot.move(SlotPhase.KILLING)
             slot.kill_reason = reason
+            _note_strays([slot])
         self._signal_group(slot, signal.SIGTERM if grace_s > 0 else signal.SIGKILL)
         slot.kill_deadline = now + grace_s if grace_s > 0 else None
 
@@ -505,11 +507,14 @@ class WorkerSlots:
                 os.killpg(slot.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        _kill_strays(slot)
 
     def kill_all_now(self) -> None:
-        for slot in self.slots:
-            if slot.phase is not SlotPhase.DEAD:
-                self._signal_group(slot, signal.SIGKILL)
+        alive = [slot for slot in self.slots if slot.phase is not SlotPhase.DEAD]
+        _note_strays(alive)
+        for slot in alive:
+            self._signal_group(slot, signal.SIGKILL)
+            _kill_strays(slot)
 
     def retire_ready(self) -> bool:
         """Retire every idle-able worker; False while one still runs its initializer (it is
@@ -563,6 +568,50 @@ class WorkerSlots:
                 pass
         if isinstance(self.context, ProgramForkContext):
             self.context.stop_server()
+
+
+def _note_strays(slots: list[Slot]) -> None:
+    """Before workers are killed (a timeout, a cancel, terminate()): the processes their tasks
+    started that left the worker's process group (start_new_session=True, setsid, setpgid),
+    which killing the group does not reach and which, once the worker is gone, nothing links
+    to it any more.  They are killed with it (_kill_strays), as GNU parallel kills a job's
+    whole family at a timeout.  One walk of the process table for all of `slots` (a few ms)."""
+    pids = {slot.pid: slot for slot in slots if slot.pid is not None}
+    if not pids:
+        return
+    import psutil  # here: a program that never kills a worker does not load it for this
+
+    try:
+        children: dict[int, list[Any]] = {}
+        for process in psutil.process_iter(["ppid"]):
+            children.setdefault(process.info["ppid"], []).append(process)
+    except psutil.Error:
+        return
+    for pid, slot in pids.items():
+        strays, below = [], list(children.get(pid, ()))
+        while below:
+            process = below.pop()
+            below.extend(children.get(process.pid, ()))
+            try:
+                if os.getpgid(process.pid) != pid:
+                    strays.append(process)
+            except OSError:
+                pass
+        known = {process.pid for process in slot.strays}  # noted at an earlier kill
+        slot.strays.extend(process for process in strays if process.pid not in known)
+
+
+def _kill_strays(slot: Slot) -> None:
+    if not slot.strays:
+        return
+    import psutil
+
+    for process in slot.strays:
+        try:
+            process.kill()  # psutil checks it is the same process (its start time), not a reuse
+        except psutil.Error:
+            pass
+    slot.strays = []
 
 
 def _unimportable_main_hint(context: Any) -> str:

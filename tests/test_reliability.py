@@ -25,10 +25,11 @@ def sleep_for(seconds):
     return seconds
 
 
-def spawn_child_and_hang(path):
-    child = subprocess.Popen(["sleep", "60"])
-    with open(path, "w") as f:
+def spawn_child_and_hang(path, own_session=False):
+    child = subprocess.Popen(["sleep", "60"], start_new_session=own_session)
+    with open(path + ".tmp", "w") as f:
         f.write(str(child.pid))
+    os.replace(path + ".tmp", path)
     time.sleep(60)
 
 
@@ -67,6 +68,28 @@ def test_timeout_kills_the_task_and_its_subprocesses(tmp_path):
         child = int(marker.read_text())
         assert wait_gone([child], 3) == []
         assert pool.map(sleep_for, [0, 0]) == [0, 0]  # the pool goes on
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("then", ["pool goes on", "terminate"])
+def test_a_killed_tasks_subprocess_in_a_session_of_its_own_dies_with_it(tmp_path, then):
+    """Killing the worker's process group does not reach a child that left it
+    (start_new_session=True): it is killed with the worker, as GNU parallel kills a timed-out
+    job's whole family."""
+    marker = tmp_path / "child.pid"
+    pool = Pool(1, timeout=2.0, retries=0)
+    try:
+        result = pool.apply_async(spawn_child_and_hang, (str(marker), True))
+        with pytest.raises(TaskTimeoutError):
+            result.get(timeout=15)
+        child = int(marker.read_text())
+        if then == "terminate":
+            pool.terminate()
+        else:
+            assert pool.map(sleep_for, [0]) == [0]
+        assert wait_gone([child], 5) == []
+    finally:
+        pool.terminate()
 
 
 def count_run_then_maybe_hang(spec):
