@@ -174,7 +174,8 @@ class Slot:
         self.exits: deque[tuple[int | None, int | None]] = deque(maxlen=8)
         self.respawn_at = 0.0  # DEAD: not before this monotonic time (backoff)
         self.init_deadline: float | None = None  # STARTING: Ready by then (init_timeout)
-        self.strays: list[Any] = []  # KILLING: its tasks' processes out of its group
+        # KILLING: its tasks' processes out of its group, (pid, start time)
+        self.strays: list[tuple[int, str]] = []
         self.rss_bytes = 0  # the worker's resident memory, as it last reported
         self.retire_reason: str | None = None
         self.created_at = time.monotonic()  # the slot (not its current process)
@@ -511,7 +512,9 @@ class WorkerSlots:
 
     def kill_all_now(self) -> None:
         alive = [slot for slot in self.slots if slot.phase is not SlotPhase.DEAD]
-        _note_strays(alive)
+        # a task cut short takes its family with it (an idle worker's past tasks ended, and
+        # what they left running on purpose stays, as at close())
+        _note_strays([slot for slot in alive if slot.is_running_a_task()])
         for slot in alive:
             self._signal_group(slot, signal.SIGKILL)
             _kill_strays(slot)
@@ -575,42 +578,63 @@ def _note_strays(slots: list[Slot]) -> None:
     started that left the worker's process group (start_new_session=True, setsid, setpgid),
     which killing the group does not reach and which, once the worker is gone, nothing links
     to it any more.  They are killed with it (_kill_strays), as GNU parallel kills a job's
-    whole family at a timeout.  One walk of the process table for all of `slots` (a few ms)."""
+    whole family at a timeout.  One read of /proc's process table for all of `slots`: a
+    millisecond or two, paid only where a worker is killed."""
     pids = {slot.pid: slot for slot in slots if slot.pid is not None}
     if not pids:
         return
-    import psutil  # here: a program that never kills a worker does not load it for this
-
-    try:
-        children: dict[int, list[Any]] = {}
-        for process in psutil.process_iter(["ppid"]):
-            children.setdefault(process.info["ppid"], []).append(process)
-    except psutil.Error:
-        return
+    children = _children_by_parent()
     for pid, slot in pids.items():
-        strays, below = [], list(children.get(pid, ()))
+        known = {stray[0] for stray in slot.strays}  # noted at an earlier kill
+        below = list(children.get(pid, ()))
         while below:
-            process = below.pop()
-            below.extend(children.get(process.pid, ()))
+            child = below.pop()
+            below.extend(children.get(child, ()))
             try:
-                if os.getpgid(process.pid) != pid:
-                    strays.append(process)
+                outside = os.getpgid(child) != pid
             except OSError:
-                pass
-        known = {process.pid for process in slot.strays}  # noted at an earlier kill
-        slot.strays.extend(process for process in strays if process.pid not in known)
+                continue
+            started = _start_time(child)
+            if outside and started is not None and child not in known:
+                slot.strays.append((child, started))
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return children
+    for entry in entries:
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    return children
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command's name: state, ppid, ... (starttime is the
+    20th); None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].decode().split()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    fields = _stat_fields(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
 
 
 def _kill_strays(slot: Slot) -> None:
-    if not slot.strays:
-        return
-    import psutil
-
-    for process in slot.strays:
-        try:
-            process.kill()  # psutil checks it is the same process (its start time), not a reuse
-        except psutil.Error:
-            pass
+    for pid, started in slot.strays:
+        if _start_time(pid) == started:  # the same process, not another that took its pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
     slot.strays = []
 
 
