@@ -25,7 +25,7 @@ from .call_options import NO_CALL, ParsedCall, parse_timeout
 from .chunking import ChunkSizer
 from .config import PoolConfig
 from .limits.keyed import KeyedLimit
-from .protocol import CallKind, pickled_function
+from .protocol import CallKind, NotCallable, pickled_function
 from .tasks import Job, OutcomeSink, Task, new_id
 
 if TYPE_CHECKING:  # a call's named Limit: see limits/__init__
@@ -141,7 +141,7 @@ class JobMaker:
         """The Job of one call of `func`; `cache`: keep its pickled form for the next call.
         timed_inputs=False: only the total run time reaches the sink (map, imap)."""
         if not callable(func):
-            raise TypeError(f"{func!r} is not callable")
+            func = NotCallable(type(func).__name__)
         fn_id, payload = self._pickled_function(func, cache)
         fixed = self.fixed_chunksize(call)
         if call.options.rate_limited or self._config.rate is not None or call.halt is not None:

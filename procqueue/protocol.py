@@ -526,6 +526,19 @@ def shared_only_by_inheritance(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "through inheritance" in str(error)
 
 
+class NotCallable:
+    """What runs in the workers in place of a call's function that is not callable: each of
+    its inputs fails with the TypeError calling it raises, as multiprocessing.Pool finds out
+    in its workers (map() raises it, map_async() gives it to error_callback, each of imap()'s
+    next() raises it, and a call with no input has no error)."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"{self.type_name!r} object is not callable")
+
+
 def pickled_function(func: Any) -> tuple[int, bytes]:
     """The function's id (a hash of its pickle, so a worker unpickles each distinct function
     once) and its pickle; a function that cannot be pickled is an ArgumentSerializationError."""

@@ -896,6 +896,24 @@ def test_apply_async_with_a_bad_call_fails_through_get_and_error_callback(
         assert [type(e) for e in errors] == [TypeError]
 
 
+def test_map_imap_of_something_not_callable_fail_as_multiprocessing_finds_out_in_its_workers(
+        pool_cls: PoolFactory) -> None:
+    errors: list[BaseException] = []
+    with pool_cls(1) as pool:
+        with pytest.raises(TypeError, match="'NoneType' object is not callable"):
+            pool.map(None, [1, 2])
+        result = pool.map_async(None, [1], error_callback=errors.append)
+        with pytest.raises(TypeError):
+            result.get(timeout=30)
+        assert [type(e) for e in errors] == [TypeError]
+        iterator = pool.imap(None, [1, 2])
+        for _ in range(2):  # each input fails on its own
+            with pytest.raises(TypeError):
+                iterator.next(timeout=30)
+        assert pool.map(None, []) == [] and list(pool.imap(None, [])) == []
+        assert pool.map(square, [3]) == [9]
+
+
 def raise_holding_a_lock(_: Any) -> None:
     raise ValueError(threading.Lock())
 

@@ -36,7 +36,7 @@ from ...limits import Rate
 # uses none of its machinery.
 from ...pool import (BACKENDS, CallOptions, Pool, PoolState, PoolStats, Queue, WorkerStats,
                      _JournaledCall)
-from ...protocol import CallKind, pickled_function
+from ...protocol import CallKind, NotCallable, pickled_function
 from ...results import (ApplyResult, CallbackRunner, IMapIterator, MapResult, OutcomeIterator,
                         ResultStream, TaskFuture, Window)
 from .cluster import CLOSE_TIMEOUT_S, _close_quietly, _Resources, _WorkerSetup
@@ -333,7 +333,7 @@ class DaskPool(Pool):
     def _call(self, func: Callable[..., Any], kind: CallKind, sink: Any,
               chunksize: int | None, options: dict[str, Any]) -> DaskJob:
         if not callable(func):
-            raise TypeError(f"{func!r} is not callable")
+            func = NotCallable(type(func).__name__)
         settings = _call_options(options, self._timeout_s)
         fn_id, payload = pickled_function(func)
         fixed = chunksize if chunksize is not None else self._chunksize
