@@ -11,7 +11,7 @@ from __future__ import annotations
 import multiprocessing.pool
 from typing import Any, Callable, Iterable, Mapping
 
-from .protocol import CallKind
+from .protocol import CallKind, NotCallable
 from .results import ApplyResult, IMapIterator, MapResult
 
 
@@ -19,7 +19,7 @@ def not_callable(func: object) -> TypeError:
     """The error of calling `func`, as the worker would raise it: what apply_async() and
     submit() report through their result or future, as multiprocessing and
     ProcessPoolExecutor do, rather than raising it at the call."""
-    return TypeError(f"{type(func).__name__!r} object is not callable")
+    return NotCallable.error_of(func)
 
 
 class PoolCalls(multiprocessing.pool.Pool):

@@ -535,8 +535,16 @@ class NotCallable:
     def __init__(self, type_name: str) -> None:
         self.type_name = type_name
 
+    @classmethod
+    def error_of(cls, func: object) -> TypeError:
+        """The TypeError calling `func` raises (the worker's, the future's of submit())."""
+        return cls(type(func).__name__).error()
+
+    def error(self) -> TypeError:
+        return TypeError(f"{self.type_name!r} object is not callable")
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(f"{self.type_name!r} object is not callable")
+        raise self.error()
 
 
 def pickled_function(func: Any) -> tuple[int, bytes]:

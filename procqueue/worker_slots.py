@@ -591,11 +591,12 @@ def _note_strays(slots: list[Slot]) -> None:
             child = below.pop()
             below.extend(children.get(child, ()))
             try:
-                outside = os.getpgid(child) != pid
+                if child in known or os.getpgid(child) == pid:
+                    continue  # noted already, or killed with the group
             except OSError:
-                continue
+                continue  # gone meanwhile
             started = _start_time(child)
-            if outside and started is not None and child not in known:
+            if started is not None:
                 slot.strays.append((child, started))
 
 
