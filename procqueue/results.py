@@ -855,21 +855,22 @@ class TaskFuture(concurrent.futures.Future, OutcomeSink):  # type: ignore[type-a
     def result(self, timeout: float | None = None) -> Any:
         if self._state == _FINISHED and self._exception is None:
             return self._result  # its fields were set before its state
-        keepalive = self._keepalive
-        try:
-            return super().result(timeout)
-        except KeyboardInterrupt:
-            _interrupted(keepalive)
-            raise
+        return self._wait(concurrent.futures.Future.result, timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._state == _FINISHED:
             return self._exception
-        keepalive = self._keepalive
+        exception: BaseException | None = self._wait(concurrent.futures.Future.exception,
+                                                     timeout)
+        return exception
+
+    def _wait(self, wait: Callable[[Any, float | None], Any], timeout: float | None) -> Any:
+        """Future's own wait; a Ctrl-C in it stops the pool's calls (see _interrupted)."""
+        pool = self._keepalive  # (dropped once the outcome is set)
         try:
-            return super().exception(timeout)
+            return wait(self, timeout)
         except KeyboardInterrupt:
-            _interrupted(keepalive)
+            _interrupted(pool)
             raise
 
     def cancel(self) -> bool:
