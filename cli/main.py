@@ -1074,7 +1074,20 @@ def _print_stats(total: int, failed: int, never_ran: int, retries: int,
 
 def main() -> None:
     forgiving_stderr()  # a message that cannot be written must not fail the run
+    _import_from_the_working_directory()
     cli(prog_name="procqueue")
+
+
+def _import_from_the_working_directory() -> None:
+    """A `module:NAME` (map's SCRIPT, a queue's stored function) is found in the directory the
+    command runs in, as `python -m` and `python -c` find it, as uvicorn and celery do; an
+    installed console script's path starts with its own bin directory instead.  Last, not
+    first as there: a directory named like an installed package (a procqueue checkout) must
+    not shadow it in the fork server and the workers.  Absolute, so that the workers (which
+    inherit the path) find it wherever they run."""
+    here = os.getcwd()
+    if here not in sys.path:
+        sys.path.append(here)
 
 
 if __name__ == "__main__":

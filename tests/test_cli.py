@@ -1077,3 +1077,19 @@ def test_gnu_parallel_job_forms_and_keep_order(batch):
     assert run.returncode == 0, run.stderr
     assert [r["input"] for r in records(run.stdout)] == sorted(
         str(p) for p in inputs.rglob("*") if p.is_file())
+
+
+@pytest.mark.timeout(120)
+def test_a_module_in_the_working_directory_is_importable_by_map_and_by_a_queues_worker(tmp_path):
+    """SCRIPT as `module:NAME`, and a queue's function by reference: found where the command
+    runs, as `python -m` finds it (the console script's path starts with its bin directory)."""
+    (tmp_path / "jobs_here.py").write_text("def double(x):\n    return 2 * int(x)\n")
+    run = procqueue("map", "-q", "jobs_here:double", ":::", "1", "2", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert [r["result"] for r in records(run.stdout)] == [2, 4]
+    queued = procqueue("enqueue", "jobs.db", "jobs_here:double", ":::", "5", cwd=tmp_path)
+    assert queued.returncode == 0, queued.stderr
+    worker = procqueue("worker", "jobs.db", "-j", "1", "--until-idle", cwd=tmp_path)
+    assert worker.returncode == 0 and "1 succeeded" in worker.stderr, worker.stderr
+    result = procqueue("result", "jobs.db", queued.stdout.split()[0], cwd=tmp_path)
+    assert json.loads(result.stdout)["result"] == 10
