@@ -138,6 +138,19 @@ class RunFailed(click.ClickException):
     exit_code = EXIT_RUN_FAILED
 
 
+def _new_pool(jobs: int | None, max_tasks_per_child: int | None,
+              pool_options: dict[str, Any]) -> procqueue.Pool:
+    """The run's pool; a --cluster that cannot be reached is one line (Dask's connection
+    error after its timeout was a traceback and exit code 1)."""
+    try:
+        return procqueue.Pool(jobs, maxtasksperchild=max_tasks_per_child, **pool_options)
+    except OSError as exc:
+        if "address" not in pool_options:
+            raise
+        raise RunFailed(f"cannot reach the Dask cluster at {pool_options['address']}: "
+                        f"{exc}") from None
+
+
 class Interrupted(click.ClickException):
     """Ctrl-C before the run's own handlers were installed (starting or stopping the pool)."""
 
@@ -932,8 +945,7 @@ def run(fn: Any, items: "Inputs | StreamedInputs", jobs: int | None,
     pool_options = feeding(pool_options, dashboard)
     if "backend" not in pool_options and "address" not in pool_options:
         jobs = _workers_for(jobs, total)
-    with procqueue.Pool(jobs, maxtasksperchild=max_tasks_per_child, **pool_options) as pool, \
-            serving(dashboard, pool):
+    with _new_pool(jobs, max_tasks_per_child, pool_options) as pool, serving(dashboard, pool):
         progress.restarts = lambda: pool.stats().worker_restarts
         interrupts.running = lambda: pool.stats().tasks_running
         # Several input sources (GNU parallel's ::: a b ::: 1 2): a combination is a tuple,

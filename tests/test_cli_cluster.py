@@ -178,3 +178,19 @@ def test_cluster_run_keeps_a_journal_trace_joblog_and_stats_and_resumes(batch, t
     assert third.returncode == 1, third.stderr
     assert sum(p.name.startswith("bad.txt-") for p in ran_dir.iterdir()) == 2
     assert len(list(ran_dir.iterdir())) == 14
+
+
+@pytest.mark.timeout(60)
+def test_a_cluster_that_cannot_be_reached_is_one_line_and_exit_3(batch):
+    script, _ = batch
+    with socket.socket() as closed:  # a free port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    run = subprocess.run([PROCQUEUE, "map", "-q", "--cluster", f"tcp://127.0.0.1:{port}",
+                          str(script), ":::", "a"], capture_output=True, text=True, timeout=50,
+                         env={**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"})
+    assert run.returncode == 3, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"Error: cannot reach the Dask cluster at tcp://127.0.0.1:{port}: Timed out trying to "
+        f"connect to tcp://127.0.0.1:{port} after 2 s"], run.stderr
+    assert run.stdout == ""
