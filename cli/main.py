@@ -437,6 +437,9 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     come while it is still being written (tail -f log | procqueue map job.py)."""
     if keep_order and unordered:
         raise click.UsageError("--keep-order and --unordered contradict each other")
+    if (retry_failed or force) and journal_path is None:  # as --resume without --joblog
+        raise click.UsageError(f"{'--retry-failed' if retry_failed else '--force'} goes with "
+                               f"--journal FILE: give it")
     if output == "-":
         output = None  # stdout, as without -o
     lines_file = arg_files[0] if arg_files else None

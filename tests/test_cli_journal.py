@@ -299,3 +299,14 @@ def test_a_sigkill_loses_the_running_tasks_and_a_bounded_amount_of_finished_work
     # committed yet, and one task more that finished while a commit was under way.
     per_worker = math.ceil((BATCH_WORK_S + FLUSH_COMPUTE_S) / SPIN_S) + 1
     assert recomputed <= JOBS * per_worker, f"{recomputed} of {len(inputs)} computed again"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flag", ["--retry-failed", "--force"])
+def test_journal_flags_without_a_journal_are_a_usage_error(tmp_path, flag):
+    script = tmp_path / "job.py"
+    script.write_text("def process(x):\n    return x\n")
+    run = subprocess.run([shutil.which("procqueue"), "map", str(script), flag, ":::", "a"],
+                         capture_output=True, text=True, timeout=50)
+    assert run.returncode == 2 and f"{flag} goes with --journal FILE" in run.stderr
+    assert run.stdout == ""
