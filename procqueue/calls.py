@@ -15,13 +15,6 @@ from .protocol import CallKind, NotCallable
 from .results import ApplyResult, IMapIterator, MapResult
 
 
-def not_callable(func: object) -> TypeError:
-    """The error of calling `func`, as the worker would raise it: what apply_async() and
-    submit() report through their result or future, as multiprocessing and
-    ProcessPoolExecutor do, rather than raising it at the call."""
-    return NotCallable.error_of(func)
-
-
 class PoolCalls(multiprocessing.pool.Pool):
     """A subclass of multiprocessing's Pool only so that code checking isinstance(pool,
     multiprocessing.pool.Pool) keeps working: none of its machinery runs (its __init__ is
@@ -58,7 +51,7 @@ class PoolCalls(multiprocessing.pool.Pool):
         finds out in the worker, so get() raises it and error_callback gets it, not the call."""
         try:
             if not callable(func):
-                raise not_callable(func)
+                raise NotCallable.error_of(func)
             return tuple(args), dict(kwds or {})
         except TypeError as exc:
             result.abort(exc)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Se
 from .admission import ConcurrencyGate, Gate, RateGateAdapter, rate_gate_for
 from .call_options import NO_CALL, NO_OPTIONS, ParsedCall, parse_call, parsed
 from .call_options import CallOptions as CallOptions
-from .calls import PoolCalls, not_callable
+from .calls import PoolCalls
 from .config import PoolConfig, fork_instead_of_default
 from .errors import PoolClosedError
 from .feeder import new_feed_watch, start_feeder
@@ -38,7 +38,8 @@ from .job_maker import JobMaker
 from .affinity import worker_thread_env
 from .pool_journal import JournaledCall, JournalHolder
 from .program_fork import note_thread_ending
-from .protocol import CallKind, InitializerCall, shared_only_by_inheritance, short_repr
+from .protocol import (CallKind, InitializerCall, NotCallable, shared_only_by_inheritance,
+                       short_repr)
 from .records import FrozenRecord, replaced
 from .results import (ApplyResult, ArgumentMemory, CallbackRunner, IMapIterator, MapResult,
                       OutcomeIterator, ResultStream, TaskFuture, Window)
@@ -444,7 +445,7 @@ class Pool(PoolCalls):
         self._submitter.step_aside()  # before anything is made: Ctrl-C there leaves nothing
         future = TaskFuture(keepalive=self)
         if not callable(fn):
-            future.set_exception(not_callable(fn))
+            future.set_exception(NotCallable.error_of(fn))
             return future
         job = self._jobs.single_task_job(fn, future,
                                          NO_CALL if call is NO_OPTIONS else parsed(call))

@@ -537,7 +537,9 @@ class NotCallable:
 
     @classmethod
     def error_of(cls, func: object) -> TypeError:
-        """The TypeError calling `func` raises (the worker's, the future's of submit())."""
+        """The TypeError calling `func` raises: what apply_async() and submit() report
+        through their result or future, as multiprocessing and ProcessPoolExecutor do,
+        rather than raising it at the call."""
         return cls(type(func).__name__).error()
 
     def error(self) -> TypeError:

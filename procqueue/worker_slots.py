@@ -24,6 +24,7 @@ from typing import Any
 
 from .errors import InitializerError, describe_exit
 from .fork_server import null_over
+from .procfs import stat_fields
 from .program_fork import ProgramForkContext
 from .protocol import InitializerCall, OutOfBand, Stop, ToWorker, dumps_message
 from .records import FrozenRecord
@@ -175,7 +176,7 @@ class Slot:
         self.respawn_at = 0.0  # DEAD: not before this monotonic time (backoff)
         self.init_deadline: float | None = None  # STARTING: Ready by then (init_timeout)
         # KILLING: its tasks' processes out of its group, (pid, start time)
-        self.strays: list[tuple[int, str]] = []
+        self.strays: list[tuple[int, bytes]] = []
         self.rss_bytes = 0  # the worker's resident memory, as it last reported
         self.retire_reason: str | None = None
         self.created_at = time.monotonic()  # the slot (not its current process)
@@ -608,24 +609,21 @@ def _children_by_parent() -> dict[int, list[int]]:
         return children
     for entry in entries:
         if entry.isdigit():
-            fields = _stat_fields(int(entry))
+            try:
+                fields = stat_fields(int(entry))
+            except OSError:
+                continue
             if fields is not None:
                 children.setdefault(int(fields[1]), []).append(int(entry))
     return children
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/PID/stat's fields after the command's name: state, ppid, ... (starttime is the
-    20th); None once the process is gone."""
+def _start_time(pid: int) -> bytes | None:
+    """A process's start time, which tells it from a later one that got its pid."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].decode().split()
-    except (OSError, IndexError, UnicodeDecodeError):
+        fields = stat_fields(pid)
+    except OSError:
         return None
-
-
-def _start_time(pid: int) -> str | None:
-    fields = _stat_fields(pid)
     return fields[19] if fields is not None and len(fields) > 19 else None
 
 

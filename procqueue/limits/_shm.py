@@ -63,6 +63,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..procfs import stat_fields
+
 # tmpfs shared by every process of the machine; fall back to the temp dir where it is missing.
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 FILE_PREFIX = "procqueue"
@@ -392,13 +394,10 @@ def is_alive(holder: ProcessIdentity) -> bool:
 def _started_since_boot(pid: int) -> tuple[str, float] | None:
     """(state letter, start time in seconds since boot) of process `pid` from /proc, None if
     there is no such process (or no /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            line = stat.read()
-    except (FileNotFoundError, ProcessLookupError):
+    fields = stat_fields(pid)
+    if fields is None:
         return None
-    fields = line.rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
-    return fields[0].decode(), int(fields[19]) / _CLOCK_TICKS  # fields 3 and 22 of stat
+    return fields[0].decode(), int(fields[19]) / _CLOCK_TICKS
 
 
 def _is_alive_by_epoch_start(holder: ProcessIdentity) -> bool:

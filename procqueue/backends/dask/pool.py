@@ -26,7 +26,7 @@ from functools import partial
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from ...calls import errors_mode, not_callable
+from ...calls import errors_mode
 from ...chunking import ChunkSizer
 from ...errors import InitializerError, PoolClosedError
 from ...input_feed import InputFeed, Inputs, window_size
@@ -272,7 +272,7 @@ class DaskPool(Pool):
         self._check_running()
         future = TaskFuture(keepalive=self)
         if not callable(fn):
-            future.set_exception(not_callable(fn))
+            future.set_exception(NotCallable.error_of(fn))
             return future
         call = self._call(fn, CallKind.ARGS_KWARGS, future, 1, options)
         item = _make_item(call, 0, (args, kwargs))
