@@ -27,6 +27,7 @@ from .errors import ArgumentSerializationError
 from .fork_server import null_over
 from .give_back import HeldWork
 from .item_run import error_of, run_item, unpicklable_result
+from .process_group import become_group_leader, kill_own_group
 from .protocol import (UNMAPPED, BatchResults, BlockResults, CallKind,
                        CallsFunction, InitFailed, InitializerCall, LoadFunction, Ready, RunBlock,
                        RunTasks, Stop, apply_call, capture_exception, dumps, dumps_message,
@@ -81,7 +82,7 @@ def worker_main(conn: Any, slot_state: Any, cpus: tuple[int, ...], env: dict[str
     # (multiprocessing replaces sys.stdin alone, which leaves subprocesses the pipe.)
     null_over(0)
     _let_go_of_the_fork_server()
-    _become_process_group_leader()
+    become_group_leader()
     _die_with_parent()
     _watch_supervisor(death_reader)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -649,13 +650,6 @@ def _let_go_of_the_fork_server() -> None:
         _close_quietly(fd)
 
 
-def _become_process_group_leader() -> None:
-    try:
-        os.setpgid(0, 0)
-    except OSError:  # already a group leader (or not permitted): keep going
-        pass
-
-
 def _die_with_parent() -> None:
     """Ask the kernel to signal us when our parent dies (Linux only).
 
@@ -678,11 +672,11 @@ def _die_with_parent() -> None:
     except (OSError, AttributeError):
         return
     if os.getppid() == 1:  # the parent died before prctl took effect
-        _kill_own_group()
+        kill_own_group()
 
 
 def _on_parent_death(signum: int, frame: Any) -> None:
-    _kill_own_group()
+    kill_own_group()
 
 
 def _watch_supervisor(death_reader: Any) -> None:
@@ -700,16 +694,9 @@ def _watch_supervisor(death_reader: Any) -> None:
                 continue
             except OSError:
                 break
-        _kill_own_group()
+        kill_own_group()
 
     threading.Thread(target=wait_for_eof, name="procqueue-watchdog", daemon=True).start()
-
-
-def _kill_own_group() -> None:
-    # Never killpg a group we do not lead: that could be the user's shell job.
-    if os.getpgid(0) == os.getpid():
-        os.killpg(0, signal.SIGKILL)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _close_quietly(fd: int) -> None:

@@ -7,6 +7,7 @@ times written to files), never inferred from sleeps.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import concurrent.futures
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from process_checks import wait_gone
@@ -996,6 +998,65 @@ def test_own_local_cluster_is_started_and_shut_down_with_the_pool() -> None:
         pids = _worker_pids(pool.client)
         assert len(pids) == 2 and os.getpid() not in pids
     assert wait_gone(pids, 5) == []
+
+
+OWN_CLUSTER_PROGRAM = """
+import os, signal, subprocess, sys, time
+from pathlib import Path
+import procqueue
+
+def start_child_and_hang(i):
+    # In the worker's group, not a session of its own; deaf to Ctrl-C, as a program that
+    # handles SIGINT itself (or one that a terminal's SIGINT does not reach)
+    child = subprocess.Popen(["sleep", "60"],
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    Path(sys.argv[1], f".child-{i}").write_text(f"{os.getpid()} {child.pid}")
+    os.replace(Path(sys.argv[1], f".child-{i}"), Path(sys.argv[1], f"child-{i}"))
+    time.sleep(60)
+
+if __name__ == "__main__":
+    try:
+        with procqueue.Pool(2, backend="dask") as pool:
+            pool.map(start_child_and_hang, range(2), chunksize=1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("end", ["SIGKILL", "Ctrl-C"])
+def test_a_tasks_subprocess_ends_with_the_program_on_its_own_local_cluster(
+        tmp_path: Path, end: str) -> None:
+    # The local pool's promise, on the LocalCluster a pool starts: nothing outlives the
+    # program, a task's subprocess included.  They outlived it (reparented to init) when the
+    # program was SIGKILLed, and at Ctrl-C, whose terminate killed the worker processes only.
+    script = tmp_path / "program.py"
+    script.write_text(OWN_CLUSTER_PROGRAM)
+    program = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)], start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    descendants: set[int] = set()
+    try:
+        _wait_for(lambda: len(list(tmp_path.glob("child-*"))) == 2, timeout_s=60)
+        pids = [tuple(map(int, p.read_text().split())) for p in tmp_path.glob("child-*")]
+        workers, children = {w for w, _ in pids}, {c for _, c in pids}
+        descendants = {p.pid for p in psutil.Process(program.pid).children(recursive=True)}
+        assert workers | children <= descendants
+        if end == "SIGKILL":
+            program.kill()
+        else:  # a terminal's Ctrl-C: SIGINT to the foreground process group
+            os.killpg(program.pid, signal.SIGINT)
+        program.wait(timeout=30)
+        assert wait_gone(children, 5) == [], "a task's subprocess outlived the program"
+        assert wait_gone(descendants, 15) == []
+    finally:
+        if program.poll() is None:
+            program.kill()
+            program.wait(timeout=10)
+        for pid in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
 
 
 # ---- a DaskPool is a procqueue.Pool ------------------------------------------------------------

@@ -72,7 +72,10 @@ ALLOWED: dict[str, set[str]] = {
                      "program_fork", "fork_server", "procfs"},
     # Linux's /proc: a process's parent and start time
     "procfs": set(),
-    "worker": {"item_run", "give_back", "protocol", "affinity", "errors", "fork_server"},
+    "worker": {"item_run", "give_back", "protocol", "affinity", "errors", "fork_server",
+               "process_group"},
+    # a worker's own process group, killed when the program is gone (local and Dask workers)
+    "process_group": {"procfs"},
     # in a worker: what waits behind a task that runs long goes back to the supervisor
     "give_back": {"protocol"},
     # one item's run as every backend's workers report it: result or error, never a raise
@@ -168,13 +171,15 @@ def test_cli_uses_only_the_public_api() -> None:
 # A backend may use the shared task model and mechanisms: the call surface, the result
 # objects, the wire format, a lazy call's feeding loop (input_feed), one item's run in a
 # worker (item_run), the retry policy, the errors, the configuration values, the usable-CPU
-# count and the limits' value objects and bookkeeping (Rate, KeyedLimit, FairQueue); never the
+# count, the limits' value objects and bookkeeping (Rate, KeyedLimit, FairQueue) and a worker's
+# own process group (process_group: a LocalCluster's workers lead one, as local workers); never the
 # local supervisor's machinery (supervisor, worker_slots, task_book, worker, scheduler,
 # admission).
 # stats: a backend reports each task attempt as the local supervisor does, a stats.TaskEvent
 # (what Pool(on_event=...) and the trace receive).
 BACKEND_SHARED = {"affinity", "calls", "chunking", "config", "errors", "input_feed", "item_run",
-                  "lazy", "limits", "protocol", "results", "retry", "stats", "tasks"}
+                  "lazy", "limits", "process_group", "protocol", "results", "retry", "stats",
+                  "tasks"}
 # The one way up: a DaskPool is a procqueue.Pool (isinstance holds), so dask/pool.py takes its
 # base class and the values and types of the Pool API from the pool module - these names only.
 # _JournaledCall: a call's journal is the front end's (Pool's code, shared by both pools), and

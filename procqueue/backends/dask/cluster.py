@@ -4,8 +4,10 @@ _Resources opens the client (or a LocalCluster of our own) and closes, at the en
 pool put there: its semaphores, the workers' rate windows, the worker setup plugin, the client
 and cluster it started (a named Limit's semaphores are the cluster's: only let go of).
 _WorkerSetup is that plugin (worker_env, then the initializer, in every worker present and
-future).  cluster_config holds the scheduler settings the procqueue semantics need;
-require_distributed tells whether the dask extra is installed.
+future; in a LocalCluster of ours, each worker process leads a process group of its own, which
+dies with it, so that no task's subprocess outlives the pool or the program).  cluster_config
+holds the scheduler settings the procqueue semantics need; require_distributed tells whether
+the dask extra is installed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from typing import Any, Callable
 
 from ...affinity import usable_cpu_count
+from ...process_group import start_group_reaper
 from ...protocol import dumps_function
 from .worker_side import _distributed, close_rate_window, seal_rate_window
 
@@ -42,11 +45,16 @@ class _WorkerSetup:
     """The pool's setup of every Dask worker, present and future (a distributed WorkerPlugin:
     setup(worker) and teardown(worker) are the whole protocol): `env` first, then the
     initializer, as a local worker has its environment before its initializer runs.
-    teardown (the pool ends on a cluster it does not own) restores the environment."""
+    teardown (the pool ends on a cluster it does not own) restores the environment.
+    `own_processes` (a LocalCluster the pool started): each worker process leads a process
+    group of its own, which its tasks' subprocesses join and which is killed when the worker
+    ends, however it ends: at the pool's end, or at once when the program is gone (Dask's
+    worker exits when its nanny's process does, even SIGKILLed), as a local worker's group."""
 
     def __init__(self, env: dict[str, str], initializer: Callable[..., object] | None,
-                 initargs: tuple[Any, ...]) -> None:
+                 initargs: tuple[Any, ...], own_processes: bool = False) -> None:
         self.env = env
+        self.own_processes = own_processes
         # Pickled as the tasks' functions are (protocol.dumps_function), so that a script's
         # initializer and its tasks share the worker's globals, as in the local pool.
         self.init_payload = (None if initializer is None
@@ -54,6 +62,8 @@ class _WorkerSetup:
         self.saved: dict[str, str | None] = {}  # in each worker: the values env replaced
 
     def setup(self, worker: Any) -> None:
+        if self.own_processes:
+            start_group_reaper()
         self.saved = {name: os.environ.get(name) for name in self.env}
         os.environ.update(self.env)
         if self.init_payload is not None:
@@ -158,8 +168,9 @@ class _Resources:
 
     def _close_cluster(self) -> None:
         """Our own LocalCluster: its worker processes get WORKER_STOP_GRACE_S to stop, then
-        are killed, as the local pool's terminate kills its workers.  (A plain close lets a
-        worker busy in a task Dask cannot interrupt hold the close for the nanny's 4 s.)"""
+        are killed, as the local pool's terminate kills its workers (their process groups
+        go with them: _WorkerSetup).  (A plain close lets a worker busy in a task Dask cannot
+        interrupt hold the close for the nanny's 4 s.)"""
         nannies = list(getattr(self.cluster, "workers", {}).values())
         with contextlib.suppress(Exception):
             self.cluster.sync(_close_nannies, nannies, WORKER_STOP_GRACE_S)

@@ -366,12 +366,13 @@ class DaskPool(Pool):
     def _install_worker_setup(self, env: dict[str, str],
                               initializer: Callable[..., object] | None,
                               initargs: tuple[Any, ...]) -> None:
-        if not env and initializer is None:
+        own_processes = self._resources.cluster is not None
+        if not env and initializer is None and not own_processes:
             return
         from distributed.diagnostics.plugin import WorkerPlugin
 
         plugin = type("ProcqueueWorkerSetup", (_WorkerSetup, WorkerPlugin), {})(
-            env, initializer, initargs)
+            env, initializer, initargs, own_processes)
         name = f"procqueue-setup-{self._token}"
         self._resources.plugin_name = name  # unregistered at close, even if setup failed
         try:
