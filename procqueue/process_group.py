@@ -25,14 +25,15 @@ def kill_own_group() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-# The reaper: a process of the group that waits for its leader's end (a pidfd: no polling),
-# however it ends, then SIGKILLs the group, itself included.  The group's id cannot go to
-# another process while the group has members, so the kill reaches only ours.
+# The reaper: a process of the group that waits (pidfds: no polling) for the end of its leader
+# or of the leader's parent, however they end, then SIGKILLs the group, leader and itself
+# included.  The group's id cannot go to another process while the group has members, so the
+# kill reaches only ours.
 _REAPER = """
 import os, select, sys
-leader = int(sys.argv[1])
+leader, parent = int(sys.argv[1]), int(sys.argv[2])
 try:
-    select.select([os.pidfd_open(leader)], [], [])
+    select.select([os.pidfd_open(leader), os.pidfd_open(parent)], [], [])
 except ProcessLookupError:
     pass
 os.killpg(leader, 9)
@@ -40,15 +41,17 @@ os.killpg(leader, 9)
 
 
 def start_group_reaper() -> None:
-    """Kill our process group when this process ends, whatever ends it.  For a process whose
-    end is not ours to arrange (a Dask worker exits at once, by os._exit, when its nanny's
-    process is gone): a thread of its own would race that exit, and a task that holds the
-    GIL would stall it.  Linux only (pidfds); elsewhere nothing is started."""
-    if not (sys.platform.startswith("linux") and hasattr(os, "pidfd_open")):
+    """Lead a process group of our own, killed when this process or its parent ends, however
+    they end.  For a process whose end is not ours to arrange: a Dask worker exits at once
+    (os._exit) when its nanny's process is gone, which a thread of its own would race, and
+    neither its thread nor ours runs while a task holds the GIL.  Linux only (pidfds);
+    elsewhere nothing is started."""
+    parent = os.getppid()
+    if not (sys.platform.startswith("linux") and hasattr(os, "pidfd_open")) or parent == 1:
         return
     become_group_leader()
     if os.getpgid(0) != os.getpid():
         return  # not a group of our own: never kill a group we do not lead
-    subprocess.Popen([sys.executable, "-I", "-S", "-c", _REAPER, str(os.getpid())],
+    subprocess.Popen([sys.executable, "-I", "-S", "-c", _REAPER, str(os.getpid()), str(parent)],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL, close_fds=True)

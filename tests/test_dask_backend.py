@@ -1001,7 +1001,7 @@ def test_own_local_cluster_is_started_and_shut_down_with_the_pool() -> None:
 
 
 OWN_CLUSTER_PROGRAM = """
-import os, signal, subprocess, sys, time
+import os, re, signal, subprocess, sys, time
 from pathlib import Path
 import procqueue
 
@@ -1012,6 +1012,8 @@ def start_child_and_hang(i):
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     Path(sys.argv[1], f".child-{i}").write_text(f"{os.getpid()} {child.pid}")
     os.replace(Path(sys.argv[1], f".child-{i}"), Path(sys.argv[1], f"child-{i}"))
+    if sys.argv[2] == "in C":  # minutes in the regex engine, the GIL held throughout
+        re.match(r"(a+)+b", "a" * 40)
     time.sleep(60)
 
 if __name__ == "__main__":
@@ -1024,16 +1026,18 @@ if __name__ == "__main__":
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("end", ["SIGKILL", "Ctrl-C"])
+@pytest.mark.parametrize("end, task", [("SIGKILL", "asleep"), ("Ctrl-C", "asleep"),
+                                       ("SIGKILL", "in C")])
 def test_a_tasks_subprocess_ends_with_the_program_on_its_own_local_cluster(
-        tmp_path: Path, end: str) -> None:
+        tmp_path: Path, end: str, task: str) -> None:
     # The local pool's promise, on the LocalCluster a pool starts: nothing outlives the
     # program, a task's subprocess included.  They outlived it (reparented to init) when the
-    # program was SIGKILLed, and at Ctrl-C, whose terminate killed the worker processes only.
+    # program was SIGKILLed, and at Ctrl-C, whose terminate killed the worker processes only;
+    # a worker whose task held the GIL outlived the program until the task ended.
     script = tmp_path / "program.py"
     script.write_text(OWN_CLUSTER_PROGRAM)
     program = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path)], start_new_session=True,
+        [sys.executable, str(script), str(tmp_path), task], start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     descendants: set[int] = set()
@@ -1049,6 +1053,7 @@ def test_a_tasks_subprocess_ends_with_the_program_on_its_own_local_cluster(
             os.killpg(program.pid, signal.SIGINT)
         program.wait(timeout=30)
         assert wait_gone(children, 5) == [], "a task's subprocess outlived the program"
+        assert wait_gone(workers, 5) == [], "a worker outlived the program"
         assert wait_gone(descendants, 15) == []
     finally:
         if program.poll() is None:
