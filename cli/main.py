@@ -928,6 +928,8 @@ def run(fn: Any, items: "Inputs | StreamedInputs", jobs: int | None,
     # Records and the bar on one terminal: each record clears the bar's line first.
     writer = RecordWriter(stream, before_write=progress.clear
                           if progress.enabled and _same_terminal(stream, sys.stderr) else None)
+    if joblog is not None:  # a line logged says its record is out: --resume skips its input
+        joblog.lines.follows = writer
     output_error: OSError | None = None
     failing_output = output_name  # what output_error was met writing
     interrupts = Interrupts(progress, grace_s)

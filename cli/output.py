@@ -125,7 +125,11 @@ class OpenedAtFirstWrite:
     """An output file opened (truncated, or appended to) at its first write, not before: a
     run that ends before any input ran (the script does not load in the workers, Ctrl-C at
     the start) leaves the file of an earlier run as it was.  The path was checked writable
-    before the run (main._check_writable); an error opening it now is the first write's."""
+    before the run (main._check_writable); an error opening it now is the first write's.
+    Text that came from bytes (a file name, a line of input that is not UTF-8) is written as
+    those bytes (surrogateescape), as GNU parallel writes them.  Appended to, a last line cut
+    short by a run that was killed or met a full disk is dropped first, so that the lines
+    appended start on lines of their own."""
 
     def __init__(self, path: str, append: bool = False) -> None:
         self.path = path
@@ -134,7 +138,10 @@ class OpenedAtFirstWrite:
 
     def _opened(self) -> TextIO:
         if self._stream is None:
-            self._stream = open(self.path, "a" if self.append else "w", encoding="utf-8")
+            if self.append:
+                _drop_cut_last_line(self.path)
+            self._stream = open(self.path, "a" if self.append else "w", encoding="utf-8",
+                                errors="surrogateescape")
         return self._stream
 
     def write(self, text: str) -> int:
@@ -155,6 +162,23 @@ class OpenedAtFirstWrite:
             self._stream.close()
 
 
+def _drop_cut_last_line(path: str) -> None:
+    """Truncate the file after its last newline (none: the file was not there)."""
+    try:
+        with open(path, "rb+") as file:
+            end = file.seek(0, os.SEEK_END)
+            start = max(end - 65536, 0)
+            while end > 0:
+                file.seek(start)
+                newline = file.read(end - start).rfind(b"\n")
+                if newline >= 0 or start == 0:
+                    file.truncate(start + newline + 1)
+                    return
+                end, start = start, max(start - 65536, 0)
+    except FileNotFoundError:
+        pass
+
+
 class LineWriter:
     """Writes whole lines to a stream.  A flush per line costs the CPU the workers need when
     tasks are tiny, so a line is flushed at once only if the previous flush is
@@ -163,7 +187,10 @@ class LineWriter:
     with SIGKILL leaves all but its last ~0.1 s on disk).  The lines wait here, not in the
     stream's buffer, which may write each through at once (PYTHONUNBUFFERED=1, common in
     containers: a write(2) per record, 200,000 records 3.2 s against 1.9).  A write error met
-    by that thread (a closed pipe) is raised by the next write() or by close()."""
+    by that thread (a closed pipe) is raised by the next write() or by close().
+    A writer that `follows` another writes its lines only after the other's lines written
+    before them are out, and never once the other failed (a joblog line says its record is
+    out: --resume skips its input)."""
 
     def __init__(self, stream: TextIO, interval_s: float = FLUSH_INTERVAL_S,
                  before_write: Callable[[], None] | None = None) -> None:
@@ -177,6 +204,9 @@ class LineWriter:
         # when the clock (uptime on Linux) is younger than the interval
         self._flushed_at = float("-inf")
         self._error: OSError | None = None
+        self.failed = False  # a write or flush failed: what it held may not be out
+        self._done = False  # closed: every line is out (or failed), the stream may be closed
+        self.follows: LineWriter | None = None
         self._closed = threading.Event()
         # Started by the first line left unflushed, not here: the pool made after this
         # writer forks its fork server from the program only while it has one thread.
@@ -205,6 +235,7 @@ class LineWriter:
         with self._lock:
             self._raise_pending()
             self._flush()
+            self._done = True
 
     def _flush_periodically(self) -> None:
         while not self._closed.wait(self._interval_s):
@@ -216,12 +247,30 @@ class LineWriter:
                 except OSError as exc:
                     self._error = exc
 
+    def flush_before_follower(self) -> bool:
+        """Flush what this writer holds, for a writer that `follows` it; False if it cannot be
+        out (an error now or before, raised by this writer's next write or its close)."""
+        with self._lock:
+            if not self.failed and not self._done:
+                try:
+                    self._flush()
+                except OSError as exc:
+                    self._error = self._error or exc
+            return not self.failed
+
     def _flush(self) -> None:  # with self._lock held
+        if self.follows is not None and not self.follows.flush_before_follower():
+            self._lines.clear()  # what they follow is not out: never say it is
+            return
         lines, self._lines = self._lines, []
         self._flushed_at = time.monotonic()
-        if lines:
-            self.stream.write("".join(lines))
-        self.stream.flush()
+        try:
+            if lines:
+                self.stream.write("".join(lines))
+            self.stream.flush()
+        except OSError:
+            self.failed = True
+            raise
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -245,12 +294,15 @@ class JobLog:
     kill); Command is the function and the input.  Inputs that never started have no line
     (parallel logs only jobs it ran), nor have those the run itself killed when it stopped
     (Ctrl-C, SIGTERM, a halt now: TaskCancelledError), as parallel does not log the jobs it
-    kills so: --resume runs them again.  Lines are flushed as records are (LineWriter): a run
-    killed with SIGKILL leaves what it logged."""
+    kills so: --resume runs them again.  Lines are flushed as records are (LineWriter), each
+    after its record (main.run: the log follows the records' writer), so a run killed with
+    SIGKILL, or whose output failed, never logs an input whose record is not out."""
 
     HEADER = "Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n"
 
     def __init__(self, stream: TextIO, command: str, seqs: list[int] | None = None) -> None:
+        if stream is sys.stdout and hasattr(stream, "reconfigure"):  # `--joblog -`
+            stream.reconfigure(errors="surrogateescape")  # (records are ASCII: line_of)
         self.stream = stream
         self.command = command
         self.seqs = seqs  # a resumed run: the Seq (position among all inputs) of each input
@@ -323,8 +375,11 @@ def logged_jobs(path: str) -> list[LoggedJob]:
     """The lines of a --joblog written by an earlier run, as GNU parallel's --resume reads
     them.  No file yet: none."""
     try:
-        with open(path, encoding="utf-8", newline="\n") as f:  # (a \r stays in its Command)
-            lines = f.read().split("\n")[1:]
+        with open(path, encoding="utf-8", errors="surrogateescape",
+                  newline="\n") as f:  # (a \r stays in its Command)
+            # after the header; the last is empty, or a line cut short (a run killed, a
+            # full disk): its input is not logged, and the line is dropped before appending
+            lines = f.read().split("\n")[1:-1]
     except FileNotFoundError:
         return []
     jobs = []
@@ -333,7 +388,7 @@ def logged_jobs(path: str) -> list[LoggedJob]:
         try:
             seq, exitval, signal_number = int(fields[0]), int(fields[6]), int(fields[7])
         except (IndexError, ValueError):
-            continue  # a line cut short when the earlier run was killed (or the last, empty)
+            continue  # not a job's line
         jobs.append(LoggedJob(seq, exitval == 0 and signal_number == 0,
                               "\t".join(fields[8:])))
     return jobs

@@ -623,6 +623,64 @@ def test_joblog_leaves_out_tasks_the_run_killed_so_resume_runs_them(tmp_path, st
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("cut", ["in the Command", "before the Command", "in the Seq"])
+def test_resume_after_a_joblog_line_cut_short_runs_that_input_again(tmp_path, cut):
+    # A run killed while writing, or met by a full disk, leaves its last line cut short.  That
+    # input is not logged: --resume runs it again and starts its own lines on lines of their
+    # own.  Cut in the Command, the line was taken for a changed input (refused, exit 2);
+    # cut before it, the next line was appended to the fragment (13 fields, run again later).
+    script = tmp_path / "job.py"
+    script.write_text("def process(x):\n    return x\n")
+    joblog = tmp_path / "jobs.tsv"
+    assert procqueue("map", script, "--joblog", joblog, "-q", ":::", "a", "b", "c").returncode == 0
+    text = joblog.read_text()
+    last = text.rstrip("\n").rfind("\n") + 1
+    keep = {"in the Command": len(text) - 3, "before the Command": text.rfind("\t0\t") + 2,
+            "in the Seq": last + 1}[cut]
+    joblog.write_text(text[:keep])
+    resumed = procqueue("map", script, "--joblog", joblog, "--resume", "-q",
+                        ":::", "a", "b", "c", "d")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["input"] for r in records(resumed.stdout)] == ["c", "d"]
+    header, *lines = joblog.read_text().splitlines()
+    assert header.startswith("Seq\t")
+    assert all(len(line.split("\t")) == 9 for line in lines), lines
+    assert sorted(line.split("\t")[0] for line in lines) == ["1", "2", "3", "4"]
+    again = procqueue("map", script, "--joblog", joblog, "--resume", "-q",
+                      ":::", "a", "b", "c", "d")
+    assert again.returncode == 0 and again.stdout == "", again.stderr
+
+
+@pytest.mark.timeout(60)
+def test_joblog_keeps_inputs_that_are_not_utf8_as_their_bytes(tmp_path):
+    # GNU parallel writes its jobs' bytes as they are.  The log was opened as strict UTF-8: a
+    # file name that is not UTF-8 made its line fail (a traceback and exit 1, or the flusher
+    # thread died and ~20 lines were lost, which --resume then ran again).
+    script = tmp_path / "job.py"
+    script.write_text("import os\ndef process(path):\n    return os.path.getsize(path)\n")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    names = [b"a.txt", b"caf\xe9.txt", b"\xff\xfe.txt"]
+    for name in names:
+        (inputs / os.fsdecode(name)).write_bytes(b"xy")
+    joblog = tmp_path / "jobs.tsv"
+    command = [PROCQUEUE, "map", str(script), "-q", "--joblog", str(joblog), str(inputs)]
+    run = subprocess.run(command, capture_output=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert [r["ok"] for r in records(run.stdout.decode())] == [True] * 3
+    logged = joblog.read_bytes().splitlines()[1:]
+    assert sorted(line.rsplit(b"/", 1)[1] for line in logged) == sorted(names)
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, timeout=60)
+    assert resumed.returncode == 0 and resumed.stdout == b"", resumed.stderr
+    to_stdout = subprocess.run([PROCQUEUE, "map", str(script), "-q", "--joblog", "-",
+                                "-o", str(tmp_path / "out.jsonl"), str(inputs)],
+                               capture_output=True, timeout=60)
+    assert to_stdout.returncode == 0, to_stdout.stderr
+    assert sorted(line.rsplit(b"/", 1)[1] for line in to_stdout.stdout.splitlines()[1:]) == \
+        sorted(names)
+
+
+@pytest.mark.timeout(60)
 def test_resume_refuses_a_joblog_written_for_other_inputs(tmp_path):
     # --resume matches the log by position (Seq): inputs that changed would be skipped
     # silently (here "c" would be taken as done, being where "a" was)

@@ -363,6 +363,42 @@ def test_a_flush_error_is_raised_by_close_not_lost():
 
 
 
+def test_a_joblog_line_reaches_its_file_only_after_the_records_before_it():
+    # --resume skips what the joblog lists: a line out before its record (each had its own
+    # flush timer) left inputs with no record anywhere after a SIGKILL or a full disk.
+    from procqueue.cli.output import LineWriter, RecordWriter
+
+    records_stream, log_stream = _FlushSpy(), _FlushSpy()
+    writer = RecordWriter(records_stream, interval_s=3600)
+    log = LineWriter(log_stream, interval_s=0.0)  # flushes every line at once
+    log.follows = writer
+    for i in range(5):
+        writer.write({"input": str(i), "ok": True, "result": i})
+        log.write_line(f"{i}\n")
+        assert len(records_stream.getvalue().splitlines()) == i + 1
+    writer.close()
+    log.close()
+    assert log_stream.getvalue().splitlines() == [str(i) for i in range(5)]
+
+
+def test_a_joblog_line_is_never_written_once_the_records_output_failed():
+    from procqueue.cli.output import LineWriter, RecordWriter
+
+    log_stream = _FlushSpy()
+    writer = RecordWriter(_FlushSpy(fail_from=2), interval_s=3600)
+    log = LineWriter(log_stream, interval_s=0.0)
+    log.follows = writer
+    writer.write({"input": "a", "ok": True, "result": 1})  # out (the first flush)
+    log.write_line("a\n")  # (the second)
+    writer.write({"input": "b", "ok": True, "result": 2})
+    log.write_line("b\n")  # the records' flush for it fails
+    log.write_line("c\n")
+    log.close()
+    assert log_stream.getvalue() == "a\n"
+    with pytest.raises(BrokenPipeError):  # the records' error is the records writer's to say
+        writer.close()
+
+
 def test_records_reach_a_write_through_stream_together_not_one_write_each():
     # PYTHONUNBUFFERED=1 (common in containers) makes stdout write each write() through: a
     # write(2) per record, 200,000 records in 3.2 s instead of 1.9.
