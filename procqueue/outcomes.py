@@ -137,16 +137,18 @@ class WorkerOutcomes:
     # ---- a worker died -----------------------------------------------------------------------
 
     def on_death(self, slot: Slot, running: tuple[int, float] | None, exitcode: int | None,
-                 phase: SlotPhase) -> None:
+                 phase: SlotPhase, reading: bool = False) -> None:
         """Attribute a worker's death: the task it was running is charged with the crash;
         every other task it held goes back to the front of the queue, uncharged, unless its
         call was halted or cancelled: then it ends there, cancelled.  A worker being killed
-        (phase KILLING: a timeout, a cancel) was killed for a task already charged."""
+        (phase KILLING: a timeout, a cancel) was killed for a task already charged.  One that
+        died `reading` its next message (worker.RECEIVING) charges the first task it held
+        (what it read may have killed it); one that died idle, none."""
         held = [t for b in slot.batches for t in b.pending.values()]
         began = started_ids(slot, running)  # finished, unsent, or the one it was running
         slot.drop_batches()
         culprit_id = running[0] if running else None
-        if culprit_id is None and held and phase is not SlotPhase.KILLING:
+        if culprit_id is None and held and reading and phase is not SlotPhase.KILLING:
             culprit_id = held[0].id  # it died before marking a task: charge the first it held
         for task in reversed(held):  # reversed + front=True keeps their order
             if task.state is not TaskState.DISPATCHED:

@@ -299,7 +299,7 @@ class Supervisor:
         self._read_sent_results(slot)  # sent before it died: apply them first
         slot.unlend_all()  # a process that is gone maps nothing
         explode_slot(self.book, slot)
-        running = slot.current_task()
+        running, reading = slot.current_task(), slot.reading_message()
         was = slot.phase
         self._unregister(slot.conn)
         self._unregister(slot.process.sentinel)
@@ -310,7 +310,7 @@ class Supervisor:
             self._on_start_failure(slot, exitcode)
         else:
             self.dispatcher.note_lost_warm_ups(slot)
-            self.outcomes.on_death(slot, running, exitcode, was)
+            self.outcomes.on_death(slot, running, exitcode, was, reading)
         if self._should_have_worker():
             if was is not SlotPhase.STARTING:
                 slot.respawn_at = 0.0  # a start failure waits out its backoff first

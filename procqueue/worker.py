@@ -47,6 +47,12 @@ REVOKED = (2, 3)  # batch ids whose remaining items must not start
 BLOCK_POSITION = 4  # when CURRENT_TASK is a block: the position of the input running
 SLOT_STATE_SIZE = 5
 IDLE = -1  # CURRENT_TASK between batches; a REVOKED entry with nothing revoked
+# CURRENT_TASK while the worker reads its next message from the pipe.  A worker that dies while
+# IDLE had read none of the batches it was sent (killed from outside as it waited): they go
+# back uncharged.  One that dies reading may have been killed by what it read (an argument
+# too big for memory): the first task it held is charged, so that such a batch cannot kill
+# worker after worker for ever.
+RECEIVING = -2
 
 INIT_FAILED_EXIT = 70  # exit code after a failed initializer (EX_SOFTWARE)
 EXIT_GRACE_S = 1.0  # a worker's exit after its last batch waits this long for a task's threads
@@ -125,6 +131,9 @@ def serve(conn: Any, slot_state: Any) -> None:
     while True:
         _exit_if_forked()
         try:
+            if not held.pending:
+                conn.poll(None)  # idle until a message comes (or the supervisor goes)
+                slot_state[CURRENT_TASK] = RECEIVING
             message, fds = held.next_message()
         except (EOFError, OSError):
             return  # the supervisor went away: nothing left to do
@@ -139,6 +148,7 @@ def serve(conn: Any, slot_state: Any) -> None:
                 slot_state[STARTED_NS] = -time.monotonic_ns()  # loading: see STARTED_NS
                 _load_function(functions, message)  # its error, if any, comes with its tasks
                 slot_state[STARTED_NS] = 0
+                slot_state[CURRENT_TASK] = IDLE
                 conn.send_bytes(dumps_message(_Columns(message.batch_id).message(final=True)))
             case Stop():
                 return

@@ -30,8 +30,8 @@ from .protocol import InitializerCall, OutOfBand, Stop, ToWorker, dumps_message
 from .records import FrozenRecord
 from .tasks import Block, Job, Task
 from .worker import (BLOCK_POSITION, CURRENT_TASK, FDS_PER_MESSAGE, FUNCTION_CACHE_SIZE, IDLE,
-                     INIT_FAILED_EXIT, REVOKED, STARTED_NS, new_slot_state, slot_state_view,
-                     worker_main)
+                     INIT_FAILED_EXIT, RECEIVING, REVOKED, STARTED_NS, new_slot_state,
+                     slot_state_view, worker_main)
 
 # A prefetched batch waits in the worker's socket buffer while it finishes the current one,
 # so a worker is never idle waiting for the supervisor.  Only small batches are prefetched:
@@ -275,7 +275,7 @@ class Slot:
         task_id = self.state[CURRENT_TASK]
         position = self.state[BLOCK_POSITION]  # before the start: see worker._run_timed
         started_ns = self.state[STARTED_NS]
-        if task_id == IDLE:
+        if task_id == IDLE or task_id == RECEIVING:
             return None
         for batch in tuple(self.batches):
             block = batch.block
@@ -285,6 +285,10 @@ class Slot:
                     task_id = task.id
                 break
         return task_id, abs(started_ns) / 1e9
+
+    def reading_message(self) -> bool:
+        """Whether the worker is reading a message (worker.RECEIVING), not idle nor running."""
+        return bool(self.state[CURRENT_TASK] == RECEIVING)
 
     def loading_function(self) -> bool:
         """Whether the worker is loading the function of the task it marked (worker.py)."""

@@ -811,6 +811,45 @@ def test_attempts_count_the_runs_that_started_and_nothing_else(tmp_shared):
     assert all(e.outcome == "ok" for e in events if e.attempt == 2)
 
 
+def record_start(directory_and_x):
+    directory, x = directory_and_x
+    Path(directory, f"start-{x}-{uuid.uuid4().hex}").write_text("")
+    return x * 2
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["submit", "map"])
+def test_a_worker_killed_while_idle_charges_none_of_the_tasks_sent_to_it(tmp_shared, api):
+    # A worker killed as it waited (by a user, an OOM kill of the idle process) had started
+    # none of the tasks it was just sent: they run on its replacement, uncharged.  They failed
+    # with WorkerCrashedError "died while running the task" (retries=0), or used a retry.
+    # Deterministic: the worker is stopped before the task is sent, killed once it was sent.
+    pq = _procqueue()
+    with pq.Pool(1, retries=0) as pool:
+        assert pool.map(abs, [-1]) == [1]  # the worker is up, idle
+        victim = pool._pool[0].pid
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            items = [(str(tmp_shared), x) for x in (7, 8)]
+            if api == "submit":
+                pending = [pool.submit(record_start, item) for item in items]
+            else:
+                pending = [pool.map_async(record_start, items)]
+            deadline = time.monotonic() + 10
+            while pool.stats().tasks_queued and time.monotonic() < deadline:
+                time.sleep(0.01)  # until the stopped worker holds them
+            assert pool.stats().tasks_queued == 0
+            assert not list(tmp_shared.glob("start-*"))
+        finally:
+            os.kill(victim, signal.SIGKILL)
+        if api == "submit":
+            assert [f.result(timeout=20) for f in pending] == [14, 16]
+        else:
+            assert pending[0].get(timeout=20) == [14, 16]
+        assert sorted(p.name.split("-")[1] for p in tmp_shared.glob("start-*")) == ["7", "8"]
+        assert pool.stats().retries == 0
+
+
 CAUGHT_CTRL_C = r'''
 import os, signal, sys, threading, time
 from pathlib import Path

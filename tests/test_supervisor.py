@@ -176,9 +176,11 @@ def test_a_worker_that_dies_fails_only_the_task_it_ran_and_is_replaced() -> None
     assert holder is not None, "task 3 never started"
     dead_pid = holder.process.pid
     holder.process.die(signal.SIGKILL)
-    RELEASE.set()  # its thread finishes the task and finds its pipe gone
     supervisor.post(Close())
     assert supervisor.stopped.wait(20)
+    # Only now may its thread finish the task (and find its pipe gone): a process killed
+    # while running task 3 never goes on to mark itself idle
+    RELEASE.set()
     ((ok, error),) = sink.outcomes.pop(3)
     assert not ok and isinstance(error, WorkerCrashedError)
     assert (error.exitcode, error.signal, error.pid, error.index) == (-9, "SIGKILL", dead_pid, 3)
