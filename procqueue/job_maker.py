@@ -8,6 +8,7 @@ recent FUNCTION_CACHE_SIZE functions:
     pickled functions   submit()/apply_async() pickle a function once, not once per call
     chunk sizers        calls of one function share what was measured of it (chunking.py)
     shared Jobs         submit()/apply_async() calls of a function without options share one
+    run times           ... and with a relative timeout, the run times its median is of
     open limits         a named machine-wide Limit is opened once per pool, by name
 
 Every value this module reads of a call was validated by call_options.py.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Callable, Generic, Hashable, Mapping, TypeVar
 
 from .admission import ConcurrencyGate, Gate, RateGateAdapter, SemaphoreGate
@@ -26,7 +27,7 @@ from .chunking import ChunkSizer
 from .config import PoolConfig
 from .limits.keyed import KeyedLimit
 from .protocol import CallKind, NotCallable, pickled_function
-from .tasks import Job, OutcomeSink, Task, new_id
+from .tasks import RECENT_DURATIONS, Job, OutcomeSink, Task, new_id
 
 if TYPE_CHECKING:  # a call's named Limit: see limits/__init__
     from .limits import Limit, LimitHandle
@@ -133,6 +134,7 @@ class JobMaker:
         self._shared: _ByFunction[Job] = _ByFunction()
         self._last_shared: tuple[Callable[[], Any], Job] | None = None
         self._sizers: _Recent[int, ChunkSizer] = _Recent()  # by fn_id (the pickle's hash)
+        self._durations: _Recent[int, deque[float]] = _Recent()  # by fn_id: see job()
         self._limits: dict[str, LimitHandle] = {}  # named machine-wide limits, by name
 
     def job(self, func: Callable[..., Any], kind: CallKind, sink: OutcomeSink,
@@ -154,10 +156,15 @@ class JobMaker:
             keyed = KeyedLimit(options.key_concurrency or 1)
         timeout_s, factor = ((call.timeout_s, call.timeout_factor) if call.sets_timeout
                              else self._default_timeout)
-        return Job(new_id(), fn_id, payload, kind, sink, timeout_s=timeout_s, sizer=sizer,
-                   gates=self._gates(call), keyed=keyed, key_fn=options.key,
-                   timeout_factor=factor, halt=call.halt, single_task=single_task,
-                   timed_inputs=timed_inputs)
+        job = Job(new_id(), fn_id, payload, kind, sink, timeout_s=timeout_s, sizer=sizer,
+                  gates=self._gates(call), keyed=keyed, key_fn=options.key,
+                  timeout_factor=factor, halt=call.halt, single_task=single_task,
+                  timed_inputs=timed_inputs)
+        if single_task and factor is not None:
+            # A call of one task never has a median of its own: a relative timeout of
+            # submit()/apply_async() is of the median of its function's tasks so far
+            job.durations = self._durations_of(fn_id)
+        return job
 
     def single_task_job(self, func: Callable[..., Any], sink: OutcomeSink,
                         call: ParsedCall) -> Job:
@@ -248,6 +255,15 @@ class JobMaker:
             if sizer is None:
                 sizer = self._sizers.put(fn_id, ChunkSizer(self._config.processes))
             return sizer
+
+    def _durations_of(self, fn_id: int) -> "deque[float]":
+        """The recent run times of a function's single-task calls (added to by the
+        supervisor's thread only: Job.note_durations)."""
+        with self._lock:
+            durations = self._durations.get(fn_id)
+            if durations is None:
+                durations = self._durations.put(fn_id, deque(maxlen=RECENT_DURATIONS))
+            return durations
 
     def _pickled_function(self, func: Callable[..., Any], cache: bool) -> tuple[int, bytes]:
         """cloudpickle the function (lambdas, closures, __main__ functions all work).  Its id

@@ -289,6 +289,26 @@ def test_relative_timeout_catches_the_stuck_input():
     assert [v for i, v in enumerate(out) if i != 6] == [0.1] * 9
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["submit", "apply_async"])
+@pytest.mark.parametrize("given", ["pool", "call"])
+def test_relative_timeout_catches_a_stuck_submitted_task(api, given):
+    # Each submit() is a call of one task, whose median never had 3 run times: "300%" never
+    # timed a submitted task out (it waited for ever).  Its median is of its function's
+    # tasks so far.
+    with Pool(2, retries=0, timeout="300%" if given == "pool" else None) as pool:
+        calls = pool if given == "pool" else pool.options(timeout="300%")
+        if api == "submit":
+            results = [calls.submit(sleep_for, d) for d in [0.1] * 6 + [60]]
+            get = lambda r: r.result(timeout=20)  # noqa: E731
+        else:
+            results = [calls.apply_async(sleep_for, (d,)) for d in [0.1] * 6 + [60]]
+            get = lambda r: r.get(timeout=20)  # noqa: E731
+        assert [get(r) for r in results[:6]] == [0.1] * 6
+        with pytest.raises(TaskTimeoutError):
+            get(results[6])
+
+
 @pytest.mark.timeout(30)
 def test_per_call_timeout_overrides_the_pools():
     with Pool(1, timeout=30) as pool:
