@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 
 
@@ -52,6 +51,8 @@ def start_group_reaper() -> None:
     become_group_leader()
     if os.getpgid(0) != os.getpid():
         return  # not a group of our own: never kill a group we do not lead
+    import subprocess  # here: a local pool's worker imports this module, and never needs it
+
     subprocess.Popen([sys.executable, "-I", "-S", "-c", _REAPER, str(os.getpid()), str(parent)],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL, close_fds=True)
