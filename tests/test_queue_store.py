@@ -573,6 +573,36 @@ def test_a_claim_past_the_stored_deadline_comes_back_expired(store):
     assert store.get(task_id).status is TaskStatus.FAILED
 
 
+@pytest.mark.parametrize("put_back", ["released", "lost unstarted", "lost while running"])
+def test_a_task_put_back_unrun_gives_back_the_deadline_its_claim_set(stores, monkeypatch,
+                                                                      put_back):
+    # Timeouts are start-to-completion: a task a service claimed and put back without running
+    # it (Ctrl-C, SIGTERM: released; a death before it started: lost, uncounted) has not
+    # started.  It kept the deadline of that claim and failed "passed its stored deadline"
+    # without ever running.  One lost while running keeps it (README: a re-run keeps it).
+    monkeypatch.setattr(store_sql, "LEASE_S", 0.1)
+    watcher = stores()
+    service = stores()
+    [task_id] = watcher.enqueue([new_task("t", timeout_s=0.2)])
+    service.register_service("A", ["q"], 1)
+    [task] = service.claim("A", {"q": 1}).tasks
+    if put_back == "released":
+        service.release("A", [(task.id, task.attempt)])
+    else:
+        if put_back == "lost while running":
+            assert service.heartbeat("A", workers=[{"pid": 1, "task": task_id}])
+        _dies_silently(service, watcher, task_id, "the service's death noticed")
+    wait_for(lambda: time.time() > watcher.get(task_id).started_at + 0.3, "0.3 s pass")
+    watcher.register_service("B", ["q"], 1)
+    claim = watcher.claim("B", {"q": 1})
+    if put_back == "lost while running":
+        assert [t.id for t in claim.expired] == [task_id] and claim.tasks == []
+    else:
+        [again] = claim.tasks
+        assert again.id == task_id and claim.expired == []
+        assert 0.15 < again.time_left_s <= 0.201  # its own, full timeout
+
+
 # ---- cancel, retry, prune ------------------------------------------------------------------------
 
 def test_cancel_takes_pending_and_running_tasks_only(store):

@@ -44,6 +44,12 @@ LEASE_S = 5.0  # ...and holds its tasks while the last one is younger than this
 LOCAL_CHECK_AFTER_S = 1.0  # a silent service on this host is checked by pid after this long
 MAX_LOSSES = 3  # a task whose service died this many times while running it fails
 CANDIDATES_PER_PICK = 4  # with per-key limits, scan this many pending rows per task wanted
+# A task's stored deadline is set by the claim that first starts it (_start: claim time plus
+# its timeout) and kept across re-runs.  A task put back unrun (released, or lost with a
+# service that had not started it) gives back the deadline its claim set, and only that one:
+# the claim set it if it equals that claim's start plus the timeout (the same sum, in SQL).
+_DEADLINE_UNLESS_SET_BY_CLAIM = \
+    "CASE WHEN deadline = started_at + timeout_s THEN NULL ELSE deadline END"
 
 
 class SqlStore(QueueChanges, QueueViews):
@@ -112,8 +118,8 @@ class SqlStore(QueueChanges, QueueViews):
 
     def _release(self, c: Any, service_id: str, tasks: Sequence[tuple[int, int]]) -> None:
         self._many(c, "UPDATE tasks SET status = 'pending', service = NULL, "
-                      "attempts = attempts - 1 WHERE id = ? AND attempts = ? "
-                      "AND service = ? AND status = 'running'",
+                      f"attempts = attempts - 1, deadline = {_DEADLINE_UNLESS_SET_BY_CLAIM} "
+                      "WHERE id = ? AND attempts = ? AND service = ? AND status = 'running'",
                    [(task_id, attempt, service_id)
                     for task_id, attempt in sorted(tasks)])  # id order: see changes.py _change
 
@@ -290,9 +296,11 @@ class SqlStore(QueueChanges, QueueViews):
                 (now, f"the worker service running it died {MAX_LOSSES} times",
                  service_id, MAX_LOSSES, *params))
         requeued = self._x(c, f"UPDATE tasks SET status = 'pending', service = NULL, "
-                              f"lost = lost + CASE WHEN {counts} THEN 1 ELSE 0 END "
+                              f"lost = lost + CASE WHEN {counts} THEN 1 ELSE 0 END, "
+                              f"deadline = CASE WHEN {counts} THEN deadline "
+                              f"ELSE {_DEADLINE_UNLESS_SET_BY_CLAIM} END "
                               f"WHERE service = ? AND status = 'running'",
-                           (*params, service_id)).rowcount
+                           (*params, *params, service_id)).rowcount
         self._x(c, "DELETE FROM services WHERE id = ?", (service_id,))
         return max(int(requeued), 0)
 
