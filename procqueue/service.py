@@ -231,10 +231,15 @@ class QueueService:
     def _claim(self) -> tuple[bool, float | None]:
         """Claim and dispatch; (whether every place asked for was filled, seconds until a
         rate limit lets more start)."""
-        wants = self._wants(self._served_specs())
+        specs = self._served_specs()
+        wants = self._wants(specs)
         if not wants:
             return False, None
-        claim = self.store.claim(self.id, wants)
+        # Under a limit a claimed task counts as started (a rate, a concurrency): all queues
+        # together take no more than the workers free, or a task waits in the pool behind
+        # another queue's and starts later than its claim said (rate 1/s: two starts 0.1 s apart)
+        total = self._free() if any(spec.limited for spec in specs.values()) else None
+        claim = self.store.claim(self.id, wants, total)
         for task in claim.expired:
             self._held[task.id] = task
             self._done.put((task, TaskTimeoutError(
@@ -242,7 +247,7 @@ class QueueService:
                 f"run again", input_repr=task.label)))
         self._dispatch(claim.tasks)
         retry_in = None if claim.retry_at is None else max(0.0, claim.retry_at - time.time())
-        wanted = max(wants.values())
+        wanted = max(wants.values()) if total is None else min(total, max(wants.values()))
         return len(claim.tasks) + len(claim.expired) >= wanted, retry_in
 
     def _dispatch(self, tasks: list[ClaimedTask]) -> None:

@@ -188,6 +188,20 @@ def test_rate_holds_in_every_window_of_the_stored_starts(tq):
         assert sum(1 for s in starts[i:] if s < start + 1.0) <= 4
 
 
+def test_rate_holds_for_the_real_starts_beside_another_queues_task(tq):
+    # A service with one free worker claimed a task of each queue it serves: the metered one
+    # waited in the pool behind the other's, started later than its claim (the start the
+    # rate counts), and next to the following claim's: real starts 0.1 s apart at 1 a second.
+    tq.define("bulk")
+    tq.define("metered", rate="1/1s")
+    tq.enqueue_many(ref("span"), [(0, 0.6)], star=True, queue="bulk")
+    metered = tq.enqueue_many(ref("span"), [(i, 0.01) for i in range(3)], star=True,
+                              queue="metered")
+    drain(tq, jobs=1)
+    starts = sorted(h.get_result(timeout=5)[1] for h in metered)
+    assert all(later - first > 0.9 for first, later in zip(starts, starts[1:])), starts
+
+
 def test_worker_concurrency_holds_per_service(tq):
     tq.define("narrow", worker_concurrency=1)
     handles = tq.enqueue_many(ref("span"), range(6), queue="narrow")

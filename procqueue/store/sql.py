@@ -137,9 +137,11 @@ class SqlStore(QueueChanges, QueueViews):
 
     # ---- claim and record -------------------------------------------------------------------
 
-    def claim(self, service_id: str, wants: dict[str, int]) -> Claim:
-        """Take up to wants[queue] pending tasks of each queue for this service, within every
-        queue's limits, highest priority first, then in enqueue order."""
+    def claim(self, service_id: str, wants: dict[str, int], total: int | None = None
+              ) -> Claim:
+        """Take up to wants[queue] pending tasks of each queue for this service, in the order
+        of `wants`, and at most `total` in all; within every queue's limits, highest priority
+        first, then in enqueue order."""
         claimed: list[ClaimedTask] = []
         expired: list[ClaimedTask] = []
         retry_at: float | None = None
@@ -148,13 +150,17 @@ class SqlStore(QueueChanges, QueueViews):
             specs = {row[0]: QueueSpec(*row) for row in self._x(
                 c, "SELECT name, concurrency, worker_concurrency, rate_limit, rate_per, "
                    "key_concurrency, retries FROM queues").fetchall()}
+            queues = [queue for queue, want in wants.items() if want > 0 and queue in specs]
             # queues locked in name order: two PostgreSQL claims never wait for each other's
             # locks in a cycle (a deadlock, which the server ends by failing one)
-            for queue, want in sorted(wants.items()):
-                spec = specs.get(queue)
-                if spec is None or want <= 0:
-                    continue
+            for queue in sorted(queues):
                 self._lock_queue(c, queue)
+            left = total
+            for queue in queues:
+                spec = specs[queue]
+                want = wants[queue] if left is None else min(wants[queue], left)
+                if want <= 0:
+                    break
                 # read after the lock: start times then grow in the order claims commit, so
                 # the starts a later claim counts in its rate window are all there
                 now = time.time()
@@ -166,6 +172,8 @@ class SqlStore(QueueChanges, QueueViews):
                     claimed += [t for t in got if t.time_left_s is None or t.time_left_s > 0]
                     expired += [t for t in got if t.time_left_s is not None
                                 and t.time_left_s <= 0]
+                    if left is not None:
+                        left -= len(got)
         return Claim(claimed, expired, retry_at)
 
     def _claim_queue(self, c: Any, service_id: str, spec: QueueSpec, want: int, now: float
