@@ -144,6 +144,7 @@ class WorkerOutcomes:
         (phase KILLING: a timeout, a cancel) was killed for a task already charged.  One that
         died `reading` its next message (worker.RECEIVING) charges the first task it held
         (what it read may have killed it); one that died idle, none."""
+        self.end_timed_out(slot)
         held = [t for b in slot.batches for t in b.pending.values()]
         began = started_ids(slot, running)  # finished, unsent, or the one it was running
         slot.drop_batches()
@@ -172,7 +173,8 @@ class WorkerOutcomes:
     def on_kill_escalated(self, slot: Slot) -> None:
         """The worker let its SIGTERM's grace pass: the task of a cancelled call it still runs
         sends no result now.  It ends here, not when the SIGKILLed worker is reaped (which a
-        process stuck in the kernel can put off)."""
+        process stuck in the kernel can put off); so does a task that timed out."""
+        self.end_timed_out(slot)
         running = slot.current_task()
         if running is None:
             return
@@ -205,8 +207,18 @@ class WorkerOutcomes:
         error = TaskTimeoutError(f"task timed out after {timeout_s:.3g} s{how}",
                                  timeout_s=timeout_s)
         self.workers.kill(slot, "timeout", kill_grace_s, now)
-        self.events.emit(task, slot, started, now, "timeout", error)
-        self.book.after_failure(task, FailureKind.TIMEOUT, error, may_retry=self.may_retry())
+        # Its outcome waits for the worker's end (or its SIGKILL): until then the task runs,
+        # and so counts against its limits (a queue's next task, a retry of its own, would
+        # start beside it).  A worker's SIGTERM handler ends it within milliseconds.
+        slot.timed_out.append((task, error, started, now))
+
+    def end_timed_out(self, slot: Slot) -> None:
+        """The outcomes of the tasks `slot` timed out: its worker is dead or SIGKILLed, or the
+        pool is ending (Supervisor._end_all)."""
+        ended, slot.timed_out = slot.timed_out, []
+        for task, error, started, at in ended:
+            self.events.emit(task, slot, started, at, "timeout", error)
+            self.book.after_failure(task, FailureKind.TIMEOUT, error, may_retry=self.may_retry())
 
     def _timed_task(self, slot: Slot) -> tuple[Task, float]:
         """The task timed on `slot` and when its clock started.  An input of a block has no

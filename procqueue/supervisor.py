@@ -350,6 +350,8 @@ class Supervisor:
     def _end_all(self, error: BaseException) -> None:
         for job in self._open_jobs.values():
             job.sink.stop_input()
+        for slot in self.workers.slots:  # timed out before: their own error, not `error`
+            self.outcomes.end_timed_out(slot)
         self.canceller.fail_everything(error)
         # A lazy call whose feeder is still inside the caller's iterable (a slow generator)
         # has inputs that will never come: its consumer gets `error` once it has taken what

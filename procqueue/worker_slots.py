@@ -170,6 +170,9 @@ class Slot:
         self.restarts = 0
         self.kill_deadline: float | None = None  # KILLING: when to escalate to SIGKILL
         self.kill_reason: str | None = None
+        # KILLING for a timeout: (task, its TaskTimeoutError, start, timeout instant), whose
+        # outcome waits until the worker is dead or SIGKILLed (outcomes.on_timeout)
+        self.timed_out: list[tuple[Task, BaseException, float, float]] = []
         self.last_exit: str | None = None
         # (pid, exit code) of the last processes of this slot that were reaped (Pool._pool)
         self.exits: deque[tuple[int | None, int | None]] = deque(maxlen=8)

@@ -309,6 +309,33 @@ def test_relative_timeout_catches_a_stuck_submitted_task(api, given):
             get(results[6])
 
 
+def deaf_to_sigterm_beating(path):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while True:
+        with open(path, "a") as beats:
+            beats.write(f"{time.time()}\n")
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("api", ["submit", "map"])
+def test_a_timeout_is_reported_once_the_task_no_longer_runs(tmp_path, api):
+    # The TaskTimeoutError came at the SIGTERM, while a task that ignores it ran on for the
+    # grace (0.5 s): a queue's next task, or the retry of this one, started beside it.  It
+    # comes once the worker is dead or SIGKILLed: no beat of the task after it.
+    beats = tmp_path / "beats"
+    with Pool(1, timeout=0.5, retries=0) as pool:
+        if api == "submit":
+            error = pool.submit(deaf_to_sigterm_beating, str(beats)).exception(timeout=20)
+        else:
+            [error] = pool.map(deaf_to_sigterm_beating, [str(beats)], return_exceptions=True)
+        reported_at = time.time()
+        assert isinstance(error, TaskTimeoutError)
+        assert pool.map(abs, [-1]) == [1]  # (the worker is replaced: the old one is gone)
+    last_beat = float(beats.read_text().split()[-1])
+    assert last_beat < reported_at
+
+
 @pytest.mark.timeout(30)
 def test_per_call_timeout_overrides_the_pools():
     with Pool(1, timeout=30) as pool:
