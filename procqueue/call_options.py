@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Hashable
 
 from .calls import errors_mode
-from .config import parse_relative_timeout
+from .config import integer, parse_relative_timeout
 from .records import FrozenRecord, replaced
 from .scheduler import HaltPolicy
 
@@ -105,8 +105,8 @@ class ParsedCall(FrozenRecord, eq=False):
     def with_chunksize(self, chunksize: Any) -> "ParsedCall":
         """This call with a chunksize, validated: map takes it only for an input that is not
         empty, as multiprocessing.Pool ignores the chunksize of an empty one."""
-        _check_chunksize(chunksize)
-        return self if chunksize is None else replaced(self, chunksize=chunksize)
+        size = _checked_chunksize(chunksize)
+        return self if size is None else replaced(self, chunksize=size)
 
     @property
     def sets_timeout(self) -> bool:
@@ -140,8 +140,8 @@ def parsed(options: CallOptions, chunksize: Any = None,
     _check_admission(options)
     halt = HaltPolicy.parse(options.halt) if options.halt is not None else None
     timeout_s, timeout_factor = parse_timeout(options.timeout)
-    _check_chunksize(chunksize)
-    return ParsedCall(options, chunksize, return_errors, halt, timeout_s, timeout_factor)
+    return ParsedCall(options, _checked_chunksize(chunksize), return_errors, halt, timeout_s,
+                      timeout_factor)
 
 
 def parse_timeout(timeout: Any) -> tuple[float | None, float | None]:
@@ -173,8 +173,12 @@ def _check_admission(options: CallOptions) -> None:
             raise ValueError(f"{name} must be an int >= 1, not {value!r}")
 
 
-def _check_chunksize(chunksize: Any) -> None:
-    # ValueError whatever is wrong with it, in multiprocessing.Pool.imap's words
-    if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
-                                  or chunksize < 1):
+def _checked_chunksize(chunksize: Any) -> int | None:
+    """An int (a numpy integer too, as multiprocessing takes any integer), or None;
+    ValueError whatever is wrong with it, in multiprocessing.Pool.imap's words."""
+    if chunksize is None:
+        return None
+    size = integer(chunksize)
+    if size is None or size < 1:
         raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+    return size

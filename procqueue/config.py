@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.context
+import operator
 from typing import TYPE_CHECKING, Any, Callable
 
 from .affinity import plan_cpus, usable_cpu_count
@@ -86,8 +87,8 @@ class PoolConfig(FrozenRecord, eq=False):
               **options: Any) -> "PoolConfig":
         if processes is None:
             processes = usable_cpu_count()
-        _check_int("processes", processes, minimum=1,
-                   message="Number of processes must be at least 1")
+        processes = _checked_int("processes", processes, minimum=1,
+                                 message="Number of processes must be at least 1")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         if maxtasksperchild is not None and (not isinstance(maxtasksperchild, int)
@@ -95,18 +96,20 @@ class PoolConfig(FrozenRecord, eq=False):
             # ValueError for a wrong type too, as multiprocessing.Pool raises
             raise ValueError("maxtasksperchild must be a positive int or None")
         retries = options.pop("retries", DEFAULT_CRASH_RETRIES)
-        _check_int("retries", retries, minimum=0, message="retries must be >= 0")
+        retries = _checked_int("retries", retries, minimum=0, message="retries must be >= 0")
         timeout_s = options.pop("timeout", None)
         _check_timeout(timeout_s)
         chunksize = options.pop("chunksize", None)
         if chunksize is not None:
-            _check_int("chunksize", chunksize, minimum=1, message="Chunksize must be 1+")
+            chunksize = _checked_int("chunksize", chunksize, minimum=1,
+                                     message="Chunksize must be 1+")
         retry_on = exception_types(options.pop("retry_on", ()))
         pin = bool(options.pop("pin", True))
         worker_env = dict(options.pop("worker_env", None) or {})
         concurrency = options.pop("concurrency", None)
         if concurrency is not None:
-            _check_int("concurrency", concurrency, minimum=1, message="concurrency must be >= 1")
+            concurrency = _checked_int("concurrency", concurrency, minimum=1,
+                                       message="concurrency must be >= 1")
         rate = options.pop("rate", None)
         if rate is not None:
             from .limits import Rate  # here: a pool without a rate never needs it (limits/__init__)
@@ -163,11 +166,25 @@ def resolve_context(context: Any) -> Any:
                     f"not {type(context).__name__}")
 
 
-def _check_int(name: str, value: Any, *, minimum: int, message: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def integer(value: Any) -> int | None:
+    """`value` as an int if it is an integer (int, numpy's), not a bool; else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _checked_int(name: str, value: Any, *, minimum: int, message: str) -> int:
+    """`value` as an int: an int or any integer (numpy's: Pool(np.int64(4)) works with
+    multiprocessing), not a bool."""
+    number = integer(value)
+    if number is None:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < minimum:
+    if number < minimum:
         raise ValueError(message)
+    return number
 
 
 def parse_relative_timeout(timeout: Any) -> float | None:

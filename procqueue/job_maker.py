@@ -17,6 +17,7 @@ Every value this module reads of a call was validated by call_options.py.
 from __future__ import annotations
 
 import threading
+import types
 import weakref
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Callable, Generic, Hashable, Mapping, TypeVar
@@ -173,9 +174,9 @@ class JobMaker:
         per-call options, the calls of one function share one Job, made at the first one
         (what job() works out depends on the function and the pool only), unless per-call
         state of a Job would show (see _shareable)."""
-        if call is not NO_CALL:
-            return self.job(func, CallKind.ARGS_KWARGS, sink, call, cache=True,
-                            single_task=True)
+        if call is not NO_CALL or not _pickles_the_same(func):
+            return self.job(func, CallKind.ARGS_KWARGS, sink, call,
+                            cache=_pickles_the_same(func), single_task=True)
         last = self._last_shared  # lock-free: one function submitted in a loop
         if last is not None and last[0]() is func:
             return last[1]
@@ -278,6 +279,14 @@ class JobMaker:
             with self._lock:
                 self._functions.put(func, pickled)
         return pickled
+
+
+def _pickles_the_same(func: Any) -> bool:
+    """Whether `func` pickles the same every time, so that one pickle serves all its calls: a
+    function or a builtin.  An object whose state its pickle carries (a callable instance, a
+    functools.partial, a bound method held in a variable) is pickled with each call, as
+    multiprocessing pickles it with each task: a change between two calls reaches the second."""
+    return isinstance(func, (types.FunctionType, types.BuiltinFunctionType))
 
 
 class _NoSink(OutcomeSink):

@@ -451,3 +451,61 @@ def test_a_halted_call_whose_generator_waits_ends_with_what_it_took() -> None:
     # outcome; the input the generator had not given is not one of the call's)
     assert [o.input for o in outcomes] == [1, 3] and not outcomes[1].ok
     assert waited < 15, f"the halted call waited {waited:.1f} s for its generator"
+
+
+# ---- 9. a callable object's state travels with each call; integers of any kind -------------
+
+class Scaler:
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    def __call__(self, x: int) -> int:
+        return x * self.factor
+
+
+def scaled(x: int, factors: list[int]) -> int:
+    return x * factors[0]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["apply", "apply_async", "submit"])
+def test_a_callable_objects_state_at_each_call_is_the_one_it_runs_with(api: str) -> None:
+    # multiprocessing pickles the callable with each task: a callable instance (or a partial)
+    # changed between two calls runs changed.  One pickle per object was kept: silently the
+    # first state's results.
+    import functools
+
+    def call(pool: Any, fn: Any) -> Any:
+        if api == "apply":
+            return pool.apply(fn, (1,))
+        if api == "apply_async":
+            return pool.apply_async(fn, (1,)).get(timeout=20)
+        return pool.submit(fn, 1).result(timeout=20)
+
+    with Pool(2) as pool:
+        scaler, factors = Scaler(2), [3]
+        partial = functools.partial(scaled, factors=factors)
+        assert (call(pool, scaler), call(pool, partial)) == (2, 3)
+        scaler.factor, factors[0] = 10, 30
+        assert (call(pool, scaler), call(pool, partial)) == (10, 30)
+
+
+class Integer:
+    """An integer that is not an int (numpy's int64 is one: Pool(np.int64(4)))."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+@pytest.mark.timeout(60)
+def test_processes_and_chunksize_may_be_any_integer_as_in_multiprocessing() -> None:
+    with Pool(Integer(2), chunksize=Integer(3)) as pool:
+        assert pool._processes == 2
+        assert pool.map(abs, range(-5, 0), Integer(2)) == [5, 4, 3, 2, 1]
+        assert list(pool.imap(abs, range(-3, 0), Integer(2))) == [3, 2, 1]
+    for wrong in (True, 2.0, "2"):
+        with pytest.raises((TypeError, ValueError)):
+            Pool(wrong)
