@@ -583,7 +583,7 @@ class WorkerProcess:
     def __init__(self, slot: Any, pid: int) -> None:
         self._slot = slot
         self.pid = pid
-        self.name = f"procqueue-worker-{slot.index}"
+        self.name = str(getattr(slot.process, "name", f"PoolWorker-{slot.index + 1}"))
 
     def is_alive(self) -> bool:
         import psutil

@@ -143,6 +143,9 @@ class SlotStatistics(FrozenRecord):
         set_(self, "rss_bytes", rss_bytes)
 
 
+_NAME_PREFIX = {"fork": "Fork", "forkserver": "ForkServer", "spawn": "Spawn"}
+
+
 class Slot:
     def __init__(self, index: int, cpus: tuple[int, ...]) -> None:
         self.index = index
@@ -374,9 +377,13 @@ class WorkerSlots:
             target=worker_main,
             args=(child_end, slot.shared_state, slot.cpus if self.pin else (), self.env,
                   self.initializer, self._death_reader, self._fds_to_close_in_child(parent_end)),
-            name=f"procqueue-worker-{slot.index}",
             daemon=False,  # daemonic processes may not have children; tasks may want some
         )
+        # multiprocessing's name for it (ForkServerPoolWorker-3: its count among the program's
+        # processes, as its _identity), which logs show and some programs read a number from
+        method = self.context.get_start_method()
+        process.name = (_NAME_PREFIX.get(method, method.capitalize()) + "PoolWorker-"
+                        + ":".join(map(str, process._identity)))
         process.start()
         return process
 

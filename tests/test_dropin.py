@@ -509,3 +509,22 @@ def test_processes_and_chunksize_may_be_any_integer_as_in_multiprocessing() -> N
     for wrong in (True, 2.0, "2"):
         with pytest.raises((TypeError, ValueError)):
             Pool(wrong)
+
+
+def worker_name(_: Any) -> tuple[str, tuple[int, ...]]:
+    time.sleep(0.05)
+    process = multiprocessing.current_process()
+    return process.name, process._identity
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("context", [None, "spawn"])
+def test_workers_are_named_as_multiprocessing_names_them(context: Any) -> None:
+    # ForkServerPoolWorker-3: logs show it, and programs read a worker's number from it (a
+    # GPU, a progress bar's row).  They were procqueue-worker-0, -1: a number off by one.
+    prefix = "SpawnPoolWorker" if context == "spawn" else "ForkServerPoolWorker"
+    with Pool(2, context=context) as pool:
+        named = set(pool.map(worker_name, range(8), 1))
+        listed = {process.name for process in pool._pool}
+    assert named and {name for name, _ in named} <= listed
+    assert {name for name, _ in named} == {f"{prefix}-{n}" for _, (n,) in named}
