@@ -49,6 +49,9 @@ FEED_S = 0.5  # hold enough tasks to keep each worker busy this long between cla
 MAX_DEPTH = 1024  # but at most this many per worker
 MIN_DEPTH = 2
 STORE_RETRY_S = 1.0  # a store that failed (busy, unreachable) is tried again this often
+# A cancelled call's running tasks end within the pool's kill grace (0.5 s) of the cancel; a
+# worker stuck in the kernel is not waited for longer than this
+CANCEL_WAIT_S = 5.0
 
 
 class OutcomePool(Protocol):
@@ -98,6 +101,7 @@ class QueueService:
         self._mean_s = 1.0  # measured run time per task: seeded long, so a first claim of
         # unknown tasks takes MIN_DEPTH per worker, not a pile other services could run
         self._iterators: list[Any] = []
+        self._collectors: dict[int, threading.Thread] = {}  # by id() of their iterator
         self._batch_of: dict[int, tuple[Any, list[ClaimedTask]]] = {}  # task id -> its call
         self._revoked: queue_module.SimpleQueue[set[int]] = queue_module.SimpleQueue()
         self._unrecorded: list[Finished] = []
@@ -265,8 +269,10 @@ class QueueService:
             self._iterators.append(outcomes)
             for task in batch:
                 self._batch_of[task.id] = (outcomes, batch)
-            threading.Thread(target=self._collect, args=(batch, outcomes),
-                             name="procqueue-collect", daemon=True).start()
+            collector = threading.Thread(target=self._collect, args=(batch, outcomes),
+                                         name="procqueue-collect", daemon=True)
+            self._collectors[id(outcomes)] = collector
+            collector.start()
 
     def _collect(self, batch: list[ClaimedTask], outcomes: Any) -> None:
         try:
@@ -279,11 +285,24 @@ class QueueService:
         finally:
             with contextlib.suppress(ValueError):
                 self._iterators.remove(outcomes)
+            self._collectors.pop(id(outcomes), None)
 
     def _cancel_batches(self) -> None:
-        for outcomes in list(self._iterators):
+        calls = list(self._iterators)
+        for outcomes in calls:
             with contextlib.suppress(Exception):
                 outcomes.cancel(True)
+        self._wait_until_ended(calls)
+
+    def _wait_until_ended(self, calls: list[Any]) -> None:
+        """Until cancelled calls have every outcome: a task killed while running ends once its
+        worker is dead or SIGKILLed.  Only then may its tasks go back to the store: another
+        service would start one beside its dying copy (a concurrency of 1 seen as 2)."""
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        for outcomes in calls:
+            collector = self._collectors.get(id(outcomes))
+            if collector is not None:
+                collector.join(max(0.0, deadline - time.monotonic()))
 
     # ---- tasks taken away: cancelled, or given to another service -------------------
 
@@ -301,6 +320,7 @@ class QueueService:
         for outcomes, batch in calls.values():
             with contextlib.suppress(Exception):
                 outcomes.cancel(True)
+            self._wait_until_ended([outcomes])
             back = [(t.id, t.attempt) for t in batch if t.id in self._held
                     and t.id not in revoked]
             self.store.release(self.id, back)
