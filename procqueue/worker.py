@@ -216,7 +216,6 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
                 held.results = _Columns(batch_id)
                 UNSENT.sending = False
                 last_flush = now
-    slot_state[CURRENT_TASK] = IDLE
     for task_id, fd in fds.items():  # arguments never mapped (skipped, or no function)
         _close_quietly(fd)
         UNMAPPED.append(task_id)
@@ -225,6 +224,10 @@ def run_batch(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
         conn.send_bytes(dumps_message(held.results.message(final=True)))
         UNSENT.clear()
         held.end_locked()
+    # Idle only once the results are out: a worker killed making their message (a result too
+    # big for memory) is charged to its last task, not taken for one that died idle (which
+    # charges none: a task that kills every worker sending its result would run for ever)
+    slot_state[CURRENT_TASK] = IDLE
 
 
 def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any]],
@@ -260,12 +263,12 @@ def run_block(conn: Any, slot_state: Any, functions: dict[int, Callable[..., Any
         # (the untimed loop looks at the slot between stretches of inputs, not before each)
         run = _run_timed if timed else _run_untimed
         run(report, call, inputs)
-    slot_state[CURRENT_TASK] = IDLE
     with held.lock:
         UNSENT.sending = True
         report.send(time.monotonic(), final=True)
         UNSENT.clear()
         held.end_locked()
+    slot_state[CURRENT_TASK] = IDLE  # once the results are out: see run_batch
 
 
 # A tiny input takes a fraction of a microsecond: the two loops below are the whole cost of a

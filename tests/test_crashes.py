@@ -29,6 +29,8 @@ import time
 import uuid
 from pathlib import Path
 
+from typing import Any
+
 import psutil
 import pytest
 
@@ -848,6 +850,40 @@ def test_a_worker_killed_while_idle_charges_none_of_the_tasks_sent_to_it(tmp_sha
             assert pending[0].get(timeout=20) == [14, 16]
         assert sorted(p.name.split("-")[1] for p in tmp_shared.glob("start-*")) == ["7", "8"]
         assert pool.stats().retries == 0
+
+
+def die_making_the_results_message() -> None:
+    """Initializer: the worker dies as it makes a message of finished results (as a result too
+    big for its memory kills it there), after its tasks have run."""
+    import procqueue.worker as worker
+    from procqueue.protocol import BatchResults, BlockResults
+
+    real = worker.dumps_message
+
+    def dumps_or_die(message: Any) -> bytes:
+        if isinstance(message, BatchResults) and message.task_ids \
+                or isinstance(message, BlockResults):
+            os._exit(1)
+        return real(message)
+
+    worker.dumps_message = dumps_or_die
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["submit", "map"])
+def test_a_task_whose_results_kill_their_worker_fails_after_its_retries(api):
+    # The worker marked itself idle before making the message: its death looked like one
+    # while idle, which charges no task, and the task ran again in worker after worker for
+    # ever (~700 restarts in 15 s; close()+join() never returned).
+    pq = _procqueue()
+    errors = _errors()
+    with pq.Pool(1, retries=1, initializer=die_making_the_results_message) as pool:
+        if api == "submit":
+            error = pool.submit(abs, -1).exception(timeout=30)
+        else:
+            [error] = pool.map(abs, [-1], return_exceptions=True)
+        assert isinstance(error, errors.WorkerCrashedError)
+        assert pool.stats().worker_restarts == 2  # the first run and its one retry
 
 
 CAUGHT_CTRL_C = r'''
