@@ -16,6 +16,7 @@ Every value this module reads of a call was validated by call_options.py.
 
 from __future__ import annotations
 
+import functools
 import threading
 import types
 import weakref
@@ -135,7 +136,7 @@ class JobMaker:
         self._shared: _ByFunction[Job] = _ByFunction()
         self._last_shared: tuple[Callable[[], Any], Job] | None = None
         self._sizers: _Recent[int, ChunkSizer] = _Recent()  # by fn_id (the pickle's hash)
-        self._durations: _Recent[int, deque[float]] = _Recent()  # by fn_id: see job()
+        self._durations: _ByFunction[deque[float]] = _ByFunction()  # see _durations_of
         self._limits: dict[str, LimitHandle] = {}  # named machine-wide limits, by name
 
     def job(self, func: Callable[..., Any], kind: CallKind, sink: OutcomeSink,
@@ -164,7 +165,7 @@ class JobMaker:
         if single_task and factor is not None:
             # A call of one task never has a median of its own: a relative timeout of
             # submit()/apply_async() is of the median of its function's tasks so far
-            job.durations = self._durations_of(fn_id)
+            job.durations = self._durations_of(func)
         return job
 
     def single_task_job(self, func: Callable[..., Any], sink: OutcomeSink,
@@ -257,13 +258,16 @@ class JobMaker:
                 sizer = self._sizers.put(fn_id, ChunkSizer(self._config.processes))
             return sizer
 
-    def _durations_of(self, fn_id: int) -> "deque[float]":
+    def _durations_of(self, func: Any) -> "deque[float]":
         """The recent run times of a function's single-task calls (added to by the
-        supervisor's thread only: Job.note_durations)."""
+        supervisor's thread only: Job.note_durations): of the code that runs, whatever the
+        state a call carries (a partial's arguments, a callable object's attributes)."""
+        code = _code_of(func)
         with self._lock:
-            durations = self._durations.get(fn_id)
+            durations = self._durations.get(code)
             if durations is None:
-                durations = self._durations.put(fn_id, deque(maxlen=RECENT_DURATIONS))
+                durations = deque(maxlen=RECENT_DURATIONS)
+                self._durations.put(code, durations)
             return durations
 
     def _pickled_function(self, func: Callable[..., Any], cache: bool) -> tuple[int, bytes]:
@@ -279,6 +283,18 @@ class JobMaker:
             with self._lock:
                 self._functions.put(func, pickled)
         return pickled
+
+
+def _code_of(func: Any) -> Any:
+    """The function that runs when `func` is called: a partial's, a bound method's, a callable
+    object's class (whose __call__ runs)."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    if isinstance(func, types.MethodType):
+        return func.__func__
+    if isinstance(func, (types.FunctionType, types.BuiltinFunctionType, type)):
+        return func
+    return type(func)
 
 
 def _pickles_the_same(func: Any) -> bool:

@@ -309,6 +309,38 @@ def test_relative_timeout_catches_a_stuck_submitted_task(api, given):
             get(results[6])
 
 
+class CountingSleeper:
+    """A callable object whose state changes with each call (so does its pickle)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, seconds):
+        return sleep_for(seconds)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("made", ["changing object", "partial per call"])
+def test_relative_timeout_of_submitted_calls_counts_the_code_not_the_callables_state(made):
+    # Pickled with each call, a callable whose state changes had a new median of its own at
+    # each call, never 3 run times long: the stuck call was never timed out.
+    import functools
+
+    sleeper = CountingSleeper()
+
+    def callable_for(seconds):
+        if made == "partial per call":
+            return functools.partial(sleep_for, seconds)
+        sleeper.calls += 1
+        return functools.partial(sleeper, seconds)
+
+    with Pool(2, timeout="300%", retries=0) as pool:
+        quick = [pool.submit(callable_for(0.1)) for _ in range(6)]
+        assert [f.result(timeout=20) for f in quick] == [0.1] * 6
+        stuck = pool.submit(callable_for(60))
+        assert isinstance(stuck.exception(timeout=20), TaskTimeoutError)
+
+
 def deaf_to_sigterm_beating(path):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     while True:
