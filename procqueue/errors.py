@@ -259,8 +259,9 @@ class InitializerError(PoolBrokenError):
     """The worker initializer raised; the pool does not respawn it in a loop."""
 
 
-class PoolClosedError(ProcqueueError, ValueError):
-    """A call on a pool that is closed or terminated (a ValueError, as in multiprocessing)."""
+class PoolClosedError(ProcqueueError, ValueError, RuntimeError):
+    """A call on a pool that is closed or terminated: a ValueError, as multiprocessing
+    raises, and a RuntimeError, as concurrent.futures raises for a submit() after shutdown()."""
 
 
 class StoreError(ProcqueueError):

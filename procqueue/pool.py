@@ -301,10 +301,12 @@ class Pool(PoolCalls):
         no more work is taken (close()); cancel_futures: every task not yet started is
         cancelled (its future cancelled(), a map's result TaskCancelledError), those running
         finish; wait: return once all has ended and the workers are gone (join())."""
+        # (also after a first shutdown(wait=False): what it left queued is cancelled now)
+        if cancel_futures and self._state is not PoolState.TERMINATE \
+                and not self._supervisor.stopped.is_set():
+            self._supervisor.post(Interrupt(self._jobs.forget_shared_jobs(),
+                                            kill_running=False))
         if self._state is PoolState.RUN:
-            if cancel_futures:
-                self._supervisor.post(Interrupt(self._jobs.forget_shared_jobs(),
-                                                kill_running=False))
             self.close()
         if wait:
             self.join()

@@ -962,8 +962,25 @@ def test_shutdown_as_a_process_pool_executors(make, cancel_futures):
         assert all(f.cancelled() or f.result() == i for i, f in enumerate(futures))
     else:
         assert [f.result() for f in futures] == list(range(8))
-    with pytest.raises(RuntimeError if make is not Pool else ValueError):
+    with pytest.raises(RuntimeError):  # as concurrent.futures says it...
         pool.submit(_nap, 1)
+    if make is Pool:
+        with pytest.raises(ValueError):  # ...and multiprocessing
+            pool.apply_async(_nap, (1,))
+
+
+@pytest.mark.timeout(60)
+def test_a_second_shutdown_cancels_what_the_first_left_queued():
+    # shutdown(wait=False), then shutdown(cancel_futures=True): the second's cancel was
+    # ignored once the pool was closed, and every queued task ran (ProcessPoolExecutor
+    # cancels what its first shutdown left in its queue, not what it had already sent on).
+    pool = Pool(1)
+    futures = [pool.submit(_nap, i) for i in range(8)]
+    assert futures[0].result(timeout=30) == 0
+    pool.shutdown(wait=False)
+    pool.shutdown(wait=True, cancel_futures=True)
+    assert futures[-1].cancelled()
+    assert all(f.cancelled() or f.result() == i for i, f in enumerate(futures))
 
 
 class _ExitAtPickle:
