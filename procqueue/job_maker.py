@@ -175,9 +175,10 @@ class JobMaker:
         per-call options, the calls of one function share one Job, made at the first one
         (what job() works out depends on the function and the pool only), unless per-call
         state of a Job would show (see _shareable)."""
-        if call is not NO_CALL or not _pickles_the_same(func):
-            return self.job(func, CallKind.ARGS_KWARGS, sink, call,
-                            cache=_pickles_the_same(func), single_task=True)
+        same = _pickles_the_same(func)
+        if call is not NO_CALL or not same:
+            return self.job(func, CallKind.ARGS_KWARGS, sink, call, cache=same,
+                            single_task=True)
         last = self._last_shared  # lock-free: one function submitted in a loop
         if last is not None and last[0]() is func:
             return last[1]
