@@ -142,15 +142,22 @@ class WorkerOutcomes:
         every other task it held goes back to the front of the queue, uncharged, unless its
         call was halted or cancelled: then it ends there, cancelled.  A worker being killed
         (phase KILLING: a timeout, a cancel) was killed for a task already charged.  One that
-        died `reading` its next message (worker.RECEIVING) charges the first task it held
-        (what it read may have killed it); one that died idle, none."""
+        died `reading` its next message (worker.RECEIVING) may have been killed by what it
+        read (an argument too big for its memory): the task of a batch of one is charged; the
+        tasks of a bigger batch go back uncharged, each to travel alone from then on, so that
+        the one that did it is charged alone (Task.alone).  One that died idle charges none."""
         self.end_timed_out(slot)
+        read = list(slot.batches[0].pending.values()) if reading and slot.batches else []
         held = [t for b in slot.batches for t in b.pending.values()]
         began = started_ids(slot, running)  # finished, unsent, or the one it was running
         slot.drop_batches()
         culprit_id = running[0] if running else None
-        if culprit_id is None and held and reading and phase is not SlotPhase.KILLING:
-            culprit_id = held[0].id  # it died before marking a task: charge the first it held
+        if culprit_id is None and read and phase is not SlotPhase.KILLING:
+            if len(read) == 1 or any(task.alone for task in read):
+                culprit_id = read[0].id  # it died before marking a task: charge the first
+            else:
+                for task in read:
+                    task.alone = True
         for task in reversed(held):  # reversed + front=True keeps their order
             if task.state is not TaskState.DISPATCHED:
                 continue

@@ -308,13 +308,16 @@ class Scheduler:
                     if queue.size == 0:
                         emptied.append(job_id)
                 break
+            if batch and _alone_next(queue):
+                break
             got = self._admit_from(queue, size - len(batch), now)
             if queue.size == 0:
                 emptied.append(job_id)
             if got:
                 batch.extend(got)
                 first = first or job
-                if len(batch) >= size or self.pool_gates or job.gates or job.keyed:
+                if len(batch) >= size or self.pool_gates or job.gates or job.keyed \
+                        or got[-1].alone:
                     break
         for job_id in emptied:
             del self._queues[job_id]
@@ -493,12 +496,14 @@ class Scheduler:
         popped = 0
         while fifo and len(tasks) < size:
             task = fifo[0]
-            if isinstance(task, Block):
+            if isinstance(task, Block) or task.alone and tasks:
                 break
             fifo.popleft()
             popped += 1
             if task.state is TaskState.QUEUED:  # skip ones cancelled while queued
                 tasks.append(task)
+                if task.alone:
+                    break  # (see Task.alone)
         if popped:
             queue.size -= popped
             self._count_out(queue.job, popped)
@@ -566,6 +571,12 @@ class Scheduler:
 
     def next_retry_at(self) -> float | None:
         return self._retry_heap[0][0] if self._retry_heap else None
+
+
+def _alone_next(queue: JobQueue) -> bool:
+    """The queue's next task travels alone (Task.alone): no batch begun may take it."""
+    head = queue.fifo[0] if queue.fifo else None
+    return isinstance(head, Task) and head.alone
 
 
 def _may_share_a_queue(job: Job) -> bool:

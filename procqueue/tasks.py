@@ -112,7 +112,7 @@ class Task:
     """One call of the user's function on one input."""
 
     __slots__ = ("id", "job", "sink", "index", "payload", "kind", "state", "attempts", "pid",
-                 "seconds", "input", "not_before", "timeout_s", "key", "holds")
+                 "seconds", "input", "not_before", "timeout_s", "key", "holds", "alone")
 
     def __init__(self, task_id: int, job: "Job", index: int, payload: Any,
                  input: Any, sink: OutcomeSink | None = None) -> None:
@@ -133,6 +133,9 @@ class Task:
         self.attempts = 0
         self.pid: int | None = None  # worker of the latest attempt
         self.seconds = 0.0  # run time of the latest attempt
+        # In a batch whose reading killed its worker (outcomes.on_death): it travels in a
+        # batch of its own from then on, so that the task that did it is told apart
+        self.alone = False
         self.input = input  # kept for errors and outcomes; its repr is made only on failure
         self.not_before = 0.0  # RETRY_WAIT: monotonic time it may be queued again
         self.timeout_s = job.timeout_s

@@ -886,6 +886,42 @@ def test_a_task_whose_results_kill_their_worker_fails_after_its_retries(api):
         assert pool.stats().worker_restarts == 2  # the first run and its one retry
 
 
+def die_reading_a_killer() -> None:
+    """Initializer: the worker dies as it reads a batch holding the argument "KILLER" (as one
+    too big for its memory kills it there), before any of the batch's tasks starts."""
+    import procqueue.give_back as give_back
+
+    real = give_back.loads_message
+
+    def loads_or_die(data: bytes) -> Any:
+        if b"KILLER" in data:
+            os._exit(1)
+        return real(data)
+
+    give_back.loads_message = loads_or_die
+
+
+def echo(x: Any) -> Any:
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_an_argument_that_kills_its_reader_fails_only_its_own_task():
+    # The first task of the batch was charged, so the small arguments sent with it failed
+    # (audit: 3 of 4 runs, WorkerCrashedError for 3 tasks of 11).  Its tasks now go back
+    # uncharged and travel alone, and only the one that kills its reader fails.
+    pq = _procqueue()
+    errors = _errors()
+    with pq.Pool(1, retries=1, initializer=die_reading_a_killer) as pool:
+        assert pool.map(echo, range(200)) == list(range(200))  # measured: tiny, batched
+        blocker = pool.submit(time.sleep, 0.3)  # the next ones queue up into one batch
+        futures = [pool.submit(echo, x) for x in (1, 2, 3, "KILLER", 5, 6)]
+        blocker.result(timeout=30)
+        outcomes = [f.exception(timeout=30) or f.result() for f in futures]
+    assert outcomes[:3] + outcomes[4:] == [1, 2, 3, 5, 6]
+    assert isinstance(outcomes[3], errors.WorkerCrashedError)
+
+
 CAUGHT_CTRL_C = r'''
 import os, signal, sys, threading, time
 from pathlib import Path
