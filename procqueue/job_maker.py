@@ -286,6 +286,10 @@ class JobMaker:
         return pickled
 
 
+# Functions and builtins: code, whose pickle carries no state that a call could change
+_PLAIN_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
+
+
 def _code_of(func: Any) -> Any:
     """The function that runs when `func` is called: a partial's, a bound method's, a callable
     object's class (whose __call__ runs)."""
@@ -293,7 +297,7 @@ def _code_of(func: Any) -> Any:
         func = func.func
     if isinstance(func, types.MethodType):
         return func.__func__
-    if isinstance(func, (types.FunctionType, types.BuiltinFunctionType, type)):
+    if isinstance(func, (*_PLAIN_FUNCTIONS, type)):
         return func
     return type(func)
 
@@ -303,7 +307,7 @@ def _pickles_the_same(func: Any) -> bool:
     function or a builtin.  An object whose state its pickle carries (a callable instance, a
     functools.partial, a bound method held in a variable) is pickled with each call, as
     multiprocessing pickles it with each task: a change between two calls reaches the second."""
-    return isinstance(func, (types.FunctionType, types.BuiltinFunctionType))
+    return isinstance(func, _PLAIN_FUNCTIONS)
 
 
 class _NoSink(OutcomeSink):

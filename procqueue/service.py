@@ -100,8 +100,8 @@ class QueueService:
         self._rotation = 0
         self._mean_s = 1.0  # measured run time per task: seeded long, so a first claim of
         # unknown tasks takes MIN_DEPTH per worker, not a pile other services could run
-        self._iterators: list[Any] = []
-        self._collectors: dict[int, threading.Thread] = {}  # by id() of their iterator
+        # the calls running in the pool: id(outcomes) -> (outcomes, its collector thread)
+        self._calls: dict[int, tuple[Any, threading.Thread]] = {}
         self._batch_of: dict[int, tuple[Any, list[ClaimedTask]]] = {}  # task id -> its call
         self._revoked: queue_module.SimpleQueue[set[int]] = queue_module.SimpleQueue()
         self._unrecorded: list[Finished] = []
@@ -266,12 +266,11 @@ class QueueService:
             outcomes = self.pool.imap_outcomes(
                 call_stored, [(t.function, t.payload, t.id) for t in batch], ordered=False,
                 star=True, chunksize=max(1, len(batch) // (4 * self.jobs)), **options)
-            self._iterators.append(outcomes)
             for task in batch:
                 self._batch_of[task.id] = (outcomes, batch)
             collector = threading.Thread(target=self._collect, args=(batch, outcomes),
                                          name="procqueue-collect", daemon=True)
-            self._collectors[id(outcomes)] = collector
+            self._calls[id(outcomes)] = (outcomes, collector)
             collector.start()
 
     def _collect(self, batch: list[ClaimedTask], outcomes: Any) -> None:
@@ -283,24 +282,22 @@ class QueueService:
                     with contextlib.suppress(BlockingIOError, OSError):
                         os.write(self._pipe_w, b"!")
         finally:
-            with contextlib.suppress(ValueError):
-                self._iterators.remove(outcomes)
-            self._collectors.pop(id(outcomes), None)
+            self._calls.pop(id(outcomes), None)
 
     def _cancel_batches(self) -> None:
-        calls = list(self._iterators)
+        self._cancel_until_ended([outcomes for outcomes, _ in list(self._calls.values())])
+
+    def _cancel_until_ended(self, calls: list[Any]) -> None:
+        """Cancel calls, killing their running tasks, and wait until each has every outcome:
+        a killed task ends once its worker is dead or SIGKILLed.  Only then may its tasks go
+        back to the store: another service would start one beside its dying copy (a
+        concurrency of 1 seen as 2)."""
         for outcomes in calls:
             with contextlib.suppress(Exception):
                 outcomes.cancel(True)
-        self._wait_until_ended(calls)
-
-    def _wait_until_ended(self, calls: list[Any]) -> None:
-        """Until cancelled calls have every outcome: a task killed while running ends once its
-        worker is dead or SIGKILLed.  Only then may its tasks go back to the store: another
-        service would start one beside its dying copy (a concurrency of 1 seen as 2)."""
         deadline = time.monotonic() + CANCEL_WAIT_S
         for outcomes in calls:
-            collector = self._collectors.get(id(outcomes))
+            _, collector = self._calls.get(id(outcomes), (None, None))
             if collector is not None:
                 collector.join(max(0.0, deadline - time.monotonic()))
 
@@ -318,9 +315,7 @@ class QueueService:
         calls = {id(self._batch_of[i][0]): self._batch_of[i] for i in revoked
                  if i in self._batch_of and i in self._held}
         for outcomes, batch in calls.values():
-            with contextlib.suppress(Exception):
-                outcomes.cancel(True)
-            self._wait_until_ended([outcomes])
+            self._cancel_until_ended([outcomes])
             back = [(t.id, t.attempt) for t in batch if t.id in self._held
                     and t.id not in revoked]
             self.store.release(self.id, back)
