@@ -837,10 +837,12 @@ def test_a_worker_killed_while_idle_charges_none_of_the_tasks_sent_to_it(tmp_sha
                 pending = [pool.submit(record_start, item) for item in items]
             else:
                 pending = [pool.map_async(record_start, items)]
+            # until the stopped worker holds what it was sent (a new function's first task
+            # may travel alone while it is measured: the other then stays queued)
             deadline = time.monotonic() + 10
-            while pool.stats().tasks_queued and time.monotonic() < deadline:
-                time.sleep(0.01)  # until the stopped worker holds them
-            assert pool.stats().tasks_queued == 0
+            while pool.stats().tasks_queued == 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert pool.stats().tasks_queued < 2
             assert not list(tmp_shared.glob("start-*"))
         finally:
             os.kill(victim, signal.SIGKILL)
