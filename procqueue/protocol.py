@@ -28,6 +28,7 @@ of the program's script by reference to the worker's import of it (see _MainFunc
 
 from __future__ import annotations
 
+import copyreg
 import enum
 import io
 import mmap
@@ -864,11 +865,39 @@ def capture_exception(exc: BaseException) -> bytes:
     type_name, message = _qualified_type_name(exc), _safe_str(exc)
     exc_for_wire = _strip_traceback(exc)
     try:
-        blob = dumps(exc_for_wire)
+        blob = _dumps_exception(exc_for_wire)
         loads(blob)  # the loads-check: custom __init__ signatures fail here, not in the caller
     except Exception:
-        blob = dumps(RemoteError(type_name, message, tb_text))
+        blob = _dumps_exception(RemoteError(type_name, message, tb_text))
     return dumps(ErrorInfo(blob, type_name, message, tb_text))
+
+
+def _dumps_exception(exc: BaseException) -> bytes:
+    """Pickle an exception as Python does (its args and attributes: no traceback, no chain),
+    also where tblib's reducers are in copyreg (Dask's distributed installs them for every
+    exception class on import): they pickle the cause and context too, which the caller then
+    keeps instead of the remote traceback, and fail on a cause that does not pickle."""
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, PICKLE_PROTOCOL)
+    pickler.dispatch_table = _reducers_but_exceptions()
+    pickler.dump(exc)
+    return buffer.getvalue()
+
+
+_PLAIN_REDUCERS: tuple[int, dict[Any, Any]] = (-1, {})
+
+
+def _reducers_but_exceptions() -> dict[Any, Any]:
+    """copyreg's reducers without those of exceptions and tracebacks (remade when it grows)."""
+    global _PLAIN_REDUCERS
+    size, reducers = _PLAIN_REDUCERS
+    if size != len(copyreg.dispatch_table):
+        table = dict(copyreg.dispatch_table)
+        reducers = {cls: reduce for cls, reduce in table.items()
+                    if not (isinstance(cls, type) and (issubclass(cls, BaseException)
+                                                       or cls is types.TracebackType))}
+        _PLAIN_REDUCERS = (len(table), reducers)
+    return reducers
 
 
 def restore_exception(data: bytes) -> BaseException:
@@ -878,8 +907,8 @@ def restore_exception(data: bytes) -> BaseException:
         exc: BaseException = loads(info.exception)
     except Exception:  # its class is not importable here: keep its name, message and text
         exc = RemoteError(info.type_name, info.message, info.traceback_text)
-    if exc.__cause__ is None:
-        exc.__cause__ = remote_traceback(info.traceback_text)
+    # (an exception's own pickle may bring a cause along: the text has the whole chain)
+    exc.__cause__ = remote_traceback(info.traceback_text)
     if isinstance(exc, TaskFailed) and isinstance(exc, RemoteError) and not exc.traceback_text:
         exc.traceback_text = info.traceback_text
     return exc

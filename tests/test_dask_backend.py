@@ -38,6 +38,7 @@ import procqueue  # noqa: E402
 from procqueue import (  # noqa: E402
     ArgumentSerializationError,
     PoolClosedError,
+    RemoteError,
     RemoteTraceback,
     ResultSerializationError,
     TaskCancelledError,
@@ -359,6 +360,62 @@ def test_unpicklable_argument_and_result_fail_only_their_item(pool: DaskPool) ->
 class _Unpicklable:
     def __reduce__(self) -> Any:
         raise TypeError("cannot pickle this")
+
+
+class _NeedsTwoArguments(Exception):
+    """An exception whose pickle does not load (its __init__ needs two arguments)."""
+
+    def __init__(self, message: str, extra: int) -> None:
+        super().__init__(message)
+        self.extra = extra
+
+
+def fail_in_ways(how: str) -> Any:
+    if how == "exit":
+        sys.exit(4)
+    if how == "base":
+        raise _LocalBase.made("base")
+    if how == "unloadable":
+        raise _NeedsTwoArguments("two", 2)
+    if how == "lock":
+        return threading.Lock()
+    raise KeyError(how)
+
+
+class _LocalBase:
+    @staticmethod
+    def made(message: str) -> BaseException:
+        class NotPicklable(BaseException):  # a local class: it cannot travel as itself
+            pass
+        return NotPicklable(message)
+
+
+@pytest.mark.parametrize("backend", ["dask", "local"])
+def test_errors_are_alike_where_distributed_pickles_exceptions_with_their_causes(
+        backend: str) -> None:
+    """Dask's distributed installs tblib's exception picklers (cause, context, traceback) for
+    the exception classes there are when it is imported: in the workers of a LocalCluster
+    that procqueue starts, procqueue's are among them, as in a local pool's workers when the
+    program imports distributed.  A task's error still has the remote traceback as its cause
+    (the command line's records print it), and the same type and message on both backends."""
+    with procqueue.Pool(2, backend=backend, retries=0, initializer=_install_tblib) as pool:
+        errors = pool.map(fail_in_ways, ["exit", "base", "unloadable", "lock", "key"],
+                          errors="return")
+    exited, base, unloadable, lock, key = errors
+    assert isinstance(exited, WorkerExitedError) and exited.code == 4
+    assert isinstance(base, RemoteError) and str(base).startswith("NotPicklable: base (task 1")
+    assert isinstance(unloadable, RemoteError)
+    assert str(unloadable).startswith(f"{__name__}._NeedsTwoArguments: two (task 2")
+    assert isinstance(lock, ResultSerializationError) and isinstance(key, KeyError)
+    for error, text in zip(errors, ["sys.exit(4)", "NotPicklable", "_NeedsTwoArguments",
+                                    "cannot pickle", "KeyError"], strict=True):
+        assert isinstance(error.__cause__, RemoteTraceback), (error, error.__cause__)
+        assert text in error.__cause__.tb_text
+
+
+def _install_tblib() -> None:
+    import tblib.pickling_support
+    tblib.pickling_support.install()
 
 
 def test_sys_exit_in_a_task_is_a_task_failure(pool: DaskPool) -> None:
