@@ -980,7 +980,8 @@ def run(fn: Any, items: "Inputs | StreamedInputs", jobs: int | None,
                 if not record["ok"]:
                     failed += 1
                     never_ran += outcome.attempts == 0
-                    cancelled = isinstance(outcome.error, procqueue.TaskCancelledError)
+                    cancelled = isinstance(outcome.error, procqueue.TaskCancelledError) \
+                        or procqueue.is_retry_stopped(outcome.error)
                     if cancelled and halt is not None and not halted \
                             and interrupts.signal is None:
                         halted = True  # the pool's halt: its first cancelled input

@@ -319,9 +319,12 @@ class JobLog:
         """The line of `outcome`; `recorded_ok` is what its record says (a result that is not
         JSON made the record an error: the log must say so too, or --resume-failed would
         skip that input)."""
-        if outcome.attempts == 0 or isinstance(outcome.error, procqueue.TaskCancelledError):
+        if outcome.attempts == 0 or isinstance(outcome.error, procqueue.TaskCancelledError) \
+                or procqueue.is_retry_stopped(outcome.error):
             self.starts.pop(outcome.index, None)
-            return  # never ran, or killed by the run's own stop: --resume runs it again
+            # never ran, killed by the run's own stop, or stopped before its retry: --resume
+            # runs it again
+            return
         now = time.time()
         start = self.starts.pop(outcome.index, now - outcome.seconds)
         # A task that ends without a run time of its own: its time until it ended

@@ -18,6 +18,7 @@ from .errors import TaskFailed as TaskFailed
 from .errors import TaskTimeoutError as TaskTimeoutError
 from .errors import WorkerCrashedError as WorkerCrashedError
 from .errors import WorkerExitedError as WorkerExitedError
+from .errors import is_retry_stopped as is_retry_stopped
 
 from typing import TYPE_CHECKING
 
@@ -130,6 +131,7 @@ __all__ = [
     "WorkerExitedError", "TaskTimeoutError", "TaskCancelledError", "ServiceLostError",
     "ArgumentSerializationError", "ResultSerializationError", "RemoteError",
     "RemoteTraceback", "PoolBrokenError", "InitializerError", "PoolClosedError",
+    "is_retry_stopped",
     "start_fork_server", "__version__",
     "TaskQueue", "TaskHandle", "FunctionRef", "TaskStatus", "TaskRecord", "ServiceSummary",
     "StoreError", "StoreFormatError", "StoreUnsafeError", "Dashboard",

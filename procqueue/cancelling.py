@@ -73,8 +73,7 @@ class Canceller:
         for task in _held_of(slot, job):
             if task.id not in started:
                 _drop(slot, task)
-                self.book.finish(task, TaskState.CANCELLED, False,
-                                 self.book.cancelled_error(task))
+                self.book.end_unstarted(task)
         # A started task is left to the worker's death: the one running may have returned
         # since its slot said so, and the SIGTERM has the worker send what it finished
         # (worker._send_unsent_then_die).  A result that arrives is kept; a task still without

@@ -293,6 +293,21 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
+def retry_stopped(error: BaseException) -> BaseException:
+    """Mark the error a task failed with as its outcome because its retry never started (its
+    call was halted or cancelled, the pool terminated): `.retry_stopped` is True.  Its input
+    did not use its retries, so a journal or a joblog leaves it pending, as a cancelled one."""
+    try:
+        setattr(error, "retry_stopped", True)
+    except (AttributeError, TypeError):  # exceptions with __slots__ or read-only attributes
+        pass
+    return error
+
+
+def is_retry_stopped(error: BaseException | None) -> bool:
+    return getattr(error, "retry_stopped", False) is True
+
+
 def annotate(exc: BaseException, *, index: int | None, input_repr: str | None,
              pid: int | None, attempts: int | None) -> BaseException:
     """Attach who/what/where to a task's exception as attributes (`.index`, `.input_repr`,
@@ -330,6 +345,7 @@ __all__ = [
     "TaskTimeoutError", "TaskCancelledError", "ServiceLostError", "ArgumentSerializationError",
     "ResultSerializationError", "RemoteError", "PoolBrokenError", "InitializerError",
     "PoolClosedError", "RemoteTraceback", "remote_traceback", "remote_traceback_text",
+    "retry_stopped", "is_retry_stopped",
     "argument_error", "signal_name", "describe_exit", "annotate", "key_function_error",
 ]
 

@@ -126,7 +126,8 @@ from typing import IO, Any, Callable, Iterable, Iterator, NamedTuple, Protocol
 
 from . import code_identity
 from .errors import (PoolBrokenError, PoolClosedError, ProcqueueError, StoreFormatError,
-                     StoreUnsafeError, TaskCancelledError, remote_traceback_text)
+                     StoreUnsafeError, TaskCancelledError, is_retry_stopped,
+                     remote_traceback_text)
 from .protocol import PICKLE_PROTOCOL, dumps_function
 from .results import TaskOutcome
 from .store.codec import error_columns, json_or_repr, rebuild_error, short_repr
@@ -915,9 +916,10 @@ class JournalingSink(OutcomeSink):
     def deliver(self, task: TaskLike, ok: bool, value: Any) -> None:
         """Buffer the outcome; it is reported once committed (supervisor thread: cheap).  A
         task stopped or never run (NOT_OUTCOMES: Ctrl-C, a halt, terminate, a broken pool, a
-        script that does not load) is reported but not journaled: its input stays pending,
-        and the next run runs it."""
-        record = ok or not isinstance(value, NOT_OUTCOMES)
+        script that does not load), or stopped while it waited for a retry (errors.
+        retry_stopped), is reported but not journaled: its input stays pending, and the next
+        run runs it."""
+        record = ok or not (isinstance(value, NOT_OUTCOMES) or is_retry_stopped(value))
         seq = self.journal._writer.put(self, task, ok, value, record=record)
         if seq is not None:
             self._last_seq = seq

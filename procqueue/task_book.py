@@ -22,7 +22,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from .errors import TaskCancelledError, annotate
+from .errors import TaskCancelledError, annotate, retry_stopped
 from .protocol import OutOfBand, dumps_argument, short_repr
 from .retry import FailureKind, RetryPolicy
 from .scheduler import Scheduler
@@ -193,6 +193,7 @@ class TaskBook:
         if may_retry and not task.job.cancelled and self.policy.should_retry(
                 task.attempts, kind, error):
             self.retries += 1
+            task.last_error = error
             task.move(TaskState.RETRY_WAIT)
             self.scheduler.wait_for_retry(
                 task, time.monotonic() + self.policy.backoff(task.attempts))
@@ -204,7 +205,7 @@ class TaskBook:
         if task.state is not TaskState.DISPATCHED:
             return  # already given an outcome
         if task.job.cancelled:
-            self.finish(task, TaskState.CANCELLED, False, self.cancelled_error(task))
+            self.end_unstarted(task)
         else:  # revoked for another task of its batch (a cancelled future): run it later
             self.requeue(task)
 
@@ -221,7 +222,7 @@ class TaskBook:
             return
         # Not counted as an attempt: it never ran, or its run was not its fault.
         if task.job.cancelled:  # and its call wants nothing more run
-            self.finish(task, TaskState.CANCELLED, False, self.cancelled_error(task))
+            self.end_unstarted(task)
         else:
             self.requeue(task)
 
@@ -241,9 +242,21 @@ class TaskBook:
 
     # ---- cancelling --------------------------------------------------------------------------
 
+    def end_unstarted(self, task: Task) -> None:
+        """End a task of a cancelled or halted call that waits to start: cancelled, unless
+        it already failed and waited to be retried: then that failure is its outcome."""
+        if task.last_error is not None:
+            self.fail(task, retry_stopped(task.last_error))
+        else:
+            self.finish(task, TaskState.CANCELLED, False, self.cancelled_error(task))
+
     def cancel_with(self, task: Task, error: BaseException) -> None:
         """End a task that never started with `error` (terminate, a broken pool), which then
-        names the task and its input, as any task's error does."""
+        names the task and its input, as any task's error does; a task that failed and waited
+        to be retried ends with that failure instead."""
+        if task.last_error is not None:
+            self.fail(task, retry_stopped(task.last_error))
+            return
         annotate(error, index=task.index, input_repr=short_repr(task.input), pid=None,
                  attempts=task.attempts)
         self.finish(task, TaskState.CANCELLED, False, error)
@@ -256,9 +269,12 @@ class TaskBook:
 
     def cancel_queued(self, task: Task, *, notify: bool) -> None:
         """End a task that waits (queued or in its retry backoff); `notify`: tell its sink."""
-        if task.state in (TaskState.QUEUED, TaskState.RETRY_WAIT):
-            self.finish(task, TaskState.CANCELLED, False,
-                        self.cancelled_error(task) if notify else None)
+        if task.state not in (TaskState.QUEUED, TaskState.RETRY_WAIT):
+            return
+        if notify:
+            self.end_unstarted(task)
+        else:  # its future was cancelled: it shows that
+            self.finish(task, TaskState.CANCELLED, False, None)
 
     def cancel_waiting(self, job: Job) -> None:
         """Every task of a cancelled call that waits in the queue or in its retry backoff."""

@@ -112,7 +112,8 @@ class Task:
     """One call of the user's function on one input."""
 
     __slots__ = ("id", "job", "sink", "index", "payload", "kind", "state", "attempts", "pid",
-                 "seconds", "input", "not_before", "timeout_s", "key", "holds", "alone")
+                 "seconds", "input", "not_before", "timeout_s", "key", "holds", "alone",
+                 "last_error")
 
     def __init__(self, task_id: int, job: "Job", index: int, payload: Any,
                  input: Any, sink: OutcomeSink | None = None) -> None:
@@ -137,6 +138,10 @@ class Task:
         # batch of its own from then on, so that the task that did it is told apart
         self.alone = False
         self.input = input  # kept for errors and outcomes; its repr is made only on failure
+        # The failure it waits to be retried after: its outcome if the retry never starts
+        # (its call is halted or cancelled, the pool terminated), not "cancelled before it
+        # started", which would lose the error and say it never ran
+        self.last_error: BaseException | None = None
         self.not_before = 0.0  # RETRY_WAIT: monotonic time it may be queued again
         self.timeout_s = job.timeout_s
         self.key: Any = None  # concurrency key (calls with key=)

@@ -410,6 +410,30 @@ def test_halt_does_not_wait_for_a_slow_first_input_in_ordered_output(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_inputs_waiting_for_a_retry_at_a_halt_keep_their_error(tmp_path):
+    # Every input raises; -j 1 runs each once before any retry (the retries back off), so
+    # when the first has used its retries and halts the run, the others wait for theirs:
+    # their records keep the error they failed with, not "cancelled before it started"
+    script = tmp_path / "job.py"
+    script.write_text("def process(x):\n    raise ValueError(f'bad {x}')\n")
+    joblog = tmp_path / "joblog"
+    run = procqueue("map", script, "-j", "1", "--retries", "2", "--halt", "now,fail=1",
+                    "--joblog", joblog, ":::", "x", "y", "z")
+    assert run.returncode == 1, run.stderr
+    recs = records(run.stdout)
+    assert [r["input"] for r in recs] == ["x", "y", "z"]
+    for r in recs:
+        assert r["error"]["type"] == "ValueError", r
+        assert r["error"]["message"] == f"bad {r['input']}" and r["attempts"] >= 1
+        assert "raise ValueError" in r["error"]["traceback"]
+    # Only the input that used its retries is logged: --resume gives the others theirs
+    exhausted = [r["input"] for r in recs if r["attempts"] == 3]
+    assert len(exhausted) == 1
+    logged = joblog.read_text().splitlines()[1:]
+    assert [line.split("\t")[-1] for line in logged] == [f"{script}:process {exhausted[0]}"]
+
+
+@pytest.mark.timeout(60)
 def test_gnu_parallel_halt_2_is_now_fail_1(batch):
     script, inputs = batch
     (inputs / "0-raise.txt").write_text("x")  # sorts first

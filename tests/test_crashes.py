@@ -514,6 +514,55 @@ def test_raising_task_is_retried_with_retry_on(tmp_shared):
     assert len(list(tmp_shared.glob("run-*"))) == 3
 
 
+def fail_or_wait(args):
+    """'fail' raises at once; 'wait' says it started, then sleeps; 'bad' raises once 'wait'
+    started."""
+    directory, what = args
+    if what == "fail":
+        raise ValueError("failed before its retry")
+    if what == "bad":
+        _wait_for(lambda: os.path.exists(os.path.join(directory, "wait-started")))
+        raise KeyError(what)
+    if what == "wait":
+        Path(directory, "wait-started").touch()
+        time.sleep(30)
+    return what
+
+
+def _wait_for(condition, timeout_s=20.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("stop", ["terminate", "halt"])
+def test_a_task_waiting_for_its_retry_when_stopped_ends_with_its_failure(stop, tmp_shared):
+    """Its retry never starts: its outcome is the error it failed with (attempts 1), not
+    "cancelled before it started" (which would lose the error and say it never ran)."""
+    pq = _procqueue()
+    errors = _errors()
+    started = tmp_shared / "wait-started"
+    with pq.Pool(1 if stop == "terminate" else 2, retries=5, retry_on=(ValueError,)) as pool:
+        if stop == "terminate":  # the retry waits behind 'wait' on the pool's one worker
+            failing = pool.submit(fail_or_wait, (str(tmp_shared), "fail"))
+            waiting = pool.submit(fail_or_wait, (str(tmp_shared), "wait"))
+            _wait_for(started.exists)
+            pool.terminate()
+            error, other = failing.exception(timeout=20), waiting.exception(timeout=20)
+        else:  # 'bad' fails for good (no retry for KeyError) while 'fail' waits for its retry
+            result = pool.map_async(fail_or_wait, [(str(tmp_shared), w)
+                                                   for w in ("fail", "wait", "bad", "x")],
+                                    halt="now,fail=1", errors="return")
+            error, other, bad, never = result.get(timeout=30)
+            assert isinstance(bad, KeyError) and isinstance(never, errors.TaskCancelledError)
+            assert not pq.is_retry_stopped(bad)
+    assert isinstance(error, ValueError) and "failed before its retry" in str(error)
+    assert error.attempts >= 1 and pq.is_retry_stopped(error)
+    assert isinstance(other, errors.TaskCancelledError)
+
+
 @pytest.mark.timeout(30)
 def test_timed_out_task_is_not_retried_by_crash_retries(tmp_shared):
     pq = _procqueue()

@@ -1040,6 +1040,29 @@ def test_terminate_cancels_unfinished_work(client: Any, tmp_path: Path) -> None:
         pool.submit(square, 1)
 
 
+def fail_then_count(path: str) -> None:
+    with open(path, "a") as runs:
+        runs.write("run\n")
+    raise ValueError("failed before its retry")
+
+
+def test_a_task_waiting_for_its_retry_at_terminate_ends_with_its_failure(
+        client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on the local pool: its retry never starts, so the error it failed with is its
+    outcome (not "cancelled", which would lose the error and say it never ran)."""
+    from procqueue.retry import RetryPolicy
+    monkeypatch.setattr(RetryPolicy, "backoff", lambda self, attempts: 30.0)  # it waits
+    runs = tmp_path / "runs"
+    pool = DaskPool(client=client, retries=5, retry_on=(ValueError,))
+    future = pool.submit(fail_then_count, str(runs))
+    _wait_for(runs.exists)
+    pool.terminate()
+    error = future.exception(timeout=20)
+    assert isinstance(error, ValueError) and "failed before its retry" in str(error)
+    assert error.attempts == runs.read_text().count("run")  # type: ignore[attr-defined]
+    assert procqueue.is_retry_stopped(error)
+
+
 def test_cancelled_future_never_delivers(pool: DaskPool) -> None:
     blocker = [pool.submit(time.sleep, 0.3) for _ in range(WORKERS * 3)]
     late = pool.submit(square, 3)

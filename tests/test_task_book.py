@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from procqueue.chunking import ChunkSizer
-from procqueue.errors import TaskCancelledError, WorkerCrashedError
+from procqueue.errors import TaskCancelledError, WorkerCrashedError, is_retry_stopped
 from procqueue.protocol import CallKind
 from procqueue.retry import FailureKind, RetryPolicy
 from procqueue.scheduler import HaltPolicy, Scheduler
@@ -198,11 +198,16 @@ def test_cancelling_a_call_ends_what_waits_queued_or_in_backoff() -> None:
     (first,) = book.scheduler.next_batch(1)
     dispatch(first)
     ran(first)
-    book.after_failure(first, FailureKind.CRASH, WorkerCrashedError(), may_retry=True)
+    crash = WorkerCrashedError()
+    book.after_failure(first, FailureKind.CRASH, crash, may_retry=True)
     job.cancelled = True
     book.cancel_waiting(job)
-    assert sorted(i for i, _, _ in sink.outcomes) == [0, 1, 2]
-    assert all(isinstance(v, TaskCancelledError) for _, _, v in sink.outcomes)
+    ended = {i: v for i, _, v in sink.outcomes}
+    assert sorted(ended) == [0, 1, 2]
+    # the one in its backoff ends with the failure it waited to retry (not "cancelled")
+    assert ended[first.index] is crash and is_retry_stopped(crash)
+    assert all(isinstance(v, TaskCancelledError) and not is_retry_stopped(v)
+               for i, v in ended.items() if i != first.index)
     assert not book.work_left()
 
 

@@ -23,7 +23,8 @@ import time
 import traceback
 from typing import Any, Callable
 
-from ...errors import PoolBrokenError, TaskCancelledError, TaskTimeoutError, annotate
+from ...errors import (PoolBrokenError, TaskCancelledError, TaskTimeoutError, annotate,
+                       retry_stopped)
 from ...protocol import short_repr
 from ...retry import FailureKind, RetryPolicy
 from ...stats import TaskEvent
@@ -232,7 +233,7 @@ class _Driver:
             run = _Run(_Slots.UNKNOWN, chunk.submitted_s, time.time())
             self.events.emit(item, run, "crash", error)
             if self._may_retry(item, item.crash_runs, FailureKind.CRASH, error):
-                self._retry(item)
+                self._retry(item, error)
             else:
                 self._fail(item, error)
 
@@ -242,7 +243,7 @@ class _Driver:
             item.attempts -= 1  # its run was not its fault (or it never ran)
             item.isolate = item.isolate or isolate
             if call.cancelled or self.state != "running":
-                self._finish(item, False, cancelled_error(item, "before it finished"))
+                self._end_unstarted(item, "before it finished")
             else:
                 item.move(TaskState.QUEUED)
                 call.pending.push(item, item.key, front=True)
@@ -252,7 +253,7 @@ class _Driver:
         kind = FailureKind.TIMEOUT if isinstance(error, TaskTimeoutError) \
             else FailureKind.EXCEPTION
         if self._may_retry(item, item.attempts, kind, error):
-            self._retry(item)
+            self._retry(item, error)
         else:
             self._fail(item, error)
 
@@ -261,7 +262,8 @@ class _Driver:
         return self.state == "running" and not item.job.cancelled \
             and self.policy.should_retry(runs, kind, error)
 
-    def _retry(self, item: DaskTask) -> None:
+    def _retry(self, item: DaskTask, error: BaseException) -> None:
+        item.last_error = error  # its outcome if the retry never starts (Task.last_error)
         item.move(TaskState.RETRY_WAIT)
         self.counts.retries += 1
         due = time.monotonic() + self.policy.backoff(item.attempts)
@@ -274,11 +276,19 @@ class _Driver:
             if item.state.terminal:
                 continue
             if item.job.cancelled or self.state != "running":
-                self._finish(item, False, cancelled_error(item, "before its retry"))
+                self._end_unstarted(item, "before its retry")
                 continue
             item.move(TaskState.QUEUED)
             item.job.pending.push(item, item.key, front=True)
             self.chunks.mark_ready(item.job)
+
+    def _end_unstarted(self, item: DaskTask, when: str) -> None:
+        """End an item that waits to start: cancelled `when`, unless it failed and waited to
+        be retried: then that failure is its outcome."""
+        if item.last_error is not None:
+            self._fail(item, retry_stopped(item.last_error))
+        else:
+            self._finish(item, False, cancelled_error(item, when))
 
     def _fail(self, item: DaskTask, error: BaseException) -> None:
         annotate(error, index=item.index, input_repr=short_repr(item.input), pid=item.pid,
@@ -313,7 +323,7 @@ class _Driver:
         call.cancelled = True
         call.sink.stop_input()
         for item in call.pending.drain():
-            self._finish(item, False, cancelled_error(item, "before it started"))
+            self._end_unstarted(item, "before it started")
         if kill_running:
             for chunk in [c for c in self.inflight.values() if c.call is call]:
                 self._kill_chunk(chunk, "while running")
@@ -343,12 +353,10 @@ class _Driver:
             self._kill_chunk(chunk, "while running: the pool was terminated")
         for call in list(self.calls.values()):
             for item in call.pending.drain():
-                self._finish(item, False,
-                             cancelled_error(item, "before it started: the pool was "
-                                                   "terminated"))
+                self._end_unstarted(item, "before it started: the pool was terminated")
         while self.retry_heap:
             item = heapq.heappop(self.retry_heap)[2]
-            self._finish(item, False, cancelled_error(item, "while waiting to retry"))
+            self._end_unstarted(item, "while waiting to retry")
         for call in list(self.calls.values()):
             call.open = False
             self._forget_if_finished(call)
