@@ -34,7 +34,7 @@ import click
 import procqueue
 from procqueue import HaltPolicy
 
-from .inputs import (ARG_FILES, SEPARATORS, Inputs, StreamedInputs, collect_inputs,
+from .inputs import (ARG_FILES, SEPARATORS, TRIMS, Inputs, StreamedInputs, collect_inputs,
                      collect_named_inputs, group_inputs, stdin_inputs)
 from .loader import NamedArguments, WorkerStart
 from .batch_dashboard import batch_dashboard, feeding, serving
@@ -380,10 +380,15 @@ def cli() -> None:
               help="Check SCRIPT and its function, print the inputs one call per line (each "
                    "argument shell-quoted where needed: 'b c' 1), run nothing (GNU parallel's "
                    "--dry-run).")
-@click.option("--colsep", metavar="REGEX",
-              help="Split each input into columns at REGEX and pass one argument per column "
-                   "(GNU parallel's --colsep; e.g. --colsep , :::: pairs.csv) [default: one "
-                   "argument per input].")
+@click.option("-C", "--colsep", metavar="REGEX",
+              help="Split each input into columns at REGEX and pass one argument per column, "
+                   "trimmed as --trim says (GNU parallel's --colsep; e.g. --colsep , :::: "
+                   "pairs.csv: a line 'a, 1' is 'a' and '1') [default: one argument per "
+                   "input].")
+@click.option("--trim", type=click.Choice(list(TRIMS)), default=None,
+              help="Strip whitespace around each argument (each column with --colsep, the "
+                   "--header names too): n none, l left, r right, lr or rl both (GNU "
+                   "parallel's --trim) [default: rl with --colsep, else n].")
 @click.option("--header", "header", metavar=":",
               help="The first input of each source names its columns (split at --colsep, "
                    "a tab by default), and the function gets each row's columns as keyword "
@@ -424,7 +429,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 interrupt_grace: float | None, trace_path: str | None,
                 journal_path: str | None, retry_failed: bool, force: bool,
                 joblog_path: str | None, resume: bool, resume_failed: bool, will_cite: bool,
-                dry_run: bool, colsep: str | None, header: str | None, link: bool,
+                dry_run: bool, colsep: str | None, trim: str | None, header: str | None,
+                link: bool,
                 max_args: int | None,
                 null: bool, bar: bool, quiet: bool, stats: bool, dashboard: bool,
                 dashboard_host: str, dashboard_port: int) -> None:
@@ -456,20 +462,20 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
         if max_args is not None and max_args > 1:
             raise click.UsageError("--header names one row's columns: it does not go with -N")
         items, names = collect_named_inputs(inputs, glob, lines_file, null=null, colsep=colsep,
-                                            link=link, unreadable=unreadable)
+                                            link=link, unreadable=unreadable, trim=trim)
         check_keyword_arguments(fn, names)
         call = NamedArguments(fn, names)
     elif inputs == ("-",) and lines_file is None and _may_stream(
             max_args, resume or resume_failed, journal_path, dry_run, dashboard, null, halt,
             cluster):
         try:
-            items = stdin_inputs(colsep=colsep)  # waits for stdin's first line
+            items = stdin_inputs(colsep=colsep, trim=trim)  # waits for stdin's first line
         except KeyboardInterrupt:
             raise Interrupted() from None
     else:
         try:  # (stdin to its end, a big tree of directories)
             items = collect_inputs(inputs, glob, lines_file, null=null, colsep=colsep,
-                                   link=link, unreadable=unreadable)
+                                   link=link, unreadable=unreadable, trim=trim)
         except KeyboardInterrupt:
             raise Interrupted() from None
     if max_args is not None and max_args > 1:

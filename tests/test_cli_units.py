@@ -132,6 +132,27 @@ def test_colsep_splits_every_input_into_columns_as_gnu_parallel_does(tmp_path):
     assert info.value.exit_code == 2
 
 
+def test_colsep_trims_each_column_as_gnu_parallels_trim_rl_unless_trim_says_otherwise(tmp_path):
+    # parallel --colsep , echo '[{1}]' '[{2}]' :::: spaced.csv  ->  [foo] [1], [bar] [2]
+    (tmp_path / "spaced.csv").write_text("foo, 1\nbar ,\t2 \n")
+    table = ["::::", str(tmp_path / "spaced.csv")]
+    assert collect_inputs(table, colsep=",") == [("foo", "1"), ("bar", "2")]
+    assert collect_inputs(table, colsep=",", trim="n") == [("foo", " 1"), ("bar ", "\t2 ")]
+    assert collect_inputs(table, colsep=",", trim="l") == [("foo", "1"), ("bar ", "2 ")]
+    assert collect_inputs(table, colsep=",", trim="r") == [("foo", " 1"), ("bar", "\t2")]
+    # without --colsep nothing is trimmed, unless --trim says so (every argument then)
+    assert collect_inputs([":::", " a "]) == [" a "]
+    assert collect_inputs([":::", " a "], trim="lr") == ["a"]
+    assert collect_inputs([":::", " a ", ":::", "b "], trim="rl") == [("a", "b")]
+
+
+def test_header_names_are_trimmed_as_the_columns_are():
+    rows, names = collect_named_inputs([":::", " name , size ", " ab , 2 "], colsep=",")
+    assert names == ("name", "size") and rows == [("ab", "2")]
+    with pytest.raises(InputError, match="' size' is not a Python identifier"):
+        collect_named_inputs([":::", "name, size", "ab,2"], colsep=",", trim="n")
+
+
 def test_null_separated_inputs_are_kept_exactly(tmp_path):
     (tmp_path / "list0").write_text("p\0q r\0")
     got = collect_inputs(["-"], null=True, stdin=io.StringIO("line\nbreak.txt\0 spaced \0\0"))
