@@ -39,7 +39,8 @@ from .inputs import (ARG_FILES, SEPARATORS, TRIMS, Inputs, StreamedInputs, colle
 from .loader import NamedArguments, WorkerStart
 from .batch_dashboard import batch_dashboard, feeding, serving
 from .output import (JobLog, LoggedJob, OpenedAtFirstWrite, RecordWriter, dry_run_text,
-                     forgiving_stderr, joblog_command, line_of, logged_jobs, record_of)
+                     forgiving_stderr, joblog_command, line_of, logged_jobs, record_of,
+                     unquoted_joblog_command)
 from .progress import Progress
 from .script import (ScriptError, check_arguments, check_keyword_arguments,
                      format_1_function_identity, function_identity, resolve_script)
@@ -689,17 +690,28 @@ def _resumed(items: Inputs, joblog_path: str | None, journal_path: str | None,
 
 def _check_same_inputs(jobs: list[LoggedJob], items: Inputs, command: str, path: str) -> None:
     """Each logged Seq's Command must be the input at that position now (the function's name
-    may differ: a script given by another path)."""
+    may differ: a script given by another path).  A log written before the arguments were
+    quoted matches in its unquoted form too."""
     for job in sorted(jobs):
         if job.seq > len(items):
             continue
-        now = joblog_command(command, items[job.seq - 1])[len(command) + 1:]
-        logged = job.command.removeprefix(command + " ") \
-            if job.command.startswith(command + " ") else job.command
-        if logged != now and not (logged is job.command and logged.endswith(" " + now)):
+        item = items[job.seq - 1]
+        now = joblog_command(command, item)[len(command) + 1:]
+        unquoted = unquoted_joblog_command(command, item)[len(command) + 1:]
+        if not (_logs_input(job.command, command, now)
+                or _logs_input(job.command, command, unquoted)):
+            logged = job.command.removeprefix(command + " ")
             raise JobLogOfOtherInputs(
                 f"--resume: the inputs changed since {path} was written: Seq {job.seq} is "
                 f"{logged!r} there but {now!r} now (give the same inputs, or another --joblog)")
+
+
+def _logs_input(logged: str, command: str, arguments: str) -> bool:
+    """Whether a logged Command is `command` and `arguments`, or another name of the function
+    (another path to the script) and `arguments`."""
+    if logged.startswith(command + " "):
+        return logged[len(command) + 1:] == arguments
+    return logged.endswith(" " + arguments)
 
 
 def _output_stream(path: str, append: bool = False) -> TextIO:
