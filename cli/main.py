@@ -310,7 +310,8 @@ def cli() -> None:
 @click.option("-k", "--keep-order", is_flag=True,
               help="Records in input order: the default (GNU parallel's -k).")
 @click.option("--timeout", metavar="SECONDS|P%",
-              help="Kill a task after SECONDS, or after P% (over 100%) of the median time of the "
+              help="Kill a task after SECONDS (ms, s, m or h may follow, as in --delay: 1m, "
+                   "500ms), or after P% (over 100%) of the median time of the "
                    "tasks finished so far; a relative timeout applies once 3 tasks finished and "
                    "never kills a task younger than 1 s [default: no timeout].")
 @click.option("--retries", type=click.IntRange(min=0), default=None, metavar="N",
@@ -820,7 +821,7 @@ def _rate_or_delay(rate: str | None, delay: str | None) -> str | None:
         return rate
     if rate is not None:
         raise click.UsageError("give --rate or --delay, not both")
-    if re.fullmatch(r"\s*(0+\.?0*|\.0+)\s*(ms|s|m|h)?\s*", delay):
+    if _ZERO_DURATION.fullmatch(delay):
         return None  # --delay 0: no delay, as in GNU parallel
     one_per = f"1/{delay.strip()}"
     try:
@@ -831,17 +832,37 @@ def _rate_or_delay(rate: str | None, delay: str | None) -> str | None:
     return one_per
 
 
+_ZERO_DURATION = re.compile(r"\s*(0+\.?0*|\.0+)\s*(ms|s|m|h)?\s*")
+
+
 def _parse_timeout(text: str) -> float | str:
+    """--timeout: seconds, a unit allowed as --delay's (1m, 500ms), or a percentage (300%)."""
     if text.strip().endswith("%"):
         return text.strip()
     try:
-        seconds = float(text)
+        seconds = _duration_s(text)
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not seconds or a percentage like 300%",
+        raise click.BadParameter(f"{text!r} is not seconds (optionally followed by ms, s, m "
+                                 f"or h) or a percentage like 300%",
                                  param_hint="--timeout") from None
     if seconds <= 0:
         raise click.BadParameter("must be > 0", param_hint="--timeout")
     return seconds
+
+
+def _duration_s(text: str) -> float:
+    """Seconds: a number (as float() reads it: what --timeout took before it took units), or
+    one followed by ms, s, m or h, read by Rate.parse as --delay's and --rate's periods are,
+    so the options agree on units.  ValueError for anything else."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if _ZERO_DURATION.fullmatch(text):
+        return 0.0  # (Rate.parse refuses a period of 0: the caller says what is wrong)
+    if not re.match(r"\s*\.?\d", text):  # Rate.parse reads a bare "m" as 1 m
+        raise ValueError(f"{text!r} has no number")
+    return procqueue.Rate.parse(f"1/{text.strip()}").period_s
 
 
 # Pool options that exist only on this machine's processes (shared memory, /proc): refused

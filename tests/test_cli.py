@@ -286,6 +286,18 @@ def test_retries_rerun_inputs_that_raised_timed_out_or_crashed_as_gnu_parallel(t
 
 
 @pytest.mark.timeout(60)
+def test_timeout_with_a_unit_kills_the_task_after_that_long(tmp_path):
+    # --timeout took only a bare number of seconds; --delay 1m and --rate 5/500ms took units
+    run, recs, runs = _run_flaky(tmp_path, "--timeout", "500ms", "-j", "2", ":::", "hang-1",
+                                 "ok-0")
+    assert run.returncode == 1, run.stderr
+    assert recs["hang-1"]["error"]["type"] == "TaskTimeoutError"
+    assert recs["hang-1"]["seconds"] < 5  # half a second, not 500 of them
+    run, recs, runs = _run_flaky(tmp_path, "--timeout", "1m", ":::", "ok-0")
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.timeout(60)
 def test_without_retries_only_a_crash_runs_again(tmp_path):
     run, recs, runs = _run_flaky(tmp_path, "--timeout", "0.5", "-j", "2", "--chunksize", "1",
                                  ":::", "raise-1", "crash-1", "hang-1")

@@ -13,7 +13,7 @@ import pytest
 
 import procqueue
 from procqueue.cli.inputs import InputError, collect_inputs, collect_named_inputs, group_inputs
-from procqueue.cli.main import JobsType, parse_halt
+from procqueue.cli.main import JobsType, _parse_timeout, parse_halt
 from procqueue import HaltPolicy
 from procqueue.cli.output import line_of, record_of
 from procqueue.cli.script import (ScriptError, ScriptFunction, check_arguments,
@@ -454,6 +454,23 @@ def test_jobs_take_gnu_parallel_forms(monkeypatch, text, cpus, jobs):
 def test_bad_jobs_are_usage_errors(text):
     with pytest.raises(click.BadParameter):
         JobsType().convert(text, None, None)
+
+
+@pytest.mark.parametrize("text,timeout", [
+    ("2.5", 2.5), ("1m", 60.0), ("500ms", 0.5), ("0.5s", 0.5), ("2h", 7200.0), (" 1 m ", 60.0),
+    ("300%", "300%"),
+])
+def test_timeout_takes_the_units_delay_takes_or_a_percentage(text, timeout):
+    assert _parse_timeout(text) == timeout
+
+
+@pytest.mark.parametrize("text,message", [
+    ("0s", "must be > 0"), ("0", "must be > 0"), ("-1m", "not seconds"), ("m", "not seconds"),
+    ("5x", "not seconds"),
+])
+def test_bad_timeouts_are_usage_errors(text, message):
+    with pytest.raises(click.BadParameter, match=message):
+        _parse_timeout(text)
 
 
 ARITIES = """
