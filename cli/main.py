@@ -75,6 +75,8 @@ Options go before the first ::: or ::::; every word after it is an input.
 Exit codes: 0 all inputs ok (or none), 1 some failed (see their records) or a
 directory could not be read, 2 usage error (checked before any work) or the output
 failed, 3 the pool broke, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP, 141 stdout closed.
+(GNU parallel exits with the number of failed jobs, at most 101, and 255 for a
+usage error.)
 Ctrl-C once: no new inputs start and running ones get --interrupt-grace seconds to
 finish; twice (0.2 s apart or more): they are killed.  SIGTERM kills them at once;
 SIGHUP (the terminal went away) lets them finish.
@@ -289,7 +291,8 @@ def cli() -> None:
 @click.option("-j", "--jobs", "-P", "--max-procs", "jobs", type=JobsType(), default=None,
               metavar="N|N%|+N|-N|0",
               help="Worker processes: N, a percentage of the usable CPUs, usable CPUs plus or "
-                   "minus N, or 0 for all usable CPUs (GNU parallel's forms); never more "
+                   "minus N, or 0 for all usable CPUs (GNU parallel's forms, but its 0 is as "
+                   "many jobs as possible: give N for more workers than CPUs); never more "
                    "than there are inputs [default: usable CPUs].")
 @click.option("--cluster", metavar="ADDRESS|local:N",
               help="Run on Dask distributed: a scheduler address (tcp://host:8786), or local:N "
@@ -299,10 +302,10 @@ def cli() -> None:
               help="Only files of directories matching PATTERN (a shell glob, against the "
                    "file's name or its path under the directory) [default: every file].")
 @click.option("--lines", "-a", "--arg-file", "arg_files", metavar="FILE", multiple=True,
-              help="Also take one input per line of FILE, blank lines skipped (kept as empty "
-                   "inputs where sources are linked: --link, ::::+) (GNU parallel's -a; '-' as "
-                   "an INPUT reads stdin); each further -a is another input source, as :::: "
-                   "FILE [default: none].")
+              help="Also take one input per line of FILE, empty and whitespace-only lines "
+                   "skipped (kept as inputs where sources are linked: --link, ::::+) (GNU "
+                   "parallel's -a; '-' as an INPUT reads stdin); each further -a is another "
+                   "input source, as :::: FILE [default: none].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Write the JSON Lines to FILE [default: stdout].")
 @click.option("--unordered", is_flag=True,
@@ -315,9 +318,10 @@ def cli() -> None:
                    "tasks finished so far; a relative timeout applies once 3 tasks finished and "
                    "never kills a task younger than 1 s [default: no timeout].")
 @click.option("--retries", type=click.IntRange(min=0), default=None, metavar="N",
-              help="Run a failed input up to N more times: one that raised, timed out or "
-                   "crashed its worker (GNU parallel's --retries, counted as re-runs) "
-                   "[default: a crashed worker's input runs once more, no other retries].")
+              help="Run a failed input up to N more times, N+1 runs in all: one that raised, "
+                   "timed out or crashed its worker (GNU parallel's --retries N counts runs, "
+                   "N in all, and its 0 is forever; here 0 is no retry) [default: a crashed "
+                   "worker's input runs once more, no other retries].")
 @click.option("--no-pin", is_flag=True,
               help="Do not pin workers to CPUs [default: each worker pinned to one CPU].")
 @click.option("--max-tasks-per-child", type=click.IntRange(min=1), default=None, metavar="N",

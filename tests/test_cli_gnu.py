@@ -372,6 +372,23 @@ def test_the_readme_and_help_list_exactly_the_commands_exit_codes() -> None:
 
 
 @pytest.mark.timeout(60)
+def test_help_and_readme_say_where_gnu_parallels_meanings_differ() -> None:
+    # -j 0, --retries N, --retries 0 and the exit codes mean other things in GNU parallel: a
+    # parallel user must be told, not left to assume parallel's meaning
+    help_text = " ".join(procqueue("map", "--help").stdout.split())
+    assert "its 0 is as many jobs as possible" in help_text
+    assert "N+1 runs in all" in help_text
+    assert "its 0 is forever; here 0 is no retry" in help_text
+    assert "number of failed jobs, at most 101, and 255 for a usage error" in help_text
+    note = README.read_text().split("* For GNU parallel users")[1].split("\n* ")[0]
+    note = " ".join(note.split())
+    for fact in ("`-j 0` is every usable CPU", "at most N+1 times",
+                 "`--retries 0` is no retry", "1 whatever the number of failed inputs",
+                 "2 for a usage error (parallel's 255)", "whitespace-only lines"):
+        assert fact in note, fact
+
+
+@pytest.mark.timeout(60)
 def test_every_option_of_map_is_in_the_readme() -> None:
     readme = README.read_text()
     missing = [opt for param in cli_main.map_command.params for opt in param.opts

@@ -36,6 +36,19 @@ def test_stdin_and_lines_file(tmp_path):
     assert got == ["x", "y", "one", "two"]
 
 
+def test_empty_and_whitespace_only_lines_are_skipped_as_the_readme_says(tmp_path):
+    # GNU parallel runs them as inputs; the README says which are skipped here: keep it so
+    table = tmp_path / "list"
+    table.write_text("a\n\n  \n\t\nb\r\n\r\n")
+    assert collect_inputs(["::::", str(table)]) == ["a", "b"]
+    assert collect_inputs(["-"], stdin=io.StringIO("a\n \nb\n")) == ["a", "b"]
+    assert collect_inputs(["-"], stdin=io.StringIO("a\0\0 \0b\0"), null=True) == ["a", "b"]
+    assert collect_inputs([":::", "", " ", "x"]) == ["", " ", "x"]  # words are kept as given
+    # linked sources keep them, so that line i stays paired with line i
+    assert collect_inputs(["::::", str(table), "::::+", str(table)])[1:4] == [
+        ("", ""), ("  ", "  "), ("\t", "\t")]
+
+
 def test_gnu_parallel_separators_give_literal_inputs_and_files_of_inputs(tmp_path):
     (tmp_path / "list").write_text("one\n\ntwo\n")
     assert collect_inputs([":::", "a b", "no-such-path"]) == ["a b", "no-such-path"]
