@@ -36,7 +36,7 @@ class InputError(click.ClickException):
 def collect_inputs(inputs: Iterable[str], glob: str | None = None,
                    lines_file: str | None = None, stdin: TextIO | None = None,
                    null: bool = False, colsep: str | None = None, link: bool = False,
-                   unreadable: list[str] | None = None) -> Inputs:
+                   unreadable: list[str] | None = None, trim: str | None = None) -> Inputs:
     """Every input item, in order: a directory gives its files (recursively, sorted, filtered
     by `glob`), a file gives itself, '-' gives stdin's lines, and `lines_file` the lines of
     that file.  After ':::' the specs are inputs themselves, after '::::' files of inputs, as
@@ -53,13 +53,16 @@ def collect_inputs(inputs: Iterable[str], glob: str | None = None,
 
     With `colsep` (a regular expression, GNU parallel's --colsep), every input is a row of
     columns split at it, and the function gets one argument per column (of every source).
+    `trim` (GNU parallel's --trim: see TRIMS) strips whitespace around every argument (each
+    column); None is parallel's default: "rl" with `colsep`, "n" without.
 
     A directory that cannot be read (as find, this is said on stderr) is added to
     `unreadable`: its files are not inputs, and the command must not end as if all were."""
     sources, linked = _gather_sources(inputs, glob, lines_file, stdin, null, link, unreadable)
     if len(sources) == 1 and colsep is None:
-        return sources[0]
-    split = _column_splitter(colsep)
+        strip = _trimmer(trim_of(trim, colsep))
+        return sources[0] if strip is None else [strip(item) for item in sources[0]]
+    split = _column_splitter(colsep, trim)
     return _combinations([[split(item) for item in source] for source in sources], linked,
                          wrap=link)
 
@@ -117,14 +120,16 @@ def _gather_sources(inputs: Iterable[str], glob: str | None, lines_file: str | N
 def collect_named_inputs(inputs: Iterable[str], glob: str | None = None,
                          lines_file: str | None = None, stdin: TextIO | None = None,
                          null: bool = False, colsep: str | None = None, link: bool = False,
-                         unreadable: list[str] | None = None
+                         unreadable: list[str] | None = None, trim: str | None = None
                          ) -> tuple[list[Row], tuple[str, ...]]:
     """GNU parallel's --header: the first input of each source is its header, split into
     column names at `colsep` (a tab by default, as parallel's); the rows are the other
     inputs, combined as collect_inputs does, and the names are one per column, in order, for
-    the function's keyword arguments."""
+    the function's keyword arguments.  The names are trimmed as the columns are (`trim`, as
+    collect_inputs'): ` name , size ` names `name` and `size` under --colsep ,."""
     sources, linked = _gather_sources(inputs, glob, lines_file, stdin, null, link, unreadable)
-    split = _column_splitter(colsep if colsep is not None else "\t")
+    # (the default trim follows the --colsep given, not the tab that splits without one)
+    split = _column_splitter(colsep if colsep is not None else "\t", trim_of(trim, colsep))
     names: list[str] = []
     for number, source in enumerate(sources, 1):
         if not source:
@@ -148,14 +153,36 @@ def group_inputs(items: Inputs, n: int) -> list[Row]:
     return [sum(rows[start:start + n], ()) for start in range(0, len(rows), n)]
 
 
-def _column_splitter(colsep: str | None) -> Callable[[str], tuple[str, ...]]:
+# GNU parallel's --trim: which ends of each argument lose their whitespace
+TRIMS = {"n": None, "l": str.lstrip, "r": str.rstrip, "lr": str.strip, "rl": str.strip}
+
+
+def trim_of(trim: str | None, colsep: str | None) -> str:
+    """The --trim in force: the one given, else GNU parallel's default, "rl" with --colsep
+    (its man page: --colsep implies --trim rl; `a, b` is 'a' and 'b'), "n" without."""
+    if trim is not None:
+        return trim
+    return "rl" if colsep is not None else "n"
+
+
+def _trimmer(trim: str) -> Callable[[str], str] | None:
+    if trim not in TRIMS:
+        raise InputError(f"--trim {trim!r}: give one of {', '.join(TRIMS)}")
+    return TRIMS[trim]
+
+
+def _column_splitter(colsep: str | None, trim: str | None = None
+                     ) -> Callable[[str], tuple[str, ...]]:
+    strip = _trimmer(trim_of(trim, colsep))
     if colsep is None:
-        return lambda item: (item,)
+        return (lambda item: (item,)) if strip is None else (lambda item: (strip(item),))
     try:
         pattern = re.compile(colsep)
     except re.error as exc:
         raise InputError(f"--colsep {colsep!r} is not a regular expression: {exc}") from None
-    return lambda item: tuple(pattern.split(item))
+    if strip is None:
+        return lambda item: tuple(pattern.split(item))
+    return lambda item: tuple(map(strip, pattern.split(item)))
 
 
 def _combinations(sources: list[list[Row]], linked: list[bool], wrap: bool = False
@@ -249,7 +276,8 @@ class StreamedInputs:
 
 
 def stdin_inputs(stdin: TextIO | None = None, colsep: str | None = None,
-                 wait_s: float = STDIN_END_WAIT_S) -> Inputs | StreamedInputs:
+                 wait_s: float = STDIN_END_WAIT_S, trim: str | None = None
+                 ) -> Inputs | StreamedInputs:
     """stdin's lines as inputs (as collect_inputs(['-']) gives them): all of them if stdin ends
     within `wait_s` (a finished command's output, a file), else StreamedInputs, its first input
     waited for (a producer that is still writing: the run starts on what came).  An empty stdin
@@ -258,14 +286,18 @@ def stdin_inputs(stdin: TextIO | None = None, colsep: str | None = None,
     try:
         fd = stream.fileno()
     except (OSError, ValueError, io.UnsupportedOperation):
-        return collect_inputs(["-"], stdin=stream, colsep=colsep)
+        return collect_inputs(["-"], stdin=stream, colsep=colsep, trim=trim)
     head, ended = _read_for(fd, wait_s)
     text = io.TextIOWrapper(io.BufferedReader(_FdAfter(head, None if ended else fd)),
                             encoding=stream.encoding, errors=stream.errors)
     if ended:
-        return collect_inputs(["-"], stdin=text, colsep=colsep)
-    lines: Iterator[str | Row] = (_lines(text) if colsep is None
-                                  else map(_column_splitter(colsep), _lines(text)))
+        return collect_inputs(["-"], stdin=text, colsep=colsep, trim=trim)
+    strip = _trimmer(trim_of(trim, colsep))
+    lines: Iterator[str | Row]
+    if colsep is not None:
+        lines = map(_column_splitter(colsep, trim), _lines(text))
+    else:
+        lines = _lines(text) if strip is None else map(strip, _lines(text))
     first = next(lines, None)
     if first is None:
         return []

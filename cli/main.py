@@ -34,12 +34,13 @@ import click
 import procqueue
 from procqueue import HaltPolicy
 
-from .inputs import (ARG_FILES, SEPARATORS, Inputs, StreamedInputs, collect_inputs,
+from .inputs import (ARG_FILES, SEPARATORS, TRIMS, Inputs, StreamedInputs, collect_inputs,
                      collect_named_inputs, group_inputs, stdin_inputs)
 from .loader import NamedArguments, WorkerStart
 from .batch_dashboard import batch_dashboard, feeding, serving
 from .output import (JobLog, LoggedJob, OpenedAtFirstWrite, RecordWriter, dry_run_text,
-                     forgiving_stderr, joblog_command, line_of, logged_jobs, record_of)
+                     forgiving_stderr, joblog_command, line_of, logged_jobs, record_of,
+                     unquoted_joblog_command)
 from .progress import Progress
 from .script import (ScriptError, check_arguments, check_keyword_arguments,
                      format_1_function_identity, function_identity, resolve_script)
@@ -74,6 +75,8 @@ Options go before the first ::: or ::::; every word after it is an input.
 Exit codes: 0 all inputs ok (or none), 1 some failed (see their records) or a
 directory could not be read, 2 usage error (checked before any work) or the output
 failed, 3 the pool broke, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP, 141 stdout closed.
+(GNU parallel exits with the number of failed jobs, at most 101, and 255 for a
+usage error.)
 Ctrl-C once: no new inputs start and running ones get --interrupt-grace seconds to
 finish; twice (0.2 s apart or more): they are killed.  SIGTERM kills them at once;
 SIGHUP (the terminal went away) lets them finish.
@@ -288,7 +291,8 @@ def cli() -> None:
 @click.option("-j", "--jobs", "-P", "--max-procs", "jobs", type=JobsType(), default=None,
               metavar="N|N%|+N|-N|0",
               help="Worker processes: N, a percentage of the usable CPUs, usable CPUs plus or "
-                   "minus N, or 0 for all usable CPUs (GNU parallel's forms); never more "
+                   "minus N, or 0 for all usable CPUs (GNU parallel's forms, but its 0 is as "
+                   "many jobs as possible: give N for more workers than CPUs); never more "
                    "than there are inputs [default: usable CPUs].")
 @click.option("--cluster", metavar="ADDRESS|local:N",
               help="Run on Dask distributed: a scheduler address (tcp://host:8786), or local:N "
@@ -298,10 +302,10 @@ def cli() -> None:
               help="Only files of directories matching PATTERN (a shell glob, against the "
                    "file's name or its path under the directory) [default: every file].")
 @click.option("--lines", "-a", "--arg-file", "arg_files", metavar="FILE", multiple=True,
-              help="Also take one input per line of FILE, blank lines skipped (kept as empty "
-                   "inputs where sources are linked: --link, ::::+) (GNU parallel's -a; '-' as "
-                   "an INPUT reads stdin); each further -a is another input source, as :::: "
-                   "FILE [default: none].")
+              help="Also take one input per line of FILE, empty and whitespace-only lines "
+                   "skipped (kept as inputs where sources are linked: --link, ::::+) (GNU "
+                   "parallel's -a; '-' as an INPUT reads stdin); each further -a is another "
+                   "input source, as :::: FILE [default: none].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Write the JSON Lines to FILE [default: stdout].")
 @click.option("--unordered", is_flag=True,
@@ -309,13 +313,15 @@ def cli() -> None:
 @click.option("-k", "--keep-order", is_flag=True,
               help="Records in input order: the default (GNU parallel's -k).")
 @click.option("--timeout", metavar="SECONDS|P%",
-              help="Kill a task after SECONDS, or after P% (over 100%) of the median time of the "
+              help="Kill a task after SECONDS (ms, s, m or h may follow, as in --delay: 1m, "
+                   "500ms), or after P% (over 100%) of the median time of the "
                    "tasks finished so far; a relative timeout applies once 3 tasks finished and "
                    "never kills a task younger than 1 s [default: no timeout].")
 @click.option("--retries", type=click.IntRange(min=0), default=None, metavar="N",
-              help="Run a failed input up to N more times: one that raised, timed out or "
-                   "crashed its worker (GNU parallel's --retries, counted as re-runs) "
-                   "[default: a crashed worker's input runs once more, no other retries].")
+              help="Run a failed input up to N more times, N+1 runs in all: one that raised, "
+                   "timed out or crashed its worker (GNU parallel's --retries N counts runs, "
+                   "N in all, and its 0 is forever; here 0 is no retry) [default: a crashed "
+                   "worker's input runs once more, no other retries].")
 @click.option("--no-pin", is_flag=True,
               help="Do not pin workers to CPUs [default: each worker pinned to one CPU].")
 @click.option("--max-tasks-per-child", type=click.IntRange(min=1), default=None, metavar="N",
@@ -380,10 +386,15 @@ def cli() -> None:
               help="Check SCRIPT and its function, print the inputs one call per line (each "
                    "argument shell-quoted where needed: 'b c' 1), run nothing (GNU parallel's "
                    "--dry-run).")
-@click.option("--colsep", metavar="REGEX",
-              help="Split each input into columns at REGEX and pass one argument per column "
-                   "(GNU parallel's --colsep; e.g. --colsep , :::: pairs.csv) [default: one "
-                   "argument per input].")
+@click.option("-C", "--colsep", metavar="REGEX",
+              help="Split each input into columns at REGEX and pass one argument per column, "
+                   "trimmed as --trim says (GNU parallel's --colsep; e.g. --colsep , :::: "
+                   "pairs.csv: a line 'a, 1' is 'a' and '1') [default: one argument per "
+                   "input].")
+@click.option("--trim", type=click.Choice(list(TRIMS)), default=None,
+              help="Strip whitespace around each argument (each column with --colsep, the "
+                   "--header names too): n none, l left, r right, lr or rl both (GNU "
+                   "parallel's --trim) [default: rl with --colsep, else n].")
 @click.option("--header", "header", metavar=":",
               help="The first input of each source names its columns (split at --colsep, "
                    "a tab by default), and the function gets each row's columns as keyword "
@@ -424,7 +435,8 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
                 interrupt_grace: float | None, trace_path: str | None,
                 journal_path: str | None, retry_failed: bool, force: bool,
                 joblog_path: str | None, resume: bool, resume_failed: bool, will_cite: bool,
-                dry_run: bool, colsep: str | None, header: str | None, link: bool,
+                dry_run: bool, colsep: str | None, trim: str | None, header: str | None,
+                link: bool,
                 max_args: int | None,
                 null: bool, bar: bool, quiet: bool, stats: bool, dashboard: bool,
                 dashboard_host: str, dashboard_port: int) -> None:
@@ -456,20 +468,20 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
         if max_args is not None and max_args > 1:
             raise click.UsageError("--header names one row's columns: it does not go with -N")
         items, names = collect_named_inputs(inputs, glob, lines_file, null=null, colsep=colsep,
-                                            link=link, unreadable=unreadable)
+                                            link=link, unreadable=unreadable, trim=trim)
         check_keyword_arguments(fn, names)
         call = NamedArguments(fn, names)
     elif inputs == ("-",) and lines_file is None and _may_stream(
             max_args, resume or resume_failed, journal_path, dry_run, dashboard, null, halt,
             cluster):
         try:
-            items = stdin_inputs(colsep=colsep)  # waits for stdin's first line
+            items = stdin_inputs(colsep=colsep, trim=trim)  # waits for stdin's first line
         except KeyboardInterrupt:
             raise Interrupted() from None
     else:
         try:  # (stdin to its end, a big tree of directories)
             items = collect_inputs(inputs, glob, lines_file, null=null, colsep=colsep,
-                                   link=link, unreadable=unreadable)
+                                   link=link, unreadable=unreadable, trim=trim)
         except KeyboardInterrupt:
             raise Interrupted() from None
     if max_args is not None and max_args > 1:
@@ -683,17 +695,28 @@ def _resumed(items: Inputs, joblog_path: str | None, journal_path: str | None,
 
 def _check_same_inputs(jobs: list[LoggedJob], items: Inputs, command: str, path: str) -> None:
     """Each logged Seq's Command must be the input at that position now (the function's name
-    may differ: a script given by another path)."""
+    may differ: a script given by another path).  A log written before the arguments were
+    quoted matches in its unquoted form too."""
     for job in sorted(jobs):
         if job.seq > len(items):
             continue
-        now = joblog_command(command, items[job.seq - 1])[len(command) + 1:]
-        logged = job.command.removeprefix(command + " ") \
-            if job.command.startswith(command + " ") else job.command
-        if logged != now and not (logged is job.command and logged.endswith(" " + now)):
+        item = items[job.seq - 1]
+        now = joblog_command(command, item)[len(command) + 1:]
+        unquoted = unquoted_joblog_command(command, item)[len(command) + 1:]
+        if not (_logs_input(job.command, command, now)
+                or _logs_input(job.command, command, unquoted)):
+            logged = job.command.removeprefix(command + " ")
             raise JobLogOfOtherInputs(
                 f"--resume: the inputs changed since {path} was written: Seq {job.seq} is "
                 f"{logged!r} there but {now!r} now (give the same inputs, or another --joblog)")
+
+
+def _logs_input(logged: str, command: str, arguments: str) -> bool:
+    """Whether a logged Command is `command` and `arguments`, or another name of the function
+    (another path to the script) and `arguments`."""
+    if logged.startswith(command + " "):
+        return logged[len(command) + 1:] == arguments
+    return logged.endswith(" " + arguments)
 
 
 def _output_stream(path: str, append: bool = False) -> TextIO:
@@ -802,7 +825,7 @@ def _rate_or_delay(rate: str | None, delay: str | None) -> str | None:
         return rate
     if rate is not None:
         raise click.UsageError("give --rate or --delay, not both")
-    if re.fullmatch(r"\s*(0+\.?0*|\.0+)\s*(ms|s|m|h)?\s*", delay):
+    if _ZERO_DURATION.fullmatch(delay):
         return None  # --delay 0: no delay, as in GNU parallel
     one_per = f"1/{delay.strip()}"
     try:
@@ -813,17 +836,37 @@ def _rate_or_delay(rate: str | None, delay: str | None) -> str | None:
     return one_per
 
 
+_ZERO_DURATION = re.compile(r"\s*(0+\.?0*|\.0+)\s*(ms|s|m|h)?\s*")
+
+
 def _parse_timeout(text: str) -> float | str:
+    """--timeout: seconds, a unit allowed as --delay's (1m, 500ms), or a percentage (300%)."""
     if text.strip().endswith("%"):
         return text.strip()
     try:
-        seconds = float(text)
+        seconds = _duration_s(text)
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not seconds or a percentage like 300%",
+        raise click.BadParameter(f"{text!r} is not seconds (optionally followed by ms, s, m "
+                                 f"or h) or a percentage like 300%",
                                  param_hint="--timeout") from None
     if seconds <= 0:
         raise click.BadParameter("must be > 0", param_hint="--timeout")
     return seconds
+
+
+def _duration_s(text: str) -> float:
+    """Seconds: a number (as float() reads it: what --timeout took before it took units), or
+    one followed by ms, s, m or h, read by Rate.parse as --delay's and --rate's periods are,
+    so the options agree on units.  ValueError for anything else."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if _ZERO_DURATION.fullmatch(text):
+        return 0.0  # (Rate.parse refuses a period of 0: the caller says what is wrong)
+    if not re.match(r"\s*\.?\d", text):  # Rate.parse reads a bare "m" as 1 m
+        raise ValueError(f"{text!r} has no number")
+    return procqueue.Rate.parse(f"1/{text.strip()}").period_s
 
 
 # Pool options that exist only on this machine's processes (shared memory, /proc): refused

@@ -26,10 +26,10 @@ def record_of(outcome: procqueue.TaskOutcome) -> dict[str, Any]:
     return record
 
 
-def input_text(item: Any) -> str:
-    """An input as a command line would show it: a combination of several input sources
-    (a tuple) as its parts separated by spaces, as GNU parallel writes them."""
-    return " ".join(item) if isinstance(item, tuple) else str(item)
+def _arguments(item: Any) -> tuple[str, ...]:
+    """The arguments an input gives the function: a combination of several input sources
+    (or columns) is a tuple of them."""
+    return item if isinstance(item, tuple) else (str(item),)
 
 
 def dry_run_text(item: Any) -> str:
@@ -37,12 +37,29 @@ def dry_run_text(item: Any) -> str:
     it (shlex.quote: ['b c', '1'] is `'b c' 1`, as GNU parallel's dry run writes it), one
     holding a newline or another control character in bash's $'...' form, so that every
     call stays on a line of its own."""
-    return " ".join(map(_shell_word, item if isinstance(item, tuple) else (str(item),)))
+    return " ".join(map(_shell_word, _arguments(item)))
 
 
 def _shell_word(text: str) -> str:
     if text.isprintable():
         return shlex.quote(text)
+    return _dollar_quoted(text)
+
+
+def _logged_word(text: str) -> str:
+    """An argument in the joblog's Command: as _shell_word, but a byte that is not UTF-8
+    (surrogateescape: a file name from find) stays that byte, inside the quotes, as GNU
+    parallel logs it; the log is written as bytes (OpenedAtFirstWrite)."""
+    if all(c.isprintable() or _is_raw_byte(c) for c in text):
+        return shlex.quote(text)
+    return _dollar_quoted(text)
+
+
+def _is_raw_byte(char: str) -> bool:
+    return 0xDC80 <= ord(char) <= 0xDCFF
+
+
+def _dollar_quoted(text: str) -> str:
     escaped = "".join(_C_ESCAPES.get(c, c if c.isprintable() else _hex_escape(c))
                       for c in text)
     return f"$'{escaped}'"
@@ -53,7 +70,7 @@ _C_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 def _hex_escape(char: str) -> str:
     code = ord(char)
-    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8 (surrogateescape): that byte
+    if _is_raw_byte(char):  # a byte that is not UTF-8 (surrogateescape): that byte
         code -= 0xDC00
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 \
         else f"\\U{code:08x}"
@@ -291,12 +308,13 @@ class JobLog:
     record could not hold), the code of a worker that exited or called sys.exit (1 for a
     message or none, as a shell's exit), 0 with Signal set for a worker killed by a signal (as
     parallel computes them from a wait status), -1 with Signal 15 for a timeout (parallel's
-    kill); Command is the function and the input.  Inputs that never started have no line
-    (parallel logs only jobs it ran), nor have those the run itself killed when it stopped
-    (Ctrl-C, SIGTERM, a halt now: TaskCancelledError), as parallel does not log the jobs it
-    kills so: --resume runs them again.  Lines are flushed as records are (LineWriter), each
-    after its record (main.run: the log follows the records' writer), so a run killed with
-    SIGKILL, or whose output failed, never logs an input whose record is not out."""
+    kill); Command is the function and its arguments, quoted (joblog_command).  Inputs that
+    never started have no line (parallel logs only jobs it ran), nor have those the run
+    itself killed when it stopped (Ctrl-C, SIGTERM, a halt now: TaskCancelledError), as
+    parallel does not log the jobs it kills so: --resume runs them again.  Lines are flushed
+    as records are (LineWriter), each after its record (main.run: the log follows the
+    records' writer), so a run killed with SIGKILL, or whose output failed, never logs an
+    input whose record is not out."""
 
     HEADER = "Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n"
 
@@ -362,8 +380,18 @@ def _empty(stream: TextIO) -> bool:
 
 
 def joblog_command(command: str, item: Any) -> str:
-    """The Command column of `item`'s line: the function and the input, on one line."""
-    return f"{command} {input_text(item)}".replace("\t", " ").replace("\n", " ")
+    """The Command column of `item`'s line: the function and the input's arguments, each
+    quoted as --dry-run quotes it (`process 'a b' c`, as GNU parallel logs its commands), so
+    that --resume sees where one argument ends: `'a b' c` is not `a 'b c'`.  A tab or a
+    newline is written $'\t', keeping the line and its fields whole."""
+    return f"{command} {' '.join(map(_logged_word, _arguments(item)))}"
+
+
+def unquoted_joblog_command(command: str, item: Any) -> str:
+    """The Command column as procqueue wrote it before it quoted the arguments: joined by
+    spaces, a tab or a newline made a space.  --resume still accepts it for the same inputs,
+    so that a log written then resumes (it cannot tell `a b` and `c` from `a` and `b c`)."""
+    return f"{command} {' '.join(_arguments(item))}".replace("\t", " ").replace("\n", " ")
 
 
 class LoggedJob(NamedTuple):

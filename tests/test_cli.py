@@ -286,6 +286,18 @@ def test_retries_rerun_inputs_that_raised_timed_out_or_crashed_as_gnu_parallel(t
 
 
 @pytest.mark.timeout(60)
+def test_timeout_with_a_unit_kills_the_task_after_that_long(tmp_path):
+    # --timeout took only a bare number of seconds; --delay 1m and --rate 5/500ms took units
+    run, recs, runs = _run_flaky(tmp_path, "--timeout", "500ms", "-j", "2", ":::", "hang-1",
+                                 "ok-0")
+    assert run.returncode == 1, run.stderr
+    assert recs["hang-1"]["error"]["type"] == "TaskTimeoutError"
+    assert recs["hang-1"]["seconds"] < 5  # half a second, not 500 of them
+    run, recs, runs = _run_flaky(tmp_path, "--timeout", "1m", ":::", "ok-0")
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.timeout(60)
 def test_without_retries_only_a_crash_runs_again(tmp_path):
     run, recs, runs = _run_flaky(tmp_path, "--timeout", "0.5", "-j", "2", "--chunksize", "1",
                                  ":::", "raise-1", "crash-1", "hang-1")
@@ -693,15 +705,16 @@ def test_joblog_keeps_inputs_that_are_not_utf8_as_their_bytes(tmp_path):
     assert run.returncode == 0, run.stderr
     assert [r["ok"] for r in records(run.stdout.decode())] == [True] * 3
     logged = joblog.read_bytes().splitlines()[1:]
-    assert sorted(line.rsplit(b"/", 1)[1] for line in logged) == sorted(names)
+    # the bytes themselves, in the quotes a shell would need: '.../caf\xe9.txt' (parallel's)
+    assert sorted(line.rsplit(b"/", 1)[1].rstrip(b"'") for line in logged) == sorted(names)
     resumed = subprocess.run(command + ["--resume"], capture_output=True, timeout=60)
     assert resumed.returncode == 0 and resumed.stdout == b"", resumed.stderr
     to_stdout = subprocess.run([PROCQUEUE, "map", str(script), "-q", "--joblog", "-",
                                 "-o", str(tmp_path / "out.jsonl"), str(inputs)],
                                capture_output=True, timeout=60)
     assert to_stdout.returncode == 0, to_stdout.stderr
-    assert sorted(line.rsplit(b"/", 1)[1] for line in to_stdout.stdout.splitlines()[1:]) == \
-        sorted(names)
+    assert sorted(line.rsplit(b"/", 1)[1].rstrip(b"'")
+                  for line in to_stdout.stdout.splitlines()[1:]) == sorted(names)
 
 
 @pytest.mark.timeout(60)
@@ -725,6 +738,49 @@ def test_resume_refuses_a_joblog_written_for_other_inputs(tmp_path):
                      ":::", "a", "b", "c", cwd=tmp_path)
     assert more.returncode == 0, more.stderr
     assert [r["input"] for r in records(more.stdout)] == ["c"]
+
+
+@pytest.mark.timeout(60)
+def test_joblog_quotes_arguments_so_resume_refuses_inputs_split_otherwise(tmp_path):
+    # parallel --joblog logs `echo 'a b' c`; the log said `a b c`, which is also ('a', 'b c'),
+    # so --resume with ::: a ::: 'b c' took the changed inputs as done and ran nothing
+    script = tmp_path / "job.py"
+    script.write_text("def process(*args):\n    return list(args)\n")
+    joblog = tmp_path / "jobs.tsv"
+    first = procqueue("map", script, "--joblog", joblog, "-q", ":::", "a b", ":::", "c", "d\te")
+    assert first.returncode == 0, first.stderr
+    commands = [line.split("\t", 8)[8] for line in joblog.read_text().splitlines()[1:]]
+    assert commands == [f"{script}:process 'a b' c", f"{script}:process 'a b' $'d\\te'"]
+    logged = joblog.read_text()
+    changed = procqueue("map", script, "--joblog", joblog, "--resume", "-q",
+                        ":::", "a", ":::", "b c", "d\te")
+    assert changed.returncode == 2 and changed.stdout == ""
+    assert "Seq 1 is \"'a b' c\" there but \"a 'b c'\" now" in changed.stderr
+    assert joblog.read_text() == logged
+    same = procqueue("map", script, "--joblog", joblog, "--resume", "-q",
+                     ":::", "a b", ":::", "c", "d\te")
+    assert same.returncode == 0 and same.stdout == "", same.stderr
+
+
+@pytest.mark.timeout(60)
+def test_resume_accepts_a_joblog_written_before_arguments_were_quoted(tmp_path):
+    # A log of an earlier procqueue joined the arguments by spaces (a tab made a space):
+    # the same inputs still resume from it.
+    script = tmp_path / "job.py"
+    script.write_text("def process(*args):\n    return list(args)\n")
+    joblog = tmp_path / "jobs.tsv"
+    joblog.write_text("Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\t"
+                      "Command\n"
+                      f"1\t:\t1700000000.000\t   0.001\t0\t0\t0\t0\t{script}:process a b c\n"
+                      f"2\t:\t1700000000.000\t   0.001\t0\t0\t0\t0\t{script}:process a b d e\n")
+    resumed = procqueue("map", script, "--joblog", joblog, "--resume", "-q",
+                        ":::", "a b", ":::", "c", "d\te", "f")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["input"] for r in records(resumed.stdout)] == [["a b", "f"]]
+    other = procqueue("map", script, "--joblog", joblog, "--resume", "-q",
+                      ":::", "a b", ":::", "x", "d\te", "f")
+    assert other.returncode == 2 and "Seq 1 is 'a b c' there but \"'a b' x\" now" in \
+        other.stderr
 
 
 @pytest.mark.timeout(60)

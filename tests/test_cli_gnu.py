@@ -372,6 +372,23 @@ def test_the_readme_and_help_list_exactly_the_commands_exit_codes() -> None:
 
 
 @pytest.mark.timeout(60)
+def test_help_and_readme_say_where_gnu_parallels_meanings_differ() -> None:
+    # -j 0, --retries N, --retries 0 and the exit codes mean other things in GNU parallel: a
+    # parallel user must be told, not left to assume parallel's meaning
+    help_text = " ".join(procqueue("map", "--help").stdout.split())
+    assert "its 0 is as many jobs as possible" in help_text
+    assert "N+1 runs in all" in help_text
+    assert "its 0 is forever; here 0 is no retry" in help_text
+    assert "number of failed jobs, at most 101, and 255 for a usage error" in help_text
+    note = README.read_text().split("* For GNU parallel users")[1].split("\n* ")[0]
+    note = " ".join(note.split())
+    for fact in ("`-j 0` is every usable CPU", "at most N+1 times",
+                 "`--retries 0` is no retry", "1 whatever the number of failed inputs",
+                 "2 for a usage error (parallel's 255)", "whitespace-only lines"):
+        assert fact in note, fact
+
+
+@pytest.mark.timeout(60)
 def test_every_option_of_map_is_in_the_readme() -> None:
     readme = README.read_text()
     missing = [opt for param in cli_main.map_command.params for opt in param.opts
@@ -412,7 +429,8 @@ def read_line(proc: subprocess.Popen[bytes], timeout_s: float) -> bytes:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("options, line, expected", [
     ([], b"a\n", "A"),
-    (["--colsep", ","], b"a,b\n", "A+B")])
+    (["--colsep", ","], b"a,b\n", "A+B"),
+    (["-C", ","], b"a, b \n", "A+B")])  # columns trimmed as they come too
 def test_a_line_piped_in_runs_before_stdin_ends(tmp_path: Path, options: list[str],
                                                  line: bytes, expected: str) -> None:
     # The command read stdin to its end before the first input started: a producer that is
@@ -685,3 +703,23 @@ def test_an_arity_error_under_colsep_counts_columns_not_input_sources(tmp_path: 
     assert run.stderr.strip().splitlines() == [
         f"Error: {script}:process takes 2 positional arguments, but the first input's columns "
         "(--colsep ',') give it 3 per call (one argument per column)"]
+
+
+@pytest.mark.timeout(60)
+def test_colsep_trims_the_columns_and_header_names_as_gnu_parallel_trim_rl(echo: Path,
+                                                                          tmp_path: Path) -> None:
+    # parallel --colsep , echo '[{1}]' '[{2}]' :::: spaced.csv  ->  [foo] [1], [bar] [2]
+    table = tmp_path / "spaced.csv"
+    table.write_text("foo, 1\nbar , 2\n")
+    run = procqueue("map", echo, "-q", "-C", ",", "::::", table)
+    assert run.returncode == 0, run.stderr
+    assert [r["result"] for r in records(run.stdout)] == [["foo", "1"], ["bar", "2"]]
+    kept = procqueue("map", echo, "-q", "--colsep", ",", "--trim", "n", "::::", table)
+    assert [r["result"] for r in records(kept.stdout)] == [["foo", " 1"], ["bar ", " 2"]]
+    named = tmp_path / "named.py"
+    named.write_text("def process(name, size):\n    return [name, size]\n")
+    headed = tmp_path / "headed.csv"
+    headed.write_text("name , size\nfoo, 1\n")
+    run = procqueue("map", named, "-q", "--header", ":", "-C", ",", "::::", headed)
+    assert run.returncode == 0, run.stderr
+    assert [r["result"] for r in records(run.stdout)] == [["foo", "1"]]

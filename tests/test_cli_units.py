@@ -13,7 +13,7 @@ import pytest
 
 import procqueue
 from procqueue.cli.inputs import InputError, collect_inputs, collect_named_inputs, group_inputs
-from procqueue.cli.main import JobsType, parse_halt
+from procqueue.cli.main import JobsType, _parse_timeout, parse_halt
 from procqueue import HaltPolicy
 from procqueue.cli.output import line_of, record_of
 from procqueue.cli.script import (ScriptError, ScriptFunction, check_arguments,
@@ -34,6 +34,19 @@ def test_stdin_and_lines_file(tmp_path):
     lines.write_text("one\n\ntwo\n")
     got = collect_inputs(["-"], lines_file=str(lines), stdin=io.StringIO("x\ny\n"))
     assert got == ["x", "y", "one", "two"]
+
+
+def test_empty_and_whitespace_only_lines_are_skipped_as_the_readme_says(tmp_path):
+    # GNU parallel runs them as inputs; the README says which are skipped here: keep it so
+    table = tmp_path / "list"
+    table.write_text("a\n\n  \n\t\nb\r\n\r\n")
+    assert collect_inputs(["::::", str(table)]) == ["a", "b"]
+    assert collect_inputs(["-"], stdin=io.StringIO("a\n \nb\n")) == ["a", "b"]
+    assert collect_inputs(["-"], stdin=io.StringIO("a\0\0 \0b\0"), null=True) == ["a", "b"]
+    assert collect_inputs([":::", "", " ", "x"]) == ["", " ", "x"]  # words are kept as given
+    # linked sources keep them, so that line i stays paired with line i
+    assert collect_inputs(["::::", str(table), "::::+", str(table)])[1:4] == [
+        ("", ""), ("  ", "  "), ("\t", "\t")]
 
 
 def test_gnu_parallel_separators_give_literal_inputs_and_files_of_inputs(tmp_path):
@@ -130,6 +143,27 @@ def test_colsep_splits_every_input_into_columns_as_gnu_parallel_does(tmp_path):
     with pytest.raises(InputError, match="not a regular expression") as info:
         collect_inputs([":::", "a"], colsep="(")
     assert info.value.exit_code == 2
+
+
+def test_colsep_trims_each_column_as_gnu_parallels_trim_rl_unless_trim_says_otherwise(tmp_path):
+    # parallel --colsep , echo '[{1}]' '[{2}]' :::: spaced.csv  ->  [foo] [1], [bar] [2]
+    (tmp_path / "spaced.csv").write_text("foo, 1\nbar ,\t2 \n")
+    table = ["::::", str(tmp_path / "spaced.csv")]
+    assert collect_inputs(table, colsep=",") == [("foo", "1"), ("bar", "2")]
+    assert collect_inputs(table, colsep=",", trim="n") == [("foo", " 1"), ("bar ", "\t2 ")]
+    assert collect_inputs(table, colsep=",", trim="l") == [("foo", "1"), ("bar ", "2 ")]
+    assert collect_inputs(table, colsep=",", trim="r") == [("foo", " 1"), ("bar", "\t2")]
+    # without --colsep nothing is trimmed, unless --trim says so (every argument then)
+    assert collect_inputs([":::", " a "]) == [" a "]
+    assert collect_inputs([":::", " a "], trim="lr") == ["a"]
+    assert collect_inputs([":::", " a ", ":::", "b "], trim="rl") == [("a", "b")]
+
+
+def test_header_names_are_trimmed_as_the_columns_are():
+    rows, names = collect_named_inputs([":::", " name , size ", " ab , 2 "], colsep=",")
+    assert names == ("name", "size") and rows == [("ab", "2")]
+    with pytest.raises(InputError, match="' size' is not a Python identifier"):
+        collect_named_inputs([":::", "name, size", "ab,2"], colsep=",", trim="n")
 
 
 def test_null_separated_inputs_are_kept_exactly(tmp_path):
@@ -433,6 +467,23 @@ def test_jobs_take_gnu_parallel_forms(monkeypatch, text, cpus, jobs):
 def test_bad_jobs_are_usage_errors(text):
     with pytest.raises(click.BadParameter):
         JobsType().convert(text, None, None)
+
+
+@pytest.mark.parametrize("text,timeout", [
+    ("2.5", 2.5), ("1m", 60.0), ("500ms", 0.5), ("0.5s", 0.5), ("2h", 7200.0), (" 1 m ", 60.0),
+    ("300%", "300%"),
+])
+def test_timeout_takes_the_units_delay_takes_or_a_percentage(text, timeout):
+    assert _parse_timeout(text) == timeout
+
+
+@pytest.mark.parametrize("text,message", [
+    ("0s", "must be > 0"), ("0", "must be > 0"), ("-1m", "not seconds"), ("m", "not seconds"),
+    ("5x", "not seconds"),
+])
+def test_bad_timeouts_are_usage_errors(text, message):
+    with pytest.raises(click.BadParameter, match=message):
+        _parse_timeout(text)
 
 
 ARITIES = """
