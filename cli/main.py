@@ -315,8 +315,9 @@ def cli() -> None:
 @click.option("--timeout", metavar="SECONDS|P%",
               help="Kill a task after SECONDS (ms, s, m or h may follow, as in --delay: 1m, "
                    "500ms), or after P% (over 100%) of the median time of the "
-                   "tasks finished so far; a relative timeout applies once 3 tasks finished and "
-                   "never kills a task younger than 1 s [default: no timeout].")
+                   "tasks that succeeded so far (as GNU parallel's); a relative timeout applies "
+                   "once 3 tasks succeeded and never kills a task younger than 1 s "
+                   "[default: no timeout].")
 @click.option("--retries", type=click.IntRange(min=0), default=None, metavar="N",
               help="Run a failed input up to N more times, N+1 runs in all: one that raised, "
                    "timed out or crashed its worker (GNU parallel's --retries N counts runs, "

@@ -144,7 +144,7 @@ def _hand_run(slot: Slot, block: Block, position: int, values: list[Any],
     if not values:
         return  # a final message with nothing left to report (a flush sent it all)
     if seconds is not None:
-        block.job.note_durations(seconds)  # (a failed input's: on_outcome notes it)
+        block.job.note_durations(seconds)  # (successes only: a relative timeout's median)
     try:
         block.job.sink.deliver_run(block.start + position,
                                    block.inputs[position:position + len(values)], values,

@@ -119,7 +119,10 @@ class WorkerOutcomes:
                     started: float, succeeded: list[tuple[Task, Any]]) -> None:
         """One task's reported outcome; a success joins `succeeded`, delivered with its batch."""
         task.seconds = seconds
-        task.job.note_duration(seconds)
+        if status is Outcome.OK:
+            # A relative timeout is of the successes' run times, as GNU parallel's: inputs
+            # that fail at once would otherwise make it kill good slow ones
+            task.job.note_duration(seconds)
         if task.state is not TaskState.DISPATCHED:
             return  # already given an outcome (cancelled while running)
         task.attempts += 1  # it ran

@@ -1,7 +1,7 @@
 """When a running task times out: its absolute timeout, or a multiple of the median run time
-of its call so far (GNU parallel's --timeout 300%), counted from when its worker marked it
-started, or, for a task sent but never marked started, from UNSTARTED_GRACE_S after it was
-sent (a worker stuck before reaching it); a worker still loading the task's function has
+of its call's successes so far (GNU parallel's --timeout 300%), counted from when its worker
+marked it started, or, for a task sent but never marked started, from UNSTARTED_GRACE_S after
+it was sent (a worker stuck before reaching it); a worker still loading the task's function has
 FUNCTION_LOAD_GRACE_S more.  Reads slots and their tasks and changes nothing of them; the
 supervisor asks for the deadlines (TimedSlots keeps its readings between turns) and kills what
 is past them.  A block's inputs are timed as tasks are: its worker marks each input's start."""
@@ -15,7 +15,7 @@ from typing import Iterator, NamedTuple
 from .tasks import Job, Task
 from .worker_slots import Batch, Slot, SlotPhase
 
-MIN_DURATIONS_FOR_RELATIVE = 3  # finished tasks needed before a relative timeout applies
+MIN_DURATIONS_FOR_RELATIVE = 3  # successes needed before a relative timeout applies
 MIN_RELATIVE_TIMEOUT_S = 1.0  # a relative timeout never kills a task younger than this
 # A worker loading a task's function (an import) gets this long before the task's own timeout
 # starts: a hung import is still caught, a slow one on a loaded machine is not a timeout.

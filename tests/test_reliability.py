@@ -289,6 +289,23 @@ def test_relative_timeout_catches_the_stuck_input():
     assert [v for i, v in enumerate(out) if i != 6] == [0.1] * 9
 
 
+def fail_fast_or_sleep(x):
+    if x == "fail":
+        raise ValueError("fails at once")
+    time.sleep(x)
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_a_relative_timeout_is_of_the_successes_so_quick_failures_kill_no_good_input():
+    # GNU parallel's median is of the jobs that succeeded: three inputs that fail at once
+    # (medians of ~0 s) must not make a healthy 1.5 s input time out after the 1 s floor
+    with Pool(1, timeout="200%", retries=0) as pool:
+        out = pool.map(fail_fast_or_sleep, ["fail", "fail", "fail", 1.5], return_exceptions=True)
+    assert all(isinstance(v, ValueError) for v in out[:3]), out
+    assert out[3] == 1.5
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("api", ["submit", "apply_async"])
 @pytest.mark.parametrize("given", ["pool", "call"])
