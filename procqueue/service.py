@@ -139,8 +139,8 @@ class QueueService:
         try:
             while not self.stop.is_set():
                 try:
-                    self._drop_revoked()
-                    if self._record_done() and self._worth_claiming():
+                    dropped = self._drop_revoked()
+                    if (self._record_done() or dropped) and self._worth_claiming():
                         claim_due = True  # places are free once recorded, not before
                     now = time.monotonic()
                     if claim_due or now >= next_claim:
@@ -303,9 +303,11 @@ class QueueService:
 
     # ---- tasks taken away: cancelled, or given to another service -------------------
 
-    def _drop_revoked(self) -> None:
+    def _drop_revoked(self) -> bool:
         """Kill the calls running tasks this service no longer holds; their other unfinished
-        tasks go back to pending, unrun (a call is cancelled as a whole)."""
+        tasks go back to pending, unrun (a call is cancelled as a whole).  Only once a call's
+        processes are gone do its cancelled tasks give up their places under the queue's
+        limits (store: release's `ended`).  Whether any call was dropped (places are free)."""
         revoked: set[int] = set()
         while True:
             try:
@@ -318,10 +320,12 @@ class QueueService:
             self._cancel_until_ended([outcomes])
             back = [(t.id, t.attempt) for t in batch if t.id in self._held
                     and t.id not in revoked]
-            self.store.release(self.id, back)
+            ended = [t.id for t in batch if t.id in revoked]
+            self.store.release(self.id, back, ended)
             for task in batch:
                 self._held.pop(task.id, None)
                 self._batch_of.pop(task.id, None)
+        return bool(calls)
 
     def _check_still_held(self) -> None:
         """(heartbeat thread) Tell the loop which held tasks were cancelled meanwhile."""

@@ -621,6 +621,49 @@ def test_cancel_takes_pending_and_running_tasks_only(store):
     assert store.get(held.id).finished_at is not None
 
 
+@pytest.mark.parametrize("limit", [{"concurrency": 1}, {"worker_concurrency": 1},
+                                   {"key_concurrency": 1}])
+def test_a_task_cancelled_while_running_still_holds_its_place(store, limit):
+    # The service kills a cancelled task's process only when it notices (a heartbeat), plus a
+    # kill grace: until then the task still runs, and a place freed at the cancel let a
+    # concurrency=1 queue run two tasks at once.
+    store.define(QueueSpec("q", **limit))
+    store.enqueue([new_task("cancelled", key="k"), new_task("next", key="k")])
+    store.register_service("A", ["q"], 2)
+    [task] = store.claim("A", {"q": 1}).tasks
+    assert store.cancel([task.id]) == [task.id]
+    assert store.claim("A", {"q": 2}).tasks == []
+    store.release("A", [], ended=[task.id])  # the service saw its process end
+    assert labels(store.claim("A", {"q": 2})) == ["next"]
+    assert store.get(task.id).status is TaskStatus.CANCELLED
+
+
+@pytest.mark.parametrize("ended_by", ["its outcome", "deregistering", "its service's death",
+                                      "age"])
+def test_a_task_cancelled_while_running_gives_its_place_back_once_its_run_ended(
+        stores, monkeypatch, ended_by):
+    store, other = stores(), stores()
+    store.define(QueueSpec("q", concurrency=1))
+    store.enqueue([new_task("cancelled"), new_task("next")])
+    store.register_service("A", ["q"], 2)
+    other.register_service("B", ["q"], 2)
+    [task] = store.claim("A", {"q": 2}).tasks
+    store.cancel([task.id])
+    assert other.claim("B", {"q": 2}).tasks == []
+    if ended_by == "its outcome":
+        assert store.record("A", [succeeded(task)]) == 0  # dropped, but its process is done
+    elif ended_by == "deregistering":
+        store.deregister_service("A")
+    elif ended_by == "its service's death":
+        monkeypatch.setattr(store_sql, "LEASE_S", 0.2)
+        wait_for(lambda: other.heartbeat("B") and other.claim("B", {}).tasks == [] and
+                 "A" not in {s.id for s in other.services()}, "A found dead")
+    else:  # a row cancelled while running by an earlier procqueue, which never clears it
+        monkeypatch.setattr(store_sql, "CANCELLED_HOLD_S", 0.2)
+        wait_for(lambda: time.time() > store.get(task.id).finished_at + 0.2, "time passes")
+    assert labels(other.claim("B", {"q": 2})) == ["next"]
+
+
 def test_retry_puts_back_failed_or_cancelled_tasks_with_fresh_attempts(store):
     ids = store.enqueue([new_task(f"t{i}") for i in range(4)])
     store.register_service("A", ["q"], 4)

@@ -423,6 +423,22 @@ def test_cancelling_a_running_task_kills_its_process_and_the_service_goes_on(tq,
         handle.get_result()
 
 
+def test_a_cancelled_running_task_keeps_its_place_until_its_process_is_gone(tq, tmp_path):
+    # Cancelling freed the place at once: on a concurrency=1 queue the next task started
+    # while the cancelled one (deaf to SIGTERM, so it runs the kill's 0.5 s grace) still ran.
+    beats = tmp_path / "beats"
+    tq.define("one", concurrency=1)
+    cancelled = tq.enqueue(ref("beat_deaf_to_sigterm"), str(beats), queue="one")
+    after = tq.enqueue(ref("span"), 1, queue="one")
+    with serving(tq):
+        _wait_for(lambda: beats.exists() and beats.read_text(), 60, "the task's start")
+        assert tq.cancel(cancelled) == [cancelled.id]
+        _, started, _, _ = after.get_result(timeout=60)
+    last_beat = max(float(line.split()[1]) for line in beats.read_text().splitlines())
+    assert started > last_beat, "the next task started while the cancelled one still ran"
+    assert cancelled.status() is TaskStatus.CANCELLED
+
+
 # ---- what dashboards read: the services' workers, the timeline ------------------------------
 
 def test_a_service_reports_each_worker_and_the_stored_task_it_runs(tq, tmp_path):
@@ -477,6 +493,29 @@ def test_a_store_made_before_the_workers_report_is_brought_up_to_date(tq):
         assert reopened.store.heartbeat("s1", [{"slot": 0, "pid": 1, "task": None}])
         (record,) = reopened.services()
         assert record.workers == ({"slot": 0, "pid": 1, "task": None},)
+
+
+def test_a_store_made_before_the_cancelled_tasks_index_gets_it(tq):
+    # without it a claim on a limited queue would read every cancelled row (a full scan)
+    tq.close()
+    _run_sql(tq.target, "DROP INDEX {schema}tasks_cancelled_held")
+    TaskQueue(tq.target).close()  # opening adds it back
+    _run_sql(tq.target, "DROP INDEX {schema}tasks_cancelled_held")  # fails if it is missing
+
+
+def _run_sql(target: str, statement: str) -> None:
+    if target.startswith("postgresql://"):
+        import psycopg
+        with psycopg.connect(target, autocommit=True) as conn:
+            conn.execute(statement.format(schema="procqueue."))
+    else:
+        import sqlite3
+        conn = sqlite3.connect(target)
+        try:
+            conn.execute(statement.format(schema=""))
+            conn.commit()
+        finally:
+            conn.close()
 
 
 def _drop_services_column(target: str, column: str) -> None:

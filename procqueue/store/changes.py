@@ -83,7 +83,9 @@ class QueueChanges(SqlConnections):
 
     def cancel(self, ids: Sequence[int]) -> list[int]:
         """Cancel pending or running tasks; the ids that were.  A running task's service drops
-        it (and its process) when it next looks (within sql.py's HEARTBEAT_S)."""
+        it (and its process) when it next looks (within sql.py's HEARTBEAT_S); the task keeps
+        its service, and so its place under the queue's limits, until that service has seen
+        its process end (sql.py _cancelled_holding)."""
         return self._change(ids, "UPDATE tasks SET status = 'cancelled', finished_at = ? "
                                  "WHERE id = ? AND status IN ('pending', 'running')",
                             with_time=True)

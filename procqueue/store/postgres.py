@@ -40,6 +40,11 @@ DRAIN_ROUNDS = 8  # reads of a waker's socket per drain(), at most (a flood of N
 # same in every procqueue ("pq" "sc" in ASCII)
 SCHEMA_LOCK_KEY = 0x7071_7363
 
+# Added after the first format: a schema made before gets it on opening (_add_missing_indexes).
+CANCELLED_HELD_INDEX = ("CREATE INDEX IF NOT EXISTS tasks_cancelled_held ON tasks (finished_at) "
+                        "WHERE status = 'cancelled' AND service IS NOT NULL")
+ADDED_INDEXES = {"tasks_cancelled_held": CANCELLED_HELD_INDEX}
+
 CREATE_STATEMENTS = (
     f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}",
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -87,6 +92,7 @@ CREATE_STATEMENTS = (
     "WHERE dedup_id IS NOT NULL AND status IN ('pending', 'running')",
     "CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished_at) "
     "WHERE finished_at IS NOT NULL",
+    CANCELLED_HELD_INDEX,
     """CREATE TABLE IF NOT EXISTS services (
         id           TEXT PRIMARY KEY,
         host         TEXT NOT NULL,
@@ -145,6 +151,7 @@ class PostgresStore(SqlStore):
             if present:
                 self._check_schema(c, present)
                 self._add_missing_columns(c)
+                self._add_missing_indexes(c)
             else:  # no schema, or an empty one (made for us by an administrator)
                 for statement in CREATE_STATEMENTS:
                     c.execute(statement)
@@ -179,6 +186,14 @@ class PostgresStore(SqlStore):
             for name, kind in added:
                 if name not in present:
                     c.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
+
+    def _add_missing_indexes(self, c: Any) -> None:
+        """Likewise the indexes (checked first: CREATE INDEX locks the table's writes)."""
+        present = {row[0] for row in c.execute(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = %s", (SCHEMA,)).fetchall()}
+        for name, statement in ADDED_INDEXES.items():
+            if name not in present:
+                c.execute(statement)
 
     def _stamp(self, c: Any) -> None:
         for name, value in (("kind", KIND), ("schema_version", str(SCHEMA_VERSION))):

@@ -54,6 +54,12 @@ class QueueSpec:
         return any(v is not None for v in (self.concurrency, self.worker_concurrency,
                                           self.rate_limit, self.key_concurrency))
 
+    @property
+    def limited_by_places(self) -> bool:
+        """Whether running tasks take places (every limit but the rate)."""
+        return any(v is not None for v in (self.concurrency, self.worker_concurrency,
+                                          self.key_concurrency))
+
 
 @dataclass(frozen=True)
 class NewTask:

@@ -8,7 +8,8 @@ a service is woken (a socket beside the SQLite file; LISTEN/NOTIFY).
 Where each promise is kept:
 - limits across services (``concurrency``, ``key_concurrency``, ``rate``): ``_claim_queue``
   counts the queue's running tasks and its recent starts inside the claim's transaction, which
-  is serialised per queue, so two services never both take the last permit;
+  is serialised per queue, so two services never both take the last permit; a task cancelled
+  while running counts as running until its service has seen its process end;
 - a dead service's tasks run again: ``_requeue_lost`` (every claim) puts back the running tasks
   of services whose heartbeat is older than LEASE_S, or whose process is gone on this host;
 - no outcome recorded twice: ``record`` updates a task only while it is running, held by the
@@ -44,6 +45,12 @@ LEASE_S = 5.0  # ...and holds its tasks while the last one is younger than this
 LOCAL_CHECK_AFTER_S = 1.0  # a silent service on this host is checked by pid after this long
 MAX_LOSSES = 3  # a task whose service died this many times while running it fails
 CANDIDATES_PER_PICK = 4  # with per-key limits, scan this many pending rows per task wanted
+# A task cancelled while running keeps its service (and its place under the queue's limits)
+# until that service has seen its process end: it notices within HEARTBEAT_S and waits at most
+# CANCEL_WAIT_S (service.py, 5 s) for the kill.  Past this age the place counts free whatever
+# the service said: a row cancelled while running by an earlier procqueue, which never clears
+# its service, must not hold a place for ever.
+CANCELLED_HOLD_S = 2 * LEASE_S
 # A task's stored deadline is set by the claim that first starts it (_start: claim time plus
 # its timeout) and kept across re-runs.  A task put back unrun (released, or lost with a
 # service that had not started it) gives back the deadline its claim set, and only that one:
@@ -108,12 +115,16 @@ class SqlStore(QueueChanges, QueueViews):
         if release or lost:
             self.notify()
 
-    def release(self, service_id: str, tasks: Sequence[tuple[int, int]]) -> None:
-        """Put back (id, attempt) tasks this service held without finishing them."""
-        if not tasks:
+    def release(self, service_id: str, tasks: Sequence[tuple[int, int]],
+                ended: Sequence[int] = ()) -> None:
+        """Put back (id, attempt) tasks this service held without finishing them, and free
+        the places of the `ended` tasks: cancelled while it ran them, their processes are
+        gone now."""
+        if not tasks and not ended:
             return
         with self._write() as c:
             self._release(c, service_id, tasks)
+            self._cancelled_ended(c, service_id, ended)
         self.notify()
 
     def _release(self, c: Any, service_id: str, tasks: Sequence[tuple[int, int]]) -> None:
@@ -122,6 +133,12 @@ class SqlStore(QueueChanges, QueueViews):
                       "WHERE id = ? AND attempts = ? AND service = ? AND status = 'running'",
                    [(task_id, attempt, service_id)
                     for task_id, attempt in sorted(tasks)])  # id order: see changes.py _change
+
+    def _cancelled_ended(self, c: Any, service_id: str, ids: Sequence[int]) -> None:
+        """These tasks, cancelled while this service ran them, no longer hold their places
+        (see _cancelled_holding): their processes ended."""
+        self._many(c, "UPDATE tasks SET service = NULL WHERE id = ? AND service = ? AND "
+                      "status = 'cancelled'", [(task_id, service_id) for task_id in sorted(ids)])
 
     def still_held(self, service_id: str, held: Sequence[int]) -> set[int]:
         """Which of these task ids are still running under this service (not cancelled)."""
@@ -178,15 +195,18 @@ class SqlStore(QueueChanges, QueueViews):
 
     def _claim_queue(self, c: Any, service_id: str, spec: QueueSpec, want: int, now: float
                      ) -> tuple[list[int], float | None]:
-        running = None
+        dying: list[tuple[str, str | None]] = []
+        if spec.limited_by_places:
+            dying = self._cancelled_holding(c, spec.name, now)
         if spec.worker_concurrency is not None:
             mine = self._x(c, "SELECT COUNT(*) FROM tasks WHERE queue = ? AND service = ? AND "
                               "status = 'running'", (spec.name, service_id)).fetchone()[0]
+            mine += sum(1 for service, _ in dying if service == service_id)
             want = min(want, spec.worker_concurrency - mine)
         if spec.concurrency is not None:
             running = self._x(c, "SELECT COUNT(*) FROM tasks WHERE queue = ? AND "
                                  "status = 'running'", (spec.name,)).fetchone()[0]
-            want = min(want, spec.concurrency - running)
+            want = min(want, spec.concurrency - running - len(dying))
         wait_until = None
         if spec.rate_limit is not None and spec.rate_per is not None:
             since = now - spec.rate_per
@@ -205,13 +225,29 @@ class SqlStore(QueueChanges, QueueViews):
                               "ORDER BY priority DESC, id LIMIT ?" + self._skip_locked(),
                            (spec.name, want)).fetchall()
             return [row[0] for row in rows], wait_until
-        return self._pick_by_key(c, spec, want), wait_until
+        return self._pick_by_key(c, spec, want, dying), wait_until
 
-    def _pick_by_key(self, c: Any, spec: QueueSpec, want: int) -> list[int]:
+    def _cancelled_holding(self, c: Any, queue: str, now: float
+                           ) -> list[tuple[str, str | None]]:
+        """(service, key) of the queue's tasks cancelled while running whose processes may
+        still run: their services have not yet seen them end.  They count as running under
+        the limits, or a concurrency=1 queue would start its next task beside a cancelled
+        one that is still being killed.  The partial index on cancelled rows with a service
+        keeps this to the few cancelled in the last CANCELLED_HOLD_S."""
+        return [(row[0], row[1]) for row in self._x(
+            c, "SELECT service, key FROM tasks WHERE status = 'cancelled' AND service IS NOT "
+               "NULL AND finished_at > ? AND queue = ?",
+            (now - CANCELLED_HOLD_S, queue)).fetchall()]
+
+    def _pick_by_key(self, c: Any, spec: QueueSpec, want: int,
+                     dying: list[tuple[str, str | None]]) -> list[int]:
         limit = spec.key_concurrency or 1
         busy: dict[str | None, int] = {row[0]: row[1] for row in self._x(
             c, "SELECT key, COUNT(*) FROM tasks WHERE queue = ? AND status = 'running' "
                "AND key IS NOT NULL GROUP BY key", (spec.name,)).fetchall()}
+        for _, key in dying:
+            if key is not None:
+                busy[key] = busy.get(key, 0) + 1
         picked: list[int] = []
         after: tuple[int, int] | None = None
         page = max(64, want * CANDIDATES_PER_PICK)
@@ -309,6 +345,9 @@ class SqlStore(QueueChanges, QueueViews):
                               f"ELSE {_DEADLINE_UNLESS_SET_BY_CLAIM} END "
                               f"WHERE service = ? AND status = 'running'",
                            (*params, *params, service_id)).rowcount
+        # its cancelled tasks' processes are gone (it ended) or past caring for (it died)
+        self._x(c, "UPDATE tasks SET service = NULL WHERE status = 'cancelled' AND service = ? "
+                   "AND finished_at > ?", (service_id, now - CANCELLED_HOLD_S))
         self._x(c, "DELETE FROM services WHERE id = ?", (service_id,))
         return max(int(requeued), 0)
 
@@ -346,6 +385,8 @@ class SqlStore(QueueChanges, QueueViews):
                        "error_traceback = ?, error = ? WHERE id = ? AND service = ? "
                        "AND attempts = ? AND status = 'running'",
                     [_failure_row(f, f.id in retries, now, service_id) for f in failures])
+            if applied < len(outcomes):  # some were cancelled meanwhile: their runs are over
+                self._cancelled_ended(c, service_id, [f.id for f in outcomes])
         return applied
 
     def _retries_left(self, c: Any, crashed: list[Finished]) -> set[int]:

@@ -70,6 +70,8 @@ CREATE INDEX IF NOT EXISTS tasks_running ON tasks (queue, key, service)
     WHERE status = 'running';
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_dedup ON tasks (queue, dedup_id)
     WHERE dedup_id IS NOT NULL AND status IN ('pending', 'running');
+CREATE INDEX IF NOT EXISTS tasks_cancelled_held ON tasks (finished_at)
+    WHERE status = 'cancelled' AND service IS NOT NULL;
 CREATE TABLE IF NOT EXISTS services (
     id           TEXT PRIMARY KEY,
     host         TEXT NOT NULL,
