@@ -39,7 +39,7 @@ from .errors import (TaskFailed, TaskTimeoutError, WorkerCrashedError, remote_tr
                      remote_traceback_text)
 from .process_meter import ProcessMeter
 from .store import HEARTBEAT_S, ClaimedTask, Finished, QueueSpec, StoredError
-from .store.codec import error_columns
+from .store.codec import error_columns, short_repr
 from .stored_call import call_stored
 from .taskqueue import TaskQueue
 
@@ -246,9 +246,8 @@ class QueueService:
         claim = self.store.claim(self.id, wants, total)
         for task in claim.expired:
             self._held[task.id] = task
-            self._done.put((task, TaskTimeoutError(
-                f"task {task.id} ({task.label}) passed its stored deadline before it could "
-                f"run again", input_repr=task.label)))
+            self._done.put((task, TaskTimeoutError(  # (_attributed names the task)
+                "passed its stored deadline before it could run again")))
         self._dispatch(claim.tasks)
         retry_in = None if claim.retry_at is None else max(0.0, claim.retry_at - time.time())
         wanted = max(wants.values()) if total is None else min(total, max(wants.values()))
@@ -378,7 +377,8 @@ class QueueService:
         if outcome.ok:
             return Finished(task.id, task.attempt, outcome.value, None, seconds=seconds,
                             pid=outcome.pid, runs=runs)
-        error = _attributed(outcome.error, task, outcome.pid, task.attempt + runs - 1)
+        error = _attributed(outcome.error, task, outcome.pid, task.attempt + runs - 1,
+                            outcome.index)
         return Finished(task.id, task.attempt, None, StoredError(*error_columns(error)),
                         retryable=isinstance(error, WorkerCrashedError), seconds=seconds,
                         pid=outcome.pid, runs=runs)
@@ -427,12 +427,20 @@ class QueueService:
 
 
 def _attributed(error: BaseException, task: ClaimedTask, pid: int | None,
-                attempts: int) -> BaseException:
+                attempts: int, pool_index: int | None = None) -> BaseException:
     """Name the stored task (its id, arguments and attempt) where the pool named its own
-    call's index and input (the function reference and the arguments' pickle)."""
+    call's index and input (the function reference and the arguments' pickle): a user of
+    get_result() knows the task by its id and arguments, not by its place in a batch."""
     if isinstance(error, TaskFailed):
         error.index, error.input_repr, error.attempts = task.id, task.label, attempts
         return error
+    # The pool set .index and .input_repr on the task's own exception unless it had them
+    # (errors.annotate): only what the pool set is replaced
+    if getattr(error, "input_repr", None) == short_repr((task.function, task.payload, task.id)):
+        with contextlib.suppress(AttributeError, TypeError):
+            error.input_repr = task.label  # type: ignore[attr-defined]
+            if pool_index is not None and getattr(error, "index", None) == pool_index:
+                error.index = task.id  # type: ignore[attr-defined]
     tb_text = remote_traceback_text(error.__cause__)
     if tb_text is not None:
         where = f"[procqueue] raised by stored task {task.id} (input {task.label})"

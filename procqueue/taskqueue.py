@@ -24,7 +24,7 @@ import pickle
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from .errors import TaskCancelledError
+from .errors import TaskCancelledError, TaskFailed
 from .limits import Rate
 from .store import (NewTask, QueueCounts, QueueSpec, ServiceRecord, SqlStore, TaskRecord,
                     TimelineEntry,
@@ -95,11 +95,13 @@ def result_of(record: TaskRecord) -> Any:
     if record.status is TaskStatus.SUCCEEDED:
         return pickle.loads(record.result) if record.result is not None else None
     if record.status is TaskStatus.CANCELLED:
-        raise TaskCancelledError(f"task {record.id} ({record.label}) was cancelled",
-                                 input_repr=record.label)
+        raise TaskCancelledError("cancelled", index=record.id, input_repr=record.label)
     if record.status is TaskStatus.FAILED and record.error is not None:
         e = record.error
-        raise rebuild_error(e.type_name, e.message, e.traceback, e.pickled)
+        error = rebuild_error(e.type_name, e.message, e.traceback, e.pickled)
+        if isinstance(error, TaskFailed) and error.index is None:  # written by the store (SQL)
+            error.index, error.input_repr = record.id, record.label
+        raise error
     raise ValueError(f"task {record.id} has not ended: {record.status}")
 
 

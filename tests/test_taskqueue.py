@@ -72,6 +72,17 @@ def test_a_failed_task_raises_its_exception_with_the_remote_traceback(tq):
     assert isinstance(cause, procqueue.RemoteTraceback)
     assert 'raise ValueError(f"bad input {x}")' in cause.tb
     assert f"stored task {handle.id} (input 7)" in cause.tb
+    # the task as its user knows it, not the pool's batch index and internal call tuple
+    assert (info.value.index, info.value.input_repr) == (handle.id, "7")
+
+
+def test_a_procqueue_error_names_the_task_once(tq):
+    handle = tq.enqueue(ref("sleep_forever"), "slow", timeout=0.5)
+    drain(tq)
+    with pytest.raises(procqueue.TaskTimeoutError) as info:
+        handle.get_result(timeout=5)
+    assert (info.value.index, info.value.input_repr) == (handle.id, "'slow'")
+    assert str(info.value).count("'slow'") == 1
 
 
 def test_a_crash_fails_only_its_task_naming_pid_and_exit_code(tq):
@@ -283,8 +294,10 @@ def test_cancel_a_pending_task_and_retry_it(tq):
     handle = tq.enqueue(ref("square"), 6)
     assert tq.cancel(handle) == [handle.id]
     drain(tq)
-    with pytest.raises(procqueue.TaskCancelledError):
+    with pytest.raises(procqueue.TaskCancelledError) as info:
         handle.get_result(timeout=5)
+    assert str(info.value) == f"cancelled (task {handle.id}, input 6)"
+    assert (info.value.index, info.value.input_repr) == (handle.id, "6")
     assert tq.retry(handle) == [handle.id]
     drain(tq)
     assert handle.get_result(timeout=5) == 36
