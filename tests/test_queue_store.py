@@ -16,12 +16,14 @@ import sqlite3
 import stat
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
 
 import procqueue.store.sql as store_sql
+from procqueue.limits import START_SKEW_MARGIN_S
 from procqueue.errors import StoreError, StoreFormatError, StoreUnsafeError, TaskFailed
 from procqueue.store import (Claim, ClaimedTask, Finished, NewTask, QueueSpec, SqlStore,
                              StoredError, TaskStatus, open_store)
@@ -306,7 +308,8 @@ def test_rate_limit_starts_at_most_l_per_period(stores):
     first = a.claim("A", {"q": 8})
     assert len(first.tasks) == limit
     started = a.get(first.tasks[0].id).started_at
-    assert first.retry_at == pytest.approx(started + per)  # when the oldest start leaves
+    # when the oldest start leaves the window (widened for the tasks' own start, a bit later)
+    assert first.retry_at == pytest.approx(started + per + START_SKEW_MARGIN_S, abs=1e-6)
     a.record("A", [succeeded(t) for t in first.tasks])
     assert b.claim("B", {"q": 8}).tasks == []  # the window is full whoever asks
 
@@ -321,7 +324,7 @@ def test_rate_limit_starts_at_most_l_per_period(stores):
         store.record(me, [succeeded(t) for t in claim.tasks])
         if a.ids(TaskStatus.PENDING, "q", limit=1):
             assert claim.retry_at is not None, "held back without saying until when"
-            assert claim.retry_at <= time.time() + per
+            assert claim.retry_at <= time.time() + per + START_SKEW_MARGIN_S
             while time.time() < claim.retry_at:
                 time.sleep(0.01)
 
@@ -330,6 +333,22 @@ def test_rate_limit_starts_at_most_l_per_period(stores):
         assert sum(1 for s in starts if start - per < s <= start) <= limit
     rate = next(c for c in a.counts() if c.spec.name == "q")
     assert rate.starts_in_window is not None and rate.starts_in_window <= limit
+
+
+def test_a_rate_window_is_widened_for_the_tasks_own_start(store, monkeypatch):
+    # A start is counted at its claim and the task starts a few ms later in the service's
+    # pool: with the bare window, the tasks' own clocks saw 6-7 starts within 2 s at 4 per 2 s.
+    clock = [1000.0]
+    monkeypatch.setattr(store_sql, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    store.define(QueueSpec("q", rate_limit=1, rate_per=1.0))
+    store.enqueue([new_task(f"t{i}") for i in range(2)])
+    store.register_service("A", ["q"], 2)
+    assert len(store.claim("A", {"q": 2}).tasks) == 1
+    clock[0] = 1000.0 + 1.0 + START_SKEW_MARGIN_S / 2  # a period on, but within the margin
+    held = store.claim("A", {"q": 2})
+    assert held.tasks == [] and held.retry_at == pytest.approx(1001.0 + START_SKEW_MARGIN_S)
+    clock[0] = held.retry_at + 0.001
+    assert len(store.claim("A", {"q": 2}).tasks) == 1
 
 
 # ---- dedup and fencing -------------------------------------------------------------------------

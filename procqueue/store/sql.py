@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import psutil
 
+from ..limits import START_SKEW_MARGIN_S
 from .changes import QueueChanges
 from .connections import chunks
 from .records import Claim, ClaimedTask, Finished, QueueSpec
@@ -209,14 +210,18 @@ class SqlStore(QueueChanges, QueueViews):
             want = min(want, spec.concurrency - running - len(dying))
         wait_until = None
         if spec.rate_limit is not None and spec.rate_per is not None:
-            since = now - spec.rate_per
+            # A start is counted at its claim, and the task starts a few ms later in the
+            # service's pool: the window is widened as a local pool's is, so that "at most L
+            # starts in any P seconds" holds for the starts the tasks themselves see.
+            per = spec.rate_per + START_SKEW_MARGIN_S
+            since = now - per
             self._x(c, "DELETE FROM starts WHERE queue = ? AND at <= ?", (spec.name, since))
             starts = [row[0] for row in self._x(
                 c, "SELECT at FROM starts WHERE queue = ? ORDER BY at",
                 (spec.name,)).fetchall()]
             room = spec.rate_limit - len(starts)
             if room < want:  # a place opens when the oldest start leaves the window
-                wait_until = (starts[0] if starts else now) + spec.rate_per
+                wait_until = (starts[0] if starts else now) + per
             want = min(want, room)
         if want <= 0:
             return [], wait_until
