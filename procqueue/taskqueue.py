@@ -24,7 +24,7 @@ import pickle
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from .errors import TaskCancelledError, TaskFailed
+from .errors import TaskCancelledError, TaskFailed, argument_error
 from .limits import Rate
 from .store import (NewTask, QueueCounts, QueueSpec, ServiceRecord, SqlStore, TaskRecord,
                     TimelineEntry,
@@ -170,10 +170,11 @@ class TaskQueue:
         ref = str(FunctionRef.of(fn))
         t = self._new_task(ref, (), {}, queue=queue, timeout=timeout, priority=priority,
                            retries=retries)  # checks the options once
-        tasks = []
+        tasks: list[NewTask] = []
         for item in items:  # (NewTask directly: dataclasses.replace costs ~10 us an item)
             args = tuple(item) if star else (item,)
-            tasks.append(NewTask(t.queue, t.function, pack_arguments(args, {}),
+            tasks.append(NewTask(t.queue, t.function,
+                                 _packed(t.function, args, {}, item_index=len(tasks)),
                                  _label(args, {}), None if key is None else str(key(item)),
                                  t.priority, None, t.timeout_s, t.retries))
         return [TaskHandle(self, task_id) for task_id in self.store.enqueue(tasks)]
@@ -192,7 +193,7 @@ class TaskQueue:
         if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
                                     or retries < 0):
             raise ValueError(f"retries must be an int >= 0, not {retries!r}")
-        return NewTask(queue, function, pack_arguments(args, kwargs), _label(args, kwargs),
+        return NewTask(queue, function, _packed(function, args, kwargs), _label(args, kwargs),
                        None if key is None else str(key), priority,
                        None if dedup_id is None else str(dedup_id),
                        None if timeout is None else float(timeout), retries)
@@ -257,6 +258,35 @@ class TaskQueue:
 def _label(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return short_repr(args[0] if len(args) == 1 and not kwargs else (args, kwargs),
                       LABEL_MAX_CHARS)
+
+
+def _packed(function: str, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+            item_index: int | None = None) -> bytes:
+    """The arguments' pickle; an ArgumentSerializationError naming the function and the
+    argument (and enqueue_many's item) that does not pickle, as a Pool's call would."""
+    try:
+        return pack_arguments(args, kwargs)
+    except Exception as exc:
+        which, cause = _unpicklable_argument(args, kwargs, exc)
+        item = "" if item_index is None else f" of item {item_index}"
+        raise argument_error(f"cannot enqueue {function}: its {which}{item} cannot be "
+                             f"pickled ({type(cause).__name__}: {cause}); make sure every "
+                             f"argument is picklable", cause,
+                             input_repr=_label(args, kwargs)) from None
+
+
+def _unpicklable_argument(args: tuple[Any, ...], kwargs: dict[str, Any], error: Exception
+                          ) -> tuple[str, Exception]:
+    """Which argument does not pickle (tried one by one: only once pickling failed), and
+    its error; the arguments as a whole where each pickles alone."""
+    named = [(f"argument {i + 1}", value) for i, value in enumerate(args)]
+    named += [(f"keyword argument {name!r}", value) for name, value in kwargs.items()]
+    for which, value in named:
+        try:
+            pack_arguments((value,), {})
+        except Exception as exc:
+            return which, exc
+    return "arguments", error
 
 
 def _ids(ids: Sequence[int | TaskHandle]) -> list[int]:

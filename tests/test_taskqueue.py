@@ -154,6 +154,17 @@ def test_a_lambda_cannot_be_enqueued(tq):
         tq.enqueue(lambda x: x, 1)
 
 
+def test_an_argument_that_does_not_pickle_is_named_and_nothing_is_stored(tq):
+    with pytest.raises(procqueue.ArgumentSerializationError,
+                       match=r"square: its keyword argument 'x' cannot be pickled") as info:
+        tq.enqueue(ref("square"), x=threading.Lock())
+    assert isinstance(info.value, TypeError)  # as multiprocessing raises it
+    with pytest.raises(procqueue.ArgumentSerializationError,
+                       match=r"square: its argument 1 of item 1 cannot be pickled"):
+        tq.enqueue_many(ref("square"), [1, threading.Lock(), 3])
+    assert tq.ids() == []
+
+
 def test_a_handle_reads_the_result_from_another_process(tq):
     handle = tq.enqueue(ref("square"), 12)
     drain(tq)
