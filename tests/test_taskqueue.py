@@ -407,6 +407,18 @@ def test_a_file_that_is_not_a_store_is_refused(tmp_path):
         TaskQueue(path)
 
 
+@pytest.mark.parametrize("target", ["mysql://user@host/jobs", "sqlite:///tmp/jobs.db"])
+def test_a_url_of_another_database_is_refused_naming_the_accepted_forms(target, tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)  # read as a relative path, it would make or look for a file
+    with pytest.raises(procqueue.StoreError) as info:
+        TaskQueue(target)
+    text = str(info.value)
+    assert "\n" not in text and target in text
+    assert "postgresql://" in text and "SQLite file" in text
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_results_are_stored_as_pickles_of_the_value(tq):
     handle = tq.enqueue(ref("square"), 9)
     drain(tq)
