@@ -1036,8 +1036,23 @@ def test_terminate_cancels_unfinished_work(client: Any, tmp_path: Path) -> None:
         with pytest.raises(concurrent.futures.CancelledError):
             future.result(timeout=5)
         assert future.cancelled() or isinstance(future.exception(), TaskCancelledError)
+        if not future.cancelled():  # sent to Dask, which says not whether it started
+            assert "on the Dask cluster (running there, or waiting to run)" \
+                in str(future.exception())
     with pytest.raises(PoolClosedError):
         pool.submit(square, 1)
+
+
+@pytest.mark.parametrize("backend", ["dask", "local"])
+def test_stats_state_is_in_the_same_words_on_both_backends(backend: str, client: Any) -> None:
+    pool = procqueue.Pool(2) if backend == "local" else DaskPool(client=client)
+    assert pool.stats().state == "running"
+    assert pool.map(square, range(4)) == [0, 1, 4, 9]
+    pool.close()
+    assert pool.stats().state in ("running", "closing", "stopped")  # (the close is on its way)
+    pool.join()
+    assert pool.stats().state == "stopped"
+    assert "state=CLOSE" in repr(pool)
 
 
 def fail_then_count(path: str) -> None:
@@ -1242,7 +1257,7 @@ def test_every_pool_method_works_on_a_dask_pool_or_is_its_own(client: Any) -> No
 
         for stats in (pool.stats(), pool.statistics()):
             assert isinstance(stats, DaskPoolStats) and isinstance(stats, procqueue.PoolStats)
-            assert stats.state == "run" and stats.tasks_succeeded >= 16
+            assert stats.state == "running" and stats.tasks_succeeded >= 16
             assert stats.workers and all(isinstance(w, procqueue.WorkerStats)
                                          for w in stats.workers)
             # each worker's address and threads in their own fields (an idle worker runs no
@@ -1253,7 +1268,7 @@ def test_every_pool_method_works_on_a_dask_pool_or_is_its_own(client: Any) -> No
         assert pool._state == multiprocessing.pool.RUN and pool._pool == []
         pool._repopulate_pool()  # nothing to refill: Dask replaces its own workers
         pool._check_running()
-        assert repr(pool).startswith("<procqueue.DaskPool state=run scheduler='tcp://")
+        assert repr(pool).startswith("<procqueue.DaskPool state=RUN scheduler='tcp://")
         with pytest.raises(NotImplementedError, match="cannot be passed between processes"):
             pickle.dumps(pool)
 
@@ -1268,12 +1283,12 @@ def test_every_pool_method_works_on_a_dask_pool_or_is_its_own(client: Any) -> No
                 DaskPool.check_options(**bad)
 
         pool.close()
-        assert pool._state == multiprocessing.pool.CLOSE and "state=close" in repr(pool)
+        assert pool._state == multiprocessing.pool.CLOSE and "state=CLOSE" in repr(pool)
         with pytest.raises(PoolClosedError):
             pool._check_running()
         pool.join()
     assert pool._state == multiprocessing.pool.TERMINATE  # __exit__ terminated it
-    assert "state=terminate" in repr(pool) and pool.stats().state == "terminate"
+    assert "state=TERMINATE" in repr(pool) and pool.stats().state == "stopped"
 
 
 def test_a_dask_pool_dropped_while_running_says_so_as_the_local_pool_does(client: Any) -> None:

@@ -39,6 +39,11 @@ from .outcomes import (WorkerTally, cancelled_error, chunk_failure, crash_error,
 from .worker_side import ChunkReport
 
 
+# A chunk in flight is killed with its items: Dask says neither whether it had started (it may
+# wait in a worker's queue) nor which of its items ran (see docs/dask.md, `cancelled`)
+IN_FLIGHT = "while on the Dask cluster (running there, or waiting to run)"
+
+
 class _Counters:
     def __init__(self) -> None:
         self.submitted = self.succeeded = self.failed = self.cancelled = 0
@@ -326,7 +331,7 @@ class _Driver:
             self._end_unstarted(item, "before it started")
         if kill_running:
             for chunk in [c for c in self.inflight.values() if c.call is call]:
-                self._kill_chunk(chunk, "while running")
+                self._kill_chunk(chunk, IN_FLIGHT)
 
     def _cancel_item(self, item: DaskTask, running: bool) -> None:
         chunk = item.chunk
@@ -350,7 +355,7 @@ class _Driver:
         for call in list(self.calls.values()):
             call.sink.stop_input()
         for chunk in list(self.inflight.values()):
-            self._kill_chunk(chunk, "while running: the pool was terminated")
+            self._kill_chunk(chunk, f"{IN_FLIGHT}: the pool was terminated")
         for call in list(self.calls.values()):
             for item in call.pending.drain():
                 self._end_unstarted(item, "before it started: the pool was terminated")

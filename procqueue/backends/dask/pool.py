@@ -78,8 +78,9 @@ class DaskWorkerStats(WorkerStats):
 class DaskPoolStats(PoolStats):
     """The PoolStats fields (same names and meaning) for a DaskPool, where processes counts
     the Dask worker threads in the cluster, tasks_running the items in chunks submitted to
-    Dask (running or waiting there), worker_restarts the chunks Dask lost with a worker and
-    state is "run", "close" or "terminate"; plus the chunks (Dask tasks) submitted."""
+    Dask (running or waiting there) and worker_restarts the chunks Dask lost with a worker;
+    state is the local pool's word: "running", "closing", "terminating", "broken" or
+    "stopped"; plus the chunks (Dask tasks) submitted."""
 
     _fields = (*PoolStats._fields, "chunks_submitted")
 
@@ -242,7 +243,7 @@ class DaskPool(Pool):
         self.terminate()
 
     def __repr__(self) -> str:
-        return (f"<procqueue.DaskPool state={self._state_name()} "
+        return (f"<procqueue.DaskPool state={self._state.value} "
                 f"scheduler={self._resources.scheduler_address()!r}>")
 
     def __reduce__(self) -> Any:
@@ -307,7 +308,7 @@ class DaskPool(Pool):
         queued, running = d.statistics()
         workers = _worker_stats(self._client, dict(d.workers.pids), dict(d.workers.work))
         return DaskPoolStats(
-            self._state_name(), sum(w.nthreads for w in workers), d.counts.submitted,
+            self._stats_state(), sum(w.nthreads for w in workers), d.counts.submitted,
             d.counts.succeeded, d.counts.failed, d.counts.cancelled, queued, running,
             d.counts.retries, d.counts.lost_chunks, 0, workers, d.chunks.submitted)
 
@@ -326,9 +327,16 @@ class DaskPool(Pool):
         if self._driver.broken_error is not None:
             raise self._driver.broken_error
 
-    def _state_name(self) -> str:
-        """The state as repr() and stats() have always shown it: run, close or terminate."""
-        return self._state.value.lower()
+    def _stats_state(self) -> str:
+        """The state in the local pool's words (supervisor.SupervisorState's values), so that
+        code reading stats().state works on both backends."""
+        if self._driver.state == "stopped":
+            return "stopped"
+        if self._driver.broken_error is not None:
+            return "broken"
+        if self._state is PoolState.TERMINATE or self._driver.state == "terminating":
+            return "terminating"
+        return "closing" if self._state is PoolState.CLOSE else "running"
 
     def _call(self, func: Callable[..., Any], kind: CallKind, sink: Any,
               chunksize: int | None, options: dict[str, Any]) -> DaskJob:
