@@ -77,6 +77,27 @@ def test_cluster_local_n_runs_the_batch_in_n_dask_worker_processes(batch):
     assert wait_gone(pids, 5) == []  # the cluster was shut down
 
 
+@pytest.mark.timeout(120)
+def test_cluster_records_of_a_crash_and_an_exit_and_no_dask_log_lines(tmp_path):
+    # One record per input, with the remote traceback for sys.exit too (Dask's workers pickle
+    # exceptions with their causes: the traceback was lost), and stderr without Dask's own
+    # lines about the worker it restarted: the record says what happened
+    script = tmp_path / "job.py"
+    script.write_text("import os, sys\n"
+                      "def process(x):\n"
+                      "    if x == 'crash':\n        os._exit(3)\n"
+                      "    if x == 'exit':\n        sys.exit(4)\n"
+                      "    return x\n")
+    run = procqueue("map", script, "--cluster", "local:2", "-q", ":::", "a", "crash", "exit", "b")
+    assert run.returncode == 1, run.stderr
+    recs = {r["input"]: r for r in records(run.stdout)}
+    assert recs["a"]["result"] == "a" and recs["b"]["result"] == "b"
+    assert recs["crash"]["error"]["type"] == "WorkerCrashedError"
+    assert recs["exit"]["error"]["type"] == "WorkerExitedError"
+    assert "sys.exit(4)" in recs["exit"]["error"]["traceback"]
+    assert "distributed." not in run.stderr, run.stderr
+
+
 def run_pid_not_in(pids):
     return os.getpid() not in pids
 

@@ -13,6 +13,7 @@ the dask extra is installed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import time
@@ -106,9 +107,13 @@ class _Resources:
         with dask.config.set(cluster_config(retries)):
             # env= reaches the worker processes as they start (what a library reads at import
             # sees it); the worker setup plugin sets it again, as on any cluster.
+            # silence_logs: Dask's own lines about a worker it restarts, keys it lost or a
+            # task it gave up on are what procqueue reports itself, per item (its
+            # WorkerCrashedError names the input and the worker); the levels come back when
+            # the cluster closes
             cluster = LocalCluster(n_workers=processes or usable_cpu_count(), threads_per_worker=1,
                                    processes=True, dashboard_address=LOCAL_DASHBOARD,
-                                   env=dict(env))
+                                   env=dict(env), silence_logs=logging.CRITICAL)
             try:
                 return cls(Client(cluster, set_as_default=False), cluster, owns_client=True)
             except BaseException:
