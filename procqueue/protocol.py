@@ -864,12 +864,33 @@ def capture_exception(exc: BaseException) -> bytes:
     tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     type_name, message = _qualified_type_name(exc), _safe_str(exc)
     exc_for_wire = _strip_traceback(exc)
-    try:
-        blob = _dumps_exception(exc_for_wire)
-        loads(blob)  # the loads-check: custom __init__ signatures fail here, not in the caller
-    except Exception:
+    blob = _loadable_pickle(exc_for_wire)
+    if blob is None:
         blob = _dumps_exception(RemoteError(type_name, message, tb_text))
     return dumps(ErrorInfo(blob, type_name, message, tb_text))
+
+
+def _loadable_pickle(exc: BaseException) -> bytes | None:
+    """The exception's pickle, if it loads again (custom __init__ signatures fail that check
+    here, not in the caller): as Python pickles it, else with tblib's reducers where Dask's
+    distributed installed them (they rebuild an exception whose __init__ takes other
+    arguments, and stand in for a program's own reducer that they replaced), without its
+    cause and context, whose text is in the traceback."""
+    try:
+        blob = _dumps_exception(exc)
+        loads(blob)
+        return blob
+    except Exception:
+        pass
+    if len(_reducers_but_exceptions()) == len(copyreg.dispatch_table):
+        return None  # no tblib: nothing else to try
+    exc.__cause__ = exc.__context__ = None
+    try:
+        blob = dumps(exc)
+        loads(blob)
+        return blob
+    except Exception:
+        return None
 
 
 def _dumps_exception(exc: BaseException) -> bytes:
@@ -888,16 +909,21 @@ _PLAIN_REDUCERS: tuple[int, dict[Any, Any]] = (-1, {})
 
 
 def _reducers_but_exceptions() -> dict[Any, Any]:
-    """copyreg's reducers without those of exceptions and tracebacks (remade when it grows)."""
+    """copyreg's reducers without tblib's (remade when the table grows); a program's own
+    reducer for an exception class stays (the usual way to pickle one whose __init__ takes
+    other arguments than its args)."""
     global _PLAIN_REDUCERS
     size, reducers = _PLAIN_REDUCERS
     if size != len(copyreg.dispatch_table):
         table = dict(copyreg.dispatch_table)
-        reducers = {cls: reduce for cls, reduce in table.items()
-                    if not (isinstance(cls, type) and (issubclass(cls, BaseException)
-                                                       or cls is types.TracebackType))}
+        reducers = {cls: reduce for cls, reduce in table.items() if not _is_tblibs(reduce)}
         _PLAIN_REDUCERS = (len(table), reducers)
     return reducers
+
+
+def _is_tblibs(reduce: Any) -> bool:
+    function = getattr(reduce, "func", reduce)  # (a functools.partial for tracebacks)
+    return str(getattr(function, "__module__", "")).startswith("tblib")
 
 
 def restore_exception(data: bytes) -> BaseException:

@@ -8,6 +8,7 @@ times written to files), never inferred from sleeps.
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import gc
 import json
 import concurrent.futures
@@ -370,6 +371,17 @@ class _NeedsTwoArguments(Exception):
         self.extra = extra
 
 
+class _ReducedByTheProgram(Exception):
+    """An exception made picklable the usual way: a reducer registered with copyreg."""
+
+    def __init__(self, first: int, second: int) -> None:
+        super().__init__(f"{first} and {second}")
+        self.first, self.second = first, second
+
+
+copyreg.pickle(_ReducedByTheProgram, lambda e: (_ReducedByTheProgram, (e.first, e.second)))
+
+
 def fail_in_ways(how: str) -> Any:
     if how == "exit":
         sys.exit(4)
@@ -379,6 +391,8 @@ def fail_in_ways(how: str) -> Any:
         raise _NeedsTwoArguments("two", 2)
     if how == "lock":
         return threading.Lock()
+    if how == "reduced":
+        raise _ReducedByTheProgram(1, 2)
     raise KeyError(how)
 
 
@@ -399,16 +413,20 @@ def test_errors_are_alike_where_distributed_pickles_exceptions_with_their_causes
     program imports distributed.  A task's error still has the remote traceback as its cause
     (the command line's records print it), and the same type and message on both backends."""
     with procqueue.Pool(2, backend=backend, retries=0, initializer=_install_tblib) as pool:
-        errors = pool.map(fail_in_ways, ["exit", "base", "unloadable", "lock", "key"],
-                          errors="return")
-    exited, base, unloadable, lock, key = errors
+        errors = pool.map(fail_in_ways, ["exit", "base", "unloadable", "lock", "key",
+                                         "reduced"], errors="return")
+    exited, base, unloadable, lock, key, reduced = errors
     assert isinstance(exited, WorkerExitedError) and exited.code == 4
     assert isinstance(base, RemoteError) and str(base).startswith("NotPicklable: base (task 1")
-    assert isinstance(unloadable, RemoteError)
-    assert str(unloadable).startswith(f"{__name__}._NeedsTwoArguments: two (task 2")
+    # tblib's reducers rebuild an exception whose __init__ takes other arguments (without
+    # them, it would be a RemoteError naming its type): it keeps its type and attributes
+    assert isinstance(unloadable, _NeedsTwoArguments) and unloadable.extra == 2
+    assert str(unloadable) == "two"
     assert isinstance(lock, ResultSerializationError) and isinstance(key, KeyError)
+    assert isinstance(reduced, _ReducedByTheProgram) and reduced.second == 2
     for error, text in zip(errors, ["sys.exit(4)", "NotPicklable", "_NeedsTwoArguments",
-                                    "cannot pickle", "KeyError"], strict=True):
+                                    "cannot pickle", "KeyError", "_ReducedByTheProgram"],
+                           strict=True):
         assert isinstance(error.__cause__, RemoteTraceback), (error, error.__cause__)
         assert text in error.__cause__.tb_text
 
