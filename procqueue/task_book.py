@@ -189,16 +189,19 @@ class TaskBook:
     def after_failure(self, task: Task, kind: FailureKind, error: BaseException, *,
                       may_retry: bool) -> None:
         """A task raised, timed out or crashed its worker: retried after a backoff if the
-        policy says so (and `may_retry`: the pool still runs work), else failed."""
-        if may_retry and not task.job.cancelled and self.policy.should_retry(
-                task.attempts, kind, error):
+        policy says so (and `may_retry`: the pool still runs work), else failed; failed with
+        retry_stopped where the policy would retry it but its call was halted or cancelled
+        (or the pool is stopping): its input did not use its retries."""
+        if not self.policy.should_retry(task.attempts, kind, error):
+            self.fail(task, error)
+        elif not may_retry or task.job.cancelled:
+            self.fail(task, retry_stopped(error))
+        else:
             self.retries += 1
             task.last_error = error
             task.move(TaskState.RETRY_WAIT)
             self.scheduler.wait_for_retry(
                 task, time.monotonic() + self.policy.backoff(task.attempts))
-            return
-        self.fail(task, error)
 
     def on_skipped(self, task: Task) -> None:
         """The worker did not start the task: its batch was revoked (a cancel)."""

@@ -563,6 +563,34 @@ def test_a_task_waiting_for_its_retry_when_stopped_ends_with_its_failure(stop, t
     assert isinstance(other, errors.TaskCancelledError)
 
 
+def fail_after_a_halt(args):
+    """'late' runs until 'bad' has failed (and halted the call), then raises; 'bad' raises
+    once 'late' started."""
+    directory, what = args
+    if what == "late":
+        Path(directory, "late-started").touch()
+        _wait_for(lambda: os.path.exists(os.path.join(directory, "bad-raising")))
+        time.sleep(0.5)  # the halt is applied meanwhile
+        raise ValueError("failed after the halt")
+    _wait_for(lambda: os.path.exists(os.path.join(directory, "late-started")))
+    Path(directory, "bad-raising").touch()
+    raise KeyError(what)
+
+
+@pytest.mark.timeout(60)
+def test_a_task_that_fails_after_its_call_halted_is_marked_retry_stopped(tmp_shared):
+    """A halt (soon) lets 'late' finish; it fails with retries left, and only the halt keeps
+    it from its retry: marked retry_stopped, as one that waited for its retry."""
+    pq = _procqueue()
+    with pq.Pool(2, retries=3, retry_on=(ValueError,)) as pool:
+        late, bad = pool.map(fail_after_a_halt, [(str(tmp_shared), "late"),
+                                                 (str(tmp_shared), "bad")],
+                             halt="soon,fail=1", errors="return", chunksize=1)
+    assert isinstance(bad, KeyError) and not pq.is_retry_stopped(bad)
+    assert isinstance(late, ValueError) and late.attempts == 1
+    assert pq.is_retry_stopped(late)
+
+
 @pytest.mark.timeout(30)
 def test_timed_out_task_is_not_retried_by_crash_retries(tmp_shared):
     pq = _procqueue()

@@ -237,10 +237,7 @@ class _Driver:
             # from the chunk's submission to now, cover them all (one event for them all)
             run = _Run(_Slots.UNKNOWN, chunk.submitted_s, time.time())
             self.events.emit(item, run, "crash", error)
-            if self._may_retry(item, item.crash_runs, FailureKind.CRASH, error):
-                self._retry(item, error)
-            else:
-                self._fail(item, error)
+            self._retry_or_fail(item, item.crash_runs, FailureKind.CRASH, error)
 
     def _requeue_uncharged(self, chunk: _Chunk, isolate: bool = False) -> None:
         call = chunk.call
@@ -257,15 +254,18 @@ class _Driver:
     def _after_failure(self, item: DaskTask, error: BaseException) -> None:
         kind = FailureKind.TIMEOUT if isinstance(error, TaskTimeoutError) \
             else FailureKind.EXCEPTION
-        if self._may_retry(item, item.attempts, kind, error):
-            self._retry(item, error)
-        else:
-            self._fail(item, error)
+        self._retry_or_fail(item, item.attempts, kind, error)
 
-    def _may_retry(self, item: DaskTask, runs: int, kind: FailureKind, error: BaseException
-                   ) -> bool:
-        return self.state == "running" and not item.job.cancelled \
-            and self.policy.should_retry(runs, kind, error)
+    def _retry_or_fail(self, item: DaskTask, runs: int, kind: FailureKind,
+                       error: BaseException) -> None:
+        """As the local pool's TaskBook.after_failure: retried if the policy says so, failed
+        with retry_stopped where only a halt, a cancel or the pool's stop keeps it from that."""
+        if not self.policy.should_retry(runs, kind, error):
+            self._fail(item, error)
+        elif self.state != "running" or item.job.cancelled:
+            self._fail(item, retry_stopped(error))
+        else:
+            self._retry(item, error)
 
     def _retry(self, item: DaskTask, error: BaseException) -> None:
         item.last_error = error  # its outcome if the retry never starts (Task.last_error)
