@@ -683,12 +683,41 @@ def test_a_task_cancelled_while_running_gives_its_place_back_once_its_run_ended(
     assert labels(other.claim("B", {"q": 2})) == ["next"]
 
 
+def test_a_retry_of_a_task_cancelled_while_running_waits_until_its_run_ended(stores):
+    # Put back at once, it could start beside its dying copy (its own service would claim it
+    # again while still killing the other): the retry waits for the service's word
+    store, service_side = stores(), stores()
+    store.define(QueueSpec("q", concurrency=1))
+    [task_id] = store.enqueue([new_task("cancelled")])
+    service_side.register_service("A", ["q"], 2)
+    [task] = service_side.claim("A", {"q": 1}).tasks
+    store.cancel([task_id])
+    ended_at: list[float] = []
+
+    def end_its_run() -> None:
+        time.sleep(0.5)
+        ended_at.append(time.monotonic())
+        service_side.release("A", [], ended=[task.id])
+
+    ender = threading.Thread(target=end_its_run)
+    ender.start()
+    try:
+        assert store.retry([task_id]) == [task_id]
+        retried_at = time.monotonic()
+    finally:
+        ender.join()
+    assert ended_at and retried_at >= ended_at[0]
+    assert store.get(task_id).status is TaskStatus.PENDING
+    assert labels(service_side.claim("A", {"q": 1})) == ["cancelled"]
+
+
 def test_retry_puts_back_failed_or_cancelled_tasks_with_fresh_attempts(store):
     ids = store.enqueue([new_task(f"t{i}") for i in range(4)])
     store.register_service("A", ["q"], 4)
     claim = store.claim("A", {"q": 3}).tasks
     store.record("A", [raised(claim[0]), succeeded(claim[1])])
     store.cancel([claim[2].id])
+    store.release("A", [], ended=[claim[2].id])  # its service saw its process end
     failed, ok, cancelled, pending = ids
     assert store.retry(ids) == [failed, cancelled]
     for task_id in (failed, cancelled):

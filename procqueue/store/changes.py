@@ -13,6 +13,15 @@ from .connections import SqlConnections
 from .records import NewTask, QueueSpec
 
 
+# A task cancelled while running keeps its service (and its place under the queue's limits)
+# until that service has seen its process end: it notices within a heartbeat (sql.py) and waits
+# at most CANCEL_WAIT_S (service.py, 5 s) for the kill.  Past this age the place counts free
+# whatever the service said: a row cancelled while running by an earlier procqueue, which never
+# clears its service, must not hold a place for ever.  (Twice sql.py's LEASE_S.)
+CANCELLED_HOLD_S = 10.0
+RETRY_POLL_S = 0.05  # a retry of a task still held after its cancel looks again this often
+
+
 class QueueChanges(SqlConnections):
     """Queues and tasks as their users change them; the services are woken (``notify``) when
     there is new work."""
@@ -92,19 +101,48 @@ class QueueChanges(SqlConnections):
 
     def retry(self, ids: Sequence[int]) -> list[int]:
         """Put failed or cancelled tasks back to pending (a fresh start: attempts, deadline and
-        error cleared); the ids that were."""
-        changed = self._change(ids, "UPDATE tasks SET status = 'pending', attempts = 0, lost = 0, "
-                                    "service = NULL, started_at = NULL, finished_at = NULL, "
-                                    "deadline = NULL, error_type = NULL, error_message = NULL, "
-                                    "error_traceback = NULL, error = NULL, seconds = NULL, "
-                                    "pid = NULL WHERE id = ? AND status IN ('failed', "
-                                    "'cancelled')", with_time=False)
+        error cleared); the ids that were.  A task cancelled while running goes back once its
+        service has seen its process end (within CANCELLED_HOLD_S): put back at once, it could
+        start beside its dying copy, even in the same service."""
+        changed = set(self._retry_unheld(ids))
+        deadline = time.monotonic() + CANCELLED_HOLD_S
+        held = self._held_after_cancel([i for i in ids if i not in changed])
+        while held and time.monotonic() < deadline:
+            time.sleep(RETRY_POLL_S)
+            changed.update(self._retry_unheld(held))
+            held = self._held_after_cancel([i for i in held if i not in changed])
         if changed:
             self.notify()
-        return changed
+        return [task_id for task_id in dict.fromkeys(ids) if task_id in changed]
 
-    def _change(self, ids: Sequence[int], text: str, *, with_time: bool) -> list[int]:
-        now = time.time()
+    def _retry_unheld(self, ids: Sequence[int]) -> list[int]:
+        return self._change(ids, "UPDATE tasks SET status = 'pending', attempts = 0, lost = 0, "
+                                 "service = NULL, started_at = NULL, finished_at = NULL, "
+                                 "deadline = NULL, error_type = NULL, error_message = NULL, "
+                                 "error_traceback = NULL, error = NULL, seconds = NULL, "
+                                 "pid = NULL WHERE (status = 'failed' OR (status = "
+                                 "'cancelled' AND (service IS NULL OR finished_at <= ?))) "
+                                 "AND id = ?",
+                            with_time=True, at=time.time() - CANCELLED_HOLD_S)
+
+    def _held_after_cancel(self, ids: Sequence[int]) -> list[int]:
+        """Which of these tasks were cancelled while running and still hold their place."""
+        if not ids:
+            return []
+        since = time.time() - CANCELLED_HOLD_S
+        held: list[int] = []
+        for task_id in ids:
+            row = self._read("SELECT 1 FROM tasks WHERE id = ? AND status = 'cancelled' AND "
+                             "service IS NOT NULL AND finished_at > ?", (task_id, since))
+            if row:
+                held.append(task_id)
+        return held
+
+    def _change(self, ids: Sequence[int], text: str, *, with_time: bool,
+                at: float | None = None) -> list[int]:
+        """Run `text` for each id: (time, id) its parameters with_time (now, or `at`), else
+        (id,); the ids it changed."""
+        now = time.time() if at is None else at
         changed: set[int] = set()
         with self._write() as c:
             # rows changed in id order, as record (sql.py) changes them: in PostgreSQL a cancel

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import psutil
 
 from ..limits import START_SKEW_MARGIN_S
-from .changes import QueueChanges
+from .changes import CANCELLED_HOLD_S, QueueChanges
 from .connections import chunks
 from .records import Claim, ClaimedTask, Finished, QueueSpec
 from .views import QueueViews
@@ -46,12 +46,6 @@ LEASE_S = 5.0  # ...and holds its tasks while the last one is younger than this
 LOCAL_CHECK_AFTER_S = 1.0  # a silent service on this host is checked by pid after this long
 MAX_LOSSES = 3  # a task whose service died this many times while running it fails
 CANDIDATES_PER_PICK = 4  # with per-key limits, scan this many pending rows per task wanted
-# A task cancelled while running keeps its service (and its place under the queue's limits)
-# until that service has seen its process end: it notices within HEARTBEAT_S and waits at most
-# CANCEL_WAIT_S (service.py, 5 s) for the kill.  Past this age the place counts free whatever
-# the service said: a row cancelled while running by an earlier procqueue, which never clears
-# its service, must not hold a place for ever.
-CANCELLED_HOLD_S = 2 * LEASE_S
 # A task's stored deadline is set by the claim that first starts it (_start: claim time plus
 # its timeout) and kept across re-runs.  A task put back unrun (released, or lost with a
 # service that had not started it) gives back the deadline its claim set, and only that one:
