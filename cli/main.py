@@ -495,8 +495,15 @@ def map_command(script: str, inputs: tuple[str, ...], fn_name: str | None, jobs:
     seqs = None
     if resume or resume_failed:
         assert not isinstance(items, StreamedInputs)
-        seqs, items = _resumed(items, joblog_path, journal_path, resume_failed, quiet,
-                               fn.describe())
+        try:
+            seqs, items = _resumed(items, joblog_path, journal_path, resume_failed, quiet,
+                                   fn.describe())
+        except JobLogOfOtherInputs as exc:
+            if colsep is not None and trim is None:
+                exc.message += ("; --colsep trims its columns as GNU parallel's does "
+                                "(--trim rl): give --trim n for a log written by a procqueue "
+                                "that did not")
+            raise
     halt_policy = parse_halt(halt)
     pool_options = _pool_options(timeout, retries, no_pin, max_memory_per_child, memfree,
                                  concurrency, _rate_or_delay(rate, delay))

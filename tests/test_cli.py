@@ -763,6 +763,25 @@ def test_joblog_quotes_arguments_so_resume_refuses_inputs_split_otherwise(tmp_pa
 
 
 @pytest.mark.timeout(60)
+def test_resume_of_a_log_of_untrimmed_columns_says_how(tmp_path):
+    # A log written before --colsep trimmed its columns (as one with --trim n is) no longer
+    # matches: the refusal says to give --trim n
+    script = tmp_path / "job.py"
+    script.write_text("def process(a, b):\n    return [a, b]\n")
+    rows = tmp_path / "rows.csv"
+    rows.write_text("a,  b\nc, d\n")
+    joblog = tmp_path / "joblog"
+    first = procqueue("map", script, "--colsep", ",", "--trim", "n", "--joblog", joblog,
+                      "::::", rows)
+    assert first.returncode == 0, first.stderr
+    run = procqueue("map", script, "--colsep", ",", "--joblog", joblog, "--resume", "::::", rows)
+    assert run.returncode == 2 and "give --trim n" in run.stderr, run.stderr
+    again = procqueue("map", script, "--colsep", ",", "--trim", "n", "--joblog", joblog,
+                      "--resume", "::::", rows)
+    assert again.returncode == 0 and again.stdout == "", again.stderr
+
+
+@pytest.mark.timeout(60)
 def test_resume_accepts_a_joblog_written_before_arguments_were_quoted(tmp_path):
     # A log of an earlier procqueue joined the arguments by spaces (a tab made a space):
     # the same inputs still resume from it.
