@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copyreg
 import gc
+import importlib
 import json
 import concurrent.futures
 import os
@@ -331,6 +332,29 @@ def test_exception_keeps_type_and_message_with_remote_traceback(pool: DaskPool) 
     assert error.partial_results == {0: 0, 1: 1, 2: 2}
     with pytest.raises(KeyError):
         pool.submit(fail_on_three, 3).result(timeout=20)
+
+
+def test_a_worker_loads_a_function_whose_module_came_after_a_failed_load(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # docs/dask.md: install the module on the workers, or client.upload_file() it.  A worker
+    # process kept its first failure to unpickle a function for good: an upload after a
+    # failed run changed nothing until the workers restarted.
+    from procqueue.backends.dask import worker_side
+    from procqueue.protocol import pickled_function, restore_exception
+    name = f"arrives_later_{os.getpid()}_{time.monotonic_ns()}"
+    module_file = tmp_path / "elsewhere" / f"{name}.py"
+    module_file.parent.mkdir()
+    module_file.write_text("def triple(x):\n    return 3 * x\n")
+    monkeypatch.syspath_prepend(str(module_file.parent))
+    fn_id, payload = pickled_function(importlib.import_module(name).triple)
+    del sys.modules[name]
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(module_file.parent)])
+    fn, error = worker_side._load_function(fn_id, payload)  # the worker lacks the module
+    assert fn is None and error is not None
+    assert isinstance(restore_exception(error), ArgumentSerializationError)
+    monkeypatch.syspath_prepend(str(module_file.parent))  # uploaded, or installed, since
+    fn, error = worker_side._load_function(fn_id, payload)
+    assert error is None and fn is not None and fn(2) == 6
 
 
 def test_submit_of_something_not_callable_fails_its_future(pool: DaskPool) -> None:

@@ -45,7 +45,6 @@ LEASE_POLL_S = 1.0
 RATE_RELEASE_MARGIN_S = START_SKEW_MARGIN_S
 
 _functions: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-_function_errors: dict[int, bytes] = {}  # fn_id -> pickled ErrorInfo (unpickling failed here)
 
 # One item's outcome: (ok, pickled result or ErrorInfo, seconds it ran, when it started in
 # wall-clock seconds since the epoch, by this worker's clock)
@@ -307,17 +306,16 @@ def _load_function(fn_id: int, payload: bytes) -> tuple[Callable[..., Any] | Non
     fn = _functions.get(fn_id)
     if fn is not None:
         return fn, None
-    if fn_id in _function_errors:
-        return None, _function_errors[fn_id]
     try:
         fn = pickle.loads(payload)
     except BaseException as exc:  # noqa: BLE001 - e.g. the user's module is missing on this worker
+        # Not kept: each chunk tries again, so that a module installed or uploaded since
+        # (client.upload_file) is found without restarting the workers
         error = ArgumentSerializationError(
             f"could not unpickle the task's function on the Dask worker: {exc!r}; install the "
             "modules it needs on every worker")
         error.__cause__ = exc
-        _function_errors[fn_id] = capture_exception(error)
-        return None, _function_errors[fn_id]
+        return None, capture_exception(error)
     _functions[fn_id] = fn
     while len(_functions) > FUNCTION_CACHE_SIZE:
         _functions.popitem(last=False)
