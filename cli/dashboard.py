@@ -41,7 +41,8 @@ def dashboard_command(store: str, host: str, port: int) -> None:
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         with dashboard:
-            click.echo(f"procqueue dashboard: serving {store}; open this URL (it holds the "
+            click.echo(f"procqueue dashboard: serving {procqueue.TaskQueue.shown_target(store)}; "
+                       f"open this URL (it holds the "
                        f"access token):\n    {dashboard.url}", err=True)
             stop.wait()
     except KeyboardInterrupt:

@@ -40,7 +40,9 @@ def open_queue(store: str, create: bool = False) -> procqueue.TaskQueue:
     try:
         return procqueue.TaskQueue(store, create=create)
     except (procqueue.StoreError, OSError, ImportError) as exc:
-        raise StoreUnusable(str(exc) if store in str(exc) else f"{store}: {exc}") from None
+        shown = procqueue.TaskQueue.shown_target(store)  # (a URL's password is not shown)
+        text = str(exc).replace(store, shown)
+        raise StoreUnusable(text if shown in text else f"{shown}: {text}") from None
 
 
 def parse_duration(text: str) -> float:
@@ -82,7 +84,7 @@ def worker_command(store: str, jobs: int | None, queues: tuple[str, ...], until_
     try:
         with procqueue.Pool(jobs, **options) as pool:
             click.echo(f"procqueue worker: serving {', '.join(queues) or 'every queue'} of "
-                       f"{store} on {pool._processes} worker(s)", err=True)
+                       f"{tq.shown} on {pool._processes} worker(s)", err=True)
             summary = pool.serve(tq, list(queues) or None, until_idle=until_idle, stop=stop)
     except KeyboardInterrupt:
         click.echo("procqueue worker: interrupted; its unfinished tasks are back in their "
@@ -134,7 +136,7 @@ def enqueue_command(store: str, script: str, inputs: tuple[str, ...], fn_name: s
     finally:
         tq.close()
     click.echo("\n".join(str(h.id) for h in handles))
-    click.echo(f"queued {len(handles)} task(s) in {queue!r} of {store}", err=True)
+    click.echo(f"queued {len(handles)} task(s) in {queue!r} of {tq.shown}", err=True)
 
 
 @click.command("define", short_help="Create or change a queue's limits.")

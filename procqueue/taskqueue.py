@@ -27,8 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 from .errors import TaskCancelledError, TaskFailed, argument_error
 from .limits import Rate
 from .store import (NewTask, QueueCounts, QueueSpec, ServiceRecord, SqlStore, TaskRecord,
-                    TimelineEntry,
-                    TaskStatus, open_store)
+                    TimelineEntry, TaskStatus, open_store, redacted)
 from .store.codec import rebuild_error, short_repr
 from .stored_call import FunctionRef, pack_arguments
 
@@ -48,7 +47,7 @@ class TaskHandle:
         self.id = task_id
 
     def __repr__(self) -> str:
-        return f"<TaskHandle {self.id} of {self.queue.target}>"
+        return f"<TaskHandle {self.id} of {self.queue.shown}>"
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, TaskHandle) and other.id == self.id
@@ -113,10 +112,16 @@ class TaskQueue:
         """``target``: an SQLite file (created, mode 0600, unless create=False) or a
         PostgreSQL URL.  ``durable=True``: SQLite fsyncs every commit (power-loss safe)."""
         self.target = os.fspath(target)
+        self.shown = self.shown_target(self.target)
         self.store: SqlStore = open_store(self.target, durable=durable, create=create)
 
+    @staticmethod
+    def shown_target(target: str | os.PathLike[str]) -> str:
+        """A store's target as messages show it: a PostgreSQL URL without its password."""
+        return redacted(os.fspath(target))
+
     def __repr__(self) -> str:
-        return f"<TaskQueue {self.target}>"
+        return f"<TaskQueue {self.shown}>"
 
     def __enter__(self) -> "TaskQueue":
         return self

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from procqueue import TaskQueue
+
 pytestmark = pytest.mark.timeout(120)
 
 ROOT = str(Path(__file__).resolve().parent.parent)
@@ -114,6 +116,16 @@ def test_a_users_mistake_is_one_clear_line_and_exit_code_2(work, args, message):
     out = procqueue(*args, cwd=work)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_store_urls_password_is_never_shown(work):
+    url = "postgresql://someone:s3cret@127.0.0.1:1/jobs"  # nothing listens on port 1
+    for command in ("status", "worker"):
+        out = procqueue(command, url, cwd=work)
+        assert out.returncode == 2 and "cannot connect" in out.stderr, out.stderr
+        assert "s3cret" not in out.stderr and "someone:***@127.0.0.1:1" in out.stderr
+    assert TaskQueue.shown_target(url) == "postgresql://someone:***@127.0.0.1:1/jobs"
+    assert TaskQueue.shown_target("jobs.db") == "jobs.db"
 
 
 def test_a_worker_stopped_by_sigterm_puts_its_tasks_back(work):

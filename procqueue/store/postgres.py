@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import functools
 import select
-import urllib.parse
 from typing import Any
 
 import psycopg
 
 from ..errors import StoreError, StoreFormatError
+from . import redacted
 from .records import NewTask
 from .sql import ADDED_COLUMNS, SCHEMA_VERSION, SqlStore
 
@@ -291,16 +291,6 @@ def connect(url: str, shown: str) -> psycopg.Connection[Any]:
 def placeholders(text: str) -> str:
     """SqlStore's ``?`` placeholders as psycopg's ``%s`` (a literal % doubled)."""
     return text.replace("%", "%%").replace("?", "%s")
-
-
-def redacted(url: str) -> str:
-    """The URL without its password, for messages."""
-    parts = urllib.parse.urlsplit(url)
-    if not parts.password:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def first_line(exc: BaseException) -> str:
