@@ -91,7 +91,9 @@ def worker_main(conn: Any, slot_state: Any, cpus: tuple[int, ...], env: dict[str
     become_group_leader()
     _die_with_parent()
     _watch_supervisor(death_reader)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A handler that does nothing, not SIG_IGN: an ignored signal stays ignored in the
+    # programs a task runs (a `sleep` it sent SIGINT to went on), a handler is reset by exec
+    signal.signal(signal.SIGINT, _ignore_signal)
     UNSENT.pid = os.getpid()
     signal.signal(signal.SIGTERM, _send_unsent_then_die)
     os.environ.update(env)
@@ -103,6 +105,11 @@ def worker_main(conn: Any, slot_state: Any, cpus: tuple[int, ...], env: dict[str
     conn.send_bytes(dumps_message(Ready(os.getpid())))
     serve(conn, slot_state_view(slot_state))
     _exit_within(EXIT_GRACE_S)
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """SIGINT in a worker: Ctrl-C is the supervisor's to handle (one traceback, not one per
+    worker)."""
 
 
 def new_slot_state() -> Any:

@@ -528,3 +528,26 @@ def test_workers_are_named_as_multiprocessing_names_them(context: Any) -> None:
         listed = {process.name for process in pool._pool}
     assert named and {name for name, _ in named} <= listed
     assert {name for name, _ in named} == {f"{prefix}-{n}" for _, (n,) in named}
+
+
+# ---- signals in what a task runs ---------------------------------------------------------------
+
+def sigint_of_a_program_and_of_the_worker(_: Any) -> tuple[bool, bool]:
+    """Whether a program the task runs gets Python's usual SIGINT handler, and whether a
+    SIGINT sent to the worker itself left the task running."""
+    import signal
+    child = subprocess.run(
+        [sys.executable, "-c",
+         "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"],
+        capture_output=True, text=True, check=True)
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C is the supervisor's: the worker goes on
+    time.sleep(0.05)
+    return child.stdout.strip() == "True", True
+
+
+@pytest.mark.timeout(60)
+def test_programs_a_task_runs_get_sigint_as_usual() -> None:
+    # The worker ignored SIGINT with SIG_IGN, which every program it ran inherited: a task's
+    # `child.send_signal(SIGINT)` to stop a tool did nothing.
+    with Pool(1) as pool:
+        assert pool.apply(sigint_of_a_program_and_of_the_worker, (0,)) == (True, True)
