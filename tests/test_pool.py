@@ -970,6 +970,26 @@ def test_shutdown_as_a_process_pool_executors(make, cancel_futures):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("make", [Pool, concurrent.futures.ProcessPoolExecutor])
+def test_submitted_futures_are_done_after_a_with_block_as_a_process_pool_executors(make):
+    """`with ProcessPoolExecutor() as ex:` waits for its futures at the end of the block, and
+    code written for it reads their results after it: leaving a Pool's block terminated it,
+    and they were all cancelled.  (multiprocessing's own calls have no submit().)"""
+    with make(2) as pool:
+        futures = [pool.submit(_nap, i) for i in range(4)]
+    assert [f.result(timeout=0) for f in futures] == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(60)
+def test_an_exception_leaving_the_block_still_terminates_at_once():
+    with pytest.raises(KeyError):
+        with Pool(1) as pool:
+            futures = [pool.submit(time.sleep, 30) for _ in range(2)]
+            raise KeyError("the block failed")
+    assert all(f.done() for f in futures) and futures[-1].cancelled()  # not waited for
+
+
+@pytest.mark.timeout(60)
 def test_a_second_shutdown_cancels_what_the_first_left_queued():
     # shutdown(wait=False), then shutdown(cancel_futures=True): the second's cancel was
     # ignored once the pool was closed, and every queued task ran (ProcessPoolExecutor

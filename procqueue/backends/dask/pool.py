@@ -157,6 +157,7 @@ class DaskPool(Pool):
         self._ids = itertools.count(1)
         self._sizers: OrderedDict[int, ChunkSizer] = OrderedDict()
         self._lock = threading.Lock()
+        self._track_submitted()
         self._resources = _Resources.open(processes, address, client, retries, env)
         self._client = self._resources.client
         try:
@@ -239,8 +240,14 @@ class DaskPool(Pool):
         self._check_running()
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
-        self.terminate()
+    def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
+        """As Pool's: the submit() futures not done are waited for (left without an
+        exception), then the pool terminates."""
+        try:
+            if exc_type is None:
+                self._wait_for_submitted()
+        finally:
+            self.terminate()
 
     def __repr__(self) -> str:
         return (f"<procqueue.DaskPool state={self._state.value} "
@@ -279,6 +286,7 @@ class DaskPool(Pool):
         item = _make_item(call, 0, (args, kwargs))
         future.cancel_via(self._driver, item)  # before the driver can deliver its outcome
         self._driver.post(_Submit(call, [item]))
+        self._note_submitted(future)
         return future
 
     def imap_outcomes(self, func: Callable[..., Any], iterable: Iterable[Any], *,
