@@ -79,6 +79,9 @@ class PoolState(str, enum.Enum):
     CLOSE = "CLOSE"
     TERMINATE = "TERMINATE"
 
+    def __str__(self) -> str:  # 'RUN', as multiprocessing's plain string prints
+        return str.__str__(self)
+
 
 class WorkerStats(FrozenRecord):
     """One worker slot's figures in a PoolStats snapshot."""

@@ -722,6 +722,7 @@ def test_the_pool_state_reads_as_multiprocessing_pools_does():
 
     pool = Pool(1)
     assert pool._state == multiprocessing.pool.RUN and "state=RUN" in repr(pool)
+    assert str(pool._state) == f"{pool._state}" == "RUN"  # printed as multiprocessing's
     pool.close()
     assert pool._state == multiprocessing.pool.CLOSE
     pool.terminate()
