@@ -347,8 +347,12 @@ class Pool(PoolCalls):
             self.terminate()
 
     def _wait_for_submitted(self) -> None:
+        """The end of a `with` block: wait for the submit() futures not done, taking no new
+        work meanwhile (close(): a submit() from another thread is refused, as after
+        ProcessPoolExecutor's shutdown(), rather than accepted and then terminated)."""
         pending = [future for future in list(self._submitted) if not future.done()]
-        if pending and self._state is PoolState.RUN:
+        if pending and self._state is not PoolState.TERMINATE:
+            self.close()
             concurrent.futures.wait(pending)
         self._submitted.clear()
 
@@ -482,8 +486,10 @@ class Pool(PoolCalls):
         return future
 
     def _track_submitted(self) -> None:
-        """The submit() futures, some done: leaving a `with` block waits for those not done
-        (_wait_for_submitted); done ones are dropped as the set doubles (_prune_submitted)."""
+        """The submit() futures not done: leaving a `with` block waits for them
+        (_wait_for_submitted).  Each leaves the set when its outcome comes (TaskFuture.
+        deliver); one cancelled by its caller may not, and goes as the set doubles
+        (_prune_submitted)."""
         self._submitted: set[TaskFuture] = set()
         self._submitted_prune_at = SUBMITTED_PRUNE_MIN
 

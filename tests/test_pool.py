@@ -982,6 +982,44 @@ def test_submitted_futures_are_done_after_a_with_block_as_a_process_pool_executo
 
 
 @pytest.mark.timeout(60)
+def test_the_pool_keeps_no_future_that_is_done():
+    # (it keeps those not done for the end of a `with` block: a done one with a big result
+    # must not stay alive in a long-lived pool)
+    import weakref
+    with Pool(1) as pool:
+        future = pool.submit(bytes, 4 << 20)
+        assert len(future.result(timeout=30)) == 4 << 20
+        gone = weakref.ref(future)
+        del future
+        gc.collect()
+        assert gone() is None
+
+
+@pytest.mark.timeout(60)
+def test_a_submit_while_the_block_waits_for_its_futures_is_refused():
+    # as after ProcessPoolExecutor's shutdown(): not accepted, then cancelled at the end
+    late = []
+    block_ends = threading.Event()
+
+    def submit_while_the_block_waits(pool):
+        block_ends.wait(20)
+        time.sleep(0.1)  # the block's end waits for `first` (0.3 s)
+        try:
+            late.append(pool.submit(_nap, 1))
+        except Exception as exc:  # noqa: BLE001 - what the test looks at
+            late.append(exc)
+
+    with Pool(1) as pool:
+        first = pool.submit(_nap, 0)
+        helper = threading.Thread(target=submit_while_the_block_waits, args=(pool,))
+        helper.start()
+        block_ends.set()
+    helper.join()
+    assert first.result(timeout=0) == 0
+    assert isinstance(late[0], RuntimeError) and isinstance(late[0], ValueError), late
+
+
+@pytest.mark.timeout(60)
 def test_an_exception_leaving_the_block_still_terminates_at_once():
     with pytest.raises(KeyError):
         with Pool(1) as pool:
