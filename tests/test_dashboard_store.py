@@ -4,6 +4,7 @@ pages that cover every task once, filters, and a dashboard that stays responsive
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import time
 import urllib.request
@@ -163,3 +164,25 @@ def test_a_store_that_cannot_be_read_is_said_not_fatal(tmp_path):
         assert "closed" in data["error"]  # the page shows it in a banner, and keeps trying
         with urllib.request.urlopen(f"{base}/?{token}", timeout=30) as page:
             assert page.status == 200  # the page itself is still served
+
+
+def test_the_page_goes_on_while_a_retry_waits_for_a_cancelled_tasks_service(tq):
+    # A retry of a task cancelled while running waits until its service has seen the process
+    # end: on the view's one reader thread, every page froze meanwhile (up to 10 s)
+    task = tq.enqueue(f"{TASKS}:square", 3)
+    tq.store.register_service("S", ["default"], 1)
+    [claimed] = tq.store.claim("S", {"default": 1}).tasks
+    assert tq.cancel(task.id) == [task.id]  # still held by "S", which has not let go
+    view = StoreView(tq)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as clicks:
+            retried = clicks.submit(view.act, "retry", [task.id])
+            time.sleep(0.2)  # the retry waits for "S"
+            started = time.monotonic()
+            assert view.snapshot()["kind"] == "store"
+            assert time.monotonic() - started < 2.0 and not retried.done()
+            tq.store.release("S", [], ended=[claimed.id])  # the service saw its process end
+            assert retried.result(timeout=20) == [task.id]
+    finally:
+        view.close()
+    assert tq.handle(task.id).status() is TaskStatus.PENDING

@@ -4,10 +4,10 @@ Every read is bounded, so the page stays responsive with 100,000 tasks in the st
 are aggregates, task tables are pages of PAGE_ROWS (keyset paging: TaskQueue.records), the
 throughput is counted per bucket in SQL.
 
-All store calls run on one thread of this view: the store keeps a connection per thread, and
-the HTTP server starts a thread per request; calling the store from those would open (and
-keep) a connection per request.  One thread also means the dashboard queries the store one
-query at a time, however many pages are open.
+All store reads run on one thread of this view, the actions (Retry, Cancel) on another: the
+store keeps a connection per thread, and the HTTP server starts a thread per request; calling
+the store from those would open (and keep) a connection per request.  One reader also means
+the dashboard queries the store one query at a time, however many pages are open.
 """
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ class StoreView:
         view; a missing SQLite file is an error, not a new store)."""
         self._reader = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="procqueue-dashboard-store")
+        # Retry and Cancel on a thread of their own: a retry of a task cancelled while running
+        # waits (seconds) for its service to see it end, and the page must go on refreshing
+        self._actor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="procqueue-dashboard-actions")
         if isinstance(queue, TaskQueue):
             self.tq, self._own = queue, False  # the caller's: closed by the caller
         else:
@@ -57,6 +61,7 @@ class StoreView:
                 self.tq = self._call(lambda: TaskQueue(target, create=False))
             except BaseException:
                 self._reader.shutdown()
+                self._actor.shutdown()
                 raise
         # a PostgreSQL URL is shown without its password
         self.title = str(getattr(self.tq.store, "shown", self.tq.target))
@@ -66,9 +71,13 @@ class StoreView:
             # on the reader thread: an SQLite connection is closed by the thread that made it
             self._call(self.tq.close)
         self._reader.shutdown()
+        self._actor.shutdown()
 
     def _call(self, fn: Callable[[], T]) -> T:
         return self._reader.submit(fn).result(CALL_TIMEOUT_S)
+
+    def _act(self, fn: Callable[[], T]) -> T:
+        return self._actor.submit(fn).result(CALL_TIMEOUT_S)
 
     # ---- the live snapshot ------------------------------------------------------------------
 
@@ -138,9 +147,9 @@ class StoreView:
         if len(ids) > MAX_ACTION_IDS:
             raise ValueError(f"at most {MAX_ACTION_IDS} tasks at a time")
         if action == "retry":
-            return self._call(lambda: self.tq.retry(*ids))
+            return self._act(lambda: self.tq.retry(*ids))
         if action == "cancel":
-            return self._call(lambda: self.tq.cancel(*ids))
+            return self._act(lambda: self.tq.cancel(*ids))
         raise ValueError(f"unknown action {action!r}")
 
 
