@@ -59,7 +59,7 @@ class TaskHandle:
     def record(self) -> TaskRecord:
         record = self.queue.store.get(self.id)
         if record is None:
-            raise KeyError(f"no task {self.id} in {self.queue.target} (pruned?)")
+            raise KeyError(f"no task {self.id} in {self.queue.shown} (pruned?)")
         return record
 
     def status(self) -> TaskStatus:

@@ -124,6 +124,8 @@ def test_a_store_urls_password_is_never_shown(work):
         out = procqueue(command, url, cwd=work)
         assert out.returncode == 2 and "cannot connect" in out.stderr, out.stderr
         assert "s3cret" not in out.stderr and "someone:***@127.0.0.1:1" in out.stderr
+    out = procqueue("status", "postgresql://someone@127.0.0.1:1/jobs?password=s3cret", cwd=work)
+    assert out.returncode == 2 and "s3cret" not in out.stderr and "password=***" in out.stderr
     assert TaskQueue.shown_target(url) == "postgresql://someone:***@127.0.0.1:1/jobs"
     assert TaskQueue.shown_target("jobs.db") == "jobs.db"
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import importlib
 import os
 import re
-import urllib.parse
 from typing import cast
 
 from ..errors import StoreError
 from .records import (Claim, ClaimedTask, Finished, NewTask, QueueCounts, QueueSpec,
                       ServiceRecord, StoredError, TaskRecord, TaskStatus, TimelineEntry,
                       error_line)
+from .connections import redacted
 from .sql import HEARTBEAT_S, LEASE_S, SqlStore
 
 __all__ = ["open_store", "SqlStore", "Claim", "ClaimedTask", "Finished", "NewTask",
@@ -31,16 +31,6 @@ def is_postgres_url(target: str) -> bool:
     return target.startswith(("postgresql://", "postgres://"))
 
 
-def redacted(target: str) -> str:
-    """A store's target as messages show it: a URL without its password."""
-    if not _URL_SCHEME.match(target):
-        return target
-    parts = urllib.parse.urlsplit(target)
-    if not parts.password:
-        return target
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def open_store(target: str | os.PathLike[str], *, durable: bool = False,

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
+import urllib.parse
 from typing import Any, Iterable, Iterator, Self, Sequence
 
 from ..errors import StoreError
@@ -48,7 +50,7 @@ class SqlConnections:
 
     def _connection(self) -> Any:
         if self._closed:
-            raise StoreError(f"the store {self.target} is closed")
+            raise StoreError(f"the store {redacted(self.target)} is closed")
         conn = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
             conn = self._connect()
@@ -114,3 +116,20 @@ def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     """``items`` in lists of at most ``size`` (an IN list's parameters per statement)."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+_PASSWORD_PARAMETER = re.compile(r"(?i)(^|&)(password=)[^&]*")
+
+
+def redacted(target: str) -> str:
+    """A store's target as messages show it: a URL without its password (in its user part or
+    as a password= parameter)."""
+    if "://" not in target:
+        return target
+    parts = urllib.parse.urlsplit(target)
+    if parts.password:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if parts.query:
+        parts = parts._replace(query=_PASSWORD_PARAMETER.sub(r"\1\2***", parts.query))
+    return urllib.parse.urlunsplit(parts)
