@@ -1212,11 +1212,12 @@ def test_a_tasks_subprocess_ends_with_the_program_on_its_own_local_cluster(
 
 # What procqueue.Pool defines that a DaskPool runs as Pool's own: these work on a DaskPool as
 # they are (the calls of calls.PoolCalls, the view of options(), the state, the no-op refill,
-# the warning of a pool dropped while running).  Every other public or multiprocessing-
-# compatible name must be DaskPool's own (test below), so a name added to Pool must be sorted.
+# the warning of a pool dropped while running, the with block's end: its submit() futures,
+# then terminate()).  Every other public or multiprocessing-compatible name must be DaskPool's
+# own (test below), so a name added to Pool must be sorted.
 INHERITED_FROM_POOL = {"apply", "map", "map_async", "starmap", "starmap_async", "imap",
                        "imap_unordered", "options", "_state", "_repopulate_pool", "__del__",
-                       "serve"}
+                       "serve", "__exit__"}
 MULTIPROCESSING_NAMES = {"_pool", "_repopulate_pool", "_state", "_check_running", "__new__",
                          "__init__", "__reduce__", "__del__", "__repr__", "__enter__",
                          "__exit__"}

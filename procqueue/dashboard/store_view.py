@@ -67,11 +67,11 @@ class StoreView:
         self.title = str(getattr(self.tq.store, "shown", self.tq.target))
 
     def close(self) -> None:
+        self._actor.shutdown()  # first: an action under way ends on an open store
         if self._own:
             # on the reader thread: an SQLite connection is closed by the thread that made it
             self._call(self.tq.close)
         self._reader.shutdown()
-        self._actor.shutdown()
 
     def _call(self, fn: Callable[[], T]) -> T:
         return self._reader.submit(fn).result(CALL_TIMEOUT_S)

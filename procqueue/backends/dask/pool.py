@@ -240,15 +240,6 @@ class DaskPool(Pool):
         self._check_running()
         return self
 
-    def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
-        """As Pool's: the submit() futures not done are waited for (left without an
-        exception), then the pool terminates."""
-        try:
-            if exc_type is None:
-                self._wait_for_submitted()
-        finally:
-            self.terminate()
-
     def __repr__(self) -> str:
         return (f"<procqueue.DaskPool state={self._state.value} "
                 f"scheduler={self._resources.scheduler_address()!r}>")
