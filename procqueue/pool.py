@@ -17,7 +17,6 @@ refused), the pool's stats(), named queues (Queue) and per-call option views (Po
 
 from __future__ import annotations
 
-import concurrent.futures
 import enum
 import os
 import signal
@@ -62,7 +61,6 @@ TERMINATE_WAIT_S = 5.0  # terminate() returns once the workers are gone, or afte
 # goes on in its own (daemon) thread
 CALLBACKS_AT_TERMINATE_S = 1.0
 SPAWN_WAIT_S = 10.0  # Pool() waits this long at most for its workers to be spawned
-SUBMITTED_PRUNE_MIN = 1024  # the submit() futures kept (Pool._submitted) before a prune
 RUNNING_REPR_CHARS = 200  # stats(): a worker's running input, as people read it
 
 # The journal of a call, under the name the Dask backend takes from this module (it journals
@@ -204,7 +202,6 @@ class Pool(PoolCalls):
         self._jobs = JobMaker(self._config, {name: _queue_gates(name, spec)
                                              for name, spec in (queues or {}).items()})
         self._submitter = Submitter(self._supervisor, self._config, self._argument_memory)
-        self._track_submitted()
         self._feed_watch = new_feed_watch()  # for the calls fed from iterators
         self._callback_runner = CallbackRunner(f"procqueue-callbacks-{id(self):x}",
                                                thread_ending=note_thread_ending)
@@ -335,26 +332,8 @@ class Pool(PoolCalls):
         self._check_running()
         return self
 
-    def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
-        """As multiprocessing.Pool: leaving the block terminates.  Left without an exception,
-        it first waits for the submit() futures not done yet, as concurrent.futures' `with
-        ProcessPoolExecutor()` does (its exit is shutdown(wait=True)): code written for it
-        reads their results after the block.  multiprocessing's calls have no submit()."""
-        try:
-            if exc_type is None:
-                self._wait_for_submitted()
-        finally:
-            self.terminate()
-
-    def _wait_for_submitted(self) -> None:
-        """The end of a `with` block: wait for the submit() futures not done, taking no new
-        work meanwhile (close(): a submit() from another thread is refused, as after
-        ProcessPoolExecutor's shutdown(), rather than accepted and then terminated)."""
-        pending = [future for future in list(self._submitted) if not future.done()]
-        if pending and self._state is not PoolState.TERMINATE:
-            self.close()
-            concurrent.futures.wait(pending)
-        self._submitted.clear()
+    def __exit__(self, *exc_info: Any) -> None:
+        self.terminate()  # as multiprocessing.Pool: leaving the block terminates
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn,
                 _running: PoolState = PoolState.RUN) -> None:
@@ -479,30 +458,7 @@ class Pool(PoolCalls):
         task = self._submitter.make_task(job, 0, (args, kwargs), errors, future)
         future.cancel_via(self._supervisor, task)  # before the supervisor can finish it
         self._submitter.post_single(task, errors)
-        submitted = self._submitted  # (in line: a submit() takes ~8 us, a call ~0.1)
-        submitted.add(future)
-        if len(submitted) >= self._submitted_prune_at:
-            self._prune_submitted()
         return future
-
-    def _track_submitted(self) -> None:
-        """The submit() futures not done: leaving a `with` block waits for them
-        (_wait_for_submitted).  Each leaves the set when its outcome comes (TaskFuture.
-        deliver); one cancelled by its caller may not, and goes as the set doubles
-        (_prune_submitted)."""
-        self._submitted: set[TaskFuture] = set()
-        self._submitted_prune_at = SUBMITTED_PRUNE_MIN
-
-    def _note_submitted(self, future: TaskFuture) -> None:
-        self._submitted.add(future)
-        if len(self._submitted) >= self._submitted_prune_at:
-            self._prune_submitted()
-
-    def _prune_submitted(self) -> None:
-        submitted = self._submitted  # (amortised: the set at most doubles between prunes)
-        for done in [f for f in list(submitted) if f.done()]:
-            submitted.discard(done)
-        self._submitted_prune_at = max(SUBMITTED_PRUNE_MIN, 2 * len(submitted))
 
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
                    chunksize: int | None, kind: CallKind, callback: Any = None,

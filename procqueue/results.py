@@ -743,10 +743,7 @@ class TaskFuture(concurrent.futures.Future, OutcomeSink):  # type: ignore[type-a
         # The task is over: drop the pool, the task, its call and their inputs, which callers
         # holding many futures would keep alive (and the garbage collector would walk).
         # Before the result is set, so a caller woken by it finds them released.
-        pool = self._keepalive
         self._keepalive = self._canceller = self._task = None
-        if pool is not None:  # (its set of the futures a `with` block's end waits for)
-            pool._submitted.discard(self)
         if not ok and isinstance(value, TaskCancelledError) and self._state == _PENDING:
             # It never started (terminate(), a Ctrl-C): cancelled, as ProcessPoolExecutor's
             # shutdown(cancel_futures=True) leaves the futures it never started.

@@ -1068,13 +1068,6 @@ def test_closed_pool_raises_and_join_finishes_submitted_work(client: Any) -> Non
     assert result.get(timeout=0) == list(range(10))
 
 
-def test_submitted_futures_are_done_after_a_with_block(client: Any) -> None:
-    # as concurrent.futures' `with ProcessPoolExecutor()` (the local pool's test_pool too)
-    with DaskPool(client=client) as pool:
-        futures = [pool.submit(slow_identity, i) for i in range(4)]
-    assert [f.result(timeout=0) for f in futures] == [0, 1, 2, 3]
-
-
 def test_terminate_cancels_unfinished_work(client: Any, tmp_path: Path) -> None:
     pool = DaskPool(client=client)
     futures = [pool.submit(time.sleep, 5) for _ in range(4)]

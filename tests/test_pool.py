@@ -971,61 +971,14 @@ def test_shutdown_as_a_process_pool_executors(make, cancel_futures):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("make", [Pool, concurrent.futures.ProcessPoolExecutor])
-def test_submitted_futures_are_done_after_a_with_block_as_a_process_pool_executors(make):
-    """`with ProcessPoolExecutor() as ex:` waits for its futures at the end of the block, and
-    code written for it reads their results after it: leaving a Pool's block terminated it,
-    and they were all cancelled.  (multiprocessing's own calls have no submit().)"""
-    with make(2) as pool:
-        futures = [pool.submit(_nap, i) for i in range(4)]
-    assert [f.result(timeout=0) for f in futures] == [0, 1, 2, 3]
-
-
-@pytest.mark.timeout(60)
-def test_the_pool_keeps_no_future_that_is_done():
-    # (it keeps those not done for the end of a `with` block: a done one with a big result
-    # must not stay alive in a long-lived pool)
-    import weakref
+def test_leaving_the_block_terminates_whatever_is_not_done_as_multiprocessing():
+    # submit() futures too: a task that hangs must not hang the block's end (code written for
+    # ProcessPoolExecutor, whose block waits, calls shutdown(wait=True) or reads them inside)
+    started = time.monotonic()
     with Pool(1) as pool:
-        future = pool.submit(bytes, 4 << 20)
-        assert len(future.result(timeout=30)) == 4 << 20
-        gone = weakref.ref(future)
-        del future
-        gc.collect()
-        assert gone() is None
-
-
-@pytest.mark.timeout(60)
-def test_a_submit_while_the_block_waits_for_its_futures_is_refused():
-    # as after ProcessPoolExecutor's shutdown(): not accepted, then cancelled at the end
-    late = []
-    block_ends = threading.Event()
-
-    def submit_while_the_block_waits(pool):
-        block_ends.wait(20)
-        time.sleep(0.1)  # the block's end waits for `first` (0.3 s)
-        try:
-            late.append(pool.submit(_nap, 1))
-        except Exception as exc:  # noqa: BLE001 - what the test looks at
-            late.append(exc)
-
-    with Pool(1) as pool:
-        first = pool.submit(_nap, 0)
-        helper = threading.Thread(target=submit_while_the_block_waits, args=(pool,))
-        helper.start()
-        block_ends.set()
-    helper.join()
-    assert first.result(timeout=0) == 0
-    assert isinstance(late[0], RuntimeError) and isinstance(late[0], ValueError), late
-
-
-@pytest.mark.timeout(60)
-def test_an_exception_leaving_the_block_still_terminates_at_once():
-    with pytest.raises(KeyError):
-        with Pool(1) as pool:
-            futures = [pool.submit(time.sleep, 30) for _ in range(2)]
-            raise KeyError("the block failed")
-    assert all(f.done() for f in futures) and futures[-1].cancelled()  # not waited for
+        futures = [pool.submit(time.sleep, 60) for _ in range(2)]
+    assert time.monotonic() - started < 20
+    assert all(f.done() for f in futures) and futures[-1].cancelled()
 
 
 @pytest.mark.timeout(60)

@@ -157,7 +157,6 @@ class DaskPool(Pool):
         self._ids = itertools.count(1)
         self._sizers: OrderedDict[int, ChunkSizer] = OrderedDict()
         self._lock = threading.Lock()
-        self._track_submitted()
         self._resources = _Resources.open(processes, address, client, retries, env)
         self._client = self._resources.client
         try:
@@ -277,7 +276,6 @@ class DaskPool(Pool):
         item = _make_item(call, 0, (args, kwargs))
         future.cancel_via(self._driver, item)  # before the driver can deliver its outcome
         self._driver.post(_Submit(call, [item]))
-        self._note_submitted(future)
         return future
 
     def imap_outcomes(self, func: Callable[..., Any], iterable: Iterable[Any], *,
